@@ -1,0 +1,56 @@
+"""meshq: a brokerless peer-to-peer messaging mesh for Python services on a LAN."""
+
+from meshq.config import NodeConfig, TopicConfig
+from meshq.consumer import Consumer
+from meshq.core.records import Record, RecordMetadata
+from meshq.errors import (
+    AuthenticationError,
+    ConfigError,
+    CorruptLogError,
+    DataDirLockedError,
+    DiskFullError,
+    InvalidTopicError,
+    MeshqError,
+    MessageTooLargeError,
+    NodeStoppedError,
+    NoRespondersError,
+    NotEnoughReplicasError,
+    NotLeaderError,
+    OffsetOutOfRangeError,
+    ProtocolError,
+    StorageError,
+    TimeoutError,
+    UnknownTopicError,
+    UsageError,
+)
+from meshq.node import Node
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "Consumer",
+    "CorruptLogError",
+    "DataDirLockedError",
+    "DiskFullError",
+    "InvalidTopicError",
+    "MeshqError",
+    "MessageTooLargeError",
+    "Node",
+    "NodeConfig",
+    "NodeStoppedError",
+    "NoRespondersError",
+    "NotEnoughReplicasError",
+    "NotLeaderError",
+    "OffsetOutOfRangeError",
+    "ProtocolError",
+    "Record",
+    "RecordMetadata",
+    "StorageError",
+    "TimeoutError",
+    "TopicConfig",
+    "UnknownTopicError",
+    "UsageError",
+    "__version__",
+]

@@ -1,0 +1,465 @@
+"""The ``meshq`` command line: argument parsing and output only; the work is in ``meshq.Node``."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from meshq.config import DEFAULT_PORT, parse_host_port
+from meshq.errors import ConfigError, MeshqError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("meshq.cli")
+
+
+# ---------------------------------------------------------------------- parsing
+def _env_list(name: str) -> list[str]:
+    raw = os.environ.get(name, "")
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _seed(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
+                       help="cluster name (env MESHQ_CLUSTER; default 'default')")
+    group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
+                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated)")
+    group.add_argument("--interface", action="append", default=None, metavar="IP",
+                       help="mDNS interface address; repeatable (env MESHQ_INTERFACES)")
+    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    group.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshq", description="meshq: a brokerless messaging mesh")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    node = sub.add_parser("node", help="run a storage node in the foreground")
+    node.add_argument("--data", required=True, metavar="DIR", help="data directory (one node per directory)")
+    node.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    node.add_argument("--advertise", default=None, metavar="HOST", help="address peers should use, if not --host")
+    node.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"ROUTER port (default {DEFAULT_PORT}; 0 = any)")
+    node.add_argument("--pub-port", type=_port, default=0, help="PUB port (default: any free port)")
+    node.add_argument("--node-id", default=None, help="node id (default: kept in the data directory)")
+    node.add_argument("--replication-factor", type=int, default=3, help="default replication factor (3)")
+    node.add_argument("--partitions", type=int, default=8, help="default partitions per topic (8)")
+    node.add_argument("--fsync", choices=["always", "interval", "never"], default="interval",
+                      help="when appends reach the disk (default interval)")
+    node.add_argument("--fsync-interval", type=_positive_float, default=1.0, metavar="S",
+                      help="seconds between fsyncs with --fsync interval (default 1.0)")
+    node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
+    _connection_options(node)
+
+    produce = sub.add_parser("produce", help="send each stdin line as one record")
+    produce.add_argument("topic")
+    produce.add_argument("--key", default=None, help="key for every record (default: none)")
+    produce.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="quorum")
+    produce.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                         help="seconds each record may take to be acknowledged (default 30)")
+    produce.add_argument("--partition", type=_non_negative_int, default=None, help="send every record to this partition")
+    produce.add_argument("--json", action="store_true", help='print {"partition": P, "offset": O} per record')
+    _connection_options(produce)
+
+    consume = sub.add_parser("consume", help="print records of a topic")
+    consume.add_argument("topic")
+    consume.add_argument("--group", default=None, help="consumer group; commits what was printed")
+    consume.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
+                         help="where to start without a committed offset (default earliest)")
+    consume.add_argument("--max", type=_non_negative_int, default=None, help="stop after N records")
+    consume.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                         help="stop after S seconds without a record (default: run until interrupted)")
+    consume.add_argument("--json", action="store_true", help="one JSON object per record")
+    _connection_options(consume)
+
+    status = sub.add_parser("status", help="members, partitions and group lag")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S")
+    _connection_options(status)
+
+    topics = sub.add_parser("topics", help="create, list and describe topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION")
+    topics_sub.required = True
+    create = topics_sub.add_parser("create", help="create a topic")
+    create.add_argument("name")
+    create.add_argument("--partitions", type=int, default=None)
+    create.add_argument("--replication-factor", type=int, default=None)
+    create.add_argument("--retention-ms", type=int, default=7 * 24 * 3600 * 1000)
+    create.add_argument("--retention-bytes", type=int, default=None)
+    create.add_argument("--cleanup-policy", choices=["delete", "compact"], default="delete")
+    _connection_options(create)
+    listing = topics_sub.add_parser("list", help="list topics")
+    listing.add_argument("--json", action="store_true")
+    _connection_options(listing)
+    describe = topics_sub.add_parser("describe", help="show a topic's configuration and partitions")
+    describe.add_argument("name")
+    describe.add_argument("--json", action="store_true")
+    _connection_options(describe)
+
+    bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
+    bench.add_argument("scenario", choices=["produce"], help="what to measure")
+    bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
+    bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
+    bench.add_argument("--value-bytes", type=int, default=100)
+    bench.add_argument("--batch", type=int, default=1000, help="records per produce_batch call / baseline frame")
+    bench.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="leader")
+    bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    _connection_options(bench)
+    return parser
+
+
+# ---------------------------------------------------------------------- helpers
+def _setup_logging(level: str | None, default: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level or default),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _seeds(args: argparse.Namespace) -> list[str]:
+    seeds = args.seed if args.seed is not None else [_seed(s) for s in _env_list("MESHQ_SEEDS")]
+    return list(seeds)
+
+
+def _interfaces(args: argparse.Namespace) -> list[str] | None:
+    values = args.interface if args.interface is not None else _env_list("MESHQ_INTERFACES")
+    return list(values) or None
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from meshq.node import Node
+
+    seeds = _seeds(args)
+    if not seeds:
+        raise ConfigError(
+            "no way to reach the cluster: give --seed HOST:PORT (or set MESHQ_SEEDS) naming a running `meshq node`"
+        )
+    node = Node(cluster=args.cluster, seeds=seeds, mdns=not args.no_mdns, interfaces=_interfaces(args),
+                role="client")
+    node.start()
+    try:
+        node.wait_ready(timeout=getattr(args, "timeout", None) or 10.0)
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+def _text_or_b64(data: bytes | None, name: str, out: dict) -> None:
+    if data is None:
+        out[name] = None
+        return
+    try:
+        out[name] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        out[f"{name}_b64"] = base64.b64encode(data).decode("ascii")
+
+
+def record_to_json(record: Any) -> dict:
+    """The ``meshq consume --json`` shape of one record."""
+    out: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    _text_or_b64(record.key, "key", out)
+    _text_or_b64(record.value, "value", out)
+    out["timestamp_ms"] = record.timestamp_ms
+    headers: dict[str, str] = {}
+    headers_b64: dict[str, str] = {}
+    for name, value in record.headers.items():
+        try:
+            headers[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            headers_b64[name] = base64.b64encode(value).decode("ascii")
+    out["headers"] = headers
+    if headers_b64:
+        out["headers_b64"] = headers_b64
+    return out
+
+
+class _Progress:
+    """A progress line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last > 0.2):
+            self.last = now
+            sys.stderr.write(f"\r{self.what}: {done:,}")
+            sys.stderr.flush()
+
+    def close(self, done: int) -> None:
+        if self.enabled:
+            self.update(done, force=True)
+            sys.stderr.write("\n")
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_node(args: argparse.Namespace) -> int:
+    from meshq.node import Node
+
+    _setup_logging(args.log_level, "INFO")
+    options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval}
+    if args.advertise:
+        options["advertised_host"] = args.advertise
+    if args.metrics_port is not None:
+        options["metrics_port"] = args.metrics_port
+    node = Node(cluster=args.cluster, data_dir=args.data, host=args.host, port=args.port, seeds=_seeds(args),
+                mdns=not args.no_mdns, interfaces=_interfaces(args), role="storage",
+                replication_factor=args.replication_factor, partitions=args.partitions,
+                node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, **options)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    node.start()
+    if args.metrics_port is not None:
+        from meshq.metrics import serve_metrics
+
+        serve_metrics(node, args.host, args.metrics_port)
+    print(json.dumps({"event": "ready", "node_id": node.node_id, "address": node.address,
+                      "cluster": args.cluster}), flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("stopping node %s", node.node_id)
+        node.stop()
+    return EXIT_OK
+
+
+def _read_lines(stream: Any) -> Any:
+    for line in stream:
+        if line.endswith(b"\n"):
+            line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+        yield line
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "WARNING")
+    node = _client(args)
+    key = args.key.encode() if args.key is not None else None
+    window: deque = deque()
+    failures: list[str] = []
+    sent = acknowledged = 0
+    progress = _Progress(f"produced to {args.topic}")
+    chunk_size = 2000
+
+    def settle(future: Any, count: int) -> None:
+        nonlocal acknowledged
+        try:
+            results = future.result(args.timeout + 5)
+        except MeshqError as exc:
+            failures.append(f"{count} records not acknowledged: {type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # the Future wait itself timed out
+            failures.append(f"{count} records not acknowledged: {type(exc).__name__}: {exc}")
+            return
+        acknowledged += count
+        if args.json:
+            sys.stdout.write("".join(
+                json.dumps({"partition": md.partition, "offset": md.offset}) + "\n" for md in results))
+        progress.update(acknowledged)
+
+    try:
+        chunk: list[bytes] = []
+        for line in _read_lines(sys.stdin.buffer):
+            chunk.append(line)
+            if len(chunk) >= chunk_size:
+                window.append((node.produce_batch(args.topic, chunk, keys=[key] * len(chunk) if key else None,
+                                                  acks=args.acks, timeout=args.timeout, partition=args.partition),
+                               len(chunk)))
+                sent += len(chunk)
+                chunk = []
+                while len(window) > 16:
+                    settle(*window.popleft())
+        if chunk:
+            window.append((node.produce_batch(args.topic, chunk, keys=[key] * len(chunk) if key else None,
+                                              acks=args.acks, timeout=args.timeout, partition=args.partition),
+                           len(chunk)))
+            sent += len(chunk)
+        while window:
+            settle(*window.popleft())
+    finally:
+        sys.stdout.flush()
+        progress.close(acknowledged)
+        node.stop()
+    if failures:
+        for failure in failures:
+            print(f"meshq produce: {failure}", file=sys.stderr)
+        print(f"meshq produce: {acknowledged} of {sent} records acknowledged", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "WARNING")
+    node = _client(args)
+    printed = 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = None
+    try:
+        consumer = node.consumer(args.topic, group=args.group, start=args.start, auto_commit=False)
+        idle_since = time.monotonic()
+        out = sys.stdout.buffer
+        while not stop.is_set():
+            if args.max is not None and printed >= args.max:
+                break
+            wait = 0.5 if args.timeout is None else max(0.0, min(0.5, idle_since + args.timeout - time.monotonic()))
+            limit = 500 if args.max is None else min(500, args.max - printed)
+            records = consumer.poll(timeout=wait, max_records=limit)
+            if records:
+                idle_since = time.monotonic()
+                if args.json:
+                    out.write("".join(json.dumps(record_to_json(r)) + "\n" for r in records).encode())
+                else:
+                    out.write(b"".join(r.value + b"\n" for r in records))
+                out.flush()
+                printed += len(records)
+                if args.group:
+                    consumer.commit()
+            elif args.timeout is not None and time.monotonic() - idle_since >= args.timeout:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            if consumer is not None and args.group:
+                consumer.commit()
+        finally:
+            node.stop()
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "WARNING")
+    node = _client(args)
+    try:
+        status = node.status(timeout=args.timeout)
+    finally:
+        node.stop()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return EXIT_OK
+    from meshq.cli_render import render_status
+
+    render_status(status)
+    return EXIT_OK
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "WARNING")
+    node = _client(args)
+    try:
+        if args.topics_command == "create":
+            config = node.create_topic(args.name, partitions=args.partitions,
+                                       replication_factor=args.replication_factor,
+                                       retention_ms=args.retention_ms, retention_bytes=args.retention_bytes,
+                                       cleanup_policy=args.cleanup_policy)
+            print(json.dumps(config.to_wire()))
+        elif args.topics_command == "list":
+            topics = node.list_topics()
+            if args.json:
+                print(json.dumps([t.to_wire() for t in topics]))
+            else:
+                for topic in topics:
+                    print(topic.name)
+        else:
+            config = node.topic(args.name)
+            status = node.status()
+            partitions = next((t["partitions"] for t in status["topics"] if t["name"] == args.name), [])
+            described = {**config.to_wire(), "partitions_detail": partitions}
+            if args.json:
+                print(json.dumps(described))
+            else:
+                from meshq.cli_render import render_topic
+
+                render_topic(described)
+    finally:
+        node.stop()
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshq.bench import run_bench
+
+    _setup_logging(args.log_level, "WARNING")
+    return run_bench(args)
+
+
+COMMANDS = {
+    "node": cmd_node,
+    "produce": cmd_produce,
+    "consume": cmd_consume,
+    "status": cmd_status,
+    "topics": cmd_topics,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except MeshqError as exc:
+        print(f"meshq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

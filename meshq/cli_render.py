@@ -1,0 +1,50 @@
+"""Human-readable output of ``meshq status`` and ``meshq topics describe`` (rich tables)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def render_status(status: dict) -> None:
+    console = Console()
+    console.print(f"[bold]cluster[/bold] {status['cluster']}  (answered by {status.get('node_id', '?')})")
+    members = Table(title="members")
+    for column in ("node_id", "address", "role", "state"):
+        members.add_column(column)
+    for member in status["members"]:
+        members.add_row(member["node_id"], member["address"], member["role"], member["state"])
+    console.print(members)
+    partitions = Table(title="partitions")
+    for column in ("topic", "partition", "leader", "replicas", "in_sync", "high_watermark"):
+        partitions.add_column(column)
+    for topic in status["topics"]:
+        for p in topic["partitions"]:
+            partitions.add_row(topic["name"], str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]),
+                               ",".join(p["in_sync"]), str(p["high_watermark"]))
+    console.print(partitions)
+    if status.get("groups"):
+        groups = Table(title="consumer groups")
+        for column in ("group", "topic", "partition", "committed", "high_watermark", "lag"):
+            groups.add_column(column)
+        for group in status["groups"]:
+            for p in group["partitions"]:
+                groups.add_row(group["group"], p["topic"], str(p["partition"]), str(p["committed"]),
+                               str(p["high_watermark"]), str(p["lag"]))
+        console.print(groups)
+
+
+def render_topic(described: dict) -> None:
+    console = Console()
+    console.print(
+        f"[bold]{described['name']}[/bold] partitions={described['partitions']} "
+        f"replication_factor={described['replication_factor']} retention_ms={described['retention_ms']} "
+        f"retention_bytes={described['retention_bytes']} cleanup_policy={described['cleanup_policy']}"
+    )
+    table = Table()
+    for column in ("partition", "leader", "replicas", "in_sync", "high_watermark"):
+        table.add_column(column)
+    for p in described["partitions_detail"]:
+        table.add_row(str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]), ",".join(p["in_sync"]),
+                      str(p["high_watermark"]))
+    console.print(table)

@@ -1,0 +1,166 @@
+"""Frozen, validated node settings. Times carry their unit in the name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from meshq.errors import ConfigError
+
+FsyncPolicy = Literal["always", "interval", "never"]
+Role = Literal["storage", "client"]
+CleanupPolicy = Literal["delete", "compact"]
+
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CLUSTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 7450
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Parse ``host:port``; raises ConfigError naming the bad value."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"seed {text!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
+    return host, int(port)
+
+
+def validate_topic_name(name: str) -> str:
+    """Return the name, or raise InvalidTopicError explaining the allowed form."""
+    from meshq.errors import InvalidTopicError
+
+    if not isinstance(name, str) or not TOPIC_NAME.match(name) or name in {".", ".."}:
+        raise InvalidTopicError(
+            f"invalid topic name {name!r}: use 1-200 characters from letters, digits, '.', '_' and '-'"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfig:
+    """Configuration of one topic, agreed cluster-wide and persisted."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    retention_bytes: int | None = None
+    retention_ms: int | None = 7 * 24 * 3600 * 1000
+    cleanup_policy: CleanupPolicy = "delete"
+
+    def __post_init__(self) -> None:
+        validate_topic_name(self.name)
+        _check_int("partitions", self.partitions, 1, 10_000)
+        _check_int("replication_factor", self.replication_factor, 1, 16)
+        if self.retention_bytes is not None:
+            _check_int("retention_bytes", self.retention_bytes, 1, 1 << 62)
+        if self.retention_ms is not None:
+            _check_int("retention_ms", self.retention_ms, 1, 1 << 62)
+        if self.cleanup_policy not in ("delete", "compact"):
+            raise ConfigError(f"cleanup_policy must be 'delete' or 'compact', not {self.cleanup_policy!r}")
+
+    def to_wire(self) -> dict:
+        return {
+            "name": self.name,
+            "partitions": self.partitions,
+            "replication_factor": self.replication_factor,
+            "retention_bytes": self.retention_bytes,
+            "retention_ms": self.retention_ms,
+            "cleanup_policy": self.cleanup_policy,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict) -> TopicConfig:
+        return cls(
+            name=data["name"],
+            partitions=data["partitions"],
+            replication_factor=data["replication_factor"],
+            retention_bytes=data.get("retention_bytes"),
+            retention_ms=data.get("retention_ms"),
+            cleanup_policy=data.get("cleanup_policy", "delete"),
+        )
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node needs to start. Build with ``NodeConfig(...)``; it validates itself."""
+
+    cluster: str = "default"
+    node_id: str | None = None
+    data_dir: str | None = None
+    role: Role = "storage"
+    host: str = "127.0.0.1"
+    port: int = 0
+    pub_port: int = 0
+    advertised_host: str | None = None
+    seeds: tuple[str, ...] = ()
+    mdns: bool = True
+    interfaces: tuple[str, ...] | None = None
+    replication_factor: int = 3
+    partitions: int = 8
+    auto_create_topics: bool = True
+    fsync: FsyncPolicy = "interval"
+    fsync_interval_s: float = 1.0
+    failure_timeout_s: float = 3.0
+    member_timeout_s: float = 300.0
+    heartbeat_interval_s: float = 0.5
+    linger_s: float = 0.002
+    batch_max_records: int = 2000
+    batch_max_bytes: int = 1024 * 1024
+    max_in_flight_per_partition: int = 5
+    request_timeout_s: float = 30.0
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    segment_bytes: int = 64 * 1024 * 1024
+    segment_ms: int = 24 * 3600 * 1000
+    retention_check_interval_s: float = 60.0
+    metrics_port: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cluster, str) or not CLUSTER_NAME.match(self.cluster):
+            raise ConfigError(f"cluster name {self.cluster!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if self.node_id is not None and (not isinstance(self.node_id, str) or not NODE_ID.match(self.node_id)):
+            raise ConfigError(f"node id {self.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if self.role not in ("storage", "client"):
+            raise ConfigError(f"role must be 'storage' or 'client', not {self.role!r}")
+        if self.role == "storage" and not self.data_dir:
+            raise ConfigError("a storage node needs data_dir (the directory that holds its logs)")
+        for name in ("port", "pub_port"):
+            _check_int(name, getattr(self, name), 0, 65535)
+        for seed in self.seeds:
+            parse_host_port(seed)
+        _check_int("replication_factor", self.replication_factor, 1, 16)
+        _check_int("partitions", self.partitions, 1, 10_000)
+        if self.fsync not in ("always", "interval", "never"):
+            raise ConfigError(f"fsync must be one of always, interval, never — not {self.fsync!r}")
+        for name in ("fsync_interval_s", "failure_timeout_s", "member_timeout_s", "heartbeat_interval_s",
+                     "request_timeout_s", "retention_check_interval_s"):
+            _check_positive(name, getattr(self, name))
+        if not isinstance(self.linger_s, (int, float)) or self.linger_s < 0:
+            raise ConfigError(f"linger_s must be >= 0, not {self.linger_s!r}")
+        _check_int("batch_max_records", self.batch_max_records, 1, 1_000_000)
+        _check_int("batch_max_bytes", self.batch_max_bytes, 1024, self.max_frame_bytes)
+        _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 64)
+        _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
+        if self.metrics_port is not None:
+            _check_int("metrics_port", self.metrics_port, 0, 65535)
+
+    def with_changes(self, **changes: object) -> NodeConfig:
+        return replace(self, **changes)
+
+    @property
+    def advertised(self) -> str:
+        return self.advertised_host or self.host

@@ -1,0 +1,287 @@
+"""The wire protocol: versioned msgpack frames with one strict schema per message type.
+
+Theory of operation
+-------------------
+A message is a ZeroMQ multipart message::
+
+    [header, payload_0, ..., payload_n]
+
+``header`` is a msgpack array ``[version, cluster, sender, type, request_id, body]``;
+``body`` is a map validated against the schema registered for ``type``. Payload frames
+are raw bytes (record batches) passed through without copying into msgpack; each type
+declares how many it may carry.
+
+``decode`` trusts nothing: the header frame is size-limited, unpacked with every
+msgpack limit set and ext types refused, and each field is type- and range-checked.
+Any defect raises one ``ProtocolError``; the caller drops the frame and counts it, so
+a bad frame can never change state. Unknown extra body fields are ignored (forward
+compatible within one version); missing or mistyped fields are errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from meshq.config import PROTOCOL_VERSION
+from meshq.errors import ProtocolError
+
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_PAYLOAD_FRAMES = 64
+_MAX_ITEMS = 100_000
+
+Check = Callable[[Any, str], Any]
+
+
+# ---------------------------------------------------------------- field checks
+def _fail(path: str, what: str, value: Any) -> ProtocolError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ProtocolError(f"field {path}: expected {what}, got {shown}")
+
+
+def Int(low: int = -(1 << 63), high: int = (1 << 63) - 1) -> Check:
+    def check(value: Any, path: str) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise _fail(path, f"integer in [{low}, {high}]", value)
+        return value
+
+    return check
+
+
+def Float(low: float = 0.0, high: float = 1e18) -> Check:
+    def check(value: Any, path: str) -> float:
+        if type(value) not in (int, float) or not low <= value <= high:
+            raise _fail(path, f"number in [{low}, {high}]", value)
+        return float(value)
+
+    return check
+
+
+def Str(max_len: int = 256, min_len: int = 0) -> Check:
+    def check(value: Any, path: str) -> str:
+        if type(value) is not str or not min_len <= len(value) <= max_len:
+            raise _fail(path, f"string of {min_len}-{max_len} characters", value)
+        return value
+
+    return check
+
+
+def Bytes(max_len: int = 1 << 20) -> Check:
+    def check(value: Any, path: str) -> bytes:
+        if type(value) is not bytes or len(value) > max_len:
+            raise _fail(path, f"bytes of at most {max_len}", value)
+        return value
+
+    return check
+
+
+def Bool() -> Check:
+    def check(value: Any, path: str) -> bool:
+        if type(value) is not bool:
+            raise _fail(path, "boolean", value)
+        return value
+
+    return check
+
+
+def OneOf(*choices: Any) -> Check:
+    def check(value: Any, path: str) -> Any:
+        if type(value) not in (int, str) or value not in choices:
+            raise _fail(path, f"one of {choices}", value)
+        return value
+
+    return check
+
+
+def Optional(inner: Check) -> Check:
+    def check(value: Any, path: str) -> Any:
+        return None if value is None else inner(value, path)
+
+    return check
+
+
+def ListOf(inner: Check, max_len: int = 10_000) -> Check:
+    def check(value: Any, path: str) -> list:
+        if type(value) not in (list, tuple) or len(value) > max_len:
+            raise _fail(path, f"list of at most {max_len}", value)
+        return [inner(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+    return check
+
+
+def MapOf(key: Check, inner: Check, max_len: int = 10_000) -> Check:
+    def check(value: Any, path: str) -> dict:
+        if type(value) is not dict or len(value) > max_len:
+            raise _fail(path, f"map of at most {max_len}", value)
+        return {key(k, f"{path}.<key>"): inner(v, f"{path}.{k}") for k, v in value.items()}
+
+    return check
+
+
+def Struct(**fields: Check) -> Check:
+    """A map with required fields (extra fields are ignored)."""
+
+    def check(value: Any, path: str) -> dict:
+        if type(value) is not dict:
+            raise _fail(path or "body", "map", value)
+        out = {}
+        for name, field_check in fields.items():
+            if name not in value:
+                raise ProtocolError(f"field {path + '.' if path else ''}{name}: missing")
+            out[name] = field_check(value[name], f"{path + '.' if path else ''}{name}")
+        return out
+
+    return check
+
+
+def Any_(max_depth: int = 8) -> Check:
+    """Any msgpack value (bounded depth); used for free-form maps such as status."""
+
+    def walk(value: Any, path: str, depth: int) -> Any:
+        if depth > max_depth:
+            raise _fail(path, f"nesting of at most {max_depth}", value)
+        if value is None or type(value) in (bool, int, float, str, bytes):
+            return value
+        if type(value) in (list, tuple):
+            return [walk(v, path, depth + 1) for v in value]
+        if type(value) is dict:
+            return {walk(k, path, depth + 1): walk(v, path, depth + 1) for k, v in value.items()}
+        raise _fail(path, "plain value", value)
+
+    return lambda value, path: walk(value, path, 0)
+
+
+# ---------------------------------------------------------------- schemas
+NAME = Str(200, 1)
+NODE = Str(64, 1)
+PARTITION = Int(0, 9_999)
+OFFSET = Int(-2, (1 << 62))
+COUNT = Int(0, 1 << 31)
+
+TOPIC_CONFIG = Struct(
+    name=NAME,
+    partitions=Int(1, 10_000),
+    replication_factor=Int(1, 16),
+    retention_bytes=Optional(Int(1, 1 << 62)),
+    retention_ms=Optional(Int(1, 1 << 62)),
+    cleanup_policy=OneOf("delete", "compact"),
+)
+PARTITION_INFO = Struct(
+    partition=PARTITION,
+    leader=Optional(NODE),
+    replicas=ListOf(NODE, 16),
+    in_sync=ListOf(NODE, 16),
+    high_watermark=Int(0, 1 << 62),
+)
+TOPIC_META = Struct(config=TOPIC_CONFIG, partitions=ListOf(PARTITION_INFO, 10_000))
+MEMBER = Struct(node_id=NODE, address=Str(300), role=OneOf("storage", "client"), state=Str(16, 1))
+TOPIC_PARTITION_OFFSET = Struct(topic=NAME, partition=PARTITION, offset=Int(0, 1 << 62))
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    body: Check
+    min_payloads: int = 0
+    max_payloads: int = 0
+
+
+SCHEMAS: dict[str, Schema] = {
+    "hello": Schema(Struct(node_id=NODE, role=OneOf("storage", "client"), address=Str(300))),
+    "hello_ok": Schema(Struct(node_id=NODE, role=OneOf("storage", "client"), members=ListOf(MEMBER, 1000))),
+    "metadata": Schema(Struct(topics=Optional(ListOf(NAME, 10_000)), auto_create=Bool())),
+    "metadata_ok": Schema(Struct(members=ListOf(MEMBER, 1000), topics=ListOf(TOPIC_META, 10_000))),
+    "create_topic": Schema(Struct(config=TOPIC_CONFIG, if_not_exists=Bool())),
+    "create_topic_ok": Schema(Struct(topic=TOPIC_META, created=Bool())),
+    "produce": Schema(
+        Struct(topic=NAME, partition=PARTITION, acks=OneOf("none", "leader", "quorum", "all"),
+               timeout_ms=Int(0, 1 << 31)),
+        1, 1,
+    ),
+    "produce_ok": Schema(
+        Struct(topic=NAME, partition=PARTITION, base_offset=Int(0, 1 << 62), duplicate=Bool())
+    ),
+    "fetch": Schema(
+        Struct(topic=NAME, partition=PARTITION, offset=Int(0, 1 << 62), max_bytes=Int(1, 1 << 30),
+               max_wait_ms=Int(0, 1 << 31))
+    ),
+    "fetch_ok": Schema(
+        Struct(topic=NAME, partition=PARTITION, high_watermark=Int(0, 1 << 62),
+               log_start_offset=Int(0, 1 << 62)),
+        0, 1,
+    ),
+    "list_offsets": Schema(Struct(topic=NAME, partition=PARTITION, timestamp_ms=Int(-2, 1 << 62))),
+    "list_offsets_ok": Schema(Struct(offset=Int(0, 1 << 62))),
+    "offset_commit": Schema(Struct(group=NAME, offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
+    "offset_commit_ok": Schema(Struct()),
+    "offset_fetch": Schema(Struct(group=NAME, topic=NAME)),
+    "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
+    "status": Schema(Struct()),
+    "status_ok": Schema(Struct(status=Any_())),
+    "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool())),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded, validated message."""
+
+    type: str
+    sender: str
+    request_id: int
+    body: dict
+    payloads: tuple[bytes, ...] = ()
+
+
+def encode(cluster: str, sender: str, type_: str, request_id: int, body: dict,
+           payloads: Sequence[bytes] = ()) -> list[bytes]:
+    """Encode a message into frames. The body must satisfy its schema (checked: our bug otherwise)."""
+    schema = SCHEMAS[type_]
+    if __debug__:
+        schema.body(body, "")
+        assert schema.min_payloads <= len(payloads) <= schema.max_payloads, (type_, len(payloads))
+    header = msgpack.packb([PROTOCOL_VERSION, cluster, sender, type_, request_id, body], use_bin_type=True)
+    return [header, *payloads]
+
+
+def _unpack_header(frame: bytes) -> Any:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        return msgpack.unpackb(
+            frame, raw=False, use_list=True, strict_map_key=True, max_str_len=len(frame),
+            max_bin_len=len(frame), max_array_len=_MAX_ITEMS, max_map_len=_MAX_ITEMS, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"header does not decode as msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def decode(frames: Sequence[bytes], cluster: str) -> Message:
+    """Decode and validate frames; raises ProtocolError on any defect."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > 1 + MAX_PAYLOAD_FRAMES:
+        raise ProtocolError(f"{len(frames)} frames; at most {1 + MAX_PAYLOAD_FRAMES}")
+    header = _unpack_header(bytes(frames[0]))
+    if type(header) is not list or len(header) != 6:
+        raise ProtocolError("header is not a 6-element array")
+    version, their_cluster, sender, type_, request_id, body = header
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise ProtocolError(f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    if their_cluster != cluster:
+        raise ProtocolError(f"frame for cluster {their_cluster!r}, this node is in {cluster!r}")
+    Str(64, 1)(sender, "sender")
+    if type(type_) is not str or type_ not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    Int(0, (1 << 63) - 1)(request_id, "request_id")
+    schema = SCHEMAS[type_]
+    payloads = tuple(bytes(f) for f in frames[1:])
+    if not schema.min_payloads <= len(payloads) <= schema.max_payloads:
+        raise ProtocolError(
+            f"{type_} carries {len(payloads)} payload frames; expected {schema.min_payloads}-{schema.max_payloads}"
+        )
+    return Message(type_, sender, request_id, schema.body(body, ""), payloads)

@@ -1,0 +1,137 @@
+"""The one error tree of meshq.
+
+Split by who is at fault (STYLE habit 4):
+- the caller misused the API or gave bad configuration: ``UsageError`` / ``ConfigError``;
+- a peer sent something invalid: ``ProtocolError``;
+- the cluster could not do it right now (retriable): ``TimeoutError``, ``NotEnoughReplicasError``,
+  ``NotLeaderError``, ``NoRespondersError``;
+- local storage is damaged or unusable: ``StorageError`` and its children.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class MeshqError(Exception):
+    """Base class of every error meshq raises on purpose."""
+
+    #: True when retrying the same operation later may succeed.
+    retriable: bool = False
+
+
+class UsageError(MeshqError, ValueError):
+    """The caller used the API wrongly (bad argument, wrong state); fix the call."""
+
+
+class ConfigError(UsageError):
+    """A setting is invalid; the message names the setting and the accepted values."""
+
+
+class InvalidTopicError(UsageError):
+    """A topic name or topic configuration is invalid."""
+
+
+class UnknownTopicError(MeshqError):
+    """The topic does not exist and was not auto-created."""
+
+
+class ProtocolError(MeshqError):
+    """A peer sent a frame that is malformed, of another version or another cluster."""
+
+
+class AuthenticationError(MeshqError):
+    """A peer could not be authenticated, or we were refused by one."""
+
+
+class MessageTooLargeError(UsageError):
+    """A record or batch exceeds the configured size limit."""
+
+
+class TimeoutError(MeshqError, builtins.TimeoutError):  # noqa: A001 - the public name is part of the SPEC
+    """The operation did not complete in time; it may or may not have taken effect."""
+
+    retriable = True
+
+
+class NotEnoughReplicasError(MeshqError):
+    """Too few in-sync replicas are reachable to satisfy the requested acks level."""
+
+    retriable = True
+
+
+class NotLeaderError(MeshqError):
+    """The node asked is not the leader of the partition; refresh metadata and retry."""
+
+    retriable = True
+
+
+class NoRespondersError(MeshqError):
+    """No live instance serves the requested service."""
+
+
+class OffsetOutOfRangeError(MeshqError):
+    """The requested offset is below the log start or above the log end."""
+
+
+class DuplicateSequenceError(MeshqError):
+    """An idempotent producer batch was already stored (carries the original offsets)."""
+
+
+class OutOfOrderSequenceError(MeshqError):
+    """An idempotent producer batch arrived with a sequence gap; data would be lost."""
+
+
+class NodeStoppedError(MeshqError):
+    """The node was stopped before the operation completed."""
+
+
+class StorageError(MeshqError):
+    """Local storage failed or is unusable."""
+
+
+class CorruptLogError(StorageError):
+    """Stored bytes failed their checksum or structure check; they are never served."""
+
+
+class DataDirLockedError(StorageError):
+    """Another process already uses this data directory."""
+
+
+class DiskFullError(StorageError):
+    """The disk is full; nothing was stored by the failed operation."""
+
+
+#: Error codes carried on the wire, mapped to the exception raised by the receiver.
+ERROR_CODES: dict[str, type[MeshqError]] = {
+    "usage": UsageError,
+    "invalid_topic": InvalidTopicError,
+    "unknown_topic": UnknownTopicError,
+    "protocol": ProtocolError,
+    "authentication": AuthenticationError,
+    "too_large": MessageTooLargeError,
+    "timeout": TimeoutError,
+    "not_enough_replicas": NotEnoughReplicasError,
+    "not_leader": NotLeaderError,
+    "no_responders": NoRespondersError,
+    "offset_out_of_range": OffsetOutOfRangeError,
+    "out_of_order_sequence": OutOfOrderSequenceError,
+    "storage": StorageError,
+    "corrupt_log": CorruptLogError,
+    "disk_full": DiskFullError,
+    "stopped": NodeStoppedError,
+}
+
+
+def error_code(error: MeshqError) -> str:
+    """Wire code of an error (the most specific registered class wins)."""
+    for klass in type(error).__mro__:
+        for code, registered in ERROR_CODES.items():
+            if registered is klass:
+                return code
+    return "usage"
+
+
+def error_from_code(code: str, message: str) -> MeshqError:
+    """Rebuild the exception a remote node reported."""
+    return ERROR_CODES.get(code, MeshqError)(message)

@@ -1,0 +1,1 @@
+"""Adapters that do I/O around the pure core: ZeroMQ runtime, clock."""

@@ -1,0 +1,365 @@
+"""The runtime thread: owns every ZeroMQ socket of a node and executes the core's effects.
+
+Theory of operation
+-------------------
+One thread per node. It binds a ROUTER (requests in) and a PUB (events out), keeps one
+DEALER per known peer, and polls all of them plus a wakeup eventfd until the core's next
+deadline. Local API calls from any thread are appended to a deque and the eventfd is
+written (at most one pending wakeup), so the thread that calls ``Node.produce`` never
+touches a socket. Each loop iteration drains a bounded number of inputs, feeds them to the
+core, executes the resulting effects, and then performs every ``SyncLogs`` asked for during
+the iteration with one fsync per log — group commit: one fsync covers every batch appended
+in that iteration — before feeding ``LogsSynced`` back so acks waiting for durability go out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from meshq.core import wire
+from meshq.core.events import (
+    Command,
+    Connect,
+    Disconnect,
+    Fail,
+    LogsSynced,
+    ProduceCommand,
+    Reply,
+    ReplyReceived,
+    RequestReceived,
+    Resolve,
+    ResolveProduce,
+    Send,
+    SyncLogs,
+)
+from meshq.core.node import NodeCore
+from meshq.errors import NodeStoppedError, ProtocolError, StorageError
+
+log = logging.getLogger("meshq.runtime")
+
+_MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot starve the rest
+_ZERO_COPY_BYTES = 64 * 1024
+
+
+class Runtime:
+    """Owns the sockets and the core; see the module docstring."""
+
+    def __init__(self, core: NodeCore, clock: Any, storage: Any, context: zmq.Context | None = None) -> None:
+        self.core = core
+        self.clock = clock
+        self.storage = storage
+        self.context = context or zmq.Context.instance()
+        self.commands: deque = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_pending = False
+        self._stop_requested = False
+        self._thread: threading.Thread | None = None
+        self._dealers: dict[str, zmq.Socket] = {}
+        self._socket_peer: dict[zmq.Socket, str] = {}
+        self.router: zmq.Socket | None = None
+        self.pub: zmq.Socket | None = None
+        self.endpoint = ""
+        self.pub_endpoint = ""
+        self.started = threading.Event()
+        self.start_error: BaseException | None = None
+        self.frames_invalid = 0
+        self._tasks: list[tuple[float, int, Any]] = []  # (deadline_s, seq, callable): front-end timers
+        self._task_seq = 0
+
+    # ------------------------------------------------------------------ called from any thread
+    def submit(self, item: Any) -> None:
+        """Queue an input for the core (thread-safe)."""
+        self.commands.append(item)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:  # closed during stop; the command will be failed by stop()
+                pass
+
+    def call_later(self, delay_s: float, task: Any) -> None:
+        """Run ``task()`` on the runtime thread after ``delay_s`` (thread-safe)."""
+        self.submit(_Task(self.clock.now_s() + delay_s, task))
+
+    def start(self) -> None:
+        self._bind()
+        self._thread = threading.Thread(target=self._run, name=f"meshq-{self.core.node_id}", daemon=True)
+        self._thread.start()
+        self.started.wait()
+        if self.start_error is not None:
+            raise self.start_error
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop_requested = True
+        self.submit(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------ runtime thread
+    def _bind(self) -> None:
+        config = self.core.config
+        self.router = self._socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.pub = self._socket(zmq.PUB)
+        try:
+            self.endpoint = _bind(self.router, config.host, config.port)
+            self.pub_endpoint = _bind(self.pub, config.host, config.pub_port)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise StorageError(
+                f"cannot bind {config.host}:{config.port or '*'} ({exc}); choose a free --port or another --host"
+            ) from None
+        if config.advertised_host:
+            port = self.endpoint.rsplit(":", 1)[1]
+            self.endpoint = f"tcp://{config.advertised_host}:{port}"
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.core.config.max_frame_bytes)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        return sock
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        self._poller = poller
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
+        try:
+            self._execute(self.core.start(self.endpoint, self.clock.now_s()))
+        except BaseException as exc:  # report to start() and die
+            self.start_error = exc
+            self.started.set()
+            self._close_sockets()
+            return
+        self.started.set()
+        try:
+            self._loop(poller)
+        except BaseException:
+            log.exception("runtime of node %s crashed", self.core.node_id)
+            raise
+        finally:
+            try:
+                self._execute(self.core.stop(self.clock.now_s()))
+                self._flush_syncs()
+                self._fail_leftovers()
+            finally:
+                self._close_sockets()
+
+    def _fail_leftovers(self) -> None:
+        """Fail commands that arrived too late to be handled (the node is stopping)."""
+        error = NodeStoppedError("the node was stopped before the operation completed")
+        while self.commands:
+            item = self.commands.popleft()
+            if isinstance(item, ProduceCommand) and item.waiter is not None:
+                item.waiter.settle(range(len(item.records)), item.records, item.topic, -1, -1, error)
+            elif isinstance(item, Command):
+                _settle(item.waiter, None, error)
+
+    def _loop(self, poller: zmq.Poller) -> None:
+        core = self.core
+        clock = self.clock
+        self._sync_keys: set = set()
+        while not self._stop_requested:
+            now = clock.now_s()
+            deadline = core.next_deadline()
+            if self._tasks and (deadline is None or self._tasks[0][0] < deadline):
+                deadline = self._tasks[0][0]
+            if self.commands:
+                timeout_ms = 0
+            elif deadline is None:
+                timeout_ms = 1000
+            else:
+                timeout_ms = max(0, min(1000, int((deadline - now) * 1000) + 1))
+            ready = dict(poller.poll(timeout_ms))
+            if self._wake_fd in ready:
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+            self._wake_pending = False
+            if self.router in ready:
+                self._drain_router()
+            for sock, peer in list(self._socket_peer.items()):
+                if sock in ready:
+                    self._drain_dealer(sock, peer)
+            self._drain_commands()
+            now = clock.now_s()
+            while self._tasks and self._tasks[0][0] <= now:
+                heapq.heappop(self._tasks)[2]()
+            deadline = core.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._execute(core.on_timer(now))
+            self._flush_syncs()
+
+    def _drain_router(self) -> None:
+        router, core, clock = self.router, self.core, self.clock
+        cluster = core.config.cluster
+        for _ in range(_MAX_INPUTS_PER_SOCKET):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = wire.decode(frames[1:], cluster)
+            except ProtocolError as exc:
+                self.frames_invalid += 1
+                core.note_invalid_frame(exc)
+                continue
+            self._execute(core.handle(RequestReceived(frames[0], message), clock.now_s()))
+
+    def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
+        core, clock = self.core, self.clock
+        cluster = core.config.cluster
+        for _ in range(_MAX_INPUTS_PER_SOCKET):
+            if sock.closed:
+                return  # an effect of the previous message disconnected this peer
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = wire.decode(frames, cluster)
+            except ProtocolError as exc:
+                self.frames_invalid += 1
+                core.note_invalid_frame(exc)
+                continue
+            self._execute(core.handle(ReplyReceived(peer, message), clock.now_s()))
+
+    def _drain_commands(self) -> None:
+        core, clock, commands = self.core, self.clock, self.commands
+        for _ in range(len(commands)):
+            item = commands.popleft()
+            if item is None:
+                continue
+            if type(item) is _Task:
+                self._task_seq += 1
+                heapq.heappush(self._tasks, (item.deadline_s, self._task_seq, item.run))
+                continue
+            self._execute(core.handle(item, clock.now_s()))
+
+    def _flush_syncs(self) -> None:
+        if not self._sync_keys:
+            return
+        keys, self._sync_keys = frozenset(self._sync_keys), set()
+        partitions = self.core.partitions
+        for key in sorted(keys):
+            state = partitions.get(key)
+            if state is None:
+                continue
+            try:
+                state.log.sync()
+            except OSError as exc:
+                log.error("fsync of %s/%d failed: %s", key[0], key[1], exc)
+        self._execute(self.core.handle(LogsSynced(keys), self.clock.now_s()))
+
+    # ------------------------------------------------------------------ effects
+    def _execute(self, effects: list) -> None:
+        for effect in effects:
+            kind = type(effect)
+            if kind is Send:
+                sock = self._dealers.get(effect.peer)
+                if sock is not None:
+                    _send(sock, effect.frames)
+            elif kind is Reply:
+                _send(self.router, [effect.route, *effect.frames])
+            elif kind is ResolveProduce:
+                effect.waiter.settle(effect.indexes, effect.records, effect.topic, effect.partition,
+                                     effect.base_offset, effect.error)
+            elif kind is Resolve:
+                _settle(effect.waiter, effect.result, None)
+            elif kind is Fail:
+                _settle(effect.waiter, None, effect.error)
+            elif kind is SyncLogs:
+                self._sync_keys.update(effect.keys)
+            elif kind is Connect:
+                self._connect(effect.peer, effect.endpoint)
+            elif kind is Disconnect:
+                sock = self._dealers.pop(effect.peer, None)
+                if sock is not None:
+                    self._poller.unregister(sock)
+                    self._socket_peer.pop(sock, None)
+                    sock.close(0)
+            else:
+                raise AssertionError(f"unknown effect {effect!r}")
+
+    def _connect(self, peer: str, endpoint: str) -> None:
+        old = self._dealers.pop(peer, None)
+        if old is not None:
+            self._poller.unregister(old)
+            self._socket_peer.pop(old, None)
+            old.close(0)
+        sock = self._socket(zmq.DEALER)
+        sock.connect(endpoint)
+        self._dealers[peer] = sock
+        self._socket_peer[sock] = peer
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _close_sockets(self) -> None:
+        for sock in list(self._dealers.values()):
+            sock.close(0)
+        self._dealers.clear()
+        self._socket_peer.clear()
+        for sock in (self.router, self.pub):
+            if sock is not None:
+                sock.close(0)
+        try:
+            os.close(self._wake_fd)
+        except OSError:
+            pass
+
+
+class _Task:
+    __slots__ = ("deadline_s", "run")
+
+    def __init__(self, deadline_s: float, run: Any) -> None:
+        self.deadline_s = deadline_s
+        self.run = run
+
+
+def _bind(sock: zmq.Socket, host: str, port: int) -> str:
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return f"tcp://{host}:{port}"
+    sock.bind(f"tcp://{host}:*")
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _send(sock: zmq.Socket, frames: list) -> None:
+    last = len(frames) - 1
+    try:
+        for index, frame in enumerate(frames):
+            flags = zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0)
+            sock.send(frame, flags, copy=len(frame) < _ZERO_COPY_BYTES)
+    except zmq.Again:
+        # High-water mark reached: the peer is not reading. Dropping is safe: every request
+        # has a deadline, and the sender's retry (idempotent for produce) recovers.
+        log.debug("dropped a message to a peer at its high-water mark")
+    except zmq.ZMQError as exc:
+        log.debug("send failed: %s", exc)
+
+
+def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
+    if waiter is None:
+        return
+    if isinstance(waiter, Future):
+        if waiter.done():
+            return
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(result)
+    else:
+        waiter(result, error)
+
+
+__all__ = ["Runtime"]

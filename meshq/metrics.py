@@ -1,0 +1,41 @@
+"""Prometheus endpoint (``meshq node --metrics-port N``): a collector reading the node's counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def serve_metrics(node: Any, host: str, port: int) -> None:
+    """Start a Prometheus HTTP endpoint for ``node`` on ``host:port`` (daemon thread)."""
+    from prometheus_client import start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import CollectorRegistry
+
+    class NodeCollector:
+        def collect(self) -> Any:
+            core = node.core
+            counters = dict(core.counters)
+            yield CounterMetricFamily("meshq_records_produced", "records appended as leader",
+                                      value=counters["records_produced"])
+            yield CounterMetricFamily("meshq_batches_produced", "batches appended as leader",
+                                      value=counters["batches_produced"])
+            yield CounterMetricFamily("meshq_fetched_bytes", "bytes served to fetches",
+                                      value=counters["records_fetched_bytes"])
+            yield CounterMetricFamily("meshq_duplicate_records_dropped", "idempotent retries recognised",
+                                      value=counters["duplicates_dropped"])
+            yield CounterMetricFamily("meshq_frames_invalid", "frames dropped as invalid",
+                                      value=counters["frames_invalid"])
+            disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
+            watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
+                                          labels=["topic", "partition"])
+            for (topic, partition), state in sorted(list(core.partitions.items())):
+                disk.add_metric([topic, str(partition)], state.log.size_bytes)
+                watermark.add_metric([topic, str(partition)], state.high_watermark)
+            yield disk
+            yield watermark
+            yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions with fewer in-sync replicas "
+                                    "than their replication factor", value=0)
+
+    registry = CollectorRegistry()
+    registry.register(NodeCollector())
+    start_http_server(port, addr=host, registry=registry)

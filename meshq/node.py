@@ -1,0 +1,333 @@
+"""The public ``meshq.Node``: a facade that is safe to call from any thread.
+
+Every call is turned into an input for the node's runtime thread (which alone owns the
+sockets and the core) and waits on a ``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from meshq.config import NodeConfig, TopicConfig, validate_topic_name
+from meshq.core.events import Command
+from meshq.core.node import NodeCore
+from meshq.core.records import RecordMetadata
+from meshq.errors import ConfigError, MeshqError, NodeStoppedError, TimeoutError, UsageError
+from meshq.io.clock import RealClock
+from meshq.io.runtime import Runtime
+from meshq.producer import Accumulator
+
+log = logging.getLogger("meshq.node")
+
+_ACKS = ("none", "leader", "quorum", "all")
+
+
+class Node:
+    """One meshq node (storage or client). See SPEC §4.1 for the calls."""
+
+    def __init__(
+        self,
+        cluster: str = "default",
+        data_dir: str | os.PathLike | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seeds: Iterable[str] = (),
+        mdns: bool = True,
+        interfaces: Iterable[str] | None = None,
+        role: str = "storage",
+        replication_factor: int = 3,
+        partitions: int = 8,
+        *,
+        node_id: str | None = None,
+        pub_port: int = 0,
+        fsync: str = "interval",
+        **options: Any,
+    ) -> None:
+        self.config = NodeConfig(
+            cluster=cluster,
+            node_id=node_id,
+            data_dir=os.fspath(data_dir) if data_dir is not None else None,
+            role=role,  # type: ignore[arg-type]
+            host=host,
+            port=port,
+            pub_port=pub_port,
+            seeds=tuple(seeds),
+            mdns=mdns,
+            interfaces=tuple(interfaces) if interfaces is not None else None,
+            replication_factor=replication_factor,
+            partitions=partitions,
+            fsync=fsync,  # type: ignore[arg-type]
+            **options,
+        )
+        self.clock = RealClock()
+        self.storage: Any = None
+        self.core: NodeCore | None = None
+        self.runtime: Runtime | None = None
+        self._accumulator: Accumulator | None = None
+        self._started = False
+        self._stopped = False
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> Node:
+        node = cls.__new__(cls)
+        node.config = config
+        node.clock = RealClock()
+        node.storage = None
+        node.core = None
+        node.runtime = None
+        node._accumulator = None
+        node._started = False
+        node._stopped = False
+        return node
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Node:
+        """Open storage, bind sockets, start the runtime thread. Returns self."""
+        if self._started:
+            raise UsageError("this node was already started; create a new Node to start again")
+        config = self.config
+        node_id = config.node_id
+        if config.role == "storage":
+            from meshq.log.segmented import FileStorage
+
+            self.storage = FileStorage(config.data_dir, segment_bytes=config.segment_bytes,
+                                       segment_ms=config.segment_ms)
+            try:
+                node_id = self._stable_node_id(node_id)
+            except BaseException:
+                self.storage.close()
+                raise
+        elif node_id is None:
+            node_id = f"client-{socket.gethostname()[:20]}-{os.getpid()}-{random.getrandbits(24):06x}"
+        self.core = NodeCore(config, node_id, self.storage, random.Random(), self.clock.wall_ms)
+        self.runtime = Runtime(self.core, self.clock, self.storage)
+        try:
+            self.runtime.start()
+        except BaseException:
+            if self.storage is not None:
+                self.storage.close()
+            raise
+        self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
+        self._started = True
+        if config.mdns and not config.seeds and config.role == "client":
+            log.info("no seeds given; this version finds peers only through --seed")
+        log.info("node %s (%s) listening on %s", node_id, config.role, self.runtime.endpoint)
+        return self
+
+    def _stable_node_id(self, requested: str | None) -> str:
+        saved = self.storage.read_meta("node")
+        if saved is not None:
+            if saved.get("cluster") != self.config.cluster:
+                raise ConfigError(
+                    f"data directory {self.config.data_dir} belongs to cluster {saved.get('cluster')!r}, "
+                    f"not {self.config.cluster!r}; use another --data directory or the right --cluster"
+                )
+            if requested is not None and requested != saved["node_id"]:
+                raise ConfigError(
+                    f"data directory {self.config.data_dir} belongs to node {saved['node_id']!r}, not {requested!r}"
+                )
+            return saved["node_id"]
+        node_id = requested or f"{socket.gethostname()[:32]}-{random.getrandbits(32):08x}"
+        self.storage.write_meta("node", {"node_id": node_id, "cluster": self.config.cluster})
+        return node_id
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush buffered records, stop the runtime, close storage. Idempotent."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._accumulator is not None:
+                self._accumulator.flush_all()
+                self._accumulator.tracker.wait_idle(min(timeout, 5.0))
+        finally:
+            assert self.runtime is not None
+            self.runtime.stop(timeout)
+            if self.storage is not None:
+                self.storage.close()
+
+    def __enter__(self) -> Node:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def node_id(self) -> str:
+        self._require_started()
+        assert self.core is not None
+        return self.core.node_id
+
+    @property
+    def address(self) -> str:
+        """The ROUTER endpoint peers connect to (``tcp://host:port``)."""
+        self._require_started()
+        assert self.runtime is not None
+        return self.runtime.endpoint
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise UsageError("call node.start() (or use `with meshq.Node(...) as node:`) first")
+        if self._stopped:
+            raise NodeStoppedError("this node was stopped")
+
+    # ------------------------------------------------------------------ internal calls
+    def _call(self, kind: str, args: dict, timeout_s: float) -> Any:
+        self._require_started()
+        assert self.runtime is not None
+        future: Future = Future()
+        args.setdefault("deadline_s", self.clock.now_s() + timeout_s)
+        self.runtime.submit(Command(kind, args, future))
+        return _wait(future, timeout_s + 1.0, kind)
+
+    # ------------------------------------------------------------------ membership
+    def wait_for_members(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """Block until ``count`` storage members are known; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            members = [m for m in self.status(timeout=max(0.1, deadline - time.monotonic()))["members"]
+                       if m["role"] == "storage" and m["state"] == "alive"]
+            if len(members) >= count:
+                return members
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"only {len(members)} of {count} storage members appeared within {timeout} s")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until a storage node (maybe this one) can take requests."""
+        self._call("wait_ready", {}, timeout)
+
+    # ------------------------------------------------------------------ topics
+    def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
+                     retention_bytes: int | None = None, retention_ms: int | None = 7 * 24 * 3600 * 1000,
+                     cleanup_policy: str = "delete", if_not_exists: bool = True, timeout: float = 10.0) -> TopicConfig:
+        """Create a topic (or return the existing one when ``if_not_exists``)."""
+        config = TopicConfig(
+            name=validate_topic_name(name),
+            partitions=partitions or self.config.partitions,
+            replication_factor=replication_factor or self.config.replication_factor,
+            retention_bytes=retention_bytes,
+            retention_ms=retention_ms,
+            cleanup_policy=cleanup_policy,  # type: ignore[arg-type]
+        )
+        return self._call("create_topic", {"config": config, "if_not_exists": if_not_exists}, timeout)
+
+    def topic(self, name: str, timeout: float = 10.0, create: bool = False) -> TopicConfig:
+        """The configuration of an existing topic (``UnknownTopicError`` if missing)."""
+        meta = self._call("metadata", {"topic": name, "refresh": True, "auto_create": create}, timeout)
+        return meta["config"]
+
+    def list_topics(self, timeout: float = 10.0) -> list[TopicConfig]:
+        body = self._call("metadata", {}, timeout)
+        return [TopicConfig.from_wire(t["config"]) for t in body["topics"]]
+
+    # ------------------------------------------------------------------ produce
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: dict[str, bytes] | None = None,
+                acks: str = "quorum", timeout: float = 5.0, partition: int | None = None,
+                timestamp_ms: int | None = None) -> RecordMetadata:
+        """Produce one record and wait for its acknowledgement."""
+        future = self._append(topic, value, key, headers, acks, timeout, partition, timestamp_ms, flush_now=True)
+        return _wait(future, timeout + 0.5, "produce")
+
+    def produce_async(self, topic: str, value: bytes, key: bytes | None = None,
+                      headers: dict[str, bytes] | None = None, acks: str = "quorum", timeout: float = 30.0,
+                      partition: int | None = None, timestamp_ms: int | None = None) -> Future:
+        """Queue one record (batched with others for ``linger_s``); the Future gives its RecordMetadata."""
+        return self._append(topic, value, key, headers, acks, timeout, partition, timestamp_ms, flush_now=False)
+
+    def produce_batch(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes | None] | None = None,
+                      acks: str = "quorum", timeout: float = 30.0, partition: int | None = None,
+                      headers: dict[str, bytes] | None = None) -> Future:
+        """Produce many records in one call; the Future gives a sequence of RecordMetadata in input order.
+
+        The fast path for bulk loads: one completion per batch instead of one Future per record.
+        """
+        self._require_started()
+        _check_acks(acks)
+        now_ms = self.clock.wall_ms()
+        if keys is None:
+            records = [(None, _as_bytes(v), headers, now_ms) for v in values]
+        else:
+            if len(keys) != len(values):
+                raise UsageError(f"{len(keys)} keys for {len(values)} values; give one key per value")
+            records = [(k, _as_bytes(v), headers, now_ms) for k, v in zip(keys, values)]
+        assert self._accumulator is not None
+        return self._accumulator.submit_batch(validate_topic_name(topic), records, partition, acks, timeout)
+
+    def _append(self, topic: str, value: bytes, key: bytes | None, headers: dict | None, acks: str, timeout: float,
+                partition: int | None, timestamp_ms: int | None, flush_now: bool) -> Future:
+        self._require_started()
+        if acks not in _ACKS:
+            _check_acks(acks)
+        if type(value) is not bytes:
+            value = _as_bytes(value)
+        if key is not None and type(key) is not bytes:
+            key = _as_bytes(key)
+        if headers:
+            headers = {str(k): _as_bytes(v) for k, v in headers.items()}
+        record = (key, value, headers or None, timestamp_ms if timestamp_ms is not None else self.clock.wall_ms())
+        assert self._accumulator is not None
+        return self._accumulator.append(topic, record, partition, acks, timeout, flush_now)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything buffered and wait until every produce so far has completed."""
+        self._require_started()
+        assert self._accumulator is not None
+        self._accumulator.flush_all()
+        if not self._accumulator.tracker.wait_idle(timeout):
+            raise TimeoutError(f"flush did not complete within {timeout} s")
+
+    # ------------------------------------------------------------------ consume
+    def consumer(self, topic: str, group: str | None = None, start: Any = "earliest", mode: str = "stream",
+                 **options: Any) -> Any:
+        """A consumer of ``topic``; with ``group`` its committed offsets are kept in the mesh."""
+        from meshq.consumer import Consumer
+
+        self._require_started()
+        if mode != "stream":
+            raise UsageError(f"mode {mode!r} is not available in this version; use mode='stream'")
+        return Consumer(self, topic, group=group, start=start, **options)
+
+    # ------------------------------------------------------------------ status
+    def status(self, timeout: float = 5.0) -> dict:
+        """The cluster as this node sees it, shaped like ``meshq status --json``."""
+        return self._call("status", {}, timeout)
+
+
+def _wait(future: Future, timeout_s: float, what: str) -> Any:
+    try:
+        return future.result(timeout_s)
+    except MeshqError:
+        raise
+    except builtins.TimeoutError:  # the Future itself timed out
+        raise TimeoutError(f"{what} did not complete within {timeout_s:.1f} s") from None
+
+
+def _check_acks(acks: str) -> None:
+    if acks not in _ACKS:
+        raise UsageError(f"acks must be one of {', '.join(_ACKS)}, not {acks!r}")
+
+
+def _as_bytes(value: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    raise UsageError(f"values, keys and headers must be bytes (or str), not {type(value).__name__}")
