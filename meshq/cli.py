@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="when appends reach the disk (default interval)")
     node.add_argument("--fsync-interval", type=_positive_float, default=1.0, metavar="S",
                       help="seconds between fsyncs with --fsync interval (default 1.0)")
+    node.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                      help="roll to a new log segment at this size (default 64 MiB)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     _connection_options(node)
 
@@ -247,7 +249,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
 
     _setup_logging(args.log_level, "INFO")
-    options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval}
+    options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:

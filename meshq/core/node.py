@@ -56,6 +56,7 @@ from meshq.core.events import (
 from meshq.core.hashing import partition_for_key, stable_hash64
 from meshq.core.partition import ParkedFetch, PartitionState
 from meshq.errors import (
+    CorruptLogError,
     InvalidTopicError,
     MeshqError,
     NodeStoppedError,
@@ -572,7 +573,12 @@ class NodeCore:
                 continue
             offset = state.log.start_offset
             while offset < state.log.end_offset:
-                data = state.log.read(offset, 16 * 1024 * 1024)
+                try:
+                    data = state.log.read(offset, 16 * 1024 * 1024)
+                except CorruptLogError as exc:
+                    log.error("%s/%d: committed offsets replayed only up to offset %d: %s",
+                              topic, partition, offset, exc)
+                    break
                 if not data:
                     break
                 for record in batch_format.decode_records(data, topic, partition, offset):

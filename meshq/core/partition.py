@@ -14,12 +14,15 @@ headers when the log is opened, so dedupe survives a restart.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.core import batch as batch_format
-from meshq.errors import OutOfOrderSequenceError
+from meshq.errors import CorruptLogError, OutOfOrderSequenceError
+
+log = logging.getLogger("meshq.core")
 
 PRODUCER_WINDOW = 5
 _RECOVERY_READ_BYTES = 16 * 1024 * 1024
@@ -67,7 +70,15 @@ class PartitionState:
         offset = self.log.start_offset
         end = self.log.end_offset
         while offset < end:
-            data = self.log.read(offset, _RECOVERY_READ_BYTES)
+            try:
+                data = self.log.read(offset, _RECOVERY_READ_BYTES)
+            except CorruptLogError as exc:
+                # The damage is reported by the log and to every reader of that range; the
+                # node still serves the rest. Producers whose last batches sit in or after
+                # the damage lose retry dedupe for those batches only.
+                log.error("%s/%d: producer state rebuilt only up to offset %d: %s",
+                          self.topic, self.partition, offset, exc)
+                return
             if not data:
                 break
             for _pos, header in batch_format.iter_batches(data):

@@ -1,0 +1,240 @@
+"""NodeCore driven by hand: no sockets, no threads, no real time."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshq.core import batch as batch_format
+from meshq.core.hashing import partition_for_key
+from meshq.core.node import OFFSETS_TOPIC, FetchResult
+from meshq.errors import NodeStoppedError, TimeoutError
+from meshq.log.memory import MemoryStorage
+from tests.core.harness import CoreHarness, pump
+
+
+def read_all(h: CoreHarness, topic: str, partition: int) -> list:
+    state = h.core.partitions[(topic, partition)]
+    data = state.log.read(state.log.start_offset, 1 << 30)
+    return batch_format.decode_records(data, topic, partition)
+
+
+def produce_body(topic: str = "t", partition: int = 0, acks: str = "leader") -> dict:
+    return {"topic": topic, "partition": partition, "acks": acks, "timeout_ms": 1000}
+
+
+def idempotent_batch(values: list[bytes], producer_id: int = 42, base_sequence: int = 0) -> bytes:
+    return batch_format.encode_batch([(None, v, None, 1) for v in values], producer_id=producer_id,
+                                     producer_epoch=0, base_sequence=base_sequence)
+
+
+def test_local_produce_then_fetch_round_trip():
+    h = CoreHarness(partitions=4)
+    outcome = h.produce("orders", [b"a", b"b", b"c"], partition=2)
+    assert outcome.errors == []
+    assert outcome.results == [("orders", 2, 0), ("orders", 2, 1), ("orders", 2, 2)]
+    token = h.command("fetch", topic="orders", partition=2, offset=1, max_wait_s=0)
+    result: FetchResult = h.resolved[token]
+    records = batch_format.decode_records(result.data, "orders", 2, 1)
+    assert [(r.offset, r.value) for r in records] == [(1, b"b"), (2, b"c")]
+    assert result.high_watermark == 3
+
+
+def test_topic_is_auto_created_with_defaults_and_persisted():
+    storage = MemoryStorage()
+    h = CoreHarness(storage=storage, partitions=3)
+    h.produce("auto", [b"x"])
+    assert h.core.topics["auto"].partitions == 3
+    again = CoreHarness(storage=storage, partitions=9)
+    assert again.core.topics["auto"].partitions == 3
+    assert sorted(k for k in again.core.partitions if k[0] == "auto") == [("auto", 0), ("auto", 1), ("auto", 2)]
+
+
+def test_keyed_records_land_on_their_stable_partition():
+    h = CoreHarness(partitions=8)
+    keys = [f"user-{i}".encode() for i in range(50)]
+    outcome = h.produce("k", [b"v"] * 50, keys=keys)
+    assert not outcome.errors
+    for key in keys:
+        partition = partition_for_key(key, 8)
+        assert any(r.key == key for r in read_all(h, "k", partition))
+
+
+def test_idempotent_retry_is_stored_once_and_returns_the_original_offset():
+    h = CoreHarness()
+    h.produce("t", [b"seed"], partition=0)  # offset 0 by another producer
+    data = idempotent_batch([b"x", b"y"])
+    first = h.request("produce", produce_body(), (data,))
+    second = h.request("produce", produce_body(), (data,))
+    assert first.body["base_offset"] == 1 and first.body["duplicate"] is False
+    assert second.body["base_offset"] == 1 and second.body["duplicate"] is True
+    assert [r.value for r in read_all(h, "t", 0)] == [b"seed", b"x", b"y"]
+
+
+def create(h: CoreHarness, name: str = "t", partitions: int = 1) -> None:
+    from meshq.config import TopicConfig
+
+    token = h.command("create_topic", config=TopicConfig(name, partitions, 1))
+    assert token in h.resolved, h.failed
+
+
+def test_sequence_gap_is_refused_without_changing_the_log():
+    h = CoreHarness()
+    create(h)
+    h.request("produce", produce_body(), (idempotent_batch([b"a"], base_sequence=0),))
+    reply = h.request("produce", produce_body(), (idempotent_batch([b"c"], base_sequence=5),))
+    assert reply.type == "error" and reply.body["code"] == "out_of_order_sequence"
+    assert [r.value for r in read_all(h, "t", 0)] == [b"a"]
+
+
+def test_producer_dedupe_survives_a_restart():
+    storage = MemoryStorage()
+    h = CoreHarness(storage=storage)
+    create(h)
+    data = idempotent_batch([b"x"])
+    h.request("produce", produce_body(), (data,))
+    h.sync([("t", 0)])
+    again = CoreHarness(storage=storage)
+    reply = again.request("produce", produce_body(), (data,))
+    assert reply.body["duplicate"] is True
+    assert [r.value for r in read_all(again, "t", 0)] == [b"x"]
+
+
+def test_corrupt_batch_gets_an_error_and_changes_nothing():
+    h = CoreHarness()
+    h.produce("t", [b"ok"], partition=0)
+    data = bytearray(idempotent_batch([b"x"]))
+    data[-1] ^= 0xFF
+    reply = h.request("produce", produce_body(), (bytes(data),))
+    assert reply.type == "error" and reply.body["code"] == "protocol"
+    assert [r.value for r in read_all(h, "t", 0)] == [b"ok"]
+
+
+def test_fsync_always_holds_the_ack_until_the_sync_completes():
+    h = CoreHarness(fsync="always")
+    h.auto_sync = False
+    h.produce("t", [b"warm"], partition=0)  # creates the topic; its ack waits too
+    h.sync([("t", 0)])
+    reply = h.request("produce", produce_body(), (idempotent_batch([b"x"]),))
+    assert reply is None, "acknowledged before fsync"
+    assert h.syncs and ("t", 0) in h.syncs[-1].keys
+    before = len(h.replies)
+    h.sync([("t", 0)])
+    assert len(h.replies) == before + 1
+
+
+def test_group_commit_one_sync_covers_every_waiting_batch():
+    h = CoreHarness(fsync="always")
+    h.auto_sync = False
+    h.produce("t", [b"warm"], partition=0)
+    h.sync([("t", 0)])
+    for sequence in range(5):
+        h.request("produce", produce_body(), (idempotent_batch([b"v"], base_sequence=sequence),),
+                  request_id=100 + sequence)
+    before = len(h.replies)
+    h.sync([("t", 0)])
+    assert len(h.replies) == before + 5
+
+
+def test_fetch_at_the_end_parks_until_data_arrives():
+    h = CoreHarness()
+    h.produce("t", [b"a"], partition=0)
+    parked = h.request("fetch", {"topic": "t", "partition": 0, "offset": 1, "max_bytes": 1 << 20,
+                                 "max_wait_ms": 5000}, request_id=9)
+    assert parked is None
+    before = len(h.replies)
+    h.produce("t", [b"b"], partition=0)
+    assert len(h.replies) == before + 1
+    h.request("fetch", {"topic": "t", "partition": 0, "offset": 2, "max_bytes": 1 << 20, "max_wait_ms": 200},
+              request_id=10)
+    before = len(h.replies)
+    h.advance(0.1)
+    assert len(h.replies) == before
+    h.advance(0.2)
+    assert len(h.replies) == before + 1
+
+
+def test_fetch_past_the_end_is_out_of_range_and_unknown_topic_is_reported():
+    h = CoreHarness()
+    h.produce("t", [b"a"], partition=0)
+    reply = h.request("fetch", {"topic": "t", "partition": 0, "offset": 5, "max_bytes": 100, "max_wait_ms": 0})
+    assert reply.body["code"] == "offset_out_of_range"
+    reply = h.request("fetch", {"topic": "nope", "partition": 0, "offset": 0, "max_bytes": 100, "max_wait_ms": 0})
+    assert reply.body["code"] == "unknown_topic"
+
+
+def test_reserved_topic_names_are_refused():
+    h = CoreHarness()
+    outcome = h.produce("__secret", [b"x"])
+    assert outcome.errors and "reserved" in str(outcome.errors[0])
+
+
+def test_group_offsets_are_stored_in_the_offsets_topic_and_replayed_on_restart():
+    storage = MemoryStorage()
+    h = CoreHarness(storage=storage)
+    h.produce("t", [b"a", b"b"], partition=1)
+    token = h.command("commit", group="g", offsets={("t", 1): 2})
+    assert token in h.resolved
+    token = h.command("committed", group="g", topic="t")
+    assert h.resolved[token] == {("t", 1): 2}
+    assert any(key[0] == OFFSETS_TOPIC for key in h.core.partitions)
+    h.sync(list(h.core.partitions))
+    again = CoreHarness(storage=storage)
+    token = again.command("committed", group="g", topic="t")
+    assert again.resolved[token] == {("t", 1): 2}
+    lag = again.core.local_status()["groups"][0]["partitions"][0]
+    assert lag == {"topic": "t", "partition": 1, "committed": 2, "high_watermark": 2, "lag": 0}
+
+
+def test_client_core_produces_through_a_server_core_and_retries_a_lost_reply_exactly_once():
+    server = CoreHarness("server", partitions=2)
+    client = CoreHarness("client", role="client", data_dir=None, seeds=("127.0.0.1:9000",), request_timeout_s=1.0)
+    pump(client, server)  # hello
+    outcome = client.produce("t", [b"one", b"two"], partition=1, timeout_s=10.0)
+    pump(client, server, rounds=1)  # metadata
+    dropped = pump(client, server, drop_replies=1)  # the produce is stored but its reply is lost
+    assert dropped == 1 and outcome.results == []
+    client.advance(1.1)  # request timeout -> retry after a metadata refresh
+    client.advance(0.3)
+    pump(client, server)
+    client.advance(0.3)
+    pump(client, server)
+    assert outcome.errors == []
+    assert outcome.results == [("t", 1, 0), ("t", 1, 1)]
+    assert [r.value for r in read_all(server, "t", 1)] == [b"one", b"two"]
+    assert server.core.counters["duplicates_dropped"] == 2
+
+
+def test_client_without_any_storage_node_times_out_with_a_clear_error():
+    client = CoreHarness("lonely", role="client", data_dir=None)
+    outcome = client.produce("t", [b"x"], timeout_s=1.0)
+    client.advance(0.5)
+    client.advance(0.6)
+    assert outcome.errors and isinstance(outcome.errors[0], TimeoutError)
+    assert "--seed" in str(outcome.errors[0])
+
+
+def test_stop_fails_everything_still_waiting():
+    server = CoreHarness("server")
+    client = CoreHarness("client", role="client", data_dir=None, seeds=("127.0.0.1:9000",))
+    pump(client, server)
+    outcome = client.produce("t", [b"x"])
+    client.apply(client.core.stop(client.clock.now_s))
+    assert outcome.errors and isinstance(outcome.errors[0], NodeStoppedError)
+
+
+@pytest.mark.parametrize("retention", [{"retention_bytes": 1}, {"retention_ms": 1}])
+def test_retention_deletes_whole_sealed_segments(retention):
+    storage = MemoryStorage(segment_bytes=4096)
+    h = CoreHarness(storage=storage, retention_check_interval_s=1.0)
+    from meshq.config import TopicConfig
+
+    token = h.command("create_topic", config=TopicConfig("r", 1, 1, **retention))
+    assert token in h.resolved
+    for _ in range(20):
+        h.produce("r", [b"x" * 1000], partition=0)
+    state = h.core.partitions[("r", 0)]
+    assert state.log.start_offset == 0
+    h.clock.wall_ms_value += 10_000
+    h.advance(1.5)
+    assert state.log.start_offset > 0
+    assert state.log.end_offset == 20

@@ -1,0 +1,97 @@
+"""Run `meshq` CLI processes in tests: free ports, ready lines, cleanup by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+MESHQ = [sys.executable, "-m", "meshq"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NodeProcess:
+    """One `meshq node` child process; `stop`/`kill` act on its PID only."""
+
+    def __init__(self, data_dir: str, port: int | None = None, cluster: str = "test", extra: list[str] | None = None,
+                 log_path: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.cluster = cluster
+        self.extra = extra or []
+        self.log_path = log_path or os.path.join(os.path.dirname(data_dir.rstrip("/")) or ".",
+                                                 f"node-{os.path.basename(data_dir)}-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def seed(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> NodeProcess:
+        command = [*MESHQ, "node", "--data", self.data_dir, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--cluster", self.cluster, "--no-mdns", *self.extra]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        assert self.process.stdout is not None
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line or self.process.poll() is not None:
+                break
+        if not line.startswith(b"{"):
+            self.kill()
+            raise RuntimeError(f"node did not become ready: {line!r}; log:\n{self.log_text()}")
+        self.ready = json.loads(line)
+        return self
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9) the process and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self._reap()
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, wait, SIGKILL as a last resort; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+        return self._reap()
+
+    def _reap(self) -> int | None:
+        if self.process is None:
+            return None
+        code = self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+        return code
+
+
+def run_cli(*args: str, input_bytes: bytes | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """Run one `meshq ...` command to completion (killed by PID at the timeout)."""
+    return subprocess.run([*MESHQ, *args], input=input_bytes, capture_output=True, timeout=timeout_s)
