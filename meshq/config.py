@@ -117,6 +117,9 @@ class NodeConfig:
     failure_timeout_s: float = 3.0
     member_timeout_s: float = 300.0
     heartbeat_interval_s: float = 0.5
+    election_timeout_s: float = 1.0
+    raft_heartbeat_interval_s: float = 0.15
+    bootstrap_wait_s: float = 1.0
     linger_s: float = 0.002
     batch_max_records: int = 2000
     batch_max_bytes: int = 1024 * 1024
@@ -147,8 +150,13 @@ class NodeConfig:
         if self.fsync not in ("always", "interval", "never"):
             raise ConfigError(f"fsync must be one of always, interval, never — not {self.fsync!r}")
         for name in ("fsync_interval_s", "failure_timeout_s", "member_timeout_s", "heartbeat_interval_s",
-                     "request_timeout_s", "retention_check_interval_s"):
+                     "request_timeout_s", "retention_check_interval_s", "election_timeout_s",
+                     "raft_heartbeat_interval_s"):
             _check_positive(name, getattr(self, name))
+        if self.heartbeat_interval_s * 2 > self.failure_timeout_s:
+            raise ConfigError("failure_timeout_s must be at least twice heartbeat_interval_s")
+        if not isinstance(self.bootstrap_wait_s, (int, float)) or self.bootstrap_wait_s < 0:
+            raise ConfigError(f"bootstrap_wait_s must be >= 0, not {self.bootstrap_wait_s!r}")
         if not isinstance(self.linger_s, (int, float)) or self.linger_s < 0:
             raise ConfigError(f"linger_s must be >= 0, not {self.linger_s!r}")
         _check_int("batch_max_records", self.batch_max_records, 1, 1_000_000)

@@ -199,9 +199,14 @@ class Node:
     def wait_for_members(self, count: int, timeout: float = 10.0) -> list[dict]:
         """Block until ``count`` storage members are known; returns them."""
         deadline = time.monotonic() + timeout
+        members: list[dict] = []
         while True:
-            members = [m for m in self.status(timeout=max(0.1, deadline - time.monotonic()))["members"]
-                       if m["role"] == "storage" and m["state"] == "alive"]
+            try:
+                status = self.status(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                members = [m for m in status["members"] if m["role"] == "storage" and m["state"] == "alive"]
+            except MeshqError as exc:
+                if not exc.retriable:
+                    raise
             if len(members) >= count:
                 return members
             if time.monotonic() >= deadline:

@@ -34,6 +34,20 @@ class ReplyReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class EventReceived:
+    """A message published by a peer (heartbeat, goodbye) arrived on our SUB socket."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDiscovered:
+    """Discovery (mDNS) found a node of our cluster: ``info`` is a member-info map."""
+
+    info: dict
+
+
+@dataclass(frozen=True, slots=True)
 class LogsSynced:
     """The runtime completed the fsync asked for by ``SyncLogs``."""
 
@@ -73,6 +87,25 @@ class Connect:
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Connect our SUB socket to a peer's PUB endpoint."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Send frames on our PUB socket (every subscriber receives them)."""
+
+    frames: list
 
 
 @dataclass(frozen=True, slots=True)

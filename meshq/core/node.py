@@ -22,6 +22,17 @@ The core has two halves that talk only through messages:
 When the client half addresses this very node it does not encode anything: the request
 goes straight to the server half and the reply comes back through ``_local_inbox``,
 drained at the end of each ``handle`` call (no recursion, no sockets).
+
+The *cluster layer* joins them into a mesh:
+
+* liveness (``MemberTable``): heartbeats published on PUB every ``heartbeat_interval_s``
+  carry this node's member info and the members it knows (gossip), so one seed is enough;
+* agreement (``RaftNode`` + ``MetadataState``, storage nodes only): the storage membership,
+  topic configurations and partition assignments are commands in a Raft log. A fresh node
+  joins a formed cluster by asking its leader (``raft_join``); when no formed cluster is
+  known after ``bootstrap_wait_s``, the lowest node id among the unformed storage nodes it
+  knows forms a one-member cluster and the others join it. A member silent for
+  ``member_timeout_s`` is removed by the leader.
 """
 
 from __future__ import annotations
@@ -43,18 +54,27 @@ from meshq.core.events import (
     Command,
     Connect,
     Disconnect,
+    EventReceived,
     Fail,
     LogsSynced,
+    PeerDiscovered,
     ProduceCommand,
+    Publish,
+    Reply,
     ReplyReceived,
     RequestReceived,
     Resolve,
     ResolveProduce,
     Send,
+    Subscribe,
     SyncLogs,
+    Unsubscribe,
 )
 from meshq.core.hashing import partition_for_key, stable_hash64
+from meshq.core.membership import Member, MemberTable
+from meshq.core.metadata import MetadataState
 from meshq.core.partition import ParkedFetch, PartitionState
+from meshq.core.raft import LEADER, RaftNode
 from meshq.errors import (
     CorruptLogError,
     InvalidTopicError,
@@ -72,6 +92,7 @@ from meshq.errors import (
 log = logging.getLogger("meshq.core")
 
 OFFSETS_TOPIC = "__consumer_offsets"
+META_TOPIC = "__meta"
 EARLIEST = -2
 LATEST = -1
 _METADATA_RETRY_S = 0.2
@@ -134,20 +155,29 @@ class NodeCore:
     def __init__(self, config: NodeConfig, node_id: str, storage: Any, rng: random.Random,
                  wall_clock_ms: Callable[[], int]) -> None:
         self.config = config
-        # Deadlines use the monotonic ``now_s`` handed to every call; only record timestamps
-        # and retention use wall time, read through this injected function.
+        # Deadlines use the monotonic ``now_s`` handed to every call; only record timestamps,
+        # retention and the incarnation number use wall time, read through this function.
         self.wall_clock_ms = wall_clock_ms
         self.node_id = node_id
         self.storage = storage
         self.rng = rng
         self.endpoint = ""  # set by start(): the ROUTER endpoint peers connect to
+        self.pub_endpoint = ""
+        self.incarnation = 0
         self.stopped = False
+        # cluster layer
+        self.members: MemberTable | None = None
+        self.meta = MetadataState()
+        self.raft: RaftNode | None = None
+        self.peer_clusters: dict[str, dict] = {}  # node_id -> {"formed", "leader"} from heartbeats
+        self._started_s = 0.0
+        self._next_join_s = 0.0
+        self._apply_waiters: list[tuple[int, Callable[[], None]]] = []
+        self._subscribed: set[str] = set()
         # server half
-        self.topics: dict[str, TopicConfig] = {}
         self.partitions: dict[tuple[str, int], PartitionState] = {}
         self.group_offsets: dict[tuple[str, str, int], int] = {}
         # client half
-        self.members: dict[str, dict] = {}
         self.peer_endpoints: dict[str, str] = {}
         self.metadata: dict[str, dict] = {}  # topic -> {"config": TopicConfig, "leaders": [node_id|None]}
         self.awaiting_metadata: dict[str, list[Callable[[MeshqError | None], None]]] = {}
@@ -171,25 +201,36 @@ class NodeCore:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, endpoint: str, now_s: float) -> list:
+    def start(self, endpoint: str, now_s: float, pub_endpoint: str = "") -> list:
         """Open storage state, connect to seeds. Returns the first effects."""
         self.endpoint = endpoint
-        self.members[self.node_id] = {
-            "node_id": self.node_id, "address": endpoint, "role": self.config.role, "state": "alive",
-        }
+        self.pub_endpoint = pub_endpoint or endpoint
+        self.incarnation = self.wall_clock_ms()
+        self._started_s = now_s
+        me = Member(self.node_id, self.endpoint, self.pub_endpoint, self.config.role, self.incarnation)
+        self.members = MemberTable(me, self.config.failure_timeout_s, self.config.member_timeout_s)
         if self.is_storage:
-            self._load_topics()
+            self.raft = RaftNode(
+                self.node_id, self.storage.open_log(META_TOPIC, 0), self.storage.read_meta("raft"), self.rng,
+                self._raft_send, self._apply_meta, lambda state: self.storage.write_meta("raft", state),
+                election_timeout_s=self.config.election_timeout_s,
+                heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
+            )
+            self.raft.start(now_s)
+            self._replay_group_offsets()
             self._schedule(now_s + self.config.retention_check_interval_s, "retention", None)
             if self.config.fsync == "interval":
                 self._schedule(now_s + self.config.fsync_interval_s, "fsync", None)
+        self._schedule(now_s, "heartbeat", None)
         for seed in self.config.seeds:
             host, port = parse_host_port(seed)
             self._connect(f"seed:{host}:{port}", f"tcp://{host}:{port}")
             self._hello(f"seed:{host}:{port}", now_s)
+        self._formation_tick(now_s)
         return self._take_effects()
 
     def stop(self, now_s: float) -> list:
-        """Fail everything still waiting; returns final effects (including a last fsync)."""
+        """Fail everything still waiting, say goodbye; returns final effects (including a last fsync)."""
         self.stopped = True
         error = NodeStoppedError("the node was stopped before the operation completed")
         for request in list(self.pending.values()):
@@ -202,6 +243,9 @@ class NodeCore:
             for callback in waiters:
                 callback(error)
         self.awaiting_metadata.clear()
+        if self.members is not None:
+            self._effects.append(Publish(wire.encode(self.config.cluster, self.node_id, "goodbye", 0,
+                                                     {"node_id": self.node_id, "incarnation": self.incarnation})))
         if self.partitions:
             self._effects.append(SyncLogs(frozenset(self.partitions)))
         return self._take_effects()
@@ -210,17 +254,27 @@ class NodeCore:
     def is_storage(self) -> bool:
         return self.config.role == "storage"
 
+    @property
+    def topics(self) -> dict[str, TopicConfig]:
+        return self.meta.topics
+
     # ------------------------------------------------------------------ runtime interface
     def handle(self, event: Any, now_s: float) -> list:
         """Feed one input; returns the effects to execute."""
         if isinstance(event, RequestReceived):
+            self._hear(event.message.sender, now_s)
             self._serve(event.route, event.message, now_s)
         elif isinstance(event, ReplyReceived):
+            self._hear(event.message.sender, now_s)
             self._on_reply(event.message, now_s)
         elif isinstance(event, ProduceCommand):
             self._produce(event, now_s)
         elif isinstance(event, Command):
             self._command(event, now_s)
+        elif isinstance(event, EventReceived):
+            self._on_event(event.message, now_s)
+        elif isinstance(event, PeerDiscovered):
+            self._learn(event.info, now_s)
         elif isinstance(event, LogsSynced):
             self._on_synced(event.keys)
         else:
@@ -234,9 +288,16 @@ class NodeCore:
         log.debug("dropped invalid frame: %s", error)
 
     def next_deadline(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
+        deadline = self._timers[0][0] if self._timers else None
+        if self.raft is not None:
+            raft_deadline = self.raft.next_deadline()
+            if deadline is None or raft_deadline < deadline:
+                deadline = raft_deadline
+        return deadline
 
     def on_timer(self, now_s: float) -> list:
+        if self.raft is not None and self.raft.next_deadline() <= now_s:
+            self.raft.on_timer(now_s)
         while self._timers and self._timers[0][0] <= now_s:
             _deadline, _seq, kind, key = heapq.heappop(self._timers)
             if kind == "request":
@@ -245,6 +306,9 @@ class NodeCore:
                     request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
             elif kind == "fetch":
                 self._expire_parked(key, now_s)
+            elif kind == "heartbeat":
+                self._heartbeat(now_s)
+                self._schedule(now_s + self.config.heartbeat_interval_s, "heartbeat", None)
             elif kind == "fsync":
                 if self._dirty_logs:
                     self._effects.append(SyncLogs(frozenset(self._dirty_logs)))
@@ -285,7 +349,7 @@ class NodeCore:
             self._effects.append(Send(peer, frames))
 
     def _send_oneway(self, peer: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
-        """A request nobody waits for (acks=none); request id 0 means 'do not reply'."""
+        """A request nobody waits for (acks=none, Raft); request id 0 means 'do not reply'."""
         if peer == self.node_id:
             self._serve(LocalRoute(0), wire.Message(type_, self.node_id, 0, body, payloads), now_s)
         else:
@@ -310,8 +374,6 @@ class NodeCore:
         if isinstance(route, LocalRoute):
             self._local_inbox.append(wire.Message(type_, self.node_id, request_id, body, payloads))
         else:
-            from meshq.core.events import Reply
-
             frames = wire.encode(self.config.cluster, self.node_id, type_, request_id, body, payloads)
             self._effects.append(Reply(route, frames))
 
@@ -322,6 +384,263 @@ class NodeCore:
     def _drain_local(self, now_s: float) -> None:
         while self._local_inbox:
             self._on_reply(self._local_inbox.popleft(), now_s)
+
+    # ================================================================== cluster layer
+    def _self_info(self) -> dict:
+        assert self.members is not None
+        return self.members.members[self.node_id].to_wire()
+
+    def _hear(self, sender: str, now_s: float) -> None:
+        if self.members is not None and self.members.heard_id(sender, now_s):
+            log.info("member %s is alive", sender)
+
+    def _learn(self, info: dict, now_s: float) -> None:
+        """Know of a node (discovery, gossip, hello): connect to it if it is new."""
+        if info["node_id"] == self.node_id or self.members is None:
+            return
+        member = self.members.learn(info, now_s)
+        if member is not None:
+            self._link(member)
+            self._hello(member.node_id, now_s)
+
+    def _link(self, member: Member) -> None:
+        self._connect(member.node_id, member.address)
+        if member.pub_address not in self._subscribed:
+            self._subscribed.add(member.pub_address)
+            self._effects.append(Subscribe(member.pub_address))
+
+    def _unlink(self, node_id: str, pub_address: str | None) -> None:
+        if self.peer_endpoints.pop(node_id, None) is not None:
+            self._effects.append(Disconnect(node_id))
+        if pub_address and pub_address in self._subscribed:
+            self._subscribed.discard(pub_address)
+            self._effects.append(Unsubscribe(pub_address))
+
+    def _heartbeat(self, now_s: float) -> None:
+        assert self.members is not None
+        formed = self.raft is not None and self.raft.formed and self.raft.is_member
+        body = {"member": self._self_info(), "members": self.members.gossip(), "formed": formed,
+                "leader": self.raft.leader if self.raft is not None else None,
+                "term": self.raft.term if self.raft is not None else 0}
+        self._effects.append(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
+        before = {m.node_id: m.pub_address for m in self.members.members.values()}
+        for node_id, state in self.members.tick(now_s):
+            if state == "forgotten":
+                self._unlink(node_id, before.get(node_id))
+                self.peer_clusters.pop(node_id, None)
+            else:
+                log.info("member %s is %s", node_id, state)
+        self._formation_tick(now_s)
+        self._remove_silent_members(now_s)
+
+    def _on_event(self, message: wire.Message, now_s: float) -> None:
+        assert self.members is not None
+        if message.type == "heartbeat":
+            body = message.body
+            if body["member"]["node_id"] != message.sender:
+                self.counters["frames_invalid"] += 1
+                return
+            learned, changed = self.members.heard(body["member"], now_s)
+            if learned is not None:
+                self._link(learned)
+            if changed:
+                log.info("member %s is alive", message.sender)
+            self.peer_clusters[message.sender] = {"formed": body["formed"], "leader": body["leader"],
+                                                  "role": body["member"]["role"]}
+            for info in body["members"]:
+                self._learn(info, now_s)
+            self._formation_tick(now_s)
+        elif message.type == "goodbye":
+            if self.members.leave(message.body["node_id"], message.body["incarnation"], now_s):
+                log.info("member %s left", message.body["node_id"])
+        else:
+            self.counters["frames_invalid"] += 1
+
+    def _hello(self, peer: str, now_s: float) -> None:
+        def on_reply(message: wire.Message) -> None:
+            assert self.members is not None
+            info = message.body["member"]
+            if peer.startswith("seed:"):
+                self.peer_endpoints.pop(peer, None)
+                self._effects.append(Disconnect(peer))
+            if info["node_id"] == self.node_id:
+                return
+            learned, _changed = self.members.heard(info, now_s)
+            if learned is not None:
+                self._link(learned)
+            self.peer_clusters[info["node_id"]] = {"formed": message.body["formed"],
+                                                   "leader": message.body["leader"], "role": info["role"]}
+            for other in message.body["members"]:
+                self._learn(other, now_s)
+            self._formation_tick(now_s)
+
+        def on_error(error: MeshqError) -> None:
+            if self.stopped or not peer.startswith("seed:"):
+                return  # known members are reached by heartbeats anyway
+            log.info("seed %s did not answer hello (%s); retrying", peer[5:], error)
+            self._schedule(now_s + 0.5, "retry", lambda t: self._hello(peer, t))
+
+        self._request(peer, "hello", {"member": self._self_info()}, (), now_s, 2.0, on_reply, on_error)
+
+    def _serve_hello(self, route: Any, message: wire.Message, now_s: float) -> None:
+        assert self.members is not None
+        info = message.body["member"]
+        if info["node_id"] != self.node_id:
+            learned, _changed = self.members.heard(info, now_s)
+            if learned is not None:
+                self._link(learned)
+        formed = self.raft is not None and self.raft.formed and self.raft.is_member
+        self._reply(route, message.request_id, "hello_ok", {
+            "member": self._self_info(), "members": self.members.gossip(), "formed": formed,
+            "leader": self.raft.leader if self.raft is not None else None,
+        })
+
+    # ------------------------------------------------------------------ agreement (metadata Raft)
+    def _raft_send(self, peer: str, type_: str, body: dict) -> None:
+        if peer not in self.peer_endpoints:
+            info = self.raft.voters.get(peer) if self.raft is not None else None
+            if info is None:
+                member = self.members.get(peer) if self.members is not None else None
+                info = {"address": member.address} if member is not None else None
+            if info is None:
+                return
+            self._connect(peer, info["address"])
+        self._effects.append(Send(peer, wire.encode(self.config.cluster, self.node_id, type_, 0, body)))
+
+    def _serve_raft(self, route: Any, message: wire.Message, now_s: float) -> None:
+        if self.raft is None:
+            raise NotLeaderError(f"node {self.node_id} is a client and takes no part in the metadata group")
+        self.raft.handle(message.sender, message.type, message.body, now_s)
+
+    def _formation_tick(self, now_s: float) -> None:
+        """Join a formed cluster, or form one (see the module docstring)."""
+        raft = self.raft
+        if raft is None or raft.is_member or self.stopped:
+            return
+        assert self.members is not None
+        formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"])
+        if raft.formed or formed_peers:
+            if now_s < self._next_join_s:
+                return
+            self._next_join_s = now_s + 0.3
+            target = raft.leader if raft.leader and raft.leader != self.node_id else None
+            if target is None and formed_peers:
+                target = self.peer_clusters[formed_peers[0]]["leader"] or formed_peers[0]
+            if target is None:
+                target = next((v for v in sorted(raft.voters) if v != self.node_id), None)
+            if target is not None and target != self.node_id:
+                self._raft_send(target, "raft_join", {"member": self._self_info()})
+            return
+        discovery = bool(self.config.seeds) or self.config.mdns
+        if discovery and now_s - self._started_s < self.config.bootstrap_wait_s:
+            return
+        unformed_storage = [p for p, c in self.peer_clusters.items() if c["role"] == "storage" and not c["formed"]
+                            and p in self.members.alive_ids()]
+        if all(self.node_id < other for other in unformed_storage):
+            log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
+            raft.bootstrap(now_s, {"address": self.endpoint, "pub_address": self.pub_endpoint})
+
+    def _serve_raft_join(self, route: Any, message: wire.Message, now_s: float) -> None:
+        raft = self.raft
+        if raft is None:
+            return
+        info = message.body["member"]
+        if info["role"] != "storage":
+            return
+        if raft.role != LEADER:
+            if raft.leader and raft.leader != self.node_id and raft.leader != message.sender:
+                self._raft_send(raft.leader, "raft_join", message.body)
+            return
+        node_id = info["node_id"]
+        if node_id in raft.voters or not raft.can_change_config():
+            return
+        members = dict(raft.voters)
+        members[node_id] = {"address": info["address"], "pub_address": info["pub_address"]}
+        if raft.propose({"op": "config", "members": members}, now_s, lambda ok: None):
+            log.info("adding %s to the storage membership (%d members)", node_id, len(members))
+
+    def _remove_silent_members(self, now_s: float) -> None:
+        raft = self.raft
+        if raft is None or raft.role != LEADER or not raft.can_change_config():
+            return
+        for peer in raft.silent_voters(now_s, self.config.member_timeout_s):
+            members = {k: v for k, v in raft.voters.items() if k != peer}
+            if raft.propose({"op": "config", "members": members}, now_s, lambda ok: None):
+                log.warning("removing %s from the storage membership: silent for more than %.0f s",
+                            peer, self.config.member_timeout_s)
+            return
+
+    def _apply_meta(self, index: int, command: dict) -> None:
+        created = self.meta.apply(index, command)
+        if created is not None and self.is_storage:
+            self._open_partitions(self.meta.topics[created])
+            log.info("topic %s (%d partitions) is agreed", created, self.meta.topics[created].partitions)
+        if command.get("op") == "config":
+            for node_id, info in sorted(self.meta.members.items()):
+                if node_id != self.node_id and node_id not in self.peer_endpoints:
+                    self._connect(node_id, info["address"])
+        while self._apply_waiters and self._apply_waiters[0][0] <= index:
+            _index, callback = heapq.heappop(self._apply_waiters)
+            callback()
+
+    def _propose(self, command: dict, now_s: float, deadline_s: float,
+                 done: Callable[[MeshqError | None], None]) -> None:
+        """Commit ``command`` through the metadata leader; ``done`` runs once it is applied here."""
+        raft = self.raft
+        if raft is None:
+            done(NotLeaderError(f"node {self.node_id} is a client"))
+            return
+        if raft.role == LEADER:
+            if command.get("op") == "create_topic" and command.get("assignment") is None:
+                config = TopicConfig.from_wire(command["config"])
+                command = {**command, "assignment": self.meta.assign(config)}
+            accepted = raft.propose(command, now_s, lambda ok: done(None if ok else NotLeaderError(
+                "the metadata leader changed before the change committed; retry")))
+            if not accepted:
+                done(NotLeaderError("the metadata group is busy with a membership change; retry"))
+            return
+        leader = raft.leader
+        if leader is None or leader == self.node_id:
+            done(NotLeaderError("the metadata group has no leader yet; retry"))
+            return
+
+        def on_reply(message: wire.Message) -> None:
+            index = message.body["index"]
+            if self.meta.applied_index >= index:
+                done(None)
+            else:
+                heapq.heappush(self._apply_waiters, (index, lambda: done(None)))
+
+        packed = msgpack.packb(command, use_bin_type=True)
+        self._request(leader, "raft_propose", {"command": packed}, (), now_s, max(0.05, deadline_s - now_s),
+                      on_reply, done)
+
+    def _serve_raft_propose(self, route: Any, message: wire.Message, now_s: float) -> None:
+        raft = self.raft
+        if raft is None or raft.role != LEADER:
+            raise NotLeaderError(f"{self.node_id} is not the metadata leader (leader: {raft.leader if raft else None})")
+        try:
+            command = msgpack.unpackb(message.body["command"], raw=False)
+        except Exception:  # msgpack raises several unrelated exception types
+            raise ProtocolError("raft_propose command does not decode") from None
+        if not isinstance(command, dict) or command.get("op") != "create_topic":
+            raise ProtocolError("only create_topic may be proposed by a peer")
+        config = TopicConfig.from_wire(command["config"])
+        existing = self.meta.topics.get(config.name)
+        if existing is not None:
+            self._reply(route, message.request_id, "raft_propose_ok", {"index": self.meta.applied_index})
+            return
+        command = {"op": "create_topic", "config": config.to_wire(), "assignment": self.meta.assign(config)}
+        reply_index = raft.last_index + 1
+
+        def on_done(ok: bool) -> None:
+            if ok:
+                self._reply(route, message.request_id, "raft_propose_ok", {"index": reply_index})
+            else:
+                self._reply_error(route, message.request_id, NotLeaderError("metadata leader changed; retry"))
+
+        if not raft.propose(command, now_s, on_done):
+            raise NotLeaderError("the metadata group cannot take a change right now; retry")
 
     # ================================================================== server half
     def _serve(self, route: Any, message: wire.Message, now_s: float) -> None:
@@ -335,29 +654,27 @@ class NodeCore:
         except MeshqError as exc:
             self._reply_error(route, message.request_id, exc)
 
-    def _serve_hello(self, route: Any, message: wire.Message, now_s: float) -> None:
-        body = message.body
-        self.members[body["node_id"]] = {
-            "node_id": body["node_id"], "address": body["address"], "role": body["role"], "state": "alive",
-        }
-        self._reply(route, message.request_id, "hello_ok", {
-            "node_id": self.node_id, "role": self.config.role, "members": self._member_list(),
-        })
-
     def _serve_metadata(self, route: Any, message: wire.Message, now_s: float) -> None:
+        self._require_storage()
         names = message.body["topics"]
         if names is None:
-            names = sorted(name for name in self.topics if not name.startswith("__"))
-        topics = []
-        for name in names:
-            config = self.topics.get(name)
-            if config is None and name == OFFSETS_TOPIC and self.is_storage:
-                config = self._create_topic(self._offsets_topic_config())
-            if config is None:
-                if not (message.body["auto_create"] and self.config.auto_create_topics and self.is_storage):
-                    continue
-                config = self._create_topic(self._default_topic_config(name))
-            topics.append(self._topic_meta(config))
+            names = sorted(name for name in self.meta.topics if not name.startswith("__"))
+        missing = [name for name in names if name not in self.meta.topics
+                   and (name == OFFSETS_TOPIC or (message.body["auto_create"] and self.config.auto_create_topics))]
+        if missing:
+            name = missing[0]
+            config = self._offsets_topic_config() if name == OFFSETS_TOPIC else self._default_topic_config(name)
+
+            def created(error: MeshqError | None) -> None:
+                if error is not None:
+                    self._reply_error(route, message.request_id, error)
+                else:
+                    self._serve_metadata(route, message, now_s)
+
+            self._propose({"op": "create_topic", "config": config.to_wire()}, now_s,
+                          now_s + self.config.request_timeout_s, created)
+            return
+        topics = [self._topic_meta(self.meta.topics[name]) for name in names if name in self.meta.topics]
         self._reply(route, message.request_id, "metadata_ok", {"members": self._member_list(), "topics": topics})
 
     def _serve_create_topic(self, route: Any, message: wire.Message, now_s: float) -> None:
@@ -365,12 +682,23 @@ class NodeCore:
         config = TopicConfig.from_wire(message.body["config"])
         if config.name.startswith("__"):
             raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
-        existing = self.topics.get(config.name)
-        if existing is not None and not message.body["if_not_exists"]:
-            raise InvalidTopicError(f"topic {config.name!r} already exists")
-        created = existing is None
-        config = existing or self._create_topic(config)
-        self._reply(route, message.request_id, "create_topic_ok", {"topic": self._topic_meta(config), "created": created})
+        existing = self.meta.topics.get(config.name)
+        if existing is not None:
+            if not message.body["if_not_exists"]:
+                raise InvalidTopicError(f"topic {config.name!r} already exists")
+            self._reply(route, message.request_id, "create_topic_ok",
+                        {"topic": self._topic_meta(existing), "created": False})
+            return
+
+        def created(error: MeshqError | None) -> None:
+            if error is not None:
+                self._reply_error(route, message.request_id, error)
+                return
+            self._reply(route, message.request_id, "create_topic_ok",
+                        {"topic": self._topic_meta(self.meta.topics[config.name]), "created": True})
+
+        self._propose({"op": "create_topic", "config": config.to_wire()}, now_s,
+                      now_s + self.config.request_timeout_s, created)
 
     def _serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -517,13 +845,13 @@ class NodeCore:
             return state
         if not self.is_storage:
             raise NotLeaderError(f"node {self.node_id} is a client and leads no partition")
-        config = self.topics.get(topic)
+        config = self.meta.topics.get(topic)
         if config is None:
-            if topic == OFFSETS_TOPIC:
-                self._create_topic(self._offsets_topic_config())
-                return self.partitions[(topic, partition)]
-            raise UnknownTopicError(f"topic {topic!r} does not exist on {self.node_id}")
-        raise UnknownTopicError(f"topic {topic!r} has {config.partitions} partitions; {partition} does not exist")
+            raise UnknownTopicError(f"topic {topic!r} does not exist (as far as {self.node_id} knows)")
+        if not 0 <= partition < config.partitions:
+            raise UnknownTopicError(f"topic {topic!r} has {config.partitions} partitions; {partition} does not exist")
+        raise NotLeaderError(f"{self.node_id} does not lead {topic}/{partition}; its leader is "
+                             f"{self.meta.leader(topic, partition)} (refresh metadata)")
 
     def _default_topic_config(self, name: str) -> TopicConfig:
         validate_topic_name(name)
@@ -541,31 +869,13 @@ class NodeCore:
         config = self.topics.get(OFFSETS_TOPIC) or self._offsets_topic_config()
         return stable_hash64(group.encode()) % config.partitions
 
-    def _create_topic(self, config: TopicConfig) -> TopicConfig:
-        self._require_storage()
-        self.topics[config.name] = config
-        self._save_topics()
-        self._open_partitions(config)
-        log.info("created topic %s (%d partitions)", config.name, config.partitions)
-        return config
-
     def _open_partitions(self, config: TopicConfig) -> None:
-        for partition in range(config.partitions):
+        """Open the logs of the partitions this node leads (the first replica of the assignment)."""
+        for partition, replicas in enumerate(self.meta.assignments[config.name]):
             key = (config.name, partition)
-            if key not in self.partitions:
-                self.partitions[key] = PartitionState(config.name, partition, self.storage.open_log(config.name, partition))
-
-    def _save_topics(self) -> None:
-        self.storage.write_meta("topics", {"topics": [c.to_wire() for _, c in sorted(self.topics.items())]})
-
-    def _load_topics(self) -> None:
-        saved = self.storage.read_meta("topics") or {"topics": []}
-        for item in saved["topics"]:
-            config = TopicConfig.from_wire(item)
-            self.topics[config.name] = config
-            self._open_partitions(config)
-        if OFFSETS_TOPIC in self.topics:
-            self._replay_group_offsets()
+            if replicas and replicas[0] == self.node_id and key not in self.partitions:
+                self.partitions[key] = PartitionState(config.name, partition,
+                                                      self.storage.open_log(config.name, partition))
 
     def _replay_group_offsets(self) -> None:
         for (topic, partition), state in sorted(self.partitions.items()):
@@ -597,17 +907,26 @@ class NodeCore:
                 log.info("retention removed %d records from %s/%d", removed, topic, _partition)
 
     def _member_list(self) -> list[dict]:
-        return [dict(member) for _, member in sorted(self.members.items())]
+        """Known nodes with their state; agreed storage members we never heard from show as unknown."""
+        assert self.members is not None
+        listed = {m["node_id"]: m for m in self.members.summaries()}
+        for node_id, info in self.meta.members.items():
+            if node_id not in listed:
+                listed[node_id] = {"node_id": node_id, "address": info["address"], "role": "storage",
+                                   "state": "unknown"}
+        return [listed[node_id] for node_id in sorted(listed)]
 
     def _topic_meta(self, config: TopicConfig) -> dict:
         partitions = []
-        for p in range(config.partitions):
+        for p, replicas in enumerate(self.meta.assignments.get(config.name, [])):
             state = self.partitions.get((config.name, p))
+            leader = replicas[0] if replicas else None
             partitions.append({
                 "partition": p,
-                "leader": self.node_id if state else None,
-                "replicas": [self.node_id] if state else [],
-                "in_sync": [self.node_id] if state else [],
+                "leader": leader,
+                "replicas": list(replicas),
+                # Replication arrives with the replication release: today only the leader holds data.
+                "in_sync": [leader] if leader else [],
                 "high_watermark": state.high_watermark if state else 0,
             })
         return {"config": config.to_wire(), "partitions": partitions}
@@ -627,7 +946,7 @@ class NodeCore:
                 "topic": topic, "partition": partition, "committed": committed,
                 "high_watermark": high_watermark, "lag": max(0, high_watermark - committed),
             })
-        return {
+        status = {
             "cluster": self.config.cluster,
             "node_id": self.node_id,
             "members": self._member_list(),
@@ -635,36 +954,19 @@ class NodeCore:
             "groups": list(groups.values()),
             "counters": dict(self.counters),
         }
+        if self.raft is not None:
+            status["metadata"] = {**self.raft.status(), "applied_index": self.meta.applied_index}
+            status["ring"] = {"members": list(self.meta.ring.members), "vnodes": self.meta.ring.vnodes}
+        return status
 
     # ================================================================== client half
-    def _hello(self, peer: str, now_s: float) -> None:
-        def on_reply(message: wire.Message) -> None:
-            node_id = message.body["node_id"]
-            for member in message.body["members"]:
-                if member["node_id"] != self.node_id:
-                    self.members.setdefault(member["node_id"], member)
-            endpoint = self.peer_endpoints.pop(peer, None)
-            self._effects.append(Disconnect(peer))
-            if endpoint and node_id != self.node_id:
-                self._connect(node_id, endpoint)
-            for member in message.body["members"]:
-                if member["role"] == "storage" and member["node_id"] != self.node_id:
-                    self._connect(member["node_id"], member["address"])
-
-        def on_error(error: MeshqError) -> None:
-            if self.stopped:
-                return
-            log.info("seed %s did not answer hello (%s); retrying", peer, error)
-            self._schedule(now_s + 0.5, "retry", lambda t: self._hello(peer, t))
-
-        body = {"node_id": self.node_id, "role": self.config.role, "address": self.endpoint}
-        self._request(peer, "hello", body, (), now_s, 2.0, on_reply, on_error)
-
     def storage_peers(self) -> list[str]:
-        """Storage members this node can send requests to (itself included)."""
-        out = [node for node, m in sorted(self.members.items()) if m["role"] == "storage"
-               and (node == self.node_id or node in self.peer_endpoints)]
-        return out
+        """Live storage members this node can send requests to (itself when it is in the cluster)."""
+        assert self.members is not None
+        peers = [node for node in self.members.alive_ids("storage") if node in self.peer_endpoints]
+        if self.raft is not None and self.raft.is_member:
+            peers.append(self.node_id)
+        return sorted(peers)
 
     def _any_storage_peer(self) -> str | None:
         peers = self.storage_peers()
@@ -719,10 +1021,7 @@ class NodeCore:
     def _absorb_metadata(self, body: dict) -> None:
         for member in body["members"]:
             node_id = member["node_id"]
-            if node_id == self.node_id:
-                continue
-            self.members[node_id] = member
-            if member["role"] == "storage":
+            if node_id != self.node_id and member["role"] == "storage" and member["state"] in ("alive", "suspect"):
                 self._connect(node_id, member["address"])
         for meta in body["topics"]:
             config = TopicConfig.from_wire(meta["config"])
@@ -1031,10 +1330,66 @@ class NodeCore:
             lambda m: {(e["topic"], e["partition"]): e["offset"] for e in m.body["offsets"]})
 
     def _cmd_status(self, command: Command, now_s: float) -> None:
-        if self.is_storage:
-            self._effects.append(Resolve(command.waiter, self.local_status()))
+        """Ask every live storage node for its local view and merge them (leaders know their partitions)."""
+        peers = self.storage_peers()
+        if not peers:
+            self._effects.append(Fail(command.waiter, TimeoutError(
+                "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
             return
-        self._simple_request(command, self._any_storage_peer(), "status", {}, now_s, lambda m: m.body["status"])
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        reports: dict[str, dict] = {}
+        remaining = set(peers)
+
+        def finish(peer: str, report: dict | None) -> None:
+            remaining.discard(peer)
+            if report is not None:
+                reports[peer] = report
+            if remaining:
+                return
+            if not reports:
+                self._effects.append(Fail(command.waiter, TimeoutError("no storage node answered the status request")))
+            else:
+                preferred = self.node_id if self.node_id in reports else sorted(reports)[0]
+                self._effects.append(Resolve(command.waiter, merge_status(reports, preferred)))
+
+        timeout_s = max(0.05, min(2.0, deadline_s - now_s))
+        for peer in peers:
+            self._request(peer, "status", {}, (), now_s, timeout_s,
+                          lambda m, p=peer: finish(p, m.body["status"]), lambda e, p=peer: finish(p, None))
+
+
+def merge_status(reports: dict[str, dict], preferred: str) -> dict:
+    """One cluster status from the local views of several storage nodes.
+
+    Members and metadata come from ``preferred``; each partition's high watermark from the
+    node that leads it; consumer groups from the node that stores them.
+    """
+    merged = dict(reports[preferred])
+    by_leader: dict[tuple[str, int], int] = {}
+    for node_id, report in reports.items():
+        for topic in report["topics"]:
+            for p in topic["partitions"]:
+                if p["leader"] == node_id:
+                    by_leader[(topic["name"], p["partition"])] = p["high_watermark"]
+    topics = []
+    for topic in merged["topics"]:
+        partitions = [{**p, "high_watermark": by_leader.get((topic["name"], p["partition"]), p["high_watermark"])}
+                      for p in topic["partitions"]]
+        topics.append({**topic, "partitions": partitions})
+    merged["topics"] = topics
+    groups: dict[tuple[str, str, int], dict] = {}
+    for node_id in sorted(reports):
+        for group in reports[node_id]["groups"]:
+            for p in group["partitions"]:
+                hw = by_leader.get((p["topic"], p["partition"]), p["high_watermark"])
+                groups[(group["group"], p["topic"], p["partition"])] = {
+                    **p, "high_watermark": hw, "lag": max(0, hw - p["committed"])}
+    merged_groups: dict[str, dict] = {}
+    for (group, _topic, _partition), entry in sorted(groups.items()):
+        merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
+    merged["groups"] = list(merged_groups.values())
+    merged["answered_by"] = sorted(reports)
+    return merged
 
 
 def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
@@ -1055,6 +1410,12 @@ def _too_large(size: int, limit: int) -> MeshqError:
 
 _SERVERS: dict[str, Callable[[NodeCore, Any, wire.Message, float], None]] = {
     "hello": NodeCore._serve_hello,
+    "raft_vote": NodeCore._serve_raft,
+    "raft_vote_ok": NodeCore._serve_raft,
+    "raft_append": NodeCore._serve_raft,
+    "raft_append_ok": NodeCore._serve_raft,
+    "raft_join": NodeCore._serve_raft_join,
+    "raft_propose": NodeCore._serve_raft_propose,
     "metadata": NodeCore._serve_metadata,
     "create_topic": NodeCore._serve_create_topic,
     "produce": NodeCore._serve_produce,

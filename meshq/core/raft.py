@@ -48,7 +48,7 @@ LEADER = "leader"
 
 # Allowed role transitions (anything else is a bug).
 TRANSITIONS = {
-    FOLLOWER: {PRE_CANDIDATE, FOLLOWER, LEADER},  # LEADER only by bootstrap
+    FOLLOWER: {PRE_CANDIDATE, FOLLOWER, LEADER},  # LEADER directly only by bootstrap
     PRE_CANDIDATE: {CANDIDATE, FOLLOWER},
     CANDIDATE: {LEADER, FOLLOWER, PRE_CANDIDATE},
     LEADER: {FOLLOWER},
@@ -90,10 +90,12 @@ class RaftNode:
         self.voted_for: str | None = persisted.get("voted_for")
         self.role = FOLLOWER
         self.leader: str | None = None
-        self.commit_index = -1
         self.last_applied = -1
         self.entries: list[tuple[int, dict]] = []  # (term, command), position == index
         self._load_entries()
+        # A commit index once learned stays true forever (committed entries are never lost),
+        # so persisting it lets a restarted node apply its metadata without waiting for a leader.
+        self.commit_index = min(persisted.get("commit", -1), self.last_index)
         self.config_index = -1
         self.voters: dict[str, dict] = {}
         self._recompute_config()
@@ -119,7 +121,7 @@ class RaftNode:
         assert len(self.entries) == self.log.end_offset
 
     def _persist_state(self) -> None:
-        self.save_state({"term": self.term, "voted_for": self.voted_for})
+        self.save_state({"term": self.term, "voted_for": self.voted_for, "commit": self.commit_index})
 
     def _append_local(self, term: int, command: dict) -> int:
         index = len(self.entries)
@@ -189,9 +191,10 @@ class RaftNode:
     def start(self, now_s: float) -> None:
         self.last_leader_contact_s = float("-inf")
         self._reset_election_timer(now_s)
+        self._apply_committed()
         if len(self.voters) == 1 and self.is_member:
-            # Sole member: no one to ask; win at once (restart of a one-node cluster).
-            self._start_election(now_s, pre_vote=False)
+            # Sole member: no one to ask; the (pre-)votes are won at once.
+            self._start_election(now_s, pre_vote=True)
 
     def bootstrap(self, now_s: float, member_info: dict) -> None:
         """Form a new one-member cluster (only for a node with an empty log)."""
@@ -431,12 +434,15 @@ class RaftNode:
             self._step_down(self.term, now_s)
 
     def _apply_committed(self) -> None:
+        if self.last_applied >= self.commit_index:
+            return
         while self.last_applied < self.commit_index:
             self.last_applied += 1
             term, command = self.entries[self.last_applied]
             self.apply_callback(self.last_applied, command)
             for entry_term, callback in self.waiting.pop(self.last_applied, []):
                 callback(entry_term == term)
+        self._persist_state()
 
     def propose(self, command: dict, now_s: float, on_done: Callable[[bool], None]) -> bool:
         """Append ``command`` as leader; ``on_done(committed)`` is called later. False if not leader."""

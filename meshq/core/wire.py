@@ -180,6 +180,15 @@ PARTITION_INFO = Struct(
 )
 TOPIC_META = Struct(config=TOPIC_CONFIG, partitions=ListOf(PARTITION_INFO, 10_000))
 MEMBER = Struct(node_id=NODE, address=Str(300), role=OneOf("storage", "client"), state=Str(16, 1))
+MEMBER_INFO = Struct(node_id=NODE, address=Str(300, 1), pub_address=Str(300, 1), role=OneOf("storage", "client"),
+                     incarnation=Int(0, 1 << 62))
+VOTER_INFO = Struct(address=Str(300, 1), pub_address=Str(300, 1))
+
+
+def _raft_entry(value: Any, path: str) -> list:
+    if type(value) not in (list, tuple) or len(value) != 2:
+        raise _fail(path, "[term, command bytes]", value)
+    return [Int(0, 1 << 62)(value[0], path + "[0]"), Bytes(1 << 20)(value[1], path + "[1]")]
 TOPIC_PARTITION_OFFSET = Struct(topic=NAME, partition=PARTITION, offset=Int(0, 1 << 62))
 
 
@@ -191,8 +200,24 @@ class Schema:
 
 
 SCHEMAS: dict[str, Schema] = {
-    "hello": Schema(Struct(node_id=NODE, role=OneOf("storage", "client"), address=Str(300))),
-    "hello_ok": Schema(Struct(node_id=NODE, role=OneOf("storage", "client"), members=ListOf(MEMBER, 1000))),
+    "hello": Schema(Struct(member=MEMBER_INFO)),
+    "hello_ok": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
+                              leader=Optional(NODE))),
+    "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
+                               leader=Optional(NODE), term=Int(0, 1 << 62))),
+    "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
+    "raft_vote": Schema(Struct(term=Int(0, 1 << 62), candidate=NODE, last_index=Int(-1, 1 << 62),
+                               last_term=Int(0, 1 << 62), pre_vote=Bool())),
+    "raft_vote_ok": Schema(Struct(term=Int(0, 1 << 62), granted=Bool(), pre_vote=Bool(), voter=NODE,
+                                  for_term=Int(0, 1 << 62))),
+    "raft_append": Schema(Struct(term=Int(0, 1 << 62), leader=NODE, prev_index=Int(-1, 1 << 62),
+                                 prev_term=Int(0, 1 << 62), commit=Int(-1, 1 << 62),
+                                 entries=ListOf(_raft_entry, 256))),
+    "raft_append_ok": Schema(Struct(term=Int(0, 1 << 62), success=Bool(), match_index=Int(-1, 1 << 62),
+                                    follower=NODE, hint=Int(0, 1 << 62))),
+    "raft_join": Schema(Struct(member=MEMBER_INFO)),
+    "raft_propose": Schema(Struct(command=Bytes(1 << 20))),
+    "raft_propose_ok": Schema(Struct(index=Int(0, 1 << 62))),
     "metadata": Schema(Struct(topics=Optional(ListOf(NAME, 10_000)), auto_create=Bool())),
     "metadata_ok": Schema(Struct(members=ListOf(MEMBER, 1000), topics=ListOf(TOPIC_META, 10_000))),
     "create_topic": Schema(Struct(config=TOPIC_CONFIG, if_not_exists=Bool())),

@@ -29,6 +29,7 @@ from meshq.core.events import (
     Command,
     Connect,
     Disconnect,
+    EventReceived,
     Fail,
     LogsSynced,
     ProduceCommand,
@@ -37,8 +38,11 @@ from meshq.core.events import (
     RequestReceived,
     Resolve,
     ResolveProduce,
+    Publish,
     Send,
+    Subscribe,
     SyncLogs,
+    Unsubscribe,
 )
 from meshq.core.node import NodeCore
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
@@ -66,6 +70,7 @@ class Runtime:
         self._socket_peer: dict[zmq.Socket, str] = {}
         self.router: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
+        self.sub: zmq.Socket | None = None
         self.endpoint = ""
         self.pub_endpoint = ""
         self.started = threading.Event()
@@ -109,6 +114,8 @@ class Runtime:
         self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub = self._socket(zmq.PUB)
+        self.sub = self._socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         try:
             self.endpoint = _bind(self.router, config.host, config.port)
             self.pub_endpoint = _bind(self.pub, config.host, config.pub_port)
@@ -120,6 +127,8 @@ class Runtime:
         if config.advertised_host:
             port = self.endpoint.rsplit(":", 1)[1]
             self.endpoint = f"tcp://{config.advertised_host}:{port}"
+            pub_port = self.pub_endpoint.rsplit(":", 1)[1]
+            self.pub_endpoint = f"tcp://{config.advertised_host}:{pub_port}"
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.context.socket(kind)
@@ -133,9 +142,10 @@ class Runtime:
         poller = zmq.Poller()
         self._poller = poller
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
         try:
-            self._execute(self.core.start(self.endpoint, self.clock.now_s()))
+            self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint))
         except BaseException as exc:  # report to start() and die
             self.start_error = exc
             self.started.set()
@@ -189,6 +199,8 @@ class Runtime:
             self._wake_pending = False
             if self.router in ready:
                 self._drain_router()
+            if self.sub in ready:
+                self._drain_sub()
             for sock, peer in list(self._socket_peer.items()):
                 if sock in ready:
                     self._drain_dealer(sock, peer)
@@ -216,6 +228,22 @@ class Runtime:
                 core.note_invalid_frame(exc)
                 continue
             self._execute(core.handle(RequestReceived(frames[0], message), clock.now_s()))
+
+    def _drain_sub(self) -> None:
+        core, clock, sub = self.core, self.clock, self.sub
+        cluster = core.config.cluster
+        for _ in range(_MAX_INPUTS_PER_SOCKET):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = wire.decode(frames, cluster)
+            except ProtocolError as exc:
+                self.frames_invalid += 1
+                core.note_invalid_frame(exc)
+                continue
+            self._execute(core.handle(EventReceived(message), clock.now_s()))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
         core, clock = self.core, self.clock
@@ -281,6 +309,15 @@ class Runtime:
                 _settle(effect.waiter, None, effect.error)
             elif kind is SyncLogs:
                 self._sync_keys.update(effect.keys)
+            elif kind is Publish:
+                _send(self.pub, effect.frames)
+            elif kind is Subscribe:
+                self.sub.connect(effect.endpoint)
+            elif kind is Unsubscribe:
+                try:
+                    self.sub.disconnect(effect.endpoint)
+                except zmq.ZMQError:
+                    pass
             elif kind is Connect:
                 self._connect(effect.peer, effect.endpoint)
             elif kind is Disconnect:
@@ -309,9 +346,11 @@ class Runtime:
             sock.close(0)
         self._dealers.clear()
         self._socket_peer.clear()
-        for sock in (self.router, self.pub):
+        for sock in (self.router, self.sub):
             if sock is not None:
                 sock.close(0)
+        if self.pub is not None:
+            self.pub.close(200)  # give the goodbye a moment to leave
         try:
             os.close(self._wake_fd)
         except OSError:

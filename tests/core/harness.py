@@ -15,6 +15,7 @@ from meshq.core.events import (
     Disconnect,
     Fail,
     LogsSynced,
+    Publish,
     ProduceCommand,
     Reply,
     ReplyReceived,
@@ -22,7 +23,9 @@ from meshq.core.events import (
     Resolve,
     ResolveProduce,
     Send,
+    Subscribe,
     SyncLogs,
+    Unsubscribe,
 )
 from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
@@ -57,6 +60,7 @@ class CoreHarness:
     def __init__(self, node_id: str = "n1", storage: Any = None, clock: FakeClock | None = None,
                  **config: Any) -> None:
         config.setdefault("data_dir", "/nonexistent")
+        config.setdefault("mdns", False)
         self.config = NodeConfig(node_id=node_id, **config)
         self.clock = clock or FakeClock()
         self.storage = storage if storage is not None else MemoryStorage()
@@ -67,6 +71,7 @@ class CoreHarness:
         self.resolved: dict[int, Any] = {}
         self.failed: dict[int, Any] = {}
         self.connects: list[Connect] = []
+        self.published: list[Publish] = []
         self.auto_sync = True
         self.apply(self.core.start(f"tcp://127.0.0.1:{9000 + hash(node_id) % 100}", self.clock.now_s))
 
@@ -90,6 +95,10 @@ class CoreHarness:
                     self.sync(effect.keys)
             elif isinstance(effect, (Connect, Disconnect)):
                 self.connects.append(effect)
+            elif isinstance(effect, Publish):
+                self.published.append(effect)
+            elif isinstance(effect, (Subscribe, Unsubscribe)):
+                pass
             else:
                 raise AssertionError(effect)
 

@@ -1,0 +1,169 @@
+"""Liveness of every known node (storage and client): this node's *local* view.
+
+Theory of operation
+-------------------
+Every node publishes a heartbeat on its PUB socket every ``heartbeat_interval_s``; every
+message received from a node (heartbeat, request or reply) counts as hearing from it.
+A node we have not heard from for half of ``failure_timeout_s`` becomes *suspect*, for the
+whole of it *dead*; hearing from it again makes it *alive* (a restarted node carries a
+higher ``incarnation``). A node that announced its departure is *left*. Nodes we only know
+of (from discovery or gossip) but never heard from are *joining*. Dead, left and joining
+entries are forgotten after ``member_timeout_s``.
+
+This view drives connections and failure detection. The storage membership that the ring
+and topic assignments are computed from is *not* this view: it is agreed through the
+metadata Raft group (``meshq.core.raft``), and changed only by a majority.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOINING = "joining"
+ALIVE = "alive"
+SUSPECT = "suspect"
+DEAD = "dead"
+LEFT = "left"
+
+HEARD = "heard"
+SILENT_HALF = "silent_half"
+SILENT = "silent"
+LEAVE = "leave"
+
+# (state, event) -> next state. Events not listed leave the state unchanged.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (JOINING, HEARD): ALIVE,
+    (ALIVE, SILENT_HALF): SUSPECT,
+    (ALIVE, SILENT): DEAD,
+    (SUSPECT, HEARD): ALIVE,
+    (SUSPECT, SILENT): DEAD,
+    (DEAD, HEARD): ALIVE,
+    (JOINING, LEAVE): LEFT,
+    (ALIVE, LEAVE): LEFT,
+    (SUSPECT, LEAVE): LEFT,
+    (DEAD, LEAVE): LEFT,
+}
+
+
+@dataclass(slots=True)
+class Member:
+    node_id: str
+    address: str  # ROUTER endpoint, tcp://host:port
+    pub_address: str  # PUB endpoint
+    role: str
+    incarnation: int
+    state: str = JOINING
+    last_heard_s: float = float("-inf")
+    changed_s: float = 0.0
+
+    def to_wire(self) -> dict:
+        return {"node_id": self.node_id, "address": self.address, "pub_address": self.pub_address,
+                "role": self.role, "incarnation": self.incarnation}
+
+    def summary(self) -> dict:
+        return {"node_id": self.node_id, "address": self.address, "role": self.role, "state": self.state}
+
+
+class MemberTable:
+    """The local liveness view; see the module docstring."""
+
+    def __init__(self, self_member: Member, failure_timeout_s: float, member_timeout_s: float) -> None:
+        self.self_id = self_member.node_id
+        self_member.state = ALIVE
+        self.members: dict[str, Member] = {self_member.node_id: self_member}
+        self.failure_timeout_s = failure_timeout_s
+        self.member_timeout_s = member_timeout_s
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self.members
+
+    def get(self, node_id: str) -> Member | None:
+        return self.members.get(node_id)
+
+    def _event(self, member: Member, event: str, now_s: float) -> bool:
+        new_state = TRANSITIONS.get((member.state, event))
+        if new_state is None or new_state == member.state:
+            return False
+        member.state = new_state
+        member.changed_s = now_s
+        return True
+
+    def learn(self, info: dict, now_s: float) -> Member | None:
+        """Know of a node (discovery, gossip). Returns the member if it is new or changed address."""
+        node_id = info["node_id"]
+        if node_id == self.self_id:
+            return None
+        member = self.members.get(node_id)
+        if member is None:
+            member = Member(node_id, info["address"], info["pub_address"], info["role"], info["incarnation"],
+                            changed_s=now_s)
+            self.members[node_id] = member
+            return member
+        if info["incarnation"] > member.incarnation:
+            member.incarnation = info["incarnation"]
+            if member.state == LEFT:
+                member.state = JOINING
+                member.changed_s = now_s
+            if (member.address, member.pub_address) != (info["address"], info["pub_address"]):
+                member.address, member.pub_address = info["address"], info["pub_address"]
+                return member
+        return None
+
+    def heard(self, info: dict, now_s: float) -> tuple[Member | None, bool]:
+        """We heard from the node itself. Returns (member if new/readdressed, state changed?)."""
+        learned = self.learn(info, now_s)
+        member = self.members.get(info["node_id"])
+        if member is None or member.node_id == self.self_id:
+            return None, False
+        if member.state == LEFT and info["incarnation"] <= member.incarnation:
+            return learned, False  # a late heartbeat from before it said goodbye
+        member.last_heard_s = now_s
+        return learned, self._event(member, HEARD, now_s)
+
+    def heard_id(self, node_id: str, now_s: float) -> bool:
+        """Any message from a known node counts as hearing from it."""
+        member = self.members.get(node_id)
+        if member is None or member.node_id == self.self_id or member.state == LEFT:
+            return False
+        member.last_heard_s = now_s
+        return self._event(member, HEARD, now_s)
+
+    def leave(self, node_id: str, incarnation: int, now_s: float) -> bool:
+        member = self.members.get(node_id)
+        if member is None or member.incarnation > incarnation:
+            return False
+        return self._event(member, LEAVE, now_s)
+
+    def tick(self, now_s: float) -> list[tuple[str, str]]:
+        """Apply silence timeouts; returns (node_id, new_state) for every change, sorted."""
+        changes = []
+        for node_id in sorted(self.members):
+            member = self.members[node_id]
+            if node_id == self.self_id:
+                continue
+            silent_s = now_s - member.last_heard_s
+            if member.state in (ALIVE, SUSPECT):
+                if silent_s >= self.failure_timeout_s and self._event(member, SILENT, now_s):
+                    changes.append((node_id, member.state))
+                elif silent_s >= self.failure_timeout_s / 2 and self._event(member, SILENT_HALF, now_s):
+                    changes.append((node_id, member.state))
+            elif member.state in (DEAD, LEFT, JOINING) and now_s - member.changed_s >= self.member_timeout_s:
+                del self.members[node_id]
+                changes.append((node_id, "forgotten"))
+        return changes
+
+    def gossip(self, limit: int = 256) -> list[dict]:
+        """Members worth telling others about (not left, not forgotten), self first."""
+        out = [self.members[self.self_id].to_wire()]
+        for node_id in sorted(self.members):
+            member = self.members[node_id]
+            if node_id != self.self_id and member.state in (ALIVE, SUSPECT, JOINING) and len(out) < limit:
+                out.append(member.to_wire())
+        return out
+
+    def alive_ids(self, role: str | None = None) -> list[str]:
+        return sorted(m.node_id for m in self.members.values()
+                      if m.state in (ALIVE, SUSPECT) and (role is None or m.role == role))
+
+    def summaries(self) -> list[dict]:
+        return [self.members[n].summary() for n in sorted(self.members)]
