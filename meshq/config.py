@@ -139,6 +139,9 @@ class NodeConfig:
             raise ConfigError(f"node id {self.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         if self.role not in ("storage", "client"):
             raise ConfigError(f"role must be 'storage' or 'client', not {self.role!r}")
+        if self.host in ("0.0.0.0", "*", "") and not self.advertised_host:
+            raise ConfigError("binding to all interfaces (host 0.0.0.0) needs advertised_host (--advertise HOST) "
+                              "so that peers know which address to connect to")
         if self.role == "storage" and not self.data_dir:
             raise ConfigError("a storage node needs data_dir (the directory that holds its logs)")
         for name in ("port", "pub_port"):

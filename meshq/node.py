@@ -72,6 +72,7 @@ class Node:
         self.core: NodeCore | None = None
         self.runtime: Runtime | None = None
         self._accumulator: Accumulator | None = None
+        self._discovery: Any = None
         self._started = False
         self._stopped = False
 
@@ -84,6 +85,7 @@ class Node:
         node.core = None
         node.runtime = None
         node._accumulator = None
+        node._discovery = None
         node._started = False
         node._stopped = False
         return node
@@ -116,9 +118,20 @@ class Node:
                 self.storage.close()
             raise
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
+        self._discovery = None
+        if config.mdns:
+            from meshq.io.discovery import Discovery
+
+            self._discovery = Discovery(self.runtime, config.cluster, node_id, config.role, self.runtime.endpoint,
+                                        self.runtime.pub_endpoint, self.core.incarnation, config.interfaces)
+            try:
+                self._discovery.start()
+            except BaseException:
+                self.runtime.stop()
+                if self.storage is not None:
+                    self.storage.close()
+                raise
         self._started = True
-        if config.mdns and not config.seeds and config.role == "client":
-            log.info("no seeds given; this version finds peers only through --seed")
         log.info("node %s (%s) listening on %s", node_id, config.role, self.runtime.endpoint)
         return self
 
@@ -150,6 +163,8 @@ class Node:
                 self._accumulator.tracker.wait_idle(min(timeout, 5.0))
         finally:
             assert self.runtime is not None
+            if self._discovery is not None:
+                self._discovery.stop()
             self.runtime.stop(timeout)
             if self.storage is not None:
                 self.storage.close()

@@ -24,11 +24,13 @@ class NodeProcess:
     """One `meshq node` child process; `stop`/`kill` act on its PID only."""
 
     def __init__(self, data_dir: str, port: int | None = None, cluster: str = "test", extra: list[str] | None = None,
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, mdns_interface: str | None = None, host: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.cluster = cluster
         self.extra = extra or []
+        self.mdns_interface = mdns_interface  # None: --no-mdns; else mDNS pinned to this address
+        self.host = host
         self.log_path = log_path or os.path.join(os.path.dirname(data_dir.rstrip("/")) or ".",
                                                  f"node-{os.path.basename(data_dir)}-{self.port}.log")
         self.process: subprocess.Popen | None = None
@@ -36,11 +38,12 @@ class NodeProcess:
 
     @property
     def seed(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> NodeProcess:
-        command = [*MESHQ, "node", "--data", self.data_dir, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--cluster", self.cluster, "--no-mdns", *self.extra]
+        discovery = ["--no-mdns"] if self.mdns_interface is None else ["--interface", self.mdns_interface]
+        command = [*MESHQ, "node", "--data", self.data_dir, "--host", self.host, "--port", str(self.port),
+                   "--cluster", self.cluster, *discovery, *self.extra]
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

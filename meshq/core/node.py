@@ -173,6 +173,8 @@ class NodeCore:
         self._started_s = 0.0
         self._next_join_s = 0.0
         self._apply_waiters: list[tuple[int, Callable[[], None]]] = []
+        self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
+        self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
         self.partitions: dict[tuple[str, int], PartitionState] = {}
@@ -261,6 +263,7 @@ class NodeCore:
     # ------------------------------------------------------------------ runtime interface
     def handle(self, event: Any, now_s: float) -> list:
         """Feed one input; returns the effects to execute."""
+        self._now_s = now_s
         if isinstance(event, RequestReceived):
             self._hear(event.message.sender, now_s)
             self._serve(event.route, event.message, now_s)
@@ -296,6 +299,7 @@ class NodeCore:
         return deadline
 
     def on_timer(self, now_s: float) -> list:
+        self._now_s = now_s
         if self.raft is not None and self.raft.next_deadline() <= now_s:
             self.raft.on_timer(now_s)
         while self._timers and self._timers[0][0] <= now_s:
@@ -551,13 +555,28 @@ class NodeCore:
             if raft.leader and raft.leader != self.node_id and raft.leader != message.sender:
                 self._raft_send(raft.leader, "raft_join", message.body)
             return
-        node_id = info["node_id"]
-        if node_id in raft.voters or not raft.can_change_config():
+        if info["node_id"] not in raft.voters:
+            self._join_queue[info["node_id"]] = info
+        self._admit_next(now_s)
+
+    def _admit_next(self, now_s: float) -> None:
+        """Leader: add the next waiting node (one config change at a time, each right after the last commits)."""
+        raft = self.raft
+        if raft is None or raft.role != LEADER:
+            self._join_queue.clear()
             return
-        members = dict(raft.voters)
-        members[node_id] = {"address": info["address"], "pub_address": info["pub_address"]}
-        if raft.propose({"op": "config", "members": members}, now_s, lambda ok: None):
-            log.info("adding %s to the storage membership (%d members)", node_id, len(members))
+        while self._join_queue and raft.can_change_config():
+            node_id = min(self._join_queue)
+            info = self._join_queue.pop(node_id)
+            if node_id in raft.voters:
+                continue
+            members = dict(raft.voters)
+            members[node_id] = {"address": info["address"], "pub_address": info["pub_address"]}
+            # The next admission runs from a timer, never re-entering Raft from its own apply loop.
+            if raft.propose({"op": "config", "members": members}, now_s,
+                            lambda ok: self._schedule(self._now_s, "retry", self._admit_next)):
+                log.info("adding %s to the storage membership (%d members)", node_id, len(members))
+            return
 
     def _remove_silent_members(self, now_s: float) -> None:
         raft = self.raft
