@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="members, partitions and group lag")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--node", default=None, metavar="NODE_ID",
+                        help="show this node's own view instead of the merged cluster view")
     status.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S")
     _connection_options(status)
 
@@ -387,7 +389,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "WARNING")
     node = _client(args)
     try:
-        status = node.status(timeout=args.timeout)
+        status = _status_with_retry(node, args.timeout, args.node)
     finally:
         node.stop()
     if args.json:
@@ -397,6 +399,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     render_status(status)
     return EXIT_OK
+
+
+def _status_with_retry(node: Any, timeout_s: float, node_id: str | None) -> dict:
+    """Ask for status until it succeeds or ``timeout_s`` passes (a named node may not be known yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return node.status(timeout=max(0.5, deadline - time.monotonic()), node_id=node_id)
+        except MeshqError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:

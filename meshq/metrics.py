@@ -33,8 +33,8 @@ def serve_metrics(node: Any, host: str, port: int) -> None:
                 watermark.add_metric([topic, str(partition)], state.high_watermark)
             yield disk
             yield watermark
-            yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions with fewer in-sync replicas "
-                                    "than their replication factor", value=0)
+            yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
+                                    "replicas than assigned replicas", value=core.under_replicated())
 
     registry = CollectorRegistry()
     registry.register(NodeCollector())

@@ -324,9 +324,10 @@ class Node:
         return Consumer(self, topic, group=group, start=start, **options)
 
     # ------------------------------------------------------------------ status
-    def status(self, timeout: float = 5.0) -> dict:
-        """The cluster as this node sees it, shaped like ``meshq status --json``."""
-        return self._call("status", {}, timeout)
+    def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:
+        """The cluster, shaped like ``meshq status --json``: every storage node's view merged,
+        or with ``node_id`` that one node's own view."""
+        return self._call("status", {"node_id": node_id} if node_id else {}, timeout)
 
 
 def _wait(future: Future, timeout_s: float, what: str) -> Any:

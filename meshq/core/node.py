@@ -950,6 +950,16 @@ class NodeCore:
             })
         return {"config": config.to_wire(), "partitions": partitions}
 
+    def under_replicated(self) -> int:
+        """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""
+        count = 0
+        for (topic, partition), _state in self.partitions.items():
+            replicas = self.meta.replicas(topic, partition)
+            in_sync = [replicas[0]] if replicas else []  # no replication yet: only the leader holds data
+            if len(in_sync) < len(replicas):
+                count += 1
+        return count
+
     def local_status(self) -> dict:
         """This node's view in the shape of ``meshq status --json``."""
         topics = []
@@ -1349,8 +1359,21 @@ class NodeCore:
             lambda m: {(e["topic"], e["partition"]): e["offset"] for e in m.body["offsets"]})
 
     def _cmd_status(self, command: Command, now_s: float) -> None:
-        """Ask every live storage node for its local view and merge them (leaders know their partitions)."""
+        """Ask every live storage node for its local view and merge them (leaders know their partitions).
+
+        With ``node_id`` in the args, return that one node's own view, unmerged.
+        """
         peers = self.storage_peers()
+        only = command.args.get("node_id")
+        if only is not None:
+            if only == self.node_id and self.is_storage:
+                self._effects.append(Resolve(command.waiter, self.local_status()))
+                return
+            if only not in self.peer_endpoints:
+                self._effects.append(Fail(command.waiter, UsageError(
+                    f"node {only!r} is not known here; known storage nodes: {', '.join(peers) or 'none'}")))
+                return
+            peers = [only]
         if not peers:
             self._effects.append(Fail(command.waiter, TimeoutError(
                 "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
@@ -1367,6 +1390,8 @@ class NodeCore:
                 return
             if not reports:
                 self._effects.append(Fail(command.waiter, TimeoutError("no storage node answered the status request")))
+            elif only is not None:
+                self._effects.append(Resolve(command.waiter, reports[only]))
             else:
                 preferred = self.node_id if self.node_id in reports else sorted(reports)[0]
                 self._effects.append(Resolve(command.waiter, merge_status(reports, preferred)))
