@@ -264,10 +264,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     node.start()
-    if args.metrics_port is not None:
-        from meshq.metrics import serve_metrics
-
-        serve_metrics(node, args.host, args.metrics_port)
     print(json.dumps({"event": "ready", "node_id": node.node_id, "address": node.address,
                       "cluster": args.cluster}), flush=True)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def serve_metrics(node: Any, host: str, port: int) -> None:
-    """Start a Prometheus HTTP endpoint for ``node`` on ``host:port`` (daemon thread)."""
+def serve_metrics(node: Any, host: str, port: int) -> Any:
+    """Start a Prometheus HTTP endpoint for ``node`` on ``host:port``; returns the server (``shutdown()`` it)."""
     from prometheus_client import start_http_server
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.registry import CollectorRegistry
@@ -38,4 +38,5 @@ def serve_metrics(node: Any, host: str, port: int) -> None:
 
     registry = CollectorRegistry()
     registry.register(NodeCollector())
-    start_http_server(port, addr=host, registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -131,6 +131,15 @@ class Node:
                 if self.storage is not None:
                     self.storage.close()
                 raise
+        self._metrics = None
+        if config.metrics_port is not None:
+            from meshq.metrics import serve_metrics
+
+            try:
+                self._metrics = serve_metrics(self, config.host, config.metrics_port)
+            except OSError as exc:
+                self.stop_quietly()
+                raise ConfigError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
         self._started = True
         log.info("node %s (%s) listening on %s", node_id, config.role, self.runtime.endpoint)
         return self
@@ -152,6 +161,15 @@ class Node:
         self.storage.write_meta("node", {"node_id": node_id, "cluster": self.config.cluster})
         return node_id
 
+    def stop_quietly(self) -> None:
+        """Undo a partial start (sockets, discovery, storage)."""
+        if self._discovery is not None:
+            self._discovery.stop()
+        if self.runtime is not None:
+            self.runtime.stop()
+        if self.storage is not None:
+            self.storage.close()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Flush buffered records, stop the runtime, close storage. Idempotent."""
         if not self._started or self._stopped:
@@ -165,6 +183,9 @@ class Node:
             assert self.runtime is not None
             if self._discovery is not None:
                 self._discovery.stop()
+            if getattr(self, "_metrics", None) is not None:
+                self._metrics.shutdown()
+                self._metrics.server_close()
             self.runtime.stop(timeout)
             if self.storage is not None:
                 self.storage.close()

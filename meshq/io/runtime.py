@@ -33,12 +33,12 @@ from meshq.core.events import (
     Fail,
     LogsSynced,
     ProduceCommand,
+    Publish,
     Reply,
     ReplyReceived,
     RequestReceived,
     Resolve,
     ResolveProduce,
-    Publish,
     Send,
     Subscribe,
     SyncLogs,
@@ -280,15 +280,22 @@ class Runtime:
             return
         keys, self._sync_keys = frozenset(self._sync_keys), set()
         partitions = self.core.partitions
+        synced = set()
         for key in sorted(keys):
             state = partitions.get(key)
             if state is None:
                 continue
             try:
                 state.log.sync()
-            except OSError as exc:
-                log.error("fsync of %s/%d failed: %s", key[0], key[1], exc)
-        self._execute(self.core.handle(LogsSynced(keys), self.clock.now_s()))
+            except StorageError as exc:
+                # Never acknowledge what may not be on disk (the "fsyncgate" lesson: after a
+                # failed fsync the page cache may have dropped the dirty pages). The log now
+                # refuses further use; its waiting acks time out at the producers.
+                log.critical("fsync of %s/%d failed; the partition is unusable until restart: %s",
+                             key[0], key[1], exc)
+                continue
+            synced.add(key)
+        self._execute(self.core.handle(LogsSynced(frozenset(synced)), self.clock.now_s()))
 
     # ------------------------------------------------------------------ effects
     def _execute(self, effects: list) -> None:

@@ -139,3 +139,18 @@ def test_client_without_reachable_storage_fails_in_time():
         with pytest.raises(meshq.TimeoutError, match="seed|storage"):
             client.produce("t", b"v", timeout=1.0)
     assert time.monotonic() - started < 10
+
+
+def test_prometheus_endpoint_reports_the_node(tmp_path):
+    import urllib.request
+
+    from tests.procs import free_port
+
+    port = free_port()
+    with meshq.Node(cluster="it", data_dir=tmp_path / "m", mdns=False, metrics_port=port) as n:
+        n.produce_batch("metered", [b"x"] * 10, partition=0, acks="leader").result(10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    assert "meshq_records_produced_total 10.0" in text
+    assert 'meshq_high_watermark{partition="0",topic="metered"} 10.0' in text
+    assert "meshq_under_replicated_partitions 0.0" in text  # one member: one replica is all there is

@@ -1,0 +1,341 @@
+"""The in-memory twin of the segmented file log; it is also the simulator's disk.
+
+Theory of operation
+-------------------
+``MemoryStorage`` holds one ``_Disk`` per partition: the segments as they would sit in
+files, plus the offset the last ``sync()`` made durable. ``MemoryLog`` is the open handle on
+a disk and follows exactly the ``SegmentedLog`` rules for rolling, reading, retention and
+truncation, so one conformance suite runs against both. ``MemoryStorage.crash()`` is power
+loss: every log loses what it appended after its last sync and every open handle dies.
+Nothing here touches files, clocks or randomness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshq.core.batch import BatchHeader, crc_ok
+from meshq.errors import CorruptLogError, DiskFullError, OffsetOutOfRangeError, UsageError
+from meshq.log.store import (
+    DEFAULT_INDEX_INTERVAL_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_SEGMENT_MS,
+    RecoveryReport,
+    check_append_batch,
+    check_log_name,
+    check_meta_name,
+    check_options,
+    check_read_args,
+    decode_meta,
+    encode_meta,
+    out_of_range_message,
+)
+
+
+@dataclass
+class _Segment:
+    base_offset: int
+    created_ms: int | None = None
+    batches: list[bytes] = field(default_factory=list)
+    headers: list[BatchHeader] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def end_offset(self) -> int:
+        return self.headers[-1].next_offset if self.headers else self.base_offset
+
+    @property
+    def max_timestamp_ms(self) -> int | None:
+        return max(header.max_timestamp_ms for header in self.headers) if self.headers else None
+
+    def cut(self, count: int) -> None:
+        """Keep only the first ``count`` batches."""
+        del self.batches[count:]
+        del self.headers[count:]
+        self.size = sum(len(batch) for batch in self.batches)
+        if not self.headers:
+            self.created_ms = None
+
+
+@dataclass
+class _Disk:
+    segments: list[_Segment]
+    synced_offset: int = 0
+
+
+class MemoryLog:
+    """One partition's log held in memory; same contract as ``SegmentedLog``."""
+
+    def __init__(
+        self,
+        storage: MemoryStorage,
+        topic: str,
+        partition: int,
+        disk: _Disk,
+        segment_bytes: int,
+        segment_ms: int,
+    ) -> None:
+        self._storage = storage
+        self._topic = topic
+        self._partition = partition
+        self._disk = disk
+        self._segment_bytes = segment_bytes
+        self._segment_ms = segment_ms
+        self._closed = False
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def partition(self) -> int:
+        return self._partition
+
+    @property
+    def start_offset(self) -> int:
+        return self._disk.segments[0].base_offset
+
+    @property
+    def end_offset(self) -> int:
+        return self._disk.segments[-1].end_offset
+
+    @property
+    def synced_offset(self) -> int:
+        return self._disk.synced_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size for segment in self._disk.segments)
+
+    @property
+    def recovery(self) -> list[RecoveryReport]:
+        return []
+
+    @property
+    def segment_base_offsets(self) -> list[int]:
+        """Base offsets of the segments, oldest first (the last one is active)."""
+        return [segment.base_offset for segment in self._disk.segments]
+
+    def __repr__(self) -> str:
+        return f"MemoryLog({self._topic}-{self._partition}, {self.start_offset}..{self.end_offset})"
+
+    # -- operations ------------------------------------------------------------------
+
+    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+        self._check_open()
+        header = check_append_batch(batch, self.end_offset, self._name())
+        active = self._disk.segments[-1]
+        if active.headers and (
+            active.size + len(batch) > self._segment_bytes
+            or (now_ms is not None and active.created_ms is not None and now_ms - active.created_ms >= self._segment_ms)
+        ):
+            active = _Segment(base_offset=self.end_offset)
+            self._disk.segments.append(active)
+        self._storage._reserve(len(batch))
+        active.batches.append(bytes(batch))
+        active.headers.append(header)
+        active.size += len(batch)
+        if active.created_ms is None and now_ms is not None:
+            active.created_ms = now_ms
+        assert active.end_offset == header.next_offset
+        return header
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        self._check_open()
+        check_read_args(offset, max_bytes)
+        self._check_range(offset)
+        parts: list[bytes] = []
+        total = 0
+        for segment in self._disk.segments:
+            if segment.end_offset <= offset:
+                continue
+            for header, batch in zip(segment.headers, segment.batches):
+                if header.next_offset <= offset:
+                    continue
+                if parts and total + len(batch) > max_bytes:
+                    return b"".join(parts)
+                if not crc_ok(batch, 0, header):
+                    # The twin never damages bytes itself; this guards a caller mutating them.
+                    if parts:
+                        return b"".join(parts)
+                    raise CorruptLogError(f"{self._name()}: CRC mismatch in batch at offset {header.base_offset}")
+                parts.append(batch)
+                total += len(batch)
+        return b"".join(parts)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int:
+        self._check_open()
+        for segment in self._disk.segments:
+            for header in segment.headers:
+                if header.max_timestamp_ms >= timestamp_ms:
+                    return header.base_offset
+        return self.end_offset
+
+    def truncate_to(self, offset: int) -> None:
+        self._check_open()
+        if type(offset) is not int or not self.start_offset <= offset <= self.end_offset:
+            raise UsageError(
+                f"cannot truncate {self._name()} to {offset!r}: "
+                f"it must lie between {self.start_offset} and {self.end_offset}"
+            )
+        if offset == self.end_offset:
+            return
+        synced_offset = self._disk.synced_offset
+        if not _is_boundary(self._disk, offset):
+            raise UsageError(f"cannot truncate {self._name()} to {offset}: not a batch boundary")
+        _cut_disk(self._disk, offset)
+        self._disk.synced_offset = min(synced_offset, offset)
+
+    def sync(self) -> None:
+        self._check_open()
+        self._disk.synced_offset = self.end_offset
+
+    def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
+        self._check_open()
+        segments = self._disk.segments
+        removed = 0
+        while len(segments) > 1:
+            oldest = segments[0]
+            total = sum(segment.size for segment in segments)
+            too_big = retention_bytes is not None and total > retention_bytes
+            max_timestamp_ms = oldest.max_timestamp_ms
+            too_old = (
+                retention_ms is not None and max_timestamp_ms is not None and max_timestamp_ms < now_ms - retention_ms
+            )
+            if not (too_big or too_old):
+                break
+            segments.pop(0)
+            removed += segments[0].base_offset - oldest.base_offset
+        self._disk.synced_offset = max(self._disk.synced_offset, self.start_offset)
+        return removed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.sync()
+        self._closed = True
+        self._storage._forget(self)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _name(self) -> str:
+        return f"{self._topic}-{self._partition}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"log {self._name()} is closed")
+
+    def _check_range(self, offset: int) -> None:
+        if not self.start_offset <= offset <= self.end_offset:
+            raise OffsetOutOfRangeError(
+                out_of_range_message(self._topic, self._partition, offset, self.start_offset, self.end_offset)
+            )
+
+    def _kill(self) -> None:
+        self._closed = True
+
+
+class MemoryStorage:
+    """Partition logs and metadata held in memory; ``crash()`` simulates power loss."""
+
+    def __init__(
+        self,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_ms: int = DEFAULT_SEGMENT_MS,
+        index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES,
+        capacity_bytes: int | None = None,
+    ) -> None:
+        check_options(segment_bytes, segment_ms, index_interval_bytes)
+        self._segment_bytes = segment_bytes
+        self._segment_ms = segment_ms
+        self._capacity_bytes = capacity_bytes
+        self._disks: dict[tuple[str, int], _Disk] = {}
+        self._open: dict[tuple[str, int], MemoryLog] = {}
+        self._meta: dict[str, bytes] = {}
+        self._closed = False
+
+    def open_log(self, topic: str, partition: int) -> MemoryLog:
+        self._check_open()
+        check_log_name(topic, partition)
+        key = (topic, partition)
+        log = self._open.get(key)
+        if log is None:
+            disk = self._disks.get(key)
+            if disk is None:
+                disk = self._disks[key] = _Disk(segments=[_Segment(base_offset=0)])
+            log = MemoryLog(self, topic, partition, disk, self._segment_bytes, self._segment_ms)
+            self._open[key] = log
+        return log
+
+    def logs(self) -> list[tuple[str, int]]:
+        self._check_open()
+        return sorted(self._disks)
+
+    def delete_log(self, topic: str, partition: int) -> None:
+        self._check_open()
+        check_log_name(topic, partition)
+        key = (topic, partition)
+        log = self._open.pop(key, None)
+        if log is not None:
+            log._kill()
+        self._disks.pop(key, None)
+
+    def read_meta(self, name: str) -> dict | None:
+        self._check_open()
+        check_meta_name(name)
+        data = self._meta.get(name)
+        return None if data is None else decode_meta(data)
+
+    def write_meta(self, name: str, value: dict) -> None:
+        self._check_open()
+        check_meta_name(name)
+        self._meta[name] = encode_meta(name, value)
+
+    def crash(self) -> None:
+        """Power loss: every log keeps only what its last sync covered; open logs die."""
+        for log in self._open.values():
+            log._kill()
+        self._open.clear()
+        for disk in self._disks.values():
+            _cut_disk(disk, disk.synced_offset)
+
+    def close(self) -> None:
+        for log in list(self._open.values()):
+            log.close()
+        self._closed = True
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes held by every log together."""
+        return sum(segment.size for disk in self._disks.values() for segment in disk.segments)
+
+    def _reserve(self, size: int) -> None:
+        if self._capacity_bytes is not None and self.used_bytes + size > self._capacity_bytes:
+            raise DiskFullError(f"memory storage is full ({self.used_bytes} of {self._capacity_bytes} bytes used)")
+
+    def _forget(self, log: MemoryLog) -> None:
+        key = (log.topic, log.partition)
+        if self._open.get(key) is log:
+            del self._open[key]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("storage is closed")
+
+
+def _is_boundary(disk: _Disk, offset: int) -> bool:
+    return any(header.base_offset == offset for segment in disk.segments for header in segment.headers)
+
+
+def _cut_disk(disk: _Disk, offset: int) -> None:
+    """Drop every batch at and after ``offset`` (a batch boundary or the end)."""
+    segments = disk.segments
+    while len(segments) > 1 and segments[-1].base_offset > offset:
+        segments.pop()
+    segment = segments[-1]
+    segment.cut(sum(1 for header in segment.headers if header.next_offset <= offset))
+    assert segment.end_offset <= offset
+    disk.synced_offset = segment.end_offset

@@ -1,0 +1,956 @@
+"""The file-backed partition log: segment files, sparse in-memory indexes, recovery.
+
+Theory of operation
+-------------------
+A partition lives in ``<data_dir>/topics/<topic>-<partition>/`` as segment files named
+by the base offset of their first batch, zero-padded to 20 digits
+(``00000000000000000000.log``). A segment file is batches back to back, exactly as they
+travel on the wire. Only the newest segment (the active one) is written, through a raw
+file descriptor opened with ``O_APPEND``: once ``append`` returns, the bytes are in the
+OS page cache and survive a kill -9 of the process. ``sync`` fsyncs every segment holding
+unsynced bytes, and the directory when segment files were created or deleted.
+
+Indexes are derived data: each segment keeps a sparse in-memory index (one entry every
+``index_interval_bytes``: batch base offset, file position, running max timestamp),
+rebuilt on open by scanning batch headers.
+
+Recovery on open (Kafka's ``LogSegment.recover``):
+- the active segment is verified batch by batch (header bounds, offset continuity, CRC);
+  the file is cut at the first bad or partial batch, and a ``RecoveryReport`` plus a
+  WARNING say where, how many bytes and why;
+- sealed segments get a header scan only. A broken header chain or a gap between
+  segments is logged as an ERROR and remembered: reads of the records it makes
+  unreadable raise ``CorruptLogError``; they are never skipped. A damaged byte that
+  leaves the headers intact is caught by the CRC check every read does;
+- when the active segment is empty and the segment before it ends in a torn tail (power
+  loss just after a roll), the empty file is dropped and the torn segment is recovered
+  as the active one;
+- zero-length sealed segments and leftover ``.tmp`` files are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import shutil
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
+from meshq.errors import (
+    CorruptLogError,
+    DiskFullError,
+    OffsetOutOfRangeError,
+    ProtocolError,
+    StorageError,
+    UsageError,
+)
+from meshq.log.lock import DataDirLock
+from meshq.log.store import (
+    DEFAULT_INDEX_INTERVAL_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    DEFAULT_SEGMENT_MS,
+    RecoveryReport,
+    check_append_batch,
+    check_log_name,
+    check_meta_name,
+    check_options,
+    check_read_args,
+    decode_meta,
+    encode_meta,
+    out_of_range_message,
+)
+
+logger = logging.getLogger("meshq.log")
+
+LOG_SUFFIX = ".log"
+TMP_SUFFIX = ".tmp"
+META_SUFFIX = ".msgpack"
+DELETED_SUFFIX = ".deleted"
+OFFSET_DIGITS = 20
+_SEGMENT_NAME = re.compile(r"^(\d{%d})\.log$" % OFFSET_DIGITS)
+_LOG_DIR_NAME = re.compile(r"^(.+)-(\d+)$")
+_SEGMENT_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+
+
+def segment_file_name(base_offset: int) -> str:
+    """The file name of the segment whose first batch has ``base_offset``."""
+    return f"{base_offset:0{OFFSET_DIGITS}d}{LOG_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    """Records of a sealed segment that cannot be read."""
+
+    position: int  # byte where the unreadable part of the file starts
+    first_offset: int  # first unreadable offset
+    end_offset: int  # one past the last unreadable offset (the next segment's base)
+    reason: str
+    torn_tail: bool  # the file merely ends early (nothing but a partial batch follows)
+
+
+class _Segment:
+    """One segment file and its derived in-memory state."""
+
+    def __init__(self, directory: str, base_offset: int) -> None:
+        self.base_offset = base_offset
+        self.name = segment_file_name(base_offset)
+        self.path = os.path.join(directory, self.name)
+        self.fd: int | None = None
+        self.size = 0  # bytes of the file that belong to the log (damaged ones included)
+        self.end_offset = base_offset  # one past the last readable record
+        self.max_timestamp_ms: int | None = None
+        self.created_ms: int | None = None
+        self.index_offsets: list[int] = []
+        self.index_positions: list[int] = []
+        self.index_max_timestamps: list[int] = []  # running max through the entry's batch
+        self.damage: _Damage | None = None
+        self.dirty = False  # holds bytes not yet fsynced
+
+    @property
+    def readable_size(self) -> int:
+        return self.damage.position if self.damage is not None else self.size
+
+    def add_batch(self, header: BatchHeader, position: int, index_interval_bytes: int) -> None:
+        """Account for a whole batch stored at ``position`` (the current readable end)."""
+        assert header.base_offset == self.end_offset
+        if self.max_timestamp_ms is None or header.max_timestamp_ms > self.max_timestamp_ms:
+            self.max_timestamp_ms = header.max_timestamp_ms
+        if not self.index_positions or position - self.index_positions[-1] >= index_interval_bytes:
+            self.index_offsets.append(header.base_offset)
+            self.index_positions.append(position)
+            self.index_max_timestamps.append(self.max_timestamp_ms)
+        self.end_offset = header.next_offset
+
+    def reset(self) -> None:
+        """Forget everything derived from the file's contents."""
+        self.size = 0
+        self.end_offset = self.base_offset
+        self.max_timestamp_ms = None
+        self.index_offsets.clear()
+        self.index_positions.clear()
+        self.index_max_timestamps.clear()
+        self.damage = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+class SegmentedLog:
+    """One partition's log in a directory of segment files; see the module docstring."""
+
+    def __init__(
+        self,
+        directory: str,
+        topic: str,
+        partition: int,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_ms: int = DEFAULT_SEGMENT_MS,
+        index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES,
+        on_close: Callable[[SegmentedLog], None] | None = None,
+    ) -> None:
+        check_options(segment_bytes, segment_ms, index_interval_bytes)
+        self._directory = directory
+        self._topic = topic
+        self._partition = partition
+        self._segment_bytes = segment_bytes
+        self._segment_ms = segment_ms
+        self._index_interval_bytes = index_interval_bytes
+        self._on_close = on_close
+        self._segments: list[_Segment] = []
+        self._recovery: list[RecoveryReport] = []
+        self._directory_dirty = False
+        self._synced_offset = 0
+        self._closed = False
+        self._failure: str | None = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._recover()
+            self.sync()
+        except OSError as exc:
+            self._close_files()
+            raise StorageError(f"cannot open the log in {directory}: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._close_files()
+            raise
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    @property
+    def partition(self) -> int:
+        return self._partition
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    @property
+    def start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def end_offset(self) -> int:
+        return self._segments[-1].end_offset
+
+    @property
+    def synced_offset(self) -> int:
+        return self._synced_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size for segment in self._segments)
+
+    @property
+    def recovery(self) -> list[RecoveryReport]:
+        return list(self._recovery)
+
+    @property
+    def segment_base_offsets(self) -> list[int]:
+        """Base offsets of the segments, oldest first (the last one is active)."""
+        return [segment.base_offset for segment in self._segments]
+
+    def __repr__(self) -> str:
+        return f"SegmentedLog({self._directory!r}, {self.start_offset}..{self.end_offset})"
+
+    # -- writing ---------------------------------------------------------------------
+
+    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+        self._check_usable()
+        header = check_append_batch(batch, self.end_offset, self._name())
+        active = self._segments[-1]
+        rolled = False
+        if active.size > 0 and (
+            active.size + len(batch) > self._segment_bytes
+            or (now_ms is not None and active.created_ms is not None and now_ms - active.created_ms >= self._segment_ms)
+        ):
+            active = self._roll()
+            rolled = True
+        position = active.size
+        try:
+            _write_all(self._fd(active), batch)
+        except OSError as exc:
+            self._undo_append(active, position, rolled)
+            if self._failure is not None:
+                raise StorageError(f"{self._failure}; appending failed with: {exc.strerror or exc}") from exc
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full while appending to {active.path}; nothing was stored") from exc
+            raise StorageError(f"cannot append to {active.path}: {exc.strerror or exc}") from exc
+        active.size = position + len(batch)
+        active.dirty = True
+        active.add_batch(header, position, self._index_interval_bytes)
+        if active.created_ms is None and now_ms is not None:
+            active.created_ms = now_ms
+        return header
+
+    def _roll(self) -> _Segment:
+        segment = _Segment(self._directory, self.end_offset)
+        try:
+            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full while creating {segment.path}; nothing was stored") from exc
+            raise StorageError(f"cannot create {segment.path}: {exc.strerror or exc}") from exc
+        self._segments.append(segment)
+        self._directory_dirty = True
+        return segment
+
+    def _undo_append(self, active: _Segment, position: int, rolled: bool) -> None:
+        """Put the files back as they were before a failed append."""
+        try:
+            if rolled:
+                self._segments.pop()
+                active.close()
+                os.unlink(active.path)
+            else:
+                os.ftruncate(active.fd, position)
+        except OSError as exc:
+            self._fail(f"could not undo a failed append to {active.path}: {exc.strerror or exc}")
+
+    def truncate_to(self, offset: int) -> None:
+        self._check_usable()
+        if type(offset) is not int or not self.start_offset <= offset <= self.end_offset:
+            raise UsageError(
+                f"cannot truncate {self._name()} to {offset!r}: "
+                f"it must lie between {self.start_offset} and {self.end_offset}"
+            )
+        if offset == self.end_offset:
+            return
+        index = self._segment_index(offset)
+        segment = self._segments[index]
+        if offset == segment.end_offset:
+            position = segment.readable_size  # cuts the damaged part of a sealed segment too
+        else:
+            self._check_readable(segment, offset)
+            position = self._locate(segment, offset)
+            header = self._read_header(segment, position, None)
+            if header.base_offset != offset:
+                raise UsageError(
+                    f"cannot truncate {self._name()} to {offset}: not a batch boundary "
+                    f"(the batch holding it starts at {header.base_offset})"
+                )
+        try:
+            while len(self._segments) > index + 1:
+                later = self._segments.pop()
+                later.close()
+                os.unlink(later.path)
+                self._directory_dirty = True
+            os.ftruncate(self._fd(segment), position)
+        except OSError as exc:
+            self._fail(f"truncating {self._name()} to offset {offset} failed: {exc.strerror or exc}")
+            raise StorageError(self._failure) from exc
+        self._rebuild_prefix(segment, position)
+        segment.dirty = True
+        if segment.created_ms is None and segment.index_max_timestamps:
+            segment.created_ms = segment.index_max_timestamps[0]
+        if segment.size == 0:
+            segment.created_ms = None
+        self._synced_offset = min(self._synced_offset, offset)
+        assert self.end_offset == offset
+
+    def _rebuild_prefix(self, segment: _Segment, position: int) -> None:
+        """Drop the derived state of the bytes at and after ``position``."""
+        keep = bisect_left(segment.index_positions, position)
+        del segment.index_offsets[keep:]
+        del segment.index_positions[keep:]
+        del segment.index_max_timestamps[keep:]
+        segment.damage = None
+        segment.size = position
+        if keep == 0:
+            segment.end_offset = segment.base_offset
+            segment.max_timestamp_ms = None
+            return
+        # Rescan from the last kept entry to recover the end offset and max timestamp.
+        scan_position = segment.index_positions[-1]
+        expected = segment.index_offsets[-1]
+        max_timestamp_ms = segment.index_max_timestamps[-1]
+        while scan_position < position:
+            header = self._read_header(segment, scan_position, expected)
+            max_timestamp_ms = max(max_timestamp_ms, header.max_timestamp_ms)
+            scan_position += header.size
+            expected = header.next_offset
+        assert scan_position == position
+        segment.end_offset = expected
+        segment.max_timestamp_ms = max_timestamp_ms
+
+    def sync(self) -> None:
+        self._check_usable()
+        try:
+            for segment in self._segments:
+                if segment.dirty:
+                    os.fsync(self._fd(segment))
+                    segment.dirty = False
+            if self._directory_dirty:
+                _fsync_directory(self._directory)
+                self._directory_dirty = False
+        except OSError as exc:
+            # After a failed fsync the page cache no longer tells what is on disk.
+            self._fail(f"fsync failed in {self._directory}: {exc.strerror or exc}")
+            raise StorageError(self._failure) from exc
+        self._synced_offset = self.end_offset
+
+    def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
+        self._check_usable()
+        removed = 0
+        total = self.size_bytes
+        while len(self._segments) > 1:
+            oldest = self._segments[0]
+            too_big = retention_bytes is not None and total > retention_bytes
+            too_old = (
+                retention_ms is not None
+                and oldest.max_timestamp_ms is not None
+                and oldest.max_timestamp_ms < now_ms - retention_ms
+            )
+            if not (too_big or too_old):
+                break
+            try:
+                oldest.close()
+                os.unlink(oldest.path)
+            except OSError as exc:
+                raise StorageError(f"cannot delete {oldest.path}: {exc.strerror or exc}") from exc
+            self._segments.pop(0)
+            self._directory_dirty = True
+            total -= oldest.size
+            removed += self._segments[0].base_offset - oldest.base_offset
+        self._synced_offset = max(self._synced_offset, self.start_offset)
+        return removed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._failure is None:
+                self.sync()
+        finally:
+            self._closed = True
+            self._close_files()
+            if self._on_close is not None:
+                self._on_close(self)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        self._check_usable()
+        check_read_args(offset, max_bytes)
+        self._check_range(offset)
+        if offset == self.end_offset:
+            return b""
+        parts: list[bytes] = []
+        total = 0
+        index = self._segment_index(offset)
+        segment = self._segments[index]
+        self._check_readable(segment, offset)
+        position = self._locate(segment, offset)
+        expected = None
+        while True:
+            total, expected, full = self._read_batches(segment, position, expected, max_bytes, parts, total)
+            if full or index + 1 >= len(self._segments):
+                break
+            index += 1
+            if self._segments[index].base_offset != segment.end_offset:
+                break  # the rest of this segment is damaged; the next read raises
+            segment = self._segments[index]
+            position = 0
+            expected = segment.base_offset
+        assert parts
+        return b"".join(parts)
+
+    def _read_batches(
+        self,
+        segment: _Segment,
+        position: int,
+        expected: int | None,
+        max_bytes: int,
+        parts: list[bytes],
+        total: int,
+    ) -> tuple[int, int | None, bool]:
+        """Append whole checked batches from ``position`` to ``parts``; True when done."""
+        readable = segment.readable_size
+        while position < readable:
+            header = self._read_header(segment, position, expected)
+            if parts and total + header.size > max_bytes:
+                return total, expected, True
+            if position + header.size > readable:
+                raise self._corrupt(segment, position, header.base_offset, "batch runs past the end of the segment")
+            want = min(readable - position, max(max_bytes - total, header.size))
+            chunk = self._pread(segment, want, position)
+            cursor = 0
+            while len(chunk) - cursor >= HEADER_SIZE:
+                try:
+                    batch = parse_header(chunk, cursor)
+                except ProtocolError as exc:
+                    return self._stop_or_raise(segment, position + cursor, expected, str(exc), parts, total)
+                if expected is not None and batch.base_offset != expected:
+                    reason = f"batch base offset {batch.base_offset} does not continue the log (expected {expected})"
+                    return self._stop_or_raise(segment, position + cursor, expected, reason, parts, total)
+                if cursor + batch.size > len(chunk) or (parts and total + batch.size > max_bytes):
+                    break
+                if not crc_ok(chunk, cursor, batch):
+                    return self._stop_or_raise(
+                        segment, position + cursor, batch.base_offset, "batch failed its CRC check", parts, total
+                    )
+                parts.append(chunk[cursor : cursor + batch.size])
+                total += batch.size
+                cursor += batch.size
+                expected = batch.next_offset
+            if cursor == 0:  # cannot happen unless the file changed under us; never spin
+                raise self._corrupt(segment, position, expected, "batch changed while being read")
+            position += cursor
+        return total, expected, False
+
+    def _stop_or_raise(
+        self, segment: _Segment, position: int, offset: int | None, reason: str, parts: list[bytes], total: int
+    ) -> tuple[int, int | None, bool]:
+        """Serve the good batches before damage; raise if the damage comes first."""
+        if parts:
+            return total, offset, True
+        raise self._corrupt(segment, position, offset, reason)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int:
+        self._check_usable()
+        for segment in self._segments:
+            if segment.max_timestamp_ms is None or segment.max_timestamp_ms < timestamp_ms:
+                if segment.damage is not None and segment.damage.first_offset < segment.damage.end_offset:
+                    return segment.damage.first_offset  # the answer may lie in the unreadable records
+                continue
+            entry = bisect_left(segment.index_max_timestamps, timestamp_ms)
+            entry = max(entry - 1, 0)
+            position = segment.index_positions[entry]
+            expected = segment.index_offsets[entry]
+            while position < segment.readable_size:
+                header = self._read_header(segment, position, expected)
+                if header.max_timestamp_ms >= timestamp_ms:
+                    return header.base_offset
+                position += header.size
+                expected = header.next_offset
+            raise self._corrupt(segment, position, expected, "segment index disagrees with the file")
+        return self.end_offset
+
+    def _segment_index(self, offset: int) -> int:
+        return bisect_right(self._segments, offset, key=lambda segment: segment.base_offset) - 1
+
+    def _check_readable(self, segment: _Segment, offset: int) -> None:
+        damage = segment.damage
+        if damage is not None and damage.first_offset <= offset < damage.end_offset:
+            raise CorruptLogError(
+                f"{self._name()}: offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable: "
+                f"segment {segment.name} is damaged at byte {damage.position} ({damage.reason})"
+            )
+
+    def _locate(self, segment: _Segment, offset: int) -> int:
+        """File position of the batch holding ``offset`` (a readable offset of ``segment``)."""
+        entry = bisect_right(segment.index_offsets, offset) - 1
+        position = segment.index_positions[entry]
+        expected = segment.index_offsets[entry]
+        while position < segment.readable_size:
+            header = self._read_header(segment, position, expected)
+            if header.next_offset > offset:
+                return position
+            position += header.size
+            expected = header.next_offset
+        raise self._corrupt(segment, position, offset, "offset not found where the index points")
+
+    def _read_header(self, segment: _Segment, position: int, expected: int | None) -> BatchHeader:
+        data = self._pread(segment, HEADER_SIZE, position)
+        try:
+            header = parse_header(data)
+        except ProtocolError as exc:
+            raise self._corrupt(segment, position, expected, str(exc)) from None
+        if expected is not None and header.base_offset != expected:
+            raise self._corrupt(
+                segment, position, expected, f"batch base offset {header.base_offset} does not continue the log"
+            )
+        return header
+
+    def _pread(self, segment: _Segment, size: int, position: int) -> bytes:
+        try:
+            data = os.pread(self._fd(segment), size, position)
+        except OSError as exc:
+            raise StorageError(f"cannot read {segment.path}: {exc.strerror or exc}") from exc
+        if len(data) != size:
+            raise self._corrupt(segment, position, None, f"file ends {size - len(data)} bytes early")
+        return data
+
+    def _corrupt(self, segment: _Segment, position: int, offset: int | None, reason: str) -> CorruptLogError:
+        at = "" if offset is None else f" (offset {offset})"
+        return CorruptLogError(
+            f"{self._name()}: segment {segment.name} byte {position}{at}: {reason}; the damaged batch is not served"
+        )
+
+    # -- recovery --------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        bases = []
+        for name in sorted(os.listdir(self._directory)):
+            path = os.path.join(self._directory, name)
+            match = _SEGMENT_NAME.match(name)
+            if match:
+                bases.append(int(match.group(1)))
+            elif name.endswith(TMP_SUFFIX):
+                logger.warning("%s: removing leftover temporary file %s", self._name(), path)
+                _remove(path)
+                self._directory_dirty = True
+            else:
+                logger.warning("%s: ignoring unexpected file %s", self._name(), path)
+        segments = []
+        for base_offset in sorted(bases):
+            segment = _Segment(self._directory, base_offset)
+            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
+            segment.size = os.fstat(segment.fd).st_size
+            segments.append(segment)
+        self._segments = segments
+        # Zero-length sealed segments hold nothing; they are leftovers of interrupted work.
+        for segment in segments[:-1]:
+            if segment.size == 0:
+                logger.warning("%s: removing empty sealed segment %s", self._name(), segment.path)
+                segment.close()
+                os.unlink(segment.path)
+                self._directory_dirty = True
+        segments = self._segments = [s for s in segments[:-1] if s.size > 0] + segments[-1:]
+        if not segments:
+            segment = _Segment(self._directory, 0)
+            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment.dirty = True
+            self._segments = [segment]
+            self._directory_dirty = True
+            return
+        for segment, following in zip(segments, segments[1:]):
+            self._scan_sealed(segment, following.base_offset)
+        active = segments[-1]
+        if len(segments) > 1 and active.size == 0:
+            previous = segments[-2]
+            if previous.damage is not None and previous.damage.torn_tail:
+                # Power loss right after a roll: the new file exists, the old one's tail does not.
+                logger.warning(
+                    "%s: removing empty segment %s because %s ends in a torn batch",
+                    self._name(),
+                    active.path,
+                    previous.name,
+                )
+                active.close()
+                os.unlink(active.path)
+                self._directory_dirty = True
+                segments.pop()
+                previous.reset()
+                previous.size = os.fstat(previous.fd).st_size
+                active = previous
+        for segment in segments[:-1]:
+            if segment.damage is not None:
+                self._report_damage(segment)
+        self._recover_active(active)
+        # What a killed predecessor left in the page cache is made durable before use.
+        for segment in segments:
+            segment.dirty = True
+        self._directory_dirty = True
+
+    def _scan_sealed(self, segment: _Segment, next_base_offset: int) -> None:
+        """Rebuild the index of a sealed segment from its headers; remember damage."""
+        size = segment.size
+        position = 0
+        reason = None
+        torn_tail = False
+        with _MappedFile(segment.fd, size) as view:
+            while position < size:
+                remaining = size - position
+                if remaining < HEADER_SIZE:
+                    reason, torn_tail = f"partial batch header ({remaining} of {HEADER_SIZE} bytes)", True
+                    break
+                try:
+                    header = parse_header(view, position)
+                except ProtocolError as exc:
+                    reason = f"bad batch header: {exc}"
+                    break
+                if header.base_offset != segment.end_offset:
+                    reason = (
+                        f"batch base offset {header.base_offset} does not continue the log "
+                        f"(expected {segment.end_offset})"
+                    )
+                    break
+                if header.size > remaining:
+                    reason, torn_tail = f"partial batch ({remaining} of {header.size} bytes)", True
+                    break
+                if header.next_offset > next_base_offset:
+                    reason = f"batch holds offsets up to {header.last_offset} but the next segment starts at {next_base_offset}"
+                    break
+                segment.add_batch(header, position, self._index_interval_bytes)
+                position += header.size
+        if reason is None and segment.end_offset != next_base_offset:
+            reason, torn_tail = (
+                f"segment ends at offset {segment.end_offset} but the next one starts at {next_base_offset}",
+                True,
+            )
+        if reason is not None:
+            segment.damage = _Damage(position, segment.end_offset, next_base_offset, reason, torn_tail)
+
+    def _report_damage(self, segment: _Segment) -> None:
+        damage = segment.damage
+        assert damage is not None
+        if damage.first_offset < damage.end_offset:
+            what = f"offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable"
+        else:
+            what = "no records are lost"
+        logger.error(
+            "%s: sealed segment %s is damaged at byte %d: %s; %s",
+            self._name(),
+            segment.path,
+            damage.position,
+            damage.reason,
+            what,
+        )
+        self._recovery.append(RecoveryReport(segment.name, damage.position, 0, f"{damage.reason}; {what}"))
+
+    def _recover_active(self, segment: _Segment) -> None:
+        """Verify every batch of the active segment; cut the file at the first bad one."""
+        size = segment.size
+        position = 0
+        reason = None
+        with _MappedFile(segment.fd, size) as view:
+            while position < size:
+                remaining = size - position
+                if remaining < HEADER_SIZE:
+                    reason = f"partial batch header ({remaining} of {HEADER_SIZE} bytes)"
+                    break
+                try:
+                    header = parse_header(view, position)
+                except ProtocolError as exc:
+                    reason = f"bad batch header: {exc}"
+                    break
+                if header.base_offset != segment.end_offset:
+                    reason = (
+                        f"batch base offset {header.base_offset} does not continue the log "
+                        f"(expected {segment.end_offset})"
+                    )
+                    break
+                if header.size > remaining:
+                    reason = f"partial batch ({remaining} of {header.size} bytes)"
+                    break
+                if not crc_ok(view, position, header):
+                    reason = f"CRC mismatch in the batch at offset {header.base_offset}"
+                    break
+                segment.add_batch(header, position, self._index_interval_bytes)
+                position += header.size
+        if segment.index_max_timestamps:
+            segment.created_ms = segment.index_max_timestamps[0]
+        if reason is None:
+            return
+        cut = size - position
+        os.ftruncate(segment.fd, position)
+        segment.size = position
+        segment.dirty = True
+        logger.warning(
+            "%s: recovered segment %s: cut %d bytes at byte %d (%s)",
+            self._name(),
+            segment.path,
+            cut,
+            position,
+            reason,
+        )
+        self._recovery.append(RecoveryReport(segment.name, position, cut, reason))
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _name(self) -> str:
+        return f"{self._topic}-{self._partition}"
+
+    def _fd(self, segment: _Segment) -> int:
+        if segment.fd is None:
+            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
+        return segment.fd
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise UsageError(f"log {self._name()} is closed")
+        if self._failure is not None:
+            raise StorageError(f"log {self._name()} is unusable: {self._failure}; restart to recover from disk")
+
+    def _check_range(self, offset: int) -> None:
+        if not self.start_offset <= offset <= self.end_offset:
+            raise OffsetOutOfRangeError(
+                out_of_range_message(self._topic, self._partition, offset, self.start_offset, self.end_offset)
+            )
+
+    def _fail(self, reason: str) -> None:
+        logger.error("%s: %s", self._name(), reason)
+        self._failure = reason
+
+    def _close_files(self) -> None:
+        for segment in self._segments:
+            try:
+                segment.close()
+            except OSError:
+                pass
+
+
+class _MappedFile:
+    """A read-only memory map of a whole file (empty for a zero-length file)."""
+
+    def __init__(self, fd: int | None, size: int) -> None:
+        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size > 0 else None
+
+    def __enter__(self) -> mmap.mmap | bytes:
+        return self._map if self._map is not None else b""
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._map is not None:
+            self._map.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class FileStorage:
+    """A node's data directory: partition logs under ``topics/``, documents under ``meta/``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_ms: int = DEFAULT_SEGMENT_MS,
+        index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES,
+    ) -> None:
+        check_options(segment_bytes, segment_ms, index_interval_bytes)
+        self._options = {
+            "segment_bytes": segment_bytes,
+            "segment_ms": segment_ms,
+            "index_interval_bytes": index_interval_bytes,
+        }
+        self.data_dir = os.path.abspath(os.fspath(data_dir))
+        self._topics_dir = os.path.join(self.data_dir, "topics")
+        self._meta_dir = os.path.join(self.data_dir, "meta")
+        self._open: dict[tuple[str, int], SegmentedLog] = {}
+        self._lock = DataDirLock(self.data_dir)
+        try:
+            for directory in (self._topics_dir, self._meta_dir):
+                if not os.path.isdir(directory):
+                    os.makedirs(directory)
+                    _fsync_directory(self.data_dir)
+            self._remove_leftovers()
+        except OSError as exc:
+            self._lock.release()
+            raise StorageError(f"cannot prepare the data directory {self.data_dir}: {exc.strerror or exc}") from exc
+        self._closed = False
+
+    def _remove_leftovers(self) -> None:
+        for directory, suffix in ((self._meta_dir, TMP_SUFFIX), (self._topics_dir, DELETED_SUFFIX)):
+            removed = False
+            for name in os.listdir(directory):
+                if name.endswith(suffix):
+                    path = os.path.join(directory, name)
+                    logger.warning("removing leftover %s", path)
+                    _remove(path)
+                    removed = True
+            if removed:
+                _fsync_directory(directory)
+
+    def _log_dir(self, topic: str, partition: int) -> str:
+        return os.path.join(self._topics_dir, f"{topic}-{partition}")
+
+    def open_log(self, topic: str, partition: int) -> SegmentedLog:
+        self._check_open()
+        check_log_name(topic, partition)
+        key = (topic, partition)
+        log = self._open.get(key)
+        if log is None:
+            directory = self._log_dir(topic, partition)
+            created = not os.path.isdir(directory)
+            log = SegmentedLog(directory, topic, partition, on_close=self._forget, **self._options)
+            if created:
+                try:
+                    _fsync_directory(self._topics_dir)
+                except OSError as exc:
+                    log.close()
+                    raise StorageError(f"cannot fsync {self._topics_dir}: {exc.strerror or exc}") from exc
+            self._open[key] = log
+        return log
+
+    def logs(self) -> list[tuple[str, int]]:
+        self._check_open()
+        found = []
+        for name in os.listdir(self._topics_dir):
+            match = _LOG_DIR_NAME.match(name)
+            if match and not name.startswith(".") and os.path.isdir(os.path.join(self._topics_dir, name)):
+                found.append((match.group(1), int(match.group(2))))
+        return sorted(found)
+
+    def delete_log(self, topic: str, partition: int) -> None:
+        self._check_open()
+        check_log_name(topic, partition)
+        log = self._open.pop((topic, partition), None)
+        if log is not None:
+            log._closed = True  # deleted: no final sync needed
+            log._close_files()
+        directory = self._log_dir(topic, partition)
+        if not os.path.isdir(directory):
+            return
+        # Rename first so a crash mid-delete leaves a leftover that the next start removes.
+        doomed = os.path.join(self._topics_dir, f".{topic}-{partition}{DELETED_SUFFIX}")
+        try:
+            if os.path.exists(doomed):
+                _remove(doomed)
+            os.rename(directory, doomed)
+            _fsync_directory(self._topics_dir)
+            _remove(doomed)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {directory}: {exc.strerror or exc}") from exc
+
+    def _meta_path(self, name: str) -> str:
+        return os.path.join(self._meta_dir, name + META_SUFFIX)
+
+    def read_meta(self, name: str) -> dict | None:
+        self._check_open()
+        check_meta_name(name)
+        path = self._meta_path(name)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        try:
+            return decode_meta(data)
+        except ValueError as exc:
+            raise CorruptLogError(f"metadata file {path} is damaged: {exc}") from None
+
+    def write_meta(self, name: str, value: dict) -> None:
+        self._check_open()
+        check_meta_name(name)
+        data = encode_meta(name, value)
+        path = self._meta_path(name)
+        tmp_path = path + TMP_SUFFIX
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, path)
+            _fsync_directory(self._meta_dir)
+        except OSError as exc:
+            try:
+                os.unlink(tmp_path)
+            except OSError:
+                pass
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full while writing {path}; the previous version is kept") from exc
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        first_error: BaseException | None = None
+        for log in list(self._open.values()):
+            try:
+                log.close()
+            except Exception as exc:  # close the other logs anyway; report the first failure
+                first_error = first_error or exc
+        self._open.clear()
+        self._closed = True
+        self._lock.release()
+        if first_error is not None:
+            raise first_error
+
+    def _forget(self, log: SegmentedLog) -> None:
+        key = (log.topic, log.partition)
+        if self._open.get(key) is log:
+            del self._open[key]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"storage {self.data_dir} is closed")
+
+    def __repr__(self) -> str:
+        return f"FileStorage({self.data_dir!r})"

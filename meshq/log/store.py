@@ -1,0 +1,208 @@
+"""The storage boundary: one partition's log (``LogStore``) and a data directory (``Storage``).
+
+Theory of operation
+-------------------
+A partition log holds record batches (``meshq.core.batch``) back to back. Offsets are
+dense, start at 0 and are never reused: ``start_offset`` is the first offset still held
+(it advances when retention deletes old segments), ``end_offset`` is the offset the next
+appended record gets. The caller verifies and stamps each batch before appending it; the
+log checks the header again before writing and the CRC of every batch it reads back, so
+damaged bytes are never served.
+
+A log is split into segments; only the newest (the *active* segment) is written to.
+Retention deletes whole sealed segments from the oldest. ``truncate_to`` cuts the end
+(replication uses it to drop a divergent tail).
+
+Two implementations share one conformance suite (``tests/log``): ``MemoryLog`` (the
+in-memory twin, also the simulated disk of the simulator) and ``SegmentedLog`` (files).
+Neither is thread-safe: the node's runtime thread owns its logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import msgpack
+
+from meshq.core.batch import BatchHeader, parse_header
+from meshq.errors import ConfigError, InvalidTopicError, ProtocolError, UsageError
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_SEGMENT_MS = 24 * 60 * 60 * 1000  # as NodeConfig.segment_ms
+DEFAULT_INDEX_INTERVAL_BYTES = 4096
+MAX_NAME_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening a log found wrong in one segment file, and what it did about it."""
+
+    segment: str  # segment file name, e.g. "00000000000000000042.log"
+    position: int  # byte position in that file where the damage starts
+    bytes_cut: int  # bytes removed from the file (0 when the damage was only recorded)
+    reason: str
+
+
+@runtime_checkable
+class LogStore(Protocol):
+    """One partition's append-only log."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def start_offset(self) -> int:
+        """First offset still held (advances with retention)."""
+        ...
+
+    @property
+    def end_offset(self) -> int:
+        """The offset the next appended record gets (the log end offset)."""
+        ...
+
+    @property
+    def synced_offset(self) -> int:
+        """The end offset as of the last completed ``sync()``."""
+        ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def recovery(self) -> list[RecoveryReport]:
+        """What opening the log cut or found damaged (empty when all was well)."""
+        ...
+
+    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+        """Append one verified, stamped batch whose base offset equals ``end_offset``."""
+        ...
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole CRC-checked batches from the one holding ``offset``; at least one if any."""
+        ...
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int:
+        """Base offset of the first batch with max timestamp >= ``timestamp_ms``, else end."""
+        ...
+
+    def truncate_to(self, offset: int) -> None:
+        """Drop every record at and after ``offset`` (a batch boundary)."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything appended so far durable."""
+        ...
+
+    def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
+        """Delete old sealed segments; return the number of records removed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A node's durable state: partition logs and small metadata documents."""
+
+    def open_log(self, topic: str, partition: int) -> LogStore:
+        """The log of a partition, created empty if missing (the same object while open)."""
+        ...
+
+    def logs(self) -> list[tuple[str, int]]:
+        """Every stored ``(topic, partition)``, sorted."""
+        ...
+
+    def delete_log(self, topic: str, partition: int) -> None: ...
+
+    def read_meta(self, name: str) -> dict | None:
+        """The document last written under ``name``, or None."""
+        ...
+
+    def write_meta(self, name: str, value: dict) -> None:
+        """Replace the document ``name`` atomically and durably."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_options(segment_bytes: int, segment_ms: int, index_interval_bytes: int) -> None:
+    """Raise ``ConfigError`` unless the storage options are usable."""
+    for name, value in (
+        ("segment_bytes", segment_bytes),
+        ("segment_ms", segment_ms),
+        ("index_interval_bytes", index_interval_bytes),
+    ):
+        if type(value) is not int or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_log_name(topic: str, partition: int) -> None:
+    """Raise ``InvalidTopicError`` unless the pair is safe to use as a directory name."""
+    if type(topic) is not str or not topic or len(topic) > MAX_NAME_LENGTH:
+        raise InvalidTopicError(f"topic name must be 1 to {MAX_NAME_LENGTH} characters, got {topic!r}")
+    if topic.startswith(".") or any(ch in topic for ch in "/\\\0") or not topic.isprintable():
+        raise InvalidTopicError(f"topic name {topic!r} may not start with '.' or hold '/', '\\' or control characters")
+    if type(partition) is not int or partition < 0:
+        raise InvalidTopicError(f"partition must be a non-negative integer, got {partition!r}")
+
+
+def check_meta_name(name: str) -> None:
+    """Raise ``UsageError`` unless ``name`` is safe to use as a file name."""
+    if type(name) is not str or not name or len(name) > MAX_NAME_LENGTH:
+        raise UsageError(f"meta name must be 1 to {MAX_NAME_LENGTH} characters, got {name!r}")
+    if name.startswith(".") or any(ch in name for ch in "/\\\0") or not name.isprintable():
+        raise UsageError(f"meta name {name!r} may not start with '.' or hold '/', '\\' or control characters")
+
+
+def check_read_args(offset: int, max_bytes: int) -> None:
+    if type(offset) is not int:
+        raise UsageError(f"offset must be an integer, got {offset!r}")
+    if type(max_bytes) is not int or max_bytes < 0:
+        raise UsageError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+
+
+def out_of_range_message(topic: str, partition: int, offset: int, start_offset: int, end_offset: int) -> str:
+    return (
+        f"offset {offset} is out of range for {topic}-{partition}: "
+        f"valid offsets are {start_offset} to {end_offset} (the log end)"
+    )
+
+
+def encode_meta(name: str, value: dict) -> bytes:
+    """msgpack bytes of a metadata document (``UsageError`` when it cannot be encoded)."""
+    if type(value) is not dict:
+        raise UsageError(f"meta {name!r} must be a dict, got {type(value).__name__}")
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"meta {name!r} cannot be stored: {exc}") from None
+
+
+def decode_meta(data: bytes) -> dict:
+    """The document encoded by ``encode_meta`` (raises ``ValueError`` on bad bytes)."""
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ValueError(str(exc)) from None
+    if type(value) is not dict:
+        raise ValueError(f"holds a {type(value).__name__}, not a dict")
+    return value
+
+
+def check_append_batch(batch: bytes, end_offset: int, name: str) -> BatchHeader:
+    """The header of a batch about to be appended at ``end_offset``, or ``UsageError``."""
+    try:
+        header = parse_header(batch)
+    except ProtocolError as exc:
+        raise UsageError(f"cannot append to {name}: {exc}") from None
+    if header.size != len(batch):
+        raise UsageError(f"cannot append to {name}: batch declares {header.size} bytes but holds {len(batch)}")
+    if header.base_offset != end_offset:
+        raise UsageError(
+            f"cannot append to {name}: batch base offset {header.base_offset} is not the log end offset {end_offset}"
+        )
+    return header
