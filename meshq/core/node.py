@@ -722,6 +722,7 @@ class NodeCore:
     def _serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         state = self._leader_state(body["topic"], body["partition"])
+        self._check_acks(state, body["acks"])
         data = message.payloads[0]
         header = batch_format.verify_batch(data, self.config.batch_max_bytes * 2)
         base_offset, duplicate = state.append(data, header, self.wall_clock_ms())
@@ -750,6 +751,22 @@ class NodeCore:
             self._schedule(deadline, "fetch", state.key)
             return
         self._answer_fetch(state, route, message.request_id, body)
+
+    def _check_acks(self, state: PartitionState, acks: str) -> None:
+        """Refuse (before any state change) a write whose acks level the replica set cannot meet."""
+        if acks in ("none", "leader"):
+            return
+        replicas = self.meta.replicas(state.topic, state.partition) or [self.node_id]
+        in_sync = [replicas[0]]  # only the leader holds data until replication lands
+        needed = len(replicas) // 2 + 1
+        if len(in_sync) < needed:
+            from meshq.errors import NotEnoughReplicasError
+
+            raise NotEnoughReplicasError(
+                f"acks={acks} needs {needed} of the {len(replicas)} replicas of {state.topic}/{state.partition} "
+                f"({', '.join(replicas)}); in sync: {', '.join(in_sync)}. This release does not replicate yet: "
+                f"use acks=leader, or a topic with replication_factor=1"
+            )
 
     def _answer_fetch(self, state: PartitionState, route: Any, request_id: int, body: dict) -> None:
         offset = body["offset"]

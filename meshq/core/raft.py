@@ -65,6 +65,14 @@ class Progress:
     in_flight_until_s: float = 0.0
 
 
+def _decode_command(data: bytes) -> dict | None:
+    try:
+        command = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception:  # msgpack raises several unrelated exception types
+        return None
+    return command if isinstance(command, dict) and isinstance(command.get("op"), str) else None
+
+
 def encode_entry(term: int, index: int, command: dict) -> bytes:
     value = msgpack.packb(command, use_bin_type=True)
     return batch_format.encode_batch([(None, value, None, 0)], base_offset=index, leader_epoch=term)
@@ -357,15 +365,26 @@ class RaftNode:
             self.send(sender, "raft_append_ok", {"term": self.term, "success": False, "match_index": -1,
                                                  "follower": self.node_id, "hint": max(0, hint)})
             return
+        commands = []
+        for _entry_term, command_bytes in body["entries"]:
+            command = _decode_command(command_bytes)
+            if command is None:
+                log.warning("raft: dropped an append from %s carrying an undecodable command", sender)
+                return
+            commands.append(command)
         index = prev_index
         appended = False
-        for entry_term, command_bytes in body["entries"]:
+        for (entry_term, _bytes), command in zip(body["entries"], commands):
             index += 1
             if index < len(self.entries):
                 if self.term_at(index) == entry_term:
                     continue
+                if index <= self.commit_index:
+                    # A correct leader never contradicts a committed entry; refuse rather than obey.
+                    log.error("raft: %s asked to overwrite committed entry %d; ignored", sender, index)
+                    return
                 self._truncate_local(index)
-            self._append_local(entry_term, msgpack.unpackb(command_bytes, raw=False))
+            self._append_local(entry_term, command)
             appended = True
         if appended:
             self.log.sync()

@@ -20,6 +20,7 @@ compatible within one version); missing or mistyped fields are errors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,9 +181,22 @@ PARTITION_INFO = Struct(
 )
 TOPIC_META = Struct(config=TOPIC_CONFIG, partitions=ListOf(PARTITION_INFO, 10_000))
 MEMBER = Struct(node_id=NODE, address=Str(300), role=OneOf("storage", "client"), state=Str(16, 1))
-MEMBER_INFO = Struct(node_id=NODE, address=Str(300, 1), pub_address=Str(300, 1), role=OneOf("storage", "client"),
+_ENDPOINT = re.compile(r"^tcp://[A-Za-z0-9._\-\[\]:]{1,255}:[0-9]{1,5}$")
+
+
+def Endpoint() -> Check:
+    """A ZeroMQ TCP endpoint ``tcp://host:port`` (a peer must not make us connect to anything else)."""
+
+    def check(value: Any, path: str) -> str:
+        if type(value) is not str or not _ENDPOINT.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+            raise _fail(path, "an endpoint tcp://host:port", value)
+        return value
+
+    return check
+
+
+MEMBER_INFO = Struct(node_id=NODE, address=Endpoint(), pub_address=Endpoint(), role=OneOf("storage", "client"),
                      incarnation=Int(0, 1 << 62))
-VOTER_INFO = Struct(address=Str(300, 1), pub_address=Str(300, 1))
 
 
 def _raft_entry(value: Any, path: str) -> list:

@@ -214,7 +214,7 @@ class Runtime:
             self._flush_syncs()
 
     def _drain_router(self) -> None:
-        router, core, clock = self.router, self.core, self.clock
+        router, core = self.router, self.core
         cluster = core.config.cluster
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             try:
@@ -227,10 +227,10 @@ class Runtime:
                 self.frames_invalid += 1
                 core.note_invalid_frame(exc)
                 continue
-            self._execute(core.handle(RequestReceived(frames[0], message), clock.now_s()))
+            self._handle_peer_input(RequestReceived(frames[0], message))
 
     def _drain_sub(self) -> None:
-        core, clock, sub = self.core, self.clock, self.sub
+        core, sub = self.core, self.sub
         cluster = core.config.cluster
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             try:
@@ -243,10 +243,10 @@ class Runtime:
                 self.frames_invalid += 1
                 core.note_invalid_frame(exc)
                 continue
-            self._execute(core.handle(EventReceived(message), clock.now_s()))
+            self._handle_peer_input(EventReceived(message))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
-        core, clock = self.core, self.clock
+        core = self.core
         cluster = core.config.cluster
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             if sock.closed:
@@ -261,7 +261,21 @@ class Runtime:
                 self.frames_invalid += 1
                 core.note_invalid_frame(exc)
                 continue
-            self._execute(core.handle(ReplyReceived(peer, message), clock.now_s()))
+            self._handle_peer_input(ReplyReceived(peer, message))
+
+    def _handle_peer_input(self, event: Any) -> None:
+        """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
+
+        The decoder already rejected malformed frames; this is the last line of defence so
+        that no peer can crash or stall the node through an unforeseen path.
+        """
+        try:
+            effects = self.core.handle(event, self.clock.now_s())
+        except Exception:
+            self.core.counters["handler_errors"] = self.core.counters.get("handler_errors", 0) + 1
+            log.exception("error while handling a %s from a peer; message dropped", event.message.type)
+            return
+        self._execute(effects)
 
     def _drain_commands(self) -> None:
         core, clock, commands = self.core, self.clock, self.commands
@@ -319,7 +333,10 @@ class Runtime:
             elif kind is Publish:
                 _send(self.pub, effect.frames)
             elif kind is Subscribe:
-                self.sub.connect(effect.endpoint)
+                try:
+                    self.sub.connect(effect.endpoint)
+                except zmq.ZMQError as exc:
+                    log.warning("cannot subscribe to %s: %s", effect.endpoint, exc)
             elif kind is Unsubscribe:
                 try:
                     self.sub.disconnect(effect.endpoint)
@@ -343,7 +360,12 @@ class Runtime:
             self._socket_peer.pop(old, None)
             old.close(0)
         sock = self._socket(zmq.DEALER)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("cannot connect to %s at %s: %s", peer, endpoint, exc)
+            sock.close(0)
+            return
         self._dealers[peer] = sock
         self._socket_peer[sock] = peer
         self._poller.register(sock, zmq.POLLIN)
