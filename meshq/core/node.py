@@ -420,13 +420,17 @@ class NodeCore:
             self._subscribed.discard(pub_address)
             self._effects.append(Unsubscribe(pub_address))
 
-    def _heartbeat(self, now_s: float) -> None:
+    def _publish_heartbeat(self) -> None:
         assert self.members is not None
         formed = self.raft is not None and self.raft.formed and self.raft.is_member
         body = {"member": self._self_info(), "members": self.members.gossip(), "formed": formed,
                 "leader": self.raft.leader if self.raft is not None else None,
                 "term": self.raft.term if self.raft is not None else 0}
         self._effects.append(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
+
+    def _heartbeat(self, now_s: float) -> None:
+        assert self.members is not None
+        self._publish_heartbeat()
         before = {m.node_id: m.pub_address for m in self.members.members.values()}
         for node_id, state in self.members.tick(now_s):
             if state == "forgotten":
@@ -543,6 +547,7 @@ class NodeCore:
         if all(self.node_id < other for other in unformed_storage):
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
             raft.bootstrap(now_s, {"address": self.endpoint, "pub_address": self.pub_endpoint})
+            self._publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
 
     def _serve_raft_join(self, route: Any, message: wire.Message, now_s: float) -> None:
         raft = self.raft
