@@ -19,6 +19,8 @@ def render_status(status: dict) -> None:
     for column in ("topic", "partition", "leader", "replicas", "in_sync", "high_watermark"):
         partitions.add_column(column)
     for topic in status["topics"]:
+        if topic["name"].startswith("__"):
+            continue  # internal topics (e.g. committed offsets) are in --json output
         for p in topic["partitions"]:
             partitions.add_row(topic["name"], str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]),
                                ",".join(p["in_sync"]), str(p["high_watermark"]))

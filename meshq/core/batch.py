@@ -166,6 +166,8 @@ def verify_batch(buf: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_M
         raise ProtocolError(f"batch declares {header.size} bytes but the frame holds {len(buf)}")
     if not crc_ok(buf, 0, header):
         raise ProtocolError("batch CRC mismatch")
+    if header.producer_id >= 0 and (header.base_sequence < 0 or header.producer_epoch < 0):
+        raise ProtocolError("an idempotent batch (producer_id >= 0) needs base_sequence and producer_epoch >= 0")
     _decode_body(buf, 0, header)
     return header
 
@@ -180,7 +182,7 @@ def _decode_body(buf: bytes | bytearray | memoryview, pos: int, header: BatchHea
             strict_map_key=True,
             max_bin_len=len(body),
             max_str_len=len(body),
-            max_array_len=max(header.record_count, 4),
+            max_array_len=max(header.record_count, 64),
             max_map_len=len(body),
             max_ext_len=0,
         )
@@ -199,7 +201,9 @@ def _decode_body(buf: bytes | bytearray | memoryview, pos: int, header: BatchHea
             raise ProtocolError("batch holds a malformed record")
         headers = record[3]
         if headers is not None:
-            if type(headers) is not dict or not all(type(v) is bytes for v in headers.values()):
+            if type(headers) is not dict or not all(
+                type(k) is str and type(v) is bytes for k, v in headers.items()
+            ):
                 raise ProtocolError("batch holds malformed record headers")
     return records
 

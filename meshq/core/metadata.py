@@ -17,6 +17,8 @@ from __future__ import annotations
 from meshq.config import TopicConfig
 from meshq.core.ring import HashRing
 
+INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
+
 
 class MetadataState:
     """Applied metadata; see the module docstring."""
@@ -38,6 +40,8 @@ class MetadataState:
             self.ring = HashRing(self.members)
         elif op == "create_topic":
             config = TopicConfig.from_wire(command["config"])
+            if config.name.startswith("__") and config.name not in INTERNAL_TOPICS:
+                return None  # reserved; proposers refuse it too, so this is only defence in depth
             if config.name not in self.topics:
                 assert len(command["assignment"]) == config.partitions
                 self.topics[config.name] = config

@@ -93,6 +93,8 @@ log = logging.getLogger("meshq.core")
 
 OFFSETS_TOPIC = "__consumer_offsets"
 META_TOPIC = "__meta"
+MAX_PARKED_FETCHES = 1024  # per partition; more long polls are answered at once (empty)
+MAX_FETCH_WAIT_MS = 30_000
 EARLIEST = -2
 LATEST = -1
 _METADATA_RETRY_S = 0.2
@@ -439,6 +441,7 @@ class NodeCore:
             else:
                 log.info("member %s is %s", node_id, state)
         self._formation_tick(now_s)
+        self._admit_next(now_s)
         self._remove_silent_members(now_s)
 
     def _on_event(self, message: wire.Message, now_s: float) -> None:
@@ -519,6 +522,8 @@ class NodeCore:
         if self.raft is None:
             raise NotLeaderError(f"node {self.node_id} is a client and takes no part in the metadata group")
         self.raft.handle(message.sender, message.type, message.body, now_s)
+        if self.raft.learners and message.type == "raft_append_ok":
+            self._admit_next(now_s)
 
     def _formation_tick(self, now_s: float) -> None:
         """Join a formed cluster, or form one (see the module docstring)."""
@@ -565,23 +570,29 @@ class NodeCore:
         self._admit_next(now_s)
 
     def _admit_next(self, now_s: float) -> None:
-        """Leader: add the next waiting node (one config change at a time, each right after the last commits)."""
+        """Leader: joiners become learners at once; a caught-up learner becomes a voter.
+
+        One configuration change at a time, each right after the previous one commits.
+        """
         raft = self.raft
         if raft is None or raft.role != LEADER:
             self._join_queue.clear()
             return
-        while self._join_queue and raft.can_change_config():
-            node_id = min(self._join_queue)
+        for node_id in sorted(self._join_queue):
             info = self._join_queue.pop(node_id)
-            if node_id in raft.voters:
-                continue
+            if raft.add_learner(node_id, {"address": info["address"], "pub_address": info["pub_address"]}, now_s):
+                log.info("%s joins as a learner (catching up on the metadata log)", node_id)
+        for node_id in raft.drop_stale_learners(now_s, 10 * self.config.election_timeout_s):
+            log.warning("%s did not catch up as a learner; dropped (it may ask to join again)", node_id)
+        ready = raft.caught_up_learners()
+        if ready and raft.can_change_config():
+            node_id = ready[0]
             members = dict(raft.voters)
-            members[node_id] = {"address": info["address"], "pub_address": info["pub_address"]}
+            members[node_id] = raft.learners[node_id]
             # The next admission runs from a timer, never re-entering Raft from its own apply loop.
             if raft.propose({"op": "config", "members": members}, now_s,
                             lambda ok: self._schedule(self._now_s, "retry", self._admit_next)):
                 log.info("adding %s to the storage membership (%d members)", node_id, len(members))
-            return
 
     def _remove_silent_members(self, now_s: float) -> None:
         raft = self.raft
@@ -644,12 +655,16 @@ class NodeCore:
         if raft is None or raft.role != LEADER:
             raise NotLeaderError(f"{self.node_id} is not the metadata leader (leader: {raft.leader if raft else None})")
         try:
-            command = msgpack.unpackb(message.body["command"], raw=False)
+            command = msgpack.unpackb(message.body["command"], raw=False, strict_map_key=True, max_ext_len=0)
         except Exception:  # msgpack raises several unrelated exception types
             raise ProtocolError("raft_propose command does not decode") from None
         if not isinstance(command, dict) or command.get("op") != "create_topic":
             raise ProtocolError("only create_topic may be proposed by a peer")
-        config = TopicConfig.from_wire(command["config"])
+        config = TopicConfig.from_wire(wire.TOPIC_CONFIG(command.get("config"), "command.config"))
+        if config.name == OFFSETS_TOPIC:
+            config = self._offsets_topic_config()  # internal: its configuration is ours, never a peer's
+        elif config.name.startswith("__"):
+            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
         existing = self.meta.topics.get(config.name)
         if existing is not None:
             self._reply(route, message.request_id, "raft_propose_ok", {"index": self.meta.applied_index})
@@ -750,8 +765,9 @@ class NodeCore:
     def _serve_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         state = self._leader_state(body["topic"], body["partition"])
-        if body["offset"] >= state.high_watermark and body["max_wait_ms"] > 0:
-            deadline = now_s + body["max_wait_ms"] / 1000.0
+        if (body["offset"] >= state.high_watermark and body["max_wait_ms"] > 0
+                and len(state.parked_fetches) < MAX_PARKED_FETCHES):
+            deadline = now_s + min(body["max_wait_ms"], MAX_FETCH_WAIT_MS) / 1000.0
             state.parked_fetches.append(ParkedFetch(route, message.request_id, body, deadline))
             self._schedule(deadline, "fetch", state.key)
             return
@@ -884,6 +900,7 @@ class NodeCore:
         state = self.partitions.get((topic, partition))
         if state is not None:
             return state
+        validate_topic_name(topic)
         if not self.is_storage:
             raise NotLeaderError(f"node {self.node_id} is a client and leads no partition")
         config = self.meta.topics.get(topic)

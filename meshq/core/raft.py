@@ -108,6 +108,10 @@ class RaftNode:
         self.voters: dict[str, dict] = {}
         self._recompute_config()
         self.progress: dict[str, Progress] = {}
+        # Leader-local: nodes receiving the log as non-voters until they catch up (Raft §4.2.1),
+        # so a joiner that never answers cannot make the group lose its quorum.
+        self.learners: dict[str, dict] = {}
+        self.learner_since_s: dict[str, float] = {}
         self.votes: set[str] = set()
         self.election_deadline_s = float("inf")
         self.heartbeat_deadline_s = float("inf")
@@ -223,6 +227,8 @@ class RaftNode:
         if self.role != FOLLOWER:
             self._become(FOLLOWER)
             self._fail_waiting()
+            self.learners.clear()
+            self.learner_since_s.clear()
         self.leader = leader
         self._reset_election_timer(now_s)
 
@@ -474,10 +480,12 @@ class RaftNode:
         self.log.sync()
         if command.get("op") == "config":
             for peer in command["members"]:
+                self.learners.pop(peer, None)
+                self.learner_since_s.pop(peer, None)
                 if peer != self.node_id and peer not in self.progress:
                     self.progress[peer] = Progress(0, last_contact_s=now_s)
             for peer in list(self.progress):
-                if peer not in self.voters:
+                if peer not in self.voters and peer not in self.learners:
                     del self.progress[peer]
         self.waiting.setdefault(index, []).append((self.term, on_done))
         self._broadcast_append(now_s, heartbeat=False)
@@ -491,7 +499,33 @@ class RaftNode:
 
     def silent_voters(self, now_s: float, for_s: float) -> list[str]:
         """Voters the leader has not heard from for ``for_s`` seconds."""
-        return sorted(peer for peer, p in self.progress.items() if now_s - p.last_contact_s > for_s)
+        return sorted(peer for peer, p in self.progress.items()
+                      if peer in self.voters and now_s - p.last_contact_s > for_s)
+
+    def add_learner(self, node_id: str, info: dict, now_s: float) -> bool:
+        """Leader: start replicating to ``node_id`` as a non-voter. False if not leader or already known."""
+        if self.role != LEADER or node_id in self.voters or node_id in self.learners:
+            return False
+        self.learners[node_id] = dict(info)
+        self.learner_since_s[node_id] = now_s
+        self.progress[node_id] = Progress(len(self.entries), last_contact_s=now_s)
+        self._send_append(node_id, self.progress[node_id], now_s, force=True)
+        return True
+
+    def caught_up_learners(self) -> list[str]:
+        """Learners whose log reaches the commit index: ready to become voters."""
+        return sorted(peer for peer in self.learners
+                      if self.progress[peer].match_index >= self.commit_index >= 0)
+
+    def drop_stale_learners(self, now_s: float, after_s: float) -> list[str]:
+        """Forget learners that did not catch up within ``after_s``."""
+        stale = sorted(peer for peer, since in self.learner_since_s.items()
+                       if now_s - since > after_s and peer not in self.caught_up_learners())
+        for peer in stale:
+            self.learners.pop(peer, None)
+            self.learner_since_s.pop(peer, None)
+            self.progress.pop(peer, None)
+        return stale
 
 
 _HANDLERS: dict[str, Callable[[RaftNode, str, dict, float], None]] = {

@@ -21,6 +21,7 @@ compatible within one version); missing or mistyped fields are errors.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,19 @@ Check = Callable[[Any, str], Any]
 
 
 # ---------------------------------------------------------------- field checks
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = 40
+_SHORT.maxother = 40
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr: safe on hostile values (huge or nested ~1000 deep)."""
+    return _SHORT.repr(value)
+
+
 def _fail(path: str, what: str, value: Any) -> ProtocolError:
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return ProtocolError(f"field {path}: expected {what}, got {shown}")
+    return ProtocolError(f"field {path}: expected {what}, got {short_repr(value)}")
 
 
 def Int(low: int = -(1 << 63), high: int = (1 << 63) - 1) -> Check:
@@ -188,7 +197,7 @@ def Endpoint() -> Check:
     """A ZeroMQ TCP endpoint ``tcp://host:port`` (a peer must not make us connect to anything else)."""
 
     def check(value: Any, path: str) -> str:
-        if type(value) is not str or not _ENDPOINT.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        if type(value) is not str or not _ENDPOINT.fullmatch(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
             raise _fail(path, "an endpoint tcp://host:port", value)
         return value
 
@@ -310,12 +319,13 @@ def decode(frames: Sequence[bytes], cluster: str) -> Message:
         raise ProtocolError("header is not a 6-element array")
     version, their_cluster, sender, type_, request_id, body = header
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise ProtocolError(f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(
+            f"protocol version {short_repr(version)} not supported (this node speaks {PROTOCOL_VERSION})")
     if their_cluster != cluster:
-        raise ProtocolError(f"frame for cluster {their_cluster!r}, this node is in {cluster!r}")
+        raise ProtocolError(f"frame for cluster {short_repr(their_cluster)}, this node is in {cluster!r}")
     Str(64, 1)(sender, "sender")
     if type(type_) is not str or type_ not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {type_!r}")
+        raise ProtocolError(f"unknown message type {short_repr(type_)}")
     Int(0, (1 << 63) - 1)(request_id, "request_id")
     schema = SCHEMAS[type_]
     payloads = tuple(bytes(f) for f in frames[1:])

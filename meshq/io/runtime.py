@@ -223,9 +223,9 @@ class Runtime:
                 return
             try:
                 message = wire.decode(frames[1:], cluster)
-            except ProtocolError as exc:
+            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 self.frames_invalid += 1
-                core.note_invalid_frame(exc)
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
             self._handle_peer_input(RequestReceived(frames[0], message))
 
@@ -239,9 +239,9 @@ class Runtime:
                 return
             try:
                 message = wire.decode(frames, cluster)
-            except ProtocolError as exc:
+            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 self.frames_invalid += 1
-                core.note_invalid_frame(exc)
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
             self._handle_peer_input(EventReceived(message))
 
@@ -257,9 +257,9 @@ class Runtime:
                 return
             try:
                 message = wire.decode(frames, cluster)
-            except ProtocolError as exc:
+            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 self.frames_invalid += 1
-                core.note_invalid_frame(exc)
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
             self._handle_peer_input(ReplyReceived(peer, message))
 
