@@ -30,8 +30,9 @@ of the processes involved is read from ``/proc/<pid>/task/*/stat`` and the whole
 machine's from ``/proc/stat``: the report says which thread was busy (the bottleneck) and
 how much CPU other processes took (on a small shared machine they distort every figure).
 
-Every child process is stopped by its PID in ``finally`` blocks and every temporary
-directory is removed. No mDNS: the client and the node talk over 127.0.0.1 only.
+With ``--seed HOST:PORT`` an already running node is used instead of a child (the topics
+get unique names, so the check still holds). Every child process is stopped by its PID in
+``finally`` blocks and every temporary directory is removed. No mDNS: the client and the node talk over 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -172,9 +173,13 @@ class _Child:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.put(raw)
-        self.lines.put(None)
+        try:
+            for raw in self.proc.stdout:
+                self.lines.put(raw)
+        except (OSError, ValueError):  # stdout closed by stop()
+            pass
+        finally:
+            self.lines.put(None)
 
     def wait_event(self, event: str, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
