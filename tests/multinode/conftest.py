@@ -1,0 +1,66 @@
+"""Fixtures for multi-process tests: several `meshq node` processes on 127.0.0.1.
+
+Every test gets its own cluster name (so concurrent runs on the same host, which share
+mDNS on 127.0.0.1, never see each other), its own temporary directory (removed at
+teardown, pass or fail), and a ``Mesh`` that starts nodes and kills every one of them by
+PID at teardown. When a test fails, the tail of each node's log is printed.
+
+Timings measured by the tests (convergence, failure detection) are collected with the
+``timings`` fixture and printed in the terminal summary, so ``pytest -q`` shows them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+
+import pytest
+
+from tests.multinode.helpers import TIMINGS, Mesh
+
+
+@pytest.fixture
+def mesh(request):
+    """A ``Mesh`` whose processes are killed (by PID) and whose directory is removed at teardown."""
+    root = tempfile.mkdtemp(prefix="meshq-multinode-")
+    cluster = f"mn-{uuid.uuid4().hex[:10]}"
+    m = Mesh(root, cluster)
+    try:
+        yield m
+    finally:
+        m.kill_all()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            for node in m.nodes:
+                print(f"----- log of {node.ready.get('node_id', '?')} ({node.log_path}) -----")
+                print(node.log_text()[-4000:])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def timings(request, record_property):
+    """``timings(label, seconds)`` records a measurement (shown in the terminal summary)."""
+
+    def record(label: str, seconds: float) -> None:
+        TIMINGS.append((request.node.nodeid, label, seconds))
+        record_property(label, round(seconds, 3))
+        print(f"{label}: {seconds:.2f} s")
+
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    mine = [t for t in TIMINGS if t[0].startswith("tests/multinode/")]
+    if not mine:
+        return
+    terminalreporter.section("meshq multinode: measured timings")
+    for test, label, seconds in mine:
+        terminalreporter.write_line(f"{seconds:7.2f} s  {label}  ({test})")
