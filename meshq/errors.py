@@ -82,6 +82,10 @@ class OutOfOrderSequenceError(MeshqError):
     """An idempotent producer batch arrived with a sequence gap; data would be lost."""
 
 
+class ProducerFencedError(MeshqError):
+    """A batch from an older epoch of an idempotent producer; a newer epoch superseded it."""
+
+
 class NodeStoppedError(MeshqError):
     """The node was stopped before the operation completed."""
 
@@ -116,6 +120,7 @@ ERROR_CODES: dict[str, type[MeshqError]] = {
     "no_responders": NoRespondersError,
     "offset_out_of_range": OffsetOutOfRangeError,
     "out_of_order_sequence": OutOfOrderSequenceError,
+    "producer_fenced": ProducerFencedError,
     "storage": StorageError,
     "corrupt_log": CorruptLogError,
     "disk_full": DiskFullError,

@@ -54,6 +54,9 @@ DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 NO_PRODUCER_ID = -1
 NO_SEQUENCE = -1
+#: attributes bit: an at-most-once (acks=none) batch; the leader accepts sequence gaps and drops
+#: anything at or below the last sequence it stored (no duplicates, order kept, losses allowed).
+AT_MOST_ONCE = 0x1
 
 
 class BatchHeader(NamedTuple):
@@ -103,6 +106,7 @@ def encode_batch(
     base_sequence: int = NO_SEQUENCE,
     base_offset: int = 0,
     leader_epoch: int = 0,
+    attributes: int = 0,
 ) -> bytes:
     """Encode records into one batch (offsets relative to ``base_offset``)."""
     count = len(records)
@@ -119,7 +123,7 @@ def encode_batch(
         packed.append((ts - first_ts, key, value, headers or None))
     body = msgpack.packb(packed, use_bin_type=True)
     tail = struct.pack(
-        ">hiqqqhii", 0, count - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, count
+        ">hiqqqhii", attributes, count - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, count
     ) + body
     crc = zlib.crc32(tail)
     head = struct.pack(">qIiBI", base_offset, len(tail) + 9, leader_epoch, BATCH_MAGIC, crc)

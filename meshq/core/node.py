@@ -136,6 +136,7 @@ class OutBatch:
 @dataclass(slots=True)
 class ProducerPartition:
     next_sequence: int = 0
+    next_at_most_once: int = 0
     queue: deque = field(default_factory=deque)
     in_flight: int = 0
 
@@ -174,8 +175,9 @@ class NodeCore:
         self.peer_clusters: dict[str, dict] = {}  # node_id -> {"formed", "leader"} from heartbeats
         self._started_s = 0.0
         self._next_join_s = 0.0
-        self._apply_waiters: list[tuple[int, Callable[[], None]]] = []
+        self._apply_waiters: list[tuple[int, int, Callable[[], None]]] = []
         self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
+        self._seeds_answered: set[str] = set()
         self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
@@ -184,10 +186,11 @@ class NodeCore:
         # client half
         self.peer_endpoints: dict[str, str] = {}
         self.metadata: dict[str, dict] = {}  # topic -> {"config": TopicConfig, "leaders": [node_id|None]}
-        self.awaiting_metadata: dict[str, list[Callable[[MeshqError | None], None]]] = {}
+        self.awaiting_metadata: dict[str, list[tuple[float, Callable[[MeshqError | None], None]]]] = {}
         self.pending: dict[int, PendingRequest] = {}
         self.producer_id = rng.getrandbits(62)
         self.producer_epoch = 0
+        self.at_most_once_id = rng.getrandbits(62)
         self.producer_partitions: dict[tuple[str, int], ProducerPartition] = {}
         self.sticky: dict[str, int] = {}
         self._next_request_id = 1
@@ -211,6 +214,7 @@ class NodeCore:
         self.pub_endpoint = pub_endpoint or endpoint
         self.incarnation = self.wall_clock_ms()
         self._started_s = now_s
+        self._now_s = now_s
         me = Member(self.node_id, self.endpoint, self.pub_endpoint, self.config.role, self.incarnation)
         self.members = MemberTable(me, self.config.failure_timeout_s, self.config.member_timeout_s)
         if self.is_storage:
@@ -242,9 +246,9 @@ class NodeCore:
         self.pending.clear()
         for pp in self.producer_partitions.values():
             while pp.queue:
-                self._fail_batch(pp.queue.popleft(), error)
+                self._fail_batch(pp.queue.popleft(), error, restart=False)
         for waiters in self.awaiting_metadata.values():
-            for callback in waiters:
+            for _deadline, callback in waiters:
                 callback(error)
         self.awaiting_metadata.clear()
         if self.members is not None:
@@ -422,11 +426,28 @@ class NodeCore:
             self._subscribed.discard(pub_address)
             self._effects.append(Unsubscribe(pub_address))
 
+    def _cluster_summary(self) -> dict:
+        """What this node tells others about its metadata group (formation and merging use it)."""
+        raft = self.raft
+        formed = raft is not None and raft.formed and raft.is_member
+        return {"formed": formed, "leader": raft.leader if raft is not None else None,
+                "size": len(raft.voters) if formed else 0, "trivial": formed and self._trivial_cluster(),
+                "can_form": raft is not None and not formed and not self._waiting_for_seeds()}
+
+    def _waiting_for_seeds(self) -> bool:
+        """True while a configured seed has not answered (such a node never forms a cluster)."""
+        wanted = {f"seed:{host}:{port}" for host, port in map(parse_host_port, self.config.seeds)}
+        return not wanted <= self._seeds_answered
+
+    def _trivial_cluster(self) -> bool:
+        """A one-member cluster that holds no topic: abandoning it loses nothing."""
+        raft = self.raft
+        return (raft is not None and list(raft.voters) == [self.node_id] and not self.meta.topics
+                and not any(command.get("op") == "create_topic" for _term, command in raft.entries))
+
     def _publish_heartbeat(self) -> None:
         assert self.members is not None
-        formed = self.raft is not None and self.raft.formed and self.raft.is_member
-        body = {"member": self._self_info(), "members": self.members.gossip(), "formed": formed,
-                "leader": self.raft.leader if self.raft is not None else None,
+        body = {"member": self._self_info(), "members": self.members.gossip(), **self._cluster_summary(),
                 "term": self.raft.term if self.raft is not None else 0}
         self._effects.append(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
 
@@ -457,7 +478,8 @@ class NodeCore:
             if changed:
                 log.info("member %s is alive", message.sender)
             self.peer_clusters[message.sender] = {"formed": body["formed"], "leader": body["leader"],
-                                                  "role": body["member"]["role"]}
+                                                  "role": body["member"]["role"], "size": body["size"],
+                                                  "trivial": body["trivial"], "can_form": body["can_form"]}
             for info in body["members"]:
                 self._learn(info, now_s)
             self._formation_tick(now_s)
@@ -474,22 +496,26 @@ class NodeCore:
             if peer.startswith("seed:"):
                 self.peer_endpoints.pop(peer, None)
                 self._effects.append(Disconnect(peer))
+                self._seeds_answered.add(peer)
             if info["node_id"] == self.node_id:
+                self._formation_tick(self._now_s)
                 return
-            learned, _changed = self.members.heard(info, now_s)
+            learned, _changed = self.members.heard(info, self._now_s)
             if learned is not None:
                 self._link(learned)
-            self.peer_clusters[info["node_id"]] = {"formed": message.body["formed"],
-                                                   "leader": message.body["leader"], "role": info["role"]}
+            body = message.body
+            self.peer_clusters[info["node_id"]] = {"formed": body["formed"], "leader": body["leader"],
+                                                   "role": info["role"], "size": body["size"],
+                                                   "trivial": body["trivial"], "can_form": body["can_form"]}
             for other in message.body["members"]:
-                self._learn(other, now_s)
-            self._formation_tick(now_s)
+                self._learn(other, self._now_s)
+            self._formation_tick(self._now_s)
 
         def on_error(error: MeshqError) -> None:
             if self.stopped or not peer.startswith("seed:"):
                 return  # known members are reached by heartbeats anyway
             log.info("seed %s did not answer hello (%s); retrying", peer[5:], error)
-            self._schedule(now_s + 0.5, "retry", lambda t: self._hello(peer, t))
+            self._schedule(self._now_s + 0.5, "retry", lambda t: self._hello(peer, t))
 
         self._request(peer, "hello", {"member": self._self_info()}, (), now_s, 2.0, on_reply, on_error)
 
@@ -500,10 +526,8 @@ class NodeCore:
             learned, _changed = self.members.heard(info, now_s)
             if learned is not None:
                 self._link(learned)
-        formed = self.raft is not None and self.raft.formed and self.raft.is_member
         self._reply(route, message.request_id, "hello_ok", {
-            "member": self._self_info(), "members": self.members.gossip(), "formed": formed,
-            "leader": self.raft.leader if self.raft is not None else None,
+            "member": self._self_info(), "members": self.members.gossip(), **self._cluster_summary(),
         })
 
     # ------------------------------------------------------------------ agreement (metadata Raft)
@@ -526,11 +550,14 @@ class NodeCore:
             self._admit_next(now_s)
 
     def _formation_tick(self, now_s: float) -> None:
-        """Join a formed cluster, or form one (see the module docstring)."""
+        """Join a formed cluster, form one, or give up a trivial one (see the module docstring)."""
         raft = self.raft
-        if raft is None or raft.is_member or self.stopped:
+        if raft is None or self.stopped:
             return
         assert self.members is not None
+        if raft.is_member:
+            self._maybe_merge(now_s)
+            return
         formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"])
         if raft.formed or formed_peers:
             if now_s < self._next_join_s:
@@ -544,15 +571,52 @@ class NodeCore:
             if target is not None and target != self.node_id:
                 self._raft_send(target, "raft_join", {"member": self._self_info()})
             return
-        discovery = bool(self.config.seeds) or self.config.mdns
-        if discovery and now_s - self._started_s < self.config.bootstrap_wait_s:
+        if self.config.seeds:
+            if self._waiting_for_seeds():
+                return  # never form a cluster while a seed is silent: it may be the cluster
+        elif self.config.mdns and now_s - self._started_s < self.config.bootstrap_wait_s:
             return
         unformed_storage = [p for p, c in self.peer_clusters.items() if c["role"] == "storage" and not c["formed"]
-                            and p in self.members.alive_ids()]
+                            and c["can_form"] and p in self.members.alive_ids()]
         if all(self.node_id < other for other in unformed_storage):
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
             raft.bootstrap(now_s, {"address": self.endpoint, "pub_address": self.pub_endpoint})
             self._publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
+
+    def _maybe_merge(self, now_s: float) -> None:
+        """A trivial cluster that meets another formed cluster of the same name gives itself up.
+
+        Only a one-member cluster without topics yields (it has nothing to lose); when both
+        are trivial, the one whose leader id is higher yields, so exactly one side moves.
+        """
+        raft = self.raft
+        if raft is None or not self._trivial_cluster():
+            return
+        for peer, cluster in sorted(self.peer_clusters.items()):
+            other_leader = cluster["leader"]
+            if not cluster["formed"] or other_leader in (None, self.node_id) or peer in raft.voters:
+                continue
+            if cluster["trivial"] and other_leader > self.node_id:
+                continue
+            log.warning("%s formed a separate cluster %r alone; giving it up to join %s's",
+                        self.node_id, self.config.cluster, other_leader)
+            self._reset_metadata(now_s)
+            return
+
+    def _reset_metadata(self, now_s: float) -> None:
+        assert self.raft is not None
+        self.storage.delete_log(META_TOPIC, 0)
+        self.storage.write_meta("raft", {})
+        self.meta = MetadataState()
+        self.raft = RaftNode(
+            self.node_id, self.storage.open_log(META_TOPIC, 0), {}, self.rng, self._raft_send, self._apply_meta,
+            lambda state: self.storage.write_meta("raft", state),
+            election_timeout_s=self.config.election_timeout_s,
+            heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
+        )
+        self.raft.start(now_s)
+        self._next_join_s = 0.0
+        self._publish_heartbeat()
 
     def _serve_raft_join(self, route: Any, message: wire.Message, now_s: float) -> None:
         raft = self.raft
@@ -612,10 +676,13 @@ class NodeCore:
             log.info("topic %s (%d partitions) is agreed", created, self.meta.topics[created].partitions)
         if command.get("op") == "config":
             for node_id, info in sorted(self.meta.members.items()):
-                if node_id != self.node_id and node_id not in self.peer_endpoints:
-                    self._connect(node_id, info["address"])
+                if node_id != self.node_id and self.members is not None and node_id not in self.members:
+                    # A restarted node may know its fellow voters only from the log: meet them.
+                    self._learn({"node_id": node_id, "address": info["address"],
+                                 "pub_address": info["pub_address"], "role": "storage", "incarnation": 0},
+                                self._now_s)
         while self._apply_waiters and self._apply_waiters[0][0] <= index:
-            _index, callback = heapq.heappop(self._apply_waiters)
+            _index, _seq, callback = heapq.heappop(self._apply_waiters)
             callback()
 
     def _propose(self, command: dict, now_s: float, deadline_s: float,
@@ -644,7 +711,8 @@ class NodeCore:
             if self.meta.applied_index >= index:
                 done(None)
             else:
-                heapq.heappush(self._apply_waiters, (index, lambda: done(None)))
+                self._timer_seq += 1
+                heapq.heappush(self._apply_waiters, (index, self._timer_seq, lambda: done(None)))
 
         packed = msgpack.packb(command, use_bin_type=True)
         self._request(leader, "raft_propose", {"command": packed}, (), now_s, max(0.05, deadline_s - now_s),
@@ -708,7 +776,7 @@ class NodeCore:
                 if error is not None:
                     self._reply_error(route, message.request_id, error)
                 else:
-                    self._serve_metadata(route, message, now_s)
+                    self._serve_metadata(route, message, self._now_s)
 
             self._propose({"op": "create_topic", "config": config.to_wire()}, now_s,
                           now_s + self.config.request_timeout_s, created)
@@ -833,9 +901,15 @@ class NodeCore:
         state.parked_fetches = keep
 
     def _on_synced(self, keys: frozenset) -> None:
-        for key in keys:
+        for key in sorted(keys):
             state = self.partitions.get(key)
-            if state is None or not state.awaiting_sync:
+            if state is None:
+                continue
+            if state.durable_reads and state.parked_fetches:
+                parked, state.parked_fetches = state.parked_fetches, []
+                for fetch in parked:  # the high watermark moved: answer long polls now
+                    self._answer_parked(state, fetch)
+            if not state.awaiting_sync:
                 continue
             synced = state.log.synced_offset
             still = []
@@ -933,7 +1007,8 @@ class NodeCore:
             key = (config.name, partition)
             if replicas and replicas[0] == self.node_id and key not in self.partitions:
                 self.partitions[key] = PartitionState(config.name, partition,
-                                                      self.storage.open_log(config.name, partition))
+                                                      self.storage.open_log(config.name, partition),
+                                                      durable_reads=self.config.fsync == "always")
 
     def _replay_group_offsets(self) -> None:
         for (topic, partition), state in sorted(self.partitions.items()):
@@ -1044,35 +1119,43 @@ class NodeCore:
 
     def _with_metadata(self, topic: str, now_s: float, deadline_s: float,
                        then: Callable[[MeshqError | None], None], auto_create: bool = True) -> None:
-        """Run ``then(None)`` once metadata for ``topic`` is known, or ``then(error)``."""
+        """Run ``then(None)`` once metadata for ``topic`` is known, or ``then(error)`` at ``deadline_s``."""
         if topic in self.metadata:
             then(None)
             return
         waiters = self.awaiting_metadata.setdefault(topic, [])
-        waiters.append(then)
+        waiters.append((deadline_s, then))
         if len(waiters) == 1:
-            self._refresh_metadata(topic, now_s, deadline_s, auto_create)
+            self._refresh_metadata(topic, now_s, auto_create)
 
-    def _refresh_metadata(self, topic: str, now_s: float, deadline_s: float, auto_create: bool) -> None:
-        peer = self._any_storage_peer()
+    def _refresh_metadata(self, topic: str, now_s: float, auto_create: bool) -> None:
+        """One metadata request for every waiter of ``topic``; each waiter keeps its own deadline."""
+        waiters = self.awaiting_metadata.get(topic, [])
+        if not waiters:
+            return
+        deadline_s = max(deadline for deadline, _then in waiters)
 
         def finish(error: MeshqError | None) -> None:
-            for callback in self.awaiting_metadata.pop(topic, []):
-                callback(error)
-
-        def retry_or_fail(error: MeshqError, now: float) -> None:
-            if self.stopped:
+            pending = self.awaiting_metadata.pop(topic, [])
+            if error is None or self.stopped or not error.retriable:
+                for _deadline, callback in pending:
+                    callback(error)
                 return
-            if now + _METADATA_RETRY_S < deadline_s and error.retriable:
+            now = self._now_s
+            alive = [(d, c) for d, c in pending if now + _METADATA_RETRY_S < d]
+            for deadline, callback in pending:
+                if (deadline, callback) not in alive:
+                    callback(error)
+            if alive:
+                self.awaiting_metadata[topic] = alive
                 self._schedule(now + _METADATA_RETRY_S, "retry",
-                               lambda t: self._refresh_metadata(topic, t, deadline_s, auto_create))
-            else:
-                finish(error)
+                               lambda t: self._refresh_metadata(topic, t, auto_create))
 
+        peer = self._any_storage_peer()
         if peer is None:
-            retry_or_fail(TimeoutError(
+            finish(TimeoutError(
                 "no storage node is reachable yet: check --seed / mDNS, and that a `meshq node` is running"
-            ), now_s)
+            ))
             return
 
         def on_reply(message: wire.Message) -> None:
@@ -1083,8 +1166,7 @@ class NodeCore:
                 finish(UnknownTopicError(f"topic {topic!r} does not exist (and auto-creation is off)"))
 
         self._request(peer, "metadata", {"topics": [topic], "auto_create": auto_create}, (), now_s,
-                      min(self.config.request_timeout_s, max(0.05, deadline_s - now_s)),
-                      on_reply, lambda error: retry_or_fail(error, now_s))
+                      min(self.config.request_timeout_s, max(0.05, deadline_s - now_s)), on_reply, finish)
 
     def _absorb_metadata(self, body: dict) -> None:
         for member in body["members"]:
@@ -1119,7 +1201,7 @@ class NodeCore:
             if error is not None:
                 self._fail_records(command, error)
                 return
-            self._enqueue_records(command, now_s)
+            self._enqueue_records(command, self._now_s)
 
         self._with_metadata(command.topic, now_s, command.deadline_s, ready)
 
@@ -1172,13 +1254,23 @@ class NodeCore:
                         break
                     end += 1
                 chunk = part_records[start:end] if (start, end) != (0, total) else part_records
-                out = OutBatch(command.topic, partition, chunk, part_indexes[start:end], command.waiter,
-                               command.acks, command.deadline_s, pp.next_sequence)
-                pp.next_sequence += len(chunk)
-                out.data = batch_format.encode_batch(
-                    chunk, producer_id=self.producer_id, producer_epoch=self.producer_epoch,
-                    base_sequence=out.base_sequence,
-                )
+                if command.acks == "none":
+                    # Fire and forget is never retried, so a lost batch must not leave a gap that
+                    # blocks later ones: its own producer id and a gap-tolerant sequence.
+                    out = OutBatch(command.topic, partition, chunk, part_indexes[start:end], command.waiter,
+                                   command.acks, command.deadline_s, batch_format.NO_SEQUENCE)
+                    out.data = batch_format.encode_batch(
+                        chunk, producer_id=self.at_most_once_id, producer_epoch=0,
+                        base_sequence=pp.next_at_most_once, attributes=batch_format.AT_MOST_ONCE)
+                    pp.next_at_most_once += len(chunk)
+                else:
+                    out = OutBatch(command.topic, partition, chunk, part_indexes[start:end], command.waiter,
+                                   command.acks, command.deadline_s, pp.next_sequence)
+                    pp.next_sequence += len(chunk)
+                    out.data = batch_format.encode_batch(
+                        chunk, producer_id=self.producer_id, producer_epoch=self.producer_epoch,
+                        base_sequence=out.base_sequence,
+                    )
                 if len(out.data) > self.config.batch_max_bytes * 2:
                     self._fail_batch(out, _too_large(len(out.data), self.config.batch_max_bytes * 2))
                 else:
@@ -1216,14 +1308,14 @@ class NodeCore:
             if out.waiter is not None:
                 self._effects.append(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                                     out.partition, message.body["base_offset"]))
-            self._pump(key, now_s)
+            self._pump(key, self._now_s)
 
         def on_error(error: MeshqError) -> None:
             pp.in_flight -= 1
             if self.stopped:
                 self._fail_batch(out, error)
                 return
-            self._retry_later(out, pp, error, now_s, requeue=True)
+            self._retry_later(out, pp, error, self._now_s, requeue=True)
 
         timeout_s = max(0.001, min(self.config.request_timeout_s, out.deadline_s - now_s))
         self._request(leader, "produce", body, (out.data,), now_s, timeout_s, on_reply, on_error)
@@ -1252,7 +1344,8 @@ class NodeCore:
                 if key in self.producer_partitions:
                     if error2 is not None and not error2.retriable:
                         while pp.queue:
-                            self._fail_batch(pp.queue.popleft(), error2)
+                            self._fail_batch(pp.queue.popleft(), error2, restart=False)
+                        self._restart_sequences(pp)
                     else:
                         self._pump(key, t)
 
@@ -1260,10 +1353,40 @@ class NodeCore:
 
         self._schedule(now_s + _METADATA_RETRY_S, "retry", resume)
 
-    def _fail_batch(self, out: OutBatch, error: MeshqError) -> None:
+    def _fail_batch(self, out: OutBatch, error: MeshqError, restart: bool = True) -> None:
         if out.waiter is not None:
             self._effects.append(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                                 out.partition, -1, error))
+        pp = self.producer_partitions.get((out.topic, out.partition))
+        if restart and pp is not None and not self.stopped:
+            self._restart_sequences(pp)
+
+    def _restart_sequences(self, pp: ProducerPartition) -> None:
+        """A batch failed for good, so its sequence range may or may not be stored: every later
+        batch would meet a gap at the leader. Start a new producer epoch (leaders accept any
+        sequence from a newer epoch and fence older ones) and renumber what was never sent.
+        Batches sent before under the old numbering have an unknown fate; renumbering them
+        could store them twice, so they fail too (as in Kafka's KIP-360)."""
+        self.producer_epoch += 1
+        keep: deque = deque()
+        sequence = 0
+        queued, pp.queue = pp.queue, deque()
+        for out in queued:
+            if out.base_sequence == batch_format.NO_SEQUENCE:
+                keep.append(out)  # acks=none: not sequenced
+                continue
+            if out.attempts > 0:
+                self._fail_batch(out, TimeoutError(
+                    "an earlier batch of this partition failed; this one was sent before and its fate is "
+                    "unknown (it may or may not be stored)"), restart=False)
+                continue
+            out.base_sequence = sequence
+            out.data = batch_format.encode_batch(out.records, producer_id=self.producer_id,
+                                                 producer_epoch=self.producer_epoch, base_sequence=sequence)
+            sequence += len(out.records)
+            keep.append(out)
+        pp.queue = keep
+        pp.next_sequence = sequence
 
     # ------------------------------------------------------------------ other commands
     def _command(self, command: Command, now_s: float) -> None:
@@ -1281,6 +1404,9 @@ class NodeCore:
     def _simple_request(self, command: Command, peer: str | None, type_: str, body: dict, now_s: float,
                         convert: Callable[[wire.Message], Any]) -> None:
         deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if peer is None and now_s + 0.05 < deadline_s:
+            self._schedule(now_s + 0.05, "retry", lambda t: self._command(command, t))
+            return
         if peer is None:
             self._effects.append(Fail(command.waiter, TimeoutError(
                 "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
@@ -1348,7 +1474,7 @@ class NodeCore:
                 self.metadata.pop(topic, None)
                 self._effects.append(Fail(command.waiter, NotLeaderError(f"no leader known for {topic}/{partition}")))
                 return
-            self._simple_request(command, leader, type_, body, now_s, convert)
+            self._simple_request(command, leader, type_, body, self._now_s, convert)
 
         self._with_metadata(topic, now_s, deadline_s, ready, command.args.get("auto_create", False))
 
@@ -1382,7 +1508,7 @@ class NodeCore:
                 return
             partitions = self.metadata[OFFSETS_TOPIC]["config"].partitions
             leader = self._leader_of(OFFSETS_TOPIC, stable_hash64(group.encode()) % partitions)
-            self._simple_request(command, leader or self._any_storage_peer(), type_, body, now_s, convert)
+            self._simple_request(command, leader or self._any_storage_peer(), type_, body, self._now_s, convert)
 
         self._with_metadata(OFFSETS_TOPIC, now_s, command.args.get("deadline_s", now_s + self.config.request_timeout_s),
                             ready, auto_create=False)
@@ -1404,6 +1530,11 @@ class NodeCore:
         """
         peers = self.storage_peers()
         only = command.args.get("node_id")
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if (not peers or (only is not None and only not in self.peer_endpoints and only != self.node_id)) \
+                and now_s + 0.05 < deadline_s:
+            self._schedule(now_s + 0.05, "retry", lambda t: self._command(command, t))
+            return
         if only is not None:
             if only == self.node_id and self.is_storage:
                 self._effects.append(Resolve(command.waiter, self.local_status()))
@@ -1417,7 +1548,6 @@ class NodeCore:
             self._effects.append(Fail(command.waiter, TimeoutError(
                 "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
             return
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
         reports: dict[str, dict] = {}
         remaining = set(peers)
 

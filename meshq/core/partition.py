@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.core import batch as batch_format
-from meshq.errors import CorruptLogError, OutOfOrderSequenceError
+from meshq.errors import CorruptLogError, OutOfOrderSequenceError, ProducerFencedError
 
 log = logging.getLogger("meshq.core")
 
@@ -46,10 +46,14 @@ class ParkedFetch:
 class PartitionState:
     """One partition this node leads."""
 
-    def __init__(self, topic: str, partition: int, log: Any, leader_epoch: int = 0) -> None:
+    def __init__(self, topic: str, partition: int, log: Any, leader_epoch: int = 0,
+                 durable_reads: bool = False) -> None:
         self.topic = topic
         self.partition = partition
         self.log = log
+        # With fsync=always, readers see only what is on disk: a power loss cannot take back
+        # a record that a consumer has already seen.
+        self.durable_reads = durable_reads
         self.leader_epoch = leader_epoch
         self.producers: dict[int, ProducerEntry] = {}
         self.parked_fetches: list[ParkedFetch] = []
@@ -63,8 +67,9 @@ class PartitionState:
 
     @property
     def high_watermark(self) -> int:
-        # Single copy: everything appended is committed. Replication replaces this.
-        return self.log.end_offset
+        # Single copy: what is appended (or, with durable_reads, synced) is committed.
+        # Replication replaces this with what a majority of the replica set holds.
+        return self.log.synced_offset if self.durable_reads else self.log.end_offset
 
     def _rebuild_producers(self) -> None:
         offset = self.log.start_offset
@@ -98,8 +103,19 @@ class PartitionState:
         if header.producer_id < 0:
             return None
         entry = self.producers.get(header.producer_id)
+        if header.attributes & batch_format.AT_MOST_ONCE:
+            # Gaps are fine (a lost fire-and-forget batch is never retried); anything at or
+            # below the last stored sequence is a duplicate or arrived out of order: drop it.
+            if entry is not None and entry.batches and header.base_sequence <= entry.batches[-1][1]:
+                return entry.batches[-1][2]
+            return None
         if entry is None or header.producer_epoch > entry.epoch or not entry.batches:
             return None
+        if header.producer_epoch < entry.epoch:
+            raise ProducerFencedError(
+                f"producer {header.producer_id} epoch {header.producer_epoch} on {self.topic}/{self.partition} "
+                f"is older than its epoch {entry.epoch}: this batch was superseded"
+            )
         for first, last, base_offset in entry.batches:
             if first == header.base_sequence and last == header.last_sequence:
                 return base_offset

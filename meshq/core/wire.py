@@ -225,9 +225,10 @@ class Schema:
 SCHEMAS: dict[str, Schema] = {
     "hello": Schema(Struct(member=MEMBER_INFO)),
     "hello_ok": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
-                              leader=Optional(NODE))),
+                              leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool())),
     "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
-                               leader=Optional(NODE), term=Int(0, 1 << 62))),
+                               leader=Optional(NODE), term=Int(0, 1 << 62), size=Int(0, 1 << 16),
+                               trivial=Bool(), can_form=Bool())),
     "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
     "raft_vote": Schema(Struct(term=Int(0, 1 << 62), candidate=NODE, last_index=Int(-1, 1 << 62),
                                last_term=Int(0, 1 << 62), pre_vote=Bool())),

@@ -1,0 +1,211 @@
+"""Invariant checkers for the simulator: after every event, at the end, and for liveness.
+
+Safety (after every event):
+* at most one metadata leader per Raft term;
+* every node's committed metadata prefix agrees with every other node's;
+* a node's commit index never goes back (it is persisted, so not even across restarts);
+* a partition's high watermark on its leader never goes back, except across a power loss
+  of that leader with fsync != always (the documented loss window).
+
+History (at the end, Jepsen "total queue" style):
+* lost: a guaranteed acknowledged record is not at the partition and offset it was acknowledged with.
+  Guaranteed means acks != none, and the record was not in the unsynced tail of a node at the moment
+  it lost power (the documented loss window of fsync=interval; a process kill loses nothing:
+  appends reach the page cache before the ack);
+* unexpected: a stored value that no client ever produced;
+* duplicated: a value stored twice (the idempotent producer must prevent it);
+* order: one client's records in one partition are stored in the order they were produced,
+  per producer stream (its idempotent stream, and its at-most-once stream for acks=none);
+* metadata: every acknowledged topic creation is in the agreed metadata.
+
+Liveness (after the faults stop): every node up, one metadata leader, every node agreeing on
+the voters and seeing every storage node alive, and no produce still pending — within the
+liveness budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshq.core import batch as batch_format
+from meshq.core.raft import LEADER
+
+
+class Violation(AssertionError):
+    """An invariant failed; the message says which and where."""
+
+
+class Checker:
+    def __init__(self, sim: Any) -> None:
+        self.sim = sim
+        self.leaders_by_term: dict[int, str] = {}
+        self.committed: list[tuple[int, Any]] = []
+        self.checked_commit: dict[str, int] = {}
+        self.high_watermarks: dict[tuple[str, str, int], int] = {}
+        self.power_losses: list[float] = []
+        self.power_lost_values: set[bytes] = set()
+        self.liveness_started_s: float | None = None
+        self.converged = False
+        self.converged_s: float | None = None
+        self.history: dict[str, int] = {}
+        self._next_convergence_check_s = 0.0
+
+    # ------------------------------------------------------------------ hooks
+    def on_ack(self, attempt: Any, now_s: float) -> None:
+        attempt.acked_s = now_s
+
+    def before_crash(self, node: Any, power: bool) -> None:
+        if not power:
+            return  # a process kill loses nothing: appends are in the page cache before the ack
+        self.power_losses.append(self.sim.now_s)
+        if self.sim.options.fsync == "always":
+            return
+        for key in list(self.high_watermarks):
+            if key[0] == node.node_id:
+                del self.high_watermarks[key]
+        # Exactly these records may vanish: the unsynced tail of every log on this node.
+        for (topic, _partition), state in sorted(node.core.partitions.items()):
+            log = state.log
+            if topic == "events" and log.synced_offset < log.end_offset:
+                data = log.read(log.synced_offset, 1 << 30)
+                for record in batch_format.decode_records(data, topic, _partition, log.synced_offset):
+                    self.power_lost_values.add(record.value)
+
+    def start_liveness(self, now_s: float) -> None:
+        self.liveness_started_s = now_s
+
+    # ------------------------------------------------------------------ safety, after every event
+    def after_event(self) -> None:
+        sim = self.sim
+        for node_id in sorted(sim.nodes):
+            node = sim.nodes[node_id]
+            core = node.core
+            if core is None or core.raft is None:
+                continue
+            raft = core.raft
+            if raft.role == LEADER:
+                holder = self.leaders_by_term.setdefault(raft.term, node_id)
+                if holder != node_id:
+                    raise Violation(f"two metadata leaders in term {raft.term}: {holder} and {node_id}")
+            previous = self.checked_commit.get(node_id, -1)
+            if raft.commit_index < previous:
+                raise Violation(f"{node_id}: commit index went back from {previous} to {raft.commit_index}")
+            for index in range(previous + 1, raft.commit_index + 1):
+                entry = raft.entries[index]
+                if index < len(self.committed):
+                    if self.committed[index] != entry:
+                        raise Violation(f"{node_id}: committed entry {index} is {entry}, "
+                                        f"another node committed {self.committed[index]}")
+                else:
+                    self.committed.append(entry)
+            self.checked_commit[node_id] = raft.commit_index
+            for (topic, partition), state in core.partitions.items():
+                key = (node_id, topic, partition)
+                high_watermark = state.high_watermark
+                if high_watermark < self.high_watermarks.get(key, 0):
+                    raise Violation(f"{node_id}: high watermark of {topic}/{partition} went back from "
+                                    f"{self.high_watermarks[key]} to {high_watermark}")
+                self.high_watermarks[key] = high_watermark
+        if (self.liveness_started_s is not None and not self.converged
+                and sim.now_s >= self._next_convergence_check_s):
+            self._next_convergence_check_s = sim.now_s + 0.05  # a cheap cadence; convergence is not instant anyway
+            if self._is_converged():
+                self.converged = True
+                self.converged_s = sim.now_s - self.liveness_started_s
+
+    def _is_converged(self) -> bool:
+        sim = self.sim
+        storage = [n for n in sim.nodes.values() if n.role == "storage"]
+        if any(n.core is None for n in sim.nodes.values()):
+            return False
+        leaders = [n for n in storage if n.core.raft.role == LEADER]
+        if len(leaders) != 1:
+            return False
+        voters = sorted(leaders[0].core.raft.voters)
+        if voters != sorted(n.node_id for n in storage):
+            return False
+        leader_commit = leaders[0].core.raft.commit_index
+        for node in storage:
+            raft = node.core.raft
+            if sorted(raft.voters) != voters or raft.commit_index != leader_commit:
+                return False
+        for node in sim.nodes.values():
+            alive = set(node.core.members.alive_ids("storage"))
+            if set(voters) - {node.node_id} - alive:
+                return False
+        return sim.pending_attempts == 0
+
+    # ------------------------------------------------------------------ end of run
+    def at_end(self, reached_end: bool) -> None:
+        sim = self.sim
+        if not self.converged:
+            pending = sum(1 for a in sim.attempts if a.outcome == "pending")
+            raise Violation(f"no convergence within {sim.options.liveness_s} s of the liveness phase "
+                            f"({pending} produces still pending)")
+        leader = next(n for n in sim.nodes.values() if n.role == "storage" and n.core.raft.role == LEADER)
+        agreed_topics = set(leader.core.meta.topics)
+        for creation in sim.topic_creations:
+            if creation["outcome"] == "ok" and creation["name"] not in agreed_topics:
+                raise Violation(f"acknowledged topic creation {creation['name']} is not in the agreed metadata")
+        stored: dict[tuple[int, int], bytes] = {}
+        positions: dict[bytes, list[tuple[int, int]]] = {}
+        for node_id in sorted(sim.nodes):
+            core = sim.nodes[node_id].core
+            if core is None:
+                continue
+            for (topic, partition), state in sorted(core.partitions.items()):
+                if topic != "events":
+                    continue
+                data = state.log.read(state.log.start_offset, 1 << 30) if state.log.end_offset else b""
+                expected = state.log.start_offset
+                for record in batch_format.decode_records(data, topic, partition):
+                    if record.offset != expected:
+                        raise Violation(f"{node_id}: {topic}/{partition} offsets not dense at {record.offset}")
+                    expected += 1
+                    stored[(partition, record.offset)] = record.value
+                    positions.setdefault(record.value, []).append((partition, record.offset))
+        produced = {a.value: a for a in sim.attempts}
+        lost = []
+        for attempt in sim.attempts:
+            if attempt.outcome != "ok" or attempt.acks == "none" or not self._guaranteed(attempt):
+                continue
+            if stored.get((attempt.partition, attempt.offset)) != attempt.value:
+                lost.append(attempt)
+        unexpected = sorted(v for v in positions if v not in produced)
+        duplicated = sorted(v for v, where in positions.items() if len(where) > 1)
+        self.history = {"acked": sum(1 for a in sim.attempts if a.outcome == "ok"),
+                        "failed": sum(1 for a in sim.attempts if a.outcome == "failed"),
+                        "lost": len(lost), "unexpected": len(unexpected), "duplicated_records": len(duplicated)}
+        if lost:
+            first = lost[0]
+            raise Violation(f"{len(lost)} acknowledged records lost, e.g. {first.value!r} (acks={first.acks}) "
+                            f"acknowledged at {first.partition}/{first.offset}, stored there: "
+                            f"{stored.get((first.partition, first.offset))!r}")
+        if unexpected:
+            raise Violation(f"{len(unexpected)} records stored that nobody produced, e.g. {unexpected[0]!r}")
+        if duplicated:
+            raise Violation(f"{len(duplicated)} records stored twice, e.g. {duplicated[0]!r} at "
+                            f"{positions[duplicated[0]]}")
+        # Order holds per producer stream: a client's idempotent stream (acks leader/quorum/all)
+        # and its at-most-once stream (acks=none) are ordered separately, as in Kafka.
+        by_source: dict[tuple[str, int, bool], list[tuple[int, int]]] = {}
+        for value, where in positions.items():
+            attempt = produced[value]
+            partition, offset = where[0]
+            stream = (attempt.client, partition, attempt.acks == "none")
+            by_source.setdefault(stream, []).append((offset, int(value[1:])))
+        for (client, partition, at_most_once), pairs in sorted(by_source.items()):
+            numbers = [number for _offset, number in sorted(pairs)]
+            if numbers != sorted(numbers):
+                kind = "at-most-once" if at_most_once else "idempotent"
+                raise Violation(f"{kind} records of {client} in partition {partition} are stored out of order")
+
+    def _guaranteed(self, attempt: Any) -> bool:
+        """Acknowledged (acks != none) and not in the unsynced tail of a node that lost power."""
+        return attempt.value not in self.power_lost_values
+
+    def summary(self) -> dict:
+        out = dict(self.history)
+        if self.converged_s is not None:
+            out["converged_s"] = round(self.converged_s, 3)
+        return out

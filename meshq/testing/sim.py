@@ -1,0 +1,619 @@
+"""A deterministic simulator of whole meshq clusters.
+
+Theory of operation
+-------------------
+The simulator runs N real ``meshq.core.node.NodeCore`` objects — the very code the real
+node's runtime runs — in one thread, on a simulated clock, network and disk, all driven
+by one ``random.Random(seed)``. Nothing reads the wall clock or the global random, and
+every set that reaches the output is sorted, so one seed always replays the same run
+(``trace_digest``).
+
+* **Network.** Each ``Send``/``Reply``/``Publish`` effect is encoded by the core and
+  decoded here with the real wire decoder, then delivered after a per-message latency
+  (which reorders messages), or dropped, or duplicated, according to ``FaultOptions``.
+  Partitions cut links in both directions (``partition``), possibly non-transitively
+  (``bridge``), until ``heal``.
+* **Nodes.** ``kill`` drops a node's core but keeps its disk as it was (a process crash:
+  the page cache survives); ``power`` also loses every byte not yet fsynced
+  (``MemoryStorage.crash``). Crashed nodes restart later from their disk. ``pause``
+  freezes a node: its messages and timers wait, then fire late. Clock jumps move a
+  node's wall clock (record timestamps, retention), never the monotonic clock.
+* **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it.
+* **Clients.** Client-role cores produce unique values with a mix of acks levels and
+  record every outcome.
+
+After every event the checkers run (``checks.py``); after the fault phase a liveness
+phase heals everything and requires the cluster to converge; the run ends with a
+Jepsen-style history check: acknowledged records lost, unexpected records present,
+records duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from meshq.config import NodeConfig, TopicConfig
+from meshq.core import wire
+from meshq.core.events import (
+    Command,
+    Connect,
+    Disconnect,
+    EventReceived,
+    Fail,
+    LogsSynced,
+    ProduceCommand,
+    Publish,
+    Reply,
+    ReplyReceived,
+    RequestReceived,
+    Resolve,
+    ResolveProduce,
+    Send,
+    Subscribe,
+    SyncLogs,
+    Unsubscribe,
+)
+from meshq.core.node import NodeCore
+from meshq.errors import ProtocolError
+from meshq.log.memory import MemoryStorage
+from meshq.testing.checks import Checker, Violation
+
+CLUSTER = "sim"
+TOPIC = "events"
+
+
+@dataclass(frozen=True)
+class FaultOptions:
+    """Fault rates; probabilities per message, rates per simulated second."""
+
+    drop: float = 0.0
+    duplicate: float = 0.0
+    latency_s: tuple[float, float] = (0.0002, 0.003)
+    partition_rate: float = 0.0
+    kill_rate: float = 0.0
+    power_rate: float = 0.0
+    pause_rate: float = 0.0
+    clock_jump_rate: float = 0.0
+    down_s: tuple[float, float] = (0.5, 4.0)
+
+    @property
+    def any(self) -> bool:
+        return any((self.drop, self.duplicate, self.partition_rate, self.kill_rate, self.power_rate,
+                    self.pause_rate, self.clock_jump_rate))
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """One simulated run. ``swarm(seed)`` draws a shape per seed."""
+
+    seed: int
+    nodes: int = 3
+    clients: int = 1
+    partitions: int = 4
+    fsync: str = "interval"
+    fault_s: float = 12.0
+    liveness_s: float = 20.0
+    produce_interval_s: float = 0.05
+    acks: tuple[str, ...] = ("leader", "quorum")
+    faults: FaultOptions = field(default_factory=FaultOptions)
+
+    @classmethod
+    def swarm(cls, seed: int) -> SimOptions:
+        """Each seed draws its own cluster size, fault rates and workload (swarm testing)."""
+        rng = random.Random(f"swarm-{seed}")
+        faults = FaultOptions(
+            drop=rng.choice([0.0, 0.0, 0.01, 0.05]),
+            duplicate=rng.choice([0.0, 0.01, 0.05]),
+            latency_s=rng.choice([(0.0002, 0.002), (0.001, 0.02), (0.0002, 0.1)]),
+            partition_rate=rng.choice([0.0, 0.05, 0.2]),
+            kill_rate=rng.choice([0.0, 0.05, 0.15]),
+            power_rate=rng.choice([0.0, 0.0, 0.05]),
+            pause_rate=rng.choice([0.0, 0.05]),
+            clock_jump_rate=rng.choice([0.0, 0.05]),
+        )
+        return cls(seed=seed, nodes=rng.choice([1, 3, 3, 5]), clients=rng.choice([1, 2]),
+                   partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
+                   acks=rng.choice([("leader",), ("leader", "quorum"), ("none", "leader", "all")]),
+                   faults=faults)
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    role: str
+    storage: MemoryStorage | None
+    core: NodeCore | None = None
+    connections: dict[str, str] = field(default_factory=dict)  # peer key -> endpoint
+    subscriptions: set[str] = field(default_factory=set)  # pub endpoints
+    paused_until_s: float = 0.0
+    wall_offset_ms: int = 0
+    timer_at_s: float = float("inf")
+    incarnation: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.node_id}:1"
+
+    @property
+    def pub_endpoint(self) -> str:
+        return f"tcp://{self.node_id}:2"
+
+    @property
+    def up(self) -> bool:
+        return self.core is not None
+
+
+@dataclass
+class Attempt:
+    """One produced record as the client saw it."""
+
+    value: bytes
+    acks: str
+    client: str
+    outcome: str = "pending"  # pending | ok | failed
+    error: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+class _Waiter:
+    def __init__(self, sim: Simulation, attempts: list[Attempt]) -> None:
+        self.sim = sim
+        self.attempts = attempts
+
+    def settle(self, indexes, records, topic, partition, base_offset, error) -> None:
+        for j, i in enumerate(indexes):
+            attempt = self.attempts[i]
+            if attempt.outcome == "pending":
+                self.sim.pending_attempts -= 1
+            self.sim._log(f"{attempt.value.decode()} {'failed' if error is not None else 'ok'} "
+                          f"{partition}/{base_offset + j if base_offset >= 0 else -1}")
+            if error is not None:
+                attempt.outcome = "failed"
+                attempt.error = f"{type(error).__name__}: {error}"
+            else:
+                attempt.outcome = "ok"
+                attempt.partition = partition
+                attempt.offset = base_offset + j if base_offset >= 0 else -1
+                self.sim.checker.on_ack(attempt, self.sim.now_s)
+
+
+@dataclass
+class SimResult:
+    options: SimOptions
+    ok: bool
+    violations: list[Violation]
+    trace: list[str]
+    stats: dict[str, Any]
+
+    @property
+    def trace_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else f"FAILED ({len(self.violations)} violations)"
+        return f"seed {self.options.seed}: {verdict}; {self.stats}"
+
+
+class Simulation:
+    """See the module docstring."""
+
+    def __init__(self, options: SimOptions, record_trace: bool = True) -> None:
+        self.options = options
+        self.rng = random.Random(options.seed)
+        self.now_s = 0.0
+        self.queue: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.trace: list[str] = []
+        self.record_trace = record_trace
+        self.cut: set[frozenset[str]] = set()
+        self.faulting = True
+        self.stats = {"events": 0, "delivered": 0, "dropped": 0, "duplicated": 0, "kills": 0, "power": 0,
+                      "pauses": 0, "partitions": 0, "clock_jumps": 0}
+        self.nodes: dict[str, SimNode] = {}
+        self.by_endpoint: dict[str, str] = {}
+        for i in range(options.nodes):
+            self._add_node(f"n{i + 1}", "storage")
+        for i in range(options.clients):
+            self._add_node(f"c{i + 1}", "client")
+        self.attempts: list[Attempt] = []
+        self.pending_attempts = 0
+        self.probes: list[Attempt] | None = None
+        self.topic_creations: list[dict] = []
+        self.checker = Checker(self)
+        self._produced = 0
+
+    # ------------------------------------------------------------------ setup
+    def _add_node(self, node_id: str, role: str) -> None:
+        storage = MemoryStorage(segment_bytes=64 * 1024) if role == "storage" else None
+        node = SimNode(node_id, role, storage)
+        self.nodes[node_id] = node
+        self.by_endpoint[node.endpoint] = node_id
+        self.by_endpoint[node.pub_endpoint] = node_id
+
+    def _config(self, node: SimNode) -> NodeConfig:
+        first = "n1"
+        seeds = () if node.node_id == first else (f"{first}:1",)
+        return NodeConfig(cluster=CLUSTER, node_id=node.node_id, role=node.role,  # type: ignore[arg-type]
+                          data_dir="/sim" if node.role == "storage" else None, seeds=seeds, mdns=False,
+                          replication_factor=3, partitions=self.options.partitions,
+                          fsync=self.options.fsync,  # type: ignore[arg-type]
+                          request_timeout_s=2.0, member_timeout_s=60.0, retention_check_interval_s=5.0)
+
+    def _boot(self, node: SimNode) -> None:
+        node.connections.clear()
+        node.subscriptions.clear()
+        node.incarnation += 1
+        rng = random.Random(self.rng.getrandbits(64))
+        core = NodeCore(self._config(node), node.node_id, node.storage, rng,
+                        lambda n=node: int(self.now_s * 1000) + 1_700_000_000_000 + n.wall_offset_ms)
+        node.core = core
+        self._log(f"boot {node.node_id}")
+        self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
+
+    # ------------------------------------------------------------------ event queue
+    def _at(self, when_s: float, kind: str, data: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (when_s, self.seq, kind, data))
+
+    def _log(self, text: str) -> None:
+        if self.record_trace:
+            self.trace.append(f"{self.now_s:.6f} {text}")
+
+    def _arm_timer(self, node: SimNode) -> None:
+        if node.core is None:
+            return
+        deadline = node.core.next_deadline()
+        if deadline is not None and deadline < node.timer_at_s:
+            node.timer_at_s = deadline
+            self._at(max(deadline, self.now_s), "timer", (node.node_id, node.incarnation))
+
+    # ------------------------------------------------------------------ effects
+    def _apply(self, node: SimNode, effects: list) -> None:
+        for effect in effects:
+            kind = type(effect)
+            if kind is Send:
+                endpoint = node.connections.get(effect.peer)
+                if endpoint is not None:
+                    self._transmit(node.node_id, self.by_endpoint.get(endpoint), ("request", effect.peer),
+                                   effect.frames)
+            elif kind is Reply:
+                source, peer_key = effect.route
+                self._transmit(node.node_id, source, ("reply", peer_key), effect.frames)
+            elif kind is Publish:
+                for other in sorted(self.nodes.values(), key=lambda n: n.node_id):
+                    if node.pub_endpoint in other.subscriptions and other.node_id != node.node_id:
+                        self._transmit(node.node_id, other.node_id, ("event", None), effect.frames)
+            elif kind is Connect:
+                node.connections[effect.peer] = effect.endpoint
+            elif kind is Disconnect:
+                node.connections.pop(effect.peer, None)
+            elif kind is Subscribe:
+                node.subscriptions.add(effect.endpoint)
+            elif kind is Unsubscribe:
+                node.subscriptions.discard(effect.endpoint)
+            elif kind is SyncLogs:
+                assert node.core is not None
+                for key in sorted(effect.keys):
+                    state = node.core.partitions.get(key)
+                    if state is not None:
+                        state.log.sync()
+                self._at(self.now_s, "input", (node.node_id, node.incarnation, LogsSynced(effect.keys)))
+            elif kind is ResolveProduce:
+                effect.waiter.settle(effect.indexes, effect.records, effect.topic, effect.partition,
+                                     effect.base_offset, effect.error)
+            elif kind in (Resolve, Fail):
+                callback = effect.waiter
+                if callable(callback):
+                    callback(effect)
+            else:
+                raise AssertionError(f"unknown effect {effect!r}")
+        self._arm_timer(node)
+
+    def _transmit(self, source: str, target_endpoint_or_id: str | None, channel: tuple, frames: list) -> None:
+        if target_endpoint_or_id is None:
+            return
+        target = self.by_endpoint.get(target_endpoint_or_id, target_endpoint_or_id)
+        if target not in self.nodes:
+            return
+        faults = self.options.faults
+        if frozenset((source, target)) in self.cut:
+            self.stats["dropped"] += 1
+            return
+        if self.faulting and self.rng.random() < faults.drop:
+            self.stats["dropped"] += 1
+            return
+        copies = 2 if self.faulting and self.rng.random() < faults.duplicate else 1
+        self.stats["duplicated"] += copies - 1
+        for _ in range(copies):
+            latency = self.rng.uniform(*faults.latency_s)
+            self._at(self.now_s + latency, "deliver", (source, target, channel, list(frames)))
+
+    def _deliver(self, source: str, target: str, channel: tuple, frames: list) -> None:
+        node = self.nodes[target]
+        if node.core is None:
+            return
+        if frozenset((source, target)) in self.cut:
+            self.stats["dropped"] += 1
+            return
+        try:
+            if channel[0] == "request":
+                message = wire.decode(frames, CLUSTER)
+                event: Any = RequestReceived((source, channel[1]), message)
+            elif channel[0] == "reply":
+                message = wire.decode(frames, CLUSTER)
+                event = ReplyReceived(channel[1], message)
+            else:
+                event = EventReceived(wire.decode(frames, CLUSTER))
+        except ProtocolError as exc:
+            node.core.note_invalid_frame(exc)
+            return
+        self.stats["delivered"] += 1
+        if self.record_trace:
+            self._log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
+        self._feed(node, event)
+
+    def _feed(self, node: SimNode, event: Any) -> None:
+        if node.core is None:
+            return
+        if node.paused_until_s > self.now_s:
+            self._at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
+            return
+        effects = node.core.handle(event, self.now_s)
+        self._apply(node, effects)
+
+    # ------------------------------------------------------------------ faults and workload
+    def _fault_step(self) -> None:
+        faults = self.options.faults
+        storage_ids = sorted(n for n, node in self.nodes.items() if node.role == "storage")
+        step_s = 0.1
+        rng = self.rng
+
+        def chance(rate: float) -> bool:
+            return rate > 0 and rng.random() < rate * step_s
+
+        if chance(faults.partition_rate) and len(storage_ids) > 1:
+            if self.cut:
+                self._log("heal")
+                self.cut.clear()
+            else:
+                side = set(rng.sample(storage_ids, rng.randrange(1, len(storage_ids))))
+                everyone = sorted(self.nodes)
+                for a in everyone:
+                    for b in everyone:
+                        if a < b and ((a in side) != (b in side)):
+                            self.cut.add(frozenset((a, b)))
+                if len(storage_ids) >= 3 and rng.random() < 0.3:  # non-transitive: one bridge link survives
+                    inside, outside = sorted(side), sorted(set(storage_ids) - side)
+                    self.cut.discard(frozenset((rng.choice(inside), rng.choice(outside))))
+                self.stats["partitions"] += 1
+                self._log(f"partition {sorted(side)}")
+        for node_id in storage_ids:
+            node = self.nodes[node_id]
+            if not node.up:
+                continue
+            if chance(faults.kill_rate):
+                self._crash(node, power=False)
+            elif chance(faults.power_rate):
+                self._crash(node, power=True)
+            elif chance(faults.pause_rate):
+                node.paused_until_s = self.now_s + rng.uniform(0.5, 5.0)
+                self.stats["pauses"] += 1
+                self._log(f"pause {node_id} until {node.paused_until_s:.3f}")
+            elif chance(faults.clock_jump_rate):
+                node.wall_offset_ms += rng.choice([-1, 1]) * rng.randrange(1000, 3_600_000)
+                self.stats["clock_jumps"] += 1
+                self._log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
+
+    def _crash(self, node: SimNode, power: bool) -> None:
+        assert node.core is not None and node.storage is not None
+        self.checker.before_crash(node, power)
+        node.core = None
+        node.timer_at_s = float("inf")
+        if power:
+            node.storage.crash()
+            self.stats["power"] += 1
+        else:
+            self.stats["kills"] += 1
+        self._log(f"{'power-off' if power else 'kill'} {node.node_id}")
+        self._at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
+                 (node.node_id, node.incarnation))
+
+    def _produce_step(self) -> None:
+        clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
+        if not clients:
+            return
+        client = self.nodes[self.rng.choice(clients)]
+        count = self.rng.randrange(1, 4)
+        acks = self.rng.choice(self.options.acks)
+        attempts = []
+        records = []
+        for _ in range(count):
+            self._produced += 1
+            value = f"v{self._produced}".encode()
+            attempts.append(Attempt(value, acks, client.node_id))
+            key = None if self.rng.random() < 0.5 else f"k{self.rng.randrange(20)}".encode()
+            records.append((key, value, None, int(self.now_s * 1000)))
+        self.attempts.extend(attempts)
+        self.pending_attempts += len(attempts)
+        self._feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, self.now_s + 3.0))
+
+    def _create_topic_step(self) -> None:
+        """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
+        clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
+        if not clients:
+            return
+        client = self.nodes[self.rng.choice(clients)]
+        name = f"topic{len(self.topic_creations)}"
+        outcome: dict = {"name": name, "outcome": "pending"}
+        self.topic_creations.append(outcome)
+
+        def settle(effect: Any) -> None:
+            outcome["outcome"] = "ok" if isinstance(effect, Resolve) else "failed"
+            self._log(f"create {name} {outcome['outcome']}")
+
+        self._feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
+                                                     "deadline_s": self.now_s + 3.0}, settle))
+
+    def _send_probes(self) -> None:
+        """Liveness: once converged, one acks=leader write to every partition must succeed."""
+        client = self.nodes["c1"]
+        self.probes = []
+        for partition in range(self.options.partitions):
+            self._produced += 1
+            attempt = Attempt(f"v{self._produced}".encode(), "leader", client.node_id)
+            self.probes.append(attempt)
+            self.attempts.append(attempt)
+            self.pending_attempts += 1
+            self._feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, int(self.now_s * 1000))],
+                                              _Waiter(self, [attempt]), partition, "leader", self.now_s + 5.0))
+        self._log("liveness probes sent")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> SimResult:
+        started = time.monotonic()
+        for node_id in sorted(self.nodes):
+            self._boot(self.nodes[node_id])
+        options = self.options
+        fault_end = options.fault_s
+        end = fault_end + options.liveness_s
+        self._at(0.1, "fault", None)
+        self._at(1.0, "produce", None)
+        self._at(1.5, "create_topic", None)
+        self._at(fault_end, "liveness", None)
+        violations: list[Violation] = []
+        while self.queue:
+            when, _seq, kind, data = heapq.heappop(self.queue)
+            if when > end:
+                break
+            self.now_s = when
+            self.stats["events"] += 1
+            try:
+                self._event(kind, data, fault_end)
+                self.checker.after_event()
+            except Violation as violation:
+                violations.append(violation)
+                break
+            except Exception as exc:  # the core raised: always a bug, reported with the seed
+                import traceback
+
+                where = "".join(traceback.format_exception(exc)[-3:]).strip()
+                violations.append(Violation(f"the core raised {type(exc).__name__}: {exc}\n{where}"))
+                break
+            if self.checker.converged and self.probes is None:
+                self._send_probes()
+            if self.probes is not None and all(a.outcome == "ok" for a in self.probes):
+                break
+        if not violations and self.probes is not None and not all(a.outcome == "ok" for a in self.probes):
+            failed = [a for a in self.probes if a.outcome != "ok"]
+            violations.append(Violation(f"liveness: {len(failed)} of {len(self.probes)} probe writes after "
+                                        f"convergence did not succeed ({failed[0].outcome}: {failed[0].error})"))
+        if not violations:
+            try:
+                self.checker.at_end(self.now_s >= end)
+            except Violation as violation:
+                violations.append(violation)
+        self.stats["sim_s"] = round(self.now_s, 3)
+        self.stats["wall_s"] = round(time.monotonic() - started, 3)
+        self.stats.update(self.checker.summary())
+        return SimResult(options, not violations, violations, self.trace, self.stats)
+
+    def _event(self, kind: str, data: Any, fault_end: float) -> None:
+        if kind == "deliver":
+            self._deliver(*data)
+        elif kind == "timer":
+            node_id, incarnation = data
+            node = self.nodes[node_id]
+            if node.core is None or node.incarnation != incarnation:
+                return
+            node.timer_at_s = float("inf")
+            if node.paused_until_s > self.now_s:
+                self._at(node.paused_until_s, "timer", data)
+                node.timer_at_s = node.paused_until_s
+                return
+            self._apply(node, node.core.on_timer(self.now_s))
+        elif kind == "input":
+            node_id, incarnation, event = data
+            node = self.nodes[node_id]
+            if node.incarnation == incarnation:
+                self._feed(node, event)
+        elif kind == "restart":
+            node_id, incarnation = data
+            node = self.nodes[node_id]
+            if node.core is None and node.incarnation == incarnation:
+                self._boot(node)
+        elif kind == "fault":
+            if self.faulting:
+                self._fault_step()
+                self._at(self.now_s + 0.1, "fault", None)
+        elif kind == "produce":
+            if self.now_s < fault_end:
+                self._produce_step()
+                self._at(self.now_s + self.options.produce_interval_s, "produce", None)
+        elif kind == "create_topic":
+            if self.now_s < fault_end:
+                self._create_topic_step()
+                self._at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
+        elif kind == "liveness":
+            self.faulting = False
+            self.cut.clear()
+            self._log("liveness phase: heal all, resume all, restart all")
+            for node_id in sorted(self.nodes):
+                node = self.nodes[node_id]
+                node.paused_until_s = 0.0
+                if node.core is None:
+                    self._boot(node)
+            self.checker.start_liveness(self.now_s)
+
+
+def run_seed(seed: int, swarm: bool = True, **overrides: Any) -> SimResult:
+    """Run one seed (swarm-drawn options unless ``swarm=False``). Core logging is silenced."""
+    logging.getLogger("meshq").setLevel(logging.CRITICAL)
+    options = SimOptions.swarm(seed) if swarm else SimOptions(seed=seed)
+    if overrides:
+        options = replace(options, **overrides)
+    return Simulation(options).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshq.testing.sim",
+                                     description="deterministic meshq cluster simulation")
+    parser.add_argument("--seed", type=int, default=None, help="replay one seed and print its trace")
+    parser.add_argument("--seeds", type=int, default=None, help="run this many seeds")
+    parser.add_argument("--start", type=int, default=0, help="first seed of --seeds")
+    parser.add_argument("--quiet", action="store_true", help="with --seed: no trace, only the summary")
+    args = parser.parse_args(argv)
+    if args.seed is not None:
+        result = run_seed(args.seed)
+        if not args.quiet:
+            print("\n".join(result.trace))
+        print(result.summary())
+        print(f"options: {result.options}")
+        for violation in result.violations:
+            print(f"VIOLATION: {violation}")
+        return 0 if result.ok else 1
+    count = args.seeds or 100
+    failed = []
+    started = time.monotonic()
+    for seed in range(args.start, args.start + count):
+        result = run_seed(seed)
+        if not result.ok:
+            failed.append(seed)
+            print(f"FAILED {result.summary()}\n  options: {result.options}\n  {result.violations[0]}\n"
+                  f"  replay: python -m meshq.testing.sim --seed {seed}", flush=True)
+    elapsed = time.monotonic() - started
+    print(f"{count - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s"
+          + (f" (failed seeds: {failed})" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
