@@ -48,8 +48,9 @@ OFFSET_ENTRY = {"topic": "orders", "partition": 1, "offset": 3}
 EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "hello": ({"member": MEMBER_INFO}, ()),
     "hello_ok": ({"member": MEMBER_INFO, "members": [MEMBER_INFO, dict(MEMBER_INFO, node_id="node-c", role="client")],
-                  "formed": True, "leader": "node-a"}, ()),
-    "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3}, ()),
+                  "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False}, ()),
+    "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3,
+                   "size": 0, "trivial": False, "can_form": False}, ()),
     "goodbye": ({"node_id": "node-b", "incarnation": 1_700_000_000_000}, ()),
     "raft_vote": ({"term": 4, "candidate": "node-b", "last_index": -1, "last_term": 0, "pre_vote": True}, ()),
     "raft_vote_ok": ({"term": 4, "granted": False, "pre_vote": True, "voter": "node-a", "for_term": 5}, ()),

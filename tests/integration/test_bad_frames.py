@@ -624,6 +624,14 @@ def receive_hello(router: zmq.Socket) -> tuple[bytes, wire.Message]:
     return identity, message
 
 
+def answer_hello(router: zmq.Socket, identity: bytes, hello_request: wire.Message, address: str) -> None:
+    """A valid hello_ok from the fake seed (as a client-role peer): the node has now heard from
+    its only seed, so it may form its own cluster (a node never forms one while a seed is silent)."""
+    seed = member_info("seed", address=f"tcp://{address}", pub_address=f"tcp://{address}", role="client")
+    router.send_multipart([identity, *wire.encode(CLUSTER, "seed", "hello_ok", hello_request.request_id, {
+        "member": seed, "members": [seed], "formed": False, "leader": None, "size": 0, "trivial": False, "can_form": False})])
+
+
 @pytest.fixture
 def seeded_node(tmp_path, fake_seed) -> Iterator[meshq.Node]:
     node = start_node(tmp_path / "seeded", seeds=[fake_seed[1]])
@@ -644,7 +652,7 @@ def seeded_client(seeded_node, context) -> Iterator[RawClient]:
 
 
 def test_junk_replies_from_a_seed_are_dropped_and_counted(seeded_node, seeded_client, fake_seed):
-    router, _ = fake_seed
+    router, address = fake_seed
     identity, hello_request = receive_hello(router)
     rng = random.Random(7)
     junk = [[rng.randbytes(rng.randrange(0, 200))] for _ in range(50)]
@@ -661,6 +669,7 @@ def test_junk_replies_from_a_seed_are_dropped_and_counted(seeded_node, seeded_cl
                                                   {"topic": TOPIC, "partition": 0, "base_offset": 0,
                                                    "duplicate": False})])
     wait_for(lambda: invalid_count(seeded_client.status()) == len(junk), what="junk counted")
+    answer_hello(router, identity, hello_request, address)
     metadata = seeded_node.produce(TOPIC, b"still-works", acks="leader")
     records = consume_all(seeded_node, TOPIC, 1)
     assert [(r.partition, r.offset, r.value) for r in records] == [(metadata.partition, metadata.offset,
@@ -676,7 +685,8 @@ def test_a_seed_listing_an_unusable_member_address_does_not_kill_the_node(seeded
     seed = member_info("seed", address=f"tcp://{address}", pub_address=f"tcp://{address}", role="client")
     ghost = member_info("ghost", address=value, role="storage")
     router.send_multipart([identity, *unchecked_frames("hello_ok", {
-        "member": seed, "members": [seed, ghost], "formed": False, "leader": None}, hello_request.request_id,
+        "member": seed, "members": [seed, ghost], "formed": False, "leader": None,
+        "size": 0, "trivial": False, "can_form": False}, hello_request.request_id,
         sender="seed")])
 
     def reply_handled() -> bool:
@@ -685,6 +695,7 @@ def test_a_seed_listing_an_unusable_member_address_does_not_kill_the_node(seeded
         return any(m["node_id"] == "seed" for m in status["members"]) or invalid_count(status) > 0
 
     wait_for(reply_handled, what="hello_ok handled")
+    answer_hello(router, identity, hello_request, address)
     metadata = seeded_node.produce(TOPIC, b"still-works", acks="leader", timeout=5.0)
     assert metadata.offset == 0
 
@@ -704,7 +715,8 @@ def test_junk_published_by_a_member_is_dropped_and_counted(node, acked, client, 
         junk = [[rng.randbytes(rng.randrange(0, 100))] for _ in range(20)]
         junk.append(wire.encode(CLUSTER, "spy", "produce", 0, produce_body(), (good_batch(),)))  # not an event
         junk.append(wire.encode(CLUSTER, "spy", "heartbeat", 0, {  # claims to be another node
-            "member": member_info("someone-else"), "members": [], "formed": False, "leader": None, "term": 0}))
+            "member": member_info("someone-else"), "members": [], "formed": False, "leader": None, "term": 0,
+            "size": 0, "trivial": False, "can_form": False}))
         # PUB/SUB drops what is published before the node's subscription is up: repeat until counted.
         deadline = time.monotonic() + 10
         while invalid_count(client.status()) < before + len(junk):

@@ -212,11 +212,6 @@ def test_five_nodes_spread_32_partitions_with_three_distinct_replicas_each(mesh,
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "meshq bug: NodeCore._simple_request (create_topic, list_topics) and NodeCore._cmd_status fail at once with "
-    "TimeoutError('no storage node is reachable') while no storage node is reachable yet (client started before "
-    "its seed, or right after Node.start()), instead of retrying until the call's own timeout as "
-    "_refresh_metadata (produce) does"))
 def test_admin_calls_wait_within_their_timeout_for_a_seed_that_comes_up_late(mesh):
     node = mesh.new()  # not started yet: its port is known
     with meshq.Node(cluster=mesh.cluster, role="client", seeds=[node.seed], mdns=False) as early:

@@ -110,12 +110,7 @@ def test_kill_9_is_seen_by_every_survivor_within_the_failure_timeout(mesh, timin
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("which", [
     "seeded",
-    pytest.param("seedless", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "meshq bug: a storage node restarted with neither seeds nor mDNS never rejoins the liveness mesh: "
-        "on restart it knows its fellow voters only from the Raft log, and NodeCore._apply_meta just "
-        "_connect()s a DEALER to them (no hello, no SUB to their PUB), so its own view shows them 'unknown'; "
-        "and its PUB port changed (pub_port 0), which peers only learn from a hello or heartbeat gossip, so "
-        "the node that talks to it only through Raft shows it 'alive' while the third still shows it 'dead'"))),
+    "seedless",
 ])
 def test_a_killed_node_restarted_on_its_data_dir_is_alive_again_everywhere(mesh, timings, which):
     first = mesh.start(1)[0]  # knows no one: the others are told about it (--seed)

@@ -166,11 +166,6 @@ def test_a_cut_off_host_is_seen_dead_and_rejoins_when_its_link_comes_back(lab, t
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "meshq design gap: a storage node that sees no formed cluster within bootstrap_wait_s (1 s) forms its own; "
-    "when it later meets the other formed cluster of the same name (heartbeats show both alive), "
-    "NodeCore._formation_tick returns early for a Raft member, so the two metadata groups never merge: "
-    "two 'agreed' memberships under one cluster name"))
 def test_a_host_that_booted_cut_off_joins_the_cluster_when_its_link_comes_back(lab, timings):
     cut_host = lab.hosts[2]
     port = f"p{cut_host.index}"
