@@ -7,6 +7,9 @@ Safety (after every event):
 * a partition's high watermark on its leader never goes back, except across a power loss
   of that leader with fsync != always (the documented loss window).
 
+Consumers (as they read): no gap or reordering within a partition; committed group offsets
+never go below an acknowledged commit (outside the power-loss window).
+
 History (at the end, Jepsen "total queue" style):
 * lost: a guaranteed acknowledged record is not at the partition and offset it was acknowledged with.
   Guaranteed means acks != none, and the record was not in the unsynced tail of a node at the moment
@@ -16,7 +19,8 @@ History (at the end, Jepsen "total queue" style):
 * duplicated: a value stored twice (the idempotent producer must prevent it);
 * order: one client's records in one partition are stored in the order they were produced,
   per producer stream (its idempotent stream, and its at-most-once stream for acks=none);
-* metadata: every acknowledged topic creation is in the agreed metadata.
+* metadata: every acknowledged topic creation is in the agreed metadata;
+* reads: everything a consumer saw is still in the log (outside the power-loss window).
 
 Liveness (after the faults stop): every node up, one metadata leader, every node agreeing on
 the voters and seeing every storage node alive, and no produce still pending — within the
@@ -29,6 +33,8 @@ from typing import Any
 
 from meshq.core import batch as batch_format
 from meshq.core.raft import LEADER
+
+TOPIC_NAME = "events"
 
 
 class Violation(AssertionError):
@@ -70,6 +76,24 @@ class Checker:
                 data = log.read(log.synced_offset, 1 << 30)
                 for record in batch_format.decode_records(data, topic, _partition, log.synced_offset):
                     self.power_lost_values.add(record.value)
+
+    def on_consumed(self, partition: int, offset: int, records: list) -> None:
+        """A consumer fetched ``records`` asking for ``offset``: no gap, no reordering."""
+        if records[0].offset != offset:
+            raise Violation(f"consumer asked {TOPIC_NAME}/{partition} for offset {offset} and got "
+                            f"{records[0].offset} first (a gap)")
+        for before, after in zip(records, records[1:]):
+            if after.offset != before.offset + 1:
+                raise Violation(f"consumer saw {TOPIC_NAME}/{partition} jump from {before.offset} to {after.offset}")
+
+    def on_committed_read(self, committed: dict[int, int], acked: dict[int, int]) -> None:
+        """A group member read the committed offsets: none may be below an acknowledged commit."""
+        for partition, offset in sorted(acked.items()):
+            if self.power_losses and self.sim.options.fsync != "always":
+                return  # a power loss may take back a commit made within the fsync interval
+            if committed.get(partition, 0) < offset:
+                raise Violation(f"committed offset of {TOPIC_NAME}/{partition} went back from {offset} "
+                                f"to {committed.get(partition, 0)}")
 
     def start_liveness(self, now_s: float) -> None:
         self.liveness_started_s = now_s
@@ -171,6 +195,11 @@ class Checker:
                 continue
             if stored.get((attempt.partition, attempt.offset)) != attempt.value:
                 lost.append(attempt)
+        for (partition, offset), values in sorted(sim.consumer.seen.items()):
+            for value in sorted(values):
+                if value not in self.power_lost_values and stored.get((partition, offset)) != value:
+                    raise Violation(f"a consumer saw {value!r} at {partition}/{offset}, which the log later "
+                                    f"took back (now {stored.get((partition, offset))!r})")
         unexpected = sorted(v for v in positions if v not in produced)
         duplicated = sorted(v for v, where in positions.items() if len(where) > 1)
         self.history = {"acked": sum(1 for a in sim.attempts if a.outcome == "ok"),

@@ -19,8 +19,9 @@ every set that reaches the output is sorted, so one seed always replays the same
   freezes a node: its messages and timers wait, then fire late. Clock jumps move a
   node's wall clock (record timestamps, retention), never the monotonic clock.
 * **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it.
-* **Clients.** Client-role cores produce unique values with a mix of acks levels and
-  record every outcome.
+* **Clients.** Client-role cores produce unique values with a mix of acks levels, create
+  topics, and record every outcome; a consumer-group member fetches every partition,
+  commits its positions, and now and then restarts from the group's committed offsets.
 
 After every event the checkers run (``checks.py``); after the fault phase a liveness
 phase heals everything and requires the cluster to converge; the run ends with a
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig
+from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import (
     Command,
@@ -228,6 +230,7 @@ class Simulation:
         self.pending_attempts = 0
         self.probes: list[Attempt] | None = None
         self.topic_creations: list[dict] = []
+        self.consumer = SimConsumer(self)
         self.checker = Checker(self)
         self._produced = 0
 
@@ -488,6 +491,7 @@ class Simulation:
         self._at(0.1, "fault", None)
         self._at(1.0, "produce", None)
         self._at(1.5, "create_topic", None)
+        self._at(2.0, "consume", None)
         self._at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
@@ -524,6 +528,9 @@ class Simulation:
         self.stats["sim_s"] = round(self.now_s, 3)
         self.stats["wall_s"] = round(time.monotonic() - started, 3)
         self.stats.update(self.checker.summary())
+        self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
+        self.stats["commits_acked"] = len(self.consumer.acked_commits)
+        self.stats["consumer_restarts"] = self.consumer.generation
         return SimResult(options, not violations, violations, self.trace, self.stats)
 
     def _event(self, kind: str, data: Any, fault_end: float) -> None:
@@ -558,6 +565,10 @@ class Simulation:
             if self.now_s < fault_end:
                 self._produce_step()
                 self._at(self.now_s + self.options.produce_interval_s, "produce", None)
+        elif kind == "consume":
+            if self.now_s < fault_end:
+                self.consumer.step()
+                self._at(self.now_s + 0.1, "consume", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
                 self._create_topic_step()
@@ -572,6 +583,98 @@ class Simulation:
                 if node.core is None:
                     self._boot(node)
             self.checker.start_liveness(self.now_s)
+
+
+class SimConsumer:
+    """A consumer-group member on client c1: fetches every partition, commits, sometimes restarts.
+
+    Records what it saw so the checkers can require: no gap or reordering within a partition,
+    nothing seen that the log later takes back (outside the power-loss window), and committed
+    offsets that never go back.
+    """
+
+    GROUP = "sim-group"
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.positions: dict[int, int] = {}
+        self.in_flight: set[int] = set()
+        self.generation = 0
+        self.seen: dict[tuple[int, int], set[bytes]] = {}
+        self.acked_commits: dict[int, int] = {}  # partition -> highest acknowledged committed offset
+        self.next_commit_s = 0.0
+        self.ready = False
+
+    def step(self) -> None:
+        sim = self.sim
+        node = sim.nodes["c1"]
+        if node.core is None or TOPIC not in node.core.metadata:
+            return
+        partitions = node.core.metadata[TOPIC]["config"].partitions
+        if not self.ready:
+            self._restart(node)
+            return
+        if sim.rng.random() < 0.01:  # a member leaves and another joins: resume from the group's commits
+            self._restart(node)
+            return
+        for partition in range(partitions):
+            if partition in self.in_flight or partition not in self.positions:
+                continue
+            self.in_flight.add(partition)
+            generation = self.generation
+            offset = self.positions[partition]
+
+            def done(effect: Any, partition: int = partition, offset: int = offset, generation: int = generation):
+                self.in_flight.discard(partition)
+                if generation != self.generation or not isinstance(effect, Resolve):
+                    return
+                self._on_fetch(partition, offset, effect.result)
+
+            sim._feed(node, Command("fetch", {"topic": TOPIC, "partition": partition, "offset": offset,
+                                              "max_wait_s": 0.2, "deadline_s": sim.now_s + 2.0}, done))
+        if sim.now_s >= self.next_commit_s and self.positions:
+            self.next_commit_s = sim.now_s + 1.0
+            offsets = {(TOPIC, p): o for p, o in sorted(self.positions.items())}
+
+            def committed(effect: Any, offsets: dict = offsets) -> None:
+                if isinstance(effect, Resolve):
+                    for (_topic, p), o in offsets.items():
+                        self.acked_commits[p] = max(self.acked_commits.get(p, 0), o)
+
+            sim._feed(node, Command("commit", {"group": self.GROUP, "offsets": offsets,
+                                               "deadline_s": sim.now_s + 2.0}, committed))
+
+    def _restart(self, node: SimNode) -> None:
+        sim = self.sim
+        self.generation += 1
+        self.in_flight.clear()
+        self.ready = False
+        generation = self.generation
+
+        def resume(effect: Any) -> None:
+            if generation != self.generation or not isinstance(effect, Resolve):
+                return
+            positions = {p: o for (_t, p), o in effect.result.items()}
+            sim.checker.on_committed_read(positions, self.acked_commits)
+            meta = node.core.metadata.get(TOPIC) if node.core is not None else None
+            if meta is None:
+                return  # metadata being refreshed; the next step restarts again
+            self.positions = {p: positions.get(p, 0) for p in range(meta["config"].partitions)}
+            self.ready = True
+
+        sim._feed(node, Command("committed", {"group": self.GROUP, "topic": TOPIC,
+                                              "deadline_s": sim.now_s + 2.0}, resume))
+
+    def _on_fetch(self, partition: int, offset: int, result: Any) -> None:
+        if not result.data:
+            return
+        records = batch_format.decode_records(result.data, TOPIC, partition, offset)
+        if not records:
+            return
+        self.sim.checker.on_consumed(partition, offset, records)
+        for record in records:
+            self.seen.setdefault((partition, record.offset), set()).add(record.value)
+        self.positions[partition] = records[-1].offset + 1
 
 
 def run_seed(seed: int, swarm: bool = True, **overrides: Any) -> SimResult:
