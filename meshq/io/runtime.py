@@ -50,7 +50,10 @@ from meshq.errors import NodeStoppedError, ProtocolError, StorageError
 log = logging.getLogger("meshq.runtime")
 
 _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot starve the rest
-_ZERO_COPY_BYTES = 64 * 1024
+# Frames below this are copied into libzmq; larger ones go zero-copy. Zero-copy hands the
+# buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
+# costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
+_ZERO_COPY_BYTES = 1024 * 1024
 
 
 class Runtime:

@@ -67,7 +67,38 @@ def test_header_layout_matches_the_documented_table():
     assert fields == (5, len(data) - 12, 9, BATCH_MAGIC, zlib.crc32(data[CRC_START:]), 0, len(RECORDS) - 1,
                       T0, T0 + 5, 77, 3, 10, len(RECORDS))
     assert msgpack.unpackb(data[HEADER_SIZE:], raw=False) == [
-        [ts - T0, key, value, headers or None] for key, value, headers, ts in RECORDS]
+        [ts - T0 for _, _, _, ts in RECORDS],
+        [key for key, _, _, _ in RECORDS],
+        [value for _, value, _, _ in RECORDS],
+        [headers or None for _, _, headers, _ in RECORDS],
+    ]
+
+
+def test_columns_that_need_no_data_are_encoded_as_a_single_nil():
+    values = [b"v%d" % i for i in range(50)]
+    data = encode_batch([(None, v, None, T0) for v in values])
+    assert data[HEADER_SIZE:] == msgpack.packb([None, None, values, None], use_bin_type=True)
+    # an empty headers dict counts as no headers
+    mixed = encode_batch([(None, v, {} if i % 2 else None, T0) for i, v in enumerate(values)])
+    assert mixed[HEADER_SIZE:] == data[HEADER_SIZE:]
+    assert decode_records(data, "t", 0) == decode_records(mixed, "t", 0) == [
+        Record("t", 0, i, None, v, {}, T0) for i, v in enumerate(values)]
+
+
+def test_each_column_becomes_an_array_as_soon_as_one_record_needs_it():
+    base = [(None, b"a", None, T0), (None, b"b", None, T0), (None, b"c", None, T0)]
+
+    def columns(records):
+        return msgpack.unpackb(encode_batch(records)[HEADER_SIZE:], raw=False)
+
+    assert columns(base) == [None, None, [b"a", b"b", b"c"], None]
+    assert columns([base[0], (None, b"b", None, T0 - 7), base[2]]) == [[0, -7, 0], None, [b"a", b"b", b"c"], None]
+    # an empty key is a key: it is kept apart from nil
+    assert columns([base[0], (b"", b"b", None, T0), base[2]]) == [None, [None, b"", None], [b"a", b"b", b"c"], None]
+    assert columns([base[0], base[1], (None, b"c", {"h": b"x"}, T0)]) == [
+        None, None, [b"a", b"b", b"c"], [None, None, {"h": b"x"}]]
+    assert columns([(None, b"a", {}, T0), (None, b"b", {"h": b""}, T0)]) == [
+        None, None, [b"a", b"b"], [None, {"h": b""}]]
 
 
 def test_round_trip_encode_verify_stamp_decode():
@@ -196,7 +227,8 @@ def test_trailing_bytes_are_refused():
 
 @pytest.mark.parametrize(("offset", "fmt", "value", "why"), [
     (16, ">B", 1, "magic"),
-    (16, ">B", 3, "magic"),
+    (16, ">B", 2, "magic of the previous per-record layout"),
+    (16, ">B", 4, "magic"),
     (8, ">I", 48, "batch length shorter than its header"),
     (0, ">q", -1, "negative base offset"),
 ])
@@ -209,10 +241,19 @@ def test_impossible_headers_are_refused(offset, fmt, value, why):
         verify_batch(bytes(data))
 
 
+def test_magic_2_batches_are_refused_with_a_clear_error():
+    data = bytearray(encode_batch(RECORDS))
+    data[16] = 2
+    with pytest.raises(ProtocolError, match="magic 2"):
+        verify_batch(bytes(data))
+    with pytest.raises(CorruptLogError, match="magic 2"):
+        list(iter_batches(bytes(data)))
+
+
 @pytest.mark.parametrize(("count", "last_delta"), [(0, -1), (-1, -2), (2, 0), (batch_format.MAX_RECORDS_PER_BATCH + 1,
                                                                             batch_format.MAX_RECORDS_PER_BATCH)])
 def test_impossible_record_counts_are_refused_even_with_a_valid_crc(count, last_delta):
-    body = msgpack.packb([[0, None, b"v", None]] * 2, use_bin_type=True)
+    body = msgpack.packb([None, None, [b"v", b"v"], None], use_bin_type=True)
     tail = struct.pack(">hiqqqhii", 0, last_delta, T0, T0, -1, -1, -1, count) + body
     data = struct.pack(">qIiBI", 0, len(tail) + 9, 0, BATCH_MAGIC, zlib.crc32(tail)) + tail
     with pytest.raises(ProtocolError):
@@ -220,33 +261,77 @@ def test_impossible_record_counts_are_refused_even_with_a_valid_crc(count, last_
 
 
 # ---------------------------------------------------------------- malformed records under a valid CRC
-GOOD = [0, b"key", b"value", {"h": b"v"}]
+V1 = [b"v"]  # a valid values column for one record
+V2 = [b"v", b"w"]  # ... for two records
 
 MALFORMED_BODIES = {
-    "count_too_high": dict(records=[GOOD], count=2),
-    "count_too_low": dict(records=[GOOD, GOOD, GOOD], count=2),
-    "records_not_an_array": dict(records={"0": GOOD}, count=1),
-    "records_nil": dict(records=None, count=1),
-    "record_not_an_array": dict(records=[GOOD, 7], count=2),
-    "record_a_map": dict(records=[{"ts": 0, "value": b"v"}], count=1),
-    "record_too_short": dict(records=[[0, None, b"v"]], count=1),
-    "record_empty": dict(records=[[]], count=1),
-    "timestamp_delta_not_int": dict(records=[[0.5, None, b"v", None]], count=1),
-    "timestamp_delta_bool": dict(records=[[True, None, b"v", None]], count=1),
-    "timestamp_delta_nil": dict(records=[[None, None, b"v", None]], count=1),
-    "value_str": dict(records=[[0, None, "text", None]], count=1),
-    "value_nil": dict(records=[[0, None, None, None]], count=1),
-    "value_int": dict(records=[[0, None, 5, None]], count=1),
-    "key_int": dict(records=[[0, 42, b"v", None]], count=1),
-    "key_str": dict(records=[[0, "key", b"v", None]], count=1),
-    "key_list": dict(records=[[0, [b"k"], b"v", None]], count=1),
-    "headers_list": dict(records=[[0, None, b"v", [b"h", b"v"]]], count=1),
-    "headers_bytes": dict(records=[[0, None, b"v", b"h=v"]], count=1),
-    "header_value_str": dict(records=[[0, None, b"v", {"h": "v"}]], count=1),
-    "header_value_nil": dict(records=[[0, None, b"v", {"h": None}]], count=1),
-    "header_value_int": dict(records=[[0, None, b"v", {"h": 1}]], count=1),
-    "header_int_key": dict(records=[[0, None, b"v", {1: b"v"}]], count=1),
-    "second_record_bad": dict(records=[GOOD, [0, None, "v", None]], count=2),
+    # the body and the record count
+    "count_too_high": dict(records=[None, None, V1, None], count=2),
+    "count_too_low": dict(records=[None, None, [b"v"] * 3, None], count=2),
+    "body_a_map": dict(records={"values": V1}, count=1),
+    "body_nil": dict(records=None, count=1),
+    "body_bin": dict(records=b"v", count=1),
+    "body_int": dict(records=0, count=1),
+    "no_columns": dict(records=[], count=1),
+    "too_few_columns": dict(records=[None, None, V1], count=1),
+    "one_column": dict(records=[V1], count=1),
+    "too_many_columns": dict(records=[None, None, V1, None, None], count=1),
+    "extra_column_with_data": dict(records=[None, None, V1, None, ["future"]], count=1),
+    "old_per_record_layout": dict(records=[[0, None, b"v", None]], count=1),
+    "old_per_record_layout_4_records": dict(records=[[0, None, b"v", None]] * 4, count=4),
+    # values
+    "values_nil": dict(records=[None, None, None, None], count=1),
+    "values_bin_not_array": dict(records=[None, None, b"v", None], count=1),
+    "values_a_map": dict(records=[None, None, {"0": b"v"}, None], count=1),
+    "values_empty": dict(records=[None, None, [], None], count=1),
+    "values_too_short": dict(records=[None, None, V1, None], count=2),
+    "values_too_long": dict(records=[None, None, [b"v"] * 3, None], count=2),
+    "value_str": dict(records=[None, None, ["text"], None], count=1),
+    "value_nil": dict(records=[None, None, [None], None], count=1),
+    "value_int": dict(records=[None, None, [5], None], count=1),
+    "value_list": dict(records=[None, None, [[b"v"]], None], count=1),
+    "second_value_str": dict(records=[None, None, [b"v", "w"], None], count=2),
+    # timestamp deltas
+    "ts_int_not_array": dict(records=[0, None, V1, None], count=1),
+    "ts_bin_not_array": dict(records=[b"\x00", None, V1, None], count=1),
+    "ts_empty": dict(records=[[], None, V1, None], count=1),
+    "ts_too_short": dict(records=[[0], None, V2, None], count=2),
+    "ts_too_long": dict(records=[[0, 1, 2], None, V2, None], count=2),
+    "ts_float": dict(records=[[0.5], None, V1, None], count=1),
+    "ts_bool": dict(records=[[True], None, V1, None], count=1),
+    "ts_nil": dict(records=[[None], None, V1, None], count=1),
+    "ts_bin": dict(records=[[b"0"], None, V1, None], count=1),
+    "second_ts_bool": dict(records=[[0, False], None, V2, None], count=2),
+    # keys
+    "keys_bin_not_array": dict(records=[None, b"k", V1, None], count=1),
+    "keys_a_map": dict(records=[None, {"0": b"k"}, V1, None], count=1),
+    "keys_empty": dict(records=[None, [], V1, None], count=1),
+    "keys_too_short": dict(records=[None, [b"k"], V2, None], count=2),
+    "keys_too_long": dict(records=[None, [b"k", None, b"k"], V2, None], count=2),
+    "key_int": dict(records=[None, [42], V1, None], count=1),
+    "key_bool": dict(records=[None, [False], V1, None], count=1),
+    "key_str": dict(records=[None, ["key"], V1, None], count=1),
+    "key_list": dict(records=[None, [[b"k"]], V1, None], count=1),
+    "second_key_str": dict(records=[None, [b"k", "k"], V2, None], count=2),
+    # headers
+    "headers_map_not_array": dict(records=[None, None, V1, {"h": b"v"}], count=1),
+    "headers_bin_not_array": dict(records=[None, None, V1, b"h=v"], count=1),
+    "headers_empty": dict(records=[None, None, V1, []], count=1),
+    "headers_too_short": dict(records=[None, None, V2, [{"h": b"v"}]], count=2),
+    "headers_too_long": dict(records=[None, None, V2, [None, None, {"h": b"v"}]], count=2),
+    "headers_list": dict(records=[None, None, V1, [[b"h", b"v"]]], count=1),
+    "headers_bytes": dict(records=[None, None, V1, [b"h=v"]], count=1),
+    "headers_int": dict(records=[None, None, V1, [0]], count=1),
+    "header_value_str": dict(records=[None, None, V1, [{"h": "v"}]], count=1),
+    "header_value_nil": dict(records=[None, None, V1, [{"h": None}]], count=1),
+    "header_value_int": dict(records=[None, None, V1, [{"h": 1}]], count=1),
+    "header_value_map": dict(records=[None, None, V1, [{"h": {"x": b"v"}}]], count=1),
+    "header_int_key": dict(records=[None, None, V1, [{1: b"v"}]], count=1),
+    "header_bytes_key": dict(records=[None, None, V1, [{b"h": b"v"}]], count=1),
+    "header_second_key_bytes": dict(records=[None, None, V1, [{"a": b"v", b"h": b"v"}]], count=1),
+    "second_headers_bad_value": dict(records=[None, None, V2, [{"h": b"v"}, {"h": "v"}]], count=2),
+    "second_headers_bad_key": dict(records=[None, None, V2, [None, {b"h": b"v"}]], count=2),
+    "second_headers_list": dict(records=[None, None, V2, [{}, [b"h"]]], count=2),
 }
 
 
@@ -262,36 +347,73 @@ def test_malformed_records_under_a_valid_crc_are_refused(case):
 
 
 @pytest.mark.parametrize("raw_body", [
-    b"", b"\xc1", b"\x91", b"\x91\x94\x00\xc0\xc4\x01v\xc0\x00",  # trailing byte after the array
-    b"\x91\x94\x00\xc0\xc7\x01\x05v\xc0",  # ext type where bytes belong
-    b"\x91\x94\x00\xc0\xc4\xffv\xc0",  # bin length beyond the body
-    b"\x91\x94\x00\xc0\xa2\xff\xfe\xc0",  # invalid UTF-8 str
+    b"", b"\xc1", b"\x94", b"\x94\xc0\xc0\x91\xc4\x01v\xc0\x00",  # trailing byte after the array
+    b"\x94\xc0\xc0\x91\xc4\x01v",  # a column missing at the end of the body
+    b"\x94\xc0\xc0\x91\xc7\x01\x05v\xc0",  # ext type where bytes belong
+    b"\x94\xc0\xc0\x91\xc4\xffv\xc0",  # bin length beyond the body
+    b"\x94\xc0\xc0\x91\xa2\xff\xfe\xc0",  # invalid UTF-8 str
+    b"\x94\xc0\xc0\x91\xc4\x01v\x91\x81\xa2\xff\xfe\xc4\x01v",  # invalid UTF-8 header key
     b"\xdd\x7f\xff\xff\xff",  # array length far beyond the declared count
+    b"\x94\xc0\xc0\xdd\x7f\xff\xff\xff\xc0",  # a column length far beyond the declared count
+    b"\x94\xc0\xc0\x91\xc4\x01v\x91\xdf\x7f\xff\xff\xff",  # a header map length beyond the body
     b"\x91" * 3000 + b"\xc0",  # nesting beyond the unpacker stack
 ])
 def test_undecodable_record_bodies_under_a_valid_crc_are_refused(raw_body):
     data = build_batch(None, count=1, raw_body=raw_body)
     with pytest.raises(ProtocolError):
         verify_batch(data)
+    with pytest.raises(CorruptLogError):
+        decode_records(data, "t", 0)
 
 
-def test_record_with_extra_trailing_fields_is_accepted_in_a_larger_batch():
-    records = [[i, None, b"v%d" % i, None, "future", {"x": 1}] for i in range(6)]
-    data = build_batch(records)
-    assert verify_batch(data).record_count == 6
-    assert [r.value for r in decode_records(data, "t", 0)] == [b"v%d" % i for i in range(6)]
+@pytest.mark.parametrize("count", [1, 2, 5, 100])
+def test_mismatched_column_lengths_are_refused_for_every_column(count):
+    good = [[0] * count, [b"k"] * count, [b"v"] * count, [{"h": b"v"}] * count]
+    assert verify_batch(build_batch(good, count=count)).record_count == count
+    for column in range(4):
+        for length in (0, count - 1, count + 1, 2 * count):
+            if length == count:
+                continue
+            body = list(good)
+            body[column] = good[column][:1] * length
+            data = build_batch(body, count=count)
+            with pytest.raises(ProtocolError):
+                verify_batch(data)
+            with pytest.raises(CorruptLogError):
+                decode_records(data, "t", 0)
 
 
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_record_with_extra_trailing_fields_is_accepted_in_a_small_batch(count):
-    data = build_batch([[0, None, b"v", None, "future"]] * count)
-    assert verify_batch(data).record_count == count
+def test_the_array_forms_of_the_nil_columns_are_accepted():
+    values = [b"a", b"b", b"c"]
+    expected = [Record("t", 0, i, None, v, {}, T0) for i, v in enumerate(values)]
+    for body in ([[0, 0, 0], None, values, None], [None, [None, None, None], values, None],
+                 [None, None, values, [None, None, None]], [None, None, values, [{}, {}, {}]],
+                 [[0, 0, 0], [None, None, None], values, [None, {}, None]]):
+        data = build_batch(body, count=3)
+        assert verify_batch(data).record_count == 3
+        assert decode_records(data, "t", 0) == expected
+
+
+def test_records_decode_as_independent_objects():
+    values = [b"a", b"b"]
+    for body in ([None, None, values, None], [None, None, values, [{}, None]]):
+        first, second = decode_records(build_batch(body, count=2), "t", 0)
+        assert first.headers == {} and second.headers == {} and first.headers is not second.headers
 
 
 def test_header_keys_must_be_strings():
-    data = build_batch([[0, None, b"v", {b"h": b"v"}]])
+    data = build_batch([None, None, [b"v"], [{b"h": b"v"}]], count=1)
     with pytest.raises(ProtocolError):
         verify_batch(data)
+
+
+def test_decode_records_filters_by_min_offset_in_every_column():
+    records = [(b"k%d" % i if i % 2 else None, b"v%d" % i, {"i": b"%d" % i} if i % 3 == 0 else None, T0 + i % 4)
+               for i in range(10)]
+    data = stamp(encode_batch(records), 100, 0)
+    flat = expected_records(records, 100)
+    for min_offset in range(95, 112):
+        assert decode_records(data, "t", 0, min_offset) == flat[max(0, min_offset - 100):]
 
 
 # ---------------------------------------------------------------- concatenations
