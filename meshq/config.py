@@ -164,7 +164,9 @@ class NodeConfig:
             raise ConfigError(f"linger_s must be >= 0, not {self.linger_s!r}")
         _check_int("batch_max_records", self.batch_max_records, 1, 1_000_000)
         _check_int("batch_max_bytes", self.batch_max_bytes, 1024, self.max_frame_bytes)
-        _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 64)
+        # At most the leader's per-producer dedupe window (5, as in Kafka), or retries could
+        # fall outside it and be mistaken for gaps.
+        _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 5)
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)

@@ -73,7 +73,7 @@ from meshq.core.events import (
 from meshq.core.hashing import partition_for_key, stable_hash64
 from meshq.core.membership import Member, MemberTable
 from meshq.core.metadata import MetadataState
-from meshq.core.partition import ParkedFetch, PartitionState
+from meshq.core.partition import PRODUCER_WINDOW, ParkedFetch, PartitionState
 from meshq.core.raft import LEADER, RaftNode
 from meshq.errors import (
     CorruptLogError,
@@ -131,6 +131,7 @@ class OutBatch:
     base_sequence: int
     data: bytes = b""
     attempts: int = 0
+    settled: bool = False
 
 
 @dataclass(slots=True)
@@ -138,7 +139,11 @@ class ProducerPartition:
     next_sequence: int = 0
     next_at_most_once: int = 0
     queue: deque = field(default_factory=deque)
-    in_flight: int = 0
+    in_flight: int = 0  # requests awaiting a reply
+    # Sequenced batches in first-send order, from the oldest one not yet settled (acknowledged or
+    # failed) on. The leader remembers a producer's last PRODUCER_WINDOW batches, so new sends
+    # stop while this holds that many: a retry always falls inside the leader's dedupe window.
+    sent_log: deque = field(default_factory=deque)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +183,7 @@ class NodeCore:
         self._apply_waiters: list[tuple[int, int, Callable[[], None]]] = []
         self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
         self._seeds_answered: set[str] = set()
+        self._leaderless_since_s: float | None = None
         self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
@@ -557,6 +563,7 @@ class NodeCore:
         assert self.members is not None
         if raft.is_member:
             self._maybe_merge(now_s)
+            self._ask_readmission(now_s)
             return
         formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"])
         if raft.formed or formed_peers:
@@ -582,6 +589,27 @@ class NodeCore:
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
             raft.bootstrap(now_s, {"address": self.endpoint, "pub_address": self.pub_endpoint})
             self._publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
+
+    def _ask_readmission(self, now_s: float) -> None:
+        """A node whose own log says it is a voter, but that hears no leader while heartbeats name
+        one elsewhere, may hold an uncommitted config entry the cluster dropped: the leader then
+        does not replicate to it and its log is never repaired. Ask that leader to admit it again
+        (it comes back as a learner, its log is repaired, and it is promoted)."""
+        raft = self.raft
+        assert raft is not None
+        if raft.role == LEADER or raft.leader is not None:
+            self._leaderless_since_s = None
+            return
+        if self._leaderless_since_s is None:
+            self._leaderless_since_s = now_s
+            return
+        if now_s - self._leaderless_since_s < 3 * self.config.election_timeout_s or now_s < self._next_join_s:
+            return
+        leaders = sorted({c["leader"] for c in self.peer_clusters.values()
+                          if c["formed"] and c["leader"] and c["leader"] != self.node_id})
+        if leaders:
+            self._next_join_s = now_s + 1.0
+            self._raft_send(leaders[0], "raft_join", {"member": self._self_info()})
 
     def _maybe_merge(self, now_s: float) -> None:
         """A trivial cluster that meets another formed cluster of the same name gives itself up.
@@ -1201,6 +1229,10 @@ class NodeCore:
             if error is not None:
                 self._fail_records(command, error)
                 return
+            if command.topic not in self.metadata:
+                # Another waiter's retry dropped the metadata again before this one ran: wait again.
+                self._with_metadata(command.topic, self._now_s, command.deadline_s, ready)
+                return
             self._enqueue_records(command, self._now_s)
 
         self._with_metadata(command.topic, now_s, command.deadline_s, ready)
@@ -1211,6 +1243,24 @@ class NodeCore:
                                                 command.topic, -1, -1, error))
 
     def _enqueue_records(self, command: ProduceCommand, now_s: float) -> None:
+        from operator import itemgetter  # local: only this function of node.py may change here
+
+        get_key, get_value, get_headers = itemgetter(0), itemgetter(1), itemgetter(2)
+        sizes: dict[int, int] = {}  # id(headers dict) -> estimated bytes (produce_batch shares one dict)
+
+        def header_size(headers: Any) -> int:
+            if not headers:
+                return 0
+            size = sizes.get(id(headers))
+            if size is None:
+                try:
+                    size = sum(len(k.encode()) + len(v) + 10 for k, v in headers.items())
+                except (AttributeError, TypeError):
+                    size = 0  # not str -> bytes: encode_batch or the leader refuses the batch
+                sizes[id(headers)] = size
+            return size
+
+        keyless = False
         config: TopicConfig = self.metadata[command.topic]["config"]
         records = command.records
         groups: dict[int, tuple[list, Any]]
@@ -1225,7 +1275,8 @@ class NodeCore:
             if keyless_partition is None:
                 keyless_partition = self.rng.randrange(config.partitions)
             self.sticky[command.topic] = (keyless_partition + 1) % config.partitions
-            if all(record[0] is None for record in records):
+            if list(map(get_key, records)).count(None) == len(records):  # one pass at C speed
+                keyless = True
                 groups = {keyless_partition: (records, range(len(records)))}
             else:
                 groups = {}
@@ -1245,14 +1296,26 @@ class NodeCore:
                 pp = self.producer_partitions[(command.topic, partition)] = ProducerPartition()
             start = 0
             total = len(part_records)
+            # Size estimate per record: value + key + header bytes + 16 (msgpack framing). A whole
+            # window is summed at C speed; the per-record loop runs only where a split is needed.
             while start < total:
-                end, size = start, 0
-                while end < total and end - start < limit_records:
-                    record = part_records[end]
-                    size += len(record[1]) + (len(record[0]) if record[0] else 0) + 16
-                    if size > limit_bytes and end > start:
-                        break
-                    end += 1
+                end = min(total, start + limit_records)
+                window = part_records if (start, end) == (0, total) else part_records[start:end]
+                size = sum(map(len, map(get_value, window))) + 16 * (end - start)
+                if not keyless:
+                    size += sum(map(len, filter(None, map(get_key, window))))
+                with_headers = any(map(get_headers, window))
+                if with_headers:
+                    size += sum(map(header_size, map(get_headers, window)))
+                if size > limit_bytes:
+                    end, size = start, 0
+                    while end < total and end - start < limit_records:
+                        record = part_records[end]
+                        size += (len(record[1]) + (len(record[0]) if record[0] else 0)
+                                 + (header_size(record[2]) if with_headers else 0) + 16)
+                        if size > limit_bytes and end > start:
+                            break
+                        end += 1
                 chunk = part_records[start:end] if (start, end) != (0, total) else part_records
                 if command.acks == "none":
                     # Fire and forget is never retried, so a lost batch must not leave a gap that
@@ -1280,8 +1343,18 @@ class NodeCore:
 
     def _pump(self, key: tuple[str, int], now_s: float) -> None:
         pp = self.producer_partitions[key]
-        while pp.queue and pp.in_flight < self.config.max_in_flight_per_partition:
+        window = min(self.config.max_in_flight_per_partition, PRODUCER_WINDOW)
+        while pp.queue and pp.in_flight < window:
             out = pp.queue[0]
+            if out.deadline_s <= now_s:
+                pp.queue.popleft()
+                self._fail_batch(out, TimeoutError(
+                    f"produce to {out.topic}/{out.partition} did not complete before its deadline"))
+                continue
+            while pp.sent_log and pp.sent_log[0].settled:
+                pp.sent_log.popleft()
+            if out.attempts == 0 and out.acks != "none" and len(pp.sent_log) >= window:
+                break  # never run more than the leader's dedupe window past an unsettled batch
             leader = self._leader_of(*key)
             if leader is None or (leader != self.node_id and leader not in self.peer_endpoints):
                 self._retry_later(out, pp, NotLeaderError(f"no known leader for {key[0]}/{key[1]}"), now_s,
@@ -1301,10 +1374,13 @@ class NodeCore:
                                                     out.partition, -1))
             return
         pp.in_flight += 1
+        if out.attempts == 1:
+            pp.sent_log.append(out)
         key = (out.topic, out.partition)
 
         def on_reply(message: wire.Message) -> None:
             pp.in_flight -= 1
+            out.settled = True
             if out.waiter is not None:
                 self._effects.append(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                                     out.partition, message.body["base_offset"]))
@@ -1314,6 +1390,13 @@ class NodeCore:
             pp.in_flight -= 1
             if self.stopped:
                 self._fail_batch(out, error)
+                return
+            if batch_format.parse_header(out.data).producer_epoch != self.producer_epoch:
+                # Superseded by a newer epoch: a retry would only be fenced. Its fate is unknown.
+                self._fail_batch(out, TimeoutError(
+                    "the producer started a new epoch while this batch was unanswered; its fate is unknown "
+                    "(it may or may not be stored)"), restart=False)
+                self._pump(key, self._now_s)
                 return
             self._retry_later(out, pp, error, self._now_s, requeue=True)
 
@@ -1354,6 +1437,7 @@ class NodeCore:
         self._schedule(now_s + _METADATA_RETRY_S, "retry", resume)
 
     def _fail_batch(self, out: OutBatch, error: MeshqError, restart: bool = True) -> None:
+        out.settled = True
         if out.waiter is not None:
             self._effects.append(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                                 out.partition, -1, error))
@@ -1361,32 +1445,33 @@ class NodeCore:
         if restart and pp is not None and not self.stopped:
             self._restart_sequences(pp)
 
-    def _restart_sequences(self, pp: ProducerPartition) -> None:
+    def _restart_sequences(self, pp: ProducerPartition | None = None) -> None:
         """A batch failed for good, so its sequence range may or may not be stored: every later
-        batch would meet a gap at the leader. Start a new producer epoch (leaders accept any
-        sequence from a newer epoch and fence older ones) and renumber what was never sent.
-        Batches sent before under the old numbering have an unknown fate; renumbering them
-        could store them twice, so they fail too (as in Kafka's KIP-360)."""
+        batch would meet a gap at the leader. Start a new producer epoch — leaders require a new
+        epoch to start at sequence 0 and fence older epochs — and renumber, in every partition,
+        what was never sent. Batches sent before under the old numbering have an unknown fate;
+        renumbering them could store them twice, so they fail too (as in Kafka's KIP-360)."""
         self.producer_epoch += 1
-        keep: deque = deque()
-        sequence = 0
-        queued, pp.queue = pp.queue, deque()
-        for out in queued:
-            if out.base_sequence == batch_format.NO_SEQUENCE:
-                keep.append(out)  # acks=none: not sequenced
-                continue
-            if out.attempts > 0:
-                self._fail_batch(out, TimeoutError(
-                    "an earlier batch of this partition failed; this one was sent before and its fate is "
-                    "unknown (it may or may not be stored)"), restart=False)
-                continue
-            out.base_sequence = sequence
-            out.data = batch_format.encode_batch(out.records, producer_id=self.producer_id,
-                                                 producer_epoch=self.producer_epoch, base_sequence=sequence)
-            sequence += len(out.records)
-            keep.append(out)
-        pp.queue = keep
-        pp.next_sequence = sequence
+        for _key, partition_state in sorted(self.producer_partitions.items()):
+            keep: deque = deque()
+            sequence = 0
+            queued, partition_state.queue = partition_state.queue, deque()
+            for out in queued:
+                if out.base_sequence == batch_format.NO_SEQUENCE:
+                    keep.append(out)  # acks=none: not sequenced
+                    continue
+                if out.attempts > 0:
+                    self._fail_batch(out, TimeoutError(
+                        "an earlier batch failed and the producer started a new epoch; this batch was sent "
+                        "before and its fate is unknown (it may or may not be stored)"), restart=False)
+                    continue
+                out.base_sequence = sequence
+                out.data = batch_format.encode_batch(out.records, producer_id=self.producer_id,
+                                                     producer_epoch=self.producer_epoch, base_sequence=sequence)
+                sequence += len(out.records)
+                keep.append(out)
+            partition_state.queue = keep
+            partition_state.next_sequence = sequence
 
     # ------------------------------------------------------------------ other commands
     def _command(self, command: Command, now_s: float) -> None:

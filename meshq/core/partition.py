@@ -110,6 +110,13 @@ class PartitionState:
                 return entry.batches[-1][2]
             return None
         if entry is None or header.producer_epoch > entry.epoch or not entry.batches:
+            if header.base_sequence != 0:
+                # A new producer (or epoch) starts at 0; anything else arrived ahead of its
+                # predecessors, or follows records this log no longer has: refuse, never guess.
+                raise OutOfOrderSequenceError(
+                    f"producer {header.producer_id} epoch {header.producer_epoch} is new on "
+                    f"{self.topic}/{self.partition}: its first batch must have sequence 0, not {header.base_sequence}"
+                )
             return None
         if header.producer_epoch < entry.epoch:
             raise ProducerFencedError(
