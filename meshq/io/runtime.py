@@ -217,38 +217,20 @@ class Runtime:
             self._flush_syncs()
 
     def _drain_router(self) -> None:
-        router, core = self.router, self.core
-        cluster = core.config.cluster
-        for _ in range(_MAX_INPUTS_PER_SOCKET):
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = wire.decode(frames[1:], cluster)
-            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
-                self.frames_invalid += 1
-                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
-                continue
-            self._handle_peer_input(RequestReceived(frames[0], message))
+        self._drain(self.router, lambda frames, message: RequestReceived(frames[0], message), header_at=1)
 
     def _drain_sub(self) -> None:
-        core, sub = self.core, self.sub
-        cluster = core.config.cluster
-        for _ in range(_MAX_INPUTS_PER_SOCKET):
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = wire.decode(frames, cluster)
-            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
-                self.frames_invalid += 1
-                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
-                continue
-            self._handle_peer_input(EventReceived(message))
+        self._drain(self.sub, lambda frames, message: EventReceived(message))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
+        self._drain(sock, lambda frames, message: ReplyReceived(peer, message))
+
+    def _drain(self, sock: zmq.Socket, to_event: Any, header_at: int = 0) -> None:
+        """Read up to _MAX_INPUTS_PER_SOCKET messages from ``sock``, decode, and feed the core.
+
+        ``header_at`` skips the ROUTER's identity frame; ``to_event(frames, message)`` builds the
+        core's input. A frame that fails to decode is dropped and counted, never fatal.
+        """
         core = self.core
         cluster = core.config.cluster
         for _ in range(_MAX_INPUTS_PER_SOCKET):
@@ -259,12 +241,12 @@ class Runtime:
             except zmq.Again:
                 return
             try:
-                message = wire.decode(frames, cluster)
+                message = wire.decode(frames[header_at:], cluster)
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 self.frames_invalid += 1
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
-            self._handle_peer_input(ReplyReceived(peer, message))
+            self._handle_peer_input(to_event(frames, message))
 
     def _handle_peer_input(self, event: Any) -> None:
         """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
