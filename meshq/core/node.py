@@ -184,6 +184,7 @@ class NodeCore:
         self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
         self._seeds_answered: set[str] = set()
         self._leaderless_since_s: float | None = None
+        self._introduced_s: dict[str, float] = {}  # peer -> earliest time to introduce ourselves again
         self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
@@ -488,6 +489,11 @@ class NodeCore:
                                                   "trivial": body["trivial"], "can_form": body["can_form"]}
             for info in body["members"]:
                 self._learn(info, now_s)
+            if (not any(info["node_id"] == self.node_id for info in body["members"])
+                    and now_s >= self._introduced_s.get(message.sender, 0.0)):
+                # The sender does not know us (it restarted since we met): introduce ourselves.
+                self._introduced_s[message.sender] = now_s + 1.0
+                self._hello(message.sender, now_s)
             self._formation_tick(now_s)
         elif message.type == "goodbye":
             if self.members.leave(message.body["node_id"], message.body["incarnation"], now_s):

@@ -50,6 +50,7 @@ class Checker:
         self.high_watermarks: dict[tuple[str, str, int], int] = {}
         self.power_losses: list[float] = []
         self.power_lost_values: set[bytes] = set()
+        self.disk_lost_values: set[bytes] = set()
         self.liveness_started_s: float | None = None
         self.converged = False
         self.converged_s: float | None = None
@@ -94,6 +95,11 @@ class Checker:
             if committed.get(partition, 0) < offset:
                 raise Violation(f"committed offset of {TOPIC_NAME}/{partition} went back from {offset} "
                                 f"to {committed.get(partition, 0)}")
+
+    def before_disk_damage(self, partition: int, batch: bytes) -> None:
+        """A bit is about to flip in this stored batch: with one copy its records are lost."""
+        for record in batch_format.decode_records(batch, TOPIC_NAME, partition):
+            self.disk_lost_values.add(record.value)
 
     def start_liveness(self, now_s: float) -> None:
         self.liveness_started_s = now_s
@@ -173,6 +179,7 @@ class Checker:
                 raise Violation(f"acknowledged topic creation {creation['name']} is not in the agreed metadata")
         stored: dict[tuple[int, int], bytes] = {}
         positions: dict[bytes, list[tuple[int, int]]] = {}
+        log_start: dict[int, int] = {}
         for node_id in sorted(sim.nodes):
             core = sim.nodes[node_id].core
             if core is None:
@@ -180,12 +187,13 @@ class Checker:
             for (topic, partition), state in sorted(core.partitions.items()):
                 if topic != "events":
                     continue
-                data = state.log.read(state.log.start_offset, 1 << 30) if state.log.end_offset else b""
                 expected = state.log.start_offset
-                for record in batch_format.decode_records(data, topic, partition):
-                    if record.offset != expected:
+                log_start[partition] = state.log.start_offset
+                records, damaged = self._readable_records(state.log, topic, partition)
+                for record in records:
+                    if record.offset != expected and expected not in damaged:
                         raise Violation(f"{node_id}: {topic}/{partition} offsets not dense at {record.offset}")
-                    expected += 1
+                    expected = record.offset + 1
                     stored[(partition, record.offset)] = record.value
                     positions.setdefault(record.value, []).append((partition, record.offset))
         produced = {a.value: a for a in sim.attempts}
@@ -196,8 +204,11 @@ class Checker:
             if stored.get((attempt.partition, attempt.offset)) != attempt.value:
                 lost.append(attempt)
         for (partition, offset), values in sorted(sim.consumer.seen.items()):
+            if offset < log_start.get(partition, 0):
+                continue  # removed by retention since: allowed
             for value in sorted(values):
-                if value not in self.power_lost_values and stored.get((partition, offset)) != value:
+                exempt = self.power_lost_values | self.disk_lost_values
+                if value not in exempt and stored.get((partition, offset)) != value:
                     raise Violation(f"a consumer saw {value!r} at {partition}/{offset}, which the log later "
                                     f"took back (now {stored.get((partition, offset))!r})")
         unexpected = sorted(v for v in positions if v not in produced)
@@ -229,9 +240,41 @@ class Checker:
                 kind = "at-most-once" if at_most_once else "idempotent"
                 raise Violation(f"{kind} records of {client} in partition {partition} are stored out of order")
 
+    def _readable_records(self, log: Any, topic: str, partition: int) -> tuple[list, set[int]]:
+        """Every record the log serves, and the offsets where a damaged batch was refused (it
+        must raise, never return other bytes)."""
+        from meshq.errors import CorruptLogError
+
+        out = []
+        damaged: set[int] = set()
+        offset = log.start_offset
+        while offset < log.end_offset:
+            try:
+                data = log.read(offset, 1 << 30)
+            except CorruptLogError:
+                # Served nothing: skip exactly that batch (the simulated disk knows its bounds).
+                damaged.add(offset)
+                offset = self._next_batch_offset(log, offset)
+                continue
+            records = batch_format.decode_records(data, topic, partition, offset)
+            if not records:
+                break
+            out.extend(records)
+            offset = records[-1].offset + 1
+        return out, damaged
+
+    @staticmethod
+    def _next_batch_offset(log: Any, offset: int) -> int:
+        for segment in log._disk.segments:
+            for header in segment.headers:
+                if header.base_offset <= offset < header.next_offset:
+                    return header.next_offset
+        return offset + 1
+
     def _guaranteed(self, attempt: Any) -> bool:
-        """Acknowledged (acks != none) and not in the unsynced tail of a node that lost power."""
-        return attempt.value not in self.power_lost_values
+        """Acknowledged (acks != none), not in the unsynced tail of a node that lost power, and not
+        in a batch whose only copy was damaged on disk."""
+        return attempt.value not in self.power_lost_values and attempt.value not in self.disk_lost_values
 
     def summary(self) -> dict:
         out = dict(self.history)

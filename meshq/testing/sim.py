@@ -18,7 +18,10 @@ every set that reaches the output is sorted, so one seed always replays the same
   (``MemoryStorage.crash``). Crashed nodes restart later from their disk. ``pause``
   freezes a node: its messages and timers wait, then fire late. Clock jumps move a
   node's wall clock (record timestamps, retention), never the monotonic clock.
-* **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it.
+* **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it. A
+  power loss drops the unsynced tail — or, with ``partial_writeback``, only part of it, as
+  when the OS had written some dirty pages back (a torn last batch ends the same way once
+  recovery cuts it). ``bitflip_rate`` flips a bit inside a sealed segment.
 * **Clients.** Client-role cores produce unique values with a mix of acks levels, create
   topics, and record every outcome; a consumer-group member fetches every partition,
   commits its positions, and now and then restarts from the group's committed offsets.
@@ -69,6 +72,7 @@ from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
 
 CLUSTER = "sim"
+WALL_BASE_MS = 1_700_000_000_000  # the simulated wall clock starts here (records, retention)
 TOPIC = "events"
 
 
@@ -84,12 +88,14 @@ class FaultOptions:
     power_rate: float = 0.0
     pause_rate: float = 0.0
     clock_jump_rate: float = 0.0
+    bitflip_rate: float = 0.0  # a flipped bit in a sealed segment of a node's log
+    partial_writeback: float = 0.5  # at a power loss: chance that a prefix of the unsynced tail survives
     down_s: tuple[float, float] = (0.5, 4.0)
 
     @property
     def any(self) -> bool:
         return any((self.drop, self.duplicate, self.partition_rate, self.kill_rate, self.power_rate,
-                    self.pause_rate, self.clock_jump_rate))
+                    self.pause_rate, self.clock_jump_rate, self.bitflip_rate))
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class SimOptions:
             power_rate=rng.choice([0.0, 0.0, 0.05]),
             pause_rate=rng.choice([0.0, 0.05]),
             clock_jump_rate=rng.choice([0.0, 0.05]),
+            bitflip_rate=rng.choice([0.0, 0.0, 0.03]),
         )
         return cls(seed=seed, nodes=rng.choice([1, 3, 3, 5]), clients=rng.choice([1, 2]),
                    partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
@@ -219,7 +226,7 @@ class Simulation:
         self.cut: set[frozenset[str]] = set()
         self.faulting = True
         self.stats = {"events": 0, "delivered": 0, "dropped": 0, "duplicated": 0, "kills": 0, "power": 0,
-                      "pauses": 0, "partitions": 0, "clock_jumps": 0}
+                      "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0}
         self.nodes: dict[str, SimNode] = {}
         self.by_endpoint: dict[str, str] = {}
         for i in range(options.nodes):
@@ -236,7 +243,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ setup
     def _add_node(self, node_id: str, role: str) -> None:
-        storage = MemoryStorage(segment_bytes=64 * 1024) if role == "storage" else None
+        storage = MemoryStorage(segment_bytes=4096) if role == "storage" else None
         node = SimNode(node_id, role, storage)
         self.nodes[node_id] = node
         self.by_endpoint[node.endpoint] = node_id
@@ -257,7 +264,7 @@ class Simulation:
         node.incarnation += 1
         rng = random.Random(self.rng.getrandbits(64))
         core = NodeCore(self._config(node), node.node_id, node.storage, rng,
-                        lambda n=node: int(self.now_s * 1000) + 1_700_000_000_000 + n.wall_offset_ms)
+                        lambda n=node: int(self.now_s * 1000) + WALL_BASE_MS + n.wall_offset_ms)
         node.core = core
         self._log(f"boot {node.node_id}")
         self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
@@ -411,13 +418,46 @@ class Simulation:
                 node.paused_until_s = self.now_s + rng.uniform(0.5, 5.0)
                 self.stats["pauses"] += 1
                 self._log(f"pause {node_id} until {node.paused_until_s:.3f}")
+            elif chance(faults.bitflip_rate):
+                self._flip_bit(node)
             elif chance(faults.clock_jump_rate):
                 node.wall_offset_ms += rng.choice([-1, 1]) * rng.randrange(1000, 3_600_000)
                 self.stats["clock_jumps"] += 1
                 self._log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
 
+    def _flip_bit(self, node: SimNode) -> None:
+        """Flip one bit inside a batch of a *sealed* segment of one of the node's logs."""
+        assert node.storage is not None
+        candidates = []
+        for key, disk in sorted(node.storage._disks.items()):  # the simulated disk: reaching in is the point
+            if key[0] == TOPIC:
+                for segment in disk.segments[:-1]:
+                    candidates.extend((key, segment, i) for i in range(len(segment.batches)))
+        if not candidates:
+            return
+        key, segment, index = self.rng.choice(candidates)
+        batch = bytearray(segment.batches[index])
+        self.checker.before_disk_damage(key[1], bytes(batch))
+        position = self.rng.randrange(batch_format.HEADER_SIZE, len(batch))
+        batch[position] ^= 1 << self.rng.randrange(8)
+        segment.batches[index] = bytes(batch)
+        self.stats["bitflips"] += 1
+        self._log(f"bitflip {node.node_id} {key[0]}/{key[1]} batch at {segment.headers[index].base_offset}")
+
+    def _partial_writeback(self, node: SimNode) -> None:
+        """Before a power loss the OS may have written back part of the unsynced tail: keep a
+        random prefix of it (a torn last write ends the same way once recovery cuts it)."""
+        assert node.storage is not None
+        for _key, disk in sorted(node.storage._disks.items()):
+            boundaries = [header.next_offset for segment in disk.segments for header in segment.headers
+                          if header.next_offset > disk.synced_offset]
+            if boundaries and self.rng.random() < 0.5:
+                disk.synced_offset = self.rng.choice(boundaries)
+
     def _crash(self, node: SimNode, power: bool) -> None:
         assert node.core is not None and node.storage is not None
+        if power and self.rng.random() < self.options.faults.partial_writeback:
+            self._partial_writeback(node)
         self.checker.before_crash(node, power)
         node.core = None
         node.timer_at_s = float("inf")
@@ -444,7 +484,7 @@ class Simulation:
             value = f"v{self._produced}".encode()
             attempts.append(Attempt(value, acks, client.node_id))
             key = None if self.rng.random() < 0.5 else f"k{self.rng.randrange(20)}".encode()
-            records.append((key, value, None, int(self.now_s * 1000)))
+            records.append((key, value, None, WALL_BASE_MS + int(self.now_s * 1000)))
         self.attempts.extend(attempts)
         self.pending_attempts += len(attempts)
         self._feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, self.now_s + 3.0))
@@ -476,7 +516,7 @@ class Simulation:
             self.probes.append(attempt)
             self.attempts.append(attempt)
             self.pending_attempts += 1
-            self._feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, int(self.now_s * 1000))],
+            self._feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(self.now_s * 1000))],
                                               _Waiter(self, [attempt]), partition, "leader", self.now_s + 5.0))
         self._log("liveness probes sent")
 
