@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from tests.multinode.helpers import TIMINGS
 from tests.procs import NodeProcess
 
 
@@ -36,3 +37,32 @@ def no_thread_leak():
             thread.join(2.0)
     leaked = [name for name in leaked if any(t.name == name and t.is_alive() for t in threading.enumerate())]
     assert not leaked, f"runtime threads left running: {leaked}"
+
+
+@pytest.fixture
+def timings(request, record_property):
+    """``timings(label, seconds)`` records a measurement (shown in the terminal summary)."""
+
+    def record(label: str, seconds: float) -> None:
+        TIMINGS.append((request.node.nodeid, label, seconds))
+        record_property(label, round(seconds, 3))
+        print(f"{label}: {seconds:.2f} s")
+
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item (fixtures print node logs when a test failed)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for suite in ("multinode", "netns"):
+        mine = [t for t in TIMINGS if t[0].startswith(f"tests/{suite}/")]
+        if mine:
+            terminalreporter.section(f"meshq {suite}: measured timings")
+            for test, label, seconds in mine:
+                terminalreporter.write_line(f"{seconds:7.2f} s  {label}  ({test})")

@@ -79,8 +79,11 @@ from meshq.errors import (
     CorruptLogError,
     InvalidTopicError,
     MeshqError,
+    MessageTooLargeError,
     NodeStoppedError,
+    NotEnoughReplicasError,
     NotLeaderError,
+    OffsetOutOfRangeError,
     ProtocolError,
     TimeoutError,
     UnknownTopicError,
@@ -479,16 +482,7 @@ class NodeCore:
             if body["member"]["node_id"] != message.sender:
                 self.counters["frames_invalid"] += 1
                 return
-            learned, changed = self.members.heard(body["member"], now_s)
-            if learned is not None:
-                self._link(learned)
-            if changed:
-                log.info("member %s is alive", message.sender)
-            self.peer_clusters[message.sender] = {"formed": body["formed"], "leader": body["leader"],
-                                                  "role": body["member"]["role"], "size": body["size"],
-                                                  "trivial": body["trivial"], "can_form": body["can_form"]}
-            for info in body["members"]:
-                self._learn(info, now_s)
+            self._heard_from(body["member"], body, now_s)
             if (not any(info["node_id"] == self.node_id for info in body["members"])
                     and now_s >= self._introduced_s.get(message.sender, 0.0)):
                 # The sender does not know us (it restarted since we met): introduce ourselves.
@@ -501,6 +495,24 @@ class NodeCore:
         else:
             self.counters["frames_invalid"] += 1
 
+    def _heard_from(self, info: dict, summary: dict | None, now_s: float) -> None:
+        """A node spoke to us directly: mark it alive, link it if new, and take in what it says
+        about its metadata group (``summary``: a heartbeat or hello_ok body) and its gossip."""
+        assert self.members is not None
+        learned, changed = self.members.heard(info, now_s)
+        if learned is not None:
+            self._link(learned)
+        if changed:
+            log.info("member %s is alive", info["node_id"])
+        if summary is None:
+            return
+        self.peer_clusters[info["node_id"]] = {
+            "role": info["role"],
+            **{field: summary[field] for field in ("formed", "leader", "size", "trivial", "can_form")},
+        }
+        for other in summary["members"]:
+            self._learn(other, now_s)
+
     def _hello(self, peer: str, now_s: float) -> None:
         def on_reply(message: wire.Message) -> None:
             assert self.members is not None
@@ -512,15 +524,7 @@ class NodeCore:
             if info["node_id"] == self.node_id:
                 self._formation_tick(self._now_s)
                 return
-            learned, _changed = self.members.heard(info, self._now_s)
-            if learned is not None:
-                self._link(learned)
-            body = message.body
-            self.peer_clusters[info["node_id"]] = {"formed": body["formed"], "leader": body["leader"],
-                                                   "role": info["role"], "size": body["size"],
-                                                   "trivial": body["trivial"], "can_form": body["can_form"]}
-            for other in message.body["members"]:
-                self._learn(other, self._now_s)
+            self._heard_from(info, message.body, self._now_s)
             self._formation_tick(self._now_s)
 
         def on_error(error: MeshqError) -> None:
@@ -535,9 +539,7 @@ class NodeCore:
         assert self.members is not None
         info = message.body["member"]
         if info["node_id"] != self.node_id:
-            learned, _changed = self.members.heard(info, now_s)
-            if learned is not None:
-                self._link(learned)
+            self._heard_from(info, None, now_s)
         self._reply(route, message.request_id, "hello_ok", {
             "member": self._self_info(), "members": self.members.gossip(), **self._cluster_summary(),
         })
@@ -883,8 +885,6 @@ class NodeCore:
         in_sync = [replicas[0]]  # only the leader holds data until replication lands
         needed = len(replicas) // 2 + 1
         if len(in_sync) < needed:
-            from meshq.errors import NotEnoughReplicasError
-
             raise NotEnoughReplicasError(
                 f"acks={acks} needs {needed} of the {len(replicas)} replicas of {state.topic}/{state.partition} "
                 f"({', '.join(replicas)}); in sync: {', '.join(in_sync)}. This release does not replicate yet: "
@@ -900,8 +900,6 @@ class NodeCore:
             data = _cut_at_offset(data, high_watermark)
             self.counters["records_fetched_bytes"] += len(data)
         elif offset > state.log.end_offset:
-            from meshq.errors import OffsetOutOfRangeError
-
             raise OffsetOutOfRangeError(
                 f"offset {offset} is past the end {state.log.end_offset} of {state.topic}/{state.partition}"
             )
@@ -1707,8 +1705,6 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
 
 
 def _too_large(size: int, limit: int) -> MeshqError:
-    from meshq.errors import MessageTooLargeError
-
     return MessageTooLargeError(f"a record batch of {size} bytes exceeds the limit of {limit}; send smaller records")
 
 

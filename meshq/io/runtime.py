@@ -78,7 +78,6 @@ class Runtime:
         self.pub_endpoint = ""
         self.started = threading.Event()
         self.start_error: BaseException | None = None
-        self.frames_invalid = 0
         self._tasks: list[tuple[float, int, Any]] = []  # (deadline_s, seq, callable): front-end timers
         self._task_seq = 0
 
@@ -243,7 +242,6 @@ class Runtime:
             try:
                 message = wire.decode(frames[header_at:], cluster)
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
-                self.frames_invalid += 1
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
             self._handle_peer_input(to_event(frames, message))

@@ -621,23 +621,8 @@ class SegmentedLog:
         torn_tail = False
         with _MappedFile(segment.fd, size) as view:
             while position < size:
-                remaining = size - position
-                if remaining < HEADER_SIZE:
-                    reason, torn_tail = f"partial batch header ({remaining} of {HEADER_SIZE} bytes)", True
-                    break
-                try:
-                    header = parse_header(view, position)
-                except ProtocolError as exc:
-                    reason = f"bad batch header: {exc}"
-                    break
-                if header.base_offset != segment.end_offset:
-                    reason = (
-                        f"batch base offset {header.base_offset} does not continue the log "
-                        f"(expected {segment.end_offset})"
-                    )
-                    break
-                if header.size > remaining:
-                    reason, torn_tail = f"partial batch ({remaining} of {header.size} bytes)", True
+                header, reason, torn_tail = _next_batch(view, position, size, segment.end_offset)
+                if header is None:
                     break
                 if header.next_offset > next_base_offset:
                     reason = f"batch holds offsets up to {header.last_offset} but the next segment starts at {next_base_offset}"
@@ -676,23 +661,8 @@ class SegmentedLog:
         reason = None
         with _MappedFile(segment.fd, size) as view:
             while position < size:
-                remaining = size - position
-                if remaining < HEADER_SIZE:
-                    reason = f"partial batch header ({remaining} of {HEADER_SIZE} bytes)"
-                    break
-                try:
-                    header = parse_header(view, position)
-                except ProtocolError as exc:
-                    reason = f"bad batch header: {exc}"
-                    break
-                if header.base_offset != segment.end_offset:
-                    reason = (
-                        f"batch base offset {header.base_offset} does not continue the log "
-                        f"(expected {segment.end_offset})"
-                    )
-                    break
-                if header.size > remaining:
-                    reason = f"partial batch ({remaining} of {header.size} bytes)"
+                header, reason, _torn = _next_batch(view, position, size, segment.end_offset)
+                if header is None:
                     break
                 if not crc_ok(view, position, header):
                     reason = f"CRC mismatch in the batch at offset {header.base_offset}"
@@ -763,6 +733,27 @@ class _MappedFile:
     def __exit__(self, *exc_info: object) -> None:
         if self._map is not None:
             self._map.close()
+
+
+def _next_batch(view: mmap.mmap | bytes, position: int, size: int, expected_offset: int) -> tuple[BatchHeader | None, str | None, bool]:
+    """The batch header at ``position`` if it is whole and continues the log at ``expected_offset``.
+
+    Returns ``(header, None, False)``, or ``(None, reason, torn)`` where ``torn`` says the file
+    simply ends inside the batch (a torn write) rather than holding wrong bytes.
+    """
+    remaining = size - position
+    if remaining < HEADER_SIZE:
+        return None, f"partial batch header ({remaining} of {HEADER_SIZE} bytes)", True
+    try:
+        header = parse_header(view, position)
+    except ProtocolError as exc:
+        return None, f"bad batch header: {exc}", False
+    if header.base_offset != expected_offset:
+        return None, (f"batch base offset {header.base_offset} does not continue the log "
+                      f"(expected {expected_offset})"), False
+    if header.size > remaining:
+        return None, f"partial batch ({remaining} of {header.size} bytes)", True
+    return header, None, False
 
 
 def _write_all(fd: int, data: bytes) -> None:

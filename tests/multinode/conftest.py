@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.multinode.helpers import TIMINGS, Mesh
+from tests.multinode.helpers import Mesh
 
 
 @pytest.fixture
@@ -36,31 +36,3 @@ def mesh(request):
                 print(f"----- log of {node.ready.get('node_id', '?')} ({node.log_path}) -----")
                 print(node.log_text()[-4000:])
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def timings(request, record_property):
-    """``timings(label, seconds)`` records a measurement (shown in the terminal summary)."""
-
-    def record(label: str, seconds: float) -> None:
-        TIMINGS.append((request.node.nodeid, label, seconds))
-        record_property(label, round(seconds, 3))
-        print(f"{label}: {seconds:.2f} s")
-
-    return record
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
-def pytest_terminal_summary(terminalreporter):
-    mine = [t for t in TIMINGS if t[0].startswith("tests/multinode/")]
-    if not mine:
-        return
-    terminalreporter.section("meshq multinode: measured timings")
-    for test, label, seconds in mine:
-        terminalreporter.write_line(f"{seconds:7.2f} s  {label}  ({test})")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.multinode.helpers import TIMINGS
 from tests.netns.lab import Lab
 
 
@@ -27,29 +26,3 @@ def lab(request):
                 print(f"----- log of the node in {node.host.netns} -----")
                 print(node.log_text()[-4000:])
         the_lab.teardown()
-
-
-@pytest.fixture
-def timings(request, record_property):
-    def record(label: str, seconds: float) -> None:
-        TIMINGS.append((request.node.nodeid, label, seconds))
-        record_property(label, round(seconds, 3))
-        print(f"{label}: {seconds:.2f} s")
-
-    return record
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
-def pytest_terminal_summary(terminalreporter):
-    mine = [t for t in TIMINGS if t[0].startswith("tests/netns/")]
-    if not mine:
-        return
-    terminalreporter.section("meshq netns: measured timings")
-    for test, label, seconds in mine:
-        terminalreporter.write_line(f"{seconds:7.2f} s  {label}  ({test})")
