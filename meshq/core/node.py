@@ -897,7 +897,8 @@ class NodeCore:
         data = b""
         if offset < high_watermark:
             data = state.log.read(offset, body["max_bytes"])
-            data = _cut_at_offset(data, high_watermark)
+            if high_watermark < state.log.end_offset:  # only then can the read hold uncommitted batches
+                data = _cut_at_offset(data, high_watermark)
             self.counters["records_fetched_bytes"] += len(data)
         elif offset > state.log.end_offset:
             raise OffsetOutOfRangeError(
