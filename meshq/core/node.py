@@ -73,8 +73,9 @@ from meshq.core.events import (
 from meshq.core.hashing import partition_for_key, stable_hash64
 from meshq.core.membership import Member, MemberTable
 from meshq.core.metadata import MetadataState
-from meshq.core.partition import PRODUCER_WINDOW, ParkedFetch, PartitionState
+from meshq.core.partition import PRODUCER_WINDOW, AckWaiter, ParkedFetch, PartitionState
 from meshq.core.raft import LEADER, RaftNode
+from meshq.core.replica import Replica, persisted_name
 from meshq.errors import (
     CorruptLogError,
     InvalidTopicError,
@@ -191,7 +192,11 @@ class NodeCore:
         self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
-        self.partitions: dict[tuple[str, int], PartitionState] = {}
+        self.partitions: dict[tuple[str, int], PartitionState] = {}  # every partition replicated here
+        self.replicas: dict[tuple[str, int], Replica] = {}
+        # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
+        self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
+        self._leading: set[tuple[str, int]] = set()  # partitions whose leadership we have acted on
         self.group_offsets: dict[tuple[str, str, int], int] = {}
         # client half
         self.peer_endpoints: dict[str, str] = {}
@@ -235,7 +240,6 @@ class NodeCore:
                 heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
             )
             self.raft.start(now_s)
-            self._replay_group_offsets()
             self._schedule(now_s + self.config.retention_check_interval_s, "retention", None)
             if self.config.fsync == "interval":
                 self._schedule(now_s + self.config.fsync_interval_s, "fsync", None)
@@ -312,12 +316,19 @@ class NodeCore:
             raft_deadline = self.raft.next_deadline()
             if deadline is None or raft_deadline < deadline:
                 deadline = raft_deadline
+        for replica in self.replicas.values():
+            replica_deadline = replica.next_deadline()
+            if deadline is None or replica_deadline < deadline:
+                deadline = replica_deadline
         return deadline
 
     def on_timer(self, now_s: float) -> list:
         self._now_s = now_s
         if self.raft is not None and self.raft.next_deadline() <= now_s:
             self.raft.on_timer(now_s)
+        for _key, replica in sorted(self.replicas.items()):
+            if replica.next_deadline() <= now_s:
+                replica.on_timer(now_s)
         while self._timers and self._timers[0][0] <= now_s:
             _deadline, _seq, kind, key = heapq.heappop(self._timers)
             if kind == "request":
@@ -326,6 +337,10 @@ class NodeCore:
                     request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
             elif kind == "fetch":
                 self._expire_parked(key, now_s)
+            elif kind == "acks":
+                state = self.partitions.get(key)
+                if state is not None:
+                    self._check_waiters(state, now_s)
             elif kind == "heartbeat":
                 self._heartbeat(now_s)
                 self._schedule(now_s + self.config.heartbeat_interval_s, "heartbeat", None)
@@ -458,7 +473,7 @@ class NodeCore:
     def _publish_heartbeat(self) -> None:
         assert self.members is not None
         body = {"member": self._self_info(), "members": self.members.gossip(), **self._cluster_summary(),
-                "term": self.raft.term if self.raft is not None else 0}
+                "term": self.raft.term if self.raft is not None else 0, "leads": self._leads()}
         self._effects.append(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
 
     def _heartbeat(self, now_s: float) -> None:
@@ -471,9 +486,18 @@ class NodeCore:
                 self.peer_clusters.pop(node_id, None)
             else:
                 log.info("member %s is %s", node_id, state)
+                if state in ("suspect", "dead"):
+                    self._fail_requests_to(node_id, state)
         self._formation_tick(now_s)
         self._admit_next(now_s)
         self._remove_silent_members(now_s)
+
+    def _fail_requests_to(self, peer: str, state: str) -> None:
+        """A peer went silent: fail what waits on it with a retriable error, so callers go elsewhere
+        (a produce retries with the same sequence numbers, so nothing is stored twice)."""
+        for request_id in sorted(rid for rid, request in self.pending.items() if request.peer == peer):
+            request = self.pending.pop(request_id)
+            request.on_error(NotLeaderError(f"{peer} is {state} (silent); {request.type} is retried elsewhere"))
 
     def _on_event(self, message: wire.Message, now_s: float) -> None:
         assert self.members is not None
@@ -483,6 +507,7 @@ class NodeCore:
                 self.counters["frames_invalid"] += 1
                 return
             self._heard_from(body["member"], body, now_s)
+            self._note_leads(message.sender, body["leads"])
             if (not any(info["node_id"] == self.node_id for info in body["members"])
                     and now_s >= self._introduced_s.get(message.sender, 0.0)):
                 # The sender does not know us (it restarted since we met): introduce ourselves.
@@ -494,6 +519,13 @@ class NodeCore:
                 log.info("member %s left", message.body["node_id"])
         else:
             self.counters["frames_invalid"] += 1
+
+    def _note_leads(self, sender: str, leads: list) -> None:
+        """Remember which partitions ``sender`` says it leads (routing hints; the leader decides)."""
+        for topic, partition, epoch in leads:
+            known = self.leader_hints.get((topic, partition))
+            if known is None or epoch >= known[0]:
+                self.leader_hints[(topic, partition)] = (epoch, sender)
 
     def _heard_from(self, info: dict, summary: dict | None, now_s: float) -> None:
         """A node spoke to us directly: mark it alive, link it if new, and take in what it says
@@ -846,7 +878,7 @@ class NodeCore:
     def _serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         state = self._leader_state(body["topic"], body["partition"])
-        self._check_acks(state, body["acks"])
+        self._check_acks(state, body["acks"], now_s)
         data = message.payloads[0]
         header = batch_format.verify_batch(data, self.config.batch_max_bytes * 2)
         base_offset, duplicate = state.append(data, header, self.wall_clock_ms())
@@ -856,15 +888,60 @@ class NodeCore:
             self.counters["records_produced"] += header.record_count
             self.counters["batches_produced"] += 1
             self._on_appended(state, now_s)
+        if body["acks"] == "none":
+            return
         reply = {"topic": state.topic, "partition": state.partition, "base_offset": base_offset, "duplicate": duplicate}
-        if self.config.fsync == "always" and body["acks"] != "none" and not duplicate:
-            needed = state.log.end_offset
-            state.awaiting_sync.append(
-                (needed, lambda: self._reply(route, message.request_id, "produce_ok", reply))
-            )
+        # A retry of a stored batch waits like the original: its records may not have reached
+        # the acks level yet (the first attempt's answer may have been lost before they did).
+        needed = base_offset + header.record_count
+        timeout_s = min(body["timeout_ms"] / 1000.0, self.config.request_timeout_s) if body["timeout_ms"] else \
+            self.config.request_timeout_s
+
+        def done(error: MeshqError | None) -> None:
+            if error is None:
+                self._reply(route, message.request_id, "produce_ok", reply)
+            else:
+                self._reply_error(route, message.request_id, error)
+
+        self._wait_for_acks(state, needed, body["acks"], now_s + timeout_s, done)
+
+    def _wait_for_acks(self, state: PartitionState, needed: int, acks: str, deadline_s: float,
+                       callback: Callable[[MeshqError | None], None]) -> None:
+        """Run ``callback(None)`` once the records below ``needed`` reach ``acks``, else an error."""
+        replica = state.replica
+        if replica.reached(acks, needed, self._now_s):
+            callback(None)
+            return
+        state.waiters.append(AckWaiter(needed, acks, deadline_s, callback))
+        self._schedule(deadline_s, "acks", state.key)
+        if acks == "leader" and self.config.fsync == "always":
             self._effects.append(SyncLogs(frozenset([state.key])))
-        else:
-            self._reply(route, message.request_id, "produce_ok", reply)
+
+    def _check_waiters(self, state: PartitionState, now_s: float) -> None:
+        """Answer the waiters whose records reached their level, failed or timed out."""
+        if not state.waiters:
+            return
+        replica = state.replica
+        keep = []
+        for waiter in state.waiters:
+            if not replica.is_leader:
+                waiter.callback(NotLeaderError(
+                    f"{self.node_id} stopped leading {state.topic}/{state.partition} before the records reached "
+                    f"acks={waiter.acks}; retry (the idempotent producer does not store them twice)"))
+            elif replica.reached(waiter.acks, waiter.needed, now_s):
+                waiter.callback(None)
+            elif waiter.deadline_s <= now_s:
+                in_sync = replica.in_sync(now_s)
+                if len(in_sync) < replica.quorum:
+                    waiter.callback(NotEnoughReplicasError(
+                        f"acks={waiter.acks} on {state.topic}/{state.partition} needs {replica.quorum} of the "
+                        f"replicas {', '.join(replica.replicas)}; only {', '.join(in_sync)} answered in time"))
+                else:
+                    waiter.callback(TimeoutError(
+                        f"records on {state.topic}/{state.partition} did not reach acks={waiter.acks} in time"))
+            else:
+                keep.append(waiter)
+        state.waiters = keep
 
     def _serve_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -877,19 +954,22 @@ class NodeCore:
             return
         self._answer_fetch(state, route, message.request_id, body)
 
-    def _check_acks(self, state: PartitionState, acks: str) -> None:
-        """Refuse (before any state change) a write whose acks level the replica set cannot meet."""
-        if acks in ("none", "leader"):
-            return
-        replicas = self.meta.replicas(state.topic, state.partition) or [self.node_id]
-        in_sync = [replicas[0]]  # only the leader holds data until replication lands
-        needed = len(replicas) // 2 + 1
-        if len(in_sync) < needed:
+    def _check_acks(self, state: PartitionState, acks: str, now_s: float) -> None:
+        """Refuse (before any state change) a write this leader cannot vouch for.
+
+        A leader whose lease lapsed (a majority of its replica set has not answered within the
+        election timeout: it is cut off, or was paused) may already be deposed, so it takes no
+        write at any acks level: a stale leader never acknowledges anything.
+        """
+        replica = state.replica
+        if replica.handing_off(now_s):
+            raise NotLeaderError(f"{self.node_id} is handing leadership of {state.topic}/{state.partition} to "
+                                 f"{replica.replicas[0]}; refresh metadata and retry")
+        if not replica.lease_valid(now_s):
             raise NotEnoughReplicasError(
-                f"acks={acks} needs {needed} of the {len(replicas)} replicas of {state.topic}/{state.partition} "
-                f"({', '.join(replicas)}); in sync: {', '.join(in_sync)}. This release does not replicate yet: "
-                f"use acks=leader, or a topic with replication_factor=1"
-            )
+                f"{self.node_id} leads {state.topic}/{state.partition} but has not heard from a majority of its "
+                f"replicas ({', '.join(replica.replicas)}) recently; it refuses writes rather than diverge. "
+                f"Retry: a leader on the majority side takes over")
 
     def _answer_fetch(self, state: PartitionState, route: Any, request_id: int, body: dict) -> None:
         offset = body["offset"]
@@ -909,14 +989,17 @@ class NodeCore:
         self._reply(route, request_id, "fetch_ok", reply, (data,) if data else ())
 
     def _on_appended(self, state: PartitionState, now_s: float) -> None:
+        """The leader stored a batch: replicate it (its readers wait for the high watermark)."""
         self._dirty_logs.add(state.key)
-        if state.parked_fetches:
-            parked, state.parked_fetches = state.parked_fetches, []
-            for fetch in parked:
-                self._answer_parked(state, fetch)
+        if self.config.fsync == "always":
+            self._effects.append(SyncLogs(frozenset([state.key])))
+        state.replica.on_local_append(now_s)
 
     def _answer_parked(self, state: PartitionState, fetch: ParkedFetch) -> None:
         try:
+            if not state.replica.is_leader:
+                raise NotLeaderError(f"{self.node_id} no longer leads {state.topic}/{state.partition}; "
+                                     f"refresh metadata")
             self._answer_fetch(state, fetch.route, fetch.request_id, fetch.body)
         except MeshqError as exc:
             self._reply_error(fetch.route, fetch.request_id, exc)
@@ -935,23 +1018,37 @@ class NodeCore:
 
     def _on_synced(self, keys: frozenset) -> None:
         for key in sorted(keys):
-            state = self.partitions.get(key)
-            if state is None:
-                continue
-            if state.durable_reads and state.parked_fetches:
-                parked, state.parked_fetches = state.parked_fetches, []
-                for fetch in parked:  # the high watermark moved: answer long polls now
+            replica = self.replicas.get(key)
+            if replica is not None:
+                replica.on_synced(self._now_s)
+                self._on_replica_change(key)
+
+    def _on_replica_change(self, key: tuple[str, int]) -> None:
+        """Leadership or the high watermark of a local replica changed: answer who waits on it."""
+        state = self.partitions.get(key)
+        replica = self.replicas.get(key)
+        if state is None or replica is None:
+            return
+        was_leader = key in self._leading
+        if replica.is_leader and not was_leader:
+            self._leading.add(key)
+            if key[0] == OFFSETS_TOPIC:
+                self._replay_group_offsets(key)
+        elif not replica.is_leader and was_leader:
+            self._leading.discard(key)
+            if key[0] == OFFSETS_TOPIC:
+                for group_key in [k for k in self.group_offsets if self._offsets_partition(k[0]) == key[1]]:
+                    del self.group_offsets[group_key]
+        self._check_waiters(state, self._now_s)
+        if state.parked_fetches:
+            high_watermark = state.high_watermark
+            keep = []
+            for fetch in state.parked_fetches:  # the high watermark moved (or leadership went): answer now
+                if not replica.is_leader or fetch.body["offset"] < high_watermark:
                     self._answer_parked(state, fetch)
-            if not state.awaiting_sync:
-                continue
-            synced = state.log.synced_offset
-            still = []
-            for needed, callback in state.awaiting_sync:
-                if needed <= synced:
-                    callback()
                 else:
-                    still.append((needed, callback))
-            state.awaiting_sync = still
+                    keep.append(fetch)
+            state.parked_fetches = keep
 
     def _serve_list_offsets(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -973,17 +1070,24 @@ class NodeCore:
         for entry in message.body["offsets"]:
             key = msgpack.packb([group, entry["topic"], entry["partition"]])
             records.append((key, msgpack.packb(entry["offset"]), None, now_ms))
-        if records:
-            data = batch_format.encode_batch(records)
-            state.append(data, batch_format.parse_header(data), now_ms)
-            self._on_appended(state, now_s)
-            for entry in message.body["offsets"]:
-                self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]
-        if self.config.fsync == "always" and records:
-            state.awaiting_sync.append((state.log.end_offset, lambda: self._reply(route, message.request_id, "offset_commit_ok", {})))
-            self._effects.append(SyncLogs(frozenset([state.key])))
-        else:
+        if not records:
             self._reply(route, message.request_id, "offset_commit_ok", {})
+            return
+        self._check_acks(state, "quorum", now_s)
+        data = batch_format.encode_batch(records)
+        state.append(data, batch_format.parse_header(data), now_ms)
+        self._on_appended(state, now_s)
+        for entry in message.body["offsets"]:
+            self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]
+
+        def done(error: MeshqError | None) -> None:
+            if error is None:
+                self._reply(route, message.request_id, "offset_commit_ok", {})
+            else:
+                self._reply_error(route, message.request_id, error)
+
+        # Committed offsets are as durable as acks=quorum records: a failover cannot rewind a group.
+        self._wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s, done)
 
     def _serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         group, topic = message.body["group"], message.body["topic"]
@@ -1005,7 +1109,7 @@ class NodeCore:
 
     def _leader_state(self, topic: str, partition: int) -> PartitionState:
         state = self.partitions.get((topic, partition))
-        if state is not None:
+        if state is not None and state.replica.is_leader:
             return state
         validate_topic_name(topic)
         if not self.is_storage:
@@ -1015,8 +1119,9 @@ class NodeCore:
             raise UnknownTopicError(f"topic {topic!r} does not exist (as far as {self.node_id} knows)")
         if not 0 <= partition < config.partitions:
             raise UnknownTopicError(f"topic {topic!r} has {config.partitions} partitions; {partition} does not exist")
+        leader = self._current_leader(topic, partition)
         raise NotLeaderError(f"{self.node_id} does not lead {topic}/{partition}; its leader is "
-                             f"{self.meta.leader(topic, partition)} (refresh metadata)")
+                             f"{leader or 'being elected'} (refresh metadata)")
 
     def _default_topic_config(self, name: str) -> TopicConfig:
         validate_topic_name(name)
@@ -1035,17 +1140,63 @@ class NodeCore:
         return stable_hash64(group.encode()) % config.partitions
 
     def _open_partitions(self, config: TopicConfig) -> None:
-        """Open the logs of the partitions this node leads (the first replica of the assignment)."""
+        """Open the replicas this node holds of ``config``'s partitions and start replicating."""
         for partition, replicas in enumerate(self.meta.assignments[config.name]):
             key = (config.name, partition)
-            if replicas and replicas[0] == self.node_id and key not in self.partitions:
-                self.partitions[key] = PartitionState(config.name, partition,
-                                                      self.storage.open_log(config.name, partition),
-                                                      durable_reads=self.config.fsync == "always")
+            if self.node_id not in replicas or key in self.partitions:
+                continue
+            state = PartitionState(config.name, partition, self.storage.open_log(config.name, partition),
+                                   durable_reads=self.config.fsync == "always")
+            self.partitions[key] = state
+            name = persisted_name(config.name, partition)
+            replica = Replica(
+                self.node_id, state, replicas, self.storage.read_meta(name), self.rng,
+                send=lambda peer, type_, body, payloads: self._replica_send(peer, type_, body, payloads),
+                save=lambda value, name=name: self.storage.write_meta(name, value),
+                request_sync=lambda key=key: self._effects.append(SyncLogs(frozenset([key]))),
+                on_change=lambda key=key: self._on_replica_change(key),
+                on_follower_append=lambda key=key: self._dirty_logs.add(key),
+                wall_clock_ms=self.wall_clock_ms,
+                election_timeout_s=self.config.election_timeout_s,
+                heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
+                replica_lag_s=self.config.failure_timeout_s,
+                fsync_always=self.config.fsync == "always",
+            )
+            self.replicas[key] = replica
+            replica.start(self._now_s)
+            if replica.next_deadline() <= self._now_s:
+                replica.on_timer(self._now_s)  # a sole or preferred replica campaigns at once
 
-    def _replay_group_offsets(self) -> None:
+    def _replica_send(self, peer: str, type_: str, body: dict, payloads: tuple) -> None:
+        if peer not in self.peer_endpoints:
+            info = self.meta.members.get(peer)
+            if info is None:
+                return
+            self._connect(peer, info["address"])
+        self._effects.append(Send(peer, wire.encode(self.config.cluster, self.node_id, type_, 0, body, payloads)))
+
+    def _serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
+        body = message.body
+        replica = self.replicas.get((body["topic"], body["partition"]))
+        if replica is None:
+            return  # not (yet) a replica here: the sender retries on its next heartbeat
+        replica.handle(message.sender, message.type, body, message.payloads, now_s)
+
+    def _current_leader(self, topic: str, partition: int) -> str | None:
+        """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
+        replica = self.replicas.get((topic, partition))
+        if replica is not None and replica.leader is not None:
+            return replica.leader
+        hint = self.leader_hints.get((topic, partition))
+        if hint is not None and self.members is not None:
+            member = self.members.get(hint[1])
+            if hint[1] == self.node_id or (member is not None and member.state in ("alive", "suspect")):
+                return hint[1]
+        return None
+
+    def _replay_group_offsets(self, only: tuple[str, int] | None = None) -> None:
         for (topic, partition), state in sorted(self.partitions.items()):
-            if topic != OFFSETS_TOPIC:
+            if topic != OFFSETS_TOPIC or (only is not None and (topic, partition) != only):
                 continue
             offset = state.log.start_offset
             while offset < state.log.end_offset:
@@ -1085,27 +1236,31 @@ class NodeCore:
     def _topic_meta(self, config: TopicConfig) -> dict:
         partitions = []
         for p, replicas in enumerate(self.meta.assignments.get(config.name, [])):
-            state = self.partitions.get((config.name, p))
-            leader = replicas[0] if replicas else None
-            partitions.append({
+            replica = self.replicas.get((config.name, p))
+            entry = {
                 "partition": p,
-                "leader": leader,
+                "leader": self._current_leader(config.name, p),
                 "replicas": list(replicas),
-                # Replication arrives with the replication release: today only the leader holds data.
-                "in_sync": [leader] if leader else [],
-                "high_watermark": state.high_watermark if state else 0,
-            })
+                "in_sync": [],
+                "high_watermark": replica.high_watermark if replica is not None else 0,
+            }
+            if replica is not None:
+                # Only the leader knows who is in sync; merge_status prefers the leader's view.
+                entry["in_sync"] = replica.in_sync(self._now_s)
+                entry["epoch"] = replica.epoch
+                entry["role"] = replica.role
+                entry["end_offset"] = replica.log.end_offset
+            partitions.append(entry)
         return {"config": config.to_wire(), "partitions": partitions}
 
     def under_replicated(self) -> int:
         """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""
-        count = 0
-        for (topic, partition), _state in self.partitions.items():
-            replicas = self.meta.replicas(topic, partition)
-            in_sync = [replicas[0]] if replicas else []  # no replication yet: only the leader holds data
-            if len(in_sync) < len(replicas):
-                count += 1
-        return count
+        return sum(1 for replica in self.replicas.values()
+                   if replica.is_leader and len(replica.in_sync(self._now_s)) < len(replica.replicas))
+
+    def _leads(self) -> list[list]:
+        return [[topic, partition, replica.epoch] for (topic, partition), replica in sorted(self.replicas.items())
+                if replica.is_leader]
 
     def local_status(self) -> dict:
         """This node's view in the shape of ``meshq status --json``."""
@@ -1668,16 +1823,27 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     node that leads it; consumer groups from the node that stores them.
     """
     merged = dict(reports[preferred])
-    by_leader: dict[tuple[str, int], int] = {}
-    for node_id, report in reports.items():
-        for topic in report["topics"]:
+    # Each partition as its leader sees it (the highest epoch wins if two still claim it).
+    leader_views: dict[tuple[str, int], dict] = {}
+    for node_id in sorted(reports):
+        for topic in reports[node_id]["topics"]:
             for p in topic["partitions"]:
-                if p["leader"] == node_id:
-                    by_leader[(topic["name"], p["partition"])] = p["high_watermark"]
+                if p["leader"] == node_id and p.get("role", "leader") == "leader":
+                    key = (topic["name"], p["partition"])
+                    known = leader_views.get(key)
+                    if known is None or p.get("epoch", 0) > known.get("epoch", 0):
+                        leader_views[key] = p
+    by_leader = {key: p["high_watermark"] for key, p in leader_views.items()}
     topics = []
     for topic in merged["topics"]:
-        partitions = [{**p, "high_watermark": by_leader.get((topic["name"], p["partition"]), p["high_watermark"])}
-                      for p in topic["partitions"]]
+        partitions = []
+        for p in topic["partitions"]:
+            view = leader_views.get((topic["name"], p["partition"]))
+            if view is None:
+                partitions.append({**p, "in_sync": p["in_sync"] if p.get("role") == "leader" else []})
+            else:
+                partitions.append({**p, **{k: view[k] for k in ("leader", "in_sync", "high_watermark", "epoch")
+                                           if k in view}})
         topics.append({**topic, "partitions": partitions})
     merged["topics"] = topics
     groups: dict[tuple[str, str, int], dict] = {}
@@ -1725,6 +1891,11 @@ _SERVERS: dict[str, Callable[[NodeCore, Any, wire.Message, float], None]] = {
     "offset_commit": NodeCore._serve_offset_commit,
     "offset_fetch": NodeCore._serve_offset_fetch,
     "status": NodeCore._serve_status,
+    "repl_vote": NodeCore._serve_replica,
+    "repl_vote_ok": NodeCore._serve_replica,
+    "repl_append": NodeCore._serve_replica,
+    "repl_append_ok": NodeCore._serve_replica,
+    "repl_timeout_now": NodeCore._serve_replica,
 }
 
 _COMMANDS: dict[str, Callable[[NodeCore, Command, float], None]] = {

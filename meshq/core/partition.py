@@ -36,6 +36,16 @@ class ProducerEntry:
 
 
 @dataclass(slots=True)
+class AckWaiter:
+    """A produce (or offset commit) answered once its records reach ``acks``."""
+
+    needed: int  # exclusive end offset the records must reach
+    acks: str
+    deadline_s: float
+    callback: Any  # callback(error: MeshqError | None)
+
+
+@dataclass(slots=True)
 class ParkedFetch:
     route: Any
     request_id: int
@@ -44,7 +54,7 @@ class ParkedFetch:
 
 
 class PartitionState:
-    """One partition this node leads."""
+    """One partition this node holds a replica of (it serves clients only while it leads)."""
 
     def __init__(self, topic: str, partition: int, log: Any, leader_epoch: int = 0,
                  durable_reads: bool = False) -> None:
@@ -57,8 +67,11 @@ class PartitionState:
         self.leader_epoch = leader_epoch
         self.producers: dict[int, ProducerEntry] = {}
         self.parked_fetches: list[ParkedFetch] = []
-        # (required synced end offset, callback) released by LogsSynced
-        self.awaiting_sync: list[tuple[int, Any]] = []
+        self.waiters: list[AckWaiter] = []
+        # The replication state (meshq.core.replica.Replica) once attached; it owns the high watermark.
+        self.replica: Any = None
+        # (epoch, first offset) of each epoch seen in the batch headers, found while rebuilding
+        self.batch_epochs: list[tuple[int, int]] = []
         self._rebuild_producers()
 
     @property
@@ -67,11 +80,18 @@ class PartitionState:
 
     @property
     def high_watermark(self) -> int:
-        # Single copy: what is appended (or, with durable_reads, synced) is committed.
-        # Replication replaces this with what a majority of the replica set holds.
+        if self.replica is not None:
+            return self.replica.high_watermark  # what a majority of the replica set holds
+        # A bare partition (no replication attached): what is appended, or with durable_reads synced.
         return self.log.synced_offset if self.durable_reads else self.log.end_offset
 
+    @property
+    def waiting_for_all(self) -> bool:
+        return any(waiter.acks == "all" for waiter in self.waiters)
+
     def _rebuild_producers(self) -> None:
+        self.producers.clear()
+        self.batch_epochs = []
         offset = self.log.start_offset
         end = self.log.end_offset
         while offset < end:
@@ -88,6 +108,8 @@ class PartitionState:
                 break
             for _pos, header in batch_format.iter_batches(data):
                 self._remember(header, header.base_offset)
+                if not self.batch_epochs or header.leader_epoch > self.batch_epochs[-1][0]:
+                    self.batch_epochs.append((header.leader_epoch, header.base_offset))
                 offset = header.next_offset
 
     def _remember(self, header: batch_format.BatchHeader, base_offset: int) -> None:
@@ -144,3 +166,25 @@ class PartitionState:
         assert stored.base_offset == base_offset and self.log.end_offset == base_offset + header.record_count
         self._remember(header, base_offset)
         return base_offset, False
+
+    def append_replicated(self, data: bytes, header: batch_format.BatchHeader, now_ms: int) -> None:
+        """Append a batch copied from the leader (already stamped with its offset and epoch)."""
+        assert header.base_offset == self.log.end_offset
+        self.log.append(data, now_ms=now_ms)
+        assert self.log.end_offset == header.next_offset
+        self._remember(header, header.base_offset)
+
+    def truncate(self, offset: int) -> None:
+        """Cut the log back to ``offset`` and forget the producer batches that went with it."""
+        self.log.truncate_to(offset)
+        assert self.log.end_offset == offset
+        emptied = False
+        for entry in self.producers.values():
+            kept = [b for b in entry.batches if b[2] < offset]
+            if len(kept) != len(entry.batches):
+                entry.batches.clear()
+                entry.batches.extend(kept)
+                emptied = emptied or not kept
+        if emptied:
+            # A producer lost every remembered batch: older ones may still be in the log.
+            self._rebuild_producers()

@@ -213,6 +213,17 @@ def _raft_entry(value: Any, path: str) -> list:
         raise _fail(path, "[term, command bytes]", value)
     return [Int(0, 1 << 62)(value[0], path + "[0]"), Bytes(1 << 20)(value[1], path + "[1]")]
 TOPIC_PARTITION_OFFSET = Struct(topic=NAME, partition=PARTITION, offset=Int(0, 1 << 62))
+EPOCH = Int(0, (1 << 31) - 1)  # stored in the batch header's signed 32-bit leader epoch field
+
+
+def _lead(value: Any, path: str) -> list:
+    """``[topic, partition, epoch]``: a partition the heartbeat's sender leads."""
+    if type(value) not in (list, tuple) or len(value) != 3:
+        raise _fail(path, "[topic, partition, epoch]", value)
+    return [NAME(value[0], path + "[0]"), PARTITION(value[1], path + "[1]"), EPOCH(value[2], path + "[2]")]
+
+
+_REPL = {"topic": NAME, "partition": PARTITION, "epoch": EPOCH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +239,7 @@ SCHEMAS: dict[str, Schema] = {
                               leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool())),
     "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
                                leader=Optional(NODE), term=Int(0, 1 << 62), size=Int(0, 1 << 16),
-                               trivial=Bool(), can_form=Bool())),
+                               trivial=Bool(), can_form=Bool(), leads=ListOf(_lead, 100_000))),
     "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
     "raft_vote": Schema(Struct(term=Int(0, 1 << 62), candidate=NODE, last_index=Int(-1, 1 << 62),
                                last_term=Int(0, 1 << 62), pre_vote=Bool())),
@@ -239,6 +250,15 @@ SCHEMAS: dict[str, Schema] = {
                                  entries=ListOf(_raft_entry, 256))),
     "raft_append_ok": Schema(Struct(term=Int(0, 1 << 62), success=Bool(), match_index=Int(-1, 1 << 62),
                                     follower=NODE, hint=Int(0, 1 << 62))),
+    # partition replication (meshq.core.replica); all one-way
+    "repl_vote": Schema(Struct(**_REPL, candidate=NODE, last_epoch=EPOCH, end_offset=Int(0, 1 << 62),
+                               pre_vote=Bool())),
+    "repl_vote_ok": Schema(Struct(**_REPL, voter=NODE, granted=Bool(), pre_vote=Bool(), for_epoch=EPOCH)),
+    "repl_append": Schema(Struct(**_REPL, leader=NODE, prev_offset=Int(-1, 1 << 62), prev_epoch=EPOCH,
+                                 hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62)), 0, 1),
+    "repl_append_ok": Schema(Struct(**_REPL, follower=NODE, ok=Bool(), match_end=Int(-1, 1 << 62),
+                                    hint=Int(0, 1 << 62))),
+    "repl_timeout_now": Schema(Struct(**_REPL)),
     "raft_join": Schema(Struct(member=MEMBER_INFO)),
     "raft_propose": Schema(Struct(command=Bytes(1 << 20))),
     "raft_propose_ok": Schema(Struct(index=Int(0, 1 << 62))),

@@ -4,17 +4,23 @@ Safety (after every event):
 * at most one metadata leader per Raft term;
 * every node's committed metadata prefix agrees with every other node's;
 * a node's commit index never goes back (it is persisted, so not even across restarts);
-* a partition's high watermark on its leader never goes back, except across a power loss
-  of that leader with fsync != always (the documented loss window).
+* at most one leader per partition and leader epoch;
+* a replica's high watermark never goes back while it runs;
+* committed batches never change: once a leader's high watermark covers a batch, every later
+  leader commits the same bytes at that offset (outside the power-loss window of fsync != always).
 
 Consumers (as they read): no gap or reordering within a partition; committed group offsets
 never go below an acknowledged commit (outside the power-loss window).
 
 History (at the end, Jepsen "total queue" style):
-* lost: a guaranteed acknowledged record is not at the partition and offset it was acknowledged with.
-  Guaranteed means acks != none, and the record was not in the unsynced tail of a node at the moment
-  it lost power (the documented loss window of fsync=interval; a process kill loses nothing:
-  appends reach the page cache before the ack);
+* lost: a guaranteed acknowledged record is not at the partition and offset it was acknowledged with
+  in the final leader's log. Guaranteed means acks quorum or all, or acks=leader when no new
+  leader was elected for that partition after the acknowledgement (a failover may take back
+  what only the old leader held: the documented meaning of acks=leader); and the record was
+  not in the unsynced tail of a node at the moment it lost power (the loss window of
+  fsync=interval; a process kill loses nothing: appends reach the page cache first);
+* replicas agree: every replica's batches below the final high watermark are byte-identical
+  to the leader's (same offsets, epochs and CRCs);
 * unexpected: a stored value that no client ever produced;
 * duplicated: a value stored twice (the idempotent producer must prevent it);
 * order: one client's records in one partition are stored in the order they were produced,
@@ -23,8 +29,8 @@ History (at the end, Jepsen "total queue" style):
 * reads: everything a consumer saw is still in the log (outside the power-loss window).
 
 Liveness (after the faults stop): every node up, one metadata leader, every node agreeing on
-the voters and seeing every storage node alive, and no produce still pending — within the
-liveness budget.
+the voters and seeing every storage node alive, every partition led with all its replicas in
+sync, and no produce still pending — within the liveness budget.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 from meshq.core import batch as batch_format
 from meshq.core.raft import LEADER
+from meshq.errors import CorruptLogError
 
 TOPIC_NAME = "events"
 
@@ -56,20 +63,25 @@ class Checker:
         self.converged_s: float | None = None
         self.history: dict[str, int] = {}
         self._next_convergence_check_s = 0.0
+        self.partition_leaders: dict[tuple[str, int, int], str] = {}  # (topic, partition, epoch) -> node
+        self.elections: dict[tuple[str, int], list[float]] = {}  # when each new partition leader appeared
+        # (topic, partition) -> {base_offset: (next_offset, epoch, crc)} of every committed batch seen
+        self.committed_batches: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {}
+        self.committed_upto: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_ack(self, attempt: Any, now_s: float) -> None:
         attempt.acked_s = now_s
 
     def before_crash(self, node: Any, power: bool) -> None:
+        for key in list(self.high_watermarks):
+            if key[0] == node.node_id:
+                del self.high_watermarks[key]  # a restarted replica relearns it from its leader
         if not power:
             return  # a process kill loses nothing: appends are in the page cache before the ack
         self.power_losses.append(self.sim.now_s)
         if self.sim.options.fsync == "always":
             return
-        for key in list(self.high_watermarks):
-            if key[0] == node.node_id:
-                del self.high_watermarks[key]
         # Exactly these records may vanish: the unsynced tail of every log on this node.
         for (topic, _partition), state in sorted(node.core.partitions.items()):
             log = state.log
@@ -136,12 +148,54 @@ class Checker:
                     raise Violation(f"{node_id}: high watermark of {topic}/{partition} went back from "
                                     f"{self.high_watermarks[key]} to {high_watermark}")
                 self.high_watermarks[key] = high_watermark
+                replica = state.replica
+                if replica is not None and replica.is_leader:
+                    self._check_partition_leader(node_id, topic, partition, replica)
         if (self.liveness_started_s is not None and not self.converged
                 and sim.now_s >= self._next_convergence_check_s):
             self._next_convergence_check_s = sim.now_s + 0.05  # a cheap cadence; convergence is not instant anyway
             if self._is_converged():
                 self.converged = True
                 self.converged_s = sim.now_s - self.liveness_started_s
+
+    def _check_partition_leader(self, node_id: str, topic: str, partition: int, replica: Any) -> None:
+        holder = self.partition_leaders.get((topic, partition, replica.epoch))
+        if holder is None:
+            self.partition_leaders[(topic, partition, replica.epoch)] = node_id
+            self.elections.setdefault((topic, partition), []).append(self.sim.now_s)
+        elif holder != node_id:
+            raise Violation(f"two leaders of {topic}/{partition} in epoch {replica.epoch}: {holder} and {node_id}")
+        key = (topic, partition)
+        upto = self.committed_upto.get(key, 0)
+        high_watermark = replica.high_watermark
+        if high_watermark <= upto:
+            return
+        log = replica.log
+        offset = max(upto, log.start_offset)
+        known = self.committed_batches.setdefault(key, {})
+        while offset < high_watermark:
+            try:
+                data = log.read(offset, 1 << 20)
+            except CorruptLogError:
+                offset = self._next_batch_offset(log, offset)
+                continue
+            if not data:
+                break
+            for _pos, header in batch_format.iter_batches(data, verify_crc=False):
+                if header.base_offset >= high_watermark:
+                    break
+                entry = (header.next_offset, header.leader_epoch, header.crc)
+                before = known.get(header.base_offset)
+                if before is not None and before != entry and not self._power_window():
+                    raise Violation(f"{node_id}: committed batch of {topic}/{partition} at {header.base_offset} "
+                                    f"changed from (end, epoch, crc) {before} to {entry}")
+                known[header.base_offset] = entry
+                offset = header.next_offset
+        self.committed_upto[key] = high_watermark
+
+    def _power_window(self) -> bool:
+        """True when a power loss may have taken back acknowledged data (fsync != always)."""
+        return bool(self.power_losses) and self.sim.options.fsync != "always"
 
     def _is_converged(self) -> bool:
         sim = self.sim
@@ -163,7 +217,43 @@ class Checker:
             alive = set(node.core.members.alive_ids("storage"))
             if set(voters) - {node.node_id} - alive:
                 return False
+        for partition in range(sim.options.partitions):
+            leader = self._partition_leader(TOPIC_NAME, partition)
+            if leader is None:
+                return False
+            replica = leader.core.replicas[(TOPIC_NAME, partition)]
+            if sim.stats["bitflips"] or self._power_window():
+                # A damaged batch on the leader cannot be sent to a follower that lacks it (repair
+                # from another replica is not implemented); and after power losses with fsync !=
+                # always a replica may hold committed records the others lost, which it refuses
+                # to truncate (never below its high watermark): require a leader only.
+                continue
+            if (len(replica.in_sync(sim.now_s)) != len(replica.replicas)
+                    or replica.high_watermark != replica.log.end_offset):
+                return False
         return sim.pending_attempts == 0
+
+    def _most_complete(self, topic: str, partition: int) -> Any:
+        """The replica whose log would win an election now (a leadership hand-off may be under way)."""
+        best = None
+        for node_id in sorted(self.sim.nodes):
+            node = self.sim.nodes[node_id]
+            replica = node.core.replicas.get((topic, partition)) if node.core is not None else None
+            if replica is not None:
+                rank = (replica.last_epoch, replica.log.end_offset)
+                if best is None or rank > best[0]:
+                    best = (rank, node)
+        return best[1] if best is not None else None
+
+    def _partition_leader(self, topic: str, partition: int) -> Any:
+        """The node leading ``topic/partition`` in the highest epoch, or None."""
+        best = None
+        for node_id in sorted(self.sim.nodes):
+            node = self.sim.nodes[node_id]
+            replica = node.core.replicas.get((topic, partition)) if node.core is not None else None
+            if replica is not None and replica.is_leader and (best is None or replica.epoch > best[0]):
+                best = (replica.epoch, node)
+        return best[1] if best is not None else None
 
     # ------------------------------------------------------------------ end of run
     def at_end(self, reached_end: bool) -> None:
@@ -180,26 +270,31 @@ class Checker:
         stored: dict[tuple[int, int], bytes] = {}
         positions: dict[bytes, list[tuple[int, int]]] = {}
         log_start: dict[int, int] = {}
-        for node_id in sorted(sim.nodes):
-            core = sim.nodes[node_id].core
-            if core is None:
-                continue
-            for (topic, partition), state in sorted(core.partitions.items()):
-                if topic != "events":
-                    continue
-                expected = state.log.start_offset
-                log_start[partition] = state.log.start_offset
-                records, damaged = self._readable_records(state.log, topic, partition)
-                for record in records:
-                    if record.offset != expected and expected not in damaged:
-                        raise Violation(f"{node_id}: {topic}/{partition} offsets not dense at {record.offset}")
-                    expected = record.offset + 1
-                    stored[(partition, record.offset)] = record.value
-                    positions.setdefault(record.value, []).append((partition, record.offset))
+        for partition in range(sim.options.partitions):
+            leader = self._partition_leader(TOPIC_NAME, partition) or self._most_complete(TOPIC_NAME, partition)
+            if leader is None:
+                raise Violation(f"{TOPIC_NAME}/{partition} has no replica at the end")
+            state = leader.core.partitions[(TOPIC_NAME, partition)]
+            expected = state.log.start_offset
+            log_start[partition] = state.log.start_offset
+            records, damaged = self._readable_records(state.log, TOPIC_NAME, partition)
+            for record in records:
+                if record.offset != expected and expected not in damaged:
+                    raise Violation(f"{leader.node_id}: {TOPIC_NAME}/{partition} offsets not dense at {record.offset}")
+                expected = record.offset + 1
+                stored[(partition, record.offset)] = record.value
+                positions.setdefault(record.value, []).append((partition, record.offset))
+            self._check_replicas_agree(partition, leader)
         produced = {a.value: a for a in sim.attempts}
         lost = []
+        exempt_leader_acks = 0
         for attempt in sim.attempts:
             if attempt.outcome != "ok" or attempt.acks == "none" or not self._guaranteed(attempt):
+                continue
+            if attempt.acks == "leader" and any(t >= attempt.acked_s for t in
+                                                self.elections.get((TOPIC_NAME, attempt.partition), [])):
+                if stored.get((attempt.partition, attempt.offset)) != attempt.value:
+                    exempt_leader_acks += 1  # taken back by a failover: what acks=leader allows
                 continue
             if stored.get((attempt.partition, attempt.offset)) != attempt.value:
                 lost.append(attempt)
@@ -215,7 +310,8 @@ class Checker:
         duplicated = sorted(v for v, where in positions.items() if len(where) > 1)
         self.history = {"acked": sum(1 for a in sim.attempts if a.outcome == "ok"),
                         "failed": sum(1 for a in sim.attempts if a.outcome == "failed"),
-                        "lost": len(lost), "unexpected": len(unexpected), "duplicated_records": len(duplicated)}
+                        "lost": len(lost), "unexpected": len(unexpected), "duplicated_records": len(duplicated),
+                        "leader_acks_taken_back": exempt_leader_acks}
         if lost:
             first = lost[0]
             raise Violation(f"{len(lost)} acknowledged records lost, e.g. {first.value!r} (acks={first.acks}) "
@@ -239,6 +335,34 @@ class Checker:
             if numbers != sorted(numbers):
                 kind = "at-most-once" if at_most_once else "idempotent"
                 raise Violation(f"{kind} records of {client} in partition {partition} are stored out of order")
+
+    def _check_replicas_agree(self, partition: int, leader: Any) -> None:
+        """Every replica's batches below the leader's high watermark equal the leader's."""
+        if self._power_window():
+            return  # replicas that lost power may hold different (unsynced, lost) batches: allowed
+        key = (TOPIC_NAME, partition)
+        leader_state = leader.core.partitions[key]
+        high_watermark = leader_state.high_watermark
+        reference = self._batch_headers(leader_state.log, high_watermark)
+        for node_id in sorted(self.sim.nodes):
+            node = self.sim.nodes[node_id]
+            if node is leader or node.core is None or key not in node.core.partitions:
+                continue
+            log = node.core.partitions[key].log
+            mine = self._batch_headers(log, min(high_watermark, log.end_offset))
+            for base, entry in sorted(mine.items()):
+                if base in reference and reference[base] != entry:
+                    raise Violation(f"{node_id}: batch of {TOPIC_NAME}/{partition} at {base} is (end, epoch, crc) "
+                                    f"{entry}, the leader {leader.node_id} holds {reference[base]}")
+
+    @staticmethod
+    def _batch_headers(log: Any, upto: int) -> dict[int, tuple[int, int, int]]:
+        out: dict[int, tuple[int, int, int]] = {}
+        for segment in log._disk.segments:  # the simulated disk: headers even of damaged batches
+            for header in segment.headers:
+                if header.base_offset < upto:
+                    out[header.base_offset] = (header.next_offset, header.leader_epoch, header.crc)
+        return out
 
     def _readable_records(self, log: Any, topic: str, partition: int) -> tuple[list, set[int]]:
         """Every record the log serves, and the offsets where a damaged batch was refused (it

@@ -50,13 +50,22 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "hello_ok": ({"member": MEMBER_INFO, "members": [MEMBER_INFO, dict(MEMBER_INFO, node_id="node-c", role="client")],
                   "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False}, ()),
     "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3,
-                   "size": 0, "trivial": False, "can_form": False}, ()),
+                   "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]]}, ()),
     "goodbye": ({"node_id": "node-b", "incarnation": 1_700_000_000_000}, ()),
     "raft_vote": ({"term": 4, "candidate": "node-b", "last_index": -1, "last_term": 0, "pre_vote": True}, ()),
     "raft_vote_ok": ({"term": 4, "granted": False, "pre_vote": True, "voter": "node-a", "for_term": 5}, ()),
     "raft_append": ({"term": 4, "leader": "node-a", "prev_index": 9, "prev_term": 3, "commit": 9,
                      "entries": [[4, b"\x81\xa2op\xa4noop"], [4, b""]]}, ()),
     "raft_append_ok": ({"term": 4, "success": True, "match_index": 11, "follower": "node-b", "hint": 0}, ()),
+    "repl_vote": ({"topic": "orders", "partition": 1, "epoch": 3, "candidate": "node-b", "last_epoch": 2,
+                   "end_offset": 40, "pre_vote": True}, ()),
+    "repl_vote_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "voter": "node-a", "granted": True,
+                      "pre_vote": False, "for_epoch": 3}, ()),
+    "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "leader": "node-a", "prev_offset": -1,
+                     "prev_epoch": 0, "hw": 0, "epoch_start": 0}, (BATCH,)),
+    "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "follower": "node-b", "ok": False,
+                        "match_end": -1, "hint": 12}, ()),
+    "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3}, ()),
     "raft_join": ({"member": MEMBER_INFO}, ()),
     "raft_propose": ({"command": msgpack.packb({"op": "create_topic"})}, ()),
     "raft_propose_ok": ({"index": 12}, ()),
@@ -203,7 +212,8 @@ def test_payload_counts_of_the_types_that_carry_batches():
     assert (wire.SCHEMAS["produce"].min_payloads, wire.SCHEMAS["produce"].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["fetch_ok"].min_payloads, wire.SCHEMAS["fetch_ok"].max_payloads) == (0, 1)
     carriers = sorted(t for t, s in wire.SCHEMAS.items() if s.max_payloads)
-    assert carriers == ["fetch_ok", "produce"]
+    assert carriers == ["fetch_ok", "produce", "repl_append"]
+    assert (wire.SCHEMAS["repl_append"].min_payloads, wire.SCHEMAS["repl_append"].max_payloads) == (0, 1)
 
 
 def test_empty_fetch_reply_has_no_payload():
@@ -415,7 +425,12 @@ RANGE_CASES = [
     ("hello_ok", ("members",), [MEMBER_INFO] * 1001), ("hello_ok", ("members", 0), "node-a"),
     ("hello_ok", ("leader",), ""), ("hello_ok", ("formed",), "yes"),
     ("heartbeat", ("term",), -1), ("heartbeat", ("member", "pub_address"), "p" * 301),
-    ("heartbeat", ("members", 0, "node_id"), None),
+    ("heartbeat", ("members", 0, "node_id"), None), ("heartbeat", ("leads", 0), ["orders", 2]),
+    ("heartbeat", ("leads", 0, 2), -1), ("heartbeat", ("leads", 0, 2), 1 << 31),
+    ("repl_vote", ("epoch",), -1), ("repl_vote", ("end_offset",), -1), ("repl_vote", ("candidate",), ""),
+    ("repl_vote_ok", ("granted",), None), ("repl_append", ("prev_offset",), -2),
+    ("repl_append", ("epoch",), 1 << 31), ("repl_append_ok", ("match_end",), -2),
+    ("repl_append_ok", ("hint",), -1), ("repl_timeout_now", ("partition",), -1),
     ("goodbye", ("incarnation",), -1), ("goodbye", ("node_id",), ""),
     ("raft_vote", ("term",), -1), ("raft_vote", ("last_index",), -2), ("raft_vote", ("candidate",), ""),
     ("raft_vote", ("pre_vote",), 0),

@@ -716,7 +716,7 @@ def test_junk_published_by_a_member_is_dropped_and_counted(node, acked, client, 
         junk.append(wire.encode(CLUSTER, "spy", "produce", 0, produce_body(), (good_batch(),)))  # not an event
         junk.append(wire.encode(CLUSTER, "spy", "heartbeat", 0, {  # claims to be another node
             "member": member_info("someone-else"), "members": [], "formed": False, "leader": None, "term": 0,
-            "size": 0, "trivial": False, "can_form": False}))
+            "size": 0, "trivial": False, "can_form": False, "leads": []}))
         # PUB/SUB drops what is published before the node's subscription is up: repeat until counted.
         deadline = time.monotonic() + 10
         while invalid_count(client.status()) < before + len(junk):

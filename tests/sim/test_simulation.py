@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshq.core import partition as partition_module
+from meshq.core import replica as replica_module
 from meshq.core.node import NodeCore
 from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
@@ -75,3 +76,26 @@ def test_a_simulation_is_importable_and_configurable_by_users():
     result = Simulation(SimOptions(seed=5, nodes=3, partitions=2, fault_s=3.0, liveness_s=10.0)).run()
     assert result.ok, result.violations
     assert result.stats["acked"] > 0 and result.stats["lost"] == 0
+
+
+def test_checkers_catch_a_partition_leader_that_commits_without_a_majority(monkeypatch):
+    # Broken variant: a partition leader counts itself as a majority of its replica set, so it
+    # acknowledges acks=quorum records that only it holds; a failover must then lose them.
+    monkeypatch.setattr(replica_module.Replica, "quorum", property(lambda self: 1))
+    seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3 and "quorum" in SimOptions.swarm(s).acks
+             and SimOptions.swarm(s).faults.kill_rate]
+    assert failing_seeds(seeds[:25]), "partition commits without a majority went unnoticed"
+
+
+def test_checkers_catch_votes_for_a_candidate_with_a_shorter_log(monkeypatch):
+    # Broken variant: replicas vote without comparing logs, so a replica that missed committed
+    # records can win an election and truncate them away on the others.
+    original = replica_module.Replica._on_vote
+
+    def careless_vote(self, sender, body, now_s):
+        original(self, sender, {**body, "last_epoch": 1 << 30, "end_offset": 1 << 40}, now_s)
+
+    monkeypatch.setattr(replica_module.Replica, "_on_vote", careless_vote)
+    seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3 and SimOptions.swarm(s).faults.kill_rate]
+    assert failing_seeds(seeds[:30]), "elections that lose committed records went unnoticed"
+

@@ -1,0 +1,659 @@
+"""Replication of one partition among its replica set: leader epochs, high watermark, fencing.
+
+Theory of operation
+-------------------
+The replicas of a partition (its agreed assignment) run a Raft-style protocol whose log is
+the partition's record log and whose index is the record offset; the Raft term is the
+*leader epoch*, stamped into every batch header by the leader that first stored it.
+
+* **Epochs are granted by a majority of the replica set.** A follower that hears nothing from
+  a leader for an election timeout first asks for pre-votes (granted only by replicas that
+  also lost their leader, so a returning node cannot depose a healthy one), then for votes in
+  epoch + 1. A vote goes only to a candidate whose log is at least as complete, compared as
+  ``(last_epoch, end_offset)``. Epoch and vote are persisted before any reply depends on them.
+* **Epoch history instead of a no-op entry.** Every replica keeps ``history``: ascending
+  ``[epoch, start_offset]`` pairs (Kafka's leader-epoch cache, KIP-101). A new leader appends
+  ``[epoch, its end offset]`` — a zero-length marker standing where Raft would append a no-op.
+  A follower adopts the marker only once its log equals the leader's up to that offset. The
+  leader advances the high watermark only to offsets that a majority holds *at or past its own
+  marker* (Raft §5.4.2, "commit only entries of the current term"), so a record from an older
+  epoch is committed only once a majority also carries the newer epoch that protects it.
+* **Appends are checked and fenced.** ``repl_append`` carries the epoch, the offset and epoch
+  of the record just before its batches, the leader's high watermark and epoch start. A
+  follower refuses stale epochs (the stale leader learns the newer epoch from the refusal and
+  steps down), refuses a mismatch at the previous offset (answering with a hint where to
+  restart), and truncates only from the first batch whose epoch differs — the divergence
+  point — and never below its high watermark.
+* **Leases.** A leader accepts writes only while a majority of the replica set answered it
+  within the election timeout, and steps down after twice that (check-quorum). A leader that
+  was paused finds its lease expired on waking and acknowledges nothing.
+* **Replication is pipelined:** up to ``MAX_IN_FLIGHT`` appends per follower, each carrying
+  whole batches (the batch bytes the leader stored, byte for byte). A lost append shows as a
+  mismatch or as silence; either resets the follower's position to what it acknowledged.
+* **Preferred leader.** The first replica of the assignment (the ring owner) leads when it is
+  up and caught up: a leader hands leadership to it (``repl_timeout_now``) once it has matched
+  the whole log.
+
+All messages are one-way; replies are new messages, so loss, duplication and reordering are
+harmless (checked by epochs and offsets). The class is pure: time comes in as ``now_s``,
+randomness from the ``rng`` it is given, I/O goes out through the callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshq.core import batch as batch_format
+from meshq.errors import CorruptLogError, ProtocolError
+
+log = logging.getLogger("meshq.replica")
+
+FOLLOWER = "follower"
+PRE_CANDIDATE = "pre_candidate"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
+# Allowed role transitions (anything else is a bug).
+TRANSITIONS = {
+    FOLLOWER: {PRE_CANDIDATE, CANDIDATE, FOLLOWER},  # CANDIDATE directly on a leadership hand-off
+    PRE_CANDIDATE: {CANDIDATE, FOLLOWER, PRE_CANDIDATE},
+    CANDIDATE: {LEADER, FOLLOWER, PRE_CANDIDATE},
+    LEADER: {FOLLOWER},
+}
+
+MAX_APPEND_BYTES = 1024 * 1024
+MAX_IN_FLIGHT = 8
+MAX_HISTORY = 512
+HW_SAVE_INTERVAL_S = 1.0
+LEASE_FRACTION = 0.75
+
+
+@dataclass(slots=True)
+class FollowerProgress:
+    """What the leader knows of one follower."""
+
+    next_offset: int
+    match_end: int = -1  # exclusive end of the prefix known to equal the leader's; -1: unknown
+    in_flight: int = 0
+    last_send_s: float = float("-inf")
+    last_contact_s: float = float("-inf")
+
+
+def persisted_name(topic: str, partition: int) -> str:
+    """Name under which a replica's epoch, vote, history and high watermark are stored."""
+    return f"replica.{topic}.{partition}"
+
+
+class Replica:
+    """This node's replica of one partition. See the module docstring."""
+
+    def __init__(self, node_id: str, state: Any, replicas: list[str], persisted: dict | None,
+                 rng: random.Random, send: Callable[[str, str, dict, tuple], None],
+                 save: Callable[[dict], None], request_sync: Callable[[], None],
+                 on_change: Callable[[], None], on_follower_append: Callable[[], None],
+                 wall_clock_ms: Callable[[], int], *, election_timeout_s: float, heartbeat_interval_s: float,
+                 replica_lag_s: float, fsync_always: bool) -> None:
+        self.node_id = node_id
+        self.state = state  # PartitionState: log, producer table, parked fetches, waiters
+        self.log = state.log
+        self.topic = state.topic
+        self.partition = state.partition
+        self.replicas = list(replicas)
+        self.rng = rng
+        self._send = send
+        self._save = save
+        self._request_sync = request_sync
+        self._on_change = on_change
+        self._on_follower_append = on_follower_append
+        self._wall_clock_ms = wall_clock_ms
+        self.election_timeout_s = election_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.replica_lag_s = replica_lag_s
+        self.fsync_always = fsync_always
+        persisted = persisted or {}
+        self.epoch: int = int(persisted.get("epoch", 0))
+        self.voted_for: str | None = persisted.get("voted_for")
+        self.history: list[list[int]] = self._reconcile_history(persisted.get("history", []))
+        self.high_watermark: int = min(int(persisted.get("hw", 0)), self.log.end_offset)
+        self.high_watermark = max(self.high_watermark, self.log.start_offset)
+        self._saved_hw = self.high_watermark
+        self._saved_hw_s = float("-inf")
+        self.role = FOLLOWER
+        self.leader: str | None = None
+        self.leader_since_s = 0.0
+        self.epoch_start = 0
+        self.followers: dict[str, FollowerProgress] = {}
+        self.votes: set[str] = set()
+        self.election_deadline_s = float("inf")
+        self.heartbeat_deadline_s = float("inf")
+        self.last_leader_contact_s = float("-inf")
+        self._end_samples: deque = deque(maxlen=64)  # (time, own end): the in-sync yardstick
+        self._pending_ack: tuple[str, int] | None = None  # (leader, epoch) waiting for a local sync
+        self._transfer_sent_epoch = -1
+        self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
+        state.replica = self
+        state.leader_epoch = self.epoch
+
+    # ------------------------------------------------------------------ persistence
+    def _reconcile_history(self, persisted: list) -> list[list[int]]:
+        """Merge the persisted history with what the log's batch headers show.
+
+        The log may have lost a tail (torn write, power loss) or hold batches whose epoch entry
+        was not saved yet: entries past the end are dropped, epochs seen in batches added.
+        """
+        end = self.log.end_offset
+        merged: dict[int, int] = {}
+        for entry in persisted:
+            epoch, start = int(entry[0]), int(entry[1])
+            if start <= end:
+                merged[epoch] = min(start, merged.get(epoch, start))
+        for epoch, start in self.state.batch_epochs:
+            merged[epoch] = min(start, merged.get(epoch, start))
+        history: list[list[int]] = []
+        for epoch in sorted(merged):
+            start = merged[epoch]
+            if history and start < history[-1][1]:
+                continue  # inconsistent leftover of a truncation; the batches are the truth
+            history.append([epoch, start])
+        return history
+
+    def _persist(self) -> None:
+        if len(self.history) > MAX_HISTORY:
+            del self.history[: len(self.history) - MAX_HISTORY]
+        self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history,
+                    "hw": self.high_watermark})
+        self._saved_hw = self.high_watermark
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def quorum(self) -> int:
+        return len(self.replicas) // 2 + 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == LEADER
+
+    def handing_off(self, now_s: float) -> bool:
+        return self.role == LEADER and now_s < self._transfer_until_s
+
+    @property
+    def last_epoch(self) -> int:
+        return self.history[-1][0] if self.history else 0
+
+    def epoch_at(self, offset: int) -> int:
+        """Epoch of the leader that stored the record at ``offset`` (0 before any history)."""
+        epoch = 0
+        for entry_epoch, start in self.history:
+            if start > offset:
+                break
+            epoch = entry_epoch
+        return epoch
+
+    def _epoch_run_start(self, offset: int) -> int:
+        """First offset of the epoch run that holds ``offset``."""
+        run = 0
+        for _epoch, start in self.history:
+            if start > offset:
+                break
+            run = start
+        return run
+
+    def _own_match(self) -> int:
+        # With fsync=always only what is on disk counts: a power loss cannot take it back.
+        return self.log.synced_offset if self.fsync_always else self.log.end_offset
+
+    def next_deadline(self) -> float:
+        return self.heartbeat_deadline_s if self.role == LEADER else self.election_deadline_s
+
+    def lease_valid(self, now_s: float) -> bool:
+        """Leader only: safe to take writes — a majority answered recently and no hand-off is under way.
+
+        Followers grant no pre-vote for ``election_timeout_s`` after hearing from the leader, so
+        no rival can be elected while a majority answered within a shorter window; the margin
+        covers the time an answer spends on the wire.
+        """
+        if self.role != LEADER or now_s < self._transfer_until_s:
+            return False
+        return self._heard_from_majority(now_s, LEASE_FRACTION * self.election_timeout_s)
+
+    def _heard_from_majority(self, now_s: float, window_s: float) -> bool:
+        heard = 1 + sum(1 for peer, f in self.followers.items()
+                        if peer in self.replicas and now_s - f.last_contact_s <= window_s)
+        return heard >= self.quorum
+
+    def in_sync(self, now_s: float) -> list[str]:
+        """Replicas that hold (nearly) everything the leader holds; leader only, else []."""
+        if self.role != LEADER:
+            return []
+        yardstick = self._lagged_end(now_s)
+        members = [self.node_id]
+        for peer, f in sorted(self.followers.items()):
+            if (peer in self.replicas and now_s - f.last_contact_s <= self.replica_lag_s
+                    and f.match_end >= yardstick):
+                members.append(peer)
+        return sorted(members)
+
+    def _lagged_end(self, now_s: float) -> int:
+        """Own end offset as it was ``replica_lag_s`` ago (what an in-sync follower must have)."""
+        cutoff = now_s - self.replica_lag_s
+        yardstick = self.epoch_start
+        for sample_s, end in self._end_samples:
+            if sample_s > cutoff:
+                break
+            yardstick = max(yardstick, end)
+        return min(yardstick, self.log.end_offset)
+
+    def reached(self, acks: str, needed: int, now_s: float) -> bool:
+        """Whether a record ending at ``needed`` (exclusive) has reached ``acks``."""
+        if acks == "leader":
+            return self._own_match() >= needed
+        if self.high_watermark < needed:
+            return False
+        if acks == "all":
+            in_sync = set(self.in_sync(now_s))
+            return all(f.match_end >= needed for peer, f in self.followers.items() if peer in in_sync)
+        return True
+
+    def status(self, now_s: float) -> dict:
+        return {"epoch": self.epoch, "role": self.role, "leader": self.leader,
+                "high_watermark": self.high_watermark, "end_offset": self.log.end_offset,
+                "in_sync": self.in_sync(now_s)}
+
+    # ------------------------------------------------------------------ lifecycle
+    def _become(self, role: str) -> None:
+        assert role in TRANSITIONS[self.role], f"replica: {self.role} -> {role} is not a valid transition"
+        self.role = role
+
+    def _reset_election_timer(self, now_s: float) -> None:
+        self.election_deadline_s = now_s + self.election_timeout_s * (1.0 + self.rng.random())
+
+    def start(self, now_s: float) -> None:
+        self._reset_election_timer(now_s)
+        if self.node_id not in self.replicas:
+            self.election_deadline_s = float("inf")
+        elif len(self.replicas) == 1 or (self.epoch == 0 and self.replicas[0] == self.node_id):
+            # Sole replica, or the preferred leader of a new partition: no leader to wait for.
+            self.election_deadline_s = now_s
+
+    def set_replicas(self, replicas: list[str], now_s: float) -> None:
+        """The agreed replica set changed (a reassignment step)."""
+        self.replicas = list(replicas)
+        for peer in list(self.followers):
+            if peer not in self.replicas:
+                del self.followers[peer]
+        if self.role == LEADER:
+            for peer in self.replicas:
+                if peer != self.node_id and peer not in self.followers:
+                    self.followers[peer] = FollowerProgress(self.log.end_offset, last_contact_s=now_s)
+            if self.node_id not in self.replicas:
+                self._step_down(self.epoch, now_s, None)
+        elif self.node_id not in self.replicas:
+            self.election_deadline_s = float("inf")
+        elif self.election_deadline_s == float("inf"):
+            self._reset_election_timer(now_s)
+
+    def _step_down(self, epoch: int, now_s: float, leader: str | None) -> None:
+        changed = epoch > self.epoch
+        if changed:
+            self.epoch = epoch
+            self.voted_for = None
+            self.state.leader_epoch = epoch
+        was_leader = self.role == LEADER
+        if self.role != FOLLOWER:
+            self._become(FOLLOWER)
+        self.followers.clear()
+        self.leader = leader
+        if self.node_id in self.replicas:
+            self._reset_election_timer(now_s)
+        if changed:
+            self._persist()
+        if was_leader or changed:
+            self._on_change()
+
+    # ------------------------------------------------------------------ timers
+    def on_timer(self, now_s: float) -> None:
+        if self.role == LEADER:
+            if now_s < self.heartbeat_deadline_s:
+                return
+            self.heartbeat_deadline_s = now_s + self.heartbeat_interval_s
+            self._end_samples.append((now_s, self.log.end_offset))
+            if not self._heard_from_majority(now_s, 2 * self.election_timeout_s):
+                log.warning("%s/%d: leader %s of epoch %d lost contact with a majority of %s; stepping down",
+                            self.topic, self.partition, self.node_id, self.epoch, self.replicas)
+                self._step_down(self.epoch, now_s, None)
+                return
+            for peer, f in sorted(self.followers.items()):
+                if f.in_flight and now_s - f.last_contact_s > 2 * self.heartbeat_interval_s:
+                    # Appends or their answers were lost (or the follower is down): stop counting
+                    # them; the heartbeat's answer tells where to resume.
+                    f.in_flight = 0
+                if now_s - f.last_send_s >= self.heartbeat_interval_s * 0.9:
+                    self._replicate_to(peer, f, now_s, heartbeat=True)
+            self._maybe_transfer(now_s)
+            self._maybe_save_hw(now_s)
+            return
+        self._maybe_save_hw(now_s)
+        if now_s >= self.election_deadline_s and self.node_id in self.replicas:
+            self._campaign(now_s, pre_vote=True)
+
+    def _maybe_save_hw(self, now_s: float) -> None:
+        if self.high_watermark > self._saved_hw and now_s - self._saved_hw_s >= HW_SAVE_INTERVAL_S:
+            self._saved_hw_s = now_s
+            self._persist()
+
+    def _maybe_transfer(self, now_s: float) -> None:
+        preferred = self.replicas[0] if self.replicas else None
+        if preferred is None or preferred == self.node_id or self._transfer_sent_epoch == self.epoch:
+            return
+        f = self.followers.get(preferred)
+        if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
+            return
+        if f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2:
+            self._transfer_sent_epoch = self.epoch
+            # Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader
+            # that the preferred replica is about to depose. Resume if the hand-off fails.
+            self._transfer_until_s = now_s + self.election_timeout_s
+            log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
+            self._send(preferred, "repl_timeout_now", self._key_body(epoch=self.epoch), ())
+
+    # ------------------------------------------------------------------ elections
+    def _key_body(self, **fields: Any) -> dict:
+        return {"topic": self.topic, "partition": self.partition, **fields}
+
+    def _campaign(self, now_s: float, pre_vote: bool) -> None:
+        if pre_vote:
+            self._become(PRE_CANDIDATE)
+            target = self.epoch + 1
+        else:
+            self._become(CANDIDATE)
+            self.epoch += 1
+            self.voted_for = self.node_id
+            self.state.leader_epoch = self.epoch
+            self._persist()
+            target = self.epoch
+        self.leader = None
+        self.votes = {self.node_id}
+        self._reset_election_timer(now_s)
+        if len(self.votes) >= self.quorum:
+            self._won(now_s, pre_vote)
+            return
+        body = self._key_body(epoch=target, candidate=self.node_id, last_epoch=self.last_epoch,
+                              end_offset=self.log.end_offset, pre_vote=pre_vote)
+        for peer in sorted(self.replicas):
+            if peer != self.node_id:
+                self._send(peer, "repl_vote", body, ())
+
+    def _won(self, now_s: float, pre_vote: bool) -> None:
+        if pre_vote:
+            self._campaign(now_s, pre_vote=False)
+            return
+        self._become(LEADER)
+        self.leader = self.node_id
+        self.leader_since_s = now_s
+        self.epoch_start = self.log.end_offset
+        if self.last_epoch < self.epoch:
+            self.history.append([self.epoch, self.epoch_start])
+        self._persist()
+        self.followers = {peer: FollowerProgress(self.epoch_start, last_contact_s=now_s)
+                          for peer in self.replicas if peer != self.node_id}
+        self._end_samples.clear()
+        self._end_samples.append((now_s, self.epoch_start))
+        log.info("%s/%d: %s leads epoch %d from offset %d (high watermark %d)", self.topic, self.partition,
+                 self.node_id, self.epoch, self.epoch_start, self.high_watermark)
+        if self.fsync_always and self.log.synced_offset < self.log.end_offset:
+            self._request_sync()
+        for peer, f in sorted(self.followers.items()):
+            self._replicate_to(peer, f, now_s, heartbeat=True)
+        self.heartbeat_deadline_s = now_s + self.heartbeat_interval_s
+        self._advance_high_watermark()
+        self._on_change()
+
+    def handle(self, sender: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
+        if type_ == "repl_append":
+            self._on_append(sender, body, payloads[0] if payloads else b"", now_s)
+        elif type_ == "repl_append_ok":
+            self._on_append_ok(sender, body, now_s)
+        elif type_ == "repl_vote":
+            self._on_vote(sender, body, now_s)
+        elif type_ == "repl_vote_ok":
+            self._on_vote_ok(sender, body, now_s)
+        elif type_ == "repl_timeout_now":
+            if (body["epoch"] == self.epoch and self.role == FOLLOWER and self.leader == sender
+                    and self.node_id in self.replicas):
+                self._campaign(now_s, pre_vote=False)
+
+    def _on_vote(self, sender: str, body: dict, now_s: float) -> None:
+        epoch, candidate, pre_vote = body["epoch"], body["candidate"], body["pre_vote"]
+        up_to_date = (body["last_epoch"], body["end_offset"]) >= (self.last_epoch, self.log.end_offset)
+        eligible = candidate in self.replicas and candidate == sender
+        if pre_vote:
+            heard_recently = (self.role == LEADER
+                              or now_s - self.last_leader_contact_s < self.election_timeout_s)
+            granted = eligible and epoch > self.epoch and up_to_date and not heard_recently
+        else:
+            if epoch > self.epoch:
+                self._step_down(epoch, now_s, None)
+            granted = (eligible and epoch == self.epoch and up_to_date
+                       and self.voted_for in (None, candidate))
+            if granted and self.voted_for != candidate:
+                self.voted_for = candidate
+                self._persist()
+            if granted:
+                self._reset_election_timer(now_s)
+        self._send(sender, "repl_vote_ok", self._key_body(epoch=self.epoch, voter=self.node_id, granted=granted,
+                                                          pre_vote=pre_vote, for_epoch=epoch), ())
+
+    def _on_vote_ok(self, sender: str, body: dict, now_s: float) -> None:
+        if body["pre_vote"]:
+            if self.role != PRE_CANDIDATE or body["for_epoch"] != self.epoch + 1:
+                return
+            if body["epoch"] > self.epoch and not body["granted"]:
+                self._step_down(body["epoch"], now_s, None)
+                return
+        else:
+            if body["epoch"] > self.epoch:
+                self._step_down(body["epoch"], now_s, None)
+                return
+            if self.role != CANDIDATE or body["for_epoch"] != self.epoch:
+                return
+        if body["granted"] and body["voter"] == sender and sender in self.replicas:
+            self.votes.add(sender)
+            if len(self.votes) >= self.quorum:
+                self._won(now_s, body["pre_vote"])
+
+    # ------------------------------------------------------------------ follower
+    def _follow(self, epoch: int, leader: str, now_s: float) -> None:
+        if epoch > self.epoch or self.role != FOLLOWER:
+            self._step_down(epoch, now_s, leader)
+        if self.leader != leader:
+            self.leader = leader
+            self._on_change()
+
+    def _truncate(self, offset: int) -> bool:
+        """Cut the log back to ``offset`` (a divergence point); False if that would cut committed data."""
+        if offset < self.high_watermark:
+            log.error("%s/%d: refusing to truncate to %d below the high watermark %d (a leader of epoch %d "
+                      "disagrees with committed data)", self.topic, self.partition, offset, self.high_watermark,
+                      self.epoch)
+            return False
+        log.info("%s/%d: truncating from %d to %d (divergence with the leader of epoch %d)", self.topic,
+                 self.partition, self.log.end_offset, offset, self.epoch)
+        self.state.truncate(offset)
+        self.history = [entry for entry in self.history if entry[1] < offset]
+        return True
+
+    def _on_append(self, sender: str, body: dict, data: bytes, now_s: float) -> None:
+        epoch, leader = body["epoch"], body["leader"]
+        if epoch < self.epoch or leader != sender or sender not in self.replicas:
+            self._reply_append(sender, False, -1, self.log.end_offset)
+            return
+        if epoch == self.epoch and self.role == LEADER:
+            log.error("%s/%d: two leaders in epoch %d (%s and %s)", self.topic, self.partition, epoch,
+                      self.node_id, sender)
+            return
+        self._follow(epoch, leader, now_s)
+        self.last_leader_contact_s = now_s
+        self._reset_election_timer(now_s)
+        prev = body["prev_offset"]
+        end = self.log.end_offset
+        if prev >= end:
+            self._reply_append(sender, False, -1, end)
+            return
+        if prev >= self.log.start_offset and self.epoch_at(prev) != body["prev_epoch"]:
+            hint = max(self._epoch_run_start(prev), self.high_watermark, self.log.start_offset)
+            self._reply_append(sender, False, -1, min(hint, prev))
+            return
+        matched_end = prev + 1
+        history_changed = False
+        appended = False
+        now_ms = self._wall_clock_ms()
+        try:
+            for pos, header in batch_format.iter_batches(data):
+                if header.base_offset != matched_end:
+                    raise ProtocolError(f"batch at {header.base_offset} does not follow offset {matched_end - 1}")
+                if header.base_offset < self.log.end_offset:
+                    if self.epoch_at(header.base_offset) == header.leader_epoch:
+                        matched_end = header.next_offset  # already stored (a duplicate or a resend)
+                        continue
+                    if not self._truncate(header.base_offset):
+                        return
+                    history_changed = True
+                batch = bytes(data[pos:pos + header.size])
+                self.state.append_replicated(batch, header, now_ms)
+                appended = True
+                if header.leader_epoch > self.last_epoch:
+                    self.history.append([header.leader_epoch, header.base_offset])
+                    history_changed = True
+                matched_end = header.next_offset
+        except (CorruptLogError, ProtocolError) as exc:
+            log.warning("%s/%d: dropped a bad append from %s: %s", self.topic, self.partition, sender, exc)
+            return
+        if self.last_epoch < epoch and matched_end >= body["epoch_start"]:
+            # Our log equals the leader's up to where its epoch begins: anything we hold past that
+            # point is from an older epoch and conflicts with the leader's (zero-length) marker.
+            if self.log.end_offset > body["epoch_start"]:
+                if not self._truncate(body["epoch_start"]):
+                    return
+            self.history.append([epoch, body["epoch_start"]])
+            history_changed = True
+        if body["hw"] > self.high_watermark:
+            self.high_watermark = max(self.high_watermark, min(body["hw"], matched_end))
+        if history_changed:
+            self._persist()  # before the answer that lets the leader count this log
+        if appended:
+            self._on_follower_append()
+        if self.fsync_always and self.log.synced_offset < matched_end:
+            self._pending_ack = (sender, epoch)
+            self._request_sync()
+            matched_end = min(matched_end, self.log.synced_offset)
+        self._reply_append(sender, True, matched_end, self.log.end_offset)
+
+    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int) -> None:
+        self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
+                                                            match_end=match_end, hint=max(0, hint)), ())
+
+    def on_synced(self, now_s: float) -> None:
+        """The log was synced: a leader may commit more, a follower may confirm more."""
+        if self.role == LEADER:
+            self._advance_high_watermark()
+        elif self._pending_ack is not None:
+            leader, epoch = self._pending_ack
+            self._pending_ack = None
+            if epoch == self.epoch and leader == self.leader:
+                self._reply_append(leader, True, self.log.synced_offset, self.log.end_offset)
+
+    # ------------------------------------------------------------------ leader
+    def on_local_append(self, now_s: float) -> None:
+        """The leader stored a new batch: send it on."""
+        for peer, f in sorted(self.followers.items()):
+            self._replicate_to(peer, f, now_s)
+        self._advance_high_watermark()
+
+    def _on_append_ok(self, sender: str, body: dict, now_s: float) -> None:
+        if body["epoch"] > self.epoch:
+            self._step_down(body["epoch"], now_s, None)
+            return
+        if self.role != LEADER or body["epoch"] != self.epoch or body["follower"] != sender:
+            return
+        f = self.followers.get(sender)
+        if f is None:
+            return
+        f.last_contact_s = now_s
+        f.in_flight = max(0, f.in_flight - 1)
+        resend = True
+        if body["ok"]:
+            if body["match_end"] > f.match_end:
+                f.match_end = min(body["match_end"], self.log.end_offset)
+            if f.next_offset < f.match_end:
+                f.next_offset = f.match_end
+            self._advance_high_watermark()
+        else:
+            # The hint is where the follower's log ends or where its diverging epoch run starts:
+            # it only decreases while the logs disagree, so this converges on the match point.
+            before = f.next_offset
+            f.next_offset = min(f.next_offset, body["hint"])
+            f.match_end = min(f.match_end, f.next_offset)
+            f.in_flight = 0
+            # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
+            # with a follower that cannot take what we send).
+            resend = f.next_offset < before
+        if f.next_offset < self.log.start_offset:
+            if f.in_flight == 0:
+                log.warning("%s/%d: follower %s needs offset %d, which retention already deleted here (log starts "
+                            "at %d); it stays out of sync", self.topic, self.partition, sender, f.next_offset,
+                            self.log.start_offset)
+        elif resend and f.next_offset < self.log.end_offset:
+            self._replicate_to(sender, f, now_s)
+        self._on_change_if_all_waiters()
+
+    def _on_change_if_all_waiters(self) -> None:
+        if self.state.waiting_for_all:
+            self._on_change()
+
+    def _replicate_to(self, peer: str, f: FollowerProgress, now_s: float, heartbeat: bool = False) -> None:
+        end = self.log.end_offset
+        while heartbeat or (f.next_offset < end and f.in_flight < MAX_IN_FLIGHT):
+            start = f.next_offset
+            data = b""
+            next_offset = start
+            if start < end:
+                try:
+                    data = self.log.read(max(start, self.log.start_offset), MAX_APPEND_BYTES)
+                except CorruptLogError as exc:
+                    log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
+                              start, peer, exc)
+                    data = b""
+                if data:
+                    first = batch_format.parse_header(data)
+                    start = first.base_offset
+                    next_offset = start
+                    for _pos, header in batch_format.iter_batches(data, verify_crc=False):
+                        next_offset = header.next_offset
+            prev = start - 1
+            body = self._key_body(epoch=self.epoch, leader=self.node_id, prev_offset=prev,
+                                  prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,
+                                  epoch_start=self.epoch_start)
+            self._send(peer, "repl_append", body, (data,) if data else ())
+            f.next_offset = next_offset
+            f.in_flight += 1
+            f.last_send_s = now_s
+            heartbeat = False
+            if not data:
+                break
+
+    def _advance_high_watermark(self) -> None:
+        if self.role != LEADER:
+            return
+        matches = sorted([self._own_match()] + [max(0, f.match_end) for peer, f in self.followers.items()
+                                                 if peer in self.replicas], reverse=True)
+        if len(matches) < self.quorum:
+            return
+        candidate = matches[self.quorum - 1]
+        if candidate >= self.epoch_start and candidate > self.high_watermark:
+            self.high_watermark = candidate
+            self._on_change()
