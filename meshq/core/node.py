@@ -1706,22 +1706,48 @@ class NodeCore:
                              now_s, convert)
 
     def _partition_command(self, command: Command, now_s: float, type_: str, body: dict,
-                           convert: Callable[[wire.Message], Any]) -> None:
+                           convert: Callable[[wire.Message], Any], retry: bool = True) -> None:
         topic, partition = command.args["topic"], command.args["partition"]
+        self._routed_command(command, now_s, topic, lambda: partition, type_, body, convert,
+                             command.args.get("auto_create", False), retry)
+
+    def _routed_command(self, command: Command, now_s: float, topic: str, partition_of: Callable[[], int],
+                        type_: str, body: dict, convert: Callable[[wire.Message], Any], auto_create: bool,
+                        retry: bool) -> None:
+        """Send ``type_`` to the leader of ``topic``/``partition_of()``; while leadership moves (no leader
+        known, not_leader, not enough replicas, a silent leader) refresh metadata and retry until the
+        command's deadline."""
         deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+
+        def fail(error: MeshqError) -> None:
+            self._effects.append(Fail(command.waiter, error))
+
+        def retry_or_fail(error: MeshqError) -> None:
+            now = self._now_s
+            if not retry or not error.retriable or self.stopped or now + _METADATA_RETRY_S >= deadline_s:
+                fail(error)
+                return
+            self.metadata.pop(topic, None)
+            self._schedule(now + _METADATA_RETRY_S, "retry",
+                           lambda t: self._with_metadata(topic, t, deadline_s, ready, auto_create))
 
         def ready(error: MeshqError | None) -> None:
             if error is not None:
-                self._effects.append(Fail(command.waiter, error))
+                fail(error)
                 return
+            if topic not in self.metadata:
+                self._with_metadata(topic, self._now_s, deadline_s, ready, auto_create)
+                return
+            partition = partition_of()
             leader = self._leader_of(topic, partition)
             if leader is None:
-                self.metadata.pop(topic, None)
-                self._effects.append(Fail(command.waiter, NotLeaderError(f"no leader known for {topic}/{partition}")))
+                retry_or_fail(NotLeaderError(f"no leader known for {topic}/{partition} (an election may be under way)"))
                 return
-            self._simple_request(command, leader, type_, body, self._now_s, convert)
+            now = self._now_s
+            self._request(leader, type_, body, (), now, max(0.001, deadline_s - now),
+                          lambda m: self._effects.append(Resolve(command.waiter, convert(m))), retry_or_fail)
 
-        self._with_metadata(topic, now_s, deadline_s, ready, command.args.get("auto_create", False))
+        self._with_metadata(topic, now_s, deadline_s, ready, auto_create)
 
     def _cmd_fetch(self, command: Command, now_s: float) -> None:
         args = command.args
@@ -1735,7 +1761,8 @@ class NodeCore:
             return FetchResult(b["topic"], b["partition"], message.payloads[0] if message.payloads else b"",
                                b["high_watermark"], b["log_start_offset"])
 
-        self._partition_command(command, now_s, "fetch", body, convert)
+        # The consumer retries failed fetches itself (between its polls).
+        self._partition_command(command, now_s, "fetch", body, convert, retry=False)
 
     def _cmd_list_offsets(self, command: Command, now_s: float) -> None:
         args = command.args
@@ -1747,16 +1774,10 @@ class NodeCore:
         group = command.args["group"]
         validate_topic_name(group)
 
-        def ready(error: MeshqError | None) -> None:
-            if error is not None:
-                self._effects.append(Fail(command.waiter, error))
-                return
-            partitions = self.metadata[OFFSETS_TOPIC]["config"].partitions
-            leader = self._leader_of(OFFSETS_TOPIC, stable_hash64(group.encode()) % partitions)
-            self._simple_request(command, leader or self._any_storage_peer(), type_, body, self._now_s, convert)
+        def partition_of() -> int:
+            return stable_hash64(group.encode()) % self.metadata[OFFSETS_TOPIC]["config"].partitions
 
-        self._with_metadata(OFFSETS_TOPIC, now_s, command.args.get("deadline_s", now_s + self.config.request_timeout_s),
-                            ready, auto_create=False)
+        self._routed_command(command, now_s, OFFSETS_TOPIC, partition_of, type_, body, convert, False, True)
 
     def _cmd_commit(self, command: Command, now_s: float) -> None:
         offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.args["offsets"].items())]

@@ -276,8 +276,9 @@ class Replica:
         self._reset_election_timer(now_s)
         if self.node_id not in self.replicas:
             self.election_deadline_s = float("inf")
-        elif len(self.replicas) == 1 or (self.epoch == 0 and self.replicas[0] == self.node_id):
-            # Sole replica, or the preferred leader of a new partition: no leader to wait for.
+        elif len(self.replicas) == 1 or self.replicas[0] == self.node_id:
+            # Sole replica, or the preferred leader (of a new partition, or restarting): campaign at
+            # once. Pre-votes are refused while a leader is heard from, so this deposes no one.
             self.election_deadline_s = now_s
 
     def set_replicas(self, replicas: list[str], now_s: float) -> None:
