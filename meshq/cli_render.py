@@ -16,15 +16,24 @@ def render_status(status: dict) -> None:
         members.add_row(member["node_id"], member["address"], member["role"], member["state"])
     console.print(members)
     partitions = Table(title="partitions")
-    for column in ("topic", "partition", "leader", "replicas", "in_sync", "high_watermark"):
+    for column in ("topic", "partition", "leader", "epoch", "replicas", "in_sync", "high_watermark", ""):
         partitions.add_column(column)
+    under = 0
     for topic in status["topics"]:
         if topic["name"].startswith("__"):
             continue  # internal topics (e.g. committed offsets) are in --json output
         for p in topic["partitions"]:
-            partitions.add_row(topic["name"], str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]),
-                               ",".join(p["in_sync"]), str(p["high_watermark"]))
+            note = ""
+            if p["leader"] is None:
+                note = "[red]no leader[/red]"
+            elif len(p["in_sync"]) < len(p["replicas"]):
+                note = "[yellow]under-replicated[/yellow]"
+            under += bool(note)
+            partitions.add_row(topic["name"], str(p["partition"]), str(p["leader"]), str(p.get("epoch", "")),
+                               ",".join(p["replicas"]), ",".join(p["in_sync"]), str(p["high_watermark"]), note)
     console.print(partitions)
+    if under:
+        console.print(f"[yellow]{under} partition(s) without a leader or with replicas out of sync[/yellow]")
     if status.get("groups"):
         groups = Table(title="consumer groups")
         for column in ("group", "topic", "partition", "committed", "high_watermark", "lag"):

@@ -133,7 +133,8 @@ class Replica:
         self.heartbeat_deadline_s = float("inf")
         self.last_leader_contact_s = float("-inf")
         self._end_samples: deque = deque(maxlen=64)  # (time, own end): the in-sync yardstick
-        self._pending_ack: tuple[str, int] | None = None  # (leader, epoch) waiting for a local sync
+        # (leader, epoch, verified end) of an acknowledgement waiting for a local sync
+        self._pending_ack: tuple[str, int, int] | None = None
         self._transfer_sent_epoch = -1
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
         state.replica = self
@@ -524,6 +525,13 @@ class Replica:
                     if not self._truncate(header.base_offset):
                         return
                     history_changed = True
+                if self.last_epoch > header.leader_epoch:
+                    # Markers of newer epochs that we adopted at this offset are not in the
+                    # leader's log (it has an older epoch's batch here): they conflict with it.
+                    kept = [entry for entry in self.history if entry[1] < header.base_offset]
+                    if len(kept) != len(self.history):
+                        self.history = kept
+                        history_changed = True
                 batch = bytes(data[pos:pos + header.size])
                 self.state.append_replicated(batch, header, now_ms)
                 appended = True
@@ -546,10 +554,17 @@ class Replica:
             self.high_watermark = max(self.high_watermark, min(body["hw"], matched_end))
         if history_changed:
             self._persist()  # before the answer that lets the leader count this log
+        else:
+            self._maybe_save_hw(now_s)
         if appended:
             self._on_follower_append()
         if self.fsync_always and self.log.synced_offset < matched_end:
-            self._pending_ack = (sender, epoch)
+            # Confirm later only what was checked against this leader (and is then synced).
+            pending = self._pending_ack
+            verified = matched_end
+            if pending is not None and pending[:2] == (sender, epoch):
+                verified = max(verified, pending[2])
+            self._pending_ack = (sender, epoch, verified)
             self._request_sync()
             matched_end = min(matched_end, self.log.synced_offset)
         self._reply_append(sender, True, matched_end, self.log.end_offset)
@@ -563,10 +578,10 @@ class Replica:
         if self.role == LEADER:
             self._advance_high_watermark()
         elif self._pending_ack is not None:
-            leader, epoch = self._pending_ack
+            leader, epoch, verified = self._pending_ack
             self._pending_ack = None
             if epoch == self.epoch and leader == self.leader:
-                self._reply_append(leader, True, self.log.synced_offset, self.log.end_offset)
+                self._reply_append(leader, True, min(verified, self.log.synced_offset), self.log.end_offset)
 
     # ------------------------------------------------------------------ leader
     def on_local_append(self, now_s: float) -> None:
