@@ -1551,6 +1551,10 @@ class NodeCore:
             if self.stopped:
                 self._fail_batch(out, error)
                 return
+            if error.retriable:
+                # The leader may have moved (not_leader, silence, no majority): whatever happens
+                # to this batch, the next send to this topic asks for fresh metadata first.
+                self.metadata.pop(out.topic, None)
             if batch_format.parse_header(out.data).producer_epoch != self.producer_epoch:
                 # Superseded by a newer epoch: a retry would only be fenced. Its fate is unknown.
                 self._fail_batch(out, TimeoutError(
