@@ -1,4 +1,4 @@
-"""``meshq bench produce``: producer throughput and latency against a raw pyzmq baseline.
+"""``meshq bench produce`` and ``meshq bench replication``: producer throughput, latency and failover.
 
 Theory of operation
 -------------------
@@ -33,17 +33,47 @@ how much CPU other processes took (on a small shared machine they distort every 
 With ``--seed HOST:PORT`` an already running node is used instead of a child (the topics
 get unique names, so the check still holds). Every child process is stopped by its PID in
 ``finally`` blocks and every temporary directory is removed. No mDNS: the client and the node talk over 127.0.0.1 only.
+
+``meshq bench replication`` (issue 5) runs, in one invocation:
+
+1. the baseline above, and the single-node figure above (``produce_batch`` and
+   synchronous ``produce``, replication factor 1, ``acks=leader``; no ``produce_async``);
+2. ``--nodes`` (3) ``meshq node`` children on 127.0.0.1 (mDNS off, fixed ports; the first
+   forms the cluster, the others join through it as a seed), and once the agreed
+   membership (the ring) holds all of them, per acks level ``leader`` then ``quorum``: a
+   topic of 8 partitions with ``--replication-factor`` (3) replicas, a wait (at most
+   ``--in-sync-timeout``) until every replica is in sync, then the pipelined
+   ``produce_batch`` run and the synchronous run as in 2a/2c, and the check that the
+   high watermarks add up to the acknowledged records. A failure (for instance
+   ``NotEnoughReplicasError`` at ``acks=quorum``) is recorded and the run goes on;
+3. ``--failover-repeats`` (3) failovers on a fresh replicated topic: one writer thread
+   per partition produces one record at a time (``--failover-acks``, each call with a
+   ``--failover-timeout`` of 0.5 s) for 1 s, then a node leading at least one partition
+   (rotating over the nodes) is killed with SIGKILL. For each partition it led, the
+   failover time is from just before ``os.kill`` to the end of the first successful
+   call *started* after it; the repeat's figure is the last of its partitions to come
+   back. The writers of the other partitions give the longest stall they saw. Then the
+   killed node is restarted on its data (same ports) and the next repeat waits until it
+   is back and in sync.
+
+Targets (PASS/MISS, never asserted): pipelined ``acks=quorum`` >= 500,000 records/s,
+synchronous ``acks=quorum`` p50 <= 400 µs, failover <= ``failure_timeout_s`` + 2 s (the
+nodes run with the ``NodeConfig`` default). The exit status is 1 when a part could not be
+measured or a check failed; the report (table or ``--json``) says which and why.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
 import json
 import os
 import platform
 import queue
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -57,10 +87,17 @@ from typing import Any
 import msgpack
 import zmq
 
+from meshq.errors import MeshqError
+
 # Targets from the performance issue (docs/performance.md).
 TARGET_PIPELINED_RPS = 1_000_000
 TARGET_BASELINE_RATIO = 0.40
 TARGET_SYNC_P50_US = 150.0
+
+# Targets of `bench replication` (issue 5, docs/performance.md): printed as PASS/MISS, never asserted.
+TARGET_QUORUM_PIPELINED_RPS = 500_000
+TARGET_QUORUM_SYNC_P50_US = 400.0
+TARGET_FAILOVER_SLACK_S = 2.0  # failover <= failure_timeout_s + this
 
 BASELINE_WINDOW = 16  # frames in flight in the raw pyzmq baseline
 BATCH_WINDOW = 32  # produce_batch futures in flight (8 partitions x max 5 in flight each = 40)
@@ -70,6 +107,9 @@ READY_TIMEOUT_S = 20.0
 PARTITIONS = 8
 REPEATS = 3  # timed repetitions of the meshq produce_batch run; the median is reported
 BASELINE_REPEATS = 5  # the baseline run is short (~0.1 s), so it is repeated more
+CLUSTER_READY_TIMEOUT_S = 60.0  # members alive and every partition led, after a start or a restart
+FAILOVER_PRE_KILL_S = 1.0  # writers run this long before the kill (and must succeed on the victim's partitions)
+FAILOVER_WRITER_PAUSE_S = 0.005  # between one failover writer's calls: the timing resolution, a light load
 try:
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
@@ -210,6 +250,21 @@ class _Child:
             return ""
         return f"; its stderr ends with:\n{data}" if data else ""
 
+    def kill(self) -> float:
+        """SIGKILL (kill -9) by PID and reap; returns ``time.monotonic()`` just before the signal."""
+        signalled_at = time.monotonic()
+        try:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        except ProcessLookupError:
+            pass
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._stderr.close()
+        return signalled_at
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit."""
         try:
@@ -331,7 +386,8 @@ class _CpuSampler:
                 name = "MainThread"
             elif not name.startswith("ZMQbg"):
                 # a child's Python threads are unnamed in /proc; a node has one besides main
-                name = "meshq runtime" if label == "node" and others[label] == 1 else f"thread {tid} ({name})"
+                name = ("meshq runtime" if label.startswith("node") and others[label] == 1
+                        else f"thread {tid} ({name})")
             rows.append({"process": label, "thread": name, "cpu_percent": round(100 * seconds / self.elapsed, 1)})
         return rows
 
@@ -548,7 +604,7 @@ def _high_watermarks(client: Any, topics: set[str]) -> int:
     return total
 
 
-def _run_meshq(args: Any, workdir: str, seeds: list[str]) -> dict[str, Any]:
+def _run_meshq(args: Any, workdir: str, seeds: list[str], with_async: bool = True) -> dict[str, Any]:
     from meshq.node import Node
 
     child: _Child | None = None
@@ -572,9 +628,10 @@ def _run_meshq(args: Any, workdir: str, seeds: list[str]) -> dict[str, Any]:
                                   "partitions": PARTITIONS}
         result["produce_batch"] = _pipelined_batch(client, topics["batch"], args.records, values, args.acks,
                                                    _CpuSampler(processes))
-        async_records = max(1, args.records // 5)
-        result["produce_async"] = _pipelined_async(client, topics["async"], async_records, values, args.acks,
-                                                   _CpuSampler(processes))
+        if with_async:
+            async_records = max(1, args.records // 5)
+            result["produce_async"] = _pipelined_async(client, topics["async"], async_records, values, args.acks,
+                                                       _CpuSampler(processes))
         if args.sync_records > 0:
             result["produce"] = _synchronous(client, topics["sync"], args.sync_records, values, args.acks,
                                              _CpuSampler(processes))
@@ -593,6 +650,487 @@ def _run_meshq(args: Any, workdir: str, seeds: list[str]) -> dict[str, Any]:
         finally:
             if child is not None:
                 child.stop()
+
+
+# ---------------------------------------------------------------------- replicated cluster (``bench replication``)
+def _progress(message: str) -> None:
+    """One line on stderr per step of a long run, only when stderr is a terminal."""
+    if sys.stderr.isatty():
+        print(f"meshq bench: {message}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _default_failure_timeout_s() -> float:
+    """The nodes' ``failure_timeout_s`` (``meshq node`` runs with the NodeConfig default)."""
+    from meshq.config import NodeConfig
+
+    return float(next(f.default for f in dataclasses.fields(NodeConfig) if f.name == "failure_timeout_s"))
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Cluster:
+    """``count`` ``meshq node`` children on 127.0.0.1, mDNS off, with fixed ports so a killed node restarts in place.
+
+    The first node forms the cluster alone; the others join through it as a seed. A
+    restarted node gets every other node as a seed. Children are stopped by PID.
+    """
+
+    def __init__(self, count: int, workdir: str, args: Any, replication_factor: int) -> None:
+        self.count = count
+        self.workdir = workdir
+        self.args = args
+        self.replication_factor = replication_factor
+        self.ports = [(_free_port(), _free_port()) for _ in range(count)]
+        self.children: list[_Child | None] = [None] * count
+        self.node_ids: list[str] = [""] * count
+        self.launches = [0] * count
+        self.launched_pids: list[int] = []  # every process this cluster started, for the report
+        self.kills = [0] * count
+
+    def seed(self, index: int) -> str:
+        return f"127.0.0.1:{self.ports[index][0]}"
+
+    @property
+    def seeds(self) -> list[str]:
+        return [self.seed(i) for i in range(self.count)]
+
+    def _launch(self, index: int, seeds: list[str]) -> None:
+        port, pub_port = self.ports[index]
+        argv = [sys.executable, "-m", "meshq", "node", "--data", os.path.join(self.workdir, f"cluster-node{index + 1}"),
+                "--host", "127.0.0.1", "--port", str(port), "--pub-port", str(pub_port), "--no-mdns",
+                "--fsync", self.args.fsync, "--partitions", str(PARTITIONS),
+                "--replication-factor", str(self.replication_factor), "--cluster", self.args.cluster,
+                "--log-level", "WARNING"]
+        for seed in seeds:
+            argv += ["--seed", seed]
+        self.launches[index] += 1
+        child = _Child(argv, os.path.join(self.workdir, f"cluster-node{index + 1}-{self.launches[index]}.stderr"))
+        self.children[index] = child
+        self.launched_pids.append(child.pid)
+
+    def _wait_ready(self, index: int) -> None:
+        child = self.children[index]
+        assert child is not None
+        self.node_ids[index] = child.wait_event("ready", READY_TIMEOUT_S)["node_id"]
+
+    def start(self) -> None:
+        self._launch(0, [])
+        self._wait_ready(0)
+        for index in range(1, self.count):
+            self._launch(index, [self.seed(0)])
+        for index in range(1, self.count):
+            self._wait_ready(index)
+
+    def kill(self, index: int) -> float:
+        """kill -9 one node; returns the monotonic time just before the signal."""
+        child = self.children[index]
+        assert child is not None
+        self.kills[index] += 1
+        return child.kill()
+
+    def restart(self, index: int) -> None:
+        self._launch(index, [self.seed(i) for i in range(self.count) if i != index])
+        self._wait_ready(index)
+
+    def pids(self) -> dict[str, int]:
+        return {f"node{i + 1}": child.pid for i, child in enumerate(self.children)
+                if child is not None and child.proc.poll() is None}
+
+    def label(self, node_id: str) -> str:
+        """``node2 (id)`` for a node id of this cluster."""
+        if node_id in self.node_ids:
+            return f"node{self.node_ids.index(node_id) + 1} ({node_id})"
+        return str(node_id)
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child is not None:
+                try:
+                    child.stop()
+                except Exception:  # keep going: every other child must still be stopped
+                    pass
+
+
+def _topic_partitions(status: dict, topic: str) -> list[dict]:
+    for entry in status.get("topics", []):
+        if entry["name"] == topic:
+            return entry["partitions"]
+    return []
+
+
+def _health_problem(status: dict, topic: str, node_ids: list[str], replication_factor: int,
+                    need_in_sync: bool) -> str | None:
+    """Why the cluster is not ready for a measurement on ``topic``, or None when it is."""
+    states = {m["node_id"]: m["state"] for m in status.get("members", [])}
+    down = [n for n in node_ids if states.get(n) != "alive"]
+    if down:
+        return "members not alive: " + ", ".join(f"{n} ({states.get(n, 'unknown')})" for n in down)
+    partitions = _topic_partitions(status, topic)
+    if len(partitions) != PARTITIONS:
+        return f"status shows {len(partitions)} of {PARTITIONS} partitions of {topic}"
+    for p in partitions:
+        if p["leader"] is None or states.get(p["leader"]) != "alive":
+            return f"partition {p['partition']} has no live leader ({p['leader']})"
+        if len(p["replicas"]) != replication_factor:
+            return f"partition {p['partition']} has {len(p['replicas'])} replicas, not {replication_factor}"
+        if need_in_sync and set(p["in_sync"]) != set(p["replicas"]):
+            return (f"partition {p['partition']}: in sync {len(p['in_sync'])} of {len(p['replicas'])} replicas "
+                    f"({', '.join(p['in_sync'])})")
+    return None
+
+
+def _wait_cluster(client: Any, topic: str, cluster: _Cluster, timeout_s: float,
+                  need_in_sync: bool) -> tuple[dict | None, str | None]:
+    """Poll status until the cluster is ready (see ``_health_problem``); returns (status, None) or (None, why not)."""
+    deadline = time.monotonic() + timeout_s
+    problem = "no status answer"
+    while True:
+        try:
+            status = client.status(timeout=2.0)
+            problem = _health_problem(status, topic, cluster.node_ids, cluster.replication_factor, need_in_sync)
+            if problem is None:
+                return status, None
+        except MeshqError as exc:
+            problem = f"status failed: {_error_text(exc)}"
+        if time.monotonic() >= deadline:
+            return None, problem
+        time.sleep(0.1)
+
+
+def _wait_agreed(client: Any, cluster: _Cluster, timeout_s: float) -> None:
+    """Wait until the agreed storage membership (the ring) is exactly the cluster's nodes, all alive."""
+    deadline = time.monotonic() + timeout_s
+    problem = "no status answer"
+    expected = set(cluster.node_ids)
+    while True:
+        try:
+            status = client.status(timeout=2.0)
+            ring = set(status.get("ring", {}).get("members", []))
+            states = {m["node_id"]: m["state"] for m in status.get("members", [])}
+            if ring != expected:
+                problem = f"ring members {sorted(ring)}, expected {sorted(expected)}"
+            elif any(states.get(n) != "alive" for n in expected):
+                problem = f"member states {states}"
+            else:
+                return
+        except MeshqError as exc:
+            problem = f"status failed: {_error_text(exc)}"
+        if time.monotonic() >= deadline:
+            raise BenchError(f"the {cluster.count} nodes did not agree on the membership within {timeout_s:.0f} s: "
+                             f"{problem}")
+        time.sleep(0.1)
+
+
+def _wait_high_watermarks(client: Any, topic: str, expected: int, timeout_s: float) -> int:
+    """The sum of ``topic``'s high watermarks once it reaches ``expected`` (or at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    stored = -1
+    while True:
+        try:
+            stored = _high_watermarks(client, {topic})
+        except MeshqError:
+            pass
+        if stored >= expected or time.monotonic() >= deadline:
+            return stored
+        time.sleep(0.1)
+
+
+def _cluster_phase(client: Any, topic: str, acks: str, args: Any, values: list[bytes],
+                   processes: dict[str, int]) -> dict[str, Any]:
+    """Pipelined ``produce_batch`` and synchronous ``produce`` at one acks level; a failure is recorded, not raised."""
+    out: dict[str, Any] = {"acks": acks, "topic": topic}
+    try:
+        out["produce_batch"] = _pipelined_batch(client, topic, args.records, values, acks, _CpuSampler(processes))
+    except (MeshqError, BenchError, TimeoutError) as exc:
+        out["produce_batch"] = {"error": _error_text(exc)}
+    if args.sync_records > 0:
+        try:
+            out["produce"] = _synchronous(client, topic, args.sync_records, values, acks, _CpuSampler(processes))
+        except (MeshqError, BenchError, TimeoutError) as exc:
+            out["produce"] = {"error": _error_text(exc)}
+    parts = [out[k] for k in ("produce_batch", "produce") if k in out]
+    if all("error" not in part for part in parts):
+        acknowledged = sum(part["acknowledged"] for part in parts)
+        stored = _wait_high_watermarks(client, topic, acknowledged, 15.0)
+        out["verification"] = {"acknowledged": acknowledged, "high_watermark_sum": stored,
+                               "ok": stored == acknowledged}
+    return out
+
+
+class _Writer:
+    """Produces one record at a time to one partition until stopped, recording (start, end, error) per call."""
+
+    def __init__(self, client: Any, topic: str, partition: int, value: bytes, acks: str, timeout_s: float,
+                 stop: threading.Event) -> None:
+        self.client = client
+        self.topic = topic
+        self.partition = partition
+        self.value = value
+        self.acks = acks
+        self.timeout_s = timeout_s
+        self.stop = stop
+        self.calls: list[tuple[float, float, str | None]] = []
+        self.last_error = ""  # the whole text of the latest failure
+        self.thread = threading.Thread(target=self._run, name=f"bench-writer-{partition}", daemon=True)
+
+    def _run(self) -> None:
+        clock = time.monotonic
+        while not self.stop.is_set():
+            started = clock()
+            error = None
+            try:
+                self.client.produce(self.topic, self.value, acks=self.acks, timeout=self.timeout_s,
+                                    partition=self.partition)
+            except Exception as exc:  # every failure is data here: the outage is what is measured
+                error = type(exc).__name__
+                self.last_error = _error_text(exc)[:300]
+            ended = clock()
+            self.calls.append((started, ended, error))
+            if error is None or ended - started < FAILOVER_WRITER_PAUSE_S:
+                self.stop.wait(FAILOVER_WRITER_PAUSE_S)  # a steady trickle, not a busy loop
+
+    def first_success_after(self, moment: float) -> float | None:
+        """End time of the first successful call that started at or after ``moment``."""
+        for started, ended, error in list(self.calls):
+            if error is None and started >= moment:
+                return ended
+        return None
+
+    def last_error_before(self, moment: float) -> str | None:
+        errors = [error for _s, ended, error in list(self.calls) if error is not None and ended <= moment]
+        return errors[-1] if errors else None
+
+    def successes_between(self, begin: float, end: float) -> int:
+        return sum(1 for started, ended, error in list(self.calls) if error is None and begin <= ended <= end)
+
+    def errors_between(self, begin: float, end: float) -> collections.Counter:
+        return collections.Counter(error for started, ended, error in list(self.calls)
+                                   if error is not None and begin < ended <= end)
+
+    def longest_stall(self, begin: float, end: float) -> float:
+        """The longest time within [begin, end] without a successful call completing."""
+        previous = begin
+        longest = 0.0
+        for _started, ended, error in list(self.calls):
+            if error is None and begin <= ended <= end:
+                longest = max(longest, ended - previous)
+                previous = ended
+        return max(longest, end - previous)
+
+
+def _probe_with_fresh_client(args: Any, cluster: _Cluster, topic: str, partitions: list[int]) -> dict[str, str]:
+    """One write per partition from a new client: tells a stuck producer from a stuck partition."""
+    from meshq.node import Node
+
+    outcome: dict[str, str] = {}
+    probe = Node(cluster=args.cluster, seeds=[cluster.seed(i) for i, child in enumerate(cluster.children)
+                                              if child is not None and child.proc.poll() is None],
+                 mdns=False, role="client")
+    try:
+        probe.start()
+        probe.wait_ready(timeout=5.0)
+        for p in partitions:
+            started = time.monotonic()
+            try:
+                probe.produce(topic, b"probe", acks=args.failover_acks, timeout=2.0, partition=p)
+                outcome[str(p)] = f"ok in {time.monotonic() - started:.3f} s"
+            except MeshqError as exc:
+                outcome[str(p)] = type(exc).__name__
+    except MeshqError as exc:
+        outcome["client"] = _error_text(exc)
+    finally:
+        probe.stop()
+    return outcome
+
+
+def _failover_repeat(client: Any, cluster: _Cluster, topic: str, args: Any, repeat: int,
+                     restart_after: bool) -> dict[str, Any]:
+    """Kill -9 a partition leader while writers produce to every partition; time until its partitions take writes."""
+    status, problem = _wait_cluster(client, topic, cluster, CLUSTER_READY_TIMEOUT_S, need_in_sync=False)
+    if status is None:
+        return {"repeat": repeat, "error": f"the cluster was not ready before the kill: {problem}"}
+    in_sync_status, in_sync_problem = _wait_cluster(client, topic, cluster, args.in_sync_timeout, need_in_sync=True)
+    if in_sync_status is not None:
+        status = in_sync_status
+    leaders = {p["partition"]: p["leader"] for p in _topic_partitions(status, topic)}
+    # spread the kills over the nodes: the least killed node that leads something, in rotation
+    order = [cluster.node_ids[(repeat + k) % cluster.count] for k in range(cluster.count)]
+    candidates = [node_id for node_id in order if node_id in leaders.values()]
+    victim = min(candidates, key=lambda n: cluster.kills[cluster.node_ids.index(n)]) if candidates else None
+    if victim is None:
+        return {"repeat": repeat, "error": f"no node leads a partition of {topic}: {leaders}"}
+    victim_index = cluster.node_ids.index(victim)
+    victim_partitions = sorted(p for p, leader in leaders.items() if leader == victim)
+    other_partitions = sorted(p for p in leaders if p not in victim_partitions)
+    result: dict[str, Any] = {
+        "repeat": repeat, "victim": victim, "victim_label": cluster.label(victim),
+        "victim_was_metadata_leader": status.get("metadata", {}).get("leader") == victim,
+        "partitions": victim_partitions, "in_sync_before_kill": in_sync_problem is None,
+    }
+    if in_sync_problem is not None:
+        result["in_sync_problem"] = in_sync_problem
+    stop = threading.Event()
+    value = os.urandom(args.value_bytes)
+    writers = {p: _Writer(client, topic, p, value, args.failover_acks, args.failover_timeout, stop)
+               for p in sorted(leaders)}
+    for writer in writers.values():
+        writer.thread.start()
+    killed_at = end = 0.0
+    try:
+        warm_until = time.monotonic() + FAILOVER_PRE_KILL_S
+        while time.monotonic() < warm_until:
+            time.sleep(0.02)
+        # leadership may have moved meanwhile (a restarted preferred leader takes its partitions back)
+        try:
+            leaders = {p["partition"]: p["leader"] for p in _topic_partitions(client.status(timeout=2.0), topic)}
+        except MeshqError:
+            pass
+        victim_partitions = sorted(p for p, leader in leaders.items() if leader == victim)
+        other_partitions = sorted(p for p in leaders if p not in victim_partitions)
+        result["partitions"] = victim_partitions
+        if not victim_partitions:
+            result["error"] = f"{cluster.label(victim)} no longer leads a partition; nothing was killed"
+            return result
+        now = time.monotonic()
+        idle = [p for p in victim_partitions if writers[p].successes_between(now - FAILOVER_PRE_KILL_S, now) == 0]
+        if idle:
+            result["error"] = ("writes did not succeed before the kill on partition(s) "
+                               + ", ".join(f"{p} (last error {writers[p].last_error_before(now)})" for p in idle)
+                               + f" at acks={args.failover_acks}; nothing was killed")
+            return result
+        killed_at = cluster.kill(victim_index)
+        deadline = killed_at + args.failover_deadline
+        while time.monotonic() < deadline:
+            if all(writers[p].first_success_after(killed_at) is not None for p in victim_partitions):
+                break
+            time.sleep(0.005)
+        end = time.monotonic()
+    finally:
+        stop.set()
+        for writer in writers.values():
+            writer.thread.join(args.failover_timeout + 5.0)
+    recovery: dict[int, float | None] = {}
+    for p in victim_partitions:
+        back = writers[p].first_success_after(killed_at)
+        recovery[p] = None if back is None else back - killed_at
+    recovered = [s for s in recovery.values() if s is not None]
+    result["recovery_s"] = {str(p): (None if s is None else round(s, 4)) for p, s in recovery.items()}
+    result["first_s"] = min(recovered) if recovered else None
+    result["all_s"] = max(recovered) if len(recovered) == len(victim_partitions) else None
+    if result["all_s"] is None:
+        stuck = [p for p, s in recovery.items() if s is None]
+        result["error"] = (f"writes to {len(stuck)} of the killed leader's {len(victim_partitions)} partitions "
+                           f"did not succeed within {args.failover_deadline:g} s")
+        result["last_errors"] = {str(p): writers[p].last_error for p in stuck}
+        result["fresh_client_probe"] = _probe_with_fresh_client(args, cluster, topic, stuck)
+        result["error"] += "; a fresh client then got: " + ", ".join(
+            f"partition {p}: {outcome}" for p, outcome in result["fresh_client_probe"].items())
+        result["error"] += f"; the writers' last error (partition {stuck[0]}): {writers[stuck[0]].last_error}"
+    outage_end = killed_at + (result["all_s"] if result["all_s"] is not None else end - killed_at)
+    errors: collections.Counter = collections.Counter()
+    for p in victim_partitions:
+        errors.update(writers[p].errors_between(killed_at, outage_end))
+    result["failed_calls"] = dict(errors)
+    if other_partitions:
+        result["others_longest_stall_s"] = max(writers[p].longest_stall(killed_at, outage_end)
+                                               for p in other_partitions)
+        others_errors: collections.Counter = collections.Counter()
+        for p in other_partitions:
+            others_errors.update(writers[p].errors_between(killed_at, outage_end))
+        result["others_failed_calls"] = dict(others_errors)
+    try:
+        after = client.status(timeout=2.0)
+        moved = [p for p in _topic_partitions(after, topic) if p["partition"] in victim_partitions]
+        result["new_leaders"] = {str(p["partition"]): p["leader"] for p in moved}
+        result["in_sync_after"] = {str(p["partition"]): p["in_sync"] for p in moved}
+    except MeshqError:
+        pass
+    if restart_after:
+        cluster.restart(victim_index)
+    return result
+
+
+def _run_failover(client: Any, cluster: _Cluster, topic: str, args: Any) -> dict[str, Any]:
+    failure_timeout_s = _default_failure_timeout_s()
+    out: dict[str, Any] = {"topic": topic, "acks": args.failover_acks, "write_timeout_s": args.failover_timeout,
+                           "deadline_s": args.failover_deadline, "failure_timeout_s": failure_timeout_s,
+                           "target_s": failure_timeout_s + TARGET_FAILOVER_SLACK_S, "repeats": []}
+    for repeat in range(args.failover_repeats):
+        _progress(f"failover {repeat + 1} of {args.failover_repeats}")
+        try:
+            result = _failover_repeat(client, cluster, topic, args, repeat,
+                                      restart_after=repeat + 1 < args.failover_repeats)
+        except (BenchError, MeshqError) as exc:  # e.g. the killed node did not come back
+            out["repeats"].append({"repeat": repeat, "error": _error_text(exc)})
+            break
+        out["repeats"].append(result)
+        if "victim" not in result or "recovery_s" not in result:
+            break  # the cluster is not in a state to repeat: the reason is in this repeat's error
+    measured = [r["all_s"] for r in out["repeats"] if r.get("all_s") is not None]
+    out["recovered"] = len(measured)
+    out["median_s"] = statistics.median(measured) if measured else None
+    firsts = [r["first_s"] for r in out["repeats"] if r.get("first_s") is not None]
+    out["median_first_s"] = statistics.median(firsts) if firsts else None
+    return out
+
+
+def _run_cluster(args: Any, workdir: str) -> dict[str, Any]:
+    """The replicated part of ``bench replication``: throughput, latency and failover on ``--nodes`` nodes."""
+    from meshq.node import Node
+
+    replication_factor = min(args.replication_factor, args.nodes)
+    cluster = _Cluster(args.nodes, workdir, args, replication_factor)
+    client: Any = None
+    out: dict[str, Any] = {"nodes": args.nodes, "replication_factor": replication_factor, "partitions": PARTITIONS,
+                           "fsync": args.fsync}
+    try:
+        _progress(f"starting {args.nodes} nodes")
+        cluster.start()
+        out["node_ids"] = list(cluster.node_ids)
+        client = Node(cluster=args.cluster, seeds=cluster.seeds, mdns=False, role="client")
+        client.start()
+        client.wait_ready(timeout=READY_TIMEOUT_S)
+        _wait_agreed(client, cluster, CLUSTER_READY_TIMEOUT_S)
+        run_id = uuid.uuid4().hex[:8]
+        values = _values(args.batch, args.value_bytes)
+        out["acks"] = {}
+        for acks in ("leader", "quorum"):
+            topic = f"bench-{run_id}-rf{replication_factor}-{acks}"
+            client.create_topic(topic, partitions=PARTITIONS, replication_factor=replication_factor, retention_ms=None)
+            status, problem = _wait_cluster(client, topic, cluster, CLUSTER_READY_TIMEOUT_S, need_in_sync=False)
+            if status is None:
+                raise BenchError(f"the cluster did not get ready for {topic}: {problem}")
+            _status, in_sync_problem = _wait_cluster(client, topic, cluster, args.in_sync_timeout, need_in_sync=True)
+            processes = {"producer": os.getpid(), **cluster.pids()}
+            _progress(f"{args.nodes} nodes, replication factor {replication_factor}, acks={acks}")
+            phase = _cluster_phase(client, topic, acks, args, values, processes)
+            phase["in_sync_before"] = in_sync_problem is None
+            if in_sync_problem is not None:
+                phase["in_sync_problem"] = in_sync_problem
+            out["acks"][acks] = phase
+        if args.failover_repeats > 0:
+            topic = f"bench-{run_id}-failover"
+            client.create_topic(topic, partitions=PARTITIONS, replication_factor=replication_factor, retention_ms=None)
+            out["failover"] = _run_failover(client, cluster, topic, args)
+        return out
+    except (BenchError, MeshqError) as exc:  # keep what was measured before the failure
+        out["error"] = _error_text(exc)
+        return out
+    finally:
+        out["node_pids"] = cluster.launched_pids
+        try:
+            if client is not None:
+                client.stop()
+        finally:
+            cluster.stop()
 
 
 # ---------------------------------------------------------------------- output
@@ -695,10 +1233,256 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("PASS" if met else "MISS")
+
+
+def _short(error: str | None) -> str:
+    """The exception name of an ``_error_text`` (the whole text is in the report's errors)."""
+    return "not run" if error is None else error.split(":", 1)[0]
+
+
+def _replication_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    quorum = report.get("cluster", {}).get("acks", {}).get("quorum", {})
+    batch = quorum.get("produce_batch", {})
+    sync = quorum.get("produce", {})
+    out = []
+    rps = batch.get("records_per_s")
+    out.append({"name": f"pipelined acks=quorum >= {TARGET_QUORUM_PIPELINED_RPS:,} records/s",
+                "measured": f"{rps:,.0f}" if rps is not None else f"not measured ({_short(batch.get('error'))})",
+                "met": None if rps is None else rps >= TARGET_QUORUM_PIPELINED_RPS, "value": rps})
+    p50 = sync.get("p50_us")
+    out.append({"name": f"synchronous acks=quorum p50 <= {TARGET_QUORUM_SYNC_P50_US:.0f} µs",
+                "measured": f"{p50:.1f} µs" if p50 is not None else f"not measured ({_short(sync.get('error'))})",
+                "met": None if p50 is None else p50 <= TARGET_QUORUM_SYNC_P50_US, "value": p50})
+    failover = report.get("cluster", {}).get("failover")
+    if failover is not None:
+        median = failover.get("median_s")
+        repeats = len(failover["repeats"])
+        if median is None:
+            measured = "not measured (see errors)"
+            met = None
+        else:
+            measured = f"{median:.2f} s (median; {failover['recovered']} of {repeats} repeats recovered)"
+            met = median <= failover["target_s"] and failover["recovered"] == repeats
+        out.append({"name": f"failover <= failure_timeout_s + {TARGET_FAILOVER_SLACK_S:.0f} s "
+                            f"= {failover['target_s']:.1f} s", "measured": measured, "met": met, "value": median})
+    return out
+
+
+def _replication_errors(report: dict[str, Any]) -> list[str]:
+    """Every part of the run that could not be measured or failed its check, one line each."""
+    errors: list[str] = []
+    single = report.get("single_node", {})
+    if single and not single.get("verification", {}).get("ok", False):
+        errors.append(f"single node: stored {single['verification']['high_watermark_sum']} records, "
+                      f"acknowledged {single['verification']['acknowledged']}")
+    cluster = report.get("cluster", {})
+    if "error" in cluster:
+        errors.append(f"cluster: {cluster['error']}")
+    for acks, phase in cluster.get("acks", {}).items():
+        for key in ("produce_batch", "produce"):
+            if "error" in phase.get(key, {}):
+                errors.append(f"{cluster['nodes']} nodes, acks={acks}, {key}: {phase[key]['error']}")
+        verification = phase.get("verification")
+        if verification is not None and not verification["ok"]:
+            errors.append(f"{cluster['nodes']} nodes, acks={acks}: high watermarks sum "
+                          f"{verification['high_watermark_sum']}, acknowledged {verification['acknowledged']}")
+    for repeat in cluster.get("failover", {}).get("repeats", []):
+        if "error" in repeat:
+            errors.append(f"failover repeat {repeat['repeat'] + 1}: {repeat['error']}")
+    return errors
+
+
+def _render_replication(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
+    console = Console(width=None if wide else 160)
+    m = report["machine"]
+    c = report["config"]
+    console.print(f"[bold]meshq bench replication[/bold]  {m['nproc']} CPU x {m['cpu']}, Python {m['python']}, "
+                  f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, msgpack {m['msgpack']}")
+    console.print(f"records={c['records']:,} sync_records={c['sync_records']:,} value_bytes={c['value_bytes']} "
+                  f"batch={c['batch']} fsync={c['fsync']} nodes={c['nodes']} replication_factor="
+                  f"{c['replication_factor']} partitions={PARTITIONS} failover_repeats={c['failover_repeats']}")
+    base = report["baseline"]
+    single = report.get("single_node", {})
+    cluster = report.get("cluster", {})
+    table = Table(title=f"Produce, {c['value_bytes']}-byte values: pipelined (median of timed runs) and synchronous")
+    for name, right in (("setup", False), ("pipelined records/s", True), ("all runs", True), ("vs baseline", True),
+                        ("sync p50 µs", True), ("sync p99 µs", True), ("sync calls", True)):
+        table.add_column(name, justify="right" if right else "left")
+
+    def runs(row: dict) -> str:
+        return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
+
+    def add(label: str, batch: dict, sync: dict | None) -> None:
+        if "error" in batch:
+            cells = [f"[red]{batch['error'].split(':')[0]}[/red]", "", ""]
+        elif batch:
+            cells = [_fmt_rate(batch["records_per_s"]), runs(batch),
+                     f"{batch['records_per_s'] / base['records_per_s']:.1%}"]
+        else:
+            cells = ["", "", ""]
+        if sync is None or not sync:
+            cells += ["", "", ""]
+        elif "error" in sync:
+            cells += [f"[red]{sync['error'].split(':')[0]}[/red]", "", ""]
+        elif "p50_us" in sync:
+            cells += [f"{sync['p50_us']:.1f}", f"{sync['p99_us']:.1f}", f"{sync['count']:,}"]
+        else:
+            cells += ["", "", ""]
+        table.add_row(label, *cells)
+
+    add(f"raw pyzmq DEALER->ROUTER (baseline), window {base['window_frames']}", base, base.get("sync"))
+    if single:
+        add("meshq, 1 node, replication factor 1, acks=leader", single["produce_batch"], single.get("produce"))
+    for acks, phase in cluster.get("acks", {}).items():
+        add(f"meshq, {cluster['nodes']} nodes, replication factor {cluster['replication_factor']}, acks={acks}",
+            phase.get("produce_batch", {}), phase.get("produce"))
+    console.print(table)
+
+    cpu = Table(title="CPU during the timed runs (% of one core; threads >= 1 %)")
+    cpu.add_column("run")
+    cpu.add_column("ours", justify="right")
+    cpu.add_column("other procs", justify="right")
+    cpu.add_column("process: thread cpu%")
+    rows = [("baseline", base), ("1 node produce_batch", single.get("produce_batch", {})),
+            ("1 node produce (sync)", single.get("produce", {}))]
+    for acks, phase in cluster.get("acks", {}).items():
+        rows += [(f"{cluster['nodes']} nodes {acks} produce_batch", phase.get("produce_batch", {})),
+                 (f"{cluster['nodes']} nodes {acks} produce (sync)", phase.get("produce", {}))]
+    for label, row in rows:
+        info = row.get("cpu")
+        if info:
+            cpu.add_row(label, f"{info.get('ours_percent', 0):.0f}", f"{info.get('other_percent', 0):.0f}",
+                        ", ".join(f"{t['process']}: {t['thread']} {t['cpu_percent']:.0f}" for t in info["threads"]))
+    console.print(cpu)
+    idle = report.get("machine_load_before_cores")
+    if idle is not None and idle > 0.2:
+        console.print(f"[yellow]warning: other processes used {idle:.2f} cores just before the run "
+                      f"(see 'other procs' above); on a {m['nproc']}-core machine the figures are pessimistic"
+                      "[/yellow]")
+
+    failover = cluster.get("failover")
+    if failover is not None:
+        ft = Table(title=f"Failover: kill -9 of a partition leader -> writes to its partitions succeed again "
+                         f"(acks={failover['acks']}, write timeout {failover['write_timeout_s']} s, "
+                         f"failure_timeout_s {failover['failure_timeout_s']})")
+        for name in ("repeat", "killed", "its partitions", "first back s", "all back s", "per partition s",
+                     "failed calls (outage)", "other partitions: longest stall s", "new leaders"):
+            ft.add_column(name, justify="left" if name in ("killed", "its partitions", "per partition s",
+                                                           "failed calls (outage)", "new leaders") else "right")
+        for r in failover["repeats"]:
+            if "recovery_s" not in r:
+                ft.add_row(str(r["repeat"] + 1), r.get("victim_label", ""),
+                           ",".join(str(p) for p in r.get("partitions", [])), "",
+                           "[red]not measured[/red]", "", "[red]see the errors below[/red]", "", "")
+                continue
+            killed = r["victim_label"] + (" [metadata leader]" if r["victim_was_metadata_leader"] else "")
+            if not r["in_sync_before_kill"]:
+                killed += " [yellow][replicas not all in sync before the kill][/yellow]"
+            ft.add_row(str(r["repeat"] + 1), killed, ",".join(str(p) for p in r["partitions"]),
+                       "-" if r["first_s"] is None else f"{r['first_s']:.3f}",
+                       "[red]not back[/red]" if r["all_s"] is None else f"{r['all_s']:.3f}",
+                       " ".join(f"{p}:{'-' if s is None else f'{s:.2f}'}" for p, s in r["recovery_s"].items()),
+                       ", ".join(f"{k} {v}" for k, v in sorted(r["failed_calls"].items())) or "none",
+                       "" if "others_longest_stall_s" not in r else f"{r['others_longest_stall_s']:.3f}",
+                       ", ".join(f"{p}:{_cluster_label(cluster, n)}" for p, n in r.get("new_leaders", {}).items()))
+        console.print(ft)
+        if failover["median_s"] is not None:
+            console.print(f"failover, all partitions of the killed leader back: median {failover['median_s']:.3f} s "
+                          f"over {failover['recovered']} repeat(s); first partition back: median "
+                          f"{failover['median_first_s']:.3f} s")
+
+    targets = Table(title="Targets (issue 5)")
+    targets.add_column("target")
+    targets.add_column("measured", justify="right")
+    targets.add_column("result")
+    colours = {"PASS": "green", "MISS": "red", "n/a": "yellow"}
+    for t in report["targets"]:
+        verdict = _verdict(t["met"])
+        targets.add_row(t["name"], t["measured"], f"[{colours[verdict]}]{verdict}[/{colours[verdict]}]")
+    console.print(targets)
+    if single:
+        v = single["verification"]
+        console.print(f"verification, 1 node: high watermarks sum {v['high_watermark_sum']:,}, acknowledged "
+                      f"{v['acknowledged']:,} -> {'OK' if v['ok'] else 'MISMATCH'}")
+    for acks, phase in cluster.get("acks", {}).items():
+        v = phase.get("verification")
+        if v is not None:
+            console.print(f"verification, {cluster['nodes']} nodes acks={acks}: high watermarks sum "
+                          f"{v['high_watermark_sum']:,}, acknowledged {v['acknowledged']:,} -> "
+                          f"{'OK' if v['ok'] else 'MISMATCH'}")
+        if not phase.get("in_sync_before", True):
+            console.print(f"[yellow]note, acks={acks}: not every replica was in sync when the run started "
+                          f"({phase.get('in_sync_problem')})[/yellow]")
+    for error in report["errors"]:
+        console.print(f"[red]not measured / failed: {error}[/red]")
+
+
+def _cluster_label(cluster: dict[str, Any], node_id: str | None) -> str:
+    ids = cluster.get("node_ids", [])
+    return f"node{ids.index(node_id) + 1}" if node_id in ids else str(node_id)
+
+
+def _run_replication(args: Any) -> int:
+    """``meshq bench replication``: baseline, one node, ``--nodes`` replicated nodes, failover; returns the exit code."""
+    problems = []
+    if not 1 <= args.nodes <= 9:
+        problems.append("--nodes must be from 1 to 9")
+    if not 1 <= args.replication_factor <= args.nodes:
+        problems.append("--replication-factor must be from 1 to --nodes")
+    if args.failover_repeats < 0:
+        problems.append("--failover-repeats must be 0 or more")
+    if args.failover_repeats > 0 and args.nodes < 2:
+        problems.append("failover needs --nodes 2 or more (or --failover-repeats 0)")
+    if args.seed:
+        problems.append("bench replication starts its own nodes; --seed is for bench produce")
+    if problems:
+        for problem in problems:
+            print(f"meshq bench: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    workdir = tempfile.mkdtemp(prefix="meshq-bench-")
+    try:
+        report: dict[str, Any] = {
+            "scenario": "replication",
+            "machine": _machine(),
+            "config": {"records": args.records, "sync_records": args.sync_records, "value_bytes": args.value_bytes,
+                       "batch": args.batch, "fsync": args.fsync, "nodes": args.nodes,
+                       "replication_factor": args.replication_factor, "partitions": PARTITIONS,
+                       "failover_repeats": args.failover_repeats, "failover_acks": args.failover_acks,
+                       "failover_timeout_s": args.failover_timeout, "failover_deadline_s": args.failover_deadline,
+                       "in_sync_timeout_s": args.in_sync_timeout,
+                       "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else ""},
+        }
+        report["machine_load_before_cores"] = _other_load(1.0)
+        _progress("raw pyzmq baseline")
+        report["baseline"] = _run_baseline(args.records, args.batch, args.value_bytes, args.sync_records, workdir)
+        _progress("one node, replication factor 1, acks=leader")
+        single_args = argparse.Namespace(**{**vars(args), "acks": "leader"})
+        report["single_node"] = _run_meshq(single_args, workdir, [], with_async=False)
+        report["cluster"] = _run_cluster(args, workdir)
+        report["targets"] = _replication_targets(report)
+        report["errors"] = _replication_errors(report)
+    except BenchError as exc:
+        print(f"meshq bench: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _render_replication(report)
+    return EXIT_FAILED if report["errors"] else EXIT_OK
+
+
 # ---------------------------------------------------------------------- entry point
 def run_bench(args: Any) -> int:
-    """``meshq bench produce``; returns the process exit code."""
-    if args.scenario != "produce":
+    """``meshq bench produce`` or ``meshq bench replication``; returns the process exit code."""
+    if args.scenario not in ("produce", "replication"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE
     problems = []
@@ -714,6 +1498,8 @@ def run_bench(args: Any) -> int:
         for problem in problems:
             print(f"meshq bench: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if args.scenario == "replication":
+        return _run_replication(args)
     seeds = list(args.seed or [])
     workdir = tempfile.mkdtemp(prefix="meshq-bench-")
     try:

@@ -146,14 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(describe)
 
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce"], help="what to measure")
+    bench.add_argument("scenario", choices=["produce", "replication"],
+                       help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
+                            "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)
     bench.add_argument("--batch", type=int, default=1000, help="records per produce_batch call / baseline frame")
-    bench.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="leader")
+    bench.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="leader",
+                       help="acks of bench produce (bench replication measures leader and quorum)")
     bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    replicated = bench.add_argument_group("bench replication")
+    replicated.add_argument("--nodes", type=int, default=3, help="storage nodes to start (default 3)")
+    replicated.add_argument("--replication-factor", type=int, default=3, help="of the benchmark topics (default 3)")
+    replicated.add_argument("--failover-repeats", type=_non_negative_int, default=3,
+                            help="leader kills, each timed, the killed node restarted in between (default 3; 0: none)")
+    replicated.add_argument("--failover-acks", choices=["leader", "quorum", "all"], default="quorum",
+                            help="acks of the writers during the failover (default quorum)")
+    replicated.add_argument("--failover-timeout", type=_positive_float, default=0.5, metavar="S",
+                            help="timeout of each write during the failover (default 0.5)")
+    replicated.add_argument("--failover-deadline", type=_positive_float, default=20.0, metavar="S",
+                            help="give up waiting for writes to succeed again after S seconds (default 20)")
+    replicated.add_argument("--in-sync-timeout", type=_positive_float, default=20.0, metavar="S",
+                            help="wait at most S seconds for every replica to be in sync before measuring (default 20)")
     _connection_options(bench)
     return parser
 
