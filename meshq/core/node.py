@@ -1186,7 +1186,9 @@ class NodeCore:
         """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
         replica = self.replicas.get((topic, partition))
         if replica is not None and replica.leader is not None:
-            return replica.leader
+            member = self.members.get(replica.leader) if self.members is not None else None
+            if replica.leader == self.node_id or member is None or member.state in ("alive", "suspect"):
+                return replica.leader
         hint = self.leader_hints.get((topic, partition))
         if hint is not None and self.members is not None:
             member = self.members.get(hint[1])
@@ -1748,7 +1750,11 @@ class NodeCore:
                 retry_or_fail(NotLeaderError(f"no leader known for {topic}/{partition} (an election may be under way)"))
                 return
             now = self._now_s
-            self._request(leader, type_, body, (), now, max(0.001, deadline_s - now),
+            # One attempt waits at most half the failure timeout (a live leader answers in
+            # milliseconds), so a leader that just died costs one attempt, not the whole deadline.
+            attempt_s = deadline_s - now if not retry else min(deadline_s - now,
+                                                                max(0.5, self.config.failure_timeout_s / 2))
+            self._request(leader, type_, body, (), now, max(0.001, attempt_s),
                           lambda m: self._effects.append(Resolve(command.waiter, convert(m))), retry_or_fail)
 
         self._with_metadata(topic, now_s, deadline_s, ready, auto_create)
