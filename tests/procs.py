@@ -72,6 +72,16 @@ class NodeProcess:
             os.kill(self.process.pid, signal.SIGKILL)
         self._reap()
 
+    def pause(self) -> None:
+        """SIGSTOP the process (it keeps its sockets and state; peers just stop hearing from it)."""
+        assert self.process is not None and self.process.poll() is None, "pause needs a running node"
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused process (harmless if it is not paused)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM, wait, SIGKILL as a last resort; returns the exit code."""
         if self.process is None:

@@ -1576,7 +1576,7 @@ class NodeCore:
         if not retriable or now_s + _METADATA_RETRY_S >= out.deadline_s:
             if not requeue:
                 pp.queue.popleft()
-            self._fail_batch(out, error)
+            self._fail_batch(out, _final_produce_error(out, error) if retriable else error)
             self._pump((out.topic, out.partition), now_s)
             return
         if requeue:
@@ -1900,6 +1900,22 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
             break
         end = pos + header.size
     return data[:end] if end != len(data) else data
+
+
+def _final_produce_error(out: OutBatch, error: MeshqError) -> MeshqError:
+    """What a produce that ran out of time reports: ``TimeoutError`` when an attempt reached a
+    leader (its fate is unknown: it may be stored), ``NotEnoughReplicasError`` when no leader of
+    the partition could be reached at all. The last retriable error is kept in the message."""
+    where = f"{out.topic}/{out.partition}"
+    if isinstance(error, (TimeoutError, NotEnoughReplicasError)):
+        return error
+    if out.attempts == 0 and isinstance(error, NotLeaderError):
+        return NotEnoughReplicasError(
+            f"no leader of {where} could be reached before the deadline (a majority of its replicas may be "
+            f"down or cut off); nothing was sent. Last error: {error}")
+    return TimeoutError(
+        f"produce to {where} was not acknowledged before its deadline; it may or may not be stored. "
+        f"Last error: {error}")
 
 
 def _too_large(size: int, limit: int) -> MeshqError:

@@ -25,4 +25,7 @@ def lab(request):
             for node in the_lab.nodes:
                 print(f"----- log of the node in {node.host.netns} -----")
                 print(node.log_text()[-4000:])
+            for writer in the_lab.writers:
+                print(f"----- log of writer {writer.name} in {writer.host.netns} -----")
+                print(writer.log_text()[-2000:])
         the_lab.teardown()

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -132,6 +133,98 @@ class NsNode:
         if self.process.stdout is not None:
             self.process.stdout.close()
 
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM (a clean stop), SIGKILL as a last resort; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+        code = self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+
+class NsWriter:
+    """A writer process inside one namespace (``python -m tests.netns.lab writer``): a client node there, one
+    ``SyncWriter`` per partition producing unique values with acks=quorum; every attempt comes back as a JSON line
+    and lands in ``self.log`` (a ``tests.multinode.helpers.WriteLog``). Closing its stdin stops it."""
+
+    def __init__(self, host: Host, cluster: str, name: str, seeds: list[str], topic: str, partitions: int,
+                 log_path: str) -> None:
+        from tests.multinode.helpers import WriteLog
+
+        self.host, self.cluster, self.name, self.seeds = host, cluster, name, seeds
+        self.topic, self.partitions, self.log_path = topic, partitions, log_path
+        self.log = WriteLog()
+        self.ready = threading.Event()
+        self.done: dict[str, Any] | None = None
+        self.process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> NsWriter:
+        command = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "tests.netns.lab", "writer",
+                   "--cluster", self.cluster, "--host", self.host.address, "--topic", self.topic,
+                   "--name", self.name, "--partitions", str(self.partitions)]
+        for seed in self.seeds:
+            command += ["--seed", seed]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            cwd=REPO, env=child_env())
+        self._reader = threading.Thread(target=self._read, name=f"ns-writer-{self.name}", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        from tests.multinode.helpers import Attempt
+
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            message = json.loads(line)
+            if "ready" in message:
+                self.ready.set()
+            elif "done" in message:
+                self.done = message
+            else:
+                self.log.record(Attempt.from_json(message))
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if not self.ready.wait(timeout_s):
+            raise AssertionError(f"writer {self.name} in {self.host.netns} not ready within {timeout_s} s:\n"
+                                 f"{self.log_text()[-3000:]}")
+
+    def stop(self, timeout_s: float = 90.0) -> dict[str, Any]:
+        """Close stdin (the writer stops, joins its threads, stops its client), wait; returns its final report."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"writer {self.name} did not stop within {timeout_s} s:\n"
+                                 f"{self.log_text()[-3000:]}") from None
+        if self._reader is not None:
+            self._reader.join(10)
+        if self.process.returncode != 0 or self.done is None:
+            raise AssertionError(f"writer {self.name} exited {self.process.returncode}:\n{self.log_text()[-3000:]}")
+        return self.done
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
 
 class Lab:
     """Namespaces, bridge, veths, and the node processes of one test."""
@@ -143,6 +236,7 @@ class Lab:
         self.hosts = [Host(self, i) for i in range(1, hosts + 1)]
         self.created: list[str] = []  # namespaces to delete, in creation order
         self.nodes: list[NsNode] = []
+        self.writers: list[NsWriter] = []
         self.root = tempfile.mkdtemp(prefix="meshq-netns-")
         self.cluster = f"ns-{self.tag}"
         self.torn_down = False
@@ -180,6 +274,13 @@ class Lab:
         self.nodes.append(node)
         return node.start()
 
+    def start_writer(self, host: Host, name: str, topic: str, partitions: int) -> NsWriter:
+        """A writer process in ``host`` seeded with every node of the lab (it reaches those its side can)."""
+        writer = NsWriter(host, self.cluster, name, [n.seed for n in self.nodes], topic, partitions,
+                          f"{self.root}/writer-{name}.log")
+        self.writers.append(writer)
+        return writer.start()
+
     def probe(self, from_host: Host, nodes: list[NsNode]) -> dict[str, dict | None]:
         """Each node's own status ({seed: status or None}), asked from inside ``from_host``."""
         result = from_host.run(sys.executable, "-m", "tests.multinode.probe", "--cluster", self.cluster,
@@ -196,6 +297,11 @@ class Lab:
             return
         self.torn_down = True
         errors = []
+        for writer in self.writers:
+            try:
+                writer.kill()
+            except Exception as exc:  # keep tearing down
+                errors.append(f"kill writer {writer.name}: {exc}")
         for node in self.nodes:
             try:
                 node.kill()
@@ -221,3 +327,56 @@ class Lab:
 
 def can_use_netns() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+def writer_main(argv: list[str] | None = None) -> int:
+    """``python -m tests.netns.lab writer ...``: run ``NsWriter``'s side inside a namespace (stops at stdin EOF)."""
+    import argparse
+
+    import meshq
+    from tests.multinode.helpers import Attempt, SyncWriter, WriteLog
+
+    parser = argparse.ArgumentParser(prog="python -m tests.netns.lab writer")
+    parser.add_argument("--cluster", required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--seed", action="append", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--partitions", type=int, required=True)
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    out_lock = threading.Lock()
+
+    def emit(message: dict) -> None:
+        with out_lock:
+            sys.stdout.write(json.dumps(message) + "\n")
+            sys.stdout.flush()
+
+    def on_attempt(attempt: Attempt) -> None:
+        emit(attempt.to_json())
+
+    client = meshq.Node(cluster=args.cluster, role="client", seeds=args.seed, mdns=False, host=args.host).start()
+    try:
+        client.wait_ready(timeout=30)
+        log = WriteLog(on_attempt=on_attempt)
+        writers = [SyncWriter(client, args.topic, f"{args.name}-p{p}", log, partition=p, timeout_s=args.timeout)
+                   for p in range(args.partitions)]
+        for writer in writers:
+            writer.start()
+        emit({"ready": True})
+        sys.stdin.read()  # the test closes our stdin to stop us
+        for writer in writers:
+            writer.stop()
+        for writer in writers:
+            writer.join(60)
+        stuck = [w.name for w in writers if w.is_alive()]
+    finally:
+        client.stop()
+    emit({"done": True, "stuck": stuck})
+    return 0 if not stuck else 3
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "writer":
+        sys.exit(writer_main(sys.argv[2:]))
+    sys.exit(f"usage: python -m tests.netns.lab writer --cluster C --host IP --seed H:P ... (got {sys.argv[1:]})")
