@@ -633,11 +633,16 @@ class Replica:
 
     def _replicate_to(self, peer: str, f: FollowerProgress, now_s: float, heartbeat: bool = False) -> None:
         end = self.log.end_offset
+        # A follower that stopped answering (down, cut off, paused) gets only empty heartbeats:
+        # data sent into a dead link would queue in the transport and flood it on the heal.
+        silent = now_s - f.last_contact_s > 2 * self.heartbeat_interval_s
+        if silent and not heartbeat:
+            return
         while heartbeat or (f.next_offset < end and f.in_flight < MAX_IN_FLIGHT):
             start = f.next_offset
             data = b""
             next_offset = start
-            if start < end:
+            if start < end and not silent:
                 try:
                     data = self.log.read(max(start, self.log.start_offset), MAX_APPEND_BYTES)
                 except CorruptLogError as exc:
