@@ -192,8 +192,8 @@ class NodeCore:
         self._now_s = 0.0
         self._subscribed: set[str] = set()
         # server half
-        self.partitions: dict[tuple[str, int], PartitionState] = {}  # every partition replicated here
-        self.replicas: dict[tuple[str, int], Replica] = {}
+        # every partition replicated here; ``state.replica`` runs its replication protocol
+        self.partitions: dict[tuple[str, int], PartitionState] = {}
         # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
         self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
         self._leading: set[tuple[str, int]] = set()  # partitions whose leadership we have acted on
@@ -316,8 +316,8 @@ class NodeCore:
             raft_deadline = self.raft.next_deadline()
             if deadline is None or raft_deadline < deadline:
                 deadline = raft_deadline
-        for replica in self.replicas.values():
-            replica_deadline = replica.next_deadline()
+        for state in self.partitions.values():
+            replica_deadline = state.replica.next_deadline()
             if deadline is None or replica_deadline < deadline:
                 deadline = replica_deadline
         return deadline
@@ -326,9 +326,9 @@ class NodeCore:
         self._now_s = now_s
         if self.raft is not None and self.raft.next_deadline() <= now_s:
             self.raft.on_timer(now_s)
-        for _key, replica in sorted(self.replicas.items()):
-            if replica.next_deadline() <= now_s:
-                replica.on_timer(now_s)
+        for _key, state in sorted(self.partitions.items()):
+            if state.replica.next_deadline() <= now_s:
+                state.replica.on_timer(now_s)
         while self._timers and self._timers[0][0] <= now_s:
             _deadline, _seq, kind, key = heapq.heappop(self._timers)
             if kind == "request":
@@ -411,6 +411,17 @@ class NodeCore:
         else:
             frames = wire.encode(self.config.cluster, self.node_id, type_, request_id, body, payloads)
             self._effects.append(Reply(route, frames))
+
+    def _answer(self, route: Any, request_id: int, type_: str, body: dict) -> Callable[[MeshqError | None], None]:
+        """A callback that replies ``type_``/``body`` on success, or the error it is given."""
+
+        def answer(error: MeshqError | None) -> None:
+            if error is None:
+                self._reply(route, request_id, type_, body)
+            else:
+                self._reply_error(route, request_id, error)
+
+        return answer
 
     def _reply_error(self, route: Any, request_id: int, error: MeshqError) -> None:
         self._reply(route, request_id, "error",
@@ -578,15 +589,22 @@ class NodeCore:
 
     # ------------------------------------------------------------------ agreement (metadata Raft)
     def _raft_send(self, peer: str, type_: str, body: dict) -> None:
+        self._send_to_member(peer, type_, body)
+
+    def _send_to_member(self, peer: str, type_: str, body: dict, payloads: tuple = ()) -> None:
+        """A one-way message to a storage member, connecting first if we have not yet (its address
+        comes from the metadata group, else from the member table); dropped if it is unknown."""
         if peer not in self.peer_endpoints:
             info = self.raft.voters.get(peer) if self.raft is not None else None
+            if info is None:
+                info = self.meta.members.get(peer)
             if info is None:
                 member = self.members.get(peer) if self.members is not None else None
                 info = {"address": member.address} if member is not None else None
             if info is None:
                 return
             self._connect(peer, info["address"])
-        self._effects.append(Send(peer, wire.encode(self.config.cluster, self.node_id, type_, 0, body)))
+        self._effects.append(Send(peer, wire.encode(self.config.cluster, self.node_id, type_, 0, body, payloads)))
 
     def _serve_raft(self, route: Any, message: wire.Message, now_s: float) -> None:
         if self.raft is None:
@@ -878,7 +896,7 @@ class NodeCore:
     def _serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         state = self._leader_state(body["topic"], body["partition"])
-        self._check_acks(state, body["acks"], now_s)
+        self._check_lease(state, now_s)
         data = message.payloads[0]
         header = batch_format.verify_batch(data, self.config.batch_max_bytes * 2)
         base_offset, duplicate = state.append(data, header, self.wall_clock_ms())
@@ -897,13 +915,8 @@ class NodeCore:
         timeout_s = min(body["timeout_ms"] / 1000.0, self.config.request_timeout_s) if body["timeout_ms"] else \
             self.config.request_timeout_s
 
-        def done(error: MeshqError | None) -> None:
-            if error is None:
-                self._reply(route, message.request_id, "produce_ok", reply)
-            else:
-                self._reply_error(route, message.request_id, error)
-
-        self._wait_for_acks(state, needed, body["acks"], now_s + timeout_s, done)
+        self._wait_for_acks(state, needed, body["acks"], now_s + timeout_s,
+                            self._answer(route, message.request_id, "produce_ok", reply))
 
     def _wait_for_acks(self, state: PartitionState, needed: int, acks: str, deadline_s: float,
                        callback: Callable[[MeshqError | None], None]) -> None:
@@ -914,8 +927,6 @@ class NodeCore:
             return
         state.waiters.append(AckWaiter(needed, acks, deadline_s, callback))
         self._schedule(deadline_s, "acks", state.key)
-        if acks == "leader" and self.config.fsync == "always":
-            self._effects.append(SyncLogs(frozenset([state.key])))
 
     def _check_waiters(self, state: PartitionState, now_s: float) -> None:
         """Answer the waiters whose records reached their level, failed or timed out."""
@@ -954,7 +965,7 @@ class NodeCore:
             return
         self._answer_fetch(state, route, message.request_id, body)
 
-    def _check_acks(self, state: PartitionState, acks: str, now_s: float) -> None:
+    def _check_lease(self, state: PartitionState, now_s: float) -> None:
         """Refuse (before any state change) a write this leader cannot vouch for.
 
         A leader whose lease lapsed (a majority of its replica set has not answered within the
@@ -1018,17 +1029,17 @@ class NodeCore:
 
     def _on_synced(self, keys: frozenset) -> None:
         for key in sorted(keys):
-            replica = self.replicas.get(key)
-            if replica is not None:
-                replica.on_synced(self._now_s)
+            state = self.partitions.get(key)
+            if state is not None:
+                state.replica.on_synced(self._now_s)
                 self._on_replica_change(key)
 
     def _on_replica_change(self, key: tuple[str, int]) -> None:
         """Leadership or the high watermark of a local replica changed: answer who waits on it."""
         state = self.partitions.get(key)
-        replica = self.replicas.get(key)
-        if state is None or replica is None:
+        if state is None:
             return
+        replica = state.replica
         was_leader = key in self._leading
         if replica.is_leader and not was_leader:
             self._leading.add(key)
@@ -1073,21 +1084,16 @@ class NodeCore:
         if not records:
             self._reply(route, message.request_id, "offset_commit_ok", {})
             return
-        self._check_acks(state, "quorum", now_s)
+        self._check_lease(state, now_s)
         data = batch_format.encode_batch(records)
         state.append(data, batch_format.parse_header(data), now_ms)
         self._on_appended(state, now_s)
         for entry in message.body["offsets"]:
             self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]
 
-        def done(error: MeshqError | None) -> None:
-            if error is None:
-                self._reply(route, message.request_id, "offset_commit_ok", {})
-            else:
-                self._reply_error(route, message.request_id, error)
-
         # Committed offsets are as durable as acks=quorum records: a failover cannot rewind a group.
-        self._wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s, done)
+        self._wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s,
+                            self._answer(route, message.request_id, "offset_commit_ok", {}))
 
     def _serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         group, topic = message.body["group"], message.body["topic"]
@@ -1145,13 +1151,12 @@ class NodeCore:
             key = (config.name, partition)
             if self.node_id not in replicas or key in self.partitions:
                 continue
-            state = PartitionState(config.name, partition, self.storage.open_log(config.name, partition),
-                                   durable_reads=self.config.fsync == "always")
+            state = PartitionState(config.name, partition, self.storage.open_log(config.name, partition))
             self.partitions[key] = state
             name = persisted_name(config.name, partition)
             replica = Replica(
                 self.node_id, state, replicas, self.storage.read_meta(name), self.rng,
-                send=lambda peer, type_, body, payloads: self._replica_send(peer, type_, body, payloads),
+                send=self._send_to_member,
                 save=lambda value, name=name: self.storage.write_meta(name, value),
                 request_sync=lambda key=key: self._effects.append(SyncLogs(frozenset([key]))),
                 on_change=lambda key=key: self._on_replica_change(key),
@@ -1162,39 +1167,39 @@ class NodeCore:
                 replica_lag_s=self.config.failure_timeout_s,
                 fsync_always=self.config.fsync == "always",
             )
-            self.replicas[key] = replica
             replica.start(self._now_s)
             if replica.next_deadline() <= self._now_s:
                 replica.on_timer(self._now_s)  # a sole or preferred replica campaigns at once
 
-    def _replica_send(self, peer: str, type_: str, body: dict, payloads: tuple) -> None:
-        if peer not in self.peer_endpoints:
-            info = self.meta.members.get(peer)
-            if info is None:
-                return
-            self._connect(peer, info["address"])
-        self._effects.append(Send(peer, wire.encode(self.config.cluster, self.node_id, type_, 0, body, payloads)))
-
     def _serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
-        replica = self.replicas.get((body["topic"], body["partition"]))
-        if replica is None:
+        state = self.partitions.get((body["topic"], body["partition"]))
+        if state is None:
             return  # not (yet) a replica here: the sender retries on its next heartbeat
-        replica.handle(message.sender, message.type, body, message.payloads, now_s)
+        state.replica.handle(message.sender, message.type, body, message.payloads, now_s)
 
     def _current_leader(self, topic: str, partition: int) -> str | None:
         """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
-        replica = self.replicas.get((topic, partition))
-        if replica is not None and replica.leader is not None:
-            member = self.members.get(replica.leader) if self.members is not None else None
-            if replica.leader == self.node_id or member is None or member.state in ("alive", "suspect"):
-                return replica.leader
+        state = self.partitions.get((topic, partition))
+        if state is not None and state.replica.leader is not None and not self._known_dead(state.replica.leader):
+            return state.replica.leader
         hint = self.leader_hints.get((topic, partition))
-        if hint is not None and self.members is not None:
-            member = self.members.get(hint[1])
-            if hint[1] == self.node_id or (member is not None and member.state in ("alive", "suspect")):
-                return hint[1]
+        if hint is not None and self._liveness(hint[1]) == "alive":
+            return hint[1]
         return None
+
+    def _known_dead(self, node_id: str) -> bool:
+        return self._liveness(node_id) == "gone"
+
+    def _liveness(self, node_id: str) -> str:
+        """``alive`` (ourselves, or alive or suspect in the member table), ``gone`` (dead, left,
+        joining) or ``unknown`` (not in the member table)."""
+        if node_id == self.node_id:
+            return "alive"
+        member = self.members.get(node_id) if self.members is not None else None
+        if member is None:
+            return "unknown"
+        return "alive" if member.state in ("alive", "suspect") else "gone"
 
     def _replay_group_offsets(self, only: tuple[str, int] | None = None) -> None:
         for (topic, partition), state in sorted(self.partitions.items()):
@@ -1238,7 +1243,8 @@ class NodeCore:
     def _topic_meta(self, config: TopicConfig) -> dict:
         partitions = []
         for p, replicas in enumerate(self.meta.assignments.get(config.name, [])):
-            replica = self.replicas.get((config.name, p))
+            state = self.partitions.get((config.name, p))
+            replica = state.replica if state is not None else None
             entry = {
                 "partition": p,
                 "leader": self._current_leader(config.name, p),
@@ -1257,12 +1263,12 @@ class NodeCore:
 
     def under_replicated(self) -> int:
         """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""
-        return sum(1 for replica in self.replicas.values()
-                   if replica.is_leader and len(replica.in_sync(self._now_s)) < len(replica.replicas))
+        return sum(1 for state in self.partitions.values()
+                   if state.replica.is_leader and len(state.replica.in_sync(self._now_s)) < len(state.replica.replicas))
 
     def _leads(self) -> list[list]:
-        return [[topic, partition, replica.epoch] for (topic, partition), replica in sorted(self.replicas.items())
-                if replica.is_leader]
+        return [[topic, partition, state.replica.epoch] for (topic, partition), state in sorted(self.partitions.items())
+                if state.replica.is_leader]
 
     def local_status(self) -> dict:
         """This node's view in the shape of ``meshq status --json``."""

@@ -56,19 +56,15 @@ class ParkedFetch:
 class PartitionState:
     """One partition this node holds a replica of (it serves clients only while it leads)."""
 
-    def __init__(self, topic: str, partition: int, log: Any, leader_epoch: int = 0,
-                 durable_reads: bool = False) -> None:
+    def __init__(self, topic: str, partition: int, log: Any) -> None:
         self.topic = topic
         self.partition = partition
         self.log = log
-        # With fsync=always, readers see only what is on disk: a power loss cannot take back
-        # a record that a consumer has already seen.
-        self.durable_reads = durable_reads
-        self.leader_epoch = leader_epoch
         self.producers: dict[int, ProducerEntry] = {}
         self.parked_fetches: list[ParkedFetch] = []
         self.waiters: list[AckWaiter] = []
-        # The replication state (meshq.core.replica.Replica) once attached; it owns the high watermark.
+        # The replication state (meshq.core.replica.Replica), attached by its constructor: it owns
+        # the leader epoch and the high watermark.
         self.replica: Any = None
         # (epoch, first offset) of each epoch seen in the batch headers, found while rebuilding
         self.batch_epochs: list[tuple[int, int]] = []
@@ -80,10 +76,11 @@ class PartitionState:
 
     @property
     def high_watermark(self) -> int:
-        if self.replica is not None:
-            return self.replica.high_watermark  # what a majority of the replica set holds
-        # A bare partition (no replication attached): what is appended, or with durable_reads synced.
-        return self.log.synced_offset if self.durable_reads else self.log.end_offset
+        return self.replica.high_watermark  # what a majority of the replica set holds
+
+    @property
+    def leader_epoch(self) -> int:
+        return self.replica.epoch  # stamped into the batches this replica stores as leader
 
     @property
     def waiting_for_all(self) -> bool:

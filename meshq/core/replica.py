@@ -138,7 +138,6 @@ class Replica:
         self._transfer_sent_epoch = -1
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
         state.replica = self
-        state.leader_epoch = self.epoch
 
     # ------------------------------------------------------------------ persistence
     def _reconcile_history(self, persisted: list) -> list[list[int]]:
@@ -260,11 +259,6 @@ class Replica:
             return all(f.match_end >= needed for peer, f in self.followers.items() if peer in in_sync)
         return True
 
-    def status(self, now_s: float) -> dict:
-        return {"epoch": self.epoch, "role": self.role, "leader": self.leader,
-                "high_watermark": self.high_watermark, "end_offset": self.log.end_offset,
-                "in_sync": self.in_sync(now_s)}
-
     # ------------------------------------------------------------------ lifecycle
     def _become(self, role: str) -> None:
         assert role in TRANSITIONS[self.role], f"replica: {self.role} -> {role} is not a valid transition"
@@ -282,29 +276,11 @@ class Replica:
             # once. Pre-votes are refused while a leader is heard from, so this deposes no one.
             self.election_deadline_s = now_s
 
-    def set_replicas(self, replicas: list[str], now_s: float) -> None:
-        """The agreed replica set changed (a reassignment step)."""
-        self.replicas = list(replicas)
-        for peer in list(self.followers):
-            if peer not in self.replicas:
-                del self.followers[peer]
-        if self.role == LEADER:
-            for peer in self.replicas:
-                if peer != self.node_id and peer not in self.followers:
-                    self.followers[peer] = FollowerProgress(self.log.end_offset, last_contact_s=now_s)
-            if self.node_id not in self.replicas:
-                self._step_down(self.epoch, now_s, None)
-        elif self.node_id not in self.replicas:
-            self.election_deadline_s = float("inf")
-        elif self.election_deadline_s == float("inf"):
-            self._reset_election_timer(now_s)
-
     def _step_down(self, epoch: int, now_s: float, leader: str | None) -> None:
         changed = epoch > self.epoch
         if changed:
             self.epoch = epoch
             self.voted_for = None
-            self.state.leader_epoch = epoch
         was_leader = self.role == LEADER
         if self.role != FOLLOWER:
             self._become(FOLLOWER)
@@ -375,7 +351,6 @@ class Replica:
             self._become(CANDIDATE)
             self.epoch += 1
             self.voted_for = self.node_id
-            self.state.leader_epoch = self.epoch
             self._persist()
             target = self.epoch
         self.leader = None

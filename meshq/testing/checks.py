@@ -221,7 +221,7 @@ class Checker:
             leader = self._partition_leader(TOPIC_NAME, partition)
             if leader is None:
                 return False
-            replica = leader.core.replicas[(TOPIC_NAME, partition)]
+            replica = leader.core.partitions[(TOPIC_NAME, partition)].replica
             if sim.stats["bitflips"] or self._power_window():
                 # A damaged batch on the leader cannot be sent to a follower that lacks it (repair
                 # from another replica is not implemented); and after power losses with fsync !=
@@ -238,7 +238,8 @@ class Checker:
         best = None
         for node_id in sorted(self.sim.nodes):
             node = self.sim.nodes[node_id]
-            replica = node.core.replicas.get((topic, partition)) if node.core is not None else None
+            state = node.core.partitions.get((topic, partition)) if node.core is not None else None
+            replica = state.replica if state is not None else None
             if replica is not None:
                 rank = (replica.last_epoch, replica.log.end_offset)
                 if best is None or rank > best[0]:
@@ -250,7 +251,8 @@ class Checker:
         best = None
         for node_id in sorted(self.sim.nodes):
             node = self.sim.nodes[node_id]
-            replica = node.core.replicas.get((topic, partition)) if node.core is not None else None
+            state = node.core.partitions.get((topic, partition)) if node.core is not None else None
+            replica = state.replica if state is not None else None
             if replica is not None and replica.is_leader and (best is None or replica.epoch > best[0]):
                 best = (replica.epoch, node)
         return best[1] if best is not None else None

@@ -73,7 +73,7 @@ class Node:
     def build(self) -> None:
         """(Re)create the Replica over this node's storage and last saved dict (a restart)."""
         log = self.storage.open_log(TOPIC, PARTITION)
-        state = PartitionState(TOPIC, PARTITION, log, durable_reads=self.fsync_always)
+        state = PartitionState(TOPIC, PARTITION, log)
         original_truncate = state.truncate
 
         def truncate(offset: int) -> None:
