@@ -82,6 +82,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -1138,15 +1139,49 @@ def _fmt_rate(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _runs_text(row: dict) -> str:
+    """Every timed run's rate, e.g. ``1.62M / 1.31M / 1.42M``."""
+    return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
+
+
+def _print_machine(console: Any, scenario: str, machine: dict[str, Any]) -> None:
+    console.print(f"[bold]meshq bench {scenario}[/bold]  {machine['nproc']} CPU x {machine['cpu']}, Python "
+                  f"{machine['python']}, pyzmq {machine['pyzmq']} / libzmq {machine['libzmq']}, msgpack "
+                  f"{machine['msgpack']}")
+
+
+def _print_cpu(console: Any, rows: list[tuple[str, dict]]) -> None:
+    """The CPU table of the timed runs (``rows``: label, phase result with an optional ``cpu``)."""
+    from rich.table import Table
+
+    cpu = Table(title="CPU during the timed runs (% of one core; threads >= 1 %)")
+    cpu.add_column("run")
+    cpu.add_column("ours", justify="right")
+    cpu.add_column("other procs", justify="right")
+    cpu.add_column("process: thread cpu%")
+    for label, row in rows:
+        info = row.get("cpu")
+        if info:
+            cpu.add_row(label, f"{info.get('ours_percent', 0):.0f}", f"{info.get('other_percent', 0):.0f}",
+                        ", ".join(f"{t['process']}: {t['thread']} {t['cpu_percent']:.0f}" for t in info["threads"]))
+    console.print(cpu)
+
+
+def _print_load_warning(console: Any, report: dict[str, Any]) -> None:
+    idle = report.get("machine_load_before_cores")
+    if idle is not None and idle > 0.2:
+        console.print(f"[yellow]warning: other processes used {idle:.2f} cores just before the run "
+                      f"(see 'other procs' above); on a {report['machine']['nproc']}-core machine the figures "
+                      "are pessimistic[/yellow]")
+
+
 def _render(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 120)
-    m = report["machine"]
     c = report["config"]
-    console.print(f"[bold]meshq bench produce[/bold]  {m['nproc']} CPU x {m['cpu']}, Python {m['python']}, "
-                  f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, msgpack {m['msgpack']}")
+    _print_machine(console, "produce", report["machine"])
     console.print(f"records={c['records']:,} sync_records={c['sync_records']:,} value_bytes={c['value_bytes']} "
                   f"batch={c['batch']} acks={c['acks']} fsync={c['fsync']}")
     base = report["baseline"]
@@ -1160,36 +1195,19 @@ def _render(report: dict[str, Any]) -> None:
     table.add_column("MB/s (values)", justify="right")
     table.add_column("vs baseline", justify="right")
     table.add_column("all runs", justify="right")
-
-    def runs(row: dict) -> str:
-        return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
-
     table.add_row(f"baseline: pyzmq DEALER->ROUTER, window {base['window_frames']}",
                   f"{base['records']:,}", f"{base['seconds']:.3f}", _fmt_rate(base["records_per_s"]),
-                  f"{base['mb_per_s']:.1f}", "100%", runs(base))
+                  f"{base['mb_per_s']:.1f}", "100%", _runs_text(base))
     for key, label in (("produce_batch", f"meshq produce_batch, window {BATCH_WINDOW}"),
                        ("produce_async", "meshq produce_async + flush")):
         row = mq[key]
         table.add_row(label, f"{row['records']:,}", f"{row['seconds']:.3f}", _fmt_rate(row["records_per_s"]),
-                      f"{row['mb_per_s']:.1f}", f"{row['records_per_s'] / base['records_per_s']:.1%}", runs(row))
+                      f"{row['mb_per_s']:.1f}", f"{row['records_per_s'] / base['records_per_s']:.1%}",
+                      _runs_text(row))
     console.print(table)
-    cpu = Table(title="CPU during the timed runs (% of one core; threads >= 1 %)")
-    cpu.add_column("run")
-    cpu.add_column("ours", justify="right")
-    cpu.add_column("other procs", justify="right")
-    cpu.add_column("process: thread cpu%")
-    for label, row in (("baseline", base), ("produce_batch", mq["produce_batch"]),
-                       ("produce_async", mq["produce_async"]), ("produce (sync)", mq.get("produce", {}))):
-        info = row.get("cpu")
-        if info:
-            cpu.add_row(label, f"{info.get('ours_percent', 0):.0f}", f"{info.get('other_percent', 0):.0f}",
-                        ", ".join(f"{c['process']}: {c['thread']} {c['cpu_percent']:.0f}" for c in info["threads"]))
-    console.print(cpu)
-    idle = report.get("machine_load_before_cores")
-    if idle is not None and idle > 0.2:
-        console.print(f"[yellow]warning: other processes used {idle:.2f} cores just before the run "
-                      f"(see 'other procs' above); on a {m['nproc']}-core machine the figures are pessimistic"
-                      "[/yellow]")
+    _print_cpu(console, [("baseline", base), ("produce_batch", mq["produce_batch"]),
+                         ("produce_async", mq["produce_async"]), ("produce (sync)", mq.get("produce", {}))])
+    _print_load_warning(console, report)
     lat = Table(title="Synchronous latency (one record per call, µs)")
     for name in ("run", "calls", "p50", "p90", "p99", "max", "mean"):
         lat.add_column(name, justify="right" if name != "run" else "left")
@@ -1300,10 +1318,8 @@ def _render_replication(report: dict[str, Any]) -> None:
 
     wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
     console = Console(width=None if wide else 160)
-    m = report["machine"]
     c = report["config"]
-    console.print(f"[bold]meshq bench replication[/bold]  {m['nproc']} CPU x {m['cpu']}, Python {m['python']}, "
-                  f"pyzmq {m['pyzmq']} / libzmq {m['libzmq']}, msgpack {m['msgpack']}")
+    _print_machine(console, "replication", report["machine"])
     console.print(f"records={c['records']:,} sync_records={c['sync_records']:,} value_bytes={c['value_bytes']} "
                   f"batch={c['batch']} fsync={c['fsync']} nodes={c['nodes']} replication_factor="
                   f"{c['replication_factor']} partitions={PARTITIONS} failover_repeats={c['failover_repeats']}")
@@ -1315,14 +1331,11 @@ def _render_replication(report: dict[str, Any]) -> None:
                         ("sync p50 µs", True), ("sync p99 µs", True), ("sync calls", True)):
         table.add_column(name, justify="right" if right else "left")
 
-    def runs(row: dict) -> str:
-        return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
-
     def add(label: str, batch: dict, sync: dict | None) -> None:
         if "error" in batch:
             cells = [f"[red]{batch['error'].split(':')[0]}[/red]", "", ""]
         elif batch:
-            cells = [_fmt_rate(batch["records_per_s"]), runs(batch),
+            cells = [_fmt_rate(batch["records_per_s"]), _runs_text(batch),
                      f"{batch['records_per_s'] / base['records_per_s']:.1%}"]
         else:
             cells = ["", "", ""]
@@ -1344,27 +1357,13 @@ def _render_replication(report: dict[str, Any]) -> None:
             phase.get("produce_batch", {}), phase.get("produce"))
     console.print(table)
 
-    cpu = Table(title="CPU during the timed runs (% of one core; threads >= 1 %)")
-    cpu.add_column("run")
-    cpu.add_column("ours", justify="right")
-    cpu.add_column("other procs", justify="right")
-    cpu.add_column("process: thread cpu%")
     rows = [("baseline", base), ("1 node produce_batch", single.get("produce_batch", {})),
             ("1 node produce (sync)", single.get("produce", {}))]
     for acks, phase in cluster.get("acks", {}).items():
         rows += [(f"{cluster['nodes']} nodes {acks} produce_batch", phase.get("produce_batch", {})),
                  (f"{cluster['nodes']} nodes {acks} produce (sync)", phase.get("produce", {}))]
-    for label, row in rows:
-        info = row.get("cpu")
-        if info:
-            cpu.add_row(label, f"{info.get('ours_percent', 0):.0f}", f"{info.get('other_percent', 0):.0f}",
-                        ", ".join(f"{t['process']}: {t['thread']} {t['cpu_percent']:.0f}" for t in info["threads"]))
-    console.print(cpu)
-    idle = report.get("machine_load_before_cores")
-    if idle is not None and idle > 0.2:
-        console.print(f"[yellow]warning: other processes used {idle:.2f} cores just before the run "
-                      f"(see 'other procs' above); on a {m['nproc']}-core machine the figures are pessimistic"
-                      "[/yellow]")
+    _print_cpu(console, rows)
+    _print_load_warning(console, report)
 
     failover = cluster.get("failover")
     if failover is not None:
@@ -1445,8 +1444,8 @@ def _run_replication(args: Any) -> int:
         for problem in problems:
             print(f"meshq bench: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    workdir = tempfile.mkdtemp(prefix="meshq-bench-")
-    try:
+
+    def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
             "scenario": "replication",
             "machine": _machine(),
@@ -1467,6 +1466,18 @@ def _run_replication(args: Any) -> int:
         report["cluster"] = _run_cluster(args, workdir)
         report["targets"] = _replication_targets(report)
         report["errors"] = _replication_errors(report)
+        return report
+
+    return _measure_and_report(args, measure, _render_replication, lambda report: bool(report["errors"]))
+
+
+def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], None],
+                        failed: Callable[[dict[str, Any]], bool]) -> int:
+    """Run ``measure(workdir)`` in a temporary directory (always removed), print the report as JSON
+    or tables, and return the exit code (``failed(report)``: a part could not be measured or checked)."""
+    workdir = tempfile.mkdtemp(prefix="meshq-bench-")
+    try:
+        report = measure(workdir)
     except BenchError as exc:
         print(f"meshq bench: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -1475,8 +1486,8 @@ def _run_replication(args: Any) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _render_replication(report)
-    return EXIT_FAILED if report["errors"] else EXIT_OK
+        render(report)
+    return EXIT_FAILED if failed(report) else EXIT_OK
 
 
 # ---------------------------------------------------------------------- entry point
@@ -1501,8 +1512,8 @@ def run_bench(args: Any) -> int:
     if args.scenario == "replication":
         return _run_replication(args)
     seeds = list(args.seed or [])
-    workdir = tempfile.mkdtemp(prefix="meshq-bench-")
-    try:
+
+    def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
             "machine": _machine(),
             "config": {"records": args.records, "sync_records": args.sync_records, "value_bytes": args.value_bytes,
@@ -1514,16 +1525,9 @@ def run_bench(args: Any) -> int:
         report["baseline"] = _run_baseline(args.records, args.batch, args.value_bytes, args.sync_records, workdir)
         report["meshq"] = _run_meshq(args, workdir, seeds)
         report["targets"] = _targets(report)
-    except BenchError as exc:
-        print(f"meshq bench: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _render(report)
-    return EXIT_OK if report["meshq"]["verification"]["ok"] else EXIT_FAILED
+        return report
+
+    return _measure_and_report(args, measure, _render, lambda report: not report["meshq"]["verification"]["ok"])
 
 
 __all__ = ["run_bench"]
