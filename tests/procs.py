@@ -20,6 +20,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def read_log(path: str) -> str:
+    """The text of a child's log file ('' when it does not exist yet)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def end_process(process: subprocess.Popen | None, timeout_s: float = 10.0, graceful: bool = True,
+                close_stdout: bool = True) -> int | None:
+    """Stop a child we started, by its PID: SIGTERM and wait ``timeout_s`` (``graceful``), SIGKILL
+    otherwise or as a last resort; reap it and close its stdout (unless a reader thread owns it).
+    Returns the exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        if graceful:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+        else:
+            os.kill(process.pid, signal.SIGKILL)
+    code = process.wait(10)
+    if close_stdout and process.stdout is not None:
+        process.stdout.close()
+    return code
+
+
 class NodeProcess:
     """One `meshq node` child process; `stop`/`kill` act on its PID only."""
 
@@ -60,17 +91,11 @@ class NodeProcess:
         return self
 
     def log_text(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def kill(self) -> None:
         """SIGKILL (kill -9) the process and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self._reap()
+        self._reap(end_process(self.process, graceful=False))
 
     def pause(self) -> None:
         """SIGSTOP the process (it keeps its sockets and state; peers just stop hearing from it)."""
@@ -84,22 +109,9 @@ class NodeProcess:
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM, wait, SIGKILL as a last resort; returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-        return self._reap()
+        return self._reap(end_process(self.process, timeout_s))
 
-    def _reap(self) -> int | None:
-        if self.process is None:
-            return None
-        code = self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+    def _reap(self, code: int | None) -> int | None:
         if getattr(self, "_log", None) is not None:
             self._log.close()
         return code

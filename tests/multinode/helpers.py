@@ -23,8 +23,10 @@ from tests.procs import NodeProcess
 TIMINGS: list[tuple[str, str, float]] = []
 
 
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1,
+               detail: Callable[[], str] | None = None) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` (and ``detail()``,
+    e.g. every node's view) at the deadline."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while True:
@@ -32,7 +34,8 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interv
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            suffix = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{suffix}")
         time.sleep(interval_s)
 
 

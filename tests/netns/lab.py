@@ -32,6 +32,8 @@ import time
 import uuid
 from typing import Any
 
+from tests.procs import end_process, read_log
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODE_PORT = 7100
 
@@ -118,35 +120,14 @@ class NsNode:
         return self
 
     def log_text(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def kill(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        end_process(self.process, graceful=False)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM (a clean stop), SIGKILL as a last resort; returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-        code = self.process.wait(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return code
+        return end_process(self.process, timeout_s)
 
 
 class NsWriter:
@@ -214,16 +195,10 @@ class NsWriter:
         return self.done
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        end_process(self.process, graceful=False, close_stdout=False)  # the reader thread drains it
 
     def log_text(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
 
 class Lab:

@@ -31,6 +31,7 @@ from tests.multinode.helpers import (
     check_replicas_identical,
     check_writes,
     partitions_of,
+    wait_until,
 )
 from tests.netns.lab import Host, Lab, NsNode, can_use_netns, ip
 
@@ -99,14 +100,7 @@ def describe(lab: Lab, nodes: list[NsNode] | None = None) -> str:
 
 
 def wait_for(condition, timeout_s: float, what: str, lab: Lab, interval_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{describe(lab)}")
-        time.sleep(interval_s)
+    return wait_until(condition, timeout_s, what, interval_s, detail=lambda: describe(lab))
 
 
 def wait_settled(lab: Lab, timeout_s: float, minimum: dict[int, int]) -> dict[int, dict]:
