@@ -29,11 +29,17 @@ def render_status(status: dict) -> None:
             elif len(p["in_sync"]) < len(p["replicas"]):
                 note = "[yellow]under-replicated[/yellow]"
             under += bool(note)
+            moving = handoff_note(p)
+            if moving:
+                note = f"{note} {moving}".strip()
             partitions.add_row(topic["name"], str(p["partition"]), str(p["leader"]), str(p.get("epoch", "")),
                                ",".join(p["replicas"]), ",".join(p["in_sync"]), str(p["high_watermark"]), note)
     console.print(partitions)
     if under:
         console.print(f"[yellow]{under} partition(s) without a leader or with replicas out of sync[/yellow]")
+    if status.get("handoffs"):
+        console.print(f"[cyan]{status['handoffs']} handoff(s) in progress: partitions moving to their ring "
+                      f"placement after a membership change[/cyan]")
     if status.get("groups"):
         groups = Table(title="consumer groups")
         for column in ("group", "topic", "partition", "committed", "high_watermark", "lag"):
@@ -43,6 +49,17 @@ def render_status(status: dict) -> None:
                 groups.add_row(group["group"], p["topic"], str(p["partition"]), str(p["committed"]),
                                str(p["high_watermark"]), str(p["lag"]))
         console.print(groups)
+
+
+def handoff_note(p: dict) -> str:
+    """``moving +d -c`` for a partition being copied to d while c is still a replica; empty if settled."""
+    target = p.get("target", p["replicas"])
+    adding = [n for n in target if n not in p["replicas"]]
+    dropping = [n for n in p["replicas"] if n not in target]
+    if not adding and not dropping and not p.get("learners") and target == p["replicas"]:
+        return ""
+    parts = [f"+{n}" for n in adding] + [f"-{n}" for n in dropping]
+    return f"[cyan]moving {' '.join(parts) or '(new preferred leader)'}[/cyan]"
 
 
 def render_topic(described: dict) -> None:

@@ -4,11 +4,20 @@ Every storage node applies the same committed commands in the same order, so eve
 holds the same agreed storage membership, topic configurations and partition
 assignments. Commands (msgpack maps):
 
-* ``{"op": "config", "members": {node_id: member_info}}`` — the full storage membership.
+* ``{"op": "config", "members": {node_id: member_info}}`` — the full storage membership. A
+  member whose info carries ``"leaving": true`` (it ran ``meshq leave``) stays a metadata
+  voter but leaves the placement ring, so its partitions move away; once none is assigned
+  to it, the metadata leader removes it for good.
 * ``{"op": "create_topic", "config": {...}, "assignment": [[node_id, ...], ...]}`` — a topic and,
   per partition, its replica list (the first is the preferred leader). The proposer
   computes the assignment from the ring over the committed membership; applying is
   idempotent (an existing topic is left unchanged).
+* ``{"op": "reassign", "topic", "partition", "version", "replicas", "learners"}`` — one step
+  of moving a partition towards its ring placement (``docs/architecture.md``, Rebalancing):
+  applied only if ``version`` is the partition's current configuration version (a
+  compare-and-set, so a stale or repeated proposal is a no-op), the voter *set* differs from
+  the current one by at most one member, every added node is a member, and learners are
+  members outside the voters. Each applied step bumps the version.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
@@ -27,17 +36,24 @@ class MetadataState:
         self.applied_index = -1
         self.members: dict[str, dict] = {}
         self.topics: dict[str, TopicConfig] = {}
+        # per topic, per partition: voters (first = preferred leader), learners, config version
         self.assignments: dict[str, list[list[str]]] = {}
+        self.learners: dict[str, list[list[str]]] = {}
+        self.versions: dict[str, list[int]] = {}
         self.ring = HashRing(())
+        self._targets: dict[str, list[list[str]]] = {}
 
-    def apply(self, index: int, command: dict) -> str | None:
-        """Apply one committed command; returns the name of a created topic, if any."""
+    def apply(self, index: int, command: dict) -> str | tuple[str, int] | None:
+        """Apply one committed command. Returns the name of a created topic, or the
+        ``(topic, partition)`` whose replica configuration changed, or None."""
         assert index == self.applied_index + 1, f"metadata applied out of order: {index} after {self.applied_index}"
         self.applied_index = index
         op = command.get("op")
         if op == "config":
             self.members = {node: dict(info) for node, info in command["members"].items()}
-            self.ring = HashRing(self.members)
+            placed = [node for node, info in self.members.items() if not info.get("leaving")]
+            self.ring = HashRing(placed or self.members)
+            self._targets.clear()
         elif op == "create_topic":
             config = TopicConfig.from_wire(command["config"])
             if config.name.startswith("__") and config.name not in INTERNAL_TOPICS:
@@ -46,13 +62,40 @@ class MetadataState:
                 assert len(command["assignment"]) == config.partitions
                 self.topics[config.name] = config
                 self.assignments[config.name] = [list(replicas) for replicas in command["assignment"]]
+                self.learners[config.name] = [[] for _ in range(config.partitions)]
+                self.versions[config.name] = [0] * config.partitions
                 return config.name
+        elif op == "reassign":
+            return self._reassign(command)
         return None
+
+    def _reassign(self, command: dict) -> tuple[str, int] | None:
+        topic, partition = command.get("topic"), command.get("partition")
+        if topic not in self.topics or not isinstance(partition, int) or not 0 <= partition < len(
+                self.assignments[topic]):
+            return None
+        if command.get("version") != self.versions[topic][partition]:
+            return None  # stale or repeated: another step was taken first
+        voters, learners = list(command.get("replicas") or []), list(command.get("learners") or [])
+        if not one_step(self.assignments[topic][partition], voters, learners, self.members):
+            return None
+        self.assignments[topic][partition] = voters
+        self.learners[topic][partition] = learners
+        self.versions[topic][partition] += 1
+        return (topic, partition)
 
     def assign(self, config: TopicConfig) -> list[list[str]]:
         """Replica lists for a new topic from the ring over the committed membership."""
-        copies = min(config.replication_factor, len(self.members))
+        copies = min(config.replication_factor, len(self.ring))
         return self.ring.placement(config.name, config.partitions, copies)
+
+    def target(self, topic: str, partition: int) -> list[str]:
+        """Where the ring over the current membership places the partition (what rebalancing
+        moves it towards)."""
+        targets = self._targets.get(topic)
+        if targets is None:
+            targets = self._targets[topic] = self.assign(self.topics[topic])
+        return targets[partition]
 
     def replicas(self, topic: str, partition: int) -> list[str]:
         assignment = self.assignments.get(topic)
@@ -60,6 +103,77 @@ class MetadataState:
             return []
         return assignment[partition]
 
+    def partition_config(self, topic: str, partition: int) -> tuple[list[str], list[str], int]:
+        """(voters, learners, version) of a partition."""
+        return (self.assignments[topic][partition], self.learners[topic][partition],
+                self.versions[topic][partition])
+
     def leader(self, topic: str, partition: int) -> str | None:
         replicas = self.replicas(topic, partition)
         return replicas[0] if replicas else None
+
+    def assigned_to(self, node_id: str) -> int:
+        """How many partitions (voter or learner) still name ``node_id``."""
+        return sum(1 for topic in self.assignments for p in range(len(self.assignments[topic]))
+                   if node_id in self.assignments[topic][p] or node_id in self.learners[topic][p])
+
+
+def one_step(voters: list[str], new_voters: list[str], new_learners: list[str], members: dict) -> bool:
+    """Whether ``(new_voters, new_learners)`` may follow ``voters`` as one reassignment step.
+
+    The voter sets differ by at most one member, so any majority of the old set and any
+    majority of the new one overlap; that is what keeps one leader per epoch while replicas
+    learn of the change at different times (``docs/architecture.md``, Rebalancing).
+    """
+    old, new = set(voters), set(new_voters)
+    if not new or len(new) != len(new_voters) or len(set(new_learners)) != len(new_learners):
+        return False
+    if len(old ^ new) > 1 or new & set(new_learners):
+        return False
+    return all(node in members for node in (new - old) | set(new_learners))
+
+
+def next_step(voters: list[str], learners: list[str], target: list[str], members: dict,
+              caught_up: set[str], in_contact: set[str], self_id: str) -> tuple[list[str], list[str]] | None:
+    """The partition leader's next reassignment step towards ``target``, or None to wait.
+
+    ``caught_up``: learners and voters holding everything committed and in contact with the
+    leader; ``in_contact``: replicas heard from lately. Order of preference:
+
+    1. drop learners that are no longer wanted;
+    2. drop a voter outside the target that is out of contact (a dead member: its copy helps
+       nobody, and dropping it first keeps the majority small);
+    3. add missing target members as learners (they copy the log without voting);
+    4. promote a caught-up learner to voter;
+    5. put the voters in target order, so the target's first member becomes the preferred
+       leader (the current leader hands over to it once it has caught up);
+    6. once every target member is a caught-up voter, drop a voter outside the target — never
+       the leader itself (it hands leadership to the preferred replica first).
+    """
+    wanted = [node for node in target if node in members]
+    kept_learners = [node for node in learners if node in wanted and node not in voters]
+    if kept_learners != learners:
+        return list(voters), kept_learners
+    extra = [node for node in voters if node not in wanted]
+    for node in extra:
+        if node != self_id and node not in in_contact and len(voters) > 1:
+            return [v for v in voters if v != node], list(learners)
+    missing = [node for node in wanted if node not in voters and node not in learners]
+    if missing:
+        return list(voters), list(learners) + missing
+    for node in learners:
+        if node in caught_up:
+            return _ordered(voters + [node], wanted), [n for n in learners if n != node]
+    ordered = _ordered(voters, wanted)
+    if ordered != voters:
+        return ordered, list(learners)
+    if extra and all(node in voters and node in caught_up for node in wanted if node != self_id):
+        for node in extra:
+            if node != self_id:
+                return [v for v in voters if v != node], list(learners)
+    return None
+
+
+def _ordered(voters: list[str], wanted: list[str]) -> list[str]:
+    """Voters in target order first, then the others in their current order."""
+    return [n for n in wanted if n in voters] + [n for n in voters if n not in wanted]

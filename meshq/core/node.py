@@ -72,7 +72,7 @@ from meshq.core.events import (
 )
 from meshq.core.hashing import partition_for_key, stable_hash64
 from meshq.core.membership import Member, MemberTable
-from meshq.core.metadata import MetadataState
+from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PRODUCER_WINDOW, AckWaiter, ParkedFetch, PartitionState
 from meshq.core.raft import LEADER, RaftNode
 from meshq.core.replica import Replica, persisted_name
@@ -197,6 +197,10 @@ class NodeCore:
         # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
         self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
         self._leading: set[tuple[str, int]] = set()  # partitions whose leadership we have acted on
+        # partition -> time before which we propose no other reassignment step for it
+        self._reassigning: dict[tuple[str, int], float] = {}
+        self.leaving = False  # ``meshq leave`` asked this node to hand its partitions over and go
+        self.has_left = False  # ... and it has: the runtime stops the node
         self.group_offsets: dict[tuple[str, str, int], int] = {}
         # client half
         self.peer_endpoints: dict[str, str] = {}
@@ -502,6 +506,8 @@ class NodeCore:
         self._formation_tick(now_s)
         self._admit_next(now_s)
         self._remove_silent_members(now_s)
+        self._finish_leaves(now_s)
+        self._rebalance_tick(now_s)
 
     def _fail_requests_to(self, peer: str, state: str) -> None:
         """A peer went silent: fail what waits on it with a retriable error, so callers go elsewhere
@@ -755,11 +761,89 @@ class NodeCore:
                             peer, self.config.member_timeout_s)
             return
 
+    def _finish_leaves(self, now_s: float) -> None:
+        """Metadata leader: a leaving member that no partition names any more is removed for good."""
+        raft = self.raft
+        if raft is None or raft.role != LEADER or not raft.can_change_config():
+            return
+        for peer, info in sorted(raft.voters.items()):
+            if info.get("leaving") and self.meta.assigned_to(peer) == 0 and len(raft.voters) > 1:
+                members = {k: v for k, v in raft.voters.items() if k != peer}
+                if raft.propose({"op": "config", "members": members}, now_s, lambda ok: None):
+                    log.info("%s left: all its partitions moved away; removed from the storage membership", peer)
+                return
+
+    def _leave_state(self, node_id: str, now_s: float) -> dict:
+        """Metadata leader: mark ``node_id`` leaving (once) and say how far it got."""
+        raft = self.raft
+        assert raft is not None and raft.role == LEADER
+        if node_id not in raft.voters:
+            return {"state": "left", "assigned": 0}
+        if not self._mark_leaving(node_id, now_s):
+            raise NotLeaderError("the metadata group is busy with a membership change; retry")
+        return {"state": "draining", "assigned": self.meta.assigned_to(node_id)}
+
+    def _serve_leave(self, route: Any, message: wire.Message, now_s: float) -> None:
+        """``meshq leave``: hand every partition over, then leave the storage membership for good.
+
+        Idempotent: the caller asks again until the answer is ``left``; the node then stops.
+        """
+        self._require_storage()
+        if message.body["node_id"] != self.node_id:
+            raise UsageError(f"this is node {self.node_id}, not {message.body['node_id']}: "
+                             f"send meshq leave to the node that should leave")
+        raft = self.raft
+        assert raft is not None
+        self.leaving = True
+        if raft.role == LEADER:
+            answer = self._leave_state(self.node_id, now_s)
+            self.has_left = answer["state"] == "left"
+            self._reply(route, message.request_id, "leave_ok", answer)
+            return
+        leader = raft.leader
+        if not raft.is_member and self.leaving and self.meta.assigned_to(self.node_id) == 0:
+            self.has_left = True  # removed while asking (the leader no longer replicates to us)
+            self._reply(route, message.request_id, "leave_ok", {"state": "left", "assigned": 0})
+            return
+        if leader is None or leader == self.node_id:
+            raise NotLeaderError("the metadata group has no leader right now; retry")
+
+        def on_reply(reply: wire.Message) -> None:
+            if reply.type != "leave_ok":
+                self._reply_error(route, message.request_id, ProtocolError(f"unexpected {reply.type} to leave"))
+                return
+            self.has_left = reply.body["state"] == "left"
+            self._reply(route, message.request_id, "leave_ok", reply.body)
+
+        packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)
+        self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
+                      on_reply, lambda error: self._reply_error(route, message.request_id, error))
+
+    def _mark_leaving(self, node_id: str, now_s: float) -> bool:
+        """Metadata leader: take ``node_id`` out of the placement ring (it stays a voter until its
+        partitions have moved). False if the metadata group cannot change its configuration now."""
+        raft = self.raft
+        assert raft is not None
+        if node_id not in raft.voters:
+            return True  # already gone
+        if raft.voters[node_id].get("leaving"):
+            return True
+        if not raft.can_change_config():
+            return False
+        members = {k: dict(v) for k, v in raft.voters.items()}
+        members[node_id]["leaving"] = True
+        if raft.propose({"op": "config", "members": members}, now_s, lambda ok: None):
+            log.info("%s is leaving: its partitions move to the other members", node_id)
+            return True
+        return False
+
     def _apply_meta(self, index: int, command: dict) -> None:
-        created = self.meta.apply(index, command)
-        if created is not None and self.is_storage:
-            self._open_partitions(self.meta.topics[created])
-            log.info("topic %s (%d partitions) is agreed", created, self.meta.topics[created].partitions)
+        changed = self.meta.apply(index, command)
+        if isinstance(changed, str) and self.is_storage:
+            self._open_partitions(self.meta.topics[changed])
+            log.info("topic %s (%d partitions) is agreed", changed, self.meta.topics[changed].partitions)
+        elif isinstance(changed, tuple) and self.is_storage:
+            self._reconfigure_partition(changed)
         if command.get("op") == "config":
             for node_id, info in sorted(self.meta.members.items()):
                 if node_id != self.node_id and self.members is not None and node_id not in self.members:
@@ -779,6 +863,10 @@ class NodeCore:
             done(NotLeaderError(f"node {self.node_id} is a client"))
             return
         if raft.role == LEADER:
+            if command.get("op") == "leave":
+                done(None if self._mark_leaving(command["node_id"], now_s) else NotLeaderError(
+                    "the metadata group is busy with a membership change; retry"))
+                return
             if command.get("op") == "create_topic" and command.get("assignment") is None:
                 config = TopicConfig.from_wire(command["config"])
                 command = {**command, "assignment": self.meta.assign(config)}
@@ -812,8 +900,17 @@ class NodeCore:
             command = msgpack.unpackb(message.body["command"], raw=False, strict_map_key=True, max_ext_len=0)
         except Exception:  # msgpack raises several unrelated exception types
             raise ProtocolError("raft_propose command does not decode") from None
-        if not isinstance(command, dict) or command.get("op") != "create_topic":
-            raise ProtocolError("only create_topic may be proposed by a peer")
+        op = command.get("op") if isinstance(command, dict) else None
+        if op == "reassign":
+            self._propose_for_peer(route, message.request_id, wire.REASSIGN(command, "command"), now_s)
+            return
+        if op == "leave":
+            if wire.NODE(command.get("node_id"), "command.node_id") != message.sender:
+                raise ProtocolError("a node may only ask for itself to leave")
+            self._reply(route, message.request_id, "leave_ok", self._leave_state(message.sender, now_s))
+            return
+        if op != "create_topic":
+            raise ProtocolError("a peer may propose only create_topic, reassign or leave")
         config = TopicConfig.from_wire(wire.TOPIC_CONFIG(command.get("config"), "command.config"))
         if config.name == OFFSETS_TOPIC:
             config = self._offsets_topic_config()  # internal: its configuration is ours, never a peer's
@@ -824,13 +921,19 @@ class NodeCore:
             self._reply(route, message.request_id, "raft_propose_ok", {"index": self.meta.applied_index})
             return
         command = {"op": "create_topic", "config": config.to_wire(), "assignment": self.meta.assign(config)}
+        self._propose_for_peer(route, message.request_id, command, now_s)
+
+    def _propose_for_peer(self, route: Any, request_id: int, command: dict, now_s: float) -> None:
+        """Metadata leader: append a peer's command; answer with its index once committed."""
+        raft = self.raft
+        assert raft is not None
         reply_index = raft.last_index + 1
 
         def on_done(ok: bool) -> None:
             if ok:
-                self._reply(route, message.request_id, "raft_propose_ok", {"index": reply_index})
+                self._reply(route, request_id, "raft_propose_ok", {"index": reply_index})
             else:
-                self._reply_error(route, message.request_id, NotLeaderError("metadata leader changed; retry"))
+                self._reply_error(route, request_id, NotLeaderError("metadata leader changed; retry"))
 
         if not raft.propose(command, now_s, on_done):
             raise NotLeaderError("the metadata group cannot take a change right now; retry")
@@ -1147,29 +1250,92 @@ class NodeCore:
 
     def _open_partitions(self, config: TopicConfig) -> None:
         """Open the replicas this node holds of ``config``'s partitions and start replicating."""
-        for partition, replicas in enumerate(self.meta.assignments[config.name]):
-            key = (config.name, partition)
-            if self.node_id not in replicas or key in self.partitions:
+        for partition in range(config.partitions):
+            voters, learners, _version = self.meta.partition_config(config.name, partition)
+            if self.node_id in voters or self.node_id in learners:
+                self._open_partition((config.name, partition))
+
+    def _open_partition(self, key: tuple[str, int]) -> None:
+        if key in self.partitions:
+            return
+        topic, partition = key
+        voters, learners, version = self.meta.partition_config(topic, partition)
+        state = PartitionState(topic, partition, self.storage.open_log(topic, partition))
+        self.partitions[key] = state
+        name = persisted_name(topic, partition)
+        replica = Replica(
+            self.node_id, state, voters, self.storage.read_meta(name), self.rng,
+            send=self._send_to_member,
+            save=lambda value, name=name: self.storage.write_meta(name, value),
+            request_sync=lambda key=key: self._effects.append(SyncLogs(frozenset([key]))),
+            on_change=lambda key=key: self._on_replica_change(key),
+            on_follower_append=lambda key=key: self._dirty_logs.add(key),
+            wall_clock_ms=self.wall_clock_ms,
+            election_timeout_s=self.config.election_timeout_s,
+            heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
+            replica_lag_s=self.config.failure_timeout_s,
+            fsync_always=self.config.fsync == "always",
+            learners=learners, config_version=version,
+        )
+        replica.start(self._now_s)
+        if replica.next_deadline() <= self._now_s:
+            replica.on_timer(self._now_s)  # a sole or preferred replica campaigns at once
+
+    def _reconfigure_partition(self, key: tuple[str, int]) -> None:
+        """A reassignment step of ``key`` was agreed: adopt it, start copying it, or let it go."""
+        self._reassigning.pop(key, None)
+        voters, learners, version = self.meta.partition_config(*key)
+        state = self.partitions.get(key)
+        if self.node_id in voters or self.node_id in learners:
+            if state is None:
+                log.info("%s/%d: now a %s here; copying it from the leader", key[0], key[1],
+                         "voter" if self.node_id in voters else "learner")
+                self._open_partition(key)
+            else:
+                state.replica.set_config(voters, learners, version, self._now_s)
+            return
+        if state is None:
+            return
+        # Every step that drops a replica was proposed only once the target replicas confirmed a
+        # checked copy of everything committed (metadata.next_step), so this copy may go.
+        state.replica.set_config(voters, learners, version, self._now_s)  # a leader hands over first
+        self._on_replica_change(key)
+        del self.partitions[key]
+        self._leading.discard(key)
+        self._dirty_logs.discard(key)
+        for fetch in state.parked_fetches:
+            self._reply_error(fetch.route, fetch.request_id, NotLeaderError(
+                f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata"))
+        state.parked_fetches = []
+        state.log.close()
+        self.storage.delete_log(*key)
+        self.storage.write_meta(persisted_name(*key), {})
+        log.info("%s/%d: moved to %s; the copy here is deleted", key[0], key[1], ", ".join(voters))
+
+    def _rebalance_tick(self, now_s: float) -> None:
+        """Partition leader: propose the next step towards the ring placement (metadata.next_step)."""
+        if not self.is_storage or self.raft is None or not self.meta.members:
+            return
+        for key, state in sorted(self.partitions.items()):
+            replica = state.replica
+            if (not replica.is_leader or self._reassigning.get(key, 0.0) > now_s
+                    or not replica.lease_valid(now_s) or not replica.config_established()):
                 continue
-            state = PartitionState(config.name, partition, self.storage.open_log(config.name, partition))
-            self.partitions[key] = state
-            name = persisted_name(config.name, partition)
-            replica = Replica(
-                self.node_id, state, replicas, self.storage.read_meta(name), self.rng,
-                send=self._send_to_member,
-                save=lambda value, name=name: self.storage.write_meta(name, value),
-                request_sync=lambda key=key: self._effects.append(SyncLogs(frozenset([key]))),
-                on_change=lambda key=key: self._on_replica_change(key),
-                on_follower_append=lambda key=key: self._dirty_logs.add(key),
-                wall_clock_ms=self.wall_clock_ms,
-                election_timeout_s=self.config.election_timeout_s,
-                heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
-                replica_lag_s=self.config.failure_timeout_s,
-                fsync_always=self.config.fsync == "always",
-            )
-            replica.start(self._now_s)
-            if replica.next_deadline() <= self._now_s:
-                replica.on_timer(self._now_s)  # a sole or preferred replica campaigns at once
+            topic, partition = key
+            voters, learners, version = self.meta.partition_config(topic, partition)
+            if version != replica.config_version:
+                continue  # applied metadata and the replica disagree only within one call
+            step = next_step(voters, learners, self.meta.target(topic, partition), self.meta.members,
+                             replica.caught_up(now_s), replica.in_contact(now_s), self.node_id)
+            if step is None:
+                continue
+            command = {"op": "reassign", "topic": topic, "partition": partition, "version": version,
+                       "replicas": step[0], "learners": step[1]}
+            deadline = now_s + self.config.request_timeout_s
+            self._reassigning[key] = deadline
+            log.info("%s/%d: proposing replicas %s, learners %s (from %s, %s)", topic, partition,
+                     step[0], step[1], voters, learners)
+            self._propose(command, now_s, deadline, lambda error: None)
 
     def _serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -1245,12 +1411,17 @@ class NodeCore:
         for p, replicas in enumerate(self.meta.assignments.get(config.name, [])):
             state = self.partitions.get((config.name, p))
             replica = state.replica if state is not None else None
+            _voters, learners, version = self.meta.partition_config(config.name, p)
             entry = {
                 "partition": p,
                 "leader": self._current_leader(config.name, p),
                 "replicas": list(replicas),
                 "in_sync": [],
                 "high_watermark": replica.high_watermark if replica is not None else 0,
+                # rebalancing: where the ring places it now; learners are copies being made
+                "learners": list(learners),
+                "target": self.meta.target(config.name, p) if len(self.meta.ring) else list(replicas),
+                "config_version": version,
             }
             if replica is not None:
                 # Only the leader knows who is in sync; merge_status prefers the leader's view.
@@ -1260,6 +1431,13 @@ class NodeCore:
                 entry["end_offset"] = replica.log.end_offset
             partitions.append(entry)
         return {"config": config.to_wire(), "partitions": partitions}
+
+    def handoffs(self) -> int:
+        """Partitions not yet where the ring places them (copies being made or replicas leaving)."""
+        if not len(self.meta.ring):
+            return 0
+        return sum(1 for topic, assignment in self.meta.assignments.items() for p, replicas in enumerate(assignment)
+                   if self.meta.learners[topic][p] or replicas != self.meta.target(topic, p))
 
     def under_replicated(self) -> int:
         """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""
@@ -1871,11 +2049,21 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                     if known is None or p.get("epoch", 0) > known.get("epoch", 0):
                         leader_views[key] = p
     by_leader = {key: p["high_watermark"] for key, p in leader_views.items()}
+    # The replica set as the most up-to-date metadata has it (nodes apply changes at different times).
+    configs: dict[tuple[str, int], dict] = {}
+    for node_id in sorted(reports):
+        for topic in reports[node_id]["topics"]:
+            for p in topic["partitions"]:
+                key = (topic["name"], p["partition"])
+                if key not in configs or p.get("config_version", 0) > configs[key].get("config_version", 0):
+                    configs[key] = p
     topics = []
     for topic in merged["topics"]:
         partitions = []
         for p in topic["partitions"]:
             view = leader_views.get((topic["name"], p["partition"]))
+            newest = configs.get((topic["name"], p["partition"]), p)
+            p = {**p, **{k: newest[k] for k in ("replicas", "learners", "target", "config_version") if k in newest}}
             if view is None:
                 partitions.append({**p, "in_sync": p["in_sync"] if p.get("role") == "leader" else []})
             else:
@@ -1883,6 +2071,8 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                                            if k in view}})
         topics.append({**topic, "partitions": partitions})
     merged["topics"] = topics
+    merged["handoffs"] = sum(1 for topic in topics for p in topic["partitions"]
+                             if p.get("learners") or p.get("target", p["replicas"]) != p["replicas"])
     groups: dict[tuple[str, str, int], dict] = {}
     for node_id in sorted(reports):
         for group in reports[node_id]["groups"]:
@@ -1944,6 +2134,7 @@ _SERVERS: dict[str, Callable[[NodeCore, Any, wire.Message, float], None]] = {
     "offset_commit": NodeCore._serve_offset_commit,
     "offset_fetch": NodeCore._serve_offset_fetch,
     "status": NodeCore._serve_status,
+    "leave": NodeCore._serve_leave,
     "repl_vote": NodeCore._serve_replica,
     "repl_vote_ok": NodeCore._serve_replica,
     "repl_append": NodeCore._serve_replica,

@@ -33,6 +33,17 @@ the partition's record log and whose index is the record offset; the Raft term i
 * **Preferred leader.** The first replica of the assignment (the ring owner) leads when it is
   up and caught up: a leader hands leadership to it (``repl_timeout_now``) once it has matched
   the whole log.
+* **Configuration changes.** The replica set (voters, learners, and a configuration version)
+  comes from the agreed metadata and changes one step at a time (``metadata.next_step``): the
+  voter set differs from the previous one by at most one member, so a majority of the old set
+  and one of the new set always overlap. Every message carries the sender's version; a replica
+  refuses votes and appends from a sender with an older version, and the leader proposes the
+  next step only when the current one is *established* — a majority of the current voters
+  said they know its version and hold everything the leader held when it adopted it. Then no
+  candidate using a configuration two steps old can win a majority, so at most one leader per
+  epoch exists across the two configurations that can be live at once, and every committed
+  record lives on a majority of each. Learners receive appends like followers but neither vote
+  nor count towards the high watermark, a lease or ``in_sync``.
 
 All messages are one-way; replies are new messages, so loss, duplication and reordering are
 harmless (checked by epochs and offsets). The class is pure: time comes in as ``now_s``,
@@ -82,6 +93,7 @@ class FollowerProgress:
     in_flight: int = 0
     last_send_s: float = float("-inf")
     last_contact_s: float = float("-inf")
+    cv: int = -1  # the highest configuration version the follower said it knows
 
 
 def persisted_name(topic: str, partition: int) -> str:
@@ -97,13 +109,18 @@ class Replica:
                  save: Callable[[dict], None], request_sync: Callable[[], None],
                  on_change: Callable[[], None], on_follower_append: Callable[[], None],
                  wall_clock_ms: Callable[[], int], *, election_timeout_s: float, heartbeat_interval_s: float,
-                 replica_lag_s: float, fsync_always: bool) -> None:
+                 replica_lag_s: float, fsync_always: bool, learners: list[str] | None = None,
+                 config_version: int = 0) -> None:
         self.node_id = node_id
         self.state = state  # PartitionState: log, producer table, parked fetches, waiters
         self.log = state.log
         self.topic = state.topic
         self.partition = state.partition
-        self.replicas = list(replicas)
+        self.replicas = list(replicas)  # the voters; the first is the preferred leader
+        self.learners = list(learners or [])  # copy the log, never vote or count
+        self.config_version = config_version
+        self._config_end = 0  # leader: own log end when this configuration was adopted
+        self._seen_cv = config_version  # the newest configuration version any message carried
         self.rng = rng
         self._send = send
         self._save = save
@@ -173,6 +190,11 @@ class Replica:
     @property
     def quorum(self) -> int:
         return len(self.replicas) // 2 + 1
+
+    @property
+    def members(self) -> list[str]:
+        """Voters and learners: everyone the leader sends the log to."""
+        return self.replicas + [n for n in self.learners if n not in self.replicas]
 
     @property
     def is_leader(self) -> bool:
@@ -248,6 +270,71 @@ class Replica:
             yardstick = max(yardstick, end)
         return min(yardstick, self.log.end_offset)
 
+    def config_established(self) -> bool:
+        """Leader only: a majority of the current voters said they know this configuration's
+        version and hold the log up to where the leader adopted it (the gate for the next step)."""
+        if self.role != LEADER:
+            return False
+        count = 1 if self.node_id in self.replicas else 0
+        for peer, f in self.followers.items():
+            if peer in self.replicas and f.cv >= self.config_version and f.match_end >= self._config_end:
+                count += 1
+        return count >= self.quorum
+
+    def caught_up(self, now_s: float) -> set[str]:
+        """Leader only: replicas (voters or learners) in contact within ``replica_lag_s`` that hold
+        everything committed and what the leader held ``replica_lag_s`` ago — a CRC-checked copy,
+        since a follower acknowledges only batches it verified and stored."""
+        if self.role != LEADER:
+            return set()
+        need = max(self.high_watermark, self._lagged_end(now_s))
+        return {self.node_id} | {peer for peer, f in self.followers.items()
+                                 if now_s - f.last_contact_s <= self.replica_lag_s and f.match_end >= need}
+
+    def in_contact(self, now_s: float) -> set[str]:
+        """Leader only: replicas that answered within ``replica_lag_s``."""
+        if self.role != LEADER:
+            return set()
+        return {self.node_id} | {peer for peer, f in self.followers.items()
+                                 if now_s - f.last_contact_s <= self.replica_lag_s}
+
+    def set_config(self, replicas: list[str], learners: list[str], version: int, now_s: float) -> None:
+        """Adopt a newer agreed configuration (ignored if not newer)."""
+        if version <= self.config_version:
+            return
+        self.replicas, self.learners, self.config_version = list(replicas), list(learners), version
+        self._config_end = self.log.end_offset
+        if self.role == LEADER:
+            if self.node_id not in self.replicas:
+                self._hand_over_and_step_down(now_s)
+                return
+            for peer in list(self.followers):
+                if peer not in self.members:
+                    del self.followers[peer]
+            for peer in self.members:
+                if peer != self.node_id and peer not in self.followers:
+                    self.followers[peer] = FollowerProgress(self.log.end_offset, last_contact_s=now_s)
+                    self._replicate_to(peer, self.followers[peer], now_s, heartbeat=True)
+            self._advance_high_watermark()
+        elif self.role != FOLLOWER and self.node_id not in self.replicas:
+            self._step_down(self.epoch, now_s, None)
+        if self.node_id not in self.replicas:
+            self.election_deadline_s = float("inf")
+        elif self.election_deadline_s == float("inf"):
+            self._reset_election_timer(now_s)
+        self._on_change()
+
+    def _hand_over_and_step_down(self, now_s: float) -> None:
+        """A leader dropped from the voters asks the most complete voter in contact to campaign
+        at once (Raft's leadership transfer), then follows."""
+        best = max(((f.match_end, peer) for peer, f in self.followers.items()
+                    if peer in self.replicas and now_s - f.last_contact_s <= self.replica_lag_s), default=None)
+        if best is not None:
+            log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic, self.partition,
+                     self.node_id, best[1])
+            self._send(best[1], "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
+        self._step_down(self.epoch, now_s, None)
+
     def reached(self, acks: str, needed: int, now_s: float) -> bool:
         """Whether a record ending at ``needed`` (exclusive) has reached ``acks``."""
         if acks == "leader":
@@ -265,6 +352,9 @@ class Replica:
         self.role = role
 
     def _reset_election_timer(self, now_s: float) -> None:
+        if self.node_id not in self.replicas:
+            self.election_deadline_s = float("inf")  # a learner (or a dropped voter) never campaigns
+            return
         self.election_deadline_s = now_s + self.election_timeout_s * (1.0 + self.rng.random())
 
     def start(self, now_s: float) -> None:
@@ -288,6 +378,8 @@ class Replica:
         self.leader = leader
         if self.node_id in self.replicas:
             self._reset_election_timer(now_s)
+        else:
+            self.election_deadline_s = float("inf")
         if changed:
             self._persist()
         if was_leader or changed:
@@ -316,8 +408,15 @@ class Replica:
             self._maybe_save_hw(now_s)
             return
         self._maybe_save_hw(now_s)
-        if now_s >= self.election_deadline_s and self.node_id in self.replicas:
-            self._campaign(now_s, pre_vote=True)
+        if now_s >= self.election_deadline_s:
+            if self._seen_cv > self.config_version:
+                # Our configuration is out of date (the metadata will bring the new one): a
+                # campaign could only disturb the replicas that already use it.
+                self._reset_election_timer(now_s)
+            elif self.node_id in self.replicas:
+                self._campaign(now_s, pre_vote=True)
+            else:
+                self.election_deadline_s = float("inf")  # a learner (or a dropped voter) never campaigns
 
     def _maybe_save_hw(self, now_s: float) -> None:
         if self.high_watermark > self._saved_hw and now_s - self._saved_hw_s >= HW_SAVE_INTERVAL_S:
@@ -337,7 +436,7 @@ class Replica:
             # that the preferred replica is about to depose. Resume if the hand-off fails.
             self._transfer_until_s = now_s + self.election_timeout_s
             log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
-            self._send(preferred, "repl_timeout_now", self._key_body(epoch=self.epoch), ())
+            self._send(preferred, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -360,7 +459,7 @@ class Replica:
             self._won(now_s, pre_vote)
             return
         body = self._key_body(epoch=target, candidate=self.node_id, last_epoch=self.last_epoch,
-                              end_offset=self.log.end_offset, pre_vote=pre_vote)
+                              end_offset=self.log.end_offset, pre_vote=pre_vote, cv=self.config_version)
         for peer in sorted(self.replicas):
             if peer != self.node_id:
                 self._send(peer, "repl_vote", body, ())
@@ -373,11 +472,12 @@ class Replica:
         self.leader = self.node_id
         self.leader_since_s = now_s
         self.epoch_start = self.log.end_offset
+        self._config_end = max(self._config_end, self.epoch_start)
         if self.last_epoch < self.epoch:
             self.history.append([self.epoch, self.epoch_start])
         self._persist()
         self.followers = {peer: FollowerProgress(self.epoch_start, last_contact_s=now_s)
-                          for peer in self.replicas if peer != self.node_id}
+                          for peer in self.members if peer != self.node_id}
         self._end_samples.clear()
         self._end_samples.append((now_s, self.epoch_start))
         log.info("%s/%d: %s leads epoch %d from offset %d (high watermark %d)", self.topic, self.partition,
@@ -391,6 +491,7 @@ class Replica:
         self._on_change()
 
     def handle(self, sender: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
+        self._seen_cv = max(self._seen_cv, body["cv"])
         if type_ == "repl_append":
             self._on_append(sender, body, payloads[0] if payloads else b"", now_s)
         elif type_ == "repl_append_ok":
@@ -401,13 +502,16 @@ class Replica:
             self._on_vote_ok(sender, body, now_s)
         elif type_ == "repl_timeout_now":
             if (body["epoch"] == self.epoch and self.role == FOLLOWER and self.leader == sender
-                    and self.node_id in self.replicas):
+                    and self.node_id in self.replicas and body["cv"] == self.config_version):
                 self._campaign(now_s, pre_vote=False)
 
     def _on_vote(self, sender: str, body: dict, now_s: float) -> None:
         epoch, candidate, pre_vote = body["epoch"], body["candidate"], body["pre_vote"]
         up_to_date = (body["last_epoch"], body["end_offset"]) >= (self.last_epoch, self.log.end_offset)
-        eligible = candidate in self.replicas and candidate == sender
+        # A candidate with an older configuration than ours may be counting a majority of a set
+        # that no longer decides; a replica that is not a voter (a learner) grants nothing.
+        eligible = (candidate in self.replicas and candidate == sender and self.node_id in self.replicas
+                    and body["cv"] >= self.config_version)
         if pre_vote:
             heard_recently = (self.role == LEADER
                               or now_s - self.last_leader_contact_s < self.election_timeout_s)
@@ -423,7 +527,8 @@ class Replica:
             if granted:
                 self._reset_election_timer(now_s)
         self._send(sender, "repl_vote_ok", self._key_body(epoch=self.epoch, voter=self.node_id, granted=granted,
-                                                          pre_vote=pre_vote, for_epoch=epoch), ())
+                                                          pre_vote=pre_vote, for_epoch=epoch,
+                                                          cv=self.config_version), ())
 
     def _on_vote_ok(self, sender: str, body: dict, now_s: float) -> None:
         if body["pre_vote"]:
@@ -466,7 +571,10 @@ class Replica:
 
     def _on_append(self, sender: str, body: dict, data: bytes, now_s: float) -> None:
         epoch, leader = body["epoch"], body["leader"]
-        if epoch < self.epoch or leader != sender or sender not in self.replicas:
+        if (epoch < self.epoch or leader != sender or sender not in self.replicas
+                or body["cv"] < self.config_version):
+            # Not our leader: a stale epoch, or a leader still using an older configuration (it
+            # learns the newer version from this answer and cannot count it).
             self._reply_append(sender, False, -1, self.log.end_offset)
             return
         if epoch == self.epoch and self.role == LEADER:
@@ -546,7 +654,8 @@ class Replica:
 
     def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int) -> None:
         self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
-                                                            match_end=match_end, hint=max(0, hint)), ())
+                                                            match_end=match_end, hint=max(0, hint),
+                                                            cv=self.config_version), ())
 
     def on_synced(self, now_s: float) -> None:
         """The log was synced: a leader may commit more, a follower may confirm more."""
@@ -572,8 +681,9 @@ class Replica:
         if self.role != LEADER or body["epoch"] != self.epoch or body["follower"] != sender:
             return
         f = self.followers.get(sender)
-        if f is None:
-            return
+        if f is None or body["cv"] > self.config_version:
+            return  # a follower that knows a newer configuration does not count for this one
+        f.cv = max(f.cv, body["cv"])
         f.last_contact_s = now_s
         f.in_flight = max(0, f.in_flight - 1)
         resend = True
@@ -633,7 +743,7 @@ class Replica:
             prev = start - 1
             body = self._key_body(epoch=self.epoch, leader=self.node_id, prev_offset=prev,
                                   prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,
-                                  epoch_start=self.epoch_start)
+                                  epoch_start=self.epoch_start, cv=self.config_version)
             self._send(peer, "repl_append", body, (data,) if data else ())
             f.next_offset = next_offset
             f.in_flight += 1

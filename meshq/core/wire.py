@@ -223,7 +223,8 @@ def _lead(value: Any, path: str) -> list:
     return [NAME(value[0], path + "[0]"), PARTITION(value[1], path + "[1]"), EPOCH(value[2], path + "[2]")]
 
 
-_REPL = {"topic": NAME, "partition": PARTITION, "epoch": EPOCH}
+# ``cv``: the sender's configuration version of the partition (replica set changes, metadata.py)
+_REPL = {"topic": NAME, "partition": PARTITION, "epoch": EPOCH, "cv": Int(0, (1 << 31) - 1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,10 @@ class Schema:
     min_payloads: int = 0
     max_payloads: int = 0
 
+
+# a reassignment step a partition leader proposes to the metadata leader (metadata.py)
+REASSIGN = Struct(op=OneOf("reassign"), topic=NAME, partition=PARTITION, version=Int(0, (1 << 31) - 1),
+                  replicas=ListOf(NODE, 64), learners=ListOf(NODE, 64))
 
 SCHEMAS: dict[str, Schema] = {
     "hello": Schema(Struct(member=MEMBER_INFO)),
@@ -262,6 +267,9 @@ SCHEMAS: dict[str, Schema] = {
     "raft_join": Schema(Struct(member=MEMBER_INFO)),
     "raft_propose": Schema(Struct(command=Bytes(1 << 20))),
     "raft_propose_ok": Schema(Struct(index=Int(0, 1 << 62))),
+    # ``meshq leave``: asks the node itself; answered with how far its partitions have moved away
+    "leave": Schema(Struct(node_id=NODE)),
+    "leave_ok": Schema(Struct(state=OneOf("draining", "left"), assigned=Int(0, 1 << 31))),
     "metadata": Schema(Struct(topics=Optional(ListOf(NAME, 10_000)), auto_create=Bool())),
     "metadata_ok": Schema(Struct(members=ListOf(MEMBER, 1000), topics=ListOf(TOPIC_META, 10_000))),
     "create_topic": Schema(Struct(config=TOPIC_CONFIG, if_not_exists=Bool())),

@@ -24,14 +24,15 @@ def stamped(base: int, epoch: int, count: int = 1, value: bytes = b"v") -> bytes
     return batch_format.stamp(data, base, epoch)
 
 
-def append_body(epoch: int, leader: str, prev_offset: int, prev_epoch: int, hw: int, epoch_start: int) -> dict:
+def append_body(epoch: int, leader: str, prev_offset: int, prev_epoch: int, hw: int, epoch_start: int,
+                cv: int = 0) -> dict:
     return {"topic": TOPIC, "partition": PARTITION, "epoch": epoch, "leader": leader, "prev_offset": prev_offset,
-            "prev_epoch": prev_epoch, "hw": hw, "epoch_start": epoch_start}
+            "prev_epoch": prev_epoch, "hw": hw, "epoch_start": epoch_start, "cv": cv}
 
 
-def vote_body(epoch: int, candidate: str, last_epoch: int, end_offset: int, pre_vote: bool) -> dict:
+def vote_body(epoch: int, candidate: str, last_epoch: int, end_offset: int, pre_vote: bool, cv: int = 0) -> dict:
     return {"topic": TOPIC, "partition": PARTITION, "epoch": epoch, "candidate": candidate,
-            "last_epoch": last_epoch, "end_offset": end_offset, "pre_vote": pre_vote}
+            "last_epoch": last_epoch, "end_offset": end_offset, "pre_vote": pre_vote, "cv": cv}
 
 
 def last_sent(cl: Cluster, src: str, type_: str) -> Msg:
