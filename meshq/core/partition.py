@@ -171,6 +171,12 @@ class PartitionState:
         assert self.log.end_offset == header.next_offset
         self._remember(header, header.base_offset)
 
+    def restart_at(self, offset: int) -> None:
+        """Drop the whole log and continue from ``offset``: what we miss was deleted by retention."""
+        self.log.restart_at(offset)
+        self.producers.clear()
+        self.batch_epochs = []
+
     def truncate(self, offset: int) -> None:
         """Cut the log back to ``offset`` and forget the producer batches that went with it."""
         self.log.truncate_to(offset)

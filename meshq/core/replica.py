@@ -586,6 +586,16 @@ class Replica:
         self._reset_election_timer(now_s)
         prev = body["prev_offset"]
         end = self.log.end_offset
+        if prev >= end and prev + 1 == body["log_start"] > end:
+            # What we miss was deleted by the leader's retention: drop our (older) records and
+            # continue from the leader's log start, as its own retention would have.
+            log.warning("%s/%d: the leader %s no longer has offsets %d..%d; restarting this copy at %d",
+                        self.topic, self.partition, sender, end, prev, body["log_start"])
+            self.state.restart_at(body["log_start"])
+            self.history = []
+            self.high_watermark = max(self.high_watermark, self.log.start_offset)
+            self._persist()
+            end = self.log.end_offset
         if prev >= end:
             self._reply_append(sender, False, -1, end)
             return
@@ -703,12 +713,8 @@ class Replica:
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
             resend = f.next_offset < before
-        if f.next_offset < self.log.start_offset:
-            if f.in_flight == 0:
-                log.warning("%s/%d: follower %s needs offset %d, which retention already deleted here (log starts "
-                            "at %d); it stays out of sync", self.topic, self.partition, sender, f.next_offset,
-                            self.log.start_offset)
-        elif resend and f.next_offset < self.log.end_offset:
+        if resend and f.next_offset < self.log.end_offset:
+            # (a follower behind our log start gets the log from its start: it restarts its copy there)
             self._replicate_to(sender, f, now_s)
         self._on_change_if_all_waiters()
 
@@ -743,7 +749,8 @@ class Replica:
             prev = start - 1
             body = self._key_body(epoch=self.epoch, leader=self.node_id, prev_offset=prev,
                                   prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,
-                                  epoch_start=self.epoch_start, cv=self.config_version)
+                                  epoch_start=self.epoch_start, cv=self.config_version,
+                                  log_start=self.log.start_offset)
             self._send(peer, "repl_append", body, (data,) if data else ())
             f.next_offset = next_offset
             f.in_flight += 1

@@ -260,7 +260,7 @@ SCHEMAS: dict[str, Schema] = {
                                pre_vote=Bool())),
     "repl_vote_ok": Schema(Struct(**_REPL, voter=NODE, granted=Bool(), pre_vote=Bool(), for_epoch=EPOCH)),
     "repl_append": Schema(Struct(**_REPL, leader=NODE, prev_offset=Int(-1, 1 << 62), prev_epoch=EPOCH,
-                                 hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62)), 0, 1),
+                                 hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62), log_start=Int(0, 1 << 62)), 0, 1),
     "repl_append_ok": Schema(Struct(**_REPL, follower=NODE, ok=Bool(), match_end=Int(-1, 1 << 62),
                                     hint=Int(0, 1 << 62))),
     "repl_timeout_now": Schema(Struct(**_REPL)),

@@ -192,6 +192,13 @@ class MemoryLog:
         self._check_open()
         self._disk.synced_offset = self.end_offset
 
+    def restart_at(self, offset: int) -> None:
+        self._check_open()
+        if type(offset) is not int or offset <= self.end_offset:
+            raise UsageError(f"cannot restart {self._name()} at {offset!r}: it must lie past its end {self.end_offset}")
+        self._disk.segments[:] = [_Segment(offset)]
+        self._disk.synced_offset = offset
+
     def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
         self._check_open()
         segments = self._disk.segments

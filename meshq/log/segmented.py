@@ -343,6 +343,27 @@ class SegmentedLog:
         segment.end_offset = expected
         segment.max_timestamp_ms = max_timestamp_ms
 
+    def restart_at(self, offset: int) -> None:
+        self._check_usable()
+        if type(offset) is not int or offset <= self.end_offset:
+            raise UsageError(f"cannot restart {self._name()} at {offset!r}: it must lie past its end {self.end_offset}")
+        # Old segments go first: a crash in between leaves an empty log at 0, which the leader
+        # simply restarts again; never a log with a gap.
+        try:
+            for segment in self._segments:
+                segment.close()
+                os.unlink(segment.path)
+            self._segments = []
+            _fsync_directory(self._directory)
+            segment = _Segment(self._directory, offset)
+            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            self._segments = [segment]
+            _fsync_directory(self._directory)
+        except OSError as exc:
+            self._fail(f"restarting {self._name()} at offset {offset} failed: {exc.strerror or exc}")
+            raise StorageError(self._failure) from exc
+        self._synced_offset = offset
+
     def sync(self) -> None:
         self._check_usable()
         try:

@@ -101,6 +101,11 @@ class LogStore(Protocol):
         """Delete old sealed segments; return the number of records removed."""
         ...
 
+    def restart_at(self, offset: int) -> None:
+        """Drop every record and continue empty from ``offset`` (past the end), durably. Used by a
+        replica whose missing records were already deleted by the leader's retention."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -25,9 +25,9 @@ def stamped(base: int, epoch: int, count: int = 1, value: bytes = b"v") -> bytes
 
 
 def append_body(epoch: int, leader: str, prev_offset: int, prev_epoch: int, hw: int, epoch_start: int,
-                cv: int = 0) -> dict:
+                cv: int = 0, log_start: int = 0) -> dict:
     return {"topic": TOPIC, "partition": PARTITION, "epoch": epoch, "leader": leader, "prev_offset": prev_offset,
-            "prev_epoch": prev_epoch, "hw": hw, "epoch_start": epoch_start, "cv": cv}
+            "prev_epoch": prev_epoch, "hw": hw, "epoch_start": epoch_start, "cv": cv, "log_start": log_start}
 
 
 def vote_body(epoch: int, candidate: str, last_epoch: int, end_offset: int, pre_vote: bool, cv: int = 0) -> dict:

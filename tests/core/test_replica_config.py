@@ -119,3 +119,34 @@ def test_a_join_then_the_replaced_replica_leaves_without_losing_a_record():
     assert a.high_watermark == end > written[-1]
     assert cl.nodes["d"].batches() == cl.nodes["a"].batches()
     assert "c" not in a.followers
+
+
+def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_the_beginning():
+    cl = four()
+    from meshq.log.memory import MemoryStorage
+
+    for node in cl.nodes.values():  # small segments, so retention can delete some
+        node.storage = MemoryStorage(segment_bytes=256)
+        node.saved = None
+        node.build()
+    for node_id in cl.ids:
+        cl.start(node_id)
+    cl.run_until(lambda: len(cl.leaders()) == 1)
+    leader = cl.leader()
+    for i in range(40):
+        cl.write(leader, [f"record-{i:03d}".encode()])
+    cl.pump()
+    removed = cl.nodes[leader].log.apply_retention(0, 600, None)
+    start = cl.nodes[leader].log.start_offset
+    assert removed and start > 0
+    # d has nothing; what it misses first is gone from the leader: it restarts its copy at start
+    voters = cl[leader].replicas
+    reconfigure(cl, voters, ["d"], 1)
+    cl.advance(1.0)
+    d = cl.nodes["d"]
+    assert d.log.start_offset == start and d.log.end_offset == cl.nodes[leader].log.end_offset
+    assert d.batches() == cl.nodes[leader].batches()
+    assert "d" in cl[leader].caught_up(cl.now)
+    # restarting the replica (as after a crash) keeps the copy where it is
+    cl.restart("d")
+    assert cl.nodes["d"].log.start_offset == start

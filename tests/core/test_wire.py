@@ -62,7 +62,7 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "repl_vote_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "voter": "node-a", "granted": True,
                       "pre_vote": False, "for_epoch": 3}, ()),
     "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "leader": "node-a", "prev_offset": -1,
-                     "prev_epoch": 0, "hw": 0, "epoch_start": 0}, (BATCH,)),
+                     "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}, (BATCH,)),
     "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": False,
                         "match_end": -1, "hint": 12}, ()),
     "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2}, ()),

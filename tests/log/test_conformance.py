@@ -410,3 +410,23 @@ def test_meta_must_be_an_encodable_dict(harness):
 def test_bad_options_are_refused(harness):
     with pytest.raises(UsageError, match="segment_bytes"):
         harness.open(segment_bytes=0)
+
+
+def test_restart_at_drops_everything_and_continues_past_the_end_durably(harness):
+    log = harness.open(segment_bytes=300).open_log("t", 0)
+    fill(log, 20, seed=6)
+    end = log.end_offset
+    for offset in (end, end - 1, -1, "9"):
+        with pytest.raises(UsageError):
+            log.restart_at(offset)
+    assert log.end_offset == end
+    log.restart_at(end + 50)
+    assert (log.start_offset, log.end_offset, log.size_bytes) == (end + 50, end + 50, 0)
+    assert log.synced_offset == end + 50
+    batch = make_batch(end + 50, 3)
+    log.append(batch)
+    log.sync()
+    assert read_all(log) == batch
+    log = harness.restart().open_log("t", 0)
+    assert (log.start_offset, log.end_offset) == (end + 50, end + 53)
+    assert read_all(log) == batch
