@@ -1335,7 +1335,8 @@ class NodeCore:
             self._reassigning[key] = deadline
             log.info("%s/%d: proposing replicas %s, learners %s (from %s, %s)", topic, partition,
                      step[0], step[1], voters, learners)
-            self._propose(command, now_s, deadline, lambda error: None)
+            # Applied (as a step, or refused by the compare-and-set) or failed: free to propose again.
+            self._propose(command, now_s, deadline, lambda error, key=key: self._reassigning.pop(key, None))
 
     def _serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -2030,6 +2031,19 @@ class NodeCore:
             self._request(peer, "status", {}, (), now_s, timeout_s,
                           lambda m, p=peer: finish(p, m.body["status"]), lambda e, p=peer: finish(p, None))
 
+    def _cmd_leave(self, command: Command, now_s: float) -> None:
+        """Ask storage node ``node_id`` (maybe this one) to leave the cluster (``meshq leave``); resolves
+        with its ``leave_ok`` body ``{"state": "draining"|"left", "assigned": N}``. Ask again until ``left``."""
+        target = command.args["node_id"]
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if target != self.node_id and target not in self.peer_endpoints:
+            if now_s + 0.05 < deadline_s:  # a fresh client learns the members from its seeds' gossip
+                self._schedule(now_s + 0.05, "retry", lambda t: self._command(command, t))
+                return
+            raise UsageError(f"node {target!r} is not known here; known storage nodes: "
+                             f"{', '.join(self.storage_peers()) or 'none'}")
+        self._simple_request(command, target, "leave", {"node_id": target}, now_s, lambda m: dict(m.body))
+
 
 def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     """One cluster status from the local views of several storage nodes.
@@ -2151,4 +2165,5 @@ _COMMANDS: dict[str, Callable[[NodeCore, Command, float], None]] = {
     "commit": NodeCore._cmd_commit,
     "committed": NodeCore._cmd_committed,
     "status": NodeCore._cmd_status,
+    "leave": NodeCore._cmd_leave,
 }

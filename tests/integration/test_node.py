@@ -154,3 +154,4 @@ def test_prometheus_endpoint_reports_the_node(tmp_path):
     assert "meshq_records_produced_total 10.0" in text
     assert 'meshq_high_watermark{partition="0",topic="metered"} 10.0' in text
     assert "meshq_under_replicated_partitions 0.0" in text  # one member: one replica is all there is
+    assert "meshq_handoffs_in_progress 0.0" in text
