@@ -152,7 +152,7 @@ class Replica:
         self._end_samples: deque = deque(maxlen=64)  # (time, own end): the in-sync yardstick
         # (leader, epoch, verified end) of an acknowledgement waiting for a local sync
         self._pending_ack: tuple[str, int, int] | None = None
-        self._transfer_sent_epoch = -1
+        self._next_transfer_s = float("-inf")  # leader: no new hand-off attempt before this
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
         state.replica = self
 
@@ -425,13 +425,15 @@ class Replica:
 
     def _maybe_transfer(self, now_s: float) -> None:
         preferred = self.replicas[0] if self.replicas else None
-        if preferred is None or preferred == self.node_id or self._transfer_sent_epoch == self.epoch:
+        if preferred is None or preferred == self.node_id or now_s < self._next_transfer_s:
             return
         f = self.followers.get(preferred)
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
         if f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2:
-            self._transfer_sent_epoch = self.epoch
+            # A hand-off can fail (the preferred replica has not applied the configuration that
+            # made it preferred yet, or the message was lost): try again a while later.
+            self._next_transfer_s = now_s + 4 * self.election_timeout_s
             # Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader
             # that the preferred replica is about to depose. Resume if the hand-off fails.
             self._transfer_until_s = now_s + self.election_timeout_s

@@ -150,3 +150,16 @@ def test_a_new_replica_starts_at_the_leaders_log_start_when_retention_deleted_th
     # restarting the replica (as after a crash) keeps the copy where it is
     cl.restart("d")
     assert cl.nodes["d"].log.start_offset == start
+
+
+def test_a_hand_off_the_new_preferred_replica_ignored_is_tried_again():
+    cl = four()
+    cl.write("a", [b"r1"])
+    cl.advance(3.0)  # past the leader's settling time: it may hand over
+    reconfigure(cl, ["b", "a", "c"], [], 1, on=["a"])  # b is preferred now, but b has not applied it
+    cl.advance(1.0)
+    first = [m for m in cl.sent if m.type == "repl_timeout_now"]
+    assert first and first[-1].dst == "b" and cl.leaders() == ["a"]  # b ignored it (older configuration)
+    reconfigure(cl, ["b", "a", "c"], [], 1, on=["b", "c"])
+    cl.run_until(lambda: cl.leaders() == ["b"], timeout_s=10.0)
+    cl.check_committed_agree()
