@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The configurations documented in docs/performance.md. Extra arguments are passed to every
 # `meshq bench` run (e.g. --json: one JSON object per scenario). Loopback only; no mDNS.
-#   SCENARIOS="produce replication" (default both)
+#   SCENARIOS="produce replication" (the default; rebalance only when named: SCENARIOS=rebalance)
 #   produce:     one node vs the raw pyzmq baseline, ~15-30 s
 #   replication: 3 nodes, replication factor 3, acks=leader and acks=quorum, beside one node and the
 #                baseline, then 3 timed failovers (kill -9 of a partition leader), ~2-3 min
+#   rebalance:   3 nodes, replication factor 3, 12 partitions preloaded with 10M records (1 GB per node),
+#                then a 4th node joins and one of the first three leaves (meshq leave), each timed until
+#                handoffs == 0, while a producer writes 20,000 records/s; ~1 min, ~4 GB in $TMPDIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -22,8 +25,12 @@ for scenario in $SCENARIOS; do
       "$PY" -m meshq bench replication --nodes 3 --replication-factor 3 --records 1000000 --sync-records 5000 \
         --value-bytes 100 --batch 1000 --fsync interval --failover-repeats 3 "$@" || status=$?
       ;;
+    rebalance)
+      "$PY" -m meshq bench rebalance --nodes 3 --replication-factor 3 --records 10000000 --value-bytes 100 \
+        --batch 1000 --fsync interval --load-rate 20000 "$@" || status=$?
+      ;;
     *)
-      echo "run_all.sh: unknown scenario $scenario (produce, replication)" >&2
+      echo "run_all.sh: unknown scenario $scenario (produce, replication, rebalance)" >&2
       exit 2
       ;;
   esac

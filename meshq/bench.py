@@ -1,4 +1,4 @@
-"""``meshq bench produce`` and ``meshq bench replication``: producer throughput, latency and failover.
+"""``meshq bench produce``, ``replication`` and ``rebalance``: producer throughput, latency, failover, partition moves.
 
 Theory of operation
 -------------------
@@ -60,6 +60,33 @@ Targets (PASS/MISS, never asserted): pipelined ``acks=quorum`` >= 500,000 record
 synchronous ``acks=quorum`` p50 <= 400 µs, failover <= ``failure_timeout_s`` + 2 s (the
 nodes run with the ``NodeConfig`` default). The exit status is 1 when a part could not be
 measured or a check failed; the report (table or ``--json``) says which and why.
+
+``meshq bench rebalance`` measures how fast a membership change moves data (docs/architecture.md,
+Rebalancing), on the same kind of cluster (``_Cluster``: ``--nodes`` children, mDNS off, seeds):
+
+1. **Preload**: a topic of ``REBALANCE_PARTITIONS`` (12) partitions with
+   ``--replication-factor`` (3) replicas gets ``--records`` values of ``--value-bytes`` at
+   ``acks=quorum`` (the pipelined ``produce_batch`` loop above, one run); then every replica
+   must be in sync, and the size of every node's data directory is recorded.
+2. **Join**: one more node is started, seeded with the others. The clock runs from just before
+   its process starts until a status shows the ring of all the nodes, ``handoffs == 0``, every
+   partition on the replica set ``HashRing`` computes for the new membership and every replica
+   in sync (polled every ``REBALANCE_POLL_S``). Reported: that time, when the node printed
+   ready and when the ring changed, the partitions whose replica set changed beside those the
+   ring predicts (``meshq.core.ring.moved_partitions`` over the old and new members), the
+   bytes moved (the size, at the start, of the moved partitions' directories) and MB/s, and
+   what the new node's data directory holds at the end.
+3. **Leave** (when ``Node.leave`` exists; ``--skip-leave`` skips it): one of the first nodes
+   that does not lead the metadata log is asked to leave; the same clock and figures, the
+   receivers being the other nodes; the leaving node must exit by itself.
+4. With ``--load-rate N|max``, a producer thread (``produce_batch`` of ``LOAD_BATCH`` records,
+   ``LOAD_WINDOW`` in flight, ``acks=quorum``, paced to N records/s) writes from
+   ``LOAD_BEFORE_S`` before the join to the end: its throughput and batch latency in the
+   ``LOAD_BEFORE_S`` before each move and during it show what the copy costs producers.
+
+At the end the high watermarks must add up to the acknowledged records (plus at most those of
+the producer's failed batches, whose fate is unknown). Per-thread CPU of the preload and of each
+move is reported as for the other scenarios.
 """
 
 from __future__ import annotations
@@ -83,6 +110,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import msgpack
@@ -111,6 +139,12 @@ BASELINE_REPEATS = 5  # the baseline run is short (~0.1 s), so it is repeated mo
 CLUSTER_READY_TIMEOUT_S = 60.0  # members alive and every partition led, after a start or a restart
 FAILOVER_PRE_KILL_S = 1.0  # writers run this long before the kill (and must succeed on the victim's partitions)
 FAILOVER_WRITER_PAUSE_S = 0.005  # between one failover writer's calls: the timing resolution, a light load
+REBALANCE_PARTITIONS = 12  # partitions of the `bench rebalance` topic
+REBALANCE_POLL_S = 0.25  # status polls while a partition move runs: the timing resolution of a join or leave
+LOAD_WINDOW = 4  # produce_batch calls in flight of the producer that writes during the moves
+LOAD_BATCH = 100  # records per call of that producer (small: many latency samples per second)
+LOAD_TIMEOUT_S = 10.0  # timeout of each of its batches
+LOAD_BEFORE_S = 5.0  # it writes this long before a move: the "before" figures
 try:
     _CLK_TCK = os.sysconf("SC_CLK_TCK")
 except (AttributeError, ValueError, OSError):
@@ -288,9 +322,9 @@ def _values(count: int, size: int) -> list[bytes]:
     return [os.urandom(size) for _ in range(count)]
 
 
-def _check_deadline(start: float, what: str) -> None:
-    if time.perf_counter() - start > PHASE_TIMEOUT_S:
-        raise BenchError(f"{what} took longer than {PHASE_TIMEOUT_S:.0f} s; aborted")
+def _check_deadline(start: float, what: str, limit_s: float = PHASE_TIMEOUT_S) -> None:
+    if time.perf_counter() - start > limit_s:
+        raise BenchError(f"{what} took longer than {limit_s:.0f} s; aborted")
 
 
 def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -510,7 +544,7 @@ def _start_node(args: Any, workdir: str) -> tuple[_Child, str]:
 
 
 def _pipelined_batch(client: Any, topic: str, records: int, values: list[bytes], acks: str,
-                     sampler: _CpuSampler) -> dict[str, Any]:
+                     sampler: _CpuSampler, repeats: int = REPEATS, limit_s: float = PHASE_TIMEOUT_S) -> dict[str, Any]:
     batch = len(values)
     # warm-up (metadata, connection, first segment files): not timed, but counted
     acknowledged = 0
@@ -519,7 +553,7 @@ def _pipelined_batch(client: Any, topic: str, records: int, values: list[bytes],
         acknowledged += batch
     produce_batch = client.produce_batch
     runs = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         window: deque = deque()
         sent = 0
         sampler.start()
@@ -532,7 +566,7 @@ def _pipelined_batch(client: Any, topic: str, records: int, values: list[bytes],
                 future, count = window.popleft()
                 future.result(PHASE_TIMEOUT_S)
                 acknowledged += count
-                _check_deadline(start, "the produce_batch run")
+                _check_deadline(start, "the produce_batch run", limit_s)
         while window:
             future, count = window.popleft()
             future.result(PHASE_TIMEOUT_S)
@@ -703,9 +737,12 @@ class _Cluster:
     def seeds(self) -> list[str]:
         return [self.seed(i) for i in range(self.count)]
 
+    def data_dir(self, index: int) -> str:
+        return os.path.join(self.workdir, f"cluster-node{index + 1}")
+
     def _launch(self, index: int, seeds: list[str]) -> None:
         port, pub_port = self.ports[index]
-        argv = [sys.executable, "-m", "meshq", "node", "--data", os.path.join(self.workdir, f"cluster-node{index + 1}"),
+        argv = [sys.executable, "-m", "meshq", "node", "--data", self.data_dir(index),
                 "--host", "127.0.0.1", "--port", str(port), "--pub-port", str(pub_port), "--no-mdns",
                 "--fsync", self.args.fsync, "--partitions", str(PARTITIONS),
                 "--replication-factor", str(self.replication_factor), "--cluster", self.args.cluster,
@@ -736,6 +773,19 @@ class _Cluster:
         assert child is not None
         self.kills[index] += 1
         return child.kill()
+
+    def add(self) -> int:
+        """Launch one more node (a join), seeded with every running node; returns its index. Call
+        ``_wait_ready(index)`` next: until then its node id is unknown."""
+        seeds = [self.seed(i) for i, child in enumerate(self.children) if child is not None and child.proc.poll() is None]
+        self.ports.append((_free_port(), _free_port()))
+        self.children.append(None)
+        self.node_ids.append("")
+        self.launches.append(0)
+        self.kills.append(0)
+        self.count += 1
+        self._launch(self.count - 1, seeds)
+        return self.count - 1
 
     def restart(self, index: int) -> None:
         self._launch(index, [self.seed(i) for i in range(self.count) if i != index])
@@ -768,15 +818,15 @@ def _topic_partitions(status: dict, topic: str) -> list[dict]:
 
 
 def _health_problem(status: dict, topic: str, node_ids: list[str], replication_factor: int,
-                    need_in_sync: bool) -> str | None:
+                    need_in_sync: bool, partitions_expected: int = PARTITIONS) -> str | None:
     """Why the cluster is not ready for a measurement on ``topic``, or None when it is."""
     states = {m["node_id"]: m["state"] for m in status.get("members", [])}
     down = [n for n in node_ids if states.get(n) != "alive"]
     if down:
         return "members not alive: " + ", ".join(f"{n} ({states.get(n, 'unknown')})" for n in down)
     partitions = _topic_partitions(status, topic)
-    if len(partitions) != PARTITIONS:
-        return f"status shows {len(partitions)} of {PARTITIONS} partitions of {topic}"
+    if len(partitions) != partitions_expected:
+        return f"status shows {len(partitions)} of {partitions_expected} partitions of {topic}"
     for p in partitions:
         if p["leader"] is None or states.get(p["leader"]) != "alive":
             return f"partition {p['partition']} has no live leader ({p['leader']})"
@@ -789,14 +839,15 @@ def _health_problem(status: dict, topic: str, node_ids: list[str], replication_f
 
 
 def _wait_cluster(client: Any, topic: str, cluster: _Cluster, timeout_s: float,
-                  need_in_sync: bool) -> tuple[dict | None, str | None]:
+                  need_in_sync: bool, partitions: int = PARTITIONS) -> tuple[dict | None, str | None]:
     """Poll status until the cluster is ready (see ``_health_problem``); returns (status, None) or (None, why not)."""
     deadline = time.monotonic() + timeout_s
     problem = "no status answer"
     while True:
         try:
             status = client.status(timeout=2.0)
-            problem = _health_problem(status, topic, cluster.node_ids, cluster.replication_factor, need_in_sync)
+            problem = _health_problem(status, topic, cluster.node_ids, cluster.replication_factor, need_in_sync,
+                                      partitions)
             if problem is None:
                 return status, None
         except MeshqError as exc:
@@ -1134,6 +1185,409 @@ def _run_cluster(args: Any, workdir: str) -> dict[str, Any]:
             cluster.stop()
 
 
+# ---------------------------------------------------------------------- rebalancing (``bench rebalance``)
+def _dir_bytes(path: str) -> int:
+    """Apparent size of every file under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # deleted meanwhile (a dropped replica, a rolled segment)
+                pass
+    return total
+
+
+def _placement(status: dict, topic: str) -> dict[int, dict]:
+    """Per partition of ``topic``: replicas, leader, learners, target as ``status`` shows them."""
+    return {p["partition"]: {"replicas": list(p["replicas"]), "leader": p["leader"],
+                             "learners": list(p.get("learners", [])), "target": list(p.get("target", p["replicas"]))}
+            for p in _topic_partitions(status, topic)}
+
+
+class _LoadWriter:
+    """A producer thread running through the moves: ``produce_batch`` of ``len(values)`` records at
+    ``acks``, at most ``LOAD_WINDOW`` batches in flight, paced to ``rate`` records/s (None: as fast
+    as acknowledgements come back). Each batch's (submitted, acknowledged or failed, records, error)
+    is recorded from its Future's callback, so any time window can be summarised afterwards."""
+
+    def __init__(self, client: Any, topic: str, values: list[bytes], acks: str, rate: int | None) -> None:
+        self.client = client
+        self.topic = topic
+        self.values = values
+        self.acks = acks
+        self.rate = rate
+        self.batches: list[tuple[float, float, int, str | None]] = []
+        self.stop_event = threading.Event()
+        self._slots = threading.Semaphore(LOAD_WINDOW)
+        self.thread = threading.Thread(target=self._run, name="bench-load-writer", daemon=True)
+        self.error: str | None = None  # why the writer stopped early, if it did
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _done(self, future: Future, submitted: float) -> None:
+        exc = future.exception()
+        self.batches.append((submitted, time.monotonic(), len(self.values), None if exc is None else type(exc).__name__))
+        self._slots.release()
+
+    def _run(self) -> None:
+        interval = len(self.values) / self.rate if self.rate else 0.0
+        next_at = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                if not self._slots.acquire(timeout=0.1):
+                    continue
+                if interval:
+                    now = time.monotonic()
+                    if next_at > now and self.stop_event.wait(next_at - now):
+                        self._slots.release()
+                        break
+                    next_at = max(next_at + interval, time.monotonic() - interval)  # no burst after a stall
+                submitted = time.monotonic()
+                try:
+                    future = self.client.produce_batch(self.topic, self.values, acks=self.acks,
+                                                       timeout=LOAD_TIMEOUT_S)
+                except Exception:
+                    self._slots.release()
+                    raise
+                future.add_done_callback(lambda f, s=submitted: self._done(f, s))
+        except Exception as exc:  # e.g. the client stopped under us: say so in the report
+            self.error = _error_text(exc)
+
+    def stop(self) -> None:
+        """Stop submitting and wait (bounded) for the batches in flight."""
+        self.stop_event.set()
+        self.thread.join(LOAD_TIMEOUT_S + 5.0)
+        for _ in range(LOAD_WINDOW):
+            self._slots.acquire(timeout=LOAD_TIMEOUT_S + 5.0)
+
+    def totals(self) -> tuple[int, int]:
+        """(records acknowledged, records of failed batches: stored or not, nobody knows)."""
+        batches = list(self.batches)
+        return (sum(n for _s, _e, n, error in batches if error is None),
+                sum(n for _s, _e, n, error in batches if error is not None))
+
+    def window(self, begin: float, end: float) -> dict[str, Any]:
+        """Throughput (batches acknowledged within [begin, end]) and latency (batches submitted in it)."""
+        batches = list(self.batches)
+        seconds = max(end - begin, 1e-9)
+        acked = [(s, e, n) for s, e, n, error in batches if error is None and begin <= e <= end]
+        latencies = [int((e - s) * 1e9) for s, e, _n, error in batches if error is None and begin <= s < end]
+        failed = collections.Counter(error for _s, e, _n, error in batches if error is not None and begin <= e <= end)
+        previous, stall = begin, 0.0
+        for _s, e, _n in sorted(acked, key=lambda b: b[1]):
+            stall, previous = max(stall, e - previous), e
+        out: dict[str, Any] = {"seconds": round(end - begin, 3), "records": sum(n for _s, _e, n in acked),
+                               "records_per_s": sum(n for _s, _e, n in acked) / seconds,
+                               "failed_batches": dict(failed), "longest_stall_s": round(max(stall, end - previous), 3)}
+        if latencies:
+            out["batch_latency"] = _percentiles_us(latencies)
+        return out
+
+
+def _rebalance_problem(status: dict, topic: str, node_ids: list[str], replication_factor: int, partitions: int,
+                       expected: dict[int, list[str]]) -> str | None:
+    """Why the move to ``node_ids`` is not finished, or None: the ring is exactly ``node_ids``, the cluster
+    reports no handoff, every replica set is the ring's (``expected``) and every replica is in sync."""
+    ring = set(status.get("ring", {}).get("members", []))
+    if ring != set(node_ids):
+        return f"ring members {sorted(ring)}, expected {sorted(node_ids)}"
+    handoffs = status.get("handoffs")
+    if handoffs is None:
+        return "status has no handoffs count"
+    if handoffs:
+        return f"{handoffs} handoff(s) in progress"
+    placement = _placement(status, topic)
+    for p, want in sorted(expected.items()):
+        have = placement.get(p, {}).get("replicas", [])
+        if set(have) != set(want):
+            return f"partition {p}: replicas {have}, the ring places it on {want}"
+    return _health_problem(status, topic, node_ids, replication_factor, need_in_sync=True,
+                           partitions_expected=partitions)
+
+
+def _wait_rebalanced(client: Any, topic: str, node_ids: list[str], replication_factor: int, partitions: int,
+                     expected: dict[int, list[str]], t0: float, timeout_s: float) -> dict[str, Any]:
+    """Poll status from ``t0`` until ``_rebalance_problem`` says the move is done.
+
+    Returns ``done_s`` (None on timeout, with ``problem``), ``ring_s`` (first status whose ring is
+    ``node_ids``), ``first_handoff_s`` / ``max_handoffs`` and the last status seen."""
+    out: dict[str, Any] = {"done_s": None, "ring_s": None, "first_handoff_s": None, "max_handoffs": 0,
+                           "status_polls": 0, "status_failures": 0}
+    deadline = t0 + timeout_s
+    problem = "no status answer"
+    while True:
+        try:
+            status = client.status(timeout=2.0)
+        except MeshqError as exc:
+            out["status_failures"] += 1
+            problem = f"status failed: {_error_text(exc)}"
+        else:
+            now = time.monotonic() - t0
+            out["status_polls"] += 1
+            out["status"] = status
+            if out["ring_s"] is None and set(status.get("ring", {}).get("members", [])) == set(node_ids):
+                out["ring_s"] = now
+            handoffs = status.get("handoffs") or 0
+            if handoffs and out["first_handoff_s"] is None:
+                out["first_handoff_s"] = now
+            out["max_handoffs"] = max(out["max_handoffs"], handoffs)
+            problem = _rebalance_problem(status, topic, node_ids, replication_factor, partitions, expected)
+            if problem is None:
+                out["done_s"] = now
+                return out
+        if time.monotonic() >= deadline:
+            out["problem"] = problem
+            return out
+        time.sleep(REBALANCE_POLL_S)
+
+
+def _node_bytes(cluster: _Cluster) -> dict[str, int]:
+    """Bytes in every node's data directory, by label (``node1``...), including stopped nodes' (0 once deleted)."""
+    return {f"node{i + 1}": _dir_bytes(cluster.data_dir(i)) for i in range(cluster.count)}
+
+
+def _partition_bytes(cluster: _Cluster, topic: str, partitions: int) -> dict[int, int]:
+    """Per partition of ``topic``, the size of its largest copy on any node (``<data>/topics/<topic>-<p>/``)."""
+    return {p: max(_dir_bytes(os.path.join(cluster.data_dir(i), "topics", f"{topic}-{p}")) for i in range(cluster.count))
+            for p in range(partitions)}
+
+
+def _move_start(cluster: _Cluster, client: Any, topic: str, partitions: int) -> dict[str, Any]:
+    """What a move is compared with: placement, node and partition sizes just before it starts."""
+    status = client.status(timeout=5.0)
+    return {"status": status, "placement": _placement(status, topic), "members": [n for n in cluster.node_ids if n],
+            "node_bytes": _node_bytes(cluster), "partition_bytes": _partition_bytes(cluster, topic, partitions)}
+
+
+def _move_report(out: dict[str, Any], start: dict[str, Any], cluster: _Cluster, topic: str, partitions: int,
+                 replication_factor: int, members_after: list[str], waited: dict[str, Any], vnodes: int,
+                 receivers: list[str]) -> None:
+    """Add to ``out`` what a join or a leave moved, against the ring's prediction for the same membership change.
+
+    ``moved_bytes``: the size, when the move started, of the partitions whose replica set changed
+    (each got exactly one new replica); ``received_bytes``: what the ``receivers`` nodes' data
+    directories grew by, which also counts records written meanwhile (``--load-rate``)."""
+    from meshq.core.ring import HashRing, moved_partitions
+
+    out.update({k: waited[k] for k in ("done_s", "ring_s", "first_handoff_s", "max_handoffs", "status_polls",
+                                       "status_failures")})
+    before, members_before = start["placement"], start["members"]
+    ring_after = HashRing(members_after, vnodes)
+    out["members_before"], out["members_after"] = members_before, members_after
+    out["predicted_moved"] = moved_partitions(HashRing(members_before, vnodes), ring_after, topic, partitions,
+                                              replication_factor)
+    after = _placement(waited.get("status", {}), topic)
+    out["moved"] = sorted(p for p in after if set(after[p]["replicas"]) != set(before.get(p, {}).get("replicas", [])))
+    out["moved_as_predicted"] = out["moved"] == out["predicted_moved"]
+    placement = ring_after.placement(topic, partitions, replication_factor)
+    out["replicas_in_ring_order"] = sum(1 for p, want in enumerate(placement) if after.get(p, {}).get("replicas") == want)
+    out["leaders_at_ring_owner"] = sum(1 for p, want in enumerate(placement) if after.get(p, {}).get("leader") == want[0])
+    out["leaders_moved"] = sum(1 for p in after if after[p]["leader"] != before.get(p, {}).get("leader"))
+    out["final_placement"] = {str(p): after[p]["replicas"] for p in sorted(after)}
+    out["bytes_before"] = start["node_bytes"]
+    out["bytes_after"] = _node_bytes(cluster)
+    out["moved_bytes"] = sum(start["partition_bytes"].get(p, 0) for p in out["moved"])
+    out["received_bytes"] = sum(max(0, out["bytes_after"][label] - start["node_bytes"].get(label, 0))
+                                for label in receivers)
+    if out["done_s"]:
+        out["moved_mb_per_s"] = out["moved_bytes"] / 1e6 / out["done_s"]
+
+
+def _rebalance_join(client: Any, cluster: _Cluster, topic: str, args: Any, partitions: int,
+                    replication_factor: int, vnodes: int) -> dict[str, Any]:
+    """Start one more node and time until every partition is where the ring over the bigger membership puts it."""
+    from meshq.core.ring import HashRing
+
+    start = _move_start(cluster, client, topic, partitions)
+    t0 = time.monotonic()
+    index = cluster.add()
+    sampler = _CpuSampler({"producer": os.getpid(), **cluster.pids()})
+    sampler.start()
+    out: dict[str, Any] = {"move": "join", "node": f"node{index + 1}", "t0": t0}
+    try:
+        cluster._wait_ready(index)
+        out["ready_s"] = time.monotonic() - t0
+        members_after = start["members"] + [cluster.node_ids[index]]
+        out["node_id"] = cluster.node_ids[index]
+        expected = dict(enumerate(HashRing(members_after, vnodes).placement(topic, partitions, replication_factor)))
+        waited = _wait_rebalanced(client, topic, members_after, replication_factor, partitions, expected, t0,
+                                  args.move_timeout)
+    finally:
+        sampler.stop()
+    out["cpu"] = sampler.summary()
+    _move_report(out, start, cluster, topic, partitions, replication_factor, members_after, waited, vnodes,
+                 receivers=[out["node"]])
+    if waited["done_s"] is None:
+        out["error"] = (f"the join did not finish within {args.move_timeout:g} s: {waited.get('problem')}"
+                        + _node_tails(cluster))
+    return out
+
+
+def _rebalance_leave(client: Any, cluster: _Cluster, topic: str, args: Any, partitions: int,
+                     replication_factor: int, vnodes: int) -> dict[str, Any]:
+    """``leave`` of one original node that does not lead the metadata log; time until the rest hold everything."""
+    from meshq.core.ring import HashRing
+
+    start = _move_start(cluster, client, topic, partitions)
+    metadata_leader = start["status"].get("metadata", {}).get("leader")
+    candidates = [i for i in range(cluster.count - 1) if cluster.node_ids[i] != metadata_leader]
+    index = candidates[0] if candidates else 0
+    victim = cluster.node_ids[index]
+    child = cluster.children[index]
+    assert child is not None
+    members_after = [n for n in start["members"] if n != victim]
+    expected = dict(enumerate(HashRing(members_after, vnodes).placement(topic, partitions, replication_factor)))
+    sampler = _CpuSampler({"producer": os.getpid(), **cluster.pids()})
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"move": "leave", "node": f"node{index + 1}", "node_id": victim,
+                           "was_metadata_leader": victim == metadata_leader, "t0": t0}
+
+    def leave() -> None:  # in a thread: meanwhile status is polled as for a join
+        try:
+            client.leave(timeout=args.move_timeout, node_id=victim)
+            out["leave_returned_s"] = time.monotonic() - t0
+        except MeshqError as exc:
+            out["leave_error"] = _error_text(exc)
+
+    leaver = threading.Thread(target=leave, name="bench-leave", daemon=True)
+    sampler.start()
+    leaver.start()
+    try:
+        waited = _wait_rebalanced(client, topic, members_after, replication_factor, partitions, expected, t0,
+                                  args.move_timeout)
+        leaver.join(max(1.0, t0 + args.move_timeout - time.monotonic()))
+        try:
+            child.proc.wait(max(1.0, t0 + args.move_timeout - time.monotonic()))
+            out["process_exit_s"] = time.monotonic() - t0
+            out["process_exit_code"] = child.proc.returncode
+        except subprocess.TimeoutExpired:
+            out["process_exit_s"] = None
+    finally:
+        sampler.stop()
+    out["cpu"] = sampler.summary()
+    _move_report(out, start, cluster, topic, partitions, replication_factor, members_after, waited, vnodes,
+                 receivers=[f"node{i + 1}" for i in range(cluster.count) if i != index])
+    problems = []
+    if "leave_error" in out:
+        problems.append(f"leave failed: {out['leave_error']}")
+    if waited["done_s"] is None:
+        problems.append(f"the leave did not finish within {args.move_timeout:g} s: {waited.get('problem')}")
+    elif out.get("process_exit_s") is None:
+        problems.append(f"the leaving node (pid {child.pid}) did not exit by itself")
+    if problems:
+        out["error"] = "; ".join(problems) + _node_tails(cluster)
+    return out
+
+
+def _node_tails(cluster: _Cluster) -> str:
+    """The end of every node's stderr, for an error that needs the nodes' side of the story."""
+    return "".join(f"\nnode{i + 1} ({cluster.node_ids[i] or 'no id'}, pid {child.pid}){child._tail()}"
+                   for i, child in enumerate(cluster.children) if child is not None)
+
+
+def _run_rebalance_cluster(args: Any, workdir: str, load_rate: int | None, with_load: bool) -> dict[str, Any]:
+    """Preload ``--nodes`` nodes, then a join (and a leave, if this meshq has one), optionally under load."""
+    from meshq.node import Node
+
+    partitions = REBALANCE_PARTITIONS
+    replication_factor = min(args.replication_factor, args.nodes)
+    cluster = _Cluster(args.nodes, workdir, args, replication_factor)
+    client: Any = None
+    writer: _LoadWriter | None = None
+    out: dict[str, Any] = {"nodes": args.nodes, "replication_factor": replication_factor, "partitions": partitions,
+                           "fsync": args.fsync}
+    try:
+        _progress(f"starting {args.nodes} nodes")
+        cluster.start()
+        out["node_ids"] = list(cluster.node_ids)
+        client = Node(cluster=args.cluster, seeds=cluster.seeds, mdns=False, role="client")
+        client.start()
+        client.wait_ready(timeout=READY_TIMEOUT_S)
+        _wait_agreed(client, cluster, CLUSTER_READY_TIMEOUT_S)
+        topic = f"bench-{uuid.uuid4().hex[:8]}-rebalance"
+        out["topic"] = topic
+        client.create_topic(topic, partitions=partitions, replication_factor=replication_factor, retention_ms=None)
+        status, problem = _wait_cluster(client, topic, cluster, CLUSTER_READY_TIMEOUT_S, False, partitions)
+        if status is None:
+            raise BenchError(f"the cluster did not get ready for {topic}: {problem}")
+        vnodes = status.get("ring", {}).get("vnodes") or 256
+        values = _values(args.batch, args.value_bytes)
+
+        _progress(f"preloading {args.records:,} records (acks=quorum)")
+        preload = _pipelined_batch(client, topic, args.records, values, "quorum",
+                                   _CpuSampler({"producer": os.getpid(), **cluster.pids()}), repeats=1,
+                                   limit_s=max(PHASE_TIMEOUT_S, args.records / 10_000))
+        out["preload"] = preload
+        acknowledged = preload["acknowledged"]
+        stored = _wait_high_watermarks(client, topic, acknowledged, 30.0)
+        status, problem = _wait_cluster(client, topic, cluster, args.move_timeout, True, partitions)
+        if status is None:
+            raise BenchError(f"the replicas did not get in sync after the preload: {problem}")
+        out["preload"]["high_watermark_sum"] = stored
+        out["bytes_after_preload"] = _node_bytes(cluster)
+
+        if with_load:
+            writer = _LoadWriter(client, topic, values[:LOAD_BATCH], "quorum", load_rate)
+            writer.start()
+            time.sleep(LOAD_BEFORE_S)
+        _progress(f"join: starting node{cluster.count + 1}")
+        join = _rebalance_join(client, cluster, topic, args, partitions, replication_factor, vnodes)
+        out["join"] = join
+        if writer is not None:
+            join["load_before"] = writer.window(join["t0"] - LOAD_BEFORE_S, join["t0"])
+            join["load_during"] = writer.window(join["t0"], join["t0"] + (join["done_s"] or 0.0))
+        del join["t0"]
+        if "error" in join:
+            return out
+
+        if args.skip_leave:
+            out["leave"] = {"skipped": "--skip-leave"}
+        elif not callable(getattr(client, "leave", None)):
+            out["leave"] = {"skipped": "this meshq has no leave (Node.leave / meshq leave)"}
+        else:
+            time.sleep(LOAD_BEFORE_S if writer is not None else 1.0)  # leadership settles on the ring owners
+            _progress("leave: one of the original nodes leaves")
+            leave = _rebalance_leave(client, cluster, topic, args, partitions, replication_factor, vnodes)
+            out["leave"] = leave
+            if writer is not None:
+                leave["load_before"] = writer.window(leave["t0"] - LOAD_BEFORE_S, leave["t0"])
+                leave["load_during"] = writer.window(leave["t0"], leave["t0"] + (leave["done_s"] or 0.0))
+            del leave["t0"]
+
+        if writer is not None:
+            writer.stop()
+            load_acknowledged, load_unknown = writer.totals()
+            out["load"] = {"rate": load_rate, "acks": "quorum", "batch": len(writer.values), "window_batches": LOAD_WINDOW,
+                           "acknowledged": load_acknowledged, "failed_records": load_unknown,
+                           "error": writer.error}
+            writer = None
+        else:
+            load_acknowledged = load_unknown = 0
+        expected_records = acknowledged + load_acknowledged
+        stored = _wait_high_watermarks(client, topic, expected_records, 30.0)
+        out["verification"] = {"acknowledged": expected_records, "unknown_fate": load_unknown,
+                               "high_watermark_sum": stored,
+                               "ok": expected_records <= stored <= expected_records + load_unknown}
+        return out
+    except (BenchError, MeshqError) as exc:  # keep what was measured before the failure
+        out["error"] = _error_text(exc)
+        return out
+    finally:
+        out["node_pids"] = cluster.launched_pids
+        try:
+            if writer is not None:
+                writer.stop()
+        finally:
+            try:
+                if client is not None:
+                    client.stop()
+            finally:
+                cluster.stop()
+
+
+
 # ---------------------------------------------------------------------- output
 def _fmt_rate(value: float) -> str:
     return f"{value:,.0f}"
@@ -1422,6 +1876,130 @@ def _render_replication(report: dict[str, Any]) -> None:
         console.print(f"[red]not measured / failed: {error}[/red]")
 
 
+def _mb(value: int | None) -> str:
+    return "" if value is None else f"{value / 1e6:,.1f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _rebalance_errors(report: dict[str, Any]) -> list[str]:
+    """Every part of ``bench rebalance`` that could not be measured or failed its check, one line each."""
+    cluster = report.get("cluster", {})
+    errors = [f"cluster: {cluster['error']}"] if "error" in cluster else []
+    for name in ("join", "leave"):
+        move = cluster.get(name, {})
+        if "error" in move:
+            errors.append(f"{name}: {move['error']}")
+        if move.get("done_s") is not None and not move.get("moved_as_predicted", True):
+            errors.append(f"{name}: partitions {move['moved']} changed replica set, the ring predicts "
+                          f"{move['predicted_moved']}")
+    if (cluster.get("load") or {}).get("error"):
+        errors.append(f"the producer during the moves stopped: {cluster['load']['error']}")
+    verification = cluster.get("verification")
+    if verification is not None and not verification["ok"]:
+        errors.append(f"high watermarks sum {verification['high_watermark_sum']}, acknowledged "
+                      f"{verification['acknowledged']} (+ {verification['unknown_fate']} of unknown fate)")
+    return errors
+
+
+def _render_rebalance(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
+    console = Console(width=None if wide else 160)
+    c = report["config"]
+    _print_machine(console, "rebalance", report["machine"])
+    console.print(f"records={c['records']:,} value_bytes={c['value_bytes']} batch={c['batch']} fsync={c['fsync']} "
+                  f"nodes={c['nodes']}+1 replication_factor={c['replication_factor']} partitions={c['partitions']} "
+                  f"load_rate={c['load_rate']}")
+    cluster = report.get("cluster", {})
+    preload = cluster.get("preload")
+    if preload:
+        console.print(f"preload: {preload['acknowledged']:,} records acknowledged at acks=quorum (produce_batch, "
+                      f"window {BATCH_WINDOW}) in {preload['seconds']:.2f} s = {_fmt_rate(preload['records_per_s'])} "
+                      f"records/s; high watermarks sum {preload.get('high_watermark_sum', 0):,}")
+    moves = [(name, cluster[name]) for name in ("join", "leave") if name in cluster and "skipped" not in cluster[name]]
+    if moves:
+        table = Table(title=f"Partition moves ({cluster['partitions']} partitions, replication factor "
+                            f"{cluster['replication_factor']}): from the start of the move to handoffs == 0 and "
+                            "every replica in sync")
+        for name, right in (("move", False), ("node", False), ("total s", True), ("node ready s", True),
+                            ("ring changed s", True), ("partitions moved (ring predicts)", True),
+                            ("leaders moved", True), ("moved MB", True), ("MB/s", True), ("received MB", True)):
+            table.add_column(name, justify="right" if right else "left")
+        for name, move in moves:
+            ready = move.get("ready_s" if name == "join" else "leave_returned_s")
+            moved = move.get("moved", [])
+            predicted = move.get("predicted_moved", [])
+            table.add_row(name, f"{move['node']} ({move.get('node_id', '')})"
+                          + (" [metadata leader]" if move.get("was_metadata_leader") else ""),
+                          "[red]not done[/red]" if move.get("done_s") is None else f"{move['done_s']:.2f}",
+                          _seconds(ready), _seconds(move.get("ring_s")),
+                          f"{len(moved)} ({len(predicted)}{'' if move.get('moved_as_predicted') else ', differs'})",
+                          str(move.get("leaders_moved", "")), _mb(move.get("moved_bytes")),
+                          "" if "moved_mb_per_s" not in move else f"{move['moved_mb_per_s']:.1f}",
+                          _mb(move.get("received_bytes")))
+        console.print(table)
+        console.print("total s: from the start of the joining node's process / the leave call until status shows "
+                      "handoffs == 0, the ring's replica sets and every replica in sync. node ready s: the joining "
+                      "node printed ready / leave returned. moved MB: the size, when the move started, of the "
+                      "partitions whose replica set changed (each got one new replica); MB/s = moved MB / total s. "
+                      "received MB: growth of the receiving nodes' data directories (the new node; for a leave the "
+                      "others), records written meanwhile included.")
+        sizes = Table(title="Bytes on disk per node (MB, apparent size of the data directory)")
+        sizes.add_column("node")
+        columns = [("after preload", cluster.get("bytes_after_preload", {}))]
+        columns += [(f"after {name}", move.get("bytes_after", {})) for name, move in moves]
+        for label, _ in columns:
+            sizes.add_column(label, justify="right")
+        labels = sorted({label for _, column in columns for label in column}, key=lambda x: int(x[4:]))
+        for label in labels:
+            sizes.add_row(label, *[_mb(column.get(label)) for _, column in columns])
+        console.print(sizes)
+    load = cluster.get("load")
+    if load:
+        lt = Table(title=f"Producer during the moves: produce_batch of {load['batch']} records, {load['window_batches']} "
+                         f"in flight, acks={load['acks']}, "
+                         + ("as fast as it goes" if load["rate"] is None else f"paced to {load['rate']:,} records/s"))
+        for name in ("window", "seconds", "records/s", "batch p50 ms", "batch p99 ms", "batch max ms",
+                     "longest stall s", "failed batches"):
+            lt.add_column(name, justify="left" if name in ("window", "failed batches") else "right")
+        for name, move in moves:
+            for key, label in (("load_before", f"{LOAD_BEFORE_S:.0f} s before the {name}"),
+                               ("load_during", f"during the {name}")):
+                w = move.get(key)
+                if not w:
+                    continue
+                lat = w.get("batch_latency", {})
+                lt.add_row(label, f"{w['seconds']:.2f}", _fmt_rate(w["records_per_s"]),
+                           *[f"{lat[k] / 1000:.1f}" if k in lat else "" for k in ("p50_us", "p99_us", "max_us")],
+                           f"{w['longest_stall_s']:.2f}",
+                           ", ".join(f"{k} {v}" for k, v in w["failed_batches"].items()) or "none")
+        console.print(lt)
+    _print_cpu(console, [("preload (acks=quorum)", preload or {})] + [(name, move) for name, move in moves])
+    _print_load_warning(console, report)
+    for name, move in moves:
+        if move.get("done_s") is not None:
+            console.print(f"{name}: moved partitions {move['moved']}, the ring predicts {move['predicted_moved']}; "
+                          f"replica lists in ring order {move['replicas_in_ring_order']}/{cluster['partitions']}, "
+                          f"leaders at the ring owner {move['leaders_at_ring_owner']}/{cluster['partitions']}; "
+                          f"status polls {move['status_polls']} (every {REBALANCE_POLL_S} s), failed "
+                          f"{move['status_failures']}")
+    leave = cluster.get("leave", {})
+    if "skipped" in leave:
+        console.print(f"[yellow]leave not measured: {leave['skipped']}[/yellow]")
+    v = cluster.get("verification")
+    if v is not None:
+        console.print(f"verification: high watermarks sum {v['high_watermark_sum']:,}, acknowledged "
+                      f"{v['acknowledged']:,} (+ {v['unknown_fate']:,} of unknown fate) -> "
+                      f"{'OK' if v['ok'] else 'MISMATCH'}")
+    for error in report["errors"]:
+        console.print(f"[red]not measured / failed: {error}[/red]")
+
+
 def _cluster_label(cluster: dict[str, Any], node_id: str | None) -> str:
     ids = cluster.get("node_ids", [])
     return f"node{ids.index(node_id) + 1}" if node_id in ids else str(node_id)
@@ -1471,6 +2049,53 @@ def _run_replication(args: Any) -> int:
     return _measure_and_report(args, measure, _render_replication, lambda report: bool(report["errors"]))
 
 
+def _parse_load_rate(text: str) -> tuple[bool, int | None]:
+    """``--load-rate``: ``0`` (no producer during the moves), ``max`` (as fast as it goes) or records/s.
+    Returns (with_load, rate or None for max); raises ValueError."""
+    if text.strip().lower() == "max":
+        return True, None
+    rate = int(text)
+    if rate < 0:
+        raise ValueError(text)
+    return rate > 0, rate or None
+
+
+def _run_rebalance(args: Any) -> int:
+    """``meshq bench rebalance``: preload ``--nodes`` nodes, time a join and a leave; returns the exit code."""
+    problems = []
+    if not 1 <= args.nodes <= 8:
+        problems.append("--nodes must be from 1 to 8 (one more joins)")
+    if not 1 <= args.replication_factor <= args.nodes:
+        problems.append("--replication-factor must be from 1 to --nodes")
+    if args.seed:
+        problems.append("bench rebalance starts its own nodes; --seed is for bench produce")
+    try:
+        with_load, load_rate = _parse_load_rate(args.load_rate)
+    except ValueError:
+        problems.append("--load-rate must be 0 (none), max or a number of records/s")
+    if problems:
+        for problem in problems:
+            print(f"meshq bench: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def measure(workdir: str) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "scenario": "rebalance",
+            "machine": _machine(),
+            "config": {"records": args.records, "value_bytes": args.value_bytes, "batch": args.batch,
+                       "fsync": args.fsync, "nodes": args.nodes, "replication_factor": args.replication_factor,
+                       "partitions": REBALANCE_PARTITIONS, "load_rate": args.load_rate,
+                       "move_timeout_s": args.move_timeout, "skip_leave": args.skip_leave,
+                       "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else ""},
+        }
+        report["machine_load_before_cores"] = _other_load(1.0)
+        report["cluster"] = _run_rebalance_cluster(args, workdir, load_rate, with_load)
+        report["errors"] = _rebalance_errors(report)
+        return report
+
+    return _measure_and_report(args, measure, _render_rebalance, lambda report: bool(report["errors"]))
+
+
 def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], None],
                         failed: Callable[[dict[str, Any]], bool]) -> int:
     """Run ``measure(workdir)`` in a temporary directory (always removed), print the report as JSON
@@ -1492,8 +2117,8 @@ def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], ren
 
 # ---------------------------------------------------------------------- entry point
 def run_bench(args: Any) -> int:
-    """``meshq bench produce`` or ``meshq bench replication``; returns the process exit code."""
-    if args.scenario not in ("produce", "replication"):
+    """``meshq bench produce``, ``replication`` or ``rebalance``; returns the process exit code."""
+    if args.scenario not in ("produce", "replication", "rebalance"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE
     problems = []
@@ -1511,6 +2136,8 @@ def run_bench(args: Any) -> int:
         return EXIT_USAGE
     if args.scenario == "replication":
         return _run_replication(args)
+    if args.scenario == "rebalance":
+        return _run_rebalance(args)
     seeds = list(args.seed or [])
 
     def measure(workdir: str) -> dict[str, Any]:

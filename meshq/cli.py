@@ -146,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(describe)
 
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
-                            "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader")
+                            "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
+                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)
@@ -170,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="give up waiting for writes to succeed again after S seconds (default 20)")
     replicated.add_argument("--in-sync-timeout", type=_positive_float, default=20.0, metavar="S",
                             help="wait at most S seconds for every replica to be in sync before measuring (default 20)")
+    rebalance = bench.add_argument_group("bench rebalance (also --nodes, --replication-factor)")
+    rebalance.add_argument("--load-rate", default="0", metavar="N|max",
+                           help="a producer writes N records/s (max: as fast as it can) during the moves (default 0)")
+    rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
+                           help="give up on a join or leave after S seconds (default 600)")
+    rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
     _connection_options(bench)
     return parser
 
