@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
                       help="roll to a new log segment at this size (default 64 MiB)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
+    node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
+                      help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")
     _connection_options(node)
 
     produce = sub.add_parser("produce", help="send each stdin line as one record")
@@ -125,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show this node's own view instead of the merged cluster view")
     status.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S")
     _connection_options(status)
+
+    leave = sub.add_parser("leave", help="make a storage node leave the cluster for good (its partitions move "
+                                         "to the other members, then it stops)")
+    leave.add_argument("--node-id", default=None, metavar="ID",
+                       help="the node that leaves (default: the node listening at the first --seed)")
+    leave.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                       help="give up waiting after S seconds (default 300); the node keeps handing over")
+    _connection_options(leave)
 
     topics = sub.add_parser("topics", help="create, list and describe topics")
     topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION")
@@ -200,7 +210,7 @@ def _interfaces(args: argparse.Namespace) -> list[str] | None:
     return list(values) or None
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, ready_timeout_s: float | None = None) -> Any:
     from meshq.node import Node
 
     seeds = _seeds(args)
@@ -212,7 +222,7 @@ def _client(args: argparse.Namespace) -> Any:
                 role="client")
     node.start()
     try:
-        node.wait_ready(timeout=getattr(args, "timeout", None) or 10.0)
+        node.wait_ready(timeout=ready_timeout_s or getattr(args, "timeout", None) or 10.0)
     except BaseException:
         node.stop()
         raise
@@ -274,7 +284,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
 
     _setup_logging(args.log_level, "INFO")
-    options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes}
+    options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
+                               "member_timeout_s": args.member_timeout}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:
@@ -287,14 +298,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     node.start()
-    print(json.dumps({"event": "ready", "node_id": node.node_id, "address": node.address,
+    node_id = node.node_id
+    print(json.dumps({"event": "ready", "node_id": node_id, "address": node.address,
                       "cluster": args.cluster}), flush=True)
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(0.2) and not node.has_left:
             pass
     finally:
-        log.info("stopping node %s", node.node_id)
+        if not node.has_left:
+            log.info("stopping node %s", node_id)
         node.stop()
+    if node.has_left:
+        log.info("node %s left cluster %r for good (meshq leave): its partitions moved to the other members and "
+                 "their copies here are deleted; exiting", node_id, args.cluster)
+        print(json.dumps({"event": "left", "node_id": node_id, "cluster": args.cluster}), flush=True)
     return EXIT_OK
 
 
@@ -432,6 +449,74 @@ def _status_with_retry(node: Any, timeout_s: float, node_id: str | None) -> dict
             time.sleep(0.1)
 
 
+def cmd_leave(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "WARNING")
+    if args.node_id is None and not args.seed:
+        raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
+                          "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
+    node = _client(args, ready_timeout_s=min(args.timeout, 10.0))
+    target = args.node_id
+    try:
+        if target is None:
+            target = _node_at(_status_with_retry(node, min(args.timeout, 10.0), None), args.seed[0])
+        print(f"asking node {target} to leave cluster {args.cluster!r}: it hands its partitions to the other "
+              f"members, leaves the storage membership and stops", flush=True)
+        node.leave(timeout=args.timeout, node_id=target, progress=_LeaveProgress())
+    except KeyboardInterrupt:
+        print(f"meshq leave: interrupted; node {target} may already be handing its partitions over: run the same "
+              f"command again to finish", file=sys.stderr)
+        raise
+    finally:
+        node.stop()
+    print(f"node {target} left the cluster: its partitions are on the other members and it stops", flush=True)
+    return EXIT_OK
+
+
+def _node_at(status: dict, seed: str) -> str:
+    """The id of the cluster member listening at ``seed`` (HOST:PORT; names are resolved)."""
+    wanted = _socket_addresses(seed)
+    for member in status["members"]:
+        if wanted & _socket_addresses(member["address"].removeprefix("tcp://")):
+            return member["node_id"]
+    listing = ", ".join(f"{m['node_id']} at {m['address'].removeprefix('tcp://')}" for m in status["members"]
+                        if m["role"] == "storage")
+    raise ConfigError(f"no member of the cluster advertises {seed}; name the node with --node-id ID "
+                      f"(storage members: {listing or 'none'})")
+
+
+def _socket_addresses(host_port: str) -> set[tuple[str, int]]:
+    import socket
+
+    host, port = parse_host_port(host_port)
+    try:
+        return {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return {(host, port)}
+
+
+class _LeaveProgress:
+    """Prints what a leaving node reports: when the count of partitions still naming it changes,
+    and at least every 10 s; errors while retrying when they change."""
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None
+        self.printed_s = 0.0
+
+    def __call__(self, answer: dict) -> None:
+        if answer["state"] == "retrying":
+            key: tuple = ("retrying", answer["error"])
+            line = f"waiting for the cluster: {answer['error']}"
+        elif answer["state"] == "left":
+            return
+        else:
+            key = ("draining", answer["assigned"])
+            line = f"draining: {answer['assigned']} partition(s) still assigned"
+        now = time.monotonic()
+        if key != self.last or now - self.printed_s >= 10.0:
+            self.last, self.printed_s = key, now
+            print(line, flush=True)
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "WARNING")
     node = _client(args)
@@ -478,6 +563,7 @@ COMMANDS = {
     "consume": cmd_consume,
     "status": cmd_status,
     "topics": cmd_topics,
+    "leave": cmd_leave,
     "bench": cmd_bench,
 }
 

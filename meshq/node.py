@@ -12,7 +12,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -20,7 +20,7 @@ from meshq.config import NodeConfig, TopicConfig, validate_topic_name
 from meshq.core.events import Command
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
-from meshq.errors import ConfigError, MeshqError, NodeStoppedError, TimeoutError, UsageError
+from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
 from meshq.io.clock import RealClock
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
@@ -28,6 +28,8 @@ from meshq.producer import Accumulator
 log = logging.getLogger("meshq.node")
 
 _ACKS = ("none", "leader", "quorum", "all")
+_REACHABLE = ("alive", "suspect")  # member states of a node that can still answer a request
+_LEAVE_POLL_S = 0.25  # between two ``leave`` asks while a node drains (each ask is cheap: one small request)
 
 
 class Node:
@@ -117,6 +119,7 @@ class Node:
             if self.storage is not None:
                 self.storage.close()
             raise
+        self.runtime.on_left = self._after_leaving
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
         self._discovery = None
         if config.mdns:
@@ -190,6 +193,12 @@ class Node:
             if self.storage is not None:
                 self.storage.close()
 
+    def _after_leaving(self) -> None:
+        """Runs on the runtime thread once it stopped because this node left the cluster: stop
+        announcing the node on mDNS (``stop()`` still releases the data directory)."""
+        if self._discovery is not None:
+            self._discovery.stop()
+
     def __enter__(self) -> Node:
         if not self._started:
             self.start()
@@ -216,11 +225,19 @@ class Node:
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
+    @property
+    def has_left(self) -> bool:
+        """True once this node left the cluster (``leave()`` or ``meshq leave``) and its runtime stopped."""
+        return self.runtime is not None and self.runtime.left.is_set()
+
     def _require_started(self) -> None:
         if not self._started:
             raise UsageError("call node.start() (or use `with meshq.Node(...) as node:`) first")
         if self._stopped:
             raise NodeStoppedError("this node was stopped")
+        if self.has_left:
+            raise NodeStoppedError("this node left the cluster (meshq leave) and stopped; call node.stop() to "
+                                   "release its data directory, or start a new Node to join again")
 
     # ------------------------------------------------------------------ internal calls
     def _call(self, kind: str, args: dict, timeout_s: float) -> Any:
@@ -252,6 +269,93 @@ class Node:
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until a storage node (maybe this one) can take requests."""
         self._call("wait_ready", {}, timeout)
+
+    def leave(self, timeout: float = 300.0, *, node_id: str | None = None,
+              progress: Callable[[dict], None] | None = None) -> None:
+        """Leave the cluster for good (``meshq leave``): hand every partition over to the other
+        members, leave the storage membership, then stop this node.
+
+        With ``node_id``, ask that storage node (alive, reached through this one) to leave
+        instead; it stops by itself. ``progress`` is called with each answer
+        (``{"state": "draining"|"left", "assigned": N}``, N = partitions still naming the node)
+        and with ``{"state": "retrying", "error": text}`` while the cluster cannot answer. Raises
+        ``TimeoutError`` if the node has not left after ``timeout`` seconds (it keeps draining:
+        call again to keep waiting); ``UsageError`` / ``NoRespondersError`` before asking anything
+        when the node is unknown, a client, or not running.
+        """
+        self._require_started()
+        assert self.core is not None
+        own = node_id is None or node_id == self.core.node_id
+        target = self.core.node_id if own else node_id
+        if own and self.config.role != "storage":
+            raise UsageError("a client node holds no partitions and has no membership to leave; give node_id= to "
+                             "ask a storage node to leave")
+        deadline = time.monotonic() + timeout
+        if not own and self._check_can_leave(target, min(3.0, timeout)):
+            if progress is not None:
+                progress({"state": "left", "assigned": 0})
+            return
+        answer: dict = {}
+        last_error: MeshqError | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                answer = self._call("leave", {"node_id": target}, min(10.0, remaining))
+            except MeshqError as exc:
+                if not exc.retriable:
+                    raise
+                last_error = exc
+                if not own and self._left_membership(target):
+                    answer = {"state": "left", "assigned": 0}  # it left, and its ``left`` answer was lost
+                elif progress is not None:
+                    progress({"state": "retrying", "error": f"{type(exc).__name__}: {exc}"})
+            else:
+                if progress is not None:
+                    progress(answer)
+            if answer.get("state") == "left":
+                if own:
+                    self.stop()
+                return
+            time.sleep(max(0.0, min(_LEAVE_POLL_S, deadline - time.monotonic())))
+        where = (f"{answer['assigned']} partition(s) still name it" if "assigned" in answer
+                 else f"it never answered (last error: {last_error})")
+        raise TimeoutError(f"node {target} did not finish leaving within {timeout:g} s: {where}. Leaving goes on in "
+                           f"the background: ask again to keep waiting, and watch the handoffs in `meshq status`")
+
+    def _check_can_leave(self, node_id: str, timeout_s: float) -> bool:
+        """Fail fast, naming the members, when ``node_id`` is not a live storage member; True when it
+        already left (it is out of the agreed membership and no longer running)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(timeout=max(0.5, deadline - time.monotonic()))
+            members = {m["node_id"]: m for m in status["members"]}
+            member = members.get(node_id)
+            if (member is not None and member["state"] in _REACHABLE) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)  # a fresh client may not have heard the member's heartbeats yet
+        voters = status.get("metadata", {}).get("voters", [])
+        if member is not None and member["state"] not in _REACHABLE and node_id not in voters:
+            return True
+        storage = ", ".join(sorted(n for n, m in members.items() if m["role"] == "storage")) or "none"
+        if member is None:
+            raise UsageError(f"no node {node_id!r} in cluster {self.config.cluster!r}; its storage nodes are: {storage}")
+        if member["role"] != "storage":
+            raise UsageError(f"{node_id} is a client node: it holds no partitions and has no membership to leave")
+        if member["state"] not in _REACHABLE:
+            raise NoRespondersError(
+                f"node {node_id} is not running (state {member['state']}): a node hands its partitions over itself, so it must be running "
+                f"to leave. Start it again and retry, or leave it down: the cluster removes a member silent for "
+                f"member_timeout (default 300 s) and re-replicates its partitions")
+
+    def _left_membership(self, node_id: str) -> bool:
+        """Whether the cluster's agreed storage membership no longer lists ``node_id``."""
+        try:
+            voters = self.status(timeout=5.0).get("metadata", {}).get("voters")
+        except MeshqError:
+            return False
+        return voters is not None and node_id not in voters
 
     # ------------------------------------------------------------------ topics
     def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,

@@ -10,6 +10,12 @@ touches a socket. Each loop iteration drains a bounded number of inputs, feeds t
 core, executes the resulting effects, and then performs every ``SyncLogs`` asked for during
 the iteration with one fsync per log — group commit: one fsync covers every batch appended
 in that iteration — before feeding ``LogsSynced`` back so acks waiting for durability go out.
+
+A node that has left the cluster (``meshq leave``: ``core.has_left``) stops by itself at the
+end of the iteration in which it answered ``left``: the usual stop path runs (goodbye, last
+fsyncs), the ROUTER lingers ``_LEFT_LINGER_MS`` so that the ``left`` answer reaches the
+caller, then ``left`` is set and ``on_left`` runs. It does not keep serving in between: a
+node outside the membership that keeps running would only ask to be admitted again.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -54,6 +61,7 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
+_LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
 
 
 class Runtime:
@@ -67,6 +75,8 @@ class Runtime:
         self.commands: deque = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
+        # Guards writing and closing the eventfd: once closed, its number may belong to another file.
+        self._wake_lock = threading.Lock()
         self._stop_requested = False
         self._thread: threading.Thread | None = None
         self._dealers: dict[str, zmq.Socket] = {}
@@ -80,6 +90,9 @@ class Runtime:
         self.start_error: BaseException | None = None
         self._tasks: list[tuple[float, int, Any]] = []  # (deadline_s, seq, callable): front-end timers
         self._task_seq = 0
+        # set once the node left the cluster and the runtime stopped because of it (module docstring)
+        self.left = threading.Event()
+        self.on_left: Callable[[], None] | None = None  # runs on the runtime thread after ``left`` is set
 
     # ------------------------------------------------------------------ called from any thread
     def submit(self, item: Any) -> None:
@@ -87,10 +100,13 @@ class Runtime:
         self.commands.append(item)
         if not self._wake_pending:
             self._wake_pending = True
-            try:
-                os.eventfd_write(self._wake_fd, 1)
-            except OSError:  # closed during stop; the command will be failed by stop()
-                pass
+            with self._wake_lock:
+                if self._wake_fd < 0:
+                    return  # the runtime has stopped (the node stopped or left): nothing reads it any more
+                try:
+                    os.eventfd_write(self._wake_fd, 1)
+                except OSError:
+                    pass
 
     def call_later(self, delay_s: float, task: Any) -> None:
         """Run ``task()`` on the runtime thread after ``delay_s`` (thread-safe)."""
@@ -166,6 +182,13 @@ class Runtime:
                 self._fail_leftovers()
             finally:
                 self._close_sockets()
+        if self.core.has_left:
+            self.left.set()
+            if self.on_left is not None:
+                try:
+                    self.on_left()
+                except Exception:  # the node is stopped either way; say what failed on the way out
+                    log.exception("cleanup after node %s left the cluster failed", self.core.node_id)
 
     def _fail_leftovers(self) -> None:
         """Fail commands that arrived too late to be handled (the node is stopping)."""
@@ -214,6 +237,10 @@ class Runtime:
             if deadline is not None and deadline <= now:
                 self._execute(core.on_timer(now))
             self._flush_syncs()
+            if core.has_left:
+                log.info("node %s left the cluster (meshq leave): its partitions are on the other members and it "
+                         "is out of the storage membership; stopping", core.node_id)
+                return
 
     def _drain_router(self) -> None:
         self._drain(self.router, lambda frames, message: RequestReceived(frames[0], message), header_at=1)
@@ -358,13 +385,16 @@ class Runtime:
             sock.close(0)
         self._dealers.clear()
         self._socket_peer.clear()
-        for sock in (self.router, self.sub):
-            if sock is not None:
-                sock.close(0)
+        if self.router is not None:
+            self.router.close(_LEFT_LINGER_MS if self.core.has_left else 0)  # the ``left`` answer must get out
+        if self.sub is not None:
+            self.sub.close(0)
         if self.pub is not None:
             self.pub.close(200)  # give the goodbye a moment to leave
+        with self._wake_lock:
+            wake_fd, self._wake_fd = self._wake_fd, -1
         try:
-            os.close(self._wake_fd)
+            os.close(wake_fd)
         except OSError:
             pass
 
