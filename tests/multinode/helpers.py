@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.core.batch import HEADER_SIZE, decode_records, iter_batches, parse_header, stamp
+from meshq.core.hashing import partition_for_key
 from meshq.errors import MeshqError
 from meshq.log.segmented import SegmentedLog
 from tests.multinode.probe import try_node_status
@@ -361,6 +362,20 @@ class AsyncWriter(SyncWriter):
                 self.stopping.wait(self.pause_s)
 
 
+def keys_covering(partitions: int, per_partition: int = 2, prefix: bytes = b"key") -> list[bytes]:
+    """``per_partition`` keys for each of ``partitions`` partitions (keyed writers then reach every partition)."""
+    keys: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    index = 0
+    while any(len(found) < per_partition for found in keys.values()):
+        key = b"%s-%04d" % (prefix, index)
+        found = keys[partition_for_key(key, partitions)]
+        if len(found) < per_partition:
+            found.append(key)
+        index += 1
+        assert index < 100_000, "no keys found for some partition"
+    return [key for p in range(partitions) for key in keys[p]]
+
+
 @dataclass
 class WriteCheck:
     """What the drain found, compared with what the writers were told."""
@@ -609,6 +624,31 @@ def drain(client: Any, topic: str, high_watermarks: dict[int, int], timeout_s: f
     return records
 
 
+def check_topic_after_writes(client: Any, nodes: list[NodeProcess], topic: str, log: WriteLog, settle_timeout_s: float,
+                             replication_factor: int = 3) -> tuple[WriteCheck, list[str], dict[int, dict]]:
+    """After the writers stopped: wait until every replica is in sync and the high watermarks cover every
+    acknowledged write, drain the topic, compare it with ``log``, then stop ``nodes`` (SIGTERM: they must exit 0) and
+    compare every replica's log on disk below the high watermark. Returns the check, every problem found (empty
+    when all is well) and the leaders' partition views."""
+    attempts = log.snapshot()
+    acked_end: dict[int, int] = {}
+    for a in attempts:
+        if a.ok:
+            acked_end[a.partition] = max(acked_end.get(a.partition, 0), a.offset + 1)
+    state = wait_replication_settled(nodes, topic, timeout_s=settle_timeout_s, min_high_watermarks=acked_end,
+                                     replication_factor=replication_factor)
+    high_watermarks = {p: d["high_watermark"] for p, d in state.items()}
+    records = drain(client, topic, high_watermarks, timeout_s=60)
+    check = check_writes(attempts, log.produced, records, high_watermarks)
+    problems = check.problems()
+    exit_codes = {node_id(n): n.stop() for n in nodes}  # SIGTERM: a clean stop flushes and exits 0
+    problems += [f"node {nid} did not stop cleanly (exit code {code})" for nid, code in exit_codes.items() if code != 0]
+    logs, replica_problems = check_replicas_identical({node_id(n): n.data_dir for n in nodes}, topic, state)
+    problems += replica_problems
+    problems += check_logs_hold_records(logs, topic, records, high_watermarks)
+    return check, problems, state
+
+
 # -- replica logs on disk ------------------------------------------------------------------------------------------
 
 
@@ -625,6 +665,14 @@ class ReplicaLog:
 def partition_dir(data_dir: str, topic: str, partition: int) -> str:
     """Where a node keeps one partition's segment files (``meshq.log.segmented`` layout)."""
     return os.path.join(data_dir, "topics", f"{topic}-{partition}")
+
+
+def partitions_on_disk(data_dir: str, topic: str) -> set[int]:
+    """The partitions of ``topic`` that a node keeps a directory for."""
+    root = os.path.join(data_dir, "topics")
+    prefix = f"{topic}-"
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return {int(name[len(prefix):]) for name in names if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
 
 def read_replica_log(data_dir: str, topic: str, partition: int, end_offset: int, node_id: str = "?") -> ReplicaLog:
