@@ -6,7 +6,9 @@ both keyed so that every partition gets writes), and changes the storage members
 
 * a 4th node joins a 3-node cluster;
 * `meshq leave` (the real CLI, in a subprocess) makes one of 4 nodes leave;
-* one of 4 nodes (``--member-timeout 8``) is killed with SIGKILL for good and removed after the member timeout.
+* one of 4 nodes (``--member-timeout 8``) is killed with SIGKILL for good and removed after the member timeout;
+* (xfail until the core is fixed) a node asked to leave once, whose caller then went away, stays out of the
+  membership after it drained.
 
 Then every node's own view must show each partition exactly at the ring placement over the new membership
 (``meshq.core.ring.HashRing``, the placement contract: a join changes only the replica sets the new node enters,
@@ -16,7 +18,7 @@ replicas byte-identical below the high watermark on disk. The copies a node no l
 data directory. No timing is asserted; the waits are liveness bounds, and the measured durations land in the terminal
 summary (``timings``).
 
-Run: ``tox -e multinode -- tests/multinode/test_rebalance.py`` (about 2 minutes on 2 cores).
+Run: ``tox -e multinode -- tests/multinode/test_rebalance.py`` (about 1 minute on 2 cores).
 """
 
 from __future__ import annotations
