@@ -302,15 +302,23 @@ class Node:
             if remaining <= 0:
                 break
             try:
+                if own and self.has_left:
+                    # the node saw it was let go and stopped itself between two questions
+                    raise NodeStoppedError("left")
                 answer = self._call("leave", {"node_id": target}, min(10.0, remaining))
             except MeshqError as exc:
-                if not exc.retriable:
-                    raise
-                last_error = exc
-                if not own and self._left_membership(target):
-                    answer = {"state": "left", "assigned": 0}  # it left, and its ``left`` answer was lost
-                elif progress is not None:
-                    progress({"state": "retrying", "error": f"{type(exc).__name__}: {exc}"})
+                if own and self.has_left:
+                    answer = {"state": "left", "assigned": 0}
+                    if progress is not None:
+                        progress(answer)
+                else:
+                    if not exc.retriable:
+                        raise
+                    last_error = exc
+                    if not own and self._left_membership(target):
+                        answer = {"state": "left", "assigned": 0}  # it left, and its ``left`` answer was lost
+                    elif progress is not None:
+                        progress({"state": "retrying", "error": f"{type(exc).__name__}: {exc}"})
             else:
                 if progress is not None:
                     progress(answer)

@@ -507,6 +507,7 @@ class NodeCore:
         self._admit_next(now_s)
         self._remove_silent_members(now_s)
         self._finish_leaves(now_s)
+        self._check_left()
         self._rebalance_tick(now_s)
 
     def _fail_requests_to(self, peer: str, state: str) -> None:
@@ -622,8 +623,8 @@ class NodeCore:
     def _formation_tick(self, now_s: float) -> None:
         """Join a formed cluster, form one, or give up a trivial one (see the module docstring)."""
         raft = self.raft
-        if raft is None or self.stopped:
-            return
+        if raft is None or self.stopped or self.leaving:
+            return  # a leaving node never asks to be admitted again (a restart may: it is a new start)
         assert self.members is not None
         if raft.is_member:
             self._maybe_merge(now_s)
@@ -818,6 +819,20 @@ class NodeCore:
         packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)
         self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
                       on_reply, lambda error: self._reply_error(route, message.request_id, error))
+
+    def _check_left(self) -> None:
+        """A leaving node is done once no partition names it and the agreed membership marks it
+        leaving (or dropped it): the metadata leader removes it without its help, so it may stop
+        even if nobody asks ``leave`` again. A metadata leader waits until its own removal
+        committed (it steps down then), since the remaining voters need that entry."""
+        raft = self.raft
+        if not self.leaving or self.has_left or raft is None or raft.role == LEADER:
+            return
+        marked = self.meta.members.get(self.node_id, {}).get("leaving") or not raft.is_member
+        if marked and self.meta.assigned_to(self.node_id) == 0:
+            log.info("%s: every partition moved away and the membership lets it go; leaving the cluster",
+                     self.node_id)
+            self.has_left = True
 
     def _mark_leaving(self, node_id: str, now_s: float) -> bool:
         """Metadata leader: take ``node_id`` out of the placement ring (it stays a voter until its
