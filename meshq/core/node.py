@@ -201,6 +201,7 @@ class NodeCore:
         self._reassigning: dict[tuple[str, int], float] = {}
         self.leaving = False  # ``meshq leave`` asked this node to hand its partitions over and go
         self.has_left = False  # ... and it has: the runtime stops the node
+        self._next_leave_check_s = 0.0
         self.group_offsets: dict[tuple[str, str, int], int] = {}
         # client half
         self.peer_endpoints: dict[str, str] = {}
@@ -507,7 +508,7 @@ class NodeCore:
         self._admit_next(now_s)
         self._remove_silent_members(now_s)
         self._finish_leaves(now_s)
-        self._check_left()
+        self._check_left(now_s)
         self._rebalance_tick(now_s)
 
     def _fail_requests_to(self, peer: str, state: str) -> None:
@@ -820,19 +821,33 @@ class NodeCore:
         self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
                       on_reply, lambda error: self._reply_error(route, message.request_id, error))
 
-    def _check_left(self) -> None:
-        """A leaving node is done once no partition names it and the agreed membership marks it
-        leaving (or dropped it): the metadata leader removes it without its help, so it may stop
-        even if nobody asks ``leave`` again. A metadata leader waits until its own removal
-        committed (it steps down then), since the remaining voters need that entry."""
+    def _check_left(self, now_s: float) -> None:
+        """A leaving node asks the metadata leader, once a second, whether it is out yet, so it
+        stops even if nobody asks ``leave`` again. It cannot tell by itself: the leader stops
+        replicating the metadata log to a member it removed, so the node may never apply the
+        last steps that drained it. (A metadata leader that leaves steps down once its own
+        removal commits, and then asks like any other node.)"""
         raft = self.raft
-        if not self.leaving or self.has_left or raft is None or raft.role == LEADER:
+        if not self.leaving or self.has_left or raft is None or raft.role == LEADER or now_s < self._next_leave_check_s:
             return
-        marked = self.meta.members.get(self.node_id, {}).get("leaving") or not raft.is_member
-        if marked and self.meta.assigned_to(self.node_id) == 0:
-            log.info("%s: every partition moved away and the membership lets it go; leaving the cluster",
-                     self.node_id)
-            self.has_left = True
+        self._next_leave_check_s = now_s + 1.0
+        leader = raft.leader if raft.leader not in (None, self.node_id) else None
+        if leader is None:
+            hinted = sorted({c["leader"] for c in self.peer_clusters.values()
+                             if c["formed"] and c["leader"] and c["leader"] != self.node_id})
+            leader = hinted[0] if hinted else None
+        if leader is None:
+            return
+
+        def on_reply(reply: wire.Message) -> None:
+            if reply.type == "leave_ok" and reply.body["state"] == "left" and not self.has_left:
+                log.info("%s: every partition moved away and the membership let it go; leaving the cluster",
+                         self.node_id)
+                self.has_left = True
+
+        packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)
+        self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
+                      on_reply, lambda error: None)
 
     def _mark_leaving(self, node_id: str, now_s: float) -> bool:
         """Metadata leader: take ``node_id`` out of the placement ring (it stays a voter until its
