@@ -1316,6 +1316,8 @@ class NodeCore:
         self._reassigning.pop(key, None)
         voters, learners, version = self.meta.partition_config(*key)
         state = self.partitions.get(key)
+        if state is not None and version <= state.replica.config_version:
+            return  # replaying the metadata log: the replica already knew a newer configuration
         if self.node_id in voters or self.node_id in learners:
             if state is None:
                 log.info("%s/%d: now a %s here; copying it from the leader", key[0], key[1],

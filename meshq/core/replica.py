@@ -116,6 +116,12 @@ class Replica:
         self.log = state.log
         self.topic = state.topic
         self.partition = state.partition
+        persisted = persisted or {}
+        if int(persisted.get("cv", -1)) > config_version:
+            # What this replica knew before a restart wins over an older configuration met while
+            # the metadata log is replayed: knowledge of the replica set never goes back.
+            replicas, learners = persisted["voters"], persisted["learners"]
+            config_version = int(persisted["cv"])
         self.replicas = list(replicas)  # the voters; the first is the preferred leader
         self.learners = list(learners or [])  # copy the log, never vote or count
         self.config_version = config_version
@@ -132,7 +138,6 @@ class Replica:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.replica_lag_s = replica_lag_s
         self.fsync_always = fsync_always
-        persisted = persisted or {}
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
         self.history: list[list[int]] = self._reconcile_history(persisted.get("history", []))
@@ -183,7 +188,8 @@ class Replica:
         if len(self.history) > MAX_HISTORY:
             del self.history[: len(self.history) - MAX_HISTORY]
         self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history,
-                    "hw": self.high_watermark})
+                    "hw": self.high_watermark, "cv": self.config_version, "voters": self.replicas,
+                    "learners": self.learners})
         self._saved_hw = self.high_watermark
 
     # ------------------------------------------------------------------ queries
@@ -304,6 +310,7 @@ class Replica:
             return
         self.replicas, self.learners, self.config_version = list(replicas), list(learners), version
         self._config_end = self.log.end_offset
+        self._persist()  # before any message carries the new version
         if self.role == LEADER:
             if self.node_id not in self.replicas:
                 self._hand_over_and_step_down(now_s)

@@ -359,7 +359,8 @@ def test_no_second_vote_in_one_epoch_across_restart():
     cl = Cluster(start=False)
     cl.inject("a", "c", "repl_vote", vote_body(1, "a", last_epoch=0, end_offset=0, pre_vote=False))
     assert last_sent(cl, "c", "repl_vote_ok").body["granted"]
-    assert cl.nodes["c"].saved == {"epoch": 1, "voted_for": "a", "history": [], "hw": 0}
+    assert cl.nodes["c"].saved == {"epoch": 1, "voted_for": "a", "history": [], "hw": 0, "cv": 0,
+                                   "voters": ["a", "b", "c"], "learners": []}
     cl.restart("c")
     assert cl["c"].epoch == 1 and cl["c"].voted_for == "a"
     cl.inject("b", "c", "repl_vote", vote_body(1, "b", last_epoch=0, end_offset=0, pre_vote=False))

@@ -163,3 +163,31 @@ def test_a_hand_off_the_new_preferred_replica_ignored_is_tried_again():
     reconfigure(cl, ["b", "a", "c"], [], 1, on=["b", "c"])
     cl.run_until(lambda: cl.leaders() == ["b"], timeout_s=10.0)
     cl.check_committed_agree()
+
+
+def test_a_restarted_replica_keeps_the_newest_configuration_it_knew_while_metadata_replays():
+    # A topic created while the cluster had one member: a alone, later b and c joined (version 2).
+    # On a restart the metadata log replays from the start, so the partition is first opened with
+    # the creation-time configuration (a alone). Campaigning with it would win alone, beside the
+    # real leader of the same epoch (the simulator found this: seed 14).
+    cl = four()
+    reconfigure(cl, ["a", "b", "c"], [], 2)
+    cl.advance(0.5)
+    node = cl.nodes["a"]
+    assert node.saved["cv"] == 2 and node.saved["voters"] == ["a", "b", "c"]
+    node.replicas = ["a"]  # what the replayed metadata says first
+    cl.kill("a")
+    cl.run_until(lambda: any(cl[n].role == LEADER for n in ("b", "c")))
+    epoch = max(cl[n].epoch for n in ("b", "c"))
+    cl.revive("a")
+    replica = cl.restart("a")
+    assert replica.replicas == ["a", "b", "c"] and replica.config_version == 2 and replica.quorum == 2
+    cl.advance(3.0)
+    leaders_by_epoch = {}
+    for n in cl.live():
+        if cl[n].role == LEADER:
+            assert leaders_by_epoch.setdefault(cl[n].epoch, n) == n
+    assert cl[cl.leader()].epoch >= epoch
+    # and an older step met later in the replay changes nothing
+    replica.set_config(["a"], [], 1, cl.now)
+    assert replica.replicas == ["a", "b", "c"]
