@@ -4,13 +4,22 @@ Safety (after every event):
 * at most one metadata leader per Raft term;
 * every node's committed metadata prefix agrees with every other node's;
 * a node's commit index never goes back (it is persisted, so not even across restarts);
-* at most one leader per partition and leader epoch;
-* a replica's high watermark never goes back while it runs;
+* at most one leader per partition and leader epoch, and a leader's log holds every offset
+  committed in earlier epochs (leader completeness);
+* a replica's high watermark never goes back while it runs (a copy deleted because the partition
+  moved away, and created afresh when it moves back, is a new replica);
+* every reassign step the metadata commits changes a partition's voter set by at most one member;
+* a committed offset cannot be lost by an election: the voters whose copy falls short of the
+  leader's high watermark are fewer than a majority, both of the leader's voters and of the
+  newest agreed voters (a voter with no copy cannot vote; a down node's disk counts) — checked
+  whenever a leader's high watermark advances and whenever a node deletes its copy of a
+  partition that moved away; learners never count;
 * committed batches never change: once a leader's high watermark covers a batch, every later
   leader commits the same bytes at that offset (outside the power-loss window of fsync != always).
 
 Consumers (as they read): no gap or reordering within a partition; committed group offsets
-never go below an acknowledged commit (outside the power-loss window).
+never go below a commit acknowledged before the read that no concurrent, lower commit may have
+overtaken (outside the power-loss window).
 
 History (at the end, Jepsen "total queue" style):
 * lost: a guaranteed acknowledged record is not at the partition and offset it was acknowledged with
@@ -19,8 +28,9 @@ History (at the end, Jepsen "total queue" style):
   what only the old leader held: the documented meaning of acks=leader); and the record was
   not in the unsynced tail of a node at the moment it lost power (the loss window of
   fsync=interval; a process kill loses nothing: appends reach the page cache first);
-* replicas agree: every replica's batches below the final high watermark are byte-identical
-  to the leader's (same offsets, epochs and CRCs);
+* replicas agree: every replica of the final agreed replica set (voters and learners) holds a
+  copy, and its batches below the final high watermark are byte-identical to the leader's (same
+  offsets, epochs and CRCs); no node outside that set still holds one;
 * unexpected: a stored value that no client ever produced;
 * duplicated: a value stored twice (the idempotent producer must prevent it);
 * order: one client's records in one partition are stored in the order they were produced,
@@ -28,16 +38,20 @@ History (at the end, Jepsen "total queue" style):
 * metadata: every acknowledged topic creation is in the agreed metadata;
 * reads: everything a consumer saw is still in the log (outside the power-loss window).
 
-Liveness (after the faults stop): every node up, one metadata leader, every node agreeing on
-the voters and seeing every storage node alive, every partition led with all its replicas in
+Liveness (after the faults stop): every joiner joined, a node asked to leave gone, every other
+node up, one metadata leader, every node agreeing on the voters and seeing every storage node alive,
+every partition of every topic where the ring over the final membership places it (voters ==
+target, in order, no learners), every partition of the test topic led with all its replicas in
 sync, and no produce still pending — within the liveness budget.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from meshq.core import batch as batch_format
+from meshq.core.metadata import MetadataState
 from meshq.core.raft import LEADER
 from meshq.errors import CorruptLogError
 
@@ -54,10 +68,16 @@ class Checker:
         self.leaders_by_term: dict[int, str] = {}
         self.committed: list[tuple[int, Any]] = []
         self.checked_commit: dict[str, int] = {}
-        self.high_watermarks: dict[tuple[str, str, int], int] = {}
+        # node -> (topic, partition) -> (the PartitionState seen, its high watermark): a replica is
+        # one PartitionState; a deleted and recreated copy (or a restart) starts a new one
+        self.high_watermarks: dict[str, dict[tuple[str, int], tuple[Any, int]]] = {}
+        self.meta = MetadataState()  # the committed metadata entries, applied as every node applies them
+        self.new_steps: list[tuple[str, int]] = []  # reassign steps committed since the simulator looked
+        self.counts = {"reassign_steps": 0, "timeout_removals": 0, "leave_removals": 0, "member_additions": 0}
         self.power_losses: list[float] = []
         self.power_lost_values: set[bytes] = set()
         self.disk_lost_values: set[bytes] = set()
+        self.damaged_partitions: set[int] = set()  # partitions of the test topic with a flipped bit
         self.liveness_started_s: float | None = None
         self.converged = False
         self.converged_s: float | None = None
@@ -68,15 +88,15 @@ class Checker:
         # (topic, partition) -> {base_offset: (next_offset, epoch, crc)} of every committed batch seen
         self.committed_batches: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {}
         self.committed_upto: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> {leader epoch: the highest high watermark its leader reached}
+        self.committed_in_epoch: dict[tuple[str, int], dict[int, int]] = {}
 
     # ------------------------------------------------------------------ hooks
     def on_ack(self, attempt: Any, now_s: float) -> None:
         attempt.acked_s = now_s
 
     def before_crash(self, node: Any, power: bool) -> None:
-        for key in list(self.high_watermarks):
-            if key[0] == node.node_id:
-                del self.high_watermarks[key]  # a restarted replica relearns it from its leader
+        self.high_watermarks.pop(node.node_id, None)  # a restarted replica relearns it from its leader
         if not power:
             return  # a process kill loses nothing: appends are in the page cache before the ack
         self.power_losses.append(self.sim.now_s)
@@ -100,7 +120,9 @@ class Checker:
                 raise Violation(f"consumer saw {TOPIC_NAME}/{partition} jump from {before.offset} to {after.offset}")
 
     def on_committed_read(self, committed: dict[int, int], acked: dict[int, int]) -> None:
-        """A group member read the committed offsets: none may be below an acknowledged commit."""
+        """A group member read the committed offsets: none may be below ``acked``, the commits
+        acknowledged before the read was sent that no concurrent commit of a lower offset by
+        the same member may have overtaken."""
         for partition, offset in sorted(acked.items()):
             if self.power_losses and self.sim.options.fsync != "always":
                 return  # a power loss may take back a commit made within the fsync interval
@@ -110,6 +132,7 @@ class Checker:
 
     def before_disk_damage(self, partition: int, batch: bytes) -> None:
         """A bit is about to flip in this stored batch: with one copy its records are lost."""
+        self.damaged_partitions.add(partition)
         for record in batch_format.decode_records(batch, TOPIC_NAME, partition):
             self.disk_lost_values.add(record.value)
 
@@ -117,9 +140,10 @@ class Checker:
         self.liveness_started_s = now_s
 
     # ------------------------------------------------------------------ safety, after every event
-    def after_event(self) -> None:
+    def after_event(self, touched: Iterable[str] | None = None) -> None:
+        """Check the nodes an event may have changed (``touched``: their ids; None: every node)."""
         sim = self.sim
-        for node_id in sorted(sim.nodes):
+        for node_id in sorted(sim.nodes if touched is None else touched):
             node = sim.nodes[node_id]
             core = node.core
             if core is None or core.raft is None:
@@ -140,17 +164,27 @@ class Checker:
                                         f"another node committed {self.committed[index]}")
                 else:
                     self.committed.append(entry)
+                    self._check_committed_command(index, entry[1])
             self.checked_commit[node_id] = raft.commit_index
-            for (topic, partition), state in core.partitions.items():
-                key = (node_id, topic, partition)
+            marks = self.high_watermarks.setdefault(node_id, {})
+            for key, state in core.partitions.items():
                 high_watermark = state.high_watermark
-                if high_watermark < self.high_watermarks.get(key, 0):
-                    raise Violation(f"{node_id}: high watermark of {topic}/{partition} went back from "
-                                    f"{self.high_watermarks[key]} to {high_watermark}")
-                self.high_watermarks[key] = high_watermark
+                seen_state, seen = marks.get(key, (state, 0))
+                if seen_state is state and high_watermark < seen:
+                    raise Violation(f"{node_id}: high watermark of {key[0]}/{key[1]} went back from "
+                                    f"{seen} to {high_watermark}")
+                marks[key] = (state, high_watermark)
                 replica = state.replica
                 if replica is not None and replica.is_leader:
-                    self._check_partition_leader(node_id, topic, partition, replica)
+                    self._check_partition_leader(node_id, key[0], key[1], replica)
+            if len(marks) > len(core.partitions):
+                for key in sorted(set(marks) - set(core.partitions)):
+                    del marks[key]  # the partition moved away and this copy was deleted
+                    leader = self._partition_leader(*key)
+                    if leader is not None:
+                        self._check_committed_is_held(leader.node_id, key[0], key[1],
+                                                      leader.core.partitions[key].replica,
+                                                      f"after {node_id} deleted its copy")
         if (self.liveness_started_s is not None and not self.converged
                 and sim.now_s >= self._next_convergence_check_s):
             self._next_convergence_check_s = sim.now_s + 0.05  # a cheap cadence; convergence is not instant anyway
@@ -158,18 +192,54 @@ class Checker:
                 self.converged = True
                 self.converged_s = sim.now_s - self.liveness_started_s
 
+    def _check_committed_command(self, index: int, command: dict) -> None:
+        """A metadata entry was committed (each seen once, in log order): apply it to a replay of
+        the agreed metadata, and require every reassign step it applied to change the voter set
+        by at most one member (checked here on its own, not by the metadata's rule)."""
+        meta = self.meta
+        before = {node: dict(info) for node, info in meta.members.items()}
+        voters_before = ({t: [list(v) for v in a] for t, a in meta.assignments.items()}
+                         if command.get("op") == "reassign" else {})
+        changed = meta.apply(index, command)
+        if command.get("op") == "config":
+            for node_id in sorted(set(before) - set(meta.members)):
+                kind = "leave_removals" if before[node_id].get("leaving") else "timeout_removals"
+                self.counts[kind] += 1
+            self.counts["member_additions"] += len(set(meta.members) - set(before))
+        if isinstance(changed, tuple):
+            topic, partition = changed
+            old, new = set(voters_before[topic][partition]), set(meta.assignments[topic][partition])
+            if len(old ^ new) > 1 or not new:
+                raise Violation(f"metadata entry {index} moves {topic}/{partition} from voters {sorted(old)} "
+                                f"to {sorted(new)} in one step (a majority of each must overlap)")
+            self.counts["reassign_steps"] += 1
+            self.new_steps.append((topic, partition))
+
     def _check_partition_leader(self, node_id: str, topic: str, partition: int, replica: Any) -> None:
         holder = self.partition_leaders.get((topic, partition, replica.epoch))
+        key = (topic, partition)
+        by_epoch = self.committed_in_epoch.setdefault(key, {})
         if holder is None:
             self.partition_leaders[(topic, partition, replica.epoch)] = node_id
             self.elections.setdefault((topic, partition), []).append(self.sim.now_s)
+            # Leader completeness: what leaders of earlier epochs committed (a leader of an older
+            # epoch than theirs may still win late, with votes granted long ago: it is stale, and
+            # learns so from the first answer).
+            needed = max((end for epoch, end in by_epoch.items() if epoch < replica.epoch), default=0)
+            if (replica.log.end_offset < needed and not self._power_window()
+                    and not (topic == TOPIC_NAME and partition in self.damaged_partitions)):
+                raise Violation(f"{node_id} leads {topic}/{partition} in epoch {replica.epoch} with a log ending at "
+                                f"{replica.log.end_offset}, but earlier epochs committed offsets up to {needed} "
+                                f"(voters {replica.replicas}, configuration {replica.config_version})")
         elif holder != node_id:
             raise Violation(f"two leaders of {topic}/{partition} in epoch {replica.epoch}: {holder} and {node_id}")
-        key = (topic, partition)
-        upto = self.committed_upto.get(key, 0)
         high_watermark = replica.high_watermark
+        if high_watermark > by_epoch.get(replica.epoch, 0):
+            by_epoch[replica.epoch] = high_watermark
+        upto = self.committed_upto.get(key, 0)
         if high_watermark <= upto:
             return
+        self._check_committed_is_held(node_id, topic, partition, replica, "as its high watermark advanced")
         log = replica.log
         offset = max(upto, log.start_offset)
         known = self.committed_batches.setdefault(key, {})
@@ -193,34 +263,93 @@ class Checker:
                 offset = header.next_offset
         self.committed_upto[key] = high_watermark
 
+    def _check_committed_is_held(self, node_id: str, topic: str, partition: int, replica: Any, when: str) -> None:
+        """No majority of the leader's voters, nor of the newest agreed voters, can elect a leader
+        without the leader's high watermark: the voters whose copy falls short of it (a voter
+        without a copy cannot vote) are fewer than a majority."""
+        if self._power_window() or (topic == TOPIC_NAME and partition in self.damaged_partitions):
+            return  # unsynced or damaged copies may legitimately fall short
+        high_watermark = replica.high_watermark
+        configurations = [list(replica.replicas)]
+        if topic in self.meta.topics:
+            configurations.append(list(self.meta.replicas(topic, partition)))
+        for voters in configurations:
+            ends = {v: self._copy_end(v, (topic, partition)) for v in voters}
+            short = sorted(v for v, end in ends.items() if end is not None and end < high_watermark)
+            if len(short) >= len(voters) // 2 + 1:
+                raise Violation(f"{node_id} leads {topic}/{partition} with high watermark {high_watermark}, but a "
+                                f"majority of the voters {voters} can elect a leader without it: {short} hold less "
+                                f"({', '.join(f'{v} up to {ends[v]}' for v in short)}), {when}")
+
+    def _copy_end(self, node_id: str, key: tuple[str, int]) -> int | None:
+        """Where ``node_id``'s copy of a partition ends (its log, or its disk while it is down);
+        None if it has none."""
+        node = self.sim.nodes.get(node_id)
+        if node is None or node.storage is None or node.departed:
+            return None
+        if node.core is not None:
+            state = node.core.partitions.get(key)
+            return state.log.end_offset if state is not None else None
+        disk = node.storage._disks.get(key)  # the simulated disk: what survives until the restart
+        return disk.segments[-1].end_offset if disk is not None and disk.segments else None
+
     def _power_window(self) -> bool:
         """True when a power loss may have taken back acknowledged data (fsync != always)."""
         return bool(self.power_losses) and self.sim.options.fsync != "always"
 
     def _is_converged(self) -> bool:
+        return self.waiting_for() is None
+
+    def waiting_for(self) -> str | None:
+        """What the cluster has not reached yet in the liveness phase, or None once converged."""
         sim = self.sim
-        storage = [n for n in sim.nodes.values() if n.role == "storage"]
-        if any(n.core is None for n in sim.nodes.values()):
-            return False
+        joiners = sorted(n.node_id for n in sim.nodes.values() if n.role == "storage" and not n.booted)
+        if joiners:
+            return f"{joiners[0]} has not joined"
+        if sim.options.leave is not None and not sim.nodes[sim.options.leave[0]].departed:
+            return f"{sim.options.leave[0]} has not left"
+        present = [n for n in sim.nodes.values() if not n.departed]
+        storage = [n for n in present if n.role == "storage"]
+        down = sorted(n.node_id for n in present if n.core is None)
+        if down:
+            return f"{down[0]} is down"
         leaders = [n for n in storage if n.core.raft.role == LEADER]
         if len(leaders) != 1:
-            return False
+            return f"{len(leaders)} metadata leaders"
         voters = sorted(leaders[0].core.raft.voters)
         if voters != sorted(n.node_id for n in storage):
-            return False
-        leader_commit = leaders[0].core.raft.commit_index
+            return f"the metadata voters are {voters}"
+        leader_raft = leaders[0].core.raft
+        leader_commit = leader_raft.commit_index
+        if leader_commit != leader_raft.last_index:
+            return "the metadata leader has uncommitted entries"
+        meta = leaders[0].core.meta
+        if sorted(meta.members) != voters:
+            return f"the applied membership is {sorted(meta.members)}"
         for node in storage:
             raft = node.core.raft
             if sorted(raft.voters) != voters or raft.commit_index != leader_commit:
-                return False
-        for node in sim.nodes.values():
-            alive = set(node.core.members.alive_ids("storage"))
-            if set(voters) - {node.node_id} - alive:
-                return False
+                return f"{node.node_id} has not applied the metadata up to {leader_commit}"
+        for node in present:
+            missing = set(voters) - {node.node_id} - set(node.core.members.alive_ids("storage"))
+            if missing:
+                return f"{node.node_id} does not see {sorted(missing)} alive"
+        for topic in sorted(meta.topics):
+            for partition in range(meta.topics[topic].partitions):
+                if topic == TOPIC_NAME and (partition in self.damaged_partitions or self._power_window()):
+                    # A learner cannot copy past a damaged batch of the leader (no repair from
+                    # another replica), and after power losses with fsync != always replicas
+                    # may disagree below their high watermarks: the move may never complete.
+                    continue
+                replicas, learners, version = meta.partition_config(topic, partition)
+                target = meta.target(topic, partition)
+                if learners or replicas != target:
+                    return (f"{topic}/{partition} is not at its ring placement {target}: voters {replicas}, "
+                            f"learners {learners} (configuration {version})")
         for partition in range(sim.options.partitions):
             leader = self._partition_leader(TOPIC_NAME, partition)
             if leader is None:
-                return False
+                return f"{TOPIC_NAME}/{partition} has no leader"
             replica = leader.core.partitions[(TOPIC_NAME, partition)].replica
             if sim.stats["bitflips"] or self._power_window():
                 # A damaged batch on the leader cannot be sent to a follower that lacks it (repair
@@ -228,10 +357,13 @@ class Checker:
                 # always a replica may hold committed records the others lost, which it refuses
                 # to truncate (never below its high watermark): require a leader only.
                 continue
-            if (len(replica.in_sync(sim.now_s)) != len(replica.replicas)
-                    or replica.high_watermark != replica.log.end_offset):
-                return False
-        return sim.pending_attempts == 0
+            in_sync = replica.in_sync(sim.now_s)
+            if len(in_sync) != len(replica.replicas) or replica.high_watermark != replica.log.end_offset:
+                return (f"{TOPIC_NAME}/{partition} led by {leader.node_id} has in sync {in_sync} of "
+                        f"{replica.replicas}, high watermark {replica.high_watermark} of {replica.log.end_offset}")
+        if sim.pending_attempts:
+            return f"{sim.pending_attempts} produces pending"
+        return None
 
     def _most_complete(self, topic: str, partition: int) -> Any:
         """The replica whose log would win an election now (a leadership hand-off may be under way)."""
@@ -263,9 +395,11 @@ class Checker:
         if not self.converged:
             pending = sum(1 for a in sim.attempts if a.outcome == "pending")
             raise Violation(f"no convergence within {sim.options.liveness_s} s of the liveness phase "
-                            f"({pending} produces still pending)")
-        leader = next(n for n in sim.nodes.values() if n.role == "storage" and n.core.raft.role == LEADER)
-        agreed_topics = set(leader.core.meta.topics)
+                            f"({pending} produces still pending): {self.waiting_for()}")
+        leader = next(n for n in sim.nodes.values()
+                      if n.role == "storage" and n.core is not None and n.core.raft.role == LEADER)
+        agreed = leader.core.meta
+        agreed_topics = set(agreed.topics)
         for creation in sim.topic_creations:
             if creation["outcome"] == "ok" and creation["name"] not in agreed_topics:
                 raise Violation(f"acknowledged topic creation {creation['name']} is not in the agreed metadata")
@@ -286,7 +420,7 @@ class Checker:
                 expected = record.offset + 1
                 stored[(partition, record.offset)] = record.value
                 positions.setdefault(record.value, []).append((partition, record.offset))
-            self._check_replicas_agree(partition, leader)
+            self._check_replicas_agree(partition, leader, agreed)
         produced = {a.value: a for a in sim.attempts}
         lost = []
         exempt_leader_acks = 0
@@ -338,15 +472,28 @@ class Checker:
                 kind = "at-most-once" if at_most_once else "idempotent"
                 raise Violation(f"{kind} records of {client} in partition {partition} are stored out of order")
 
-    def _check_replicas_agree(self, partition: int, leader: Any) -> None:
-        """Every replica's batches below the leader's high watermark equal the leader's."""
+    def _check_replicas_agree(self, partition: int, leader: Any, agreed: Any) -> None:
+        """Every replica of the final agreed replica set holds a copy whose batches below the
+        leader's high watermark equal the leader's; no other node keeps a copy."""
+        key = (TOPIC_NAME, partition)
+        voters, learners, version = agreed.partition_config(*key)
+        replicas = set(voters) | set(learners)
+        for node_id in sorted(self.sim.nodes):
+            node = self.sim.nodes[node_id]
+            if node.core is None or node.role != "storage" or node.core.meta.applied_index != agreed.applied_index:
+                continue  # (a node still applying the last steps creates or deletes its copy then)
+            if node_id in replicas and key not in node.core.partitions:
+                raise Violation(f"{node_id} is a replica of {TOPIC_NAME}/{partition} (configuration {version}: "
+                                f"voters {voters}, learners {learners}) but holds no copy")
+            if node_id not in replicas and key in node.core.partitions:
+                raise Violation(f"{node_id} still holds a copy of {TOPIC_NAME}/{partition}, which moved to "
+                                f"{voters} (configuration {version})")
         if self._power_window():
             return  # replicas that lost power may hold different (unsynced, lost) batches: allowed
-        key = (TOPIC_NAME, partition)
         leader_state = leader.core.partitions[key]
         high_watermark = leader_state.high_watermark
         reference = self._batch_headers(leader_state.log, high_watermark)
-        for node_id in sorted(self.sim.nodes):
+        for node_id in sorted(replicas):
             node = self.sim.nodes[node_id]
             if node is leader or node.core is None or key not in node.core.partitions:
                 continue
@@ -404,6 +551,7 @@ class Checker:
 
     def summary(self) -> dict:
         out = dict(self.history)
+        out.update({name: count for name, count in self.counts.items() if count})
         if self.converged_s is not None:
             out["converged_s"] = round(self.converged_s, 3)
         return out

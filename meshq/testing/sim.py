@@ -18,6 +18,16 @@ every set that reaches the output is sorted, so one seed always replays the same
   (``MemoryStorage.crash``). Crashed nodes restart later from their disk. ``pause``
   freezes a node: its messages and timers wait, then fire late. Clock jumps move a
   node's wall clock (record timestamps, retention), never the monotonic clock.
+* **Membership.** Declared per run in ``SimOptions``: extra storage nodes boot in the middle of
+  the run and join the formed cluster (``joins_s``); one node is asked to leave, as ``meshq
+  leave`` does through a client (c1) or ``Node.leave()`` on the node itself — the ``leave``
+  command, again every 0.5 s until the answer is ``left`` — and is stopped for good the moment
+  its core says it has left, as the runtime does (``leave``); one node is killed for longer than a
+  short ``member_timeout_s``, so the metadata leader removes it and its partitions are copied
+  elsewhere, and it later comes back and rejoins (``outage``). Each change moves partitions to
+  their ring placement through ``reassign`` steps; a run must end with every partition there.
+  Right after a step commits, the simulator now and then crashes a replica of that partition
+  (the step nemesis), since a configuration change is most fragile then.
 * **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it. A
   power loss drops the unsynced tail — or, with ``partial_writeback``, only part of it, as
   when the OS had written some dirty pages back (a torn last batch ends the same way once
@@ -27,7 +37,8 @@ every set that reaches the output is sorted, so one seed always replays the same
   commits its positions, and now and then restarts from the group's committed offsets.
 
 After every event the checkers run (``checks.py``); after the fault phase a liveness
-phase heals everything and requires the cluster to converge; the run ends with a
+phase heals everything and requires the cluster to converge (every partition where the ring
+over the final membership places it); the run ends with a
 Jepsen-style history check: acknowledged records lost, unexpected records present,
 records duplicated.
 """
@@ -35,6 +46,7 @@ records duplicated.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import heapq
 import logging
@@ -74,6 +86,8 @@ from meshq.testing.checks import Checker, Violation
 CLUSTER = "sim"
 WALL_BASE_MS = 1_700_000_000_000  # the simulated wall clock starts here (records, retention)
 TOPIC = "events"
+LEAVE_RETRY_S = 0.5
+STEP_NEMESIS_CHANCE = 0.05  # per committed reassign step, in runs with node faults
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,19 @@ class SimOptions:
     produce_interval_s: float = 0.05
     acks: tuple[str, ...] = ("leader", "quorum")
     faults: FaultOptions = field(default_factory=FaultOptions)
+    # Membership changes (node ids n1..nN are the first nodes; joiners follow them):
+    joins_s: tuple[float, ...] = ()  # one extra storage node per entry, booting at that time
+    # (node, when, asked through "client" c1 as `meshq leave --node-id` does, or the "node" itself)
+    leave: tuple[str, float, str] | None = None
+    # (node, from, until): a kill that outlasts member_timeout_s; until None = the liveness phase
+    outage: tuple[str, float, float | None] | None = None
+    member_timeout_s: float = 60.0
+    max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
+
+    @property
+    def storage_ids(self) -> list[str]:
+        """Every storage node of the run, joiners included."""
+        return [f"n{i + 1}" for i in range(self.nodes + len(self.joins_s))]
 
     @classmethod
     def swarm(cls, seed: int) -> SimOptions:
@@ -128,10 +155,37 @@ class SimOptions:
             clock_jump_rate=rng.choice([0.0, 0.05]),
             bitflip_rate=rng.choice([0.0, 0.0, 0.03]),
         )
-        return cls(seed=seed, nodes=rng.choice([1, 3, 3, 5]), clients=rng.choice([1, 2]),
-                   partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
-                   acks=rng.choice([("leader",), ("leader", "quorum"), ("none", "leader", "all")]),
-                   faults=faults)
+        options = cls(seed=seed, nodes=rng.choice([1, 3, 3, 5]), clients=rng.choice([1, 2]),
+                      partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
+                      acks=rng.choice([("leader",), ("leader", "quorum"), ("none", "leader", "all")]),
+                      faults=faults)
+        return options._with_membership_changes(random.Random(f"members-{seed}"))
+
+    def _with_membership_changes(self, rng: random.Random) -> SimOptions:
+        """Draw joins, a leave and an outage (a separate stream: other draws stay as they were)."""
+        fault_s, member_timeout_s, faults = self.fault_s, self.member_timeout_s, self.faults
+        initial = [f"n{i + 1}" for i in range(self.nodes)]
+        outage = None
+        if self.nodes >= 3 and rng.random() < 0.2:
+            # Long enough a fault phase for the removal and the copies to happen within it, and
+            # milder node faults and partitions: the metadata leader removes a member only after
+            # hearing nothing from it for member_timeout_s while it keeps a majority itself.
+            member_timeout_s = round(rng.uniform(6.0, 8.0), 1)
+            fault_s = max(fault_s, 18.0)
+            faults = replace(faults, **{name: min(getattr(faults, name), 0.05) for name in (
+                "partition_rate", "kill_rate", "power_rate", "pause_rate")})
+            start = round(rng.uniform(3.0, fault_s - member_timeout_s - 4.0), 3)
+            until = start + member_timeout_s + rng.uniform(3.0, 5.0)
+            outage = (rng.choice(initial), start, round(until, 3) if rng.random() < 0.5 else None)
+        joins: tuple[float, ...] = ()
+        if rng.random() < 0.2:
+            joins = tuple(sorted(round(rng.uniform(3.0, fault_s - 3.0), 3) for _ in range(rng.choice([1, 1, 2]))))
+        leave = None
+        if self.nodes + len(joins) - 1 >= 3 and rng.random() < 0.4:
+            candidates = [n for n in initial if outage is None or n != outage[0]]
+            leave = (rng.choice(candidates), round(rng.uniform(3.0, fault_s - 3.0), 3), rng.choice(["client", "node"]))
+        return replace(self, fault_s=fault_s, member_timeout_s=member_timeout_s, faults=faults, joins_s=joins,
+                       leave=leave, outage=outage)
 
 
 @dataclass
@@ -146,6 +200,14 @@ class SimNode:
     wall_offset_ms: int = 0
     timer_at_s: float = float("inf")
     incarnation: int = 0
+    booted: bool = False  # booted at least once (a joiner waits for its time)
+    departed: bool = False  # left the cluster for good (``meshq leave``): never restarted
+    down_until_s: float = 0.0  # an outage: restarts before this are held back
+
+    @property
+    def present(self) -> bool:
+        """Part of the run now: booted once and not departed (up or down)."""
+        return self.booted and not self.departed
 
     @property
     def endpoint(self) -> str:
@@ -224,13 +286,16 @@ class Simulation:
         self.trace: list[str] = []
         self.record_trace = record_trace
         self.cut: set[frozenset[str]] = set()
+        self.touched: set[str] = set()  # nodes whose core ran during the current event: the checkers look at them
+        self.leave_asked_until_s = 0.0  # a leave question is outstanding until then
         self.faulting = True
         self.stats = {"events": 0, "delivered": 0, "dropped": 0, "duplicated": 0, "kills": 0, "power": 0,
-                      "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0}
+                      "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0, "joins": 0, "leaves": 0,
+                      "outages": 0}
         self.nodes: dict[str, SimNode] = {}
         self.by_endpoint: dict[str, str] = {}
-        for i in range(options.nodes):
-            self._add_node(f"n{i + 1}", "storage")
+        for node_id in options.storage_ids:
+            self._add_node(node_id, "storage")
         for i in range(options.clients):
             self._add_node(f"c{i + 1}", "client")
         self.attempts: list[Attempt] = []
@@ -251,12 +316,18 @@ class Simulation:
 
     def _config(self, node: SimNode) -> NodeConfig:
         first = "n1"
-        seeds = () if node.node_id == first else (f"{first}:1",)
+        seeds: tuple[str, ...] = () if node.node_id == first else (f"{first}:1",)
+        if node.node_id in self.options.storage_ids[self.options.nodes:]:
+            # A joiner is told of every first node, as an operator would list the cluster's
+            # nodes: with only n1, a joiner would wait for it forever if it left, and with a
+            # node that has not joined yet as its only seed, it could form a cluster of its own.
+            seeds = tuple(f"{n}:1" for n in self.options.storage_ids[:self.options.nodes])
         return NodeConfig(cluster=CLUSTER, node_id=node.node_id, role=node.role,  # type: ignore[arg-type]
                           data_dir="/sim" if node.role == "storage" else None, seeds=seeds, mdns=False,
                           replication_factor=3, partitions=self.options.partitions,
                           fsync=self.options.fsync,  # type: ignore[arg-type]
-                          request_timeout_s=2.0, member_timeout_s=60.0, retention_check_interval_s=5.0)
+                          request_timeout_s=2.0, member_timeout_s=self.options.member_timeout_s,
+                          retention_check_interval_s=5.0)
 
     def _boot(self, node: SimNode) -> None:
         node.connections.clear()
@@ -266,6 +337,11 @@ class Simulation:
         core = NodeCore(self._config(node), node.node_id, node.storage, rng,
                         lambda n=node: int(self.now_s * 1000) + WALL_BASE_MS + n.wall_offset_ms)
         node.core = core
+        self.touched.add(node.node_id)
+        if not node.booted and node.node_id in self.options.storage_ids[self.options.nodes:]:
+            self.stats["joins"] += 1
+            self._log(f"join {node.node_id}")
+        node.booted = True
         self._log(f"boot {node.node_id}")
         self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
 
@@ -377,13 +453,15 @@ class Simulation:
         if node.paused_until_s > self.now_s:
             self._at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
             return
+        self.touched.add(node.node_id)
         effects = node.core.handle(event, self.now_s)
         self._apply(node, effects)
+        self._after_core(node)
 
     # ------------------------------------------------------------------ faults and workload
     def _fault_step(self) -> None:
         faults = self.options.faults
-        storage_ids = sorted(n for n, node in self.nodes.items() if node.role == "storage")
+        storage_ids = sorted(n for n, node in self.nodes.items() if node.role == "storage" and node.present)
         step_s = 0.1
         rng = self.rng
 
@@ -454,7 +532,7 @@ class Simulation:
             if boundaries and self.rng.random() < 0.5:
                 disk.synced_offset = self.rng.choice(boundaries)
 
-    def _crash(self, node: SimNode, power: bool) -> None:
+    def _crash(self, node: SimNode, power: bool, restart: bool = True) -> None:
         assert node.core is not None and node.storage is not None
         if power and self.rng.random() < self.options.faults.partial_writeback:
             self._partial_writeback(node)
@@ -467,8 +545,79 @@ class Simulation:
         else:
             self.stats["kills"] += 1
         self._log(f"{'power-off' if power else 'kill'} {node.node_id}")
-        self._at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
-                 (node.node_id, node.incarnation))
+        if restart:
+            self._at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
+                     (node.node_id, node.incarnation))
+
+    # ------------------------------------------------------------------ membership changes
+    def _outage_step(self) -> None:
+        """Kill the outage node for longer than member_timeout_s: the metadata leader removes it."""
+        assert self.options.outage is not None
+        node_id, _start_s, until_s = self.options.outage
+        node = self.nodes[node_id]
+        node.down_until_s = until_s if until_s is not None else float("inf")
+        self.stats["outages"] += 1
+        self._log(f"outage {node_id} until {'the liveness phase' if until_s is None else f'{until_s:.3f}'}")
+        if node.core is not None:
+            self._crash(node, power=False, restart=False)
+        if until_s is not None:
+            self._at(until_s, "restart", (node_id, node.incarnation))
+
+    def _step_nemesis(self) -> None:
+        """Right after a reassign step commits, now and then crash a replica of that partition
+        (its leader, a voter or a learner): the moment a configuration change is most fragile."""
+        steps, self.checker.new_steps = self.checker.new_steps, []
+        if not self.faulting or not (self.options.faults.kill_rate or self.options.faults.power_rate):
+            return
+        for topic, partition in steps:
+            if self.rng.random() >= STEP_NEMESIS_CHANCE:
+                continue
+            voters, learners, _version = self.checker.meta.partition_config(topic, partition)
+            candidates = sorted(n for n in set(voters) | set(learners)
+                                if n in self.nodes and self.nodes[n].up and self.nodes[n].present)
+            if candidates:
+                node = self.nodes[self.rng.choice(candidates)]
+                self._log(f"step nemesis: {topic}/{partition} moved")
+                self._crash(node, power=bool(self.options.faults.power_rate) and self.rng.random() < 0.5)
+
+    def _leave_step(self) -> None:
+        """What ``meshq leave`` (or ``Node.leave()``) does: ask, one question at a time, again
+        every 0.5 s until the answer is ``left``; the node stops by itself (``_after_core``)."""
+        assert self.options.leave is not None
+        node_id, _when_s, via = self.options.leave
+        if self.nodes[node_id].departed:
+            return
+        asker = self.nodes[node_id if via == "node" else "c1"]
+        if asker.core is not None and self.now_s >= self.leave_asked_until_s:
+            deadline_s = self.now_s + 2.0
+            self.leave_asked_until_s = deadline_s
+
+            def answered(effect: Any) -> None:
+                self.leave_asked_until_s = 0.0
+                answer = (f"{effect.result['state']} ({effect.result['assigned']} partitions assigned)"
+                          if isinstance(effect, Resolve) else f"{type(effect.error).__name__}: {effect.error}")
+                self._log(f"leave {node_id}: {answer}")
+
+            self._log(f"leave {node_id}? (asked through {asker.node_id})")
+            self._feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
+        self._at(self.now_s + LEAVE_RETRY_S, "leave", None)
+
+    def _after_core(self, node: SimNode) -> None:
+        """A node that has left stops at once, as the runtime stops it."""
+        if node.core is not None and node.core.has_left and not node.departed:
+            self._depart(node)
+
+    def _depart(self, node: SimNode) -> None:
+        """The node has left: stop it as the runtime does, for good."""
+        assert node.core is not None
+        self._apply(node, node.core.stop(self.now_s))
+        self.checker.before_crash(node, power=False)
+        node.core = None
+        node.timer_at_s = float("inf")
+        node.incarnation += 1  # whatever was queued for it is void
+        node.departed = True
+        self.stats["leaves"] += 1
+        self._log(f"left {node.node_id}: stopped for good")
 
     def _produce_step(self) -> None:
         clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
@@ -523,11 +672,20 @@ class Simulation:
     # ------------------------------------------------------------------ main loop
     def run(self) -> SimResult:
         started = time.monotonic()
-        for node_id in sorted(self.nodes):
-            self._boot(self.nodes[node_id])
         options = self.options
+        joiners = options.storage_ids[options.nodes:]
+        for node_id in sorted(self.nodes):
+            if node_id not in joiners:
+                self._boot(self.nodes[node_id])
         fault_end = options.fault_s
         end = fault_end + options.liveness_s
+        for node_id, when_s in zip(joiners, options.joins_s):
+            self._at(when_s, "join", node_id)
+        if options.leave is not None:
+            self._at(options.leave[1], "leave", None)
+        if options.outage is not None:
+            self._at(options.outage[1], "outage", None)
+        self.checker.after_event()
         self._at(0.1, "fault", None)
         self._at(1.0, "produce", None)
         self._at(1.5, "create_topic", None)
@@ -540,9 +698,18 @@ class Simulation:
                 break
             self.now_s = when
             self.stats["events"] += 1
+            if self.stats["events"] > options.max_events:
+                recent = sorted(collections.Counter(" ".join(line.split()[1:3]) for line in self.trace[-10_000:])
+                                .items(), key=lambda item: (-item[1], item[0]))[:3]
+                violations.append(Violation(f"runaway: more than {options.max_events} events by {self.now_s:.3f} s "
+                                            f"(a message storm?); lately most often: {recent}"))
+                break
+            self.touched.clear()
             try:
                 self._event(kind, data, fault_end)
-                self.checker.after_event()
+                self.checker.after_event(self.touched)
+                if self.checker.new_steps:
+                    self._step_nemesis()
             except Violation as violation:
                 violations.append(violation)
                 break
@@ -586,7 +753,9 @@ class Simulation:
                 self._at(node.paused_until_s, "timer", data)
                 node.timer_at_s = node.paused_until_s
                 return
+            self.touched.add(node_id)
             self._apply(node, node.core.on_timer(self.now_s))
+            self._after_core(node)
         elif kind == "input":
             node_id, incarnation, event = data
             node = self.nodes[node_id]
@@ -595,8 +764,17 @@ class Simulation:
         elif kind == "restart":
             node_id, incarnation = data
             node = self.nodes[node_id]
-            if node.core is None and node.incarnation == incarnation:
+            if (node.core is None and node.incarnation == incarnation and not node.departed
+                    and self.now_s >= node.down_until_s):
                 self._boot(node)
+        elif kind == "join":
+            node = self.nodes[data]
+            if not node.booted:
+                self._boot(node)
+        elif kind == "leave":
+            self._leave_step()
+        elif kind == "outage":
+            self._outage_step()
         elif kind == "fault":
             if self.faulting:
                 self._fault_step()
@@ -620,7 +798,8 @@ class Simulation:
             for node_id in sorted(self.nodes):
                 node = self.nodes[node_id]
                 node.paused_until_s = 0.0
-                if node.core is None:
+                node.down_until_s = 0.0
+                if node.core is None and not node.departed:
                     self._boot(node)
             self.checker.start_liveness(self.now_s)
 
@@ -630,7 +809,7 @@ class SimConsumer:
 
     Records what it saw so the checkers can require: no gap or reordering within a partition,
     nothing seen that the log later takes back (outside the power-loss window), and committed
-    offsets that never go back.
+    offsets that never go below an acknowledged commit nothing may have overtaken.
     """
 
     GROUP = "sim-group"
@@ -642,6 +821,9 @@ class SimConsumer:
         self.generation = 0
         self.seen: dict[tuple[int, int], set[bytes]] = {}
         self.acked_commits: dict[int, int] = {}  # partition -> highest acknowledged committed offset
+        # every commit: [sent_s, {partition: offset}, acknowledged_s or None (pending, or failed:
+        # its fate is unknown, it may still be applied)]
+        self.commits: list[list] = []
         self.next_commit_s = 0.0
         self.ready = False
 
@@ -675,9 +857,12 @@ class SimConsumer:
         if sim.now_s >= self.next_commit_s and self.positions:
             self.next_commit_s = sim.now_s + 1.0
             offsets = {(TOPIC, p): o for p, o in sorted(self.positions.items())}
+            commit = [sim.now_s, dict(self.positions), None]
+            self.commits.append(commit)
 
-            def committed(effect: Any, offsets: dict = offsets) -> None:
+            def committed(effect: Any, offsets: dict = offsets, commit: list = commit) -> None:
                 if isinstance(effect, Resolve):
+                    commit[2] = sim.now_s
                     for (_topic, p), o in offsets.items():
                         self.acked_commits[p] = max(self.acked_commits.get(p, 0), o)
 
@@ -690,12 +875,13 @@ class SimConsumer:
         self.in_flight.clear()
         self.ready = False
         generation = self.generation
+        floor = self._committed_floor(sim.now_s)
 
         def resume(effect: Any) -> None:
             if generation != self.generation or not isinstance(effect, Resolve):
                 return
             positions = {p: o for (_t, p), o in effect.result.items()}
-            sim.checker.on_committed_read(positions, self.acked_commits)
+            sim.checker.on_committed_read(positions, floor)
             meta = node.core.metadata.get(TOPIC) if node.core is not None else None
             if meta is None:
                 return  # metadata being refreshed; the next step restarts again
@@ -704,6 +890,23 @@ class SimConsumer:
 
         sim._feed(node, Command("committed", {"group": self.GROUP, "topic": TOPIC,
                                               "deadline_s": sim.now_s + 2.0}, resume))
+
+    def _committed_floor(self, now_s: float) -> dict[int, int]:
+        """Per partition, the committed offset a read sent now must not be below: the highest
+        commit acknowledged before now that no lower commit may have overtaken. (A commit still
+        pending or failed — its fate unknown — or one acknowledged after the other was sent can
+        be applied after it: the member itself sent them concurrently.)"""
+        floor: dict[int, int] = {}
+        for sent_s, offsets, acked_s in self.commits:
+            if acked_s is None or acked_s > now_s:
+                continue
+            for partition, offset in offsets.items():
+                overtaken = any(other_sent_s < now_s and other.get(partition, offset) < offset
+                                and (other_acked_s is None or other_acked_s > sent_s)
+                                for other_sent_s, other, other_acked_s in self.commits)
+                if not overtaken:
+                    floor[partition] = max(floor.get(partition, 0), offset)
+        return floor
 
     def _on_fetch(self, partition: int, offset: int, result: Any) -> None:
         if not result.data:
@@ -745,14 +948,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result.ok else 1
     count = args.seeds or 100
     failed = []
+    membership = {"with a join": 0, "with a leave": 0, "with a removal by timeout": 0}
+    steps = 0
     started = time.monotonic()
     for seed in range(args.start, args.start + count):
         result = run_seed(seed)
+        stats = result.stats
+        membership["with a join"] += stats["joins"] > 0
+        membership["with a leave"] += stats["leaves"] > 0
+        membership["with a removal by timeout"] += stats.get("timeout_removals", 0) > 0
+        steps += stats.get("reassign_steps", 0)
         if not result.ok:
             failed.append(seed)
             print(f"FAILED {result.summary()}\n  options: {result.options}\n  {result.violations[0]}\n"
                   f"  replay: python -m meshq.testing.sim --seed {seed}", flush=True)
     elapsed = time.monotonic() - started
+    print(f"membership changes: {', '.join(f'{n} runs {what}' for what, n in membership.items())}; "
+          f"{steps} reassign steps applied")
     print(f"{count - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s"
           + (f" (failed seeds: {failed})" if failed else ""))
     return 1 if failed else 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from meshq.core import metadata as metadata_module
+from meshq.core import node as node_module
 from meshq.core import partition as partition_module
 from meshq.core import replica as replica_module
 from meshq.core.node import NodeCore
@@ -11,6 +13,12 @@ from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
 
 CI_SEEDS = range(200)
+REAL_NEXT_STEP = metadata_module.next_step
+
+
+def moving_seeds(limit: int) -> list[int]:
+    """CI seeds whose runs move partitions: a join or a leave (an outage may not end in a removal)."""
+    return [s for s in CI_SEEDS if SimOptions.swarm(s).joins_s or SimOptions.swarm(s).leave][:limit]
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)
@@ -30,6 +38,40 @@ def test_the_same_seed_gives_the_same_trace():
 def test_swarm_draws_different_shapes():
     shapes = {(o.nodes, o.partitions, o.fsync, o.acks) for o in map(SimOptions.swarm, range(50))}
     assert len(shapes) > 10
+
+
+def test_swarm_draws_membership_changes_in_some_runs():
+    options = [SimOptions.swarm(s) for s in CI_SEEDS]
+    joins, leaves, outages = (sum(1 for o in options if test(o)) for test in (
+        lambda o: o.joins_s, lambda o: o.leave, lambda o: o.outage))
+    assert 20 <= joins <= 60 and 15 <= leaves <= 60 and 15 <= outages <= 60, (joins, leaves, outages)
+    assert sum(1 for o in options if not (o.joins_s or o.leave or o.outage)) >= len(options) // 2
+    for o in options:
+        # a leave keeps at least three storage nodes; an outage outlasts member_timeout_s
+        assert o.leave is None or o.nodes + len(o.joins_s) - 1 >= 3
+        assert o.outage is None or (o.member_timeout_s < 10 and o.outage[0] != (o.leave or ("",))[0])
+
+
+def test_a_join_a_leave_and_a_removal_move_partitions_without_losing_a_write():
+    # n5 joins at 4 s, n2 runs `meshq leave` at 5 s, n3 is down from 3 s until the liveness phase
+    # (removed after 6 s of silence, then rejoins): every acknowledged write survives the moves,
+    # and every partition ends where the ring over the final membership places it.
+    result = Simulation(SimOptions(seed=0, nodes=4, partitions=4, joins_s=(4.0,), leave=("n2", 5.0, "client"),
+                                   outage=("n3", 3.0, None), member_timeout_s=6.0, fault_s=16.0)).run()
+    assert result.ok, result.violations
+    stats = result.stats
+    assert stats["joins"] == 1 and stats["leaves"] == 1 and stats["leave_removals"] == 1
+    assert stats["timeout_removals"] == 1 and stats["reassign_steps"] > 20
+    assert stats["acked"] > 0 and stats["lost"] == 0
+
+
+def test_a_node_restarted_after_its_partitions_moved_does_not_lead_with_an_old_configuration():
+    # n1 creates the topic alone (replica sets [n1]); n2 and n3 join and the partitions grow to
+    # three replicas led elsewhere; then n1 restarts. It must not lead an epoch on the strength
+    # of the one-replica configuration it replays from its metadata log.
+    result = Simulation(SimOptions(seed=0, nodes=1, partitions=4, joins_s=(3.0, 3.5), outage=("n1", 9.0, 9.5),
+                                   acks=("quorum",))).run()
+    assert result.ok, result.violations
 
 
 def failing_seeds(seeds, **overrides) -> list[int]:
@@ -99,3 +141,48 @@ def test_checkers_catch_votes_for_a_candidate_with_a_shorter_log(monkeypatch):
     seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3 and SimOptions.swarm(s).faults.kill_rate]
     assert failing_seeds(seeds[:30]), "elections that lose committed records went unnoticed"
 
+
+def swap_in_one_step(voters, learners, target, members, caught_up, in_contact, self_id):
+    """A broken ``metadata.next_step``: swap a voter outside the ring placement for a missing
+    member in one step, without a learner phase; otherwise the real next step."""
+    wanted = [node for node in target if node in members]
+    extra = [node for node in voters if node not in wanted and node != self_id]
+    missing = [node for node in wanted if node not in voters]
+    if extra and missing:
+        return [missing[0] if v == extra[0] else v for v in voters], [n for n in learners if n != missing[0]]
+    return REAL_NEXT_STEP(voters, learners, target, members, caught_up, in_contact, self_id)
+
+
+def test_checkers_catch_a_reassignment_that_replaces_a_voter_in_one_step(monkeypatch):
+    # Broken variant: the partition leader swaps a voter for a new member in one step, and the
+    # metadata accepts it: the old and new voter sets then need not share a majority. The
+    # checkers replay the agreed metadata and must notice the first such step.
+    monkeypatch.setattr(node_module, "next_step", swap_in_one_step)
+    monkeypatch.setattr(metadata_module, "one_step", lambda voters, new_voters, new_learners, members: True)
+    assert failing_seeds(moving_seeds(10)), "voter sets replaced in one step went unnoticed"
+
+
+def test_checkers_catch_partitions_that_never_reach_their_ring_placement(monkeypatch):
+    # Broken variant: the partition leader proposes the same swap, but the metadata (intact)
+    # refuses it, so the partitions never move. Convergence requires every partition at its
+    # ring placement and every leave completed: the liveness phase must fail.
+    monkeypatch.setattr(node_module, "next_step", swap_in_one_step)
+    assert failing_seeds(moving_seeds(10)), "partitions stuck away from their ring placement went unnoticed"
+
+
+def test_checkers_catch_a_leader_that_counts_learners_towards_the_high_watermark(monkeypatch):
+    # Broken variant: a partition leader counts learners (copies still being made, which never
+    # vote) when it advances the high watermark, so it may commit records that only it and a
+    # learner hold: a majority of the voters could then elect a leader without them.
+    def advance_with_learners(self):
+        if self.role != replica_module.LEADER:
+            return
+        matches = sorted([self._own_match()] + [max(0, f.match_end) for peer, f in self.followers.items()
+                                                 if peer in self.members], reverse=True)
+        candidate = matches[self.quorum - 1] if len(matches) >= self.quorum else -1
+        if candidate >= self.epoch_start and candidate > self.high_watermark:
+            self.high_watermark = candidate
+            self._on_change()
+
+    monkeypatch.setattr(replica_module.Replica, "_advance_high_watermark", advance_with_learners)
+    assert failing_seeds(moving_seeds(20)), "commits counted on learners went unnoticed"
