@@ -312,6 +312,12 @@ class Node:
                     if progress is not None:
                         progress(answer)
                 else:
+                    if not own and isinstance(exc, NodeStoppedError) and self._left_membership(target):
+                        # the target stopped itself (it left) while our question was in flight
+                        answer = {"state": "left", "assigned": 0}
+                        if progress is not None:
+                            progress(answer)
+                        return
                     if not exc.retriable:
                         raise
                     last_error = exc

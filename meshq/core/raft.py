@@ -396,7 +396,8 @@ class RaftNode:
             self.log.sync()
         match_index = prev_index + len(body["entries"])
         if body["commit"] > self.commit_index:
-            self.commit_index = min(body["commit"], match_index)
+            # A re-sent append may cover less than we already know committed: never go back.
+            self.commit_index = max(self.commit_index, min(body["commit"], match_index))
             self._apply_committed()
         self.send(sender, "raft_append_ok", {"term": self.term, "success": True, "match_index": match_index,
                                              "follower": self.node_id, "hint": match_index + 1})

@@ -211,3 +211,25 @@ def test_random_crashes_never_lose_a_committed_command(seed):
     for node in net.nodes.values():
         prefix = node.entries[: leader.commit_index + 1]
         assert prefix == leader.entries[: len(prefix)], f"seed {seed}: replicas disagree on the committed prefix"
+
+
+def test_a_follower_commit_index_never_goes_back_on_a_resent_append():
+    # A re-sent append (the leader backed off on a stale failure reply) may cover fewer entries than
+    # the follower already knows committed; the commit index must stay (found by the simulator).
+    import msgpack
+
+    storage = MemoryStorage(segment_bytes=4096)
+    node = RaftNode("n2", storage.open_log("__meta", 0), {}, random.Random(1), lambda *m: None,
+                    lambda index, command: None, lambda state: None)
+    node.start(0.0)
+    entries = [[1, msgpack.packb({"op": "noop"}, use_bin_type=True)] for _ in range(10)]
+
+    def append(prev_index: int, count: int, commit: int, now_s: float) -> None:
+        node.handle("n1", "raft_append", {"term": 1, "leader": "n1", "prev_index": prev_index,
+                                          "prev_term": 1 if prev_index >= 0 else 0, "commit": commit,
+                                          "entries": entries[:count]}, now_s)
+
+    append(-1, 10, 9, 1.0)
+    assert node.commit_index == 9
+    append(2, 3, 20, 1.1)  # entries 3..5 again, with a higher leader commit
+    assert node.commit_index == 9
