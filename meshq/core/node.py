@@ -802,24 +802,12 @@ class NodeCore:
             self.has_left = answer["state"] == "left"
             self._reply(route, message.request_id, "leave_ok", answer)
             return
-        leader = raft.leader
-        if not raft.is_member and self.leaving and self.meta.assigned_to(self.node_id) == 0:
-            self.has_left = True  # removed while asking (the leader no longer replicates to us)
+        if self.has_left:
             self._reply(route, message.request_id, "leave_ok", {"state": "left", "assigned": 0})
             return
-        if leader is None or leader == self.node_id:
+        if not self._ask_leave(now_s, lambda body: self._reply(route, message.request_id, "leave_ok", body),
+                               lambda error: self._reply_error(route, message.request_id, error)):
             raise NotLeaderError("the metadata group has no leader right now; retry")
-
-        def on_reply(reply: wire.Message) -> None:
-            if reply.type != "leave_ok":
-                self._reply_error(route, message.request_id, ProtocolError(f"unexpected {reply.type} to leave"))
-                return
-            self.has_left = reply.body["state"] == "left"
-            self._reply(route, message.request_id, "leave_ok", reply.body)
-
-        packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)
-        self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
-                      on_reply, lambda error: self._reply_error(route, message.request_id, error))
 
     def _check_left(self, now_s: float) -> None:
         """A leaving node asks the metadata leader, once a second, whether it is out yet, so it
@@ -831,23 +819,36 @@ class NodeCore:
         if not self.leaving or self.has_left or raft is None or raft.role == LEADER or now_s < self._next_leave_check_s:
             return
         self._next_leave_check_s = now_s + 1.0
+        self._ask_leave(now_s, lambda body: None, lambda error: None)
+
+    def _ask_leave(self, now_s: float, answered: Callable[[dict], None],
+                   failed: Callable[[MeshqError], None]) -> bool:
+        """Ask the metadata leader (ours, else the one peers name) how far our leave got; a ``left``
+        answer sets ``has_left``. False when no leader is known."""
+        raft = self.raft
+        assert raft is not None
         leader = raft.leader if raft.leader not in (None, self.node_id) else None
         if leader is None:
             hinted = sorted({c["leader"] for c in self.peer_clusters.values()
                              if c["formed"] and c["leader"] and c["leader"] != self.node_id})
             leader = hinted[0] if hinted else None
         if leader is None:
-            return
+            return False
 
         def on_reply(reply: wire.Message) -> None:
-            if reply.type == "leave_ok" and reply.body["state"] == "left" and not self.has_left:
+            if reply.type != "leave_ok":
+                failed(ProtocolError(f"unexpected {reply.type} to leave"))
+                return
+            if reply.body["state"] == "left" and not self.has_left:
                 log.info("%s: every partition moved away and the membership let it go; leaving the cluster",
                          self.node_id)
                 self.has_left = True
+            answered(reply.body)
 
         packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)
         self._request(leader, "raft_propose", {"command": packed}, (), now_s, self.config.request_timeout_s,
-                      on_reply, lambda error: None)
+                      on_reply, failed)
+        return True
 
     def _mark_leaving(self, node_id: str, now_s: float) -> bool:
         """Metadata leader: take ``node_id`` out of the placement ring (it stays a voter until its
