@@ -566,6 +566,28 @@ def describe_partitions(nodes: list[NodeProcess], topic: str) -> str:
     return "\n".join(lines)
 
 
+def wait_partition_acks(log: WriteLog, nodes: list[NodeProcess], topic: str, partitions: list[int], since_s: float,
+                        count: int, timeout_s: float, what: str) -> None:
+    """Wait until every partition of ``partitions`` has ``count`` acknowledged writes started after ``since_s``;
+    on timeout, say what each got, the writers' errors and every node's view."""
+    try:
+        wait_until(lambda: all(log.acks_since(since_s, p) >= count for p in partitions), timeout_s, what, 0.1)
+    except AssertionError as exc:
+        got = {p: log.acks_since(since_s, p) for p in partitions}
+        raise AssertionError(f"{exc}: acknowledged per partition {got}, errors {log.error_counts()}, "
+                             f"last error {log.last_error()!r}\n{describe_partitions(nodes, topic)}") from None
+
+
+def stop_writers(writers: list[Any], join_s: float = 60.0, check: bool = True) -> None:
+    """Stop the writer threads and wait for them; with ``check``, fail if one is still blocked."""
+    for writer in writers:
+        writer.stop()
+    for writer in writers:
+        writer.join(join_s)
+    stuck = [w.name for w in writers if w.is_alive()]
+    assert not check or not stuck, f"writers still blocked {join_s:.0f} s after being stopped: {stuck}"
+
+
 def wait_replication_settled(nodes: list[NodeProcess], topic: str, timeout_s: float,
                              min_high_watermarks: dict[int, int] | None = None,
                              replication_factor: int = 3) -> dict[int, dict]:

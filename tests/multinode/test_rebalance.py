@@ -40,8 +40,10 @@ from tests.multinode.helpers import (
     node_id,
     partitions_of,
     partitions_on_disk,
+    stop_writers,
     view,
     wait_agreement,
+    wait_partition_acks,
     wait_until,
 )
 from tests.procs import NodeProcess, run_cli
@@ -99,14 +101,7 @@ class RebalanceRun:
 
     def wait_acks(self, since_s: float, count: int, timeout_s: float, what: str) -> None:
         """Every partition has ``count`` acknowledged writes started after ``since_s``."""
-        try:
-            wait_until(lambda: all(self.log.acks_since(since_s, p) >= count for p in range(PARTITIONS)),
-                       timeout_s, what, 0.1)
-        except AssertionError as exc:
-            got = {p: self.log.acks_since(since_s, p) for p in range(PARTITIONS)}
-            raise AssertionError(f"{exc}: acknowledged per partition {got}, errors {self.log.error_counts()}, "
-                                 f"last error {self.log.last_error()!r}\n{describe_partitions(self.nodes, TOPIC)}"
-                                 ) from None
+        wait_partition_acks(self.log, self.nodes, TOPIC, list(range(PARTITIONS)), since_s, count, timeout_s, what)
 
     def replica_sets(self, nodes: list[NodeProcess]) -> dict[int, list[str]]:
         """The partitions' voters as the first answering node sees them."""
@@ -144,19 +139,11 @@ class RebalanceRun:
                     for p, d in sorted(parts.items()) if d["replicas"] != expected[p] or d["learners"]))
             raise AssertionError(f"{exc}; expected {expected}; partitions elsewhere:\n" + "\n".join(lines)) from None
 
-    def stop_writers(self) -> None:
-        for writer in self.writers:
-            writer.stop()
-        for writer in self.writers:
-            writer.join(60)
-        stuck = [w.name for w in self.writers if w.is_alive()]
-        assert not stuck, f"writers still blocked 60 s after being stopped: {stuck}"
-
     def finish(self, nodes: list[NodeProcess], since_s: float) -> None:
         """Writes go on after the change; stop them; check what was written against every replica of ``nodes``."""
         assert self.client is not None
         self.wait_acks(since_s, 5, 60, "every partition to acknowledge writes after the membership change")
-        self.stop_writers()
+        stop_writers(self.writers)
         check, problems, _state = check_topic_after_writes(self.client, nodes, TOPIC, self.log, settle_timeout_s=60)
         print(f"[{self.name}] SUMMARY {check.summary()}")
         if check.errors_beyond_the_contract():
@@ -165,10 +152,7 @@ class RebalanceRun:
         assert not problems, f"[{self.name}]\n" + "\n".join(problems)
 
     def close(self) -> None:
-        for writer in self.writers:
-            writer.stop()
-        for writer in self.writers:
-            writer.join(30)
+        stop_writers(self.writers, 30, check=False)
         if self.client is not None:
             self.client.stop()
 

@@ -58,8 +58,10 @@ from tests.multinode.helpers import (
     partitions_of,
     read_replica_log,
     replication_state,
+    stop_writers,
     view,
     wait_agreement,
+    wait_partition_acks,
     wait_replication_settled,
     wait_until,
 )
@@ -134,13 +136,7 @@ class FaultRun:
                   partitions: list[int] | None = None) -> None:
         """Wait until every partition (of ``partitions``) has ``count`` acknowledged writes started after ``since_s``."""
         wanted = list(range(PARTITIONS)) if partitions is None else partitions
-        try:
-            wait_until(lambda: all(self.log.acks_since(since_s, p) >= count for p in wanted), timeout_s, what, 0.1)
-        except AssertionError as exc:
-            got = {p: self.log.acks_since(since_s, p) for p in wanted}
-            raise AssertionError(f"{exc}: acknowledged per partition {got}, errors {self.log.error_counts()}, "
-                                 f"last error {self.log.last_error()!r}\n{describe_partitions(self.nodes, TOPIC)}"
-                                 ) from None
+        wait_partition_acks(self.log, self.nodes, TOPIC, wanted, since_s, count, timeout_s, what)
 
     # -- looking at the cluster ------------------------------------------------------------------------------------
 
@@ -192,20 +188,12 @@ class FaultRun:
 
     # -- heal, drain, check ------------------------------------------------------------------------------------------
 
-    def stop_writers(self) -> None:
-        for writer in self.writers:
-            writer.stop()
-        for writer in self.writers:
-            writer.join(60)
-        stuck = [w.name for w in self.writers if w.is_alive()]
-        assert not stuck, f"writers still blocked 60 s after being stopped: {stuck}"
-
     def finish(self, timings: Any, label: str) -> None:
         """Heal is done: check liveness, stop writing, settle, drain, check everything, compare replicas on disk."""
         assert self.client is not None and self.fault_s is not None
         healed_s = time.monotonic()
         self.wait_acks(healed_s, 5, 60, "every partition to acknowledge writes again after the heal")
-        self.stop_writers()
+        stop_writers(self.writers)
         attempts = self.log.snapshot()
         acked_end: dict[int, int] = {}
         for a in attempts:
@@ -258,10 +246,7 @@ class FaultRun:
         assert not problems, f"[{self.name}] seed {self.seed}:\n" + "\n".join(problems)
 
     def close(self) -> None:
-        for writer in self.writers:
-            writer.stop()
-        for writer in self.writers:
-            writer.join(30)
+        stop_writers(self.writers, 30, check=False)
         for node in self.nodes:
             node.resume()  # never leave a SIGSTOPped process behind (the mesh fixture kills them all)
         for client in [*self.extra_clients, self.client]:
