@@ -75,6 +75,7 @@ OFFSET_DIGITS = 20
 _SEGMENT_NAME = re.compile(r"^(\d{%d})\.log$" % OFFSET_DIGITS)
 _LOG_DIR_NAME = re.compile(r"^(.+)-(\d+)$")
 _SEGMENT_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+_TAIL_BATCHES = 512  # the segment remembers the position of at least its last this-many batches (_Segment)
 
 
 def segment_file_name(base_offset: int) -> str:
@@ -108,6 +109,11 @@ class _Segment:
         self.index_offsets: list[int] = []
         self.index_positions: list[int] = []
         self.index_max_timestamps: list[int] = []  # running max through the entry's batch
+        # Every batch of the segment's tail, not only one per index interval: replication and tail
+        # consumers read what was just appended, and without these a read would walk up to an
+        # index interval of headers (one pread each) to find its batch.
+        self.tail_offsets: list[int] = []
+        self.tail_positions: list[int] = []
         self.damage: _Damage | None = None
         self.dirty = False  # holds bytes not yet fsynced
 
@@ -124,7 +130,19 @@ class _Segment:
             self.index_offsets.append(header.base_offset)
             self.index_positions.append(position)
             self.index_max_timestamps.append(self.max_timestamp_ms)
+        tail_offsets = self.tail_offsets
+        if len(tail_offsets) >= 2 * _TAIL_BATCHES:
+            del tail_offsets[:_TAIL_BATCHES]
+            del self.tail_positions[:_TAIL_BATCHES]
+        tail_offsets.append(header.base_offset)
+        self.tail_positions.append(position)
         self.end_offset = header.next_offset
+
+    def forget_tail_from(self, position: int) -> None:
+        """Drop the tail entries of batches at or after ``position`` (they were cut off)."""
+        keep = bisect_left(self.tail_positions, position)
+        del self.tail_offsets[keep:]
+        del self.tail_positions[keep:]
 
     def reset(self) -> None:
         """Forget everything derived from the file's contents."""
@@ -134,6 +152,8 @@ class _Segment:
         self.index_offsets.clear()
         self.index_positions.clear()
         self.index_max_timestamps.clear()
+        self.tail_offsets.clear()
+        self.tail_positions.clear()
         self.damage = None
 
     def close(self) -> None:
@@ -324,6 +344,7 @@ class SegmentedLog:
         del segment.index_offsets[keep:]
         del segment.index_positions[keep:]
         del segment.index_max_timestamps[keep:]
+        segment.forget_tail_from(position)
         segment.damage = None
         segment.size = position
         if keep == 0:
@@ -530,6 +551,9 @@ class SegmentedLog:
 
     def _locate(self, segment: _Segment, offset: int) -> int:
         """File position of the batch holding ``offset`` (a readable offset of ``segment``)."""
+        tail_offsets = segment.tail_offsets
+        if tail_offsets and offset >= tail_offsets[0]:
+            return segment.tail_positions[bisect_right(tail_offsets, offset) - 1]
         entry = bisect_right(segment.index_offsets, offset) - 1
         position = segment.index_positions[entry]
         expected = segment.index_offsets[entry]
