@@ -26,6 +26,10 @@ log = logging.getLogger("meshq.core")
 
 PRODUCER_WINDOW = 5
 _RECOVERY_READ_BYTES = 16 * 1024 * 1024
+# The newest batches stay in memory too (``read_recent``): a leader sends what it just appended
+# to its caught-up followers without reading it back from the log file.
+RECENT_BATCHES = 64
+RECENT_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -68,6 +72,10 @@ class PartitionState:
         self.replica: Any = None
         # (epoch, first offset) of each epoch seen in the batch headers, found while rebuilding
         self.batch_epochs: list[tuple[int, int]] = []
+        # (base_offset, next_offset, stored bytes) of the newest batches, contiguous, oldest first;
+        # exactly the bytes of the log at those offsets (appends add, truncation clears)
+        self._recent: deque[tuple[int, int, bytes]] = deque()
+        self._recent_bytes = 0
         self._rebuild_producers()
 
     @property
@@ -159,9 +167,11 @@ class PartitionState:
         if duplicate_of is not None:
             return duplicate_of, True
         base_offset = self.log.end_offset
-        stored = self.log.append(batch_format.stamp(data, base_offset, self.leader_epoch), now_ms=now_ms)
+        stamped = batch_format.stamp(data, base_offset, self.leader_epoch)
+        stored = self.log.append(stamped, now_ms=now_ms)
         assert stored.base_offset == base_offset and self.log.end_offset == base_offset + header.record_count
         self._remember(header, base_offset)
+        self._keep_recent(base_offset, stored.next_offset, stamped)
         return base_offset, False
 
     def append_replicated(self, data: bytes, header: batch_format.BatchHeader, now_ms: int) -> None:
@@ -170,16 +180,55 @@ class PartitionState:
         self.log.append(data, now_ms=now_ms)
         assert self.log.end_offset == header.next_offset
         self._remember(header, header.base_offset)
+        self._keep_recent(header.base_offset, header.next_offset, data)
+
+    def _keep_recent(self, base_offset: int, next_offset: int, data: bytes) -> None:
+        recent = self._recent
+        if recent and recent[-1][1] != base_offset:  # cannot happen: every append goes through here
+            self._forget_recent()
+        recent.append((base_offset, next_offset, data))
+        self._recent_bytes += len(data)
+        while len(recent) > 1 and (len(recent) > RECENT_BATCHES or self._recent_bytes > RECENT_BYTES):
+            self._recent_bytes -= len(recent.popleft()[2])
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_bytes = 0
+
+    def read_recent(self, offset: int, max_bytes: int) -> tuple[bytes, int, int] | None:
+        """``(data, base_offset, next_offset)``: what ``log.read(offset, max_bytes)`` returns, with the
+        first batch's base offset and the offset after the last, from memory; None when the batch
+        holding ``offset`` is no longer (or not yet) among the newest batches kept in memory."""
+        recent = self._recent
+        if not recent or offset < recent[0][0] or offset >= recent[-1][1]:
+            return None
+        index = len(recent) - 1
+        while recent[index][0] > offset:
+            index -= 1
+        base, next_offset, data = recent[index]
+        if index == len(recent) - 1 or len(data) + len(recent[index + 1][2]) > max_bytes:
+            return data, base, next_offset  # the common case: one batch (a read returns at least one)
+        parts = [data]
+        total = len(data)
+        for _base, batch_next, batch in list(recent)[index + 1:]:
+            if total + len(batch) > max_bytes:
+                break
+            parts.append(batch)
+            total += len(batch)
+            next_offset = batch_next
+        return b"".join(parts), base, next_offset
 
     def restart_at(self, offset: int) -> None:
         """Drop the whole log and continue from ``offset``: what we miss was deleted by retention."""
         self.log.restart_at(offset)
+        self._forget_recent()
         self.producers.clear()
         self.batch_epochs = []
 
     def truncate(self, offset: int) -> None:
         """Cut the log back to ``offset`` and forget the producer batches that went with it."""
         self.log.truncate_to(offset)
+        self._forget_recent()
         assert self.log.end_offset == offset
         emptied = False
         for entry in self.producers.values():

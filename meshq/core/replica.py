@@ -743,13 +743,18 @@ class Replica:
             data = b""
             next_offset = start
             if start < end and not silent:
-                try:
-                    data = self.log.read(max(start, self.log.start_offset), MAX_APPEND_BYTES)
-                except CorruptLogError as exc:
-                    log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
-                              start, peer, exc)
-                    data = b""
-                if data:
+                from_offset = max(start, self.log.start_offset)
+                recent = self.state.read_recent(from_offset, MAX_APPEND_BYTES)
+                if recent is not None:
+                    data, start, next_offset = recent
+                else:
+                    try:
+                        data = self.log.read(from_offset, MAX_APPEND_BYTES)
+                    except CorruptLogError as exc:
+                        log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
+                                  start, peer, exc)
+                        data = b""
+                if data and recent is None:
                     first = batch_format.parse_header(data)
                     start = first.base_offset
                     next_offset = start

@@ -127,6 +127,19 @@ class Node:
     def batches_below(self, offset: int) -> list[bytes]:
         return [b for b in self.batches() if batch_format.parse_header(b).next_offset <= offset]
 
+    def check_recent_matches_log(self) -> None:
+        """The newest batches a replica keeps in memory are exactly the log's bytes at those offsets."""
+        log = self.log
+        for offset in range(log.start_offset, log.end_offset):
+            for max_bytes in (1, 1 << 30):
+                recent = self.state.read_recent(offset, max_bytes)
+                if recent is None:
+                    continue
+                data, base, next_offset = recent
+                assert data == log.read(offset, max_bytes), f"{self.node_id}: recent batches differ at {offset}"
+                headers = [h for _pos, h in batch_format.iter_batches(data)]
+                assert (base, next_offset) == (headers[0].base_offset, headers[-1].next_offset)
+
     def sync(self) -> None:
         self.log.sync()
         self.sync_requested = False
@@ -351,3 +364,4 @@ class Cluster:
                 assert nx.batches_below(bound) == ny.batches_below(bound), f"{x} and {y} disagree below {bound}"
         for node in self.nodes.values():
             assert node.replica.high_watermark <= node.log.end_offset
+            node.check_recent_matches_log()
