@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
-import pytest
+# Every message a meshq node sends in the tests is checked against its schema (meshq.core.wire),
+# here and in the node processes the tests start (they inherit the environment).
+os.environ["MESHQ_CHECK_OUTGOING"] = "1"
 
-from tests.multinode.helpers import TIMINGS
-from tests.procs import NodeProcess
+import pytest  # noqa: E402
+
+from meshq.core import wire  # noqa: E402
+from tests.multinode.helpers import TIMINGS  # noqa: E402
+from tests.procs import NodeProcess  # noqa: E402
+
+wire.CHECK_OUTGOING = True  # in case meshq was imported before this file
 
 
 @pytest.fixture

@@ -62,6 +62,11 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
+# Plain ints: pyzmq's flag constants are enums, and combining or converting them costs a Python
+# call on every frame of the hot path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class Runtime:
@@ -203,10 +208,14 @@ class Runtime:
     def _loop(self, poller: zmq.Poller) -> None:
         core = self.core
         clock = self.clock
+        socket_peer = self._socket_peer
         self._sync_keys: set = set()
+        deadline: float | None = None
+        deadline_known = False  # the core's next deadline, when nothing changed since it was asked
         while not self._stop_requested:
             now = clock.now_s()
-            deadline = core.next_deadline()
+            if not deadline_known:
+                deadline = core.next_deadline()
             if self._tasks and (deadline is None or self._tasks[0][0] < deadline):
                 deadline = self._tasks[0][0]
             if self.commands:
@@ -226,17 +235,21 @@ class Runtime:
                 self._drain_router()
             if self.sub in ready:
                 self._drain_sub()
-            for sock, peer in list(self._socket_peer.items()):
-                if sock in ready:
+            for sock in ready:
+                peer = socket_peer.get(sock)
+                if peer is not None:
                     self._drain_dealer(sock, peer)
             self._drain_commands()
             now = clock.now_s()
             while self._tasks and self._tasks[0][0] <= now:
                 heapq.heappop(self._tasks)[2]()
             deadline = core.next_deadline()
+            deadline_known = True
             if deadline is not None and deadline <= now:
                 self._execute(core.on_timer(now))
-            self._flush_syncs()
+                deadline_known = False
+            if self._flush_syncs():
+                deadline_known = False
             if core.has_left:
                 log.info("node %s left the cluster (meshq leave): its partitions are on the other members and it "
                          "is out of the storage membership; stopping", core.node_id)
@@ -263,9 +276,11 @@ class Runtime:
             if sock.closed:
                 return  # an effect of the previous message disconnected this peer
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = [sock.recv(_NOBLOCK)]
             except zmq.Again:
                 return
+            while sock.get(_RCVMORE):  # (a message's frames arrive together: no wait here)
+                frames.append(sock.recv(_NOBLOCK))
             try:
                 message = wire.decode(frames[header_at:], cluster)
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
@@ -299,9 +314,11 @@ class Runtime:
                 continue
             self._execute(core.handle(item, clock.now_s()))
 
-    def _flush_syncs(self) -> None:
+    def _flush_syncs(self) -> bool:
+        """Sync the logs asked for since the last call; True when the core was told (its timers may
+        have changed)."""
         if not self._sync_keys:
-            return
+            return False
         keys, self._sync_keys = frozenset(self._sync_keys), set()
         partitions = self.core.partitions
         synced = set()
@@ -320,6 +337,7 @@ class Runtime:
                 continue
             synced.add(key)
         self._execute(self.core.handle(LogsSynced(frozenset(synced)), self.clock.now_s()))
+        return True
 
     # ------------------------------------------------------------------ effects
     def _execute(self, effects: list) -> None:
@@ -416,11 +434,12 @@ def _bind(sock: zmq.Socket, host: str, port: int) -> str:
 
 
 def _send(sock: zmq.Socket, frames: list) -> None:
-    last = len(frames) - 1
     try:
-        for index, frame in enumerate(frames):
-            flags = zmq.NOBLOCK | (zmq.SNDMORE if index < last else 0)
-            sock.send(frame, flags, copy=len(frame) < _ZERO_COPY_BYTES)
+        for index in range(len(frames) - 1):
+            frame = frames[index]
+            sock.send(frame, _NOBLOCK_MORE, copy=len(frame) < _ZERO_COPY_BYTES)
+        frame = frames[-1]
+        sock.send(frame, _NOBLOCK, copy=len(frame) < _ZERO_COPY_BYTES)
     except zmq.Again:
         # High-water mark reached: the peer is not reading. Dropping is safe: every request
         # has a deadline, and the sender's retry (idempotent for produce) recovers.

@@ -235,9 +235,24 @@ def test_request_id_zero_and_maximum_are_valid():
 
 
 def test_encode_refuses_a_body_that_breaks_its_schema():
-    # Sending an invalid body is our own bug; encode checks it (under __debug__).
+    # Sending an invalid body is our own bug; encode checks it when CHECK_OUTGOING is on (the
+    # tests switch it on: tests/conftest.py).
+    assert wire.CHECK_OUTGOING
     with pytest.raises(ProtocolError):
         wire.encode(CLUSTER, SENDER, "list_offsets_ok", 1, {"offset": -1})
+
+
+def test_outgoing_check_is_off_unless_asked_for():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MESHQ_CHECK_OUTGOING"}
+    code = "from meshq.core import wire; print(wire.CHECK_OUTGOING)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+    env["MESHQ_CHECK_OUTGOING"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
 
 
 # ---------------------------------------------------------------- forward compatibility
