@@ -71,7 +71,7 @@ from meshq.core.events import (
     Unsubscribe,
 )
 from meshq.core.hashing import partition_for_key, stable_hash64
-from meshq.core.membership import Member, MemberTable
+from meshq.core.membership import DEAD, LEFT, Member, MemberTable
 from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PRODUCER_WINDOW, AckWaiter, ParkedFetch, PartitionState
 from meshq.core.raft import LEADER, RaftNode
@@ -102,6 +102,10 @@ MAX_FETCH_WAIT_MS = 30_000
 EARLIEST = -2
 LATEST = -1
 _METADATA_RETRY_S = 0.2
+# A client that knows no live storage node asks its seeds again after this long, doubling up to
+# the cap (each wait jittered by ±25% with the core's rng, so clients cut off together spread out).
+_SEED_RETRY_MIN_S = 0.5
+_SEED_RETRY_MAX_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +188,16 @@ class NodeCore:
         self.peer_clusters: dict[str, dict] = {}  # node_id -> {"formed", "leader"} from heartbeats
         self._started_s = 0.0
         self._next_join_s = 0.0
+        # a joiner: how many join candidates it moved past, none of them answering, and since when
+        # it has asked the current one (see _pick_join_target)
+        self._join_skipped = 0
+        self._join_asked_since_s: float | None = None
         self._apply_waiters: list[tuple[int, int, Callable[[], None]]] = []
         self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
         self._seeds_answered: set[str] = set()
+        self._seed_hellos: set[str] = set()  # seeds a fallback hello is waiting on (no retry loop)
+        self._seed_retry_s = _SEED_RETRY_MIN_S  # the next fallback wait (see _fall_back_to_seeds)
+        self._next_seed_hello_s = 0.0
         self._leaderless_since_s: float | None = None
         self._introduced_s: dict[str, float] = {}  # peer -> earliest time to introduce ourselves again
         self._now_s = 0.0
@@ -504,6 +515,7 @@ class NodeCore:
                 log.info("member %s is %s", node_id, state)
                 if state in ("suspect", "dead"):
                     self._fail_requests_to(node_id, state)
+        self._fall_back_to_seeds(now_s)
         self._formation_tick(now_s)
         self._admit_next(now_s)
         self._remove_silent_members(now_s)
@@ -564,7 +576,9 @@ class NodeCore:
         for other in summary["members"]:
             self._learn(other, now_s)
 
-    def _hello(self, peer: str, now_s: float) -> None:
+    def _hello(self, peer: str, now_s: float, retry: bool = True) -> None:
+        """Introduce ourselves to ``peer`` (a member, or ``seed:host:port``). A seed that does not
+        answer is asked again every 0.5 s, unless ``retry`` is off: then the caller decides when."""
         def on_reply(message: wire.Message) -> None:
             assert self.members is not None
             info = message.body["member"]
@@ -572,6 +586,7 @@ class NodeCore:
                 self.peer_endpoints.pop(peer, None)
                 self._effects.append(Disconnect(peer))
                 self._seeds_answered.add(peer)
+                self._seed_hellos.discard(peer)
             if info["node_id"] == self.node_id:
                 self._formation_tick(self._now_s)
                 return
@@ -581,10 +596,47 @@ class NodeCore:
         def on_error(error: MeshqError) -> None:
             if self.stopped or not peer.startswith("seed:"):
                 return  # known members are reached by heartbeats anyway
+            if not retry:
+                self._seed_hellos.discard(peer)
+                if self.peer_endpoints.pop(peer, None) is not None:
+                    self._effects.append(Disconnect(peer))
+                return
             log.info("seed %s did not answer hello (%s); retrying", peer[5:], error)
             self._schedule(self._now_s + 0.5, "retry", lambda t: self._hello(peer, t))
 
         self._request(peer, "hello", {"member": self._self_info()}, (), now_s, 2.0, on_reply, on_error)
+
+    def _hello_seeds_again(self, now_s: float) -> bool:
+        """Ask every seed that answered before (and has no fallback hello pending) again: its answer
+        brings back its view of the members and of the metadata group. Seeds that never answered
+        are still being asked by their first hello's retry loop. False if none was asked."""
+        asked = False
+        for seed in self.config.seeds:
+            host, port = parse_host_port(seed)
+            peer = f"seed:{host}:{port}"
+            if peer not in self._seeds_answered or peer in self._seed_hellos:
+                continue
+            self._seed_hellos.add(peer)
+            self._connect(peer, f"tcp://{host}:{port}")
+            self._hello(peer, now_s, retry=False)
+            asked = True
+        return asked
+
+    def _fall_back_to_seeds(self, now_s: float) -> None:
+        """A client that knows no live storage node asks its seeds again, with capped exponential
+        backoff. Cut off for longer than ``member_timeout_s``, it has forgotten every member and
+        they have forgotten it, so without this nobody would ever contact anybody again."""
+        if self.is_storage or self.stopped or not self.config.seeds:
+            return
+        assert self.members is not None
+        if self.members.alive_ids("storage"):
+            self._seed_retry_s = _SEED_RETRY_MIN_S
+            return
+        if now_s < self._next_seed_hello_s or not self._hello_seeds_again(now_s):
+            return
+        log.info("%s knows no live storage node; asking its seeds again", self.node_id)
+        self._next_seed_hello_s = now_s + self._seed_retry_s * (0.75 + 0.5 * self.rng.random())
+        self._seed_retry_s = min(2 * self._seed_retry_s, _SEED_RETRY_MAX_S)
 
     def _serve_hello(self, route: Any, message: wire.Message, now_s: float) -> None:
         assert self.members is not None
@@ -628,20 +680,20 @@ class NodeCore:
             return  # a leaving node never asks to be admitted again (a restart may: it is a new start)
         assert self.members is not None
         if raft.is_member:
+            self._join_skipped, self._join_asked_since_s = 0, None
             self._maybe_merge(now_s)
             self._ask_readmission(now_s)
             return
         formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"])
-        if raft.formed or formed_peers:
+        # A term means a formed cluster reached us (a node outside any configuration never
+        # campaigns): keep asking to join it, even once every peer of it has been forgotten,
+        # and never form a second cluster (nor bootstrap over that term).
+        if raft.formed or formed_peers or raft.term > 0:
             if now_s < self._next_join_s:
                 return
             self._next_join_s = now_s + 0.3
-            target = raft.leader if raft.leader and raft.leader != self.node_id else None
-            if target is None and formed_peers:
-                target = self.peer_clusters[formed_peers[0]]["leader"] or formed_peers[0]
-            if target is None:
-                target = next((v for v in sorted(raft.voters) if v != self.node_id), None)
-            if target is not None and target != self.node_id:
+            target = self._pick_join_target(formed_peers, now_s)
+            if target is not None:
                 self._raft_send(target, "raft_join", {"member": self._self_info()})
             return
         if self.config.seeds:
@@ -655,6 +707,55 @@ class NodeCore:
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
             raft.bootstrap(now_s, {"address": self.endpoint, "pub_address": self.pub_endpoint})
             self._publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
+
+    def _join_candidates(self, formed_peers: list[str]) -> list[str]:
+        """Whom a joiner may ask to admit it, best first: the leader it last followed, the leader
+        the first formed peer names (else that peer), the leaders other formed peers name, those
+        peers, the voters its log names, then any live storage node (a follower forwards a join
+        to its leader). Members known to be gone come only when there is nobody else."""
+        raft = self.raft
+        assert raft is not None and self.members is not None
+        first = (self.peer_clusters[formed_peers[0]]["leader"] or formed_peers[0]) if formed_peers else None
+        ordered = [raft.leader, first, *(self.peer_clusters[p]["leader"] for p in formed_peers), *formed_peers,
+                   *sorted(raft.voters), *self.members.alive_ids("storage")]
+        candidates: list[str] = []
+        for peer in ordered:
+            if peer and peer != self.node_id and peer not in candidates:
+                candidates.append(peer)
+        members = self.members
+        reachable = [peer for peer in candidates
+                     if peer not in members or members.members[peer].state not in (DEAD, LEFT)]
+        return reachable or candidates
+
+    def _pick_join_target(self, formed_peers: list[str], now_s: float) -> str | None:
+        """The peer a joiner sends ``raft_join`` to now.
+
+        While a leader appends to us we are being admitted: ask that leader. Otherwise ask the
+        best of ``_join_candidates``; each time ``2 × election_timeout_s`` pass without a leader
+        answering, move one candidate further (round robin), so a peer that died or left never
+        holds a joiner up. After a full round the seeds are asked again: their answers name the
+        current leader.
+        """
+        raft = self.raft
+        assert raft is not None
+        patience_s = 2 * self.config.election_timeout_s
+        if raft.leader and raft.leader != self.node_id and now_s - raft.last_leader_contact_s < patience_s:
+            self._join_skipped, self._join_asked_since_s = 0, None
+            return raft.leader
+        candidates = self._join_candidates(formed_peers)
+        if not candidates:
+            return None
+        if self._join_asked_since_s is None:
+            self._join_asked_since_s = now_s
+        elif now_s - self._join_asked_since_s >= patience_s:
+            silent = candidates[self._join_skipped % len(candidates)]
+            self._join_skipped += 1
+            self._join_asked_since_s = now_s
+            if self._join_skipped % len(candidates) == 0:
+                self._hello_seeds_again(now_s)
+            log.info("%s: no leader answered its join through %s; asking %s", self.node_id, silent,
+                     candidates[self._join_skipped % len(candidates)])
+        return candidates[self._join_skipped % len(candidates)]
 
     def _ask_readmission(self, now_s: float) -> None:
         """A node whose own log says it is a voter, but that hears no leader while heartbeats name
@@ -827,11 +928,16 @@ class NodeCore:
         answer sets ``has_left``. False when no leader is known."""
         raft = self.raft
         assert raft is not None
-        leader = raft.leader if raft.leader not in (None, self.node_id) else None
+        ours = raft.leader if raft.leader not in (None, self.node_id) else None
+        leader = ours
+        if leader is not None and now_s - raft.last_leader_contact_s > 2 * self.config.election_timeout_s:
+            # A leader we no longer hear from (a node left out of the group keeps the last one it
+            # knew): ask the one the peers name, if any.
+            leader = None
         if leader is None:
             hinted = sorted({c["leader"] for c in self.peer_clusters.values()
                              if c["formed"] and c["leader"] and c["leader"] != self.node_id})
-            leader = hinted[0] if hinted else None
+            leader = hinted[0] if hinted else ours
         if leader is None:
             return False
 

@@ -753,6 +753,8 @@ class Replica:
                     except CorruptLogError as exc:
                         log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
                                   start, peer, exc)
+                        if not heartbeat:
+                            return  # retry what cannot be read at the next heartbeat, not on every answer
                         data = b""
                 if data and recent is None:
                     first = batch_format.parse_header(data)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from meshq.core import batch as batch_format
+from meshq.core import wire
+from meshq.core.events import EventReceived, RequestReceived
 from meshq.core.hashing import partition_for_key
 from meshq.core.node import OFFSETS_TOPIC, FetchResult
 from meshq.errors import NodeStoppedError, TimeoutError
@@ -238,3 +240,99 @@ def test_retention_deletes_whole_sealed_segments(retention):
     h.advance(1.5)
     assert state.log.start_offset > 0
     assert state.log.end_offset == 20
+
+
+def test_a_client_that_forgot_every_member_asks_its_seeds_again_with_backoff():
+    # The client is cut off from its only storage node for longer than member_timeout_s: it
+    # forgets it, and nothing but its seed list can bring it back. It asks the seed again with
+    # growing but capped waits, and once the network heals it re-learns the member and produces.
+    server = CoreHarness("server", partitions=2)
+    client = CoreHarness("client", role="client", data_dir=None, seeds=("127.0.0.1:9000",), request_timeout_s=1.0,
+                         member_timeout_s=5.0)
+    pump(client, server)
+    assert client.core.members.alive_ids("storage") == ["server"]
+    seed_hellos = []
+    for step in range(1, 241):  # 24 s cut off: every request is lost
+        client.advance(0.1)
+        for send in client.sent:
+            if send.peer.startswith("seed:") and wire.decode(send.frames, client.config.cluster).type == "hello":
+                seed_hellos.append(round(step * 0.1, 1))
+        client.sent.clear()
+    assert "server" not in client.core.members  # forgotten after member_timeout_s
+    waits = [later - earlier for earlier, later in zip(seed_hellos, seed_hellos[1:])]
+    assert len(seed_hellos) >= 5, seed_hellos
+    assert waits[-1] > waits[0] and max(waits) <= 5.5, waits  # backs off, up to ~4 s x 1.25 (+ a heartbeat)
+    while not any(send.peer.startswith("seed:") for send in client.sent):  # the network heals
+        client.advance(0.1)
+        client.sent[:] = [send for send in client.sent if send.peer.startswith("seed:")]
+    pump(client, server)
+    assert client.core.members.alive_ids("storage") == ["server"]
+    outcome = client.produce("t", [b"back"], partition=1, timeout_s=10.0)
+    for _ in range(5):
+        pump(client, server)
+        client.advance(0.3)
+    assert outcome.errors == [] and outcome.results == [("t", 1, 0)]
+
+
+def storage_heartbeat(node_id: str, port: int, leader: str | None) -> EventReceived:
+    """A heartbeat from a storage member of a formed cluster that names ``leader``."""
+    info = {"node_id": node_id, "address": f"tcp://127.0.0.1:{port}", "pub_address": f"tcp://127.0.0.1:{port + 1}",
+            "role": "storage", "incarnation": 1}
+    body = {"member": info, "members": [info], "formed": True, "leader": leader, "size": 2, "trivial": False,
+            "can_form": False, "term": 1, "leads": []}
+    return EventReceived(wire.Message("heartbeat", node_id, 0, body))
+
+
+def join_targets(h: CoreHarness) -> list[str]:
+    targets = [send.peer for send in h.sent if wire.decode(send.frames, h.config.cluster).type == "raft_join"]
+    h.sent.clear()
+    return targets
+
+
+def test_a_joiner_moves_on_from_a_silent_join_target():
+    # n9 hears of a formed cluster {a, b} whose heartbeats both name a as leader, then a falls
+    # silent (b has not noticed yet). n9 must not ask a forever: after 2 x election_timeout_s
+    # without a leader answering it asks b, which would forward the join to whoever leads.
+    h = CoreHarness("n9", seeds=("127.0.0.1:9100",))  # a seed that never answers: n9 never forms alone
+    h.handle(storage_heartbeat("a", 7000, "a"))
+    h.handle(storage_heartbeat("b", 7010, "a"))
+    assert join_targets(h) == ["a"]
+    for _ in range(25):  # 2.5 s: less than failure_timeout_s, so a is only suspect, not dead
+        h.advance(0.1)
+        h.handle(storage_heartbeat("b", 7010, "a"))
+    targets = join_targets(h)
+    assert targets[0] == "a" and "b" in targets
+    assert h.core.members.get("a").state == "suspect"
+
+
+def test_a_joiner_moves_on_at_once_from_a_target_that_left_and_stays_with_a_leader_that_answers():
+    h = CoreHarness("n9", seeds=("127.0.0.1:9100",))
+    h.handle(storage_heartbeat("a", 7000, "a"))
+    h.handle(storage_heartbeat("b", 7010, "a"))
+    assert join_targets(h) == ["a"]
+    h.handle(EventReceived(wire.Message("goodbye", "a", 0, {"node_id": "a", "incarnation": 1})))
+    h.advance(0.35)
+    assert join_targets(h) == ["b"]
+    # b becomes leader and starts replicating the metadata log to n9: n9 keeps asking b.
+    h.handle(RequestReceived(b"b", wire.Message("raft_append", "b", 0, {
+        "term": 2, "leader": "b", "prev_index": -1, "prev_term": 0, "entries": [], "commit": -1})))
+    for _ in range(10):
+        h.advance(0.35)
+        h.handle(storage_heartbeat("b", 7010, "b"))
+        h.handle(RequestReceived(b"b", wire.Message("raft_append", "b", 0, {
+            "term": 2, "leader": "b", "prev_index": -1, "prev_term": 0, "entries": [], "commit": -1})))
+    assert set(join_targets(h)) == {"b"}
+
+
+def test_a_node_that_holds_a_term_but_no_configuration_never_forms_a_cluster_of_its_own():
+    # It was reached by a formed cluster (an append raised its term) before any entry arrived,
+    # then forgot every member of it. Forming its own cluster now would start a second history
+    # at a term already used (raft.bootstrap refuses): it keeps waiting to be admitted instead.
+    storage = MemoryStorage()
+    storage.write_meta("raft", {"term": 1, "voted_for": None, "commit": -1})
+    h = CoreHarness("n1", storage=storage)
+    h.advance(5.0)
+    assert not h.core.raft.formed and h.core.raft.term == 1
+    h.handle(storage_heartbeat("a", 7000, "a"))
+    h.advance(0.6)  # the next heartbeat tick
+    assert join_targets(h) == ["a"]

@@ -83,3 +83,29 @@ def test_only_the_newest_batches_are_kept(monkeypatch):
     one, _base, one_next = state.read_recent(bases[6], 1)
     assert one_next == ends[6] and len(list(batch_format.iter_batches(one))) == 1
     cl.check_committed_agree()
+
+
+def test_a_batch_the_leader_cannot_read_is_retried_per_heartbeat_not_per_answer():
+    """A follower needs a batch the leader cannot read (a damaged segment): the leader retries it
+    at its heartbeats, not at once on every answer (which was a message storm: seed 2411)."""
+    from meshq.errors import CorruptLogError
+
+    cl = settled()
+    cl.cut |= {("a", "c"), ("c", "a")}  # c falls behind
+    for i in range(3):
+        cl.write("a", [f"x{i}".encode()])
+    cl.pump()
+    leader = cl.nodes["a"]
+    leader.state.read_recent = lambda offset, max_bytes: None  # not in memory: from the (damaged) file
+
+    def damaged(offset, max_bytes):
+        raise CorruptLogError(f"offset {offset} is in a damaged segment (test)")
+
+    leader.log.read = damaged
+    cl.heal()
+    before = len(cl.sent)
+    cl.advance(3.0)  # 20 heartbeat intervals of 0.15 s
+    to_c = [m for m in cl.sent[before:] if m.src == "a" and m.dst == "c" and m.type == "repl_append"]
+    assert 5 <= len(to_c) <= 25, len(to_c)  # about one per heartbeat
+    assert all(not m.payloads for m in to_c)
+    assert cl["a"].is_leader  # b keeps the quorum; nothing else is disturbed
