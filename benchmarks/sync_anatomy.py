@@ -1,0 +1,198 @@
+"""Where a synchronous ``acks=quorum`` produce spends its time: latency, CPU and thread switches.
+
+Starts three ``meshq node`` processes on 127.0.0.1 (no mDNS, replication factor 3) and a
+client ``meshq.Node`` in this process, then times ``--count`` sequential ``produce`` calls to
+one partition (one leader, two followers) and reports, per request:
+
+* latency p50 / p90 / p99;
+* CPU time (user + system) of each process, split into its Python threads (the meshq runtime
+  thread and, in the client, the caller) and its ZeroMQ I/O thread, from ``/proc``;
+* voluntary + involuntary context switches of each thread, from ``/proc``.
+
+With ``--wake`` it also measures what one ``send`` costs the sender when the ZeroMQ I/O thread
+is asleep (every message of a synchronous chain) against when it is busy (pipelined), with bare
+pyzmq: the price of one thread wake-up on this machine.
+
+    python benchmarks/sync_anatomy.py [--count 3000] [--rounds 3] [--wake]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+from relay_floor import socket_ports
+
+from meshq.node import Node
+
+TOPIC = "anatomy"
+VALUE = b"v" * 100
+
+
+def _thread_stats(pids: dict[str, int]) -> dict[tuple[str, str], tuple[float, int]]:
+    """(process label, thread label) -> (cpu seconds, context switches), summed over same-named threads."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[str, str], tuple[float, int]] = {}
+    for label, pid in pids.items():
+        for task in glob.glob(f"/proc/{pid}/task/*"):
+            try:
+                stat = open(f"{task}/stat").read()
+                status = open(f"{task}/status").read()
+            except OSError:
+                continue  # the thread ended
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            # (Python 3.11 does not name OS threads: the runtime and the caller both show as "python")
+            name = "zmq-io" if "IO" in name else ("python threads" if name.startswith("python") else name)
+            fields = stat.rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / ticks
+            switches = sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+            old_cpu, old_switches = out.get((label, name), (0.0, 0))
+            out[(label, name)] = (old_cpu + cpu, old_switches + switches)
+    return out
+
+
+def _ready(child: subprocess.Popen) -> str:
+    """The node id from a ``meshq node`` child's ``ready`` line on stdout."""
+    line = child.stdout.readline() if child.stdout is not None else ""
+    if not line:
+        raise SystemExit(f"meshq node (pid {child.pid}) exited before it was ready; see its stderr file")
+    return json.loads(line)["node_id"]
+
+
+def _round(client: Node, count: int, pids: dict[str, int]) -> None:
+    before = _thread_stats(pids)
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter_ns()
+        client.produce(TOPIC, VALUE, acks="quorum", partition=0)
+        samples.append(time.perf_counter_ns() - started)
+    after = _thread_stats(pids)
+    samples.sort()
+    p = [samples[int(len(samples) * q)] / 1000 for q in (0.5, 0.9, 0.99)]
+    print(f"latency p50 {p[0]:.0f} µs, p90 {p[1]:.0f} µs, p99 {p[2]:.0f} µs ({count} produces)")
+    total_cpu = total_switches = 0.0
+    for label in pids:
+        parts = []
+        cpu_sum = 0.0
+        for (process, thread), (cpu, switches) in sorted(after.items()):
+            if process != label:
+                continue
+            cpu0, switches0 = before.get((process, thread), (0.0, 0))
+            cpu_us = (cpu - cpu0) / count * 1e6
+            per = (switches - switches0) / count
+            cpu_sum += cpu_us
+            total_switches += per
+            if cpu_us >= 5 or per >= 0.05:
+                parts.append(f"{thread} {cpu_us:.0f} µs / {per:.1f} sw")
+        total_cpu += cpu_sum
+        print(f"  {label:18} {cpu_sum:5.0f} µs CPU per produce   ({', '.join(parts)})")
+    print(f"  {'all':18} {total_cpu:5.0f} µs CPU per produce, {total_switches:.1f} thread switches per produce")
+
+
+def _sink(port: int) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    while router.recv_multipart()[-1] != b"stop":
+        pass
+
+
+def _wake_cost(count: int) -> None:
+    with socket_ports(1) as (port,):
+        sink = multiprocessing.Process(target=_sink, args=(port,), daemon=True)
+        sink.start()
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")  # blocks until connected
+        time.sleep(0.2)
+        for idle_s, what in ((0.0, "I/O thread busy (back-to-back sends)"), (0.0005, "I/O thread asleep (0.5 ms apart)")):
+            samples = []
+            for _ in range(count):
+                if idle_s:
+                    time.sleep(idle_s)
+                else:
+                    time.sleep(0) if len(samples) % 100 else time.sleep(0.001)  # stay below the HWM
+                started = time.perf_counter_ns()
+                dealer.send(VALUE)
+                samples.append(time.perf_counter_ns() - started)
+            print(f"one send, {what}: p50 {statistics.median(samples) / 1000:.1f} µs")
+        dealer.send(b"stop")
+        dealer.close(200)
+        sink.join(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--wake", action="store_true", help="also time one send to an idle vs busy I/O thread")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="meshq-anatomy-")
+    children: list[subprocess.Popen] = []
+    node_ids: list[str] = []
+    client = None
+    try:
+        with socket_ports(3) as ports:
+            for index, port in enumerate(ports):
+                argv = [sys.executable, "-m", "meshq", "node", "--data", f"{workdir}/node{index + 1}",
+                        "--host", "127.0.0.1", "--port", str(port), "--no-mdns", "--fsync", "interval",
+                        "--partitions", "4", "--replication-factor", "3", "--log-level", "WARNING"]
+                if index:
+                    argv += ["--seed", f"127.0.0.1:{ports[0]}"]
+                stderr = open(f"{workdir}/node{index + 1}.stderr", "w")
+                children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True))
+                if index == 0:
+                    node_ids.append(_ready(children[0]))  # the first node forms the cluster the others join
+            node_ids += [_ready(child) for child in children[1:]]
+        client = Node(seeds=[f"127.0.0.1:{port}" for port in ports], mdns=False, role="client")
+        client.start()
+        client.wait_ready(timeout=30)
+        client.create_topic(TOPIC, partitions=4, replication_factor=3)
+        deadline = time.monotonic() + 60
+        while True:  # until the partition has a leader and all three replicas are in sync
+            try:
+                client.produce(TOPIC, VALUE, acks="all", partition=0, timeout=2)
+                status = client.status()
+                part = next(t for t in status["topics"] if t["name"] == TOPIC)["partitions"][0]
+                if len(part["in_sync"]) == 3:
+                    break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+        pids = {}
+        for index, child in enumerate(children):
+            role = "leader" if node_ids[index] == part["leader"] else "follower"
+            pids[f"node{index + 1} ({role})"] = child.pid
+        pids["client"] = os.getpid()
+        for _ in range(300):
+            client.produce(TOPIC, VALUE, acks="quorum", partition=0)
+        for _ in range(args.rounds):
+            _round(client, args.count, pids)
+    finally:
+        if client is not None:
+            client.stop()
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
+    if args.wake:
+        _wake_cost(args.count)
+
+
+if __name__ == "__main__":
+    main()
