@@ -1598,6 +1598,13 @@ def _runs_text(row: dict) -> str:
     return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
 
 
+def _wide_console(console_class: Any) -> Any:
+    """A rich console at least 160 columns wide: the terminal's width on a wide terminal, else 160
+    (the replication and rebalance tables need it; a pipe gets 160 too)."""
+    wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
+    return console_class(width=None if wide else 160)
+
+
 def _print_machine(console: Any, scenario: str, machine: dict[str, Any]) -> None:
     console.print(f"[bold]meshq bench {scenario}[/bold]  {machine['nproc']} CPU x {machine['cpu']}, Python "
                   f"{machine['python']}, pyzmq {machine['pyzmq']} / libzmq {machine['libzmq']}, msgpack "
@@ -1770,8 +1777,7 @@ def _render_replication(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
-    console = Console(width=None if wide else 160)
+    console = _wide_console(Console)
     c = report["config"]
     _print_machine(console, "replication", report["machine"])
     console.print(f"records={c['records']:,} sync_records={c['sync_records']:,} value_bytes={c['value_bytes']} "
@@ -1908,8 +1914,7 @@ def _render_rebalance(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
-    console = Console(width=None if wide else 160)
+    console = _wide_console(Console)
     c = report["config"]
     _print_machine(console, "rebalance", report["machine"])
     console.print(f"records={c['records']:,} value_bytes={c['value_bytes']} batch={c['batch']} fsync={c['fsync']} "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from meshq.core import batch as batch_format
@@ -210,7 +211,7 @@ class PartitionState:
             return data, base, next_offset  # the common case: one batch (a read returns at least one)
         parts = [data]
         total = len(data)
-        for _base, batch_next, batch in list(recent)[index + 1:]:
+        for _base, batch_next, batch in islice(recent, index + 1, None):
             if total + len(batch) > max_bytes:
                 break
             parts.append(batch)
