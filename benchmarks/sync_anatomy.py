@@ -9,11 +9,15 @@ one partition (one leader, two followers) and reports, per request:
   thread and, in the client, the caller) and its ZeroMQ I/O thread, from ``/proc``;
 * voluntary + involuntary context switches of each thread, from ``/proc``.
 
+``Node.produce`` is sent from the calling thread when it can be (``meshq.io.direct``); with
+``--both-paths`` the rounds alternate between that and the runtime-thread path (the fast
+path switched off for the round), an interleaved A/B of the two in one run.
+
 With ``--wake`` it also measures what one ``send`` costs the sender when the ZeroMQ I/O thread
 is asleep (every message of a synchronous chain) against when it is busy (pipelined), with bare
 pyzmq: the price of one thread wake-up on this machine.
 
-    python benchmarks/sync_anatomy.py [--count 3000] [--rounds 3] [--wake]
+    python benchmarks/sync_anatomy.py [--count 3000] [--rounds 3] [--both-paths] [--wake]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import zmq
 from relay_floor import socket_ports
@@ -69,7 +74,7 @@ def _ready(child: subprocess.Popen) -> str:
     return json.loads(line)["node_id"]
 
 
-def _round(client: Node, count: int, pids: dict[str, int]) -> None:
+def _round(client: Node, count: int, pids: dict[str, int], label: str, direct: Any) -> None:
     before = _thread_stats(pids)
     samples = []
     for _ in range(count):
@@ -79,7 +84,9 @@ def _round(client: Node, count: int, pids: dict[str, int]) -> None:
     after = _thread_stats(pids)
     samples.sort()
     p = [samples[int(len(samples) * q)] / 1000 for q in (0.5, 0.9, 0.99)]
-    print(f"latency p50 {p[0]:.0f} µs, p90 {p[1]:.0f} µs, p99 {p[2]:.0f} µs ({count} produces)")
+    stats = direct.stats()
+    print(f"{label}: latency p50 {p[0]:.0f} µs, p90 {p[1]:.0f} µs, p99 {p[2]:.0f} µs ({count} produces; "
+          f"sent from the caller's thread so far: {stats['direct_produces']}, retried: {stats['direct_retries']})")
     total_cpu = total_switches = 0.0
     for label in pids:
         parts = []
@@ -135,6 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--both-paths", action="store_true",
+                        help="alternate rounds: produce from the caller's thread / through the runtime thread")
     parser.add_argument("--wake", action="store_true", help="also time one send to an idle vs busy I/O thread")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="meshq-anatomy-")
@@ -164,7 +173,9 @@ def main() -> None:
                 client.produce(TOPIC, VALUE, acks="all", partition=0, timeout=2)
                 status = client.status()
                 part = next(t for t in status["topics"] if t["name"] == TOPIC)["partitions"][0]
-                if len(part["in_sync"]) == 3:
+                # all in sync, and led by its ring owner (first replica): leadership moves there
+                # once it is caught up, which would otherwise happen in the middle of a round
+                if len(part["in_sync"]) == 3 and part["leader"] == part["replicas"][0]:
                     break
             except Exception:
                 if time.monotonic() > deadline:
@@ -177,8 +188,12 @@ def main() -> None:
         pids["client"] = os.getpid()
         for _ in range(300):
             client.produce(TOPIC, VALUE, acks="quorum", partition=0)
+        direct = client._direct
         for _ in range(args.rounds):
-            _round(client, args.count, pids)
+            for path in ("caller's thread", "runtime thread") if args.both_paths else ("produce",):
+                client._direct = None if path == "runtime thread" else direct
+                _round(client, args.count, pids, path, direct)
+        client._direct = direct
     finally:
         if client is not None:
             client.stop()

@@ -22,6 +22,7 @@ from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
 from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
 from meshq.io.clock import RealClock
+from meshq.io.direct import DirectProducer
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
 
@@ -74,6 +75,7 @@ class Node:
         self.core: NodeCore | None = None
         self.runtime: Runtime | None = None
         self._accumulator: Accumulator | None = None
+        self._direct: DirectProducer | None = None  # synchronous produce from the caller's thread
         self._discovery: Any = None
         self._started = False
         self._stopped = False
@@ -87,6 +89,7 @@ class Node:
         node.core = None
         node.runtime = None
         node._accumulator = None
+        node._direct = None
         node._discovery = None
         node._started = False
         node._stopped = False
@@ -121,6 +124,7 @@ class Node:
             raise
         self.runtime.on_left = self._after_leaving
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
+        self._direct = DirectProducer(self, self.runtime.context, random.Random())
         self._discovery = None
         if config.mdns:
             from meshq.io.discovery import Discovery
@@ -178,6 +182,8 @@ class Node:
         if not self._started or self._stopped:
             return
         self._stopped = True
+        if self._direct is not None:
+            self._direct.close()
         try:
             if self._accumulator is not None:
                 self._accumulator.flush_all()
@@ -399,8 +405,18 @@ class Node:
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: dict[str, bytes] | None = None,
                 acks: str = "quorum", timeout: float = 5.0, partition: int | None = None,
                 timestamp_ms: int | None = None) -> RecordMetadata:
-        """Produce one record and wait for its acknowledgement."""
-        future = self._append(topic, value, key, headers, acks, timeout, partition, timestamp_ms, flush_now=True)
+        """Produce one record and wait for its acknowledgement.
+
+        Sent from the calling thread straight to the partition's leader when it can be
+        (``meshq.io.direct``), else through the runtime thread; the guarantees are the same.
+        """
+        record = self._record(value, key, headers, acks, timestamp_ms)
+        if self._direct is not None:
+            metadata = self._direct.try_produce(topic, record, partition, acks, timeout)
+            if metadata is not None:
+                return metadata
+        assert self._accumulator is not None
+        future = self._accumulator.append(topic, record, partition, acks, timeout, True)
         return _wait(future, timeout + 0.5, "produce")
 
     def produce_async(self, topic: str, value: bytes, key: bytes | None = None,
@@ -430,6 +446,13 @@ class Node:
 
     def _append(self, topic: str, value: bytes, key: bytes | None, headers: dict | None, acks: str, timeout: float,
                 partition: int | None, timestamp_ms: int | None, flush_now: bool) -> Future:
+        record = self._record(value, key, headers, acks, timestamp_ms)
+        assert self._accumulator is not None
+        return self._accumulator.append(topic, record, partition, acks, timeout, flush_now)
+
+    def _record(self, value: bytes, key: bytes | None, headers: dict | None, acks: str,
+                timestamp_ms: int | None) -> tuple:
+        """Check the arguments of one record and build its (key, value, headers, timestamp) tuple."""
         self._require_started()
         if acks not in _ACKS:
             _check_acks(acks)
@@ -439,9 +462,7 @@ class Node:
             key = _as_bytes(key)
         if headers:
             headers = {str(k): _as_bytes(v) for k, v in headers.items()}
-        record = (key, value, headers or None, timestamp_ms if timestamp_ms is not None else self.clock.wall_ms())
-        assert self._accumulator is not None
-        return self._accumulator.append(topic, record, partition, acks, timeout, flush_now)
+        return key, value, headers or None, timestamp_ms if timestamp_ms is not None else self.clock.wall_ms()
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything buffered and wait until every produce so far has completed."""
