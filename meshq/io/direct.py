@@ -234,7 +234,8 @@ class DirectProducer:
         if leader == core.node_id or core.members is None:
             return False
         member = core.members.get(leader)
-        return member is None or member.state != "alive"
+        # (not in the member table yet: unknown is not silent; the runtime's producer waits too)
+        return member is not None and member.state != "alive"
 
     def _refresh(self, topic: str, deadline: float) -> None:
         """Ask the runtime for fresh metadata (it also connects to the leaders it names)."""
