@@ -21,7 +21,8 @@ DEALER socket, and waits for the answer there:
   per attempt and never past its own deadline.
 * **A call that ends without an acknowledgement starts a new producer epoch** for the
   thread: leaders fence the old epoch, so a batch whose fate is unknown can never be stored
-  behind later ones (as the runtime's producer does; KIP-360).
+  behind later ones (as the runtime's producer does; KIP-360). When it ended on a timeout or
+  another retriable error, the next call to the topic refreshes its metadata first.
 
 ``try_produce`` returns None — the record then goes through the runtime as before — when
 nothing was sent and the fast path does not apply: ``acks=none``; the topic's metadata is not
@@ -113,6 +114,7 @@ class DirectProducer:
         self._states: list[_ThreadState] = []
         self._states_lock = threading.Lock()
         self._ended_counts = [0, 0]  # produced / retries of the threads whose state was dropped
+        self._stale: set[str] = set()  # topics whose metadata is refreshed before the next call
 
     # ------------------------------------------------------------------ public
     def try_produce(self, topic: str, record: tuple, partition: int | None, acks: str,
@@ -124,6 +126,11 @@ class DirectProducer:
         accumulator = self.node._accumulator
         if accumulator.buffers or accumulator.tracker.outstanding:
             return None  # earlier records of this node are not acknowledged yet: keep their order
+        if topic in self._stale:
+            # The last call to this topic ended without an answer: its leader may have moved.
+            # Ask again first, as the runtime's producer drops its metadata after such a failure.
+            self._stale.discard(topic)
+            self._refresh(topic, self.now_s() + timeout_s)
         meta = self.core.metadata.get(topic)
         if meta is None:
             return None
@@ -154,8 +161,10 @@ class DirectProducer:
             try:
                 base_offset = self._send_until_answered(state, topic, partition, acks, data, endpoint,
                                                         self.now_s() + timeout_s)
-            except BaseException:
+            except BaseException as exc:
                 state.new_epoch()  # its fate may be unknown: fence it (module docstring)
+                if not isinstance(exc, MeshqError) or _retriable(exc):
+                    self._stale.add(topic)
                 if self.closed:
                     state.close_sockets()
                 raise

@@ -191,8 +191,10 @@ def test_a_produce_whose_fate_is_unknown_starts_a_new_epoch(storage, silent):
             client.produce("u", b"lost?", partition=0, timeout=0.5)
         assert time.monotonic() - started < 3
         assert state.epoch == 1 and state.sequences == {}, "the unknown batch is fenced by a new epoch"
+        assert "u" in client._direct._stale, "the next call asks for fresh metadata first"
         client.core.peer_endpoints[storage.node_id] = storage.address
         md = client.produce("u", b"v2", partition=0)  # epoch 1, sequence 0: accepted
+        assert not client._direct._stale
         assert [v for _, v in _values(storage, "u", 0)] == [b"v0", b"v1", b"v2"] and md.offset == 2
 
 
