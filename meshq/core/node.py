@@ -1896,11 +1896,12 @@ class NodeCore:
     def _retry_later(self, out: OutBatch, pp: ProducerPartition, error: MeshqError, now_s: float,
                      requeue: bool) -> None:
         """Retry a batch (same sequence numbers) after a metadata refresh, or fail it at its deadline."""
-        retriable = error.retriable or isinstance(error, (UnknownTopicError,)) or error_code(error) == "out_of_order_sequence"
+        retriable = produce_retriable(error)
         if not retriable or now_s + _METADATA_RETRY_S >= out.deadline_s:
             if not requeue:
                 pp.queue.popleft()
-            self._fail_batch(out, _final_produce_error(out, error) if retriable else error)
+            self._fail_batch(out, final_produce_error(out.topic, out.partition, out.attempts, error)
+                             if retriable else error)
             self._pump((out.topic, out.partition), now_s)
             return
         if requeue:
@@ -2251,20 +2252,26 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
     return data[:end] if end != len(data) else data
 
 
-def _final_produce_error(out: OutBatch, error: MeshqError) -> MeshqError:
+def produce_retriable(error: MeshqError) -> bool:
+    """Whether a failed produce is sent again (same sequence numbers) after a metadata refresh."""
+    return error.retriable or isinstance(error, UnknownTopicError) or error_code(error) == "out_of_order_sequence"
+
+
+def final_produce_error(topic: str, partition: int, attempts: int, error: MeshqError | None) -> MeshqError:
     """What a produce that ran out of time reports: ``TimeoutError`` when an attempt reached a
     leader (its fate is unknown: it may be stored), ``NotEnoughReplicasError`` when no leader of
-    the partition could be reached at all. The last retriable error is kept in the message."""
-    where = f"{out.topic}/{out.partition}"
+    the partition could be reached at all. The last retriable error (None: no answer at all) is
+    kept in the message."""
+    where = f"{topic}/{partition}"
     if isinstance(error, (TimeoutError, NotEnoughReplicasError)):
         return error
-    if out.attempts == 0 and isinstance(error, NotLeaderError):
+    if attempts == 0 and isinstance(error, NotLeaderError):
         return NotEnoughReplicasError(
             f"no leader of {where} could be reached before the deadline (a majority of its replicas may be "
             f"down or cut off); nothing was sent. Last error: {error}")
     return TimeoutError(
         f"produce to {where} was not acknowledged before its deadline; it may or may not be stored. "
-        f"Last error: {error}")
+        f"Last error: {error or 'no answer'}")
 
 
 def _too_large(size: int, limit: int) -> MeshqError:

@@ -49,23 +49,20 @@ import zmq
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.hashing import partition_for_key
+from meshq.core.node import final_produce_error, produce_retriable
 from meshq.core.records import RecordMetadata
 from meshq.errors import (
     MeshqError,
     NodeStoppedError,
-    NotEnoughReplicasError,
     NotLeaderError,
     ProtocolError,
-    TimeoutError,
-    UnknownTopicError,
     UsageError,
-    error_code,
     error_from_code,
 )
+from meshq.io.runtime import new_socket
 
 _SLICE_S = 0.05  # how often a waiting call looks at the leader's liveness and at close()
 _RETRY_PAUSE_S = 0.05  # pause before a retry after an error answer (the cluster is changing)
-_RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 
@@ -163,7 +160,7 @@ class DirectProducer:
                                                         self.now_s() + timeout_s)
             except BaseException as exc:
                 state.new_epoch()  # its fate may be unknown: fence it (module docstring)
-                if not isinstance(exc, MeshqError) or _retriable(exc):
+                if not isinstance(exc, MeshqError) or produce_retriable(exc):
                     self._stale.add(topic)
                 if self.closed:
                     state.close_sockets()
@@ -208,38 +205,36 @@ class DirectProducer:
                 self._states.append(state)
         return state
 
+    def _leader(self, topic: str, partition: int) -> str | None:
+        """The node the client half's metadata names as the partition's leader, if any."""
+        meta = self.core.metadata.get(topic)  # read-only lookups of the runtime's dicts (atomic under the GIL)
+        if meta is None or partition >= len(meta["leaders"]):
+            return None
+        return meta["leaders"][partition]
+
     def _leader_endpoint(self, topic: str, partition: int, first: bool) -> str | None:
         """Where to send: the metadata's leader, if connected. On the first attempt the local
         node as leader means "use the runtime" (None); on a retry it is this node's own ROUTER."""
-        core = self.core
-        meta = core.metadata.get(topic)  # read-only lookups of the runtime's dicts (atomic under the GIL)
-        if meta is None or partition >= len(meta["leaders"]):
-            return None
-        leader = meta["leaders"][partition]
+        leader = self._leader(topic, partition)
         if leader is None:
             return None
-        if leader == core.node_id:
+        if leader == self.core.node_id:
             return None if first else self.node.runtime.endpoint
-        return core.peer_endpoints.get(leader)
+        return self.core.peer_endpoints.get(leader)
 
     def _socket(self, state: _ThreadState, endpoint: str) -> zmq.Socket:
         sock = state.sockets.get(endpoint)
         if sock is None:
-            sock = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
+            sock = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes)
             sock.connect(endpoint)
             state.sockets[endpoint] = sock
         return sock
 
     def _leader_silent(self, topic: str, partition: int) -> bool:
-        core = self.core
-        meta = core.metadata.get(topic)
-        if meta is None or partition >= len(meta["leaders"]):
-            return True
-        leader = meta["leaders"][partition]
+        leader = self._leader(topic, partition)
         if leader is None:
             return True
+        core = self.core
         if leader == core.node_id or core.members is None:
             return False
         member = core.members.get(leader)
@@ -266,7 +261,7 @@ class DirectProducer:
         while True:
             now = self.now_s()
             if now >= deadline:
-                raise _final_error(topic, partition, last_error)
+                raise final_produce_error(topic, partition, len(request_ids), last_error)
             if endpoint is None:
                 endpoint = self._leader_endpoint(topic, partition, first=False)
                 if endpoint is None:
@@ -294,7 +289,7 @@ class DirectProducer:
             if type(answer) is int:
                 return answer
             last_error = answer
-            if answer is not None and not _retriable(answer):
+            if answer is not None and not produce_retriable(answer):
                 raise answer
             endpoint = None
             if answer is not None:
@@ -317,11 +312,8 @@ class DirectProducer:
                 if self._leader_silent(topic, partition):
                     return NotLeaderError(f"the leader of {topic}/{partition} went silent; retrying elsewhere")
                 continue
-            frames = [sock.recv(_NOBLOCK)]
-            while sock.get(_RCVMORE):
-                frames.append(sock.recv(_NOBLOCK))
             try:
-                message = wire.decode(frames, cluster)
+                message = wire.decode(sock.recv_multipart(_NOBLOCK), cluster)
             except ProtocolError:
                 continue  # dropped, as the runtime drops it
             if message.request_id not in request_ids:
@@ -331,19 +323,6 @@ class DirectProducer:
             if message.type == "error":
                 return error_from_code(message.body["code"], message.body["message"])
             return ProtocolError(f"unexpected answer {message.type!r} to a produce")
-
-
-def _retriable(error: MeshqError) -> bool:
-    return error.retriable or isinstance(error, UnknownTopicError) or error_code(error) == "out_of_order_sequence"
-
-
-def _final_error(topic: str, partition: int, error: MeshqError | None) -> MeshqError:
-    """What a produce that ran out of time reports (as the runtime's producer does): the leader's
-    own timeout or quorum error, else a timeout whose fate is unknown."""
-    if isinstance(error, (TimeoutError, NotEnoughReplicasError)):
-        return error
-    return TimeoutError(f"produce to {topic}/{partition} was not acknowledged before its deadline; it may or may not "
-                        f"be stored. Last error: {error or 'no answer'}")
 
 
 __all__ = ["DirectProducer"]

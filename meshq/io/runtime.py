@@ -154,12 +154,7 @@ class Runtime:
             self.pub_endpoint = f"tcp://{config.advertised_host}:{pub_port}"
 
     def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.core.config.max_frame_bytes)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        return sock
+        return new_socket(self.context, kind, self.core.config.max_frame_bytes)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -425,6 +420,16 @@ class _Task:
         self.run = run
 
 
+def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int) -> zmq.Socket:
+    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    return sock
+
+
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:
     if port:
         sock.bind(f"tcp://{host}:{port}")
@@ -462,4 +467,4 @@ def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
         waiter(result, error)
 
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "new_socket"]
