@@ -37,10 +37,29 @@ import zmq
 from meshq.core import batch as batch_format
 
 
-def _follower(port: int) -> None:
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
+def _router(port: int) -> zmq.Socket:
+    router = zmq.Context.instance().socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port}")
+    return router
+
+
+def _leader_sockets(port: int, follower_ports: list[int]) -> tuple[zmq.Socket, list[zmq.Socket], zmq.Poller]:
+    """The leader's ROUTER (clients), a DEALER per follower, and a poller over all of them."""
+    router = _router(port)
+    followers = []
+    for follower_port in follower_ports:
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{follower_port}")
+        followers.append(dealer)
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    for dealer in followers:
+        poller.register(dealer, zmq.POLLIN)
+    return router, followers, poller
+
+
+def _follower(port: int) -> None:
+    router = _router(port)
     while True:
         route, body = router.recv_multipart()
         if body == b"stop":
@@ -49,18 +68,7 @@ def _follower(port: int) -> None:
 
 
 def _leader(port: int, follower_ports: list[int]) -> None:
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    followers = []
-    for follower_port in follower_ports:
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{follower_port}")
-        followers.append(dealer)
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    for dealer in followers:
-        poller.register(dealer, zmq.POLLIN)
+    router, followers, poller = _leader_sockets(port, follower_ports)
     pending: dict[bytes, bytes] = {}  # request id -> client route, until the first follower answers
     while True:
         for sock, _event in poller.poll():
@@ -81,9 +89,7 @@ def _leader(port: int, follower_ports: list[int]) -> None:
 
 
 def _follower_work(port: int, path: str) -> None:
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(f"tcp://127.0.0.1:{port}")
+    router = _router(port)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     while True:
         frames = router.recv_multipart()
@@ -98,18 +104,7 @@ def _follower_work(port: int, path: str) -> None:
 
 
 def _leader_work(port: int, follower_ports: list[int], path: str) -> None:
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    followers = []
-    for follower_port in follower_ports:
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{follower_port}")
-        followers.append(dealer)
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    for dealer in followers:
-        poller.register(dealer, zmq.POLLIN)
+    router, followers, poller = _leader_sockets(port, follower_ports)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sequences: dict[int, int] = {}
     pending: dict[int, tuple[bytes, int, int]] = {}  # end offset -> (client route, request id, base)
