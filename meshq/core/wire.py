@@ -20,7 +20,6 @@ compatible within one version); missing or mistyped fields are errors.
 
 from __future__ import annotations
 
-import os
 import re
 import reprlib
 from collections.abc import Callable, Sequence
@@ -38,11 +37,11 @@ _MAX_ITEMS = 100_000
 
 Check = Callable[[Any, str], Any]
 
-# Check every outgoing body against its schema too (a meshq bug otherwise). The tests switch it
-# on (tests/conftest.py sets MESHQ_CHECK_OUTGOING=1, inherited by the nodes they start); a node
-# in production skips it: incoming messages are always checked, and this one costs a few µs
-# on every message of the hot path.
-CHECK_OUTGOING = os.environ.get("MESHQ_CHECK_OUTGOING", "") == "1"
+# Check every outgoing body against its schema too (a meshq bug otherwise). Off in production:
+# incoming messages are always checked, and this one costs a few µs on every message of the hot
+# path. The runtime module switches it on when MESHQ_CHECK_OUTGOING=1 (the tests set it; the
+# nodes they start inherit it) — the core itself reads no environment.
+CHECK_OUTGOING = False
 
 
 # ---------------------------------------------------------------- field checks

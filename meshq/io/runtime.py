@@ -67,6 +67,8 @@ _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to de
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+if os.environ.get("MESHQ_CHECK_OUTGOING", "") == "1":
+    wire.CHECK_OUTGOING = True  # (see meshq.core.wire): the switch lives with the I/O, not in the core
 
 
 class Runtime:
