@@ -1598,11 +1598,16 @@ def _runs_text(row: dict) -> str:
     return " / ".join(f"{r / 1e6:.2f}M" for r in row.get("runs_records_per_s", [])) or "1 run"
 
 
-def _wide_console(console_class: Any) -> Any:
-    """A rich console at least 160 columns wide: the terminal's width on a wide terminal, else 160
-    (the replication and rebalance tables need it; a pipe gets 160 too)."""
+def _wide_console(scenario: str, machine: dict[str, Any]) -> Any:
+    """A rich console at least 160 columns wide — the terminal's width on a wide terminal, else 160
+    (the replication and rebalance tables need it; a pipe gets 160 too) — that has printed the
+    scenario's machine line."""
+    from rich.console import Console
+
     wide = sys.stdout.isatty() and shutil.get_terminal_size().columns >= 160
-    return console_class(width=None if wide else 160)
+    console = Console(width=None if wide else 160)
+    _print_machine(console, scenario, machine)
+    return console
 
 
 def _print_machine(console: Any, scenario: str, machine: dict[str, Any]) -> None:
@@ -1774,12 +1779,10 @@ def _replication_errors(report: dict[str, Any]) -> list[str]:
 
 
 def _render_replication(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = _wide_console(Console)
+    console = _wide_console("replication", report["machine"])
     c = report["config"]
-    _print_machine(console, "replication", report["machine"])
     console.print(f"records={c['records']:,} sync_records={c['sync_records']:,} value_bytes={c['value_bytes']} "
                   f"batch={c['batch']} fsync={c['fsync']} nodes={c['nodes']} replication_factor="
                   f"{c['replication_factor']} partitions={PARTITIONS} failover_repeats={c['failover_repeats']}")
@@ -1911,12 +1914,10 @@ def _rebalance_errors(report: dict[str, Any]) -> list[str]:
 
 
 def _render_rebalance(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = _wide_console(Console)
+    console = _wide_console("rebalance", report["machine"])
     c = report["config"]
-    _print_machine(console, "rebalance", report["machine"])
     console.print(f"records={c['records']:,} value_bytes={c['value_bytes']} batch={c['batch']} fsync={c['fsync']} "
                   f"nodes={c['nodes']}+1 replication_factor={c['replication_factor']} partitions={c['partitions']} "
                   f"load_rate={c['load_rate']}")
