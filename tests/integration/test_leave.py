@@ -142,3 +142,23 @@ def test_leave_refuses_unknown_client_and_stopped_nodes(pair, tmp_path):
         with pytest.raises(meshq.NoRespondersError, match="n2 is not running"):
             client.leave(node_id="n2", timeout=5)
     assert first.status()["metadata"]["voters"] == ["n1", "n2"], "a refused leave changes nothing"
+
+
+def test_a_node_that_stops_just_after_the_first_check_is_reported_not_running(pair, monkeypatch):
+    """The check before asking can see a node alive that is stopping (a view not yet updated):
+    the asks then go unanswered, and the failure names the stopped node instead of a timeout."""
+    first, second = pair
+    checks = []
+    real_check = meshq.Node._check_can_leave
+
+    def stale_first_view(self, node_id, timeout_s):
+        checks.append(node_id)
+        if len(checks) == 1:
+            return False  # "n2 is alive": what a view from before the stop says
+        return real_check(self, node_id, timeout_s)
+
+    monkeypatch.setattr(meshq.Node, "_check_can_leave", stale_first_view)
+    second.stop()
+    with pytest.raises(meshq.NoRespondersError, match="n2 is not running"):
+        first.leave(node_id="n2", timeout=5)
+    assert checks == ["n2", "n2"]
