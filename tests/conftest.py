@@ -33,9 +33,9 @@ def node_processes(tmp_path):
         node.kill()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_thread_leak():
-    """Fail the test if it leaves meshq runtime threads behind."""
+    """Fail any test that leaves meshq runtime threads behind (on for every test)."""
     before = {t.ident for t in threading.enumerate()}
     yield
     leaked = [t.name for t in threading.enumerate()

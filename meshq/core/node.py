@@ -1077,13 +1077,13 @@ class NodeCore:
 
     # ================================================================== server half
     def _serve(self, route: Any, message: wire.Message, now_s: float) -> None:
-        handler = _SERVERS.get(message.type)
-        if handler is None:
+        name = _SERVERS.get(message.type)
+        if name is None:
             # A reply type sent as a request: the peer is confused; drop and count it.
             self.counters["frames_invalid"] += 1
             return
         try:
-            handler(self, route, message, now_s)
+            getattr(self, name)(route, message, now_s)
         except MeshqError as exc:
             self._reply_error(route, message.request_id, exc)
 
@@ -1966,14 +1966,14 @@ class NodeCore:
 
     # ------------------------------------------------------------------ other commands
     def _command(self, command: Command, now_s: float) -> None:
-        handler = _COMMANDS.get(command.kind)
-        if handler is None:
+        name = _COMMANDS.get(command.kind)
+        if name is None:
             raise UsageError(f"unknown command {command.kind!r}")
         if self.stopped:
             self._effects.append(Fail(command.waiter, NodeStoppedError("the node is stopped")))
             return
         try:
-            handler(self, command, now_s)
+            getattr(self, name)(command, now_s)
         except MeshqError as exc:
             self._effects.append(Fail(command.waiter, exc))
 
@@ -2278,38 +2278,39 @@ def _too_large(size: int, limit: int) -> MeshqError:
     return MessageTooLargeError(f"a record batch of {size} bytes exceeds the limit of {limit}; send smaller records")
 
 
-_SERVERS: dict[str, Callable[[NodeCore, Any, wire.Message, float], None]] = {
-    "hello": NodeCore._serve_hello,
-    "raft_vote": NodeCore._serve_raft,
-    "raft_vote_ok": NodeCore._serve_raft,
-    "raft_append": NodeCore._serve_raft,
-    "raft_append_ok": NodeCore._serve_raft,
-    "raft_join": NodeCore._serve_raft_join,
-    "raft_propose": NodeCore._serve_raft_propose,
-    "metadata": NodeCore._serve_metadata,
-    "create_topic": NodeCore._serve_create_topic,
-    "produce": NodeCore._serve_produce,
-    "fetch": NodeCore._serve_fetch,
-    "list_offsets": NodeCore._serve_list_offsets,
-    "offset_commit": NodeCore._serve_offset_commit,
-    "offset_fetch": NodeCore._serve_offset_fetch,
-    "status": NodeCore._serve_status,
-    "leave": NodeCore._serve_leave,
-    "repl_vote": NodeCore._serve_replica,
-    "repl_vote_ok": NodeCore._serve_replica,
-    "repl_append": NodeCore._serve_replica,
-    "repl_append_ok": NodeCore._serve_replica,
-    "repl_timeout_now": NodeCore._serve_replica,
+# message type -> the NodeCore method that serves it (looked up per call: patchable)
+_SERVERS: dict[str, str] = {
+    "hello": "_serve_hello",
+    "raft_vote": "_serve_raft",
+    "raft_vote_ok": "_serve_raft",
+    "raft_append": "_serve_raft",
+    "raft_append_ok": "_serve_raft",
+    "raft_join": "_serve_raft_join",
+    "raft_propose": "_serve_raft_propose",
+    "metadata": "_serve_metadata",
+    "create_topic": "_serve_create_topic",
+    "produce": "_serve_produce",
+    "fetch": "_serve_fetch",
+    "list_offsets": "_serve_list_offsets",
+    "offset_commit": "_serve_offset_commit",
+    "offset_fetch": "_serve_offset_fetch",
+    "status": "_serve_status",
+    "leave": "_serve_leave",
+    "repl_vote": "_serve_replica",
+    "repl_vote_ok": "_serve_replica",
+    "repl_append": "_serve_replica",
+    "repl_append_ok": "_serve_replica",
+    "repl_timeout_now": "_serve_replica",
 }
 
-_COMMANDS: dict[str, Callable[[NodeCore, Command, float], None]] = {
-    "metadata": NodeCore._cmd_metadata,
-    "wait_ready": NodeCore._cmd_wait_ready,
-    "create_topic": NodeCore._cmd_create_topic,
-    "fetch": NodeCore._cmd_fetch,
-    "list_offsets": NodeCore._cmd_list_offsets,
-    "commit": NodeCore._cmd_commit,
-    "committed": NodeCore._cmd_committed,
-    "status": NodeCore._cmd_status,
-    "leave": NodeCore._cmd_leave,
+_COMMANDS: dict[str, str] = {
+    "metadata": "_cmd_metadata",
+    "wait_ready": "_cmd_wait_ready",
+    "create_topic": "_cmd_create_topic",
+    "fetch": "_cmd_fetch",
+    "list_offsets": "_cmd_list_offsets",
+    "commit": "_cmd_commit",
+    "committed": "_cmd_committed",
+    "status": "_cmd_status",
+    "leave": "_cmd_leave",
 }

@@ -35,7 +35,7 @@ from meshq.core import wire
 from meshq.errors import ProtocolError
 from tests.core.test_wire import EXAMPLES as WIRE_EXAMPLES
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_thread_leak")]
+pytestmark = pytest.mark.timeout(60)
 
 CLUSTER = "default"
 MAX_FRAME_BYTES = 1024 * 1024

@@ -11,7 +11,7 @@ import zmq
 
 import meshq
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_thread_leak")]
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture

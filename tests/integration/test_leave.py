@@ -15,7 +15,7 @@ import meshq
 from meshq.cli import build_parser
 from tests.procs import free_port, run_cli
 
-pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("no_thread_leak")]
+pytestmark = pytest.mark.timeout(90)
 
 TOPIC = "leaving"
 

@@ -9,7 +9,7 @@ import pytest
 
 import meshq
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_thread_leak")]
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture

@@ -30,8 +30,6 @@ from tests.multinode.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
-
 
 def client(mesh, node) -> meshq.Node:
     """A client that knows only ``node`` (it may learn the rest of the mesh by itself).

@@ -48,8 +48,6 @@ from tests.multinode.helpers import (
 )
 from tests.procs import NodeProcess, run_cli
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
-
 TOPIC = "mn-rebalance"
 PARTITIONS = 12
 REPLICATION_FACTOR = 3

@@ -67,8 +67,6 @@ from tests.multinode.helpers import (
 )
 from tests.procs import NodeProcess
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
-
 TOPIC = "mn-repl"
 PARTITIONS = 3
 KEYS = [b"key-%02d" % k for k in range(24)]
