@@ -23,8 +23,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from meshq.core import batch as batch_format
+from meshq.core.client.requests import FetchResult
 from meshq.core.events import Command
-from meshq.core.node import EARLIEST, LATEST, FetchResult
+from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record
 from meshq.errors import MeshqError, OffsetOutOfRangeError, UsageError
 

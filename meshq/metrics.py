@@ -34,9 +34,9 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
             yield disk
             yield watermark
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
-                                    "replicas than assigned replicas", value=core.under_replicated())
+                                    "replicas than assigned replicas", value=core.host.under_replicated())
             yield GaugeMetricFamily("meshq_handoffs_in_progress", "partitions (cluster-wide, per this node's "
-                                    "metadata) not yet at their ring placement", value=core.handoffs())
+                                    "metadata) not yet at their ring placement", value=core.status.handoffs())
 
     registry = CollectorRegistry()
     registry.register(NodeCollector())

@@ -48,8 +48,8 @@ import zmq
 
 from meshq.core import batch as batch_format
 from meshq.core import wire
+from meshq.core.client.producer import final_produce_error, produce_retriable
 from meshq.core.hashing import partition_for_key
-from meshq.core.node import final_produce_error, produce_retriable
 from meshq.core.records import RecordMetadata
 from meshq.errors import (
     MeshqError,

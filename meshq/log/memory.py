@@ -15,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshq.core.batch import BatchHeader, crc_ok
+from meshq.core.ports import RecoveryReport
 from meshq.errors import CorruptLogError, DiskFullError, OffsetOutOfRangeError, UsageError
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SEGMENT_MS,
-    RecoveryReport,
     check_append_batch,
     check_log_name,
     check_meta_name,

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
+from meshq.core.ports import RecoveryReport
 from meshq.errors import (
     CorruptLogError,
     DiskFullError,
@@ -54,7 +55,6 @@ from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
     DEFAULT_SEGMENT_MS,
-    RecoveryReport,
     check_append_batch,
     check_log_name,
     check_meta_name,

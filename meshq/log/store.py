@@ -13,15 +13,14 @@ A log is split into segments; only the newest (the *active* segment) is written 
 Retention deletes whole sealed segments from the oldest. ``truncate_to`` cuts the end
 (replication uses it to drop a divergent tail).
 
-Two implementations share one conformance suite (``tests/log``): ``MemoryLog`` (the
+The protocols themselves belong to the core (``meshq.core.ports``: the core defines what it
+needs, the adapters here implement it); ``meshq.log`` re-exports them. Two implementations share
+one conformance suite (``tests/log``): ``MemoryLog`` (the
 in-memory twin, also the simulated disk of the simulator) and ``SegmentedLog`` (files).
 Neither is thread-safe: the node's runtime thread owns its logs.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import msgpack
 
@@ -32,106 +31,6 @@ DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_SEGMENT_MS = 24 * 60 * 60 * 1000  # as NodeConfig.segment_ms
 DEFAULT_INDEX_INTERVAL_BYTES = 4096
 MAX_NAME_LENGTH = 200
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    """What opening a log found wrong in one segment file, and what it did about it."""
-
-    segment: str  # segment file name, e.g. "00000000000000000042.log"
-    position: int  # byte position in that file where the damage starts
-    bytes_cut: int  # bytes removed from the file (0 when the damage was only recorded)
-    reason: str
-
-
-@runtime_checkable
-class LogStore(Protocol):
-    """One partition's append-only log."""
-
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
-
-    @property
-    def start_offset(self) -> int:
-        """First offset still held (advances with retention)."""
-        ...
-
-    @property
-    def end_offset(self) -> int:
-        """The offset the next appended record gets (the log end offset)."""
-        ...
-
-    @property
-    def synced_offset(self) -> int:
-        """The end offset as of the last completed ``sync()``."""
-        ...
-
-    @property
-    def size_bytes(self) -> int: ...
-
-    @property
-    def recovery(self) -> list[RecoveryReport]:
-        """What opening the log cut or found damaged (empty when all was well)."""
-        ...
-
-    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
-        """Append one verified, stamped batch whose base offset equals ``end_offset``."""
-        ...
-
-    def read(self, offset: int, max_bytes: int) -> bytes:
-        """Whole CRC-checked batches from the one holding ``offset``; at least one if any."""
-        ...
-
-    def offset_for_timestamp(self, timestamp_ms: int) -> int:
-        """Base offset of the first batch with max timestamp >= ``timestamp_ms``, else end."""
-        ...
-
-    def truncate_to(self, offset: int) -> None:
-        """Drop every record at and after ``offset`` (a batch boundary)."""
-        ...
-
-    def sync(self) -> None:
-        """Make everything appended so far durable."""
-        ...
-
-    def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
-        """Delete old sealed segments; return the number of records removed."""
-        ...
-
-    def restart_at(self, offset: int) -> None:
-        """Drop every record and continue empty from ``offset`` (past the end), durably. Used by a
-        replica whose missing records were already deleted by the leader's retention."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """A node's durable state: partition logs and small metadata documents."""
-
-    def open_log(self, topic: str, partition: int) -> LogStore:
-        """The log of a partition, created empty if missing (the same object while open)."""
-        ...
-
-    def logs(self) -> list[tuple[str, int]]:
-        """Every stored ``(topic, partition)``, sorted."""
-        ...
-
-    def delete_log(self, topic: str, partition: int) -> None: ...
-
-    def read_meta(self, name: str) -> dict | None:
-        """The document last written under ``name``, or None."""
-        ...
-
-    def write_meta(self, name: str, value: dict) -> None:
-        """Replace the document ``name`` atomically and durably."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def check_options(segment_bytes: int, segment_ms: int, index_interval_bytes: int) -> None:

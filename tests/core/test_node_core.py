@@ -6,9 +6,10 @@ import pytest
 
 from meshq.core import batch as batch_format
 from meshq.core import wire
+from meshq.core.client.requests import FetchResult
+from meshq.core.cluster.agreement import OFFSETS_TOPIC
 from meshq.core.events import EventReceived, RequestReceived
 from meshq.core.hashing import partition_for_key
-from meshq.core.node import OFFSETS_TOPIC, FetchResult
 from meshq.errors import NodeStoppedError, TimeoutError
 from meshq.log.memory import MemoryStorage
 from tests.core.harness import CoreHarness, pump
@@ -183,7 +184,7 @@ def test_group_offsets_are_stored_in_the_offsets_topic_and_replayed_on_restart()
     again = CoreHarness(storage=storage)
     token = again.command("committed", group="g", topic="t")
     assert again.resolved[token] == {("t", 1): 2}
-    lag = again.core.local_status()["groups"][0]["partitions"][0]
+    lag = again.core.status.local_status()["groups"][0]["partitions"][0]
     assert lag == {"topic": "t", "partition": 1, "committed": 2, "high_watermark": 2, "lag": 0}
 
 

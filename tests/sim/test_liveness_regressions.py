@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from meshq.core.node import NodeCore
+from meshq.core.mesh.gossip import Mesh
 from meshq.testing.sim import run_seed
 
 # A client cut off for longer than member_timeout_s forgot every member and never went back
-# to its seeds (NodeCore._fall_back_to_seeds).
+# to its seeds (Mesh.fall_back_to_seeds).
 ORPHANED_CLIENT_SEEDS = (1294, 2107, 2174, 2619)
-# A joiner kept sending raft_join to one peer that had gone (NodeCore._pick_join_target);
+# A joiner kept sending raft_join to one peer that had gone (Formation._pick_join_target);
 # seen on an older commit, kept as a guard.
 SILENT_JOIN_TARGET_SEEDS = (2145,)
 # A node told to leave kept asking a metadata leader it no longer heard from, which answered
-# "not the leader", and never learned it had left (NodeCore._ask_leave); and a leader that could
+# "not the leader", and never learned it had left (Leave.ask); and a leader that could
 # not read a damaged batch a follower needed resent an empty append on every answer, without
 # backoff (Replica._replicate_to). Both found around this change.
 OTHER_SEEDS = (2335, 2411)
@@ -31,6 +31,6 @@ def test_seed_converges(seed):
 
 def test_without_the_seed_fallback_an_orphaned_client_does_not_converge(monkeypatch):
     # The seeds above must still exercise the fix: without it the liveness phase fails.
-    monkeypatch.setattr(NodeCore, "_fall_back_to_seeds", lambda self, now_s: None)
+    monkeypatch.setattr(Mesh, "fall_back_to_seeds", lambda self, now_s: None)
     result = run_seed(ORPHANED_CLIENT_SEEDS[0])
     assert not result.ok and "does not see" in str(result.violations[0])

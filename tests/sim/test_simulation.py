@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from meshq.core import metadata as metadata_module
-from meshq.core import node as node_module
 from meshq.core import partition as partition_module
 from meshq.core import replica as replica_module
-from meshq.core.node import NodeCore
+from meshq.core.partitions import host as host_module
+from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
 
@@ -87,16 +87,16 @@ def test_checkers_catch_a_leader_that_acknowledges_before_fsync(monkeypatch):
     # after the group-commit sync. A power loss must then lose acknowledged records.
     def ack_now(self, route, message, now_s):
         body = message.body
-        state = self._leader_state(body["topic"], body["partition"])
+        state = self.leader_state(body["topic"], body["partition"])
         data = message.payloads[0]
         from meshq.core import batch as batch_format
 
         header = batch_format.verify_batch(data)
-        base_offset, duplicate = state.append(data, header, self.wall_clock_ms())
-        self._reply(route, message.request_id, "produce_ok", {"topic": state.topic, "partition": state.partition,
+        base_offset, duplicate = state.append(data, header, self.core.wall_clock_ms())
+        self.out.reply(route, message.request_id, "produce_ok", {"topic": state.topic, "partition": state.partition,
                                                               "base_offset": base_offset, "duplicate": duplicate})
 
-    monkeypatch.setattr(NodeCore, "_serve_produce", ack_now)
+    monkeypatch.setattr(PartitionServer, "serve_produce", ack_now)
     assert failing_seeds(power_loss_seeds()[:25]), "acking before fsync went unnoticed"
 
 
@@ -166,7 +166,7 @@ def test_checkers_catch_a_reassignment_that_replaces_a_voter_in_one_step(monkeyp
     # Broken variant: the partition leader swaps a voter for a new member in one step, and the
     # metadata accepts it: the old and new voter sets then need not share a majority. The
     # checkers replay the agreed metadata and must notice the first such step.
-    monkeypatch.setattr(node_module, "next_step", swap_in_one_step)
+    monkeypatch.setattr(host_module, "next_step", swap_in_one_step)
     monkeypatch.setattr(metadata_module, "one_step", lambda voters, new_voters, new_learners, members: True)
     assert failing_seeds(moving_seeds(10)), "voter sets replaced in one step went unnoticed"
 
@@ -175,7 +175,7 @@ def test_checkers_catch_partitions_that_never_reach_their_ring_placement(monkeyp
     # Broken variant: the partition leader proposes the same swap, but the metadata (intact)
     # refuses it, so the partitions never move. Convergence requires every partition at its
     # ring placement and every leave completed: the liveness phase must fail.
-    monkeypatch.setattr(node_module, "next_step", swap_in_one_step)
+    monkeypatch.setattr(host_module, "next_step", swap_in_one_step)
     assert failing_seeds(moving_seeds(10)), "partitions stuck away from their ring placement went unnoticed"
 
 

@@ -1,0 +1,309 @@
+"""Requests: the local API calls other than produce, sent to whichever node can answer.
+
+Theory of operation
+-------------------
+Each ``Command`` (kind + args, with a waiter the runtime resolves) becomes a request to a
+storage node: ``metadata`` and ``create_topic`` to any storage peer, ``fetch`` and
+``list_offsets`` to the partition's leader, ``commit`` and ``committed`` to the group's
+coordinator (the leader of its ``__consumer_offsets`` partition), ``status`` to every live
+storage node (merged: each partition as its leader sees it), ``leave`` to the node that
+should leave. A request routed to a leader (``RoutedCall``) retries while leadership moves
+(no leader known, not_leader, not enough replicas, a silent leader): it refreshes metadata
+and sends again after ``METADATA_RETRY_S``, until the command's deadline. A command that
+needs a node this one does not know yet (a fresh client) is tried again every 50 ms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from meshq.config import TopicConfig, validate_topic_name
+from meshq.core import wire
+from meshq.core.client.metadata import METADATA_RETRY_S
+from meshq.core.cluster.agreement import OFFSETS_TOPIC
+from meshq.core.events import Command, Fail, Resolve
+from meshq.core.hashing import stable_hash64
+from meshq.core.room import Room
+from meshq.core.status import merge_status
+from meshq.errors import (
+    InvalidTopicError,
+    MeshqError,
+    NodeStoppedError,
+    NotLeaderError,
+    TimeoutError,
+    UsageError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What a fetch returned: raw batches plus the partition's bounds."""
+
+    topic: str
+    partition: int
+    data: bytes
+    high_watermark: int
+    log_start_offset: int
+
+
+@dataclass(slots=True)
+class RoutedCall:
+    """A command on its way to a partition's leader, retried while leadership moves."""
+
+    command: Command
+    topic: str
+    partition_of: Callable[[], int]
+    type: str
+    body: dict
+    convert: Callable[[wire.Message], Any]
+    auto_create: bool
+    retry: bool
+    deadline_s: float
+    ready: Callable[[MeshqError | None], None] | None = None  # bound to this call once built
+
+
+class Requests(Room):
+    """Local API calls other than produce (see the module docstring)."""
+
+    COMMANDS = {Command: "run"}
+    TIMERS = {"command_retry": "_retry_command", "wait_ready": "_retry_wait_ready", "routed_retry": "_routed_resume"}
+    # command kind -> method
+    KINDS = {"metadata": "_cmd_metadata", "wait_ready": "_cmd_wait_ready", "create_topic": "_cmd_create_topic",
+             "fetch": "_cmd_fetch", "list_offsets": "_cmd_list_offsets", "commit": "_cmd_commit",
+             "committed": "_cmd_committed", "status": "_cmd_status", "leave": "_cmd_leave"}
+
+    def run(self, command: Command, now_s: float) -> None:
+        name = self.KINDS.get(command.kind)
+        if name is None:
+            raise UsageError(f"unknown command {command.kind!r}")
+        if self.core.stopped:
+            self.out.emit(Fail(command.waiter, NodeStoppedError("the node is stopped")))
+            return
+        try:
+            getattr(self, name)(command, now_s)
+        except MeshqError as exc:
+            self.out.emit(Fail(command.waiter, exc))
+
+    def _simple_request(self, command: Command, peer: str | None, type_: str, body: dict, now_s: float,
+                        convert: Callable[[wire.Message], Any]) -> None:
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if peer is None and now_s + 0.05 < deadline_s:
+            self.out.schedule(now_s + 0.05, "command_retry", command)
+            return
+        if peer is None:
+            self.out.emit(Fail(command.waiter, TimeoutError(
+                "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
+            return
+        self.out.request(peer, type_, body, (), now_s, max(0.001, deadline_s - now_s),
+                         lambda m: self.out.emit(Resolve(command.waiter, convert(m))),
+                         lambda e: self.out.emit(Fail(command.waiter, e)))
+
+    def _cmd_metadata(self, command: Command, now_s: float) -> None:
+        topic = command.args.get("topic")
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if topic is None:
+            def keep(message: wire.Message) -> dict:
+                self.core.client.absorb_metadata(message.body)
+                return message.body
+
+            self._simple_request(command, self.core.client.any_storage_peer(), "metadata",
+                                 {"topics": None, "auto_create": False}, now_s, keep)
+            return
+        if command.args.get("refresh"):
+            self.core.client.forget(topic)
+
+        def ready(error: MeshqError | None) -> None:
+            if error is not None:
+                self.out.emit(Fail(command.waiter, error))
+            else:
+                self.out.emit(Resolve(command.waiter, self.core.client.metadata[topic]))
+
+        self.core.client.with_metadata(topic, now_s, deadline_s, ready, command.args.get("auto_create", True))
+
+    def _cmd_wait_ready(self, command: Command, now_s: float) -> None:
+        """Resolve once at least one storage node (maybe this one) answers requests."""
+        deadline_s = command.args["deadline_s"]
+        if self.core.client.any_storage_peer() is not None:
+            self.out.emit(Resolve(command.waiter, True))
+        elif now_s >= deadline_s:
+            self.out.emit(Fail(command.waiter, TimeoutError(
+                "no storage node answered: check --seed / mDNS, and that a `meshq node` is running")))
+        else:
+            self.out.schedule(min(deadline_s, now_s + 0.02), "wait_ready", command)
+
+    def _cmd_create_topic(self, command: Command, now_s: float) -> None:
+        config: TopicConfig = command.args["config"]
+        if config.name.startswith("__"):
+            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
+
+        def convert(message: wire.Message) -> TopicConfig:
+            self.core.client.absorb_metadata({"members": [], "topics": [message.body["topic"]]})
+            return TopicConfig.from_wire(message.body["topic"]["config"])
+
+        self._simple_request(command, self.core.client.any_storage_peer(), "create_topic",
+                             {"config": config.to_wire(), "if_not_exists": command.args.get("if_not_exists", True)},
+                             now_s, convert)
+
+    def _partition_command(self, command: Command, now_s: float, type_: str, body: dict,
+                           convert: Callable[[wire.Message], Any], retry: bool = True) -> None:
+        topic, partition = command.args["topic"], command.args["partition"]
+        self._routed_command(command, now_s, topic, lambda: partition, type_, body, convert,
+                             command.args.get("auto_create", False), retry)
+
+    def _routed_command(self, command: Command, now_s: float, topic: str, partition_of: Callable[[], int],
+                        type_: str, body: dict, convert: Callable[[wire.Message], Any], auto_create: bool,
+                        retry: bool) -> None:
+        """Send ``type_`` to the leader of ``topic``/``partition_of()``; while leadership moves (no leader
+        known, not_leader, not enough replicas, a silent leader) refresh metadata and retry until the
+        command's deadline."""
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        call = RoutedCall(command, topic, partition_of, type_, body, convert, auto_create, retry, deadline_s)
+        call.ready = partial(self._routed_ready, call)
+        self.core.client.with_metadata(topic, now_s, deadline_s, call.ready, auto_create)
+
+    def _routed_ready(self, call: RoutedCall, error: MeshqError | None) -> None:
+        """Metadata for ``call``'s topic is known (or an error): send it to the partition's leader."""
+        if error is not None:
+            self.out.emit(Fail(call.command.waiter, error))
+            return
+        topic = call.topic
+        if topic not in self.core.client.metadata:
+            self.core.client.with_metadata(topic, self.core.now_s, call.deadline_s, call.ready, call.auto_create)
+            return
+        partition = call.partition_of()
+        leader = self.core.client.leader_of(topic, partition)
+        if leader is None:
+            self._routed_retry_or_fail(call, NotLeaderError(
+                f"no leader known for {topic}/{partition} (an election may be under way)"))
+            return
+        now = self.core.now_s
+        # One attempt waits at most half the failure timeout (a live leader answers in
+        # milliseconds), so a leader that just died costs one attempt, not the whole deadline.
+        attempt_s = call.deadline_s - now if not call.retry else min(call.deadline_s - now,
+                                                                     max(0.5, self.config.failure_timeout_s / 2))
+        self.out.request(leader, call.type, call.body, (), now, max(0.001, attempt_s),
+                         lambda m: self.out.emit(Resolve(call.command.waiter, call.convert(m))),
+                         partial(self._routed_retry_or_fail, call))
+
+    def _routed_retry_or_fail(self, call: RoutedCall, error: MeshqError) -> None:
+        now = self.core.now_s
+        if (not call.retry or not error.retriable or self.core.stopped
+                or now + METADATA_RETRY_S >= call.deadline_s):
+            self.out.emit(Fail(call.command.waiter, error))
+            return
+        self.core.client.forget(call.topic)
+        self.out.schedule(now + METADATA_RETRY_S, "routed_retry", call)
+
+    def _routed_resume(self, call: RoutedCall, now_s: float) -> None:
+        """The ``routed_retry`` timer: ask for fresh metadata, then send ``call`` again."""
+        self.core.client.with_metadata(call.topic, now_s, call.deadline_s, call.ready, call.auto_create)
+
+    def _retry_command(self, command: Command, now_s: float) -> None:
+        """The ``command_retry`` timer: run ``command`` again (the node it needs may be known now)."""
+        self.run(command, now_s)
+
+    def _retry_wait_ready(self, command: Command, now_s: float) -> None:
+        self._cmd_wait_ready(command, now_s)
+
+    def _cmd_fetch(self, command: Command, now_s: float) -> None:
+        args = command.args
+        body = {"topic": args["topic"], "partition": args["partition"], "offset": args["offset"],
+                "max_bytes": args.get("max_bytes", 4 * 1024 * 1024),
+                "max_wait_ms": int(args.get("max_wait_s", 0.5) * 1000)}
+        args.setdefault("deadline_s", now_s + args.get("max_wait_s", 0.5) + self.config.request_timeout_s)
+
+        def convert(message: wire.Message) -> FetchResult:
+            b = message.body
+            return FetchResult(b["topic"], b["partition"], message.payloads[0] if message.payloads else b"",
+                               b["high_watermark"], b["log_start_offset"])
+
+        # The consumer retries failed fetches itself (between its polls).
+        self._partition_command(command, now_s, "fetch", body, convert, retry=False)
+
+    def _cmd_list_offsets(self, command: Command, now_s: float) -> None:
+        args = command.args
+        body = {"topic": args["topic"], "partition": args["partition"], "timestamp_ms": args["timestamp_ms"]}
+        self._partition_command(command, now_s, "list_offsets", body, lambda m: m.body["offset"])
+
+    def _coordinator_command(self, command: Command, now_s: float, type_: str, body: dict,
+                             convert: Callable[[wire.Message], Any]) -> None:
+        group = command.args["group"]
+        validate_topic_name(group)
+
+        def partition_of() -> int:
+            return stable_hash64(group.encode()) % self.core.client.metadata[OFFSETS_TOPIC]["config"].partitions
+
+        self._routed_command(command, now_s, OFFSETS_TOPIC, partition_of, type_, body, convert, False, True)
+
+    def _cmd_commit(self, command: Command, now_s: float) -> None:
+        offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.args["offsets"].items())]
+        self._coordinator_command(command, now_s, "offset_commit", {"group": command.args["group"], "offsets": offsets},
+                                  lambda m: None)
+
+    def _cmd_committed(self, command: Command, now_s: float) -> None:
+        self._coordinator_command(
+            command, now_s, "offset_fetch", {"group": command.args["group"], "topic": command.args["topic"]},
+            lambda m: {(e["topic"], e["partition"]): e["offset"] for e in m.body["offsets"]})
+
+    def _cmd_status(self, command: Command, now_s: float) -> None:
+        """Ask every live storage node for its local view and merge them (leaders know their partitions).
+
+        With ``node_id`` in the args, return that one node's own view, unmerged.
+        """
+        peers = self.core.client.storage_peers()
+        only = command.args.get("node_id")
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if (not peers or (only is not None and only not in self.out.peer_endpoints and only != self.node_id)) \
+                and now_s + 0.05 < deadline_s:
+            self.out.schedule(now_s + 0.05, "command_retry", command)
+            return
+        if only is not None:
+            if only == self.node_id and self.core.is_storage:
+                self.out.emit(Resolve(command.waiter, self.core.status.local_status()))
+                return
+            if only not in self.out.peer_endpoints:
+                self.out.emit(Fail(command.waiter, UsageError(
+                    f"node {only!r} is not known here; known storage nodes: {', '.join(peers) or 'none'}")))
+                return
+            peers = [only]
+        if not peers:
+            self.out.emit(Fail(command.waiter, TimeoutError(
+                "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
+            return
+        reports: dict[str, dict] = {}
+        remaining = set(peers)
+
+        def finish(peer: str, report: dict | None) -> None:
+            remaining.discard(peer)
+            if report is not None:
+                reports[peer] = report
+            if remaining:
+                return
+            if not reports:
+                self.out.emit(Fail(command.waiter, TimeoutError("no storage node answered the status request")))
+            elif only is not None:
+                self.out.emit(Resolve(command.waiter, reports[only]))
+            else:
+                preferred = self.node_id if self.node_id in reports else sorted(reports)[0]
+                self.out.emit(Resolve(command.waiter, merge_status(reports, preferred)))
+
+        timeout_s = max(0.05, min(2.0, deadline_s - now_s))
+        for peer in peers:
+            self.out.request(peer, "status", {}, (), now_s, timeout_s,
+                             lambda m, p=peer: finish(p, m.body["status"]), lambda e, p=peer: finish(p, None))
+
+    def _cmd_leave(self, command: Command, now_s: float) -> None:
+        """Ask storage node ``node_id`` (maybe this one) to leave the cluster (``meshq leave``); resolves
+        with its ``leave_ok`` body ``{"state": "draining"|"left", "assigned": N}``. Ask again until ``left``."""
+        target = command.args["node_id"]
+        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        if target != self.node_id and target not in self.out.peer_endpoints:
+            if now_s + 0.05 < deadline_s:  # a fresh client learns the members from its seeds' gossip
+                self.out.schedule(now_s + 0.05, "command_retry", command)
+                return
+            raise UsageError(f"node {target!r} is not known here; known storage nodes: "
+                             f"{', '.join(self.core.client.storage_peers()) or 'none'}")
+        self._simple_request(command, target, "leave", {"node_id": target}, now_s, lambda m: dict(m.body))

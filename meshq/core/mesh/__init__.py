@@ -1,0 +1,1 @@
+"""The mesh room: membership, liveness, gossip and seeds (``gossip.Mesh``)."""

@@ -1,0 +1,118 @@
+"""Consumer groups: committed offsets, stored in the mesh like any partition.
+
+Theory of operation
+-------------------
+A group's offsets live in one partition of the internal compacted topic
+``__consumer_offsets`` (chosen by a stable hash of the group name); that partition's leader
+is the group's coordinator. A commit is a record batch appended to that partition and
+acknowledged like ``acks=quorum`` records, so a failover cannot rewind a group; the leader
+also keeps the latest offset per (group, topic, partition) in memory, rebuilt from the log
+whenever it takes over leadership of an offsets partition and dropped when it loses it.
+This room is where group membership and shared (work-queue) subscriptions will live.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgpack
+
+from meshq.core import batch as batch_format
+from meshq.core import wire
+from meshq.core.cluster.agreement import OFFSETS_TOPIC
+from meshq.core.hashing import stable_hash64
+from meshq.core.room import Room
+from meshq.errors import CorruptLogError
+
+log = logging.getLogger("meshq.core")
+
+
+class Groups(Room):
+    """Committed offsets of consumer groups (see the module docstring)."""
+
+    SERVES = {"offset_commit": "serve_offset_commit", "offset_fetch": "serve_offset_fetch"}
+
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        self.group_offsets: dict[tuple[str, str, int], int] = {}  # (group, topic, partition) -> offset
+
+    def serve_offset_commit(self, route: Any, message: wire.Message, now_s: float) -> None:
+        group = message.body["group"]
+        state = self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        records = []
+        now_ms = self.core.wall_clock_ms()
+        for entry in message.body["offsets"]:
+            key = msgpack.packb([group, entry["topic"], entry["partition"]])
+            records.append((key, msgpack.packb(entry["offset"]), None, now_ms))
+        if not records:
+            self.out.reply(route, message.request_id, "offset_commit_ok", {})
+            return
+        self.core.server.check_lease(state, now_s)
+        data = batch_format.encode_batch(records)
+        state.append(data, batch_format.parse_header(data), now_ms)
+        self.core.server.on_appended(state, now_s)
+        for entry in message.body["offsets"]:
+            self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]
+
+        # Committed offsets are as durable as acks=quorum records: a failover cannot rewind a group.
+        self.core.server.wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s,
+                                       self.out.answer(route, message.request_id, "offset_commit_ok", {}))
+
+    def serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
+        group, topic = message.body["group"], message.body["topic"]
+        self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        offsets = [
+            {"topic": t, "partition": p, "offset": o}
+            for (g, t, p), o in sorted(self.group_offsets.items())
+            if g == group and t == topic
+        ]
+        self.out.reply(route, message.request_id, "offset_fetch_ok", {"offsets": offsets})
+
+    def offsets_partition(self, group: str) -> int:
+        config = self.core.agreement.meta.topics.get(OFFSETS_TOPIC) or self.core.catalog.offsets_topic_config()
+        return stable_hash64(group.encode()) % config.partitions
+
+    def on_leadership(self, key: tuple[str, int], gained: bool) -> None:
+        """This node started or stopped leading partition ``key``: load or drop its groups' offsets."""
+        if key[0] != OFFSETS_TOPIC:
+            return
+        if gained:
+            self._replay(key)
+        else:
+            for group_key in [k for k in self.group_offsets if self.offsets_partition(k[0]) == key[1]]:
+                del self.group_offsets[group_key]
+
+    def lag_report(self) -> list[dict]:
+        """Each group's committed offsets with the partition's high watermark as this node sees it."""
+        groups: dict[str, dict] = {}
+        for (group, topic, partition), committed in sorted(self.group_offsets.items()):
+            state = self.core.host.get((topic, partition))
+            high_watermark = state.high_watermark if state else committed
+            entry = groups.setdefault(group, {"group": group, "partitions": []})
+            entry["partitions"].append({
+                "topic": topic, "partition": partition, "committed": committed,
+                "high_watermark": high_watermark, "lag": max(0, high_watermark - committed),
+            })
+        return list(groups.values())
+
+    def _replay(self, key: tuple[str, int]) -> None:
+        """Rebuild the committed offsets stored in partition ``key`` from its log (a compacted topic)."""
+        state = self.core.host.get(key)
+        if state is None:
+            return
+        topic, partition = key
+        offset = state.log.start_offset
+        while offset < state.log.end_offset:
+            try:
+                data = state.log.read(offset, 16 * 1024 * 1024)
+            except CorruptLogError as exc:
+                log.error("%s/%d: committed offsets replayed only up to offset %d: %s",
+                          topic, partition, offset, exc)
+                break
+            if not data:
+                break
+            for record in batch_format.decode_records(data, topic, partition, offset):
+                group, t, p = msgpack.unpackb(record.key)
+                self.group_offsets[(group, t, p)] = msgpack.unpackb(record.value)
+                offset = record.offset + 1

@@ -1,0 +1,242 @@
+"""The partition host: the replicas of topic partitions this storage node holds.
+
+Theory of operation
+-------------------
+When the agreed metadata (``core.agreement``) names this node in a partition's replica set,
+the host opens its log and starts its replication protocol (``PartitionState`` +
+``meshq.core.replica.Replica``), and when a later step drops it, deletes the copy (only
+after the new replicas confirmed a checked copy of everything committed). Each replica's
+leadership and high watermark changes are passed on to those who wait on them: the request
+server (produce waiters, parked fetches) and the group offsets. As a partition leader, at
+every heartbeat it proposes the next reassignment step towards the ring placement
+(``metadata.next_step``), one at a time per partition. It owns the group-commit fsync timer
+(``fsync=interval``: every log written since the last sync is synced together) and the
+retention timer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from meshq.config import TopicConfig
+from meshq.core import wire
+from meshq.core.events import SyncLogs
+from meshq.core.metadata import MetadataState, next_step
+from meshq.core.partition import PartitionState
+from meshq.core.replica import Replica, persisted_name
+from meshq.core.room import Room
+from meshq.errors import NotLeaderError
+
+log = logging.getLogger("meshq.core")
+
+
+class PartitionHost(Room):
+    """The local replicas and their lifecycle (see the module docstring)."""
+
+    SERVES = {"repl_vote": "serve_replica", "repl_vote_ok": "serve_replica", "repl_append": "serve_replica",
+              "repl_append_ok": "serve_replica", "repl_timeout_now": "serve_replica"}
+    TIMERS = {"fsync": "sync_dirty", "retention": "apply_retention"}
+
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        # every partition replicated here; ``state.replica`` runs its replication protocol
+        self.partitions: dict[tuple[str, int], PartitionState] = {}
+        self._leading: set[tuple[str, int]] = set()  # partitions whose leadership we have acted on
+        # partition -> time before which we propose no other reassignment step for it
+        self._reassigning: dict[tuple[str, int], float] = {}
+        self._dirty_logs: set[tuple[str, int]] = set()  # written since the last group-commit sync
+
+    @property
+    def meta(self) -> MetadataState:
+        return self.core.agreement.meta
+
+    def start(self, now_s: float) -> None:
+        self.out.schedule(now_s + self.config.retention_check_interval_s, "retention", None)
+        if self.config.fsync == "interval":
+            self.out.schedule(now_s + self.config.fsync_interval_s, "fsync", None)
+
+    def get(self, key: tuple[str, int]) -> PartitionState | None:
+        """The local replica of ``key``, if this node holds one."""
+        return self.partitions.get(key)
+
+    def mark_dirty(self, key: tuple[str, int]) -> None:
+        """``key``'s log was written: the next group-commit sync includes it."""
+        self._dirty_logs.add(key)
+
+    def sync_dirty(self, key: Any, now_s: float) -> None:
+        """The ``fsync`` timer (``fsync=interval``): sync every log written since the last one."""
+        if self._dirty_logs:
+            self.out.emit(SyncLogs(frozenset(self._dirty_logs)))
+            self._dirty_logs.clear()
+        self.out.schedule(now_s + self.config.fsync_interval_s, "fsync", None)
+
+    def stop(self) -> None:
+        """A last sync of every log held here."""
+        if self.partitions:
+            self.out.emit(SyncLogs(frozenset(self.partitions)))
+
+    def next_deadline(self) -> float | None:
+        deadline = None
+        for state in self.partitions.values():
+            replica_deadline = state.replica.next_deadline()
+            if deadline is None or replica_deadline < deadline:
+                deadline = replica_deadline
+        return deadline
+
+    def on_timer(self, now_s: float) -> None:
+        for _key, state in sorted(self.partitions.items()):
+            if state.replica.next_deadline() <= now_s:
+                state.replica.on_timer(now_s)
+
+    def on_synced(self, keys: frozenset) -> None:
+        for key in sorted(keys):
+            state = self.partitions.get(key)
+            if state is not None:
+                state.replica.on_synced(self.core.now_s)
+                self.on_replica_change(key)
+
+    def on_replica_change(self, key: tuple[str, int]) -> None:
+        """Leadership or the high watermark of a local replica changed: answer who waits on it."""
+        state = self.partitions.get(key)
+        if state is None:
+            return
+        replica = state.replica
+        was_leader = key in self._leading
+        if replica.is_leader and not was_leader:
+            self._leading.add(key)
+            self.core.groups.on_leadership(key, True)
+        elif not replica.is_leader and was_leader:
+            self._leading.discard(key)
+            self.core.groups.on_leadership(key, False)
+        self.core.server.on_replica_change(state)
+
+    def open_partitions(self, config: TopicConfig) -> None:
+        """Open the replicas this node holds of ``config``'s partitions and start replicating."""
+        for partition in range(config.partitions):
+            voters, learners, _version = self.meta.partition_config(config.name, partition)
+            if self.node_id in voters or self.node_id in learners:
+                self._open_partition((config.name, partition))
+
+    def _open_partition(self, key: tuple[str, int]) -> None:
+        if key in self.partitions:
+            return
+        topic, partition = key
+        voters, learners, version = self.meta.partition_config(topic, partition)
+        state = PartitionState(topic, partition, self.core.storage.open_log(topic, partition))
+        self.partitions[key] = state
+        name = persisted_name(topic, partition)
+        replica = Replica(
+            self.node_id, state, voters, self.core.storage.read_meta(name), self.core.rng,
+            send=self.core.mesh.send_to_member,
+            save=lambda value, name=name: self.core.storage.write_meta(name, value),
+            request_sync=lambda key=key: self.out.emit(SyncLogs(frozenset([key]))),
+            on_change=lambda key=key: self.on_replica_change(key),
+            on_follower_append=lambda key=key: self._dirty_logs.add(key),
+            wall_clock_ms=self.core.wall_clock_ms,
+            election_timeout_s=self.config.election_timeout_s,
+            heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
+            replica_lag_s=self.config.failure_timeout_s,
+            fsync_always=self.config.fsync == "always",
+            learners=learners, config_version=version,
+        )
+        replica.start(self.core.now_s)
+        if replica.next_deadline() <= self.core.now_s:
+            replica.on_timer(self.core.now_s)  # a sole or preferred replica campaigns at once
+
+    def reconfigure_partition(self, key: tuple[str, int]) -> None:
+        """A reassignment step of ``key`` was agreed: adopt it, start copying it, or let it go."""
+        self._reassigning.pop(key, None)
+        voters, learners, version = self.meta.partition_config(*key)
+        state = self.partitions.get(key)
+        if state is not None and version <= state.replica.config_version:
+            return  # replaying the metadata log: the replica already knew a newer configuration
+        if self.node_id in voters or self.node_id in learners:
+            if state is None:
+                log.info("%s/%d: now a %s here; copying it from the leader", key[0], key[1],
+                         "voter" if self.node_id in voters else "learner")
+                self._open_partition(key)
+            else:
+                state.replica.set_config(voters, learners, version, self.core.now_s)
+            return
+        if state is None:
+            return
+        # Every step that drops a replica was proposed only once the target replicas confirmed a
+        # checked copy of everything committed (metadata.next_step), so this copy may go.
+        state.replica.set_config(voters, learners, version, self.core.now_s)  # a leader hands over first
+        self.on_replica_change(key)
+        del self.partitions[key]
+        self._leading.discard(key)
+        self._dirty_logs.discard(key)
+        for fetch in state.parked_fetches:
+            self.out.reply_error(fetch.route, fetch.request_id, NotLeaderError(
+                f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata"))
+        state.parked_fetches = []
+        state.log.close()
+        self.core.storage.delete_log(*key)
+        self.core.storage.write_meta(persisted_name(*key), {})
+        log.info("%s/%d: moved to %s; the copy here is deleted", key[0], key[1], ", ".join(voters))
+
+    def rebalance_tick(self, now_s: float) -> None:
+        """Partition leader: propose the next step towards the ring placement (metadata.next_step)."""
+        if not self.core.is_storage or self.core.agreement.raft is None or not self.meta.members:
+            return
+        for key, state in sorted(self.partitions.items()):
+            replica = state.replica
+            if (not replica.is_leader or self._reassigning.get(key, 0.0) > now_s
+                    or not replica.lease_valid(now_s) or not replica.config_established()):
+                continue
+            topic, partition = key
+            voters, learners, version = self.meta.partition_config(topic, partition)
+            if version != replica.config_version:
+                continue  # applied metadata and the replica disagree only within one call
+            step = next_step(voters, learners, self.meta.target(topic, partition), self.meta.members,
+                             replica.caught_up(now_s), replica.in_contact(now_s), self.node_id)
+            if step is None:
+                continue
+            command = {"op": "reassign", "topic": topic, "partition": partition, "version": version,
+                       "replicas": step[0], "learners": step[1]}
+            deadline = now_s + self.config.request_timeout_s
+            self._reassigning[key] = deadline
+            log.info("%s/%d: proposing replicas %s, learners %s (from %s, %s)", topic, partition,
+                     step[0], step[1], voters, learners)
+            # Applied (as a step, or refused by the compare-and-set) or failed: free to propose again.
+            self.core.agreement.propose(command, now_s, deadline,
+                                        lambda error, key=key: self._reassigning.pop(key, None))
+
+    def serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
+        body = message.body
+        state = self.partitions.get((body["topic"], body["partition"]))
+        if state is None:
+            return  # not (yet) a replica here: the sender retries on its next heartbeat
+        state.replica.handle(message.sender, message.type, body, message.payloads, now_s)
+
+    def current_leader(self, topic: str, partition: int) -> str | None:
+        """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
+        state = self.partitions.get((topic, partition))
+        if (state is not None and state.replica.leader is not None
+                and not self.core.mesh.known_dead(state.replica.leader)):
+            return state.replica.leader
+        return self.core.mesh.hinted_leader(topic, partition)
+
+    def apply_retention(self, key: Any, now_s: float) -> None:
+        """The ``retention`` timer: drop what each ``delete`` topic's retention no longer keeps."""
+        now_ms = self.core.wall_clock_ms()
+        for (topic, partition), state in sorted(self.partitions.items()):
+            config = self.meta.topics[topic]
+            if config.cleanup_policy != "delete":
+                continue
+            removed = state.log.apply_retention(now_ms, config.retention_bytes, config.retention_ms)
+            if removed:
+                log.info("retention removed %d records from %s/%d", removed, topic, partition)
+        self.out.schedule(now_s + self.config.retention_check_interval_s, "retention", None)
+
+    def under_replicated(self) -> int:
+        """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""
+        now_s = self.core.now_s
+        return sum(1 for state in self.partitions.values()
+                   if state.replica.is_leader and len(state.replica.in_sync(now_s)) < len(state.replica.replicas))
+
+    def leads(self) -> list[list]:
+        return [[topic, partition, state.replica.epoch] for (topic, partition), state in sorted(self.partitions.items())
+                if state.replica.is_leader]

@@ -1,0 +1,123 @@
+"""The core's ports: the storage it is handed (``Storage``) and one partition's log (``LogStore``).
+
+Theory of operation
+-------------------
+The core never opens a file. It is handed a ``Storage`` (a data directory: partition logs and
+small metadata documents) and reaches every log through the ``LogStore`` protocol below. The
+adapters live in ``meshq.log``: ``MemoryStorage``/``MemoryLog`` (the in-memory twin, also the
+simulator's disk) and ``FileStorage``/``SegmentedLog`` (files), and one conformance suite
+(``tests/log``) runs against both.
+
+A partition log holds record batches (``meshq.core.batch``) back to back. Offsets are dense,
+start at 0 and are never reused: ``start_offset`` is the first offset still held (it advances
+when retention deletes old segments), ``end_offset`` is the offset the next appended record
+gets. The durability step (``sync``) is asked for as an effect (``SyncLogs``) and confirmed
+with ``LogsSynced``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from meshq.core.batch import BatchHeader
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening a log found wrong in one segment file, and what it did about it."""
+
+    segment: str  # segment file name, e.g. "00000000000000000042.log"
+    position: int  # byte position in that file where the damage starts
+    bytes_cut: int  # bytes removed from the file (0 when the damage was only recorded)
+    reason: str
+
+
+@runtime_checkable
+class LogStore(Protocol):
+    """One partition's append-only log."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def start_offset(self) -> int:
+        """First offset still held (advances with retention)."""
+        ...
+
+    @property
+    def end_offset(self) -> int:
+        """The offset the next appended record gets (the log end offset)."""
+        ...
+
+    @property
+    def synced_offset(self) -> int:
+        """The end offset as of the last completed ``sync()``."""
+        ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def recovery(self) -> list[RecoveryReport]:
+        """What opening the log cut or found damaged (empty when all was well)."""
+        ...
+
+    def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
+        """Append one verified, stamped batch whose base offset equals ``end_offset``."""
+        ...
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Whole CRC-checked batches from the one holding ``offset``; at least one if any."""
+        ...
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int:
+        """Base offset of the first batch with max timestamp >= ``timestamp_ms``, else end."""
+        ...
+
+    def truncate_to(self, offset: int) -> None:
+        """Drop every record at and after ``offset`` (a batch boundary)."""
+        ...
+
+    def sync(self) -> None:
+        """Make everything appended so far durable."""
+        ...
+
+    def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
+        """Delete old sealed segments; return the number of records removed."""
+        ...
+
+    def restart_at(self, offset: int) -> None:
+        """Drop every record and continue empty from ``offset`` (past the end), durably. Used by a
+        replica whose missing records were already deleted by the leader's retention."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A node's durable state: partition logs and small metadata documents."""
+
+    def open_log(self, topic: str, partition: int) -> LogStore:
+        """The log of a partition, created empty if missing (the same object while open)."""
+        ...
+
+    def logs(self) -> list[tuple[str, int]]:
+        """Every stored ``(topic, partition)``, sorted."""
+        ...
+
+    def delete_log(self, topic: str, partition: int) -> None: ...
+
+    def read_meta(self, name: str) -> dict | None:
+        """The document last written under ``name``, or None."""
+        ...
+
+    def write_meta(self, name: str, value: dict) -> None:
+        """Replace the document ``name`` atomically and durably."""
+        ...
+
+    def close(self) -> None: ...

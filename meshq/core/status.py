@@ -1,0 +1,116 @@
+"""Status: one node's view of the cluster, and the merge of several into the cluster's.
+
+Theory of operation
+-------------------
+Every storage node answers ``status`` with its local view (``local_status``): members, the
+agreed metadata and ring, each partition's replica set with this node's replica state, group
+offsets with lag, and counters. Only a partition's leader knows its in-sync replicas and
+committed high watermark, and nodes apply metadata at different times, so a client asks every
+live storage node and merges (``merge_status``): members and metadata from one node, each
+partition as its leader sees it, replica sets from the newest configuration. The shape is
+``meshq status --json`` (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshq.core import wire
+from meshq.core.room import Room
+
+
+class Status(Room):
+    """This node's view in the shape of ``meshq status --json``."""
+
+    SERVES = {"status": "serve_status"}
+
+    def serve_status(self, route: Any, message: wire.Message, now_s: float) -> None:
+        self.out.reply(route, message.request_id, "status_ok", {"status": self.local_status()})
+
+    def handoffs(self) -> int:
+        """Partitions not yet where the ring places them (copies being made or replicas leaving)."""
+        meta = self.core.agreement.meta
+        if not len(meta.ring):
+            return 0
+        return sum(1 for topic, assignment in meta.assignments.items() for p, replicas in enumerate(assignment)
+                   if meta.learners[topic][p] or replicas != meta.target(topic, p))
+
+    def local_status(self) -> dict:
+        """This node's view in the shape of ``meshq status --json``."""
+        core = self.core
+        catalog = core.catalog
+        topics = []
+        for name, config in sorted(core.agreement.meta.topics.items()):
+            meta = catalog.topic_meta(config)
+            topics.append({"name": name, "config": meta["config"], "partitions": meta["partitions"]})
+        status = {
+            "cluster": self.config.cluster,
+            "node_id": self.node_id,
+            "members": catalog.member_list(),
+            "topics": topics,
+            "groups": core.groups.lag_report(),
+            "counters": dict(core.counters),
+        }
+        raft = core.agreement.raft
+        if raft is not None:
+            meta = core.agreement.meta
+            status["metadata"] = {**raft.status(), "applied_index": meta.applied_index}
+            status["ring"] = {"members": list(meta.ring.members), "vnodes": meta.ring.vnodes}
+        return status
+
+
+def merge_status(reports: dict[str, dict], preferred: str) -> dict:
+    """One cluster status from the local views of several storage nodes.
+
+    Members and metadata come from ``preferred``; each partition's high watermark from the
+    node that leads it; consumer groups from the node that stores them.
+    """
+    merged = dict(reports[preferred])
+    # Each partition as its leader sees it (the highest epoch wins if two still claim it).
+    leader_views: dict[tuple[str, int], dict] = {}
+    for node_id in sorted(reports):
+        for topic in reports[node_id]["topics"]:
+            for p in topic["partitions"]:
+                if p["leader"] == node_id and p.get("role", "leader") == "leader":
+                    key = (topic["name"], p["partition"])
+                    known = leader_views.get(key)
+                    if known is None or p.get("epoch", 0) > known.get("epoch", 0):
+                        leader_views[key] = p
+    by_leader = {key: p["high_watermark"] for key, p in leader_views.items()}
+    # The replica set as the most up-to-date metadata has it (nodes apply changes at different times).
+    configs: dict[tuple[str, int], dict] = {}
+    for node_id in sorted(reports):
+        for topic in reports[node_id]["topics"]:
+            for p in topic["partitions"]:
+                key = (topic["name"], p["partition"])
+                if key not in configs or p.get("config_version", 0) > configs[key].get("config_version", 0):
+                    configs[key] = p
+    topics = []
+    for topic in merged["topics"]:
+        partitions = []
+        for p in topic["partitions"]:
+            view = leader_views.get((topic["name"], p["partition"]))
+            newest = configs.get((topic["name"], p["partition"]), p)
+            p = {**p, **{k: newest[k] for k in ("replicas", "learners", "target", "config_version") if k in newest}}
+            if view is None:
+                partitions.append({**p, "in_sync": p["in_sync"] if p.get("role") == "leader" else []})
+            else:
+                partitions.append({**p, **{k: view[k] for k in ("leader", "in_sync", "high_watermark", "epoch")
+                                           if k in view}})
+        topics.append({**topic, "partitions": partitions})
+    merged["topics"] = topics
+    merged["handoffs"] = sum(1 for topic in topics for p in topic["partitions"]
+                             if p.get("learners") or p.get("target", p["replicas"]) != p["replicas"])
+    groups: dict[tuple[str, str, int], dict] = {}
+    for node_id in sorted(reports):
+        for group in reports[node_id]["groups"]:
+            for p in group["partitions"]:
+                hw = by_leader.get((p["topic"], p["partition"]), p["high_watermark"])
+                groups[(group["group"], p["topic"], p["partition"])] = {
+                    **p, "high_watermark": hw, "lag": max(0, hw - p["committed"])}
+    merged_groups: dict[str, dict] = {}
+    for (group, _topic, _partition), entry in sorted(groups.items()):
+        merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
+    merged["groups"] = list(merged_groups.values())
+    merged["answered_by"] = sorted(reports)
+    return merged
