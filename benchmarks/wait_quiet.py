@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from meshq.bench import _machine_busy
+from meshq.bench.cpu import _machine_busy
 
 
 def main() -> int:
