@@ -7,7 +7,7 @@ its top and imports only modules listed before it here, so there is no import cy
 
 - errors.py: ``BenchError``, the run cannot go on or failed verification
 - stats.py: latency percentiles, the median of repeated runs
-- cpu.py: per-thread and whole-machine CPU, from /proc
+- cpu.py: per-thread and whole-machine CPU, from /proc (``machine_busy``)
 - targets.py: the targets (PASS/MISS, never asserted) and the lists of what failed
 - console.py: progress lines and the pieces the renderers share
 - procs.py: child processes: one ``meshq node``, a cluster of them
@@ -22,6 +22,7 @@ its top and imports only modules listed before it here, so there is no import cy
 - run.py: arguments, scenarios, exit status
 """
 
+from meshq.bench.cpu import machine_busy
 from meshq.bench.run import run_bench
 
-__all__ = ["run_bench"]
+__all__ = ["machine_busy", "run_bench"]

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 During each timed section the CPU time (user + system) of every thread of the processes
 involved is read from ``/proc/<pid>/task/*/stat`` before and after (``_CpuSampler``), and the
-whole machine's from ``/proc/stat`` (``_machine_busy``): the report says which thread was busy
+whole machine's from ``/proc/stat`` (``machine_busy``): the report says which thread was busy
 (the bottleneck) and how much CPU other processes took (on a small shared machine they distort
 every figure). ``_other_load`` measures the machine for a second before a run, and
 ``_machine`` describes it for the report's first line. Linux only: elsewhere the readings are
@@ -73,8 +73,12 @@ def _thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
-def _machine_busy() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (None elsewhere)."""
+def machine_busy() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (None elsewhere).
+
+    Read it twice: the busy seconds' difference over the seconds between the reads is how many
+    cores the whole machine kept busy meanwhile.
+    """
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:9]]
@@ -86,9 +90,9 @@ def _machine_busy() -> tuple[float, float] | None:
 
 def _other_load(seconds: float = 1.0) -> float | None:
     """CPU used by the whole machine over ``seconds`` while this benchmark is idle, in cores."""
-    first = _machine_busy()
+    first = machine_busy()
     time.sleep(seconds)
-    second = _machine_busy()
+    second = machine_busy()
     if first is None or second is None:
         return None
     return (second[0] - first[0]) / seconds
@@ -116,12 +120,12 @@ class _CpuSampler:
 
     def start(self) -> None:
         self._before = {label: _thread_cpu(pid) for label, pid in self.processes.items()}
-        self._machine0 = _machine_busy()
+        self._machine0 = machine_busy()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         self.elapsed += time.perf_counter() - self._t0
-        machine = _machine_busy()
+        machine = machine_busy()
         if machine is not None and self._machine0 is not None:
             self.machine_busy += machine[0] - self._machine0[0]
         for label, pid in self.processes.items():
