@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from meshq.bench import _machine_busy
+from meshq.bench.cpu import machine_busy
 
 
 def main() -> int:
@@ -21,13 +21,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="measurement window (default 2 s)")
     parser.add_argument("--max-wait", type=float, default=120.0, help="give up after this many seconds")
     args = parser.parse_args()
-    if _machine_busy() is None:
+    if machine_busy() is None:
         return 0
     deadline = time.monotonic() + args.max_wait
     while True:
-        first = _machine_busy()
+        first = machine_busy()
         time.sleep(args.seconds)
-        second = _machine_busy()
+        second = machine_busy()
         assert first is not None and second is not None
         busy = (second[0] - first[0]) / args.seconds
         if busy < args.threshold:
