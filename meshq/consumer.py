@@ -2,14 +2,12 @@
 
 Theory of operation
 -------------------
-The consumer keeps one fetch in flight per assigned partition (a long poll: the leader
-parks it until data arrives or ``max_wait`` passes) and a buffer of decoded records.
-``poll`` returns buffered records first, else waits for the first fetch to come back.
-Two positions are kept per partition: ``_fetch_position`` (next offset to ask for) and
-``_positions`` (one past the last record handed to the caller) — the latter is what
-``commit`` stores, so a crash redelivers what was fetched but not yet returned
-(at-least-once). ``seek`` bumps a generation counter so fetches already in flight are
-ignored when they return.
+This is the I/O shell around ``meshq.core.client.consumer.ConsumerState`` (positions,
+fetches in flight, buffered records; the same state the simulator's consumer runs): it
+sends the fetches the state names as commands to the node's runtime (long polls), waits on
+their futures with the wall clock, and hands buffered records out in ``poll``. ``commit``
+stores one past each record returned (at-least-once: a crash redelivers what was fetched
+but not yet returned).
 """
 
 from __future__ import annotations
@@ -18,16 +16,15 @@ import concurrent.futures
 import datetime as _dt
 import logging
 import time
-from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from meshq.core import batch as batch_format
+from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.core.client.requests import FetchResult
 from meshq.core.events import Command
 from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record
-from meshq.errors import MeshqError, OffsetOutOfRangeError, UsageError
+from meshq.errors import MeshqError, UsageError
 
 log = logging.getLogger("meshq.consumer")
 
@@ -48,15 +45,9 @@ class Consumer:
         self._closed = False
         config = node.topic(topic, timeout=timeout, create=True)
         self.partitions = sorted(partitions) if partitions is not None else list(range(config.partitions))
-        self._positions: dict[int, int] = {}
-        self._fetch_position: dict[int, int] = {}
-        self._generation: dict[int, int] = {p: 0 for p in self.partitions}
-        self._in_flight: dict[Future, tuple[int, int]] = {}
-        self._partition_busy: set[int] = set()
-        self._buffer: deque[Record] = deque()
-        self._retry_at: dict[int, float] = {}
+        self._state = ConsumerState(topic, self.partitions)
+        self._in_flight: dict[Future, FetchSpec] = {}
         self._last_commit_s = time.monotonic()
-        self._committed: dict[int, int] = {}
         self._initialize_positions(timeout)
 
     # ------------------------------------------------------------------ positions
@@ -66,12 +57,9 @@ class Consumer:
             committed = self.node._call("committed", {"group": self.group, "topic": self.topic}, timeout)
         for partition in self.partitions:
             if (self.topic, partition) in committed:
-                offset = committed[(self.topic, partition)]
-                self._committed[partition] = offset
+                self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
             else:
-                offset = self._resolve_start(partition, self._start, timeout)
-            self._positions[partition] = offset
-            self._fetch_position[partition] = offset
+                self._state.start_at(partition, self._resolve_start(partition, self._start, timeout))
 
     def _resolve_start(self, partition: int, start: tuple[str, int], timeout: float) -> int:
         kind, value = start
@@ -84,18 +72,12 @@ class Consumer:
     def seek(self, partition: int, offset: Any) -> None:
         """Move ``partition`` to ``offset`` (an int, 'earliest', 'latest', or a datetime)."""
         self._require_open()
-        if partition not in self._positions:
-            raise UsageError(f"partition {partition} is not assigned to this consumer ({self.partitions})")
-        resolved = self._resolve_start(partition, _parse_start(offset), 10.0)
-        self._generation[partition] += 1
-        self._partition_busy.discard(partition)
-        self._buffer = deque(r for r in self._buffer if r.partition != partition)
-        self._positions[partition] = resolved
-        self._fetch_position[partition] = resolved
+        self._state.position(partition)  # UsageError when the partition is not assigned here
+        self._state.seek(partition, self._resolve_start(partition, _parse_start(offset), 10.0))
 
     def position(self, partition: int) -> int:
         """The offset of the next record ``poll`` will return for ``partition``."""
-        return self._positions[partition]
+        return self._state.position(partition)
 
     def assignment(self) -> list[int]:
         return list(self.partitions)
@@ -106,8 +88,8 @@ class Consumer:
         self._require_open()
         deadline = time.monotonic() + timeout
         while True:
-            if self._buffer:
-                out = self._take(max_records)
+            if self._state.buffer:
+                out = self._state.take(max_records)
                 self._maybe_auto_commit()
                 return out
             self._issue_fetches(max(0.0, deadline - time.monotonic()))
@@ -127,54 +109,28 @@ class Consumer:
         while not self._closed:
             yield from self.poll()
 
-    def _take(self, max_records: int) -> list[Record]:
-        out = []
-        buffer = self._buffer
-        while buffer and len(out) < max_records:
-            record = buffer.popleft()
-            out.append(record)
-            self._positions[record.partition] = record.offset + 1
-        return out
-
     def _issue_fetches(self, wait_s: float) -> None:
-        now = time.monotonic()
-        for partition in self.partitions:
-            if partition in self._partition_busy or self._retry_at.get(partition, 0.0) > now:
-                continue
+        for spec in self._state.fetches_due(time.monotonic()):
             future: Future = Future()
-            self._partition_busy.add(partition)
-            self._in_flight[future] = (partition, self._generation[partition])
+            self._in_flight[future] = spec
             self.node.runtime.submit(Command("fetch", {
-                "topic": self.topic, "partition": partition, "offset": self._fetch_position[partition],
+                "topic": self.topic, "partition": spec.partition, "offset": spec.offset,
                 "max_bytes": self.max_bytes, "max_wait_s": min(max(wait_s, 0.0), 1.0),
             }, future))
 
     def _on_fetched(self, future: Future) -> None:
-        partition, generation = self._in_flight.pop(future)
-        if generation != self._generation[partition]:
-            return  # a seek happened while this fetch was in flight
-        self._partition_busy.discard(partition)
+        spec = self._in_flight.pop(future)
         try:
             result: FetchResult = future.result()
-        except OffsetOutOfRangeError as exc:
-            reset = self._resolve_start(partition, ("earliest", 0), 10.0)
-            log.warning("%s/%d: %s; resetting to the earliest offset %d", self.topic, partition, exc, reset)
-            self._fetch_position[partition] = self._positions[partition] = reset
-            return
         except MeshqError as exc:
-            if not exc.retriable:
-                raise
-            log.debug("fetch %s/%d failed (%s); retrying", self.topic, partition, exc)
-            self._retry_at[partition] = time.monotonic() + 0.1
+            if self._state.on_fetch_failed(spec, exc, time.monotonic()):  # raises what is not retriable
+                reset = self._resolve_start(spec.partition, ("earliest", 0), 10.0)
+                log.warning("%s/%d: %s; resetting to the earliest offset %d", self.topic, spec.partition, exc, reset)
+                self._state.reset(spec.partition, reset)
+            else:
+                log.debug("fetch %s/%d failed (%s); retrying", self.topic, spec.partition, exc)
             return
-        if not result.data:
-            return
-        position = self._fetch_position[partition]
-        records = batch_format.decode_records(result.data, self.topic, partition, position)
-        if records:
-            assert records[0].offset >= position, "a fetch returned records before the requested offset"
-            self._buffer.extend(records)
-            self._fetch_position[partition] = records[-1].offset + 1
+        self._state.on_fetched(spec, result.data)
 
     # ------------------------------------------------------------------ commit
     def commit(self, offsets: dict[int, int] | None = None, timeout: float = 10.0) -> None:
@@ -182,13 +138,12 @@ class Consumer:
         self._require_open()
         if self.group is None:
             raise UsageError("commit() needs a consumer group: node.consumer(topic, group='name')")
-        positions = offsets if offsets is not None else dict(self._positions)
-        changed = {(self.topic, p): o for p, o in positions.items() if self._committed.get(p) != o}
+        changed = self._state.to_commit(offsets)
         if not changed:
             return
-        self.node._call("commit", {"group": self.group, "offsets": changed}, timeout)
-        for (_topic, partition), offset in changed.items():
-            self._committed[partition] = offset
+        self.node._call("commit", {"group": self.group, "offsets": {(self.topic, p): o for p, o in changed.items()}},
+                        timeout)
+        self._state.on_committed(changed)
         self._last_commit_s = time.monotonic()
 
     def committed(self, timeout: float = 10.0) -> dict[int, int]:

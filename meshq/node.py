@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig, validate_topic_name
+from meshq.core.client.leave import LeaveLoop
 from meshq.core.events import Command
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
@@ -30,7 +31,6 @@ log = logging.getLogger("meshq.node")
 
 _ACKS = ("none", "leader", "quorum", "all")
 _REACHABLE = ("alive", "suspect")  # member states of a node that can still answer a request
-_LEAVE_POLL_S = 0.25  # between two ``leave`` asks while a node drains (each ask is cheap: one small request)
 
 
 class Node:
@@ -301,53 +301,30 @@ class Node:
             if progress is not None:
                 progress({"state": "left", "assigned": 0})
             return
-        answer: dict = {}
-        last_error: MeshqError | None = None
-        while True:
+        loop = LeaveLoop(target, own, deadline)  # deadline on time.monotonic()
+        while time.monotonic() < deadline:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
                 if own and self.has_left:
                     # the node saw it was let go and stopped itself between two questions
                     raise NodeStoppedError("left")
-                answer = self._call("leave", {"node_id": target}, min(10.0, remaining))
+                step = loop.answered(self._call("leave", {"node_id": target}, min(10.0, remaining)))
             except MeshqError as exc:
-                if own and self.has_left:
-                    answer = {"state": "left", "assigned": 0}
-                    if progress is not None:
-                        progress(answer)
-                else:
-                    if not own and isinstance(exc, NodeStoppedError) and self._left_membership(target):
-                        # the target stopped itself (it left) while our question was in flight
-                        answer = {"state": "left", "assigned": 0}
-                        if progress is not None:
-                            progress(answer)
-                        return
-                    if not exc.retriable:
-                        raise
-                    last_error = exc
-                    if not own and self._left_membership(target):
-                        answer = {"state": "left", "assigned": 0}  # it left, and its ``left`` answer was lost
-                    elif progress is not None:
-                        progress({"state": "retrying", "error": f"{type(exc).__name__}: {exc}"})
-            else:
-                if progress is not None:
-                    progress(answer)
-            if answer.get("state") == "left":
+                step = loop.failed(exc, own_has_left=own and self.has_left,
+                                   left_membership=lambda: self._left_membership(target))
+            if step.report is not None and progress is not None:
+                progress(step.report)
+            if step.done:
                 if own:
                     self.stop()
                 return
-            time.sleep(max(0.0, min(_LEAVE_POLL_S, deadline - time.monotonic())))
-        if not own and "assigned" not in answer and self._check_can_leave(target, 2.0):
+            time.sleep(max(0.0, min(loop.poll_s, deadline - time.monotonic())))
+        if not own and "assigned" not in loop.answer and self._check_can_leave(target, 2.0):
             # It never answered: the first check may have seen it alive just before it stopped
             # (a view not yet updated). Asked again, that check names a stopped node (raises) or
             # one that left meanwhile.
             return
-        where = (f"{answer['assigned']} partition(s) still name it" if "assigned" in answer
-                 else f"it never answered (last error: {last_error})")
-        raise TimeoutError(f"node {target} did not finish leaving within {timeout:g} s: {where}. Leaving goes on in "
-                           f"the background: ask again to keep waiting, and watch the handoffs in `meshq status`")
+        raise loop.timeout_error(timeout)
 
     def _check_can_leave(self, node_id: str, timeout_s: float) -> bool:
         """Fail fast, naming the members, when ``node_id`` is not a live storage member; True when it

@@ -1,0 +1,157 @@
+"""A stream consumer's positions, as pure state: what to fetch next, what was handed out.
+
+Theory of operation
+-------------------
+A consumer keeps one fetch in flight per assigned partition (a long poll: the leader parks
+it until data arrives or ``max_wait`` passes) and a buffer of decoded records. Two positions
+are kept per partition:
+
+* the *fetch position*: the next offset to ask for; it moves when a fetch returns records;
+* the *position*: one past the last record handed to the caller (``take``); this is what a
+  commit stores, so a member that dies redelivers what was fetched but not yet handed out
+  (at-least-once).
+
+``fetches_due`` names the fetches to send now (each partition not busy and not backing off)
+as ``FetchSpec`` records carrying the partition's *generation*; ``seek`` and ``reset`` bump
+the generation, so a fetch already in flight is ignored when it returns. A retriable fetch
+error backs the partition off for ``retry_s``; an offset out of range asks the caller to
+reset the partition (to the earliest offset, which only the caller can look up).
+
+The state takes ``now_s`` on every call and does no I/O, so the same code runs in
+``meshq.Consumer`` (threads, futures, the wall clock) and in the simulator.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from meshq.core import batch as batch_format
+from meshq.core.records import Record
+from meshq.errors import MeshqError, OffsetOutOfRangeError, UsageError
+
+FETCH_RETRY_S = 0.1  # a partition whose fetch failed (retriably) is asked again after this long
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSpec:
+    """One fetch to send: ``partition`` from ``offset``, valid while its generation is current."""
+
+    partition: int
+    offset: int
+    generation: int
+
+
+class ConsumerState:
+    """Positions, in-flight fetches and buffered records of one consumer (see the module docstring)."""
+
+    def __init__(self, topic: str, partitions: list[int], retry_s: float = FETCH_RETRY_S) -> None:
+        self.topic = topic
+        self.partitions = sorted(partitions)
+        self.retry_s = retry_s
+        self.positions: dict[int, int] = {}  # partition -> one past the last record handed out
+        self.fetch_positions: dict[int, int] = {}  # partition -> the next offset to fetch
+        self.committed: dict[int, int] = {}  # partition -> the offset this member last committed
+        self._generation: dict[int, int] = {p: 0 for p in self.partitions}
+        self._busy: set[int] = set()  # partitions with a fetch in flight
+        self._retry_at_s: dict[int, float] = {}
+        self.buffer: deque[Record] = deque()
+
+    # ------------------------------------------------------------------ positions
+    def start_at(self, partition: int, offset: int, committed: bool = False) -> None:
+        """Begin ``partition`` at ``offset`` (``committed``: the group's stored offset)."""
+        self._require(partition)
+        self.positions[partition] = self.fetch_positions[partition] = offset
+        if committed:
+            self.committed[partition] = offset
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Move ``partition`` to ``offset``: buffered records and fetches in flight of it are dropped."""
+        self._require(partition)
+        self._generation[partition] += 1
+        self._busy.discard(partition)
+        self.buffer = deque(r for r in self.buffer if r.partition != partition)
+        self.positions[partition] = self.fetch_positions[partition] = offset
+
+    def position(self, partition: int) -> int:
+        self._require(partition)
+        return self.positions[partition]
+
+    # ------------------------------------------------------------------ fetching
+    def fetches_due(self, now_s: float) -> list[FetchSpec]:
+        """The fetches to send now, one per partition that is idle and not backing off; each is
+        marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer."""
+        due = []
+        for partition in self.partitions:
+            if partition in self._busy or self._retry_at_s.get(partition, 0.0) > now_s:
+                continue
+            if partition not in self.fetch_positions:
+                continue  # not started yet
+            self._busy.add(partition)
+            due.append(FetchSpec(partition, self.fetch_positions[partition], self._generation[partition]))
+        return due
+
+    def current(self, spec: FetchSpec) -> bool:
+        """Whether the answer to ``spec`` still counts (no seek or reset since it was sent)."""
+        return spec.generation == self._generation.get(spec.partition)
+
+    def on_fetched(self, spec: FetchSpec, data: bytes) -> list[Record]:
+        """A fetch returned ``data`` (raw batches): buffer its records; returns them (empty if stale)."""
+        if not self.current(spec):
+            return []
+        self._busy.discard(spec.partition)
+        if not data:
+            return []
+        records = batch_format.decode_records(data, self.topic, spec.partition, spec.offset)
+        if records:
+            if records[0].offset < spec.offset:
+                raise AssertionError("a fetch returned records before the requested offset")
+            self.buffer.extend(records)
+            self.fetch_positions[spec.partition] = records[-1].offset + 1
+        return records
+
+    def on_fetch_failed(self, spec: FetchSpec, error: MeshqError, now_s: float) -> bool:
+        """A fetch failed. Returns True when the caller must ``reset`` the partition (its offset is
+        out of range); a retriable error backs the partition off; any other error is raised."""
+        if not self.current(spec):
+            return False
+        self._busy.discard(spec.partition)
+        if isinstance(error, OffsetOutOfRangeError):
+            return True
+        if not error.retriable:
+            raise error
+        self._retry_at_s[spec.partition] = now_s + self.retry_s
+        return False
+
+    def reset(self, partition: int, offset: int) -> None:
+        """Continue ``partition`` from ``offset`` after its position fell out of the log."""
+        self._require(partition)
+        self.positions[partition] = self.fetch_positions[partition] = offset
+
+    def take(self, max_records: int) -> list[Record]:
+        """Hand out up to ``max_records`` buffered records; their positions move past them."""
+        out = []
+        buffer = self.buffer
+        positions = self.positions
+        while buffer and len(out) < max_records:
+            record = buffer.popleft()
+            out.append(record)
+            positions[record.partition] = record.offset + 1
+        return out
+
+    def in_flight(self) -> int:
+        return len(self._busy)
+
+    # ------------------------------------------------------------------ commits
+    def to_commit(self, offsets: dict[int, int] | None = None) -> dict[int, int]:
+        """What a commit stores: ``offsets`` (default: the positions) that differ from the last
+        commit of this member."""
+        positions = offsets if offsets is not None else self.positions
+        return {p: o for p, o in sorted(positions.items()) if self.committed.get(p) != o}
+
+    def on_committed(self, offsets: dict[int, int]) -> None:
+        self.committed.update(offsets)
+
+    def _require(self, partition: int) -> None:
+        if partition not in self._generation:
+            raise UsageError(f"partition {partition} is not assigned to this consumer ({self.partitions})")

@@ -1,0 +1,92 @@
+"""The consumer's position state (meshq.core.client.consumer): pure, driven by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshq.core.batch import encode_batch, stamp
+from meshq.core.client.consumer import ConsumerState
+from meshq.errors import NotLeaderError, OffsetOutOfRangeError, UnknownTopicError, UsageError
+
+
+def batch(base_offset: int, *values: bytes) -> bytes:
+    return stamp(encode_batch([(None, v, None, 1000) for v in values]), base_offset, 1)
+
+
+def started(partitions=(0, 1)) -> ConsumerState:
+    state = ConsumerState("t", list(partitions))
+    for p in partitions:
+        state.start_at(p, 0)
+    return state
+
+
+def test_one_fetch_in_flight_per_partition_and_fetch_position_moves_on_records():
+    state = started()
+    first = state.fetches_due(0.0)
+    assert [(s.partition, s.offset) for s in first] == [(0, 0), (1, 0)]
+    assert state.fetches_due(0.0) == []  # both busy
+    records = state.on_fetched(first[0], batch(0, b"a", b"b"))
+    assert [r.value for r in records] == [b"a", b"b"]
+    assert [(s.partition, s.offset) for s in state.fetches_due(0.0)] == [(0, 2)]
+    assert state.position(0) == 0  # nothing handed out yet
+
+
+def test_take_moves_positions_past_what_it_hands_out_only():
+    state = started()
+    spec = state.fetches_due(0.0)[0]
+    state.on_fetched(spec, batch(0, b"a", b"b", b"c"))
+    assert [r.value for r in state.take(2)] == [b"a", b"b"]
+    assert state.position(0) == 2 and state.fetch_positions[0] == 3
+    assert state.to_commit() == {0: 2, 1: 0}
+    state.on_committed({0: 2, 1: 0})
+    assert state.to_commit() == {}
+    assert state.to_commit({0: 5}) == {0: 5}
+
+
+def test_a_seek_drops_buffered_records_and_the_answer_to_a_fetch_sent_before_it():
+    state = started()
+    spec = state.fetches_due(0.0)[0]
+    state.on_fetched(spec, batch(0, b"a"))
+    stale = state.fetches_due(0.0)[0]
+    state.seek(0, 10)
+    assert not state.buffer and state.position(0) == 10
+    assert state.on_fetched(stale, batch(1, b"b")) == []  # stale: ignored
+    fresh = [s for s in state.fetches_due(0.0) if s.partition == 0]
+    assert fresh[0].offset == 10 and fresh[0].generation == stale.generation + 1
+
+
+def test_a_retriable_error_backs_the_partition_off_and_others_raise():
+    state = started()
+    spec = state.fetches_due(0.0)[0]
+    assert state.on_fetch_failed(spec, NotLeaderError("moved"), now_s=1.0) is False
+    assert [s.partition for s in state.fetches_due(1.05)] == []  # partition 1 still busy, 0 backing off
+    assert [s.partition for s in state.fetches_due(1.2)] == [0]
+    busy = ConsumerState("t", [0])
+    busy.start_at(0, 0)
+    with pytest.raises(UnknownTopicError):
+        busy.on_fetch_failed(busy.fetches_due(0.0)[0], UnknownTopicError("gone"), 0.0)
+
+
+def test_offset_out_of_range_asks_for_a_reset():
+    state = started((0,))
+    spec = state.fetches_due(0.0)[0]
+    assert state.on_fetch_failed(spec, OffsetOutOfRangeError("past the end"), 0.0) is True
+    state.reset(0, 7)
+    assert state.position(0) == 7 and state.fetches_due(0.0)[0].offset == 7
+
+
+def test_a_batch_that_begins_before_the_requested_offset_yields_only_the_records_from_it():
+    state = started((0,))
+    state.seek(0, 4)
+    spec = state.fetches_due(0.0)[0]
+    records = state.on_fetched(spec, batch(3, b"x", b"y", b"z"))
+    assert [(r.offset, r.value) for r in records] == [(4, b"y"), (5, b"z")]
+    assert state.fetch_positions[0] == 6
+
+
+def test_unassigned_partitions_are_refused():
+    state = started((0,))
+    with pytest.raises(UsageError):
+        state.seek(3, 0)
+    with pytest.raises(UsageError):
+        state.position(3)
