@@ -21,7 +21,7 @@ from typing import Any
 
 from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.core.client.requests import FetchResult
-from meshq.core.events import Command
+from meshq.core.events import CommitOffsets, Fetch, FetchCommitted, ListOffsets
 from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record
 from meshq.errors import MeshqError, UsageError
@@ -54,7 +54,7 @@ class Consumer:
     def _initialize_positions(self, timeout: float) -> None:
         committed: dict[tuple[str, int], int] = {}
         if self.group is not None:
-            committed = self.node._call("committed", {"group": self.group, "topic": self.topic}, timeout)
+            committed = self.node._call(FetchCommitted(self.group, self.topic), timeout)
         for partition in self.partitions:
             if (self.topic, partition) in committed:
                 self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
@@ -66,8 +66,7 @@ class Consumer:
         if kind == "offset":
             return value
         timestamp_ms = {"earliest": EARLIEST, "latest": LATEST}.get(kind, value)
-        return self.node._call("list_offsets", {"topic": self.topic, "partition": partition,
-                                                "timestamp_ms": timestamp_ms}, timeout)
+        return self.node._call(ListOffsets(self.topic, partition, timestamp_ms), timeout)
 
     def seek(self, partition: int, offset: Any) -> None:
         """Move ``partition`` to ``offset`` (an int, 'earliest', 'latest', or a datetime)."""
@@ -113,10 +112,8 @@ class Consumer:
         for spec in self._state.fetches_due(time.monotonic()):
             future: Future = Future()
             self._in_flight[future] = spec
-            self.node.runtime.submit(Command("fetch", {
-                "topic": self.topic, "partition": spec.partition, "offset": spec.offset,
-                "max_bytes": self.max_bytes, "max_wait_s": min(max(wait_s, 0.0), 1.0),
-            }, future))
+            self.node.runtime.submit(Fetch(self.topic, spec.partition, spec.offset, self.max_bytes,
+                                           min(max(wait_s, 0.0), 1.0), waiter=future))
 
     def _on_fetched(self, future: Future) -> None:
         spec = self._in_flight.pop(future)
@@ -141,8 +138,7 @@ class Consumer:
         changed = self._state.to_commit(offsets)
         if not changed:
             return
-        self.node._call("commit", {"group": self.group, "offsets": {(self.topic, p): o for p, o in changed.items()}},
-                        timeout)
+        self.node._call(CommitOffsets(self.group, {(self.topic, p): o for p, o in changed.items()}), timeout)
         self._state.on_committed(changed)
         self._last_commit_s = time.monotonic()
 
@@ -150,7 +146,7 @@ class Consumer:
         """The group's committed offsets for this topic."""
         if self.group is None:
             raise UsageError("committed() needs a consumer group")
-        stored = self.node._call("committed", {"group": self.group, "topic": self.topic}, timeout)
+        stored = self.node._call(FetchCommitted(self.group, self.topic), timeout)
         return {p: o for (_t, p), o in stored.items()}
 
     def _maybe_auto_commit(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig, validate_topic_name
 from meshq.core.client.leave import LeaveLoop
-from meshq.core.events import Command
+from meshq.core.events import AskLeave, Command, CreateTopic, GetMetadata, GetStatus, WaitReady
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
 from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
@@ -246,13 +246,16 @@ class Node:
                                    "release its data directory, or start a new Node to join again")
 
     # ------------------------------------------------------------------ internal calls
-    def _call(self, kind: str, args: dict, timeout_s: float) -> Any:
+    def _call(self, command: Command, timeout_s: float) -> Any:
+        """Hand ``command`` to the core and wait for its result (its deadline: ``timeout_s``)."""
         self._require_started()
         assert self.runtime is not None
         future: Future = Future()
-        args.setdefault("deadline_s", self.clock.now_s() + timeout_s)
-        self.runtime.submit(Command(kind, args, future))
-        return _wait(future, timeout_s + 1.0, kind)
+        if command.deadline_s is None:
+            command.deadline_s = self.clock.now_s() + timeout_s
+        command.waiter = future
+        self.runtime.submit(command)
+        return _wait(future, timeout_s + 1.0, type(command).__name__)
 
     # ------------------------------------------------------------------ membership
     def wait_for_members(self, count: int, timeout: float = 10.0) -> list[dict]:
@@ -274,7 +277,7 @@ class Node:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until a storage node (maybe this one) can take requests."""
-        self._call("wait_ready", {}, timeout)
+        self._call(WaitReady(), timeout)
 
     def leave(self, timeout: float = 300.0, *, node_id: str | None = None,
               progress: Callable[[dict], None] | None = None) -> None:
@@ -308,7 +311,7 @@ class Node:
                 if own and self.has_left:
                     # the node saw it was let go and stopped itself between two questions
                     raise NodeStoppedError("left")
-                step = loop.answered(self._call("leave", {"node_id": target}, min(10.0, remaining)))
+                step = loop.answered(self._call(AskLeave(target), min(10.0, remaining)))
             except MeshqError as exc:
                 step = loop.failed(exc, own_has_left=own and self.has_left,
                                    left_membership=lambda: self._left_membership(target))
@@ -372,15 +375,15 @@ class Node:
             retention_ms=retention_ms,
             cleanup_policy=cleanup_policy,  # type: ignore[arg-type]
         )
-        return self._call("create_topic", {"config": config, "if_not_exists": if_not_exists}, timeout)
+        return self._call(CreateTopic(config, if_not_exists), timeout)
 
     def topic(self, name: str, timeout: float = 10.0, create: bool = False) -> TopicConfig:
         """The configuration of an existing topic (``UnknownTopicError`` if missing)."""
-        meta = self._call("metadata", {"topic": name, "refresh": True, "auto_create": create}, timeout)
+        meta = self._call(GetMetadata(name, refresh=True, auto_create=create), timeout)
         return meta["config"]
 
     def list_topics(self, timeout: float = 10.0) -> list[TopicConfig]:
-        body = self._call("metadata", {}, timeout)
+        body = self._call(GetMetadata(), timeout)
         return [TopicConfig.from_wire(t["config"]) for t in body["topics"]]
 
     # ------------------------------------------------------------------ produce
@@ -469,7 +472,7 @@ class Node:
     def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:
         """The cluster, shaped like ``meshq status --json``: every storage node's view merged,
         or with ``node_id`` that one node's own view."""
-        return self._call("status", {"node_id": node_id} if node_id else {}, timeout)
+        return self._call(GetStatus(node_id or None), timeout)
 
 
 def _wait(future: Future, timeout_s: float, what: str) -> Any:

@@ -54,13 +54,100 @@ class LogsSynced:
     keys: frozenset[tuple[str, int]]
 
 
+# Local API calls. Each carries a ``waiter`` (an opaque token the runtime resolves through
+# ``Resolve``/``Fail``) and a ``deadline_s`` on the core's clock (None: the node's
+# ``request_timeout_s`` from when the core takes it).
 @dataclass(slots=True)
-class Command:
-    """A local API call. ``waiter`` is an opaque token resolved through ``Resolve``/``Fail``."""
+class GetMetadata:
+    """A topic's metadata (``topic``; ``refresh`` asks afresh), or with ``topic`` None every topic's."""
 
-    kind: str
-    args: dict
+    topic: str | None = None
+    refresh: bool = False
+    auto_create: bool = True
+    deadline_s: float | None = None
     waiter: Any = None
+
+
+@dataclass(slots=True)
+class WaitReady:
+    """Resolves once a storage node (maybe this one) can take requests."""
+
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class CreateTopic:
+    config: Any  # meshq.config.TopicConfig
+    if_not_exists: bool = True
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class Fetch:
+    """Records of ``topic``/``partition`` from ``offset``; the leader holds it up to ``max_wait_s``."""
+
+    topic: str
+    partition: int
+    offset: int
+    max_bytes: int = 4 * 1024 * 1024
+    max_wait_s: float = 0.5
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class ListOffsets:
+    """The offset of ``timestamp_ms`` in a partition (-2: the earliest, -1: the latest)."""
+
+    topic: str
+    partition: int
+    timestamp_ms: int
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class CommitOffsets:
+    """Store a group's offsets: ``offsets`` maps (topic, partition) to the next offset to read."""
+
+    group: str
+    offsets: dict
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class FetchCommitted:
+    """A group's committed offsets for ``topic``, as {(topic, partition): offset}."""
+
+    group: str
+    topic: str
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class GetStatus:
+    """The cluster's status merged from every live storage node (or only ``node_id``'s own view)."""
+
+    node_id: str | None = None
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class AskLeave:
+    """Ask storage node ``node_id`` to leave; resolves with its ``leave_ok`` body."""
+
+    node_id: str
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave
+COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave)
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ import zmq
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.client.producer import final_produce_error, produce_retriable
+from meshq.core.events import GetMetadata
 from meshq.core.hashing import partition_for_key
 from meshq.core.records import RecordMetadata
 from meshq.errors import (
@@ -247,7 +248,7 @@ class DirectProducer:
         if remaining <= 0:
             return
         try:
-            self.node._call("metadata", {"topic": topic, "refresh": True, "auto_create": False}, remaining)
+            self.node._call(GetMetadata(topic, refresh=True, auto_create=False), remaining)
         except NodeStoppedError:
             raise
         except MeshqError:

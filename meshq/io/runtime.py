@@ -33,7 +33,7 @@ import zmq
 
 from meshq.core import wire
 from meshq.core.events import (
-    Command,
+    COMMANDS,
     Connect,
     Disconnect,
     EventReceived,
@@ -199,7 +199,7 @@ class Runtime:
             item = self.commands.popleft()
             if isinstance(item, ProduceCommand) and item.waiter is not None:
                 item.waiter.settle(range(len(item.records)), item.records, item.topic, -1, -1, error)
-            elif isinstance(item, Command):
+            elif isinstance(item, COMMANDS):
                 _settle(item.waiter, None, error)
 
     def _loop(self, poller: zmq.Poller) -> None:

@@ -60,11 +60,15 @@ from meshq.config import NodeConfig, TopicConfig
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import (
-    Command,
+    AskLeave,
+    CommitOffsets,
     Connect,
+    CreateTopic,
     Disconnect,
     EventReceived,
     Fail,
+    Fetch,
+    FetchCommitted,
     LogsSynced,
     ProduceCommand,
     Publish,
@@ -599,7 +603,7 @@ class Simulation:
                 self._log(f"leave {node_id}: {answer}")
 
             self._log(f"leave {node_id}? (asked through {asker.node_id})")
-            self._feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
+            self._feed(asker, AskLeave(node_id, deadline_s, answered))
         self._at(self.now_s + LEAVE_RETRY_S, "leave", None)
 
     def _after_core(self, node: SimNode) -> None:
@@ -652,8 +656,7 @@ class Simulation:
             outcome["outcome"] = "ok" if isinstance(effect, Resolve) else "failed"
             self._log(f"create {name} {outcome['outcome']}")
 
-        self._feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
-                                                     "deadline_s": self.now_s + 3.0}, settle))
+        self._feed(client, CreateTopic(TopicConfig(name, 1, 3), deadline_s=self.now_s + 3.0, waiter=settle))
 
     def _send_probes(self) -> None:
         """Liveness: once converged, one acks=leader write to every partition must succeed."""
@@ -852,8 +855,7 @@ class SimConsumer:
                     return
                 self._on_fetch(partition, offset, effect.result)
 
-            sim._feed(node, Command("fetch", {"topic": TOPIC, "partition": partition, "offset": offset,
-                                              "max_wait_s": 0.2, "deadline_s": sim.now_s + 2.0}, done))
+            sim._feed(node, Fetch(TOPIC, partition, offset, max_wait_s=0.2, deadline_s=sim.now_s + 2.0, waiter=done))
         if sim.now_s >= self.next_commit_s and self.positions:
             self.next_commit_s = sim.now_s + 1.0
             offsets = {(TOPIC, p): o for p, o in sorted(self.positions.items())}
@@ -866,8 +868,7 @@ class SimConsumer:
                     for (_topic, p), o in offsets.items():
                         self.acked_commits[p] = max(self.acked_commits.get(p, 0), o)
 
-            sim._feed(node, Command("commit", {"group": self.GROUP, "offsets": offsets,
-                                               "deadline_s": sim.now_s + 2.0}, committed))
+            sim._feed(node, CommitOffsets(self.GROUP, offsets, sim.now_s + 2.0, committed))
 
     def _restart(self, node: SimNode) -> None:
         sim = self.sim
@@ -888,8 +889,7 @@ class SimConsumer:
             self.positions = {p: positions.get(p, 0) for p in range(meta["config"].partitions)}
             self.ready = True
 
-        sim._feed(node, Command("committed", {"group": self.GROUP, "topic": TOPIC,
-                                              "deadline_s": sim.now_s + 2.0}, resume))
+        sim._feed(node, FetchCommitted(self.GROUP, TOPIC, sim.now_s + 2.0, resume))
 
     def _committed_floor(self, now_s: float) -> dict[int, int]:
         """Per partition, the committed offset a read sent now must not be below: the highest

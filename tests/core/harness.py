@@ -10,7 +10,6 @@ from typing import Any
 from meshq.config import NodeConfig
 from meshq.core import wire
 from meshq.core.events import (
-    Command,
     Connect,
     Disconnect,
     Fail,
@@ -130,10 +129,12 @@ class CoreHarness:
 
     _next_token = 0
 
-    def command(self, kind: str, **args: Any) -> int:
+    def command(self, command: Any) -> int:
+        """Hand ``command`` (a meshq.core.events command) to the core; returns its waiter token."""
         CoreHarness._next_token += 1
         token = CoreHarness._next_token
-        self.handle(Command(kind, args, token))
+        command.waiter = token
+        self.handle(command)
         return token
 
     def request(self, type_: str, body: dict, payloads: tuple = (), request_id: int = 77,

@@ -8,7 +8,7 @@ from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.client.requests import FetchResult
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
-from meshq.core.events import EventReceived, RequestReceived
+from meshq.core.events import CommitOffsets, CreateTopic, EventReceived, Fetch, FetchCommitted, RequestReceived
 from meshq.core.hashing import partition_for_key
 from meshq.errors import NodeStoppedError, TimeoutError
 from meshq.log.memory import MemoryStorage
@@ -35,7 +35,7 @@ def test_local_produce_then_fetch_round_trip():
     outcome = h.produce("orders", [b"a", b"b", b"c"], partition=2)
     assert outcome.errors == []
     assert outcome.results == [("orders", 2, 0), ("orders", 2, 1), ("orders", 2, 2)]
-    token = h.command("fetch", topic="orders", partition=2, offset=1, max_wait_s=0)
+    token = h.command(Fetch("orders", 2, 1, max_wait_s=0))
     result: FetchResult = h.resolved[token]
     records = batch_format.decode_records(result.data, "orders", 2, 1)
     assert [(r.offset, r.value) for r in records] == [(1, b"b"), (2, b"c")]
@@ -76,7 +76,7 @@ def test_idempotent_retry_is_stored_once_and_returns_the_original_offset():
 def create(h: CoreHarness, name: str = "t", partitions: int = 1) -> None:
     from meshq.config import TopicConfig
 
-    token = h.command("create_topic", config=TopicConfig(name, partitions, 1))
+    token = h.command(CreateTopic(TopicConfig(name, partitions, 1)))
     assert token in h.resolved, h.failed
 
 
@@ -175,14 +175,14 @@ def test_group_offsets_are_stored_in_the_offsets_topic_and_replayed_on_restart()
     storage = MemoryStorage()
     h = CoreHarness(storage=storage)
     h.produce("t", [b"a", b"b"], partition=1)
-    token = h.command("commit", group="g", offsets={("t", 1): 2})
+    token = h.command(CommitOffsets("g", {("t", 1): 2}))
     assert token in h.resolved
-    token = h.command("committed", group="g", topic="t")
+    token = h.command(FetchCommitted("g", "t"))
     assert h.resolved[token] == {("t", 1): 2}
     assert any(key[0] == OFFSETS_TOPIC for key in h.core.partitions)
     h.sync(list(h.core.partitions))
     again = CoreHarness(storage=storage)
-    token = again.command("committed", group="g", topic="t")
+    token = again.command(FetchCommitted("g", "t"))
     assert again.resolved[token] == {("t", 1): 2}
     lag = again.core.status.local_status()["groups"][0]["partitions"][0]
     assert lag == {"topic": "t", "partition": 1, "committed": 2, "high_watermark": 2, "lag": 0}
@@ -231,7 +231,7 @@ def test_retention_deletes_whole_sealed_segments(retention):
     h = CoreHarness(storage=storage, retention_check_interval_s=1.0)
     from meshq.config import TopicConfig
 
-    token = h.command("create_topic", config=TopicConfig("r", 1, 1, **retention))
+    token = h.command(CreateTopic(TopicConfig("r", 1, 1, **retention)))
     assert token in h.resolved
     for _ in range(20):
         h.produce("r", [b"x" * 1000], partition=0)

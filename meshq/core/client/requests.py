@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-Each ``Command`` (kind + args, with a waiter the runtime resolves) becomes a request to a
+Each command (a typed record of ``meshq.core.events``, with a waiter the runtime resolves)
+becomes a request to a
 storage node: ``metadata`` and ``create_topic`` to any storage peer, ``fetch`` and
 ``list_offsets`` to the partition's leader, ``commit`` and ``committed`` to the group's
 coordinator (the leader of its ``__consumer_offsets`` partition), ``status`` to every live
@@ -24,7 +25,20 @@ from meshq.config import TopicConfig, validate_topic_name
 from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
-from meshq.core.events import Command, Fail, Resolve
+from meshq.core.events import (
+    AskLeave,
+    Command,
+    CommitOffsets,
+    CreateTopic,
+    Fail,
+    Fetch,
+    FetchCommitted,
+    GetMetadata,
+    GetStatus,
+    ListOffsets,
+    Resolve,
+    WaitReady,
+)
 from meshq.core.hashing import stable_hash64
 from meshq.core.room import Room
 from meshq.core.status import merge_status
@@ -68,20 +82,23 @@ class RoutedCall:
 class Requests(Room):
     """Local API calls other than produce (see the module docstring)."""
 
-    COMMANDS = {Command: "run"}
+    # command type -> method (each runs through ``run``: refused once the node stops, errors fail it)
+    KINDS = {GetMetadata: "_cmd_metadata", WaitReady: "_cmd_wait_ready", CreateTopic: "_cmd_create_topic",
+             Fetch: "_cmd_fetch", ListOffsets: "_cmd_list_offsets", CommitOffsets: "_cmd_commit",
+             FetchCommitted: "_cmd_committed", GetStatus: "_cmd_status", AskLeave: "_cmd_leave"}
+    COMMANDS = dict.fromkeys(KINDS, "run")
     TIMERS = {"command_retry": "_retry_command", "wait_ready": "_retry_wait_ready", "routed_retry": "_routed_resume"}
-    # command kind -> method
-    KINDS = {"metadata": "_cmd_metadata", "wait_ready": "_cmd_wait_ready", "create_topic": "_cmd_create_topic",
-             "fetch": "_cmd_fetch", "list_offsets": "_cmd_list_offsets", "commit": "_cmd_commit",
-             "committed": "_cmd_committed", "status": "_cmd_status", "leave": "_cmd_leave"}
 
     def run(self, command: Command, now_s: float) -> None:
-        name = self.KINDS.get(command.kind)
+        name = self.KINDS.get(type(command))
         if name is None:
-            raise UsageError(f"unknown command {command.kind!r}")
+            raise UsageError(f"unknown command {type(command).__name__}")
         if self.core.stopped:
             self.out.emit(Fail(command.waiter, NodeStoppedError("the node is stopped")))
             return
+        if command.deadline_s is None:  # once: a command run again keeps its deadline
+            extra_s = command.max_wait_s if isinstance(command, Fetch) else 0.0
+            command.deadline_s = now_s + extra_s + self.config.request_timeout_s
         try:
             getattr(self, name)(command, now_s)
         except MeshqError as exc:
@@ -89,7 +106,7 @@ class Requests(Room):
 
     def _simple_request(self, command: Command, peer: str | None, type_: str, body: dict, now_s: float,
                         convert: Callable[[wire.Message], Any]) -> None:
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        deadline_s = command.deadline_s
         if peer is None and now_s + 0.05 < deadline_s:
             self.out.schedule(now_s + 0.05, "command_retry", command)
             return
@@ -102,8 +119,8 @@ class Requests(Room):
                          lambda e: self.out.emit(Fail(command.waiter, e)))
 
     def _cmd_metadata(self, command: Command, now_s: float) -> None:
-        topic = command.args.get("topic")
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        topic = command.topic
+        deadline_s = command.deadline_s
         if topic is None:
             def keep(message: wire.Message) -> dict:
                 self.core.client.absorb_metadata(message.body)
@@ -112,7 +129,7 @@ class Requests(Room):
             self._simple_request(command, self.core.client.any_storage_peer(), "metadata",
                                  {"topics": None, "auto_create": False}, now_s, keep)
             return
-        if command.args.get("refresh"):
+        if command.refresh:
             self.core.client.forget(topic)
 
         def ready(error: MeshqError | None) -> None:
@@ -121,11 +138,11 @@ class Requests(Room):
             else:
                 self.out.emit(Resolve(command.waiter, self.core.client.metadata[topic]))
 
-        self.core.client.with_metadata(topic, now_s, deadline_s, ready, command.args.get("auto_create", True))
+        self.core.client.with_metadata(topic, now_s, deadline_s, ready, command.auto_create)
 
     def _cmd_wait_ready(self, command: Command, now_s: float) -> None:
         """Resolve once at least one storage node (maybe this one) answers requests."""
-        deadline_s = command.args["deadline_s"]
+        deadline_s = command.deadline_s
         if self.core.client.any_storage_peer() is not None:
             self.out.emit(Resolve(command.waiter, True))
         elif now_s >= deadline_s:
@@ -135,7 +152,7 @@ class Requests(Room):
             self.out.schedule(min(deadline_s, now_s + 0.02), "wait_ready", command)
 
     def _cmd_create_topic(self, command: Command, now_s: float) -> None:
-        config: TopicConfig = command.args["config"]
+        config: TopicConfig = command.config
         if config.name.startswith("__"):
             raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
 
@@ -144,14 +161,13 @@ class Requests(Room):
             return TopicConfig.from_wire(message.body["topic"]["config"])
 
         self._simple_request(command, self.core.client.any_storage_peer(), "create_topic",
-                             {"config": config.to_wire(), "if_not_exists": command.args.get("if_not_exists", True)},
+                             {"config": config.to_wire(), "if_not_exists": command.if_not_exists},
                              now_s, convert)
 
     def _partition_command(self, command: Command, now_s: float, type_: str, body: dict,
                            convert: Callable[[wire.Message], Any], retry: bool = True) -> None:
-        topic, partition = command.args["topic"], command.args["partition"]
-        self._routed_command(command, now_s, topic, lambda: partition, type_, body, convert,
-                             command.args.get("auto_create", False), retry)
+        topic, partition = command.topic, command.partition
+        self._routed_command(command, now_s, topic, lambda: partition, type_, body, convert, False, retry)
 
     def _routed_command(self, command: Command, now_s: float, topic: str, partition_of: Callable[[], int],
                         type_: str, body: dict, convert: Callable[[wire.Message], Any], auto_create: bool,
@@ -159,7 +175,7 @@ class Requests(Room):
         """Send ``type_`` to the leader of ``topic``/``partition_of()``; while leadership moves (no leader
         known, not_leader, not enough replicas, a silent leader) refresh metadata and retry until the
         command's deadline."""
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        deadline_s = command.deadline_s
         call = RoutedCall(command, topic, partition_of, type_, body, convert, auto_create, retry, deadline_s)
         call.ready = partial(self._routed_ready, call)
         self.core.client.with_metadata(topic, now_s, deadline_s, call.ready, auto_create)
@@ -209,11 +225,8 @@ class Requests(Room):
         self._cmd_wait_ready(command, now_s)
 
     def _cmd_fetch(self, command: Command, now_s: float) -> None:
-        args = command.args
-        body = {"topic": args["topic"], "partition": args["partition"], "offset": args["offset"],
-                "max_bytes": args.get("max_bytes", 4 * 1024 * 1024),
-                "max_wait_ms": int(args.get("max_wait_s", 0.5) * 1000)}
-        args.setdefault("deadline_s", now_s + args.get("max_wait_s", 0.5) + self.config.request_timeout_s)
+        body = {"topic": command.topic, "partition": command.partition, "offset": command.offset,
+                "max_bytes": command.max_bytes, "max_wait_ms": int(command.max_wait_s * 1000)}
 
         def convert(message: wire.Message) -> FetchResult:
             b = message.body
@@ -224,13 +237,12 @@ class Requests(Room):
         self._partition_command(command, now_s, "fetch", body, convert, retry=False)
 
     def _cmd_list_offsets(self, command: Command, now_s: float) -> None:
-        args = command.args
-        body = {"topic": args["topic"], "partition": args["partition"], "timestamp_ms": args["timestamp_ms"]}
+        body = {"topic": command.topic, "partition": command.partition, "timestamp_ms": command.timestamp_ms}
         self._partition_command(command, now_s, "list_offsets", body, lambda m: m.body["offset"])
 
     def _coordinator_command(self, command: Command, now_s: float, type_: str, body: dict,
                              convert: Callable[[wire.Message], Any]) -> None:
-        group = command.args["group"]
+        group = command.group
         validate_topic_name(group)
 
         def partition_of() -> int:
@@ -239,23 +251,23 @@ class Requests(Room):
         self._routed_command(command, now_s, OFFSETS_TOPIC, partition_of, type_, body, convert, False, True)
 
     def _cmd_commit(self, command: Command, now_s: float) -> None:
-        offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.args["offsets"].items())]
-        self._coordinator_command(command, now_s, "offset_commit", {"group": command.args["group"], "offsets": offsets},
+        offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.offsets.items())]
+        self._coordinator_command(command, now_s, "offset_commit", {"group": command.group, "offsets": offsets},
                                   lambda m: None)
 
     def _cmd_committed(self, command: Command, now_s: float) -> None:
         self._coordinator_command(
-            command, now_s, "offset_fetch", {"group": command.args["group"], "topic": command.args["topic"]},
+            command, now_s, "offset_fetch", {"group": command.group, "topic": command.topic},
             lambda m: {(e["topic"], e["partition"]): e["offset"] for e in m.body["offsets"]})
 
     def _cmd_status(self, command: Command, now_s: float) -> None:
         """Ask every live storage node for its local view and merge them (leaders know their partitions).
 
-        With ``node_id`` in the args, return that one node's own view, unmerged.
+        With ``node_id`` set, return that one node's own view, unmerged.
         """
         peers = self.core.client.storage_peers()
-        only = command.args.get("node_id")
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        only = command.node_id
+        deadline_s = command.deadline_s
         if (not peers or (only is not None and only not in self.out.peer_endpoints and only != self.node_id)) \
                 and now_s + 0.05 < deadline_s:
             self.out.schedule(now_s + 0.05, "command_retry", command)
@@ -298,8 +310,8 @@ class Requests(Room):
     def _cmd_leave(self, command: Command, now_s: float) -> None:
         """Ask storage node ``node_id`` (maybe this one) to leave the cluster (``meshq leave``); resolves
         with its ``leave_ok`` body ``{"state": "draining"|"left", "assigned": N}``. Ask again until ``left``."""
-        target = command.args["node_id"]
-        deadline_s = command.args.get("deadline_s", now_s + self.config.request_timeout_s)
+        target = command.node_id
+        deadline_s = command.deadline_s
         if target != self.node_id and target not in self.out.peer_endpoints:
             if now_s + 0.05 < deadline_s:  # a fresh client learns the members from its seeds' gossip
                 self.out.schedule(now_s + 0.05, "command_retry", command)
