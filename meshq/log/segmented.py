@@ -35,10 +35,8 @@ import logging
 import mmap
 import os
 import re
-import shutil
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
 from meshq.core.ports import RecoveryReport
@@ -50,7 +48,9 @@ from meshq.errors import (
     StorageError,
     UsageError,
 )
+from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all
 from meshq.log.lock import DataDirLock
+from meshq.log.segment import _SEGMENT_FLAGS, _SEGMENT_NAME, _Damage, _Segment, segment_file_name
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -65,101 +65,13 @@ from meshq.log.store import (
     out_of_range_message,
 )
 
+__all__ = ["FileStorage", "SegmentedLog", "segment_file_name"]
+
 logger = logging.getLogger("meshq.log")
 
-LOG_SUFFIX = ".log"
-TMP_SUFFIX = ".tmp"
 META_SUFFIX = ".msgpack"
 DELETED_SUFFIX = ".deleted"
-OFFSET_DIGITS = 20
-_SEGMENT_NAME = re.compile(r"^(\d{%d})\.log$" % OFFSET_DIGITS)
 _LOG_DIR_NAME = re.compile(r"^(.+)-(\d+)$")
-_SEGMENT_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-_TAIL_BATCHES = 512  # the segment remembers the position of at least its last this-many batches (_Segment)
-
-
-def segment_file_name(base_offset: int) -> str:
-    """The file name of the segment whose first batch has ``base_offset``."""
-    return f"{base_offset:0{OFFSET_DIGITS}d}{LOG_SUFFIX}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Damage:
-    """Records of a sealed segment that cannot be read."""
-
-    position: int  # byte where the unreadable part of the file starts
-    first_offset: int  # first unreadable offset
-    end_offset: int  # one past the last unreadable offset (the next segment's base)
-    reason: str
-    torn_tail: bool  # the file merely ends early (nothing but a partial batch follows)
-
-
-class _Segment:
-    """One segment file and its derived in-memory state."""
-
-    def __init__(self, directory: str, base_offset: int) -> None:
-        self.base_offset = base_offset
-        self.name = segment_file_name(base_offset)
-        self.path = os.path.join(directory, self.name)
-        self.fd: int | None = None
-        self.size = 0  # bytes of the file that belong to the log (damaged ones included)
-        self.end_offset = base_offset  # one past the last readable record
-        self.max_timestamp_ms: int | None = None
-        self.created_ms: int | None = None
-        self.index_offsets: list[int] = []
-        self.index_positions: list[int] = []
-        self.index_max_timestamps: list[int] = []  # running max through the entry's batch
-        # Every batch of the segment's tail, not only one per index interval: replication and tail
-        # consumers read what was just appended, and without these a read would walk up to an
-        # index interval of headers (one pread each) to find its batch.
-        self.tail_offsets: list[int] = []
-        self.tail_positions: list[int] = []
-        self.damage: _Damage | None = None
-        self.dirty = False  # holds bytes not yet fsynced
-
-    @property
-    def readable_size(self) -> int:
-        return self.damage.position if self.damage is not None else self.size
-
-    def add_batch(self, header: BatchHeader, position: int, index_interval_bytes: int) -> None:
-        """Account for a whole batch stored at ``position`` (the current readable end)."""
-        assert header.base_offset == self.end_offset
-        if self.max_timestamp_ms is None or header.max_timestamp_ms > self.max_timestamp_ms:
-            self.max_timestamp_ms = header.max_timestamp_ms
-        if not self.index_positions or position - self.index_positions[-1] >= index_interval_bytes:
-            self.index_offsets.append(header.base_offset)
-            self.index_positions.append(position)
-            self.index_max_timestamps.append(self.max_timestamp_ms)
-        tail_offsets = self.tail_offsets
-        if len(tail_offsets) >= 2 * _TAIL_BATCHES:
-            del tail_offsets[:_TAIL_BATCHES]
-            del self.tail_positions[:_TAIL_BATCHES]
-        tail_offsets.append(header.base_offset)
-        self.tail_positions.append(position)
-        self.end_offset = header.next_offset
-
-    def forget_tail_from(self, position: int) -> None:
-        """Drop the tail entries of batches at or after ``position`` (they were cut off)."""
-        keep = bisect_left(self.tail_positions, position)
-        del self.tail_offsets[keep:]
-        del self.tail_positions[keep:]
-
-    def reset(self) -> None:
-        """Forget everything derived from the file's contents."""
-        self.size = 0
-        self.end_offset = self.base_offset
-        self.max_timestamp_ms = None
-        self.index_offsets.clear()
-        self.index_positions.clear()
-        self.index_max_timestamps.clear()
-        self.tail_offsets.clear()
-        self.tail_positions.clear()
-        self.damage = None
-
-    def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
 
 
 class SegmentedLog:
@@ -800,29 +712,6 @@ def _next_batch(view: mmap.mmap | bytes, position: int, size: int, expected_offs
         return None, f"partial batch ({remaining} of {header.size} bytes)", True
     return header, None, False
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 class FileStorage:
