@@ -35,7 +35,7 @@ import logging
 import mmap
 import os
 import re
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable
 
 from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
@@ -50,7 +50,7 @@ from meshq.errors import (
 )
 from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all
 from meshq.log.lock import DataDirLock
-from meshq.log.segment import _SEGMENT_FLAGS, _SEGMENT_NAME, _Damage, _Segment, segment_file_name
+from meshq.log.segment import _SEGMENT_NAME, _Damage, _Segment, segment_file_name
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -170,7 +170,7 @@ class SegmentedLog:
             rolled = True
         position = active.size
         try:
-            _write_all(self._fd(active), batch)
+            _write_all(active.descriptor(), batch)
         except OSError as exc:
             self._undo_append(active, position, rolled)
             if self._failure is not None:
@@ -186,9 +186,9 @@ class SegmentedLog:
         return header
 
     def _roll(self) -> _Segment:
-        segment = _Segment(self._directory, self.end_offset)
+        segment = _Segment(self._directory, self.end_offset, self._name())
         try:
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment.create()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full while creating {segment.path}; nothing was stored") from exc
@@ -202,8 +202,7 @@ class SegmentedLog:
         try:
             if rolled:
                 self._segments.pop()
-                active.close()
-                os.unlink(active.path)
+                active.delete()
             else:
                 os.ftruncate(active.fd, position)
         except OSError as exc:
@@ -223,9 +222,9 @@ class SegmentedLog:
         if offset == segment.end_offset:
             position = segment.readable_size  # cuts the damaged part of a sealed segment too
         else:
-            self._check_readable(segment, offset)
-            position = self._locate(segment, offset)
-            header = self._read_header(segment, position, None)
+            segment.check_readable(offset)
+            position = segment.locate(offset)
+            header = segment.read_header(position, None)
             if header.base_offset != offset:
                 raise UsageError(
                     f"cannot truncate {self._name()} to {offset}: not a batch boundary "
@@ -233,48 +232,15 @@ class SegmentedLog:
                 )
         try:
             while len(self._segments) > index + 1:
-                later = self._segments.pop()
-                later.close()
-                os.unlink(later.path)
+                self._segments.pop().delete()
                 self._directory_dirty = True
-            os.ftruncate(self._fd(segment), position)
+            os.ftruncate(segment.descriptor(), position)
         except OSError as exc:
             self._fail(f"truncating {self._name()} to offset {offset} failed: {exc.strerror or exc}")
             raise StorageError(self._failure) from exc
-        self._rebuild_prefix(segment, position)
-        segment.dirty = True
-        if segment.created_ms is None and segment.index_max_timestamps:
-            segment.created_ms = segment.index_max_timestamps[0]
-        if segment.size == 0:
-            segment.created_ms = None
+        segment.forget_from(position)
         self._synced_offset = min(self._synced_offset, offset)
         assert self.end_offset == offset
-
-    def _rebuild_prefix(self, segment: _Segment, position: int) -> None:
-        """Drop the derived state of the bytes at and after ``position``."""
-        keep = bisect_left(segment.index_positions, position)
-        del segment.index_offsets[keep:]
-        del segment.index_positions[keep:]
-        del segment.index_max_timestamps[keep:]
-        segment.forget_tail_from(position)
-        segment.damage = None
-        segment.size = position
-        if keep == 0:
-            segment.end_offset = segment.base_offset
-            segment.max_timestamp_ms = None
-            return
-        # Rescan from the last kept entry to recover the end offset and max timestamp.
-        scan_position = segment.index_positions[-1]
-        expected = segment.index_offsets[-1]
-        max_timestamp_ms = segment.index_max_timestamps[-1]
-        while scan_position < position:
-            header = self._read_header(segment, scan_position, expected)
-            max_timestamp_ms = max(max_timestamp_ms, header.max_timestamp_ms)
-            scan_position += header.size
-            expected = header.next_offset
-        assert scan_position == position
-        segment.end_offset = expected
-        segment.max_timestamp_ms = max_timestamp_ms
 
     def restart_at(self, offset: int) -> None:
         self._check_usable()
@@ -284,12 +250,11 @@ class SegmentedLog:
         # simply restarts again; never a log with a gap.
         try:
             for segment in self._segments:
-                segment.close()
-                os.unlink(segment.path)
+                segment.delete()
             self._segments = []
             _fsync_directory(self._directory)
-            segment = _Segment(self._directory, offset)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment = _Segment(self._directory, offset, self._name())
+            segment.create()
             self._segments = [segment]
             _fsync_directory(self._directory)
         except OSError as exc:
@@ -302,7 +267,7 @@ class SegmentedLog:
         try:
             for segment in self._segments:
                 if segment.dirty:
-                    os.fsync(self._fd(segment))
+                    os.fsync(segment.descriptor())
                     segment.dirty = False
             if self._directory_dirty:
                 _fsync_directory(self._directory)
@@ -328,8 +293,7 @@ class SegmentedLog:
             if not (too_big or too_old):
                 break
             try:
-                oldest.close()
-                os.unlink(oldest.path)
+                oldest.delete()
             except OSError as exc:
                 raise StorageError(f"cannot delete {oldest.path}: {exc.strerror or exc}") from exc
             self._segments.pop(0)
@@ -363,11 +327,11 @@ class SegmentedLog:
         total = 0
         index = self._segment_index(offset)
         segment = self._segments[index]
-        self._check_readable(segment, offset)
-        position = self._locate(segment, offset)
+        segment.check_readable(offset)
+        position = segment.locate(offset)
         expected = None
         while True:
-            total, expected, full = self._read_batches(segment, position, expected, max_bytes, parts, total)
+            total, expected, full = segment.read_batches(position, expected, max_bytes, parts, total)
             if full or index + 1 >= len(self._segments):
                 break
             index += 1
@@ -379,57 +343,6 @@ class SegmentedLog:
         assert parts
         return b"".join(parts)
 
-    def _read_batches(
-        self,
-        segment: _Segment,
-        position: int,
-        expected: int | None,
-        max_bytes: int,
-        parts: list[bytes],
-        total: int,
-    ) -> tuple[int, int | None, bool]:
-        """Append whole checked batches from ``position`` to ``parts``; True when done."""
-        readable = segment.readable_size
-        while position < readable:
-            header = self._read_header(segment, position, expected)
-            if parts and total + header.size > max_bytes:
-                return total, expected, True
-            if position + header.size > readable:
-                raise self._corrupt(segment, position, header.base_offset, "batch runs past the end of the segment")
-            want = min(readable - position, max(max_bytes - total, header.size))
-            chunk = self._pread(segment, want, position)
-            cursor = 0
-            while len(chunk) - cursor >= HEADER_SIZE:
-                try:
-                    batch = parse_header(chunk, cursor)
-                except ProtocolError as exc:
-                    return self._stop_or_raise(segment, position + cursor, expected, str(exc), parts, total)
-                if expected is not None and batch.base_offset != expected:
-                    reason = f"batch base offset {batch.base_offset} does not continue the log (expected {expected})"
-                    return self._stop_or_raise(segment, position + cursor, expected, reason, parts, total)
-                if cursor + batch.size > len(chunk) or (parts and total + batch.size > max_bytes):
-                    break
-                if not crc_ok(chunk, cursor, batch):
-                    return self._stop_or_raise(
-                        segment, position + cursor, batch.base_offset, "batch failed its CRC check", parts, total
-                    )
-                parts.append(chunk[cursor : cursor + batch.size])
-                total += batch.size
-                cursor += batch.size
-                expected = batch.next_offset
-            if cursor == 0:  # cannot happen unless the file changed under us; never spin
-                raise self._corrupt(segment, position, expected, "batch changed while being read")
-            position += cursor
-        return total, expected, False
-
-    def _stop_or_raise(
-        self, segment: _Segment, position: int, offset: int | None, reason: str, parts: list[bytes], total: int
-    ) -> tuple[int, int | None, bool]:
-        """Serve the good batches before damage; raise if the damage comes first."""
-        if parts:
-            return total, offset, True
-        raise self._corrupt(segment, position, offset, reason)
-
     def offset_for_timestamp(self, timestamp_ms: int) -> int:
         self._check_usable()
         for segment in self._segments:
@@ -437,72 +350,11 @@ class SegmentedLog:
                 if segment.damage is not None and segment.damage.first_offset < segment.damage.end_offset:
                     return segment.damage.first_offset  # the answer may lie in the unreadable records
                 continue
-            entry = bisect_left(segment.index_max_timestamps, timestamp_ms)
-            entry = max(entry - 1, 0)
-            position = segment.index_positions[entry]
-            expected = segment.index_offsets[entry]
-            while position < segment.readable_size:
-                header = self._read_header(segment, position, expected)
-                if header.max_timestamp_ms >= timestamp_ms:
-                    return header.base_offset
-                position += header.size
-                expected = header.next_offset
-            raise self._corrupt(segment, position, expected, "segment index disagrees with the file")
+            return segment.offset_for_timestamp(timestamp_ms)
         return self.end_offset
 
     def _segment_index(self, offset: int) -> int:
         return bisect_right(self._segments, offset, key=lambda segment: segment.base_offset) - 1
-
-    def _check_readable(self, segment: _Segment, offset: int) -> None:
-        damage = segment.damage
-        if damage is not None and damage.first_offset <= offset < damage.end_offset:
-            raise CorruptLogError(
-                f"{self._name()}: offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable: "
-                f"segment {segment.name} is damaged at byte {damage.position} ({damage.reason})"
-            )
-
-    def _locate(self, segment: _Segment, offset: int) -> int:
-        """File position of the batch holding ``offset`` (a readable offset of ``segment``)."""
-        tail_offsets = segment.tail_offsets
-        if tail_offsets and offset >= tail_offsets[0]:
-            return segment.tail_positions[bisect_right(tail_offsets, offset) - 1]
-        entry = bisect_right(segment.index_offsets, offset) - 1
-        position = segment.index_positions[entry]
-        expected = segment.index_offsets[entry]
-        while position < segment.readable_size:
-            header = self._read_header(segment, position, expected)
-            if header.next_offset > offset:
-                return position
-            position += header.size
-            expected = header.next_offset
-        raise self._corrupt(segment, position, offset, "offset not found where the index points")
-
-    def _read_header(self, segment: _Segment, position: int, expected: int | None) -> BatchHeader:
-        data = self._pread(segment, HEADER_SIZE, position)
-        try:
-            header = parse_header(data)
-        except ProtocolError as exc:
-            raise self._corrupt(segment, position, expected, str(exc)) from None
-        if expected is not None and header.base_offset != expected:
-            raise self._corrupt(
-                segment, position, expected, f"batch base offset {header.base_offset} does not continue the log"
-            )
-        return header
-
-    def _pread(self, segment: _Segment, size: int, position: int) -> bytes:
-        try:
-            data = os.pread(self._fd(segment), size, position)
-        except OSError as exc:
-            raise StorageError(f"cannot read {segment.path}: {exc.strerror or exc}") from exc
-        if len(data) != size:
-            raise self._corrupt(segment, position, None, f"file ends {size - len(data)} bytes early")
-        return data
-
-    def _corrupt(self, segment: _Segment, position: int, offset: int | None, reason: str) -> CorruptLogError:
-        at = "" if offset is None else f" (offset {offset})"
-        return CorruptLogError(
-            f"{self._name()}: segment {segment.name} byte {position}{at}: {reason}; the damaged batch is not served"
-        )
 
     # -- recovery --------------------------------------------------------------------
 
@@ -521,22 +373,20 @@ class SegmentedLog:
                 logger.warning("%s: ignoring unexpected file %s", self._name(), path)
         segments = []
         for base_offset in sorted(bases):
-            segment = _Segment(self._directory, base_offset)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
-            segment.size = os.fstat(segment.fd).st_size
+            segment = _Segment(self._directory, base_offset, self._name())
+            segment.size = os.fstat(segment.descriptor()).st_size
             segments.append(segment)
         self._segments = segments
         # Zero-length sealed segments hold nothing; they are leftovers of interrupted work.
         for segment in segments[:-1]:
             if segment.size == 0:
                 logger.warning("%s: removing empty sealed segment %s", self._name(), segment.path)
-                segment.close()
-                os.unlink(segment.path)
+                segment.delete()
                 self._directory_dirty = True
         segments = self._segments = [s for s in segments[:-1] if s.size > 0] + segments[-1:]
         if not segments:
-            segment = _Segment(self._directory, 0)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment = _Segment(self._directory, 0, self._name())
+            segment.create()
             segment.dirty = True
             self._segments = [segment]
             self._directory_dirty = True
@@ -554,8 +404,7 @@ class SegmentedLog:
                     active.path,
                     previous.name,
                 )
-                active.close()
-                os.unlink(active.path)
+                active.delete()
                 self._directory_dirty = True
                 segments.pop()
                 previous.reset()
@@ -626,8 +475,7 @@ class SegmentedLog:
                     break
                 segment.add_batch(header, position, self._index_interval_bytes)
                 position += header.size
-        if segment.index_max_timestamps:
-            segment.created_ms = segment.index_max_timestamps[0]
+        segment.date_from_first_batch()
         if reason is None:
             return
         cut = size - position
@@ -648,11 +496,6 @@ class SegmentedLog:
 
     def _name(self) -> str:
         return f"{self._topic}-{self._partition}"
-
-    def _fd(self, segment: _Segment) -> int:
-        if segment.fd is None:
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
-        return segment.fd
 
     def _check_usable(self) -> None:
         if self._closed:
