@@ -12,6 +12,11 @@ it and rebuilt on open (``meshq.log.recovery``). That is the readable size and e
 the max timestamp, a sparse index (one entry every ``index_interval_bytes``: batch base
 offset, file position, running max timestamp), the positions of the last batches (the
 tail), and the ``_Damage`` recovery found in a sealed segment.
+
+A read finds its batch through the tail or the index and a short header walk, and serves
+only whole batches whose headers continue the offsets and whose CRC matches: anything else
+raises ``CorruptLogError`` naming the partition, the file, the byte and the offset. The
+segment never decides what the log does about it; ``SegmentedLog`` does.
 """
 
 from __future__ import annotations
