@@ -1,56 +1,48 @@
-"""The file-backed partition log: segment files, sparse in-memory indexes, recovery.
+"""The file-backed partition log (``SegmentedLog``) and the data directory of logs (``FileStorage``).
 
 Theory of operation
 -------------------
 A partition lives in ``<data_dir>/topics/<topic>-<partition>/`` as segment files named
 by the base offset of their first batch, zero-padded to 20 digits
-(``00000000000000000000.log``). A segment file is batches back to back, exactly as they
-travel on the wire. Only the newest segment (the active one) is written, through a raw
-file descriptor opened with ``O_APPEND``: once ``append`` returns, the bytes are in the
-OS page cache and survive a kill -9 of the process. ``sync`` fsyncs every segment holding
-unsynced bytes, and the directory when segment files were created or deleted.
+(``00000000000000000000.log``); one file and the sparse index derived from it are a
+``_Segment`` (``meshq.log.segment``). Only the newest segment (the active one) is written,
+through a raw file descriptor opened with ``O_APPEND``: once ``append`` returns, the bytes
+are in the OS page cache and survive a kill -9 of the process. ``sync`` fsyncs every
+segment holding unsynced bytes, and the directory when segment files were created or
+deleted.
 
-Indexes are derived data: each segment keeps a sparse in-memory index (one entry every
-``index_interval_bytes``: batch base offset, file position, running max timestamp),
-rebuilt on open by scanning batch headers.
+``SegmentedLog`` owns the list of segments: it rolls a new one when the active one is full
+or old, finds the segment holding an offset and lets it read, cuts the end
+(``truncate_to``), deletes whole sealed segments from the oldest (retention) and restarts
+empty at a later offset. Opening a log rebuilds every index from the files and cuts or
+remembers what a crash damaged (``meshq.log.recovery``).
 
-Recovery on open (Kafka's ``LogSegment.recover``):
-- the active segment is verified batch by batch (header bounds, offset continuity, CRC);
-  the file is cut at the first bad or partial batch, and a ``RecoveryReport`` plus a
-  WARNING say where, how many bytes and why;
-- sealed segments get a header scan only. A broken header chain or a gap between
-  segments is logged as an ERROR and remembered: reads of the records it makes
-  unreadable raise ``CorruptLogError``; they are never skipped. A damaged byte that
-  leaves the headers intact is caught by the CRC check every read does;
-- when the active segment is empty and the segment before it ends in a torn tail (power
-  loss just after a roll), the empty file is dropped and the torn segment is recovered
-  as the active one;
-- zero-length sealed segments and leftover ``.tmp`` files are removed.
+``FileStorage`` is a node's data directory: the partition logs under ``topics/`` and small
+documents under ``meta/``, each written to a ``.tmp`` file and renamed into place.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import re
-import shutil
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
+from meshq.core.batch import BatchHeader
 from meshq.core.ports import RecoveryReport
 from meshq.errors import (
     CorruptLogError,
     DiskFullError,
     OffsetOutOfRangeError,
-    ProtocolError,
     StorageError,
     UsageError,
 )
+from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all
 from meshq.log.lock import DataDirLock
+from meshq.log.recovery import LogRecovery
+from meshq.log.segment import _Segment, segment_file_name
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -65,101 +57,13 @@ from meshq.log.store import (
     out_of_range_message,
 )
 
+__all__ = ["FileStorage", "SegmentedLog", "segment_file_name"]
+
 logger = logging.getLogger("meshq.log")
 
-LOG_SUFFIX = ".log"
-TMP_SUFFIX = ".tmp"
 META_SUFFIX = ".msgpack"
 DELETED_SUFFIX = ".deleted"
-OFFSET_DIGITS = 20
-_SEGMENT_NAME = re.compile(r"^(\d{%d})\.log$" % OFFSET_DIGITS)
 _LOG_DIR_NAME = re.compile(r"^(.+)-(\d+)$")
-_SEGMENT_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
-_TAIL_BATCHES = 512  # the segment remembers the position of at least its last this-many batches (_Segment)
-
-
-def segment_file_name(base_offset: int) -> str:
-    """The file name of the segment whose first batch has ``base_offset``."""
-    return f"{base_offset:0{OFFSET_DIGITS}d}{LOG_SUFFIX}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Damage:
-    """Records of a sealed segment that cannot be read."""
-
-    position: int  # byte where the unreadable part of the file starts
-    first_offset: int  # first unreadable offset
-    end_offset: int  # one past the last unreadable offset (the next segment's base)
-    reason: str
-    torn_tail: bool  # the file merely ends early (nothing but a partial batch follows)
-
-
-class _Segment:
-    """One segment file and its derived in-memory state."""
-
-    def __init__(self, directory: str, base_offset: int) -> None:
-        self.base_offset = base_offset
-        self.name = segment_file_name(base_offset)
-        self.path = os.path.join(directory, self.name)
-        self.fd: int | None = None
-        self.size = 0  # bytes of the file that belong to the log (damaged ones included)
-        self.end_offset = base_offset  # one past the last readable record
-        self.max_timestamp_ms: int | None = None
-        self.created_ms: int | None = None
-        self.index_offsets: list[int] = []
-        self.index_positions: list[int] = []
-        self.index_max_timestamps: list[int] = []  # running max through the entry's batch
-        # Every batch of the segment's tail, not only one per index interval: replication and tail
-        # consumers read what was just appended, and without these a read would walk up to an
-        # index interval of headers (one pread each) to find its batch.
-        self.tail_offsets: list[int] = []
-        self.tail_positions: list[int] = []
-        self.damage: _Damage | None = None
-        self.dirty = False  # holds bytes not yet fsynced
-
-    @property
-    def readable_size(self) -> int:
-        return self.damage.position if self.damage is not None else self.size
-
-    def add_batch(self, header: BatchHeader, position: int, index_interval_bytes: int) -> None:
-        """Account for a whole batch stored at ``position`` (the current readable end)."""
-        assert header.base_offset == self.end_offset
-        if self.max_timestamp_ms is None or header.max_timestamp_ms > self.max_timestamp_ms:
-            self.max_timestamp_ms = header.max_timestamp_ms
-        if not self.index_positions or position - self.index_positions[-1] >= index_interval_bytes:
-            self.index_offsets.append(header.base_offset)
-            self.index_positions.append(position)
-            self.index_max_timestamps.append(self.max_timestamp_ms)
-        tail_offsets = self.tail_offsets
-        if len(tail_offsets) >= 2 * _TAIL_BATCHES:
-            del tail_offsets[:_TAIL_BATCHES]
-            del self.tail_positions[:_TAIL_BATCHES]
-        tail_offsets.append(header.base_offset)
-        self.tail_positions.append(position)
-        self.end_offset = header.next_offset
-
-    def forget_tail_from(self, position: int) -> None:
-        """Drop the tail entries of batches at or after ``position`` (they were cut off)."""
-        keep = bisect_left(self.tail_positions, position)
-        del self.tail_offsets[keep:]
-        del self.tail_positions[keep:]
-
-    def reset(self) -> None:
-        """Forget everything derived from the file's contents."""
-        self.size = 0
-        self.end_offset = self.base_offset
-        self.max_timestamp_ms = None
-        self.index_offsets.clear()
-        self.index_positions.clear()
-        self.index_max_timestamps.clear()
-        self.tail_offsets.clear()
-        self.tail_positions.clear()
-        self.damage = None
-
-    def close(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)
 
 
 class SegmentedLog:
@@ -190,9 +94,15 @@ class SegmentedLog:
         self._synced_offset = 0
         self._closed = False
         self._failure: str | None = None
+        recovery = LogRecovery(directory, self._name(), index_interval_bytes)
         try:
             os.makedirs(directory, exist_ok=True)
-            self._recover()
+            try:
+                recovery.run()
+            finally:
+                self._segments = recovery.segments  # closed below if opening fails
+            self._recovery = recovery.reports
+            self._directory_dirty = recovery.directory_dirty
             self.sync()
         except OSError as exc:
             self._close_files()
@@ -258,7 +168,7 @@ class SegmentedLog:
             rolled = True
         position = active.size
         try:
-            _write_all(self._fd(active), batch)
+            _write_all(active.descriptor(), batch)
         except OSError as exc:
             self._undo_append(active, position, rolled)
             if self._failure is not None:
@@ -274,9 +184,9 @@ class SegmentedLog:
         return header
 
     def _roll(self) -> _Segment:
-        segment = _Segment(self._directory, self.end_offset)
+        segment = _Segment(self._directory, self.end_offset, self._name())
         try:
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment.create()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full while creating {segment.path}; nothing was stored") from exc
@@ -290,8 +200,7 @@ class SegmentedLog:
         try:
             if rolled:
                 self._segments.pop()
-                active.close()
-                os.unlink(active.path)
+                active.delete()
             else:
                 os.ftruncate(active.fd, position)
         except OSError as exc:
@@ -311,9 +220,9 @@ class SegmentedLog:
         if offset == segment.end_offset:
             position = segment.readable_size  # cuts the damaged part of a sealed segment too
         else:
-            self._check_readable(segment, offset)
-            position = self._locate(segment, offset)
-            header = self._read_header(segment, position, None)
+            segment.check_readable(offset)
+            position = segment.locate(offset)
+            header = segment.read_header(position, None)
             if header.base_offset != offset:
                 raise UsageError(
                     f"cannot truncate {self._name()} to {offset}: not a batch boundary "
@@ -321,48 +230,15 @@ class SegmentedLog:
                 )
         try:
             while len(self._segments) > index + 1:
-                later = self._segments.pop()
-                later.close()
-                os.unlink(later.path)
+                self._segments.pop().delete()
                 self._directory_dirty = True
-            os.ftruncate(self._fd(segment), position)
+            os.ftruncate(segment.descriptor(), position)
         except OSError as exc:
             self._fail(f"truncating {self._name()} to offset {offset} failed: {exc.strerror or exc}")
             raise StorageError(self._failure) from exc
-        self._rebuild_prefix(segment, position)
-        segment.dirty = True
-        if segment.created_ms is None and segment.index_max_timestamps:
-            segment.created_ms = segment.index_max_timestamps[0]
-        if segment.size == 0:
-            segment.created_ms = None
+        segment.forget_from(position)
         self._synced_offset = min(self._synced_offset, offset)
         assert self.end_offset == offset
-
-    def _rebuild_prefix(self, segment: _Segment, position: int) -> None:
-        """Drop the derived state of the bytes at and after ``position``."""
-        keep = bisect_left(segment.index_positions, position)
-        del segment.index_offsets[keep:]
-        del segment.index_positions[keep:]
-        del segment.index_max_timestamps[keep:]
-        segment.forget_tail_from(position)
-        segment.damage = None
-        segment.size = position
-        if keep == 0:
-            segment.end_offset = segment.base_offset
-            segment.max_timestamp_ms = None
-            return
-        # Rescan from the last kept entry to recover the end offset and max timestamp.
-        scan_position = segment.index_positions[-1]
-        expected = segment.index_offsets[-1]
-        max_timestamp_ms = segment.index_max_timestamps[-1]
-        while scan_position < position:
-            header = self._read_header(segment, scan_position, expected)
-            max_timestamp_ms = max(max_timestamp_ms, header.max_timestamp_ms)
-            scan_position += header.size
-            expected = header.next_offset
-        assert scan_position == position
-        segment.end_offset = expected
-        segment.max_timestamp_ms = max_timestamp_ms
 
     def restart_at(self, offset: int) -> None:
         self._check_usable()
@@ -372,12 +248,11 @@ class SegmentedLog:
         # simply restarts again; never a log with a gap.
         try:
             for segment in self._segments:
-                segment.close()
-                os.unlink(segment.path)
+                segment.delete()
             self._segments = []
             _fsync_directory(self._directory)
-            segment = _Segment(self._directory, offset)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            segment = _Segment(self._directory, offset, self._name())
+            segment.create()
             self._segments = [segment]
             _fsync_directory(self._directory)
         except OSError as exc:
@@ -390,7 +265,7 @@ class SegmentedLog:
         try:
             for segment in self._segments:
                 if segment.dirty:
-                    os.fsync(self._fd(segment))
+                    os.fsync(segment.descriptor())
                     segment.dirty = False
             if self._directory_dirty:
                 _fsync_directory(self._directory)
@@ -416,8 +291,7 @@ class SegmentedLog:
             if not (too_big or too_old):
                 break
             try:
-                oldest.close()
-                os.unlink(oldest.path)
+                oldest.delete()
             except OSError as exc:
                 raise StorageError(f"cannot delete {oldest.path}: {exc.strerror or exc}") from exc
             self._segments.pop(0)
@@ -451,11 +325,11 @@ class SegmentedLog:
         total = 0
         index = self._segment_index(offset)
         segment = self._segments[index]
-        self._check_readable(segment, offset)
-        position = self._locate(segment, offset)
+        segment.check_readable(offset)
+        position = segment.locate(offset)
         expected = None
         while True:
-            total, expected, full = self._read_batches(segment, position, expected, max_bytes, parts, total)
+            total, expected, full = segment.read_batches(position, expected, max_bytes, parts, total)
             if full or index + 1 >= len(self._segments):
                 break
             index += 1
@@ -467,57 +341,6 @@ class SegmentedLog:
         assert parts
         return b"".join(parts)
 
-    def _read_batches(
-        self,
-        segment: _Segment,
-        position: int,
-        expected: int | None,
-        max_bytes: int,
-        parts: list[bytes],
-        total: int,
-    ) -> tuple[int, int | None, bool]:
-        """Append whole checked batches from ``position`` to ``parts``; True when done."""
-        readable = segment.readable_size
-        while position < readable:
-            header = self._read_header(segment, position, expected)
-            if parts and total + header.size > max_bytes:
-                return total, expected, True
-            if position + header.size > readable:
-                raise self._corrupt(segment, position, header.base_offset, "batch runs past the end of the segment")
-            want = min(readable - position, max(max_bytes - total, header.size))
-            chunk = self._pread(segment, want, position)
-            cursor = 0
-            while len(chunk) - cursor >= HEADER_SIZE:
-                try:
-                    batch = parse_header(chunk, cursor)
-                except ProtocolError as exc:
-                    return self._stop_or_raise(segment, position + cursor, expected, str(exc), parts, total)
-                if expected is not None and batch.base_offset != expected:
-                    reason = f"batch base offset {batch.base_offset} does not continue the log (expected {expected})"
-                    return self._stop_or_raise(segment, position + cursor, expected, reason, parts, total)
-                if cursor + batch.size > len(chunk) or (parts and total + batch.size > max_bytes):
-                    break
-                if not crc_ok(chunk, cursor, batch):
-                    return self._stop_or_raise(
-                        segment, position + cursor, batch.base_offset, "batch failed its CRC check", parts, total
-                    )
-                parts.append(chunk[cursor : cursor + batch.size])
-                total += batch.size
-                cursor += batch.size
-                expected = batch.next_offset
-            if cursor == 0:  # cannot happen unless the file changed under us; never spin
-                raise self._corrupt(segment, position, expected, "batch changed while being read")
-            position += cursor
-        return total, expected, False
-
-    def _stop_or_raise(
-        self, segment: _Segment, position: int, offset: int | None, reason: str, parts: list[bytes], total: int
-    ) -> tuple[int, int | None, bool]:
-        """Serve the good batches before damage; raise if the damage comes first."""
-        if parts:
-            return total, offset, True
-        raise self._corrupt(segment, position, offset, reason)
-
     def offset_for_timestamp(self, timestamp_ms: int) -> int:
         self._check_usable()
         for segment in self._segments:
@@ -525,222 +348,16 @@ class SegmentedLog:
                 if segment.damage is not None and segment.damage.first_offset < segment.damage.end_offset:
                     return segment.damage.first_offset  # the answer may lie in the unreadable records
                 continue
-            entry = bisect_left(segment.index_max_timestamps, timestamp_ms)
-            entry = max(entry - 1, 0)
-            position = segment.index_positions[entry]
-            expected = segment.index_offsets[entry]
-            while position < segment.readable_size:
-                header = self._read_header(segment, position, expected)
-                if header.max_timestamp_ms >= timestamp_ms:
-                    return header.base_offset
-                position += header.size
-                expected = header.next_offset
-            raise self._corrupt(segment, position, expected, "segment index disagrees with the file")
+            return segment.offset_for_timestamp(timestamp_ms)
         return self.end_offset
 
     def _segment_index(self, offset: int) -> int:
         return bisect_right(self._segments, offset, key=lambda segment: segment.base_offset) - 1
 
-    def _check_readable(self, segment: _Segment, offset: int) -> None:
-        damage = segment.damage
-        if damage is not None and damage.first_offset <= offset < damage.end_offset:
-            raise CorruptLogError(
-                f"{self._name()}: offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable: "
-                f"segment {segment.name} is damaged at byte {damage.position} ({damage.reason})"
-            )
-
-    def _locate(self, segment: _Segment, offset: int) -> int:
-        """File position of the batch holding ``offset`` (a readable offset of ``segment``)."""
-        tail_offsets = segment.tail_offsets
-        if tail_offsets and offset >= tail_offsets[0]:
-            return segment.tail_positions[bisect_right(tail_offsets, offset) - 1]
-        entry = bisect_right(segment.index_offsets, offset) - 1
-        position = segment.index_positions[entry]
-        expected = segment.index_offsets[entry]
-        while position < segment.readable_size:
-            header = self._read_header(segment, position, expected)
-            if header.next_offset > offset:
-                return position
-            position += header.size
-            expected = header.next_offset
-        raise self._corrupt(segment, position, offset, "offset not found where the index points")
-
-    def _read_header(self, segment: _Segment, position: int, expected: int | None) -> BatchHeader:
-        data = self._pread(segment, HEADER_SIZE, position)
-        try:
-            header = parse_header(data)
-        except ProtocolError as exc:
-            raise self._corrupt(segment, position, expected, str(exc)) from None
-        if expected is not None and header.base_offset != expected:
-            raise self._corrupt(
-                segment, position, expected, f"batch base offset {header.base_offset} does not continue the log"
-            )
-        return header
-
-    def _pread(self, segment: _Segment, size: int, position: int) -> bytes:
-        try:
-            data = os.pread(self._fd(segment), size, position)
-        except OSError as exc:
-            raise StorageError(f"cannot read {segment.path}: {exc.strerror or exc}") from exc
-        if len(data) != size:
-            raise self._corrupt(segment, position, None, f"file ends {size - len(data)} bytes early")
-        return data
-
-    def _corrupt(self, segment: _Segment, position: int, offset: int | None, reason: str) -> CorruptLogError:
-        at = "" if offset is None else f" (offset {offset})"
-        return CorruptLogError(
-            f"{self._name()}: segment {segment.name} byte {position}{at}: {reason}; the damaged batch is not served"
-        )
-
-    # -- recovery --------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        bases = []
-        for name in sorted(os.listdir(self._directory)):
-            path = os.path.join(self._directory, name)
-            match = _SEGMENT_NAME.match(name)
-            if match:
-                bases.append(int(match.group(1)))
-            elif name.endswith(TMP_SUFFIX):
-                logger.warning("%s: removing leftover temporary file %s", self._name(), path)
-                _remove(path)
-                self._directory_dirty = True
-            else:
-                logger.warning("%s: ignoring unexpected file %s", self._name(), path)
-        segments = []
-        for base_offset in sorted(bases):
-            segment = _Segment(self._directory, base_offset)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
-            segment.size = os.fstat(segment.fd).st_size
-            segments.append(segment)
-        self._segments = segments
-        # Zero-length sealed segments hold nothing; they are leftovers of interrupted work.
-        for segment in segments[:-1]:
-            if segment.size == 0:
-                logger.warning("%s: removing empty sealed segment %s", self._name(), segment.path)
-                segment.close()
-                os.unlink(segment.path)
-                self._directory_dirty = True
-        segments = self._segments = [s for s in segments[:-1] if s.size > 0] + segments[-1:]
-        if not segments:
-            segment = _Segment(self._directory, 0)
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
-            segment.dirty = True
-            self._segments = [segment]
-            self._directory_dirty = True
-            return
-        for segment, following in zip(segments, segments[1:]):
-            self._scan_sealed(segment, following.base_offset)
-        active = segments[-1]
-        if len(segments) > 1 and active.size == 0:
-            previous = segments[-2]
-            if previous.damage is not None and previous.damage.torn_tail:
-                # Power loss right after a roll: the new file exists, the old one's tail does not.
-                logger.warning(
-                    "%s: removing empty segment %s because %s ends in a torn batch",
-                    self._name(),
-                    active.path,
-                    previous.name,
-                )
-                active.close()
-                os.unlink(active.path)
-                self._directory_dirty = True
-                segments.pop()
-                previous.reset()
-                previous.size = os.fstat(previous.fd).st_size
-                active = previous
-        for segment in segments[:-1]:
-            if segment.damage is not None:
-                self._report_damage(segment)
-        self._recover_active(active)
-        # What a killed predecessor left in the page cache is made durable before use.
-        for segment in segments:
-            segment.dirty = True
-        self._directory_dirty = True
-
-    def _scan_sealed(self, segment: _Segment, next_base_offset: int) -> None:
-        """Rebuild the index of a sealed segment from its headers; remember damage."""
-        size = segment.size
-        position = 0
-        reason = None
-        torn_tail = False
-        with _MappedFile(segment.fd, size) as view:
-            while position < size:
-                header, reason, torn_tail = _next_batch(view, position, size, segment.end_offset)
-                if header is None:
-                    break
-                if header.next_offset > next_base_offset:
-                    reason = f"batch holds offsets up to {header.last_offset} but the next segment starts at {next_base_offset}"
-                    break
-                segment.add_batch(header, position, self._index_interval_bytes)
-                position += header.size
-        if reason is None and segment.end_offset != next_base_offset:
-            reason, torn_tail = (
-                f"segment ends at offset {segment.end_offset} but the next one starts at {next_base_offset}",
-                True,
-            )
-        if reason is not None:
-            segment.damage = _Damage(position, segment.end_offset, next_base_offset, reason, torn_tail)
-
-    def _report_damage(self, segment: _Segment) -> None:
-        damage = segment.damage
-        assert damage is not None
-        if damage.first_offset < damage.end_offset:
-            what = f"offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable"
-        else:
-            what = "no records are lost"
-        logger.error(
-            "%s: sealed segment %s is damaged at byte %d: %s; %s",
-            self._name(),
-            segment.path,
-            damage.position,
-            damage.reason,
-            what,
-        )
-        self._recovery.append(RecoveryReport(segment.name, damage.position, 0, f"{damage.reason}; {what}"))
-
-    def _recover_active(self, segment: _Segment) -> None:
-        """Verify every batch of the active segment; cut the file at the first bad one."""
-        size = segment.size
-        position = 0
-        reason = None
-        with _MappedFile(segment.fd, size) as view:
-            while position < size:
-                header, reason, _torn = _next_batch(view, position, size, segment.end_offset)
-                if header is None:
-                    break
-                if not crc_ok(view, position, header):
-                    reason = f"CRC mismatch in the batch at offset {header.base_offset}"
-                    break
-                segment.add_batch(header, position, self._index_interval_bytes)
-                position += header.size
-        if segment.index_max_timestamps:
-            segment.created_ms = segment.index_max_timestamps[0]
-        if reason is None:
-            return
-        cut = size - position
-        os.ftruncate(segment.fd, position)
-        segment.size = position
-        segment.dirty = True
-        logger.warning(
-            "%s: recovered segment %s: cut %d bytes at byte %d (%s)",
-            self._name(),
-            segment.path,
-            cut,
-            position,
-            reason,
-        )
-        self._recovery.append(RecoveryReport(segment.name, position, cut, reason))
-
     # -- helpers ---------------------------------------------------------------------
 
     def _name(self) -> str:
         return f"{self._topic}-{self._partition}"
-
-    def _fd(self, segment: _Segment) -> int:
-        if segment.fd is None:
-            segment.fd = os.open(segment.path, _SEGMENT_FLAGS)
-        return segment.fd
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -764,65 +381,6 @@ class SegmentedLog:
                 segment.close()
             except OSError:
                 pass
-
-
-class _MappedFile:
-    """A read-only memory map of a whole file (empty for a zero-length file)."""
-
-    def __init__(self, fd: int | None, size: int) -> None:
-        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size > 0 else None
-
-    def __enter__(self) -> mmap.mmap | bytes:
-        return self._map if self._map is not None else b""
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._map is not None:
-            self._map.close()
-
-
-def _next_batch(view: mmap.mmap | bytes, position: int, size: int, expected_offset: int) -> tuple[BatchHeader | None, str | None, bool]:
-    """The batch header at ``position`` if it is whole and continues the log at ``expected_offset``.
-
-    Returns ``(header, None, False)``, or ``(None, reason, torn)`` where ``torn`` says the file
-    simply ends inside the batch (a torn write) rather than holding wrong bytes.
-    """
-    remaining = size - position
-    if remaining < HEADER_SIZE:
-        return None, f"partial batch header ({remaining} of {HEADER_SIZE} bytes)", True
-    try:
-        header = parse_header(view, position)
-    except ProtocolError as exc:
-        return None, f"bad batch header: {exc}", False
-    if header.base_offset != expected_offset:
-        return None, (f"batch base offset {header.base_offset} does not continue the log "
-                      f"(expected {expected_offset})"), False
-    if header.size > remaining:
-        return None, f"partial batch ({remaining} of {header.size} bytes)", True
-    return header, None, False
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 class FileStorage:
