@@ -51,7 +51,6 @@ import hashlib
 import heapq
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -968,7 +967,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{count - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s"
           + (f" (failed seeds: {failed})" if failed else ""))
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
