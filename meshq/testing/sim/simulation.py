@@ -52,7 +52,7 @@ import heapq
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig
@@ -81,44 +81,11 @@ from meshq.core.node import NodeCore
 from meshq.errors import ProtocolError
 from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
+from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, TOPIC, WALL_BASE_MS, SimOptions
 
 LEAVE_RETRY_S = 0.5
 STEP_NEMESIS_CHANCE = 0.05  # per committed reassign step, in runs with node faults
-
-
-@dataclass
-class SimNode:
-    node_id: str
-    role: str
-    storage: MemoryStorage | None
-    core: NodeCore | None = None
-    connections: dict[str, str] = field(default_factory=dict)  # peer key -> endpoint
-    subscriptions: set[str] = field(default_factory=set)  # pub endpoints
-    paused_until_s: float = 0.0
-    wall_offset_ms: int = 0
-    timer_at_s: float = float("inf")
-    incarnation: int = 0
-    booted: bool = False  # booted at least once (a joiner waits for its time)
-    departed: bool = False  # left the cluster for good (``meshq leave``): never restarted
-    down_until_s: float = 0.0  # an outage: restarts before this are held back
-
-    @property
-    def present(self) -> bool:
-        """Part of the run now: booted once and not departed (up or down)."""
-        return self.booted and not self.departed
-
-    @property
-    def endpoint(self) -> str:
-        return f"tcp://{self.node_id}:1"
-
-    @property
-    def pub_endpoint(self) -> str:
-        return f"tcp://{self.node_id}:2"
-
-    @property
-    def up(self) -> bool:
-        return self.core is not None
 
 
 @dataclass
