@@ -111,8 +111,8 @@ class _Waiter:
             attempt = self.attempts[i]
             if attempt.outcome == "pending":
                 self.sim.pending_attempts -= 1
-            self.sim._log(f"{attempt.value.decode()} {'failed' if error is not None else 'ok'} "
-                          f"{partition}/{base_offset + j if base_offset >= 0 else -1}")
+            self.sim.log(f"{attempt.value.decode()} {'failed' if error is not None else 'ok'} "
+                         f"{partition}/{base_offset + j if base_offset >= 0 else -1}")
             if error is not None:
                 attempt.outcome = "failed"
                 attempt.error = f"{type(error).__name__}: {error}"
@@ -206,17 +206,19 @@ class Simulation:
         self.touched.add(node.node_id)
         if not node.booted and node.node_id in self.options.storage_ids[self.options.nodes:]:
             self.stats["joins"] += 1
-            self._log(f"join {node.node_id}")
+            self.log(f"join {node.node_id}")
         node.booted = True
-        self._log(f"boot {node.node_id}")
+        self.log(f"boot {node.node_id}")
         self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
 
     # ------------------------------------------------------------------ event queue
-    def _at(self, when_s: float, kind: str, data: Any) -> None:
+    def at(self, when_s: float, kind: str, data: Any) -> None:
+        """Queue an event at ``when_s``; events at the same time run in the order queued."""
         self.seq += 1
         heapq.heappush(self.queue, (when_s, self.seq, kind, data))
 
-    def _log(self, text: str) -> None:
+    def log(self, text: str) -> None:
+        """Add a line, stamped with the simulated time, to the trace (if recorded)."""
         if self.record_trace:
             self.trace.append(f"{self.now_s:.6f} {text}")
 
@@ -226,7 +228,7 @@ class Simulation:
         deadline = node.core.next_deadline()
         if deadline is not None and deadline < node.timer_at_s:
             node.timer_at_s = deadline
-            self._at(max(deadline, self.now_s), "timer", (node.node_id, node.incarnation))
+            self.at(max(deadline, self.now_s), "timer", (node.node_id, node.incarnation))
 
     # ------------------------------------------------------------------ effects
     def _apply(self, node: SimNode, effects: list) -> None:
@@ -258,7 +260,7 @@ class Simulation:
                     state = node.core.partitions.get(key)
                     if state is not None:
                         state.log.sync()
-                self._at(self.now_s, "input", (node.node_id, node.incarnation, LogsSynced(effect.keys)))
+                self.at(self.now_s, "input", (node.node_id, node.incarnation, LogsSynced(effect.keys)))
             elif kind is ResolveProduce:
                 effect.waiter.settle(effect.indexes, effect.records, effect.topic, effect.partition,
                                      effect.base_offset, effect.error)
@@ -287,7 +289,7 @@ class Simulation:
         self.stats["duplicated"] += copies - 1
         for _ in range(copies):
             latency = self.rng.uniform(*faults.latency_s)
-            self._at(self.now_s + latency, "deliver", (source, target, channel, list(frames)))
+            self.at(self.now_s + latency, "deliver", (source, target, channel, list(frames)))
 
     def _deliver(self, source: str, target: str, channel: tuple, frames: list) -> None:
         node = self.nodes[target]
@@ -310,14 +312,15 @@ class Simulation:
             return
         self.stats["delivered"] += 1
         if self.record_trace:
-            self._log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
-        self._feed(node, event)
+            self.log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
+        self.feed(node, event)
 
-    def _feed(self, node: SimNode, event: Any) -> None:
+    def feed(self, node: SimNode, event: Any) -> None:
+        """Hand an input to a node's core (held back while it is paused) and carry out its effects."""
         if node.core is None:
             return
         if node.paused_until_s > self.now_s:
-            self._at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
+            self.at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
             return
         self.touched.add(node.node_id)
         effects = node.core.handle(event, self.now_s)
@@ -336,7 +339,7 @@ class Simulation:
 
         if chance(faults.partition_rate) and len(storage_ids) > 1:
             if self.cut:
-                self._log("heal")
+                self.log("heal")
                 self.cut.clear()
             else:
                 side = set(rng.sample(storage_ids, rng.randrange(1, len(storage_ids))))
@@ -349,7 +352,7 @@ class Simulation:
                     inside, outside = sorted(side), sorted(set(storage_ids) - side)
                     self.cut.discard(frozenset((rng.choice(inside), rng.choice(outside))))
                 self.stats["partitions"] += 1
-                self._log(f"partition {sorted(side)}")
+                self.log(f"partition {sorted(side)}")
         for node_id in storage_ids:
             node = self.nodes[node_id]
             if not node.up:
@@ -361,13 +364,13 @@ class Simulation:
             elif chance(faults.pause_rate):
                 node.paused_until_s = self.now_s + rng.uniform(0.5, 5.0)
                 self.stats["pauses"] += 1
-                self._log(f"pause {node_id} until {node.paused_until_s:.3f}")
+                self.log(f"pause {node_id} until {node.paused_until_s:.3f}")
             elif chance(faults.bitflip_rate):
                 self._flip_bit(node)
             elif chance(faults.clock_jump_rate):
                 node.wall_offset_ms += rng.choice([-1, 1]) * rng.randrange(1000, 3_600_000)
                 self.stats["clock_jumps"] += 1
-                self._log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
+                self.log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
 
     def _flip_bit(self, node: SimNode) -> None:
         """Flip one bit inside a batch of a *sealed* segment of one of the node's logs."""
@@ -386,7 +389,7 @@ class Simulation:
         batch[position] ^= 1 << self.rng.randrange(8)
         segment.batches[index] = bytes(batch)
         self.stats["bitflips"] += 1
-        self._log(f"bitflip {node.node_id} {key[0]}/{key[1]} batch at {segment.headers[index].base_offset}")
+        self.log(f"bitflip {node.node_id} {key[0]}/{key[1]} batch at {segment.headers[index].base_offset}")
 
     def _partial_writeback(self, node: SimNode) -> None:
         """Before a power loss the OS may have written back part of the unsynced tail: keep a
@@ -410,10 +413,10 @@ class Simulation:
             self.stats["power"] += 1
         else:
             self.stats["kills"] += 1
-        self._log(f"{'power-off' if power else 'kill'} {node.node_id}")
+        self.log(f"{'power-off' if power else 'kill'} {node.node_id}")
         if restart:
-            self._at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
-                     (node.node_id, node.incarnation))
+            self.at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
+                    (node.node_id, node.incarnation))
 
     # ------------------------------------------------------------------ membership changes
     def _outage_step(self) -> None:
@@ -423,11 +426,11 @@ class Simulation:
         node = self.nodes[node_id]
         node.down_until_s = until_s if until_s is not None else float("inf")
         self.stats["outages"] += 1
-        self._log(f"outage {node_id} until {'the liveness phase' if until_s is None else f'{until_s:.3f}'}")
+        self.log(f"outage {node_id} until {'the liveness phase' if until_s is None else f'{until_s:.3f}'}")
         if node.core is not None:
             self._crash(node, power=False, restart=False)
         if until_s is not None:
-            self._at(until_s, "restart", (node_id, node.incarnation))
+            self.at(until_s, "restart", (node_id, node.incarnation))
 
     def _step_nemesis(self) -> None:
         """Right after a reassign step commits, now and then crash a replica of that partition
@@ -443,7 +446,7 @@ class Simulation:
                                 if n in self.nodes and self.nodes[n].up and self.nodes[n].present)
             if candidates:
                 node = self.nodes[self.rng.choice(candidates)]
-                self._log(f"step nemesis: {topic}/{partition} moved")
+                self.log(f"step nemesis: {topic}/{partition} moved")
                 self._crash(node, power=bool(self.options.faults.power_rate) and self.rng.random() < 0.5)
 
     def _leave_step(self) -> None:
@@ -462,11 +465,11 @@ class Simulation:
                 self.leave_asked_until_s = 0.0
                 answer = (f"{effect.result['state']} ({effect.result['assigned']} partitions assigned)"
                           if isinstance(effect, Resolve) else f"{type(effect.error).__name__}: {effect.error}")
-                self._log(f"leave {node_id}: {answer}")
+                self.log(f"leave {node_id}: {answer}")
 
-            self._log(f"leave {node_id}? (asked through {asker.node_id})")
-            self._feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
-        self._at(self.now_s + LEAVE_RETRY_S, "leave", None)
+            self.log(f"leave {node_id}? (asked through {asker.node_id})")
+            self.feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
+        self.at(self.now_s + LEAVE_RETRY_S, "leave", None)
 
     def _after_core(self, node: SimNode) -> None:
         """A node that has left stops at once, as the runtime stops it."""
@@ -483,7 +486,7 @@ class Simulation:
         node.incarnation += 1  # whatever was queued for it is void
         node.departed = True
         self.stats["leaves"] += 1
-        self._log(f"left {node.node_id}: stopped for good")
+        self.log(f"left {node.node_id}: stopped for good")
 
     def _produce_step(self) -> None:
         clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
@@ -502,7 +505,7 @@ class Simulation:
             records.append((key, value, None, WALL_BASE_MS + int(self.now_s * 1000)))
         self.attempts.extend(attempts)
         self.pending_attempts += len(attempts)
-        self._feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, self.now_s + 3.0))
+        self.feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, self.now_s + 3.0))
 
     def _create_topic_step(self) -> None:
         """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
@@ -516,10 +519,10 @@ class Simulation:
 
         def settle(effect: Any) -> None:
             outcome["outcome"] = "ok" if isinstance(effect, Resolve) else "failed"
-            self._log(f"create {name} {outcome['outcome']}")
+            self.log(f"create {name} {outcome['outcome']}")
 
-        self._feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
-                                                     "deadline_s": self.now_s + 3.0}, settle))
+        self.feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
+                                                    "deadline_s": self.now_s + 3.0}, settle))
 
     def _send_probes(self) -> None:
         """Liveness: once converged, one acks=leader write to every partition must succeed."""
@@ -531,9 +534,9 @@ class Simulation:
             self.probes.append(attempt)
             self.attempts.append(attempt)
             self.pending_attempts += 1
-            self._feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(self.now_s * 1000))],
-                                              _Waiter(self, [attempt]), partition, "leader", self.now_s + 5.0))
-        self._log("liveness probes sent")
+            self.feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(self.now_s * 1000))],
+                                             _Waiter(self, [attempt]), partition, "leader", self.now_s + 5.0))
+        self.log("liveness probes sent")
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> SimResult:
@@ -546,17 +549,17 @@ class Simulation:
         fault_end = options.fault_s
         end = fault_end + options.liveness_s
         for node_id, when_s in zip(joiners, options.joins_s):
-            self._at(when_s, "join", node_id)
+            self.at(when_s, "join", node_id)
         if options.leave is not None:
-            self._at(options.leave[1], "leave", None)
+            self.at(options.leave[1], "leave", None)
         if options.outage is not None:
-            self._at(options.outage[1], "outage", None)
+            self.at(options.outage[1], "outage", None)
         self.checker.after_event()
-        self._at(0.1, "fault", None)
-        self._at(1.0, "produce", None)
-        self._at(1.5, "create_topic", None)
-        self._at(2.0, "consume", None)
-        self._at(fault_end, "liveness", None)
+        self.at(0.1, "fault", None)
+        self.at(1.0, "produce", None)
+        self.at(1.5, "create_topic", None)
+        self.at(2.0, "consume", None)
+        self.at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
             when, _seq, kind, data = heapq.heappop(self.queue)
@@ -616,7 +619,7 @@ class Simulation:
                 return
             node.timer_at_s = float("inf")
             if node.paused_until_s > self.now_s:
-                self._at(node.paused_until_s, "timer", data)
+                self.at(node.paused_until_s, "timer", data)
                 node.timer_at_s = node.paused_until_s
                 return
             self.touched.add(node_id)
@@ -626,7 +629,7 @@ class Simulation:
             node_id, incarnation, event = data
             node = self.nodes[node_id]
             if node.incarnation == incarnation:
-                self._feed(node, event)
+                self.feed(node, event)
         elif kind == "restart":
             node_id, incarnation = data
             node = self.nodes[node_id]
@@ -644,23 +647,23 @@ class Simulation:
         elif kind == "fault":
             if self.faulting:
                 self._fault_step()
-                self._at(self.now_s + 0.1, "fault", None)
+                self.at(self.now_s + 0.1, "fault", None)
         elif kind == "produce":
             if self.now_s < fault_end:
                 self._produce_step()
-                self._at(self.now_s + self.options.produce_interval_s, "produce", None)
+                self.at(self.now_s + self.options.produce_interval_s, "produce", None)
         elif kind == "consume":
             if self.now_s < fault_end:
                 self.consumer.step()
-                self._at(self.now_s + 0.1, "consume", None)
+                self.at(self.now_s + 0.1, "consume", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
                 self._create_topic_step()
-                self._at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
+                self.at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
         elif kind == "liveness":
             self.faulting = False
             self.cut.clear()
-            self._log("liveness phase: heal all, resume all, restart all")
+            self.log("liveness phase: heal all, resume all, restart all")
             for node_id in sorted(self.nodes):
                 node = self.nodes[node_id]
                 node.paused_until_s = 0.0
@@ -718,8 +721,8 @@ class SimConsumer:
                     return
                 self._on_fetch(partition, offset, effect.result)
 
-            sim._feed(node, Command("fetch", {"topic": TOPIC, "partition": partition, "offset": offset,
-                                              "max_wait_s": 0.2, "deadline_s": sim.now_s + 2.0}, done))
+            sim.feed(node, Command("fetch", {"topic": TOPIC, "partition": partition, "offset": offset,
+                                             "max_wait_s": 0.2, "deadline_s": sim.now_s + 2.0}, done))
         if sim.now_s >= self.next_commit_s and self.positions:
             self.next_commit_s = sim.now_s + 1.0
             offsets = {(TOPIC, p): o for p, o in sorted(self.positions.items())}
@@ -732,8 +735,8 @@ class SimConsumer:
                     for (_topic, p), o in offsets.items():
                         self.acked_commits[p] = max(self.acked_commits.get(p, 0), o)
 
-            sim._feed(node, Command("commit", {"group": self.GROUP, "offsets": offsets,
-                                               "deadline_s": sim.now_s + 2.0}, committed))
+            sim.feed(node, Command("commit", {"group": self.GROUP, "offsets": offsets,
+                                              "deadline_s": sim.now_s + 2.0}, committed))
 
     def _restart(self, node: SimNode) -> None:
         sim = self.sim
@@ -754,8 +757,8 @@ class SimConsumer:
             self.positions = {p: positions.get(p, 0) for p in range(meta["config"].partitions)}
             self.ready = True
 
-        sim._feed(node, Command("committed", {"group": self.GROUP, "topic": TOPIC,
-                                              "deadline_s": sim.now_s + 2.0}, resume))
+        sim.feed(node, Command("committed", {"group": self.GROUP, "topic": TOPIC,
+                                             "deadline_s": sim.now_s + 2.0}, resume))
 
     def _committed_floor(self, now_s: float) -> dict[int, int]:
         """Per partition, the committed offset a read sent now must not be below: the highest
