@@ -57,19 +57,15 @@ from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig
 from meshq.core import batch as batch_format
-from meshq.core import wire
 from meshq.core.events import (
     Command,
     Connect,
     Disconnect,
-    EventReceived,
     Fail,
     LogsSynced,
     ProduceCommand,
     Publish,
     Reply,
-    ReplyReceived,
-    RequestReceived,
     Resolve,
     ResolveProduce,
     Send,
@@ -78,9 +74,9 @@ from meshq.core.events import (
     Unsubscribe,
 )
 from meshq.core.node import NodeCore
-from meshq.errors import ProtocolError
 from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
+from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, TOPIC, WALL_BASE_MS, SimOptions
 
@@ -151,7 +147,6 @@ class Simulation:
         self.seq = 0
         self.trace: list[str] = []
         self.record_trace = record_trace
-        self.cut: set[frozenset[str]] = set()
         self.touched: set[str] = set()  # nodes whose core ran during the current event: the checkers look at them
         self.leave_asked_until_s = 0.0  # a leave question is outstanding until then
         self.faulting = True
@@ -159,7 +154,7 @@ class Simulation:
                       "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0, "joins": 0, "leaves": 0,
                       "outages": 0}
         self.nodes: dict[str, SimNode] = {}
-        self.by_endpoint: dict[str, str] = {}
+        self.network = Network(self)
         for node_id in options.storage_ids:
             self._add_node(node_id, "storage")
         for i in range(options.clients):
@@ -177,8 +172,7 @@ class Simulation:
         storage = MemoryStorage(segment_bytes=4096) if role == "storage" else None
         node = SimNode(node_id, role, storage)
         self.nodes[node_id] = node
-        self.by_endpoint[node.endpoint] = node_id
-        self.by_endpoint[node.pub_endpoint] = node_id
+        self.network.attach(node)
 
     def _config(self, node: SimNode) -> NodeConfig:
         first = "n1"
@@ -235,17 +229,11 @@ class Simulation:
         for effect in effects:
             kind = type(effect)
             if kind is Send:
-                endpoint = node.connections.get(effect.peer)
-                if endpoint is not None:
-                    self._transmit(node.node_id, self.by_endpoint.get(endpoint), ("request", effect.peer),
-                                   effect.frames)
+                self.network.send(node, effect.peer, effect.frames)
             elif kind is Reply:
-                source, peer_key = effect.route
-                self._transmit(node.node_id, source, ("reply", peer_key), effect.frames)
+                self.network.reply(node, effect.route, effect.frames)
             elif kind is Publish:
-                for other in sorted(self.nodes.values(), key=lambda n: n.node_id):
-                    if node.pub_endpoint in other.subscriptions and other.node_id != node.node_id:
-                        self._transmit(node.node_id, other.node_id, ("event", None), effect.frames)
+                self.network.publish(node, effect.frames)
             elif kind is Connect:
                 node.connections[effect.peer] = effect.endpoint
             elif kind is Disconnect:
@@ -272,49 +260,6 @@ class Simulation:
                 raise AssertionError(f"unknown effect {effect!r}")
         self._arm_timer(node)
 
-    def _transmit(self, source: str, target_endpoint_or_id: str | None, channel: tuple, frames: list) -> None:
-        if target_endpoint_or_id is None:
-            return
-        target = self.by_endpoint.get(target_endpoint_or_id, target_endpoint_or_id)
-        if target not in self.nodes:
-            return
-        faults = self.options.faults
-        if frozenset((source, target)) in self.cut:
-            self.stats["dropped"] += 1
-            return
-        if self.faulting and self.rng.random() < faults.drop:
-            self.stats["dropped"] += 1
-            return
-        copies = 2 if self.faulting and self.rng.random() < faults.duplicate else 1
-        self.stats["duplicated"] += copies - 1
-        for _ in range(copies):
-            latency = self.rng.uniform(*faults.latency_s)
-            self.at(self.now_s + latency, "deliver", (source, target, channel, list(frames)))
-
-    def _deliver(self, source: str, target: str, channel: tuple, frames: list) -> None:
-        node = self.nodes[target]
-        if node.core is None:
-            return
-        if frozenset((source, target)) in self.cut:
-            self.stats["dropped"] += 1
-            return
-        try:
-            if channel[0] == "request":
-                message = wire.decode(frames, CLUSTER)
-                event: Any = RequestReceived((source, channel[1]), message)
-            elif channel[0] == "reply":
-                message = wire.decode(frames, CLUSTER)
-                event = ReplyReceived(channel[1], message)
-            else:
-                event = EventReceived(wire.decode(frames, CLUSTER))
-        except ProtocolError as exc:
-            node.core.note_invalid_frame(exc)
-            return
-        self.stats["delivered"] += 1
-        if self.record_trace:
-            self.log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
-        self.feed(node, event)
-
     def feed(self, node: SimNode, event: Any) -> None:
         """Hand an input to a node's core (held back while it is paused) and carry out its effects."""
         if node.core is None:
@@ -338,19 +283,15 @@ class Simulation:
             return rate > 0 and rng.random() < rate * step_s
 
         if chance(faults.partition_rate) and len(storage_ids) > 1:
-            if self.cut:
+            if self.network.partitioned:
                 self.log("heal")
-                self.cut.clear()
+                self.network.heal()
             else:
                 side = set(rng.sample(storage_ids, rng.randrange(1, len(storage_ids))))
-                everyone = sorted(self.nodes)
-                for a in everyone:
-                    for b in everyone:
-                        if a < b and ((a in side) != (b in side)):
-                            self.cut.add(frozenset((a, b)))
+                self.network.partition(side)
                 if len(storage_ids) >= 3 and rng.random() < 0.3:  # non-transitive: one bridge link survives
                     inside, outside = sorted(side), sorted(set(storage_ids) - side)
-                    self.cut.discard(frozenset((rng.choice(inside), rng.choice(outside))))
+                    self.network.bridge(rng.choice(inside), rng.choice(outside))
                 self.stats["partitions"] += 1
                 self.log(f"partition {sorted(side)}")
         for node_id in storage_ids:
@@ -611,7 +552,7 @@ class Simulation:
 
     def _event(self, kind: str, data: Any, fault_end: float) -> None:
         if kind == "deliver":
-            self._deliver(*data)
+            self.network.deliver(*data)
         elif kind == "timer":
             node_id, incarnation = data
             node = self.nodes[node_id]
@@ -662,7 +603,7 @@ class Simulation:
                 self.at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
         elif kind == "liveness":
             self.faulting = False
-            self.cut.clear()
+            self.network.heal()
             self.log("liveness phase: heal all, resume all, restart all")
             for node_id in sorted(self.nodes):
                 node = self.nodes[node_id]
