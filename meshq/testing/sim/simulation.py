@@ -76,12 +76,12 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
+from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, TOPIC, WALL_BASE_MS, SimOptions
 
 LEAVE_RETRY_S = 0.5
-STEP_NEMESIS_CHANCE = 0.05  # per committed reassign step, in runs with node faults
 
 
 @dataclass
@@ -155,6 +155,7 @@ class Simulation:
                       "outages": 0}
         self.nodes: dict[str, SimNode] = {}
         self.network = Network(self)
+        self.fault_injector = FaultInjector(self)
         for node_id in options.storage_ids:
             self._add_node(node_id, "storage")
         for i in range(options.clients):
@@ -272,124 +273,7 @@ class Simulation:
         self._apply(node, effects)
         self._after_core(node)
 
-    # ------------------------------------------------------------------ faults and workload
-    def _fault_step(self) -> None:
-        faults = self.options.faults
-        storage_ids = sorted(n for n, node in self.nodes.items() if node.role == "storage" and node.present)
-        step_s = 0.1
-        rng = self.rng
-
-        def chance(rate: float) -> bool:
-            return rate > 0 and rng.random() < rate * step_s
-
-        if chance(faults.partition_rate) and len(storage_ids) > 1:
-            if self.network.partitioned:
-                self.log("heal")
-                self.network.heal()
-            else:
-                side = set(rng.sample(storage_ids, rng.randrange(1, len(storage_ids))))
-                self.network.partition(side)
-                if len(storage_ids) >= 3 and rng.random() < 0.3:  # non-transitive: one bridge link survives
-                    inside, outside = sorted(side), sorted(set(storage_ids) - side)
-                    self.network.bridge(rng.choice(inside), rng.choice(outside))
-                self.stats["partitions"] += 1
-                self.log(f"partition {sorted(side)}")
-        for node_id in storage_ids:
-            node = self.nodes[node_id]
-            if not node.up:
-                continue
-            if chance(faults.kill_rate):
-                self._crash(node, power=False)
-            elif chance(faults.power_rate):
-                self._crash(node, power=True)
-            elif chance(faults.pause_rate):
-                node.paused_until_s = self.now_s + rng.uniform(0.5, 5.0)
-                self.stats["pauses"] += 1
-                self.log(f"pause {node_id} until {node.paused_until_s:.3f}")
-            elif chance(faults.bitflip_rate):
-                self._flip_bit(node)
-            elif chance(faults.clock_jump_rate):
-                node.wall_offset_ms += rng.choice([-1, 1]) * rng.randrange(1000, 3_600_000)
-                self.stats["clock_jumps"] += 1
-                self.log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
-
-    def _flip_bit(self, node: SimNode) -> None:
-        """Flip one bit inside a batch of a *sealed* segment of one of the node's logs."""
-        assert node.storage is not None
-        candidates = []
-        for key, disk in sorted(node.storage._disks.items()):  # the simulated disk: reaching in is the point
-            if key[0] == TOPIC:
-                for segment in disk.segments[:-1]:
-                    candidates.extend((key, segment, i) for i in range(len(segment.batches)))
-        if not candidates:
-            return
-        key, segment, index = self.rng.choice(candidates)
-        batch = bytearray(segment.batches[index])
-        self.checker.before_disk_damage(key[1], bytes(batch))
-        position = self.rng.randrange(batch_format.HEADER_SIZE, len(batch))
-        batch[position] ^= 1 << self.rng.randrange(8)
-        segment.batches[index] = bytes(batch)
-        self.stats["bitflips"] += 1
-        self.log(f"bitflip {node.node_id} {key[0]}/{key[1]} batch at {segment.headers[index].base_offset}")
-
-    def _partial_writeback(self, node: SimNode) -> None:
-        """Before a power loss the OS may have written back part of the unsynced tail: keep a
-        random prefix of it (a torn last write ends the same way once recovery cuts it)."""
-        assert node.storage is not None
-        for _key, disk in sorted(node.storage._disks.items()):
-            boundaries = [header.next_offset for segment in disk.segments for header in segment.headers
-                          if header.next_offset > disk.synced_offset]
-            if boundaries and self.rng.random() < 0.5:
-                disk.synced_offset = self.rng.choice(boundaries)
-
-    def _crash(self, node: SimNode, power: bool, restart: bool = True) -> None:
-        assert node.core is not None and node.storage is not None
-        if power and self.rng.random() < self.options.faults.partial_writeback:
-            self._partial_writeback(node)
-        self.checker.before_crash(node, power)
-        node.core = None
-        node.timer_at_s = float("inf")
-        if power:
-            node.storage.crash()
-            self.stats["power"] += 1
-        else:
-            self.stats["kills"] += 1
-        self.log(f"{'power-off' if power else 'kill'} {node.node_id}")
-        if restart:
-            self.at(self.now_s + self.rng.uniform(*self.options.faults.down_s), "restart",
-                    (node.node_id, node.incarnation))
-
     # ------------------------------------------------------------------ membership changes
-    def _outage_step(self) -> None:
-        """Kill the outage node for longer than member_timeout_s: the metadata leader removes it."""
-        assert self.options.outage is not None
-        node_id, _start_s, until_s = self.options.outage
-        node = self.nodes[node_id]
-        node.down_until_s = until_s if until_s is not None else float("inf")
-        self.stats["outages"] += 1
-        self.log(f"outage {node_id} until {'the liveness phase' if until_s is None else f'{until_s:.3f}'}")
-        if node.core is not None:
-            self._crash(node, power=False, restart=False)
-        if until_s is not None:
-            self.at(until_s, "restart", (node_id, node.incarnation))
-
-    def _step_nemesis(self) -> None:
-        """Right after a reassign step commits, now and then crash a replica of that partition
-        (its leader, a voter or a learner): the moment a configuration change is most fragile."""
-        steps, self.checker.new_steps = self.checker.new_steps, []
-        if not self.faulting or not (self.options.faults.kill_rate or self.options.faults.power_rate):
-            return
-        for topic, partition in steps:
-            if self.rng.random() >= STEP_NEMESIS_CHANCE:
-                continue
-            voters, learners, _version = self.checker.meta.partition_config(topic, partition)
-            candidates = sorted(n for n in set(voters) | set(learners)
-                                if n in self.nodes and self.nodes[n].up and self.nodes[n].present)
-            if candidates:
-                node = self.nodes[self.rng.choice(candidates)]
-                self.log(f"step nemesis: {topic}/{partition} moved")
-                self._crash(node, power=bool(self.options.faults.power_rate) and self.rng.random() < 0.5)
-
     def _leave_step(self) -> None:
         """What ``meshq leave`` (or ``Node.leave()``) does: ask, one question at a time, again
         every 0.5 s until the answer is ``left``; the node stops by itself (``_after_core``)."""
@@ -519,7 +403,7 @@ class Simulation:
                 self._event(kind, data, fault_end)
                 self.checker.after_event(self.touched)
                 if self.checker.new_steps:
-                    self._step_nemesis()
+                    self.fault_injector.step_nemesis()
             except Violation as violation:
                 violations.append(violation)
                 break
@@ -584,10 +468,10 @@ class Simulation:
         elif kind == "leave":
             self._leave_step()
         elif kind == "outage":
-            self._outage_step()
+            self.fault_injector.start_outage()
         elif kind == "fault":
             if self.faulting:
-                self._fault_step()
+                self.fault_injector.step()
                 self.at(self.now_s + 0.1, "fault", None)
         elif kind == "produce":
             if self.now_s < fault_end:
