@@ -55,14 +55,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from meshq.config import NodeConfig, TopicConfig
+from meshq.config import NodeConfig
 from meshq.core.events import (
-    Command,
     Connect,
     Disconnect,
     Fail,
     LogsSynced,
-    ProduceCommand,
     Publish,
     Reply,
     Resolve,
@@ -78,45 +76,8 @@ from meshq.testing.checks import Checker, Violation
 from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
-from meshq.testing.sim.options import CLUSTER, TOPIC, WALL_BASE_MS, SimOptions
-from meshq.testing.sim.workload import SimConsumer
-
-LEAVE_RETRY_S = 0.5
-
-
-@dataclass
-class Attempt:
-    """One produced record as the client saw it."""
-
-    value: bytes
-    acks: str
-    client: str
-    outcome: str = "pending"  # pending | ok | failed
-    error: str = ""
-    partition: int = -1
-    offset: int = -1
-
-
-class _Waiter:
-    def __init__(self, sim: Simulation, attempts: list[Attempt]) -> None:
-        self.sim = sim
-        self.attempts = attempts
-
-    def settle(self, indexes, records, topic, partition, base_offset, error) -> None:
-        for j, i in enumerate(indexes):
-            attempt = self.attempts[i]
-            if attempt.outcome == "pending":
-                self.sim.pending_attempts -= 1
-            self.sim.log(f"{attempt.value.decode()} {'failed' if error is not None else 'ok'} "
-                         f"{partition}/{base_offset + j if base_offset >= 0 else -1}")
-            if error is not None:
-                attempt.outcome = "failed"
-                attempt.error = f"{type(error).__name__}: {error}"
-            else:
-                attempt.outcome = "ok"
-                attempt.partition = partition
-                attempt.offset = base_offset + j if base_offset >= 0 else -1
-                self.sim.checker.on_ack(attempt, self.sim.now_s)
+from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
+from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
 
 
 @dataclass
@@ -148,7 +109,6 @@ class Simulation:
         self.trace: list[str] = []
         self.record_trace = record_trace
         self.touched: set[str] = set()  # nodes whose core ran during the current event: the checkers look at them
-        self.leave_asked_until_s = 0.0  # a leave question is outstanding until then
         self.faulting = True
         self.stats = {"events": 0, "delivered": 0, "dropped": 0, "duplicated": 0, "kills": 0, "power": 0,
                       "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0, "joins": 0, "leaves": 0,
@@ -160,13 +120,25 @@ class Simulation:
             self._add_node(node_id, "storage")
         for i in range(options.clients):
             self._add_node(f"c{i + 1}", "client")
-        self.attempts: list[Attempt] = []
-        self.pending_attempts = 0
-        self.probes: list[Attempt] | None = None
-        self.topic_creations: list[dict] = []
+        self.workload = Workload(self)
         self.consumer = SimConsumer(self)
         self.checker = Checker(self)
-        self._produced = 0
+
+    # ------------------------------------------------------------------ what the checkers read
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every value the clients produced, in order, with its outcome."""
+        return self.workload.attempts
+
+    @property
+    def pending_attempts(self) -> int:
+        """How many produced values have no outcome yet."""
+        return self.workload.pending_attempts
+
+    @property
+    def topic_creations(self) -> list[dict]:
+        """Every topic the clients tried to create, with its outcome."""
+        return self.workload.topic_creations
 
     # ------------------------------------------------------------------ setup
     def _add_node(self, node_id: str, role: str) -> None:
@@ -273,29 +245,6 @@ class Simulation:
         self._apply(node, effects)
         self._after_core(node)
 
-    # ------------------------------------------------------------------ membership changes
-    def _leave_step(self) -> None:
-        """What ``meshq leave`` (or ``Node.leave()``) does: ask, one question at a time, again
-        every 0.5 s until the answer is ``left``; the node stops by itself (``_after_core``)."""
-        assert self.options.leave is not None
-        node_id, _when_s, via = self.options.leave
-        if self.nodes[node_id].departed:
-            return
-        asker = self.nodes[node_id if via == "node" else "c1"]
-        if asker.core is not None and self.now_s >= self.leave_asked_until_s:
-            deadline_s = self.now_s + 2.0
-            self.leave_asked_until_s = deadline_s
-
-            def answered(effect: Any) -> None:
-                self.leave_asked_until_s = 0.0
-                answer = (f"{effect.result['state']} ({effect.result['assigned']} partitions assigned)"
-                          if isinstance(effect, Resolve) else f"{type(effect.error).__name__}: {effect.error}")
-                self.log(f"leave {node_id}: {answer}")
-
-            self.log(f"leave {node_id}? (asked through {asker.node_id})")
-            self.feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
-        self.at(self.now_s + LEAVE_RETRY_S, "leave", None)
-
     def _after_core(self, node: SimNode) -> None:
         """A node that has left stops at once, as the runtime stops it."""
         if node.core is not None and node.core.has_left and not node.departed:
@@ -312,56 +261,6 @@ class Simulation:
         node.departed = True
         self.stats["leaves"] += 1
         self.log(f"left {node.node_id}: stopped for good")
-
-    def _produce_step(self) -> None:
-        clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
-        if not clients:
-            return
-        client = self.nodes[self.rng.choice(clients)]
-        count = self.rng.randrange(1, 4)
-        acks = self.rng.choice(self.options.acks)
-        attempts = []
-        records = []
-        for _ in range(count):
-            self._produced += 1
-            value = f"v{self._produced}".encode()
-            attempts.append(Attempt(value, acks, client.node_id))
-            key = None if self.rng.random() < 0.5 else f"k{self.rng.randrange(20)}".encode()
-            records.append((key, value, None, WALL_BASE_MS + int(self.now_s * 1000)))
-        self.attempts.extend(attempts)
-        self.pending_attempts += len(attempts)
-        self.feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, self.now_s + 3.0))
-
-    def _create_topic_step(self) -> None:
-        """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
-        clients = sorted(n for n, node in self.nodes.items() if node.role == "client" and node.up)
-        if not clients:
-            return
-        client = self.nodes[self.rng.choice(clients)]
-        name = f"topic{len(self.topic_creations)}"
-        outcome: dict = {"name": name, "outcome": "pending"}
-        self.topic_creations.append(outcome)
-
-        def settle(effect: Any) -> None:
-            outcome["outcome"] = "ok" if isinstance(effect, Resolve) else "failed"
-            self.log(f"create {name} {outcome['outcome']}")
-
-        self.feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
-                                                    "deadline_s": self.now_s + 3.0}, settle))
-
-    def _send_probes(self) -> None:
-        """Liveness: once converged, one acks=leader write to every partition must succeed."""
-        client = self.nodes["c1"]
-        self.probes = []
-        for partition in range(self.options.partitions):
-            self._produced += 1
-            attempt = Attempt(f"v{self._produced}".encode(), "leader", client.node_id)
-            self.probes.append(attempt)
-            self.attempts.append(attempt)
-            self.pending_attempts += 1
-            self.feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(self.now_s * 1000))],
-                                             _Waiter(self, [attempt]), partition, "leader", self.now_s + 5.0))
-        self.log("liveness probes sent")
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> SimResult:
@@ -413,13 +312,14 @@ class Simulation:
                 where = "".join(traceback.format_exception(exc)[-3:]).strip()
                 violations.append(Violation(f"the core raised {type(exc).__name__}: {exc}\n{where}"))
                 break
-            if self.checker.converged and self.probes is None:
-                self._send_probes()
-            if self.probes is not None and all(a.outcome == "ok" for a in self.probes):
+            if self.checker.converged and self.workload.probes is None:
+                self.workload.send_probes()
+            if self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes):
                 break
-        if not violations and self.probes is not None and not all(a.outcome == "ok" for a in self.probes):
-            failed = [a for a in self.probes if a.outcome != "ok"]
-            violations.append(Violation(f"liveness: {len(failed)} of {len(self.probes)} probe writes after "
+        probes = self.workload.probes
+        if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
+            failed = [a for a in probes if a.outcome != "ok"]
+            violations.append(Violation(f"liveness: {len(failed)} of {len(probes)} probe writes after "
                                         f"convergence did not succeed ({failed[0].outcome}: {failed[0].error})"))
         if not violations:
             try:
@@ -466,7 +366,7 @@ class Simulation:
             if not node.booted:
                 self._boot(node)
         elif kind == "leave":
-            self._leave_step()
+            self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
         elif kind == "fault":
@@ -475,7 +375,7 @@ class Simulation:
                 self.at(self.now_s + 0.1, "fault", None)
         elif kind == "produce":
             if self.now_s < fault_end:
-                self._produce_step()
+                self.workload.produce_step()
                 self.at(self.now_s + self.options.produce_interval_s, "produce", None)
         elif kind == "consume":
             if self.now_s < fault_end:
@@ -483,7 +383,7 @@ class Simulation:
                 self.at(self.now_s + 0.1, "consume", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
-                self._create_topic_step()
+                self.workload.create_topic_step()
                 self.at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
         elif kind == "liveness":
             self.faulting = False

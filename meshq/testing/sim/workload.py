@@ -18,15 +18,147 @@ sends, and records every outcome for the history check at the end:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from meshq.config import TopicConfig
 from meshq.core import batch as batch_format
-from meshq.core.events import Command, Resolve
-from meshq.testing.sim.options import TOPIC
+from meshq.core.events import Command, ProduceCommand, Resolve
+from meshq.testing.sim.options import TOPIC, WALL_BASE_MS
 
 if TYPE_CHECKING:
     from meshq.testing.sim.node import SimNode
     from meshq.testing.sim.simulation import Simulation
+
+LEAVE_RETRY_S = 0.5
+
+
+@dataclass
+class Attempt:
+    """One produced record as the client saw it."""
+
+    value: bytes
+    acks: str
+    client: str
+    outcome: str = "pending"  # pending | ok | failed
+    error: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+class _Waiter:
+    """The waiter of one produce command: the core settles its attempts (``ResolveProduce``)."""
+
+    def __init__(self, workload: Workload, attempts: list[Attempt]) -> None:
+        self.workload = workload
+        self.attempts = attempts
+
+    def settle(self, indexes, records, topic, partition, base_offset, error) -> None:
+        sim = self.workload.sim
+        for j, i in enumerate(indexes):
+            attempt = self.attempts[i]
+            if attempt.outcome == "pending":
+                self.workload.pending_attempts -= 1
+            sim.log(f"{attempt.value.decode()} {'failed' if error is not None else 'ok'} "
+                    f"{partition}/{base_offset + j if base_offset >= 0 else -1}")
+            if error is not None:
+                attempt.outcome = "failed"
+                attempt.error = f"{type(error).__name__}: {error}"
+            else:
+                attempt.outcome = "ok"
+                attempt.partition = partition
+                attempt.offset = base_offset + j if base_offset >= 0 else -1
+                sim.checker.on_ack(attempt, sim.now_s)
+
+
+class Workload:
+    """The clients' producers, topic creations, leave question and liveness probes, with their outcomes."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.attempts: list[Attempt] = []  # every value produced, probes included: the history to check
+        self.pending_attempts = 0
+        self.probes: list[Attempt] | None = None  # sent once the liveness phase has converged
+        self.topic_creations: list[dict] = []
+        self._produced = 0
+        self._leave_asked_until_s = 0.0  # a leave question is outstanding until then
+
+    def produce_step(self) -> None:
+        """A random client produces one to three new values with one of the run's acks levels."""
+        sim = self.sim
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
+        if not clients:
+            return
+        client = sim.nodes[sim.rng.choice(clients)]
+        count = sim.rng.randrange(1, 4)
+        acks = sim.rng.choice(sim.options.acks)
+        attempts = []
+        records = []
+        for _ in range(count):
+            self._produced += 1
+            value = f"v{self._produced}".encode()
+            attempts.append(Attempt(value, acks, client.node_id))
+            key = None if sim.rng.random() < 0.5 else f"k{sim.rng.randrange(20)}".encode()
+            records.append((key, value, None, WALL_BASE_MS + int(sim.now_s * 1000)))
+        self.attempts.extend(attempts)
+        self.pending_attempts += len(attempts)
+        sim.feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, sim.now_s + 3.0))
+
+    def create_topic_step(self) -> None:
+        """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
+        sim = self.sim
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
+        if not clients:
+            return
+        client = sim.nodes[sim.rng.choice(clients)]
+        name = f"topic{len(self.topic_creations)}"
+        outcome: dict = {"name": name, "outcome": "pending"}
+        self.topic_creations.append(outcome)
+
+        def settle(effect: Any) -> None:
+            outcome["outcome"] = "ok" if isinstance(effect, Resolve) else "failed"
+            sim.log(f"create {name} {outcome['outcome']}")
+
+        sim.feed(client, Command("create_topic", {"config": TopicConfig(name, 1, 3),
+                                                   "deadline_s": sim.now_s + 3.0}, settle))
+
+    def send_probes(self) -> None:
+        """Liveness: once converged, one acks=leader write to every partition must succeed."""
+        sim = self.sim
+        client = sim.nodes["c1"]
+        self.probes = []
+        for partition in range(sim.options.partitions):
+            self._produced += 1
+            attempt = Attempt(f"v{self._produced}".encode(), "leader", client.node_id)
+            self.probes.append(attempt)
+            self.attempts.append(attempt)
+            self.pending_attempts += 1
+            sim.feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(sim.now_s * 1000))],
+                                            _Waiter(self, [attempt]), partition, "leader", sim.now_s + 5.0))
+        sim.log("liveness probes sent")
+
+    def leave_step(self) -> None:
+        """What ``meshq leave`` (or ``Node.leave()``) does: ask, one question at a time, again
+        every 0.5 s until the answer is ``left``; the node stops by itself (``_after_core``)."""
+        sim = self.sim
+        assert sim.options.leave is not None
+        node_id, _when_s, via = sim.options.leave
+        if sim.nodes[node_id].departed:
+            return
+        asker = sim.nodes[node_id if via == "node" else "c1"]
+        if asker.core is not None and sim.now_s >= self._leave_asked_until_s:
+            deadline_s = sim.now_s + 2.0
+            self._leave_asked_until_s = deadline_s
+
+            def answered(effect: Any) -> None:
+                self._leave_asked_until_s = 0.0
+                answer = (f"{effect.result['state']} ({effect.result['assigned']} partitions assigned)"
+                          if isinstance(effect, Resolve) else f"{type(effect.error).__name__}: {effect.error}")
+                sim.log(f"leave {node_id}: {answer}")
+
+            sim.log(f"leave {node_id}? (asked through {asker.node_id})")
+            sim.feed(asker, Command("leave", {"node_id": node_id, "deadline_s": deadline_s}, answered))
+        sim.at(sim.now_s + LEAVE_RETRY_S, "leave", None)
 
 
 class SimConsumer:
