@@ -1,46 +1,28 @@
-"""A deterministic simulator of whole meshq clusters.
+"""The simulation's root: it builds one run's nodes and collaborators and runs its event loop.
 
 Theory of operation
 -------------------
-The simulator runs N real ``meshq.core.node.NodeCore`` objects — the very code the real
-node's runtime runs — in one thread, on a simulated clock, network and disk, all driven
-by one ``random.Random(seed)``. Nothing reads the wall clock or the global random, and
-every set that reaches the output is sorted, so one seed always replays the same run
-(``trace_digest``).
+``Simulation`` builds the nodes (``SimNode``: storage nodes n1..nN, joiners after them, clients
+c1..), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer`` and the
+``Checker``, all sharing its one ``random.Random(seed)``, its clock ``now_s`` and its queue.
+The queue is a heap of ``(time, sequence, kind, data)``: events at the same time run in the
+order they were queued. Each event is one of
 
-* **Network.** Each ``Send``/``Reply``/``Publish`` effect is encoded by the core and
-  decoded here with the real wire decoder, then delivered after a per-message latency
-  (which reorders messages), or dropped, or duplicated, according to ``FaultOptions``.
-  Partitions cut links in both directions (``partition``), possibly non-transitively
-  (``bridge``), until ``heal``.
-* **Nodes.** ``kill`` drops a node's core but keeps its disk as it was (a process crash:
-  the page cache survives); ``power`` also loses every byte not yet fsynced
-  (``MemoryStorage.crash``). Crashed nodes restart later from their disk. ``pause``
-  freezes a node: its messages and timers wait, then fire late. Clock jumps move a
-  node's wall clock (record timestamps, retention), never the monotonic clock.
-* **Membership.** Declared per run in ``SimOptions``: extra storage nodes boot in the middle of
-  the run and join the formed cluster (``joins_s``); one node is asked to leave, as ``meshq
-  leave`` does through a client (c1) or ``Node.leave()`` on the node itself — the ``leave``
-  command, again every 0.5 s until the answer is ``left`` — and is stopped for good the moment
-  its core says it has left, as the runtime does (``leave``); one node is killed for longer than a
-  short ``member_timeout_s``, so the metadata leader removes it and its partitions are copied
-  elsewhere, and it later comes back and rejoins (``outage``). Each change moves partitions to
-  their ring placement through ``reassign`` steps; a run must end with every partition there.
-  Right after a step commits, the simulator now and then crashes a replica of that partition
-  (the step nemesis), since a configuration change is most fragile then.
-* **Disk.** The memory twin of the log is the simulated disk; ``fsync`` effects sync it. A
-  power loss drops the unsynced tail — or, with ``partial_writeback``, only part of it, as
-  when the OS had written some dirty pages back (a torn last batch ends the same way once
-  recovery cuts it). ``bitflip_rate`` flips a bit inside a sealed segment.
-* **Clients.** Client-role cores produce unique values with a mix of acks levels, create
-  topics, and record every outcome; a consumer-group member fetches every partition,
-  commits its positions, and now and then restarts from the group's committed offsets.
+* ``deliver`` (the network hands a message to its target), ``timer`` (a core's next deadline),
+  ``input`` (a held-back input or a ``LogsSynced``), ``restart``, ``join`` — node and core;
+* ``fault``, ``outage`` — the fault injector; ``produce``, ``create_topic``, ``leave``,
+  ``consume`` — the clients; the periodic ones queue their next turn;
+* ``liveness`` — the fault phase ends: heal, resume and restart everything.
 
-After every event the checkers run (``checks.py``); after the fault phase a liveness
-phase heals everything and requires the cluster to converge (every partition where the ring
-over the final membership places it); the run ends with a
-Jepsen-style history check: acknowledged records lost, unexpected records present,
-records duplicated.
+Booting a node builds a fresh ``NodeCore`` with a random stream drawn from the run's and a
+wall clock offset by the node's clock jumps; ``_apply`` carries out its effects (messages to
+the network, sockets, fsyncs of the memory log, settling waiters) and arms its next timer. A
+core that reports it has left is stopped for good, as the runtime stops it.
+
+After every event the checkers look at the nodes whose core ran, and a reassign step that
+just committed gives the step nemesis its chance. Once the liveness phase has converged, the
+workload sends its probes; the run ends when they all succeed, or at ``fault_s +
+liveness_s``, with the checkers' history check.
 """
 
 from __future__ import annotations
@@ -97,7 +79,7 @@ class SimResult:
 
 
 class Simulation:
-    """See the module docstring."""
+    """One run: builds the nodes, network, fault injector, workload, consumer and checkers; ``run`` runs it."""
 
     def __init__(self, options: SimOptions, record_trace: bool = True) -> None:
         self.options = options
