@@ -12,7 +12,7 @@ __all__ = ["FaultOptions", "SimOptions", "SimResult", "Simulation", "Violation",
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that ``python -m meshq.testing.sim`` does not import the module twice.
+    # Lazy: importing meshq.testing (say, for Violation) does not load the simulator.
     if name in ("FaultOptions", "SimOptions", "SimResult", "Simulation", "run_seed"):
         from meshq.testing import sim
 

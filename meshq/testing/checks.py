@@ -78,6 +78,8 @@ class Checker:
         self.power_lost_values: set[bytes] = set()
         self.disk_lost_values: set[bytes] = set()
         self.damaged_partitions: set[int] = set()  # partitions of the test topic with a flipped bit
+        # (consumer member, partition) -> the offset its next record must have
+        self.consumer_next: dict[tuple[int, int], int] = {}
         self.liveness_started_s: float | None = None
         self.converged = False
         self.converged_s: float | None = None
@@ -110,8 +112,14 @@ class Checker:
                 for record in batch_format.decode_records(data, topic, _partition, log.synced_offset):
                     self.power_lost_values.add(record.value)
 
-    def on_consumed(self, partition: int, offset: int, records: list) -> None:
-        """A consumer fetched ``records`` asking for ``offset``: no gap, no reordering."""
+    def on_consumed(self, partition: int, offset: int, records: list, member: int = 0) -> None:
+        """Consumer ``member`` fetched ``records`` asking for ``offset``: no gap, no reordering, within
+        the fetch and from the records it saw before (a member restarts only as a new member)."""
+        expected = self.consumer_next.get((member, partition))
+        if expected is not None and records[0].offset != expected:
+            raise Violation(f"consumer member {member} saw {TOPIC_NAME}/{partition} go from offset {expected - 1} "
+                            f"to {records[0].offset} (a gap or a repeat)")
+        self.consumer_next[(member, partition)] = records[-1].offset + 1
         if records[0].offset != offset:
             raise Violation(f"consumer asked {TOPIC_NAME}/{partition} for offset {offset} and got "
                             f"{records[0].offset} first (a gap)")

@@ -7,6 +7,7 @@ import pytest
 from meshq.core import metadata as metadata_module
 from meshq.core import partition as partition_module
 from meshq.core import replica as replica_module
+from meshq.core.client.consumer import ConsumerState
 from meshq.core.partitions import host as host_module
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
@@ -195,3 +196,18 @@ def test_checkers_catch_a_leader_that_counts_learners_towards_the_high_watermark
 
     monkeypatch.setattr(replica_module.Replica, "_advance_high_watermark", advance_with_learners)
     assert failing_seeds(moving_seeds(20)), "commits counted on learners went unnoticed"
+
+
+def test_checkers_catch_a_consumer_that_skips_records(monkeypatch):
+    # Broken variant: the consumer's position state moves its fetch position one record too far
+    # after each fetch. The consumer checker must see the gap between two fetches of a member.
+    original = ConsumerState.on_fetched
+
+    def skipping(self, spec, data):
+        records = original(self, spec, data)
+        if records:
+            self.fetch_positions[spec.partition] += 1
+        return records
+
+    monkeypatch.setattr(ConsumerState, "on_fetched", skipping)
+    assert failing_seeds(list(CI_SEEDS)[:10]), "a consumer skipping records went unnoticed"

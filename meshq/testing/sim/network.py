@@ -1,0 +1,132 @@
+"""The simulated network: every message between nodes goes through here.
+
+Theory of operation
+-------------------
+Each ``Send``/``Reply``/``Publish`` effect arrives as the frames the core encoded. The network
+finds the target — the node behind the endpoint the sender connected to, the requester of a
+reply, every node subscribed to the sender's publish endpoint, in node order — and queues a
+``deliver`` event for it after a latency drawn from ``FaultOptions.latency_s``, so messages
+overtake one another. While the run is in its fault phase a message may be dropped
+(``drop``) or delivered twice (``duplicate``). On delivery the frames are decoded with the
+real wire decoder into the event the target's core expects; a frame it rejects is reported
+to that core as invalid, as the real transport does.
+
+Partitions cut links in both directions, between one side and every other node (clients
+included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
+non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
+was already in flight when it was cut.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from meshq.core import wire
+from meshq.core.events import EventReceived, ReplyReceived, RequestReceived
+from meshq.errors import ProtocolError
+from meshq.testing.sim.options import CLUSTER
+
+if TYPE_CHECKING:
+    from meshq.testing.sim.node import SimNode
+    from meshq.testing.sim.simulation import Simulation
+
+
+class Network:
+    """The links between the simulation's nodes: routing, latency, loss, duplication and cuts."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self._by_endpoint: dict[str, str] = {}  # endpoint -> node id
+        self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
+
+    def attach(self, node: SimNode) -> None:
+        """Make the node reachable at its request and publish endpoints."""
+        self._by_endpoint[node.endpoint] = node.node_id
+        self._by_endpoint[node.pub_endpoint] = node.node_id
+
+    # ------------------------------------------------------------------ what cores send
+    def send(self, node: SimNode, peer: str, frames: list) -> None:
+        """A request over the node's connection to ``peer`` (none open: nothing is sent)."""
+        endpoint = node.connections.get(peer)
+        if endpoint is not None:
+            self._transmit(node.node_id, self._by_endpoint.get(endpoint), ("request", peer), frames)
+
+    def reply(self, node: SimNode, route: tuple[str, Any], frames: list) -> None:
+        """A reply to the node that sent the request ``route`` names."""
+        requester, peer_key = route
+        self._transmit(node.node_id, requester, ("reply", peer_key), frames)
+
+    def publish(self, node: SimNode, frames: list) -> None:
+        """An event to every other node subscribed to the node's publish endpoint."""
+        for other in sorted(self.sim.nodes.values(), key=lambda n: n.node_id):
+            if node.pub_endpoint in other.subscriptions and other.node_id != node.node_id:
+                self._transmit(node.node_id, other.node_id, ("event", None), frames)
+
+    def _transmit(self, source: str, target_endpoint_or_id: str | None, channel: tuple, frames: list) -> None:
+        sim = self.sim
+        if target_endpoint_or_id is None:
+            return
+        target = self._by_endpoint.get(target_endpoint_or_id, target_endpoint_or_id)
+        if target not in sim.nodes:
+            return
+        faults = sim.options.faults
+        if frozenset((source, target)) in self._cut:
+            sim.stats["dropped"] += 1
+            return
+        if sim.faulting and sim.rng.random() < faults.drop:
+            sim.stats["dropped"] += 1
+            return
+        copies = 2 if sim.faulting and sim.rng.random() < faults.duplicate else 1
+        sim.stats["duplicated"] += copies - 1
+        for _ in range(copies):
+            latency = sim.rng.uniform(*faults.latency_s)
+            sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
+
+    # ------------------------------------------------------------------ arrival
+    def deliver(self, source: str, target: str, channel: tuple, frames: list) -> None:
+        """A ``deliver`` event: decode the frames and hand them to the target's core, if it is up."""
+        sim = self.sim
+        node = sim.nodes[target]
+        if node.core is None:
+            return
+        if frozenset((source, target)) in self._cut:
+            sim.stats["dropped"] += 1
+            return
+        try:
+            if channel[0] == "request":
+                message = wire.decode(frames, CLUSTER)
+                event: Any = RequestReceived((source, channel[1]), message)
+            elif channel[0] == "reply":
+                message = wire.decode(frames, CLUSTER)
+                event = ReplyReceived(channel[1], message)
+            else:
+                event = EventReceived(wire.decode(frames, CLUSTER))
+        except ProtocolError as exc:
+            node.core.note_invalid_frame(exc)
+            return
+        sim.stats["delivered"] += 1
+        if sim.record_trace:
+            sim.log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
+        sim.feed(node, event)
+
+    # ------------------------------------------------------------------ partitions
+    @property
+    def partitioned(self) -> bool:
+        """Some link is cut."""
+        return bool(self._cut)
+
+    def partition(self, side: set[str]) -> None:
+        """Cut every link between a node in ``side`` and a node outside it."""
+        everyone = sorted(self.sim.nodes)
+        for a in everyone:
+            for b in everyone:
+                if a < b and ((a in side) != (b in side)):
+                    self._cut.add(frozenset((a, b)))
+
+    def bridge(self, a: str, b: str) -> None:
+        """Let the cut link between ``a`` and ``b`` carry messages again."""
+        self._cut.discard(frozenset((a, b)))
+
+    def heal(self) -> None:
+        """Every link carries messages again."""
+        self._cut.clear()

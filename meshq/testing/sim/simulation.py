@@ -1,0 +1,388 @@
+"""The simulation's root: it builds one run's nodes and collaborators and runs its event loop.
+
+Theory of operation
+-------------------
+``Simulation`` builds the nodes (``SimNode``: storage nodes n1..nN, joiners after them, clients
+c1..), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer`` and the
+``Checker``, all sharing its one ``random.Random(seed)``, its clock ``now_s`` and its queue.
+The queue is a heap of ``(time, sequence, kind, data)``: events at the same time run in the
+order they were queued. Each event is one of
+
+* ``deliver`` (the network hands a message to its target), ``timer`` (a core's next deadline),
+  ``input`` (a held-back input or a ``LogsSynced``), ``restart``, ``join`` — node and core;
+* ``fault``, ``outage`` — the fault injector; ``produce``, ``create_topic``, ``leave``,
+  ``consume`` — the clients; the periodic ones queue their next turn;
+* ``liveness`` — the fault phase ends: heal, resume and restart everything.
+
+Booting a node builds a fresh ``NodeCore`` with a random stream drawn from the run's and a
+wall clock offset by the node's clock jumps; ``_apply`` carries out its effects (messages to
+the network, sockets, fsyncs of the memory log, settling waiters) and arms its next timer. A
+core that reports it has left is stopped for good, as the runtime stops it.
+
+After every event the checkers look at the nodes whose core ran, and a reassign step that
+just committed gives the step nemesis its chance. Once the liveness phase has converged, the
+workload sends its probes; the run ends when they all succeed, or at ``fault_s +
+liveness_s``, with the checkers' history check.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import heapq
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from meshq.config import NodeConfig
+from meshq.core.events import (
+    Connect,
+    Disconnect,
+    Fail,
+    LogsSynced,
+    Publish,
+    Reply,
+    Resolve,
+    ResolveProduce,
+    Send,
+    Subscribe,
+    SyncLogs,
+    Unsubscribe,
+)
+from meshq.core.node import NodeCore
+from meshq.log.memory import MemoryStorage
+from meshq.testing.checks import Checker, Violation
+from meshq.testing.sim.faults import FaultInjector
+from meshq.testing.sim.network import Network
+from meshq.testing.sim.node import SimNode
+from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
+from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
+
+
+@dataclass
+class SimResult:
+    options: SimOptions
+    ok: bool
+    violations: list[Violation]
+    trace: list[str]
+    stats: dict[str, Any]
+
+    @property
+    def trace_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else f"FAILED ({len(self.violations)} violations)"
+        return f"seed {self.options.seed}: {verdict}; {self.stats}"
+
+
+class Simulation:
+    """One run: builds the nodes, network, fault injector, workload, consumer and checkers; ``run`` runs it."""
+
+    def __init__(self, options: SimOptions, record_trace: bool = True) -> None:
+        self.options = options
+        self.rng = random.Random(options.seed)
+        self.now_s = 0.0
+        self.queue: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.trace: list[str] = []
+        self.record_trace = record_trace
+        self.touched: set[str] = set()  # nodes whose core ran during the current event: the checkers look at them
+        self.faulting = True
+        self.stats = {"events": 0, "delivered": 0, "dropped": 0, "duplicated": 0, "kills": 0, "power": 0,
+                      "pauses": 0, "partitions": 0, "clock_jumps": 0, "bitflips": 0, "joins": 0, "leaves": 0,
+                      "outages": 0}
+        self.nodes: dict[str, SimNode] = {}
+        self.network = Network(self)
+        self.fault_injector = FaultInjector(self)
+        for node_id in options.storage_ids:
+            self._add_node(node_id, "storage")
+        for i in range(options.clients):
+            self._add_node(f"c{i + 1}", "client")
+        self.workload = Workload(self)
+        self.consumer = SimConsumer(self)
+        self.checker = Checker(self)
+
+    # ------------------------------------------------------------------ what the checkers read
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every value the clients produced, in order, with its outcome."""
+        return self.workload.attempts
+
+    @property
+    def pending_attempts(self) -> int:
+        """How many produced values have no outcome yet."""
+        return self.workload.pending_attempts
+
+    @property
+    def topic_creations(self) -> list[dict]:
+        """Every topic the clients tried to create, with its outcome."""
+        return self.workload.topic_creations
+
+    # ------------------------------------------------------------------ setup
+    def _add_node(self, node_id: str, role: str) -> None:
+        storage = MemoryStorage(segment_bytes=4096) if role == "storage" else None
+        node = SimNode(node_id, role, storage)
+        self.nodes[node_id] = node
+        self.network.attach(node)
+
+    def _config(self, node: SimNode) -> NodeConfig:
+        first = "n1"
+        seeds: tuple[str, ...] = () if node.node_id == first else (f"{first}:1",)
+        if node.node_id in self.options.storage_ids[self.options.nodes:]:
+            # A joiner is told of every first node, as an operator would list the cluster's
+            # nodes: with only n1, a joiner would wait for it forever if it left, and with a
+            # node that has not joined yet as its only seed, it could form a cluster of its own.
+            seeds = tuple(f"{n}:1" for n in self.options.storage_ids[:self.options.nodes])
+        return NodeConfig(cluster=CLUSTER, node_id=node.node_id, role=node.role,  # type: ignore[arg-type]
+                          data_dir="/sim" if node.role == "storage" else None, seeds=seeds, mdns=False,
+                          replication_factor=3, partitions=self.options.partitions,
+                          fsync=self.options.fsync,  # type: ignore[arg-type]
+                          request_timeout_s=2.0, member_timeout_s=self.options.member_timeout_s,
+                          retention_check_interval_s=5.0)
+
+    def _boot(self, node: SimNode) -> None:
+        node.connections.clear()
+        node.subscriptions.clear()
+        node.incarnation += 1
+        rng = random.Random(self.rng.getrandbits(64))
+        core = NodeCore(self._config(node), node.node_id, node.storage, rng,
+                        lambda n=node: int(self.now_s * 1000) + WALL_BASE_MS + n.wall_offset_ms)
+        node.core = core
+        self.touched.add(node.node_id)
+        if not node.booted and node.node_id in self.options.storage_ids[self.options.nodes:]:
+            self.stats["joins"] += 1
+            self.log(f"join {node.node_id}")
+        node.booted = True
+        self.log(f"boot {node.node_id}")
+        self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
+
+    # ------------------------------------------------------------------ event queue
+    def at(self, when_s: float, kind: str, data: Any) -> None:
+        """Queue an event at ``when_s``; events at the same time run in the order queued."""
+        self.seq += 1
+        heapq.heappush(self.queue, (when_s, self.seq, kind, data))
+
+    def log(self, text: str) -> None:
+        """Add a line, stamped with the simulated time, to the trace (if recorded)."""
+        if self.record_trace:
+            self.trace.append(f"{self.now_s:.6f} {text}")
+
+    def _arm_timer(self, node: SimNode) -> None:
+        if node.core is None:
+            return
+        deadline = node.core.next_deadline()
+        if deadline is not None and deadline < node.timer_at_s:
+            node.timer_at_s = deadline
+            self.at(max(deadline, self.now_s), "timer", (node.node_id, node.incarnation))
+
+    # ------------------------------------------------------------------ effects
+    def _apply(self, node: SimNode, effects: list) -> None:
+        for effect in effects:
+            kind = type(effect)
+            if kind is Send:
+                self.network.send(node, effect.peer, effect.frames)
+            elif kind is Reply:
+                self.network.reply(node, effect.route, effect.frames)
+            elif kind is Publish:
+                self.network.publish(node, effect.frames)
+            elif kind is Connect:
+                node.connections[effect.peer] = effect.endpoint
+            elif kind is Disconnect:
+                node.connections.pop(effect.peer, None)
+            elif kind is Subscribe:
+                node.subscriptions.add(effect.endpoint)
+            elif kind is Unsubscribe:
+                node.subscriptions.discard(effect.endpoint)
+            elif kind is SyncLogs:
+                assert node.core is not None
+                for key in sorted(effect.keys):
+                    state = node.core.partitions.get(key)
+                    if state is not None:
+                        state.log.sync()
+                self.at(self.now_s, "input", (node.node_id, node.incarnation, LogsSynced(effect.keys)))
+            elif kind is ResolveProduce:
+                effect.waiter.settle(effect.indexes, effect.records, effect.topic, effect.partition,
+                                     effect.base_offset, effect.error)
+            elif kind in (Resolve, Fail):
+                callback = effect.waiter
+                if callable(callback):
+                    callback(effect)
+            else:
+                raise AssertionError(f"unknown effect {effect!r}")
+        self._arm_timer(node)
+
+    def feed(self, node: SimNode, event: Any) -> None:
+        """Hand an input to a node's core (held back while it is paused) and carry out its effects."""
+        if node.core is None:
+            return
+        if node.paused_until_s > self.now_s:
+            self.at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
+            return
+        self.touched.add(node.node_id)
+        effects = node.core.handle(event, self.now_s)
+        self._apply(node, effects)
+        self._after_core(node)
+
+    def _after_core(self, node: SimNode) -> None:
+        """A node that has left stops at once, as the runtime stops it."""
+        if node.core is not None and node.core.has_left and not node.departed:
+            self._depart(node)
+
+    def _depart(self, node: SimNode) -> None:
+        """The node has left: stop it as the runtime does, for good."""
+        assert node.core is not None
+        self._apply(node, node.core.stop(self.now_s))
+        self.checker.before_crash(node, power=False)
+        node.core = None
+        node.timer_at_s = float("inf")
+        node.incarnation += 1  # whatever was queued for it is void
+        node.departed = True
+        self.stats["leaves"] += 1
+        self.log(f"left {node.node_id}: stopped for good")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> SimResult:
+        started = time.monotonic()
+        options = self.options
+        joiners = options.storage_ids[options.nodes:]
+        for node_id in sorted(self.nodes):
+            if node_id not in joiners:
+                self._boot(self.nodes[node_id])
+        fault_end = options.fault_s
+        end = fault_end + options.liveness_s
+        for node_id, when_s in zip(joiners, options.joins_s):
+            self.at(when_s, "join", node_id)
+        if options.leave is not None:
+            self.at(options.leave[1], "leave", None)
+        if options.outage is not None:
+            self.at(options.outage[1], "outage", None)
+        self.checker.after_event()
+        self.at(0.1, "fault", None)
+        self.at(1.0, "produce", None)
+        self.at(1.5, "create_topic", None)
+        self.at(2.0, "consume", None)
+        self.at(fault_end, "liveness", None)
+        violations: list[Violation] = []
+        while self.queue:
+            when, _seq, kind, data = heapq.heappop(self.queue)
+            if when > end:
+                break
+            self.now_s = when
+            self.stats["events"] += 1
+            if self.stats["events"] > options.max_events:
+                recent = sorted(collections.Counter(" ".join(line.split()[1:3]) for line in self.trace[-10_000:])
+                                .items(), key=lambda item: (-item[1], item[0]))[:3]
+                violations.append(Violation(f"runaway: more than {options.max_events} events by {self.now_s:.3f} s "
+                                            f"(a message storm?); lately most often: {recent}"))
+                break
+            self.touched.clear()
+            try:
+                self._event(kind, data, fault_end)
+                self.checker.after_event(self.touched)
+                if self.checker.new_steps:
+                    self.fault_injector.step_nemesis()
+            except Violation as violation:
+                violations.append(violation)
+                break
+            except Exception as exc:  # the core raised: always a bug, reported with the seed
+                import traceback
+
+                where = "".join(traceback.format_exception(exc)[-3:]).strip()
+                violations.append(Violation(f"the core raised {type(exc).__name__}: {exc}\n{where}"))
+                break
+            if self.checker.converged and self.workload.probes is None:
+                self.workload.send_probes()
+            if self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes):
+                break
+        probes = self.workload.probes
+        if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
+            failed = [a for a in probes if a.outcome != "ok"]
+            violations.append(Violation(f"liveness: {len(failed)} of {len(probes)} probe writes after "
+                                        f"convergence did not succeed ({failed[0].outcome}: {failed[0].error})"))
+        if not violations:
+            try:
+                self.checker.at_end(self.now_s >= end)
+            except Violation as violation:
+                violations.append(violation)
+        self.stats["sim_s"] = round(self.now_s, 3)
+        self.stats["wall_s"] = round(time.monotonic() - started, 3)
+        self.stats.update(self.checker.summary())
+        self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
+        self.stats["commits_acked"] = len(self.consumer.acked_commits)
+        self.stats["consumer_restarts"] = self.consumer.generation
+        return SimResult(options, not violations, violations, self.trace, self.stats)
+
+    def _event(self, kind: str, data: Any, fault_end: float) -> None:
+        if kind == "deliver":
+            self.network.deliver(*data)
+        elif kind == "timer":
+            node_id, incarnation = data
+            node = self.nodes[node_id]
+            if node.core is None or node.incarnation != incarnation:
+                return
+            node.timer_at_s = float("inf")
+            if node.paused_until_s > self.now_s:
+                self.at(node.paused_until_s, "timer", data)
+                node.timer_at_s = node.paused_until_s
+                return
+            self.touched.add(node_id)
+            self._apply(node, node.core.on_timer(self.now_s))
+            self._after_core(node)
+        elif kind == "input":
+            node_id, incarnation, event = data
+            node = self.nodes[node_id]
+            if node.incarnation == incarnation:
+                self.feed(node, event)
+        elif kind == "restart":
+            node_id, incarnation = data
+            node = self.nodes[node_id]
+            if (node.core is None and node.incarnation == incarnation and not node.departed
+                    and self.now_s >= node.down_until_s):
+                self._boot(node)
+        elif kind == "join":
+            node = self.nodes[data]
+            if not node.booted:
+                self._boot(node)
+        elif kind == "leave":
+            self.workload.leave_step()
+        elif kind == "outage":
+            self.fault_injector.start_outage()
+        elif kind == "fault":
+            if self.faulting:
+                self.fault_injector.step()
+                self.at(self.now_s + 0.1, "fault", None)
+        elif kind == "produce":
+            if self.now_s < fault_end:
+                self.workload.produce_step()
+                self.at(self.now_s + self.options.produce_interval_s, "produce", None)
+        elif kind == "consume":
+            if self.now_s < fault_end:
+                self.consumer.step()
+                self.at(self.now_s + 0.1, "consume", None)
+        elif kind == "create_topic":
+            if self.now_s < fault_end:
+                self.workload.create_topic_step()
+                self.at(self.now_s + self.rng.uniform(0.2, 0.8), "create_topic", None)
+        elif kind == "liveness":
+            self.faulting = False
+            self.network.heal()
+            self.log("liveness phase: heal all, resume all, restart all")
+            for node_id in sorted(self.nodes):
+                node = self.nodes[node_id]
+                node.paused_until_s = 0.0
+                node.down_until_s = 0.0
+                if node.core is None and not node.departed:
+                    self._boot(node)
+            self.checker.start_liveness(self.now_s)
+
+
+def run_seed(seed: int, swarm: bool = True, **overrides: Any) -> SimResult:
+    """Run one seed (swarm-drawn options unless ``swarm=False``). Core logging is silenced."""
+    logging.getLogger("meshq").setLevel(logging.CRITICAL)
+    options = SimOptions.swarm(seed) if swarm else SimOptions(seed=seed)
+    if overrides:
+        options = replace(options, **overrides)
+    return Simulation(options).run()
