@@ -12,12 +12,13 @@ the partition's record log and whose index is the record offset; the Raft term i
   epoch + 1. A vote goes only to a candidate whose log is at least as complete, compared as
   ``(last_epoch, end_offset)``. Epoch and vote are persisted before any reply depends on them.
 * **Epoch history instead of a no-op entry.** Every replica keeps ``history``: ascending
-  ``[epoch, start_offset]`` pairs (Kafka's leader-epoch cache, KIP-101). A new leader appends
-  ``[epoch, its end offset]`` — a zero-length marker standing where Raft would append a no-op.
-  A follower adopts the marker only once its log equals the leader's up to that offset. The
-  leader advances the high watermark only to offsets that a majority holds *at or past its own
-  marker* (Raft §5.4.2, "commit only entries of the current term"), so a record from an older
-  epoch is committed only once a majority also carries the newer epoch that protects it.
+  ``[epoch, start_offset]`` pairs (Kafka's leader-epoch cache, KIP-101; an ``EpochHistory``,
+  see ``meshq.core.epoch_history``). A new leader appends ``[epoch, its end offset]`` — a
+  zero-length marker standing where Raft would append a no-op. A follower adopts the marker
+  only once its log equals the leader's up to that offset. The leader advances the high
+  watermark only to offsets that a majority holds *at or past its own marker* (Raft §5.4.2,
+  "commit only entries of the current term"), so a record from an older epoch is committed
+  only once a majority also carries the newer epoch that protects it.
 * **Appends are checked and fenced.** ``repl_append`` carries the epoch, the offset and epoch
   of the record just before its batches, the leader's high watermark and epoch start. A
   follower refuses stale epochs (the stale leader learns the newer epoch from the refusal and
@@ -60,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshq.core import batch as batch_format
+from meshq.core.epoch_history import EpochHistory
 from meshq.errors import CorruptLogError, ProtocolError
 
 log = logging.getLogger("meshq.replica")
@@ -79,7 +81,6 @@ TRANSITIONS = {
 
 MAX_APPEND_BYTES = 1024 * 1024
 MAX_IN_FLIGHT = 8
-MAX_HISTORY = 512
 HW_SAVE_INTERVAL_S = 1.0
 LEASE_FRACTION = 0.75
 
@@ -140,7 +141,7 @@ class Replica:
         self.fsync_always = fsync_always
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
-        self.history: list[list[int]] = self._reconcile_history(persisted.get("history", []))
+        self.history = EpochHistory.reconcile(persisted.get("history", []), self.log.end_offset, state.batch_epochs)
         self.high_watermark: int = min(int(persisted.get("hw", 0)), self.log.end_offset)
         self.high_watermark = max(self.high_watermark, self.log.start_offset)
         self._saved_hw = self.high_watermark
@@ -162,32 +163,9 @@ class Replica:
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
-    def _reconcile_history(self, persisted: list) -> list[list[int]]:
-        """Merge the persisted history with what the log's batch headers show.
-
-        The log may have lost a tail (torn write, power loss) or hold batches whose epoch entry
-        was not saved yet: entries past the end are dropped, epochs seen in batches added.
-        """
-        end = self.log.end_offset
-        merged: dict[int, int] = {}
-        for entry in persisted:
-            epoch, start = int(entry[0]), int(entry[1])
-            if start <= end:
-                merged[epoch] = min(start, merged.get(epoch, start))
-        for epoch, start in self.state.batch_epochs:
-            merged[epoch] = min(start, merged.get(epoch, start))
-        history: list[list[int]] = []
-        for epoch in sorted(merged):
-            start = merged[epoch]
-            if history and start < history[-1][1]:
-                continue  # inconsistent leftover of a truncation; the batches are the truth
-            history.append([epoch, start])
-        return history
-
     def _persist(self) -> None:
-        if len(self.history) > MAX_HISTORY:
-            del self.history[: len(self.history) - MAX_HISTORY]
-        self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history,
+        self.history.trim()
+        self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history.entries,
                     "hw": self.high_watermark, "cv": self.config_version, "voters": self.replicas,
                     "learners": self.learners})
         self._saved_hw = self.high_watermark
@@ -211,25 +189,11 @@ class Replica:
 
     @property
     def last_epoch(self) -> int:
-        return self.history[-1][0] if self.history else 0
+        return self.history.last_epoch
 
     def epoch_at(self, offset: int) -> int:
         """Epoch of the leader that stored the record at ``offset`` (0 before any history)."""
-        epoch = 0
-        for entry_epoch, start in self.history:
-            if start > offset:
-                break
-            epoch = entry_epoch
-        return epoch
-
-    def _epoch_run_start(self, offset: int) -> int:
-        """First offset of the epoch run that holds ``offset``."""
-        run = 0
-        for _epoch, start in self.history:
-            if start > offset:
-                break
-            run = start
-        return run
+        return self.history.epoch_at(offset)
 
     def _own_match(self) -> int:
         # With fsync=always only what is on disk counts: a power loss cannot take it back.
@@ -482,8 +446,7 @@ class Replica:
         self.leader_since_s = now_s
         self.epoch_start = self.log.end_offset
         self._config_end = max(self._config_end, self.epoch_start)
-        if self.last_epoch < self.epoch:
-            self.history.append([self.epoch, self.epoch_start])
+        self.history.begin(self.epoch, self.epoch_start)
         self._persist()
         self.followers = {peer: FollowerProgress(self.epoch_start, last_contact_s=now_s)
                           for peer in self.members if peer != self.node_id}
@@ -575,7 +538,7 @@ class Replica:
         log.info("%s/%d: truncating from %d to %d (divergence with the leader of epoch %d)", self.topic,
                  self.partition, self.log.end_offset, offset, self.epoch)
         self.state.truncate(offset)
-        self.history = [entry for entry in self.history if entry[1] < offset]
+        self.history.truncate(offset)
         return True
 
     def _on_append(self, sender: str, body: dict, data: bytes, now_s: float) -> None:
@@ -601,7 +564,7 @@ class Replica:
             log.warning("%s/%d: the leader %s no longer has offsets %d..%d; restarting this copy at %d",
                         self.topic, self.partition, sender, end, prev, body["log_start"])
             self.state.restart_at(body["log_start"])
-            self.history = []
+            self.history.clear()
             self.high_watermark = max(self.high_watermark, self.log.start_offset)
             self._persist()
             end = self.log.end_offset
@@ -609,7 +572,7 @@ class Replica:
             self._reply_append(sender, False, -1, end)
             return
         if prev >= self.log.start_offset and self.epoch_at(prev) != body["prev_epoch"]:
-            hint = max(self._epoch_run_start(prev), self.high_watermark, self.log.start_offset)
+            hint = max(self.history.run_start(prev), self.high_watermark, self.log.start_offset)
             self._reply_append(sender, False, -1, min(hint, prev))
             return
         matched_end = prev + 1
@@ -627,18 +590,14 @@ class Replica:
                     if not self._truncate(header.base_offset):
                         return
                     history_changed = True
-                if self.last_epoch > header.leader_epoch:
+                if self.last_epoch > header.leader_epoch and self.history.truncate(header.base_offset):
                     # Markers of newer epochs that we adopted at this offset are not in the
                     # leader's log (it has an older epoch's batch here): they conflict with it.
-                    kept = [entry for entry in self.history if entry[1] < header.base_offset]
-                    if len(kept) != len(self.history):
-                        self.history = kept
-                        history_changed = True
+                    history_changed = True
                 batch = bytes(data[pos:pos + header.size])
                 self.state.append_replicated(batch, header, now_ms)
                 appended = True
-                if header.leader_epoch > self.last_epoch:
-                    self.history.append([header.leader_epoch, header.base_offset])
+                if self.history.begin(header.leader_epoch, header.base_offset):
                     history_changed = True
                 matched_end = header.next_offset
         except (CorruptLogError, ProtocolError) as exc:
@@ -650,7 +609,7 @@ class Replica:
             if self.log.end_offset > body["epoch_start"]:
                 if not self._truncate(body["epoch_start"]):
                     return
-            self.history.append([epoch, body["epoch_start"]])
+            self.history.begin(epoch, body["epoch_start"])
             history_changed = True
         if body["hw"] > self.high_watermark:
             self.high_watermark = max(self.high_watermark, min(body["hw"], matched_end))
