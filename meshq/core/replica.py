@@ -470,13 +470,6 @@ class Replica:
                 self._won(now_s, body["pre_vote"])
 
     # ------------------------------------------------------------------ follower
-    def _follow(self, epoch: int, leader: str, now_s: float) -> None:
-        if epoch > self.epoch or self.role != FOLLOWER:
-            self._step_down(epoch, now_s, leader)
-        if self.leader != leader:
-            self.leader = leader
-            self._on_change()
-
     def _truncate(self, offset: int) -> bool:
         """Cut the log back to ``offset`` (a divergence point); False if that would cut committed data."""
         if offset < self.high_watermark:
@@ -502,7 +495,12 @@ class Replica:
             log.error("%s/%d: two leaders in epoch %d (%s and %s)", self.topic, self.partition, epoch,
                       self.node_id, sender)
             return
-        self._follow(epoch, leader, now_s)
+        # The sender leads this epoch (or a newer one than ours): follow it.
+        if epoch > self.epoch or self.role != FOLLOWER:
+            self._step_down(epoch, now_s, leader)
+        if self.leader != leader:
+            self.leader = leader
+            self._on_change()
         self.last_leader_contact_s = now_s
         self._reset_election_timer(now_s)
         prev = body["prev_offset"]
@@ -622,11 +620,8 @@ class Replica:
         if resend and f.next_offset < self.log.end_offset:
             # (a follower behind our log start gets the log from its start: it restarts its copy there)
             self._replicate_to(sender, f, now_s)
-        self._on_change_if_all_waiters()
-
-    def _on_change_if_all_waiters(self) -> None:
         if self.state.waiting_for_all:
-            self._on_change()
+            self._on_change()  # an acks=all waiter may be complete now
 
     def _replicate_to(self, peer: str, f: FollowerProgress, now_s: float, heartbeat: bool = False) -> None:
         end = self.log.end_offset
