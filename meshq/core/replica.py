@@ -12,12 +12,13 @@ the partition's record log and whose index is the record offset; the Raft term i
   epoch + 1. A vote goes only to a candidate whose log is at least as complete, compared as
   ``(last_epoch, end_offset)``. Epoch and vote are persisted before any reply depends on them.
 * **Epoch history instead of a no-op entry.** Every replica keeps ``history``: ascending
-  ``[epoch, start_offset]`` pairs (Kafka's leader-epoch cache, KIP-101). A new leader appends
-  ``[epoch, its end offset]`` — a zero-length marker standing where Raft would append a no-op.
-  A follower adopts the marker only once its log equals the leader's up to that offset. The
-  leader advances the high watermark only to offsets that a majority holds *at or past its own
-  marker* (Raft §5.4.2, "commit only entries of the current term"), so a record from an older
-  epoch is committed only once a majority also carries the newer epoch that protects it.
+  ``[epoch, start_offset]`` pairs (Kafka's leader-epoch cache, KIP-101; an ``EpochHistory``,
+  see ``meshq.core.epoch_history``). A new leader appends ``[epoch, its end offset]`` — a
+  zero-length marker standing where Raft would append a no-op. A follower adopts the marker
+  only once its log equals the leader's up to that offset. The leader advances the high
+  watermark only to offsets that a majority holds *at or past its own marker* (Raft §5.4.2,
+  "commit only entries of the current term"), so a record from an older epoch is committed
+  only once a majority also carries the newer epoch that protects it.
 * **Appends are checked and fenced.** ``repl_append`` carries the epoch, the offset and epoch
   of the record just before its batches, the leader's high watermark and epoch start. A
   follower refuses stale epochs (the stale leader learns the newer epoch from the refusal and
@@ -29,7 +30,9 @@ the partition's record log and whose index is the record offset; the Raft term i
   was paused finds its lease expired on waking and acknowledges nothing.
 * **Replication is pipelined:** up to ``MAX_IN_FLIGHT`` appends per follower, each carrying
   whole batches (the batch bytes the leader stored, byte for byte). A lost append shows as a
-  mismatch or as silence; either resets the follower's position to what it acknowledged.
+  mismatch or as silence; either resets the follower's position to what it acknowledged. What
+  the leader knows of each follower, and who is in sync, caught up or in contact, is kept in
+  ``followers`` (``meshq.core.followers``).
 * **Preferred leader.** The first replica of the assignment (the ring owner) leads when it is
   up and caught up: a leader hands leadership to it (``repl_timeout_now``) once it has matched
   the whole log.
@@ -54,12 +57,12 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from meshq.core import batch as batch_format
+from meshq.core.epoch_history import EpochHistory
+from meshq.core.followers import FollowerProgress, Followers
 from meshq.errors import CorruptLogError, ProtocolError
 
 log = logging.getLogger("meshq.replica")
@@ -79,21 +82,8 @@ TRANSITIONS = {
 
 MAX_APPEND_BYTES = 1024 * 1024
 MAX_IN_FLIGHT = 8
-MAX_HISTORY = 512
 HW_SAVE_INTERVAL_S = 1.0
 LEASE_FRACTION = 0.75
-
-
-@dataclass(slots=True)
-class FollowerProgress:
-    """What the leader knows of one follower."""
-
-    next_offset: int
-    match_end: int = -1  # exclusive end of the prefix known to equal the leader's; -1: unknown
-    in_flight: int = 0
-    last_send_s: float = float("-inf")
-    last_contact_s: float = float("-inf")
-    cv: int = -1  # the highest configuration version the follower said it knows
 
 
 def persisted_name(topic: str, partition: int) -> str:
@@ -136,11 +126,10 @@ class Replica:
         self._wall_clock_ms = wall_clock_ms
         self.election_timeout_s = election_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.replica_lag_s = replica_lag_s
         self.fsync_always = fsync_always
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
-        self.history: list[list[int]] = self._reconcile_history(persisted.get("history", []))
+        self.history = EpochHistory.reconcile(persisted.get("history", []), self.log.end_offset, state.batch_epochs)
         self.high_watermark: int = min(int(persisted.get("hw", 0)), self.log.end_offset)
         self.high_watermark = max(self.high_watermark, self.log.start_offset)
         self._saved_hw = self.high_watermark
@@ -149,12 +138,11 @@ class Replica:
         self.leader: str | None = None
         self.leader_since_s = 0.0
         self.epoch_start = 0
-        self.followers: dict[str, FollowerProgress] = {}
+        self.followers = Followers(node_id, replica_lag_s)  # leader: progress of the other members
         self.votes: set[str] = set()
         self.election_deadline_s = float("inf")
         self.heartbeat_deadline_s = float("inf")
         self.last_leader_contact_s = float("-inf")
-        self._end_samples: deque = deque(maxlen=64)  # (time, own end): the in-sync yardstick
         # (leader, epoch, verified end) of an acknowledgement waiting for a local sync
         self._pending_ack: tuple[str, int, int] | None = None
         self._next_transfer_s = float("-inf")  # leader: no new hand-off attempt before this
@@ -162,32 +150,9 @@ class Replica:
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
-    def _reconcile_history(self, persisted: list) -> list[list[int]]:
-        """Merge the persisted history with what the log's batch headers show.
-
-        The log may have lost a tail (torn write, power loss) or hold batches whose epoch entry
-        was not saved yet: entries past the end are dropped, epochs seen in batches added.
-        """
-        end = self.log.end_offset
-        merged: dict[int, int] = {}
-        for entry in persisted:
-            epoch, start = int(entry[0]), int(entry[1])
-            if start <= end:
-                merged[epoch] = min(start, merged.get(epoch, start))
-        for epoch, start in self.state.batch_epochs:
-            merged[epoch] = min(start, merged.get(epoch, start))
-        history: list[list[int]] = []
-        for epoch in sorted(merged):
-            start = merged[epoch]
-            if history and start < history[-1][1]:
-                continue  # inconsistent leftover of a truncation; the batches are the truth
-            history.append([epoch, start])
-        return history
-
     def _persist(self) -> None:
-        if len(self.history) > MAX_HISTORY:
-            del self.history[: len(self.history) - MAX_HISTORY]
-        self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history,
+        self.history.trim()
+        self._save({"epoch": self.epoch, "voted_for": self.voted_for, "history": self.history.entries,
                     "hw": self.high_watermark, "cv": self.config_version, "voters": self.replicas,
                     "learners": self.learners})
         self._saved_hw = self.high_watermark
@@ -211,25 +176,11 @@ class Replica:
 
     @property
     def last_epoch(self) -> int:
-        return self.history[-1][0] if self.history else 0
+        return self.history.last_epoch
 
     def epoch_at(self, offset: int) -> int:
         """Epoch of the leader that stored the record at ``offset`` (0 before any history)."""
-        epoch = 0
-        for entry_epoch, start in self.history:
-            if start > offset:
-                break
-            epoch = entry_epoch
-        return epoch
-
-    def _epoch_run_start(self, offset: int) -> int:
-        """First offset of the epoch run that holds ``offset``."""
-        run = 0
-        for _epoch, start in self.history:
-            if start > offset:
-                break
-            run = start
-        return run
+        return self.history.epoch_at(offset)
 
     def _own_match(self) -> int:
         # With fsync=always only what is on disk counts: a power loss cannot take it back.
@@ -247,45 +198,21 @@ class Replica:
         """
         if self.role != LEADER or now_s < self._transfer_until_s:
             return False
-        return self._heard_from_majority(now_s, LEASE_FRACTION * self.election_timeout_s)
-
-    def _heard_from_majority(self, now_s: float, window_s: float) -> bool:
-        heard = 1 + sum(1 for peer, f in self.followers.items()
-                        if peer in self.replicas and now_s - f.last_contact_s <= window_s)
-        return heard >= self.quorum
+        return self.followers.heard_from_majority(now_s, LEASE_FRACTION * self.election_timeout_s,
+                                                  self.replicas, self.quorum)
 
     def in_sync(self, now_s: float) -> list[str]:
         """Replicas that hold (nearly) everything the leader holds; leader only, else []."""
         if self.role != LEADER:
             return []
-        yardstick = self._lagged_end(now_s)
-        members = [self.node_id]
-        for peer, f in sorted(self.followers.items()):
-            if (peer in self.replicas and now_s - f.last_contact_s <= self.replica_lag_s
-                    and f.match_end >= yardstick):
-                members.append(peer)
-        return sorted(members)
-
-    def _lagged_end(self, now_s: float) -> int:
-        """Own end offset as it was ``replica_lag_s`` ago (what an in-sync follower must have)."""
-        cutoff = now_s - self.replica_lag_s
-        yardstick = self.epoch_start
-        for sample_s, end in self._end_samples:
-            if sample_s > cutoff:
-                break
-            yardstick = max(yardstick, end)
-        return min(yardstick, self.log.end_offset)
+        return self.followers.in_sync(now_s, self.replicas, self.epoch_start, self.log.end_offset)
 
     def config_established(self) -> bool:
         """Leader only: a majority of the current voters said they know this configuration's
         version and hold the log up to where the leader adopted it (the gate for the next step)."""
         if self.role != LEADER:
             return False
-        count = 1 if self.node_id in self.replicas else 0
-        for peer, f in self.followers.items():
-            if peer in self.replicas and f.cv >= self.config_version and f.match_end >= self._config_end:
-                count += 1
-        return count >= self.quorum
+        return self.followers.established(self.replicas, self.config_version, self._config_end, self.quorum)
 
     def caught_up(self, now_s: float) -> set[str]:
         """Leader only: replicas (voters or learners) in contact within ``replica_lag_s`` that hold
@@ -293,16 +220,13 @@ class Replica:
         since a follower acknowledges only batches it verified and stored."""
         if self.role != LEADER:
             return set()
-        need = max(self.high_watermark, self._lagged_end(now_s))
-        return {self.node_id} | {peer for peer, f in self.followers.items()
-                                 if now_s - f.last_contact_s <= self.replica_lag_s and f.match_end >= need}
+        return self.followers.caught_up(now_s, self.high_watermark, self.epoch_start, self.log.end_offset)
 
     def in_contact(self, now_s: float) -> set[str]:
         """Leader only: replicas that answered within ``replica_lag_s``."""
         if self.role != LEADER:
             return set()
-        return {self.node_id} | {peer for peer, f in self.followers.items()
-                                 if now_s - f.last_contact_s <= self.replica_lag_s}
+        return self.followers.in_contact(now_s)
 
     def set_config(self, replicas: list[str], learners: list[str], version: int, now_s: float) -> None:
         """Adopt a newer agreed configuration (ignored if not newer)."""
@@ -313,15 +237,18 @@ class Replica:
         self._persist()  # before any message carries the new version
         if self.role == LEADER:
             if self.node_id not in self.replicas:
-                self._hand_over_and_step_down(now_s)
+                # Dropped from the voters: ask the most complete voter in contact to campaign at
+                # once (Raft's leadership transfer), then follow.
+                successor = self.followers.most_complete_voter(now_s, self.replicas)
+                if successor is not None:
+                    log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic,
+                             self.partition, self.node_id, successor)
+                    body = self._key_body(epoch=self.epoch, cv=self.config_version)
+                    self._send(successor, "repl_timeout_now", body, ())
+                self._step_down(self.epoch, now_s, None)
                 return
-            for peer in list(self.followers):
-                if peer not in self.members:
-                    del self.followers[peer]
-            for peer in self.members:
-                if peer != self.node_id and peer not in self.followers:
-                    self.followers[peer] = FollowerProgress(self.log.end_offset, last_contact_s=now_s)
-                    self._replicate_to(peer, self.followers[peer], now_s, heartbeat=True)
+            for peer in self.followers.track(self.members, self.log.end_offset, now_s):
+                self._replicate_to(peer, self.followers[peer], now_s, heartbeat=True)
             self._advance_high_watermark()
         elif self.role != FOLLOWER and self.node_id not in self.replicas:
             self._step_down(self.epoch, now_s, None)
@@ -330,17 +257,6 @@ class Replica:
         elif self.election_deadline_s == float("inf"):
             self._reset_election_timer(now_s)
         self._on_change()
-
-    def _hand_over_and_step_down(self, now_s: float) -> None:
-        """A leader dropped from the voters asks the most complete voter in contact to campaign
-        at once (Raft's leadership transfer), then follows."""
-        best = max(((f.match_end, peer) for peer, f in self.followers.items()
-                    if peer in self.replicas and now_s - f.last_contact_s <= self.replica_lag_s), default=None)
-        if best is not None:
-            log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic, self.partition,
-                     self.node_id, best[1])
-            self._send(best[1], "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
-        self._step_down(self.epoch, now_s, None)
 
     def reached(self, acks: str, needed: int, now_s: float) -> bool:
         """Whether a record ending at ``needed`` (exclusive) has reached ``acks``."""
@@ -398,8 +314,8 @@ class Replica:
             if now_s < self.heartbeat_deadline_s:
                 return
             self.heartbeat_deadline_s = now_s + self.heartbeat_interval_s
-            self._end_samples.append((now_s, self.log.end_offset))
-            if not self._heard_from_majority(now_s, 2 * self.election_timeout_s):
+            self.followers.sample_end(now_s, self.log.end_offset)
+            if not self.followers.heard_from_majority(now_s, 2 * self.election_timeout_s, self.replicas, self.quorum):
                 log.warning("%s/%d: leader %s of epoch %d lost contact with a majority of %s; stepping down",
                             self.topic, self.partition, self.node_id, self.epoch, self.replicas)
                 self._step_down(self.epoch, now_s, None)
@@ -482,13 +398,9 @@ class Replica:
         self.leader_since_s = now_s
         self.epoch_start = self.log.end_offset
         self._config_end = max(self._config_end, self.epoch_start)
-        if self.last_epoch < self.epoch:
-            self.history.append([self.epoch, self.epoch_start])
+        self.history.begin(self.epoch, self.epoch_start)
         self._persist()
-        self.followers = {peer: FollowerProgress(self.epoch_start, last_contact_s=now_s)
-                          for peer in self.members if peer != self.node_id}
-        self._end_samples.clear()
-        self._end_samples.append((now_s, self.epoch_start))
+        self.followers.start_epoch(self.members, self.epoch_start, now_s)
         log.info("%s/%d: %s leads epoch %d from offset %d (high watermark %d)", self.topic, self.partition,
                  self.node_id, self.epoch, self.epoch_start, self.high_watermark)
         if self.fsync_always and self.log.synced_offset < self.log.end_offset:
@@ -558,13 +470,6 @@ class Replica:
                 self._won(now_s, body["pre_vote"])
 
     # ------------------------------------------------------------------ follower
-    def _follow(self, epoch: int, leader: str, now_s: float) -> None:
-        if epoch > self.epoch or self.role != FOLLOWER:
-            self._step_down(epoch, now_s, leader)
-        if self.leader != leader:
-            self.leader = leader
-            self._on_change()
-
     def _truncate(self, offset: int) -> bool:
         """Cut the log back to ``offset`` (a divergence point); False if that would cut committed data."""
         if offset < self.high_watermark:
@@ -575,7 +480,7 @@ class Replica:
         log.info("%s/%d: truncating from %d to %d (divergence with the leader of epoch %d)", self.topic,
                  self.partition, self.log.end_offset, offset, self.epoch)
         self.state.truncate(offset)
-        self.history = [entry for entry in self.history if entry[1] < offset]
+        self.history.truncate(offset)
         return True
 
     def _on_append(self, sender: str, body: dict, data: bytes, now_s: float) -> None:
@@ -590,7 +495,12 @@ class Replica:
             log.error("%s/%d: two leaders in epoch %d (%s and %s)", self.topic, self.partition, epoch,
                       self.node_id, sender)
             return
-        self._follow(epoch, leader, now_s)
+        # The sender leads this epoch (or a newer one than ours): follow it.
+        if epoch > self.epoch or self.role != FOLLOWER:
+            self._step_down(epoch, now_s, leader)
+        if self.leader != leader:
+            self.leader = leader
+            self._on_change()
         self.last_leader_contact_s = now_s
         self._reset_election_timer(now_s)
         prev = body["prev_offset"]
@@ -601,7 +511,7 @@ class Replica:
             log.warning("%s/%d: the leader %s no longer has offsets %d..%d; restarting this copy at %d",
                         self.topic, self.partition, sender, end, prev, body["log_start"])
             self.state.restart_at(body["log_start"])
-            self.history = []
+            self.history.clear()
             self.high_watermark = max(self.high_watermark, self.log.start_offset)
             self._persist()
             end = self.log.end_offset
@@ -609,7 +519,7 @@ class Replica:
             self._reply_append(sender, False, -1, end)
             return
         if prev >= self.log.start_offset and self.epoch_at(prev) != body["prev_epoch"]:
-            hint = max(self._epoch_run_start(prev), self.high_watermark, self.log.start_offset)
+            hint = max(self.history.run_start(prev), self.high_watermark, self.log.start_offset)
             self._reply_append(sender, False, -1, min(hint, prev))
             return
         matched_end = prev + 1
@@ -627,18 +537,14 @@ class Replica:
                     if not self._truncate(header.base_offset):
                         return
                     history_changed = True
-                if self.last_epoch > header.leader_epoch:
+                if self.last_epoch > header.leader_epoch and self.history.truncate(header.base_offset):
                     # Markers of newer epochs that we adopted at this offset are not in the
                     # leader's log (it has an older epoch's batch here): they conflict with it.
-                    kept = [entry for entry in self.history if entry[1] < header.base_offset]
-                    if len(kept) != len(self.history):
-                        self.history = kept
-                        history_changed = True
+                    history_changed = True
                 batch = bytes(data[pos:pos + header.size])
                 self.state.append_replicated(batch, header, now_ms)
                 appended = True
-                if header.leader_epoch > self.last_epoch:
-                    self.history.append([header.leader_epoch, header.base_offset])
+                if self.history.begin(header.leader_epoch, header.base_offset):
                     history_changed = True
                 matched_end = header.next_offset
         except (CorruptLogError, ProtocolError) as exc:
@@ -650,7 +556,7 @@ class Replica:
             if self.log.end_offset > body["epoch_start"]:
                 if not self._truncate(body["epoch_start"]):
                     return
-            self.history.append([epoch, body["epoch_start"]])
+            self.history.begin(epoch, body["epoch_start"])
             history_changed = True
         if body["hw"] > self.high_watermark:
             self.high_watermark = max(self.high_watermark, min(body["hw"], matched_end))
@@ -702,34 +608,20 @@ class Replica:
         f = self.followers.get(sender)
         if f is None or body["cv"] > self.config_version:
             return  # a follower that knows a newer configuration does not count for this one
-        f.cv = max(f.cv, body["cv"])
-        f.last_contact_s = now_s
-        f.in_flight = max(0, f.in_flight - 1)
+        f.answered(body["cv"], now_s)
         resend = True
         if body["ok"]:
-            if body["match_end"] > f.match_end:
-                f.match_end = min(body["match_end"], self.log.end_offset)
-            if f.next_offset < f.match_end:
-                f.next_offset = f.match_end
+            f.matched(body["match_end"], self.log.end_offset)
             self._advance_high_watermark()
         else:
-            # The hint is where the follower's log ends or where its diverging epoch run starts:
-            # it only decreases while the logs disagree, so this converges on the match point.
-            before = f.next_offset
-            f.next_offset = min(f.next_offset, body["hint"])
-            f.match_end = min(f.match_end, f.next_offset)
-            f.in_flight = 0
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
-            resend = f.next_offset < before
+            resend = f.refused(body["hint"])
         if resend and f.next_offset < self.log.end_offset:
             # (a follower behind our log start gets the log from its start: it restarts its copy there)
             self._replicate_to(sender, f, now_s)
-        self._on_change_if_all_waiters()
-
-    def _on_change_if_all_waiters(self) -> None:
         if self.state.waiting_for_all:
-            self._on_change()
+            self._on_change()  # an acks=all waiter may be complete now
 
     def _replicate_to(self, peer: str, f: FollowerProgress, now_s: float, heartbeat: bool = False) -> None:
         end = self.log.end_offset
