@@ -279,6 +279,23 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class _StopRequest:
+    """SIGINT/SIGTERM asked the node command to stop.
+
+    The handler only assigns an attribute. A Python signal handler runs in the main thread between two
+    bytecodes of whatever it was doing; one that calls ``threading.Event.set`` while the main thread is
+    inside ``wait`` on that same event (between taking the event's lock and releasing it, or after taking
+    it back) blocks on a lock its own thread holds, and the process hangs for good (cpython#126434 is the
+    same trap with multiprocessing.Event).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
@@ -294,16 +311,16 @@ def cmd_node(args: argparse.Namespace) -> int:
                 mdns=not args.no_mdns, interfaces=_interfaces(args), role="storage",
                 replication_factor=args.replication_factor, partitions=args.partitions,
                 node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, **options)
-    stop = threading.Event()
+    stop = _StopRequest()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stop.handler)
     node.start()
     node_id = node.node_id
     print(json.dumps({"event": "ready", "node_id": node_id, "address": node.address,
                       "cluster": args.cluster}), flush=True)
     try:
-        while not stop.wait(0.2) and not node.has_left:
-            pass
+        while not stop.requested and not node.has_left:
+            time.sleep(0.1)  # a stop request is seen within 0.1 s
     finally:
         if not node.has_left:
             log.info("stopping node %s", node_id)
