@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -402,14 +401,14 @@ def cmd_consume(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "WARNING")
     node = _client(args)
     printed = 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _StopRequest()
+    signal.signal(signal.SIGTERM, stop.handler)
     consumer = None
     try:
         consumer = node.consumer(args.topic, group=args.group, start=args.start, auto_commit=False)
         idle_since = time.monotonic()
         out = sys.stdout.buffer
-        while not stop.is_set():
+        while not stop.requested:
             if args.max is not None and printed >= args.max:
                 break
             wait = 0.5 if args.timeout is None else max(0.0, min(0.5, idle_since + args.timeout - time.monotonic()))
