@@ -278,6 +278,12 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+# How long `meshq node` waits for its runtime thread to finish after SIGTERM (last iteration, goodbye, final
+# fsyncs: milliseconds when idle, seconds at worst on a busy disk). A service manager's own stop timeout
+# (systemd: 90 s) is the outer bound; a node that needs longer exits with EXIT_FAILED, not 0.
+_NODE_STOP_TIMEOUT_S = 30.0
+
+
 class _StopRequest:
     """SIGINT/SIGTERM asked the node command to stop.
 
@@ -323,7 +329,13 @@ def cmd_node(args: argparse.Namespace) -> int:
     finally:
         if not node.has_left:
             log.info("stopping node %s", node_id)
-        node.stop()
+        stopping_s = time.monotonic()
+        node.stop(timeout=_NODE_STOP_TIMEOUT_S)
+    if node.runtime is not None and node.runtime.running:
+        log.error("node %s: the runtime thread was still running %.0f s after the stop began; its last fsyncs may "
+                  "not have run (exiting with code %d)", node_id, time.monotonic() - stopping_s, EXIT_FAILED)
+        return EXIT_FAILED
+    log.info("node %s stopped in %.2f s", node_id, time.monotonic() - stopping_s)
     if node.has_left:
         log.info("node %s left cluster %r for good (meshq leave): its partitions moved to the other members and "
                  "their copies here are deleted; exiting", node_id, args.cluster)
