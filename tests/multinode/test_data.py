@@ -39,7 +39,7 @@ def client(mesh, node) -> meshq.Node:
     """
     c = meshq.Node(cluster=mesh.cluster, role="client", seeds=[node.seed], mdns=False).start()
     try:
-        c.wait_ready(timeout=10)
+        c.wait_ready(timeout=30)
     except BaseException:
         c.stop()
         raise

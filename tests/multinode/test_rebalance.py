@@ -79,7 +79,7 @@ class RebalanceRun:
         wait_agreement(self.nodes, timeout_s=40)
         self.client = meshq.Node(cluster=self.mesh.cluster, role="client", seeds=[n.seed for n in self.nodes],
                                  mdns=False).start()
-        self.client.wait_ready(timeout=10)
+        self.client.wait_ready(timeout=30)
         config = self.client.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=REPLICATION_FACTOR)
         assert (config.partitions, config.replication_factor) == (PARTITIONS, REPLICATION_FACTOR)
         self.wait_placement(self.nodes, 30, "the new topic")

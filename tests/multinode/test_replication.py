@@ -105,7 +105,7 @@ class FaultRun:
         wait_agreement(self.nodes, timeout_s=40)
         self.client = meshq.Node(cluster=self.mesh.cluster, role="client", seeds=[n.seed for n in self.nodes],
                                  mdns=False).start()
-        self.client.wait_ready(timeout=10)
+        self.client.wait_ready(timeout=30)
         config = self.client.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=3)
         assert (config.partitions, config.replication_factor) == (PARTITIONS, 3)
         wait_replication_settled(self.nodes, TOPIC, timeout_s=30)
@@ -124,7 +124,7 @@ class FaultRun:
         """Another client, seeded with ``seed`` only, and a synchronous writer per partition on it (started)."""
         client = meshq.Node(cluster=self.mesh.cluster, role="client", seeds=[seed.seed], mdns=False).start()
         self.extra_clients.append(client)
-        client.wait_ready(timeout=10)
+        client.wait_ready(timeout=30)
         writers = [SyncWriter(client, TOPIC, f"{self.name}-{label}-p{p}", self.log, partition=p) for p in partitions]
         self.writers.extend(writers)
         for writer in writers:
