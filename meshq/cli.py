@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -279,6 +278,29 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+# How long `meshq node` waits for its runtime thread to finish after SIGTERM (last iteration, goodbye, final
+# fsyncs: milliseconds when idle, seconds at worst on a busy disk). A service manager's own stop timeout
+# (systemd: 90 s) is the outer bound; a node that needs longer exits with EXIT_FAILED, not 0.
+_NODE_STOP_TIMEOUT_S = 30.0
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM asked the node command to stop.
+
+    The handler only assigns an attribute. A Python signal handler runs in the main thread between two
+    bytecodes of whatever it was doing; one that calls ``threading.Event.set`` while the main thread is
+    inside ``wait`` on that same event (between taking the event's lock and releasing it, or after taking
+    it back) blocks on a lock its own thread holds, and the process hangs for good (cpython#126434 is the
+    same trap with multiprocessing.Event).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
@@ -294,20 +316,26 @@ def cmd_node(args: argparse.Namespace) -> int:
                 mdns=not args.no_mdns, interfaces=_interfaces(args), role="storage",
                 replication_factor=args.replication_factor, partitions=args.partitions,
                 node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, **options)
-    stop = threading.Event()
+    stop = _StopRequest()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stop.handler)
     node.start()
     node_id = node.node_id
     print(json.dumps({"event": "ready", "node_id": node_id, "address": node.address,
                       "cluster": args.cluster}), flush=True)
     try:
-        while not stop.wait(0.2) and not node.has_left:
-            pass
+        while not stop.requested and not node.has_left:
+            time.sleep(0.1)  # a stop request is seen within 0.1 s
     finally:
         if not node.has_left:
             log.info("stopping node %s", node_id)
-        node.stop()
+        stopping_s = time.monotonic()
+        node.stop(timeout=_NODE_STOP_TIMEOUT_S)
+    if node.runtime is not None and node.runtime.running:
+        log.error("node %s: the runtime thread was still running %.0f s after the stop began; its last fsyncs may "
+                  "not have run (exiting with code %d)", node_id, time.monotonic() - stopping_s, EXIT_FAILED)
+        return EXIT_FAILED
+    log.info("node %s stopped in %.2f s", node_id, time.monotonic() - stopping_s)
     if node.has_left:
         log.info("node %s left cluster %r for good (meshq leave): its partitions moved to the other members and "
                  "their copies here are deleted; exiting", node_id, args.cluster)
@@ -385,14 +413,14 @@ def cmd_consume(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "WARNING")
     node = _client(args)
     printed = 0
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _StopRequest()
+    signal.signal(signal.SIGTERM, stop.handler)
     consumer = None
     try:
         consumer = node.consumer(args.topic, group=args.group, start=args.start, auto_commit=False)
         idle_since = time.monotonic()
         out = sys.stdout.buffer
-        while not stop.is_set():
+        while not stop.requested:
             if args.max is not None and printed >= args.max:
                 break
             wait = 0.5 if args.timeout is None else max(0.0, min(0.5, idle_since + args.timeout - time.monotonic()))

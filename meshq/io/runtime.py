@@ -133,6 +133,11 @@ class Runtime:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    @property
+    def running(self) -> bool:
+        """The runtime thread is still alive (e.g. ``stop``'s join timed out during its last fsyncs)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ------------------------------------------------------------------ runtime thread
     def _bind(self) -> None:
         config = self.core.config

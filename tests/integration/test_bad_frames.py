@@ -34,12 +34,14 @@ from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.errors import ProtocolError
 from tests.core.test_wire import EXAMPLES as WIRE_EXAMPLES
+from tests.procs import TIME_SCALE
 
 pytestmark = pytest.mark.timeout(60)
 
 CLUSTER = "default"
 MAX_FRAME_BYTES = 1024 * 1024
 BATCH_MAX_BYTES = 64 * 1024  # the node refuses batches above twice this
+STOP_JOIN_S = 30.0 * TIME_SCALE  # a stopped node's runtime thread ends in milliseconds; a loaded CI machine needs slack
 TOPIC = "base"
 REPLY_TIMEOUT_MS = 5000
 
@@ -53,9 +55,9 @@ def start_node(data_dir: Any, **options: Any) -> meshq.Node:
 
 def stop_node(node: meshq.Node) -> None:
     name = f"meshq-{node.core.node_id}" if node.core is not None else None
-    node.stop(timeout=3.0)
+    node.stop(timeout=STOP_JOIN_S)  # returns as soon as the runtime thread ended
     leaked = [t.name for t in threading.enumerate() if t.name == name and t.is_alive()]
-    assert not leaked, f"runtime thread still running after stop: {leaked}"
+    assert not leaked, f"runtime thread still running {STOP_JOIN_S:.0f} s after stop: {leaked}"
 
 
 @pytest.fixture

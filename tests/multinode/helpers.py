@@ -18,7 +18,7 @@ from meshq.core.hashing import partition_for_key
 from meshq.errors import MeshqError
 from meshq.log.segmented import SegmentedLog
 from tests.multinode.probe import try_node_status
-from tests.procs import NodeProcess
+from tests.procs import REAP_DEADLINE_S, START_DEADLINE_S, NodeProcess
 
 # (test node id, label, seconds): measurements printed in the terminal summary by the conftests
 TIMINGS: list[tuple[str, str, float]] = []
@@ -93,10 +93,14 @@ def start_all(nodes: list[NodeProcess]) -> None:
     threads = [threading.Thread(target=run, args=(node,), name=f"start-{node.port}") for node in nodes]
     for thread in threads:
         thread.start()
+    # each start ends by itself within its own deadline (ready line, or killed and reaped): this is a backstop
+    deadline = time.monotonic() + START_DEADLINE_S + 2 * REAP_DEADLINE_S
     for thread in threads:
-        thread.join(60)
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
     if errors:
         raise errors[0]
+    assert not stuck, f"starting nodes still under way {START_DEADLINE_S + 2 * REAP_DEADLINE_S:.0f} s later: {stuck}"
 
 
 def node_id(node: NodeProcess) -> str:
@@ -578,6 +582,18 @@ def wait_partition_acks(log: WriteLog, nodes: list[NodeProcess], topic: str, par
                              f"last error {log.last_error()!r}\n{describe_partitions(nodes, topic)}") from None
 
 
+def stop_cleanly(nodes: list[NodeProcess]) -> list[str]:
+    """SIGTERM each node in turn and wait until it exits by itself (``NodeProcess.stop``: a deadline sized for a
+    loaded machine); one problem per node that did not exit with code 0, saying how long it was given."""
+    problems = []
+    for node in nodes:
+        result = node.stop()
+        if not result.clean:
+            problems.append(f"node {node_id(node)} did not stop cleanly: {result}; end of its log:\n"
+                            f"{node.log_text()[-3000:]}")
+    return problems
+
+
 def stop_writers(writers: list[Any], join_s: float = 60.0, check: bool = True) -> None:
     """Stop the writer threads and wait for them; with ``check``, fail if one is still blocked."""
     for writer in writers:
@@ -663,8 +679,7 @@ def check_topic_after_writes(client: Any, nodes: list[NodeProcess], topic: str, 
     records = drain(client, topic, high_watermarks, timeout_s=60)
     check = check_writes(attempts, log.produced, records, high_watermarks)
     problems = check.problems()
-    exit_codes = {node_id(n): n.stop() for n in nodes}  # SIGTERM: a clean stop flushes and exits 0
-    problems += [f"node {nid} did not stop cleanly (exit code {code})" for nid, code in exit_codes.items() if code != 0]
+    problems += stop_cleanly(nodes)  # SIGTERM: a clean stop flushes and exits 0
     logs, replica_problems = check_replicas_identical({node_id(n): n.data_dir for n in nodes}, topic, state)
     problems += replica_problems
     problems += check_logs_hold_records(logs, topic, records, high_watermarks)

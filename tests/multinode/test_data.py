@@ -25,6 +25,7 @@ from tests.multinode.helpers import (
     member_states,
     node_id,
     start_all,
+    stop_cleanly,
     view,
     wait_agreement,
     wait_until,
@@ -38,7 +39,7 @@ def client(mesh, node) -> meshq.Node:
     """
     c = meshq.Node(cluster=mesh.cluster, role="client", seeds=[node.seed], mdns=False).start()
     try:
-        c.wait_ready(timeout=10)
+        c.wait_ready(timeout=30)
     except BaseException:
         c.stop()
         raise
@@ -161,8 +162,8 @@ def test_topic_configuration_is_agreed_everywhere_and_survives_restarting_every_
     assert reference["mn-ledger"][0]["retention_ms"] is None
     assert reference["mn-auto"][0]["partitions"] == 8 and reference["mn-auto"][0]["replication_factor"] == 3
 
-    for node in nodes:  # SIGTERM each; a clean stop exits 0
-        assert node.stop() == 0, f"{node.seed} did not stop cleanly:\n{node.log_text()[-2000:]}"
+    problems = stop_cleanly(nodes)  # SIGTERM each; a clean stop exits 0
+    assert not problems, "\n".join(problems)
     started = time.monotonic()
     start_all(nodes)  # same data directories, same ports
     assert [node_id(n) for n in nodes] == ids_before, "a restarted node must keep its id"

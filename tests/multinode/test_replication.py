@@ -58,6 +58,7 @@ from tests.multinode.helpers import (
     partitions_of,
     read_replica_log,
     replication_state,
+    stop_cleanly,
     stop_writers,
     view,
     wait_agreement,
@@ -104,7 +105,7 @@ class FaultRun:
         wait_agreement(self.nodes, timeout_s=40)
         self.client = meshq.Node(cluster=self.mesh.cluster, role="client", seeds=[n.seed for n in self.nodes],
                                  mdns=False).start()
-        self.client.wait_ready(timeout=10)
+        self.client.wait_ready(timeout=30)
         config = self.client.create_topic(TOPIC, partitions=PARTITIONS, replication_factor=3)
         assert (config.partitions, config.replication_factor) == (PARTITIONS, 3)
         wait_replication_settled(self.nodes, TOPIC, timeout_s=30)
@@ -123,7 +124,7 @@ class FaultRun:
         """Another client, seeded with ``seed`` only, and a synchronous writer per partition on it (started)."""
         client = meshq.Node(cluster=self.mesh.cluster, role="client", seeds=[seed.seed], mdns=False).start()
         self.extra_clients.append(client)
-        client.wait_ready(timeout=10)
+        client.wait_ready(timeout=30)
         writers = [SyncWriter(client, TOPIC, f"{self.name}-{label}-p{p}", self.log, partition=p) for p in partitions]
         self.writers.extend(writers)
         for writer in writers:
@@ -203,9 +204,7 @@ class FaultRun:
         check = check_writes(attempts, self.log.produced, records, high_watermarks)
         problems = check.problems()
 
-        exit_codes = {node_id(n): n.stop() for n in self.nodes}  # SIGTERM: a clean stop flushes and exits 0
-        problems += [f"node {nid} did not stop cleanly (exit code {code})" for nid, code in exit_codes.items()
-                     if code != 0]
+        problems += stop_cleanly(self.nodes)  # SIGTERM: a clean stop flushes and exits 0
         logs, replica_problems = check_replicas_identical({node_id(n): n.data_dir for n in self.nodes}, TOPIC, state)
         problems += replica_problems
         problems += check_logs_hold_records(logs, TOPIC, records, high_watermarks)
@@ -345,7 +344,8 @@ def test_torn_tail_in_a_replica_segment_is_cut_and_the_replica_catches_up(fault_
     victim = run.a_follower_of(0)
     led = run.led_by(victim)
     run.fault(led or [0])
-    assert victim.stop() == 0, f"the follower did not stop cleanly:\n{victim.log_text()[-2000:]}"
+    stopped = victim.stop()
+    assert stopped.clean, f"the follower did not stop cleanly: {stopped}\n{victim.log_text()[-2000:]}"
     torn = {0: append_torn_tail(victim.data_dir, TOPIC, 0, run.rng, "partial"),
             1: append_torn_tail(victim.data_dir, TOPIC, 1, run.rng, "garbage")}
     log_before = len(victim.log_text())

@@ -21,18 +21,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from typing import Any
 
-from tests.procs import end_process, read_log
+from tests.procs import REAP_DEADLINE_S, START_DEADLINE_S, STOP_DEADLINE_S, Exit, end_process, read_log, read_ready_line
+from tests.procs import child_env as python_child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODE_PORT = 7100
@@ -52,7 +51,7 @@ def netns_names() -> set[str]:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = python_child_env()
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     for name in ("MESHQ_SEEDS", "MESHQ_INTERFACES", "MESHQ_CLUSTER"):
@@ -98,24 +97,18 @@ class NsNode:
     def node_id(self) -> str:
         return self.ready["node_id"]
 
-    def start(self, timeout_s: float = 30.0) -> NsNode:
+    def start(self, timeout_s: float = START_DEADLINE_S) -> NsNode:
         command = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "meshq", "node",
                    "--data", self.data_dir, "--host", self.host.address, "--port", str(self.port),
                    "--interface", self.host.address, "--cluster", self.cluster]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                             cwd=REPO, env=child_env())
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        line = b""
-        while time.monotonic() < deadline and self.process.poll() is None:
-            readable, _, _ = select.select([self.process.stdout], [], [], 0.2)
-            if readable:
-                line = self.process.stdout.readline()
-                break
+        line, problem = read_ready_line(self.process, timeout_s)
         if not line.startswith(b"{"):
             self.kill()
-            raise RuntimeError(f"node in {self.host.netns} did not become ready: {line!r}\n{self.log_text()[-3000:]}")
+            raise RuntimeError(f"node in {self.host.netns} did not become ready: {problem or repr(line)}\n"
+                               f"{self.log_text()[-3000:]}")
         self.ready = json.loads(line)
         return self
 
@@ -125,8 +118,8 @@ class NsNode:
     def kill(self) -> None:
         end_process(self.process, graceful=False)
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM (a clean stop), SIGKILL as a last resort; returns the exit code."""
+    def stop(self, timeout_s: float = STOP_DEADLINE_S) -> Exit:
+        """SIGTERM (a clean stop) and wait until it exits by itself (at most ``timeout_s``: see ``end_process``)."""
         return end_process(self.process, timeout_s)
 
 
@@ -189,7 +182,7 @@ class NsWriter:
             raise AssertionError(f"writer {self.name} did not stop within {timeout_s} s:\n"
                                  f"{self.log_text()[-3000:]}") from None
         if self._reader is not None:
-            self._reader.join(10)
+            self._reader.join(REAP_DEADLINE_S)  # it ends at the end of the (exited) writer's output
         if self.process.returncode != 0 or self.done is None:
             raise AssertionError(f"writer {self.name} exited {self.process.returncode}:\n{self.log_text()[-3000:]}")
         return self.done
