@@ -196,7 +196,12 @@ class Node:
                 self._metrics.shutdown()
                 self._metrics.server_close()
             self.runtime.stop(timeout)
-            if self.storage is not None:
+            if self.runtime.running:
+                # Closing the logs under a thread that may still write them could lose what it
+                # writes: leave them (and the data directory's lock) to the process's exit.
+                log.error("node %s: the runtime thread did not stop within %.0f s; its data directory stays "
+                          "open until it does (or the process exits)", self.core.node_id if self.core else "?", timeout)
+            elif self.storage is not None:
                 self.storage.close()
 
     def _after_leaving(self) -> None:

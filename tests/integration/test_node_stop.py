@@ -60,3 +60,23 @@ def test_a_child_that_exits_with_an_error_is_not_clean(tmp_path):
     ended = end_process(process, already_asked=True)
     assert not ended.clean and not ended.hung and ended.code == 3
     assert str(ended).startswith("exited with code 3 "), str(ended)
+
+
+def test_node_stop_leaves_storage_open_while_its_runtime_thread_still_runs(tmp_path, monkeypatch, caplog):
+    # A runtime thread that outlives stop()'s timeout may still write its logs: stop() must not
+    # close them under it. Simulated by a runtime whose stop returns at once while the thread runs.
+    import meshq
+    from meshq.io.runtime import Runtime
+
+    node = meshq.Node(cluster="stop", data_dir=tmp_path / "d", mdns=False).start()
+    runtime, storage = node.runtime, node.storage
+    closed: list[bool] = []
+    monkeypatch.setattr(storage, "close", lambda: closed.append(True))
+    real_stop = Runtime.stop
+    monkeypatch.setattr(runtime, "stop", lambda timeout=None: None)
+    with caplog.at_level("ERROR", logger="meshq.node"):
+        node.stop(timeout=0.1)
+    assert not closed and "did not stop within" in caplog.text
+    real_stop(runtime, 10.0)  # clean up: the thread really stops now
+    monkeypatch.undo()
+    storage.close()
