@@ -46,7 +46,7 @@ def _time_scale() -> float:
 TIME_SCALE = _time_scale()
 START_DEADLINE_S = 60.0 * TIME_SCALE  # `meshq node` started -> its ready line (imports, log recovery, binding)
 # SIGTERM -> the process exited by itself. Longer than the 30 s `meshq node` gives its runtime thread
-# (meshq.cli._NODE_STOP_TIMEOUT_S), so a node whose runtime overran shows up as exit code 1 with its own log line.
+# (meshq.cli.commands._NODE_STOP_TIMEOUT_S), so a node whose runtime overran shows up as exit code 1 with its own log line.
 STOP_DEADLINE_S = 60.0 * TIME_SCALE
 REAP_DEADLINE_S = 30.0 * TIME_SCALE  # SIGKILL (or SIGABRT) -> reaped
 DUMP_WAIT_S = 5.0 * TIME_SCALE  # SIGABRT -> the child's faulthandler wrote every thread's stack and it died

@@ -98,9 +98,7 @@ class _Child:
         except ProcessLookupError:
             pass
         finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self._stderr.close()
+            self._close_streams()
         return signalled_at
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -116,9 +114,12 @@ class _Child:
         except ProcessLookupError:
             pass
         finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self._stderr.close()
+            self._close_streams()
+
+    def _close_streams(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
 
 
 def _start_node(args: Any, workdir: str) -> tuple[_Child, str]:

@@ -42,13 +42,13 @@ from meshq.bench.console import _progress
 from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.load import LOAD_BATCH, LOAD_BEFORE_S, LOAD_WINDOW, _LoadWriter
-from meshq.bench.procs import READY_TIMEOUT_S, _Cluster, _node_tails
+from meshq.bench.procs import _Cluster, _node_tails
 from meshq.bench.produce import PHASE_TIMEOUT_S, _pipelined_batch, _values
 from meshq.bench.status import (
     CLUSTER_READY_TIMEOUT_S,
     _health_problem,
+    _start_with_client,
     _topic_partitions,
-    _wait_agreed,
     _wait_cluster,
     _wait_high_watermarks,
 )
@@ -274,7 +274,6 @@ def _rebalance_leave(client: Any, cluster: _Cluster, topic: str, args: Any, part
 
 def _run_rebalance_cluster(args: Any, workdir: str, load_rate: int | None, with_load: bool) -> dict[str, Any]:
     """Preload ``--nodes`` nodes, then a join (and a leave, if this meshq has one), optionally under load."""
-    from meshq.node import Node
 
     partitions = REBALANCE_PARTITIONS
     replication_factor = min(args.replication_factor, args.nodes)
@@ -284,13 +283,7 @@ def _run_rebalance_cluster(args: Any, workdir: str, load_rate: int | None, with_
     out: dict[str, Any] = {"nodes": args.nodes, "replication_factor": replication_factor, "partitions": partitions,
                            "fsync": args.fsync}
     try:
-        _progress(f"starting {args.nodes} nodes")
-        cluster.start()
-        out["node_ids"] = list(cluster.node_ids)
-        client = Node(cluster=args.cluster, seeds=cluster.seeds, mdns=False, role="client")
-        client.start()
-        client.wait_ready(timeout=READY_TIMEOUT_S)
-        _wait_agreed(client, cluster, CLUSTER_READY_TIMEOUT_S)
+        client = _start_with_client(args, cluster, out)
         topic = f"bench-{uuid.uuid4().hex[:8]}-rebalance"
         out["topic"] = topic
         client.create_topic(topic, partitions=partitions, replication_factor=replication_factor, retention_ms=None)

@@ -24,9 +24,9 @@ from meshq.bench.console import _progress
 from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.failover import _run_failover
-from meshq.bench.procs import PARTITIONS, READY_TIMEOUT_S, _Cluster
+from meshq.bench.procs import PARTITIONS, _Cluster
 from meshq.bench.produce import _pipelined_batch, _synchronous, _values
-from meshq.bench.status import CLUSTER_READY_TIMEOUT_S, _wait_agreed, _wait_cluster, _wait_high_watermarks
+from meshq.bench.status import CLUSTER_READY_TIMEOUT_S, _start_with_client, _wait_cluster, _wait_high_watermarks
 from meshq.errors import MeshqError
 
 
@@ -54,7 +54,6 @@ def _cluster_phase(client: Any, topic: str, acks: str, args: Any, values: list[b
 
 def _run_cluster(args: Any, workdir: str) -> dict[str, Any]:
     """The replicated part of ``bench replication``: throughput, latency and failover on ``--nodes`` nodes."""
-    from meshq.node import Node
 
     replication_factor = min(args.replication_factor, args.nodes)
     cluster = _Cluster(args.nodes, workdir, args, replication_factor)
@@ -62,13 +61,7 @@ def _run_cluster(args: Any, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {"nodes": args.nodes, "replication_factor": replication_factor, "partitions": PARTITIONS,
                            "fsync": args.fsync}
     try:
-        _progress(f"starting {args.nodes} nodes")
-        cluster.start()
-        out["node_ids"] = list(cluster.node_ids)
-        client = Node(cluster=args.cluster, seeds=cluster.seeds, mdns=False, role="client")
-        client.start()
-        client.wait_ready(timeout=READY_TIMEOUT_S)
-        _wait_agreed(client, cluster, CLUSTER_READY_TIMEOUT_S)
+        client = _start_with_client(args, cluster, out)
         run_id = uuid.uuid4().hex[:8]
         values = _values(args.batch, args.value_bytes)
         out["acks"] = {}

@@ -51,9 +51,7 @@ def _run_replication(args: Any) -> int:
     if args.seed:
         problems.append("bench replication starts its own nodes; --seed is for bench produce")
     if problems:
-        for problem in problems:
-            print(f"meshq bench: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refuse(problems)
 
     def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -106,9 +104,7 @@ def _run_rebalance(args: Any) -> int:
     except ValueError:
         problems.append("--load-rate must be 0 (none), max or a number of records/s")
     if problems:
-        for problem in problems:
-            print(f"meshq bench: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refuse(problems)
 
     def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -162,9 +158,7 @@ def run_bench(args: Any) -> int:
     if not 1 <= args.batch <= 100_000:
         problems.append("--batch must be from 1 to 100000")
     if problems:
-        for problem in problems:
-            print(f"meshq bench: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return _refuse(problems)
     if args.scenario == "replication":
         return _run_replication(args)
     if args.scenario == "rebalance":
@@ -186,3 +180,10 @@ def run_bench(args: Any) -> int:
         return report
 
     return _measure_and_report(args, measure, _render, lambda report: not report["meshq"]["verification"]["ok"])
+
+
+def _refuse(problems: list[str]) -> int:
+    """Print each problem with the arguments; the exit code of a usage error."""
+    for problem in problems:
+        print(f"meshq bench: {problem}", file=sys.stderr)
+    return EXIT_USAGE

@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from meshq.bench.console import _progress
 from meshq.bench.errors import BenchError, _error_text
-from meshq.bench.procs import PARTITIONS, _Cluster
+from meshq.bench.procs import PARTITIONS, READY_TIMEOUT_S, _Cluster
 from meshq.errors import MeshqError
 
 CLUSTER_READY_TIMEOUT_S = 60.0  # members alive and every partition led, after a start or a restart
@@ -114,3 +115,18 @@ def _wait_high_watermarks(client: Any, topic: str, expected: int, timeout_s: flo
         if stored >= expected or time.monotonic() >= deadline:
             return stored
         time.sleep(0.1)
+
+
+def _start_with_client(args: Any, cluster: _Cluster, out: dict[str, Any]) -> Any:
+    """Start the cluster's nodes and a client node seeded with them; return the client once the
+    nodes agree on the membership (the client is returned started: the caller stops it)."""
+    from meshq.node import Node
+
+    _progress(f"starting {args.nodes} nodes")
+    cluster.start()
+    out["node_ids"] = list(cluster.node_ids)
+    client = Node(cluster=args.cluster, seeds=cluster.seeds, mdns=False, role="client")
+    client.start()
+    client.wait_ready(timeout=READY_TIMEOUT_S)
+    _wait_agreed(client, cluster, CLUSTER_READY_TIMEOUT_S)
+    return client

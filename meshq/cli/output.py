@@ -1,9 +1,87 @@
-"""Human-readable output of ``meshq status`` and ``meshq topics describe`` (rich tables)."""
+"""``meshq`` output: records as JSON lines, progress on a terminal, rich tables for status and topics."""
 
 from __future__ import annotations
 
+import base64
+import sys
+import time
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
+
+
+def _text_or_b64(data: bytes | None, name: str, out: dict) -> None:
+    if data is None:
+        out[name] = None
+        return
+    try:
+        out[name] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        out[f"{name}_b64"] = base64.b64encode(data).decode("ascii")
+
+
+def record_to_json(record: Any) -> dict:
+    """The ``meshq consume --json`` shape of one record."""
+    out: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    _text_or_b64(record.key, "key", out)
+    _text_or_b64(record.value, "value", out)
+    out["timestamp_ms"] = record.timestamp_ms
+    headers: dict[str, str] = {}
+    headers_b64: dict[str, str] = {}
+    for name, value in record.headers.items():
+        try:
+            headers[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            headers_b64[name] = base64.b64encode(value).decode("ascii")
+    out["headers"] = headers
+    if headers_b64:
+        out["headers_b64"] = headers_b64
+    return out
+
+
+class _Progress:
+    """A progress line on stderr, only when stderr is a terminal."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.enabled and (force or now - self.last > 0.2):
+            self.last = now
+            sys.stderr.write(f"\r{self.what}: {done:,}")
+            sys.stderr.flush()
+
+    def close(self, done: int) -> None:
+        if self.enabled:
+            self.update(done, force=True)
+            sys.stderr.write("\n")
+
+
+class _LeaveProgress:
+    """Prints what a leaving node reports: when the count of partitions still naming it changes,
+    and at least every 10 s; errors while retrying when they change."""
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None
+        self.printed_s = 0.0
+
+    def __call__(self, answer: dict) -> None:
+        if answer["state"] == "retrying":
+            key: tuple = ("retrying", answer["error"])
+            line = f"waiting for the cluster: {answer['error']}"
+        elif answer["state"] == "left":
+            return
+        else:
+            key = ("draining", answer["assigned"])
+            line = f"draining: {answer['assigned']} partition(s) still assigned"
+        now = time.monotonic()
+        if key != self.last or now - self.printed_s >= 10.0:
+            self.last, self.printed_s = key, now
+            print(line, flush=True)
 
 
 def render_status(status: dict) -> None:

@@ -1,0 +1,177 @@
+"""``meshq`` argument parsing: every command's flags, their environment variables and checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from meshq.config import DEFAULT_PORT, parse_host_port
+from meshq.errors import ConfigError
+
+
+def _env_list(name: str) -> list[str]:
+    raw = os.environ.get(name, "")
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _seed(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
+                       help="cluster name (env MESHQ_CLUSTER; default 'default')")
+    group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
+                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated)")
+    group.add_argument("--interface", action="append", default=None, metavar="IP",
+                       help="mDNS interface address; repeatable (env MESHQ_INTERFACES)")
+    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+    group.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshq", description="meshq: a brokerless messaging mesh")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    node = sub.add_parser("node", help="run a storage node in the foreground")
+    node.add_argument("--data", required=True, metavar="DIR", help="data directory (one node per directory)")
+    node.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    node.add_argument("--advertise", default=None, metavar="HOST", help="address peers should use, if not --host")
+    node.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"ROUTER port (default {DEFAULT_PORT}; 0 = any)")
+    node.add_argument("--pub-port", type=_port, default=0, help="PUB port (default: any free port)")
+    node.add_argument("--node-id", default=None, help="node id (default: kept in the data directory)")
+    node.add_argument("--replication-factor", type=int, default=3, help="default replication factor (3)")
+    node.add_argument("--partitions", type=int, default=8, help="default partitions per topic (8)")
+    node.add_argument("--fsync", choices=["always", "interval", "never"], default="interval",
+                      help="when appends reach the disk (default interval)")
+    node.add_argument("--fsync-interval", type=_positive_float, default=1.0, metavar="S",
+                      help="seconds between fsyncs with --fsync interval (default 1.0)")
+    node.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                      help="roll to a new log segment at this size (default 64 MiB)")
+    node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
+    node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
+                      help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")
+    _connection_options(node)
+
+    produce = sub.add_parser("produce", help="send each stdin line as one record")
+    produce.add_argument("topic")
+    produce.add_argument("--key", default=None, help="key for every record (default: none)")
+    produce.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="quorum")
+    produce.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                         help="seconds each record may take to be acknowledged (default 30)")
+    produce.add_argument("--partition", type=_non_negative_int, default=None, help="send every record to this partition")
+    produce.add_argument("--json", action="store_true", help='print {"partition": P, "offset": O} per record')
+    _connection_options(produce)
+
+    consume = sub.add_parser("consume", help="print records of a topic")
+    consume.add_argument("topic")
+    consume.add_argument("--group", default=None, help="consumer group; commits what was printed")
+    consume.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
+                         help="where to start without a committed offset (default earliest)")
+    consume.add_argument("--max", type=_non_negative_int, default=None, help="stop after N records")
+    consume.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
+                         help="stop after S seconds without a record (default: run until interrupted)")
+    consume.add_argument("--json", action="store_true", help="one JSON object per record")
+    _connection_options(consume)
+
+    status = sub.add_parser("status", help="members, partitions and group lag")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--node", default=None, metavar="NODE_ID",
+                        help="show this node's own view instead of the merged cluster view")
+    status.add_argument("--timeout", type=_positive_float, default=10.0, metavar="S")
+    _connection_options(status)
+
+    leave = sub.add_parser("leave", help="make a storage node leave the cluster for good (its partitions move "
+                                         "to the other members, then it stops)")
+    leave.add_argument("--node-id", default=None, metavar="ID",
+                       help="the node that leaves (default: the node listening at the first --seed)")
+    leave.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                       help="give up waiting after S seconds (default 300); the node keeps handing over")
+    _connection_options(leave)
+
+    topics = sub.add_parser("topics", help="create, list and describe topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", metavar="ACTION")
+    topics_sub.required = True
+    create = topics_sub.add_parser("create", help="create a topic")
+    create.add_argument("name")
+    create.add_argument("--partitions", type=int, default=None)
+    create.add_argument("--replication-factor", type=int, default=None)
+    create.add_argument("--retention-ms", type=int, default=7 * 24 * 3600 * 1000)
+    create.add_argument("--retention-bytes", type=int, default=None)
+    create.add_argument("--cleanup-policy", choices=["delete", "compact"], default="delete")
+    _connection_options(create)
+    listing = topics_sub.add_parser("list", help="list topics")
+    listing.add_argument("--json", action="store_true")
+    _connection_options(listing)
+    describe = topics_sub.add_parser("describe", help="show a topic's configuration and partitions")
+    describe.add_argument("name")
+    describe.add_argument("--json", action="store_true")
+    _connection_options(describe)
+
+    bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
+                       help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
+                            "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
+                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves")
+    bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
+    bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
+    bench.add_argument("--value-bytes", type=int, default=100)
+    bench.add_argument("--batch", type=int, default=1000, help="records per produce_batch call / baseline frame")
+    bench.add_argument("--acks", choices=["none", "leader", "quorum", "all"], default="leader",
+                       help="acks of bench produce (bench replication measures leader and quorum)")
+    bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    replicated = bench.add_argument_group("bench replication")
+    replicated.add_argument("--nodes", type=int, default=3, help="storage nodes to start (default 3)")
+    replicated.add_argument("--replication-factor", type=int, default=3, help="of the benchmark topics (default 3)")
+    replicated.add_argument("--failover-repeats", type=_non_negative_int, default=3,
+                            help="leader kills, each timed, the killed node restarted in between (default 3; 0: none)")
+    replicated.add_argument("--failover-acks", choices=["leader", "quorum", "all"], default="quorum",
+                            help="acks of the writers during the failover (default quorum)")
+    replicated.add_argument("--failover-timeout", type=_positive_float, default=0.5, metavar="S",
+                            help="timeout of each write during the failover (default 0.5)")
+    replicated.add_argument("--failover-deadline", type=_positive_float, default=20.0, metavar="S",
+                            help="give up waiting for writes to succeed again after S seconds (default 20)")
+    replicated.add_argument("--in-sync-timeout", type=_positive_float, default=20.0, metavar="S",
+                            help="wait at most S seconds for every replica to be in sync before measuring (default 20)")
+    rebalance = bench.add_argument_group("bench rebalance (also --nodes, --replication-factor)")
+    rebalance.add_argument("--load-rate", default="0", metavar="N|max",
+                           help="a producer writes N records/s (max: as fast as it can) during the moves (default 0)")
+    rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
+                           help="give up on a join or leave after S seconds (default 600)")
+    rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
+    _connection_options(bench)
+    return parser
+
+
+# ---------------------------------------------------------------------- helpers
