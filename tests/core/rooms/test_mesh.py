@@ -1,0 +1,128 @@
+"""The ``mesh`` room (meshq.core.mesh.gossip.Mesh): hello, heartbeats, liveness, seeds."""
+
+from __future__ import annotations
+
+from meshq.core import wire
+from meshq.core.events import Disconnect, EventReceived, PeerDiscovered, Unsubscribe
+from meshq.errors import NotLeaderError
+from tests.core.harness import CoreHarness
+from tests.core.rooms.conftest import Net, advance, heartbeat, member_info, sent_of
+
+
+def states(h: CoreHarness) -> dict[str, str]:
+    return {m.node_id: m.state for m in h.core.members.members.values() if m.node_id != h.core.node_id}
+
+
+def test_hello_is_answered_with_our_member_info_and_gossip_and_links_the_sender(lone):
+    peer = member_info("peer", 7000)
+    lone.connects.clear()
+    reply = lone.request("hello", {"member": peer})
+    assert reply.type == "hello_ok"
+    assert reply.body["member"] == lone.core.mesh.self_info()
+    assert [m["node_id"] for m in reply.body["members"]] == ["n1", "peer"]
+    assert reply.body["formed"] is True and reply.body["leader"] == "n1"
+    assert states(lone) == {"peer": "alive"}
+    assert [c.peer for c in lone.connects] == ["peer"]
+
+
+def test_a_heartbeat_not_from_the_member_it_describes_is_counted_and_dropped(lone):
+    lone.handle(heartbeat(member_info("victim", 7000), sender="forger"))
+    assert lone.core.counters["frames_invalid"] == 1
+    assert states(lone) == {}
+
+
+def test_an_event_of_another_type_is_counted_and_dropped(lone):
+    lone.handle(EventReceived(wire.Message("hello", "x", 0, {"member": member_info("x", 7000)})))
+    assert lone.core.counters["frames_invalid"] == 1
+    assert states(lone) == {}
+
+
+def test_gossip_links_and_greets_members_never_heard_from():
+    h = CoreHarness("n1")
+    a, b = member_info("a", 7000), member_info("b", 7010)
+    h.connects.clear()
+    h.handle(heartbeat(a, members=[a, b]))
+    assert states(h) == {"a": "alive", "b": "joining"}
+    assert [c.peer for c in h.connects] == ["a", "b"]
+    # b is new; a does not list us, so we introduce ourselves to it too
+    assert sorted(peer for peer, _message in sent_of(h, "hello")) == ["a", "b"]
+
+
+def test_a_peer_that_does_not_list_us_is_greeted_at_most_once_a_second(lone):
+    a = member_info("a", 7000)
+    greeted = []
+    for _ in range(15):  # a heartbeat every 0.1 s for 1.5 s, none of them listing n1
+        lone.handle(heartbeat(a))
+        greeted.append(len(sent_of(lone, "hello", clear=True)))
+        lone.advance(0.1)
+    assert greeted == [1] + [0] * 9 + [1] + [0] * 4
+
+
+def test_a_silent_member_turns_suspect_then_dead_then_is_forgotten_and_unlinked():
+    h = CoreHarness("n1", failure_timeout_s=1.0, member_timeout_s=3.0)
+    a = member_info("a", 7000)
+    h.handle(heartbeat(a))
+    errors = []
+    h.core.out.request("a", "status", {}, (), h.clock.now_s, 10.0, lambda m: None, errors.append)
+    h.advance(0.5)
+    assert states(h) == {"a": "suspect"}
+    assert len(errors) == 1 and isinstance(errors[0], NotLeaderError) and "a is suspect" in str(errors[0])
+    h.advance(0.5)
+    assert states(h) == {"a": "dead"}
+    h.advance(2.5)
+    assert states(h) == {"a": "dead"}
+    effects = advance(h, 0.5)  # member_timeout_s after it died
+    assert states(h) == {}
+    assert Disconnect("a") in effects and Unsubscribe(a["pub_address"]) in effects
+    assert "a" not in h.core.peer_endpoints
+
+
+def test_a_goodbye_marks_a_member_left_and_only_a_newer_incarnation_brings_it_back(lone):
+    a = member_info("a", 7000, incarnation=5)
+    lone.handle(heartbeat(a))
+    lone.handle(EventReceived(wire.Message("goodbye", "a", 0, {"node_id": "a", "incarnation": 4})))
+    assert states(lone) == {"a": "alive"}  # an older incarnation's goodbye
+    lone.handle(EventReceived(wire.Message("goodbye", "a", 0, {"node_id": "a", "incarnation": 5})))
+    assert states(lone) == {"a": "left"}
+    lone.handle(heartbeat(a))  # a late heartbeat from before the goodbye
+    assert states(lone) == {"a": "left"}
+    lone.handle(heartbeat(member_info("a", 7000, incarnation=6)))  # restarted
+    assert states(lone) == {"a": "alive"}
+
+
+def test_leader_hints_keep_the_newest_epoch_and_name_only_a_live_leader():
+    h = CoreHarness("n1", failure_timeout_s=1.0)
+    h.handle(heartbeat(member_info("a", 7000), leads=[["t", 0, 3]]))
+    h.handle(heartbeat(member_info("b", 7010), leads=[["t", 0, 2]]))  # an older epoch: ignored
+    assert h.core.mesh.hinted_leader("t", 0) == "a"
+    assert h.core.mesh.hinted_leader("t", 1) is None
+    h.advance(1.0)
+    h.handle(heartbeat(member_info("b", 7010)))
+    assert h.core.mesh.hinted_leader("t", 0) is None  # a is dead
+
+
+def test_a_seed_that_does_not_answer_is_greeted_again_half_a_second_after_each_timeout():
+    h = CoreHarness("n1", seeds=("127.0.0.1:9100",))
+    assert [peer for peer, _ in sent_of(h, "hello", clear=True)] == ["seed:127.0.0.1:9100"]
+    h.advance(2.0)  # the hello times out; its retry is set for half a second later
+    assert sent_of(h, "hello") == []
+    h.advance(0.5)
+    assert [peer for peer, _ in sent_of(h, "hello")] == ["seed:127.0.0.1:9100"]
+
+
+def test_a_node_discovered_by_one_side_learns_of_it_from_its_hello_and_heartbeats_keep_both_alive():
+    net = Net("a", "b")
+    net.introduce("a")  # only a discovers b; b learns a from a's hello
+    net.pump()
+    assert states(net["a"]) == {"b": "alive"} and states(net["b"]) == {"a": "alive"}
+    net.run(10.0)
+    assert states(net["a"]) == {"b": "alive"} and states(net["b"]) == {"a": "alive"}
+    net.cut("b")
+    net.run(3.5)  # failure_timeout_s (3 s) after b's last heartbeat
+    assert states(net["a"]) == {"b": "dead"}
+
+
+def test_discovery_of_ourselves_is_ignored(lone):
+    lone.handle(PeerDiscovered(lone.core.mesh.self_info()))
+    lone.handle(PeerDiscovered({**member_info("n1", 7000)}))
+    assert states(lone) == {}

@@ -1,0 +1,101 @@
+"""The ``status`` room (meshq.core.status): one node's view, and the merge of several."""
+
+from __future__ import annotations
+
+from meshq.core.status import merge_status
+from tests.core.rooms.conftest import Net, create_topic
+
+
+def partition_view(leader: str | None, role: str | None = None, epoch: int = 1, high_watermark: int = 0,
+                   in_sync: list | None = None, replicas: list | None = None, version: int = 0,
+                   learners: list | None = None, target: list | None = None) -> dict:
+    """One partition as a node's ``local_status`` reports it (``role`` None: no replica there)."""
+    replicas = replicas or ["a", "b"]
+    view = {"partition": 0, "leader": leader, "replicas": replicas, "in_sync": in_sync or [],
+            "high_watermark": high_watermark, "learners": learners or [], "target": target or replicas,
+            "config_version": version}
+    if role is not None:
+        view.update(epoch=epoch, role=role)
+    return view
+
+
+def report(node_id: str, *partitions: dict, groups: list | None = None) -> dict:
+    return {"cluster": "default", "node_id": node_id, "members": [{"node_id": node_id}],
+            "topics": [{"name": "t", "config": {}, "partitions": list(partitions)}], "groups": groups or [],
+            "counters": {}}
+
+
+def test_status_is_answered_with_this_nodes_view(lone):
+    create_topic(lone, "t")
+    lone.produce("t", [b"a"], partition=0)
+    reply = lone.request("status", {})
+    status = reply.body["status"]
+    assert reply.type == "status_ok" and (status["cluster"], status["node_id"]) == ("default", "n1")
+    assert [m["node_id"] for m in status["members"]] == ["n1"]
+    ((partition,),) = [t["partitions"] for t in status["topics"]]
+    assert (partition["leader"], partition["role"], partition["high_watermark"], partition["end_offset"]) == (
+        "n1", "leader", 1, 1)
+    assert status["counters"]["records_produced"] == 1
+    assert status["metadata"]["voters"] == ["n1"] and status["metadata"]["applied_index"] >= 0
+    assert status["ring"]["members"] == ["n1"]
+
+
+def test_a_clients_view_has_no_metadata_group_nor_ring(client):
+    status = client.request("status", {}).body["status"]
+    assert status["node_id"] == "c1" and status["topics"] == []
+    assert "metadata" not in status and "ring" not in status
+
+
+def test_the_merge_takes_each_partition_as_its_leader_sees_it():
+    follower = report("a", partition_view("b", role="follower", high_watermark=3, in_sync=[]))
+    leader = report("b", partition_view("b", role="leader", high_watermark=7, in_sync=["a", "b"]))
+    merged = merge_status({"a": follower, "b": leader}, preferred="a")
+    (partition,) = merged["topics"][0]["partitions"]
+    assert (partition["leader"], partition["high_watermark"], partition["in_sync"]) == ("b", 7, ["a", "b"])
+    assert merged["node_id"] == "a" and merged["answered_by"] == ["a", "b"]
+
+
+def test_the_merge_prefers_the_newest_epoch_when_two_nodes_still_claim_a_partition():
+    stale = report("a", partition_view("a", role="leader", epoch=2, high_watermark=5, in_sync=["a"]))
+    current = report("b", partition_view("b", role="leader", epoch=3, high_watermark=4, in_sync=["b"]))
+    (partition,) = merge_status({"a": stale, "b": current}, "a")["topics"][0]["partitions"]
+    assert (partition["leader"], partition["epoch"], partition["high_watermark"]) == ("b", 3, 4)
+
+
+def test_a_partition_whose_leader_did_not_answer_shows_no_in_sync_replicas():
+    only = report("a", partition_view("b", role="follower", in_sync=["a"]))
+    (partition,) = merge_status({"a": only}, "a")["topics"][0]["partitions"]
+    assert partition["in_sync"] == []
+
+
+def test_the_merge_takes_replica_sets_from_the_newest_configuration_and_counts_handoffs():
+    old = report("a", partition_view("a", role="leader", replicas=["a", "b"], version=1))
+    new = report("b", partition_view("a", replicas=["a", "c"], learners=["d"], version=2))
+    merged = merge_status({"a": old, "b": new}, "a")
+    (partition,) = merged["topics"][0]["partitions"]
+    assert (partition["replicas"], partition["learners"], partition["config_version"]) == (["a", "c"], ["d"], 2)
+    assert merged["handoffs"] == 1
+
+
+def test_the_merge_recomputes_group_lag_against_the_leaders_high_watermark():
+    group = {"group": "g", "partitions": [{"topic": "t", "partition": 0, "committed": 2, "high_watermark": 2,
+                                           "lag": 0}]}
+    coordinator = report("a", partition_view("b", role="follower", high_watermark=2), groups=[group])
+    leader = report("b", partition_view("b", role="leader", high_watermark=9))
+    merged = merge_status({"a": coordinator, "b": leader}, "b")
+    assert merged["groups"] == [{"group": "g", "partitions": [
+        {"topic": "t", "partition": 0, "committed": 2, "high_watermark": 9, "lag": 7}]}]
+
+
+def test_handoffs_count_the_partitions_not_yet_where_the_ring_places_them():
+    net = Net("n1")
+    net.add("n2", mdns=True, bootstrap_wait_s=100.0)
+    old = net["n1"]
+    create_topic(old, "t", 6)
+    assert old.core.status.handoffs() == 0
+    net.introduce()
+    net.run_until(lambda: len(old.core.raft.voters) == 2 and old.core.meta.members.keys() == {"n1", "n2"}, 5.0)
+    moving = sum(1 for p in range(6) if old.core.meta.target("t", p) != ["n1"])
+    assert moving > 0 and old.core.status.handoffs() == moving
+    net.run_until(lambda: old.core.status.handoffs() == 0, within_s=10.0)
+    assert all(old.core.meta.assignments["t"][p] == old.core.meta.target("t", p) for p in range(6))
