@@ -128,11 +128,13 @@ class NodeCore:
 
     def register(self, room: Room) -> None:
         """Route the request types, commands and timer kinds ``room`` declares to its methods."""
-        for table, names in ((self._servers, room.SERVES), (self._commands, room.COMMANDS),
-                             (self._timers, room.TIMERS)):
-            for key, name in names.items():
+        tables = ((self._servers, room.SERVES), (self._commands, room.COMMANDS), (self._timers, room.TIMERS))
+        for table, names in tables:  # all checked first: a refused room registers nothing
+            for key in names:
                 if key in table:
                     raise UsageError(f"{key!r} is already handled by another room")
+        for table, names in tables:
+            for key, name in names.items():
                 table[key] = getattr(room, name)
 
     # ------------------------------------------------------------------ lifecycle

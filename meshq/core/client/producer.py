@@ -32,6 +32,7 @@ from meshq.core.hashing import partition_for_key
 from meshq.core.partition import PRODUCER_WINDOW
 from meshq.core.room import Room
 from meshq.errors import (
+    InvalidTopicError,
     MeshqError,
     MessageTooLargeError,
     NodeStoppedError,
@@ -99,6 +100,7 @@ class Producer(Room):
             return
         try:
             validate_topic_name(command.topic)
+            refuse_internal_topic(command.topic)
         except MeshqError as exc:
             self._fail_records(command, exc)
             return
@@ -355,6 +357,13 @@ class Producer(Room):
                 keep.append(out)
             partition_state.queue = keep
             partition_state.next_sequence = sequence
+
+
+def refuse_internal_topic(topic: str) -> None:
+    """Topics named ``__...`` are meshq's own (committed offsets): no produce may write them."""
+    if topic.startswith("__"):
+        raise InvalidTopicError(f"topic {topic!r} is internal to meshq (names starting with '__' are reserved); "
+                                f"produce to a topic of your own")
 
 
 def produce_retriable(error: MeshqError) -> bool:

@@ -206,11 +206,14 @@ class Requests(Room):
 
     def _routed_retry_or_fail(self, call: RoutedCall, error: MeshqError) -> None:
         now = self.core.now_s
+        if error.retriable:
+            # The leader moved, died or is unknown: whoever asks next (this call's retry, or the
+            # caller's own, as a consumer's) starts from fresh metadata.
+            self.core.client.forget(call.topic)
         if (not call.retry or not error.retriable or self.core.stopped
                 or now + METADATA_RETRY_S >= call.deadline_s):
             self.out.emit(Fail(call.command.waiter, error))
             return
-        self.core.client.forget(call.topic)
         self.out.schedule(now + METADATA_RETRY_S, "routed_retry", call)
 
     def _routed_resume(self, call: RoutedCall, now_s: float) -> None:

@@ -103,6 +103,7 @@ class Groups(Room):
             return
         topic, partition = key
         offset = state.log.start_offset
+        skipped = 0
         while offset < state.log.end_offset:
             try:
                 data = state.log.read(offset, 16 * 1024 * 1024)
@@ -113,6 +114,25 @@ class Groups(Room):
             if not data:
                 break
             for record in batch_format.decode_records(data, topic, partition, offset):
-                group, t, p = msgpack.unpackb(record.key)
-                self.group_offsets[(group, t, p)] = msgpack.unpackb(record.value)
                 offset = record.offset + 1
+                commit = _as_commit(record)
+                if commit is None:
+                    skipped += 1
+                    continue
+                self.group_offsets[commit[0]] = commit[1]
+        if skipped:
+            log.warning("%s/%d: %d stored records are not offset commits; skipped", topic, partition, skipped)
+
+
+def _as_commit(record: Any) -> tuple[tuple[str, str, int], int] | None:
+    """``((group, topic, partition), offset)`` of a stored commit; None for any other record
+    (older releases let a plain produce write the offsets topic)."""
+    try:
+        key = msgpack.unpackb(record.key) if record.key is not None else None
+        offset = msgpack.unpackb(record.value)
+    except Exception:  # msgpack raises several unrelated types on bad input
+        return None
+    if (not isinstance(key, list) or len(key) != 3 or not isinstance(key[0], str) or not isinstance(key[1], str)
+            or type(key[2]) is not int or type(offset) is not int):
+        return None
+    return (key[0], key[1], key[2]), offset

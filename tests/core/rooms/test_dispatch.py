@@ -45,9 +45,6 @@ def test_register_refuses_a_room_that_claims_what_another_room_handles(table, ke
         core.register(room)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NodeCore.register writes each entry into the dispatch tables as it goes and raises at the first "
-    "clash, so the entries listed before the clash stay registered: a refused room is half registered"))
 def test_a_refused_room_registers_none_of_its_entries():
     core = CoreHarness("n1").core
     room = type("Clash", (Clashing,), {"SERVES": {"brand_new": "handler", "hello": "handler"}})(core)

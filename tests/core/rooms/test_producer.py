@@ -124,10 +124,6 @@ def test_a_produce_after_stop_fails_with_node_stopped(server):
     assert [type(e) for e in outcome.errors] == [NodeStoppedError] and h.sent == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the producer accepts the internal '__consumer_offsets' (validate_topic_name allows it and the catalog "
-    "creates it on demand), so a plain produce stores a record there that Groups._replay cannot read: "
-    "the node then fails to restart with TypeError (see test_groups)"))
 def test_a_produce_to_the_internal_offsets_topic_is_refused():
     h = CoreHarness("n1")
     outcome = h.produce(OFFSETS_TOPIC, [b"junk"])

@@ -125,11 +125,6 @@ def test_a_fetch_is_not_retried_the_consumer_retries_it_itself():
     assert len(net.sent("n1", "fetch", since_s)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Requests._routed_retry_or_fail fails a call made with retry=False (Fetch) without "
-    "core.client.forget(topic): cached metadata that names no leader (or a leader that moved or died) "
-    "stays, so every later Fetch of that partition fails the same way until something else refreshes "
-    "the topic; a consumer, which retries its fetches itself, never reads the partition again"))
 def test_a_fetch_that_found_no_leader_makes_the_next_fetch_ask_for_fresh_metadata():
     net, partition = two_nodes_with_a_partition_on_n2(refresh=False)
     n1 = net["n1"]

@@ -183,10 +183,6 @@ def test_list_offsets_finds_the_earliest_the_latest_and_the_first_at_a_timestamp
     assert [offset_of(-2), offset_of(-1), offset_of(150), offset_of(200), offset_of(999)] == [0, 3, 1, 1, 3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve_produce accepts a plain produce to the internal '__consumer_offsets' (leader_state only "
-    "validates the name), so any client can store records there that are not commits; "
-    "Groups._replay then raises TypeError when the node restarts or takes the partition over"))
 def test_a_produce_to_the_internal_offsets_topic_is_refused_and_stores_nothing():
     h = CoreHarness("n1", partitions=1)
     h.request("metadata", {"topics": [OFFSETS_TOPIC], "auto_create": False})
