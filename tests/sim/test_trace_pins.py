@@ -2,8 +2,9 @@
 
 A pure refactor of the core changes no delivered message, no request id, no random draw and
 no iteration order, so every pinned seed reproduces its digest byte for byte. A commit that
-changes behaviour on purpose re-pins here and says why in its message (re-pinned once: when
-the simulator's consumer and leave loop became the real ``ConsumerState`` and ``LeaveLoop``):
+changes behaviour on purpose re-pins here and says why in its message (re-pinned when the
+simulator's consumer and leave loop became the real ``ConsumerState`` and ``LeaveLoop``, and
+when the clients' calling threads arrived: the seeds whose runs have them):
 
     python -c "from meshq.testing.sim import run_seed; print(run_seed(SEED).trace_digest)"
 """
@@ -16,11 +17,11 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "401282a2e521b664", 1: "82c398f14062c773", 2: "90c62550ec9cb31c", 3: "764c03d24244b08b",
-    4: "34bac47c1f1ee6db", 5: "d84fa3a5970517f6", 6: "b988a9db52c06df5", 7: "ed84c31bcb8d8bbc",
-    8: "93b32dd763b4c3d1", 12: "addf75faebacda07", 15: "c8732b9056203261", 16: "5c86c8c56dea0430",
-    20: "41b267289ffefddf", 21: "efaba0704ed96a8b", 22: "e7022900b542583b", 25: "dd92a38782d33a62",
-    29: "845d5d1b9419457a", 37: "1f4c5ca590ad7245", 38: "02168b145cb5d3fd", 45: "467ced6062b5287b",
+    0: "0f4005a7a74ea8fe", 1: "e001e04df00809bb", 2: "2d8a7f6b7c8cff5a", 3: "ac61f34d73e73633",
+    4: "b8a48f625853cedd", 5: "6b573ed5e44a7b24", 6: "4d451096d5396d44", 7: "99405e5be647ac5d",
+    8: "8daf672386626b41", 12: "addf75faebacda07", 15: "dd99c56486c86da0", 16: "5c86c8c56dea0430",
+    20: "798fc090dfcd06c7", 21: "96e4c4493b13b2f8", 22: "bb8d98bc274ff9a8", 25: "22219b310479efb9",
+    29: "845d5d1b9419457a", 37: "47160112ce023132", 38: "02168b145cb5d3fd", 45: "b0d13c2817bdb243",
 }
 
 

@@ -8,6 +8,8 @@ sends, and records every outcome for the history check at the end:
 * **Producers.** Every ``produce_interval_s`` a random client produces one to three unique
   values (``v1``, ``v2``, ...), keyed or not, with one of the run's acks levels; each value
   is an ``Attempt`` whose outcome (ok at a partition and offset, or failed) the core settles.
+* **Calling threads.** ``threads.py``: client threads whose ``Node.produce`` goes straight
+  to the leader; their records are ``Attempt``s here too.
 * **Topics.** Every 0.2-0.8 s a client creates a new topic: metadata writes during the faults.
 * **Leave.** What ``meshq leave`` (through client c1) or ``Node.leave()`` (on the node) does.
 * **Probes.** Once the liveness phase has converged, one acks=leader write to every
