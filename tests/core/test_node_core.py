@@ -8,7 +8,15 @@ from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.client.requests import FetchResult
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
-from meshq.core.events import CommitOffsets, CreateTopic, EventReceived, Fetch, FetchCommitted, RequestReceived
+from meshq.core.events import (
+    CommitOffsets,
+    CreateTopic,
+    EventReceived,
+    Fetch,
+    FetchCommitted,
+    GetMetadata,
+    RequestReceived,
+)
 from meshq.core.hashing import partition_for_key
 from meshq.errors import NodeStoppedError, TimeoutError
 from meshq.log.memory import MemoryStorage
@@ -205,6 +213,23 @@ def test_client_core_produces_through_a_server_core_and_retries_a_lost_reply_exa
     assert outcome.results == [("t", 1, 0), ("t", 1, 1)]
     assert [r.value for r in read_all(server, "t", 1)] == [b"one", b"two"]
     assert server.core.counters["duplicates_dropped"] == 2
+
+
+def test_a_metadata_answer_another_waiter_dropped_again_is_asked_for_again():
+    # Found by the simulator's calling threads: the metadata answer runs its waiters in order,
+    # and a produce that finds no connected leader forgets the topic again before a later
+    # GetMetadata waiter reads it (a KeyError inside the core, dropping the call's effects).
+    server = CoreHarness("server", partitions=2)
+    client = CoreHarness("client", role="client", data_dir=None, seeds=("127.0.0.1:9000",))
+    pump(client, server)  # hello
+    server.produce("t", [b"x"])  # the topic exists
+    client.core.client.with_metadata("t", client.clock.now_s, client.clock.now_s + 5.0,
+                                      lambda error: client.core.client.forget("t"))
+    token = client.command(GetMetadata("t", refresh=True, auto_create=False))
+    pump(client, server, rounds=1)  # the first answer: the earlier waiter forgets it again
+    assert token not in client.resolved and token not in client.failed
+    pump(client, server)  # asked again
+    assert client.resolved[token]["config"].partitions == 2
 
 
 def test_client_without_any_storage_node_times_out_with_a_clear_error():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from meshq.core import batch as batch_format
 from meshq.core import metadata as metadata_module
 from meshq.core import partition as partition_module
 from meshq.core import replica as replica_module
 from meshq.core.client.consumer import ConsumerState
+from meshq.core.client.direct import DirectCall, ThreadProducer
 from meshq.core.partitions import host as host_module
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
@@ -211,3 +213,38 @@ def test_checkers_catch_a_consumer_that_skips_records(monkeypatch):
 
     monkeypatch.setattr(ConsumerState, "on_fetched", skipping)
     assert failing_seeds(list(CI_SEEDS)[:10]), "a consumer skipping records went unnoticed"
+
+
+def calling_thread_seeds(limit: int) -> list[int]:
+    """CI seeds with calling threads and lost or duplicated messages (retries with unknown fates)."""
+    return [s for s in CI_SEEDS if SimOptions.swarm(s).calling_threads
+            and (SimOptions.swarm(s).faults.drop or SimOptions.swarm(s).faults.duplicate)][:limit]
+
+
+def test_checkers_catch_a_calling_thread_that_renumbers_its_retries(monkeypatch):
+    # Broken variant: a calling thread's retry takes a fresh sequence number instead of sending
+    # the same bytes again, so the leader cannot tell it from a new batch: an attempt that was
+    # stored but whose answer was lost is stored again.
+    original = DirectCall.attempt
+
+    def renumbered(self, now_s):
+        if self.request_ids:
+            header = batch_format.parse_header(self.data)
+            record = batch_format.decode_records(self.data, self.topic, self.partition)[0]
+            self.sequence += 1
+            self.data = batch_format.encode_batch(
+                [(record.key, record.value, record.headers or None, record.timestamp_ms)],
+                producer_id=header.producer_id, producer_epoch=header.producer_epoch, base_sequence=self.sequence)
+        return original(self, now_s)
+
+    monkeypatch.setattr(DirectCall, "attempt", renumbered)
+    assert failing_seeds(calling_thread_seeds(30)), "retries stored twice went unnoticed"
+
+
+def test_checkers_catch_a_calling_thread_that_keeps_its_epoch_after_an_unknown_fate(monkeypatch):
+    # Broken variant: a call that ends without an acknowledgement keeps the thread's epoch (and
+    # its sequences), so the next record reuses the unknown batch's sequence number: if that
+    # batch was stored, the leader takes the new record for a retry of it and acknowledges it
+    # at the old record's offset, where it is not.
+    monkeypatch.setattr(ThreadProducer, "new_epoch", lambda self: None)
+    assert failing_seeds(calling_thread_seeds(30)), "records acknowledged at another record's offset went unnoticed"

@@ -135,6 +135,10 @@ class Requests(Room):
         def ready(error: MeshqError | None) -> None:
             if error is not None:
                 self.out.emit(Fail(command.waiter, error))
+            elif topic not in self.core.client.metadata:
+                # An earlier waiter of the same answer dropped it again (a produce that then
+                # found no connected leader forgets it): wait again, as the producer does.
+                self.core.client.with_metadata(topic, self.core.now_s, deadline_s, ready, command.auto_create)
             else:
                 self.out.emit(Resolve(command.waiter, self.core.client.metadata[topic]))
 

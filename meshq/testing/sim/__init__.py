@@ -33,6 +33,8 @@ Where things are, each module with its own theory of operation:
 * ``faults.py`` — ``FaultInjector``: crashes, power loss, partial writeback, pauses, bit flips,
   clock jumps, the outage and the step nemesis;
 * ``workload.py`` — ``Workload`` (producers, topics, leave, probes) and ``SimConsumer``;
+* ``threads.py`` — ``CallingThread``: a client thread whose ``Node.produce`` goes straight to
+  the leader, running the real ``meshq.core.client.direct`` (retries, epochs, refreshes);
 * ``simulation.py`` — ``Simulation``, the root that builds the others and runs the event loop;
   ``SimResult``; ``run_seed``;
 * ``cli.py`` — ``main``, the command line (``__main__.py`` calls it).

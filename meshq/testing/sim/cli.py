@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     membership = {"with a join": 0, "with a leave": 0, "with a removal by timeout": 0}
     steps = 0
+    direct = {"direct_produces": 0, "direct_retries": 0, "direct_failed": 0}
     started = time.monotonic()
     for seed in range(args.start, args.start + count):
         result = run_seed(seed)
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         membership["with a leave"] += stats["leaves"] > 0
         membership["with a removal by timeout"] += stats.get("timeout_removals", 0) > 0
         steps += stats.get("reassign_steps", 0)
+        for name in direct:
+            direct[name] += stats.get(name, 0)
         if not result.ok:
             failed.append(seed)
             print(f"FAILED {result.summary()}\n  options: {result.options}\n  {result.violations[0]}\n"
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(f"membership changes: {', '.join(f'{n} runs {what}' for what, n in membership.items())}; "
           f"{steps} reassign steps applied")
+    print(f"calling threads: {direct['direct_produces']} produces acknowledged from a thread, "
+          f"{direct['direct_retries']} retried attempts, {direct['direct_failed']} calls failed")
     print(f"{count - len(failed)} passed, {len(failed)} failed in {elapsed:.1f} s"
           + (f" (failed seeds: {failed})" if failed else ""))
     return 1 if failed else 0

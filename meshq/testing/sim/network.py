@@ -11,6 +11,11 @@ overtake one another. While the run is in its fault phase a message may be dropp
 real wire decoder into the event the target's core expects; a frame it rejects is reported
 to that core as invalid, as the real transport does.
 
+A calling thread of a client (``meshq.testing.sim.threads``) has connections of its own, as a
+thread's DEALER socket has in the real node: ``open`` names one by a key and the thread that
+reads it; ``send_on`` sends a request from the client node on it, and the leader's reply,
+routed back by that key, goes to the thread instead of the client's core.
+
 Partitions cut links in both directions, between one side and every other node (clients
 included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
 non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
@@ -19,6 +24,7 @@ was already in flight when it was cut.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshq.core import wire
@@ -38,11 +44,17 @@ class Network:
         self.sim = sim
         self._by_endpoint: dict[str, str] = {}  # endpoint -> node id
         self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
+        self._readers: dict[str, Callable[[str, wire.Message], None]] = {}  # own connection key -> its reader
 
     def attach(self, node: SimNode) -> None:
         """Make the node reachable at its request and publish endpoints."""
         self._by_endpoint[node.endpoint] = node.node_id
         self._by_endpoint[node.pub_endpoint] = node.node_id
+
+    def open(self, key: str, reader: Callable[[str, wire.Message], None]) -> None:
+        """A connection of a client's own (a calling thread's): replies routed back by ``key`` go to
+        ``reader(source, message)``."""
+        self._readers[key] = reader
 
     # ------------------------------------------------------------------ what cores send
     def send(self, node: SimNode, peer: str, frames: list) -> None:
@@ -50,6 +62,14 @@ class Network:
         endpoint = node.connections.get(peer)
         if endpoint is not None:
             self._transmit(node.node_id, self._by_endpoint.get(endpoint), ("request", peer), frames)
+
+    def send_on(self, node: SimNode, key: str, endpoint: str, frames: list) -> None:
+        """A request from the node over its own connection ``key`` to ``endpoint``."""
+        self._transmit(node.node_id, self._by_endpoint.get(endpoint), ("request", key), frames)
+
+    def node_at(self, endpoint: str) -> str | None:
+        """The node behind an endpoint."""
+        return self._by_endpoint.get(endpoint)
 
     def reply(self, node: SimNode, route: tuple[str, Any], frames: list) -> None:
         """A reply to the node that sent the request ``route`` names."""
@@ -92,22 +112,24 @@ class Network:
         if frozenset((source, target)) in self._cut:
             sim.stats["dropped"] += 1
             return
+        reader = self._readers.get(channel[1]) if channel[0] == "reply" else None
         try:
-            if channel[0] == "request":
-                message = wire.decode(frames, CLUSTER)
-                event: Any = RequestReceived((source, channel[1]), message)
-            elif channel[0] == "reply":
-                message = wire.decode(frames, CLUSTER)
-                event = ReplyReceived(channel[1], message)
-            else:
-                event = EventReceived(wire.decode(frames, CLUSTER))
+            message = wire.decode(frames, CLUSTER)
         except ProtocolError as exc:
-            node.core.note_invalid_frame(exc)
+            if reader is None:  # (a thread's own connection drops it, as its shell does)
+                node.core.note_invalid_frame(exc)
             return
         sim.stats["delivered"] += 1
         if sim.record_trace:
-            sim.log(f"{source}->{target} {event.message.type} #{event.message.request_id}")
-        sim.feed(node, event)
+            sim.log(f"{source}->{target} {message.type} #{message.request_id}")
+        if reader is not None:
+            reader(source, message)
+        elif channel[0] == "request":
+            sim.feed(node, RequestReceived((source, channel[1]), message))
+        elif channel[0] == "reply":
+            sim.feed(node, ReplyReceived(channel[1], message))
+        else:
+            sim.feed(node, EventReceived(message))
 
     # ------------------------------------------------------------------ partitions
     @property

@@ -4,11 +4,11 @@ Theory of operation
 -------------------
 A run is declared, not scripted. ``SimOptions`` names the cluster's shape (storage nodes,
 clients, partitions, fsync policy), the workload (produce cadence, acks levels), the two
-phases (``fault_s`` of faults, then ``liveness_s`` to converge) and the membership changes
-(``joins_s``, ``leave``, ``outage``); ``FaultOptions`` holds the fault rates the network and
+phases (``fault_s`` of faults, then ``liveness_s`` to converge), the membership changes
+(``joins_s``, ``leave``, ``outage``) and the clients' calling threads (``calling_threads``); ``FaultOptions`` holds the fault rates the network and
 the fault injector draw against. ``SimOptions.swarm(seed)`` draws all of it from the seed
-(swarm testing), the membership changes from a stream of their own so that adding them left
-every other draw as it was. The constants below are shared by every part of the simulator.
+(swarm testing), the membership changes and the calling threads each from a stream of their
+own so that adding them left every other draw as it was. The constants below are shared by every part of the simulator.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class SimOptions:
     # (node, from, until): a kill that outlasts member_timeout_s; until None = the liveness phase
     outage: tuple[str, float, float | None] | None = None
     member_timeout_s: float = 60.0
+    calling_threads: int = 0  # per client: threads whose Node.produce is sent from the thread itself
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
@@ -90,7 +91,9 @@ class SimOptions:
                       partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
                       acks=rng.choice([("leader",), ("leader", "quorum"), ("none", "leader", "all")]),
                       faults=faults)
-        return options._with_membership_changes(random.Random(f"members-{seed}"))
+        options = options._with_membership_changes(random.Random(f"members-{seed}"))
+        # Calling threads (meshq.testing.sim.threads) in most runs; a stream of its own again.
+        return replace(options, calling_threads=random.Random(f"threads-{seed}").choice([0, 1, 1, 2]))
 
     def _with_membership_changes(self, rng: random.Random) -> SimOptions:
         """Draw joins, a leave and an outage (a separate stream: other draws stay as they were)."""

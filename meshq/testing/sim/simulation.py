@@ -3,15 +3,16 @@
 Theory of operation
 -------------------
 ``Simulation`` builds the nodes (``SimNode``: storage nodes n1..nN, joiners after them, clients
-c1..), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer`` and the
-``Checker``, all sharing its one ``random.Random(seed)``, its clock ``now_s`` and its queue.
+c1..), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer``, the
+clients' ``CallingThread``s and the ``Checker``, all sharing its one ``random.Random(seed)``, its clock ``now_s`` and its queue.
 The queue is a heap of ``(time, sequence, kind, data)``: events at the same time run in the
 order they were queued. Each event is one of
 
 * ``deliver`` (the network hands a message to its target), ``timer`` (a core's next deadline),
   ``input`` (a held-back input or a ``LogsSynced``), ``restart``, ``join`` — node and core;
 * ``fault``, ``outage`` — the fault injector; ``produce``, ``create_topic``, ``leave``,
-  ``consume`` — the clients; the periodic ones queue their next turn;
+  ``consume`` — the clients; the periodic ones queue their next turn; ``direct`` — a client's
+  calling thread (``CallingThread``: a synchronous produce sent from the thread itself);
 * ``liveness`` — the fault phase ends: heal, resume and restart everything.
 
 Booting a node builds a fresh ``NodeCore`` with a random stream drawn from the run's and a
@@ -58,6 +59,7 @@ from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
+from meshq.testing.sim.threads import CallingThread
 from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
 
 
@@ -103,6 +105,12 @@ class Simulation:
             self._add_node(f"c{i + 1}", "client")
         self.workload = Workload(self)
         self.consumer = SimConsumer(self)
+        self.threads: dict[str, CallingThread] = {}
+        for i in range(options.clients):
+            stale: set[str] = set()  # shared by the client's threads, as in the real node
+            for n in range(options.calling_threads):
+                thread = CallingThread(self, f"c{i + 1}", n + 1, stale)
+                self.threads[thread.key] = thread
         self.checker = Checker(self)
 
     # ------------------------------------------------------------------ what the checkers read
@@ -264,6 +272,8 @@ class Simulation:
         self.at(1.0, "produce", None)
         self.at(1.5, "create_topic", None)
         self.at(2.0, "consume", None)
+        for thread in self.threads.values():
+            thread.start()
         self.at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
@@ -313,6 +323,12 @@ class Simulation:
         self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
         self.stats["commits_acked"] = len(self.consumer.acked_commits)
         self.stats["consumer_restarts"] = self.consumer.generation
+        if self.threads:
+            threads = self.threads.values()
+            self.stats["direct_produces"] = sum(t.producer.produced for t in threads)
+            self.stats["direct_retries"] = sum(t.producer.retries for t in threads)
+            self.stats["direct_failed"] = sum(t.counts["failed"] for t in threads)
+            self.stats["direct_through_runtime"] = sum(t.counts["through_runtime"] for t in threads)
         return SimResult(options, not violations, violations, self.trace, self.stats)
 
     def _event(self, kind: str, data: Any, fault_end: float) -> None:
@@ -358,6 +374,8 @@ class Simulation:
             if self.now_s < fault_end:
                 self.workload.produce_step()
                 self.at(self.now_s + self.options.produce_interval_s, "produce", None)
+        elif kind == "direct":
+            self.threads[data[0]].on_event(data[1])
         elif kind == "consume":
             if self.now_s < fault_end:
                 self.consumer.step()

@@ -8,6 +8,8 @@ sends, and records every outcome for the history check at the end:
 * **Producers.** Every ``produce_interval_s`` a random client produces one to three unique
   values (``v1``, ``v2``, ...), keyed or not, with one of the run's acks levels; each value
   is an ``Attempt`` whose outcome (ok at a partition and offset, or failed) the core settles.
+* **Calling threads.** ``threads.py``: client threads whose ``Node.produce`` goes straight
+  to the leader; their records are ``Attempt``s here too.
 * **Topics.** Every 0.2-0.8 s a client creates a new topic: metadata writes during the faults.
 * **Leave.** What ``meshq leave`` (through client c1) or ``Node.leave()`` (on the node) does.
 * **Probes.** Once the liveness phase has converged, one acks=leader write to every
@@ -48,7 +50,7 @@ class Attempt:
     offset: int = -1
 
 
-class _Waiter:
+class ProduceWaiter:
     """The waiter of one produce command: the core settles its attempts (``ResolveProduce``)."""
 
     def __init__(self, workload: Workload, attempts: list[Attempt]) -> None:
@@ -87,6 +89,11 @@ class Workload:
         self._leave_asked_until_s = 0.0  # a leave question is outstanding until it is answered, or then
         self._next_leave_ask_s = 0.0
 
+    def next_value(self) -> bytes:
+        """A value no client produced before (``v1``, ``v2``, ...: the order check reads the number)."""
+        self._produced += 1
+        return f"v{self._produced}".encode()
+
     def produce_step(self) -> None:
         """A random client produces one to three new values with one of the run's acks levels."""
         sim = self.sim
@@ -99,14 +106,13 @@ class Workload:
         attempts = []
         records = []
         for _ in range(count):
-            self._produced += 1
-            value = f"v{self._produced}".encode()
+            value = self.next_value()
             attempts.append(Attempt(value, acks, client.node_id))
             key = None if sim.rng.random() < 0.5 else f"k{sim.rng.randrange(20)}".encode()
             records.append((key, value, None, WALL_BASE_MS + int(sim.now_s * 1000)))
         self.attempts.extend(attempts)
         self.pending_attempts += len(attempts)
-        sim.feed(client, ProduceCommand(TOPIC, records, _Waiter(self, attempts), None, acks, sim.now_s + 3.0))
+        sim.feed(client, ProduceCommand(TOPIC, records, ProduceWaiter(self, attempts), None, acks, sim.now_s + 3.0))
 
     def create_topic_step(self) -> None:
         """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
@@ -131,13 +137,12 @@ class Workload:
         client = sim.nodes["c1"]
         self.probes = []
         for partition in range(sim.options.partitions):
-            self._produced += 1
-            attempt = Attempt(f"v{self._produced}".encode(), "leader", client.node_id)
+            attempt = Attempt(self.next_value(), "leader", client.node_id)
             self.probes.append(attempt)
             self.attempts.append(attempt)
             self.pending_attempts += 1
             sim.feed(client, ProduceCommand(TOPIC, [(None, attempt.value, None, WALL_BASE_MS + int(sim.now_s * 1000))],
-                                            _Waiter(self, [attempt]), partition, "leader", sim.now_s + 5.0))
+                                            ProduceWaiter(self, [attempt]), partition, "leader", sim.now_s + 5.0))
         sim.log("liveness probes sent")
 
     def leave_step(self) -> None:
