@@ -11,6 +11,7 @@ from meshq.core import replica as replica_module
 from meshq.core.client.consumer import ConsumerState
 from meshq.core.client.direct import DirectCall, ThreadProducer
 from meshq.core.partitions import host as host_module
+from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
@@ -248,3 +249,17 @@ def test_checkers_catch_a_calling_thread_that_keeps_its_epoch_after_an_unknown_f
     # at the old record's offset, where it is not.
     monkeypatch.setattr(ThreadProducer, "new_epoch", lambda self: None)
     assert failing_seeds(calling_thread_seeds(30)), "records acknowledged at another record's offset went unnoticed"
+
+
+def test_checkers_catch_a_coordinator_that_does_not_rebuild_committed_offsets(monkeypatch):
+    # Broken variant: a node that takes over a partition of __consumer_offsets does not replay its
+    # log, so the groups it now coordinates lose their committed offsets. The read of the group's
+    # commits after convergence must see one go back.
+    original = Groups.on_leadership
+
+    def forgetful(self, key, gained):
+        if not gained:
+            original(self, key, gained)
+
+    monkeypatch.setattr(Groups, "on_leadership", forgetful)
+    assert failing_seeds(list(CI_SEEDS)[:20]), "a coordinator forgetting committed offsets went unnoticed"

@@ -4,8 +4,9 @@ A pure refactor of the core changes no delivered message, no request id, no rand
 no iteration order, so every pinned seed reproduces its digest byte for byte. A commit that
 changes behaviour on purpose re-pins here and says why in its message (re-pinned when the
 simulator's consumer and leave loop became the real ``ConsumerState`` and ``LeaveLoop``, when
-the clients' calling threads arrived (the seeds whose runs have them), and when a routed call
-that fails retriably started dropping its topic's metadata):
+the clients' calling threads arrived (the seeds whose runs have them), when a routed call
+that fails retriably started dropping its topic's metadata, and when the consumer began reading
+the group's commits back after convergence):
 
     python -c "from meshq.testing.sim import run_seed; print(run_seed(SEED).trace_digest)"
 """
@@ -18,11 +19,11 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "08d5881228733ecc", 1: "e001e04df00809bb", 2: "200c2d08c2f55fc6", 3: "8d9cc60d0d95309b",
-    4: "b8a48f625853cedd", 5: "6b573ed5e44a7b24", 6: "4d451096d5396d44", 7: "defb9dcc00d077e5",
-    8: "88f3980f803dca54", 12: "addf75faebacda07", 15: "dd99c56486c86da0", 16: "5c86c8c56dea0430",
-    20: "8edb654207e1e10f", 21: "96e4c4493b13b2f8", 22: "bb8d98bc274ff9a8", 25: "d814cebc5adbe14c",
-    29: "845d5d1b9419457a", 37: "e5c6e7918ecb1017", 38: "46b4f76c907da8de", 45: "b0d13c2817bdb243",
+    0: "d8e64e5d3579c8b3", 1: "3cb96daea762e723", 2: "bf5cf07125d82825", 3: "c0361abfe2c87838",
+    4: "70d3b2ed797a2761", 5: "9cfed58c49d88220", 6: "ed166abdcf121869", 7: "8447c34c9d11f7e7",
+    8: "6767a22ffe455d30", 12: "c6f2f2be8889e36a", 15: "25e069d68a933226", 16: "07d7400d2cc715f9",
+    20: "743e61fa3b3d767e", 21: "3fddf5f8099b9d81", 22: "dfddcf5f6b90de86", 25: "12508165bb8bcd91",
+    29: "804cfd7b989e5b67", 37: "5788a7f359ecafc9", 38: "1ccd75e9e293122e", 45: "57e22596f3b586d6",
 }
 
 

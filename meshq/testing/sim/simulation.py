@@ -305,13 +305,19 @@ class Simulation:
                 break
             if self.checker.converged and self.workload.probes is None:
                 self.workload.send_probes()
-            if self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes):
+            if self.checker.converged:
+                self.consumer.read_commits_at_the_end()
+            if (self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
+                    and self.consumer.final_read == "done"):
                 break
         probes = self.workload.probes
         if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
             failed = [a for a in probes if a.outcome != "ok"]
             violations.append(Violation(f"liveness: {len(failed)} of {len(probes)} probe writes after "
                                         f"convergence did not succeed ({failed[0].outcome}: {failed[0].error})"))
+        if not violations and probes is not None and self.consumer.final_read != "done":
+            violations.append(Violation("liveness: the group's committed offsets could not be read back after "
+                                        "convergence"))
         if not violations:
             try:
                 self.checker.at_end(self.now_s >= end)

@@ -206,6 +206,7 @@ class SimConsumer:
         # its fate is unknown, it may still be applied)]
         self.commits: list[list] = []
         self.next_commit_s = 0.0
+        self.final_read = "not asked"  # not asked | pending | done: the read of the group's commits at the end
 
     def step(self) -> None:
         sim = self.sim
@@ -279,6 +280,31 @@ class SimConsumer:
             self.state = state
 
         sim.feed(node, FetchCommitted(self.GROUP, TOPIC, sim.now_s + 2.0, resume))
+    def read_commits_at_the_end(self) -> None:
+        """Once the cluster has converged: read the group's committed offsets once more. Each must
+        still be at least the highest commit acknowledged before that nothing may have overtaken
+        (a coordinator that took over must have rebuilt them from its log). Asked again until it
+        is answered; the run ends only once it was."""
+        sim = self.sim
+        node = sim.nodes["c1"]
+        if self.final_read != "not asked" or node.core is None:
+            return
+        self.final_read = "pending"
+        self.generation += 1  # the member stops here: answers to its fetches no longer count
+        self.state = None
+        floor = self._committed_floor(sim.now_s)
+
+        def answered(effect: Any) -> None:
+            if not isinstance(effect, Resolve):
+                self.final_read = "not asked"  # ask again at the next event
+                return
+            committed = {p: o for (_t, p), o in effect.result.items()}
+            sim.checker.on_committed_read(committed, floor)
+            self.final_read = "done"
+            sim.log("consumer: committed offsets read back after convergence")
+
+        sim.feed(node, FetchCommitted(self.GROUP, TOPIC, sim.now_s + 2.0, answered))
+
     def _committed_floor(self, now_s: float) -> dict[int, int]:
         """Per partition, the committed offset a read sent now must not be below: the highest
         commit acknowledged before now that no lower commit may have overtaken. (A commit still
