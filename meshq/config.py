@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from meshq.errors import ConfigError
+from meshq.errors import ConfigError, InvalidTopicError
 
 FsyncPolicy = Literal["always", "interval", "never"]
 Role = Literal["storage", "client"]
@@ -29,10 +29,14 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def refuse_reserved_topic(name: str) -> None:
+    """Raise ``InvalidTopicError`` for a name meshq keeps for itself (``__consumer_offsets``...)."""
+    if name.startswith("__"):
+        raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({name!r})")
+
+
 def validate_topic_name(name: str) -> str:
     """Return the name, or raise InvalidTopicError explaining the allowed form."""
-    from meshq.errors import InvalidTopicError
-
     if not isinstance(name, str) or not TOPIC_NAME.match(name) or name in {".", ".."}:
         raise InvalidTopicError(
             f"invalid topic name {name!r}: use 1-200 characters from letters, digits, '.', '_' and '-'"

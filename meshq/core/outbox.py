@@ -119,7 +119,7 @@ class Outbox:
         if peer == self.node_id:
             self._serve(LocalRoute(0), wire.Message(type_, self.node_id, 0, body, payloads), now_s)
         else:
-            self._effects.append(Send(peer, wire.encode(self.cluster, self.node_id, type_, 0, body, payloads)))
+            self.send(peer, type_, body, payloads)
 
     def send(self, peer: str, type_: str, body: dict, payloads: tuple = ()) -> None:
         """A one-way message over an open DEALER (the caller connected it)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
-from meshq.config import TopicConfig, validate_topic_name
+from meshq.config import TopicConfig, refuse_reserved_topic, validate_topic_name
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
@@ -32,7 +32,6 @@ from meshq.core.hashing import partition_for_key
 from meshq.core.partition import PRODUCER_WINDOW
 from meshq.core.room import Room
 from meshq.errors import (
-    InvalidTopicError,
     MeshqError,
     MessageTooLargeError,
     NodeStoppedError,
@@ -100,7 +99,7 @@ class Producer(Room):
             return
         try:
             validate_topic_name(command.topic)
-            refuse_internal_topic(command.topic)
+            refuse_reserved_topic(command.topic)  # meshq's own topics take no produce
         except MeshqError as exc:
             self._fail_records(command, exc)
             return
@@ -357,13 +356,6 @@ class Producer(Room):
                 keep.append(out)
             partition_state.queue = keep
             partition_state.next_sequence = sequence
-
-
-def refuse_internal_topic(topic: str) -> None:
-    """Topics named ``__...`` are meshq's own (committed offsets): no produce may write them."""
-    if topic.startswith("__"):
-        raise InvalidTopicError(f"topic {topic!r} is internal to meshq (names starting with '__' are reserved); "
-                                f"produce to a topic of your own")
 
 
 def produce_retriable(error: MeshqError) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from meshq.config import TopicConfig, validate_topic_name
+from meshq.config import TopicConfig, refuse_reserved_topic, validate_topic_name
 from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
@@ -43,7 +43,6 @@ from meshq.core.hashing import stable_hash64
 from meshq.core.room import Room
 from meshq.core.status import merge_status
 from meshq.errors import (
-    InvalidTopicError,
     MeshqError,
     NodeStoppedError,
     NotLeaderError,
@@ -157,8 +156,7 @@ class Requests(Room):
 
     def _cmd_create_topic(self, command: Command, now_s: float) -> None:
         config: TopicConfig = command.config
-        if config.name.startswith("__"):
-            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
+        refuse_reserved_topic(config.name)
 
         def convert(message: wire.Message) -> TopicConfig:
             self.core.client.absorb_metadata({"members": [], "topics": [message.body["topic"]]})

@@ -26,12 +26,12 @@ from typing import Any
 
 import msgpack
 
-from meshq.config import TopicConfig
+from meshq.config import TopicConfig, refuse_reserved_topic
 from meshq.core import wire
 from meshq.core.metadata import MetadataState
 from meshq.core.raft import LEADER, RaftNode
 from meshq.core.room import Room
-from meshq.errors import InvalidTopicError, MeshqError, NotLeaderError, ProtocolError
+from meshq.errors import MeshqError, NotLeaderError, ProtocolError
 
 log = logging.getLogger("meshq.core")
 
@@ -232,8 +232,8 @@ class Agreement(Room):
         config = TopicConfig.from_wire(wire.TOPIC_CONFIG(command.get("config"), "command.config"))
         if config.name == OFFSETS_TOPIC:
             config = self.core.catalog.offsets_topic_config()  # internal: its configuration is ours, never a peer's
-        elif config.name.startswith("__"):
-            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
+        else:
+            refuse_reserved_topic(config.name)
         existing = self.meta.topics.get(config.name)
         if existing is not None:
             self.out.reply(route, message.request_id, "raft_propose_ok", {"index": self.meta.applied_index})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshq.config import TopicConfig, validate_topic_name
+from meshq.config import TopicConfig, refuse_reserved_topic, validate_topic_name
 from meshq.core import wire
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
 from meshq.core.metadata import MetadataState
@@ -57,8 +57,7 @@ class Catalog(Room):
     def serve_create_topic(self, route: Any, message: wire.Message, now_s: float) -> None:
         self.require_storage()
         config = TopicConfig.from_wire(message.body["config"])
-        if config.name.startswith("__"):
-            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({config.name!r})")
+        refuse_reserved_topic(config.name)
         existing = self.meta.topics.get(config.name)
         if existing is not None:
             if not message.body["if_not_exists"]:
@@ -83,8 +82,7 @@ class Catalog(Room):
 
     def _default_topic_config(self, name: str) -> TopicConfig:
         validate_topic_name(name)
-        if name.startswith("__"):
-            raise InvalidTopicError(f"topic names starting with '__' are reserved for meshq ({name!r})")
+        refuse_reserved_topic(name)
         return TopicConfig(name=name, partitions=self.config.partitions,
                            replication_factor=self.config.replication_factor)
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from meshq.config import validate_topic_name
+from meshq.config import refuse_reserved_topic, validate_topic_name
 from meshq.core import batch as batch_format
 from meshq.core import wire
-from meshq.core.client.producer import refuse_internal_topic
 from meshq.core.events import SyncLogs
 from meshq.core.partition import AckWaiter, ParkedFetch, PartitionState
 from meshq.core.room import Room
@@ -47,7 +46,7 @@ class PartitionServer(Room):
 
     def serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
-        refuse_internal_topic(body["topic"])  # before any state is looked at or changed
+        refuse_reserved_topic(body["topic"])  # before any state is looked at or changed
         state = self.leader_state(body["topic"], body["partition"])
         self.check_lease(state, now_s)
         data = message.payloads[0]
