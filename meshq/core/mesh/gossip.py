@@ -21,7 +21,7 @@ from typing import Any
 
 from meshq.config import parse_host_port
 from meshq.core import wire
-from meshq.core.events import Disconnect, Publish, Subscribe, Unsubscribe
+from meshq.core.events import Publish, Subscribe, Unsubscribe
 from meshq.core.membership import Member, MemberTable
 from meshq.core.room import Room
 from meshq.errors import MeshqError
@@ -181,8 +181,7 @@ class Mesh(Room):
             assert self.members is not None
             info = message.body["member"]
             if peer.startswith("seed:"):
-                self.out.peer_endpoints.pop(peer, None)
-                self.out.emit(Disconnect(peer))
+                self.out.disconnect(peer)  # a seed's address was only a way in
                 self._seeds_answered.add(peer)
                 self._seed_hellos.discard(peer)
             if info["node_id"] == self.node_id:
