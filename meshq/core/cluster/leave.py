@@ -75,7 +75,8 @@ class Leave(Room):
         self.leaving = True
         if raft.role == LEADER:
             answer = self.state_of(self.node_id, now_s)
-            self.has_left = answer["state"] == "left"
+            if answer["state"] == "left":
+                self.left()
             self.out.reply(route, message.request_id, "leave_ok", answer)
             return
         if self.has_left:
@@ -84,6 +85,11 @@ class Leave(Room):
         if not self.ask(now_s, lambda body: self.out.reply(route, message.request_id, "leave_ok", body),
                         lambda error: self.out.reply_error(route, message.request_id, error)):
             raise NotLeaderError("the metadata group has no leader right now; retry")
+
+    def left(self) -> None:
+        """The membership let this node go: delete what it still holds; the runtime then stops it."""
+        self.has_left = True
+        self.core.host.delete_every_copy()
 
     def check_left(self, now_s: float) -> None:
         """A leaving node asks the metadata leader, once a second, whether it is out yet, so it
@@ -121,7 +127,7 @@ class Leave(Room):
             if reply.body["state"] == "left" and not self.has_left:
                 log.info("%s: every partition moved away and the membership let it go; leaving the cluster",
                          self.node_id)
-                self.has_left = True
+                self.left()
             answered(reply.body)
 
         packed = msgpack.packb({"op": "leave", "node_id": self.node_id}, use_bin_type=True)

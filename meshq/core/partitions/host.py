@@ -164,6 +164,16 @@ class PartitionHost(Room):
         # Every step that drops a replica was proposed only once the target replicas confirmed a
         # checked copy of everything committed (metadata.next_step), so this copy may go.
         state.replica.set_config(voters, learners, version, self.core.now_s)  # a leader hands over first
+        self._delete_copy(key, state, f"moved to {', '.join(voters)}")
+
+    def delete_every_copy(self) -> None:
+        """This node has left: the metadata leader answered that no partition names it any more,
+        so every copy still here is a leftover of steps it never applied (a removed member gets
+        no more of the metadata log); delete them rather than leave stale data behind."""
+        for key, state in sorted(self.partitions.items()):
+            self._delete_copy(key, state, "this node left the cluster")
+
+    def _delete_copy(self, key: tuple[str, int], state: Any, why: str) -> None:
         self.on_replica_change(key)
         del self.partitions[key]
         self._leading.discard(key)
@@ -175,7 +185,7 @@ class PartitionHost(Room):
         state.log.close()
         self.core.storage.delete_log(*key)
         self.core.storage.write_meta(persisted_name(*key), {})
-        log.info("%s/%d: moved to %s; the copy here is deleted", key[0], key[1], ", ".join(voters))
+        log.info("%s/%d: %s; the copy here is deleted", key[0], key[1], why)
 
     def rebalance_tick(self, now_s: float) -> None:
         """Partition leader: propose the next step towards the ring placement (metadata.next_step)."""
