@@ -14,6 +14,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 =================  ==========================================================================
 ``out``            effects, timers, pending requests, connections (``outbox.Outbox``)
 ``mesh``           membership, liveness, gossip, seeds (``mesh.gossip.Mesh``)
+``adverts``        what each node offers the mesh: interest, services (``mesh.adverts``)
 ``formation``      joining, forming or merging the metadata group (``cluster.formation``)
 ``agreement``      the metadata Raft group and its applied state (``cluster.agreement``)
 ``leave``          ``meshq leave``: drain, then leave the membership (``cluster.leave``)
@@ -28,7 +29,8 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 =================  ==========================================================================
 
 Each room declares the request types it serves (``SERVES``), the local commands it carries
-out (``COMMANDS``) and its timer kinds (``TIMERS``); the root registers them, so a new
+out (``COMMANDS``), the events it takes from peers' PUB sockets (``EVENTS``) and its timer
+kinds (``TIMERS``); the root registers them, so a new
 capability is a new room listed in ``__init__``, never new code in the dispatch. The one
 duty the root keeps is the heartbeat: every ``heartbeat_interval_s`` it runs each room's
 periodic step in a fixed order (``_heartbeat``).
@@ -62,6 +64,7 @@ from meshq.core.events import (
     RequestReceived,
 )
 from meshq.core.membership import MemberTable
+from meshq.core.mesh.adverts import Adverts
 from meshq.core.mesh.gossip import Mesh
 from meshq.core.metadata import MetadataState
 from meshq.core.outbox import Outbox
@@ -105,6 +108,7 @@ class NodeCore:
         }
         self.out = Outbox(config.cluster, node_id, self.serve)
         self.mesh = Mesh(self)
+        self.adverts = Adverts(self)
         self.formation = Formation(self)
         self.agreement = Agreement(self)
         self.leave = Leave(self)
@@ -118,17 +122,19 @@ class NodeCore:
         self.status = Status(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
         self._commands: dict[type, Callable[[Any, float], None]] = {}
+        self._events: dict[str, Callable[[wire.Message, float], None]] = {}
         self._timers: dict[str, Callable[[Any, float], None]] = {
             "request": lambda request_id, now_s: self.out.expire(request_id),
             "heartbeat": self._heartbeat,
         }
-        for room in (self.mesh, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
+        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
                      self.groups, self.client, self.producer, self.requests, self.status):
             self.register(room)
 
     def register(self, room: Room) -> None:
-        """Route the request types, commands and timer kinds ``room`` declares to its methods."""
-        tables = ((self._servers, room.SERVES), (self._commands, room.COMMANDS), (self._timers, room.TIMERS))
+        """Route the request types, commands, events and timer kinds ``room`` declares to its methods."""
+        tables = ((self._servers, room.SERVES), (self._commands, room.COMMANDS), (self._events, room.EVENTS),
+                  (self._timers, room.TIMERS))
         for table, names in tables:  # all checked first: a refused room registers nothing
             for key in names:
                 if key in table:
@@ -179,7 +185,11 @@ class NodeCore:
         elif kind in self._commands:
             self._commands[kind](event, now_s)
         elif kind is EventReceived:
-            self.mesh.on_event(event.message, now_s)
+            on_event = self._events.get(event.message.type)
+            if on_event is None:
+                self.counters["frames_invalid"] += 1  # a request or reply type published: drop, count
+            else:
+                on_event(event.message, now_s)
         elif kind is PeerDiscovered:
             self.mesh.learn(event.info, now_s)
         elif kind is LogsSynced:

@@ -7,9 +7,10 @@ a sibling's dicts: it calls a small method. Time comes in as ``now_s`` on every 
 randomness from ``core.rng``; effects go out through ``core.out`` (``meshq.core.outbox``).
 
 A room that answers requests lists them in ``SERVES`` (message type -> method name), one
-that carries out local API calls in ``COMMANDS`` (command type -> method name), and one
-with timers in ``TIMERS`` (timer kind -> method name taking ``(key, now_s)``): the root
-registers them all, so a new capability adds a room without editing the dispatch.
+that carries out local API calls in ``COMMANDS`` (command type -> method name), one that
+takes events published by peers (PUB/SUB) in ``EVENTS`` (message type -> method taking
+``(message, now_s)``), and one with timers in ``TIMERS`` (timer kind -> method name taking
+``(key, now_s)``): the root registers them all, so a new capability adds a room without editing the dispatch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Room:
 
     SERVES: ClassVar[dict[str, str]] = {}
     COMMANDS: ClassVar[dict[type, str]] = {}
+    EVENTS: ClassVar[dict[str, str]] = {}
     TIMERS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, core: NodeCore) -> None:

@@ -139,8 +139,21 @@ def MapOf(key: Check, inner: Check, max_len: int = 10_000) -> Check:
     return check
 
 
+class Default:
+    """A field a sender may leave out (an addition to a message type): absent, it reads as ``default``."""
+
+    __slots__ = ("inner", "default")
+
+    def __init__(self, inner: Check, default: Any) -> None:
+        self.inner = inner
+        self.default = default
+
+    def __call__(self, value: Any, path: str) -> Any:
+        return self.inner(value, path)
+
+
 def Struct(**fields: Check) -> Check:
-    """A map with required fields (extra fields are ignored)."""
+    """A map with required fields (extra fields are ignored; a ``Default`` field may be absent)."""
 
     def check(value: Any, path: str) -> dict:
         if type(value) is not dict:
@@ -148,6 +161,9 @@ def Struct(**fields: Check) -> Check:
         out = {}
         for name, field_check in fields.items():
             if name not in value:
+                if type(field_check) is Default:
+                    out[name] = field_check.default
+                    continue
                 raise ProtocolError(f"field {path + '.' if path else ''}{name}: missing")
             out[name] = field_check(value[name], f"{path + '.' if path else ''}{name}")
         return out
@@ -250,8 +266,16 @@ SCHEMAS: dict[str, Schema] = {
                               leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool())),
     "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
                                leader=Optional(NODE), term=Int(0, 1 << 62), size=Int(0, 1 << 16),
-                               trivial=Bool(), can_form=Bool(), leads=ListOf(_lead, 100_000))),
+                               trivial=Bool(), can_form=Bool(), leads=ListOf(_lead, 100_000),
+                               adverts=Default(Int(0, 1 << 62), 0))),
     "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
+    # what a node offers the mesh (meshq.core.mesh.adverts): published on change, pulled when a
+    # heartbeat names a newer version than the one known
+    "advert": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62), version=Int(0, 1 << 62),
+                            adverts=MapOf(Str(64, 1), Any_(), 64))),
+    "advert_get": Schema(Struct()),
+    "advert_ok": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62), version=Int(0, 1 << 62),
+                               adverts=MapOf(Str(64, 1), Any_(), 64))),
     "raft_vote": Schema(Struct(term=Int(0, 1 << 62), candidate=NODE, last_index=Int(-1, 1 << 62),
                                last_term=Int(0, 1 << 62), pre_vote=Bool())),
     "raft_vote_ok": Schema(Struct(term=Int(0, 1 << 62), granted=Bool(), pre_vote=Bool(), voter=NODE,

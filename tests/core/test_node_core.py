@@ -305,7 +305,7 @@ def storage_heartbeat(node_id: str, port: int, leader: str | None) -> EventRecei
     info = {"node_id": node_id, "address": f"tcp://127.0.0.1:{port}", "pub_address": f"tcp://127.0.0.1:{port + 1}",
             "role": "storage", "incarnation": 1}
     body = {"member": info, "members": [info], "formed": True, "leader": leader, "size": 2, "trivial": False,
-            "can_form": False, "term": 1, "leads": []}
+            "can_form": False, "term": 1, "leads": [], "adverts": 0}
     return EventReceived(wire.Message("heartbeat", node_id, 0, body))
 
 

@@ -50,8 +50,12 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "hello_ok": ({"member": MEMBER_INFO, "members": [MEMBER_INFO, dict(MEMBER_INFO, node_id="node-c", role="client")],
                   "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False}, ()),
     "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3,
-                   "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]]}, ()),
+                   "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]], "adverts": 4}, ()),
     "goodbye": ({"node_id": "node-b", "incarnation": 1_700_000_000_000}, ()),
+    "advert": ({"node_id": "node-b", "incarnation": 1_700_000_000_000, "version": 4,
+                "adverts": {"subs": [["sensors.*.temp", None]], "services": {"echo": {"idempotent": True}}}}, ()),
+    "advert_get": ({}, ()),
+    "advert_ok": ({"node_id": "node-b", "incarnation": 1_700_000_000_000, "version": 0, "adverts": {}}, ()),
     "raft_vote": ({"term": 4, "candidate": "node-b", "last_index": -1, "last_term": 0, "pre_vote": True}, ()),
     "raft_vote_ok": ({"term": 4, "granted": False, "pre_vote": True, "voter": "node-a", "for_term": 5}, ()),
     "raft_append": ({"term": 4, "leader": "node-a", "prev_index": 9, "prev_term": 3, "commit": 9,
@@ -392,7 +396,10 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 
 
 # ---------------------------------------------------------------- body rejections
-FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])]
+# fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
+OPTIONAL_FIELDS = {("heartbeat", "adverts")}
+FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
+               if (type_, name) not in OPTIONAL_FIELDS]
 
 
 @pytest.mark.parametrize(("type_", "field"), FIELD_CASES)
@@ -699,3 +706,10 @@ def test_valid_message_check_handles_nan_in_status():
     message = wire.decode([raw_header(type_="status_ok", body={"status": [float("nan")]})], CLUSTER)
     assert math.isnan(message.body["status"][0])
     assert_valid_message(message)
+
+
+def test_a_heartbeat_from_a_sender_that_predates_adverts_reads_as_version_0():
+    body = dict(EXAMPLES["heartbeat"][0])
+    del body["adverts"]
+    frames = wire.encode("c", "node-b", "heartbeat", 0, body)
+    assert wire.decode(frames, "c").body["adverts"] == 0

@@ -38,6 +38,7 @@ class Mesh(Room):
     """Membership, liveness and gossip of one node (see the module docstring)."""
 
     SERVES = {"hello": "serve_hello"}
+    EVENTS = {"heartbeat": "on_heartbeat", "goodbye": "on_goodbye"}
     TIMERS = {"hello_retry": "_hello_again"}
 
     def __init__(self, core: Any) -> None:
@@ -70,6 +71,8 @@ class Mesh(Room):
         self.publish_heartbeat()
         before = {m.node_id: m.pub_address for m in self.members.members.values()}
         for node_id, state in self.members.tick(now_s):
+            if state in ("dead", "forgotten"):
+                self.core.adverts.forget(node_id)
             if state == "forgotten":
                 self._unlink(node_id, before.get(node_id))
                 self.core.formation.forget(node_id)
@@ -128,29 +131,31 @@ class Mesh(Room):
     def publish_heartbeat(self) -> None:
         assert self.members is not None
         body = {"member": self.self_info(), "members": self.members.gossip(), **self.core.formation.summary(),
-                "term": self.core.agreement.term(), "leads": self.core.host.leads()}
+                "term": self.core.agreement.term(), "leads": self.core.host.leads(),
+                "adverts": self.core.adverts.version}
         self.out.emit(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
 
-    def on_event(self, message: wire.Message, now_s: float) -> None:
+    def on_heartbeat(self, message: wire.Message, now_s: float) -> None:
         assert self.members is not None
-        if message.type == "heartbeat":
-            body = message.body
-            if body["member"]["node_id"] != message.sender:
-                self.core.counters["frames_invalid"] += 1
-                return
-            self._heard_from(body["member"], body, now_s)
-            self._note_leads(message.sender, body["leads"])
-            if (not any(info["node_id"] == self.node_id for info in body["members"])
-                    and now_s >= self._introduced_s.get(message.sender, 0.0)):
-                # The sender does not know us (it restarted since we met): introduce ourselves.
-                self._introduced_s[message.sender] = now_s + 1.0
-                self.hello(message.sender, now_s)
-            self.core.formation.tick(now_s)
-        elif message.type == "goodbye":
-            if self.members.leave(message.body["node_id"], message.body["incarnation"], now_s):
-                log.info("member %s left", message.body["node_id"])
-        else:
+        body = message.body
+        if body["member"]["node_id"] != message.sender:
             self.core.counters["frames_invalid"] += 1
+            return
+        self._heard_from(body["member"], body, now_s)
+        self._note_leads(message.sender, body["leads"])
+        self.core.adverts.note_version(message.sender, body["member"]["incarnation"], body["adverts"], now_s)
+        if (not any(info["node_id"] == self.node_id for info in body["members"])
+                and now_s >= self._introduced_s.get(message.sender, 0.0)):
+            # The sender does not know us (it restarted since we met): introduce ourselves.
+            self._introduced_s[message.sender] = now_s + 1.0
+            self.hello(message.sender, now_s)
+        self.core.formation.tick(now_s)
+
+    def on_goodbye(self, message: wire.Message, now_s: float) -> None:
+        assert self.members is not None
+        if self.members.leave(message.body["node_id"], message.body["incarnation"], now_s):
+            log.info("member %s left", message.body["node_id"])
+            self.core.adverts.forget(message.body["node_id"])
 
     def _note_leads(self, sender: str, leads: list) -> None:
         """Remember which partitions ``sender`` says it leads (routing hints; the leader decides)."""

@@ -227,7 +227,7 @@ def heartbeat(info: dict, members: list[dict] | None = None, formed: bool = Fals
     """A heartbeat as ``info``'s node publishes it (``sender`` may differ, to forge one)."""
     body = {"member": info, "members": members if members is not None else [info], "formed": formed,
             "leader": leader, "size": size, "trivial": trivial, "can_form": can_form, "term": term,
-            "leads": leads or []}
+            "leads": leads or [], "adverts": 0}
     return EventReceived(wire.Message("heartbeat", sender or info["node_id"], 0, body))
 
 

@@ -16,7 +16,7 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "client", "producer",
+ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "client", "producer",
          "requests", "status")
 
 
@@ -63,13 +63,14 @@ def test_the_core_builds_every_room_and_the_outbox(core):
 def test_every_entry_a_room_declares_names_a_real_method_and_is_dispatched_to_it(core, name):
     room = rooms_of(core)[name]
     for table, dispatch in ((room.SERVES, core._servers), (room.COMMANDS, core._commands),
-                            (room.TIMERS, core._timers)):
+                            (room.EVENTS, core._events), (room.TIMERS, core._timers)):
         for key, method_name in table.items():
             method = getattr(room, method_name, None)
             assert callable(method), f"{name}.{method_name} ({key!r}) is not a method"
             inspect.signature(method).bind("key-or-route", *(("message",) if table is room.SERVES else ()), 1.0)
             assert dispatch[key] == method, f"{key!r} is not dispatched to {name}.{method_name}"
     assert all(type_ in wire.SCHEMAS for type_ in room.SERVES), "a served type has no wire schema"
+    assert all(type_ in wire.SCHEMAS for type_ in room.EVENTS), "an event type has no wire schema"
     assert all(kind in (*events.COMMANDS, events.ProduceCommand) for kind in room.COMMANDS)
 
 
