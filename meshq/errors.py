@@ -61,9 +61,16 @@ class NotEnoughReplicasError(MeshqError):
 
 
 class NotLeaderError(MeshqError):
-    """The node asked is not the leader of the partition; refresh metadata and retry."""
+    """The node asked is not the leader of the partition; refresh metadata and retry.
+
+    ``leader`` names the node the answering node believes leads, when it knows one (on the
+    wire: the ``leader`` field of the ``error`` reply)."""
 
     retriable = True
+
+    def __init__(self, message: str = "", leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
 
 
 class NoRespondersError(MeshqError):
@@ -137,6 +144,9 @@ def error_code(error: MeshqError) -> str:
     return "usage"
 
 
-def error_from_code(code: str, message: str) -> MeshqError:
-    """Rebuild the exception a remote node reported."""
-    return ERROR_CODES.get(code, MeshqError)(message)
+def error_from_code(code: str, message: str, leader: str | None = None) -> MeshqError:
+    """Rebuild the exception a remote node reported (``leader``: the hint of a ``not_leader``)."""
+    klass = ERROR_CODES.get(code, MeshqError)
+    if leader is not None and issubclass(klass, NotLeaderError):
+        return klass(message, leader=leader)
+    return klass(message)

@@ -48,6 +48,16 @@ class PeerDiscovered:
 
 
 @dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A request whose envelope decoded (so it can be answered) but whose body or payloads did
+    not: the core counts it and answers ``error`` (code ``protocol``) naming the defect."""
+
+    route: Any
+    request_id: int
+    error: Any  # the ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
 class LogsSynced:
     """The runtime completed the fsync asked for by ``SyncLogs``."""
 

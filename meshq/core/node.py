@@ -57,6 +57,7 @@ from meshq.core.cluster.catalog import Catalog
 from meshq.core.cluster.formation import Formation
 from meshq.core.cluster.leave import Leave
 from meshq.core.events import (
+    BadRequest,
     EventReceived,
     LogsSynced,
     PeerDiscovered,
@@ -194,6 +195,9 @@ class NodeCore:
             self.mesh.learn(event.info, now_s)
         elif kind is LogsSynced:
             self.host.on_synced(event.keys)
+        elif kind is BadRequest:
+            self.note_invalid_frame(event.error)
+            self.out.reply_error(event.route, event.request_id, event.error)
         else:
             raise UsageError(f"NodeCore cannot handle {kind.__name__}")
         self.out.drain_local(now_s)
@@ -203,8 +207,11 @@ class NodeCore:
         """Answer one request with the room registered for its type (an error reply if it raises)."""
         handler = self._servers.get(message.type)
         if handler is None:
-            # A reply type sent as a request: the peer is confused; drop and count it.
+            # A reply or event type sent as a request: the peer is confused; count it, and tell
+            # it so if it gave a request id (every request with an id gets one answer).
             self.counters["frames_invalid"] += 1
+            self.out.reply_error(route, message.request_id, ProtocolError(
+                f"{message.type} is not a request this node answers"))
             return
         try:
             handler(route, message, now_s)

@@ -137,7 +137,7 @@ class Outbox:
             return  # late reply after a timeout: the request was already failed or retried
         if message.type == "error":
             body = message.body
-            request.on_error(error_from_code(body["code"], body["message"]))
+            request.on_error(error_from_code(body["code"], body["message"], body.get("leader")))
         else:
             try:
                 request.on_reply(message)
@@ -165,8 +165,11 @@ class Outbox:
         return answer
 
     def reply_error(self, route: Any, request_id: int, error: MeshqError) -> None:
-        self.reply(route, request_id, "error",
-                   {"code": error_code(error), "message": str(error)[:4096], "retriable": error.retriable})
+        body = {"code": error_code(error), "message": str(error)[:4096], "retriable": error.retriable}
+        leader = getattr(error, "leader", None)
+        if leader is not None:
+            body["leader"] = leader
+        self.reply(route, request_id, "error", body)
 
     def drain_local(self, now_s: float) -> None:
         while self._local_inbox:

@@ -329,8 +329,20 @@ SCHEMAS: dict[str, Schema] = {
     "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
-    "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool())),
+    # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)
+    "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool(),
+                           leader=Default(Optional(NODE), None))),
 }
+
+
+class InvalidRequest(ProtocolError):
+    """A frame whose envelope is readable (version, cluster, sender, request id) but whose type,
+    body or payloads are not: a request with an id can be answered with the defect."""
+
+    def __init__(self, message: str, request_id: int, sender: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.sender = sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,13 +395,17 @@ def decode(frames: Sequence[bytes], cluster: str) -> Message:
     if their_cluster != cluster:
         raise ProtocolError(f"frame for cluster {short_repr(their_cluster)}, this node is in {cluster!r}")
     Str(64, 1)(sender, "sender")
-    if type(type_) is not str or type_ not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {short_repr(type_)}")
     Int(0, (1 << 63) - 1)(request_id, "request_id")
+    if type(type_) is not str or type_ not in SCHEMAS:
+        raise InvalidRequest(f"unknown message type {short_repr(type_)}", request_id, sender)
     schema = SCHEMAS[type_]
     payloads = tuple(bytes(f) for f in frames[1:])
     if not schema.min_payloads <= len(payloads) <= schema.max_payloads:
-        raise ProtocolError(
-            f"{type_} carries {len(payloads)} payload frames; expected {schema.min_payloads}-{schema.max_payloads}"
-        )
-    return Message(type_, sender, request_id, schema.body(body, ""), payloads)
+        raise InvalidRequest(
+            f"{type_} carries {len(payloads)} payload frames; expected {schema.min_payloads}-{schema.max_payloads}",
+            request_id, sender)
+    try:
+        checked = schema.body(body, "")
+    except ProtocolError as exc:
+        raise InvalidRequest(f"{type_}: {exc}", request_id, sender) from None
+    return Message(type_, sender, request_id, checked, payloads)

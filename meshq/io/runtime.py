@@ -34,6 +34,7 @@ import zmq
 from meshq.core import wire
 from meshq.core.events import (
     COMMANDS,
+    BadRequest,
     Connect,
     Disconnect,
     EventReceived,
@@ -285,6 +286,12 @@ class Runtime:
                 frames.append(sock.recv(_NOBLOCK))
             try:
                 message = wire.decode(frames[header_at:], cluster)
+            except wire.InvalidRequest as exc:
+                if header_at and exc.request_id:  # a request (ROUTER) with an id: answer what is wrong
+                    self._handle_peer_input(BadRequest(frames[0], exc.request_id, exc))
+                else:
+                    core.note_invalid_frame(exc)
+                continue
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue

@@ -291,6 +291,16 @@ def test_schema_violations_are_dropped_and_counted(node, acked, client):
     before = invalid_count(client.status())
     for frames in junk:
         client.send(frames)
+    # The first four have a readable envelope with request id 5: each is answered with the defect,
+    # so a client can tell a bad request from a dead node. The rest cannot be answered.
+    errors = [client.receive() for _ in range(4)]
+    assert [(e.type, e.request_id, e.body["code"]) for e in errors] == [("error", 5, "protocol")] * 4
+    assert [e.body["message"] for e in errors] == [
+        "produce carries 0 payload frames; expected 1-1",
+        "produce: field partition: expected integer in [0, 9999], got -1",
+        "fetch: field partition: missing",
+        "unknown message type 'nope'",
+    ]
     assert invalid_count(client.status()) == before + len(junk)
     assert_healthy(node, acked)
 
@@ -302,10 +312,14 @@ NOT_REQUESTS = ["hello_ok", "metadata_ok", "create_topic_ok", "produce_ok", "fet
 
 def test_reply_and_event_types_sent_as_requests_are_dropped_and_counted(node, acked, client):
     before = invalid_count(client.status())
+    sent = []
     for type_ in NOT_REQUESTS:
         body, payloads = WIRE_EXAMPLES[type_]
-        client.send_request(type_, body, payloads)
-    assert invalid_count(client.status()) == before + len(NOT_REQUESTS)  # and nothing was answered
+        sent.append(client.send_request(type_, body, payloads))
+    answers = [client.receive() for _ in NOT_REQUESTS]  # each told it is no request
+    assert [(a.type, a.request_id, a.body["code"]) for a in answers] == [("error", i, "protocol") for i in sent]
+    assert answers[0].body["message"] == "hello_ok is not a request this node answers"
+    assert invalid_count(client.status()) == before + len(NOT_REQUESTS)
     assert_healthy(node, acked)
 
 
@@ -598,6 +612,9 @@ def test_one_deeply_nested_frame_does_not_kill_the_node(node, acked, client, typ
     before = invalid_count(client.status())
     client.send([deep_frame(type_, field)])
     reply_id = client.send_request("status", {})
+    assert client.sock.poll(1500), "the node stopped answering"
+    refused = wire.decode(client.sock.recv_multipart(), CLUSTER)  # its envelope was readable: answered
+    assert (refused.type, refused.request_id, refused.body["code"]) == ("error", 3, "protocol")
     assert client.sock.poll(1500), "the node stopped answering"
     reply = wire.decode(client.sock.recv_multipart(), CLUSTER)
     assert reply.request_id == reply_id

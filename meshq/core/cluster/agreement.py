@@ -213,7 +213,8 @@ class Agreement(Room):
     def serve_raft_propose(self, route: Any, message: wire.Message, now_s: float) -> None:
         raft = self.raft
         if raft is None or raft.role != LEADER:
-            raise NotLeaderError(f"{self.node_id} is not the metadata leader (leader: {raft.leader if raft else None})")
+            raise NotLeaderError(f"{self.node_id} is not the metadata leader (leader: {raft.leader if raft else None})",
+                                 leader=raft.leader if raft is not None and raft.leader != self.node_id else None)
         try:
             command = msgpack.unpackb(message.body["command"], raw=False, strict_map_key=True, max_ext_len=0)
         except Exception:  # msgpack raises several unrelated exception types

@@ -58,9 +58,12 @@ class PartitionServer(Room):
             self.core.counters["records_produced"] += header.record_count
             self.core.counters["batches_produced"] += 1
             self.on_appended(state, now_s)
-        if body["acks"] == "none":
-            return
         reply = {"topic": state.topic, "partition": state.partition, "base_offset": base_offset, "duplicate": duplicate}
+        if body["acks"] == "none":
+            # meshq's producer sends these with request id 0 (no answer); a client that gave an
+            # id gets the leader's append confirmed at once, as every request with an id is answered.
+            self.out.reply(route, message.request_id, "produce_ok", reply)
+            return
         # A retry of a stored batch waits like the original: its records may not have reached
         # the acks level yet (the first attempt's answer may have been lost before they did).
         needed = base_offset + header.record_count
@@ -127,7 +130,7 @@ class PartitionServer(Room):
         replica = state.replica
         if replica.handing_off(now_s):
             raise NotLeaderError(f"{self.node_id} is handing leadership of {state.topic}/{state.partition} to "
-                                 f"{replica.replicas[0]}; refresh metadata and retry")
+                                 f"{replica.replicas[0]}; refresh metadata and retry", leader=replica.replicas[0])
         if not replica.lease_valid(now_s):
             raise NotEnoughReplicasError(
                 f"{self.node_id} leads {state.topic}/{state.partition} but has not heard from a majority of its "
@@ -226,7 +229,7 @@ class PartitionServer(Room):
             raise UnknownTopicError(f"topic {topic!r} has {config.partitions} partitions; {partition} does not exist")
         leader = self.core.host.current_leader(topic, partition)
         raise NotLeaderError(f"{self.node_id} does not lead {topic}/{partition}; its leader is "
-                             f"{leader or 'being elected'} (refresh metadata)")
+                             f"{leader or 'being elected'} (refresh metadata)", leader=leader)
 
 
 def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:

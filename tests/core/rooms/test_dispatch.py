@@ -86,9 +86,12 @@ def test_every_timer_kind_a_room_schedules_is_registered(core):
     assert scheduled <= set(core._timers), scheduled - set(core._timers)
 
 
-def test_a_reply_type_sent_as_a_request_is_counted_and_dropped(lone):
-    assert lone.request("hello_ok", {}) is None
-    assert lone.core.counters["frames_invalid"] == 1
+def test_a_reply_type_sent_as_a_request_is_counted_and_refused_when_it_has_an_id(lone):
+    assert lone.request("hello_ok", {}, request_id=0) is None  # one-way: nobody to tell
+    reply = lone.request("hello_ok", {})
+    assert (reply.type, reply.body["code"]) == ("error", "protocol")
+    assert reply.body["message"] == "hello_ok is not a request this node answers"
+    assert lone.core.counters["frames_invalid"] == 2
 
 
 def test_an_error_a_room_raises_is_answered_as_an_error_reply(lone):

@@ -137,7 +137,8 @@ def test_an_error_reply_is_cut_to_what_the_wire_accepts(out):
     (reply,) = out.take()
     assert isinstance(reply, Reply) and reply.route == b"route"
     message = wire.decode(reply.frames, "c")  # a 10 kB message would fail the schema
-    assert message.body == {"code": "not_enough_replicas", "message": "x" * 4096, "retriable": True}
+    assert message.body == {"code": "not_enough_replicas", "message": "x" * 4096, "retriable": True,
+                            "leader": None}
 
 
 def test_connect_opens_a_dealer_only_for_a_new_endpoint_and_disconnect_only_an_open_one(out):

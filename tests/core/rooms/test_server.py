@@ -41,9 +41,13 @@ def test_a_produce_is_stored_and_answered_with_its_base_offset(with_topic):
     assert (h.core.counters["records_produced"], h.core.counters["batches_produced"]) == (3, 2)
 
 
-def test_acks_none_is_stored_but_never_answered(with_topic):
-    assert with_topic.request("produce", produce_body(acks="none"), (batch([b"a"]),)) is None
-    assert records_of(with_topic, "t", 0) == [b"a"]
+def test_acks_none_is_stored_and_answered_at_once_only_when_it_carries_a_request_id(with_topic):
+    # meshq's producer sends acks=none with request id 0: no answer
+    assert with_topic.request("produce", produce_body(acks="none"), (batch([b"a"]),), request_id=0) is None
+    # a client that gave an id gets the append confirmed at once (every request with an id is answered)
+    reply = with_topic.request("produce", produce_body(acks="none"), (batch([b"b"], base_sequence=1),))
+    assert reply.type == "produce_ok" and reply.body["base_offset"] == 1
+    assert records_of(with_topic, "t", 0) == [b"a", b"b"]
 
 
 @pytest.mark.parametrize(("topic", "partition", "message"), [
@@ -68,10 +72,20 @@ def test_a_client_leads_no_partition(client):
 def test_a_follower_refuses_a_produce_naming_the_leader():
     _net, leader, follower = replicated_pair()
     before = follower.core.partitions[("t", 0)].log.end_offset
-    assert error_of(follower.request("produce", produce_body(), (batch([b"a"]),))) == (
+    reply = follower.request("produce", produce_body(), (batch([b"a"]),))
+    assert error_of(reply) == (
         "not_leader", f"{follower.core.node_id} does not lead t/0; its leader is {leader.core.node_id} "
                       f"(refresh metadata)")
+    assert reply.body["leader"] == leader.core.node_id  # a field, for clients that do not parse text
     assert follower.core.partitions[("t", 0)].log.end_offset == before
+
+
+def test_a_not_leader_reply_becomes_a_not_leader_error_that_names_the_leader():
+    from meshq.errors import NotLeaderError, error_from_code
+
+    error = error_from_code("not_leader", "moved", "n2")
+    assert isinstance(error, NotLeaderError) and error.leader == "n2" and error.retriable
+    assert error_from_code("not_leader", "unknown").leader is None
 
 
 def test_a_batch_over_twice_batch_max_bytes_is_refused_and_nothing_is_stored():
