@@ -253,6 +253,10 @@ class Node:
     # ------------------------------------------------------------------ internal calls
     def _call(self, command: Command, timeout_s: float) -> Any:
         """Hand ``command`` to the core and wait for its result (its deadline: ``timeout_s``)."""
+        return _wait(self._submit(command, timeout_s), timeout_s + 1.0, type(command).__name__)
+
+    def _submit(self, command: Command, timeout_s: float) -> Future:
+        """Hand ``command`` to the core; the Future gets its result (its deadline: ``timeout_s``)."""
         self._require_started()
         assert self.runtime is not None
         future: Future = Future()
@@ -260,7 +264,7 @@ class Node:
             command.deadline_s = self.clock.now_s() + timeout_s
         command.waiter = future
         self.runtime.submit(command)
-        return _wait(future, timeout_s + 1.0, type(command).__name__)
+        return future
 
     # ------------------------------------------------------------------ membership
     def wait_for_members(self, count: int, timeout: float = 10.0) -> list[dict]:
@@ -270,7 +274,7 @@ class Node:
         while True:
             try:
                 status = self.status(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-                members = [m for m in status["members"] if m["role"] == "storage" and m["state"] == "alive"]
+                members = live_storage_members(status)
             except MeshqError as exc:
                 if not exc.retriable:
                     raise
@@ -372,6 +376,13 @@ class Node:
                      retention_bytes: int | None = None, retention_ms: int | None = 7 * 24 * 3600 * 1000,
                      cleanup_policy: str = "delete", if_not_exists: bool = True, timeout: float = 10.0) -> TopicConfig:
         """Create a topic (or return the existing one when ``if_not_exists``)."""
+        command = self._create_topic_command(name, partitions, replication_factor, retention_bytes, retention_ms,
+                                             cleanup_policy, if_not_exists)
+        return self._call(command, timeout)
+
+    def _create_topic_command(self, name: str, partitions: int | None, replication_factor: int | None,
+                              retention_bytes: int | None, retention_ms: int | None, cleanup_policy: str,
+                              if_not_exists: bool) -> CreateTopic:
         config = TopicConfig(
             name=validate_topic_name(name),
             partitions=partitions or self.config.partitions,
@@ -380,7 +391,7 @@ class Node:
             retention_ms=retention_ms,
             cleanup_policy=cleanup_policy,  # type: ignore[arg-type]
         )
-        return self._call(CreateTopic(config, if_not_exists), timeout)
+        return CreateTopic(config, if_not_exists)
 
     def topic(self, name: str, timeout: float = 10.0, create: bool = False) -> TopicConfig:
         """The configuration of an existing topic (``UnknownTopicError`` if missing)."""
@@ -478,6 +489,11 @@ class Node:
         """The cluster, shaped like ``meshq status --json``: every storage node's view merged,
         or with ``node_id`` that one node's own view."""
         return self._call(GetStatus(node_id or None), timeout)
+
+
+def live_storage_members(status: dict) -> list[dict]:
+    """The storage members a status report shows alive."""
+    return [m for m in status["members"] if m["role"] == "storage" and m["state"] == "alive"]
 
 
 def _wait(future: Future, timeout_s: float, what: str) -> Any:

@@ -38,6 +38,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Generator
 from typing import Any
 
 import zmq
@@ -59,6 +60,10 @@ from meshq.errors import MeshqError, NodeStoppedError, NotLeaderError, ProtocolE
 from meshq.io.runtime import new_socket
 
 _SLICE_S = LIVENESS_CHECK_S  # how often a waiting call looks at the leader's liveness and at close()
+# the I/O steps of a produce (``DirectProducer.produce_steps``)
+SLEEP = "sleep"
+REFRESH = "refresh"
+EXCHANGE = "exchange"
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 
@@ -105,6 +110,18 @@ class DirectProducer:
         fast path does not apply and nothing was sent (module docstring)."""
         if acks == "none" or self.closed:
             return None
+        state = self._state()
+        with state.lock:
+            return self._run(state, self.produce_steps(state, topic, record, partition, acks, timeout_s))
+
+    def produce_steps(self, state: ThreadProducer, topic: str, record: tuple, partition: int | None, acks: str,
+                      timeout_s: float) -> Generator[tuple, Any, RecordMetadata | None]:
+        """One produce as a sequence of I/O steps the caller carries out and answers (``SLEEP``,
+        ``REFRESH``, ``EXCHANGE``: see ``_run``), so the blocking shell here and the asyncio one
+        (``meshq.aio``) run the very same decisions. Returns the record's metadata, or None when
+        the fast path does not apply and nothing was sent."""
+        if acks == "none" or self.closed:
+            return None
         accumulator = self.node._accumulator
         if accumulator.buffers or accumulator.tracker.outstanding:
             return None  # earlier records of this node are not acknowledged yet: keep their order
@@ -112,30 +129,24 @@ class DirectProducer:
             # The last call to this topic ended without an answer: its leader may have moved.
             # Ask again first, as the runtime's producer drops its metadata after such a failure.
             self._stale.discard(topic)
-            self._refresh(topic, self.now_s() + timeout_s)
+            yield (REFRESH, topic, self.now_s() + timeout_s)
         meta = self.core.metadata.get(topic)
         if meta is None:
             return None
-        state = self._state()
         partition = state.partition_for(topic, record[0], partition, meta["config"].partitions)
         endpoint = self._leader_endpoint(topic, partition, first=True)
-        if endpoint is None:
+        if endpoint is None or self.closed:
             return None
-        with state.lock:
-            if self.closed:
-                return None
-            call = state.start(topic, partition, record, acks, self.now_s() + timeout_s,
-                               self.config.request_timeout_s, self.config.batch_max_bytes)
-            if call is None:
-                return None
-            try:
-                base_offset = self._send_until_answered(state, call, endpoint)
-            except BaseException as exc:
-                if call.fail(exc):  # a new epoch fences it; its leader may have moved
-                    self._stale.add(topic)
-                if self.closed:
-                    state.close_sockets()
-                raise
+        call = state.start(topic, partition, record, acks, self.now_s() + timeout_s,
+                           self.config.request_timeout_s, self.config.batch_max_bytes)
+        if call is None:
+            return None
+        try:
+            base_offset = yield from self._call_steps(call, endpoint)
+        except BaseException as exc:
+            if call.fail(exc):  # a new epoch fences it; its leader may have moved
+                self._stale.add(topic)
+            raise
         return RecordMetadata(topic, partition, base_offset, record[3])
 
     def stats(self) -> dict[str, int]:
@@ -204,18 +215,18 @@ class DirectProducer:
         except MeshqError:
             pass  # the next attempt reports what is wrong, or the deadline does
 
-    def _send_until_answered(self, state: _ThreadState, call: DirectCall, endpoint: str | None) -> int:
+    def _call_steps(self, call: DirectCall, endpoint: str | None) -> Generator[tuple, Any, int]:
         """Carry out ``call``'s decisions until it is acknowledged (its base offset) or raises."""
         cluster, sender = self.config.cluster, self.core.node_id
         while True:
             now = self.now_s()
             call.check_deadline(now)
             if call.state == PAUSING:
-                time.sleep(max(0.0, call.pause_until_s - now))
+                yield (SLEEP, max(0.0, call.pause_until_s - now))
                 call.resume()
                 continue
             if call.state == REFRESHING:
-                self._refresh(call.topic, call.deadline_s)
+                yield (REFRESH, call.topic, call.deadline_s)
                 call.refreshed()
                 continue
             if endpoint is None:
@@ -223,20 +234,53 @@ class DirectProducer:
                 if endpoint is None:
                     call.no_leader(now)
                     continue
-            sock = self._socket(state, endpoint)
             request_id, body = call.attempt(now)
-            try:
-                sock.send_multipart(wire.encode(cluster, sender, "produce", request_id, body, (call.data,)),
-                                    _NOBLOCK)
-            except zmq.ZMQError as exc:  # not connected yet (HWM with no peer) or closing
+            frames = wire.encode(cluster, sender, "produce", request_id, body, (call.data,))
+            answer = yield (EXCHANGE, endpoint, frames, call)
+            if isinstance(answer, zmq.ZMQError):  # not connected yet (HWM with no peer) or closing
                 call.unsent(NotLeaderError(f"cannot send to the leader of {call.topic}/{call.partition} at "
-                                           f"{endpoint}: {exc}"), now)
+                                           f"{endpoint}: {answer}"), now)
                 endpoint = None
                 continue
-            base_offset = call.answered(self._wait(sock, call), self.now_s())
+            base_offset = call.answered(answer, self.now_s())
             if base_offset is not None:
                 return base_offset
             endpoint = None
+
+    def _run(self, state: _ThreadState, steps: Generator[tuple, Any, Any]) -> Any:
+        """Carry out ``steps`` with blocking I/O on this thread: ``(SLEEP, seconds)``,
+        ``(REFRESH, topic, deadline)`` (fresh metadata through the runtime), ``(EXCHANGE,
+        endpoint, frames, call)`` (send on this thread's DEALER, then the answer ``_wait`` gives,
+        or the ``zmq.ZMQError`` that kept it from being sent)."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    kind = step[0]
+                    if kind == SLEEP:
+                        time.sleep(step[1])
+                        result: Any = None
+                    elif kind == REFRESH:
+                        self._refresh(step[1], step[2])
+                        result = None
+                    else:
+                        sock = self._socket(state, step[1])
+                        try:
+                            sock.send_multipart(step[2], _NOBLOCK)
+                        except zmq.ZMQError as exc:
+                            result = exc
+                        else:
+                            result = self._wait(sock, step[3])
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        except BaseException:
+            if self.closed:
+                state.close_sockets()
+            raise
 
     def _wait(self, sock: zmq.Socket, call: DirectCall) -> int | MeshqError | None:
         """The base offset an answer gives, the error it reports, or None: no answer by the
