@@ -132,9 +132,14 @@ class Outbox:
             request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
 
     def on_reply(self, message: wire.Message, now_s: float) -> None:
-        request = self.pending.pop(message.request_id, None)
+        request = self.pending.get(message.request_id)
         if request is None:
             return  # late reply after a timeout: the request was already failed or retried
+        if message.type != "error" and message.type != request.type + "_ok":
+            # A reply to a request an earlier incarnation of this node sent under the same id
+            # (request ids start again at every start): not ours; ours may still come.
+            return
+        del self.pending[message.request_id]
         if message.type == "error":
             body = message.body
             request.on_error(error_from_code(body["code"], body["message"]))

@@ -108,6 +108,13 @@ class GroupClient(Room):
         member = self.members.get(member_id)
         return member.view() if member is not None else None
 
+    def holding(self, now_s: float) -> dict[str, tuple[str, str, int, tuple[int, ...]]]:
+        """member id -> (group, topic, generation, partitions) of each member that holds partitions
+        now: assigned, and its session (as the member itself counts it) not over."""
+        return {member_id: (m.group, m.topic, m.generation, m.partitions)
+                for member_id, m in sorted(self.members.items())
+                if m.state == "assigned" and now_s <= m.session_end_s()}
+
     # ------------------------------------------------------------------ the member's requests
     def _on_timer(self, member_id: str, now_s: float) -> None:
         if self._armed.get(member_id, float("inf")) > now_s:
