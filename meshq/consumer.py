@@ -68,6 +68,7 @@ class Consumer:
         self._last_commit_s = time.monotonic()
         self._member: str | None = None  # the group member's id (a group without explicit partitions)
         self._generation = -1  # the group generation the held partitions belong to
+        self._assigned_version = -1  # the member's view version of the assignment held
         self._watch: Future | None = None  # resolves when the member's view changes
         self._unstarted: list[int] = []  # assigned partitions whose start offset is still to be looked up
         if group is not None and partitions is None:
@@ -104,7 +105,8 @@ class Consumer:
                 raise UsageError(f"consumer of group {self.group!r} cannot go on: {exc}") from exc
             if view.state in ("revoking", "left"):
                 self._let_go(view.generation)
-            elif view.state == "assigned" and view.generation != self._generation:
+            elif view.state == "assigned" and view.version != self._assigned_version:
+                self._assigned_version = view.version  # each new "assigned" version is a new assignment
                 self._let_go(None)  # holds nothing by now (it released to rejoin); to be sure
                 self._generation = view.generation
                 self._state.assign(list(view.partitions))

@@ -31,6 +31,9 @@ from meshq.core import wire
 from meshq.core.events import Connect, Disconnect, Reply, Send
 from meshq.errors import MeshqError, NotLeaderError, TimeoutError, error_code, error_from_code
 
+# Request types answered, besides ``<type>_ok`` or ``error``, with another reply type.
+OTHER_REPLIES = {"raft_propose": ("leave_ok",)}  # a leave proposed to the metadata leader
+
 
 @dataclass(frozen=True, slots=True)
 class LocalRoute:
@@ -135,7 +138,8 @@ class Outbox:
         request = self.pending.get(message.request_id)
         if request is None:
             return  # late reply after a timeout: the request was already failed or retried
-        if message.type != "error" and message.type != request.type + "_ok":
+        if message.type != "error" and message.type != request.type + "_ok" \
+                and message.type not in OTHER_REPLIES.get(request.type, ()):
             # A reply to a request an earlier incarnation of this node sent under the same id
             # (request ids start again at every start): not ours; ours may still come.
             return

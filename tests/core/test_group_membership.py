@@ -145,3 +145,4 @@ def test_a_member_changing_its_partition_count_rebalances():
     generation = g.generation
     assert g.join("a", "t", 8, 1.0).partitions == list(range(8))
     assert g.generation == generation + 1
+

@@ -248,6 +248,9 @@ class GroupCoordinator(Room):
         self.groups: dict[str, GroupMembership] = {}
         self._armed: dict[str, float] = {}  # group -> the deadline its ``group_session`` timer is set for
         self._leading_since_s: dict[int, float] = {}  # offsets partition -> when this node began leading it
+        # group -> its last generation here, kept after the group emptied (and was dropped), so a
+        # generation is never handed out twice by this coordinator
+        self._last_generation: dict[str, int] = {}
 
     @property
     def session_timeout_s(self) -> float:
@@ -294,6 +297,8 @@ class GroupCoordinator(Room):
         for name in [g for g in self.groups if self.core.groups.offsets_partition(g) == partition]:
             del self.groups[name]
             self._armed.pop(name, None)
+        for name in [g for g in self._last_generation if self.core.groups.offsets_partition(g) == partition]:
+            del self._last_generation[name]  # a later leadership starts from its own (higher) epoch
 
     def _group(self, name: str, now_s: float) -> GroupMembership:
         """The group, created on first use; only the coordinator with a valid lease answers."""
@@ -305,7 +310,8 @@ class GroupCoordinator(Room):
             since_s = self._leading_since_s.setdefault(partition, now_s)
             epoch = state.replica.epoch
             # The first leader of the partition (epoch 1) had no predecessor whose members to wait for.
-            group = GroupMembership(name, self.session_timeout_s, generation=epoch * GENERATIONS_PER_EPOCH,
+            generation = max(epoch * GENERATIONS_PER_EPOCH, self._last_generation.get(name, 0))
+            group = GroupMembership(name, self.session_timeout_s, generation=generation,
                                     fence_until_s=since_s + self.session_timeout_s if epoch > 1 else 0.0)
             self.groups[name] = group
         return group
@@ -328,6 +334,7 @@ class GroupCoordinator(Room):
         if evicted:
             self.core.counters["group_members_evicted"] = self.core.counters.get("group_members_evicted", 0) + len(evicted)
         if not group.members and group.state == "empty":
+            self._last_generation[name] = group.generation
             del self.groups[name]
             return
         self._arm(group)

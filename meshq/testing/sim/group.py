@@ -60,6 +60,7 @@ class SimMember:
         self.joining = False
         self.watching = False
         self.version = 0
+        self.assigned_version = -1
         self.generation = -1
         self.state = ConsumerState(TOPIC, [])
         self.unstarted: list[int] = []
@@ -133,7 +134,8 @@ class SimMember:
         self.version = view.version
         if view.state in ("revoking", "left"):
             self._let_go(view.generation)
-        elif view.state == "assigned" and view.generation != self.generation:
+        elif view.state == "assigned" and view.version != self.assigned_version:
+            self.assigned_version = view.version  # each new "assigned" version is a new assignment
             self.generation = view.generation
             self.episode += 1
             self.state.assign(list(view.partitions))

@@ -156,3 +156,16 @@ def test_losing_the_offsets_partition_forgets_the_membership_and_members_rejoin_
     run_members(net, [a], 1.0)
     assert a.released  # told unknown_member at its next heartbeat: it let go and joined again
     assert a.held() == (0, 1, 2, 3, 4, 5)
+
+
+def test_a_group_that_emptied_and_was_dropped_does_not_hand_out_a_generation_twice():
+    net = mesh("c1")
+    a = Member(net, "c1")
+    run_members(net, [a], 0.5)
+    first = a.view().generation
+    net["c1"].command(LeaveGroup(a.member_id))
+    run_members(net, [], SESSION_S + 1.0)  # the empty group's timer drops it
+    assert "g" not in net["n1"].core.coordinator.groups
+    b = Member(net, "c1")
+    run_members(net, [b], 0.5)
+    assert b.view().generation > first
