@@ -51,7 +51,7 @@ class GroupChecker:
         from meshq.testing.sim.group import GROUP, NODES
 
         held: dict[int, list[str]] = {}
-        for node_id in NODES:
+        for node_id in NODES if self.sim.options.group_members else ():
             core = self.sim.nodes[node_id].core
             if core is None:
                 continue
@@ -100,7 +100,7 @@ class GroupChecker:
         holders = self.holders()
         live = {m.member_id: m for m in self.group.live_members() if m.member_id is not None}
         damaged = self.sim.checker.damaged_partitions
-        for partition in sorted(marks):
+        for partition in sorted(marks) if self.sim.options.group_members else ():
             members = holders.get(partition, [])
             if len(members) != 1:
                 return f"{TOPIC}/{partition} is held by {len(members)} members of the group"

@@ -108,7 +108,7 @@ class Simulation:
             self._add_node(node_id, "storage")
         for i in range(options.clients):
             self._add_node(f"c{i + 1}", "client")
-        for node_id in GROUP_NODES:
+        for node_id in GROUP_NODES if options.group_members else ():
             self._add_node(node_id, "client")
             self.nodes[node_id].runs_workload = False
         self.workload = Workload(self)
@@ -407,6 +407,8 @@ class Simulation:
                 self.consumer.step()
                 self.at(self.now_s + 0.1, "consume", None)
         elif kind == "group":
+            if not self.options.group_members:
+                return
             self.group.step()
             self.at(self.now_s + 0.1, "group", None)
         elif kind == "create_topic":
