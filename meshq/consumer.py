@@ -8,6 +8,16 @@ sends the fetches the state names as commands to the node's runtime (long polls)
 their futures with the wall clock, and hands buffered records out in ``poll``. ``commit``
 stores one past each record returned (at-least-once: a crash redelivers what was fetched
 but not yet returned).
+
+With ``group`` (and no explicit ``partitions``) the consumer is a member of the group: the
+node's core joins and heartbeats for it (``meshq.core.client.group_client``), so user code
+may take its time between polls without losing the session. Each ``poll`` first applies
+what the member learned: a new assignment (its partitions start at the group's committed
+offsets), or a rebalance — then it commits its positions (with auto-commit), drops every
+partition and buffered record, and lets the member rejoin. A consumer that does not poll
+within the session timeout (``failure_timeout_s`` + 1 s) of a rebalance is removed from the
+group and its partitions go to the others. ``close`` commits and leaves, so the others
+rebalance at once.
 """
 
 from __future__ import annotations
@@ -20,8 +30,18 @@ from concurrent.futures import Future
 from typing import Any
 
 from meshq.core.client.consumer import ConsumerState, FetchSpec
+from meshq.core.client.group_member import GroupView
 from meshq.core.client.requests import FetchResult
-from meshq.core.events import CommitOffsets, Fetch, FetchCommitted, ListOffsets
+from meshq.core.events import (
+    CommitOffsets,
+    Fetch,
+    FetchCommitted,
+    JoinGroup,
+    LeaveGroup,
+    ListOffsets,
+    ReleaseGroup,
+    WatchGroup,
+)
 from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record
 from meshq.errors import MeshqError, UsageError
@@ -44,18 +64,97 @@ class Consumer:
         self._start = _parse_start(start)
         self._closed = False
         config = node.topic(topic, timeout=timeout, create=True)
-        self.partitions = sorted(partitions) if partitions is not None else list(range(config.partitions))
-        self._state = ConsumerState(topic, self.partitions)
         self._in_flight: dict[Future, FetchSpec] = {}
         self._last_commit_s = time.monotonic()
+        self._member: str | None = None  # the group member's id (a group without explicit partitions)
+        self._generation = -1  # the group generation the held partitions belong to
+        self._assigned_version = -1  # the member's view version of the assignment held
+        self._watch: Future | None = None  # resolves when the member's view changes
+        self._unstarted: list[int] = []  # assigned partitions whose start offset is still to be looked up
+        if group is not None and partitions is None:
+            self._state = ConsumerState(topic, [])
+            self._member = node._call(JoinGroup(group, topic, config.partitions), timeout)
+            self._watch_member(0)
+            return
+        self._state = ConsumerState(topic, sorted(partitions) if partitions is not None
+                                    else list(range(config.partitions)))
         self._initialize_positions(timeout)
+
+    @property
+    def member_id(self) -> str | None:
+        """This consumer's id in its group (None without group membership)."""
+        return self._member
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this consumer holds now (see ``assignment``)."""
+        return list(self._state.partitions)
+
+    # ------------------------------------------------------------------ group membership
+    def _watch_member(self, version: int) -> None:
+        self._watch = Future()
+        self.node.runtime.submit(WatchGroup(self._member, version, waiter=self._watch))
+
+    def _apply_group(self) -> None:
+        """Act on what the member learned since the last poll: take a new assignment, or let go."""
+        if self._watch is not None and self._watch.done():
+            try:
+                view: GroupView = self._watch.result()
+            except MeshqError as exc:
+                self._watch = None
+                raise UsageError(f"consumer of group {self.group!r} cannot go on: {exc}") from exc
+            if view.state in ("revoking", "left"):
+                self._let_go(view.generation)
+            elif view.state == "assigned" and view.version != self._assigned_version:
+                self._assigned_version = view.version  # each new "assigned" version is a new assignment
+                self._let_go(None)  # holds nothing by now (it released to rejoin); to be sure
+                self._generation = view.generation
+                self._state.assign(list(view.partitions))
+                self._unstarted = list(view.partitions)
+                self._last_commit_s = time.monotonic()
+                log.info("group %s: %s holds %s/%s in generation %d", self.group, self._member, self.topic,
+                         list(view.partitions), view.generation)
+            self._watch = None
+            if view.state != "left":
+                self._watch_member(view.version)
+        if self._unstarted:
+            self._start_assigned()
+
+    def _start_assigned(self) -> None:
+        """Start newly assigned partitions at the group's committed offsets (else ``start``); on a
+        retriable failure (the coordinator moving) try again at the next poll."""
+        try:
+            committed = self.node._call(FetchCommitted(self.group, self.topic), 5.0)
+            for partition in list(self._unstarted):
+                if (self.topic, partition) in committed:
+                    self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
+                else:
+                    self._state.start_at(partition, self._resolve_start(partition, self._start, 5.0))
+                self._unstarted.remove(partition)
+        except MeshqError as exc:
+            if not exc.retriable:
+                raise
+            log.debug("group %s: start of %s delayed: %s", self.group, self._unstarted, exc)
+
+    def _let_go(self, generation: int | None) -> None:
+        """A rebalance: commit (with auto-commit), drop every partition, let the member rejoin."""
+        if self._state.partitions and self.auto_commit:
+            try:
+                self.commit(timeout=5.0)
+            except MeshqError as exc:
+                log.warning("group %s: commit before the rebalance failed (%s); records since the last "
+                            "commit will be read again", self.group, exc)
+        self._state.revoke(list(self._state.partitions))
+        self._unstarted = []
+        if generation is not None:
+            self.node.runtime.submit(ReleaseGroup(self._member, generation))
 
     # ------------------------------------------------------------------ positions
     def _initialize_positions(self, timeout: float) -> None:
         committed: dict[tuple[str, int], int] = {}
         if self.group is not None:
             committed = self.node._call(FetchCommitted(self.group, self.topic), timeout)
-        for partition in self.partitions:
+        for partition in self._state.partitions:
             if (self.topic, partition) in committed:
                 self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
             else:
@@ -79,7 +178,10 @@ class Consumer:
         return self._state.position(partition)
 
     def assignment(self) -> list[int]:
-        return list(self.partitions)
+        """The partitions this consumer reads now (a group member's change at each rebalance)."""
+        if self._member is not None and not self._closed:
+            self._apply_group()
+        return list(self._state.partitions)
 
     # ------------------------------------------------------------------ poll
     def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:
@@ -87,6 +189,8 @@ class Consumer:
         self._require_open()
         deadline = time.monotonic() + timeout
         while True:
+            if self._member is not None:
+                self._apply_group()
             if self._state.buffer:
                 out = self._state.take(max_records)
                 self._maybe_auto_commit()
@@ -97,12 +201,15 @@ class Consumer:
                 self._maybe_auto_commit()
                 return []
             waiting = list(self._in_flight)
+            if self._watch is not None:
+                waiting.append(self._watch)
             if not waiting:
                 time.sleep(min(remaining, 0.05))
                 continue
             done, _ = concurrent.futures.wait(waiting, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                self._on_fetched(future)
+                if future is not self._watch:
+                    self._on_fetched(future)
 
     def __iter__(self):
         while not self._closed:
@@ -138,7 +245,9 @@ class Consumer:
         changed = self._state.to_commit(offsets)
         if not changed:
             return
-        self.node._call(CommitOffsets(self.group, {(self.topic, p): o for p, o in changed.items()}), timeout)
+        # A member's commit names its generation: refused (RebalanceError) once the partitions moved on.
+        self.node._call(CommitOffsets(self.group, {(self.topic, p): o for p, o in changed.items()},
+                                      member=self._member, generation=self._generation), timeout)
         self._state.on_committed(changed)
         self._last_commit_s = time.monotonic()
 
@@ -157,15 +266,22 @@ class Consumer:
                 log.warning("auto-commit of group %s failed: %s", self.group, exc)
 
     def close(self) -> None:
-        """Commit (with auto-commit) and stop. Idempotent."""
+        """Commit (with auto-commit), leave the group (the others rebalance at once) and stop. Idempotent."""
         if self._closed:
             return
         try:
-            if self.auto_commit:
+            if self.auto_commit and self._state.partitions:
                 self.commit()
         finally:
             self._closed = True
             self._in_flight.clear()
+            if self._member is not None:
+                self._state.revoke(list(self._state.partitions))
+                try:
+                    self.node._call(LeaveGroup(self._member), 5.0)
+                except MeshqError as exc:
+                    log.warning("group %s: leave of %s not confirmed (%s); the coordinator evicts it when its "
+                                "session ends", self.group, self._member, exc)
 
     def __enter__(self) -> Consumer:
         return self

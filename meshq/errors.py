@@ -93,6 +93,22 @@ class ProducerFencedError(MeshqError):
     """A batch from an older epoch of an idempotent producer; a newer epoch superseded it."""
 
 
+class RebalanceError(MeshqError):
+    """This consumer-group member's generation is over (the group rebalanced, or the coordinator
+    does not know the member): its partitions may belong to another member now. The member
+    rejoins by itself; records handed out since its last commit are delivered again."""
+
+    retriable = True
+
+
+class UnknownMemberError(RebalanceError):
+    """The group's coordinator does not know this member (it was evicted, or the coordinator moved)."""
+
+
+class StaleGenerationError(RebalanceError):
+    """The request carries an older generation of the group than the coordinator's (it rebalanced)."""
+
+
 class NodeStoppedError(MeshqError):
     """The node was stopped before the operation completed."""
 
@@ -132,6 +148,8 @@ ERROR_CODES: dict[str, type[MeshqError]] = {
     "corrupt_log": CorruptLogError,
     "disk_full": DiskFullError,
     "stopped": NodeStoppedError,
+    "unknown_member": UnknownMemberError,
+    "stale_generation": StaleGenerationError,
 }
 
 

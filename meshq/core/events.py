@@ -120,12 +120,15 @@ class ListOffsets:
 
 @dataclass(slots=True)
 class CommitOffsets:
-    """Store a group's offsets: ``offsets`` maps (topic, partition) to the next offset to read."""
+    """Store a group's offsets: ``offsets`` maps (topic, partition) to the next offset to read.
+    A group member's commit names the member and its generation (the coordinator checks them)."""
 
     group: str
     offsets: dict
     deadline_s: float | None = None
     waiter: Any = None
+    member: str | None = None
+    generation: int = -1
 
 
 @dataclass(slots=True)
@@ -156,8 +159,53 @@ class AskLeave:
     waiter: Any = None
 
 
-Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave
-COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave)
+# Consumer-group members (meshq.core.client.group_client). ``JoinGroup`` resolves with the new
+# member's id at once; the member then joins, heartbeats and rejoins in the core by itself.
+@dataclass(slots=True)
+class JoinGroup:
+    """Make this node a member of ``group`` reading ``topic`` (``partitions`` of them)."""
+
+    group: str
+    topic: str
+    partitions: int
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class WatchGroup:
+    """Resolves with the member's ``GroupView`` once its version differs from ``version``."""
+
+    member: str
+    version: int
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class ReleaseGroup:
+    """The member's consumer let go of every partition of ``generation`` (and committed): rejoin."""
+
+    member: str
+    generation: int
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class LeaveGroup:
+    """The member closes: tell the coordinator (the others rebalance at once); resolves with
+    whether the coordinator answered."""
+
+    member: str
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave \
+    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup
+COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave,
+            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup)
 
 
 @dataclass(slots=True)

@@ -22,9 +22,11 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
 ``groups``         consumer-group offsets (``partitions.groups``)
+``coordinator``    consumer-group membership, generations, assignment (``partitions.coordinator``)
 ``client``         topic metadata for this node's own API calls (``client.metadata``)
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
+``group_client``   this node's consumer-group members: join, heartbeat, rejoin (``client.group_client``)
 ``status``         this node's view, and the merge of several (``status``)
 =================  ==========================================================================
 
@@ -49,6 +51,7 @@ from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig
 from meshq.core import wire
+from meshq.core.client.group_client import GroupClient
 from meshq.core.client.metadata import ClientMetadata
 from meshq.core.client.producer import Producer
 from meshq.core.client.requests import Requests
@@ -70,6 +73,7 @@ from meshq.core.mesh.gossip import Mesh
 from meshq.core.metadata import MetadataState
 from meshq.core.outbox import Outbox
 from meshq.core.partition import PartitionState
+from meshq.core.partitions.coordinator import GroupCoordinator
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
@@ -117,9 +121,11 @@ class NodeCore:
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
         self.groups = Groups(self)
+        self.coordinator = GroupCoordinator(self)
         self.client = ClientMetadata(self)
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
+        self.group_client = GroupClient(self)
         self.status = Status(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
         self._commands: dict[type, Callable[[Any, float], None]] = {}
@@ -128,8 +134,9 @@ class NodeCore:
             "request": lambda request_id, now_s: self.out.expire(request_id),
             "heartbeat": self._heartbeat,
         }
-        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
-                     self.groups, self.client, self.producer, self.requests, self.status):
+        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
+                     self.server, self.groups, self.coordinator, self.client, self.producer, self.requests,
+                     self.group_client, self.status):
             self.register(room)
 
     def register(self, room: Room) -> None:
@@ -168,6 +175,7 @@ class NodeCore:
         self.out.fail_all(error)
         self.producer.stop(error)
         self.client.stop(error)
+        self.group_client.stop(error)
         self.mesh.say_goodbye()
         self.host.stop()
         return self.out.take()

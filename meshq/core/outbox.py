@@ -31,6 +31,10 @@ from meshq.core import wire
 from meshq.core.events import Connect, Disconnect, Reply, Send
 from meshq.errors import MeshqError, NotLeaderError, TimeoutError, error_code, error_from_code
 
+# Request types answered, besides ``<type>_ok`` or ``error``, with another reply type.
+OTHER_REPLIES = {"raft_propose": ("leave_ok",),  # a leave proposed to the metadata leader
+                 "advert_get": ("advert_ok",)}
+
 
 @dataclass(frozen=True, slots=True)
 class LocalRoute:
@@ -132,9 +136,15 @@ class Outbox:
             request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
 
     def on_reply(self, message: wire.Message, now_s: float) -> None:
-        request = self.pending.pop(message.request_id, None)
+        request = self.pending.get(message.request_id)
         if request is None:
             return  # late reply after a timeout: the request was already failed or retried
+        if message.type != "error" and message.type != request.type + "_ok" \
+                and message.type not in OTHER_REPLIES.get(request.type, ()):
+            # A reply to a request an earlier incarnation of this node sent under the same id
+            # (request ids start again at every start): not ours; ours may still come.
+            return
+        del self.pending[message.request_id]
         if message.type == "error":
             body = message.body
             request.on_error(error_from_code(body["code"], body["message"], body.get("leader")))

@@ -102,15 +102,24 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     merged["handoffs"] = sum(1 for topic in topics for p in topic["partitions"]
                              if p.get("learners") or p.get("target", p["replicas"]) != p["replicas"])
     groups: dict[tuple[str, str, int], dict] = {}
+    # A group's members, generation and state as its coordinator sees them: only the node that
+    # coordinates it knows them; if two claim to (a failover under way), the higher generation wins.
+    membership: dict[str, dict] = {}
     for node_id in sorted(reports):
         for group in reports[node_id]["groups"]:
+            known = membership.get(group["group"])
+            if "generation" in group and (known is None or (group.get("state") != "empty", group["generation"])
+                                          > (known.get("state") != "empty", known["generation"])):
+                membership[group["group"]] = {k: group[k] for k in ("mode", "generation", "state", "members")
+                                              if k in group}
             for p in group["partitions"]:
                 hw = by_leader.get((p["topic"], p["partition"]), p["high_watermark"])
                 groups[(group["group"], p["topic"], p["partition"])] = {
                     **p, "high_watermark": hw, "lag": max(0, hw - p["committed"])}
-    merged_groups: dict[str, dict] = {}
+    merged_groups: dict[str, dict] = {name: {"group": name, **membership[name], "partitions": []}
+                                      for name in sorted(membership)}
     for (group, _topic, _partition), entry in sorted(groups.items()):
         merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
-    merged["groups"] = list(merged_groups.values())
+    merged["groups"] = [merged_groups[name] for name in sorted(merged_groups)]
     merged["answered_by"] = sorted(reports)
     return merged

@@ -171,6 +171,22 @@ def Struct(**fields: Check) -> Check:
     return check
 
 
+def StructWithOptional(required: dict[str, Check], optional: dict[str, Check]) -> Check:
+    """A map with ``required`` fields and ``optional`` ones (kept only when present and not None);
+    extra fields are ignored."""
+    check_required = Struct(**required)
+
+    def check(value: Any, path: str) -> dict:
+        out = check_required(value, path)
+        for name, field_check in optional.items():
+            item = value.get(name)
+            if item is not None:
+                out[name] = field_check(item, f"{path + '.' if path else ''}{name}")
+        return out
+
+    return check
+
+
 def Any_(max_depth: int = 8) -> Check:
     """Any msgpack value (bounded depth); used for free-form maps such as status."""
 
@@ -234,6 +250,8 @@ def _raft_entry(value: Any, path: str) -> list:
     if type(value) not in (list, tuple) or len(value) != 2:
         raise _fail(path, "[term, command bytes]", value)
     return [Int(0, 1 << 62)(value[0], path + "[0]"), Bytes(1 << 20)(value[1], path + "[1]")]
+MEMBER_ID = Str(128, 1)
+GENERATION = Int(-1, 1 << 62)
 TOPIC_PARTITION_OFFSET = Struct(topic=NAME, partition=PARTITION, offset=Int(0, 1 << 62))
 EPOCH = Int(0, (1 << 31) - 1)  # stored in the batch header's signed 32-bit leader epoch field
 
@@ -323,10 +341,21 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "list_offsets": Schema(Struct(topic=NAME, partition=PARTITION, timestamp_ms=Int(-2, 1 << 62))),
     "list_offsets_ok": Schema(Struct(offset=Int(0, 1 << 62))),
-    "offset_commit": Schema(Struct(group=NAME, offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
+    # ``member``/``generation``: a group member's commit, refused unless that generation is the
+    # coordinator's and the member holds the partitions (meshq.core.partitions.coordinator)
+    "offset_commit": Schema(StructWithOptional({"group": NAME, "offsets": ListOf(TOPIC_PARTITION_OFFSET, 100_000)},
+                                               {"member": MEMBER_ID, "generation": GENERATION})),
     "offset_commit_ok": Schema(Struct()),
     "offset_fetch": Schema(Struct(group=NAME, topic=NAME)),
     "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
+    # consumer-group membership, answered by the group's coordinator (meshq.core.partitions.coordinator)
+    "join_group": Schema(Struct(group=NAME, topic=NAME, member=MEMBER_ID, partitions=Int(1, 10_000))),
+    "join_group_ok": Schema(Struct(state=OneOf("rebalancing", "stable"), generation=GENERATION,
+                                   partitions=ListOf(PARTITION, 10_000), session_timeout_ms=Int(1, 1 << 31))),
+    "group_heartbeat": Schema(Struct(group=NAME, member=MEMBER_ID, generation=GENERATION)),
+    "group_heartbeat_ok": Schema(Struct(state=OneOf("rebalancing", "stable"), generation=GENERATION)),
+    "leave_group": Schema(Struct(group=NAME, member=MEMBER_ID)),
+    "leave_group_ok": Schema(Struct(left=Bool())),
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)

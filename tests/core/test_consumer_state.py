@@ -90,3 +90,28 @@ def test_unassigned_partitions_are_refused():
         state.seek(3, 0)
     with pytest.raises(UsageError):
         state.position(3)
+
+
+def test_revoke_drops_a_partition_with_its_buffer_and_ignores_its_fetch_in_flight():
+    state = started((0, 1))
+    specs = {s.partition: s for s in state.fetches_due(0.0)}
+    state.on_fetched(specs[1], batch(0, b"x"))
+    state.revoke([1])
+    assert state.partitions == [0] and 1 not in state.positions and list(state.buffer) == []
+    with pytest.raises(UsageError):
+        state.position(1)
+    state.assign([1])  # given back in a later generation: the old fetch's answer still does not count
+    state.start_at(1, 5)
+    assert state.on_fetched(specs[1], batch(1, b"late")) == []
+    assert [(s.partition, s.offset) for s in state.fetches_due(0.0)] == [(1, 5)]
+
+
+def test_assign_adds_partitions_to_start_and_commits_only_count_for_held_ones():
+    state = ConsumerState("t", [])
+    assert state.fetches_due(0.0) == []
+    state.assign([3, 2])
+    assert state.partitions == [2, 3]
+    assert state.fetches_due(0.0) == []  # not started yet
+    state.start_at(2, 7, committed=True)
+    state.on_committed({2: 9, 3: 1})
+    assert state.committed == {2: 9}

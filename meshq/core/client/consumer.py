@@ -17,6 +17,10 @@ the generation, so a fetch already in flight is ignored when it returns. A retri
 error backs the partition off for ``retry_s``; an offset out of range asks the caller to
 reset the partition (to the earliest offset, which only the caller can look up).
 
+A consumer-group member's partitions change at each rebalance: ``revoke`` drops a partition
+(its positions, buffered records, and any fetch in flight: its generation moves on, so the
+answer is ignored), ``assign`` adds one, to be started with ``start_at``.
+
 The state takes ``now_s`` on every call and does no I/O, so the same code runs in
 ``meshq.Consumer`` (threads, futures, the wall clock) and in the simulator.
 """
@@ -52,7 +56,7 @@ class ConsumerState:
         self.positions: dict[int, int] = {}  # partition -> one past the last record handed out
         self.fetch_positions: dict[int, int] = {}  # partition -> the next offset to fetch
         self.committed: dict[int, int] = {}  # partition -> the offset this member last committed
-        self._generation: dict[int, int] = {p: 0 for p in self.partitions}
+        self._generation: dict[int, int] = {p: 0 for p in self.partitions}  # kept after a revoke: it only grows
         self._busy: set[int] = set()  # partitions with a fetch in flight
         self._retry_at_s: dict[int, float] = {}
         self.buffer: deque[Record] = deque()
@@ -73,6 +77,31 @@ class ConsumerState:
         self.buffer = deque(r for r in self.buffer if r.partition != partition)
         self.positions[partition] = self.fetch_positions[partition] = offset
 
+    def assign(self, partitions: list[int]) -> None:
+        """Add ``partitions`` (a group gave them to this member); each is started with ``start_at``."""
+        for partition in partitions:
+            if partition not in self.partitions:
+                self.partitions.append(partition)
+                self._generation[partition] = self._generation.get(partition, 0) + 1
+        self.partitions.sort()
+
+    def revoke(self, partitions: list[int]) -> None:
+        """Drop ``partitions``: their positions, buffered records and fetches in flight (ignored when
+        they return). Commit first: what was handed out and not committed is read again by the
+        partition's next owner."""
+        gone = set(partitions) & set(self.partitions)
+        if not gone:
+            return
+        self.partitions = [p for p in self.partitions if p not in gone]
+        for partition in gone:
+            self._generation[partition] += 1
+            self._busy.discard(partition)
+            self._retry_at_s.pop(partition, None)
+            self.positions.pop(partition, None)
+            self.fetch_positions.pop(partition, None)
+            self.committed.pop(partition, None)
+        self.buffer = deque(r for r in self.buffer if r.partition not in gone)
+
     def position(self, partition: int) -> int:
         self._require(partition)
         return self.positions[partition]
@@ -92,8 +121,8 @@ class ConsumerState:
         return due
 
     def current(self, spec: FetchSpec) -> bool:
-        """Whether the answer to ``spec`` still counts (no seek or reset since it was sent)."""
-        return spec.generation == self._generation.get(spec.partition)
+        """Whether the answer to ``spec`` still counts (no seek, reset or revoke since it was sent)."""
+        return spec.generation == self._generation.get(spec.partition) and spec.partition in self.fetch_positions
 
     def on_fetched(self, spec: FetchSpec, data: bytes) -> list[Record]:
         """A fetch returned ``data`` (raw batches): buffer its records; returns them (empty if stale)."""
@@ -150,8 +179,8 @@ class ConsumerState:
         return {p: o for p, o in sorted(positions.items()) if self.committed.get(p) != o}
 
     def on_committed(self, offsets: dict[int, int]) -> None:
-        self.committed.update(offsets)
+        self.committed.update({p: o for p, o in offsets.items() if p in self.positions})
 
     def _require(self, partition: int) -> None:
-        if partition not in self._generation:
+        if partition not in self.partitions:
             raise UsageError(f"partition {partition} is not assigned to this consumer ({self.partitions})")

@@ -46,6 +46,7 @@ from meshq.errors import (
     MeshqError,
     NodeStoppedError,
     NotLeaderError,
+    RebalanceError,
     TimeoutError,
     UsageError,
 )
@@ -208,6 +209,11 @@ class Requests(Room):
 
     def _routed_retry_or_fail(self, call: RoutedCall, error: MeshqError) -> None:
         now = self.core.now_s
+        if isinstance(error, RebalanceError):
+            # The coordinator answered: this member's generation is over. Sending it again cannot
+            # help (the member rejoins), so it fails at once.
+            self.out.emit(Fail(call.command.waiter, error))
+            return
         if error.retriable:
             # The leader moved, died or is unknown: whoever asks next (this call's retry, or the
             # caller's own, as a consumer's) starts from fresh metadata.
@@ -257,8 +263,10 @@ class Requests(Room):
 
     def _cmd_commit(self, command: Command, now_s: float) -> None:
         offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.offsets.items())]
-        self._coordinator_command(command, now_s, "offset_commit", {"group": command.group, "offsets": offsets},
-                                  lambda m: None)
+        body = {"group": command.group, "offsets": offsets}
+        if command.member is not None:  # a group member's commit: the coordinator checks it holds them
+            body.update(member=command.member, generation=command.generation)
+        self._coordinator_command(command, now_s, "offset_commit", body, lambda m: None)
 
     def _cmd_committed(self, command: Command, now_s: float) -> None:
         self._coordinator_command(

@@ -8,7 +8,8 @@ is the group's coordinator. A commit is a record batch appended to that partitio
 acknowledged like ``acks=quorum`` records, so a failover cannot rewind a group; the leader
 also keeps the latest offset per (group, topic, partition) in memory, rebuilt from the log
 whenever it takes over leadership of an offsets partition and dropped when it loses it.
-This room is where group membership and shared (work-queue) subscriptions will live.
+Group membership (who reads which partitions) is the sibling room ``coordinator``
+(``meshq.core.partitions.coordinator``); a commit that names a member is checked there first.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class Groups(Room):
     def serve_offset_commit(self, route: Any, message: wire.Message, now_s: float) -> None:
         group = message.body["group"]
         state = self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        if message.body.get("member") is not None:  # a group member's commit: it must hold these partitions
+            self.core.coordinator.check_commit(
+                group, message.body["member"], message.body.get("generation", -1),
+                [(entry["topic"], entry["partition"]) for entry in message.body["offsets"]])
         records = []
         now_ms = self.core.wall_clock_ms()
         for entry in message.body["offsets"]:
@@ -77,6 +82,7 @@ class Groups(Room):
         """This node started or stopped leading partition ``key``: load or drop its groups' offsets."""
         if key[0] != OFFSETS_TOPIC:
             return
+        self.core.coordinator.on_leadership(key[1], gained, self.core.now_s)
         if gained:
             self._replay(key)
         else:
@@ -84,17 +90,28 @@ class Groups(Room):
                 del self.group_offsets[group_key]
 
     def lag_report(self) -> list[dict]:
-        """Each group's committed offsets with the partition's high watermark as this node sees it."""
+        """Each group's committed offsets with the partition's high watermark as this node sees it,
+        and its members, generation and state where this node coordinates it (empty elsewhere)."""
         groups: dict[str, dict] = {}
+        membership = self.core.coordinator.report()
+
+        def entry_of(group: str) -> dict:
+            if group not in groups:
+                members = membership.get(group, {"generation": 0, "state": "empty", "members": []})
+                groups[group] = {"group": group, "mode": "stream", **members, "partitions": []}
+            return groups[group]
+
+        for group in membership:
+            entry_of(group)
         for (group, topic, partition), committed in sorted(self.group_offsets.items()):
             state = self.core.host.get((topic, partition))
             high_watermark = state.high_watermark if state else committed
-            entry = groups.setdefault(group, {"group": group, "partitions": []})
+            entry = entry_of(group)
             entry["partitions"].append({
                 "topic": topic, "partition": partition, "committed": committed,
                 "high_watermark": high_watermark, "lag": max(0, high_watermark - committed),
             })
-        return list(groups.values())
+        return [groups[g] for g in sorted(groups)]
 
     def _replay(self, key: tuple[str, int]) -> None:
         """Rebuild the committed offsets stored in partition ``key`` from its log (a compacted topic)."""

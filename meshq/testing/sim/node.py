@@ -34,6 +34,7 @@ class SimNode:
     booted: bool = False  # booted at least once (a joiner waits for its time)
     departed: bool = False  # left the cluster for good (``meshq leave``): never restarted
     down_until_s: float = 0.0  # an outage: restarts before this are held back
+    runs_workload: bool = True  # False: a node of the consumer group's members only (no producer there)
 
     @property
     def present(self) -> bool:

@@ -65,6 +65,9 @@ class SimOptions:
     outage: tuple[str, float, float | None] | None = None
     member_timeout_s: float = 60.0
     calling_threads: int = 0  # per client: threads whose Node.produce is sent from the thread itself
+    # the consumer group's members on nodes g1, g2 (meshq.testing.sim.group); False: no such nodes
+    # (their gossip lets a client cut off from every storage node relearn them without its seeds)
+    group_members: bool = True
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

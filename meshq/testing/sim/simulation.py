@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``Simulation`` builds the nodes (``SimNode``: storage nodes n1..nN, joiners after them, clients
-c1..), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer``, the
+c1.., and g1, g2 for the consumer group's members), the ``Network``, the ``FaultInjector``, the ``Workload``, the ``SimConsumer``, the
 clients' ``CallingThread``s and the ``Checker``, all sharing its one ``random.Random(seed)``, its clock ``now_s`` and its queue.
 The queue is a heap of ``(time, sequence, kind, data)``: events at the same time run in the
 order they were queued. Each event is one of
@@ -13,6 +13,7 @@ order they were queued. Each event is one of
 * ``fault``, ``outage`` — the fault injector; ``produce``, ``create_topic``, ``leave``,
   ``consume`` — the clients; the periodic ones queue their next turn; ``direct`` — a client's
   calling thread (``CallingThread``: a synchronous produce sent from the thread itself);
+* ``group`` — the consumer group's members (``SimGroup``) take their next step;
 * ``liveness`` — the fault phase ends: heal, resume and restart everything.
 
 Booting a node builds a fresh ``NodeCore`` with a random stream drawn from the run's and a
@@ -22,8 +23,10 @@ core that reports it has left is stopped for good, as the runtime stops it.
 
 After every event the checkers look at the nodes whose core ran, and a reassign step that
 just committed gives the step nemesis its chance. Once the liveness phase has converged, the
-workload sends its probes; the run ends when they all succeed, or at ``fault_s +
-liveness_s``, with the checkers' history check.
+workload sends its probes; once they all succeed and the consumers have read every partition
+up to its high watermark (``GroupChecker.waiting_for``), the consumer reads the group's
+commits back, and the run ends — or at ``fault_s + liveness_s``, with the checkers' history
+check.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
 from meshq.testing.sim.faults import FaultInjector
+from meshq.testing.sim.group import NODES as GROUP_NODES
+from meshq.testing.sim.group import SimGroup
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
@@ -103,8 +108,13 @@ class Simulation:
             self._add_node(node_id, "storage")
         for i in range(options.clients):
             self._add_node(f"c{i + 1}", "client")
+        for node_id in GROUP_NODES if options.group_members else ():
+            self._add_node(node_id, "client")
+            self.nodes[node_id].runs_workload = False
         self.workload = Workload(self)
         self.consumer = SimConsumer(self)
+        self.group = SimGroup(self)
+        self.progress_waiting: str | None = "not converged"  # what the consumers have yet to read
         self.threads: dict[str, CallingThread] = {}
         for i in range(options.clients):
             stale: set[str] = set()  # shared by the client's threads, as in the real node
@@ -272,6 +282,7 @@ class Simulation:
         self.at(1.0, "produce", None)
         self.at(1.5, "create_topic", None)
         self.at(2.0, "consume", None)
+        self.at(2.0, "group", None)
         for thread in self.threads.values():
             thread.start()
         self.at(fault_end, "liveness", None)
@@ -292,6 +303,7 @@ class Simulation:
             try:
                 self._event(kind, data, fault_end)
                 self.checker.after_event(self.touched)
+                self.group.checker.after_event()
                 if self.checker.new_steps:
                     self.fault_injector.step_nemesis()
             except Violation as violation:
@@ -305,7 +317,10 @@ class Simulation:
                 break
             if self.checker.converged and self.workload.probes is None:
                 self.workload.send_probes()
-            if self.checker.converged:
+            probes_ok = self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
+            if probes_ok and self.progress_waiting is not None:
+                self.progress_waiting = self.group.checker.waiting_for()
+            if probes_ok and self.progress_waiting is None:
                 self.consumer.read_commits_at_the_end()
             if (self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
                     and self.consumer.final_read == "done"):
@@ -315,6 +330,9 @@ class Simulation:
             failed = [a for a in probes if a.outcome != "ok"]
             violations.append(Violation(f"liveness: {len(failed)} of {len(probes)} probe writes after "
                                         f"convergence did not succeed ({failed[0].outcome}: {failed[0].error})"))
+        if not violations and probes is not None and self.progress_waiting is not None:
+            violations.append(Violation(f"liveness: the consumers made no progress to the end of every partition "
+                                        f"after convergence: {self.progress_waiting}"))
         if not violations and probes is not None and self.consumer.final_read != "done":
             violations.append(Violation("liveness: the group's committed offsets could not be read back after "
                                         "convergence"))
@@ -326,6 +344,7 @@ class Simulation:
         self.stats["sim_s"] = round(self.now_s, 3)
         self.stats["wall_s"] = round(time.monotonic() - started, 3)
         self.stats.update(self.checker.summary())
+        self.stats.update(self.group.checker.summary())
         self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
         self.stats["commits_acked"] = len(self.consumer.acked_commits)
         self.stats["consumer_restarts"] = self.consumer.generation
@@ -383,9 +402,15 @@ class Simulation:
         elif kind == "direct":
             self.threads[data[0]].on_event(data[1])
         elif kind == "consume":
-            if self.now_s < fault_end:
+            # on through the liveness phase: it must reach the end of every partition after the faults
+            if self.consumer.final_read == "not asked":
                 self.consumer.step()
                 self.at(self.now_s + 0.1, "consume", None)
+        elif kind == "group":
+            if not self.options.group_members:
+                return
+            self.group.step()
+            self.at(self.now_s + 0.1, "group", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
                 self.workload.create_topic_step()

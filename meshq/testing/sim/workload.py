@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING, Any
 from meshq.config import TopicConfig
 from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.core.client.leave import LeaveLoop
-from meshq.core.events import AskLeave, CommitOffsets, CreateTopic, Fetch, FetchCommitted, ProduceCommand, Resolve
+from meshq.core.events import (
+    AskLeave,
+    CommitOffsets,
+    CreateTopic,
+    Fetch,
+    FetchCommitted,
+    GetMetadata,
+    ProduceCommand,
+    Resolve,
+)
 from meshq.errors import MeshqError
 from meshq.testing.sim.options import TOPIC, WALL_BASE_MS
 
@@ -97,7 +106,7 @@ class Workload:
     def produce_step(self) -> None:
         """A random client produces one to three new values with one of the run's acks levels."""
         sim = self.sim
-        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up and node.runs_workload)
         if not clients:
             return
         client = sim.nodes[sim.rng.choice(clients)]
@@ -117,7 +126,7 @@ class Workload:
     def create_topic_step(self) -> None:
         """Metadata writes during the faults: a new topic; its fate is recorded like a produce."""
         sim = self.sim
-        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up and node.runs_workload)
         if not clients:
             return
         client = sim.nodes[sim.rng.choice(clients)]
@@ -211,10 +220,13 @@ class SimConsumer:
     def step(self) -> None:
         sim = self.sim
         node = sim.nodes["c1"]
-        if node.core is None or TOPIC not in node.core.metadata:
+        if node.core is None:
             return
         state = self.state
         if state is None:
+            if TOPIC not in node.core.metadata:  # a fetch asks for it itself; a (re)start needs it first
+                sim.feed(node, GetMetadata(TOPIC, deadline_s=sim.now_s + 2.0, waiter=lambda effect: None))
+                return
             self._restart(node)
             return
         if sim.rng.random() < 0.01:  # a member leaves and another joins: resume from the group's commits

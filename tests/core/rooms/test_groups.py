@@ -110,7 +110,8 @@ def test_lag_is_the_distance_from_the_committed_offset_to_the_high_watermark():
     create_topic(h, "t", 2)
     h.produce("t", [b"a", b"b", b"c"], partition=1)
     commit(h, "g", {("t", 1): 1, ("t", 0): 0})
-    assert h.core.groups.lag_report() == [{"group": "g", "partitions": [
+    assert h.core.groups.lag_report() == [{"group": "g", "mode": "stream", "generation": 0, "state": "empty",
+                                           "members": [], "partitions": [
         {"topic": "t", "partition": 0, "committed": 0, "high_watermark": 0, "lag": 0},
         {"topic": "t", "partition": 1, "committed": 1, "high_watermark": 3, "lag": 2}]}]
 

@@ -164,3 +164,14 @@ def test_fail_all_fails_every_pending_request_with_the_given_error(out):
     stopped = TimeoutError("stopping")
     out.fail_all(stopped)
     assert [r.errors for r in recorders] == [[stopped]] * 3 and out.pending == {}
+
+
+def test_a_reply_of_another_type_under_a_pending_id_is_not_taken_for_its_answer(out):
+    # request ids start again when a node restarts: a late reply to its earlier incarnation's
+    # request of the same id is not this request's answer (which may still come)
+    recorder = ask(out, type_="status")
+    request_id = max(out.pending)
+    out.on_reply(wire.Message("metadata_ok", "p", request_id, {"members": [], "topics": []}), 10.1)
+    assert recorder.replies == [] and request_id in out.pending
+    out.on_reply(wire.Message("status_ok", "p", request_id, {"status": {}}), 10.2)
+    assert [m.type for m in recorder.replies] == ["status_ok"] and request_id not in out.pending

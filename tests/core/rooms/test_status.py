@@ -99,3 +99,16 @@ def test_handoffs_count_the_partitions_not_yet_where_the_ring_places_them():
     assert moving > 0 and old.core.status.handoffs() == moving
     net.run_until(lambda: old.core.status.handoffs() == 0, within_s=10.0)
     assert all(old.core.meta.assignments["t"][p] == old.core.meta.target("t", p) for p in range(6))
+
+
+def test_the_merge_takes_a_groups_members_from_its_coordinator_the_higher_generation_winning():
+    members = [{"member": "c1-00000001", "topic": "t", "partitions": [0]}]
+    current = {"group": "g", "mode": "stream", "generation": 2_000_001, "state": "stable", "members": members,
+               "partitions": [{"topic": "t", "partition": 0, "committed": 2, "high_watermark": 2, "lag": 0}]}
+    deposed = {"group": "g", "mode": "stream", "generation": 1_000_004, "state": "rebalancing", "members": [],
+               "partitions": []}
+    merged = merge_status({"a": report("a", partition_view("a", role="leader", high_watermark=5), groups=[current]),
+                           "b": report("b", groups=[deposed])}, "b")
+    assert merged["groups"] == [{"group": "g", "mode": "stream", "generation": 2_000_001, "state": "stable",
+                                 "members": members, "partitions": [
+                                     {"topic": "t", "partition": 0, "committed": 2, "high_watermark": 5, "lag": 3}]}]
