@@ -21,6 +21,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
 ``groups``         consumer-group offsets (``partitions.groups``)
+``shared``         shared (work-queue) subscriptions on partitions led here (``partitions.shared``)
 ``client``         topic metadata for this node's own API calls (``client.metadata``)
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
@@ -69,6 +70,7 @@ from meshq.core.partition import PartitionState
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
+from meshq.core.partitions.shared import Shared
 from meshq.core.ports import Storage
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
@@ -112,6 +114,7 @@ class NodeCore:
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
         self.groups = Groups(self)
+        self.shared = Shared(self)
         self.client = ClientMetadata(self)
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
@@ -123,7 +126,7 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
-                     self.groups, self.client, self.producer, self.requests, self.status):
+                     self.groups, self.shared, self.client, self.producer, self.requests, self.status):
             self.register(room)
 
     def register(self, room: Room) -> None:

@@ -303,6 +303,15 @@ SCHEMAS: dict[str, Schema] = {
     "offset_commit_ok": Schema(Struct()),
     "offset_fetch": Schema(Struct(group=NAME, topic=NAME)),
     "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
+    # shared subscriptions (meshq.core.partitions.shared): ``index`` packs ">qi" (offset, delivery
+    # count) per record of the payload batch, in its order; a share_ack payload packs ">qBI" (offset,
+    # kind 0 ack / 1 nack / 2 reject, nack delay ms) per answer
+    "share_fetch": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1),
+                                 max_records=Int(1, 100_000), max_wait_ms=Int(0, 1 << 31),
+                                 ack_timeout_ms=Int(1, 1 << 31), max_deliveries=Int(1, 1 << 20))),
+    "share_fetch_ok": Schema(Struct(topic=NAME, partition=PARTITION, index=Bytes(12 * 100_000)), 0, 1),
+    "share_ack": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1)), 1, 1),
+    "share_ack_ok": Schema(Struct(stale=Int(0, 1 << 31))),
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool())),

@@ -108,6 +108,11 @@ class ConsumerState:
                 raise AssertionError("a fetch returned records before the requested offset")
             self.buffer.extend(records)
             self.fetch_positions[spec.partition] = records[-1].offset + 1
+        elif self.fetch_positions[spec.partition] == spec.offset:
+            # Only control batches (shared-subscription state): their offsets are gaps; read on past them.
+            after = batch_format.next_offset_after(data)
+            if after is not None and after > spec.offset:
+                self.fetch_positions[spec.partition] = after
         return records
 
     def on_fetch_failed(self, spec: FetchSpec, error: MeshqError, now_s: float) -> bool:

@@ -1,0 +1,132 @@
+"""Shared (work-queue) subscriptions on a real in-process Node (ZeroMQ on 127.0.0.1, file log)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import meshq
+from meshq.errors import UsageError
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def node(tmp_path):
+    with meshq.Node(cluster="sh", data_dir=tmp_path / "data", mdns=False, partitions=2,
+                    replication_factor=1) as n:
+        yield n
+
+
+def poll_until(consumer, want: int, timeout_s: float = 20.0) -> list:
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < want and time.monotonic() < deadline:
+        out.extend(consumer.poll(timeout=0.5))
+    return out
+
+
+def test_each_record_goes_to_one_member_and_acks_are_durable(node):
+    node.create_topic("jobs", partitions=2, replication_factor=1)
+    node.produce_batch("jobs", [f"j{i}".encode() for i in range(200)]).result(10)
+    a = node.consumer("jobs", group="w", mode="shared", ack_timeout=30.0)
+    b = node.consumer("jobs", group="w", mode="shared", ack_timeout=30.0, prefetch=20)
+    seen: list = []
+    acked_by_a: set = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 200 and time.monotonic() < deadline:
+        for consumer in (a, b):
+            for record in consumer.poll(timeout=0.2, max_records=10):
+                seen.append(record.value)
+                assert record.headers["meshq-delivery-count"] == b"1"
+                consumer.ack(record)
+                if consumer is a:
+                    acked_by_a.add(record.value)
+    assert sorted(seen) == sorted(f"j{i}".encode() for i in range(200)), "every record once, no duplicate"
+    a.flush_acks()
+    b.flush_acks()
+    assert a.stats["acked"] + b.stats["acked"] == 200
+    assert a.stats["stale"] == b.stats["stale"] == 0
+    with pytest.raises(UsageError, match="not held by this consumer"):
+        (a if record.value in acked_by_a else b).ack(record)  # acked already: refused, nothing changes
+    a.close()
+    b.close()
+    c = node.consumer("jobs", group="w", mode="shared")
+    assert c.poll(timeout=1.0) == [], "acked records are never handed out again"
+    c.close()
+    groups = {g["group"]: g for g in node.status()["groups"]}
+    assert groups["w"]["mode"] == "shared"
+    assert sum(p["acked"] for p in groups["w"]["partitions"]) == 200
+    assert all(p["lag"] == 0 and p["in_flight"] == 0 for p in groups["w"]["partitions"])
+
+
+def test_redelivery_after_timeout_then_dead_letter(node):
+    node.create_topic("retry", partitions=1, replication_factor=1)
+    node.produce("retry", b"poison", key=b"k")
+    c = node.consumer("retry", group="w", mode="shared", ack_timeout=0.3, max_deliveries=3)
+    counts = []
+    for record in poll_until(c, 3, 15):
+        counts.append(int(record.headers["meshq-delivery-count"]))  # never acked: times out
+    assert counts == [1, 2, 3]
+    assert c.poll(timeout=1.5) == [], "a dead-lettered record is not delivered again"
+    assert node.topic("retry.dlq").partitions == 1, "created by the leader like its source topic"
+    dlq = node.consumer("retry.dlq")
+    (dead,) = poll_until(dlq, 1, 15)
+    assert dead.value == b"poison" and dead.key == b"k"
+    assert dead.headers["meshq-dlq-reason"] == b"max_deliveries"
+    assert dead.headers["meshq-original-partition"] == b"0"
+    assert dead.headers["meshq-original-offset"] == b"0"
+    c.close()
+
+
+def test_nack_delay_and_reject(node):
+    node.create_topic("n", partitions=1, replication_factor=1)
+    node.produce("n", b"again")
+    node.produce("n", b"bad")
+    c = node.consumer("n", group="w", mode="shared")
+    first = poll_until(c, 2)
+    by_value = {r.value: r for r in first}
+    c.nack(by_value[b"again"], delay=0.5)
+    c.nack(by_value[b"bad"], requeue=False)
+    started = time.monotonic()
+    (again,) = poll_until(c, 1)
+    assert again.value == b"again" and again.headers["meshq-delivery-count"] == b"2"
+    assert time.monotonic() - started >= 0.3, "a nack delay holds the record back"
+    c.ack(again)
+    c.flush_acks()
+    (dead,) = poll_until(node.consumer("n.dlq"), 1)
+    assert dead.value == b"bad" and dead.headers["meshq-dlq-reason"] == b"rejected"
+    c.close()
+
+
+def test_delayed_and_prioritised_records(node):
+    node.create_topic("d", partitions=1, replication_factor=1)
+    now = time.time()
+    node.produce("d", b"later", delay=1.0)
+    node.produce("d", b"at", deliver_at=now + 1.0)
+    node.produce("d", b"low", priority=0)
+    node.produce("d", b"high", priority=9)
+    node.produce("d", b"normal")
+    c = node.consumer("d", group="w", mode="shared", prefetch=1)
+    order = []
+    for _ in range(3):
+        (record,) = c.poll(timeout=5, max_records=1)
+        order.append(record.value)
+        c.ack(record)
+    assert order == [b"high", b"normal", b"low"]
+    late = poll_until(c, 2, 10)
+    assert sorted(r.value for r in late) == [b"at", b"later"]
+    assert time.time() >= now + 1.0
+    c.close()
+
+
+@pytest.mark.parametrize("kwargs, rule", [
+    ({"delay": -1}, "delay must be"),
+    ({"delay": 1, "deliver_at": 5}, "not both"),
+    ({"priority": 10}, "priority must be"),
+    ({"priority": "9"}, "priority must be"),
+])
+def test_bad_scheduling_arguments_are_refused(node, kwargs, rule):
+    with pytest.raises(UsageError, match=rule):
+        node.produce("bad", b"v", **kwargs)
