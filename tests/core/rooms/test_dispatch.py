@@ -16,7 +16,7 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "client", "producer",
+ROOMS = ("mesh", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "shared", "client", "producer",
          "requests", "status")
 
 
