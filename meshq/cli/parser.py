@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
                          help="stop after S seconds without a record (default: run until interrupted)")
     consume.add_argument("--json", action="store_true", help="one JSON object per record")
+    consume.add_argument("--shared", action="store_true",
+                         help="join --group as a shared (work-queue) member: each record goes to one member of the "
+                              "group and is acked after it is printed")
     _connection_options(consume)
 
     status = sub.add_parser("status", help="members, partitions and group lag")
