@@ -130,3 +130,20 @@ def test_delayed_and_prioritised_records(node):
 def test_bad_scheduling_arguments_are_refused(node, kwargs, rule):
     with pytest.raises(UsageError, match=rule):
         node.produce("bad", b"v", **kwargs)
+
+
+def test_a_stream_consumer_gets_a_delayed_record_no_earlier_than_its_time_in_partition_order(node):
+    node.create_topic("s", partitions=1, replication_factor=1)
+    due = time.time() + 1.0
+    node.produce("s", b"first")
+    node.produce("s", b"delayed", deliver_at=due)
+    node.produce("s", b"after")
+    c = node.consumer("s", group="readers")
+    got = []
+    deadline = time.monotonic() + 15
+    while len(got) < 3 and time.monotonic() < deadline:
+        for record in c.poll(timeout=0.5):
+            got.append((record.value, time.time()))
+    assert [v for v, _t in got] == [b"first", b"delayed", b"after"]
+    assert got[1][1] >= due and got[2][1] >= due, "the delayed record holds back its partition until due"
+    c.close()
