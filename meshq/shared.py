@@ -158,7 +158,7 @@ class SharedConsumer:
     def _on_acked(self, future: Future) -> None:
         self._acks.pop(future, None)
         try:
-            self._state.stats["stale"] += future.result()
+            self._state.stats["stale"] += len(future.result()) // 8
         except MeshqError as exc:
             # Not confirmed: those records are handed out again after their ack timeout.
             log.warning("answers for %s (group %s) were not confirmed: %s", self.topic, self.group, exc)

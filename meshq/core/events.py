@@ -165,7 +165,8 @@ class ShareFetch:
 @dataclass(slots=True)
 class ShareAck:
     """Answers of ``member`` for records of ``topic``/``partition``: ``acks`` packs ">qBI" entries
-    (offset, kind 0 ack / 1 nack / 2 reject, delay ms); resolves with the stale count once durable."""
+    (offset, kind 0 ack / 1 nack / 2 reject, delay ms); resolves once durable with the offsets
+    whose answer was stale (packed ">q": the member did not hold them; nothing changed for them)."""
 
     group: str
     topic: str

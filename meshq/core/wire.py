@@ -311,7 +311,7 @@ SCHEMAS: dict[str, Schema] = {
                                  ack_timeout_ms=Int(1, 1 << 31), max_deliveries=Int(1, 1 << 20))),
     "share_fetch_ok": Schema(Struct(topic=NAME, partition=PARTITION, index=Bytes(12 * 100_000)), 0, 1),
     "share_ack": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1)), 1, 1),
-    "share_ack_ok": Schema(Struct(stale=Int(0, 1 << 31))),
+    "share_ack_ok": Schema(Struct(stale=Bytes(8 * 100_000))),  # ">q" per offset whose answer was stale
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool())),

@@ -90,7 +90,7 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "share_fetch_ok": ({"topic": "jobs", "partition": 0, "index": b"\0" * 7 + b"\5" + b"\0\0\0\1"}, (BATCH,)),
     "share_ack": ({"group": "workers", "topic": "jobs", "partition": 0, "member": "n1/abc"},
                   (b"\0" * 7 + b"\5" + b"\0" + b"\0" * 4,)),
-    "share_ack_ok": ({"stale": 0}, ()),
+    "share_ack_ok": ({"stale": b"\0" * 7 + b"\5"}, ()),
     "status": ({}, ()),
     "status_ok": ({"status": {"cluster": "default", "counters": {"frames_invalid": 0},
                               "mixed": [1, -2.5, None, True, b"raw", "text", {"deep": [[{}]]}]}}, ()),

@@ -259,7 +259,7 @@ class Requests(Room):
         body = {"group": command.group, "topic": command.topic, "partition": command.partition,
                 "member": command.member}
         self._routed_command(command, now_s, command.topic, lambda: command.partition, "share_ack", body,
-                             lambda m: m.body["stale"], False, True, payloads=(command.acks,))
+                             lambda m: m.body["stale"], False, True, payloads=(command.acks,))  # packed >q offsets
 
     def _cmd_list_offsets(self, command: Command, now_s: float) -> None:
         body = {"topic": command.topic, "partition": command.partition, "timestamp_ms": command.timestamp_ms}

@@ -198,7 +198,7 @@ class Shared(Room):
         acked: list[int] = []
         released: list[list[int]] = []
         dead: list[int] = []
-        stale = 0
+        stale: list[int] = []
         for offset, kind, delay_ms in answers:
             if kind == ACK:
                 ok = group.ack(offset, member)
@@ -215,7 +215,8 @@ class Shared(Room):
                 ok = group.reject(offset, member)
                 if ok:
                     dead.append(offset)
-            stale += not ok
+            if not ok:
+                stale.append(offset)
         ops = []
         if acked:
             ops.append(["a", acked])
@@ -223,7 +224,7 @@ class Shared(Room):
             ops.append(["r", released])
         if dead:
             self._dead_letter(state, group, dead, now_s)
-        reply = {"stale": stale}
+        reply = {"stale": struct.pack(f">{len(stale)}q", *stale)}
         if not ops:
             self.out.reply(route, message.request_id, "share_ack_ok", reply)
         else:
