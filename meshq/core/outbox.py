@@ -132,9 +132,14 @@ class Outbox:
             request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
 
     def on_reply(self, message: wire.Message, now_s: float) -> None:
-        request = self.pending.pop(message.request_id, None)
+        request = self.pending.get(message.request_id)
         if request is None:
             return  # late reply after a timeout: the request was already failed or retried
+        if message.sender != request.peer and request.peer != self.node_id and not request.peer.startswith("seed:"):
+            # An answer from another node to another request with the same id: one this node sent
+            # before it restarted (request ids start again at 1), arriving late. Not ours: drop it.
+            return
+        del self.pending[message.request_id]
         if message.type == "error":
             body = message.body
             request.on_error(error_from_code(body["code"], body["message"]))

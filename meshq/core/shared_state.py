@@ -101,6 +101,7 @@ class SharedState:
         self.priority: dict[int, int] = {}  # scanned, unfinished records whose priority is not the default
         self.ready: list[list[int]] = [[] for _ in range(LEVELS)]
         self.ready_count = 0
+        self.queued: set[int] = set()  # the offsets in ``ready`` (a record is queued once)
         self.waiting: dict[int, int] = {}  # offset -> due unix ms
         self._waiting_heap: list[tuple[int, int]] = []  # (due_ms, offset); stale entries skipped
         self._deadlines: list[tuple[float, int]] = []  # (deadline_s, offset); stale entries skipped
@@ -123,7 +124,7 @@ class SharedState:
                 done.add(offset)
         for offset, priority, deliver_at_ms in records:
             if (offset < self.floor or offset in done or offset in self.in_flight or offset in self.waiting
-                    or offset in self.dead_pending):
+                    or offset in self.dead_pending or offset in self.queued):
                 continue
             if priority != DEFAULT_PRIORITY:
                 self.priority[offset] = priority
@@ -143,7 +144,10 @@ class SharedState:
         self._advance_floor()
 
     def _make_ready(self, offset: int) -> None:
+        if offset in self.queued:
+            return
         heapq.heappush(self.ready[self.priority.get(offset, DEFAULT_PRIORITY)], offset)
+        self.queued.add(offset)
         self.ready_count += 1
 
     def _wait(self, offset: int, due_ms: int) -> None:
@@ -226,7 +230,9 @@ class SharedState:
                         oldest = lower
                 if oldest is not None:
                     level = oldest
-            out.append(heapq.heappop(ready[level]))
+            offset = heapq.heappop(ready[level])
+            self.queued.discard(offset)
+            out.append(offset)
             self.ready_count -= 1
         return out
 
