@@ -188,14 +188,19 @@ class SharedWorkload:
             records.append((None, name.encode(), headers or None, wall_ms))
         sim.feed(client, ProduceCommand(JOBS, records, _JobsWaiter(self, names), None, "quorum", sim.now_s + 3.0))
 
+    def _leader(self, partition: int) -> Any:
+        return next((n for n in self.sim.nodes.values() if n.core is not None and (JOBS, partition) in
+                     n.core.partitions and n.core.partitions[(JOBS, partition)].replica.is_leader), None)
+
     def finished(self) -> bool:
-        """Every partition of ``jobs``: its leader's group has no lag and nothing in flight or delayed."""
+        """Every partition of ``jobs``: its leader's group has scanned everything and holds nothing in
+        flight, ready or being dead-lettered; what still waits is due later on the leader's own clock
+        (a clock jumped back keeps delayed jobs waiting, as documented)."""
         sim = self.sim
         if self.created != "yes":
             return False
         for partition in range(sim.options.partitions):
-            leader = next((n for n in sim.nodes.values() if n.core is not None and (JOBS, partition) in
-                           n.core.partitions and n.core.partitions[(JOBS, partition)].replica.is_leader), None)
+            leader = self._leader(partition)
             if leader is None:
                 return False
             state = leader.core.partitions[(JOBS, partition)]
@@ -204,10 +209,18 @@ class SharedWorkload:
                 if state.high_watermark > 0:
                     return False
                 continue
-            if (group.floor < state.high_watermark or group.in_flight or group.waiting or group.dead_pending
-                    or state.high_watermark < state.log.end_offset):
+            now_ms = leader.core.wall_clock_ms()
+            if (group.scanned_to < state.high_watermark or group.in_flight or group.ready_count
+                    or group.dead_pending or state.high_watermark < state.log.end_offset
+                    or any(due <= now_ms for due in group.waiting.values())):
                 return False
         return True
 
     def at_end(self) -> None:
-        self.checker.at_end(self.jobs, self.answered, self.rejected)
+        waiting = set()  # jobs still delayed at their leader (its clock is behind): not lost
+        for partition in range(self.sim.options.partitions):
+            leader = self._leader(partition)
+            group = leader.core.shared.states.get((JOBS, partition), {}).get(GROUP) if leader else None
+            if group is not None:
+                waiting.update((partition, offset) for offset in group.waiting)
+        self.checker.at_end(self.jobs, self.answered | waiting, self.rejected)
