@@ -151,8 +151,8 @@ class ConsumerState:
         kept = []
         while buffer and len(out) < max_records:
             record = buffer.popleft()
-            if now_ms is not None and (record.partition in held or (
-                    record.headers and record_deliver_at(record.headers) > now_ms)):
+            if (held and record.partition in held) or (
+                    record.headers and now_ms is not None and record_deliver_at(record.headers) > now_ms):
                 held.add(record.partition)
                 kept.append(record)
                 continue
