@@ -25,8 +25,9 @@ delayed records, dead letters) and answers two requests:
 Control batches carry the ``CONTROL`` attribute (``meshq.core.batch``): they replicate,
 fence and survive failover exactly like data, and every reader of records skips them. A node
 that becomes leader of a partition replays its control batches (each group's last snapshot,
-written every ``SNAPSHOT_EVERY`` ops, then the ops after it) and rescans the log from each
-group's ack floor; the records that were in flight get a fresh ack timeout from then.
+written every ``SNAPSHOT_EVERY`` ops, then the ops after it; the read starts at the
+partition's first control batch, and a partition no shared group ever read is not read at all)
+and rescans the log from each group's ack floor; the records that were in flight get a fresh ack timeout from then.
 
 A record handed out ``max_deliveries`` times and not acked in time, or rejected
 (``nack(requeue=False)``), is appended by the leader (through this node's producer) to
@@ -125,11 +126,11 @@ class Shared(Room):
     def _replay(self, key: tuple[str, int]) -> None:
         """Rebuild every shared group of ``key`` from the control batches of its log."""
         state = self.core.host.get(key)
-        if state is None:
-            return
+        if state is None or state.first_control_offset is None:
+            return  # no shared group ever read this partition: nothing to read back
         now_s = self.core.now_s
         groups: dict[str, SharedState] = {}
-        offset = state.log.start_offset
+        offset = max(state.log.start_offset, state.first_control_offset)
         while offset < state.log.end_offset:
             try:
                 data = state.log.read(offset, 16 * 1024 * 1024)
