@@ -21,7 +21,7 @@ import meshq
 from tests.multinode.helpers import view, wait_agreement, wait_until
 from tests.procs import child_env, end_process
 
-JOBS = 3000
+JOBS = int(os.environ.get("MESHQ_TEST_SHARED_JOBS", "20000"))  # the figure
 
 
 def expected_fate(i: int) -> str:
