@@ -192,9 +192,11 @@ class Consumer:
             if self._member is not None:
                 self._apply_group()
             if self._state.buffer:
-                out = self._state.take(max_records)
-                self._maybe_auto_commit()
-                return out
+                out = self._state.take(max_records, int(time.time() * 1000))
+                if out:
+                    self._maybe_auto_commit()
+                    return out
+                # only delayed records are buffered: wait (below) for other partitions or the time
             self._issue_fetches(max(0.0, deadline - time.monotonic()))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -206,6 +208,8 @@ class Consumer:
             if not waiting:
                 time.sleep(min(remaining, 0.05))
                 continue
+            if self._state.held:
+                remaining = min(remaining, 0.05)  # a delayed record may fall due meanwhile
             done, _ = concurrent.futures.wait(waiting, timeout=remaining, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 if future is not self._watch:

@@ -21,6 +21,7 @@ from meshq.core.client.leave import LeaveLoop
 from meshq.core.events import AskLeave, Command, CreateTopic, GetMetadata, GetStatus, WaitReady
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
+from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER
 from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
 from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
@@ -405,12 +406,17 @@ class Node:
     # ------------------------------------------------------------------ produce
     def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: dict[str, bytes] | None = None,
                 acks: str = "quorum", timeout: float = 5.0, partition: int | None = None,
-                timestamp_ms: int | None = None) -> RecordMetadata:
+                timestamp_ms: int | None = None, *, delay: float | None = None, deliver_at: float | None = None,
+                priority: int | None = None) -> RecordMetadata:
         """Produce one record and wait for its acknowledgement.
 
         Sent from the calling thread straight to the partition's leader when it can be
         (``meshq.io.direct``), else through the runtime thread; the guarantees are the same.
+        ``delay`` (seconds) or ``deliver_at`` (unix seconds) hold the record back from consumers
+        until then; ``priority`` (0-9, default 4) orders what shared subscriptions hand out first.
+        Both travel as record headers (``meshq-deliver-at``, ``meshq-priority``).
         """
+        headers = self._scheduling_headers(headers, delay, deliver_at, priority)
         record = self._record(value, key, headers, acks, timestamp_ms)
         if self._direct is not None:
             metadata = self._direct.try_produce(topic, record, partition, acks, timeout)
@@ -422,18 +428,24 @@ class Node:
 
     def produce_async(self, topic: str, value: bytes, key: bytes | None = None,
                       headers: dict[str, bytes] | None = None, acks: str = "quorum", timeout: float = 30.0,
-                      partition: int | None = None, timestamp_ms: int | None = None) -> Future:
-        """Queue one record (batched with others for ``linger_s``); the Future gives its RecordMetadata."""
+                      partition: int | None = None, timestamp_ms: int | None = None, *, delay: float | None = None,
+                      deliver_at: float | None = None, priority: int | None = None) -> Future:
+        """Queue one record (batched with others for ``linger_s``); the Future gives its RecordMetadata.
+        ``delay``/``deliver_at``/``priority`` as in ``produce``."""
+        headers = self._scheduling_headers(headers, delay, deliver_at, priority)
         return self._append(topic, value, key, headers, acks, timeout, partition, timestamp_ms, flush_now=False)
 
     def produce_batch(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes | None] | None = None,
                       acks: str = "quorum", timeout: float = 30.0, partition: int | None = None,
-                      headers: dict[str, bytes] | None = None) -> Future:
+                      headers: dict[str, bytes] | None = None, *, delay: float | None = None,
+                      deliver_at: float | None = None, priority: int | None = None) -> Future:
         """Produce many records in one call; the Future gives a sequence of RecordMetadata in input order.
 
         The fast path for bulk loads: one completion per batch instead of one Future per record.
+        ``delay``/``deliver_at``/``priority`` (as in ``produce``) apply to every record of the call.
         """
         self._require_started()
+        headers = self._scheduling_headers(headers, delay, deliver_at, priority)
         _check_acks(acks)
         now_ms = self.clock.wall_ms()
         if keys is None:
@@ -444,6 +456,28 @@ class Node:
             records = [(k, _as_bytes(v), headers, now_ms) for k, v in zip(keys, values)]
         assert self._accumulator is not None
         return self._accumulator.submit_batch(validate_topic_name(topic), records, partition, acks, timeout)
+
+    def _scheduling_headers(self, headers: dict | None, delay: float | None, deliver_at: float | None,
+                            priority: int | None) -> dict | None:
+        """``headers`` plus ``meshq-deliver-at`` / ``meshq-priority`` for the given arguments (checked)."""
+        if delay is None and deliver_at is None and priority is None:
+            return headers
+        extra: dict[str, bytes] = {}
+        if delay is not None and deliver_at is not None:
+            raise UsageError("give delay= (seconds from now) or deliver_at= (unix seconds), not both")
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < 10 * 365 * 86400:
+                raise UsageError(f"delay must be a number of seconds >= 0 (and under 10 years), not {delay!r}")
+            extra[DELIVER_AT_HEADER] = str(self.clock.wall_ms() + int(delay * 1000)).encode()
+        if deliver_at is not None:
+            if isinstance(deliver_at, bool) or not isinstance(deliver_at, (int, float)) or deliver_at < 0:
+                raise UsageError(f"deliver_at must be unix seconds (a number >= 0), not {deliver_at!r}")
+            extra[DELIVER_AT_HEADER] = str(int(deliver_at * 1000)).encode()
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+                raise UsageError(f"priority must be an int from 0 (lowest) to 9 (highest), not {priority!r}")
+            extra[PRIORITY_HEADER] = str(priority).encode()
+        return {**(headers or {}), **extra}
 
     def _append(self, topic: str, value: bytes, key: bytes | None, headers: dict | None, acks: str, timeout: float,
                 partition: int | None, timestamp_ms: int | None, flush_now: bool) -> Future:
@@ -476,12 +510,24 @@ class Node:
     # ------------------------------------------------------------------ consume
     def consumer(self, topic: str, group: str | None = None, start: Any = "earliest", mode: str = "stream",
                  **options: Any) -> Any:
-        """A consumer of ``topic``; with ``group`` its committed offsets are kept in the mesh."""
+        """A consumer of ``topic``; with ``group`` its committed offsets are kept in the mesh.
+
+        ``mode="shared"`` (with a ``group``) returns a ``meshq.shared.SharedConsumer``: any member may
+        get any record, each acked on its own (options ``ack_timeout``, ``max_deliveries``, ``prefetch``).
+        """
         from meshq.consumer import Consumer
 
         self._require_started()
+        if mode == "shared":
+            from meshq.shared import SharedConsumer
+
+            if group is None:
+                raise UsageError("mode='shared' needs a group: node.consumer(topic, group='workers', mode='shared')")
+            if start != "earliest":
+                raise UsageError("a shared group starts at the earliest record of each partition; drop start=")
+            return SharedConsumer(self, topic, group, **options)
         if mode != "stream":
-            raise UsageError(f"mode {mode!r} is not available in this version; use mode='stream'")
+            raise UsageError(f"mode {mode!r} is not available in this version; use mode='stream' or mode='shared'")
         return Consumer(self, topic, group=group, start=start, **options)
 
     # ------------------------------------------------------------------ status

@@ -27,6 +27,7 @@ from meshq.bench.cpu import _machine, _other_load
 from meshq.bench.errors import BenchError
 from meshq.bench.procs import PARTITIONS
 from meshq.bench.produce import _run_meshq
+from meshq.bench.queue import render_queue, run_queue
 from meshq.bench.rebalance import REBALANCE_PARTITIONS, _run_rebalance_cluster
 from meshq.bench.replication import _run_cluster
 from meshq.bench.report import _render, _render_rebalance, _render_replication
@@ -143,9 +144,38 @@ def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], ren
     return EXIT_FAILED if failed(report) else EXIT_OK
 
 
+def _run_queue(args: Any) -> int:
+    """``meshq bench queue``: shared-subscription throughput with per-record acks (queue.py)."""
+    problems = []
+    if not 1 <= args.nodes <= 9:
+        problems.append("--nodes must be from 1 to 9")
+    if not 1 <= args.replication_factor <= args.nodes:
+        problems.append("--replication-factor must be from 1 to --nodes")
+    if args.jobs < 1 or args.workers < 1 or args.rounds < 1:
+        problems.append("--jobs, --workers and --rounds must be at least 1")
+    if args.seed:
+        problems.append("bench queue starts its own nodes; --seed is for bench produce")
+    if problems:
+        return _refuse(problems)
+
+    def measure(workdir: str) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "scenario": "queue",
+            "machine": _machine(),
+            "config": {"jobs": args.jobs, "value_bytes": args.value_bytes, "batch": args.batch, "fsync": args.fsync,
+                       "nodes": args.nodes, "replication_factor": args.replication_factor, "workers": args.workers,
+                       "rounds": args.rounds, "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else ""},
+        }
+        report["machine_load_before_cores"] = _other_load(1.0)
+        report["cluster"] = run_queue(args, workdir)
+        return report
+
+    return _measure_and_report(args, measure, render_queue, lambda report: "error" in report["cluster"])
+
+
 def run_bench(args: Any) -> int:
-    """``meshq bench produce``, ``replication`` or ``rebalance``; returns the process exit code."""
-    if args.scenario not in ("produce", "replication", "rebalance"):
+    """``meshq bench produce``, ``replication``, ``rebalance`` or ``queue``; returns the process exit code."""
+    if args.scenario not in ("produce", "replication", "rebalance", "queue"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE
     problems = []
@@ -163,6 +193,8 @@ def run_bench(args: Any) -> int:
         return _run_replication(args)
     if args.scenario == "rebalance":
         return _run_rebalance(args)
+    if args.scenario == "queue":
+        return _run_queue(args)
     seeds = list(args.seed or [])
 
     def measure(workdir: str) -> dict[str, Any]:

@@ -192,13 +192,20 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "WARNING")
+    shared = getattr(args, "shared", False)
+    if shared and (args.group is None or args.start != "earliest"):
+        raise ConfigError("--shared needs --group G (the shared group to join) and reads from the earliest "
+                          "unacked record (drop --from)")
     node = _client(args)
     printed = 0
     stop = _StopRequest()
     signal.signal(signal.SIGTERM, stop.handler)
     consumer = None
     try:
-        consumer = node.consumer(args.topic, group=args.group, start=args.start, auto_commit=False)
+        if shared:
+            consumer = node.consumer(args.topic, group=args.group, mode="shared")
+        else:
+            consumer = node.consumer(args.topic, group=args.group, start=args.start, auto_commit=False)
         idle_since = time.monotonic()
         out = sys.stdout.buffer
         while not stop.requested:
@@ -215,7 +222,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
                     out.write(b"".join(r.value + b"\n" for r in records))
                 out.flush()
                 printed += len(records)
-                if args.group:
+                if shared:
+                    for record in records:  # printed: done
+                        consumer.ack(record)
+                elif args.group:
                     consumer.commit()
             elif args.timeout is not None and time.monotonic() - idle_since >= args.timeout:
                 break
@@ -223,7 +233,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
         pass
     finally:
         try:
-            if consumer is not None and args.group:
+            if consumer is not None and shared:
+                consumer.close()  # sends the last acks and waits for them; gives back what was not printed
+            elif consumer is not None and args.group:
                 consumer.commit()
         finally:
             node.stop()

@@ -122,10 +122,15 @@ def render_status(status: dict) -> None:
         groups = Table(title="consumer groups")
         for column in ("group", "topic", "partition", "committed", "high_watermark", "lag"):
             groups.add_column(column)
+        shared = any(group.get("mode") == "shared" for group in status["groups"])
+        if shared:  # shared groups: "committed" is the ack floor (every record below it is done)
+            for column in ("in_flight", "delayed", "redelivered", "dead_lettered"):
+                groups.add_column(column)
         for group in status["groups"]:
             for p in group["partitions"]:
+                extra = [str(p.get(k, "")) for k in ("in_flight", "delayed", "redelivered", "dead_lettered")]
                 groups.add_row(group["group"], p["topic"], str(p["partition"]), str(p["committed"]),
-                               str(p["high_watermark"]), str(p["lag"]))
+                               str(p["high_watermark"]), str(p["lag"]), *(extra if shared else ()))
         console.print(groups)
 
 

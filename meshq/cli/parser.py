@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
                          help="stop after S seconds without a record (default: run until interrupted)")
     consume.add_argument("--json", action="store_true", help="one JSON object per record")
+    consume.add_argument("--shared", action="store_true",
+                         help="join --group as a shared (work-queue) member: each record goes to one member of the "
+                              "group and is acked after it is printed")
     _connection_options(consume)
 
     status = sub.add_parser("status", help="members, partitions and group lag")
@@ -139,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(describe)
 
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
-                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves")
+                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves; queue: "
+                            "--workers shared consumers acking each of --jobs records on --nodes replicated nodes")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)
@@ -164,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="give up waiting for writes to succeed again after S seconds (default 20)")
     replicated.add_argument("--in-sync-timeout", type=_positive_float, default=20.0, metavar="S",
                             help="wait at most S seconds for every replica to be in sync before measuring (default 20)")
+    queue = bench.add_argument_group("bench queue (also --nodes, --replication-factor, --value-bytes, --batch)")
+    queue.add_argument("--jobs", type=int, default=20_000, help="records acked per round (default 20000)")
+    queue.add_argument("--workers", type=int, default=3, help="shared-consumer worker processes (default 3)")
+    queue.add_argument("--rounds", type=int, default=3, help="rounds; the report gives median, min, max (default 3)")
     rebalance = bench.add_argument_group("bench rebalance (also --nodes, --replication-factor)")
     rebalance.add_argument("--load-rate", default="0", metavar="N|max",
                            help="a producer writes N records/s (max: as fast as it can) during the moves (default 0)")

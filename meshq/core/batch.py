@@ -17,7 +17,7 @@ Layout (big-endian)::
     12      4     leader_epoch       (stamped by the leader)
     16      1     magic              BATCH_MAGIC
     17      4     crc                CRC-32 of bytes [21, end)
-    21      2     attributes         reserved, 0
+    21      2     attributes         AT_MOST_ONCE (0x1), CONTROL (0x2)
     23      4     last_offset_delta  record_count - 1
     27      8     first_timestamp_ms
     35      8     max_timestamp_ms
@@ -74,6 +74,11 @@ NO_SEQUENCE = -1
 #: attributes bit: an at-most-once (acks=none) batch; the leader accepts sequence gaps and drops
 #: anything at or below the last sequence it stored (no duplicates, order kept, losses allowed).
 AT_MOST_ONCE = 0x1
+#: attributes bit: a control batch, written by a partition's leader into the partition's own log
+#: (shared-subscription state: deliveries, acks, dead letters; ``meshq.core.partitions.shared``). It
+#: replicates, fences and survives failover like data, but readers of records skip it: the
+#: offsets it takes are gaps in what consumers see. Clients may not produce one.
+CONTROL = 0x2
 
 
 class BatchHeader(NamedTuple):
@@ -299,11 +304,12 @@ def iter_batches(buf: bytes | bytearray | memoryview, verify_crc: bool = True) -
 def decode_records(
     buf: bytes | bytearray | memoryview, topic: str, partition: int, min_offset: int = 0
 ) -> list[Record]:
-    """Decode every record at or after ``min_offset`` in a concatenation of batches."""
+    """Decode every record at or after ``min_offset`` in a concatenation of batches (control
+    batches are skipped: their offsets are gaps)."""
     out: list[Record] = []
     append = out.append
     for pos, header in iter_batches(buf):
-        if header.next_offset <= min_offset:
+        if header.next_offset <= min_offset or header.attributes & CONTROL:
             continue
         try:
             columns = _decode_body(buf, pos, header)
@@ -328,3 +334,25 @@ def decode_records(
             for offset, key, value, hdrs, ts in zip(offsets, key_col, values, headers, ts_col):
                 append(Record(topic, partition, offset, key, value, hdrs or {}, ts))
     return out
+
+
+def decode_control(buf: bytes | bytearray | memoryview, min_offset: int = 0) -> list[tuple[int, list[bytes]]]:
+    """``(base_offset, [value, ...])`` of each control batch at or after ``min_offset``."""
+    out = []
+    for pos, header in iter_batches(buf):
+        if header.next_offset <= min_offset or not header.attributes & CONTROL:
+            continue
+        try:
+            values = _decode_body(buf, pos, header)[2]
+        except ProtocolError as exc:
+            raise CorruptLogError(str(exc)) from None
+        out.append((header.base_offset, list(values)))
+    return out
+
+
+def next_offset_after(buf: bytes | bytearray | memoryview) -> int | None:
+    """The offset after the last whole batch in ``buf`` (None when it holds none)."""
+    end = None
+    for _pos, header in iter_batches(buf, verify_crc=False):
+        end = header.next_offset
+    return end

@@ -173,6 +173,22 @@ class JoinGroup:
 
 
 @dataclass(slots=True)
+class ShareFetch:
+    """Records of a shared subscription on ``topic``/``partition`` for ``member`` (a long poll)."""
+
+    group: str
+    topic: str
+    partition: int
+    member: str
+    max_records: int = 500
+    max_wait_s: float = 0.5
+    ack_timeout_ms: int = 30_000
+    max_deliveries: int = 5
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
 class WatchGroup:
     """Resolves with the member's ``GroupView`` once its version differs from ``version``."""
 
@@ -202,10 +218,25 @@ class LeaveGroup:
     waiter: Any = None
 
 
+@dataclass(slots=True)
+class ShareAck:
+    """Answers of ``member`` for records of ``topic``/``partition``: ``acks`` packs ">qBI" entries
+    (offset, kind 0 ack / 1 nack / 2 reject, delay ms); resolves once durable with the offsets
+    whose answer was stale (packed ">q": the member did not hold them; nothing changed for them)."""
+
+    group: str
+    topic: str
+    partition: int
+    member: str
+    acks: bytes
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
 Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave \
-    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup
+    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup | ShareFetch | ShareAck
 COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave,
-            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup)
+            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup, ShareFetch, ShareAck)
 
 
 @dataclass(slots=True)
@@ -218,6 +249,14 @@ class ProduceCommand:
     partition: int | None = None
     acks: str = "quorum"
     deadline_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InCoreWaiter:
+    """The waiter of a ``ProduceCommand`` a room of the core sent itself (a dead-letter append):
+    the producer calls ``callback(ResolveProduce)`` instead of emitting it to the runtime."""
+
+    callback: Any
 
 
 # ------------------------------------------------------------------ effects

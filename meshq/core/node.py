@@ -23,6 +23,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
 ``groups``         consumer-group offsets (``partitions.groups``)
 ``coordinator``    consumer-group membership, generations, assignment (``partitions.coordinator``)
+``shared``         shared (work-queue) subscriptions on partitions led here (``partitions.shared``)
 ``client``         topic metadata for this node's own API calls (``client.metadata``)
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
@@ -77,6 +78,7 @@ from meshq.core.partitions.coordinator import GroupCoordinator
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
+from meshq.core.partitions.shared import Shared
 from meshq.core.ports import Storage
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
@@ -122,6 +124,7 @@ class NodeCore:
         self.server = PartitionServer(self)
         self.groups = Groups(self)
         self.coordinator = GroupCoordinator(self)
+        self.shared = Shared(self)
         self.client = ClientMetadata(self)
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
@@ -135,8 +138,8 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
-                     self.server, self.groups, self.coordinator, self.client, self.producer, self.requests,
-                     self.group_client, self.status):
+                     self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
+                     self.requests, self.group_client, self.status):
             self.register(room)
 
     def register(self, room: Room) -> None:

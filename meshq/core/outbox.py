@@ -139,10 +139,11 @@ class Outbox:
         request = self.pending.get(message.request_id)
         if request is None:
             return  # late reply after a timeout: the request was already failed or retried
-        if message.type != "error" and message.type != request.type + "_ok" \
-                and message.type not in OTHER_REPLIES.get(request.type, ()):
+        if (message.type != "error" and message.type != request.type + "_ok"
+                and message.type not in OTHER_REPLIES.get(request.type, ())) or (
+                message.sender != request.peer and request.peer != self.node_id and not request.peer.startswith("seed:")):
             # A reply to a request an earlier incarnation of this node sent under the same id
-            # (request ids start again at every start): not ours; ours may still come.
+            # (request ids start again at every start), arriving late: not ours; ours may still come.
             return
         del self.pending[message.request_id]
         if message.type == "error":

@@ -75,6 +75,10 @@ class PartitionState:
         self.batch_epochs: list[tuple[int, int]] = []
         # (base_offset, next_offset, stored bytes) of the newest batches, contiguous, oldest first;
         # exactly the bytes of the log at those offsets (appends add, truncation clears)
+        # The offset of the first control batch (shared-subscription state) this log holds, None
+        # when it holds none: a new leader replays control batches from there only, and not at all
+        # for a partition no shared group ever read (meshq.core.partitions.shared)
+        self.first_control_offset: int | None = None
         self._recent: deque[tuple[int, int, bytes]] = deque()
         self._recent_bytes = 0
         self._rebuild_producers()
@@ -119,6 +123,8 @@ class PartitionState:
                 offset = header.next_offset
 
     def _remember(self, header: batch_format.BatchHeader, base_offset: int) -> None:
+        if header.attributes & batch_format.CONTROL and self.first_control_offset is None:
+            self.first_control_offset = base_offset
         if header.producer_id < 0:
             return
         entry = self.producers.get(header.producer_id)

@@ -48,7 +48,7 @@ class Status(Room):
             "node_id": self.node_id,
             "members": catalog.member_list(),
             "topics": topics,
-            "groups": core.groups.lag_report(),
+            "groups": core.groups.lag_report() + core.shared.report(),
             "counters": dict(core.counters),
         }
         raft = core.agreement.raft
@@ -120,6 +120,12 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                                       for name in sorted(membership)}
     for (group, _topic, _partition), entry in sorted(groups.items()):
         merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
+    for node_id in sorted(reports):  # a shared group: its mode and the members its leaders saw
+        for group in reports[node_id]["groups"]:
+            entry = merged_groups.get(group["group"])
+            if group.get("mode") == "shared" and entry is not None and "generation" not in entry:
+                entry["mode"] = "shared"
+                entry["members"] = sorted(set(entry.get("members", [])) | set(group.get("members", [])))
     merged["groups"] = [merged_groups[name] for name in sorted(merged_groups)]
     merged["answered_by"] = sorted(reports)
     return merged

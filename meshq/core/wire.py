@@ -356,6 +356,15 @@ SCHEMAS: dict[str, Schema] = {
     "group_heartbeat_ok": Schema(Struct(state=OneOf("rebalancing", "stable"), generation=GENERATION)),
     "leave_group": Schema(Struct(group=NAME, member=MEMBER_ID)),
     "leave_group_ok": Schema(Struct(left=Bool())),
+    # shared subscriptions (meshq.core.partitions.shared): ``index`` packs ">qi" (offset, delivery
+    # count) per record of the payload batch, in its order; a share_ack payload packs ">qBI" (offset,
+    # kind 0 ack / 1 nack / 2 reject, nack delay ms) per answer
+    "share_fetch": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1),
+                                 max_records=Int(1, 100_000), max_wait_ms=Int(0, 1 << 31),
+                                 ack_timeout_ms=Int(1, 1 << 31), max_deliveries=Int(1, 1 << 20))),
+    "share_fetch_ok": Schema(Struct(topic=NAME, partition=PARTITION, index=Bytes(12 * 100_000)), 0, 1),
+    "share_ack": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1)), 1, 1),
+    "share_ack_ok": Schema(Struct(stale=Bytes(8 * 100_000))),  # ">q" per offset whose answer was stale
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)

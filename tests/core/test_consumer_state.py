@@ -115,3 +115,20 @@ def test_assign_adds_partitions_to_start_and_commits_only_count_for_held_ones():
     state.start_at(2, 7, committed=True)
     state.on_committed({2: 9, 3: 1})
     assert state.committed == {2: 9}
+def test_a_delayed_record_holds_back_its_partition_in_order_and_others_go_on():
+    from meshq.core import batch as batch_format
+    from meshq.core.client.consumer import ConsumerState
+
+    state = ConsumerState("t", [0, 1])
+    state.start_at(0, 0)
+    state.start_at(1, 0)
+    spec0, spec1 = state.fetches_due(0.0)
+    state.on_fetched(spec0, batch_format.encode_batch([
+        (None, b"now", None, 1), (None, b"later", {"meshq-deliver-at": b"5000"}, 1), (None, b"after", None, 1)]))
+    state.on_fetched(spec1, batch_format.encode_batch([(None, b"other", None, 1)]))
+    assert [r.value for r in state.take(10, now_ms=4999)] == [b"now", b"other"]
+    assert state.held == {0} and state.positions[0] == 1
+    assert [s.partition for s in state.fetches_due(0.0)] == [1], "a held partition is not fetched further"
+    assert state.take(10, now_ms=4999) == []
+    assert [r.value for r in state.take(10, now_ms=5000)] == [b"later", b"after"], "in order once due"
+    assert state.held == set()

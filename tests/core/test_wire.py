@@ -96,6 +96,12 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "leave_group_ok": ({"left": True}, ()),
     "offset_fetch": ({"group": "billing", "topic": "orders"}, ()),
     "offset_fetch_ok": ({"offsets": [OFFSET_ENTRY]}, ()),
+    "share_fetch": ({"group": "workers", "topic": "jobs", "partition": 0, "member": "n1/abc", "max_records": 500,
+                     "max_wait_ms": 500, "ack_timeout_ms": 30_000, "max_deliveries": 5}, ()),
+    "share_fetch_ok": ({"topic": "jobs", "partition": 0, "index": b"\0" * 7 + b"\5" + b"\0\0\0\1"}, (BATCH,)),
+    "share_ack": ({"group": "workers", "topic": "jobs", "partition": 0, "member": "n1/abc"},
+                  (b"\0" * 7 + b"\5" + b"\0" + b"\0" * 4,)),
+    "share_ack_ok": ({"stale": b"\0" * 7 + b"\5"}, ()),
     "status": ({}, ()),
     "status_ok": ({"status": {"cluster": "default", "counters": {"frames_invalid": 0},
                               "mixed": [1, -2.5, None, True, b"raw", "text", {"deep": [[{}]]}]}}, ()),
@@ -226,7 +232,7 @@ def test_payload_counts_of_the_types_that_carry_batches():
     assert (wire.SCHEMAS["produce"].min_payloads, wire.SCHEMAS["produce"].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["fetch_ok"].min_payloads, wire.SCHEMAS["fetch_ok"].max_payloads) == (0, 1)
     carriers = sorted(t for t, s in wire.SCHEMAS.items() if s.max_payloads)
-    assert carriers == ["fetch_ok", "produce", "repl_append"]
+    assert carriers == ["fetch_ok", "produce", "repl_append", "share_ack", "share_fetch_ok"]
     assert (wire.SCHEMAS["repl_append"].min_payloads, wire.SCHEMAS["repl_append"].max_payloads) == (0, 1)
 
 

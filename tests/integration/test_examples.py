@@ -34,3 +34,23 @@ def test_embedded_service_stores_and_reads_its_events(tmp_path):
     out = run_example("embedded_service.py", "--cluster", "ex", "--data", str(tmp_path / "svc"), "--port",
                       str(port), "--events", "5")
     assert "read back 5 of my events" in out
+
+
+def test_work_queue_workers_share_the_jobs_and_poison_lands_in_the_dlq(node_processes):
+    node = node_processes("n1")
+    connection = ["--cluster", node.cluster, "--seed", node.seed]
+    assert "100 jobs queued" in run_example("work_queue.py", "produce", *connection, "--count", "100",
+                                            "--poison-every", "25")
+    workers = [subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "work_queue.py"), "worker", *connection,
+                                 "--name", f"w{i}", "--idle", "4", *(["--flaky"] if i == 1 else [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (1, 2)]
+    try:
+        outputs = [w.communicate(timeout=90)[0].decode() for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert all(w.returncode == 0 for w in workers), outputs
+    done = sum(int(out.split(": ")[1].split()[0]) for out in outputs)
+    assert done == 96, outputs  # every job once, except the four poison jobs
+    assert "4 dead letters: {'max_deliveries': 4}" in run_example("work_queue.py", "dead", *connection, "--idle", "2")

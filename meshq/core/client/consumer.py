@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from meshq.core import batch as batch_format
 from meshq.core.records import Record
+from meshq.core.shared_state import record_deliver_at
 from meshq.errors import MeshqError, OffsetOutOfRangeError, UsageError
 
 FETCH_RETRY_S = 0.1  # a partition whose fetch failed (retriably) is asked again after this long
@@ -60,6 +61,7 @@ class ConsumerState:
         self._busy: set[int] = set()  # partitions with a fetch in flight
         self._retry_at_s: dict[int, float] = {}
         self.buffer: deque[Record] = deque()
+        self.held: set[int] = set()  # partitions whose next record is delayed (``take``)
 
     # ------------------------------------------------------------------ positions
     def start_at(self, partition: int, offset: int, committed: bool = False) -> None:
@@ -112,7 +114,7 @@ class ConsumerState:
         marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer."""
         due = []
         for partition in self.partitions:
-            if partition in self._busy or self._retry_at_s.get(partition, 0.0) > now_s:
+            if partition in self._busy or self._retry_at_s.get(partition, 0.0) > now_s or partition in self.held:
                 continue
             if partition not in self.fetch_positions:
                 continue  # not started yet
@@ -137,6 +139,11 @@ class ConsumerState:
                 raise AssertionError("a fetch returned records before the requested offset")
             self.buffer.extend(records)
             self.fetch_positions[spec.partition] = records[-1].offset + 1
+        elif self.fetch_positions[spec.partition] == spec.offset:
+            # Only control batches (shared-subscription state): their offsets are gaps; read on past them.
+            after = batch_format.next_offset_after(data)
+            if after is not None and after > spec.offset:
+                self.fetch_positions[spec.partition] = after
         return records
 
     def on_fetch_failed(self, spec: FetchSpec, error: MeshqError, now_s: float) -> bool:
@@ -157,15 +164,31 @@ class ConsumerState:
         self._require(partition)
         self.positions[partition] = self.fetch_positions[partition] = offset
 
-    def take(self, max_records: int) -> list[Record]:
-        """Hand out up to ``max_records`` buffered records; their positions move past them."""
+    def take(self, max_records: int, now_ms: int | None = None) -> list[Record]:
+        """Hand out up to ``max_records`` buffered records; their positions move past them.
+
+        With ``now_ms``, a record whose ``meshq-deliver-at`` header is still in the future holds
+        back its partition (head of line: it and every later record of that partition wait, so
+        the order per partition is kept); other partitions go on. ``held`` names the partitions
+        held back, which ``fetches_due`` does not fetch further meanwhile.
+        """
         out = []
         buffer = self.buffer
         positions = self.positions
+        held = self.held
+        held.clear()
+        kept = []
         while buffer and len(out) < max_records:
             record = buffer.popleft()
+            if (held and record.partition in held) or (
+                    record.headers and now_ms is not None and record_deliver_at(record.headers) > now_ms):
+                held.add(record.partition)
+                kept.append(record)
+                continue
             out.append(record)
             positions[record.partition] = record.offset + 1
+        if kept:
+            buffer.extendleft(reversed(kept))
         return out
 
     def in_flight(self) -> int:

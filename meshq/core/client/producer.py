@@ -27,7 +27,7 @@ from meshq.config import TopicConfig, refuse_reserved_topic, validate_topic_name
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
-from meshq.core.events import ProduceCommand, ResolveProduce
+from meshq.core.events import InCoreWaiter, ProduceCommand, ResolveProduce
 from meshq.core.hashing import partition_for_key
 from meshq.core.partition import PRODUCER_WINDOW
 from meshq.core.room import Room
@@ -93,6 +93,13 @@ class Producer(Room):
             while pp.queue:
                 self._fail_batch(pp.queue.popleft(), error, restart=False)
 
+    def _settle(self, effect: ResolveProduce) -> None:
+        """Tell a command's waiter the fate of some of its records: the runtime's, or a room's."""
+        if type(effect.waiter) is InCoreWaiter:
+            effect.waiter.callback(effect)
+        else:
+            self.out.emit(effect)
+
     def produce(self, command: ProduceCommand, now_s: float) -> None:
         if self.core.stopped:
             self._fail_records(command, NodeStoppedError("the node is stopped"))
@@ -118,7 +125,7 @@ class Producer(Room):
 
     def _fail_records(self, command: ProduceCommand, error: MeshqError) -> None:
         if command.waiter is not None:
-            self.out.emit(ResolveProduce(command.waiter, range(len(command.records)), command.records,
+            self._settle(ResolveProduce(command.waiter, range(len(command.records)), command.records,
                                          command.topic, -1, -1, error))
 
     def _enqueue_records(self, command: ProduceCommand, now_s: float) -> None:
@@ -247,7 +254,7 @@ class Producer(Room):
         if out.acks == "none":
             self.out.send_oneway(leader, "produce", body, (out.data,), now_s)
             if out.waiter is not None:
-                self.out.emit(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
+                self._settle(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                              out.partition, -1))
             return
         pp.in_flight += 1
@@ -259,7 +266,7 @@ class Producer(Room):
             pp.in_flight -= 1
             out.settled = True
             if out.waiter is not None:
-                self.out.emit(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
+                self._settle(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                              out.partition, message.body["base_offset"]))
             self._pump(key, self.core.now_s)
 
@@ -323,7 +330,7 @@ class Producer(Room):
     def _fail_batch(self, out: OutBatch, error: MeshqError, restart: bool = True) -> None:
         out.settled = True
         if out.waiter is not None:
-            self.out.emit(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
+            self._settle(ResolveProduce(out.waiter, out.indexes, out.records, out.topic,
                                          out.partition, -1, error))
         pp = self.producer_partitions.get((out.topic, out.partition))
         if restart and pp is not None and not self.core.stopped:

@@ -37,6 +37,8 @@ from meshq.core.events import (
     GetStatus,
     ListOffsets,
     Resolve,
+    ShareAck,
+    ShareFetch,
     WaitReady,
 )
 from meshq.core.hashing import stable_hash64
@@ -77,6 +79,7 @@ class RoutedCall:
     retry: bool
     deadline_s: float
     ready: Callable[[MeshqError | None], None] | None = None  # bound to this call once built
+    payloads: tuple = ()
 
 
 class Requests(Room):
@@ -85,7 +88,8 @@ class Requests(Room):
     # command type -> method (each runs through ``run``: refused once the node stops, errors fail it)
     KINDS = {GetMetadata: "_cmd_metadata", WaitReady: "_cmd_wait_ready", CreateTopic: "_cmd_create_topic",
              Fetch: "_cmd_fetch", ListOffsets: "_cmd_list_offsets", CommitOffsets: "_cmd_commit",
-             FetchCommitted: "_cmd_committed", GetStatus: "_cmd_status", AskLeave: "_cmd_leave"}
+             FetchCommitted: "_cmd_committed", GetStatus: "_cmd_status", AskLeave: "_cmd_leave",
+             ShareFetch: "_cmd_share_fetch", ShareAck: "_cmd_share_ack"}
     COMMANDS = dict.fromkeys(KINDS, "run")
     TIMERS = {"command_retry": "_retry_command", "wait_ready": "_retry_wait_ready", "routed_retry": "_routed_resume"}
 
@@ -97,7 +101,7 @@ class Requests(Room):
             self.out.emit(Fail(command.waiter, NodeStoppedError("the node is stopped")))
             return
         if command.deadline_s is None:  # once: a command run again keeps its deadline
-            extra_s = command.max_wait_s if isinstance(command, Fetch) else 0.0
+            extra_s = command.max_wait_s if isinstance(command, (Fetch, ShareFetch)) else 0.0
             command.deadline_s = now_s + extra_s + self.config.request_timeout_s
         try:
             getattr(self, name)(command, now_s)
@@ -174,12 +178,13 @@ class Requests(Room):
 
     def _routed_command(self, command: Command, now_s: float, topic: str, partition_of: Callable[[], int],
                         type_: str, body: dict, convert: Callable[[wire.Message], Any], auto_create: bool,
-                        retry: bool) -> None:
+                        retry: bool, payloads: tuple = ()) -> None:
         """Send ``type_`` to the leader of ``topic``/``partition_of()``; while leadership moves (no leader
         known, not_leader, not enough replicas, a silent leader) refresh metadata and retry until the
         command's deadline."""
         deadline_s = command.deadline_s
-        call = RoutedCall(command, topic, partition_of, type_, body, convert, auto_create, retry, deadline_s)
+        call = RoutedCall(command, topic, partition_of, type_, body, convert, auto_create, retry, deadline_s,
+                          payloads=payloads)
         call.ready = partial(self._routed_ready, call)
         self.core.client.with_metadata(topic, now_s, deadline_s, call.ready, auto_create)
 
@@ -203,7 +208,7 @@ class Requests(Room):
         # milliseconds), so a leader that just died costs one attempt, not the whole deadline.
         attempt_s = call.deadline_s - now if not call.retry else min(call.deadline_s - now,
                                                                      max(0.5, self.config.failure_timeout_s / 2))
-        self.out.request(leader, call.type, call.body, (), now, max(0.001, attempt_s),
+        self.out.request(leader, call.type, call.body, call.payloads, now, max(0.001, attempt_s),
                          lambda m: self.out.emit(Resolve(call.command.waiter, call.convert(m))),
                          partial(self._routed_retry_or_fail, call))
 
@@ -246,6 +251,21 @@ class Requests(Room):
 
         # The consumer retries failed fetches itself (between its polls).
         self._partition_command(command, now_s, "fetch", body, convert, retry=False)
+
+    def _cmd_share_fetch(self, command: ShareFetch, now_s: float) -> None:
+        body = {"group": command.group, "topic": command.topic, "partition": command.partition,
+                "member": command.member, "max_records": command.max_records,
+                "max_wait_ms": int(command.max_wait_s * 1000), "ack_timeout_ms": command.ack_timeout_ms,
+                "max_deliveries": command.max_deliveries}
+        # (index, batch): the shared consumer decodes them (meshq.core.client.shared)
+        self._partition_command(command, now_s, "share_fetch", body,
+                                lambda m: (m.body["index"], m.payloads[0] if m.payloads else b""), retry=False)
+
+    def _cmd_share_ack(self, command: ShareAck, now_s: float) -> None:
+        body = {"group": command.group, "topic": command.topic, "partition": command.partition,
+                "member": command.member}
+        self._routed_command(command, now_s, command.topic, lambda: command.partition, "share_ack", body,
+                             lambda m: m.body["stale"], False, True, payloads=(command.acks,))  # packed >q offsets
 
     def _cmd_list_offsets(self, command: Command, now_s: float) -> None:
         body = {"topic": command.topic, "partition": command.partition, "timestamp_ms": command.timestamp_ms}

@@ -106,10 +106,14 @@ class PartitionHost(Room):
         if replica.is_leader and not was_leader:
             self._leading.add(key)
             self.core.groups.on_leadership(key, True)
+            self.core.shared.on_leadership(key, True)
         elif not replica.is_leader and was_leader:
             self._leading.discard(key)
             self.core.groups.on_leadership(key, False)
+            self.core.shared.on_leadership(key, False)
         self.core.server.on_replica_change(state)
+        if replica.is_leader:
+            self.core.shared.on_replica_change(state)
 
     def open_partitions(self, config: TopicConfig) -> None:
         """Open the replicas this node holds of ``config``'s partitions and start replicating."""
@@ -176,6 +180,8 @@ class PartitionHost(Room):
     def _delete_copy(self, key: tuple[str, int], state: Any, why: str) -> None:
         self.on_replica_change(key)
         del self.partitions[key]
+        if key in self._leading:
+            self.core.shared.on_leadership(key, False)
         self._leading.discard(key)
         self._dirty_logs.discard(key)
         for fetch in state.parked_fetches:

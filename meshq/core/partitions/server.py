@@ -28,6 +28,7 @@ from meshq.errors import (
     NotEnoughReplicasError,
     NotLeaderError,
     OffsetOutOfRangeError,
+    ProtocolError,
     TimeoutError,
     UnknownTopicError,
 )
@@ -51,6 +52,9 @@ class PartitionServer(Room):
         self.check_lease(state, now_s)
         data = message.payloads[0]
         header = batch_format.verify_batch(data, self.config.batch_max_bytes * 2)
+        if header.attributes & batch_format.CONTROL:
+            raise ProtocolError("a produced batch may not carry the CONTROL attribute (only a partition's leader "
+                                "writes control batches)")
         base_offset, duplicate = state.append(data, header, self.core.wall_clock_ms())
         if duplicate:
             self.core.counters["duplicates_dropped"] += header.record_count

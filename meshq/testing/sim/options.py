@@ -68,6 +68,7 @@ class SimOptions:
     # the consumer group's members on nodes g1, g2 (meshq.testing.sim.group); False: no such nodes
     # (their gossip lets a client cut off from every storage node relearn them without its seeds)
     group_members: bool = True
+    shared: bool = False  # the shared-subscription workload (meshq.testing.sim.shared) runs too
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

@@ -64,6 +64,7 @@ from meshq.testing.sim.group import SimGroup
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
+from meshq.testing.sim.shared import SharedWorkload
 from meshq.testing.sim.threads import CallingThread
 from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
 
@@ -122,6 +123,7 @@ class Simulation:
                 thread = CallingThread(self, f"c{i + 1}", n + 1, stale)
                 self.threads[thread.key] = thread
         self.checker = Checker(self)
+        self.shared = SharedWorkload(self) if options.shared else None
 
     # ------------------------------------------------------------------ what the checkers read
     @property
@@ -283,6 +285,8 @@ class Simulation:
         self.at(1.5, "create_topic", None)
         self.at(2.0, "consume", None)
         self.at(2.0, "group", None)
+        if self.shared is not None:
+            self.at(1.0, "shared", None)
         for thread in self.threads.values():
             thread.start()
         self.at(fault_end, "liveness", None)
@@ -304,6 +308,8 @@ class Simulation:
                 self._event(kind, data, fault_end)
                 self.checker.after_event(self.touched)
                 self.group.checker.after_event()
+                if self.shared is not None:
+                    self.shared.checker.on_clock()
                 if self.checker.new_steps:
                     self.fault_injector.step_nemesis()
             except Violation as violation:
@@ -323,7 +329,7 @@ class Simulation:
             if probes_ok and self.progress_waiting is None:
                 self.consumer.read_commits_at_the_end()
             if (self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
-                    and self.consumer.final_read == "done"):
+                    and self.consumer.final_read == "done" and (self.shared is None or self.shared.finished())):
                 break
         probes = self.workload.probes
         if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
@@ -336,9 +342,14 @@ class Simulation:
         if not violations and probes is not None and self.consumer.final_read != "done":
             violations.append(Violation("liveness: the group's committed offsets could not be read back after "
                                         "convergence"))
+        if not violations and probes is not None and self.shared is not None and not self.shared.finished():
+            violations.append(Violation("liveness: the shared group did not finish every job (acked or "
+                                        "dead-lettered) after convergence"))
         if not violations:
             try:
                 self.checker.at_end(self.now_s >= end)
+                if self.shared is not None:
+                    self.shared.at_end()
             except Violation as violation:
                 violations.append(violation)
         self.stats["sim_s"] = round(self.now_s, 3)
@@ -348,6 +359,9 @@ class Simulation:
         self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
         self.stats["commits_acked"] = len(self.consumer.acked_commits)
         self.stats["consumer_restarts"] = self.consumer.generation
+        if self.shared is not None:
+            self.stats.update(self.shared.checker.summary())
+            self.stats["shared_jobs"] = len(self.shared.jobs)
         if self.threads:
             threads = self.threads.values()
             self.stats["direct_produces"] = sum(t.producer.produced for t in threads)
@@ -411,6 +425,10 @@ class Simulation:
                 return
             self.group.step()
             self.at(self.now_s + 0.1, "group", None)
+        elif kind == "shared":
+            assert self.shared is not None
+            self.shared.step(fault_end)
+            self.at(self.now_s + 0.1, "shared", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
                 self.workload.create_topic_step()

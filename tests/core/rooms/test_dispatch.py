@@ -16,8 +16,8 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "coordinator", "client",
-         "producer", "requests", "group_client", "status")
+ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "coordinator",
+         "shared", "client", "producer", "requests", "group_client", "status")
 
 
 def rooms_of(core: NodeCore) -> dict[str, Room]:

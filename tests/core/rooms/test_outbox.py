@@ -81,6 +81,18 @@ def test_a_request_is_encoded_to_its_peer_and_settled_by_its_reply_once(out):
     assert recorder.errors == [] and out.pending == {}
 
 
+def test_a_late_reply_from_another_node_to_a_reused_request_id_is_not_taken_for_the_answer(out):
+    # Request ids start again at 1 when a node restarts: an answer to a request of the previous
+    # run can arrive with the id of a new one (simulator seed 2 with the shared workload).
+    recorder = ask(out, peer="p")
+    (send,) = out.take()
+    request_id = wire.decode(send.frames, "c").request_id
+    out.on_reply(wire.Message("raft_propose_ok", "q", request_id, {}), 11.0)
+    assert recorder.replies == [] and request_id in out.pending
+    reply_to(out, request_id)
+    assert len(recorder.replies) == 1 and out.pending == {}
+
+
 def test_a_pending_request_fails_with_timeout_when_its_timer_fires(out):
     recorder = ask(out, peer="p", type_="status", now_s=10.0, timeout_s=2.0)
     assert list(out.due(11.9)) == []
