@@ -45,15 +45,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> None:
+def _connection_options(parser: argparse.ArgumentParser, client: bool = True) -> None:
+    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns`` (and ``--advertise`` for a client command)."""
     group = parser.add_argument_group("connection")
     group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
                        help="cluster name (env MESHQ_CLUSTER; default 'default')")
     group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
-                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated)")
+                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated); optional "
+                            "while mDNS is on")
     group.add_argument("--interface", action="append", default=None, metavar="IP",
-                       help="mDNS interface address; repeatable (env MESHQ_INTERFACES)")
-    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+                       help="address of the interface mDNS uses; repeatable (env MESHQ_INTERFACES, "
+                            "comma-separated; default every interface)")
+    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery (then --seed is needed)")
+    if client:
+        group.add_argument("--advertise", default=None, metavar="HOST",
+                           help="address the cluster's nodes should use to reach this client (default: the local "
+                                "address of the interface that reaches the cluster)")
     group.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
 
@@ -81,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")
-    _connection_options(node)
+    _connection_options(node, client=False)
 
     produce = sub.add_parser("produce", help="send each stdin line as one record")
     produce.add_argument("topic")
@@ -170,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
                            help="give up on a join or leave after S seconds (default 600)")
     rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
-    _connection_options(bench)
+    _connection_options(bench, client=False)
     return parser
 
 
