@@ -61,17 +61,18 @@ def check_interfaces(interfaces: list[str] | tuple[str, ...] | None) -> None:
                               f"{', '.join(present) or 'none'}); give one of them, or --no-mdns with --seed HOST:PORT")
 
 
-def open_zeroconf(interfaces: list[str] | tuple[str, ...] | None) -> Any:
+def open_zeroconf(interfaces: list[str] | tuple[str, ...] | None, unicast: bool = False) -> Any:
     """A ``Zeroconf`` on ``interfaces`` (None: every interface), IPv4 only; ``ConfigError`` when the
-    interfaces are wrong or multicast cannot be used there."""
+    interfaces are wrong or multicast cannot be used there. ``unicast``: query from a port of its own
+    instead of 5353, so that responders answer it directly (see ``find_cluster``)."""
     from zeroconf import IPVersion, Zeroconf
 
     check_interfaces(interfaces)
     where = ", ".join(interfaces) if interfaces else "every interface"
     try:
         if interfaces is None:
-            return Zeroconf(ip_version=IPVersion.V4Only)
-        return Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
+            return Zeroconf(ip_version=IPVersion.V4Only, unicast=unicast)
+        return Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only, unicast=unicast)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot start mDNS on {where} ({exc}); give another --interface, or --no-mdns with "
                           f"--seed HOST:PORT") from None
@@ -259,7 +260,10 @@ def find_cluster(cluster: str, interfaces: list[str] | tuple[str, ...] | None, t
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
             names.put(name)
 
-    zeroconf = open_zeroconf(interfaces)
+    # A query from a port other than 5353 is a "one-shot" query (RFC 6762 §5.1): responders answer it at once by
+    # unicast. From port 5353 the answer is multicast, and held back up to a second when the record was multicast
+    # in the last second (§14), which on a busy LAN (or loopback shared by several nodes) is most of the time.
+    zeroconf = open_zeroconf(interfaces, unicast=True)
     browser = None
     try:
         browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[on_change])
