@@ -308,6 +308,12 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshq.cli.demo import cmd_demo as run_demo
+
+    return run_demo(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshq.bench import run_bench
 
@@ -323,4 +329,5 @@ COMMANDS = {
     "topics": cmd_topics,
     "leave": cmd_leave,
     "bench": cmd_bench,
+    "demo": cmd_demo,
 }

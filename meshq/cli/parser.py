@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true")
     _connection_options(describe)
 
+    demo = sub.add_parser("demo", help="start a 3-node mesh on 127.0.0.1, produce, kill a node, show that nothing "
+                                       "acknowledged was lost, stop everything")
+    demo.add_argument("--data", default=None, metavar="DIR",
+                      help="keep the nodes' data and logs under DIR/<cluster>/ (default: a temporary directory, "
+                           "removed at the end)")
+    demo.add_argument("--records", type=int, default=2000, metavar="N",
+                      help="records produced before the kill, and again after it (default 2000)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the story on stderr)")
+    demo.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
+                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity of the demo's client (stderr)")
+
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
     bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
