@@ -13,7 +13,7 @@ from typing import Any
 
 from meshq.cli.connect import interfaces_of, seeds_of, start_client
 from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
-from meshq.config import parse_host_port
+from meshq.config import check_data_dir, parse_host_port
 from meshq.errors import ConfigError, MeshqError
 
 EXIT_OK = 0
@@ -63,6 +63,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
 
     _setup_logging(args.log_level, "INFO")
+    check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
                                "member_timeout_s": args.member_timeout}
     if args.advertise:

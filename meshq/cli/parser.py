@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from meshq.config import DEFAULT_PORT, parse_host_port
-from meshq.errors import ConfigError
+from meshq.config import DEFAULT_PORT, parse_host_port, validate_group_name
+from meshq.errors import ConfigError, UsageError
 
 
 def _env_list(name: str) -> list[str]:
@@ -20,6 +20,13 @@ def _seed(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _group(text: str) -> str:
+    try:
+        return validate_group_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -102,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     consume = sub.add_parser("consume", help="print records of a topic")
     consume.add_argument("topic")
-    consume.add_argument("--group", default=None, help="consumer group; commits what was printed")
+    consume.add_argument("--group", default=None, type=_group, help="consumer group; commits what was printed")
     consume.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
                          help="where to start without a committed offset (default earliest)")
     consume.add_argument("--max", type=_non_negative_int, default=None, help="stop after N records")
