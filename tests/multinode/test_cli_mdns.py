@@ -110,3 +110,20 @@ def test_an_interface_that_does_not_exist_is_one_line_and_exit_2(tmp_path):
         message = result.stderr.decode().strip()
         assert len(message.splitlines()) == 1 and "Traceback" not in message, message
         assert "--interface 10.254.254.254" in message, message
+
+
+def test_bench_produce_measures_a_cluster_found_by_mdns(mesh):
+    node = mesh.start(1, mdns=True)[0]
+    result = cli("bench", "produce", "--records", "2000", "--sync-records", "20", "--batch", "100", "--json",
+                 *by_mdns(mesh.cluster), timeout_s=120)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["config"]["node"] == f"external {node.seed}"
+    assert report["meshq"]["verification"]["ok"] is True
+
+
+def test_bench_scenarios_that_start_their_own_nodes_refuse_interface():
+    for scenario in ("replication", "rebalance"):
+        result = cli("bench", scenario, "--interface", "127.0.0.1", timeout_s=30)
+        assert result.returncode == 2
+        assert "--interface" in result.stderr.decode(), result.stderr.decode()
