@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from meshq.errors import ConfigError, InvalidTopicError
+from meshq.errors import ConfigError, InvalidTopicError, UsageError
 
 FsyncPolicy = Literal["always", "interval", "never"]
 Role = Literal["storage", "client"]
@@ -27,6 +27,30 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"seed {text!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT})")
     return host, int(port)
+
+
+def check_data_dir(path: str) -> None:
+    """Raise ``ConfigError`` when ``path`` cannot be a data directory: it, or a directory above it, is a file."""
+    import os
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(path) else f"is inside {probe}, which is a file"
+        raise ConfigError(f"--data {path} {what}, not a directory: give a directory (it is created if missing)")
+
+
+def validate_group_name(name: str) -> str:
+    """Return the consumer group name, or raise UsageError explaining the allowed form."""
+    if not isinstance(name, str) or not TOPIC_NAME.match(name) or name in {".", ".."}:
+        raise UsageError(
+            f"invalid consumer group name {name!r}: use 1-200 characters from letters, digits, '.', '_' and '-'"
+        )
+    return name
 
 
 def refuse_reserved_topic(name: str) -> None:

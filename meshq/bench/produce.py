@@ -136,6 +136,7 @@ def _synchronous(client: Any, topic: str, records: int, values: list[bytes], ack
 
 
 def _run_meshq(args: Any, workdir: str, seeds: list[str], with_async: bool = True) -> dict[str, Any]:
+    from meshq.cli.connect import own_address
     from meshq.node import Node
 
     child: _Child | None = None
@@ -144,7 +145,9 @@ def _run_meshq(args: Any, workdir: str, seeds: list[str], with_async: bool = Tru
         if not seeds:
             child, hostport = _start_node(args, workdir)
             seeds = [hostport]
-        client = Node(cluster=args.cluster, seeds=seeds, mdns=False, role="client")
+        host, advertised = own_address(args, seeds)  # reachable from an external cluster's nodes too
+        client = Node(cluster=args.cluster, host=host, seeds=seeds, mdns=False, role="client",
+                      **({"advertised_host": advertised} if advertised else {}))
         client.start()
         client.wait_ready(timeout=READY_TIMEOUT_S)
         run_id = uuid.uuid4().hex[:8]

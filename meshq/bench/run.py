@@ -32,6 +32,7 @@ from meshq.bench.rebalance import REBALANCE_PARTITIONS, _run_rebalance_cluster
 from meshq.bench.replication import _run_cluster
 from meshq.bench.report import _render, _render_rebalance, _render_replication
 from meshq.bench.targets import _rebalance_errors, _replication_errors, _replication_targets, _targets
+from meshq.errors import MeshqError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,8 +50,8 @@ def _run_replication(args: Any) -> int:
         problems.append("--failover-repeats must be 0 or more")
     if args.failover_repeats > 0 and args.nodes < 2:
         problems.append("failover needs --nodes 2 or more (or --failover-repeats 0)")
-    if args.seed:
-        problems.append("bench replication starts its own nodes; --seed is for bench produce")
+    if args.seed or args.interface:
+        problems.append("bench replication starts its own nodes; --seed and --interface are for bench produce")
     if problems:
         return _refuse(problems)
 
@@ -98,8 +99,8 @@ def _run_rebalance(args: Any) -> int:
         problems.append("--nodes must be from 1 to 8 (one more joins)")
     if not 1 <= args.replication_factor <= args.nodes:
         problems.append("--replication-factor must be from 1 to --nodes")
-    if args.seed:
-        problems.append("bench rebalance starts its own nodes; --seed is for bench produce")
+    if args.seed or args.interface:
+        problems.append("bench rebalance starts its own nodes; --seed and --interface are for bench produce")
     try:
         with_load, load_rate = _parse_load_rate(args.load_rate)
     except ValueError:
@@ -153,8 +154,8 @@ def _run_queue(args: Any) -> int:
         problems.append("--replication-factor must be from 1 to --nodes")
     if args.jobs < 1 or args.workers < 1 or args.rounds < 1:
         problems.append("--jobs, --workers and --rounds must be at least 1")
-    if args.seed:
-        problems.append("bench queue starts its own nodes; --seed is for bench produce")
+    if args.seed or args.interface:
+        problems.append("bench queue starts its own nodes; --seed and --interface are for bench produce")
     if problems:
         return _refuse(problems)
 
@@ -195,7 +196,11 @@ def run_bench(args: Any) -> int:
         return _run_rebalance(args)
     if args.scenario == "queue":
         return _run_queue(args)
-    seeds = list(args.seed or [])
+    try:
+        seeds = _external_seeds(args)
+    except MeshqError as exc:
+        print(f"meshq bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
 
     def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -212,6 +217,18 @@ def run_bench(args: Any) -> int:
         return report
 
     return _measure_and_report(args, measure, _render, lambda report: not report["meshq"]["verification"]["ok"])
+
+
+def _external_seeds(args: Any) -> list[str]:
+    """The nodes of an existing cluster to measure: ``--seed``, or with ``--interface`` (``MESHQ_INTERFACES``) the
+    storage nodes of ``--cluster`` found there by mDNS; none: bench produce starts its own node."""
+    from meshq.cli.connect import find, seeds_of
+
+    if seeds_of(args):
+        return seeds_of(args)
+    if not args.interface or args.no_mdns:  # the flag only: MESHQ_INTERFACES alone does not retarget the bench
+        return []
+    return find(args).seeds
 
 
 def _refuse(problems: list[str]) -> int:

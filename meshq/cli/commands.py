@@ -11,9 +11,9 @@ import time
 from collections import deque
 from typing import Any
 
+from meshq.cli.connect import interfaces_of, seeds_of, start_client
 from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
-from meshq.cli.parser import _env_list, _seed
-from meshq.config import parse_host_port
+from meshq.config import check_data_dir, parse_host_port
 from meshq.errors import ConfigError, MeshqError
 
 EXIT_OK = 0
@@ -31,33 +31,9 @@ def _setup_logging(level: str | None, default: str) -> None:
     )
 
 
-def _seeds(args: argparse.Namespace) -> list[str]:
-    seeds = args.seed if args.seed is not None else [_seed(s) for s in _env_list("MESHQ_SEEDS")]
-    return list(seeds)
-
-
-def _interfaces(args: argparse.Namespace) -> list[str] | None:
-    values = args.interface if args.interface is not None else _env_list("MESHQ_INTERFACES")
-    return list(values) or None
-
-
-def _client(args: argparse.Namespace, ready_timeout_s: float | None = None) -> Any:
-    from meshq.node import Node
-
-    seeds = _seeds(args)
-    if not seeds:
-        raise ConfigError(
-            "no way to reach the cluster: give --seed HOST:PORT (or set MESHQ_SEEDS) naming a running `meshq node`"
-        )
-    node = Node(cluster=args.cluster, seeds=seeds, mdns=not args.no_mdns, interfaces=_interfaces(args),
-                role="client")
-    node.start()
-    try:
-        node.wait_ready(timeout=ready_timeout_s or getattr(args, "timeout", None) or 10.0)
-    except BaseException:
-        node.stop()
-        raise
-    return node
+def _client(args: argparse.Namespace) -> Any:
+    """A started client node that the cluster answered (``meshq.cli.connect``)."""
+    return start_client(args)
 
 
 # How long `meshq node` waits for its runtime thread to finish after SIGTERM (last iteration, goodbye, final
@@ -87,14 +63,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
 
     _setup_logging(args.log_level, "INFO")
+    check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
                                "member_timeout_s": args.member_timeout}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:
         options["metrics_port"] = args.metrics_port
-    node = Node(cluster=args.cluster, data_dir=args.data, host=args.host, port=args.port, seeds=_seeds(args),
-                mdns=not args.no_mdns, interfaces=_interfaces(args), role="storage",
+    node = Node(cluster=args.cluster, data_dir=args.data, host=args.host, port=args.port, seeds=seeds_of(args),
+                mdns=not args.no_mdns, interfaces=interfaces_of(args), role="storage",
                 replication_factor=args.replication_factor, partitions=args.partitions,
                 node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, **options)
     stop = _StopRequest()
@@ -273,7 +250,7 @@ def cmd_leave(args: argparse.Namespace) -> int:
     if args.node_id is None and not args.seed:
         raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
                           "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
-    node = _client(args, ready_timeout_s=min(args.timeout, 10.0))
+    node = _client(args)
     target = args.node_id
     try:
         if target is None:
@@ -344,6 +321,12 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshq.cli.demo import cmd_demo as run_demo
+
+    return run_demo(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshq.bench import run_bench
 
@@ -359,4 +342,5 @@ COMMANDS = {
     "topics": cmd_topics,
     "leave": cmd_leave,
     "bench": cmd_bench,
+    "demo": cmd_demo,
 }

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from meshq.config import DEFAULT_PORT, parse_host_port
-from meshq.errors import ConfigError
+from meshq.config import DEFAULT_PORT, parse_host_port, validate_group_name
+from meshq.errors import ConfigError, UsageError
 
 
 def _env_list(name: str) -> list[str]:
@@ -20,6 +20,13 @@ def _seed(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _group(text: str) -> str:
+    try:
+        return validate_group_name(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -45,15 +52,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> None:
+def _connection_options(parser: argparse.ArgumentParser, client: bool = True) -> None:
+    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns`` (and ``--advertise`` for a client command)."""
     group = parser.add_argument_group("connection")
     group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
                        help="cluster name (env MESHQ_CLUSTER; default 'default')")
     group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
-                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated)")
+                       help="a node to join through; repeatable (env MESHQ_SEEDS, comma-separated); optional "
+                            "while mDNS is on")
     group.add_argument("--interface", action="append", default=None, metavar="IP",
-                       help="mDNS interface address; repeatable (env MESHQ_INTERFACES)")
-    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery")
+                       help="address of the interface mDNS uses; repeatable (env MESHQ_INTERFACES, "
+                            "comma-separated; default every interface)")
+    group.add_argument("--no-mdns", action="store_true", help="do not use mDNS discovery (then --seed is needed)")
+    if client:
+        group.add_argument("--advertise", default=None, metavar="HOST",
+                           help="address the cluster's nodes should use to reach this client (default: the local "
+                                "address of the interface that reaches the cluster)")
     group.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
 
@@ -81,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")
-    _connection_options(node)
+    _connection_options(node, client=False)
 
     produce = sub.add_parser("produce", help="send each stdin line as one record")
     produce.add_argument("topic")
@@ -95,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     consume = sub.add_parser("consume", help="print records of a topic")
     consume.add_argument("topic")
-    consume.add_argument("--group", default=None, help="consumer group; commits what was printed")
+    consume.add_argument("--group", default=None, type=_group, help="consumer group; commits what was printed")
     consume.add_argument("--from", dest="start", choices=["earliest", "latest"], default="earliest",
                          help="where to start without a committed offset (default earliest)")
     consume.add_argument("--max", type=_non_negative_int, default=None, help="stop after N records")
@@ -141,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true")
     _connection_options(describe)
 
+    demo = sub.add_parser("demo", help="start a 3-node mesh on 127.0.0.1, produce, kill a node, show that nothing "
+                                       "acknowledged was lost, stop everything")
+    demo.add_argument("--data", default=None, metavar="DIR",
+                      help="keep the nodes' data and logs under DIR/<cluster>/ (default: a temporary directory, "
+                           "removed at the end)")
+    demo.add_argument("--records", type=int, default=2000, metavar="N",
+                      help="records produced before the kill, and again after it (default 2000)")
+    demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the story on stderr)")
+    demo.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
+                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity of the demo's client (stderr)")
+
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
     bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
@@ -178,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
                            help="give up on a join or leave after S seconds (default 600)")
     rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
-    _connection_options(bench)
+    _connection_options(bench, client=False)
     return parser
 
 

@@ -166,4 +166,7 @@ class MemberTable:
                       if m.state in (ALIVE, SUSPECT) and (role is None or m.role == role))
 
     def summaries(self) -> list[dict]:
-        return [self.members[n].summary() for n in sorted(self.members)]
+        """Every member for status, except clients that are gone: a client that said goodbye (a CLI command that
+        ended) or went silent holds nothing, and listing it would only bury the members that matter."""
+        return [self.members[n].summary() for n in sorted(self.members)
+                if not (self.members[n].role == "client" and self.members[n].state in (LEFT, DEAD))]

@@ -11,17 +11,26 @@ introduce nodes once.
 127.0.0.1 or a namespace's address). With ``interfaces=None`` zeroconf uses every
 interface, and the set of IPv4 addresses is re-checked every ``rescan_interval_s``: when
 it changes, zeroconf is restarted so interfaces that come and go are picked up.
+
+Only storage nodes announce themselves; a client browses (peers learn of it from its
+``hello``). ``find_cluster`` is the one-shot browse of a CLI command: it returns the storage
+nodes of one cluster that answered within a few seconds, and the other clusters it heard, so
+that "nothing answered" can say what was searched and what was found instead.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.config import PROTOCOL_VERSION
 from meshq.core.events import PeerDiscovered
+from meshq.errors import ConfigError
 
 log = logging.getLogger("meshq.discovery")
 
@@ -40,11 +49,44 @@ def local_ipv4_addresses() -> list[str]:
     return sorted(out)
 
 
+def check_interfaces(interfaces: list[str] | tuple[str, ...] | None) -> None:
+    """Raise ``ConfigError`` (one line, naming the flag) for an mDNS interface that is not an IPv4
+    address of this host: zeroconf would otherwise fail deep inside with a socket error."""
+    if not interfaces:
+        return
+    present = local_ipv4_addresses()
+    for address in interfaces:
+        if address not in present:
+            raise ConfigError(f"--interface {address}: not an IPv4 address of this host (its addresses: "
+                              f"{', '.join(present) or 'none'}); give one of them, or --no-mdns with --seed HOST:PORT")
+
+
+def open_zeroconf(interfaces: list[str] | tuple[str, ...] | None, unicast: bool = False) -> Any:
+    """A ``Zeroconf`` on ``interfaces`` (None: every interface), IPv4 only; ``ConfigError`` when the
+    interfaces are wrong or multicast cannot be used there. ``unicast``: query from a port of its own
+    instead of 5353, so that responders answer it directly (see ``find_cluster``)."""
+    from zeroconf import IPVersion, Zeroconf
+
+    check_interfaces(interfaces)
+    where = ", ".join(interfaces) if interfaces else "every interface"
+    try:
+        if interfaces is None:
+            return Zeroconf(ip_version=IPVersion.V4Only, unicast=unicast)
+        return Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only, unicast=unicast)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot start mDNS on {where} ({exc}); give another --interface, or --no-mdns with "
+                          f"--seed HOST:PORT") from None
+
+
+def _txt(properties: dict, key: str) -> str | None:
+    value = properties.get(key.encode())
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else None
+
+
 def parse_service(properties: dict, addresses: list[str], cluster: str) -> dict | None:
     """Member info from a service's TXT records, or None when it is not a peer of ours."""
     def text(key: str) -> str | None:
-        value = properties.get(key.encode())
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else None
+        return _txt(properties, key)
 
     if text("cluster") != cluster or text("proto") != str(PROTOCOL_VERSION):
         return None
@@ -96,14 +138,17 @@ class Discovery:
             self._watcher.start()
 
     def _open(self) -> None:
-        from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
+        from zeroconf import ServiceBrowser, ServiceInfo
 
         interfaces = list(self.interfaces) if self.interfaces is not None else None
         self._addresses = local_ipv4_addresses() if interfaces is None else list(interfaces)
-        if interfaces is None:
-            zeroconf = Zeroconf(ip_version=IPVersion.V4Only)
-        else:
-            zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        zeroconf = open_zeroconf(interfaces)
+        if self.role != "storage":
+            # A client has nothing to offer to a node that finds it: it introduces itself with hello.
+            with self._lock:
+                self._zeroconf, self._info = zeroconf, None
+            self._browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+            return
         properties = {"cluster": self.cluster, "node_id": self.node_id, "proto": str(PROTOCOL_VERSION),
                       "role": self.role, "port": str(self.port), "pub_port": str(self.pub_port),
                       "incarnation": str(self.incarnation)}
@@ -174,3 +219,101 @@ class Discovery:
         self._close()
         if self._watcher is not None:
             self._watcher.join(2.0)
+
+
+@dataclass
+class Found:
+    """What a ``find_cluster`` browse heard: the storage nodes of the cluster searched, and other clusters."""
+
+    cluster: str
+    interfaces: tuple[str, ...] | None
+    nodes: list[dict] = field(default_factory=list)  # parse_service() dicts, storage nodes only
+    other_clusters: dict[str, list[str]] = field(default_factory=dict)  # cluster -> node ids
+    seconds: float = 0.0
+
+    def where(self) -> str:
+        return ", ".join(self.interfaces) if self.interfaces else "every interface"
+
+    def nothing_found_message(self) -> str:
+        """One line for a person: what was searched, for how long, and what answered instead."""
+        text = (f"no storage node of cluster {self.cluster!r} answered mDNS ({SERVICE_TYPE}) on {self.where()} "
+                f"within {self.seconds:.1f} s")
+        if self.other_clusters:
+            heard = "; ".join(f"cluster {name!r} ({', '.join(sorted(ids))})"
+                              for name, ids in sorted(self.other_clusters.items()))
+            return f"{text}; nodes of another cluster answered: {heard}: give --cluster NAME to use one"
+        return (f"{text}: check that a `meshq node --cluster {self.cluster}` runs on that network, give --interface "
+                f"IP of the interface that reaches it, or --seed HOST:PORT")
+
+
+def find_cluster(cluster: str, interfaces: list[str] | tuple[str, ...] | None, timeout_s: float = 3.0,
+                 settle_s: float = 0.1) -> Found:
+    """Browse ``_meshq._tcp.local.`` for the storage nodes of ``cluster``: return ``settle_s`` after the first
+    one answered (the mesh's gossip introduces the rest), or after ``timeout_s`` with whatever was heard."""
+    from zeroconf import ServiceBrowser, ServiceStateChange
+
+    started_s = time.monotonic()
+    found = Found(cluster, tuple(interfaces) if interfaces else None)
+    names: queue.Queue[str] = queue.Queue()
+
+    def on_change(zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            names.put(name)
+
+    # A query from a port other than 5353 is a "one-shot" query (RFC 6762 §5.1): responders answer it at once by
+    # unicast. From port 5353 the answer is multicast, and held back up to a second when the record was multicast
+    # in the last second (§14), which on a busy LAN (or loopback shared by several nodes) is most of the time.
+    zeroconf = open_zeroconf(interfaces, unicast=True)
+    browser = None
+    try:
+        browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[on_change])
+        deadline_s = started_s + timeout_s
+        seen: set[str] = set()
+        first_s = 0.0
+        while True:
+            now_s = time.monotonic()
+            if found.nodes:
+                deadline_s = min(deadline_s, first_s + settle_s)
+            if now_s >= deadline_s:
+                break
+            try:
+                name = names.get(timeout=deadline_s - now_s)
+            except queue.Empty:
+                break
+            if name in seen:
+                continue
+            info = zeroconf.get_service_info(SERVICE_TYPE, name, timeout=int(max(0.05, deadline_s - now_s) * 1000))
+            if info is None:
+                continue  # not resolved in time; an Updated event may bring it back
+            seen.add(name)
+            properties = info.properties or {}
+            member = parse_service(properties, info.parsed_addresses(), cluster)
+            if member is not None and member["role"] == "storage":
+                if not found.nodes:
+                    first_s = time.monotonic()
+                found.nodes.append(member)
+            elif member is None and _txt(properties, "cluster") not in (None, cluster):
+                other = found.other_clusters.setdefault(_txt(properties, "cluster") or "?", [])
+                other.append(_txt(properties, "node_id") or name.split(".")[0])
+    finally:
+        if browser is not None:
+            browser.cancel()
+        zeroconf.close()
+    found.seconds = time.monotonic() - started_s
+    return found
+
+
+def local_address_towards(host: str) -> str:
+    """The local IPv4 address this host would send from to reach ``host`` (no packet is sent)."""
+    try:
+        target = socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"
+    if target.startswith("127."):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((target, 9))  # UDP connect only picks a route and a source address
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

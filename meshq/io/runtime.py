@@ -147,14 +147,18 @@ class Runtime:
         self.pub = self._socket(zmq.PUB)
         self.sub = self._socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        try:
-            self.endpoint = _bind(self.router, config.host, config.port)
-            self.pub_endpoint = _bind(self.pub, config.host, config.pub_port)
-        except zmq.ZMQError as exc:
-            self._close_sockets()
-            raise StorageError(
-                f"cannot bind {config.host}:{config.port or '*'} ({exc}); choose a free --port or another --host"
-            ) from None
+        for sock, port, flag, what in ((self.router, config.port, "--port", "ROUTER (requests)"),
+                                       (self.pub, config.pub_port, "--pub-port", "PUB (events)")):
+            try:
+                endpoint = _bind(sock, config.host, port)
+            except zmq.ZMQError as exc:
+                self._close_sockets()
+                raise StorageError(f"cannot bind the {what} socket to {config.host}:{port or '*'} ({exc}); choose "
+                                   f"a free {flag} or another --host") from None
+            if sock is self.router:
+                self.endpoint = endpoint
+            else:
+                self.pub_endpoint = endpoint
         if config.advertised_host:
             port = self.endpoint.rsplit(":", 1)[1]
             self.endpoint = f"tcp://{config.advertised_host}:{port}"

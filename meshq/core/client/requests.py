@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from meshq.config import TopicConfig, refuse_reserved_topic, validate_topic_name
+from meshq.config import TopicConfig, refuse_reserved_topic, validate_group_name
 from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
@@ -274,7 +274,7 @@ class Requests(Room):
     def _coordinator_command(self, command: Command, now_s: float, type_: str, body: dict,
                              convert: Callable[[wire.Message], Any]) -> None:
         group = command.group
-        validate_topic_name(group)
+        validate_group_name(group)
 
         def partition_of() -> int:
             return stable_hash64(group.encode()) % self.core.client.metadata[OFFSETS_TOPIC]["config"].partitions
