@@ -146,8 +146,32 @@ class AskLeave:
     waiter: Any = None
 
 
-Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave
-COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave)
+@dataclass(slots=True)
+class AddSubscription:
+    """Pub/sub: start local subscription ``sub_id`` to ``pattern`` (in queue group ``queue``);
+    ``stats`` is the shell's counters of it, read for status. Resolves once the core routes to it."""
+
+    sub_id: int
+    pattern: str
+    queue: str | None
+    stats: Any = None
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class RemoveSubscription:
+    """Pub/sub: end local subscription ``sub_id`` (its interest is withdrawn from the mesh)."""
+
+    sub_id: int
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+Command = (GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus
+           | AskLeave | AddSubscription | RemoveSubscription)
+COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave,
+            AddSubscription, RemoveSubscription)
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
 ``status``         this node's view, and the merge of several (``status``)
+``pubsub``         pub/sub subscriptions, every node's interest, routing (``pubsub.room``)
 =================  ==========================================================================
 
 Each room declares the request types it serves (``SERVES``), the local commands it carries
@@ -73,6 +74,7 @@ from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.ports import Storage
+from meshq.core.pubsub.room import PubSub
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
 from meshq.core.status import Status
@@ -120,6 +122,7 @@ class NodeCore:
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
         self.status = Status(self)
+        self.pubsub = PubSub(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
         self._commands: dict[type, Callable[[Any, float], None]] = {}
         self._events: dict[str, Callable[[wire.Message, float], None]] = {}
@@ -128,7 +131,7 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
-                     self.groups, self.client, self.producer, self.requests, self.status):
+                     self.groups, self.client, self.producer, self.requests, self.status, self.pubsub):
             self.register(room)
 
     def register(self, room: Room) -> None:

@@ -50,6 +50,7 @@ class Status(Room):
             "topics": topics,
             "groups": core.groups.lag_report(),
             "counters": dict(core.counters),
+            "pubsub": {"nodes": [core.pubsub.report()]},
         }
         raft = core.agreement.raft
         if raft is not None:
@@ -112,5 +113,15 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     for (group, _topic, _partition), entry in sorted(groups.items()):
         merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
     merged["groups"] = list(merged_groups.values())
+    merged["pubsub"] = merge_pubsub(reports.values())
     merged["answered_by"] = sorted(reports)
     return merged
+
+
+def merge_pubsub(reports: Any) -> dict:
+    """The ``pubsub`` sections of several status reports: each node's subscriptions once, by node id."""
+    nodes: dict[str, dict] = {}
+    for report in reports:
+        for node in report.get("pubsub", {}).get("nodes", []):
+            nodes[node["node_id"]] = node
+    return {"nodes": [nodes[node_id] for node_id in sorted(nodes)]}
