@@ -13,6 +13,7 @@ from typing import Any
 
 from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
 from meshq.cli.parser import _env_list, _seed
+from meshq.cli.pubsub import cmd_pub, cmd_sub
 from meshq.config import parse_host_port
 from meshq.errors import ConfigError, MeshqError
 
@@ -347,4 +348,6 @@ COMMANDS = {
     "topics": cmd_topics,
     "leave": cmd_leave,
     "bench": cmd_bench,
+    "pub": cmd_pub,
+    "sub": cmd_sub,
 }

@@ -269,6 +269,16 @@ class PubSub(Room):
             self._liveness_scheduled = True
             self.out.schedule(now_s + self.config.heartbeat_interval_s, "pubsub_liveness", None)
 
+    def synced(self) -> bool:
+        """Whether this node knows the interest of every member it knows to be running (a fresh
+        node that publishes before it is would miss subscribers it has not heard of yet)."""
+        members = self.core.mesh.members
+        if members is None:
+            return False
+        known = self.core.adverts.remote
+        return all(node_id in known for node_id, member in members.members.items()
+                   if node_id != self.node_id and member.state in ("joining", "alive", "suspect"))
+
     def interested_nodes(self) -> list[str]:
         """Other nodes with any subscription, as this node routes to them."""
         return sorted(self._remote_entries)
