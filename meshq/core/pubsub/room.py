@@ -24,7 +24,7 @@ it was picked for (a group that has no member here any more loses the message: c
 ``undeliverable``).
 
 Routes are cached per subject and the caches are replaced on every change of interest
-(``version`` counts changes). Publishing threads call ``route``/``targets``/``prepare``
+(``version`` counts changes). Publishing threads call ``route``/``plan``/``batch``
 while the runtime thread applies changes: every structure they read is replaced, never
 mutated in place, or is a ``Sublist`` (safe by the same rule), so a publish sees either the
 old or the new interest. Counters of the data path live in plain objects that the I/O shell
@@ -33,7 +33,7 @@ increments (``SubscriptionStats``, ``PeerStats``); the room reports them in stat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from meshq.core.events import AddSubscription, Fail, RemoveSubscription, Resolve
@@ -104,7 +104,6 @@ class Route:
     remote: tuple[str, ...]  # nodes with a matching subscription without a queue group
     groups: tuple[Group, ...]
     node_id: str
-    metas: dict = field(default_factory=dict)  # queue groups -> encoded meta (no headers), filled on use
 
     @property
     def empty(self) -> bool:
@@ -319,31 +318,33 @@ class PubSub(Room):
         routes[subject] = found
         return found
 
-    def prepare(self, subject: str, headers: dict[str, bytes] | None) -> tuple[list[int], list[tuple[str, bytes]]]:
+    def plan(self, subject: str) -> tuple[tuple[int, ...] | list[int], dict[str, list[str]] | tuple[str, ...]]:
         """One publish (the caller serialises publishes): the local subscriptions to deliver to, and
-        the first frame to send to each node (its payload frame is the data). Counts it."""
+        the nodes to send it to — with, per node, the queue groups it was picked for when the route
+        has queue groups (a dict), else a tuple of node ids. Counts it."""
         route = self.route(subject)
         self.counters["published"] += 1
-        if route.empty:
-            self.counters["no_interest"] += 1
-            return [], []
-        local, nodes = route.targets()
-        sends = []
-        for node, queues in nodes.items():
-            peer = self.peers.get(node)
-            if peer is None:
-                peer = self.peers[node] = PeerStats()
-            if headers:
-                meta = frames.encode_meta(self.node_id, subject, queues, headers)
-            else:
-                key = tuple(queues)
-                meta = route.metas.get(key)
-                if meta is None:
-                    meta = route.metas[key] = frames.encode_meta(self.node_id, subject, queues, None)
-            sends.append((node, frames.encode(frames.data_prefix(node), peer.next_seq, meta)))
-            peer.next_seq += 1
-            peer.sent += 1
-        return local, sends
+        if not route.groups:
+            if not (route.local or route.remote):
+                self.counters["no_interest"] += 1
+            return route.local, route.remote
+        return route.targets()
+
+    def peer(self, node_id: str) -> PeerStats:
+        """The data-path counters of ``node_id`` (created on first use)."""
+        stats = self.peers.get(node_id)
+        if stats is None:
+            stats = self.peers.setdefault(node_id, PeerStats())
+        return stats
+
+    def batch(self, node_id: str, entries: list) -> list[bytes]:
+        """The frames carrying ``entries`` (``(subject, queues, headers, data)``, in publish order) to
+        ``node_id``, numbered after what was sent to it before (the caller serialises this)."""
+        stats = self.peer(node_id)
+        frames_out = frames.encode_batch(frames.data_prefix(node_id), stats.next_seq, self.node_id, entries)
+        stats.next_seq += len(entries)
+        stats.sent += len(entries)
+        return frames_out
 
     def deliveries(self, subject: str, queues: list[str] | None) -> list[int]:
         """The local subscriptions a message to ``subject`` from another node goes to, when this
@@ -375,22 +376,21 @@ class PubSub(Room):
                 out.append(group.pick()[1])  # type: ignore[arg-type]
         return out
 
-    def received(self, frame: bytes) -> tuple[str, str, list[str] | None, dict[str, bytes] | None]:
-        """Decode a data frame addressed to this node and count it for its sender (gaps: dropped on
-        the way); ``(source, subject, queues, headers)``. Raises ``ProtocolError`` (counted)."""
+    def received(self, frame: bytes, payloads: bytes) -> tuple[str, list]:
+        """Decode a batch addressed to this node and count it for its sender (gaps: dropped on the
+        way); ``(source, entries)``, each entry ``(subject, queues, headers, data)``. Raises
+        ``ProtocolError`` (counted)."""
         try:
-            seq, source, subject, queues, headers = frames.decode(frame, len(self.prefix))
+            first_seq, source, entries = frames.decode_batch(frame, len(self.prefix), payloads)
         except MeshqError:
             self.counters["frames_invalid"] += 1
             raise
-        peer = self.peers.get(source)
-        if peer is None:
-            peer = self.peers[source] = PeerStats()
-        if peer.last_seq and seq > peer.last_seq + 1:  # (the first frame heard sets the baseline)
-            peer.dropped += seq - peer.last_seq - 1
-        peer.last_seq = seq  # (smaller than before: the publisher restarted)
-        peer.received += 1
-        return source, subject, queues, headers
+        peer = self.peer(source)
+        if peer.last_seq and first_seq > peer.last_seq + 1:  # (the first batch heard sets the baseline)
+            peer.dropped += first_seq - peer.last_seq - 1
+        peer.last_seq = first_seq + len(entries) - 1  # (smaller than before: the publisher restarted)
+        peer.received += len(entries)
+        return source, entries
 
     # ------------------------------------------------------------------ status
     def report(self) -> dict:

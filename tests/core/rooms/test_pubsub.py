@@ -23,15 +23,26 @@ def unsubscribe(net: Net, node_id: str, sub_id: int) -> None:
     net.run(0.05)
 
 
+def sends(net: Net, src: str, subject: str) -> tuple[list[int], list[tuple[str, list[bytes]]]]:
+    """One publish as the I/O shell makes it: local subscriptions, and (node, frames) per node."""
+    room = net[src].core.pubsub
+    local, nodes = room.plan(subject)
+    grouped = isinstance(nodes, dict)
+    out = [(node, room.batch(node, [(subject, (nodes[node] or None) if grouped else None, None, b"data")]))
+           for node in nodes]
+    return list(local), out
+
+
 def publish(net: Net, src: str, subject: str) -> dict[str, list[int]]:
     """Carry one publish out by hand as the I/O shell does: {node: local subscriptions reached}."""
-    local, sends = net[src].core.pubsub.prepare(subject, None)
+    local, batches = sends(net, src, subject)
     reached = {src: local} if local else {}
-    for node, frame in sends:
+    for node, framed in batches:
         room = net[node].core.pubsub
-        assert frame.startswith(room.prefix)
-        source, subject_got, queues, _headers = room.received(frame)
-        assert (source, subject_got) == (src, subject)
+        assert framed[0].startswith(room.prefix)
+        source, entries = room.received(*framed)
+        ((subject_got, queues, _headers, data),) = entries
+        assert (source, subject_got, data) == (src, subject, b"data")
         reached[node] = room.deliveries(subject_got, queues)
     return reached
 
@@ -52,8 +63,8 @@ def test_a_publisher_with_no_remote_interest_prepares_no_frame():
     net = Net("n1", "n2")
     net.form()
     subscribe(net, "n1", 1, "a.b")
-    local, sends = net["n1"].core.pubsub.prepare("a.b", None)
-    assert local == [1] and sends == []
+    local, batches = sends(net, "n1", "a.b")
+    assert local == [1] and batches == []
 
 
 def test_closing_withdraws_the_interest_everywhere():
@@ -105,10 +116,10 @@ def test_a_node_picked_for_a_group_it_no_longer_has_counts_the_message_undeliver
     net = Net("n1", "n2")
     net.form()
     subscribe(net, "n2", 1, "jobs", queue="w")
-    local, sends = net["n1"].core.pubsub.prepare("jobs", None)
+    _local, batches = sends(net, "n1", "jobs")
     unsubscribe(net, "n2", 1)
     room = net["n2"].core.pubsub
-    _source, subject, queues, _headers = room.received(sends[0][1])
+    _source, ((subject, queues, _headers, _data),) = room.received(*batches[0][1])
     assert queues == ["w"] and room.deliveries(subject, queues) == []
     assert room.counters["undeliverable"] == 1
 
@@ -117,12 +128,14 @@ def test_gaps_in_a_peers_sequence_numbers_are_counted_as_dropped():
     net = Net("n1", "n2")
     net.form()
     subscribe(net, "n2", 1, "a")
-    framed = [net["n1"].core.pubsub.prepare("a", None)[1][0][1] for _ in range(10)]
+    framed = [sends(net, "n1", "a")[1][0][1] for _ in range(6)]
+    sender = net["n1"].core.pubsub
+    framed.append(sender.batch("n2", [("a", None, None, b"%d" % i) for i in range(4)]))  # messages 7-10
     room = net["n2"].core.pubsub
-    for frame in framed[:3] + framed[7:]:  # frames 4-7 lost at a high-water mark
-        room.received(frame)
-    assert (room.peers["n1"].received, room.peers["n1"].dropped) == (6, 4)
-    assert net["n1"].core.pubsub.peers["n2"].sent == 10
+    for frames_ in framed[:3] + framed[5:]:  # messages 4 and 5 lost at a high-water mark
+        room.received(*frames_)
+    assert (room.peers["n1"].received, room.peers["n1"].dropped) == (8, 2)
+    assert sender.peers["n2"].sent == 10
 
 
 def test_invalid_interest_from_a_peer_is_dropped_and_counted():
@@ -140,12 +153,17 @@ def test_a_bad_data_frame_raises_a_protocol_error_and_is_counted():
     from meshq.errors import ProtocolError
     net = Net("n1")
     room = net["n1"].core.pubsub
-    bad = [room.prefix, room.prefix + b"\x00" * 8 + b"\xc1",
-           frames.encode(room.prefix, 1, frames.encode_meta("n2", "a.*", None, None)),  # a wildcard subject
-           frames.encode(room.prefix, 1, b"\x93\x01\x02\x03")]
-    for frame in bad:
+    good = frames.encode_batch(room.prefix, 1, "n2", [("a", None, None, b"xy"), ("b", ["q"], {"h": b"v"}, b"z")])
+    assert room.received(*good) == ("n2", [("a", None, None, b"xy"), ("b", ["q"], {"h": b"v"}, b"z")])
+    bad = [(room.prefix, b""), (room.prefix + b"\x00" * 8 + b"\xc1", b""),
+           (good[0], good[1] + b"extra"), (good[0], b"x"),  # sizes do not add up
+           tuple(frames.encode_batch(room.prefix, 1, "n2", [("a.*", None, None, b"")])),  # a wildcard subject
+           tuple(frames.encode_batch(room.prefix, 1, "n2", [("a", ["bad queue"], None, b"")])),
+           tuple(frames.encode_batch(room.prefix, 1, "n2", [("a", None, {"h": "text"}, b"")])),
+           (frames.encode_batch(room.prefix, 1, "n2", [("a", None, None, b"")])[0][:-4] + b"\x93\x01\x02\x03", b"")]
+    for frame, payloads in bad:
         with pytest.raises(ProtocolError):
-            room.received(frame)
+            room.received(frame, payloads)
     assert room.counters["frames_invalid"] == len(bad)
 
 
