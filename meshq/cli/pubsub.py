@@ -98,8 +98,8 @@ def cmd_sub(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     try:
         sub = node.subscribe(args.pattern, queue=args.queue)
-        print(f"meshq sub: subscribed to {args.pattern}" + (f" in queue group {args.queue}" if args.queue else ""),
-              file=sys.stderr, flush=True)
+        group = f" in queue group {args.queue}" if args.queue else ""
+        print(f"meshq sub: node {node.node_id} subscribed to {args.pattern}{group}", file=sys.stderr, flush=True)
         idle_since = time.monotonic()
         while not stop.requested and (args.count is None or printed < args.count):
             wait = 0.5 if args.timeout is None else max(0.0, min(0.5, idle_since + args.timeout - time.monotonic()))

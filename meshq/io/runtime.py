@@ -62,6 +62,7 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
+_PUBSUB_HWM = 1000  # messages (pub/sub batches, heartbeats) queued per peer on the PUB and SUB sockets
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
 # Plain ints: pyzmq's flag constants are enums, and combining or converting them costs a Python
 # call on every frame of the hot path.
@@ -154,6 +155,10 @@ class Runtime:
         # a PUB filters for its subscribers, so data for other nodes never reaches us.
         self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
         self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.data_prefix(self.core.node_id))
+        # Pub/sub batches hold up to 64 KiB: these bound what a paused or slow peer can hold up
+        # (per peer, at each end) to about 64 MiB; beyond, its messages are dropped (and counted).
+        self.pub.setsockopt(zmq.SNDHWM, _PUBSUB_HWM)
+        self.sub.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
         try:
             self.endpoint = _bind(self.router, config.host, config.port)
             self.pub_endpoint = _bind(self.pub, config.host, config.pub_port)
