@@ -212,8 +212,11 @@ class PubSub(Room):
             self.out.schedule(self._last_advertise_s + ADVERTISE_GAP_S, "pubsub_advertise", None)
 
     def _advertise_due(self, key: Any, now_s: float) -> None:
+        # (not through _advertise: ``now_s - last`` may fall a rounding error short of the gap and
+        # schedule the same deadline again, for ever)
         self._advertise_scheduled = False
-        self._advertise(now_s)
+        self._last_advertise_s = now_s
+        self.core.adverts.set(ADVERT_KIND, self.interest(), now_s)
 
     # ------------------------------------------------------------------ remote interest
     def _on_interest(self, node_id: str) -> None:

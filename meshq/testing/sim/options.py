@@ -65,6 +65,7 @@ class SimOptions:
     outage: tuple[str, float, float | None] | None = None
     member_timeout_s: float = 60.0
     calling_threads: int = 0  # per client: threads whose Node.produce is sent from the thread itself
+    pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
