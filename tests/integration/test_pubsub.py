@@ -200,3 +200,24 @@ def test_cli_refuses_a_bad_pattern_naming_the_rule():
     result = subprocess.run(_cli("sub", "a.>.b", "--seed", "127.0.0.1:9", "--no-mdns"), capture_output=True,
                             timeout=60, env=child_env())
     assert result.returncode != 0 and b"'>' may only be the last token" in result.stderr
+
+
+def test_prometheus_endpoint_reports_subscriptions(tmp_path):
+    import urllib.request
+
+    from tests.procs import free_port
+
+    port = free_port()
+    with meshq.Node(cluster=CLUSTER, data_dir=tmp_path / "m", mdns=False, metrics_port=port,
+                    replication_factor=1) as node:
+        sub = node.subscribe("m.*", queue="q", max_pending=2)
+        for _ in range(5):
+            node.publish("m.x", b"v")
+        node.publish("nobody", b"v")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        sub.close()
+    labels = f'pattern="m.*",queue="q",subscription="{sub.sub_id}"'
+    assert f"meshq_pubsub_delivered_total{{{labels}}} 2.0" in text
+    assert f"meshq_pubsub_dropped_total{{{labels}}} 3.0" in text
+    assert "meshq_pubsub_published_total 6.0" in text and "meshq_pubsub_no_interest_total 1.0" in text
