@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "pubsub"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
-                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves")
+                            "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves; "
+                            "pubsub: --records messages pub -> 1 and -> 3 subscribers against raw pyzmq and NATS core")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)

@@ -85,8 +85,8 @@ class PubSubShell:
         else:
             headers = None
         with self.lock:
-            if self.closed:
-                raise NodeStoppedError("the node was stopped; nothing was published")
+            if self.closed or self.runtime.left.is_set():
+                raise NodeStoppedError("the node was stopped (or left the cluster); nothing was published")
             local, nodes = self.room.plan(subject)
             if nodes:
                 buffers = self._buffers
