@@ -9,6 +9,7 @@ from meshq.errors import (
     CorruptLogError,
     DataDirLockedError,
     DiskFullError,
+    InvalidSubjectError,
     InvalidTopicError,
     MeshqError,
     MessageTooLargeError,
@@ -19,11 +20,13 @@ from meshq.errors import (
     OffsetOutOfRangeError,
     ProtocolError,
     StorageError,
+    SubscriptionClosedError,
     TimeoutError,
     UnknownTopicError,
     UsageError,
 )
 from meshq.node import Node
+from meshq.pubsub import Subscription
 
 __version__ = "0.1.0"
 
@@ -34,6 +37,7 @@ __all__ = [
     "CorruptLogError",
     "DataDirLockedError",
     "DiskFullError",
+    "InvalidSubjectError",
     "InvalidTopicError",
     "MeshqError",
     "MessageTooLargeError",
@@ -48,6 +52,8 @@ __all__ = [
     "Record",
     "RecordMetadata",
     "StorageError",
+    "Subscription",
+    "SubscriptionClosedError",
     "TimeoutError",
     "TopicConfig",
     "UnknownTopicError",

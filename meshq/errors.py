@@ -32,6 +32,14 @@ class InvalidTopicError(UsageError):
     """A topic name or topic configuration is invalid."""
 
 
+class InvalidSubjectError(UsageError):
+    """A pub/sub subject, pattern or queue group name breaks a rule (the message names it)."""
+
+
+class SubscriptionClosedError(MeshqError):
+    """``recv`` on a pub/sub subscription that was closed (or whose node stopped)."""
+
+
 class UnknownTopicError(MeshqError):
     """The topic does not exist and was not auto-created."""
 

@@ -33,6 +33,34 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
                 watermark.add_metric([topic, str(partition)], state.high_watermark)
             yield disk
             yield watermark
+            pubsub = core.pubsub.report()
+            delivered = CounterMetricFamily("meshq_pubsub_delivered", "messages queued for a local subscription",
+                                            labels=["subscription", "pattern", "queue"])
+            dropped = CounterMetricFamily("meshq_pubsub_dropped", "messages a full subscription queue refused",
+                                          labels=["subscription", "pattern", "queue"])
+            for sub in pubsub["subscriptions"]:
+                labels = [str(sub["id"]), sub["pattern"], sub["queue"] or ""]
+                delivered.add_metric(labels, sub["delivered"])
+                dropped.add_metric(labels, sub["dropped"])
+            yield delivered
+            yield dropped
+            peer_received = CounterMetricFamily("meshq_pubsub_peer_received", "pub/sub messages received from a peer",
+                                                labels=["peer"])
+            peer_dropped = CounterMetricFamily("meshq_pubsub_peer_dropped", "pub/sub messages from a peer lost on the "
+                                               "way (gaps in its numbering)", labels=["peer"])
+            peer_sent = CounterMetricFamily("meshq_pubsub_peer_sent", "pub/sub messages sent to a peer",
+                                            labels=["peer"])
+            for peer in pubsub["peers"]:
+                peer_received.add_metric([peer["node_id"]], peer["received"])
+                peer_dropped.add_metric([peer["node_id"]], peer["dropped"])
+                peer_sent.add_metric([peer["node_id"]], peer["sent"])
+            yield peer_received
+            yield peer_dropped
+            yield peer_sent
+            yield CounterMetricFamily("meshq_pubsub_published", "messages published on this node",
+                                      value=pubsub["published"])
+            yield CounterMetricFamily("meshq_pubsub_no_interest", "messages published that no subscription matched",
+                                      value=pubsub["no_interest"])
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
                                     "replicas than assigned replicas", value=core.host.under_replicated())
             yield GaugeMetricFamily("meshq_handoffs_in_progress", "partitions (cluster-wide, per this node's "

@@ -25,8 +25,10 @@ from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER
 from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
 from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
+from meshq.io.pubsub import PubSubShell
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
+from meshq.pubsub import DEFAULT_MAX_PENDING, Subscription
 
 log = logging.getLogger("meshq.node")
 
@@ -77,6 +79,7 @@ class Node:
         self.runtime: Runtime | None = None
         self._accumulator: Accumulator | None = None
         self._direct: DirectProducer | None = None  # synchronous produce from the caller's thread
+        self._pubsub: PubSubShell | None = None
         self._discovery: Any = None
         self._started = False
         self._stopped = False
@@ -91,6 +94,7 @@ class Node:
         node.runtime = None
         node._accumulator = None
         node._direct = None
+        node._pubsub = None
         node._discovery = None
         node._started = False
         node._stopped = False
@@ -126,6 +130,7 @@ class Node:
         self.runtime.on_left = self._after_leaving
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
         self._direct = DirectProducer(self, self.runtime.context, random.Random())
+        self._pubsub = PubSubShell(self)
         self._discovery = None
         if config.mdns:
             from meshq.io.discovery import Discovery
@@ -185,6 +190,8 @@ class Node:
         self._stopped = True
         if self._direct is not None:
             self._direct.close()
+        if self._pubsub is not None:
+            self._pubsub.close()
         try:
             if self._accumulator is not None:
                 self._accumulator.flush_all()
@@ -529,6 +536,28 @@ class Node:
         if mode != "stream":
             raise UsageError(f"mode {mode!r} is not available in this version; use mode='stream' or mode='shared'")
         return Consumer(self, topic, group=group, start=start, **options)
+
+    # ------------------------------------------------------------------ pub/sub
+    def publish(self, subject: str, data: bytes, headers: dict[str, bytes] | None = None) -> None:
+        """Send ``data`` to every current subscription matching ``subject`` in the mesh (this node's
+        too; one member per queue group). At-most-once, nothing stored; returns at once: a node
+        with no matching subscription costs nothing, a slow subscriber drops (and counts) instead
+        of blocking. Raises ``InvalidSubjectError`` (a ValueError) for a malformed subject and
+        ``MessageTooLargeError`` for data over 1 MiB."""
+        if not self._started or self._stopped:
+            self._require_started()
+        assert self._pubsub is not None
+        self._pubsub.publish(subject, data, headers)
+
+    def subscribe(self, pattern: str, queue: str | None = None, max_pending: int = DEFAULT_MAX_PENDING,
+                  timeout: float = 5.0) -> Subscription:
+        """Receive what is published to subjects matching ``pattern`` (``*``: one token, ``>``: the
+        rest). With ``queue``, each message goes to one member of that queue group only, across
+        the mesh. Messages published after this returns reach the subscription from this node at
+        once, from other nodes as soon as they learn the interest (milliseconds on a LAN)."""
+        self._require_started()
+        assert self._pubsub is not None
+        return self._pubsub.subscribe(pattern, queue, max_pending, timeout)
 
     # ------------------------------------------------------------------ status
     def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:

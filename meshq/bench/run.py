@@ -175,7 +175,9 @@ def _run_queue(args: Any) -> int:
 
 
 def run_bench(args: Any) -> int:
-    """``meshq bench produce``, ``replication``, ``rebalance`` or ``queue``; returns the process exit code."""
+    """``meshq bench produce``, ``replication``, ``rebalance``, ``queue`` or ``pubsub``; returns the exit code."""
+    if args.scenario == "pubsub":
+        return _run_pubsub(args)
     if args.scenario not in ("produce", "replication", "rebalance", "queue"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE
@@ -236,3 +238,28 @@ def _refuse(problems: list[str]) -> int:
     for problem in problems:
         print(f"meshq bench: {problem}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _run_pubsub(args: Any) -> int:
+    """``meshq bench pubsub``: pub -> 1 and 3 subscribers on other nodes, raw pyzmq and NATS core alongside."""
+    from meshq.bench.pubsub import render, run_pubsub_bench
+
+    problems = []
+    if args.records < 1_000:
+        problems.append("--records (messages per round) must be at least 1000")
+    if not 1 <= args.value_bytes <= 1024 * 1024:
+        problems.append("--value-bytes must be from 1 to 1048576 (the pub/sub limit)")
+    if args.rounds < 1:
+        problems.append("--rounds must be at least 1")
+    if args.seed:
+        problems.append("bench pubsub starts its own processes; --seed is for bench produce")
+    if problems:
+        return _refuse(problems)
+    try:
+        report = run_pubsub_bench(args.records, args.value_bytes, args.rounds)
+    except (RuntimeError, OSError, AssertionError) as exc:
+        print(f"meshq bench pubsub: a worker failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    report["machine"] = _machine()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return EXIT_OK

@@ -166,12 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity of the demo's client (stderr)")
 
+    from meshq.cli.pubsub import add_parsers as add_pubsub_parsers
+
+    add_pubsub_parsers(sub, _connection_options, _positive_float, _non_negative_int)
+
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue", "pubsub"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
                             "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves; queue: "
-                            "--workers shared consumers acking each of --jobs records on --nodes replicated nodes")
+                            "--workers shared consumers acking each of --jobs records on --nodes replicated nodes; "
+                            "pubsub: --records messages pub -> 1 and -> 3 subscribers against raw pyzmq and NATS core")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="acks of bench produce (bench replication measures leader and quorum)")
     bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--rounds", type=int, default=3, help="bench pubsub and queue: rounds per system; the report "
+                                                              "gives median, min, max (default 3)")
     replicated = bench.add_argument_group("bench replication")
     replicated.add_argument("--nodes", type=int, default=3, help="storage nodes to start (default 3)")
     replicated.add_argument("--replication-factor", type=int, default=3, help="of the benchmark topics (default 3)")
@@ -196,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     queue = bench.add_argument_group("bench queue (also --nodes, --replication-factor, --value-bytes, --batch)")
     queue.add_argument("--jobs", type=int, default=20_000, help="records acked per round (default 20000)")
     queue.add_argument("--workers", type=int, default=3, help="shared-consumer worker processes (default 3)")
-    queue.add_argument("--rounds", type=int, default=3, help="rounds; the report gives median, min, max (default 3)")
     rebalance = bench.add_argument_group("bench rebalance (also --nodes, --replication-factor)")
     rebalance.add_argument("--load-rate", default="0", metavar="N|max",
                            help="a producer writes N records/s (max: as fast as it can) during the moves (default 0)")

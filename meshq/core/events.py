@@ -173,6 +173,19 @@ class JoinGroup:
 
 
 @dataclass(slots=True)
+class AddSubscription:
+    """Pub/sub: start local subscription ``sub_id`` to ``pattern`` (in queue group ``queue``);
+    ``stats`` is the shell's counters of it, read for status. Resolves once the core routes to it."""
+
+    sub_id: int
+    pattern: str
+    queue: str | None
+    stats: Any = None
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
 class ShareFetch:
     """Records of a shared subscription on ``topic``/``partition`` for ``member`` (a long poll)."""
 
@@ -184,6 +197,15 @@ class ShareFetch:
     max_wait_s: float = 0.5
     ack_timeout_ms: int = 30_000
     max_deliveries: int = 5
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class RemoveSubscription:
+    """Pub/sub: end local subscription ``sub_id`` (its interest is withdrawn from the mesh)."""
+
+    sub_id: int
     deadline_s: float | None = None
     waiter: Any = None
 
@@ -234,9 +256,9 @@ class ShareAck:
 
 
 Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave \
-    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup | ShareFetch | ShareAck
+    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup | ShareFetch | ShareAck | AddSubscription | RemoveSubscription
 COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave,
-            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup, ShareFetch, ShareAck)
+            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup, ShareFetch, ShareAck, AddSubscription, RemoveSubscription)
 
 
 @dataclass(slots=True)

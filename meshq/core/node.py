@@ -29,6 +29,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``requests``       the other local API calls (``client.requests``)
 ``group_client``   this node's consumer-group members: join, heartbeat, rejoin (``client.group_client``)
 ``status``         this node's view, and the merge of several (``status``)
+``pubsub``         pub/sub subscriptions, every node's interest, routing (``pubsub.room``)
 =================  ==========================================================================
 
 Each room declares the request types it serves (``SERVES``), the local commands it carries
@@ -80,6 +81,7 @@ from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.partitions.shared import Shared
 from meshq.core.ports import Storage
+from meshq.core.pubsub.room import PubSub
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
 from meshq.core.status import Status
@@ -130,6 +132,7 @@ class NodeCore:
         self.requests = Requests(self)
         self.group_client = GroupClient(self)
         self.status = Status(self)
+        self.pubsub = PubSub(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
         self._commands: dict[type, Callable[[Any, float], None]] = {}
         self._events: dict[str, Callable[[wire.Message, float], None]] = {}
@@ -139,7 +142,7 @@ class NodeCore:
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
                      self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
-                     self.requests, self.group_client, self.status):
+                     self.requests, self.group_client, self.status, self.pubsub):
             self.register(room)
 
     def register(self, room: Room) -> None:

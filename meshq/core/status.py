@@ -50,6 +50,7 @@ class Status(Room):
             "topics": topics,
             "groups": core.groups.lag_report() + core.shared.report(),
             "counters": dict(core.counters),
+            "pubsub": {"nodes": [core.pubsub.report()]},
         }
         raft = core.agreement.raft
         if raft is not None:
@@ -127,5 +128,15 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                 entry["mode"] = "shared"
                 entry["members"] = sorted(set(entry.get("members", [])) | set(group.get("members", [])))
     merged["groups"] = [merged_groups[name] for name in sorted(merged_groups)]
+    merged["pubsub"] = merge_pubsub(reports.values())
     merged["answered_by"] = sorted(reports)
     return merged
+
+
+def merge_pubsub(reports: Any) -> dict:
+    """The ``pubsub`` sections of several status reports: each node's subscriptions once, by node id."""
+    nodes: dict[str, dict] = {}
+    for report in reports:
+        for node in report.get("pubsub", {}).get("nodes", []):
+            nodes[node["node_id"]] = node
+    return {"nodes": [nodes[node_id] for node_id in sorted(nodes)]}

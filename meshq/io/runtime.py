@@ -53,6 +53,7 @@ from meshq.core.events import (
     Unsubscribe,
 )
 from meshq.core.node import NodeCore
+from meshq.core.pubsub import frames as pubsub_frames
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
 
 log = logging.getLogger("meshq.runtime")
@@ -62,6 +63,7 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
+_PUBSUB_HWM = 1000  # messages (pub/sub batches, heartbeats) queued per peer on the PUB and SUB sockets
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
 # Plain ints: pyzmq's flag constants are enums, and combining or converting them costs a Python
 # call on every frame of the hot path.
@@ -92,6 +94,10 @@ class Runtime:
         self.router: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
+        # Pub/sub (meshq.io.pubsub) publishes on ``pub`` from callers' threads: every use of ``pub``
+        # holds this lock. ``on_data(frame, payload)`` takes the data frames ``sub`` receives.
+        self.pub_lock = threading.Lock()
+        self.on_data: Callable[[bytes, bytes], None] | None = None
         self.endpoint = ""
         self.pub_endpoint = ""
         self.started = threading.Event()
@@ -146,7 +152,14 @@ class Runtime:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub = self._socket(zmq.PUB)
         self.sub = self._socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # Control messages (wire headers) and the pub/sub data frames addressed to this node only:
+        # a PUB filters for its subscribers, so data for other nodes never reaches us.
+        self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
+        self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.data_prefix(self.core.node_id))
+        # Pub/sub batches hold up to 64 KiB: these bound what a paused or slow peer can hold up
+        # (per peer, at each end) to about 64 MiB; beyond, its messages are dropped (and counted).
+        self.pub.setsockopt(zmq.SNDHWM, _PUBSUB_HWM)
+        self.sub.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
         for sock, port, flag, what in ((self.router, config.port, "--port", "ROUTER (requests)"),
                                        (self.pub, config.pub_port, "--pub-port", "PUB (events)")):
             try:
@@ -266,7 +279,34 @@ class Runtime:
         self._drain(self.router, lambda frames, message: RequestReceived(frames[0], message), header_at=1)
 
     def _drain_sub(self) -> None:
-        self._drain(self.sub, lambda frames, message: EventReceived(message))
+        """Events for the core, and pub/sub data frames for ``on_data`` (never decoded by the core)."""
+        sock, core, cluster = self.sub, self.core, self.core.config.cluster
+        data_mark = pubsub_frames.DATA_MARK[0]
+        on_data = self.on_data
+        for _ in range(_MAX_INPUTS_PER_SOCKET):
+            try:
+                frames = [sock.recv(_NOBLOCK)]
+            except zmq.Again:
+                return
+            while sock.get(_RCVMORE):
+                frames.append(sock.recv(_NOBLOCK))
+            first = frames[0]
+            if first and first[0] == data_mark:
+                if len(frames) != 2 or on_data is None:
+                    core.pubsub.counters["frames_invalid"] += 1
+                    continue
+                try:
+                    on_data(first, frames[1])
+                except Exception:  # a bug on the data path: never fatal for the node
+                    core.counters["handler_errors"] = core.counters.get("handler_errors", 0) + 1
+                    log.exception("error while delivering a pub/sub message; dropped")
+                continue
+            try:
+                message = wire.decode(frames, cluster)
+            except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
+                continue
+            self._handle_peer_input(EventReceived(message))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
         self._drain(sock, lambda frames, message: ReplyReceived(peer, message))
@@ -372,7 +412,8 @@ class Runtime:
             elif kind is SyncLogs:
                 self._sync_keys.update(effect.keys)
             elif kind is Publish:
-                _send(self.pub, effect.frames)
+                with self.pub_lock:
+                    _send(self.pub, effect.frames)
             elif kind is Subscribe:
                 try:
                     self.sub.connect(effect.endpoint)
@@ -421,7 +462,8 @@ class Runtime:
         if self.sub is not None:
             self.sub.close(0)
         if self.pub is not None:
-            self.pub.close(200)  # give the goodbye a moment to leave
+            with self.pub_lock:
+                self.pub.close(200)  # give the goodbye a moment to leave
         with self._wake_lock:
             wake_fd, self._wake_fd = self._wake_fd, -1
         try:

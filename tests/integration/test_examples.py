@@ -54,3 +54,51 @@ def test_work_queue_workers_share_the_jobs_and_poison_lands_in_the_dlq(node_proc
     done = sum(int(out.split(": ")[1].split()[0]) for out in outputs)
     assert done == 96, outputs  # every job once, except the four poison jobs
     assert "4 dead letters: {'max_deliveries': 4}" in run_example("work_queue.py", "dead", *connection, "--idle", "2")
+
+
+def start_example(name: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(EXAMPLES, name), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_chat_two_people_in_a_room_hear_each_other(node_processes):
+    from tests.procs import end_process
+
+    node = node_processes("n1")
+    connection = ["--cluster", node.cluster, "--seed", node.seed]
+    alice = start_example("chat.py", *connection, "--name", "alice", "--room", "lobby", "--count", "2",
+                          "--listen", "60")
+    try:
+        assert b"alice joined" in alice.stderr.readline()
+        bob = run_example("chat.py", *connection, "--name", "bob", "--room", "lobby", "--say", "hi alice",
+                          "--say", "bye", "--listen", "0.5")
+        assert "bob" not in bob  # nobody else spoke; bob does not hear himself
+        out, err = alice.communicate(timeout=60)
+        assert alice.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["bob: hi alice", "bob: bye"]
+    finally:
+        end_process(alice)
+
+
+def test_telemetry_dashboard_sees_the_matching_sensors_only(node_processes):
+    from tests.procs import end_process
+
+    node = node_processes("n1")
+    connection = ["--cluster", node.cluster, "--seed", node.seed]
+    board = start_example("telemetry.py", "dashboard", *connection, "--pattern", "sensors.*.temp", "--count", "6",
+                          "--seconds", "60")
+    try:
+        assert b"dashboard listening" in board.stdout.readline()
+        for room in ("kitchen", "hall"):
+            out = run_example("telemetry.py", "sensor", *connection, "--room", room, "--kind", "temp",
+                              "--count", "3", "--interval", "0.01")
+            assert f"published 3 readings to sensors.{room}.temp" in out
+        run_example("telemetry.py", "sensor", *connection, "--room", "hall", "--kind", "humidity", "--count", "2",
+                    "--interval", "0.01", "--wait-for-dashboard", "0.5")
+        out_bytes, err = board.communicate(timeout=60)
+        assert board.returncode == 0, err.decode()
+        out = out_bytes.decode()
+        assert "sensors.kitchen.temp: 3 readings" in out and "sensors.hall.temp: 3 readings" in out
+        assert "humidity" not in out
+    finally:
+        end_process(board)

@@ -43,7 +43,7 @@ from meshq.core.events import (
 )
 from meshq.core.hashing import stable_hash64
 from meshq.core.room import Room
-from meshq.core.status import merge_status
+from meshq.core.status import merge_pubsub, merge_status
 from meshq.errors import (
     MeshqError,
     NodeStoppedError,
@@ -319,12 +319,20 @@ class Requests(Room):
                 "no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")))
             return
         reports: dict[str, dict] = {}
-        remaining = set(peers)
+        # client nodes with pub/sub subscriptions add their part of the ``pubsub`` section only
+        subscribers = [] if only is not None else [
+            node for node in self.core.pubsub.interested_nodes() if node not in peers and node in self.out.peer_endpoints]
+        pubsub_reports: list[dict] = [] if only is not None or self.core.is_storage else [
+            {"pubsub": {"nodes": [self.core.pubsub.report()]}}]
+        remaining = set(peers) | set(subscribers)
 
         def finish(peer: str, report: dict | None) -> None:
             remaining.discard(peer)
             if report is not None:
-                reports[peer] = report
+                if peer in subscribers:
+                    pubsub_reports.append(report)
+                else:
+                    reports[peer] = report
             if remaining:
                 return
             if not reports:
@@ -333,10 +341,12 @@ class Requests(Room):
                 self.out.emit(Resolve(command.waiter, reports[only]))
             else:
                 preferred = self.node_id if self.node_id in reports else sorted(reports)[0]
-                self.out.emit(Resolve(command.waiter, merge_status(reports, preferred)))
+                merged = merge_status(reports, preferred)
+                merged["pubsub"] = merge_pubsub([*reports.values(), *pubsub_reports])
+                self.out.emit(Resolve(command.waiter, merged))
 
         timeout_s = max(0.05, min(2.0, deadline_s - now_s))
-        for peer in peers:
+        for peer in [*peers, *subscribers]:
             self.out.request(peer, "status", {}, (), now_s, timeout_s,
                              lambda m, p=peer: finish(p, m.body["status"]), lambda e, p=peer: finish(p, None))
 

@@ -11,6 +11,11 @@ overtake one another. While the run is in its fault phase a message may be dropp
 real wire decoder into the event the target's core expects; a frame it rejects is reported
 to that core as invalid, as the real transport does.
 
+Pub/sub data (``send_data``) travels on a channel of its own that behaves as ZeroMQ over TCP:
+only to a node whose SUB is connected to the sender's PUB, in order on each link (a message
+never overtakes an earlier one on the same link) and never twice; it may be lost (``drop``,
+a cut). ``meshq.testing.sim.pubsub`` takes it on arrival.
+
 A calling thread of a client (``meshq.testing.sim.threads``) has connections of its own, as a
 thread's DEALER socket has in the real node: ``open`` names one by a key and the thread that
 reads it; ``send_on`` sends a request from the client node on it, and the leader's reply,
@@ -45,6 +50,7 @@ class Network:
         self._by_endpoint: dict[str, str] = {}  # endpoint -> node id
         self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
         self._readers: dict[str, Callable[[str, wire.Message], None]] = {}  # own connection key -> its reader
+        self._data_due: dict[tuple[str, str], float] = {}  # (source, target) -> when its last data arrives
 
     def attach(self, node: SimNode) -> None:
         """Make the node reachable at its request and publish endpoints."""
@@ -82,6 +88,20 @@ class Network:
             if node.pub_endpoint in other.subscriptions and other.node_id != node.node_id:
                 self._transmit(node.node_id, other.node_id, ("event", None), frames)
 
+    def send_data(self, node: SimNode, target: str, frames: list) -> None:
+        """A pub/sub batch to ``target``, if its SUB is connected to the node's PUB (see the module docstring)."""
+        sim = self.sim
+        other = sim.nodes.get(target)
+        if other is None or node.pub_endpoint not in other.subscriptions:
+            return
+        if frozenset((node.node_id, target)) in self._cut or (sim.faulting and sim.rng.random() < sim.options.faults.drop):
+            sim.stats["dropped"] += 1
+            return
+        link = (node.node_id, target)
+        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s), self._data_due.get(link, 0.0))
+        self._data_due[link] = when
+        sim.at(when, "deliver", (node.node_id, target, ("data", None), list(frames)))
+
     def _transmit(self, source: str, target_endpoint_or_id: str | None, channel: tuple, frames: list) -> None:
         sim = self.sim
         if target_endpoint_or_id is None:
@@ -111,6 +131,12 @@ class Network:
             return
         if frozenset((source, target)) in self._cut:
             sim.stats["dropped"] += 1
+            return
+        if channel[0] == "data":
+            sim.stats["delivered"] += 1
+            if sim.record_trace:
+                sim.log(f"{source}->{target} pubsub data")
+            sim.take_data(node, frames)
             return
         reader = self._readers.get(channel[1]) if channel[0] == "reply" else None
         try:

@@ -69,6 +69,7 @@ class SimOptions:
     # (their gossip lets a client cut off from every storage node relearn them without its seeds)
     group_members: bool = True
     shared: bool = False  # the shared-subscription workload (meshq.testing.sim.shared) runs too
+    pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

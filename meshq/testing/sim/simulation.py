@@ -64,6 +64,7 @@ from meshq.testing.sim.group import SimGroup
 from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
+from meshq.testing.sim.pubsub import SimPubSub
 from meshq.testing.sim.shared import SharedWorkload
 from meshq.testing.sim.threads import CallingThread
 from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
@@ -124,6 +125,7 @@ class Simulation:
                 self.threads[thread.key] = thread
         self.checker = Checker(self)
         self.shared = SharedWorkload(self) if options.shared else None
+        self.pubsub = SimPubSub(self) if options.pubsub else None
 
     # ------------------------------------------------------------------ what the checkers read
     @property
@@ -246,6 +248,16 @@ class Simulation:
         self._apply(node, effects)
         self._after_core(node)
 
+    def take_data(self, node: SimNode, frames: list) -> None:
+        """A pub/sub batch arrived at ``node``: taken now, or when it resumes (in order) if paused."""
+        if node.core is None or self.pubsub is None:
+            return
+        if node.paused_until_s > self.now_s:
+            self.at(node.paused_until_s, "data", (node.node_id, node.incarnation, frames))
+            return
+        self.touched.add(node.node_id)
+        self.pubsub.on_data(node, frames)
+
     def _after_core(self, node: SimNode) -> None:
         """A node that has left stops at once, as the runtime stops it."""
         if node.core is not None and node.core.has_left and not node.departed:
@@ -289,6 +301,8 @@ class Simulation:
             self.at(1.0, "shared", None)
         for thread in self.threads.values():
             thread.start()
+        if self.pubsub is not None:
+            self.pubsub.start()
         self.at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
@@ -329,7 +343,8 @@ class Simulation:
             if probes_ok and self.progress_waiting is None:
                 self.consumer.read_commits_at_the_end()
             if (self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
-                    and self.consumer.final_read == "done" and (self.shared is None or self.shared.finished())):
+                    and self.consumer.final_read == "done" and (self.shared is None or self.shared.finished())
+                    and (self.pubsub is None or self.pubsub.done)):
                 break
         probes = self.workload.probes
         if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
@@ -345,6 +360,8 @@ class Simulation:
         if not violations and probes is not None and self.shared is not None and not self.shared.finished():
             violations.append(Violation("liveness: the shared group did not finish every job (acked or "
                                         "dead-lettered) after convergence"))
+        if not violations and self.pubsub is not None and not self.pubsub.done:
+            violations.append(Violation(f"liveness: pub/sub probes {self.checker.pubsub.waiting_for()}"))
         if not violations:
             try:
                 self.checker.at_end(self.now_s >= end)
@@ -356,6 +373,8 @@ class Simulation:
         self.stats["wall_s"] = round(time.monotonic() - started, 3)
         self.stats.update(self.checker.summary())
         self.stats.update(self.group.checker.summary())
+        if self.pubsub is not None:
+            self.stats.update(self.checker.pubsub.summary())
         self.stats["consumed"] = sum(len(v) for v in self.consumer.seen.values())
         self.stats["commits_acked"] = len(self.consumer.acked_commits)
         self.stats["consumer_restarts"] = self.consumer.generation
@@ -386,6 +405,14 @@ class Simulation:
             self.touched.add(node_id)
             self._apply(node, node.core.on_timer(self.now_s))
             self._after_core(node)
+        elif kind == "pubsub":
+            assert self.pubsub is not None
+            self.pubsub.step()
+        elif kind == "data":
+            node_id, incarnation, frames = data
+            node = self.nodes[node_id]
+            if node.incarnation == incarnation:
+                self.take_data(node, frames)
         elif kind == "input":
             node_id, incarnation, event = data
             node = self.nodes[node_id]

@@ -17,7 +17,7 @@ from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
 ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "coordinator",
-         "shared", "client", "producer", "requests", "group_client", "status")
+         "shared", "client", "producer", "requests", "group_client", "status", "pubsub")
 
 
 def rooms_of(core: NodeCore) -> dict[str, Room]:
