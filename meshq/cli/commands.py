@@ -213,8 +213,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
         try:
             if consumer is not None and shared:
                 consumer.close()  # sends the last acks and waits for them; gives back what was not printed
-            elif consumer is not None and args.group:
-                consumer.commit()
+            elif consumer is not None:
+                if args.group:
+                    consumer.commit()
+                consumer.close()  # a group member leaves its group: the others rebalance at once
         finally:
             node.stop()
     return EXIT_OK
