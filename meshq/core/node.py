@@ -25,6 +25,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``client``         topic metadata for this node's own API calls (``client.metadata``)
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
+``rpc``            request/reply: services offered here, requests sent from here (``rpc.room``)
 ``status``         this node's view, and the merge of several (``status``)
 =================  ==========================================================================
 
@@ -75,6 +76,7 @@ from meshq.core.partitions.server import PartitionServer
 from meshq.core.ports import Storage
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
+from meshq.core.rpc.room import Rpc
 from meshq.core.status import Status
 from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, UsageError
 
@@ -119,6 +121,7 @@ class NodeCore:
         self.client = ClientMetadata(self)
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
+        self.rpc = Rpc(self)
         self.status = Status(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
         self._commands: dict[type, Callable[[Any, float], None]] = {}
@@ -128,7 +131,7 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host, self.server,
-                     self.groups, self.client, self.producer, self.requests, self.status):
+                     self.groups, self.client, self.producer, self.requests, self.status, self.rpc):
             self.register(room)
 
     def register(self, room: Room) -> None:
@@ -167,6 +170,7 @@ class NodeCore:
         self.out.fail_all(error)
         self.producer.stop(error)
         self.client.stop(error)
+        self.rpc.stop(error)
         self.mesh.say_goodbye()
         self.host.stop()
         return self.out.take()

@@ -65,6 +65,7 @@ class Outbox:
         self._next_request_id = 1
         self._local_inbox: deque = deque()
         self.peer_endpoints: dict[str, str] = {}  # peer key -> endpoint its DEALER is connected to
+        self.late_replies: dict[str, int] = {}  # replies that matched no pending request, by type
 
     # ------------------------------------------------------------------ effects
     def emit(self, effect: Any) -> None:
@@ -134,7 +135,10 @@ class Outbox:
     def on_reply(self, message: wire.Message, now_s: float) -> None:
         request = self.pending.pop(message.request_id, None)
         if request is None:
-            return  # late reply after a timeout: the request was already failed or retried
+            # late reply after a timeout: the request was already failed or retried (request ids
+            # are never reused, so it cannot complete another request); dropped and counted
+            self.late_replies[message.type] = self.late_replies.get(message.type, 0) + 1
+            return
         if message.type == "error":
             body = message.body
             request.on_error(error_from_code(body["code"], body["message"]))

@@ -50,6 +50,7 @@ class Status(Room):
             "topics": topics,
             "groups": core.groups.lag_report(),
             "counters": dict(core.counters),
+            "services": core.rpc.report()["services"],
         }
         raft = core.agreement.raft
         if raft is not None:
@@ -112,5 +113,7 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     for (group, _topic, _partition), entry in sorted(groups.items()):
         merged_groups.setdefault(group, {"group": group, "partitions": []})["partitions"].append(entry)
     merged["groups"] = list(merged_groups.values())
+    # services offered by each node that answered (a node's own counts are only known to it)
+    merged["services"] = [s for node_id in sorted(reports) for s in reports[node_id].get("services", [])]
     merged["answered_by"] = sorted(reports)
     return merged
