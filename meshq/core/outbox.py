@@ -104,7 +104,8 @@ class Outbox:
 
     # ------------------------------------------------------------------ requests and replies
     def request(self, peer: str, type_: str, body: dict, payloads: tuple, now_s: float, timeout_s: float,
-                on_reply: Callable[[wire.Message], None], on_error: Callable[[MeshqError], None]) -> None:
+                on_reply: Callable[[wire.Message], None], on_error: Callable[[MeshqError], None]) -> int:
+        """Send a request; its reply goes to ``on_reply``, a failure to ``on_error``. Returns its id."""
         request_id = self._next_request_id
         self._next_request_id += 1
         self.pending[request_id] = PendingRequest(request_id, peer, type_, now_s + timeout_s, on_reply, on_error)
@@ -114,6 +115,13 @@ class Outbox:
         else:
             frames = wire.encode(self.cluster, self.node_id, type_, request_id, body, payloads)
             self._effects.append(Send(peer, frames))
+        return request_id
+
+    def fail_pending(self, request_id: int, error: MeshqError) -> None:
+        """Fail one pending request now (a later reply to it is dropped as late)."""
+        request = self.pending.pop(request_id, None)
+        if request is not None:
+            request.on_error(error)
 
     def send_oneway(self, peer: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
         """A request nobody waits for (acks=none, Raft); request id 0 means 'do not reply'."""

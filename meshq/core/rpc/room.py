@@ -157,6 +157,7 @@ class Rpc(Room):
         self._next_job_id = 1
         self._seen: dict[tuple[str, int, int], None] = {}  # request keys, oldest first (bounded)
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
+        self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
         self._next_call_id = 1
         # after start, wait at most this long for the peers' adverts before saying "no responders"
@@ -311,9 +312,20 @@ class Rpc(Room):
         self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
         body = {"service": call.service, "incarnation": self.core.incarnation,
                 "timeout_ms": max(1, int((call.deadline_s - now_s) * 1000))}
-        self.out.request(instance, "rpc_request", body, (call.payload,), now_s, call.deadline_s - now_s,
-                         lambda message: self._answered(call, instance, message),
-                         lambda error: self._failed(call, instance, error))
+        request_id = 0
+
+        def answered(message: wire.Message) -> None:
+            self._in_flight.pop(request_id, None)
+            self._answered(call, instance, message)
+
+        def failed(error: MeshqError) -> None:
+            self._in_flight.pop(request_id, None)
+            self._failed(call, instance, error)
+
+        request_id = self.out.request(instance, "rpc_request", body, (call.payload,), now_s,
+                                      call.deadline_s - now_s, answered, failed)
+        if request_id in self.out.pending:  # (not answered already: a request to this node itself)
+            self._in_flight[request_id] = instance
 
     def _settled(self, now_s: float) -> bool:
         """Whether this node has heard what its peers offer (or waited long enough since it started)."""
@@ -335,7 +347,13 @@ class Rpc(Room):
             self._attempt(call, now_s)
 
     def _offers_changed(self, node_id: str) -> None:
-        """A node's services may have changed: parked calls look again (their timers still run)."""
+        """A node's services may have changed: parked calls look again (their timers still run).
+        If the node left (said goodbye) or died, what was in flight there will not be answered."""
+        members = self.core.mesh.members
+        member = members.get(node_id) if members is not None else None
+        if node_id != self.node_id and (member is None or member.state not in ("alive", "suspect")):
+            for request_id in sorted(r for r, instance in self._in_flight.items() if instance == node_id):
+                self.out.fail_pending(request_id, NotLeaderError(f"{node_id} left or died"))
         for call_id in sorted(self._calls):
             call = self._calls[call_id]
             if call.call_id in self._calls and self.instances(call.service):
