@@ -13,6 +13,7 @@ from typing import Any
 
 from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
 from meshq.cli.parser import _env_list, _seed
+from meshq.cli.rpc import COMMANDS as RPC_COMMANDS
 from meshq.config import parse_host_port
 from meshq.errors import ConfigError, MeshqError
 
@@ -347,4 +348,5 @@ COMMANDS = {
     "topics": cmd_topics,
     "leave": cmd_leave,
     "bench": cmd_bench,
+    **RPC_COMMANDS,
 }

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--json", action="store_true")
     _connection_options(describe)
 
+    from meshq.cli.rpc import add_parsers as add_rpc_parsers  # (here: meshq.cli.rpc imports this module)
+
+    add_rpc_parsers(sub)
+
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
     bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
