@@ -145,6 +145,10 @@ def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], ren
 
 def run_bench(args: Any) -> int:
     """``meshq bench produce``, ``replication`` or ``rebalance``; returns the process exit code."""
+    if args.scenario == "rpc":
+        from meshq.bench.rpc import run_rpc_bench
+
+        return run_rpc_bench(args)
     if args.scenario not in ("produce", "replication", "rebalance"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rpc_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication", "rebalance"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "rpc"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
                             "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves")
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="acks of bench produce (bench replication measures leader and quorum)")
     bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    from meshq.cli.rpc import add_bench_options as add_rpc_bench_options
+
+    add_rpc_bench_options(bench)
     replicated = bench.add_argument_group("bench replication")
     replicated.add_argument("--nodes", type=int, default=3, help="storage nodes to start (default 3)")
     replicated.add_argument("--replication-factor", type=int, default=3, help="of the benchmark topics (default 3)")

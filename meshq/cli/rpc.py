@@ -45,6 +45,20 @@ def add_parsers(sub: Any) -> None:
     _connection_options(serve)
 
 
+def add_bench_options(bench: argparse.ArgumentParser) -> None:
+    """The options of ``meshq bench rpc`` (meshq.bench.rpc)."""
+    group = bench.add_argument_group("bench rpc")
+    group.add_argument("--requests", type=_positive_int, default=100_000,
+                       help="requests per pipelined round (default 100000)")
+    group.add_argument("--sync-requests", type=_positive_int, default=5_000,
+                       help="requests per one-at-a-time round (default 5000)")
+    group.add_argument("--window", type=_positive_int, default=256,
+                       help="requests in flight in the pipelined rounds (default 256)")
+    group.add_argument("--rounds", type=_positive_int, default=3, help="rounds per system (default 3, at least 3)")
+    group.add_argument("--server-concurrency", type=_positive_int, default=1,
+                       help="concurrency of the served benchmark service (default 1)")
+
+
 def cmd_request(args: argparse.Namespace) -> int:
     from meshq.cli.commands import _client, _read_lines, _setup_logging
 
