@@ -65,6 +65,7 @@ class SimOptions:
     outage: tuple[str, float, float | None] | None = None
     member_timeout_s: float = 60.0
     calling_threads: int = 0  # per client: threads whose Node.produce is sent from the thread itself
+    rpc: bool = False  # request/reply (meshq.testing.sim.rpc): services on the storage nodes, callers on clients
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
