@@ -17,14 +17,11 @@ import hashlib
 import os
 import signal
 import socket
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _connect import connection_args, node_options
 
-from _connect import connection_args, node_options  # noqa: E402
-
-import meshq  # noqa: E402
+import meshq
 
 SERVICE = "pool.hash"
 
