@@ -45,6 +45,7 @@ from meshq.errors import (
 from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
 from meshq.io.rpc import ServiceWorkers
+from meshq.io.rpc_direct import DirectRequester
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
 
@@ -98,6 +99,7 @@ class Node:
         self._accumulator: Accumulator | None = None
         self._direct: DirectProducer | None = None  # synchronous produce from the caller's thread
         self._workers: ServiceWorkers | None = None  # handlers of the services this node serves
+        self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
         self._discovery: Any = None
         self._started = False
         self._stopped = False
@@ -113,6 +115,7 @@ class Node:
         node._accumulator = None
         node._direct = None
         node._workers = None
+        node._requester = None
         node._discovery = None
         node._started = False
         node._stopped = False
@@ -148,6 +151,7 @@ class Node:
         self.runtime.on_left = self._after_leaving
         self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes)
         self.runtime.run_handler = self._workers.run
+        self._requester = DirectRequester(self, self.runtime.context)
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
         self._direct = DirectProducer(self, self.runtime.context, random.Random())
         self._discovery = None
@@ -209,6 +213,8 @@ class Node:
         self._stopped = True
         if self._direct is not None:
             self._direct.close()
+        if self._requester is not None:
+            self._requester.close()
         try:
             if self._accumulator is not None:
                 self._accumulator.flush_all()
@@ -536,11 +542,25 @@ class Node:
         reply came within ``timeout`` s, ``RemoteError`` when the handler raised, and
         ``OutcomeUnknownError`` when the instance died while handling a non-idempotent request.
         """
-        future = self.request_async(service, payload, timeout)
+        payload = self._check_request(service, payload, timeout)
+        if self._requester is not None:  # sent from this thread when it can be (meshq.io.rpc_direct)
+            reply = self._requester.try_request(service, payload, timeout)
+            if reply is not None:
+                return reply
+        assert self.runtime is not None
+        future: Future = Future()
+        self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
         return _wait(future, timeout + 1.0, f"request to {service!r}")
 
     def request_async(self, service: str, payload: bytes | str, timeout: float = 1.0) -> Future:
         """Like ``request``; returns a ``concurrent.futures.Future`` of the reply."""
+        payload = self._check_request(service, payload, timeout)
+        assert self.runtime is not None
+        future: Future = Future()
+        self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
+        return future
+
+    def _check_request(self, service: str, payload: bytes | str, timeout: float) -> bytes:
         self._require_started()
         validate_service_name(service)
         if type(payload) is not bytes:
@@ -548,12 +568,9 @@ class Node:
         if len(payload) > self.config.max_frame_bytes:
             raise MessageTooLargeError(f"request of {len(payload)} bytes exceeds max_frame_bytes "
                                        f"({self.config.max_frame_bytes}); send less per request")
-        if not timeout > 0:
-            raise UsageError(f"timeout must be positive, not {timeout!r}")
-        assert self.runtime is not None
-        future: Future = Future()
-        self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
-        return future
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return payload
 
     # ------------------------------------------------------------------ status
     def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:
@@ -566,7 +583,12 @@ class Node:
         own = [s for s in status.get("services", []) if s["node_id"] != self.node_id]
         status["services"] = sorted(own + report["services"], key=lambda s: (s["service"], s["node_id"]))
         status["service_instances"] = report["instances"]
-        status["requests"] = report["calls"]
+        calls = dict(report["calls"])
+        if self._requester is not None:  # requests sent from the callers' threads
+            direct = self._requester.stats()
+            calls["late_replies"] += direct.pop("direct_late_replies")
+            calls.update(direct)
+        status["requests"] = calls
         return status
 
 

@@ -142,6 +142,63 @@ def choose(offers: dict[str, Any], outstanding: dict[str, int], avoid: set, rng:
     return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
 
 
+# ------------------------------------------------------------------ decisions (shared with the caller-thread path)
+PARK = "park"  # wait for adverts (startup) or after "busy" everywhere, until the given time
+FAIL = "fail"
+RETRY = "retry"
+REPLY = "reply"
+
+
+def when_none(call: Call, any_offer: bool, settled: bool, now_s: float, grace_end_s: float) -> tuple[str, Any]:
+    """No instance to send ``call`` to: park until a time, or fail with an error."""
+    if not any_offer and not call.avoid and not settled:
+        return PARK, min(call.deadline_s, grace_end_s)
+    if call.busy:
+        call.busy = False
+        call.avoid.clear()
+        return PARK, min(call.deadline_s, now_s + BUSY_PAUSE_S)
+    if call.lost is not None:
+        return FAIL, NoRespondersError(
+            f"the instance of {call.service!r} on {call.lost} went silent and no other live instance serves it; "
+            "start another (node.serve / meshq serve) and retry")
+    return FAIL, NoRespondersError(
+        f"no live instance serves {call.service!r}: start one (node.serve / meshq serve) or check the service "
+        "name and the cluster name")
+
+
+def when_answered(call: Call, instance: str, message: wire.Message) -> tuple[str, Any]:
+    """What an answer from ``instance`` means: the reply's bytes, an error, or another instance to try."""
+    if message.type == "rpc_reply":
+        return REPLY, message.payloads[0]
+    if message.type != "rpc_error":
+        return FAIL, ProtocolError(f"unexpected answer {message.type!r} to a request")
+    body = message.body
+    if body["reason"] == "raised":
+        return FAIL, RemoteError(
+            f"the handler of {call.service!r} on {instance} raised {body['error_type']}: {body['message']}",
+            error_type=body["error_type"], error_message=body["message"], service=call.service, node_id=instance)
+    call.avoid.add(instance)  # it did not run there: ask another instance
+    call.busy = call.busy or body["reason"] == "busy"
+    return RETRY, None
+
+
+def when_silent(call: Call, instance: str) -> tuple[str, Any]:
+    """``instance`` went suspect, dead or away with ``call`` in flight: retry (idempotent) or fail."""
+    if call.idempotent:
+        call.avoid.add(instance)
+        call.lost = instance
+        return RETRY, None
+    return FAIL, OutcomeUnknownError(
+        f"the instance of {call.service!r} on {instance} went silent while handling the request: its outcome is "
+        "unknown (it may or may not have run). The service is not declared idempotent, so the request was not "
+        "sent again; check its effect before retrying, or serve it with idempotent=True")
+
+
+def timed_out(call: Call, instance: str | None) -> TimeoutError:
+    where = f" (instance on {instance})" if instance else ""
+    return TimeoutError(f"no reply from service {call.service!r}{where} in time; the request may or may not have run")
+
+
 class Rpc(Room):
     """Services offered here and requests sent from here (see the module docstring)."""
 
@@ -284,25 +341,17 @@ class Rpc(Room):
 
     def _attempt(self, call: Call, now_s: float) -> None:
         if now_s >= call.deadline_s:
-            self._fail(call, TimeoutError(f"no reply from service {call.service!r} in time"), "timeouts")
+            self._fail(call, timed_out(call, None), "timeouts")
             return
         offers = self.instances(call.service)
         instance = choose(offers, self.outstanding, call.avoid, self.core.rng)
         if instance is None:
-            if not offers and not call.avoid and not self._settled(now_s):
-                self._park(call, min(call.deadline_s, self.core.started_s + self.grace_s))
-            elif call.busy:
-                call.busy = False
-                call.avoid.clear()
-                self._park(call, min(call.deadline_s, now_s + BUSY_PAUSE_S))
-            elif call.lost is not None:
-                self._fail(call, NoRespondersError(
-                    f"the instance of {call.service!r} on {call.lost} went silent and no other live instance "
-                    f"serves it; start another (node.serve / meshq serve) and retry"), "no_responders")
+            settled = bool(offers) or bool(call.avoid) or self._settled(now_s)
+            action, value = when_none(call, bool(offers), settled, now_s, self.core.started_s + self.grace_s)
+            if action == PARK:
+                self._park(call, value)
             else:
-                self._fail(call, NoRespondersError(
-                    f"no live instance serves {call.service!r}: start one (node.serve / meshq serve) or check "
-                    "the service name and the cluster name"), "no_responders")
+                self._fail(call, value, "no_responders")
             return
         call.instance = instance
         call.idempotent = offers[instance]
@@ -370,43 +419,27 @@ class Rpc(Room):
 
     def _answered(self, call: Call, instance: str, message: wire.Message) -> None:
         self._release(instance)
-        if message.type == "rpc_reply":
+        action, value = when_answered(call, instance, message)
+        if action == REPLY:
             self.counters["replies"] += 1
-            self.out.emit(Resolve(call.waiter, message.payloads[0]))
-            return
-        if message.type != "rpc_error":
-            raise ProtocolError(f"unexpected answer {message.type!r} to a request")
-        body = message.body
-        if body["reason"] == "raised":
-            self._fail(call, RemoteError(
-                f"the handler of {call.service!r} on {instance} raised {body['error_type']}: {body['message']}",
-                error_type=body["error_type"], error_message=body["message"], service=call.service,
-                node_id=instance), "remote_errors")
-            return
-        call.avoid.add(instance)  # it did not run there: ask another instance
-        call.busy = call.busy or body["reason"] == "busy"
-        self._attempt(call, self.core.now_s)
+            self.out.emit(Resolve(call.waiter, value))
+        elif action == RETRY:
+            self._attempt(call, self.core.now_s)
+        else:
+            self._fail(call, value, "remote_errors" if isinstance(value, RemoteError) else None)
 
     def _failed(self, call: Call, instance: str, error: MeshqError) -> None:
         self._release(instance)
         if isinstance(error, NotLeaderError):  # the instance went suspect or dead (Outbox.fail_requests_to)
-            if call.idempotent:
-                call.avoid.add(instance)
-                call.lost = instance
+            action, value = when_silent(call, instance)
+            if action == RETRY:
                 self._attempt(call, self.core.now_s)
-                return
-            self._fail(call, OutcomeUnknownError(
-                f"the instance of {call.service!r} on {instance} went silent while handling the request: its "
-                "outcome is unknown (it may or may not have run). The service is not declared idempotent, so "
-                "the request was not sent again; check its effect before retrying, or serve it with "
-                "idempotent=True"), "outcome_unknown")
-            return
-        if isinstance(error, TimeoutError):
-            self._fail(call, TimeoutError(
-                f"no reply from service {call.service!r} (instance on {instance}) in time; the request may or "
-                "may not have run"), "timeouts")
-            return
-        self._fail(call, error, None)
+            else:
+                self._fail(call, value, "outcome_unknown")
+        elif isinstance(error, TimeoutError):
+            self._fail(call, timed_out(call, instance), "timeouts")
+        else:
+            self._fail(call, error, None)
 
     def _fail(self, call: Call, error: MeshqError, counter: str | None) -> None:
         if counter is not None:
