@@ -47,6 +47,8 @@ def test_echo_remote_error_and_no_responders(mesh):
     n1.serve("wrong", lambda payload: 42)
     wait_for(lambda: instances_seen(n2, "boom") == ["n1"], what="n2 sees n1's services")
     assert n2.request("echo", b"hello") == b"HELLO"
+    assert n2.status()["requests"]["direct_replies"] >= 1  # sent from this thread (meshq.io.rpc_direct)
+    assert n1.request("echo", b"self") == b"SELF"  # an instance on the node itself: through its runtime
     assert n2.request("echo", "text") == b"TEXT"
     with pytest.raises(meshq.RemoteError) as info:
         n2.request("boom", b"key")
