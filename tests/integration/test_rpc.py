@@ -46,15 +46,15 @@ def test_echo_remote_error_and_no_responders(mesh):
     n1.serve("boom", lambda payload: {}[payload])
     n1.serve("wrong", lambda payload: 42)
     wait_for(lambda: instances_seen(n2, "boom") == ["n1"], what="n2 sees n1's services")
-    assert n2.request("echo", b"hello") == b"HELLO"
+    assert n2.request("echo", b"hello", timeout=10) == b"HELLO"
     assert n2.status()["requests"]["direct_replies"] >= 1  # sent from this thread (meshq.io.rpc_direct)
-    assert n1.request("echo", b"self") == b"SELF"  # an instance on the node itself: through its runtime
-    assert n2.request("echo", "text") == b"TEXT"
+    assert n1.request("echo", b"self", timeout=10) == b"SELF"  # an instance on the node itself: through its runtime
+    assert n2.request("echo", "text", timeout=10) == b"TEXT"
     with pytest.raises(meshq.RemoteError) as info:
-        n2.request("boom", b"key")
+        n2.request("boom", b"key", timeout=10)
     assert info.value.error_type == "KeyError" and "key" in info.value.error_message
     with pytest.raises(meshq.RemoteError, match="TypeError"):
-        n2.request("wrong", b"")
+        n2.request("wrong", b"", timeout=10)
     started = time.monotonic()
     with pytest.raises(meshq.NoRespondersError, match="nobody"):
         n2.request("nobody", b"x", timeout=10.0)
@@ -91,7 +91,7 @@ def test_timeout_and_the_late_reply_is_dropped(mesh):
         return sum(s["served"] for s in n1.status()["services"] if s["service"] == "slow" and s["node_id"] == "n1")
 
     wait_for(lambda: served_slow() == 1, what="the slow request answered (late)")
-    assert n2.request("slow", b"next") == b"next"  # never the late reply to b"slow"
+    assert n2.request("slow", b"next", timeout=10) == b"next"  # never the late reply to b"slow"
     wait_for(lambda: n2.status()["requests"]["late_replies"] == 1, what="the late reply is counted")
 
 
@@ -160,3 +160,43 @@ def test_a_non_idempotent_request_to_a_stopping_instance_fails_outcome_unknown(m
     n2.stop()
     with pytest.raises(meshq.OutcomeUnknownError, match="outcome is unknown"):
         future.result(20)
+
+
+def test_prometheus_endpoint_reports_services_and_requests(tmp_path):
+    import urllib.request
+
+    from tests.procs import free_port
+
+    port = free_port()
+    with meshq.Node(cluster="it", data_dir=tmp_path / "m", mdns=False, metrics_port=port) as node:
+        node.serve("metered.echo", lambda p: p)
+        node.serve("metered.boom", lambda p: 1 / 0)
+        for _ in range(3):
+            assert node.request("metered.echo", b"x", timeout=10) == b"x"  # the node itself: through its runtime
+        with pytest.raises(meshq.RemoteError, match="ZeroDivisionError"):
+            node.request("metered.boom", b"x", timeout=10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    assert 'meshq_rpc_served_total{service="metered.echo"} 3.0' in text
+    assert 'meshq_rpc_handler_errors_total{service="metered.boom"} 1.0' in text
+    assert 'meshq_rpc_requests_total{outcome="replies"} 3.0' in text
+    assert 'meshq_rpc_requests_total{outcome="remote_errors"} 1.0' in text
+    assert 'meshq_rpc_handler_p99_seconds{service="metered.echo"}' in text
+
+
+def test_bad_arguments_are_refused_before_anything_is_sent(mesh):
+    n1, _n2, _n3 = mesh
+    with pytest.raises(meshq.MessageTooLargeError, match="max_frame_bytes"):
+        n1.request("echo", b"x" * (n1.config.max_frame_bytes + 1))
+    with pytest.raises(meshq.UsageError, match="timeout"):
+        n1.request("echo", b"x", timeout=0)
+    with pytest.raises(meshq.UsageError, match="concurrency"):
+        n1.serve("echo", lambda p: p, concurrency=0)
+    with pytest.raises(meshq.UsageError, match="handler"):
+        n1.serve("echo", b"not callable")
+    with pytest.raises(ValueError, match="whitespace"):
+        n1.serve("bad name", lambda p: p)
+    with n1.serve("scoped", lambda p: p):  # a handle closes its service on exit
+        assert n1.request("scoped", b"in", timeout=10) == b"in"
+    with pytest.raises(meshq.NoRespondersError):
+        n1.request("scoped", b"out")
