@@ -340,10 +340,15 @@ class Rpc(Room):
         self._attempt(call, now_s)
 
     def _attempt(self, call: Call, now_s: float) -> None:
-        if now_s >= call.deadline_s:
-            self._fail(call, timed_out(call, None), "timeouts")
-            return
         offers = self.instances(call.service)
+        if now_s >= call.deadline_s:
+            if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
+                self._fail(call, NoRespondersError(
+                    f"no live instance of {call.service!r} became known within the timeout: start one "
+                    "(node.serve / meshq serve) or check the service name and the cluster name"), "no_responders")
+            else:
+                self._fail(call, timed_out(call, None), "timeouts")
+            return
         instance = choose(offers, self.outstanding, call.avoid, self.core.rng)
         if instance is None:
             settled = bool(offers) or bool(call.avoid) or self._settled(now_s)

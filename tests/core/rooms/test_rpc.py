@@ -257,3 +257,12 @@ def test_unserve_sends_queued_requests_to_another_instance():
     finish(net, "n2")
     finish(net, "n1")  # the running one still answers
     assert net["n3"].resolved[queued] == b"b" and len(net["n3"].resolved) == 2
+
+
+def test_a_fresh_node_whose_timeout_ends_in_the_grace_says_no_responders_not_timeout():
+    net = Net("n1", "n2")
+    net.introduce()
+    token = ask(net, "n2", service="nobody", timeout_s=0.2)  # shorter than the startup grace
+    assert token not in net["n2"].failed  # waiting for the peers' adverts
+    net.run(0.3)
+    assert isinstance(net["n2"].failed[token], NoRespondersError)
