@@ -85,6 +85,23 @@ class NoRespondersError(MeshqError):
     """No live instance serves the requested service."""
 
 
+class RemoteError(MeshqError):
+    """The handler of a service raised: ``error_type`` and ``error_message`` are the remote error's."""
+
+    def __init__(self, message: str, error_type: str = "", error_message: str = "", service: str = "",
+                 node_id: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.error_message = error_message if error_type else message
+        self.service = service
+        self.node_id = node_id
+
+
+class OutcomeUnknownError(MeshqError):
+    """The instance handling a request went silent before answering; the request may or may not
+    have run (a service not declared idempotent is never sent a request twice)."""
+
+
 class OffsetOutOfRangeError(MeshqError):
     """The requested offset is below the log start or above the log end."""
 
@@ -149,6 +166,8 @@ ERROR_CODES: dict[str, type[MeshqError]] = {
     "not_enough_replicas": NotEnoughReplicasError,
     "not_leader": NotLeaderError,
     "no_responders": NoRespondersError,
+    "remote": RemoteError,
+    "outcome_unknown": OutcomeUnknownError,
     "offset_out_of_range": OffsetOutOfRangeError,
     "out_of_order_sequence": OutOfOrderSequenceError,
     "producer_fenced": ProducerFencedError,

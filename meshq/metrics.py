@@ -63,6 +63,7 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
                                       value=pubsub["no_interest"])
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
                                     "replicas than assigned replicas", value=core.host.under_replicated())
+            yield from _rpc_metrics(core, CounterMetricFamily, GaugeMetricFamily)
             yield GaugeMetricFamily("meshq_handoffs_in_progress", "partitions (cluster-wide, per this node's "
                                     "metadata) not yet at their ring placement", value=core.status.handoffs())
 
@@ -70,3 +71,32 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
     registry.register(NodeCollector())
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+def _rpc_metrics(core: Any, counter: Any, gauge: Any) -> Any:
+    """Request/reply: per service offered here (served, errors, in flight, handler p50/p99) and
+    this node's own requests (by outcome)."""
+    report = core.rpc.report()  # read from the metrics thread, as the counters above are
+    labels = ["service"]
+    served = counter("meshq_rpc_served", "requests a handler of this node answered", labels=labels)
+    errors = counter("meshq_rpc_handler_errors", "requests whose handler raised", labels=labels)
+    busy = counter("meshq_rpc_busy_refused", "requests refused as busy (sent to another instance)", labels=labels)
+    in_flight = gauge("meshq_rpc_in_flight", "requests running or queued here", labels=labels)
+    p50 = gauge("meshq_rpc_handler_p50_seconds", "median handler time (last 1024 requests)", labels=labels)
+    p99 = gauge("meshq_rpc_handler_p99_seconds", "99th percentile handler time (last 1024 requests)", labels=labels)
+    for service in report["services"]:
+        name = [service["service"]]
+        served.add_metric(name, service["served"])
+        errors.add_metric(name, service["errors"])
+        busy.add_metric(name, service["busy"])
+        in_flight.add_metric(name, service["in_flight"])
+        if service["p50_ms"] is not None:
+            p50.add_metric(name, service["p50_ms"] / 1000)
+            p99.add_metric(name, service["p99_ms"] / 1000)
+    yield from (served, errors, busy, in_flight, p50, p99)
+    outcomes = counter("meshq_rpc_requests", "requests this node sent through its runtime, by outcome",
+                       labels=["outcome"])
+    for outcome in ("replies", "remote_errors", "timeouts", "no_responders", "outcome_unknown", "retries",
+                    "late_replies"):
+        outcomes.add_metric([outcome], report["calls"][outcome])
+    yield outcomes

@@ -18,14 +18,36 @@ from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig, validate_topic_name
 from meshq.core.client.leave import LeaveLoop
-from meshq.core.events import AskLeave, Command, CreateTopic, GetMetadata, GetStatus, WaitReady
+from meshq.core.events import (
+    AskLeave,
+    Command,
+    CreateTopic,
+    GetMetadata,
+    GetStatus,
+    RpcReport,
+    RpcRequest,
+    ServeService,
+    UnserveService,
+    WaitReady,
+)
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
+from meshq.core.rpc.names import validate_service_name
 from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER
-from meshq.errors import ConfigError, MeshqError, NodeStoppedError, NoRespondersError, TimeoutError, UsageError
+from meshq.errors import (
+    ConfigError,
+    MeshqError,
+    MessageTooLargeError,
+    NodeStoppedError,
+    NoRespondersError,
+    TimeoutError,
+    UsageError,
+)
 from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
 from meshq.io.pubsub import PubSubShell
+from meshq.io.rpc import ServiceWorkers
+from meshq.io.rpc_direct import DirectRequester
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
 from meshq.pubsub import DEFAULT_MAX_PENDING, Subscription
@@ -80,6 +102,8 @@ class Node:
         self._accumulator: Accumulator | None = None
         self._direct: DirectProducer | None = None  # synchronous produce from the caller's thread
         self._pubsub: PubSubShell | None = None
+        self._workers: ServiceWorkers | None = None  # handlers of the services this node serves
+        self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
         self._discovery: Any = None
         self._started = False
         self._stopped = False
@@ -95,6 +119,8 @@ class Node:
         node._accumulator = None
         node._direct = None
         node._pubsub = None
+        node._workers = None
+        node._requester = None
         node._discovery = None
         node._started = False
         node._stopped = False
@@ -128,6 +154,9 @@ class Node:
                 self.storage.close()
             raise
         self.runtime.on_left = self._after_leaving
+        self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes)
+        self.runtime.run_handler = self._workers.run
+        self._requester = DirectRequester(self, self.runtime.context)
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
         self._direct = DirectProducer(self, self.runtime.context, random.Random())
         self._pubsub = PubSubShell(self)
@@ -192,6 +221,8 @@ class Node:
             self._direct.close()
         if self._pubsub is not None:
             self._pubsub.close()
+        if self._requester is not None:
+            self._requester.close()
         try:
             if self._accumulator is not None:
                 self._accumulator.flush_all()
@@ -204,6 +235,8 @@ class Node:
                 self._metrics.shutdown()
                 self._metrics.server_close()
             self.runtime.stop(timeout)
+            if self._workers is not None:
+                self._workers.close(min(timeout, 5.0))
             if self.runtime.running:
                 # Closing the logs under a thread that may still write them could lose what it
                 # writes: leave them (and the data directory's lock) to the process's exit.
@@ -559,11 +592,116 @@ class Node:
         assert self._pubsub is not None
         return self._pubsub.subscribe(pattern, queue, max_pending, timeout)
 
+    # ------------------------------------------------------------------ request/reply
+    def serve(self, service: str, handler: Callable[[bytes], bytes | str], concurrency: int = 1,
+              idempotent: bool = False) -> Service:
+        """Serve ``service`` from this node: ``handler(payload) -> reply`` runs in a pool of
+        ``concurrency`` threads. Declare ``idempotent=True`` only if running a request twice is
+        harmless: a request in flight to an instance that dies is then retried on another.
+        Returns a handle; ``handle.close()`` (or ``unserve``) withdraws the service."""
+        self._require_started()
+        validate_service_name(service)
+        if not callable(handler):
+            raise UsageError(f"handler must be a function from bytes to bytes, not {type(handler).__name__}")
+        if type(concurrency) is not int or concurrency < 1:
+            raise UsageError(f"concurrency must be a positive int, not {concurrency!r}")
+        assert self._workers is not None
+        self._workers.add(service, handler, concurrency)
+        try:
+            self._call(ServeService(service, bool(idempotent), concurrency), 10.0)
+        except BaseException:
+            self._workers.remove(service)
+            raise
+        return Service(self, service)
+
+    def unserve(self, service: str, timeout: float = 10.0) -> None:
+        """Stop serving ``service`` here: requests queued here go to other instances, running ones finish."""
+        self._require_started()
+        self._call(UnserveService(service), timeout)
+        assert self._workers is not None
+        self._workers.remove(service)
+
+    def request(self, service: str, payload: bytes | str, timeout: float = 1.0) -> bytes:
+        """Send ``payload`` to one live instance of ``service`` and return its reply.
+
+        Raises ``NoRespondersError`` at once when no instance exists, ``TimeoutError`` when no
+        reply came within ``timeout`` s, ``RemoteError`` when the handler raised, and
+        ``OutcomeUnknownError`` when the instance died while handling a non-idempotent request.
+        """
+        payload = self._check_request(service, payload, timeout)
+        if self._requester is not None:  # sent from this thread when it can be (meshq.io.rpc_direct)
+            reply = self._requester.try_request(service, payload, timeout)
+            if reply is not None:
+                return reply
+        assert self.runtime is not None
+        future: Future = Future()
+        self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
+        return _wait(future, timeout + 1.0, f"request to {service!r}")
+
+    def request_async(self, service: str, payload: bytes | str, timeout: float = 1.0) -> Future:
+        """Like ``request``; returns a ``concurrent.futures.Future`` of the reply."""
+        payload = self._check_request(service, payload, timeout)
+        assert self.runtime is not None
+        future: Future = Future()
+        self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
+        return future
+
+    def _check_request(self, service: str, payload: bytes | str, timeout: float) -> bytes:
+        self._require_started()
+        validate_service_name(service)
+        if type(payload) is not bytes:
+            payload = _as_bytes(payload)
+        if len(payload) > self.config.max_frame_bytes:
+            raise MessageTooLargeError(f"request of {len(payload)} bytes exceeds max_frame_bytes "
+                                       f"({self.config.max_frame_bytes}); send less per request")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return payload
+
     # ------------------------------------------------------------------ status
     def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:
         """The cluster, shaped like ``meshq status --json``: every storage node's view merged,
-        or with ``node_id`` that one node's own view."""
-        return self._call(GetStatus(node_id or None), timeout)
+        or with ``node_id`` that one node's own view. ``services`` lists the services of every
+        node that answered and of this one; ``service_instances`` the live nodes offering each
+        service, as this node sees them."""
+        status = self._call(GetStatus(node_id or None), timeout)
+        report = self._call(RpcReport(), timeout)
+        own = [s for s in status.get("services", []) if s["node_id"] != self.node_id]
+        status["services"] = sorted(own + report["services"], key=lambda s: (s["service"], s["node_id"]))
+        status["service_instances"] = report["instances"]
+        calls = dict(report["calls"])
+        if self._requester is not None:  # requests sent from the callers' threads
+            direct = self._requester.stats()
+            calls["late_replies"] += direct.pop("direct_late_replies")
+            calls.update(direct)
+        status["requests"] = calls
+        return status
+
+
+class Service:
+    """The handle ``Node.serve`` returns: ``close()`` withdraws the service (also on ``with`` exit)."""
+
+    def __init__(self, node: Node, service: str) -> None:
+        self.node = node
+        self.service = service
+        self.closed = False
+
+    def close(self) -> None:
+        """Withdraw the service from this node (idempotent; a stopped node serves nothing anyway)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.node._started and not self.node._stopped and not self.node.has_left:
+            self.node.unserve(self.service)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<meshq.Service {self.service!r}{' closed' if self.closed else ''}>"
 
 
 def live_storage_members(status: dict) -> list[dict]:

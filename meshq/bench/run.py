@@ -175,9 +175,13 @@ def _run_queue(args: Any) -> int:
 
 
 def run_bench(args: Any) -> int:
-    """``meshq bench produce``, ``replication``, ``rebalance``, ``queue`` or ``pubsub``; returns the exit code."""
+    """``meshq bench produce``, ``replication``, ``rebalance``, ``queue``, ``pubsub`` or ``rpc``; returns the exit code."""
     if args.scenario == "pubsub":
         return _run_pubsub(args)
+    if args.scenario == "rpc":
+        from meshq.bench.rpc import run_rpc_bench
+
+        return run_rpc_bench(args)
     if args.scenario not in ("produce", "replication", "rebalance", "queue"):
         print(f"meshq bench: unknown scenario {args.scenario!r}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,6 +14,7 @@ from typing import Any
 from meshq.cli.connect import interfaces_of, seeds_of, start_client
 from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
 from meshq.cli.pubsub import cmd_pub, cmd_sub
+from meshq.cli.rpc import COMMANDS as RPC_COMMANDS
 from meshq.config import check_data_dir, parse_host_port
 from meshq.errors import ConfigError, MeshqError
 
@@ -348,4 +349,5 @@ COMMANDS = {
     "demo": cmd_demo,
     "pub": cmd_pub,
     "sub": cmd_sub,
+    **RPC_COMMANDS,
 }

@@ -170,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pubsub_parsers(sub, _connection_options, _positive_float, _non_negative_int)
 
+    from meshq.cli.rpc import add_parsers as add_rpc_parsers  # (here: meshq.cli.rpc imports this module)
+
+    add_rpc_parsers(sub)
+
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue", "pubsub"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue", "pubsub", "rpc"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
                             "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves; queue: "
@@ -187,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--rounds", type=int, default=3, help="bench pubsub and queue: rounds per system; the report "
                                                               "gives median, min, max (default 3)")
+    from meshq.cli.rpc import add_bench_options as add_rpc_bench_options
+
+    add_rpc_bench_options(bench)
     replicated = bench.add_argument_group("bench replication")
     replicated.add_argument("--nodes", type=int, default=3, help="storage nodes to start (default 3)")
     replicated.add_argument("--replication-factor", type=int, default=3, help="of the benchmark topics (default 3)")

@@ -364,3 +364,66 @@ class SyncLogs:
     """fsync these partition logs, then feed back ``LogsSynced``."""
 
     keys: frozenset[tuple[str, int]]
+
+
+# ------------------------------------------------------------------ request/reply (meshq.core.rpc)
+@dataclass(slots=True)
+class ServeService:
+    """Offer ``service`` from this node (its handler lives in the I/O shell)."""
+
+    service: str
+    idempotent: bool = False
+    concurrency: int = 1
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class UnserveService:
+    """Withdraw ``service``: queued requests are refused (callers go elsewhere), running ones finish."""
+
+    service: str
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class RpcRequest:
+    """Send ``payload`` to one live instance of ``service``; resolves with the reply's bytes."""
+
+    service: str
+    payload: bytes
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class RpcReport:
+    """Resolves with this node's request/reply report (``Rpc.report``)."""
+
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class HandlerDone:
+    """A handler finished job ``job_id``: its ``reply``, or the error it raised (type and message)."""
+
+    job_id: int
+    reply: bytes | None
+    error_type: str = ""
+    error_message: str = ""
+    elapsed_s: float = 0.0
+
+
+RPC_COMMANDS = (ServeService, UnserveService, RpcRequest, RpcReport)
+
+
+@dataclass(frozen=True, slots=True)
+class RunHandler:
+    """Run the handler of ``service`` on ``payload`` (in the service's worker pool), then feed
+    back ``HandlerDone(job_id, ...)``."""
+
+    job_id: int
+    service: str
+    payload: bytes

@@ -28,6 +28,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``producer``       the idempotent producer (``client.producer``)
 ``requests``       the other local API calls (``client.requests``)
 ``group_client``   this node's consumer-group members: join, heartbeat, rejoin (``client.group_client``)
+``rpc``            request/reply: services offered here, requests sent from here (``rpc.room``)
 ``status``         this node's view, and the merge of several (``status``)
 ``pubsub``         pub/sub subscriptions, every node's interest, routing (``pubsub.room``)
 =================  ==========================================================================
@@ -84,6 +85,7 @@ from meshq.core.ports import Storage
 from meshq.core.pubsub.room import PubSub
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
+from meshq.core.rpc.room import Rpc
 from meshq.core.status import Status
 from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, UsageError
 
@@ -131,6 +133,7 @@ class NodeCore:
         self.producer = Producer(self)  # draws its producer ids from rng
         self.requests = Requests(self)
         self.group_client = GroupClient(self)
+        self.rpc = Rpc(self)
         self.status = Status(self)
         self.pubsub = PubSub(self)
         self._servers: dict[str, Callable[[Any, wire.Message, float], None]] = {}
@@ -142,7 +145,7 @@ class NodeCore:
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
                      self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
-                     self.requests, self.group_client, self.status, self.pubsub):
+                     self.requests, self.group_client, self.status, self.pubsub, self.rpc):
             self.register(room)
 
     def register(self, room: Room) -> None:
@@ -182,6 +185,7 @@ class NodeCore:
         self.producer.stop(error)
         self.client.stop(error)
         self.group_client.stop(error)
+        self.rpc.stop(error)
         self.mesh.say_goodbye()
         self.host.stop()
         return self.out.take()

@@ -33,7 +33,8 @@ from meshq.errors import MeshqError, NotLeaderError, TimeoutError, error_code, e
 
 # Request types answered, besides ``<type>_ok`` or ``error``, with another reply type.
 OTHER_REPLIES = {"raft_propose": ("leave_ok",),  # a leave proposed to the metadata leader
-                 "advert_get": ("advert_ok",)}
+                 "advert_get": ("advert_ok",),
+                 "rpc_request": ("rpc_reply", "rpc_error")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class Outbox:
         self._next_request_id = 1
         self._local_inbox: deque = deque()
         self.peer_endpoints: dict[str, str] = {}  # peer key -> endpoint its DEALER is connected to
+        self.late_replies: dict[str, int] = {}  # replies that matched no pending request, by type
 
     # ------------------------------------------------------------------ effects
     def emit(self, effect: Any) -> None:
@@ -107,7 +109,8 @@ class Outbox:
 
     # ------------------------------------------------------------------ requests and replies
     def request(self, peer: str, type_: str, body: dict, payloads: tuple, now_s: float, timeout_s: float,
-                on_reply: Callable[[wire.Message], None], on_error: Callable[[MeshqError], None]) -> None:
+                on_reply: Callable[[wire.Message], None], on_error: Callable[[MeshqError], None]) -> int:
+        """Send a request; its reply goes to ``on_reply``, a failure to ``on_error``. Returns its id."""
         request_id = self._next_request_id
         self._next_request_id += 1
         self.pending[request_id] = PendingRequest(request_id, peer, type_, now_s + timeout_s, on_reply, on_error)
@@ -117,6 +120,13 @@ class Outbox:
         else:
             frames = wire.encode(self.cluster, self.node_id, type_, request_id, body, payloads)
             self._effects.append(Send(peer, frames))
+        return request_id
+
+    def fail_pending(self, request_id: int, error: MeshqError) -> None:
+        """Fail one pending request now (a later reply to it is dropped as late)."""
+        request = self.pending.pop(request_id, None)
+        if request is not None:
+            request.on_error(error)
 
     def send_oneway(self, peer: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
         """A request nobody waits for (acks=none, Raft); request id 0 means 'do not reply'."""
@@ -138,12 +148,15 @@ class Outbox:
     def on_reply(self, message: wire.Message, now_s: float) -> None:
         request = self.pending.get(message.request_id)
         if request is None:
-            return  # late reply after a timeout: the request was already failed or retried
+            # late reply after a timeout: the request was already failed or retried; dropped and counted
+            self.late_replies[message.type] = self.late_replies.get(message.type, 0) + 1
+            return
         if (message.type != "error" and message.type != request.type + "_ok"
                 and message.type not in OTHER_REPLIES.get(request.type, ())) or (
                 message.sender != request.peer and request.peer != self.node_id and not request.peer.startswith("seed:")):
             # A reply to a request an earlier incarnation of this node sent under the same id
             # (request ids start again at every start), arriving late: not ours; ours may still come.
+            self.late_replies[message.type] = self.late_replies.get(message.type, 0) + 1
             return
         del self.pending[message.request_id]
         if message.type == "error":

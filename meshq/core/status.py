@@ -51,6 +51,7 @@ class Status(Room):
             "groups": core.groups.lag_report() + core.shared.report(),
             "counters": dict(core.counters),
             "pubsub": {"nodes": [core.pubsub.report()]},
+            "services": core.rpc.report()["services"],
         }
         raft = core.agreement.raft
         if raft is not None:
@@ -129,6 +130,8 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                 entry["members"] = sorted(set(entry.get("members", [])) | set(group.get("members", [])))
     merged["groups"] = [merged_groups[name] for name in sorted(merged_groups)]
     merged["pubsub"] = merge_pubsub(reports.values())
+    # services offered by each node that answered (a node's own counts are only known to it)
+    merged["services"] = [s for node_id in sorted(reports) for s in reports[node_id].get("services", [])]
     merged["answered_by"] = sorted(reports)
     return merged
 

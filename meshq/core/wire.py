@@ -370,6 +370,15 @@ SCHEMAS: dict[str, Schema] = {
     # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)
     "error": Schema(Struct(code=Str(64, 1), message=Str(4096), retriable=Bool(),
                            leader=Default(Optional(NODE), None))),
+    # request/reply (meshq.core.rpc): the payload is the one frame; ``incarnation`` is the caller's
+    # (with its node id and the request id: the key that keeps a request from running twice)
+    "rpc_request": Schema(Struct(service=Str(1024, 1), incarnation=Int(0, 1 << 62), timeout_ms=Int(0, 1 << 31)),
+                          1, 1),
+    "rpc_reply": Schema(Struct(), 1, 1),
+    # ``raised``: the handler raised (error_type, message); ``busy`` / ``not_serving``: it did not
+    # run here, the caller tries another instance
+    "rpc_error": Schema(Struct(reason=OneOf("raised", "busy", "not_serving"), error_type=Str(200),
+                               message=Str(4096))),
 }
 
 

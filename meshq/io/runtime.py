@@ -34,6 +34,7 @@ import zmq
 from meshq.core import wire
 from meshq.core.events import (
     COMMANDS,
+    RPC_COMMANDS,
     BadRequest,
     Connect,
     Disconnect,
@@ -47,6 +48,7 @@ from meshq.core.events import (
     RequestReceived,
     Resolve,
     ResolveProduce,
+    RunHandler,
     Send,
     Subscribe,
     SyncLogs,
@@ -107,6 +109,8 @@ class Runtime:
         # set once the node left the cluster and the runtime stopped because of it (module docstring)
         self.left = threading.Event()
         self.on_left: Callable[[], None] | None = None  # runs on the runtime thread after ``left`` is set
+        # runs a service's handler off this thread (meshq.io.rpc); it feeds back ``HandlerDone``
+        self.run_handler: Callable[[RunHandler], None] | None = None
 
     # ------------------------------------------------------------------ called from any thread
     def submit(self, item: Any) -> None:
@@ -222,7 +226,7 @@ class Runtime:
             item = self.commands.popleft()
             if isinstance(item, ProduceCommand) and item.waiter is not None:
                 item.waiter.settle(range(len(item.records)), item.records, item.topic, -1, -1, error)
-            elif isinstance(item, COMMANDS):
+            elif isinstance(item, COMMANDS) or isinstance(item, RPC_COMMANDS):
                 _settle(item.waiter, None, error)
 
     def _loop(self, poller: zmq.Poller) -> None:
@@ -411,6 +415,9 @@ class Runtime:
                 _settle(effect.waiter, None, effect.error)
             elif kind is SyncLogs:
                 self._sync_keys.update(effect.keys)
+            elif kind is RunHandler:
+                assert self.run_handler is not None, "a service is served without a handler pool"
+                self.run_handler(effect)
             elif kind is Publish:
                 with self.pub_lock:
                     _send(self.pub, effect.frames)

@@ -21,6 +21,7 @@ from meshq.core.events import (
     RequestReceived,
     Resolve,
     ResolveProduce,
+    RunHandler,
     Send,
     Subscribe,
     SyncLogs,
@@ -71,6 +72,7 @@ class CoreHarness:
         self.failed: dict[int, Any] = {}
         self.connects: list[Connect] = []
         self.published: list[Publish] = []
+        self.jobs: list[RunHandler] = []  # handlers the core asked to run (request/reply)
         self.auto_sync = True
         self.apply(self.core.start(f"tcp://127.0.0.1:{9000 + hash(node_id) % 100}", self.clock.now_s))
 
@@ -98,6 +100,8 @@ class CoreHarness:
                 self.published.append(effect)
             elif isinstance(effect, (Subscribe, Unsubscribe)):
                 pass
+            elif isinstance(effect, RunHandler):
+                self.jobs.append(effect)
             else:
                 raise AssertionError(effect)
 

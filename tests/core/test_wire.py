@@ -107,6 +107,9 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
                               "mixed": [1, -2.5, None, True, b"raw", "text", {"deep": [[{}]]}]}}, ()),
     "error": ({"code": "unknown_topic", "message": "topic 'x' does not exist", "retriable": False,
                "leader": None}, ()),
+    "rpc_request": ({"service": "billing.invoice", "incarnation": 1_700_000_000_000, "timeout_ms": 1000}, (b"req",)),
+    "rpc_reply": ({}, (b"reply",)),
+    "rpc_error": ({"reason": "raised", "error_type": "KeyError", "message": "'x'"}, ()),
 }
 
 TYPES = sorted(EXAMPLES)
@@ -232,7 +235,9 @@ def test_payload_counts_of_the_types_that_carry_batches():
     assert (wire.SCHEMAS["produce"].min_payloads, wire.SCHEMAS["produce"].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["fetch_ok"].min_payloads, wire.SCHEMAS["fetch_ok"].max_payloads) == (0, 1)
     carriers = sorted(t for t, s in wire.SCHEMAS.items() if s.max_payloads)
-    assert carriers == ["fetch_ok", "produce", "repl_append", "share_ack", "share_fetch_ok"]
+    assert carriers == ["fetch_ok", "produce", "repl_append", "rpc_reply", "rpc_request", "share_ack", "share_fetch_ok"]
+    for type_ in ("rpc_request", "rpc_reply"):  # exactly one: the request or the reply
+        assert (wire.SCHEMAS[type_].min_payloads, wire.SCHEMAS[type_].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["repl_append"].min_payloads, wire.SCHEMAS["repl_append"].max_payloads) == (0, 1)
 
 

@@ -102,3 +102,26 @@ def test_telemetry_dashboard_sees_the_matching_sensors_only(node_processes):
         assert "humidity" not in out
     finally:
         end_process(board)
+
+
+def test_rpc_pool_spreads_requests_over_its_workers(node_processes):
+    node = node_processes("n1")
+    connection = ["--cluster", node.cluster, "--seed", node.seed]
+    workers = [subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "rpc_pool.py"), "worker", *connection,
+                                 "--concurrency", "2", "--rounds", "2000", "--seconds", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline().startswith(b"worker "), worker.stderr.read().decode()
+        out = run_example("rpc_pool.py", "ask", *connection, "--count", "400", "--window", "16")
+        assert out.startswith("400 replies from 2 workers"), out
+    finally:
+        for worker in workers:
+            worker.terminate()  # by PID
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(5)
+            worker.stdout.close()
+            worker.stderr.close()

@@ -118,6 +118,10 @@ class Adverts(Room):
             found[self.node_id] = self.local[kind]
         return found
 
+    def knows(self, node_id: str) -> bool:
+        """Whether this node has heard ``node_id``'s map (any version)."""
+        return node_id in self.remote
+
     def watch(self, kind: str, callback: Callable[[str], None]) -> None:
         """Call ``callback(node_id)`` whenever ``node_id``'s value of ``kind`` may have changed."""
         self._watchers.setdefault(kind, []).append(callback)

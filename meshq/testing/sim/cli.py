@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="run this many seeds")
     parser.add_argument("--start", type=int, default=0, help="first seed of --seeds")
     parser.add_argument("--quiet", action="store_true", help="with --seed: no trace, only the summary")
+    parser.add_argument("--rpc", action="store_true", help="add request/reply (services on the storage nodes)")
     args = parser.parse_args(argv)
+    extra = {"rpc": True} if args.rpc else {}
     if args.seed is not None:
-        result = run_seed(args.seed)
+        result = run_seed(args.seed, **extra)
         if not args.quiet:
             print("\n".join(result.trace))
         print(result.summary())
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     direct = {"direct_produces": 0, "direct_retries": 0, "direct_failed": 0}
     started = time.monotonic()
     for seed in range(args.start, args.start + count):
-        result = run_seed(seed)
+        result = run_seed(seed, **extra)
         stats = result.stats
         membership["with a join"] += stats["joins"] > 0
         membership["with a leave"] += stats["leaves"] > 0
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if not result.ok:
             failed.append(seed)
             print(f"FAILED {result.summary()}\n  options: {result.options}\n  {result.violations[0]}\n"
-                  f"  replay: python -m meshq.testing.sim --seed {seed}", flush=True)
+                  f"  replay: python -m meshq.testing.sim --seed {seed}{' --rpc' if args.rpc else ''}", flush=True)
     elapsed = time.monotonic() - started
     print(f"membership changes: {', '.join(f'{n} runs {what}' for what, n in membership.items())}; "
           f"{steps} reassign steps applied")

@@ -50,6 +50,7 @@ from meshq.core.events import (
     Reply,
     Resolve,
     ResolveProduce,
+    RunHandler,
     Send,
     Subscribe,
     SyncLogs,
@@ -65,6 +66,7 @@ from meshq.testing.sim.network import Network
 from meshq.testing.sim.node import SimNode
 from meshq.testing.sim.options import CLUSTER, WALL_BASE_MS, SimOptions
 from meshq.testing.sim.pubsub import SimPubSub
+from meshq.testing.sim.rpc import RpcWorkload
 from meshq.testing.sim.shared import SharedWorkload
 from meshq.testing.sim.threads import CallingThread
 from meshq.testing.sim.workload import Attempt, SimConsumer, Workload
@@ -126,6 +128,7 @@ class Simulation:
         self.checker = Checker(self)
         self.shared = SharedWorkload(self) if options.shared else None
         self.pubsub = SimPubSub(self) if options.pubsub else None
+        self.rpc = RpcWorkload(self) if options.rpc else None  # request/reply, when the run has it
 
     # ------------------------------------------------------------------ what the checkers read
     @property
@@ -180,6 +183,8 @@ class Simulation:
         node.booted = True
         self.log(f"boot {node.node_id}")
         self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
+        if self.rpc is not None:
+            self.rpc.on_boot(node)
 
     # ------------------------------------------------------------------ event queue
     def at(self, when_s: float, kind: str, data: Any) -> None:
@@ -232,6 +237,8 @@ class Simulation:
                 callback = effect.waiter
                 if callable(callback):
                     callback(effect)
+            elif kind is RunHandler and self.rpc is not None:
+                self.rpc.run(node, effect)
             else:
                 raise AssertionError(f"unknown effect {effect!r}")
         self._arm_timer(node)
@@ -303,6 +310,8 @@ class Simulation:
             thread.start()
         if self.pubsub is not None:
             self.pubsub.start()
+        if self.rpc is not None:
+            self.at(1.2, "rpc", None)
         self.at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
@@ -337,6 +346,8 @@ class Simulation:
                 break
             if self.checker.converged and self.workload.probes is None:
                 self.workload.send_probes()
+                if self.rpc is not None:  # once every node has had a heartbeat to re-advertise
+                    self.at(self.now_s + 1.0, "rpc_probes", None)
             probes_ok = self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
             if probes_ok and self.progress_waiting is not None:
                 self.progress_waiting = self.group.checker.waiting_for()
@@ -344,7 +355,7 @@ class Simulation:
                 self.consumer.read_commits_at_the_end()
             if (self.workload.probes is not None and all(a.outcome == "ok" for a in self.workload.probes)
                     and self.consumer.final_read == "done" and (self.shared is None or self.shared.finished())
-                    and (self.pubsub is None or self.pubsub.done)):
+                    and (self.pubsub is None or self.pubsub.done) and (self.rpc is None or self.rpc.probes_done)):
                 break
         probes = self.workload.probes
         if not violations and probes is not None and not all(a.outcome == "ok" for a in probes):
@@ -354,6 +365,12 @@ class Simulation:
         if not violations and probes is not None and self.progress_waiting is not None:
             violations.append(Violation(f"liveness: the consumers made no progress to the end of every partition "
                                         f"after convergence: {self.progress_waiting}"))
+        if not violations and self.rpc is not None:
+            problem = self.rpc.liveness_violation()
+            if problem is None and probes is not None and not self.rpc.probes_done:
+                problem = Violation("liveness: the request/reply probes after convergence got no outcome")
+            if problem is not None:
+                violations.append(problem)
         if not violations and probes is not None and self.consumer.final_read != "done":
             violations.append(Violation("liveness: the group's committed offsets could not be read back after "
                                         "convergence"))
@@ -381,6 +398,8 @@ class Simulation:
         if self.shared is not None:
             self.stats.update(self.shared.checker.summary())
             self.stats["shared_jobs"] = len(self.shared.jobs)
+        if self.rpc is not None:
+            self.stats.update(self.rpc.checker.summary())
         if self.threads:
             threads = self.threads.values()
             self.stats["direct_produces"] = sum(t.producer.produced for t in threads)
@@ -440,6 +459,16 @@ class Simulation:
             if self.now_s < fault_end:
                 self.workload.produce_step()
                 self.at(self.now_s + self.options.produce_interval_s, "produce", None)
+        elif kind == "rpc":
+            if self.now_s < fault_end and self.rpc is not None:
+                self.rpc.step()
+                self.at(self.now_s + self.rng.uniform(0.02, 0.08), "rpc", None)
+        elif kind == "rpc_done":
+            if self.rpc is not None:
+                self.rpc.done(*data)
+        elif kind == "rpc_probes":
+            if self.rpc is not None and self.rpc.probes is None:
+                self.rpc.send_probes()
         elif kind == "direct":
             self.threads[data[0]].on_event(data[1])
         elif kind == "consume":

@@ -17,7 +17,7 @@ from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
 ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "coordinator",
-         "shared", "client", "producer", "requests", "group_client", "status", "pubsub")
+         "shared", "client", "producer", "requests", "group_client", "rpc", "status", "pubsub")
 
 
 def rooms_of(core: NodeCore) -> dict[str, Room]:
@@ -71,7 +71,8 @@ def test_every_entry_a_room_declares_names_a_real_method_and_is_dispatched_to_it
             assert dispatch[key] == method, f"{key!r} is not dispatched to {name}.{method_name}"
     assert all(type_ in wire.SCHEMAS for type_ in room.SERVES), "a served type has no wire schema"
     assert all(type_ in wire.SCHEMAS for type_ in room.EVENTS), "an event type has no wire schema"
-    assert all(kind in (*events.COMMANDS, events.ProduceCommand) for kind in room.COMMANDS)
+    assert all(kind in (*events.COMMANDS, events.ProduceCommand, *events.RPC_COMMANDS, events.HandlerDone)
+               for kind in room.COMMANDS)
 
 
 def test_every_timer_kind_a_room_schedules_is_registered(core):

@@ -1,0 +1,487 @@
+"""Request/reply: the services this node offers, and the requests it sends to services.
+
+Theory of operation
+-------------------
+**Offering.** ``ServeService`` adds a service to this node's table and advertises the table
+through ``core.adverts`` (kind ``services``: ``{name: [idempotent, concurrency]}``), so
+every node learns which nodes offer what within a heartbeat interval. A ``rpc_request`` for a
+local service becomes a *job*: at most ``concurrency`` jobs of a service run at once (each
+one is a ``RunHandler`` effect: the shell runs the handler in the service's worker pool, off
+the runtime thread, and feeds back ``HandlerDone``); up to ``QUEUE_LIMIT`` more wait in
+order; beyond that the request is refused as ``busy`` and the caller tries another instance.
+A job whose caller has given up (its deadline passed while it waited) is dropped unrun.
+A request that arrives twice (same caller, incarnation and request id: a duplicated
+message) runs once: the second copy is dropped and counted.
+
+**Asking.** ``RpcRequest`` picks one instance among the live nodes offering the service
+(``adverts.of`` leaves out suspect and dead nodes): the one with the fewest requests
+outstanding from this node, ties broken with ``core.rng`` (``choose``). Outcomes:
+
+===========================================  ===========================================
+what happened                                what the caller gets
+===========================================  ===========================================
+``rpc_reply``                                its payload
+``rpc_error`` ``raised``                     ``RemoteError`` (remote type and message)
+``rpc_error`` ``busy`` / ``not_serving``     the request did not run there: another
+                                             instance is tried (all busy: a short pause,
+                                             then again), until the deadline
+the instance turned suspect or dead          idempotent service: another instance is tried;
+(``Outbox.fail_requests_to``)                else ``OutcomeUnknownError`` (never sent twice)
+no instance anywhere                         ``NoRespondersError`` at once — unless this node
+                                             started less than ``grace_s`` ago and has not
+                                             heard every peer's adverts yet: it waits for
+                                             them (bounded), then decides
+the deadline passes                          ``TimeoutError``
+===========================================  ===========================================
+
+Request ids come from the outbox and are never reused, so a reply that arrives after its
+request ended (timed out, or retried elsewhere) matches nothing: the outbox drops it and
+counts it (``late_replies``), and it can never complete a later request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshq.core import wire
+from meshq.core.events import (
+    Fail,
+    HandlerDone,
+    Resolve,
+    RpcReport,
+    RpcRequest,
+    RunHandler,
+    ServeService,
+    UnserveService,
+)
+from meshq.core.room import Room
+from meshq.core.rpc.names import SERVICES, offers_of, validate_service_name
+from meshq.errors import (
+    MeshqError,
+    MessageTooLargeError,
+    NodeStoppedError,
+    NoRespondersError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProtocolError,
+    RemoteError,
+    TimeoutError,
+    UsageError,
+)
+
+QUEUE_LIMIT = 1024  # requests waiting per service beyond those running; more are refused as busy
+MAX_CONCURRENCY = 1024
+BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking again
+SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
+TIMES_KEPT = 1024  # handler times kept per service for p50/p99
+
+
+@dataclass(slots=True)
+class Served:
+    """One service offered by this node: its limits, its queue and its counts."""
+
+    name: str
+    idempotent: bool
+    concurrency: int
+    running: int = 0
+    queue: deque = field(default_factory=deque)
+    served: int = 0
+    errors: int = 0
+    busy: int = 0
+    expired: int = 0
+    times_s: deque = field(default_factory=lambda: deque(maxlen=TIMES_KEPT))
+
+
+@dataclass(slots=True)
+class Job:
+    """A request for a local service, waiting for a worker or running."""
+
+    job_id: int
+    served: Served
+    route: Any
+    request_id: int
+    payload: bytes
+    deadline_s: float
+
+
+@dataclass(slots=True)
+class Call:
+    """One ``RpcRequest`` of this node, across its attempts."""
+
+    call_id: int
+    service: str
+    payload: bytes
+    deadline_s: float
+    waiter: Any
+    avoid: set = field(default_factory=set)  # instances that refused it or went silent
+    busy: bool = False  # some instance refused it as busy (worth asking again after a pause)
+    lost: str | None = None  # an instance that went silent while it ran there (idempotent: retried)
+    instance: str | None = None
+    idempotent: bool = False
+    attempts: int = 0
+    waiting: bool = False  # parked: for adverts (startup), or pausing (every instance busy)
+
+
+def choose(offers: dict[str, Any], outstanding: dict[str, int], avoid: set, rng: Any) -> str | None:
+    """The instance to send to: the fewest outstanding requests, ties broken by ``rng``; None if
+    every instance is to be avoided. ``offers`` is keyed by node id, in id order."""
+    best: list[str] = []
+    least = -1
+    for node_id in offers:
+        if node_id in avoid:
+            continue
+        count = outstanding.get(node_id, 0)
+        if not best or count < least:
+            best, least = [node_id], count
+        elif count == least:
+            best.append(node_id)
+    if not best:
+        return None
+    return best[0] if len(best) == 1 else best[rng.randrange(len(best))]
+
+
+# ------------------------------------------------------------------ decisions (shared with the caller-thread path)
+PARK = "park"  # wait for adverts (startup) or after "busy" everywhere, until the given time
+FAIL = "fail"
+RETRY = "retry"
+REPLY = "reply"
+
+
+def when_none(call: Call, any_offer: bool, settled: bool, now_s: float, grace_end_s: float) -> tuple[str, Any]:
+    """No instance to send ``call`` to: park until a time, or fail with an error."""
+    if not any_offer and not call.avoid and not settled:
+        return PARK, min(call.deadline_s, grace_end_s)
+    if call.busy:
+        call.busy = False
+        call.avoid.clear()
+        return PARK, min(call.deadline_s, now_s + BUSY_PAUSE_S)
+    if call.lost is not None:
+        return FAIL, NoRespondersError(
+            f"the instance of {call.service!r} on {call.lost} went silent and no other live instance serves it; "
+            "start another (node.serve / meshq serve) and retry")
+    return FAIL, NoRespondersError(
+        f"no live instance serves {call.service!r}: start one (node.serve / meshq serve) or check the service "
+        "name and the cluster name")
+
+
+def when_answered(call: Call, instance: str, message: wire.Message) -> tuple[str, Any]:
+    """What an answer from ``instance`` means: the reply's bytes, an error, or another instance to try."""
+    if message.type == "rpc_reply":
+        return REPLY, message.payloads[0]
+    if message.type != "rpc_error":
+        return FAIL, ProtocolError(f"unexpected answer {message.type!r} to a request")
+    body = message.body
+    if body["reason"] == "raised":
+        return FAIL, RemoteError(
+            f"the handler of {call.service!r} on {instance} raised {body['error_type']}: {body['message']}",
+            error_type=body["error_type"], error_message=body["message"], service=call.service, node_id=instance)
+    call.avoid.add(instance)  # it did not run there: ask another instance
+    call.busy = call.busy or body["reason"] == "busy"
+    return RETRY, None
+
+
+def when_silent(call: Call, instance: str) -> tuple[str, Any]:
+    """``instance`` went suspect, dead or away with ``call`` in flight: retry (idempotent) or fail."""
+    if call.idempotent:
+        call.avoid.add(instance)
+        call.lost = instance
+        return RETRY, None
+    return FAIL, OutcomeUnknownError(
+        f"the instance of {call.service!r} on {instance} went silent while handling the request: its outcome is "
+        "unknown (it may or may not have run). The service is not declared idempotent, so the request was not "
+        "sent again; check its effect before retrying, or serve it with idempotent=True")
+
+
+def timed_out(call: Call, instance: str | None) -> TimeoutError:
+    where = f" (instance on {instance})" if instance else ""
+    return TimeoutError(f"no reply from service {call.service!r}{where} in time; the request may or may not have run")
+
+
+class Rpc(Room):
+    """Services offered here and requests sent from here (see the module docstring)."""
+
+    SERVES = {"rpc_request": "serve_request"}
+    COMMANDS = {ServeService: "cmd_serve", UnserveService: "cmd_unserve", RpcRequest: "cmd_request",
+                HandlerDone: "cmd_done", RpcReport: "cmd_report"}
+    TIMERS = {"rpc_wait": "_resume"}
+
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        self.served: dict[str, Served] = {}
+        self._jobs: dict[int, Job] = {}  # running jobs by id
+        self._next_job_id = 1
+        self._seen: dict[tuple[str, int, int], None] = {}  # request keys, oldest first (bounded)
+        self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
+        self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
+        self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
+        self._next_call_id = 1
+        # after start, wait at most this long for the peers' adverts before saying "no responders"
+        self.grace_s = 2 * self.config.heartbeat_interval_s + 0.1
+        self.counters = {"requests": 0, "replies": 0, "remote_errors": 0, "timeouts": 0, "no_responders": 0,
+                         "retries": 0, "outcome_unknown": 0, "duplicates_dropped": 0}
+        core.adverts.watch(SERVICES, self._offers_changed)
+
+    # ------------------------------------------------------------------ offering
+    def cmd_serve(self, command: ServeService, now_s: float) -> None:
+        try:
+            name = validate_service_name(command.service)
+            if not 1 <= command.concurrency <= MAX_CONCURRENCY:
+                raise UsageError(f"concurrency must be between 1 and {MAX_CONCURRENCY}, not {command.concurrency}")
+            if name in self.served:
+                raise UsageError(f"service {name!r} is already served by this node; close its handle (or "
+                                 "node.unserve) before serving it again")
+        except MeshqError as exc:
+            self.out.emit(Fail(command.waiter, exc))
+            return
+        self.served[name] = Served(name, bool(command.idempotent), command.concurrency)
+        self._advertise(now_s)
+        self.out.emit(Resolve(command.waiter, None))
+
+    def cmd_unserve(self, command: UnserveService, now_s: float) -> None:
+        served = self.served.pop(command.service, None)
+        if served is None:
+            self.out.emit(Fail(command.waiter, UsageError(f"this node does not serve {command.service!r}")))
+            return
+        self._advertise(now_s)
+        while served.queue:  # not run here: the caller goes to another instance
+            job = served.queue.popleft()
+            self._refuse(job.route, job.request_id, "not_serving", f"{served.name!r} is no longer served here")
+        self.out.emit(Resolve(command.waiter, None))
+
+    def _advertise(self, now_s: float) -> None:
+        table = {name: [s.idempotent, s.concurrency] for name, s in sorted(self.served.items())}
+        self.core.adverts.set(SERVICES, table or None, now_s)
+
+    def serve_request(self, route: Any, message: wire.Message, now_s: float) -> None:
+        body = message.body
+        if message.request_id:
+            key = (message.sender, body["incarnation"], message.request_id)
+            if key in self._seen:
+                self.counters["duplicates_dropped"] += 1
+                return
+            self._seen[key] = None
+            if len(self._seen) > SEEN_LIMIT:
+                del self._seen[next(iter(self._seen))]
+        served = self.served.get(body["service"])
+        if served is None:
+            self._refuse(route, message.request_id, "not_serving", f"{body['service']!r} is not served by "
+                         f"{self.node_id}")
+            return
+        job = Job(self._next_job_id, served, route, message.request_id, message.payloads[0],
+                  now_s + body["timeout_ms"] / 1000.0)
+        self._next_job_id += 1
+        if served.running < served.concurrency:
+            self._start(job)
+        elif len(served.queue) < QUEUE_LIMIT:
+            served.queue.append(job)
+        else:
+            served.busy += 1
+            self._refuse(route, message.request_id, "busy", f"{served.name!r} on {self.node_id} has "
+                         f"{served.running} requests running and {len(served.queue)} queued")
+
+    def _start(self, job: Job) -> None:
+        job.served.running += 1
+        self._jobs[job.job_id] = job
+        self.out.emit(RunHandler(job.job_id, job.served.name, job.payload))
+
+    def cmd_done(self, done: HandlerDone, now_s: float) -> None:
+        job = self._jobs.pop(done.job_id, None)
+        if job is None:
+            return  # (the node restarted its core: nothing waits for it)
+        served = job.served
+        served.running -= 1
+        served.times_s.append(done.elapsed_s)
+        if done.reply is not None:
+            served.served += 1
+            self.out.reply(job.route, job.request_id, "rpc_reply", {}, (done.reply,))
+        else:
+            served.errors += 1
+            self.out.reply(job.route, job.request_id, "rpc_error",
+                           {"reason": "raised", "error_type": done.error_type[:200],
+                            "message": done.error_message[:4096]})
+        while served.queue and served.running < served.concurrency and self.served.get(served.name) is served:
+            job = served.queue.popleft()
+            if job.deadline_s <= now_s:
+                served.expired += 1  # its caller has given up: running it would only waste a worker
+                continue
+            self._start(job)
+
+    def _refuse(self, route: Any, request_id: int, reason: str, text: str) -> None:
+        self.out.reply(route, request_id, "rpc_error", {"reason": reason, "error_type": "", "message": text})
+
+    # ------------------------------------------------------------------ asking
+    def instances(self, service: str) -> dict[str, bool]:
+        """Live nodes offering ``service`` (this one too), in id order: node id -> idempotent."""
+        found = {}
+        for node_id, value in self.core.adverts.of(SERVICES).items():
+            offer = offers_of(value).get(service)
+            if offer is not None and (node_id == self.node_id or node_id in self.out.peer_endpoints):
+                found[node_id] = offer[0]
+        return found
+
+    def cmd_request(self, command: RpcRequest, now_s: float) -> None:
+        if self.core.stopped:
+            self.out.emit(Fail(command.waiter, NodeStoppedError("the node is stopped")))
+            return
+        try:
+            validate_service_name(command.service)
+            if len(command.payload) > self.config.max_frame_bytes:
+                raise MessageTooLargeError(f"request of {len(command.payload)} bytes exceeds max_frame_bytes "
+                                           f"({self.config.max_frame_bytes})")
+        except MeshqError as exc:
+            self.out.emit(Fail(command.waiter, exc))
+            return
+        deadline_s = command.deadline_s if command.deadline_s is not None else now_s + self.config.request_timeout_s
+        call = Call(self._next_call_id, command.service, command.payload, deadline_s, command.waiter)
+        self._next_call_id += 1
+        self.counters["requests"] += 1
+        self._attempt(call, now_s)
+
+    def _attempt(self, call: Call, now_s: float) -> None:
+        offers = self.instances(call.service)
+        if now_s >= call.deadline_s:
+            if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
+                self._fail(call, NoRespondersError(
+                    f"no live instance of {call.service!r} became known within the timeout: start one "
+                    "(node.serve / meshq serve) or check the service name and the cluster name"), "no_responders")
+            else:
+                self._fail(call, timed_out(call, None), "timeouts")
+            return
+        instance = choose(offers, self.outstanding, call.avoid, self.core.rng)
+        if instance is None:
+            settled = bool(offers) or bool(call.avoid) or self._settled(now_s)
+            action, value = when_none(call, bool(offers), settled, now_s, self.core.started_s + self.grace_s)
+            if action == PARK:
+                self._park(call, value)
+            else:
+                self._fail(call, value, "no_responders")
+            return
+        call.instance = instance
+        call.idempotent = offers[instance]
+        call.attempts += 1
+        if call.attempts > 1:
+            self.counters["retries"] += 1
+        self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
+        body = {"service": call.service, "incarnation": self.core.incarnation,
+                "timeout_ms": max(1, int((call.deadline_s - now_s) * 1000))}
+        request_id = 0
+
+        def answered(message: wire.Message) -> None:
+            self._in_flight.pop(request_id, None)
+            self._answered(call, instance, message)
+
+        def failed(error: MeshqError) -> None:
+            self._in_flight.pop(request_id, None)
+            self._failed(call, instance, error)
+
+        request_id = self.out.request(instance, "rpc_request", body, (call.payload,), now_s,
+                                      call.deadline_s - now_s, answered, failed)
+        if request_id in self.out.pending:  # (not answered already: a request to this node itself)
+            self._in_flight[request_id] = instance
+
+    def _settled(self, now_s: float) -> bool:
+        """Whether this node has heard what its peers offer (or waited long enough since it started)."""
+        if now_s >= self.core.started_s + self.grace_s:
+            return True
+        members = self.core.mesh.members
+        peers = [n for n in members.alive_ids() if n != self.node_id] if members is not None else []
+        return bool(peers) and all(self.core.adverts.knows(n) for n in peers)
+
+    def _park(self, call: Call, until_s: float) -> None:
+        call.waiting = True
+        self._calls[call.call_id] = call
+        self.out.schedule(until_s, "rpc_wait", call.call_id)
+
+    def _resume(self, call_id: int, now_s: float) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is not None:
+            call.waiting = False
+            self._attempt(call, now_s)
+
+    def _offers_changed(self, node_id: str) -> None:
+        """A node's services may have changed: parked calls look again (their timers still run).
+        If the node left (said goodbye) or died, what was in flight there will not be answered."""
+        members = self.core.mesh.members
+        member = members.get(node_id) if members is not None else None
+        if node_id != self.node_id and (member is None or member.state not in ("alive", "suspect")):
+            for request_id in sorted(r for r, instance in self._in_flight.items() if instance == node_id):
+                self.out.fail_pending(request_id, NotLeaderError(f"{node_id} left or died"))
+        for call_id in sorted(self._calls):
+            call = self._calls[call_id]
+            if call.call_id in self._calls and self.instances(call.service):
+                del self._calls[call_id]
+                call.waiting = False
+                self._attempt(call, self.core.now_s)
+
+    def _release(self, instance: str) -> None:
+        count = self.outstanding.get(instance, 0) - 1
+        if count > 0:
+            self.outstanding[instance] = count
+        else:
+            self.outstanding.pop(instance, None)
+
+    def _answered(self, call: Call, instance: str, message: wire.Message) -> None:
+        self._release(instance)
+        action, value = when_answered(call, instance, message)
+        if action == REPLY:
+            self.counters["replies"] += 1
+            self.out.emit(Resolve(call.waiter, value))
+        elif action == RETRY:
+            self._attempt(call, self.core.now_s)
+        else:
+            self._fail(call, value, "remote_errors" if isinstance(value, RemoteError) else None)
+
+    def _failed(self, call: Call, instance: str, error: MeshqError) -> None:
+        self._release(instance)
+        if isinstance(error, NotLeaderError):  # the instance went suspect or dead (Outbox.fail_requests_to)
+            action, value = when_silent(call, instance)
+            if action == RETRY:
+                self._attempt(call, self.core.now_s)
+            else:
+                self._fail(call, value, "outcome_unknown")
+        elif isinstance(error, TimeoutError):
+            self._fail(call, timed_out(call, instance), "timeouts")
+        else:
+            self._fail(call, error, None)
+
+    def _fail(self, call: Call, error: MeshqError, counter: str | None) -> None:
+        if counter is not None:
+            self.counters[counter] += 1
+        self.out.emit(Fail(call.waiter, error))
+
+    def stop(self, error: MeshqError) -> None:
+        """The node stops: parked calls fail (sent ones fail with the outbox's pending requests)."""
+        for call_id in sorted(self._calls):
+            self.out.emit(Fail(self._calls[call_id].waiter, error))
+        self._calls.clear()
+
+    # ------------------------------------------------------------------ status
+    def cmd_report(self, command: RpcReport, now_s: float) -> None:
+        self.out.emit(Resolve(command.waiter, self.report()))
+
+    def report(self) -> dict:
+        """Services offered here (with counts and handler times), instances known, calls made."""
+        services = []
+        for name, served in sorted(self.served.items()):
+            times = sorted(served.times_s)
+            services.append({
+                "service": name, "node_id": self.node_id, "idempotent": served.idempotent,
+                "concurrency": served.concurrency, "in_flight": served.running + len(served.queue),
+                "running": served.running, "queued": len(served.queue), "served": served.served,
+                "errors": served.errors, "busy": served.busy, "expired": served.expired,
+                "p50_ms": _percentile_ms(times, 0.50), "p99_ms": _percentile_ms(times, 0.99)})
+        instances: dict[str, list[str]] = {}
+        for node_id, value in self.core.adverts.of(SERVICES).items():
+            for name in offers_of(value):
+                instances.setdefault(name, []).append(node_id)
+        late = self.out.late_replies.get("rpc_reply", 0) + self.out.late_replies.get("rpc_error", 0)
+        return {"services": services, "instances": {name: ids for name, ids in sorted(instances.items())},
+                "calls": {**self.counters, "in_flight": sum(self.outstanding.values()), "late_replies": late}}
+
+
+def _percentile_ms(sorted_times_s: list, fraction: float) -> float | None:
+    if not sorted_times_s:
+        return None
+    return round(sorted_times_s[min(len(sorted_times_s) - 1, int(fraction * len(sorted_times_s)))] * 1000, 3)

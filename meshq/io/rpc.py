@@ -1,0 +1,120 @@
+"""The I/O shell of request/reply's serving side: each service's handler and worker threads.
+
+Theory of operation
+-------------------
+The core's ``rpc`` room decides which request runs when (``concurrency``, the queue, refusals)
+and asks for a run with a ``RunHandler`` effect. The runtime thread hands it here
+(``run``): it is queued to the service's own pool of ``concurrency`` worker threads, so a slow
+handler never holds up the runtime thread or another service. The worker calls the handler
+(bytes in; bytes, or str encoded as UTF-8, out), times it, and feeds the outcome back to the
+core as a ``HandlerDone`` command; the core sends the reply. A handler that raises, returns
+anything else, or returns a reply larger than ``max_frame_bytes`` gives the caller a
+``RemoteError`` naming the error's type and message.
+
+Handlers are registered before the core advertises the service (``add``) and dropped after it
+withdrew it (``remove``); the pool of a withdrawn service lets its running handlers finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from meshq.core.events import HandlerDone, RunHandler
+from meshq.errors import UsageError
+
+log = logging.getLogger("meshq.rpc")
+
+
+class _Service:
+    __slots__ = ("name", "handler", "pool")
+
+    def __init__(self, name: str, handler: Callable[[bytes], Any], concurrency: int) -> None:
+        self.name = name
+        self.handler = handler
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:40]
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"meshq-serve-{safe}")
+
+
+class ServiceWorkers:
+    """Handlers and worker pools of the services this node serves (see the module docstring)."""
+
+    def __init__(self, submit: Callable[[Any], None], max_frame_bytes: int) -> None:
+        self._submit = submit  # hands a command to the runtime thread
+        self.max_frame_bytes = max_frame_bytes
+        self._services: dict[str, _Service] = {}
+        self._retired: list[_Service] = []
+        self._lock = threading.Lock()
+
+    def add(self, name: str, handler: Callable[[bytes], Any], concurrency: int) -> None:
+        with self._lock:
+            if name in self._services:
+                raise UsageError(f"service {name!r} is already served by this node; close its handle (or "
+                                 "node.unserve) before serving it again")
+            self._services[name] = _Service(name, handler, concurrency)
+
+    def remove(self, name: str) -> None:
+        """Drop ``name``'s handler; its running calls finish, then its threads end."""
+        with self._lock:
+            service = self._services.pop(name, None)
+        if service is not None:
+            service.pool.shutdown(wait=False)
+            self._retired.append(service)
+
+    def run(self, effect: RunHandler) -> None:
+        """Queue ``effect`` to its service's pool (runtime thread)."""
+        service = self._services.get(effect.service)
+        if service is None:  # withdrawn between the core's decision and now: answer, never hang
+            self._submit(HandlerDone(effect.job_id, None, "LookupError",
+                                     f"{effect.service!r} is no longer served here", 0.0))
+            return
+        try:
+            service.pool.submit(self._work, service, effect)
+        except RuntimeError:  # the pool is shutting down (the node stops)
+            self._submit(HandlerDone(effect.job_id, None, "NodeStoppedError", "the serving node is stopping", 0.0))
+
+    def _work(self, service: _Service, effect: RunHandler) -> None:
+        started = time.perf_counter()
+        try:
+            result = service.handler(effect.payload)
+            if type(result) is not bytes:
+                result = self._as_reply(service.name, result)
+            if len(result) > self.max_frame_bytes:
+                done = HandlerDone(effect.job_id, None, "MessageTooLargeError",
+                                   f"the reply of {len(result)} bytes exceeds max_frame_bytes ({self.max_frame_bytes})",
+                                   time.perf_counter() - started)
+            else:
+                done = HandlerDone(effect.job_id, result, elapsed_s=time.perf_counter() - started)
+        except Exception as exc:
+            done = HandlerDone(effect.job_id, None, type(exc).__name__, str(exc), time.perf_counter() - started)
+        self._submit(done)
+
+    @staticmethod
+    def _as_reply(name: str, result: Any) -> bytes:
+        if isinstance(result, str):
+            return result.encode()
+        if isinstance(result, (bytearray, memoryview)):
+            return bytes(result)
+        raise TypeError(f"the handler of {name!r} returned {type(result).__name__}; return bytes or str")
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """The node stops: no new calls; wait up to ``timeout_s`` for running handlers."""
+        with self._lock:
+            services, self._services = list(self._services.values()), {}
+        services += self._retired
+        self._retired = []
+        for service in services:
+            service.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout_s
+        for service in services:
+            for thread in list(getattr(service.pool, "_threads", ())):
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.warning("a handler of %r is still running after the node stopped", service.name)
+
+
+__all__ = ["ServiceWorkers"]

@@ -1,0 +1,225 @@
+"""Synchronous requests from the caller's thread: the I/O shell of ``Node.request``'s fast path.
+
+Theory of operation
+-------------------
+Through the runtime thread a request costs the caller two thread hand-offs (caller ->
+runtime to send, runtime -> caller to complete), which on a small machine are most of a
+loopback round trip. When the chosen instance is another node, this module sends the
+request from the calling thread instead, on that thread's own DEALER socket to the instance's
+ROUTER, and waits for the answer there (as ``meshq.io.direct`` does for produce).
+
+Every decision is the pure core's (``meshq.core.rpc.room``): which instances are live and
+offer the service (``Rpc.instances``: a read of the runtime's tables), which one to ask
+(``choose``: least outstanding, counting this path's requests too), and what an answer, a
+silent instance or the deadline means (``when_answered``, ``when_silent``, ``when_none``,
+``timed_out``) — the simulator runs the same functions through the runtime path. This shell
+only sends, polls in slices of ``_SLICE_S`` (looking at the instance's liveness in the member
+table between slices: suspect, dead or gone means "silent"), sleeps for a pause, and keeps
+counts.
+
+Request ids come from one process-wide counter starting at ``DIRECT_REQUEST_IDS`` (above
+anything the runtime's outbox reaches), so a server's duplicate check, keyed by caller node,
+incarnation and request id, never confuses the two paths; an answer whose id is not the one
+awaited is a late reply to an earlier request of this thread: dropped and counted.
+
+``try_request`` returns None — the request then goes through the runtime — when nothing was
+sent and the fast path does not apply: no instance is known yet (the runtime path waits for
+adverts after a start, and says "no responders"), or the chosen instance is this node itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import weakref
+from typing import Any
+
+import zmq
+
+from meshq.core import wire
+from meshq.core.rpc.room import FAIL, PARK, REPLY, RETRY, Call, choose, timed_out, when_answered, when_none, when_silent
+from meshq.errors import NodeStoppedError, ProtocolError
+from meshq.io.runtime import new_socket
+
+_SLICE_S = 0.05  # how often a waiting call looks at its instance's liveness and at close()
+DIRECT_REQUEST_IDS = 1 << 48
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+class _ThreadSockets:
+    __slots__ = ("thread", "lock", "sockets")
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = weakref.ref(thread)
+        self.lock = threading.Lock()
+        self.sockets: dict[str, zmq.Socket] = {}
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(0)
+        self.sockets.clear()
+
+
+class DirectRequester:
+    """See the module docstring. ``node`` is the ``meshq.Node`` facade it serves."""
+
+    def __init__(self, node: Any, context: zmq.Context) -> None:
+        self.core = node.core
+        self.config = node.core.config
+        self.now_s = node.clock.now_s
+        self.context = context
+        self.rng = random.Random()
+        self.closed = False
+        self._ids = itertools.count(DIRECT_REQUEST_IDS)
+        self._local = threading.local()
+        self._states: list[_ThreadSockets] = []
+        self._lock = threading.Lock()
+        self.outstanding: dict[str, int] = {}  # node id -> requests of this path in flight there (under _lock)
+        self.counters = {"direct_requests": 0, "direct_replies": 0, "direct_retries": 0, "direct_late_replies": 0}
+
+    # ------------------------------------------------------------------ public
+    def try_request(self, service: str, payload: bytes, timeout_s: float) -> bytes | None:
+        """Send ``payload`` from this thread and wait for the reply; None when the fast path does
+        not apply and nothing was sent (module docstring). Raises what the caller is told."""
+        if self.closed:
+            return None
+        call = Call(0, service, payload, self.now_s() + timeout_s, None)
+        state = self._state()
+        sent = False
+        with state.lock:
+            while True:
+                now = self.now_s()
+                if now >= call.deadline_s:
+                    raise timed_out(call, call.instance)
+                try:
+                    offers = self.core.rpc.instances(service)  # a read of the runtime's tables
+                except RuntimeError:  # a table changed under us (very rare): let the runtime do it
+                    offers = None
+                if offers is None and sent:
+                    offers = {}
+                if offers is None or (not sent and not offers):
+                    return None
+                outstanding = self._outstanding()
+                instance = choose(offers, outstanding, call.avoid, self.rng)
+                if instance is None:
+                    action, value = when_none(call, bool(offers), True, now, now)
+                    if action == PARK:
+                        time.sleep(max(0.0, value - now))
+                        continue
+                    raise value
+                endpoint = self.core.out.peer_endpoints.get(instance)
+                if instance == self.core.node_id or endpoint is None:
+                    if sent:
+                        call.avoid.add(instance)
+                        continue
+                    return None
+                call.instance, call.idempotent = instance, offers[instance]
+                sent = True
+                outcome = self._attempt(state, call, instance, endpoint)
+                if outcome is not None:
+                    return outcome
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def close(self) -> None:
+        """``Node.stop``: close every thread's sockets; a waiting call gives up within ``_SLICE_S``."""
+        self.closed = True
+        with self._lock:
+            states, self._states = self._states, []
+        for state in states:
+            if state.lock.acquire(timeout=2 * _SLICE_S):
+                try:
+                    state.close()
+                finally:
+                    state.lock.release()
+
+    # ------------------------------------------------------------------ internals
+    def _state(self) -> _ThreadSockets:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadSockets(threading.current_thread())
+            with self._lock:
+                ended = [s for s in self._states if s.thread() is None or not s.thread().is_alive()]
+                for old in ended:
+                    old.close()  # its thread is gone: nobody else uses them
+                self._states = [s for s in self._states if s not in ended] + [state]
+        return state
+
+    def _outstanding(self) -> dict[str, int]:
+        ours = dict(self.outstanding)
+        for node_id, count in list(self.core.rpc.outstanding.items()):
+            ours[node_id] = ours.get(node_id, 0) + count
+        return ours
+
+    def _attempt(self, state: _ThreadSockets, call: Call, instance: str, endpoint: str) -> bytes | None:
+        """One send and its wait: the reply, None to try again, or raises."""
+        sock = state.sockets.get(endpoint)
+        if sock is None:
+            sock = state.sockets[endpoint] = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes)
+            sock.connect(endpoint)
+        request_id = next(self._ids)
+        now = self.now_s()
+        body = {"service": call.service, "incarnation": self.core.incarnation,
+                "timeout_ms": max(1, int((call.deadline_s - now) * 1000))}
+        call.attempts += 1
+        self.counters["direct_requests" if call.attempts == 1 else "direct_retries"] += 1
+        with self._lock:
+            self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
+        try:
+            try:
+                sock.send_multipart(wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
+                                                (call.payload,)), _NOBLOCK)
+            except zmq.ZMQError:  # not connected yet (HWM with no peer): treat as refused, try another
+                call.avoid.add(instance)
+                return None
+            return self._wait(sock, call, instance, request_id)
+        finally:
+            with self._lock:
+                count = self.outstanding.get(instance, 0) - 1
+                if count > 0:
+                    self.outstanding[instance] = count
+                else:
+                    self.outstanding.pop(instance, None)
+
+    def _wait(self, sock: zmq.Socket, call: Call, instance: str, request_id: int) -> bytes | None:
+        cluster = self.config.cluster
+        while True:
+            remaining = call.deadline_s - self.now_s()
+            if remaining <= 0:
+                raise timed_out(call, instance)
+            if not sock.poll(int(min(remaining, _SLICE_S) * 1000) + 1, _POLLIN):
+                if self.closed:
+                    raise NodeStoppedError("the node was stopped before the reply came; the request may or may "
+                                           "not have run")
+                if self._silent(instance):
+                    action, value = when_silent(call, instance)
+                    if action == FAIL:
+                        raise value
+                    return None
+                continue
+            try:
+                message = wire.decode(sock.recv_multipart(_NOBLOCK), cluster)
+            except ProtocolError:
+                continue  # dropped, as the runtime drops it
+            if message.request_id != request_id:
+                self.counters["direct_late_replies"] += 1
+                continue
+            action, value = when_answered(call, instance, message)
+            if action == REPLY:
+                self.counters["direct_replies"] += 1
+                return value
+            if action == RETRY:
+                return None
+            raise value
+
+    def _silent(self, instance: str) -> bool:
+        members = self.core.mesh.members
+        member = members.get(instance) if members is not None else None
+        return member is None or member.state != "alive"
+
+
+__all__ = ["DirectRequester", "DIRECT_REQUEST_IDS"]

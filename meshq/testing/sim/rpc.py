@@ -1,0 +1,163 @@
+"""Request/reply in a simulated run: services on the storage nodes, callers on the clients.
+
+Theory of operation
+-------------------
+With ``SimOptions.rpc`` on, every storage node serves two services each time it boots (a
+restarted process serves again, as a real one would): ``idem`` (declared idempotent) and
+``once`` (not), with a concurrency drawn per run. Their handler is the simulator: a
+``RunHandler`` effect is one *execution* (recorded, by node and payload), finished after a
+simulated handling time by feeding ``HandlerDone`` back to the same incarnation of the node
+(a node killed meanwhile never answers). Payloads ending in ``!`` make the handler raise.
+
+Every 20-80 ms during the faults a random client asks one of the services with a payload no
+one used before (``r1``, ``r2``...) and a deadline of 0.3-3 s; the outcome (the reply, or the
+error) is a ``RpcCall``. Once the cluster has converged, a probe to each service must succeed.
+
+``RpcChecker`` checks, as outcomes come and at the end:
+
+* every request gets at most one outcome;
+* a reply is the one to its own request (the handler answers ``ok:<payload>``: any other reply
+  was delivered to the wrong request), and only a request that was executed gets a reply;
+* a ``RemoteError`` only for a payload whose handler raised;
+* a request to ``once`` (not idempotent) is never executed twice;
+* liveness: after convergence, the probes succeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meshq.core.events import HandlerDone, Resolve, RpcRequest, RunHandler, ServeService
+from meshq.errors import RemoteError
+from meshq.testing.checks import Violation
+
+if TYPE_CHECKING:
+    from meshq.testing.sim.node import SimNode
+    from meshq.testing.sim.simulation import Simulation
+
+SERVICES = {"idem": True, "once": False}  # name -> idempotent
+
+
+@dataclass
+class RpcCall:
+    """One request as its client saw it."""
+
+    service: str
+    payload: bytes
+    client: str
+    outcome: str = "pending"  # pending | ok | failed
+    error: str = ""
+    reply: bytes = b""
+
+
+class RpcChecker:
+    """The request/reply invariants (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.executions: dict[bytes, int] = {}  # payload -> times a handler ran it
+        self.calls: dict[bytes, RpcCall] = {}
+
+    def on_execute(self, service: str, payload: bytes) -> None:
+        count = self.executions.get(payload, 0) + 1
+        self.executions[payload] = count
+        if count > 1 and not SERVICES[service]:
+            raise Violation(f"request {payload.decode()} to the non-idempotent service {service!r} was executed "
+                            f"{count} times")
+
+    def on_outcome(self, call: RpcCall, effect: Any) -> None:
+        if call.outcome != "pending":
+            raise Violation(f"request {call.payload.decode()} got a second outcome ({type(effect).__name__} after "
+                            f"{call.outcome})")
+        if isinstance(effect, Resolve):
+            call.outcome, call.reply = "ok", effect.result
+            if effect.result != b"ok:" + call.payload:
+                raise Violation(f"request {call.payload.decode()} got the reply {effect.result!r}: a reply to "
+                                "another request")
+            if not self.executions.get(call.payload):
+                raise Violation(f"request {call.payload.decode()} got a reply but was never executed")
+            return
+        call.outcome, call.error = "failed", f"{type(effect.error).__name__}: {effect.error}"
+        if isinstance(effect.error, RemoteError) and not call.payload.endswith(b"!"):
+            raise Violation(f"request {call.payload.decode()} failed with RemoteError but its handler never raises")
+
+    def summary(self) -> dict:
+        calls = self.calls.values()
+        return {"rpc_calls": len(self.calls), "rpc_ok": sum(1 for c in calls if c.outcome == "ok"),
+                "rpc_executions": sum(self.executions.values())}
+
+
+class RpcWorkload:
+    """Services, callers and probes of request/reply in one run (see the module docstring)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.checker = RpcChecker()
+        self.concurrency = sim.rng.choice([1, 2, 4])
+        self._count = 0
+        self.probes: list[RpcCall] | None = None
+
+    def on_boot(self, node: SimNode) -> None:
+        """A storage node (re)started: it serves both services again."""
+        if node.role != "storage":
+            return
+        for name, idempotent in sorted(SERVICES.items()):
+            self.sim.feed(node, ServeService(name, idempotent, self.concurrency))
+
+    def run(self, node: SimNode, effect: RunHandler) -> None:
+        """One execution of a handler; it answers after a simulated handling time."""
+        sim = self.sim
+        self.checker.on_execute(effect.service, effect.payload)
+        sim.log(f"rpc run {effect.payload.decode()} on {node.node_id}")
+        sim.at(sim.now_s + sim.rng.uniform(0.0005, 0.05), "rpc_done", (node.node_id, node.incarnation, effect))
+
+    def done(self, node_id: str, incarnation: int, effect: RunHandler) -> None:
+        node = self.sim.nodes[node_id]
+        if node.incarnation != incarnation or node.core is None:
+            return  # it crashed while handling: nobody answers
+        if effect.payload.endswith(b"!"):
+            self.sim.feed(node, HandlerDone(effect.job_id, None, "ValueError", "asked to raise", 0.01))
+        else:
+            self.sim.feed(node, HandlerDone(effect.job_id, b"ok:" + effect.payload, elapsed_s=0.01))
+
+    def step(self) -> None:
+        """A random client asks one service."""
+        sim = self.sim
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
+        if clients:
+            raise_it = sim.rng.random() < 0.05
+            self.ask(sim.nodes[sim.rng.choice(clients)], sim.rng.choice(sorted(SERVICES)),
+                     sim.rng.uniform(0.3, 3.0), raise_it)
+
+    def ask(self, client: SimNode, service: str, timeout_s: float, raise_it: bool = False) -> RpcCall:
+        self._count += 1
+        payload = f"r{self._count}{'!' if raise_it else ''}".encode()
+        call = RpcCall(service, payload, client.node_id)
+        self.checker.calls[payload] = call
+        sim = self.sim
+
+        def settle(effect: Any) -> None:
+            self.checker.on_outcome(call, effect)
+            sim.log(f"rpc {payload.decode()} {call.outcome} {call.error[:60]}")
+
+        sim.feed(client, RpcRequest(service, payload, sim.now_s + timeout_s, settle))
+        return call
+
+    def send_probes(self) -> None:
+        """Liveness: once converged, a request to each service from c1 must succeed."""
+        client = self.sim.nodes["c1"]
+        self.probes = [self.ask(client, name, 5.0) for name in sorted(SERVICES)]
+        self.sim.log("rpc probes sent")
+
+    @property
+    def probes_done(self) -> bool:
+        return self.probes is not None and all(p.outcome != "pending" for p in self.probes)
+
+    def liveness_violation(self) -> Violation | None:
+        if self.probes is None:
+            return None
+        failed = [p for p in self.probes if p.outcome != "ok"]
+        if failed:
+            return Violation(f"liveness: the request/reply probe to {failed[0].service!r} after convergence did not "
+                             f"succeed ({failed[0].outcome}: {failed[0].error})")
+        return None

@@ -1,0 +1,100 @@
+"""Request/reply in the simulator: services on storage nodes under faults, and checkers that can fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshq.core.events import Fail
+from meshq.core.rpc import room as rpc_room
+from meshq.core.rpc.room import Rpc
+from meshq.errors import NotLeaderError
+from meshq.testing.sim import SimOptions, run_seed
+
+RPC_SEEDS = range(40)
+
+
+def faulty(seed: int) -> bool:
+    faults = SimOptions.swarm(seed).faults
+    return bool(faults.kill_rate or faults.pause_rate or faults.partition_rate or faults.power_rate)
+
+
+def failing_seeds(seeds) -> list[int]:
+    return [s for s in seeds if not run_seed(s, rpc=True).ok]
+
+
+@pytest.mark.parametrize("seed", RPC_SEEDS)
+def test_rpc_seed(seed):
+    result = run_seed(seed, rpc=True)
+    assert result.ok, (f"{result.summary()}\noptions: {result.options}\n{result.violations[0]}\n"
+                       f"replay: python -m meshq.testing.sim --seed {seed} --rpc")
+    assert result.stats["rpc_ok"] > 0
+
+
+def test_the_same_seed_gives_the_same_trace_with_rpc():
+    first, second = run_seed(3, rpc=True), run_seed(3, rpc=True)
+    assert first.trace_digest == second.trace_digest
+    assert any(" rpc run " in line for line in first.trace)
+
+
+def test_checkers_catch_a_non_idempotent_request_sent_again(monkeypatch):
+    # Broken variant: a request whose instance went silent is retried whatever the service declared.
+    real = Rpc._failed
+
+    def retry_everything(self, call, instance, error):
+        call.idempotent = True
+        real(self, call, instance, error)
+
+    monkeypatch.setattr(Rpc, "_failed", retry_everything)
+    assert failing_seeds([s for s in RPC_SEEDS if faulty(s)][:20]), "running a request twice went unnoticed"
+
+
+def test_checkers_catch_a_server_that_runs_a_duplicated_request_twice(monkeypatch):
+    # Broken variant: the server forgets the requests it has seen, so a duplicated message runs twice.
+    monkeypatch.setattr(rpc_room, "SEEN_LIMIT", 0)
+    seeds = [s for s in RPC_SEEDS if SimOptions.swarm(s).faults.duplicate][:20]
+    assert failing_seeds(seeds), "a duplicated request that ran twice went unnoticed"
+
+
+def test_checkers_catch_a_reply_given_to_another_request(monkeypatch):
+    # Broken variant: replies are handed out in arrival order, not to the request they answer.
+    real = Rpc._answered
+    replies: list = []
+
+    def crossed(self, call, instance, message):
+        if message.type == "rpc_reply" and replies:
+            previous = replies.pop()
+            replies.append(message)
+            message = previous
+        elif message.type == "rpc_reply":
+            replies.append(message)
+        real(self, call, instance, message)
+
+    monkeypatch.setattr(Rpc, "_answered", crossed)
+    assert failing_seeds(list(RPC_SEEDS)[:5]), "a reply delivered to the wrong request went unnoticed"
+
+
+def test_checkers_catch_a_request_with_two_outcomes(monkeypatch):
+    # Broken variant: a request whose instance went silent is failed and retried both.
+    real = Rpc._failed
+
+    def fail_and_retry(self, call, instance, error):
+        if isinstance(error, NotLeaderError) and call.idempotent:
+            self.out.emit(Fail(call.waiter, error))
+        real(self, call, instance, error)
+
+    monkeypatch.setattr(Rpc, "_failed", fail_and_retry)
+    assert failing_seeds([s for s in RPC_SEEDS if faulty(s)][:20]), "a second outcome went unnoticed"
+
+
+def test_checkers_catch_a_server_that_leaks_worker_slots(monkeypatch):
+    # Broken variant: a finished handler never gives its slot back, so the service stalls for good.
+    real = Rpc.cmd_done
+
+    def leak(self, done, now_s):
+        job = self._jobs.get(done.job_id)
+        real(self, done, now_s)
+        if job is not None:
+            job.served.running += 1
+
+    monkeypatch.setattr(Rpc, "cmd_done", leak)
+    assert failing_seeds(list(RPC_SEEDS)[:5]), "a stalled service went unnoticed by the liveness check"
