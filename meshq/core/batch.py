@@ -74,6 +74,11 @@ NO_SEQUENCE = -1
 #: attributes bit: an at-most-once (acks=none) batch; the leader accepts sequence gaps and drops
 #: anything at or below the last sequence it stored (no duplicates, order kept, losses allowed).
 AT_MOST_ONCE = 0x1
+#: attributes bit: compaction removed the records between the previous batch of the log and this
+#: one, so this batch's base offset may lie past the previous batch's end (a gap). Inside the CRC:
+#: a gap without it is damage. Set only by compaction; replicas copy it with the batch's bytes.
+COMPACTED_GAP = 0x2
+
 
 
 class BatchHeader(NamedTuple):
@@ -109,6 +114,11 @@ class BatchHeader(NamedTuple):
     @property
     def last_sequence(self) -> int:
         return self.base_sequence + self.record_count - 1 if self.base_sequence >= 0 else NO_SEQUENCE
+
+
+def gap_allowed(header: BatchHeader) -> bool:
+    """Whether records before this batch may be missing because compaction removed them."""
+    return bool(header.attributes & COMPACTED_GAP)
 
 
 # A record as the producer hands it over: (key, value, headers, timestamp_ms).
