@@ -176,8 +176,9 @@ class PartitionState:
         return base_offset, False
 
     def append_replicated(self, data: bytes, header: batch_format.BatchHeader, now_ms: int) -> None:
-        """Append a batch copied from the leader (already stamped with its offset and epoch)."""
-        assert header.base_offset == self.log.end_offset
+        """Append a batch copied from the leader (already stamped with its offset and epoch; past the
+        end only after records the leader's compaction removed, which the log checks)."""
+        assert header.base_offset >= self.log.end_offset
         self.log.append(data, now_ms=now_ms)
         assert self.log.end_offset == header.next_offset
         self._remember(header, header.base_offset)
@@ -218,6 +219,10 @@ class PartitionState:
             total += len(batch)
             next_offset = batch_next
         return b"".join(parts), base, next_offset
+
+    def compacted(self) -> None:
+        """Compaction rewrote sealed segments: the newest batches kept in memory may be stale."""
+        self._forget_recent()
 
     def restart_at(self, offset: int) -> None:
         """Drop the whole log and continue from ``offset``: what we miss was deleted by retention."""

@@ -266,6 +266,7 @@ class MemoryLog:
         latest_offsets(self._readable_batches(segments), limit_offset, latest)
         tombstone_before_ms = None if delete_retention_ms is None else now_ms - delete_retention_ms
         work = SegmentCompaction(latest, tombstone_before_ms)
+        self.sync()  # as the file log: what compaction rewrites is durable first
         size_before = self.size_bytes
         rewritten = 0
         for segment in cleanable:
