@@ -12,8 +12,11 @@ it is older than ``delete_retention_ms`` (by its timestamp), then loses it too.
 Offsets never change. A batch that keeps every record keeps its bytes; one that loses some is
 re-encoded as one batch per run of adjacent kept offsets, with the original leader epoch,
 timestamps, headers and producer fields (sequence numbers shifted with the run). A batch that
-follows removed records is marked ``COMPACTED_GAP`` (inside its CRC), which is what lets a
-reader, recovery and a replica copying the batch tell removed records from damage.
+follows removed records — in its own segment or in earlier ones — is marked
+``COMPACTED_GAP`` (inside its CRC), which is what lets a reader, recovery and a replica
+copying the batch tell removed records from damage. So that no unmarked gap is left before
+the first segment compaction does not touch, the last record of the last compacted segment is
+always kept.
 """
 
 from __future__ import annotations
@@ -42,18 +45,23 @@ class SegmentCompaction:
         self._tombstone_before_ms = tombstone_before_ms  # None: keep tombstones
         self.records_removed = 0
         self.tombstones_kept = False  # some tombstone may still expire: compact again later
+        self._end: int | None = None  # one past the last record kept so far (across segments)
+        self._original_end: int | None = None  # one past the last record of the batches seen so far
 
-    def segment(self, base_offset: int, batches: list[bytes]) -> list[bytes]:
-        """The batches of a segment starting at ``base_offset`` with the removable records removed
-        (the very same list when nothing changes)."""
+    def segment(self, base_offset: int, batches: list[bytes], last: bool = False) -> list[bytes]:
+        """The batches of the next segment (starting at ``base_offset``; ``last``: the last one
+        compacted) with the removable records removed (the very same list when nothing changes)."""
         out: list[bytes] = []
-        end = base_offset  # one past the last record kept so far
-        original_end = base_offset  # one past the last record of the batches seen so far
+        if self._end is None or self._original_end is None:
+            self._end = self._original_end = base_offset
+        end, original_end = self._end, self._original_end
         changed = False
-        for data in batches:
+        for index, data in enumerate(batches):
             header = parse_header(data)
             records = decode_records(data, "", 0)
             kept = [record for record in records if self._keep(record)]
+            if last and index == len(batches) - 1 and (not kept or kept[-1] is not records[-1]):
+                kept.append(records[-1])  # no unmarked gap before the segment after this one
             if len(kept) == len(records) and not (header.base_offset > end and end < original_end):
                 out.append(data)
             else:
@@ -65,6 +73,7 @@ class SegmentCompaction:
             if kept and len(kept) == len(records):
                 end = header.next_offset
             original_end = header.next_offset
+        self._end, self._original_end = end, original_end
         return out if changed else batches
 
     def _keep(self, record: Record) -> bool:

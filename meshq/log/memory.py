@@ -271,7 +271,7 @@ class MemoryLog:
         rewritten = 0
         for segment in cleanable:
             batches = list(self._readable_batches([segment]))
-            compacted = work.segment(segment.base_offset, batches)
+            compacted = work.segment(segment.base_offset, batches, last=segment is cleanable[-1])
             if compacted is batches:
                 continue
             rewritten += 1

@@ -446,7 +446,7 @@ class SegmentedLog:
         for segment in cleanable:
             following = self._segments[self._segments.index(segment) + 1].base_offset
             batches = list(self._batches(segment.base_offset, following))
-            compacted = work.segment(segment.base_offset, batches)
+            compacted = work.segment(segment.base_offset, batches, last=segment is cleanable[-1])
             if compacted is batches:
                 continue
             rewritten += 1
