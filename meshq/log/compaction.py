@@ -16,7 +16,8 @@ follows removed records — in its own segment or in earlier ones — is marked
 ``COMPACTED_GAP`` (inside its CRC), which is what lets a reader, recovery and a replica
 copying the batch tell removed records from damage. So that no unmarked gap is left before
 the first segment compaction does not touch, the last record of the last compacted segment is
-always kept.
+always kept; and each idempotent producer's last batch is kept whole (as Kafka does), so the
+producer table rebuilt from the headers on open still knows its last sequence number.
 """
 
 from __future__ import annotations
@@ -27,12 +28,21 @@ from meshq.core.batch import COMPACTED_GAP, BatchHeader, decode_records, encode_
 from meshq.core.records import Record
 
 
-def latest_offsets(batches: Iterable[bytes], limit_offset: int, latest: dict[bytes, int]) -> None:
-    """Record in ``latest`` the offset of the last record of each key below ``limit_offset``."""
+def latest_offsets(
+    batches: Iterable[bytes], limit_offset: int, latest: dict[bytes, int], producer_last: dict[int, int]
+) -> None:
+    """Record in ``latest`` the offset of the last record of each key below ``limit_offset``, and
+    in ``producer_last`` the base offset of each idempotent producer's last batch in ``batches``
+    (give every batch of the log: a producer's last batch may lie past the limit)."""
     for data in batches:
+        header = parse_header(data)
+        if header.producer_id >= 0:
+            producer_last[header.producer_id] = header.base_offset
+        if header.base_offset >= limit_offset:
+            continue
         for record in decode_records(data, "", 0):
             if record.offset >= limit_offset:
-                return
+                break
             if record.key is not None:
                 latest[record.key] = record.offset
 
@@ -40,8 +50,10 @@ def latest_offsets(batches: Iterable[bytes], limit_offset: int, latest: dict[byt
 class SegmentCompaction:
     """Compacts the batches of consecutive segments, one segment at a time (``segment``)."""
 
-    def __init__(self, latest: dict[bytes, int], tombstone_before_ms: int | None) -> None:
+    def __init__(self, latest: dict[bytes, int], tombstone_before_ms: int | None,
+                 producer_last: dict[int, int] | None = None) -> None:
         self._latest = latest
+        self._producer_last = producer_last or {}
         self._tombstone_before_ms = tombstone_before_ms  # None: keep tombstones
         self.records_removed = 0
         self.tombstones_kept = False  # some tombstone may still expire: compact again later
@@ -59,7 +71,10 @@ class SegmentCompaction:
         for index, data in enumerate(batches):
             header = parse_header(data)
             records = decode_records(data, "", 0)
-            kept = [record for record in records if self._keep(record)]
+            if header.producer_id >= 0 and self._producer_last.get(header.producer_id) == header.base_offset:
+                kept = records  # a producer's last batch stays whole: its sequence numbers survive a restart
+            else:
+                kept = [record for record in records if self._keep(record)]
             if last and index == len(batches) - 1 and (not kept or kept[-1] is not records[-1]):
                 kept.append(records[-1])  # no unmarked gap before the segment after this one
             if len(kept) == len(records) and not (header.base_offset > end and end < original_end):

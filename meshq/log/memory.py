@@ -263,9 +263,10 @@ class MemoryLog:
             return CompactionResult(0, 0, 0)
         limit_offset = min(limit_offset, self.end_offset)
         latest: dict[bytes, int] = {}
-        latest_offsets(self._readable_batches(segments), limit_offset, latest)
+        producer_last: dict[int, int] = {}
+        latest_offsets(self._readable_batches(segments), limit_offset, latest, producer_last)
         tombstone_before_ms = None if delete_retention_ms is None else now_ms - delete_retention_ms
-        work = SegmentCompaction(latest, tombstone_before_ms)
+        work = SegmentCompaction(latest, tombstone_before_ms, producer_last)
         self.sync()  # as the file log: what compaction rewrites is durable first
         size_before = self.size_bytes
         rewritten = 0

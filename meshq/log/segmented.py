@@ -434,9 +434,10 @@ class SegmentedLog:
             return CompactionResult(0, 0, 0)
         limit_offset = min(limit_offset, self.end_offset)
         latest: dict[bytes, int] = {}
-        latest_offsets(self._batches(self.start_offset, limit_offset), limit_offset, latest)
+        producer_last: dict[int, int] = {}
+        latest_offsets(self._batches(self.start_offset, self.end_offset), limit_offset, latest, producer_last)
         tombstone_before_ms = None if delete_retention_ms is None else now_ms - delete_retention_ms
-        work = SegmentCompaction(latest, tombstone_before_ms)
+        work = SegmentCompaction(latest, tombstone_before_ms, producer_last)
         self.sync()  # sealed segments are durable before a compacted one may stand for them
         if any(segment.base_offset not in self._compacted for segment in cleanable):
             self._compacted.update(segment.base_offset for segment in cleanable)

@@ -154,3 +154,21 @@ def test_shrinks_many_updates_to_about_one_record_per_key(harness):
     assert len(kept) - in_active <= 1_000  # the sealed segments hold at most one record per key
     assert len(kept) <= 1_000 + batch_records * 2
     assert log.end_offset == end
+
+
+def test_an_idempotent_producers_last_batch_is_kept_whole(harness):
+    log = harness.open(segment_bytes=500).open_log("t", 0)
+    sequence = 0
+    for i in range(3):  # producer 7 writes three batches of two records, then falls silent
+        batch = encode_batch([(b"a", b"p%d" % i, None, 1_000), (b"b", b"p%d" % i, None, 1_000)],
+                             producer_id=7, producer_epoch=0, base_sequence=sequence)
+        log.append(stamp(batch, log.end_offset, 0))
+        sequence += 2
+    last_base = log.end_offset - 2
+    append_records(log, [(b"a", b"later", 2_000) for _ in range(30)])  # supersedes key a
+    log.compact(log.end_offset, 3_000, HOUR_MS)
+    kept = served(log)
+    assert kept[last_base] == (b"a", b"p2") and kept[last_base + 1] == (b"b", b"p2")
+    header = parse_header(log.read(last_base, 1))
+    assert (header.producer_id, header.base_sequence, header.last_sequence) == (7, 4, 5)
+    assert last_base - 2 not in kept  # the producer's earlier batches are compacted as usual
