@@ -104,9 +104,13 @@ class PartitionState:
             try:
                 data = self.log.read(offset, _RECOVERY_READ_BYTES)
             except CorruptLogError as exc:
-                # The damage is reported by the log and to every reader of that range; the
-                # node still serves the rest. Producers whose last batches sit in or after
-                # the damage lose retry dedupe for those batches only.
+                lost = [last for first, last in self.log.lost_offsets if first <= offset <= last]
+                if lost:
+                    offset = lost[0] + 1  # records lost on disk: the batches after them still count
+                    continue
+                # Damage whose extent the log cannot tell is reported to every reader of that
+                # range; the node still serves the rest. Producers whose last batches sit in or
+                # after it lose retry dedupe for those batches only.
                 log.error("%s/%d: producer state rebuilt only up to offset %d: %s",
                           self.topic, self.partition, offset, exc)
                 return

@@ -172,3 +172,28 @@ def test_an_idempotent_producers_last_batch_is_kept_whole(harness):
     header = parse_header(log.read(last_base, 1))
     assert (header.producer_id, header.base_sequence, header.last_sequence) == (7, 4, 5)
     assert last_base - 2 not in kept  # the producer's earlier batches are compacted as usual
+
+
+def test_the_producer_table_is_rebuilt_past_lost_offsets(harness):
+    from meshq.core.partition import PartitionState
+
+    log = harness.open().open_log("t", 0)
+    for sequence in range(4):
+        batch = encode_batch([(b"k", bytes([sequence]) * 30, None, 1_000)], producer_id=3, producer_epoch=0,
+                             base_sequence=sequence)
+        log.append(stamp(batch, log.end_offset, 2))
+    if harness.kind == "memory":
+        segment = harness.storage._disks[("t", 0)].segments[0]  # reach in, as the simulator does
+        damaged = bytearray(segment.batches[1])
+        damaged[-3] ^= 0x10
+        segment.batches[1] = bytes(damaged)
+    else:
+        path = f"{harness.directory}/topics/t-0/{0:020d}.log"
+        data = bytearray(open(path, "rb").read())
+        data[2 * parse_header(bytes(data)).size - 3] ^= 0x10
+        open(path, "wb").write(data)
+    with pytest.raises(CorruptLogError):
+        log.read(1, 1 << 20)
+    state = PartitionState("t", 0, log)
+    assert [batch[1] for batch in state.producers[3].batches] == [0, 2, 3]  # sequences after the damage too
+    assert state.batch_epochs == [(2, 0)]
