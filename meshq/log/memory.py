@@ -232,6 +232,7 @@ class MemoryLog:
         self._disk.segments[:] = [_Segment(offset)]
         self._disk.synced_offset = offset
         self._disk.lost.clear()
+        self._compacted_through = None
 
     def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
         self._check_open()

@@ -289,6 +289,7 @@ class SegmentedLog:
             self._segments = [segment]
             _fsync_directory(self._directory)
             self._compacted.clear()
+            self._compacted_through = None
             self._set_lost([])
         except OSError as exc:
             self._fail(f"restarting {self._name()} at offset {offset} failed: {exc.strerror or exc}")
