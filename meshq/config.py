@@ -68,9 +68,19 @@ def validate_topic_name(name: str) -> str:
     return name
 
 
+KEEP_FOREVER = -1  # retention_ms / retention_bytes / delete_retention_ms: no limit (stored as None)
+DEFAULT_DELETE_RETENTION_MS = 24 * 3600 * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class TopicConfig:
-    """Configuration of one topic, agreed cluster-wide and persisted."""
+    """Configuration of one topic, agreed cluster-wide and persisted.
+
+    ``retention_ms`` and ``retention_bytes`` bound a ``delete`` topic by age and size; ``None``
+    (or ``-1``, ``KEEP_FOREVER``, turned into ``None``) keeps records forever. A ``compact``
+    topic keeps the latest record per key instead, and drops a key whose latest record has an
+    empty value once that record is ``delete_retention_ms`` old (``None``/``-1``: never).
+    """
 
     name: str
     partitions: int
@@ -78,15 +88,18 @@ class TopicConfig:
     retention_bytes: int | None = None
     retention_ms: int | None = 7 * 24 * 3600 * 1000
     cleanup_policy: CleanupPolicy = "delete"
+    delete_retention_ms: int | None = DEFAULT_DELETE_RETENTION_MS
 
     def __post_init__(self) -> None:
         validate_topic_name(self.name)
         _check_int("partitions", self.partitions, 1, 10_000)
         _check_int("replication_factor", self.replication_factor, 1, 16)
-        if self.retention_bytes is not None:
-            _check_int("retention_bytes", self.retention_bytes, 1, 1 << 62)
-        if self.retention_ms is not None:
-            _check_int("retention_ms", self.retention_ms, 1, 1 << 62)
+        for name in ("retention_bytes", "retention_ms", "delete_retention_ms"):
+            value = getattr(self, name)
+            if value == KEEP_FOREVER and type(value) is int:
+                object.__setattr__(self, name, None)
+            elif value is not None:
+                _check_int(name, value, 0 if name == "delete_retention_ms" else 1, 1 << 62)
         if self.cleanup_policy not in ("delete", "compact"):
             raise ConfigError(f"cleanup_policy must be 'delete' or 'compact', not {self.cleanup_policy!r}")
 
@@ -98,6 +111,7 @@ class TopicConfig:
             "retention_bytes": self.retention_bytes,
             "retention_ms": self.retention_ms,
             "cleanup_policy": self.cleanup_policy,
+            "delete_retention_ms": self.delete_retention_ms,
         }
 
     @classmethod
@@ -109,6 +123,7 @@ class TopicConfig:
             retention_bytes=data.get("retention_bytes"),
             retention_ms=data.get("retention_ms"),
             cleanup_policy=data.get("cleanup_policy", "delete"),
+            delete_retention_ms=data.get("delete_retention_ms", DEFAULT_DELETE_RETENTION_MS),
         )
 
 

@@ -28,9 +28,17 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
             disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
             watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
                                           labels=["topic", "partition"])
+            lost = GaugeMetricFamily("meshq_lost_offsets", "offsets damaged on this node's disk, never served",
+                                     labels=["topic", "partition"])
+            lost_ranges = GaugeMetricFamily("meshq_lost_offset_ranges", "damaged offset ranges (damaged batches "
+                                            "as recovery and reads found them) on this node's disk",
+                                            labels=["topic", "partition"])
             for (topic, partition), state in sorted(list(core.partitions.items())):
                 disk.add_metric([topic, str(partition)], state.log.size_bytes)
                 watermark.add_metric([topic, str(partition)], state.high_watermark)
+                ranges = state.log.lost_offsets
+                lost.add_metric([topic, str(partition)], sum(last - first + 1 for first, last in ranges))
+                lost_ranges.add_metric([topic, str(partition)], len(ranges))
             yield disk
             yield watermark
             pubsub = core.pubsub.report()
@@ -61,6 +69,8 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
                                       value=pubsub["published"])
             yield CounterMetricFamily("meshq_pubsub_no_interest", "messages published that no subscription matched",
                                       value=pubsub["no_interest"])
+            yield lost
+            yield lost_ranges
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
                                     "replicas than assigned replicas", value=core.host.under_replicated())
             yield from _rpc_metrics(core, CounterMetricFamily, GaugeMetricFamily)

@@ -415,15 +415,18 @@ class Node:
     # ------------------------------------------------------------------ topics
     def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
                      retention_bytes: int | None = None, retention_ms: int | None = 7 * 24 * 3600 * 1000,
-                     cleanup_policy: str = "delete", if_not_exists: bool = True, timeout: float = 10.0) -> TopicConfig:
-        """Create a topic (or return the existing one when ``if_not_exists``)."""
+                     cleanup_policy: str = "delete", if_not_exists: bool = True, timeout: float = 10.0,
+                     delete_retention_ms: int | None = 24 * 3600 * 1000) -> TopicConfig:
+        """Create a topic (or return the existing one when ``if_not_exists``).
+
+        ``retention_ms``/``retention_bytes`` None (or -1) keep records forever; see ``TopicConfig``."""
         command = self._create_topic_command(name, partitions, replication_factor, retention_bytes, retention_ms,
-                                             cleanup_policy, if_not_exists)
+                                             cleanup_policy, if_not_exists, delete_retention_ms)
         return self._call(command, timeout)
 
     def _create_topic_command(self, name: str, partitions: int | None, replication_factor: int | None,
                               retention_bytes: int | None, retention_ms: int | None, cleanup_policy: str,
-                              if_not_exists: bool) -> CreateTopic:
+                              if_not_exists: bool, delete_retention_ms: int | None = 24 * 3600 * 1000) -> CreateTopic:
         config = TopicConfig(
             name=validate_topic_name(name),
             partitions=partitions or self.config.partitions,
@@ -431,6 +434,7 @@ class Node:
             retention_bytes=retention_bytes,
             retention_ms=retention_ms,
             cleanup_policy=cleanup_policy,  # type: ignore[arg-type]
+            delete_retention_ms=delete_retention_ms,
         )
         return CreateTopic(config, if_not_exists)
 

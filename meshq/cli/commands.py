@@ -302,7 +302,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
             config = node.create_topic(args.name, partitions=args.partitions,
                                        replication_factor=args.replication_factor,
                                        retention_ms=args.retention_ms, retention_bytes=args.retention_bytes,
-                                       cleanup_policy=args.cleanup_policy)
+                                       cleanup_policy=args.cleanup_policy,
+                                       delete_retention_ms=args.delete_retention_ms)
             print(json.dumps(config.to_wire()))
         elif args.topics_command == "list":
             topics = node.list_topics()

@@ -143,9 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--partitions", type=int, default=None)
     create.add_argument("--replication-factor", type=int, default=None)
-    create.add_argument("--retention-ms", type=int, default=7 * 24 * 3600 * 1000)
-    create.add_argument("--retention-bytes", type=int, default=None)
-    create.add_argument("--cleanup-policy", choices=["delete", "compact"], default="delete")
+    create.add_argument("--retention-ms", type=_limit, default=7 * 24 * 3600 * 1000, metavar="MS",
+                        help="delete records older than this (default 7 days); -1 or 'forever' keeps them forever")
+    create.add_argument("--retention-bytes", type=_limit, default=None, metavar="BYTES",
+                        help="delete the oldest segments beyond this size per partition (default: no limit; "
+                             "-1 or 'forever' says so explicitly)")
+    create.add_argument("--cleanup-policy", choices=["delete", "compact"], default="delete",
+                        help="delete: retention by age and size; compact: keep the latest record per key")
+    create.add_argument("--delete-retention-ms", type=_limit, default=24 * 3600 * 1000, metavar="MS",
+                        help="compact topics: drop a key whose latest record has an empty value once it is "
+                             "this old (default 1 day; -1 or 'forever': never)")
     _connection_options(create)
     listing = topics_sub.add_parser("list", help="list topics")
     listing.add_argument("--json", action="store_true")
@@ -221,3 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _limit(text: str) -> int | None:
+    """A positive integer limit, or ``-1``/``forever`` for none (None)."""
+    if text.strip().lower() in ("-1", "forever"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give an integer, or -1 / forever for no limit") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give a positive integer, or -1 / forever for no limit")
+    return value

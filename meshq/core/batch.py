@@ -17,7 +17,7 @@ Layout (big-endian)::
     12      4     leader_epoch       (stamped by the leader)
     16      1     magic              BATCH_MAGIC
     17      4     crc                CRC-32 of bytes [21, end)
-    21      2     attributes         AT_MOST_ONCE (0x1), CONTROL (0x2)
+    21      2     attributes         AT_MOST_ONCE (0x1), CONTROL (0x2), COMPACTED_GAP (0x4)
     23      4     last_offset_delta  record_count - 1
     27      8     first_timestamp_ms
     35      8     max_timestamp_ms
@@ -79,6 +79,11 @@ AT_MOST_ONCE = 0x1
 #: replicates, fences and survives failover like data, but readers of records skip it: the
 #: offsets it takes are gaps in what consumers see. Clients may not produce one.
 CONTROL = 0x2
+#: attributes bit: compaction removed the records between the previous batch of the log and this
+#: one, so this batch's base offset may lie past the previous batch's end (a gap). Inside the CRC:
+#: a gap without it is damage. Set only by compaction; replicas copy it with the batch's bytes.
+COMPACTED_GAP = 0x4
+
 
 
 class BatchHeader(NamedTuple):
@@ -114,6 +119,11 @@ class BatchHeader(NamedTuple):
     @property
     def last_sequence(self) -> int:
         return self.base_sequence + self.record_count - 1 if self.base_sequence >= 0 else NO_SEQUENCE
+
+
+def gap_allowed(header: BatchHeader) -> bool:
+    """Whether records before this batch may be missing because compaction removed them."""
+    return bool(header.attributes & COMPACTED_GAP)
 
 
 # A record as the producer hands it over: (key, value, headers, timestamp_ms).

@@ -108,9 +108,13 @@ class PartitionState:
             try:
                 data = self.log.read(offset, _RECOVERY_READ_BYTES)
             except CorruptLogError as exc:
-                # The damage is reported by the log and to every reader of that range; the
-                # node still serves the rest. Producers whose last batches sit in or after
-                # the damage lose retry dedupe for those batches only.
+                lost = [last for first, last in self.log.lost_offsets if first <= offset <= last]
+                if lost:
+                    offset = lost[0] + 1  # records lost on disk: the batches after them still count
+                    continue
+                # Damage whose extent the log cannot tell is reported to every reader of that
+                # range; the node still serves the rest. Producers whose last batches sit in or
+                # after it lose retry dedupe for those batches only.
                 log.error("%s/%d: producer state rebuilt only up to offset %d: %s",
                           self.topic, self.partition, offset, exc)
                 return
@@ -182,8 +186,9 @@ class PartitionState:
         return base_offset, False
 
     def append_replicated(self, data: bytes, header: batch_format.BatchHeader, now_ms: int) -> None:
-        """Append a batch copied from the leader (already stamped with its offset and epoch)."""
-        assert header.base_offset == self.log.end_offset
+        """Append a batch copied from the leader (already stamped with its offset and epoch; past the
+        end only after records the leader's compaction removed, which the log checks)."""
+        assert header.base_offset >= self.log.end_offset
         self.log.append(data, now_ms=now_ms)
         assert self.log.end_offset == header.next_offset
         self._remember(header, header.base_offset)
@@ -224,6 +229,10 @@ class PartitionState:
             total += len(batch)
             next_offset = batch_next
         return b"".join(parts), base, next_offset
+
+    def compacted(self) -> None:
+        """Compaction rewrote sealed segments: the newest batches kept in memory may be stale."""
+        self._forget_recent()
 
     def restart_at(self, offset: int) -> None:
         """Drop the whole log and continue from ``offset``: what we miss was deleted by retention."""

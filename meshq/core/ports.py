@@ -8,10 +8,11 @@ adapters live in ``meshq.log``: ``MemoryStorage``/``MemoryLog`` (the in-memory t
 simulator's disk) and ``FileStorage``/``SegmentedLog`` (files), and one conformance suite
 (``tests/log``) runs against both.
 
-A partition log holds record batches (``meshq.core.batch``) back to back. Offsets are dense,
-start at 0 and are never reused: ``start_offset`` is the first offset still held (it advances
+A partition log holds record batches (``meshq.core.batch``) back to back. Offsets start at 0,
+ascend and are never reused: ``start_offset`` is the first offset still held (it advances
 when retention deletes old segments), ``end_offset`` is the offset the next appended record
-gets. The durability step (``sync``) is asked for as an effect (``SyncLogs``) and confirmed
+gets. They are dense but for records compaction removed (``compact``) and records damaged on
+disk (``lost_offsets``: never served, a read raises ``CorruptLogError`` naming them). The durability step (``sync``) is asked for as an effect (``SyncLogs``) and confirmed
 with ``LogsSynced``.
 """
 
@@ -31,6 +32,15 @@ class RecoveryReport:
     position: int  # byte position in that file where the damage starts
     bytes_cut: int  # bytes removed from the file (0 when the damage was only recorded)
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    """What one ``compact`` call did."""
+
+    records_removed: int
+    bytes_removed: int
+    segments_rewritten: int  # rewritten or deleted because they held no record to keep
 
 
 @runtime_checkable
@@ -66,8 +76,14 @@ class LogStore(Protocol):
         """What opening the log cut or found damaged (empty when all was well)."""
         ...
 
+    @property
+    def lost_offsets(self) -> list[tuple[int, int]]:
+        """``(first, last)`` offset ranges damaged on disk: never served, never handed out again."""
+        ...
+
     def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
-        """Append one verified, stamped batch whose base offset equals ``end_offset``."""
+        """Append one verified, stamped batch whose base offset equals ``end_offset`` (or lies past
+        it, for a batch marked ``COMPACTED_GAP`` copied from a compacted replica)."""
         ...
 
     def read(self, offset: int, max_bytes: int) -> bytes:
@@ -88,6 +104,12 @@ class LogStore(Protocol):
 
     def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
         """Delete old sealed segments; return the number of records removed."""
+        ...
+
+    def compact(self, limit_offset: int, now_ms: int, delete_retention_ms: int | None) -> CompactionResult:
+        """Keep only the latest record per key in the sealed segments wholly below ``limit_offset``
+        (see ``meshq.log.compaction``); tombstones older than ``delete_retention_ms`` go too
+        (None: never). Offsets are kept; cheap when nothing changed since the last call."""
         ...
 
     def restart_at(self, offset: int) -> None:

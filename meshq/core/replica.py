@@ -528,7 +528,9 @@ class Replica:
         now_ms = self._wall_clock_ms()
         try:
             for pos, header in batch_format.iter_batches(data):
-                if header.base_offset != matched_end:
+                if header.base_offset != matched_end and not (
+                        header.base_offset > matched_end and batch_format.gap_allowed(header)):
+                    # (a batch after records the leader's compaction removed may start later)
                     raise ProtocolError(f"batch at {header.base_offset} does not follow offset {matched_end - 1}")
                 if header.base_offset < self.log.end_offset:
                     if self.epoch_at(header.base_offset) == header.leader_epoch:
@@ -650,7 +652,8 @@ class Replica:
                         data = b""
                 if data and recent is None:
                     first = batch_format.parse_header(data)
-                    start = first.base_offset
+                    # past ``from_offset`` when compaction removed the records in between
+                    start = min(first.base_offset, from_offset)
                     next_offset = start
                     for _pos, header in batch_format.iter_batches(data, verify_crc=False):
                         next_offset = header.next_offset

@@ -87,6 +87,13 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                 key = (topic["name"], p["partition"])
                 if key not in configs or p.get("config_version", 0) > configs[key].get("config_version", 0):
                     configs[key] = p
+    # Offsets damaged on each replica that reported; lost for the cluster only where every one is.
+    damaged: dict[tuple[str, int], dict[str, list]] = {}
+    for node_id in sorted(reports):
+        for topic in reports[node_id]["topics"]:
+            for p in topic["partitions"]:
+                if "lost_offsets" in p:
+                    damaged.setdefault((topic["name"], p["partition"]), {})[node_id] = p["lost_offsets"]
     topics = []
     for topic in merged["topics"]:
         partitions = []
@@ -99,6 +106,11 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
             else:
                 partitions.append({**p, **{k: view[k] for k in ("leader", "in_sync", "high_watermark", "epoch")
                                            if k in view}})
+        for p in partitions:
+            per_node = damaged.get((topic["name"], p["partition"]))
+            if per_node is not None:
+                p["damaged_offsets"] = {node: ranges for node, ranges in per_node.items() if ranges}
+                p["lost_offsets"] = _common_ranges(list(per_node.values()))
         topics.append({**topic, "partitions": partitions})
     merged["topics"] = topics
     merged["handoffs"] = sum(1 for topic in topics for p in topic["partitions"]
@@ -143,3 +155,12 @@ def merge_pubsub(reports: Any) -> dict:
         for node in report.get("pubsub", {}).get("nodes", []):
             nodes[node["node_id"]] = node
     return {"nodes": [nodes[node_id] for node_id in sorted(nodes)]}
+
+
+def _common_ranges(per_replica: list[list]) -> list[list[int]]:
+    """The ``[first, last]`` offset ranges present in every one of ``per_replica``'s range lists."""
+    common = [list(r) for r in per_replica[0]] if per_replica else []
+    for ranges in per_replica[1:]:
+        common = [[max(a[0], b[0]), min(a[1], b[1])] for a in common for b in ranges
+                  if max(a[0], b[0]) <= min(a[1], b[1])]
+    return common

@@ -218,6 +218,7 @@ TOPIC_CONFIG = Struct(
     retention_bytes=Optional(Int(1, 1 << 62)),
     retention_ms=Optional(Int(1, 1 << 62)),
     cleanup_policy=OneOf("delete", "compact"),
+    delete_retention_ms=Default(Optional(Int(0, 1 << 62)), 24 * 3600 * 1000),  # compact topics' tombstones
 )
 PARTITION_INFO = Struct(
     partition=PARTITION,

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 ``MemoryStorage`` holds one ``_Disk`` per partition: the segments as they would sit in
-files, plus the offset the last ``sync()`` made durable. ``MemoryLog`` is the open handle on
+files, the offset the last ``sync()`` made durable, and the lost ranges (offsets whose
+batch failed its CRC check when read: the simulator flips bits in the stored bytes). ``MemoryLog`` is the open handle on
 a disk and follows exactly the ``SegmentedLog`` rules for rolling, reading, retention and
 truncation, so one conformance suite runs against both. ``MemoryStorage.crash()`` is power
 loss: every log loses what it appended after its last sync and every open handle dies.
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshq.core.batch import BatchHeader, crc_ok
-from meshq.core.ports import RecoveryReport
+from meshq.core.batch import BatchHeader, crc_ok, parse_header
+from meshq.core.ports import CompactionResult, RecoveryReport
 from meshq.errors import CorruptLogError, DiskFullError, OffsetOutOfRangeError, UsageError
+from meshq.log.compaction import SegmentCompaction, latest_offsets
+from meshq.log.logstate import LostRange, clip_lost, lost_message, lost_range_at, merge_lost, next_lost_start
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -61,6 +64,7 @@ class _Segment:
 class _Disk:
     segments: list[_Segment]
     synced_offset: int = 0
+    lost: list[LostRange] = field(default_factory=list)  # stored, as the file log's state file
 
 
 class MemoryLog:
@@ -82,6 +86,7 @@ class MemoryLog:
         self._segment_bytes = segment_bytes
         self._segment_ms = segment_ms
         self._closed = False
+        self._compacted_through: int | None = None  # where the last compaction with nothing pending ended
 
     # -- state -----------------------------------------------------------------------
 
@@ -112,6 +117,10 @@ class MemoryLog:
     @property
     def recovery(self) -> list[RecoveryReport]:
         return []
+
+    @property
+    def lost_offsets(self) -> list[tuple[int, int]]:
+        return [(first, last) for first, last, _reason in self._disk.lost]
 
     @property
     def segment_base_offsets(self) -> list[int]:
@@ -146,6 +155,13 @@ class MemoryLog:
         self._check_open()
         check_read_args(offset, max_bytes)
         self._check_range(offset)
+        if offset == self.end_offset:
+            return b""
+        lost = self._disk.lost
+        entry = lost_range_at(lost, offset)
+        if entry is not None:
+            raise CorruptLogError(lost_message(self._topic, self._partition, entry))
+        stop_offset = next_lost_start(lost, offset)
         parts: list[bytes] = []
         total = 0
         for segment in self._disk.segments:
@@ -154,15 +170,27 @@ class MemoryLog:
             for header, batch in zip(segment.headers, segment.batches):
                 if header.next_offset <= offset:
                     continue
+                if stop_offset is not None and header.next_offset > stop_offset:
+                    return self._served(parts, stop_offset)
                 if parts and total + len(batch) > max_bytes:
                     return b"".join(parts)
                 if not crc_ok(batch, 0, header):
-                    # The twin never damages bytes itself; this guards a caller mutating them.
                     if parts:
                         return b"".join(parts)
-                    raise CorruptLogError(f"{self._name()}: CRC mismatch in batch at offset {header.base_offset}")
+                    # The headers here are kept apart from the bytes, so the offsets are certain.
+                    entry = (header.base_offset, header.last_offset,
+                             f"batch at offset {header.base_offset} failed its CRC check")
+                    self._disk.lost[:] = merge_lost(lost + [entry])
+                    raise CorruptLogError(lost_message(self._topic, self._partition, entry))
                 parts.append(batch)
                 total += len(batch)
+        return self._served(parts, stop_offset)
+
+    def _served(self, parts: list[bytes], stop_offset: int | None) -> bytes:
+        if not parts and stop_offset is not None:
+            entry = lost_range_at(self._disk.lost, stop_offset)
+            assert entry is not None
+            raise CorruptLogError(lost_message(self._topic, self._partition, entry))
         return b"".join(parts)
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int:
@@ -183,10 +211,15 @@ class MemoryLog:
         if offset == self.end_offset:
             return
         synced_offset = self._disk.synced_offset
-        if not _is_boundary(self._disk, offset):
+        entry = lost_range_at(self._disk.lost, offset)
+        if entry is not None and offset != entry[0]:
+            raise CorruptLogError(f"cannot truncate {self._name()} to {offset}: "
+                                  + lost_message(self._topic, self._partition, entry))
+        if entry is None and not _is_boundary(self._disk, offset):
             raise UsageError(f"cannot truncate {self._name()} to {offset}: not a batch boundary")
         _cut_disk(self._disk, offset)
         self._disk.synced_offset = min(synced_offset, offset)
+        self._disk.lost[:] = clip_lost(self._disk.lost, self.start_offset, offset)
 
     def sync(self) -> None:
         self._check_open()
@@ -198,6 +231,8 @@ class MemoryLog:
             raise UsageError(f"cannot restart {self._name()} at {offset!r}: it must lie past its end {self.end_offset}")
         self._disk.segments[:] = [_Segment(offset)]
         self._disk.synced_offset = offset
+        self._disk.lost.clear()
+        self._compacted_through = None
 
     def apply_retention(self, now_ms: int, retention_bytes: int | None, retention_ms: int | None) -> int:
         self._check_open()
@@ -216,7 +251,55 @@ class MemoryLog:
             segments.pop(0)
             removed += segments[0].base_offset - oldest.base_offset
         self._disk.synced_offset = max(self._disk.synced_offset, self.start_offset)
+        self._disk.lost[:] = clip_lost(self._disk.lost, self.start_offset, self.end_offset)
         return removed
+
+    def compact(self, limit_offset: int, now_ms: int, delete_retention_ms: int | None) -> CompactionResult:
+        self._check_open()
+        segments = self._disk.segments
+        cleanable = [segment for segment, following in zip(segments, segments[1:])
+                     if following.base_offset <= limit_offset]
+        through = segments[len(cleanable)].base_offset if cleanable else None
+        if not cleanable or through == self._compacted_through:
+            return CompactionResult(0, 0, 0)
+        limit_offset = min(limit_offset, self.end_offset)
+        latest: dict[bytes, int] = {}
+        producer_last: dict[int, int] = {}
+        latest_offsets(self._readable_batches(segments), limit_offset, latest, producer_last)
+        tombstone_before_ms = None if delete_retention_ms is None else now_ms - delete_retention_ms
+        work = SegmentCompaction(latest, tombstone_before_ms, producer_last)
+        self.sync()  # as the file log: what compaction rewrites is durable first
+        size_before = self.size_bytes
+        rewritten = 0
+        for segment in cleanable:
+            batches = list(self._readable_batches([segment]))
+            compacted = work.segment(segment.base_offset, batches, last=segment is cleanable[-1])
+            if compacted is batches:
+                continue
+            rewritten += 1
+            if compacted:
+                segment.batches = compacted
+                segment.headers = [parse_header(batch) for batch in compacted]
+                segment.size = sum(len(batch) for batch in compacted)
+            else:
+                segments.remove(segment)
+        self._disk.synced_offset = max(self._disk.synced_offset, self.start_offset)
+        self._disk.lost[:] = clip_lost(self._disk.lost, self.start_offset, self.end_offset)
+        self._compacted_through = None if work.tombstones_kept else through
+        return CompactionResult(work.records_removed, size_before - self.size_bytes, rewritten)
+
+    def _readable_batches(self, segments: list[_Segment]):  # noqa: ANN202 - a generator of batch bytes
+        """The batches of ``segments`` that are not lost (a CRC failure is remembered as lost)."""
+        for segment in segments:
+            for header, batch in zip(segment.headers, segment.batches):
+                if lost_range_at(self._disk.lost, header.base_offset) is not None:
+                    continue
+                if not crc_ok(batch, 0, header):
+                    entry = (header.base_offset, header.last_offset,
+                             f"batch at offset {header.base_offset} failed its CRC check")
+                    self._disk.lost[:] = merge_lost(self._disk.lost + [entry])
+                    continue
+                yield batch
 
     def close(self) -> None:
         if self._closed:

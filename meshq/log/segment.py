@@ -8,15 +8,23 @@ by the base offset of its first batch, zero-padded to 20 digits
 written, through a raw file descriptor opened with ``O_APPEND``.
 
 Nothing but the batches is stored: what ``_Segment`` knows about its file is derived from
-it and rebuilt on open (``meshq.log.recovery``). That is the readable size and end offset,
+it and rebuilt on open (``meshq.log.recovery``). That is the size and end offset,
 the max timestamp, a sparse index (one entry every ``index_interval_bytes``: batch base
-offset, file position, running max timestamp), the positions of the last batches (the
-tail), and the ``_Damage`` recovery found in a sealed segment.
+offset, file position, running max timestamp) and the positions of the last batches (the
+tail).
+
+Offsets are dense except for two kinds of gap: records compaction removed (the batch after
+the gap carries the ``COMPACTED_GAP`` attribute, inside its CRC) and records lost on disk
+(the log's lost ranges, which the segment is handed). A segment's first batch may start
+after its base offset, and a compacted segment's end offset (one past its last record) may
+lie before the next segment's base. Any other jump in the offsets is damage.
 
 A read finds its batch through the tail or the index and a short header walk, and serves
-only whole batches whose headers continue the offsets and whose CRC matches: anything else
-raises ``CorruptLogError`` naming the partition, the file, the byte and the offset. The
-segment never decides what the log does about it; ``SegmentedLog`` does.
+only whole batches that continue the offsets and whose CRC matches: anything else raises
+``CorruptLogError`` naming the partition, the file, the byte and the offset
+(``DamagedBatch`` for a CRC failure of a batch whose header is sound, so that the log can
+remember the offsets it held). The segment never decides what the log does about it;
+``SegmentedLog`` does.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from __future__ import annotations
 import os
 import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
 
-from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, parse_header
+from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, gap_allowed, parse_header
 from meshq.errors import CorruptLogError, ProtocolError, StorageError
+from meshq.log.fileio import TMP_SUFFIX, _write_all
 
 LOG_SUFFIX = ".log"
 OFFSET_DIGITS = 20
@@ -41,28 +49,25 @@ def segment_file_name(base_offset: int) -> str:
     return f"{base_offset:0{OFFSET_DIGITS}d}{LOG_SUFFIX}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Damage:
-    """Records of a sealed segment that cannot be read."""
+class DamagedBatch(CorruptLogError):
+    """A batch whose header is sound (its offsets are known) failed its CRC check."""
 
-    position: int  # byte where the unreadable part of the file starts
-    first_offset: int  # first unreadable offset
-    end_offset: int  # one past the last unreadable offset (the next segment's base)
-    reason: str
-    torn_tail: bool  # the file merely ends early (nothing but a partial batch follows)
+    def __init__(self, message: str, header: BatchHeader) -> None:
+        super().__init__(message)
+        self.header = header
 
 
 class _Segment:
     """One segment file, its derived in-memory state, and checked reads from it."""
 
-    def __init__(self, directory: str, base_offset: int, log_name: str) -> None:
+    def __init__(self, directory: str, base_offset: int, log_name: str, lost: list | None = None) -> None:
         self.base_offset = base_offset
         self.name = segment_file_name(base_offset)
         self.path = os.path.join(directory, self.name)
         self.log_name = log_name  # "<topic>-<partition>", for error messages
         self.fd: int | None = None
-        self.size = 0  # bytes of the file that belong to the log (damaged ones included)
-        self.end_offset = base_offset  # one past the last readable record
+        self.size = 0  # bytes of the file that belong to the log
+        self.end_offset = base_offset  # one past the last record (its base while empty)
         self.max_timestamp_ms: int | None = None
         self.created_ms: int | None = None
         self.index_offsets: list[int] = []
@@ -73,8 +78,18 @@ class _Segment:
         # index interval of headers (one pread each) to find its batch.
         self.tail_offsets: list[int] = []
         self.tail_positions: list[int] = []
-        self.damage: _Damage | None = None
         self.dirty = False  # holds bytes not yet fsynced
+        # the log's lost ranges ([first, last, reason], sorted), shared with it: gaps they explain
+        self.lost: list = lost if lost is not None else []
+
+    def continues(self, header: BatchHeader, expected: int) -> bool:
+        """Whether a batch at ``header.base_offset`` may follow records ending at ``expected``."""
+        base = header.base_offset
+        if base == expected:
+            return True
+        if base < expected:
+            return False
+        return gap_allowed(header) or any(first <= expected and base - 1 <= last for first, last, _ in self.lost)
 
     # -- the file --------------------------------------------------------------------
 
@@ -93,6 +108,21 @@ class _Segment:
             fd, self.fd = self.fd, None
             os.close(fd)
 
+    def replace_contents(self, data: bytes) -> None:
+        """Make ``data`` the whole file, atomically: written beside it, fsynced, renamed over it
+        (a crash leaves the old file or the new one, plus a ``.tmp`` leftover recovery removes).
+        The caller fsyncs the directory and rebuilds the derived state."""
+        tmp_path = self.path + TMP_SUFFIX
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_path, self.path)
+        self.close()
+        self.size = len(data)
+
     def delete(self) -> None:
         """Close the file and remove it (the directory still needs an fsync)."""
         self.close()
@@ -100,13 +130,9 @@ class _Segment:
 
     # -- derived state ---------------------------------------------------------------
 
-    @property
-    def readable_size(self) -> int:
-        return self.damage.position if self.damage is not None else self.size
-
     def add_batch(self, header: BatchHeader, position: int, index_interval_bytes: int) -> None:
-        """Account for a whole batch stored at ``position`` (the current readable end)."""
-        assert header.base_offset == self.end_offset
+        """Account for a whole batch stored at ``position`` (the current end of the file)."""
+        assert header.base_offset >= self.end_offset
         if self.max_timestamp_ms is None or header.max_timestamp_ms > self.max_timestamp_ms:
             self.max_timestamp_ms = header.max_timestamp_ms
         if not self.index_positions or position - self.index_positions[-1] >= index_interval_bytes:
@@ -139,7 +165,6 @@ class _Segment:
         del self.index_positions[keep:]
         del self.index_max_timestamps[keep:]
         self.forget_tail_from(position)
-        self.damage = None
         self.size = position
         if keep == 0:
             self.end_offset = self.base_offset
@@ -172,27 +197,25 @@ class _Segment:
         self.index_max_timestamps.clear()
         self.tail_offsets.clear()
         self.tail_positions.clear()
-        self.damage = None
 
     # -- reading ---------------------------------------------------------------------
 
-    def check_readable(self, offset: int) -> None:
-        damage = self.damage
-        if damage is not None and damage.first_offset <= offset < damage.end_offset:
-            raise CorruptLogError(
-                f"{self.log_name}: offsets {damage.first_offset} to {damage.end_offset - 1} are unreadable: "
-                f"segment {self.name} is damaged at byte {damage.position} ({damage.reason})"
-            )
-
-    def locate(self, offset: int) -> int:
-        """File position of the batch holding ``offset`` (a readable offset of this segment)."""
+    def locate(self, offset: int) -> int | None:
+        """File position of the first batch holding ``offset`` or starting after it; None when
+        no batch of this segment does (``offset`` lies at or past its end)."""
+        if offset >= self.end_offset:
+            return None
         tail_offsets = self.tail_offsets
         if tail_offsets and offset >= tail_offsets[0]:
-            return self.tail_positions[bisect_right(tail_offsets, offset) - 1]
-        entry = bisect_right(self.index_offsets, offset) - 1
-        position = self.index_positions[entry]
-        expected = self.index_offsets[entry]
-        while position < self.readable_size:
+            entry = bisect_right(tail_offsets, offset) - 1
+            position, expected = self.tail_positions[entry], tail_offsets[entry]
+        else:
+            entry = bisect_right(self.index_offsets, offset) - 1
+            if entry < 0:
+                position, expected = 0, self.base_offset
+            else:
+                position, expected = self.index_positions[entry], self.index_offsets[entry]
+        while position < self.size:
             header = self.read_header(position, expected)
             if header.next_offset > offset:
                 return position
@@ -206,7 +229,7 @@ class _Segment:
         entry = max(entry - 1, 0)
         position = self.index_positions[entry]
         expected = self.index_offsets[entry]
-        while position < self.readable_size:
+        while position < self.size:
             header = self.read_header(position, expected)
             if header.max_timestamp_ms >= timestamp_ms:
                 return header.base_offset
@@ -221,16 +244,20 @@ class _Segment:
         max_bytes: int,
         parts: list[bytes],
         total: int,
+        stop_offset: int | None = None,
     ) -> tuple[int, int | None, bool]:
-        """Append whole checked batches from ``position`` to ``parts``; True when done."""
-        readable = self.readable_size
-        while position < readable:
+        """Append whole checked batches from ``position`` to ``parts``, none reaching
+        ``stop_offset``; ``(total, expected next offset, done)``."""
+        size = self.size
+        while position < size:
             header = self.read_header(position, expected)
+            if stop_offset is not None and header.next_offset > stop_offset:
+                return total, expected, True
             if parts and total + header.size > max_bytes:
                 return total, expected, True
-            if position + header.size > readable:
+            if position + header.size > size:
                 raise self.corrupt(position, header.base_offset, "batch runs past the end of the segment")
-            want = min(readable - position, max(max_bytes - total, header.size))
+            want = min(size - position, max(max_bytes - total, header.size))
             chunk = self.pread(want, position)
             cursor = 0
             while len(chunk) - cursor >= HEADER_SIZE:
@@ -238,15 +265,18 @@ class _Segment:
                     batch = parse_header(chunk, cursor)
                 except ProtocolError as exc:
                     return self._stop_or_raise(position + cursor, expected, str(exc), parts, total)
-                if expected is not None and batch.base_offset != expected:
+                if expected is not None and not self.continues(batch, expected):
                     reason = f"batch base offset {batch.base_offset} does not continue the log (expected {expected})"
                     return self._stop_or_raise(position + cursor, expected, reason, parts, total)
                 if cursor + batch.size > len(chunk) or (parts and total + batch.size > max_bytes):
                     break
+                if stop_offset is not None and batch.next_offset > stop_offset:
+                    return total, expected, True
                 if not crc_ok(chunk, cursor, batch):
-                    return self._stop_or_raise(
-                        position + cursor, batch.base_offset, "batch failed its CRC check", parts, total
-                    )
+                    if parts:
+                        return total, expected, True
+                    raise DamagedBatch(self.corrupt(position + cursor, batch.base_offset,
+                                                    "batch failed its CRC check").args[0], batch)
                 parts.append(chunk[cursor : cursor + batch.size])
                 total += batch.size
                 cursor += batch.size
@@ -270,7 +300,7 @@ class _Segment:
             header = parse_header(data)
         except ProtocolError as exc:
             raise self.corrupt(position, expected, str(exc)) from None
-        if expected is not None and header.base_offset != expected:
+        if expected is not None and not self.continues(header, expected):
             raise self.corrupt(position, expected, f"batch base offset {header.base_offset} does not continue the log")
         return header
 

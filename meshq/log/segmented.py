@@ -13,9 +13,16 @@ deleted.
 
 ``SegmentedLog`` owns the list of segments: it rolls a new one when the active one is full
 or old, finds the segment holding an offset and lets it read, cuts the end
-(``truncate_to``), deletes whole sealed segments from the oldest (retention) and restarts
-empty at a later offset. Opening a log rebuilds every index from the files and cuts or
-remembers what a crash damaged (``meshq.log.recovery``).
+(``truncate_to``), deletes whole sealed segments from the oldest (retention), rewrites
+sealed segments keeping the latest record per key (``compact``, ``meshq.log.compaction``)
+and restarts empty at a later offset. Opening a log rebuilds every index from the files and
+cuts or remembers what a crash damaged (``meshq.log.recovery``).
+
+The log also owns its *lost ranges*: offsets whose records were damaged on disk, found by
+recovery or by a read whose CRC check failed. They live in the log's state file
+(``meshq.log.logstate``), are never served (a read of them raises ``CorruptLogError``
+naming the topic, partition and offsets; a read that reaches them stops before them) and
+never handed out again.
 
 ``FileStorage`` is a node's data directory: the partition logs under ``topics/`` and small
 documents under ``meta/``, each written to a ``.tmp`` file and renamed into place.
@@ -30,8 +37,8 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable
 
-from meshq.core.batch import BatchHeader
-from meshq.core.ports import RecoveryReport
+from meshq.core.batch import BatchHeader, iter_batches
+from meshq.core.ports import CompactionResult, RecoveryReport
 from meshq.errors import (
     CorruptLogError,
     DiskFullError,
@@ -39,10 +46,20 @@ from meshq.errors import (
     StorageError,
     UsageError,
 )
+from meshq.log.compaction import SegmentCompaction, latest_offsets
 from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all
 from meshq.log.lock import DataDirLock
+from meshq.log.logstate import (
+    LostRange,
+    clip_lost,
+    lost_message,
+    lost_range_at,
+    merge_lost,
+    next_lost_start,
+    write_log_state,
+)
 from meshq.log.recovery import LogRecovery
-from meshq.log.segment import _Segment, segment_file_name
+from meshq.log.segment import DamagedBatch, _Segment, segment_file_name
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -94,6 +111,9 @@ class SegmentedLog:
         self._synced_offset = 0
         self._closed = False
         self._failure: str | None = None
+        self._lost: list[LostRange] = []  # shared with every segment (it explains gaps)
+        self._compacted: set[int] = set()  # base offsets of segments compaction rewrote
+        self._compacted_through: int | None = None  # where the last compaction with nothing pending ended
         recovery = LogRecovery(directory, self._name(), index_interval_bytes)
         try:
             os.makedirs(directory, exist_ok=True)
@@ -102,6 +122,8 @@ class SegmentedLog:
             finally:
                 self._segments = recovery.segments  # closed below if opening fails
             self._recovery = recovery.reports
+            self._lost = recovery.lost
+            self._compacted = recovery.compacted
             self._directory_dirty = recovery.directory_dirty
             self.sync()
         except OSError as exc:
@@ -146,6 +168,10 @@ class SegmentedLog:
         return list(self._recovery)
 
     @property
+    def lost_offsets(self) -> list[tuple[int, int]]:
+        return [(first, last) for first, last, _reason in self._lost]
+
+    @property
     def segment_base_offsets(self) -> list[int]:
         """Base offsets of the segments, oldest first (the last one is active)."""
         return [segment.base_offset for segment in self._segments]
@@ -184,7 +210,7 @@ class SegmentedLog:
         return header
 
     def _roll(self) -> _Segment:
-        segment = _Segment(self._directory, self.end_offset, self._name())
+        segment = _Segment(self._directory, self.end_offset, self._name(), self._lost)
         try:
             segment.create()
         except OSError as exc:
@@ -218,16 +244,22 @@ class SegmentedLog:
         index = self._segment_index(offset)
         segment = self._segments[index]
         if offset == segment.end_offset:
-            position = segment.readable_size  # cuts the damaged part of a sealed segment too
+            position = segment.size
         else:
-            segment.check_readable(offset)
+            lost = lost_range_at(self._lost, offset)
+            if lost is not None and offset != lost[0]:
+                raise CorruptLogError(f"cannot truncate {self._name()} to {offset}: "
+                                      + lost_message(self._topic, self._partition, lost))
             position = segment.locate(offset)
-            header = segment.read_header(position, None)
-            if header.base_offset != offset:
-                raise UsageError(
-                    f"cannot truncate {self._name()} to {offset}: not a batch boundary "
-                    f"(the batch holding it starts at {header.base_offset})"
-                )
+            header = segment.read_header(position, None) if position is not None else None
+            if header is None or header.base_offset != offset:
+                if lost is None:
+                    raise UsageError(
+                        f"cannot truncate {self._name()} to {offset}: not a batch boundary"
+                        + ("" if header is None else f" (the batch holding it starts at {header.base_offset})")
+                    )
+                # the start of a lost range: cut from the first batch after it
+                position = segment.size if position is None else position
         try:
             while len(self._segments) > index + 1:
                 self._segments.pop().delete()
@@ -238,7 +270,8 @@ class SegmentedLog:
             raise StorageError(self._failure) from exc
         segment.forget_from(position)
         self._synced_offset = min(self._synced_offset, offset)
-        assert self.end_offset == offset
+        self._set_lost(clip_lost(self._lost, self.start_offset, offset))
+        assert self.end_offset <= offset
 
     def restart_at(self, offset: int) -> None:
         self._check_usable()
@@ -251,10 +284,13 @@ class SegmentedLog:
                 segment.delete()
             self._segments = []
             _fsync_directory(self._directory)
-            segment = _Segment(self._directory, offset, self._name())
+            segment = _Segment(self._directory, offset, self._name(), self._lost)
             segment.create()
             self._segments = [segment]
             _fsync_directory(self._directory)
+            self._compacted.clear()
+            self._compacted_through = None
+            self._set_lost([])
         except OSError as exc:
             self._fail(f"restarting {self._name()} at offset {offset} failed: {exc.strerror or exc}")
             raise StorageError(self._failure) from exc
@@ -298,7 +334,10 @@ class SegmentedLog:
             self._directory_dirty = True
             total -= oldest.size
             removed += self._segments[0].base_offset - oldest.base_offset
+            self._compacted.discard(oldest.base_offset)
         self._synced_offset = max(self._synced_offset, self.start_offset)
+        if removed and self._lost and self._lost[0][0] < self.start_offset:
+            self._set_lost(clip_lost(self._lost, self.start_offset, self.end_offset))
         return removed
 
     def close(self) -> None:
@@ -321,35 +360,166 @@ class SegmentedLog:
         self._check_range(offset)
         if offset == self.end_offset:
             return b""
+        lost = lost_range_at(self._lost, offset)
+        if lost is not None:
+            raise CorruptLogError(lost_message(self._topic, self._partition, lost))
+        stop_offset = next_lost_start(self._lost, offset)
         parts: list[bytes] = []
         total = 0
         index = self._segment_index(offset)
         segment = self._segments[index]
-        segment.check_readable(offset)
         position = segment.locate(offset)
         expected = None
         while True:
-            total, expected, full = segment.read_batches(position, expected, max_bytes, parts, total)
-            if full or index + 1 >= len(self._segments):
-                break
+            if position is not None:
+                try:
+                    total, expected, full = segment.read_batches(
+                        position, expected, max_bytes, parts, total, stop_offset)
+                except DamagedBatch as exc:
+                    raise self._damaged_on_read(segment, exc) from None
+                if full:
+                    break
             index += 1
-            if self._segments[index].base_offset != segment.end_offset:
-                break  # the rest of this segment is damaged; the next read raises
+            if index >= len(self._segments) or (stop_offset is not None and self._segments[index].base_offset >= stop_offset):
+                break
             segment = self._segments[index]
             position = 0
             expected = segment.base_offset
-        assert parts
+        if not parts:
+            # ``offset`` lies in a gap compaction left just before a lost range
+            lost = lost_range_at(self._lost, stop_offset) if stop_offset is not None else None
+            if lost is not None:
+                raise CorruptLogError(lost_message(self._topic, self._partition, lost))
+            raise CorruptLogError(f"{self._name()}: no batch found at or after offset {offset} below the end "
+                                  f"{self.end_offset}; the segment files changed under the log")
         return b"".join(parts)
+
+    def _damaged_on_read(self, segment: _Segment, exc: DamagedBatch) -> CorruptLogError:
+        """A read found a batch failing its CRC check: remember its offsets as lost (when the
+        batch after it confirms where they end) and name them to the reader."""
+        header = exc.header
+        last = header.last_offset
+        following = segment.end_offset
+        position = segment.locate(header.next_offset) if header.next_offset < segment.end_offset else None
+        if position is not None:
+            following = segment.read_header(position, None).base_offset
+        if following != header.next_offset:
+            return exc  # the offsets it held are uncertain: report the bytes, remember nothing
+        entry = (header.base_offset, last, f"damaged batch in {segment.name}: {exc}")
+        logger.error("%s: %s", self._name(), lost_message(self._topic, self._partition, entry))
+        self._set_lost(merge_lost(self._lost + [entry]))
+        return CorruptLogError(lost_message(self._topic, self._partition, entry))
+
+    def _set_lost(self, lost: list[LostRange]) -> None:
+        """Replace the lost ranges (in place: the segments hold the list) and store them."""
+        if lost == self._lost:
+            return
+        self._lost[:] = lost
+        try:
+            write_log_state(self._directory, self._lost, self._compacted)
+        except OSError as exc:
+            # Still never served while this process runs; the next open finds what the bytes show.
+            logger.error("%s: cannot store the lost offset ranges in %s: %s", self._name(), self._directory,
+                         exc.strerror or exc)
+
+    # -- compaction ------------------------------------------------------------------
+
+    def compact(self, limit_offset: int, now_ms: int, delete_retention_ms: int | None) -> CompactionResult:
+        self._check_usable()
+        cleanable = [
+            segment for segment, following in zip(self._segments, self._segments[1:])
+            if following.base_offset <= limit_offset
+        ]
+        through = self._segments[len(cleanable)].base_offset if cleanable else None
+        if not cleanable or through == self._compacted_through:
+            return CompactionResult(0, 0, 0)
+        limit_offset = min(limit_offset, self.end_offset)
+        latest: dict[bytes, int] = {}
+        producer_last: dict[int, int] = {}
+        latest_offsets(self._batches(self.start_offset, self.end_offset), limit_offset, latest, producer_last)
+        tombstone_before_ms = None if delete_retention_ms is None else now_ms - delete_retention_ms
+        work = SegmentCompaction(latest, tombstone_before_ms, producer_last)
+        self.sync()  # sealed segments are durable before a compacted one may stand for them
+        if any(segment.base_offset not in self._compacted for segment in cleanable):
+            self._compacted.update(segment.base_offset for segment in cleanable)
+            self._store_state()
+        size_before = self.size_bytes
+        rewritten = 0
+        for segment in cleanable:
+            following = self._segments[self._segments.index(segment) + 1].base_offset
+            batches = list(self._batches(segment.base_offset, following))
+            compacted = work.segment(segment.base_offset, batches, last=segment is cleanable[-1])
+            if compacted is batches:
+                continue
+            rewritten += 1
+            try:
+                if compacted:
+                    self._rewrite(segment, compacted)
+                else:
+                    segment.delete()
+                    self._segments.remove(segment)
+                    self._compacted.discard(segment.base_offset)
+                self._directory_dirty = True
+            except OSError as exc:
+                self._fail(f"compacting {segment.path} failed: {exc.strerror or exc}")
+                raise StorageError(self._failure) from exc
+        if self._lost and self._lost[0][0] < self.start_offset:
+            self._set_lost(clip_lost(self._lost, self.start_offset, self.end_offset))
+        self.sync()
+        self._compacted_through = None if work.tombstones_kept else through
+        if rewritten:
+            logger.info("%s: compaction removed %d records (%d bytes) from %d segments", self._name(),
+                        work.records_removed, size_before - self.size_bytes, rewritten)
+        return CompactionResult(work.records_removed, size_before - self.size_bytes, rewritten)
+
+    def _batches(self, offset: int, end_offset: int):  # noqa: ANN202 - a generator of batch bytes
+        """Every readable batch from ``offset`` whose base offset lies below ``end_offset``; lost
+        ranges are skipped."""
+        while offset < min(end_offset, self.end_offset):
+            lost = lost_range_at(self._lost, offset)
+            if lost is not None:
+                offset = lost[1] + 1
+                continue
+            try:
+                data = self.read(offset, 4 * 1024 * 1024)
+            except CorruptLogError:
+                lost = lost_range_at(self._lost, offset)
+                if lost is None:
+                    raise  # damage whose offsets are uncertain: compact nothing rather than guess
+                continue
+            for position, header in iter_batches(data, verify_crc=False):
+                if header.base_offset >= end_offset:
+                    return
+                yield data[position : position + header.size]
+                offset = header.next_offset
+
+    def _rewrite(self, segment: _Segment, batches: list[bytes]) -> None:
+        """Replace a sealed segment's batches and rebuild its derived state."""
+        data = b"".join(batches)
+        segment.replace_contents(data)
+        segment.reset()
+        segment.size = len(data)
+        for position, header in iter_batches(data, verify_crc=False):
+            segment.add_batch(header, position, self._index_interval_bytes)
+
+    def _store_state(self) -> None:
+        try:
+            write_log_state(self._directory, self._lost, self._compacted)
+        except OSError as exc:
+            self._fail(f"cannot store the log state in {self._directory}: {exc.strerror or exc}")
+            raise StorageError(self._failure) from exc
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int:
         self._check_usable()
+        answer = self.end_offset
         for segment in self._segments:
-            if segment.max_timestamp_ms is None or segment.max_timestamp_ms < timestamp_ms:
-                if segment.damage is not None and segment.damage.first_offset < segment.damage.end_offset:
-                    return segment.damage.first_offset  # the answer may lie in the unreadable records
-                continue
-            return segment.offset_for_timestamp(timestamp_ms)
-        return self.end_offset
+            if segment.max_timestamp_ms is not None and segment.max_timestamp_ms >= timestamp_ms:
+                answer = segment.offset_for_timestamp(timestamp_ms)
+                break
+        for first, last, _reason in self._lost:
+            if first < answer <= last + 1:
+                return first  # the answer may lie in the unreadable records just before it
+        return answer
 
     def _segment_index(self, offset: int) -> int:
         return bisect_right(self._segments, offset, key=lambda segment: segment.base_offset) - 1

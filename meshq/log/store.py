@@ -2,10 +2,13 @@
 
 Theory of operation
 -------------------
-A partition log holds record batches (``meshq.core.batch``) back to back. Offsets are
-dense, start at 0 and are never reused: ``start_offset`` is the first offset still held
-(it advances when retention deletes old segments), ``end_offset`` is the offset the next
-appended record gets. The caller verifies and stamps each batch before appending it; the
+A partition log holds record batches (``meshq.core.batch``) back to back. Offsets start at
+0, ascend and are never reused: ``start_offset`` is the first offset still held (it
+advances when retention deletes old segments), ``end_offset`` is the offset the next
+appended record gets. They are dense but for two kinds of gap: records compaction removed
+(``compact``; the batch after such a gap is marked ``COMPACTED_GAP``) and records damaged
+on disk (``lost_offsets``), which are never served: a read of them raises
+``CorruptLogError`` naming the offsets. The caller verifies and stamps each batch before appending it; the
 log checks the header again before writing and the CRC of every batch it reads back, so
 damaged bytes are never served.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import msgpack
 
-from meshq.core.batch import BatchHeader, parse_header
+from meshq.core.batch import BatchHeader, gap_allowed, parse_header
 from meshq.errors import ConfigError, InvalidTopicError, ProtocolError, UsageError
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -105,8 +108,9 @@ def check_append_batch(batch: bytes, end_offset: int, name: str) -> BatchHeader:
         raise UsageError(f"cannot append to {name}: {exc}") from None
     if header.size != len(batch):
         raise UsageError(f"cannot append to {name}: batch declares {header.size} bytes but holds {len(batch)}")
-    if header.base_offset != end_offset:
+    if header.base_offset != end_offset and not (header.base_offset > end_offset and gap_allowed(header)):
         raise UsageError(
             f"cannot append to {name}: batch base offset {header.base_offset} is not the log end offset {end_offset}"
+            f" (only a batch marked COMPACTED_GAP, copied from a compacted log, may start past it)"
         )
     return header

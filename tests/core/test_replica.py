@@ -644,3 +644,37 @@ def test_slow_sync_does_not_let_a_follower_confirm_an_unverified_tail():
     assert not acknowledged or b"acked" in values(cl, survivor), (
         f"{new} acknowledged offset 2 with acks=quorum while only {holders} held it; {survivor} now leads "
         f"epoch {cl[survivor].epoch} with {values(cl, survivor)[2:]} at offset 2")
+
+
+# ---------------------------------------------------------------------- compaction (issue #19 item 5)
+def test_a_follower_copies_a_compacted_leader_and_serves_the_same_latest_record_per_key():
+    cl = settled()
+    cl.kill("c")
+    leader = cl.nodes["a"]
+    leader.log._segment_bytes = 400  # small segments, so that some are sealed (the twin's own setting)
+    for i in range(150):
+        key = f"k{i % 4}".encode() if i < 130 else f"tail{i % 2}".encode()  # latest k0..k3 end up sealed
+        data = batch_format.encode_batch([(key, b"%d" % i, None, WALL_MS)])
+        leader.state.append(data, batch_format.parse_header(data), WALL_MS)
+        cl["a"].on_local_append(cl.now)
+        cl.pump()
+    cl.advance(0.5)
+    result = leader.log.compact(cl["a"].high_watermark, WALL_MS, None)
+    leader.state.compacted()
+    assert result.records_removed > 0
+    cl.revive("c")
+    cl.run_until(lambda: cl.nodes["c"].log.end_offset == leader.log.end_offset)
+
+    def served(node_id: str) -> dict:
+        log = cl.nodes[node_id].log
+        data = log.read(log.start_offset, 1 << 40)
+        return {r.offset: (r.key, r.value) for r in batch_format.decode_records(data, TOPIC, PARTITION)}
+
+    def latest(records: dict) -> dict:
+        return {key: (offset, value) for offset, (key, value) in sorted(records.items())}
+
+    offsets = sorted(served("a"))
+    assert any(b - a > 1 for a, b in zip(offsets, offsets[1:]))  # the copy crossed compaction gaps
+    assert served("c") == served("a")  # the compacted batches, gaps and all
+    assert latest(served("b")) == latest(served("a"))  # b never compacted: the same latest records
+    assert len(served("b")) > len(served("a"))

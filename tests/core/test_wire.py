@@ -34,7 +34,7 @@ MEMBER = {"node_id": "node-a", "address": "tcp://127.0.0.1:7450", "role": "stora
 MEMBER_INFO = {"node_id": "node-b", "address": "tcp://127.0.0.1:7451", "pub_address": "tcp://127.0.0.1:7452",
                "role": "storage", "incarnation": 1_700_000_000_000}
 TOPIC_CONFIG = {"name": "orders", "partitions": 2, "replication_factor": 1, "retention_bytes": None,
-                "retention_ms": 604_800_000, "cleanup_policy": "delete"}
+                "retention_ms": 604_800_000, "cleanup_policy": "delete", "delete_retention_ms": 86_400_000}
 TOPIC_META = {
     "config": TOPIC_CONFIG,
     "partitions": [

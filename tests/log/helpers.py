@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 
-from meshq.core.batch import encode_batch, parse_header, stamp
+from meshq.core.batch import encode_batch, iter_batches, parse_header, stamp
 from meshq.log import FileStorage, MemoryStorage
 
 
@@ -112,3 +112,19 @@ class Harness:
 
 def file_size(path: str) -> int:
     return os.stat(path).st_size
+
+
+def read_readable(log, max_bytes: int = 1 << 30) -> bytes:
+    """Every byte the log serves from its start, stepping over its lost offset ranges."""
+    out = []
+    offset = log.start_offset
+    lost = {first: last for first, last in log.lost_offsets}
+    while offset < log.end_offset:
+        if offset in lost:
+            offset = lost[offset] + 1
+            continue
+        data = log.read(offset, max_bytes)
+        out.append(data)
+        for _position, header in iter_batches(data):
+            offset = header.next_offset
+    return b"".join(out)

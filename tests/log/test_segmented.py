@@ -16,7 +16,7 @@ import pytest
 from meshq.core.batch import HEADER_SIZE, iter_batches, parse_header
 from meshq.errors import CorruptLogError, DiskFullError, StorageError
 from meshq.log import FileStorage, MemoryStorage, RecoveryReport, segment_file_name
-from tests.log.helpers import batch_for, file_size, fill, make_batch, read_all
+from tests.log.helpers import batch_for, file_size, fill, make_batch, read_all, read_readable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS_LOG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -167,7 +167,7 @@ def test_recovery_is_logged_with_partition_file_position_and_bytes(tmp_path, cap
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_flipped_byte_in_active_segment_cuts_from_that_batch(tmp_path, seed):
+def test_flipped_byte_in_active_segment_loses_only_that_batch(tmp_path, seed):
     rng = random.Random(seed)
     batches = write_log(tmp_path, 15, seed=seed)
     [path] = segment_paths(tmp_path)
@@ -176,13 +176,56 @@ def test_flipped_byte_in_active_segment_cuts_from_that_batch(tmp_path, seed):
     data[position] ^= rng.randint(1, 255)
     open(path, "wb").write(data)
     ranges = _ranges_of(batches)
-    start = next(s for s, e in ranges if s <= position < e)
+    index, (start, end) = next((i, r) for i, r in enumerate(ranges) if r[0] <= position < r[1])
+    damaged = parse_header(batches[index])
     storage = FileStorage(tmp_path)
     log = storage.open_log("t", 0)
     [report] = log.recovery
-    assert (report.position, report.bytes_cut) == (start, len(data) - start)
-    index = next(i for i, (s, e) in enumerate(ranges) if s == start)
-    assert read_all(log) == b"".join(batches[:index])
+    assert report.position == start
+    if index == len(batches) - 1:  # the last write: a torn tail, cut
+        assert report.bytes_cut == len(data) - start
+        assert log.end_offset == damaged.base_offset and log.lost_offsets == []
+        assert read_all(log) == b"".join(batches[:index])
+    else:  # damage inside the log: only that batch is lost, the end offset stays
+        assert report.bytes_cut == end - start
+        assert log.lost_offsets == [(damaged.base_offset, damaged.last_offset)]
+        assert log.end_offset == parse_header(batches[-1]).next_offset
+        with pytest.raises(CorruptLogError, match=f"offsets {damaged.base_offset} to {damaged.last_offset}"):
+            log.read(damaged.base_offset, 1 << 20)
+        assert read_readable(log) == b"".join(batches[:index] + batches[index + 1:])
+    storage.close()
+    reopened = FileStorage(tmp_path)
+    log = reopened.open_log("t", 0)
+    assert log.recovery == []  # a second open knows the lost offsets from the state file
+    assert log.lost_offsets == ([] if index == len(batches) - 1 else [(damaged.base_offset, damaged.last_offset)])
+    reopened.close()
+
+
+def test_corruption_inside_the_log_is_not_a_torn_tail(tmp_path):
+    """Issue #19 item 2: flip a byte in the records of the 6th of 10 batches and restart."""
+    storage = FileStorage(tmp_path)
+    log = storage.open_log("t", 0)
+    batches = [make_batch(offset) for offset in range(10)]
+    for batch in batches:
+        log.append(batch)
+    storage.close()
+    [path] = segment_paths(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    data[sum(len(b) for b in batches[:5]) + HEADER_SIZE + 3] ^= 0x40  # inside the 6th batch's records
+    open(path, "wb").write(data)
+    for _restart in range(2):
+        storage = FileStorage(tmp_path)
+        log = storage.open_log("t", 0)
+        assert log.lost_offsets == [(5, 5)]
+        assert log.end_offset == 10  # the 4 intact batches after the damage are kept
+        with pytest.raises(CorruptLogError, match=r"t/0: offsets 5 to 5 are unreadable.*Seek to offset 6"):
+            log.read(5, 1 << 20)
+        assert log.read(0, 1 << 20) == b"".join(batches[:5])  # a read stops before the damage
+        assert log.read(6, 1 << 20) == b"".join(batches[6:])
+        storage.close()
+    storage = FileStorage(tmp_path)
+    log = storage.open_log("t", 0)
+    assert log.append(make_batch(10)).base_offset == 10  # offset 5 is never handed out again
     storage.close()
 
 
@@ -271,12 +314,15 @@ def test_broken_header_chain_in_sealed_segment(tmp_path):
     storage = FileStorage(tmp_path, segment_bytes=600)
     log = storage.open_log("t", 0)
     [report] = log.recovery
-    assert (report.segment, report.position, report.bytes_cut) == (os.path.basename(path), second, 0)
-    assert "magic" in report.reason
     first_offset = int(os.path.basename(path)[:20])
+    damaged = parse_header(batch_for(batches, parse_header(batch_for(batches, first_offset)).next_offset))
+    assert (report.segment, report.position, report.bytes_cut) == (os.path.basename(path), second, damaged.size)
+    assert "magic" in report.reason
+    assert log.lost_offsets == [(damaged.base_offset, damaged.last_offset)]
     assert log.read(first_offset, 1 << 20) == batch_for(batches, first_offset)
     with pytest.raises(CorruptLogError):
-        log.read(parse_header(batch_for(batches, first_offset)).next_offset, 1 << 20)
+        log.read(damaged.base_offset, 1 << 20)
+    assert log.read(damaged.next_offset, 0) == batch_for(batches, damaged.next_offset)  # the rest is kept
     storage.close()
 
 

@@ -124,5 +124,7 @@ class Catalog(Room):
                 entry["epoch"] = replica.epoch
                 entry["role"] = replica.role
                 entry["end_offset"] = replica.log.end_offset
+                # offsets damaged on this node's disk, never served (merge_status: lost where no copy has them)
+                entry["lost_offsets"] = [list(lost) for lost in replica.log.lost_offsets]
             partitions.append(entry)
         return {"config": config.to_wire(), "partitions": partitions}

@@ -11,7 +11,11 @@ server (produce waiters, parked fetches) and the group offsets. As a partition l
 every heartbeat it proposes the next reassignment step towards the ring placement
 (``metadata.next_step``), one at a time per partition. It owns the group-commit fsync timer
 (``fsync=interval``: every log written since the last sync is synced together) and the
-retention timer.
+retention timer, which also compacts: at each tick, one partition of a ``compact`` topic (in
+turn) is compacted below its high watermark (``LogStore.compact``), so compaction runs in
+the background at a bounded rate whatever the number of partitions. Every replica compacts
+its own copy; all keep the latest record per key below the high watermark, so they serve
+the same records per key.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PartitionState
 from meshq.core.replica import Replica, persisted_name
 from meshq.core.room import Room
-from meshq.errors import NotLeaderError
+from meshq.errors import MeshqError, NotLeaderError
 
 log = logging.getLogger("meshq.core")
 
@@ -46,6 +50,7 @@ class PartitionHost(Room):
         # partition -> time before which we propose no other reassignment step for it
         self._reassigning: dict[tuple[str, int], float] = {}
         self._dirty_logs: set[tuple[str, int]] = set()  # written since the last group-commit sync
+        self._last_compacted: tuple[str, int] | None = None  # the partition the last tick compacted
 
     @property
     def meta(self) -> MetadataState:
@@ -236,16 +241,39 @@ class PartitionHost(Room):
         return self.core.mesh.hinted_leader(topic, partition)
 
     def apply_retention(self, key: Any, now_s: float) -> None:
-        """The ``retention`` timer: drop what each ``delete`` topic's retention no longer keeps."""
+        """The ``retention`` timer: drop what each ``delete`` topic's retention no longer keeps, and
+        compact one partition of a ``compact`` topic."""
         now_ms = self.core.wall_clock_ms()
+        compactable = []
         for (topic, partition), state in sorted(self.partitions.items()):
             config = self.meta.topics[topic]
-            if config.cleanup_policy != "delete":
+            if config.cleanup_policy == "compact":
+                compactable.append((topic, partition))
                 continue
             removed = state.log.apply_retention(now_ms, config.retention_bytes, config.retention_ms)
             if removed:
                 log.info("retention removed %d records from %s/%d", removed, topic, partition)
+        if compactable:
+            after = [k for k in compactable if self._last_compacted is None or k > self._last_compacted]
+            self._compact((after or compactable)[0], now_ms)
         self.out.schedule(now_s + self.config.retention_check_interval_s, "retention", None)
+
+    def _compact(self, key: tuple[str, int], now_ms: int) -> None:
+        """Compact one partition's log below its high watermark (never what a failover could take back)."""
+        self._last_compacted = key
+        state = self.partitions[key]
+        config = self.meta.topics[key[0]]
+        try:
+            result = state.log.compact(state.high_watermark, now_ms, config.delete_retention_ms)
+        except MeshqError as exc:
+            log.error("%s/%d: compaction failed: %s", key[0], key[1], exc)
+            return
+        if result.segments_rewritten:
+            state.compacted()
+            counters = self.core.counters
+            counters["compaction_records_removed"] = counters.get("compaction_records_removed", 0) + result.records_removed
+            log.info("compaction removed %d records (%d bytes) from %s/%d", result.records_removed,
+                     result.bytes_removed, key[0], key[1])
 
     def under_replicated(self) -> int:
         """Partitions led here whose in-sync replicas are fewer than their assigned replicas."""

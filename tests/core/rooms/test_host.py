@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshq.core import batch as batch_format
 from meshq.core.events import SyncLogs
 from meshq.core.replica import persisted_name
 from meshq.log.memory import MemoryStorage
@@ -98,3 +99,24 @@ def test_a_partition_moved_to_a_new_member_is_copied_there_then_deleted_here():
     assert error_of(answers(old)[5])[0] == "not_leader"  # the long poll was let go
     assert error_of(old.request("fetch", {"topic": "t", "partition": 0, "offset": 0, "max_bytes": 1000,
                                           "max_wait_ms": 0}))[0] == "not_leader"
+
+
+def test_the_retention_check_compacts_one_partition_of_a_compact_topic_per_tick_in_turn():
+    h = CoreHarness("n1", storage=MemoryStorage(segment_bytes=4096), retention_check_interval_s=1.0)
+    create_topic(h, "state", 2, cleanup_policy="compact")
+    for i in range(60):
+        for partition in (0, 1):
+            h.produce("state", [b"v%d" % i + b"x" * 500], keys=[b"key-%d" % (i % 3)], partition=partition)
+    sizes = {p: h.core.partitions[("state", p)].log.size_bytes for p in (0, 1)}
+    advance(h, 1.0)
+    shrunk = [p for p in (0, 1) if h.core.partitions[("state", p)].log.size_bytes < sizes[p]]
+    assert len(shrunk) == 1  # one partition per tick: a bounded background rate
+    advance(h, 1.0)
+    assert all(h.core.partitions[("state", p)].log.size_bytes < sizes[p] for p in (0, 1))
+    assert h.core.counters["compaction_records_removed"] > 0
+    for p in (0, 1):  # the latest record of every key is still served, at its original offset
+        log = h.core.partitions[("state", p)].log
+        latest = {}
+        for record in batch_format.decode_records(log.read(log.start_offset, 1 << 30), "state", p):
+            latest[record.key] = record.value[:3]
+        assert latest == {b"key-0": b"v57", b"key-1": b"v58", b"key-2": b"v59"}
