@@ -54,7 +54,6 @@ def add_bench_options(bench: argparse.ArgumentParser) -> None:
                        help="requests per one-at-a-time round (default 5000)")
     group.add_argument("--window", type=_positive_int, default=256,
                        help="requests in flight in the pipelined rounds (default 256)")
-    group.add_argument("--rounds", type=_positive_int, default=3, help="rounds per system (default 3, at least 3)")
     group.add_argument("--server-concurrency", type=_positive_int, default=1,
                        help="concurrency of the served benchmark service (default 1)")
 
@@ -63,7 +62,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     from meshq.cli.commands import _client, _read_lines, _setup_logging
 
     _setup_logging(args.log_level, "WARNING")
-    node = _client(args, ready_timeout_s=10.0)
+    node = _client(args)
     answered = 0
     try:
         for line in _read_lines(sys.stdin.buffer):
@@ -113,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = _StopRequest()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop.handler)
-    node = _client(args, ready_timeout_s=10.0)
+    node = _client(args)
     try:
         node.serve(args.service, handler, concurrency=args.concurrency, idempotent=args.idempotent)
         print(json.dumps({"event": "ready", "service": args.service, "node_id": node.node_id,
