@@ -120,3 +120,55 @@ def test_a_produce_waiting_when_the_node_stops_fails_with_node_stopped(storage):
             await task
 
     asyncio.run(main())
+
+
+def test_an_async_consumer_reads_commits_and_resumes_in_its_group(storage):
+    async def main():
+        async with client_node(storage) as client:
+            await client.wait_ready(10)
+            for i in range(10):
+                await client.produce("c", f"v{i}".encode(), partition=i % 2)
+            threads_before = threading.active_count()
+            async with await client.consumer("c") as plain:  # no group: every partition from the start
+                got = []
+                while len(got) < 10:
+                    got += await plain.poll(timeout=2.0)
+            assert sorted(r.value for r in got) == [f"v{i}".encode() for i in range(10)]
+            assert threading.active_count() == threads_before  # no worker threads for polling
+            async with await client.consumer("c", group="g", auto_commit=False) as member:
+                first = []
+                async for record in member:
+                    first.append(record)
+                    if len(first) == 4:
+                        break
+                await member.commit()
+                assert sum((await member.committed()).values()) == 4
+            async with await client.consumer("c", group="g") as member:  # resumes after the commit
+                rest = []
+                while len(rest) < 6:
+                    rest += await member.poll(timeout=2.0)
+                assert await member.poll(timeout=0.3) == []
+            assert sorted(r.value for r in first + rest) == [f"v{i}".encode() for i in range(10)]
+
+    asyncio.run(main())
+
+
+def test_two_async_group_members_split_the_partitions_and_the_last_takes_them_all(storage):
+    async def main():
+        async with client_node(storage) as client:
+            await client.wait_ready(10)
+            await client.create_topic("s", partitions=4)
+            a = await client.consumer("s", group="split")
+            b = await client.consumer("s", group="split")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while sorted(a.partitions + b.partitions) != [0, 1, 2, 3] or not a.partitions or not b.partitions:
+                assert loop.time() < deadline, (a.partitions, b.partitions)
+                await asyncio.gather(a.poll(timeout=0.1), b.poll(timeout=0.1))
+            await b.close()  # leaves: a takes every partition at once
+            while a.partitions != [0, 1, 2, 3]:
+                assert loop.time() < deadline, a.partitions
+                await a.poll(timeout=0.1)
+            await a.close()
+
+    asyncio.run(main())
