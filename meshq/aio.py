@@ -30,6 +30,7 @@ mDNS discovery is the node's own (python-zeroconf on the runtime side, pinned to
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import threading
@@ -58,6 +59,8 @@ from meshq.core.events import (
     LeaveGroup,
     ListOffsets,
     ReleaseGroup,
+    ServeService,
+    UnserveService,
     WaitReady,
     WatchGroup,
 )
@@ -67,7 +70,7 @@ from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, TimeoutErr
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
 
-__all__ = ["Consumer", "Node"]
+__all__ = ["Consumer", "Node", "Service"]
 
 _log = logging.getLogger("meshq.aio")
 
@@ -182,6 +185,37 @@ class Node:
         consumer = Consumer(self, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes, partitions)
         return await consumer._open(timeout)
 
+    # ------------------------------------------------------------------ request/reply
+    async def serve(self, service: str, handler: Any, concurrency: int = 1, idempotent: bool = False) -> Service:
+        """Serve ``service`` from this node (see ``meshq.Node.serve``). A coroutine function handler
+        runs on this event loop, dispatched to it straight from the runtime thread (no worker
+        threads; the core keeps at most ``concurrency`` running); a plain function runs in the sync
+        API's worker pool. Returns a handle; ``await handle.close()`` withdraws the service."""
+        self.sync._check_serve(service, handler, concurrency)
+        workers = self.sync._workers
+        assert workers is not None
+        loop = asyncio.get_running_loop() if inspect.iscoroutinefunction(handler) else None
+        workers.add(service, handler, concurrency, loop)
+        try:
+            await self._call(ServeService(service, bool(idempotent), concurrency), 10.0)
+        except BaseException:
+            workers.remove(service)
+            raise
+        return Service(self, service)
+
+    async def unserve(self, service: str, timeout: float = 10.0) -> None:
+        """Stop serving ``service`` here: requests queued here go to other instances, running ones finish."""
+        self.sync._require_started()
+        await self._call(UnserveService(service), timeout)
+        assert self.sync._workers is not None
+        self.sync._workers.remove(service)
+
+    async def request(self, service: str, payload: bytes | str, timeout: float = 1.0) -> bytes:
+        """Send ``payload`` to one live instance of ``service`` and return its reply (the errors of
+        ``meshq.Node.request``); the runtime sends it, the reply's Future is awaited."""
+        return await self._settled(self.sync.request_async(service, payload, timeout), timeout + 1.0,
+                                   f"request to {service!r}")
+
     # ------------------------------------------------------------------ produce
     async def produce(self, topic: str, value: bytes, key: bytes | None = None,
                       headers: dict[str, bytes] | None = None, acks: str = "quorum", timeout: float = 5.0,
@@ -230,6 +264,29 @@ class Node:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{what} did not complete within {timeout_s:.1f} s") from None
+
+
+class Service:
+    """The handle ``await node.serve(...)`` returns: ``await close()`` withdraws the service."""
+
+    def __init__(self, node: Node, service: str) -> None:
+        self.node = node
+        self.service = service
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        sync = self.node.sync
+        if sync._started and not sync._stopped and not sync.has_left:
+            await self.node.unserve(self.service)
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class _LoopState(_ThreadState):

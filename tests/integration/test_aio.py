@@ -172,3 +172,43 @@ def test_two_async_group_members_split_the_partitions_and_the_last_takes_them_al
             await a.close()
 
     asyncio.run(main())
+
+
+def test_a_coroutine_handler_serves_requests_on_the_event_loop(storage):
+    async def main():
+        async with client_node(storage) as server, client_node(storage) as caller:
+            await server.wait_ready(10)
+            await caller.wait_ready(10)
+            serving_loop = asyncio.get_running_loop()
+            loops = []
+
+            async def echo(payload: bytes) -> bytes:
+                loops.append(asyncio.get_running_loop())
+                await asyncio.sleep(0.01)
+                if payload == b"boom":
+                    raise ValueError("bad payload")
+                return payload.upper()
+
+            threads_before = threading.active_count()
+            handle = await server.serve("echo", echo, concurrency=4)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:  # the caller learns of the service from the mesh
+                try:
+                    assert await caller.request("echo", b"hi", timeout=1.0) == b"HI"
+                    break
+                except meshq.NoRespondersError:
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.05)
+            replies = await asyncio.gather(*(caller.request("echo", f"m{i}", timeout=5.0) for i in range(20)))
+            assert replies == [f"M{i}".encode() for i in range(20)]
+            assert await server.request("echo", b"local", timeout=2.0) == b"LOCAL"
+            with pytest.raises(meshq.RemoteError, match="ValueError"):
+                await caller.request("echo", b"boom", timeout=2.0)
+            assert set(loops) == {serving_loop}
+            assert threading.active_count() == threads_before  # no worker pool for a coroutine handler
+            await handle.close()
+            with pytest.raises(meshq.NoRespondersError):
+                await server.request("echo", b"gone", timeout=1.0)
+
+    asyncio.run(main())
