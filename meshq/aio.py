@@ -43,6 +43,7 @@ import zmq
 import zmq.asyncio
 
 from meshq import node as _sync
+from meshq import pubsub as _pubsub
 from meshq.config import TopicConfig
 from meshq.consumer import _parse_start
 from meshq.core import wire
@@ -66,11 +67,20 @@ from meshq.core.events import (
 )
 from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record, RecordMetadata
-from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, TimeoutError, UsageError
+from meshq.errors import (
+    MeshqError,
+    NodeStoppedError,
+    ProtocolError,
+    SubscriptionClosedError,
+    TimeoutError,
+    UsageError,
+)
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
 
-__all__ = ["Consumer", "Node", "Service"]
+__all__ = ["Consumer", "Node", "Service", "Subscription"]
+
+DEFAULT_MAX_PENDING = _pubsub.DEFAULT_MAX_PENDING
 
 _log = logging.getLogger("meshq.aio")
 
@@ -117,11 +127,7 @@ class Node:
 
     # ------------------------------------------------------------------ calls the core answers
     async def _call(self, command: Command, timeout_s: float) -> Any:
-        future = self.sync._submit(command, timeout_s)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + 1.0)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"{type(command).__name__} did not complete within {timeout_s + 1.0:.1f} s") from None
+        return await _call(self.sync, command, timeout_s)
 
     def _submit_raw(self, command: Command) -> Future:
         """Hand ``command`` to the runtime as the sync shells do (no deadline of its own)."""
@@ -184,6 +190,27 @@ class Node:
             raise UsageError("meshq.aio consumers support mode='stream' only so far")
         consumer = Consumer(self, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes, partitions)
         return await consumer._open(timeout)
+
+    # ------------------------------------------------------------------ pub/sub
+    def publish(self, subject: str, data: bytes, headers: dict[str, bytes] | None = None) -> None:
+        """``meshq.Node.publish``: it never blocks (a slow subscriber drops), so a plain method."""
+        self.sync.publish(subject, data, headers)
+
+    async def subscribe(self, pattern: str, queue: str | None = None, max_pending: int = DEFAULT_MAX_PENDING,
+                        timeout: float = 5.0) -> Subscription:
+        """``meshq.Node.subscribe`` for asyncio: messages reach the subscription's asyncio.Queue
+        from the runtime thread through ``call_soon_threadsafe``."""
+        self.sync._require_started()
+        shell = self.sync._pubsub
+        assert shell is not None
+        sub, command = shell.prepare_subscription(Subscription, pattern, queue, max_pending,
+                                                  asyncio.get_running_loop())
+        try:
+            await self._call(command, timeout)
+        except BaseException:
+            shell.abandon_subscription(sub)
+            raise
+        return sub
 
     # ------------------------------------------------------------------ request/reply
     async def serve(self, service: str, handler: Any, concurrency: int = 1, idempotent: bool = False) -> Service:
@@ -283,6 +310,85 @@ class Service:
             await self.node.unserve(self.service)
 
     async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def _call(sync: _sync.Node, command: Command, timeout_s: float) -> Any:
+    """``meshq.Node._call`` awaited: the command's Future, wrapped."""
+    future = sync._submit(command, timeout_s)
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + 1.0)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{type(command).__name__} did not complete within {timeout_s + 1.0:.1f} s") from None
+
+
+class _LoopQueue:
+    """What a subscription's ``_queue`` is for meshq.aio: ``put`` (from the runtime thread, or a
+    publisher on this node) hands the item to an asyncio.Queue on the subscriber's loop."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: nobody reads this subscription any more
+
+
+class Subscription(_pubsub.Subscription):
+    """``meshq.Subscription`` read with ``await sub.recv(timeout)`` / ``async for msg in sub``."""
+
+    __slots__ = ()
+
+    def __init__(self, shell: Any, sub_id: int, pattern: str, queue: str | None, max_pending: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(shell, sub_id, pattern, queue, max_pending)
+        self._queue = _LoopQueue(loop)  # type: ignore[assignment]
+
+    async def recv(self, timeout: float | None = None) -> _pubsub.Message:  # type: ignore[override]
+        """The next message; waits up to ``timeout`` seconds (None: forever). Raises
+        ``meshq.TimeoutError`` when none came, ``SubscriptionClosedError`` once closed and drained."""
+        if self._buffer:
+            self._read += 1
+            return self._buffer.popleft()
+        try:
+            item = await asyncio.wait_for(self._queue.queue.get(), timeout)  # type: ignore[attr-defined]
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
+        return self._unpack(item)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> _pubsub.Message:
+        try:
+            return await self.recv()
+        except SubscriptionClosedError:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:  # type: ignore[override]
+        """Withdraw the interest from the mesh; messages already queued can still be read. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            command = self._shell.unsubscribe_command(self)
+            if command is not None:
+                try:
+                    await _call(self._shell.node, command, 5.0)
+                except NodeStoppedError:
+                    pass
+        finally:
+            self._queue.put(_pubsub._CLOSED)
+
+    async def __aenter__(self) -> Subscription:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

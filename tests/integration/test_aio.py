@@ -212,3 +212,70 @@ def test_a_coroutine_handler_serves_requests_on_the_event_loop(storage):
                 await server.request("echo", b"gone", timeout=1.0)
 
     asyncio.run(main())
+
+
+def test_async_subscriptions_receive_local_and_remote_publishes_and_end_on_close(storage):
+    async def main():
+        async with client_node(storage) as a, client_node(storage) as b:
+            await a.wait_ready(10)
+            await b.wait_ready(10)
+            sub = await b.subscribe("sensors.*.temp")
+            workers = [await b.subscribe("jobs", queue="w"), await b.subscribe("jobs", queue="w")]
+            b.publish("sensors.local.temp", b"here")  # this node's own subscription: at once
+            local = await sub.recv(timeout=2.0)
+            assert (local.subject, local.data) == ("sensors.local.temp", b"here")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while True:  # a learns of b's interest from the mesh
+                a.publish("sensors.far.temp", b"probe", headers={"h": b"1"})
+                try:
+                    probe = await sub.recv(timeout=0.1)
+                    break
+                except meshq.TimeoutError:
+                    assert loop.time() < deadline
+            assert (probe.data, probe.headers, probe.source) == (b"probe", {"h": b"1"}, a.node_id)
+            while True:  # drain further probes
+                try:
+                    await sub.recv(timeout=0.3)
+                except meshq.TimeoutError:
+                    break
+            threads_before = threading.active_count()
+            for i in range(50):
+                a.publish("sensors.far.temp", f"{i}".encode())
+                a.publish("sensors.far.humidity", b"no match")
+            got = [(await sub.recv(timeout=2.0)).data for _ in range(50)]
+            assert got == [f"{i}".encode() for i in range(50)]
+            assert threading.active_count() == threads_before
+            for i in range(20):  # each message to one member of the queue group
+                b.publish("jobs", f"j{i}".encode())
+            jobs = []
+            for w in workers:
+                while True:
+                    try:
+                        jobs.append((await w.recv(timeout=0.3)).data)
+                    except meshq.TimeoutError:
+                        break
+            assert sorted(jobs) == sorted(f"j{i}".encode() for i in range(20))
+            received = []
+
+            async def read_all():
+                async for message in sub:
+                    received.append(message.data)
+
+            reader = asyncio.create_task(read_all())
+            a.publish("sensors.x.temp", b"last")
+            while not received:
+                await asyncio.sleep(0.01)
+                assert loop.time() < deadline
+            await sub.close()
+            await asyncio.wait_for(reader, 2.0)  # iteration ends once the subscription is closed
+            assert received == [b"last"]
+            with pytest.raises(meshq.SubscriptionClosedError):
+                await sub.recv(timeout=0.1)
+            for w in workers:
+                await w.close()
+            async with await a.subscribe("left.open") as still_open:  # closed on leaving the block
+                pass
+            assert still_open.closed
+
+    asyncio.run(main())
