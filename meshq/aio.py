@@ -44,6 +44,7 @@ import zmq.asyncio
 
 from meshq import node as _sync
 from meshq import pubsub as _pubsub
+from meshq import shared as _shared
 from meshq.config import TopicConfig
 from meshq.consumer import _parse_start
 from meshq.core import wire
@@ -78,7 +79,7 @@ from meshq.errors import (
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
 
-__all__ = ["Consumer", "Node", "Service", "Subscription"]
+__all__ = ["Consumer", "Node", "Service", "SharedConsumer", "Subscription"]
 
 DEFAULT_MAX_PENDING = _pubsub.DEFAULT_MAX_PENDING
 
@@ -183,11 +184,16 @@ class Node:
     async def consumer(self, topic: str, group: str | None = None, start: Any = "earliest", mode: str = "stream",
                        auto_commit: bool = True, auto_commit_interval_s: float = 5.0,
                        max_bytes: int = 4 * 1024 * 1024, partitions: list[int] | None = None,
-                       timeout: float = 10.0) -> Consumer:
+                       timeout: float = 10.0, **shared: Any) -> Consumer:
         """A stream consumer of ``topic`` (see ``meshq.Node.consumer``), its calls coroutines."""
         self.sync._require_started()
-        if mode != "stream":
-            raise UsageError("meshq.aio consumers support mode='stream' only so far")
+        if mode == "shared":
+            if group is None:
+                raise UsageError("mode='shared' needs a group")
+            config = await self.topic(topic, timeout=timeout, create=True)
+            return SharedConsumer(self.sync, topic, group, partitions=config.partitions, **shared)  # type: ignore[return-value]
+        if mode != "stream" or shared:
+            raise UsageError(f"mode must be 'stream' or 'shared' (its options only with 'shared'), not {mode!r}")
         consumer = Consumer(self, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes, partitions)
         return await consumer._open(timeout)
 
@@ -323,6 +329,81 @@ async def _call(sync: _sync.Node, command: Command, timeout_s: float) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + 1.0)
     except asyncio.TimeoutError:
         raise TimeoutError(f"{type(command).__name__} did not complete within {timeout_s + 1.0:.1f} s") from None
+
+
+class SharedConsumer(_shared.SharedConsumer):
+    """``meshq.shared.SharedConsumer`` on asyncio: the same state, commands and answers
+    (``ack``/``nack`` return at once); ``poll``, ``flush_acks`` and ``close`` await the commands'
+    wrapped Futures."""
+
+    async def _wait_any(self, futures: list[Future], timeout: float) -> set[Future]:
+        wrapped = {asyncio.wrap_future(f): f for f in futures}
+        done, _ = await asyncio.wait(wrapped, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return {wrapped[w] for w in done}
+
+    async def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:  # type: ignore[override]
+        self._require_open()
+        deadline = time.monotonic() + timeout
+        self._send_answers()
+        while True:
+            if self._state.buffer:
+                return self._state.take(max_records)
+            self._issue_fetches(max(0.0, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            waiting = list(self._fetches) + list(self._acks)
+            if not waiting:
+                await asyncio.sleep(min(remaining, 0.05))
+                continue
+            for future in await self._wait_any(waiting, remaining):
+                if future in self._fetches:
+                    self._on_fetched(future)
+                else:
+                    self._on_acked(future)
+
+    def __aiter__(self) -> SharedConsumer:
+        return self
+
+    async def __anext__(self) -> Record:
+        while not self._closed:
+            records = await self.poll(max_records=1)
+            if records:
+                return records[0]
+        raise StopAsyncIteration
+
+    async def flush_acks(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        self._send_answers()
+        await self._wait_acks_async(timeout)
+
+    async def _wait_acks_async(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._acks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self._acks)} ack requests were not confirmed within {timeout} s")
+            for future in await self._wait_any(list(self._acks), remaining):
+                self._on_acked(future)
+        if self._ack_errors:
+            errors, self._ack_errors = self._ack_errors, []
+            raise errors[0]
+
+    async def close(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        if self._closed:
+            return
+        self._closed = True
+        self._state.release_all()
+        self._send_answers()
+        try:
+            await self._wait_acks_async(timeout)
+        except MeshqError as exc:
+            _log.warning("closing the shared consumer of %s: %s", self.topic, exc)
+
+    async def __aenter__(self) -> SharedConsumer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class _LoopQueue:

@@ -279,3 +279,31 @@ def test_async_subscriptions_receive_local_and_remote_publishes_and_end_on_close
             assert still_open.closed
 
     asyncio.run(main())
+
+
+def test_async_shared_consumers_ack_nack_and_redeliver(storage):
+    async def main():
+        async with client_node(storage) as client:
+            await client.wait_ready(10)
+            await client.produce_batch("work", [f"w{i}".encode() for i in range(10)], partition=0)
+            async with await client.consumer("work", group="pool", mode="shared", ack_timeout=5.0) as c:
+                seen = []
+                while len(seen) < 10:
+                    for record in await c.poll(timeout=2.0):
+                        seen.append(record.value)
+                        if record.value == b"w3" and seen.count(b"w3") == 1:
+                            c.nack(record)  # handed out again
+                        else:
+                            c.ack(record)
+                    assert len(seen) < 30
+                await c.flush_acks()
+                while seen.count(b"w3") < 2:
+                    for record in await c.poll(timeout=2.0):
+                        seen.append(record.value)
+                        c.ack(record)
+                await c.flush_acks()
+                assert await c.poll(timeout=0.3) == []
+                assert sorted(set(seen)) == sorted(f"w{i}".encode() for i in range(10))
+                assert c.stats["acked"] == 10
+
+    asyncio.run(main())
