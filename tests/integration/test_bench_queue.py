@@ -35,3 +35,13 @@ def test_bench_queue_reports_meshq_and_its_peers():
         assert peer_round["acked"] == 600 and sum(peer_round["per_worker"]) == 600
         assert peer_round["acked_per_s"] > 0 and peer_round["meshq_ratio"] > 0
         assert set(entry["summary"]) == {"acked_per_s", "cpu_us_per_record", "meshq_ratio"}
+
+
+def test_bench_queue_says_not_installed_when_a_peer_is_missing(monkeypatch, tmp_path):
+    from meshq.bench import queue_peers
+
+    monkeypatch.setattr(queue_peers.shutil, "which", lambda _name: None)
+    running, notes = queue_peers.start_peers(str(tmp_path))
+    assert running == {}
+    assert notes == {"rabbitmq_quorum_queue": "rabbitmq-server is not installed: not measured",
+                     "redis_streams": "redis-server is not installed: not measured"}
