@@ -12,15 +12,16 @@ partition leaders report (``status``) that every record is acked (acks confirmed
 at a majority). Reported per round and as median / min / max over ``--rounds`` (3): acked
 records/s, wall time, CPU seconds of every process involved (nodes and workers, from
 /proc, so user + system) per record, and the ratio to the baseline. RabbitMQ (quorum queue)
-and Redis streams run beside it only when ``rabbitmq-server`` / ``redis-server`` are
-installed; the report says when they are not.
+and Redis streams (``queue_peers.py``) run in the same run, a round of each right after
+meshq's round (alternating), with the same records, workers and per-record acks, when
+``rabbitmq-server`` / ``redis-server`` and their Python clients are installed; the report
+says "not installed: not measured" when they are not, and gives the ratio meshq / peer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from meshq.bench.console import _progress
 from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.procs import PARTITIONS, _Cluster
+from meshq.bench.queue_peers import start_peers
 from meshq.bench.status import CLUSTER_READY_TIMEOUT_S, _start_with_client, _wait_cluster
 from meshq.errors import MeshqError
 
@@ -122,20 +124,30 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _peers() -> dict[str, str]:
-    return {name: ("installed, not run by this version of the benchmark" if shutil.which(server)
-                   else f"{server} is not installed: not measured")
-            for name, server in (("rabbitmq_quorum_queue", "rabbitmq-server"), ("redis_streams", "redis-server"))}
+def _peer_summary(entry: dict[str, Any], meshq_rounds: list[dict[str, Any]]) -> None:
+    rounds = entry["rounds"]
+    if not rounds:
+        return
+    for r, ours in zip(rounds, meshq_rounds):
+        r["meshq_ratio"] = round(ours["shared"]["acked_per_s"] / r["acked_per_s"], 3)
+    entry["summary"] = {
+        "acked_per_s": _spread([r["acked_per_s"] for r in rounds]),
+        "cpu_us_per_record": _spread([r["cpu_us_per_record"] for r in rounds]),
+        "meshq_ratio": _spread([r["meshq_ratio"] for r in rounds]),
+    }
 
 
 def run_queue(args: Any, workdir: str) -> dict[str, Any]:
     replication_factor = min(args.replication_factor, args.nodes)
     cluster = _Cluster(args.nodes, workdir, args, replication_factor)
     out: dict[str, Any] = {"nodes": args.nodes, "replication_factor": replication_factor, "partitions": PARTITIONS,
-                           "workers": args.workers, "jobs": args.jobs, "rounds": [], "peers": _peers()}
+                           "workers": args.workers, "jobs": args.jobs, "rounds": []}
     client = None
+    peers: dict[str, Any] = {}
     try:
         client = _start_with_client(args, cluster, out)
+        _progress("starting the peers (RabbitMQ, Redis) that are installed")
+        peers, out["peers"] = start_peers(workdir)
         run_id = uuid.uuid4().hex[:8]
         for number in range(args.rounds):
             topic = f"queue-{run_id}-{number}"
@@ -152,6 +164,14 @@ def run_queue(args: Any, workdir: str) -> dict[str, Any]:
             shared = _round(client, cluster, args, topic, f"workers-{run_id}-{number}", workdir)
             shared["ratio_to_baseline"] = round(shared["acked_per_s"] / baseline["records_per_s"], 3)
             out["rounds"].append({"baseline": baseline, "shared": shared})
+            for name, peer in list(peers.items()):
+                _progress(f"round {number + 1}: {name}, {args.workers} workers, per-record acks")
+                try:
+                    out["peers"][name]["rounds"].append(peer.round(args, number))
+                except Exception as exc:  # a peer's failure is reported, it does not stop meshq's figures
+                    out["peers"][name]["error"] = f"{type(exc).__name__}: {exc}"
+                    peer.stop()
+                    del peers[name]
         rounds = out["rounds"]
         out["summary"] = {
             "acked_per_s": _spread([r["shared"]["acked_per_s"] for r in rounds]),
@@ -159,12 +179,18 @@ def run_queue(args: Any, workdir: str) -> dict[str, Any]:
             "baseline_records_per_s": _spread([r["baseline"]["records_per_s"] for r in rounds]),
             "ratio_to_baseline": _spread([r["shared"]["ratio_to_baseline"] for r in rounds]),
         }
+        for entry in out["peers"].values():
+            if isinstance(entry, dict):
+                _peer_summary(entry, rounds)
         return out
     except (BenchError, MeshqError) as exc:
         out["error"] = _error_text(exc)
         return out
     finally:
         out["node_pids"] = cluster.launched_pids
+        for peer in peers.values():
+            peer.stop()
+        out.setdefault("peers", {})
         try:
             if client is not None:
                 client.stop()
@@ -186,7 +212,18 @@ def render_queue(report: dict[str, Any]) -> None:
     if "summary" in cluster:
         for key, spread in cluster["summary"].items():
             print(f"  {key}: median {spread['median']}  min {spread['min']}  max {spread['max']}")
-    for peer, note in cluster["peers"].items():
-        print(f"  {peer}: {note}")
+    for peer, entry in cluster.get("peers", {}).items():
+        if isinstance(entry, str):
+            print(f"  {peer}: {entry}")
+            continue
+        print(f"  {peer}: same records and workers, each record acked individually")
+        for i, r in enumerate(entry["rounds"]):
+            print(f"    round {i + 1}: {r['acked_per_s']:>8} acked/s  {r['cpu_us_per_record']:>7} CPU µs/record  "
+                  f"wall {r['wall_s']} s | preload {r['preload_records_per_s']} rec/s | meshq/peer "
+                  f"{r.get('meshq_ratio', '-')}x")
+        for key, spread in entry.get("summary", {}).items():
+            print(f"    {key}: median {spread['median']}  min {spread['min']}  max {spread['max']}")
+        if "error" in entry:
+            print(f"    error: {entry['error']}")
     if "error" in cluster:
         print(f"  error: {cluster['error']}")

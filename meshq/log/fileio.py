@@ -25,6 +25,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def replace_file(path: str, data: bytes) -> None:
+    """Make ``data`` the whole of ``path``, atomically: written beside it as ``.tmp``, fsynced,
+    renamed over it (a crash leaves the old file or the new one). The caller fsyncs the
+    directory when the rename itself must be durable. Raises ``OSError``."""
+    tmp_path = path + TMP_SUFFIX
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp_path, path)
+
+
 def _fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

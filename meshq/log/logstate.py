@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from meshq.errors import CorruptLogError
-from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _write_all
+from meshq.log.fileio import _fsync_directory, replace_file
 from meshq.log.store import decode_meta, encode_meta
 
 STATE_FILE = "log-state.msgpack"
@@ -51,15 +51,7 @@ def read_log_state(directory: str, log_name: str) -> tuple[list[LostRange], set[
 def write_log_state(directory: str, lost: list[LostRange], compacted: set[int]) -> None:
     """Replace the state file atomically and durably (raises ``OSError``)."""
     data = encode_meta(STATE_FILE, {"lost": [list(entry) for entry in lost], "compacted": sorted(compacted)})
-    path = os.path.join(directory, STATE_FILE)
-    tmp_path = path + TMP_SUFFIX
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp_path, path)
+    replace_file(os.path.join(directory, STATE_FILE), data)
     _fsync_directory(directory)
 
 

@@ -35,7 +35,7 @@ from bisect import bisect_left, bisect_right
 
 from meshq.core.batch import HEADER_SIZE, BatchHeader, crc_ok, gap_allowed, parse_header
 from meshq.errors import CorruptLogError, ProtocolError, StorageError
-from meshq.log.fileio import TMP_SUFFIX, _write_all
+from meshq.log.fileio import replace_file
 
 LOG_SUFFIX = ".log"
 OFFSET_DIGITS = 20
@@ -112,14 +112,7 @@ class _Segment:
         """Make ``data`` the whole file, atomically: written beside it, fsynced, renamed over it
         (a crash leaves the old file or the new one, plus a ``.tmp`` leftover recovery removes).
         The caller fsyncs the directory and rebuilds the derived state."""
-        tmp_path = self.path + TMP_SUFFIX
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_path, self.path)
+        replace_file(self.path, data)
         self.close()
         self.size = len(data)
 

@@ -47,7 +47,7 @@ from meshq.errors import (
     UsageError,
 )
 from meshq.log.compaction import SegmentCompaction, latest_offsets
-from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all
+from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all, replace_file
 from meshq.log.lock import DataDirLock
 from meshq.log.logstate import (
     LostRange,
@@ -673,19 +673,12 @@ class FileStorage:
         check_meta_name(name)
         data = encode_meta(name, value)
         path = self._meta_path(name)
-        tmp_path = path + TMP_SUFFIX
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_path, path)
+            replace_file(path, data)
             _fsync_directory(self._meta_dir)
         except OSError as exc:
             try:
-                os.unlink(tmp_path)
+                os.unlink(path + TMP_SUFFIX)
             except OSError:
                 pass
             if exc.errno == errno.ENOSPC:

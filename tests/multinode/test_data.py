@@ -157,7 +157,7 @@ def test_topic_configuration_is_agreed_everywhere_and_survives_restarting_every_
         assert topics == reference, f"{nid} disagrees on topic configuration or placement"
     assert reference["mn-orders"][0] == {"name": "mn-orders", "partitions": 5, "replication_factor": 2,
                                          "retention_bytes": 50_000_000, "retention_ms": 3_600_000,
-                                         "cleanup_policy": "delete"}
+                                         "cleanup_policy": "delete", "delete_retention_ms": 86_400_000}
     assert reference["mn-ledger"][0]["cleanup_policy"] == "compact"
     assert reference["mn-ledger"][0]["retention_ms"] is None
     assert reference["mn-auto"][0]["partitions"] == 8 and reference["mn-auto"][0]["replication_factor"] == 3

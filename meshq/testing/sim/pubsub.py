@@ -165,8 +165,12 @@ class SimPubSub:
         """Every live node routes by every other live node's current interest."""
         sim = self.sim
         live = [n for n in self._live_publishers()]
+        live_ids = {n.node_id for n in live}
         for node in live:
             assert node.core is not None
+            gone = set(node.core.pubsub._remote_entries) - live_ids
+            if gone:
+                return False  # it still routes to a node that left or is down (not yet seen dead)
             own = node.core.pubsub.interest()
             if own != node.core.adverts.local.get(ADVERT_KIND):
                 return False  # an advert of its own is still waiting to go out

@@ -128,6 +128,7 @@ class Simulation:
         self.checker = Checker(self)
         self.shared = SharedWorkload(self) if options.shared else None
         self.pubsub = SimPubSub(self) if options.pubsub else None
+        self._held_data: dict[tuple[str, int], list] = {}  # (node, incarnation) -> pub/sub batches held while paused
         self.rpc = RpcWorkload(self) if options.rpc else None  # request/reply, when the run has it
 
     # ------------------------------------------------------------------ what the checkers read
@@ -259,11 +260,29 @@ class Simulation:
         """A pub/sub batch arrived at ``node``: taken now, or when it resumes (in order) if paused."""
         if node.core is None or self.pubsub is None:
             return
-        if node.paused_until_s > self.now_s:
-            self.at(node.paused_until_s, "data", (node.node_id, node.incarnation, frames))
+        held = self._held_data.setdefault((node.node_id, node.incarnation), [])
+        if node.paused_until_s > self.now_s or held:
+            # Held in one queue per node and taken in arrival order: a batch that arrives while
+            # earlier ones wait (the pause was extended) must not overtake them.
+            if not held:
+                self.at(node.paused_until_s, "data", (node.node_id, node.incarnation))
+            held.append(frames)
             return
         self.touched.add(node.node_id)
         self.pubsub.on_data(node, frames)
+
+    def _take_held_data(self, node: SimNode) -> None:
+        """The ``data`` event: a paused node resumed; it takes its held batches in order."""
+        held = self._held_data.pop((node.node_id, node.incarnation), [])
+        if node.core is None or self.pubsub is None:
+            return
+        if node.paused_until_s > self.now_s:  # paused again meanwhile: wait for that pause too
+            self._held_data[(node.node_id, node.incarnation)] = held
+            self.at(node.paused_until_s, "data", (node.node_id, node.incarnation))
+            return
+        self.touched.add(node.node_id)
+        for frames in held:
+            self.pubsub.on_data(node, frames)
 
     def _after_core(self, node: SimNode) -> None:
         """A node that has left stops at once, as the runtime stops it."""
@@ -428,10 +447,12 @@ class Simulation:
             assert self.pubsub is not None
             self.pubsub.step()
         elif kind == "data":
-            node_id, incarnation, frames = data
+            node_id, incarnation = data
             node = self.nodes[node_id]
             if node.incarnation == incarnation:
-                self.take_data(node, frames)
+                self._take_held_data(node)
+            else:
+                self._held_data.pop((node_id, incarnation), None)  # it restarted: what its SUB held is gone
         elif kind == "input":
             node_id, incarnation, event = data
             node = self.nodes[node_id]
