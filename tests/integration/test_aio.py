@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -10,6 +11,35 @@ import meshq
 import meshq.aio
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class ThreadWatch:
+    """Records every hand-off to a thread while it watches: the loop's ``run_in_executor`` (also
+    behind ``asyncio.to_thread``) and any ``threading.Thread.start``. Counting live threads instead
+    was flaky: other tests' threads end meanwhile."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.seen: list[str] = []
+        self._executor = loop.run_in_executor
+        self._start = threading.Thread.start
+        seen, executor, start = self.seen, self._executor, self._start
+
+        def run_in_executor(*args):
+            seen.append(f"run_in_executor{args[1:2]}")
+            return executor(*args)
+
+        def thread_start(thread):
+            seen.append(f"Thread.start({thread.name})")
+            return start(thread)
+
+        loop.run_in_executor = run_in_executor
+        threading.Thread.start = thread_start
+
+    def stop(self) -> list[str]:
+        self.loop.run_in_executor = self._executor
+        threading.Thread.start = self._start
+        return self.seen
 
 
 @pytest.fixture
@@ -65,13 +95,9 @@ def test_a_client_produces_from_the_event_loop_on_its_own_socket(storage):
             await client.wait_ready(10)
             await client.produce("t", b"v0", partition=0)  # the topic is new: through the runtime
             loop = asyncio.get_running_loop()
-            handed_off: list = []
-            run_in_executor = loop.run_in_executor
-            loop.run_in_executor = lambda *args: handed_off.append(args) or run_in_executor(*args)
+            watch = ThreadWatch(loop)
             metas = [await client.produce("t", f"v{i}".encode(), partition=0) for i in range(1, 30)]
-            loop.run_in_executor = run_in_executor
-            assert handed_off == []  # no worker threads for the hot path (counting threads was flaky:
-            # other tests' threads end meanwhile)
+            assert watch.stop() == []  # no worker threads for the hot path
             assert client._direct.stats()["direct_produces"] == 29
             return [m.offset for m in metas]
 
@@ -132,13 +158,13 @@ def test_an_async_consumer_reads_commits_and_resumes_in_its_group(storage):
             await client.wait_ready(10)
             for i in range(10):
                 await client.produce("c", f"v{i}".encode(), partition=i % 2)
-            threads_before = threading.active_count()
+            watch = ThreadWatch(asyncio.get_running_loop())
             async with await client.consumer("c") as plain:  # no group: every partition from the start
                 got = []
                 while len(got) < 10:
                     got += await plain.poll(timeout=2.0)
             assert sorted(r.value for r in got) == [f"v{i}".encode() for i in range(10)]
-            assert threading.active_count() == threads_before  # no worker threads for polling
+            assert watch.stop() == []  # no worker threads for polling
             async with await client.consumer("c", group="g", auto_commit=False) as member:
                 first = []
                 async for record in member:
@@ -193,9 +219,9 @@ def test_a_coroutine_handler_serves_requests_on_the_event_loop(storage):
                     raise ValueError("bad payload")
                 return payload.upper()
 
-            threads_before = threading.active_count()
-            handle = await server.serve("echo", echo, concurrency=4)
             loop = asyncio.get_running_loop()
+            watch = ThreadWatch(loop)
+            handle = await server.serve("echo", echo, concurrency=4)
             deadline = loop.time() + 10
             while True:  # the caller learns of the service from the mesh
                 try:
@@ -210,7 +236,7 @@ def test_a_coroutine_handler_serves_requests_on_the_event_loop(storage):
             with pytest.raises(meshq.RemoteError, match="ValueError"):
                 await caller.request("echo", b"boom", timeout=2.0)
             assert set(loops) == {serving_loop}
-            assert threading.active_count() == threads_before  # no worker pool for a coroutine handler
+            assert watch.stop() == []  # no worker pool for a coroutine handler
             await handle.close()
             with pytest.raises(meshq.NoRespondersError):
                 await server.request("echo", b"gone", timeout=1.0)
@@ -243,13 +269,13 @@ def test_async_subscriptions_receive_local_and_remote_publishes_and_end_on_close
                     await sub.recv(timeout=0.3)
                 except meshq.TimeoutError:
                     break
-            threads_before = threading.active_count()
+            watch = ThreadWatch(loop)
             for i in range(50):
                 a.publish("sensors.far.temp", f"{i}".encode())
                 a.publish("sensors.far.humidity", b"no match")
             got = [(await sub.recv(timeout=2.0)).data for _ in range(50)]
             assert got == [f"{i}".encode() for i in range(50)]
-            assert threading.active_count() == threads_before
+            assert watch.stop() == []  # delivered by call_soon_threadsafe, no thread per subscription
             for i in range(20):  # each message to one member of the queue group
                 b.publish("jobs", f"j{i}".encode())
             jobs = []
