@@ -42,31 +42,21 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from meshq import consumer as _consumer
 from meshq import node as _sync
 from meshq import pubsub as _pubsub
 from meshq import shared as _shared
 from meshq.config import TopicConfig
-from meshq.consumer import _parse_start
 from meshq.core import wire
-from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.core.client.direct import answer_of, leader_silent, silent_leader_error
 from meshq.core.events import (
     Command,
-    CommitOffsets,
-    Fetch,
-    FetchCommitted,
     GetMetadata,
     GetStatus,
-    JoinGroup,
-    LeaveGroup,
-    ListOffsets,
-    ReleaseGroup,
     ServeService,
     UnserveService,
     WaitReady,
-    WatchGroup,
 )
-from meshq.core.partitions.server import EARLIEST, LATEST
 from meshq.core.records import Record, RecordMetadata
 from meshq.errors import (
     MeshqError,
@@ -78,6 +68,7 @@ from meshq.errors import (
 )
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
+from meshq.io.steps import drive_async
 
 __all__ = ["Consumer", "Node", "Service", "SharedConsumer", "Subscription"]
 
@@ -600,156 +591,47 @@ class _LoopProducer(DirectProducer):
         self._loop_states.clear()
 
 
-class Consumer:
-    """A stream consumer on asyncio (``await node.consumer(...)``): ``meshq.Consumer``'s pure state
-    (``meshq.core.client.consumer.ConsumerState``) and its commands, each wait an awaited Future."""
+class Consumer(_consumer.ConsumerFlow):
+    """A stream consumer on asyncio (``await node.consumer(...)``): ``meshq.Consumer``'s control
+    flow (``meshq.consumer.ConsumerFlow``, its steps) with each step awaited on the loop."""
 
     def __init__(self, node: Node, topic: str, group: str | None, start: Any, auto_commit: bool,
                  auto_commit_interval_s: float, max_bytes: int, partitions: list[int] | None) -> None:
-        self.node = node
-        self.topic = topic
-        self.group = group
-        self.auto_commit = auto_commit and group is not None
-        self.auto_commit_interval_s = auto_commit_interval_s
-        self.max_bytes = max_bytes
-        self._start = _parse_start(start)
+        super().__init__(node, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes)
         self._explicit = partitions
-        self._closed = False
-        self._in_flight: dict[asyncio.Future, FetchSpec] = {}
-        self._last_commit_s = time.monotonic()
-        self._member: str | None = None
-        self._generation = -1
-        self._assigned_version = -1
-        self._watch: asyncio.Future | None = None
-        self._unstarted: list[int] = []
-        self._state = ConsumerState(topic, [])
 
     async def _open(self, timeout: float) -> Consumer:
         config = await self.node.topic(self.topic, timeout=timeout, create=True)
-        if self.group is not None and self._explicit is None:
-            self._member = await self.node._call(JoinGroup(self.group, self.topic, config.partitions), timeout)
-            self._watch_member(0)
-            return self
-        self._state = ConsumerState(self.topic, sorted(self._explicit) if self._explicit is not None
-                                    else list(range(config.partitions)))
-        committed: dict = {}
-        if self.group is not None:
-            committed = await self.node._call(FetchCommitted(self.group, self.topic), timeout)
-        for partition in self._state.partitions:
-            if (self.topic, partition) in committed:
-                self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
-            else:
-                self._state.start_at(partition, await self._resolve_start(partition, self._start, timeout))
+        await self._run(self._open_steps(config.partitions, self._explicit, timeout))
         return self
 
-    @property
-    def member_id(self) -> str | None:
-        return self._member
+    def _run(self, steps: Any) -> Any:
+        return drive_async(steps, self._do)
 
-    @property
-    def partitions(self) -> list[int]:
+    async def _do(self, step: Any) -> Any:
+        if type(step) is _consumer.Wait:
+            if not step.futures:
+                await asyncio.sleep(step.timeout_s)
+                return set()
+            return (await asyncio.wait(step.futures, timeout=step.timeout_s,
+                                       return_when=asyncio.FIRST_COMPLETED))[0]
+        if type(step) is _consumer.Submit:
+            return asyncio.wrap_future(self.node._submit_raw(step.command))
+        return await self.node._call(step.command, step.timeout_s)
+
+    async def seek(self, partition: int, offset: Any) -> None:
+        """Move ``partition`` to ``offset`` (an int, 'earliest', 'latest', or a datetime)."""
+        await self._run(self._seek_steps(partition, offset))
+
+    async def assignment(self) -> list[int]:
+        """The partitions this consumer reads now (a group member's change at each rebalance)."""
+        if self._member is not None and not self._closed:
+            await self._run(self._apply_group_steps())
         return list(self._state.partitions)
-
-    def position(self, partition: int) -> int:
-        return self._state.position(partition)
-
-    def _watch_member(self, version: int) -> None:
-        self._watch = asyncio.wrap_future(self.node._submit_raw(WatchGroup(self._member, version)))
-
-    async def _apply_group(self) -> None:
-        if self._watch is not None and self._watch.done():
-            try:
-                view = self._watch.result()
-            except MeshqError as exc:
-                self._watch = None
-                raise UsageError(f"consumer of group {self.group!r} cannot go on: {exc}") from exc
-            if view.state in ("revoking", "left"):
-                await self._let_go(view.generation)
-            elif view.state == "assigned" and view.version != self._assigned_version:
-                self._assigned_version = view.version
-                await self._let_go(None)
-                self._generation = view.generation
-                self._state.assign(list(view.partitions))
-                self._unstarted = list(view.partitions)
-                self._last_commit_s = time.monotonic()
-            self._watch = None
-            if view.state != "left":
-                self._watch_member(view.version)
-        if self._unstarted:
-            try:
-                committed = await self.node._call(FetchCommitted(self.group, self.topic), 5.0)
-                for partition in list(self._unstarted):
-                    if (self.topic, partition) in committed:
-                        self._state.start_at(partition, committed[(self.topic, partition)], committed=True)
-                    else:
-                        self._state.start_at(partition, await self._resolve_start(partition, self._start, 5.0))
-                    self._unstarted.remove(partition)
-            except MeshqError as exc:
-                if not exc.retriable:
-                    raise
-
-    async def _let_go(self, generation: int | None) -> None:
-        if self._state.partitions and self.auto_commit:
-            try:
-                await self.commit(timeout=5.0)
-            except MeshqError as exc:
-                _log.warning("group %s: commit before the rebalance failed (%s)", self.group, exc)
-        self._state.revoke(list(self._state.partitions))
-        self._unstarted = []
-        if generation is not None:
-            self.node.sync.runtime.submit(ReleaseGroup(self._member, generation))
-
-    async def _resolve_start(self, partition: int, start: tuple[str, int], timeout: float) -> int:
-        kind, value = start
-        if kind == "offset":
-            return value
-        timestamp_ms = {"earliest": EARLIEST, "latest": LATEST}.get(kind, value)
-        return await self.node._call(ListOffsets(self.topic, partition, timestamp_ms), timeout)
 
     async def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:
         """Up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
-        self._require_open()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            if self._member is not None:
-                await self._apply_group()
-            if self._state.buffer:
-                out = self._state.take(max_records, int(time.time() * 1000))
-                if out:
-                    await self._maybe_auto_commit()
-                    return out
-            wait_s = max(0.0, deadline - loop.time())
-            for spec in self._state.fetches_due(time.monotonic()):
-                future = asyncio.wrap_future(self.node._submit_raw(
-                    Fetch(self.topic, spec.partition, spec.offset, self.max_bytes, min(wait_s, 1.0))))
-                self._in_flight[future] = spec
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                await self._maybe_auto_commit()
-                return []
-            waiting: set[asyncio.Future] = set(self._in_flight)
-            if self._watch is not None:
-                waiting.add(self._watch)
-            if not waiting:
-                await asyncio.sleep(min(remaining, 0.05))
-                continue
-            if self._state.held:
-                remaining = min(remaining, 0.05)
-            done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                if future is not self._watch:
-                    await self._on_fetched(future)
-
-    async def _on_fetched(self, future: asyncio.Future) -> None:
-        spec = self._in_flight.pop(future)
-        try:
-            result = future.result()
-        except MeshqError as exc:
-            if self._state.on_fetch_failed(spec, exc, time.monotonic()):
-                self._state.reset(spec.partition, await self._resolve_start(spec.partition, ("earliest", 0), 10.0))
-            return
-        self._state.on_fetched(spec, result.data)
+        return await self._run(self._poll_steps(timeout, max_records))
 
     def __aiter__(self) -> Consumer:
         return self
@@ -764,57 +646,18 @@ class Consumer:
 
     async def commit(self, offsets: dict[int, int] | None = None, timeout: float = 10.0) -> None:
         """Store the group's position (default: one past each record returned by ``poll``)."""
-        self._require_open()
-        if self.group is None:
-            raise UsageError("commit() needs a consumer group: node.consumer(topic, group='name')")
-        changed = self._state.to_commit(offsets)
-        if not changed:
-            return
-        await self.node._call(CommitOffsets(self.group, {(self.topic, p): o for p, o in changed.items()},
-                                            member=self._member, generation=self._generation), timeout)
-        self._state.on_committed(changed)
-        self._last_commit_s = time.monotonic()
+        await self._run(self._commit_steps(offsets, timeout))
 
     async def committed(self, timeout: float = 10.0) -> dict[int, int]:
-        if self.group is None:
-            raise UsageError("committed() needs a consumer group")
-        stored = await self.node._call(FetchCommitted(self.group, self.topic), timeout)
-        return {p: o for (_t, p), o in stored.items()}
-
-    async def _maybe_auto_commit(self) -> None:
-        if self.auto_commit and time.monotonic() - self._last_commit_s >= self.auto_commit_interval_s:
-            try:
-                await self.commit()
-            except MeshqError as exc:
-                _log.warning("auto-commit of group %s failed: %s", self.group, exc)
+        """The group's committed offsets for this topic."""
+        return await self._run(self._committed_steps(timeout))
 
     async def close(self) -> None:
         """Commit (with auto-commit), leave the group and stop. Idempotent."""
-        if self._closed:
-            return
-        try:
-            if self.auto_commit and self._state.partitions:
-                await self.commit()
-        finally:
-            self._closed = True
-            for future in self._in_flight:
-                future.cancel()
-            self._in_flight.clear()
-            if self._watch is not None:
-                self._watch.cancel()
-            if self._member is not None:
-                self._state.revoke(list(self._state.partitions))
-                try:
-                    await self.node._call(LeaveGroup(self._member), 5.0)
-                except MeshqError as exc:
-                    _log.warning("group %s: leave of %s not confirmed (%s)", self.group, self._member, exc)
+        await self._run(self._close_steps())
 
     async def __aenter__(self) -> Consumer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise UsageError("this consumer is closed")
