@@ -30,8 +30,11 @@ mDNS discovery is the node's own (python-zeroconf on the runtime side, pinned to
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -39,17 +42,39 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from meshq import consumer as _consumer
 from meshq import node as _sync
+from meshq import pubsub as _pubsub
+from meshq import shared as _shared
 from meshq.config import TopicConfig
 from meshq.core import wire
 from meshq.core.client.direct import answer_of, leader_silent, silent_leader_error
-from meshq.core.events import Command, GetMetadata, GetStatus, WaitReady
-from meshq.core.records import RecordMetadata
-from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, TimeoutError
+from meshq.core.events import (
+    Command,
+    GetMetadata,
+    GetStatus,
+    ServeService,
+    UnserveService,
+    WaitReady,
+)
+from meshq.core.records import Record, RecordMetadata
+from meshq.errors import (
+    MeshqError,
+    NodeStoppedError,
+    ProtocolError,
+    SubscriptionClosedError,
+    TimeoutError,
+    UsageError,
+)
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
+from meshq.io.steps import drive_async
 
-__all__ = ["Node"]
+__all__ = ["Consumer", "Node", "Service", "SharedConsumer", "Subscription"]
+
+DEFAULT_MAX_PENDING = _pubsub.DEFAULT_MAX_PENDING
+
+_log = logging.getLogger("meshq.aio")
 
 
 class Node:
@@ -94,11 +119,14 @@ class Node:
 
     # ------------------------------------------------------------------ calls the core answers
     async def _call(self, command: Command, timeout_s: float) -> Any:
-        future = self.sync._submit(command, timeout_s)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + 1.0)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"{type(command).__name__} did not complete within {timeout_s + 1.0:.1f} s") from None
+        return await _call(self.sync, command, timeout_s)
+
+    def _submit_raw(self, command: Command) -> Future:
+        """Hand ``command`` to the runtime as the sync shells do (no deadline of its own)."""
+        future: Future = Future()
+        command.waiter = future
+        self.sync.runtime.submit(command)
+        return future
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Until a storage node (maybe this one) can take requests."""
@@ -142,6 +170,75 @@ class Node:
     async def status(self, timeout: float = 5.0, node_id: str | None = None) -> dict:
         """The cluster as ``meshq status --json`` shows it (see ``meshq.Node.status``)."""
         return await self._call(GetStatus(node_id or None), timeout)
+
+    # ------------------------------------------------------------------ consume
+    async def consumer(self, topic: str, group: str | None = None, start: Any = "earliest", mode: str = "stream",
+                       auto_commit: bool = True, auto_commit_interval_s: float = 5.0,
+                       max_bytes: int = 4 * 1024 * 1024, partitions: list[int] | None = None,
+                       timeout: float = 10.0, **shared: Any) -> Consumer:
+        """A stream consumer of ``topic`` (see ``meshq.Node.consumer``), its calls coroutines."""
+        self.sync._require_started()
+        if mode == "shared":
+            if group is None:
+                raise UsageError("mode='shared' needs a group")
+            config = await self.topic(topic, timeout=timeout, create=True)
+            return SharedConsumer(self.sync, topic, group, partitions=config.partitions, **shared)  # type: ignore[return-value]
+        if mode != "stream" or shared:
+            raise UsageError(f"mode must be 'stream' or 'shared' (its options only with 'shared'), not {mode!r}")
+        consumer = Consumer(self, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes, partitions)
+        return await consumer._open(timeout)
+
+    # ------------------------------------------------------------------ pub/sub
+    def publish(self, subject: str, data: bytes, headers: dict[str, bytes] | None = None) -> None:
+        """``meshq.Node.publish``: it never blocks (a slow subscriber drops), so a plain method."""
+        self.sync.publish(subject, data, headers)
+
+    async def subscribe(self, pattern: str, queue: str | None = None, max_pending: int = DEFAULT_MAX_PENDING,
+                        timeout: float = 5.0) -> Subscription:
+        """``meshq.Node.subscribe`` for asyncio: messages reach the subscription's asyncio.Queue
+        from the runtime thread through ``call_soon_threadsafe``."""
+        self.sync._require_started()
+        shell = self.sync._pubsub
+        assert shell is not None
+        sub, command = shell.prepare_subscription(Subscription, pattern, queue, max_pending,
+                                                  asyncio.get_running_loop())
+        try:
+            await self._call(command, timeout)
+        except BaseException:
+            shell.abandon_subscription(sub)
+            raise
+        return sub
+
+    # ------------------------------------------------------------------ request/reply
+    async def serve(self, service: str, handler: Any, concurrency: int = 1, idempotent: bool = False) -> Service:
+        """Serve ``service`` from this node (see ``meshq.Node.serve``). A coroutine function handler
+        runs on this event loop, dispatched to it straight from the runtime thread (no worker
+        threads; the core keeps at most ``concurrency`` running); a plain function runs in the sync
+        API's worker pool. Returns a handle; ``await handle.close()`` withdraws the service."""
+        self.sync._check_serve(service, handler, concurrency)
+        workers = self.sync._workers
+        assert workers is not None
+        loop = asyncio.get_running_loop() if inspect.iscoroutinefunction(handler) else None
+        workers.add(service, handler, concurrency, loop)
+        try:
+            await self._call(ServeService(service, bool(idempotent), concurrency), 10.0)
+        except BaseException:
+            workers.remove(service)
+            raise
+        return Service(self, service)
+
+    async def unserve(self, service: str, timeout: float = 10.0) -> None:
+        """Stop serving ``service`` here: requests queued here go to other instances, running ones finish."""
+        self.sync._require_started()
+        await self._call(UnserveService(service), timeout)
+        assert self.sync._workers is not None
+        self.sync._workers.remove(service)
+
+    async def request(self, service: str, payload: bytes | str, timeout: float = 1.0) -> bytes:
+        """Send ``payload`` to one live instance of ``service`` and return its reply (the errors of
+        ``meshq.Node.request``); the runtime sends it, the reply's Future is awaited."""
+        return await self._settled(self.sync.request_async(service, payload, timeout), timeout + 1.0,
+                                   f"request to {service!r}")
 
     # ------------------------------------------------------------------ produce
     async def produce(self, topic: str, value: bytes, key: bytes | None = None,
@@ -191,6 +288,183 @@ class Node:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(f"{what} did not complete within {timeout_s:.1f} s") from None
+
+
+class Service:
+    """The handle ``await node.serve(...)`` returns: ``await close()`` withdraws the service."""
+
+    def __init__(self, node: Node, service: str) -> None:
+        self.node = node
+        self.service = service
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        sync = self.node.sync
+        if sync._started and not sync._stopped and not sync.has_left:
+            await self.node.unserve(self.service)
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def _call(sync: _sync.Node, command: Command, timeout_s: float) -> Any:
+    """``meshq.Node._call`` awaited: the command's Future, wrapped."""
+    future = sync._submit(command, timeout_s)
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s + 1.0)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{type(command).__name__} did not complete within {timeout_s + 1.0:.1f} s") from None
+
+
+class SharedConsumer(_shared.SharedConsumer):
+    """``meshq.shared.SharedConsumer`` on asyncio: the same state, commands and answers
+    (``ack``/``nack`` return at once); ``poll``, ``flush_acks`` and ``close`` await the commands'
+    wrapped Futures."""
+
+    async def _wait_any(self, futures: list[Future], timeout: float) -> set[Future]:
+        wrapped = {asyncio.wrap_future(f): f for f in futures}
+        done, _ = await asyncio.wait(wrapped, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return {wrapped[w] for w in done}
+
+    async def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:  # type: ignore[override]
+        self._require_open()
+        deadline = time.monotonic() + timeout
+        self._send_answers()
+        while True:
+            if self._state.buffer:
+                return self._state.take(max_records)
+            self._issue_fetches(max(0.0, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            waiting = list(self._fetches) + list(self._acks)
+            if not waiting:
+                await asyncio.sleep(min(remaining, 0.05))
+                continue
+            for future in await self._wait_any(waiting, remaining):
+                if future in self._fetches:
+                    self._on_fetched(future)
+                else:
+                    self._on_acked(future)
+
+    def __aiter__(self) -> SharedConsumer:
+        return self
+
+    async def __anext__(self) -> Record:
+        while not self._closed:
+            records = await self.poll(max_records=1)
+            if records:
+                return records[0]
+        raise StopAsyncIteration
+
+    async def flush_acks(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        self._send_answers()
+        await self._wait_acks_async(timeout)
+
+    async def _wait_acks_async(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._acks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self._acks)} ack requests were not confirmed within {timeout} s")
+            for future in await self._wait_any(list(self._acks), remaining):
+                self._on_acked(future)
+        if self._ack_errors:
+            errors, self._ack_errors = self._ack_errors, []
+            raise errors[0]
+
+    async def close(self, timeout: float = 10.0) -> None:  # type: ignore[override]
+        if self._closed:
+            return
+        self._closed = True
+        self._state.release_all()
+        self._send_answers()
+        try:
+            await self._wait_acks_async(timeout)
+        except MeshqError as exc:
+            _log.warning("closing the shared consumer of %s: %s", self.topic, exc)
+
+    async def __aenter__(self) -> SharedConsumer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class _LoopQueue:
+    """What a subscription's ``_queue`` is for meshq.aio: ``put`` (from the runtime thread, or a
+    publisher on this node) hands the item to an asyncio.Queue on the subscriber's loop."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: nobody reads this subscription any more
+
+
+class Subscription(_pubsub.Subscription):
+    """``meshq.Subscription`` read with ``await sub.recv(timeout)`` / ``async for msg in sub``."""
+
+    __slots__ = ()
+
+    def __init__(self, shell: Any, sub_id: int, pattern: str, queue: str | None, max_pending: int,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(shell, sub_id, pattern, queue, max_pending)
+        self._queue = _LoopQueue(loop)  # type: ignore[assignment]
+
+    async def recv(self, timeout: float | None = None) -> _pubsub.Message:  # type: ignore[override]
+        """The next message; waits up to ``timeout`` seconds (None: forever). Raises
+        ``meshq.TimeoutError`` when none came, ``SubscriptionClosedError`` once closed and drained."""
+        if self._buffer:
+            self._read += 1
+            return self._buffer.popleft()
+        try:
+            item = await asyncio.wait_for(self._queue.queue.get(), timeout)  # type: ignore[attr-defined]
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
+        return self._unpack(item)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> _pubsub.Message:
+        try:
+            return await self.recv()
+        except SubscriptionClosedError:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:  # type: ignore[override]
+        """Withdraw the interest from the mesh; messages already queued can still be read. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            command = self._shell.unsubscribe_command(self)
+            if command is not None:
+                try:
+                    await _call(self._shell.node, command, 5.0)
+                except NodeStoppedError:
+                    pass
+        finally:
+            self._queue.put(_pubsub._CLOSED)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class _LoopState(_ThreadState):
@@ -315,3 +589,75 @@ class _LoopProducer(DirectProducer):
             if not state.busy:
                 state.close_sockets()
         self._loop_states.clear()
+
+
+class Consumer(_consumer.ConsumerFlow):
+    """A stream consumer on asyncio (``await node.consumer(...)``): ``meshq.Consumer``'s control
+    flow (``meshq.consumer.ConsumerFlow``, its steps) with each step awaited on the loop."""
+
+    def __init__(self, node: Node, topic: str, group: str | None, start: Any, auto_commit: bool,
+                 auto_commit_interval_s: float, max_bytes: int, partitions: list[int] | None) -> None:
+        super().__init__(node, topic, group, start, auto_commit, auto_commit_interval_s, max_bytes)
+        self._explicit = partitions
+
+    async def _open(self, timeout: float) -> Consumer:
+        config = await self.node.topic(self.topic, timeout=timeout, create=True)
+        await self._run(self._open_steps(config.partitions, self._explicit, timeout))
+        return self
+
+    def _run(self, steps: Any) -> Any:
+        return drive_async(steps, self._do)
+
+    async def _do(self, step: Any) -> Any:
+        if type(step) is _consumer.Wait:
+            if not step.futures:
+                await asyncio.sleep(step.timeout_s)
+                return set()
+            return (await asyncio.wait(step.futures, timeout=step.timeout_s,
+                                       return_when=asyncio.FIRST_COMPLETED))[0]
+        if type(step) is _consumer.Submit:
+            return asyncio.wrap_future(self.node._submit_raw(step.command))
+        return await self.node._call(step.command, step.timeout_s)
+
+    async def seek(self, partition: int, offset: Any) -> None:
+        """Move ``partition`` to ``offset`` (an int, 'earliest', 'latest', or a datetime)."""
+        await self._run(self._seek_steps(partition, offset))
+
+    async def assignment(self) -> list[int]:
+        """The partitions this consumer reads now (a group member's change at each rebalance)."""
+        if self._member is not None and not self._closed:
+            await self._run(self._apply_group_steps())
+        return list(self._state.partitions)
+
+    async def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds for the first."""
+        return await self._run(self._poll_steps(timeout, max_records))
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Record:
+        """The next record; taken one at a time, so a commit stores exactly what was iterated."""
+        while not self._closed:
+            records = await self.poll(max_records=1)
+            if records:
+                return records[0]
+        raise StopAsyncIteration
+
+    async def commit(self, offsets: dict[int, int] | None = None, timeout: float = 10.0) -> None:
+        """Store the group's position (default: one past each record returned by ``poll``)."""
+        await self._run(self._commit_steps(offsets, timeout))
+
+    async def committed(self, timeout: float = 10.0) -> dict[int, int]:
+        """The group's committed offsets for this topic."""
+        return await self._run(self._committed_steps(timeout))
+
+    async def close(self) -> None:
+        """Commit (with auto-commit), leave the group and stop. Idempotent."""
+        await self._run(self._close_steps())
+
+    async def __aenter__(self) -> Consumer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -603,12 +603,7 @@ class Node:
         ``concurrency`` threads. Declare ``idempotent=True`` only if running a request twice is
         harmless: a request in flight to an instance that dies is then retried on another.
         Returns a handle; ``handle.close()`` (or ``unserve``) withdraws the service."""
-        self._require_started()
-        validate_service_name(service)
-        if not callable(handler):
-            raise UsageError(f"handler must be a function from bytes to bytes, not {type(handler).__name__}")
-        if type(concurrency) is not int or concurrency < 1:
-            raise UsageError(f"concurrency must be a positive int, not {concurrency!r}")
+        self._check_serve(service, handler, concurrency)
         assert self._workers is not None
         self._workers.add(service, handler, concurrency)
         try:
@@ -617,6 +612,14 @@ class Node:
             self._workers.remove(service)
             raise
         return Service(self, service)
+
+    def _check_serve(self, service: str, handler: Any, concurrency: int) -> None:
+        self._require_started()
+        validate_service_name(service)
+        if not callable(handler):
+            raise UsageError(f"handler must be a function from bytes to bytes, not {type(handler).__name__}")
+        if type(concurrency) is not int or concurrency < 1:
+            raise UsageError(f"concurrency must be a positive int, not {concurrency!r}")
 
     def unserve(self, service: str, timeout: float = 10.0) -> None:
         """Stop serving ``service`` here: requests queued here go to other instances, running ones finish."""

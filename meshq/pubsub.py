@@ -84,16 +84,21 @@ class Subscription:
                 item = self._queue.get(timeout=timeout)
             except queue_module.Empty:
                 raise TimeoutError(f"no message on {self.pattern!r} within {timeout} s") from None
-            if item is _CLOSED:
-                self._queue.put(_CLOSED)  # every later recv (and other waiting threads) see it too
-                raise SubscriptionClosedError(f"the subscription to {self.pattern!r} is closed; subscribe again "
-                                              f"to receive more")
-            if len(item) == 1:
-                self._read += 1
-                return item[0]
-            buffer.extend(item)
+            return self._unpack(item)
         self._read += 1
         return buffer.popleft()
+
+    def _unpack(self, item: Any) -> Message:
+        """The first message of a list taken from the queue (the rest to the buffer), or the end."""
+        if item is _CLOSED:
+            self._queue.put(_CLOSED)  # every later recv (and other waiting threads) see it too
+            raise SubscriptionClosedError(f"the subscription to {self.pattern!r} is closed; subscribe again "
+                                          f"to receive more")
+        self._read += 1
+        if len(item) == 1:
+            return item[0]
+        self._buffer.extend(item[1:])
+        return item[0]
 
     def __iter__(self) -> Iterator[Message]:
         """Every message until the subscription is closed (from another thread, or the node stops)."""
@@ -112,6 +117,12 @@ class Subscription:
         try:
             self._shell.unsubscribe(self)
         finally:
+            self._queue.put(_CLOSED)
+
+    def _node_stopped(self) -> None:
+        """The node stops (``PubSubShell.close``): end the subscription; there is nothing to withdraw."""
+        if not self._closed:
+            self._closed = True
             self._queue.put(_CLOSED)
 
     def _offer(self, messages: list[Message]) -> None:

@@ -39,7 +39,7 @@ class SharedConsumer:
     """A member of a shared group. Create with ``node.consumer(topic, group=G, mode="shared")``."""
 
     def __init__(self, node: Any, topic: str, group: str, ack_timeout: float = 30.0, max_deliveries: int = 5,
-                 prefetch: int = 500, timeout: float = 10.0) -> None:
+                 prefetch: int = 500, timeout: float = 10.0, partitions: int | None = None) -> None:
         validate_topic_name(topic)
         validate_topic_name(group)
         if isinstance(ack_timeout, bool) or not isinstance(ack_timeout, (int, float)) or not 0.001 <= ack_timeout \
@@ -57,8 +57,9 @@ class SharedConsumer:
         self.max_deliveries = max_deliveries
         self.member = f"{node.node_id}/{random.getrandbits(40):010x}"
         self._closed = False
-        config = node.topic(topic, timeout=timeout, create=True)
-        self.partitions = list(range(config.partitions))
+        if partitions is None:  # meshq.aio looks the topic up itself, awaited
+            partitions = node.topic(topic, timeout=timeout, create=True).partitions
+        self.partitions = list(range(partitions))
         self._state = SharedConsumerState(topic, self.partitions, prefetch)
         self._fetches: dict[Future, int] = {}
         self._acks: dict[Future, int] = {}  # answers awaiting the leader's confirmation -> count

@@ -137,28 +137,44 @@ class PubSubShell:
         self.flush()
 
     def subscribe(self, pattern: str, queue: str | None, max_pending: int, timeout_s: float) -> Subscription:
+        sub, command = self.prepare_subscription(Subscription, pattern, queue, max_pending)
+        try:
+            self.node._call(command, timeout_s)
+        except BaseException:
+            self.abandon_subscription(sub)
+            raise
+        return sub
+
+    def prepare_subscription(self, kind: Any, pattern: str, queue: str | None, max_pending: int,
+                             *extra: Any) -> tuple[Any, AddSubscription]:
+        """A new subscription of class ``kind`` (``Subscription``, or meshq.aio's), registered here
+        so it receives from now on, and the command that tells the core of its interest."""
         validate_pattern(pattern)
         validate_queue(queue)
         if type(max_pending) is not int or max_pending < 1:
             raise UsageError(f"max_pending must be a positive number of messages, not {max_pending!r}")
-        sub = Subscription(self, next(self._ids), pattern, queue, max_pending)
+        sub = kind(self, next(self._ids), pattern, queue, max_pending, *extra)
         self.subscriptions[sub.sub_id] = sub
-        try:
-            self.node._call(AddSubscription(sub.sub_id, pattern, queue, sub.stats), timeout_s)
-        except BaseException:
-            self.subscriptions.pop(sub.sub_id, None)
-            sub._closed = True
-            raise
-        return sub
+        return sub, AddSubscription(sub.sub_id, pattern, queue, sub.stats)
+
+    def abandon_subscription(self, sub: Subscription) -> None:
+        """The core did not take the subscription's interest."""
+        self.subscriptions.pop(sub.sub_id, None)
+        sub._closed = True
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self.subscriptions.pop(sub.sub_id, None)
-        if self.closed:
+        command = self.unsubscribe_command(sub)
+        if command is None:
             return
         try:
-            self.node._call(RemoveSubscription(sub.sub_id), 5.0)
+            self.node._call(command, 5.0)
         except NodeStoppedError:
             pass  # the node stopped meanwhile: nothing to withdraw
+
+    def unsubscribe_command(self, sub: Subscription) -> RemoveSubscription | None:
+        """Stop delivering to ``sub``; the command that withdraws its interest (None: the node stopped)."""
+        self.subscriptions.pop(sub.sub_id, None)
+        return None if self.closed else RemoveSubscription(sub.sub_id)
 
     def close(self) -> None:
         """The node stops: what is buffered is sent, every subscription ends (a blocked ``recv``
@@ -167,7 +183,8 @@ class PubSubShell:
         with self.lock:
             self.closed = True
         for sub in list(self.subscriptions.values()):
-            sub.close()
+            self.subscriptions.pop(sub.sub_id, None)
+            sub._node_stopped()
 
     # ------------------------------------------------------------------ the runtime thread
     def on_data(self, frame: bytes, payloads: bytes) -> None:

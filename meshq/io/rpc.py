@@ -17,6 +17,7 @@ withdrew it (``remove``); the pool of a withdrawn service lets its running handl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -31,13 +32,16 @@ log = logging.getLogger("meshq.rpc")
 
 
 class _Service:
-    __slots__ = ("name", "handler", "pool")
+    __slots__ = ("name", "handler", "pool", "loop")
 
-    def __init__(self, name: str, handler: Callable[[bytes], Any], concurrency: int) -> None:
+    def __init__(self, name: str, handler: Callable[[bytes], Any], concurrency: int,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
         self.handler = handler
+        self.loop = loop  # a coroutine handler runs on this event loop, no worker threads
         safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:40]
-        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"meshq-serve-{safe}")
+        self.pool = None if loop is not None else ThreadPoolExecutor(max_workers=concurrency,
+                                                                     thread_name_prefix=f"meshq-serve-{safe}")
 
 
 class ServiceWorkers:
@@ -50,18 +54,20 @@ class ServiceWorkers:
         self._retired: list[_Service] = []
         self._lock = threading.Lock()
 
-    def add(self, name: str, handler: Callable[[bytes], Any], concurrency: int) -> None:
+    def add(self, name: str, handler: Callable[[bytes], Any], concurrency: int,
+            loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Register ``handler``; with ``loop`` it is a coroutine function run on that loop (meshq.aio)."""
         with self._lock:
             if name in self._services:
                 raise UsageError(f"service {name!r} is already served by this node; close its handle (or "
                                  "node.unserve) before serving it again")
-            self._services[name] = _Service(name, handler, concurrency)
+            self._services[name] = _Service(name, handler, concurrency, loop)
 
     def remove(self, name: str) -> None:
         """Drop ``name``'s handler; its running calls finish, then its threads end."""
         with self._lock:
             service = self._services.pop(name, None)
-        if service is not None:
+        if service is not None and service.pool is not None:
             service.pool.shutdown(wait=False)
             self._retired.append(service)
 
@@ -73,14 +79,34 @@ class ServiceWorkers:
                                      f"{effect.service!r} is no longer served here", 0.0))
             return
         try:
-            service.pool.submit(self._work, service, effect)
-        except RuntimeError:  # the pool is shutting down (the node stops)
+            if service.pool is None:  # dispatched straight to the event loop (the core bounds concurrency)
+                asyncio.run_coroutine_threadsafe(self._work_async(service, effect), service.loop)  # type: ignore[arg-type]
+            else:
+                service.pool.submit(self._work, service, effect)
+        except RuntimeError:  # the pool is shutting down, or the loop closed (the node stops)
             self._submit(HandlerDone(effect.job_id, None, "NodeStoppedError", "the serving node is stopping", 0.0))
 
     def _work(self, service: _Service, effect: RunHandler) -> None:
         started = time.perf_counter()
         try:
             result = service.handler(effect.payload)
+        except Exception as exc:
+            result = exc
+        self._submit(self._outcome(service, effect, result, started))
+
+    async def _work_async(self, service: _Service, effect: RunHandler) -> None:
+        started = time.perf_counter()
+        try:
+            result = await service.handler(effect.payload)
+        except Exception as exc:
+            result = exc
+        self._submit(self._outcome(service, effect, result, started))
+
+    def _outcome(self, service: _Service, effect: RunHandler, result: Any, started: float) -> HandlerDone:
+        """The ``HandlerDone`` for what the handler returned (or raised: ``result`` is the exception)."""
+        try:
+            if isinstance(result, Exception):
+                raise result
             if type(result) is not bytes:
                 result = self._as_reply(service.name, result)
             if len(result) > self.max_frame_bytes:
@@ -91,7 +117,7 @@ class ServiceWorkers:
                 done = HandlerDone(effect.job_id, result, elapsed_s=time.perf_counter() - started)
         except Exception as exc:
             done = HandlerDone(effect.job_id, None, type(exc).__name__, str(exc), time.perf_counter() - started)
-        self._submit(done)
+        return done
 
     @staticmethod
     def _as_reply(name: str, result: Any) -> bytes:
@@ -107,8 +133,9 @@ class ServiceWorkers:
             services, self._services = list(self._services.values()), {}
         services += self._retired
         self._retired = []
+        services = [service for service in services if service.pool is not None]
         for service in services:
-            service.pool.shutdown(wait=False, cancel_futures=True)
+            service.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout_s
         for service in services:
             for thread in list(getattr(service.pool, "_threads", ())):

@@ -26,7 +26,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import zmq
@@ -526,10 +526,13 @@ def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
     if isinstance(waiter, Future):
         if waiter.done():
             return
-        if error is not None:
-            waiter.set_exception(error)
-        else:
-            waiter.set_result(result)
+        try:
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)
+        except InvalidStateError:
+            pass  # cancelled by its caller (another thread) since the check above: nobody waits
     else:
         waiter(result, error)
 
