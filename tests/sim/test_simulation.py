@@ -112,6 +112,45 @@ def test_checkers_catch_a_leader_that_serves_unsynced_records(monkeypatch):
     assert failing_seeds(power_loss_seeds()[:25]), "serving unsynced records went unnoticed"
 
 
+def unsynced_power_loss_seeds() -> list[int]:
+    """CI seeds with power losses and fsync=interval or never (the unsynced tail is lost)."""
+    return [s for s in CI_SEEDS if SimOptions.swarm(s).fsync != "always" and SimOptions.swarm(s).faults.power_rate]
+
+
+def test_swarm_covers_power_losses_under_every_fsync_mode():
+    modes = {SimOptions.swarm(s).fsync for s in CI_SEEDS if SimOptions.swarm(s).faults.power_rate}
+    assert modes == {"always", "interval", "never"}
+    assert len(unsynced_power_loss_seeds()) >= 30
+
+
+def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypatch):
+    # Broken variant (the seed-163 anomaly): with fsync != always a follower refuses to truncate
+    # below its high watermark although a power loss took those records from the majority that
+    # elected the new leader. The partition never re-converges to one history.
+    real = replica_module.Replica._truncate
+
+    def refuse_below_high_watermark(self, offset, epoch):
+        return False if offset < self.high_watermark else real(self, offset, epoch)
+
+    monkeypatch.setattr(replica_module.Replica, "_truncate", refuse_below_high_watermark)
+    assert failing_seeds(unsynced_power_loss_seeds()[:25]), "a replica stuck on a lost history went unnoticed"
+
+
+def test_checkers_catch_a_follower_serving_two_histories(monkeypatch):
+    # Broken variant: the follower keeps the batches it counted as committed that the newer
+    # leader lacks (it claims to have cut them) and goes on serving them as committed: what it
+    # serves is no longer a prefix of the leader's log ("committed prefix" checker).
+    real = replica_module.Replica._truncate
+
+    def keep_below_high_watermark(self, offset, epoch):
+        return True if offset < self.high_watermark else real(self, offset, epoch)
+
+    monkeypatch.setattr(replica_module.Replica, "_truncate", keep_below_high_watermark)
+    results = [run_seed(s) for s in unsynced_power_loss_seeds()[:25]]
+    assert any("two histories" in str(v) for r in results for v in r.violations), \
+        "a replica serving a committed batch the leader does not hold went unnoticed"
+
+
 def test_checkers_catch_a_leader_without_producer_dedupe(monkeypatch):
     # Broken variant: the leader forgets idempotent producers, so retries are stored twice.
     monkeypatch.setattr(partition_module.PartitionState, "check_duplicate", lambda self, header: None)
