@@ -24,7 +24,10 @@ the partition's record log and whose index is the record offset; the Raft term i
   follower refuses stale epochs (the stale leader learns the newer epoch from the refusal and
   steps down), refuses a mismatch at the previous offset (answering with a hint where to
   restart), and truncates only from the first batch whose epoch differs — the divergence
-  point — and never below its high watermark.
+  point — and never below its high watermark with ``fsync=always``. With ``interval`` or
+  ``never`` a power loss of a majority may take back committed records: a leader of a newer
+  epoch elected without them holds the one history, and a replica that kept them gives them up
+  (high watermark back to the divergence point, logged at ERROR) rather than fork the log.
 * **Leases.** A leader accepts writes only while a majority of the replica set answered it
   within the election timeout, and steps down after twice that (check-quorum). A leader that
   was paused finds its lease expired on waking and acknowledges nothing.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from meshq.core import batch as batch_format
@@ -15,6 +17,7 @@ from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
+from meshq.testing.sim.options import FaultOptions
 
 CI_SEEDS = range(200)
 REAL_NEXT_STEP = metadata_module.next_step
@@ -123,6 +126,23 @@ def test_swarm_covers_power_losses_under_every_fsync_mode():
     assert len(unsynced_power_loss_seeds()) >= 30
 
 
+def majority_power_loss_run(seed: int):
+    """Three replicas with fsync=never losing power often: majorities lose committed records."""
+    return Simulation(SimOptions(seed=seed, nodes=3, partitions=2, fsync="never", acks=("quorum",),
+                                 faults=FaultOptions(power_rate=0.3, down_s=(0.2, 1.5)))).run()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replicas_reconverge_after_a_majority_loses_committed_records_to_power(seed, caplog):
+    # Item 3 of issue #19: a replica that kept records a powered-off majority lost gives them
+    # up for the newer leader's history (logged), and every replica ends in sync on one log.
+    with caplog.at_level(logging.ERROR, logger="meshq.replica"):
+        result = majority_power_loss_run(seed)
+    assert result.ok, result.violations[:1]
+    assert result.stats["power"] > 0 and result.stats["acked"] > 0
+    assert any("lost by a power loss" in r.getMessage() for r in caplog.records), "the path was not exercised"
+
+
 def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypatch):
     # Broken variant (the seed-163 anomaly): with fsync != always a follower refuses to truncate
     # below its high watermark although a power loss took those records from the majority that
@@ -133,6 +153,7 @@ def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypa
         return False if offset < self.high_watermark else real(self, offset, epoch)
 
     monkeypatch.setattr(replica_module.Replica, "_truncate", refuse_below_high_watermark)
+    assert not majority_power_loss_run(0).ok and not majority_power_loss_run(1).ok
     assert failing_seeds(unsynced_power_loss_seeds()[:25]), "a replica stuck on a lost history went unnoticed"
 
 
