@@ -486,9 +486,9 @@ class Replica:
         goes back to the divergence point, loudly.
         """
         if offset < self.high_watermark and not self.fsync_always and epoch > self.history.epoch_at(offset):
-            log.error("%s/%d: the leader of epoch %d does not hold offsets %d..%d that this replica counted as "
+            log.error("%s/%d: the leader of epoch %d does not hold offsets %d to %d that this replica counted as "
                       "committed (lost by a power loss within the fsync window); truncating to %d and following it",
-                      self.topic, self.partition, epoch, offset, self.high_watermark, offset)
+                      self.topic, self.partition, epoch, offset, self.high_watermark - 1, offset)
             self.high_watermark = offset
         if offset < self.high_watermark:
             log.error("%s/%d: refusing to truncate to %d below the high watermark %d (a leader of epoch %d "
