@@ -24,7 +24,10 @@ the partition's record log and whose index is the record offset; the Raft term i
   follower refuses stale epochs (the stale leader learns the newer epoch from the refusal and
   steps down), refuses a mismatch at the previous offset (answering with a hint where to
   restart), and truncates only from the first batch whose epoch differs — the divergence
-  point — and never below its high watermark.
+  point — and never below its high watermark with ``fsync=always``. With ``interval`` or
+  ``never`` a power loss of a majority may take back committed records: a leader of a newer
+  epoch elected without them holds the one history, and a replica that kept them gives them up
+  (high watermark back to the divergence point, logged at ERROR) rather than fork the log.
 * **Leases.** A leader accepts writes only while a majority of the replica set answered it
   within the election timeout, and steps down after twice that (check-quorum). A leader that
   was paused finds its lease expired on waking and acknowledges nothing.
@@ -470,8 +473,23 @@ class Replica:
                 self._won(now_s, body["pre_vote"])
 
     # ------------------------------------------------------------------ follower
-    def _truncate(self, offset: int) -> bool:
-        """Cut the log back to ``offset`` (a divergence point); False if that would cut committed data."""
+    def _truncate(self, offset: int, epoch: int) -> bool:
+        """Cut the log back to ``offset`` (a divergence point) for the leader of ``epoch``; False if
+        that would cut committed data.
+
+        With ``fsync=always`` committed data is on the disks of a majority and survives any power
+        loss, so a leader that disagrees below our high watermark is a bug: refuse. With
+        ``fsync=interval`` or ``never`` a power loss of a majority may take back committed
+        records (the documented loss window): a leader of a *newer* epoch elected without them
+        holds the one history the replicas go on with, and a replica that kept them must give
+        them up and follow it — refusing would leave it diverged for good. Its high watermark
+        goes back to the divergence point, loudly.
+        """
+        if offset < self.high_watermark and not self.fsync_always and epoch > self.history.epoch_at(offset):
+            log.error("%s/%d: the leader of epoch %d does not hold offsets %d to %d that this replica counted as "
+                      "committed (lost by a power loss within the fsync window); truncating to %d and following it",
+                      self.topic, self.partition, epoch, offset, self.high_watermark - 1, offset)
+            self.high_watermark = offset
         if offset < self.high_watermark:
             log.error("%s/%d: refusing to truncate to %d below the high watermark %d (a leader of epoch %d "
                       "disagrees with committed data)", self.topic, self.partition, offset, self.high_watermark,
@@ -519,7 +537,9 @@ class Replica:
             self._reply_append(sender, False, -1, end)
             return
         if prev >= self.log.start_offset and self.epoch_at(prev) != body["prev_epoch"]:
-            hint = max(self.history.run_start(prev), self.high_watermark, self.log.start_offset)
+            # (with fsync != always our high watermark may stand past the divergence point: see _truncate)
+            floor = self.high_watermark if self.fsync_always else self.log.start_offset
+            hint = max(self.history.run_start(prev), floor, self.log.start_offset)
             self._reply_append(sender, False, -1, min(hint, prev))
             return
         matched_end = prev + 1
@@ -536,7 +556,7 @@ class Replica:
                     if self.epoch_at(header.base_offset) == header.leader_epoch:
                         matched_end = header.next_offset  # already stored (a duplicate or a resend)
                         continue
-                    if not self._truncate(header.base_offset):
+                    if not self._truncate(header.base_offset, epoch):
                         return
                     history_changed = True
                 if self.last_epoch > header.leader_epoch and self.history.truncate(header.base_offset):
@@ -556,7 +576,7 @@ class Replica:
             # Our log equals the leader's up to where its epoch begins: anything we hold past that
             # point is from an older epoch and conflicts with the leader's (zero-length) marker.
             if self.log.end_offset > body["epoch_start"]:
-                if not self._truncate(body["epoch_start"]):
+                if not self._truncate(body["epoch_start"], epoch):
                     return
             self.history.begin(epoch, body["epoch_start"])
             history_changed = True

@@ -7,7 +7,9 @@ Safety (after every event):
 * at most one leader per partition and leader epoch, and a leader's log holds every offset
   committed in earlier epochs (leader completeness);
 * a replica's high watermark never goes back while it runs (a copy deleted because the partition
-  moved away, and created afresh when it moves back, is a new replica);
+  moved away, and created afresh when it moves back, is a new replica), outside the power-loss
+  window of fsync != always (a replica holding records that a majority lost with power gives
+  them up to follow the newer leader);
 * every reassign step the metadata commits changes a partition's voter set by at most one member;
 * a committed offset cannot be lost by an election: the voters whose copy falls short of the
   leader's high watermark are fewer than a majority, both of the leader's voters and of the
@@ -29,8 +31,10 @@ History (at the end, Jepsen "total queue" style):
   not in the unsynced tail of a node at the moment it lost power (the loss window of
   fsync=interval; a process kill loses nothing: appends reach the page cache first);
 * replicas agree: every replica of the final agreed replica set (voters and learners) holds a
-  copy, and its batches below the final high watermark are byte-identical to the leader's (same
-  offsets, epochs and CRCs); no node outside that set still holds one;
+  copy and no node outside that set still holds one; and what each copy serves as committed is
+  a prefix of one log: its batches below its own high watermark are byte-identical to the
+  leader's (same offsets, epochs and CRCs), under every fsync mode and after any power losses
+  (``check_committed_prefix``);
 * unexpected: a stored value that no client ever produced;
 * duplicated: a value stored twice (the idempotent producer must prevent it);
 * order: one client's records in one partition are stored in the order they were produced,
@@ -187,7 +191,9 @@ class Checker:
             for key, state in core.partitions.items():
                 high_watermark = state.high_watermark
                 seen_state, seen = marks.get(key, (state, 0))
-                if seen_state is state and high_watermark < seen:
+                if seen_state is state and high_watermark < seen and not self._power_window():
+                    # (within the power-loss window of fsync != always a replica that kept records a
+                    # majority lost with power gives them up and follows the newer leader's history)
                     raise Violation(f"{node_id}: high watermark of {key[0]}/{key[1]} went back from "
                                     f"{seen} to {high_watermark}")
                 marks[key] = (state, high_watermark)
@@ -353,12 +359,9 @@ class Checker:
                 return f"{node.node_id} does not see {sorted(missing)} alive"
         for topic in sorted(meta.topics):
             for partition in range(meta.topics[topic].partitions):
-                if ((topic == TOPIC_NAME and partition in self.damaged_partitions)
-                        or (topic in (TOPIC_NAME, "jobs", "jobs.dlq") and self._power_window())):
+                if topic == TOPIC_NAME and partition in self.damaged_partitions:
                     # A learner cannot copy past a damaged batch of the leader (no repair from
-                    # another replica), and after power losses with fsync != always replicas
-                    # may disagree below their high watermarks: the move may never complete (the
-                    # shared workload's topics, which hold data too, likewise).
+                    # another replica): the move may never complete.
                     continue
                 replicas, learners, version = meta.partition_config(topic, partition)
                 target = meta.target(topic, partition)
@@ -370,11 +373,10 @@ class Checker:
             if leader is None:
                 return f"{TOPIC_NAME}/{partition} has no leader"
             replica = leader.core.partitions[(TOPIC_NAME, partition)].replica
-            if sim.stats["bitflips"] or self._power_window():
+            if sim.stats["bitflips"]:
                 # A damaged batch on the leader cannot be sent to a follower that lacks it (repair
-                # from another replica is not implemented); and after power losses with fsync !=
-                # always a replica may hold committed records the others lost, which it refuses
-                # to truncate (never below its high watermark): require a leader only.
+                # from another replica is not implemented): require a leader only. (After power
+                # losses replicas re-converge to one history under every fsync mode: required.)
                 continue
             in_sync = replica.in_sync(sim.now_s)
             if len(in_sync) != len(replica.replicas) or replica.high_watermark != replica.log.end_offset:
@@ -507,21 +509,33 @@ class Checker:
             if node_id not in replicas and key in node.core.partitions:
                 raise Violation(f"{node_id} still holds a copy of {TOPIC_NAME}/{partition}, which moved to "
                                 f"{voters} (configuration {version})")
-        if self._power_window():
-            return  # replicas that lost power may hold different (unsynced, lost) batches: allowed
+        self.check_committed_prefix(partition, leader)
+
+    def check_committed_prefix(self, partition: int, leader: Any) -> None:
+        """What each replica serves as committed is a prefix of one log — the leader's: every batch
+        a copy holds below its own high watermark is in the leader's log, the same (end, epoch,
+        crc), and no copy counts as committed more than the leader's log holds. This holds under
+        every fsync mode, after any power losses (they may lose records, never fork the log)."""
+        key = (TOPIC_NAME, partition)
         leader_state = leader.core.partitions[key]
-        high_watermark = leader_state.high_watermark
-        reference = self._batch_headers(leader_state.log, high_watermark)
-        for node_id in sorted(replicas):
+        reference = self._batch_headers(leader_state.log, leader_state.log.end_offset)
+        leader_start = leader_state.log.start_offset
+        for node_id in sorted(self.sim.nodes):
             node = self.sim.nodes[node_id]
-            if node is leader or node.core is None or key not in node.core.partitions:
+            if node.core is None or node.role != "storage" or key not in node.core.partitions:
                 continue
-            log = node.core.partitions[key].log
-            mine = self._batch_headers(log, min(high_watermark, log.end_offset))
-            for base, entry in sorted(mine.items()):
-                if base in reference and reference[base] != entry:
-                    raise Violation(f"{node_id}: batch of {TOPIC_NAME}/{partition} at {base} is (end, epoch, crc) "
-                                    f"{entry}, the leader {leader.node_id} holds {reference[base]}")
+            state = node.core.partitions[key]
+            high_watermark = state.high_watermark
+            if high_watermark > leader_state.log.end_offset:
+                raise Violation(f"{node_id} serves {TOPIC_NAME}/{partition} as committed up to {high_watermark}, "
+                                f"past the end {leader_state.log.end_offset} of the leader {leader.node_id}'s log")
+            for base, entry in sorted(self._batch_headers(state.log, high_watermark).items()):
+                if base < leader_start:
+                    continue  # removed from the leader's log by retention since
+                if reference.get(base) != entry:
+                    raise Violation(f"{node_id} serves the batch of {TOPIC_NAME}/{partition} at {base} as committed "
+                                    f"with (end, epoch, crc) {entry}, the leader {leader.node_id} holds "
+                                    f"{reference.get(base)}: two histories")
 
     @staticmethod
     def _batch_headers(log: Any, upto: int) -> dict[int, tuple[int, int, int]]:

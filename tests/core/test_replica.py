@@ -395,7 +395,9 @@ def test_crash_loses_unsynced_tail_and_history_follows_the_log():
 
 # ---------------------------------------------------------------------- 9. committed data is never truncated
 def test_follower_refuses_to_truncate_below_its_high_watermark(caplog):
-    cl = settled()
+    # With fsync=always committed records are on a majority's disks: no power loss takes them,
+    # so a leader that disagrees below the high watermark is a bug, refused.
+    cl = settled(fsync_always=True)
     cl.write("a", [b"r1"])
     end = cl.write("a", [b"r2", b"r3"])
     cl.advance(0.5)
@@ -419,6 +421,34 @@ def test_follower_refuses_to_truncate_below_its_high_watermark(caplog):
     assert c.high_watermark == end
     assert not any(m.src == "c" and m.type == "repl_append_ok" and m.body["ok"] and m.body["epoch"] == 7
                    for m in cl.sent)
+
+
+def test_follower_gives_up_records_a_power_loss_took_from_the_majority_without_fsync_always(caplog):
+    # With fsync=interval/never a power loss of a majority can take back committed records: the
+    # leader of a newer epoch elected without them holds the one history to go on with. A
+    # follower that kept them truncates to the divergence point (its high watermark goes back,
+    # loudly) instead of refusing for ever, and then holds exactly the leader's log.
+    cl = settled()
+    cl.write("a", [b"r1"])
+    end = cl.write("a", [b"r2", b"r3"])
+    cl.advance(0.5)
+    c = cl["c"]
+    assert c.high_watermark == end == 3
+    cl.paused.update({"a", "b"})
+    # A mismatch first: the hint is the run start, not the (lost) high watermark.
+    cl.inject("b", "c", "repl_append", append_body(7, "b", prev_offset=1, prev_epoch=6, hw=0, epoch_start=2),
+              (stamped(2, 6, 1),))
+    reply = last_sent(cl, "c", "repl_append_ok")
+    assert not reply.body["ok"] and reply.body["hint"] == 0
+    with caplog.at_level(logging.ERROR, logger="meshq.replica"):
+        cl.inject("b", "c", "repl_append", append_body(7, "b", prev_offset=0, prev_epoch=1, hw=2, epoch_start=2),
+                  (stamped(1, 6, 1),))
+    assert any("lost by a power loss" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert cl.nodes["c"].truncations == [1]
+    assert cl.nodes["c"].log.end_offset == 2 and c.history == [[1, 0], [6, 1], [7, 2]]
+    assert c.high_watermark == 2
+    reply = last_sent(cl, "c", "repl_append_ok")
+    assert reply.body["ok"] and reply.body["match_end"] == 2
 
 
 # ---------------------------------------------------------------------- 10. duplication and reordering

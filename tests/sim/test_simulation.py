@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from meshq.core import batch as batch_format
@@ -15,6 +17,7 @@ from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
 from meshq.testing.sim import SimOptions, Simulation, run_seed
+from meshq.testing.sim.options import FaultOptions
 
 CI_SEEDS = range(200)
 REAL_NEXT_STEP = metadata_module.next_step
@@ -110,6 +113,74 @@ def test_checkers_catch_a_leader_that_serves_unsynced_records(monkeypatch):
     monkeypatch.setattr(partition_module.PartitionState, "high_watermark",
                         property(lambda self: self.log.end_offset))
     assert failing_seeds(power_loss_seeds()[:25]), "serving unsynced records went unnoticed"
+
+
+def unsynced_power_loss_seeds() -> list[int]:
+    """CI seeds with power losses and fsync=interval or never (the unsynced tail is lost)."""
+    return [s for s in CI_SEEDS if SimOptions.swarm(s).fsync != "always" and SimOptions.swarm(s).faults.power_rate]
+
+
+def test_swarm_covers_power_losses_under_every_fsync_mode():
+    modes = {SimOptions.swarm(s).fsync for s in CI_SEEDS if SimOptions.swarm(s).faults.power_rate}
+    assert modes == {"always", "interval", "never"}
+    assert len(unsynced_power_loss_seeds()) >= 30
+
+
+def majority_power_loss_run(seed: int, fsync: str = "never"):
+    """Three replicas losing power often: majorities lose their unsynced tails together."""
+    return Simulation(SimOptions(seed=seed, nodes=3, partitions=2, fsync=fsync, acks=("quorum",),
+                                 faults=FaultOptions(power_rate=0.3, down_s=(0.2, 1.5)))).run()
+
+
+def test_majority_power_losses_take_nothing_acknowledged_with_fsync_always(caplog):
+    # The same storm with fsync=always: every elected leader holds what earlier epochs
+    # committed (leader completeness, checked), no acknowledged record is lost, and no replica
+    # ever has to give up committed records.
+    with caplog.at_level(logging.ERROR, logger="meshq.replica"):
+        result = majority_power_loss_run(0, fsync="always")
+    assert result.ok, result.violations[:1]
+    assert result.stats["power"] > 0 and result.stats["acked"] > 0 and result.stats["lost"] == 0
+    assert not [r for r in caplog.records if "truncat" in r.getMessage()]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replicas_reconverge_after_a_majority_loses_committed_records_to_power(seed, caplog):
+    # Item 3 of issue #19: a replica that kept records a powered-off majority lost gives them
+    # up for the newer leader's history (logged), and every replica ends in sync on one log.
+    with caplog.at_level(logging.ERROR, logger="meshq.replica"):
+        result = majority_power_loss_run(seed)
+    assert result.ok, result.violations[:1]
+    assert result.stats["power"] > 0 and result.stats["acked"] > 0
+    assert any("lost by a power loss" in r.getMessage() for r in caplog.records), "the path was not exercised"
+
+
+def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypatch):
+    # Broken variant (the seed-163 anomaly): with fsync != always a follower refuses to truncate
+    # below its high watermark although a power loss took those records from the majority that
+    # elected the new leader. The partition never re-converges to one history.
+    real = replica_module.Replica._truncate
+
+    def refuse_below_high_watermark(self, offset, epoch):
+        return False if offset < self.high_watermark else real(self, offset, epoch)
+
+    monkeypatch.setattr(replica_module.Replica, "_truncate", refuse_below_high_watermark)
+    assert not majority_power_loss_run(0).ok and not majority_power_loss_run(1).ok
+    assert failing_seeds(unsynced_power_loss_seeds()[:25]), "a replica stuck on a lost history went unnoticed"
+
+
+def test_checkers_catch_a_follower_serving_two_histories(monkeypatch):
+    # Broken variant: the follower keeps the batches it counted as committed that the newer
+    # leader lacks (it claims to have cut them) and goes on serving them as committed: what it
+    # serves is no longer a prefix of the leader's log ("committed prefix" checker).
+    real = replica_module.Replica._truncate
+
+    def keep_below_high_watermark(self, offset, epoch):
+        return True if offset < self.high_watermark else real(self, offset, epoch)
+
+    monkeypatch.setattr(replica_module.Replica, "_truncate", keep_below_high_watermark)
+    results = [run_seed(s) for s in unsynced_power_loss_seeds()[:25]]
+    assert any("two histories" in str(v) for r in results for v in r.violations), \
+        "a replica serving a committed batch the leader does not hold went unnoticed"
 
 
 def test_checkers_catch_a_leader_without_producer_dedupe(monkeypatch):

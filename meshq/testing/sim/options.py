@@ -7,7 +7,8 @@ clients, partitions, fsync policy), the workload (produce cadence, acks levels),
 phases (``fault_s`` of faults, then ``liveness_s`` to converge), the membership changes
 (``joins_s``, ``leave``, ``outage``) and the clients' calling threads (``calling_threads``); ``FaultOptions`` holds the fault rates the network and
 the fault injector draw against. ``SimOptions.swarm(seed)`` draws all of it from the seed
-(swarm testing), the membership changes and the calling threads each from a stream of their
+(swarm testing), the power losses of runs without fsync=always (fsync=never in some, power
+losses in more), the membership changes and the calling threads each from a stream of their
 own so that adding them left every other draw as it was. The constants below are shared by every part of the simulator.
 """
 
@@ -97,9 +98,22 @@ class SimOptions:
                       partitions=rng.choice([1, 4, 8]), fsync=rng.choice(["always", "interval"]),
                       acks=rng.choice([("leader",), ("leader", "quorum"), ("none", "leader", "all")]),
                       faults=faults)
+        options = options._with_power_losses(random.Random(f"power-{seed}"))
         options = options._with_membership_changes(random.Random(f"members-{seed}"))
         # Calling threads (meshq.testing.sim.threads) in most runs; a stream of its own again.
         return replace(options, calling_threads=random.Random(f"threads-{seed}").choice([0, 1, 1, 2]))
+
+    def _with_power_losses(self, rng: random.Random) -> SimOptions:
+        """Turn some fsync=interval runs into fsync=never, and give some runs without an fsync per
+        write power losses they lacked (a separate stream: other draws stay as they were): a power
+        loss must never fork a partition's log under any fsync mode."""
+        if self.fsync == "always":
+            return self
+        fsync = "never" if rng.random() < 0.4 else self.fsync
+        faults = self.faults
+        if not faults.power_rate and rng.random() < 0.3:
+            faults = replace(faults, power_rate=0.05)
+        return replace(self, fsync=fsync, faults=faults)
 
     def _with_membership_changes(self, rng: random.Random) -> SimOptions:
         """Draw joins, a leave and an outage (a separate stream: other draws stay as they were)."""
