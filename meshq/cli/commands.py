@@ -12,11 +12,11 @@ from collections import deque
 from typing import Any
 
 from meshq.cli.connect import interfaces_of, seeds_of, start_client
-from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
+from meshq.cli.output import TerminalBar, _LeaveProgress, record_to_json, render_status, render_topic
 from meshq.cli.pubsub import cmd_pub, cmd_sub
 from meshq.cli.rpc import COMMANDS as RPC_COMMANDS
 from meshq.config import check_data_dir, parse_host_port
-from meshq.errors import ConfigError, MeshqError
+from meshq.errors import ConfigError, MeshqError, error_code
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -119,7 +119,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     window: deque = deque()
     failures: list[str] = []
     sent = acknowledged = 0
-    progress = _Progress(f"produced to {args.topic}")
+    # on a terminal: a count of acknowledged records on stderr (not when --json output goes to that terminal too)
+    progress = TerminalBar(f"produce {args.topic}", enabled=sys.stderr.isatty() and not (
+        args.json and sys.stdout.isatty()))
     chunk_size = 2000
 
     def settle(future: Any, count: int) -> None:
@@ -180,6 +182,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     stop = _StopRequest()
     signal.signal(signal.SIGTERM, stop.handler)
     consumer = None
+    # a count of printed records on stderr when it is a terminal and the records go elsewhere (a file, a pipe)
+    progress = TerminalBar(f"consume {args.topic}", total=args.max,
+                           enabled=sys.stderr.isatty() and not sys.stdout.isatty())
     try:
         if shared:
             consumer = node.consumer(args.topic, group=args.group, mode="shared")
@@ -201,6 +206,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
                     out.write(b"".join(r.value + b"\n" for r in records))
                 out.flush()
                 printed += len(records)
+                progress.update(printed)
                 if shared:
                     for record in records:  # printed: done
                         consumer.ack(record)
@@ -211,6 +217,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        progress.close(printed)
         try:
             if consumer is not None and shared:
                 consumer.close()  # sends the last acks and waits for them; gives back what was not printed
@@ -250,25 +257,48 @@ def _status_with_retry(node: Any, timeout_s: float, node_id: str | None) -> dict
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
+    """``meshq leave``: progress for a person (a bar on a terminal, else lines), or with ``--json`` one
+    object on stdout: ``{"event": "left"|"failed", "node_id", "cluster", "elapsed_s", ...}``."""
     _setup_logging(args.log_level, "WARNING")
-    if args.node_id is None and not args.seed:
-        raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
-                          "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
-    node = _client(args)
+    started_s = time.monotonic()
     target = args.node_id
+
+    def outcome(event: str, **fields: Any) -> None:
+        if args.json:
+            print(json.dumps({"event": event, "node_id": target, "cluster": args.cluster,
+                              "elapsed_s": round(time.monotonic() - started_s, 3), **fields}), flush=True)
+
+    progress: _LeaveProgress | None = None
     try:
-        if target is None:
-            target = _node_at(_status_with_retry(node, min(args.timeout, 10.0), None), args.seed[0])
-        print(f"asking node {target} to leave cluster {args.cluster!r}: it hands its partitions to the other "
-              f"members, leaves the storage membership and stops", flush=True)
-        node.leave(timeout=args.timeout, node_id=target, progress=_LeaveProgress())
-    except KeyboardInterrupt:
-        print(f"meshq leave: interrupted; node {target} may already be handing its partitions over: run the same "
-              f"command again to finish", file=sys.stderr)
-        raise
-    finally:
-        node.stop()
-    print(f"node {target} left the cluster: its partitions are on the other members and it stops", flush=True)
+        if args.node_id is None and not args.seed:
+            raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
+                              "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
+        node = _client(args)
+        try:
+            if target is None:
+                target = _node_at(_status_with_retry(node, min(args.timeout, 10.0), None), args.seed[0])
+            if not args.json:
+                print(f"asking node {target} to leave cluster {args.cluster!r}: it hands its partitions to the other "
+                      f"members, leaves the storage membership and stops", flush=True)
+            progress = _LeaveProgress(quiet=args.json)
+            node.leave(timeout=args.timeout, node_id=target, progress=progress)
+        except KeyboardInterrupt:
+            print(f"meshq leave: interrupted; node {target} may already be handing its partitions over: run the same "
+                  f"command again to finish", file=sys.stderr)
+            outcome("interrupted", error="interrupted", message="interrupted; run the same command again to finish")
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            node.stop()
+    except MeshqError as exc:
+        outcome("failed", error=error_code(exc), message=str(exc), retriable=exc.retriable,
+                **({"assigned": progress.reports[-1]["assigned"]} if progress and progress.reports
+                   and "assigned" in progress.reports[-1] else {}))
+        raise  # (main prints the reason on stderr and chooses the exit code)
+    outcome("left", assigned=0)
+    if not args.json:
+        print(f"node {target} left the cluster: its partitions are on the other members and it stops", flush=True)
     return EXIT_OK
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def _text_or_b64(data: bytes | None, name: str, out: dict) -> None:
@@ -42,48 +44,99 @@ def record_to_json(record: Any) -> dict:
     return out
 
 
-class _Progress:
-    """A progress line on stderr, only when stderr is a terminal."""
+class _RateColumn(ProgressColumn):
+    """``12,345/s``: the task's recent rate (rich's own speed column counts bytes)."""
 
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.enabled = sys.stderr.isatty()
-        self.last = 0.0
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f}/s" if task.speed else "", style="progress.data.speed")
 
-    def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.enabled and (force or now - self.last > 0.2):
-            self.last = now
-            sys.stderr.write(f"\r{self.what}: {done:,}")
-            sys.stderr.flush()
 
-    def close(self, done: int) -> None:
-        if self.enabled:
-            self.update(done, force=True)
-            sys.stderr.write("\n")
+class TerminalBar:
+    """A rich progress bar on stderr, only when stderr is a terminal (``enabled``): scripts, pipes
+    and ``--json`` output never see it. With no ``total`` it shows a count and a rate."""
+
+    def __init__(self, description: str, total: float | None = None, unit: str = "records",
+                 enabled: bool | None = None, console: Console | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.progress: Progress | None = None
+        if not self.enabled:
+            return
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn(),
+                              TextColumn(f"{{task.completed:,.0f}}{{task.fields[of]}} {unit}"), _RateColumn(),
+                              TimeElapsedColumn()]
+        self.progress = Progress(*columns, console=console or Console(stderr=True), transient=False)
+        self.task = self.progress.add_task(description, total=total, of=self._of(total))
+        self.progress.start()
+
+    @staticmethod
+    def _of(total: float | None) -> str:
+        return "" if total is None else f"/{total:,.0f}"
+
+    def update(self, completed: float, total: float | None = None, description: str | None = None) -> None:
+        if self.progress is None:
+            return
+        fields: dict[str, Any] = {"completed": completed}
+        if total is not None:
+            fields.update(total=total, of=self._of(total))
+        if description is not None:
+            fields["description"] = description
+        self.progress.update(self.task, **fields)
+
+    def close(self, completed: float | None = None) -> None:
+        if self.progress is None:
+            return
+        if completed is not None:
+            self.progress.update(self.task, completed=completed)
+        self.progress.stop()
+        self.progress = None
 
 
 class _LeaveProgress:
-    """Prints what a leaving node reports: when the count of partitions still naming it changes,
-    and at least every 10 s; errors while retrying when they change."""
+    """What a leaving node reports, for a person: a bar of the partitions moved away from it on a
+    terminal (stderr); otherwise, unless ``quiet`` (``--json``), a line on stdout when the count of
+    partitions still naming it changes, and at least every 10 s; errors while retrying when they change."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False, bar: TerminalBar | None = None) -> None:
+        self.quiet = quiet
+        self.bar = bar if bar is not None else TerminalBar("moving partitions away", unit="partitions")
         self.last: tuple | None = None
         self.printed_s = 0.0
+        self.first_assigned: int | None = None
+        self.reports: list[dict] = []
 
     def __call__(self, answer: dict) -> None:
+        self.reports.append(answer)
         if answer["state"] == "retrying":
             key: tuple = ("retrying", answer["error"])
             line = f"waiting for the cluster: {answer['error']}"
+            self.bar.update(self.bar_done(), description="waiting for the cluster")
         elif answer["state"] == "left":
+            if self.first_assigned is not None:
+                self.bar.update(self.first_assigned)
             return
         else:
             key = ("draining", answer["assigned"])
             line = f"draining: {answer['assigned']} partition(s) still assigned"
+            if self.first_assigned is None:
+                self.first_assigned = answer["assigned"]
+            self.bar.update(self.bar_done(answer["assigned"]), total=self.first_assigned,
+                            description="moving partitions away")
         now = time.monotonic()
         if key != self.last or now - self.printed_s >= 10.0:
             self.last, self.printed_s = key, now
-            print(line, flush=True)
+            if not self.quiet and not self.bar.enabled:
+                print(line, flush=True)
+
+    def bar_done(self, assigned: int | None = None) -> int:
+        """Partitions moved so far (of the count the first answer named)."""
+        if self.first_assigned is None:
+            return 0
+        if assigned is None:
+            assigned = next((r["assigned"] for r in reversed(self.reports) if "assigned" in r), self.first_assigned)
+        return max(0, self.first_assigned - assigned)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def render_status(status: dict, console: Console | None = None) -> None:

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the node that leaves (default: the node listening at the first --seed)")
     leave.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
                        help="give up waiting after S seconds (default 300); the node keeps handing over")
+    leave.add_argument("--json", action="store_true",
+                       help='print one JSON object with the outcome: {"event": "left"|"failed", "node_id", ...}')
     _connection_options(leave)
 
     topics = sub.add_parser("topics", help="create, list and describe topics")
