@@ -195,6 +195,8 @@ class Consumer:
                 out = self._state.take(max_records, int(time.time() * 1000))
                 if out:
                     self._maybe_auto_commit()
+                    if self.node._latency is not None:  # (once per poll, not per record)
+                        self.node._latency.observe_consume(out)
                     return out
                 # only delayed records are buffered: wait (below) for other partitions or the time
             self._issue_fetches(max(0.0, deadline - time.monotonic()))
