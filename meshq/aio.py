@@ -114,6 +114,11 @@ class Node:
         return self.sync.address
 
     @property
+    def _latency(self) -> Any:
+        """The sync node's client-side latency histograms (None without ``metrics_port``)."""
+        return self.sync._latency
+
+    @property
     def has_left(self) -> bool:
         return self.sync.has_left
 

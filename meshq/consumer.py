@@ -213,6 +213,8 @@ class ConsumerFlow:
                 out = self._state.take(max_records, int(time.time() * 1000))
                 if out:
                     yield from self._maybe_auto_commit_steps()
+                    if self.node._latency is not None:  # (once per poll, not per record)
+                        self.node._latency.observe_consume(out)
                     return out
                 # only delayed records are buffered: wait (below) for other partitions or the time
             wait_s = min(max(deadline - time.monotonic(), 0.0), 1.0)

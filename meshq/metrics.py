@@ -1,15 +1,84 @@
-"""Prometheus endpoint (``meshq node --metrics-port N``): a collector reading the node's counters."""
+"""Prometheus endpoint (``meshq node --metrics-port N``): a collector reading the node's counters,
+and the latency histograms.
+
+Theory of operation
+-------------------
+Counters and gauges are read from the core when scraped (``NodeCollector``). Latencies are
+observed where they are known, once per request or batch, never per record:
+
+- ``meshq_produce_latency_seconds{acks}``: produce requests this node served as leader, from
+  the request's handling to its acknowledgement (replication, fsync); kept by the pure core
+  (``meshq.core.latency``) and exported as a histogram at scrape time.
+- ``meshq_produce_client_latency_seconds{api}``: this node's own produce calls, from the call to
+  its acknowledgement (``produce``: each ``produce()`` call; ``batch``: each batch the runtime's
+  producer completed: a ``produce_batch`` call, a ``produce_async`` buffer, or a ``produce()``
+  whose leader is this node, which goes through the runtime).
+- ``meshq_consume_latency_seconds``: the age of the newest record of each non-empty ``poll()``
+  (now minus its timestamp: the time from produce to delivery while caught up; a consumer
+  reading a backlog sees the backlog's age).
+- ``meshq_rpc_request_latency_seconds``: this node's ``request`` / ``request_async`` calls, from
+  the call to the reply (or error).
+
+The client-side histograms (prometheus_client ``Histogram``) exist only when the node serves
+metrics: without ``metrics_port`` the hot paths test one attribute and observe nothing.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from meshq.core.latency import BUCKETS_S
 
-def serve_metrics(node: Any, host: str, port: int) -> Any:
-    """Start a Prometheus HTTP endpoint for ``node`` on ``host:port``; returns the server (``shutdown()`` it)."""
-    from prometheus_client import start_http_server
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+class ClientLatency:
+    """The histograms the node's API calls observe (see the module docstring)."""
+
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Histogram
+
+        self.produce = Histogram("meshq_produce_client_latency_seconds", "this node's produce calls, from the call "
+                                 "to the acknowledgement", labelnames=["api"], buckets=BUCKETS_S, registry=registry)
+        self.produce_one = self.produce.labels(api="produce")
+        self.produce_batch = self.produce.labels(api="batch")
+        self.consume = Histogram("meshq_consume_latency_seconds", "age of the newest record of each non-empty "
+                                 "poll(): produce-to-delivery time", buckets=BUCKETS_S, registry=registry)
+        self.rpc = Histogram("meshq_rpc_request_latency_seconds", "this node's requests, from the call to the reply "
+                             "or error", buckets=BUCKETS_S, registry=registry)
+
+    def observe_consume(self, records: list) -> None:
+        self.consume.observe(max(0.0, time.time() - records[-1].timestamp_ms / 1000.0))
+
+    def rpc_done_callback(self) -> Any:
+        """A ``Future`` done-callback observing the time from now to the future's completion."""
+        started = time.monotonic()
+        rpc = self.rpc
+
+        def done(_future: Any) -> None:
+            rpc.observe(time.monotonic() - started)
+
+        return done
+
+
+def create_metrics(node: Any) -> tuple[Any, ClientLatency]:
+    """(the node's registry with its collector, the client latency histograms registered in it)."""
     from prometheus_client.registry import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(_collector(node))
+    return registry, ClientLatency(registry)
+
+
+def serve_metrics(registry: Any, host: str, port: int) -> Any:
+    """Start a Prometheus HTTP endpoint for ``registry`` on ``host:port``; returns the server (``shutdown()`` it)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+def _collector(node: Any) -> Any:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     class NodeCollector:
         def collect(self) -> Any:
@@ -76,11 +145,14 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
             yield from _rpc_metrics(core, CounterMetricFamily, GaugeMetricFamily)
             yield GaugeMetricFamily("meshq_handoffs_in_progress", "partitions (cluster-wide, per this node's "
                                     "metadata) not yet at their ring placement", value=core.status.handoffs())
+            served = HistogramMetricFamily("meshq_produce_latency_seconds", "produce requests served here as "
+                                           "leader, from their handling to their acknowledgement", labels=["acks"])
+            for acks, histogram in core.server.produce_latency.items():
+                buckets, sum_s = histogram.cumulative()
+                served.add_metric([acks], buckets, sum_s)
+            yield served
 
-    registry = CollectorRegistry()
-    registry.register(NodeCollector())
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    return NodeCollector()
 
 
 def _rpc_metrics(core: Any, counter: Any, gauge: Any) -> Any:

@@ -104,6 +104,7 @@ class Node:
         self._pubsub: PubSubShell | None = None
         self._workers: ServiceWorkers | None = None  # handlers of the services this node serves
         self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
+        self._latency: Any = None  # meshq.metrics.ClientLatency when the node serves metrics
         self._discovery: Any = None
         self._started = False
         self._stopped = False
@@ -175,10 +176,12 @@ class Node:
                 raise
         self._metrics = None
         if config.metrics_port is not None:
-            from meshq.metrics import serve_metrics
+            from meshq.metrics import create_metrics, serve_metrics
 
+            registry, self._latency = create_metrics(self)
+            self._accumulator.latency = self._latency
             try:
-                self._metrics = serve_metrics(self, config.host, config.metrics_port)
+                self._metrics = serve_metrics(registry, config.host, config.metrics_port)
             except OSError as exc:
                 self.stop_quietly()
                 raise ConfigError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
@@ -460,6 +463,18 @@ class Node:
         until then; ``priority`` (0-9, default 4) orders what shared subscriptions hand out first.
         Both travel as record headers (``meshq-deliver-at``, ``meshq-priority``).
         """
+        if self._latency is not None:
+            started_s = time.monotonic()
+            metadata = self._produce_one(topic, value, key, headers, acks, timeout, partition, timestamp_ms, delay,
+                                         deliver_at, priority)
+            self._latency.produce_one.observe(time.monotonic() - started_s)
+            return metadata
+        return self._produce_one(topic, value, key, headers, acks, timeout, partition, timestamp_ms, delay,
+                                 deliver_at, priority)
+
+    def _produce_one(self, topic: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None, acks: str,
+                     timeout: float, partition: int | None, timestamp_ms: int | None, delay: float | None,
+                     deliver_at: float | None, priority: int | None) -> RecordMetadata:
         headers = self._scheduling_headers(headers, delay, deliver_at, priority)
         record = self._record(value, key, headers, acks, timestamp_ms)
         if self._direct is not None:
@@ -636,6 +651,15 @@ class Node:
         ``OutcomeUnknownError`` when the instance died while handling a non-idempotent request.
         """
         payload = self._check_request(service, payload, timeout)
+        if self._latency is None:
+            return self._request(service, payload, timeout)
+        started_s = time.monotonic()
+        try:
+            return self._request(service, payload, timeout)
+        finally:
+            self._latency.rpc.observe(time.monotonic() - started_s)
+
+    def _request(self, service: str, payload: bytes, timeout: float) -> bytes:
         if self._requester is not None:  # sent from this thread when it can be (meshq.io.rpc_direct)
             reply = self._requester.try_request(service, payload, timeout)
             if reply is not None:
@@ -650,6 +674,8 @@ class Node:
         payload = self._check_request(service, payload, timeout)
         assert self.runtime is not None
         future: Future = Future()
+        if self._latency is not None:
+            future.add_done_callback(self._latency.rpc_done_callback())
         self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))
         return future
 

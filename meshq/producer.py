@@ -10,6 +10,7 @@ runtime calls ``settle`` once per stored batch with the indexes it covers.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -44,12 +45,14 @@ class _Tracker:
 class FutureListWaiter:
     """One ``Future`` per record (``produce_async``)."""
 
-    __slots__ = ("futures", "remaining", "tracker")
+    __slots__ = ("futures", "remaining", "tracker", "latency", "started_s")
 
-    def __init__(self, futures: list[Future], tracker: _Tracker) -> None:
+    def __init__(self, futures: list[Future], tracker: _Tracker, latency: Any = None) -> None:
         self.futures = futures
         self.remaining = len(futures)
         self.tracker = tracker
+        self.latency = latency  # a prometheus Histogram child when the node serves metrics
+        self.started_s = time.monotonic() if latency is not None else 0.0
 
     def settle(self, indexes: Sequence[int], records: list, topic: str, partition: int, base_offset: int,
                error: MeshqError | None) -> None:
@@ -65,6 +68,8 @@ class FutureListWaiter:
                                                   records[j][3]))
         self.remaining -= len(indexes)
         if self.remaining <= 0:
+            if self.latency is not None and error is None:
+                self.latency.observe(time.monotonic() - self.started_s)
             self.tracker.done()
 
 
@@ -101,14 +106,16 @@ class ProduceResults(Sequence):
 class BatchWaiter:
     """One ``Future`` for a whole ``produce_batch`` call."""
 
-    __slots__ = ("future", "count", "remaining", "segments", "tracker")
+    __slots__ = ("future", "count", "remaining", "segments", "tracker", "latency", "started_s")
 
-    def __init__(self, count: int, tracker: _Tracker) -> None:
+    def __init__(self, count: int, tracker: _Tracker, latency: Any = None) -> None:
         self.future: Future = Future()
         self.count = count
         self.remaining = count
         self.segments: list = []
         self.tracker = tracker
+        self.latency = latency  # a prometheus Histogram child when the node serves metrics
+        self.started_s = time.monotonic() if latency is not None else 0.0
 
     def settle(self, indexes: Sequence[int], records: list, topic: str, partition: int, base_offset: int,
                error: MeshqError | None) -> None:
@@ -122,6 +129,8 @@ class BatchWaiter:
         self.remaining -= len(indexes)
         if self.remaining <= 0:
             if not self.future.done():
+                if self.latency is not None:
+                    self.latency.observe(time.monotonic() - self.started_s)
                 self.future.set_result(ProduceResults(self.segments, self.count))
             self.tracker.done()
 
@@ -146,6 +155,7 @@ class Accumulator:
         self.lock = threading.Lock()
         self.buffers: dict[tuple, _OpenBuffer] = {}
         self.tracker = _Tracker()
+        self.latency: Any = None  # meshq.metrics.ClientLatency when the node serves metrics
 
     def append(self, topic: str, record: tuple, partition: int | None, acks: str, timeout_s: float,
                flush_now: bool = False) -> Future:
@@ -182,7 +192,7 @@ class Accumulator:
     def submit_batch(self, topic: str, records: list, partition: int | None, acks: str, timeout_s: float) -> Future:
         """Hand a whole list to the runtime at once (``produce_batch``); returns one Future."""
         self.flush_all()  # keep order with records already buffered
-        waiter = BatchWaiter(len(records), self.tracker)
+        waiter = BatchWaiter(len(records), self.tracker, self.latency.produce_batch if self.latency else None)
         if not records:
             waiter.future.set_result(ProduceResults([], 0))
             return waiter.future
@@ -193,5 +203,5 @@ class Accumulator:
     def _submit(self, key: tuple, buffer: _OpenBuffer) -> None:
         topic, partition, acks = key
         self.tracker.add()
-        waiter = FutureListWaiter(buffer.futures, self.tracker)
+        waiter = FutureListWaiter(buffer.futures, self.tracker, self.latency.produce_batch if self.latency else None)
         self.runtime.submit(ProduceCommand(topic, buffer.records, waiter, partition, acks, buffer.deadline_s))

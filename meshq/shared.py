@@ -82,7 +82,10 @@ class SharedConsumer:
         self._send_answers()
         while True:
             if self._state.buffer:
-                return self._state.take(max_records)
+                records = self._state.take(max_records)
+                if records and self.node._latency is not None:  # (once per poll, not per record)
+                    self.node._latency.observe_consume(records)
+                return records
             self._issue_fetches(max(0.0, deadline - time.monotonic()))
             remaining = deadline - time.monotonic()
             if remaining <= 0:

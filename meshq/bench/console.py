@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-``_progress`` writes one line on stderr per step of a long run, only when stderr is a terminal,
-so ``--json`` output and pipes stay clean. The renderers (report.py) share the machine line, the
+``_progress`` writes one line on stderr per step of a long run, and ``_RoundsBar`` shows a bar of
+the rounds done, only when stderr is a terminal, so ``--json`` output and pipes stay clean. The renderers (report.py) share the machine line, the
 CPU table, the load warning and the rate formats written here; rich is imported only when
 something is printed with it.
 """
@@ -19,6 +19,30 @@ def _progress(message: str) -> None:
     """One line on stderr per step of a long run, only when stderr is a terminal."""
     if sys.stderr.isatty():
         print(f"meshq bench: {message}", file=sys.stderr, flush=True)
+
+
+class _RoundsBar:
+    """A progress bar of a benchmark's rounds on stderr, only when stderr is a terminal (``--json`` output on
+    stdout and pipes never see it); ``advance()`` after each round, ``close()`` at the end."""
+
+    def __init__(self, description: str, total: int) -> None:
+        from meshq.cli.output import TerminalBar
+
+        self.done = 0
+        self.bar = TerminalBar(description, total=total, unit="rounds")
+
+    def advance(self) -> None:
+        self.done += 1
+        self.bar.update(self.done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> _RoundsBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _fmt_rate(value: float) -> str:

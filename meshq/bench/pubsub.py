@@ -349,8 +349,14 @@ def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: t
                         continue
                     print(f"  {system}: pub -> {subscribers} subscriber(s), {rounds} rounds", file=sys.stderr,
                           flush=True)
-                    done = [_round(system, subscribers, messages, size, os.path.join(workdir, f"{system}{r}"),
-                                   nats_seed) for r in range(rounds)]
+                    from meshq.bench.console import _RoundsBar
+
+                    done = []
+                    with _RoundsBar(f"{system} -> {subscribers}", rounds) as bar:
+                        for r in range(rounds):
+                            done.append(_round(system, subscribers, messages, size,
+                                               os.path.join(workdir, f"{system}{r}"), nats_seed))
+                            bar.advance()
                     report["results"][f"{system}_{subscribers}"] = _summarise(done)
         finally:
             if nats_process is not None:

@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Any
 
-from meshq.bench.console import _progress
+from meshq.bench.console import _progress, _RoundsBar
 from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.procs import PARTITIONS, _Cluster
@@ -144,12 +144,16 @@ def run_queue(args: Any, workdir: str) -> dict[str, Any]:
                            "workers": args.workers, "jobs": args.jobs, "rounds": []}
     client = None
     peers: dict[str, Any] = {}
+    rounds_bar = None
     try:
         client = _start_with_client(args, cluster, out)
         _progress("starting the peers (RabbitMQ, Redis) that are installed")
         peers, out["peers"] = start_peers(workdir)
         run_id = uuid.uuid4().hex[:8]
+        rounds_bar = _RoundsBar("bench queue", args.rounds)
         for number in range(args.rounds):
+            if number:
+                rounds_bar.advance()
             topic = f"queue-{run_id}-{number}"
             client.create_topic(topic, partitions=PARTITIONS, replication_factor=replication_factor,
                                 retention_ms=None)
@@ -172,6 +176,7 @@ def run_queue(args: Any, workdir: str) -> dict[str, Any]:
                     out["peers"][name]["error"] = f"{type(exc).__name__}: {exc}"
                     peer.stop()
                     del peers[name]
+        rounds_bar.advance()
         rounds = out["rounds"]
         out["summary"] = {
             "acked_per_s": _spread([r["shared"]["acked_per_s"] for r in rounds]),
@@ -187,6 +192,8 @@ def run_queue(args: Any, workdir: str) -> dict[str, Any]:
         out["error"] = _error_text(exc)
         return out
     finally:
+        if rounds_bar is not None:
+            rounds_bar.close()
         out["node_pids"] = cluster.launched_pids
         for peer in peers.values():
             peer.stop()

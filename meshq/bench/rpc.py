@@ -39,6 +39,7 @@ from typing import Any
 
 import zmq
 
+from meshq.bench.console import _RoundsBar
 from meshq.bench.cpu import _machine, _thread_cpu
 from meshq.bench.errors import BenchError
 from meshq.bench.procs import READY_TIMEOUT_S, _Child, _free_port
@@ -346,12 +347,14 @@ def _measure(args: Any, workdir: str) -> dict[str, Any]:
             dealer.send_multipart([payload])
             dealer.recv_multipart()
         rounds: dict[str, list] = {"meshq": [], "raw_pyzmq": [], "nats_core": []}
-        for index in range(args.rounds):
-            print(f"meshq bench rpc: round {index + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            rounds["raw_pyzmq"].append(_raw_round(dealer, payload, args, raw.pid))
-            rounds["meshq"].append(_meshq_round(client, payload, args, server.pid))
-            if nats_peer is not None:
-                rounds["nats_core"].append(nats_peer.round(payload, args))
+        with _RoundsBar("bench rpc", args.rounds) as bar:
+            for index in range(args.rounds):
+                print(f"meshq bench rpc: round {index + 1} of {args.rounds}", file=sys.stderr, flush=True)
+                rounds["raw_pyzmq"].append(_raw_round(dealer, payload, args, raw.pid))
+                rounds["meshq"].append(_meshq_round(client, payload, args, server.pid))
+                if nats_peer is not None:
+                    rounds["nats_core"].append(nats_peer.round(payload, args))
+                bar.advance()
         report["meshq"] = _summary(rounds["meshq"])
         report["raw_pyzmq"] = _summary(rounds["raw_pyzmq"])
         report["nats_core"] = _summary(rounds["nats_core"]) if nats_peer is not None else {"skipped": nats_missing}

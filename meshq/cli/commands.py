@@ -12,11 +12,12 @@ from collections import deque
 from typing import Any
 
 from meshq.cli.connect import interfaces_of, seeds_of, start_client
-from meshq.cli.output import _LeaveProgress, _Progress, record_to_json, render_status, render_topic
+from meshq.cli.logs import add_fields, setup_logging
+from meshq.cli.output import TerminalBar, _LeaveProgress, record_to_json, render_status, render_topic
 from meshq.cli.pubsub import cmd_pub, cmd_sub
 from meshq.cli.rpc import COMMANDS as RPC_COMMANDS
 from meshq.config import check_data_dir, parse_host_port
-from meshq.errors import ConfigError, MeshqError
+from meshq.errors import ConfigError, MeshqError, error_code
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -25,12 +26,9 @@ EXIT_USAGE = 2
 log = logging.getLogger("meshq.cli")
 
 
-def _setup_logging(level: str | None, default: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level or default),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(args: argparse.Namespace, default: str) -> None:
+    """``--log-level`` (else ``default``) and ``--log-format`` (text or json lines) on stderr."""
+    setup_logging(args.log_level, default, getattr(args, "log_format", None))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -64,7 +62,7 @@ class _StopRequest:
 def cmd_node(args: argparse.Namespace) -> int:
     from meshq.node import Node
 
-    _setup_logging(args.log_level, "INFO")
+    _setup_logging(args, "INFO")
     check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
                                "member_timeout_s": args.member_timeout}
@@ -81,6 +79,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         signal.signal(signum, stop.handler)
     node.start()
     node_id = node.node_id
+    fields = {"node_id": node_id, "cluster": args.cluster}  # (extra fields of --log-format json)
+    add_fields(**fields)
     print(json.dumps({"event": "ready", "node_id": node_id, "address": node.address,
                       "cluster": args.cluster}), flush=True)
     try:
@@ -88,17 +88,19 @@ def cmd_node(args: argparse.Namespace) -> int:
             time.sleep(0.1)  # a stop request is seen within 0.1 s
     finally:
         if not node.has_left:
-            log.info("stopping node %s", node_id)
+            log.info("stopping node %s", node_id, extra=fields)
         stopping_s = time.monotonic()
         node.stop(timeout=_NODE_STOP_TIMEOUT_S)
     if node.runtime is not None and node.runtime.running:
         log.error("node %s: the runtime thread was still running %.0f s after the stop began; its last fsyncs may "
-                  "not have run (exiting with code %d)", node_id, time.monotonic() - stopping_s, EXIT_FAILED)
+                  "not have run (exiting with code %d)", node_id, time.monotonic() - stopping_s, EXIT_FAILED,
+                  extra=fields)
         return EXIT_FAILED
-    log.info("node %s stopped in %.2f s", node_id, time.monotonic() - stopping_s)
+    log.info("node %s stopped in %.2f s", node_id, time.monotonic() - stopping_s,
+             extra={**fields, "stop_s": round(time.monotonic() - stopping_s, 3)})
     if node.has_left:
         log.info("node %s left cluster %r for good (meshq leave): its partitions moved to the other members and "
-                 "their copies here are deleted; exiting", node_id, args.cluster)
+                 "their copies here are deleted; exiting", node_id, args.cluster, extra=fields)
         print(json.dumps({"event": "left", "node_id": node_id, "cluster": args.cluster}), flush=True)
     return EXIT_OK
 
@@ -113,13 +115,15 @@ def _read_lines(stream: Any) -> Any:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     node = _client(args)
     key = args.key.encode() if args.key is not None else None
     window: deque = deque()
     failures: list[str] = []
     sent = acknowledged = 0
-    progress = _Progress(f"produced to {args.topic}")
+    # on a terminal: a count of acknowledged records on stderr (not when --json output goes to that terminal too)
+    progress = TerminalBar(f"produce {args.topic}", enabled=sys.stderr.isatty() and not (
+        args.json and sys.stdout.isatty()))
     chunk_size = 2000
 
     def settle(future: Any, count: int) -> None:
@@ -170,7 +174,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     shared = getattr(args, "shared", False)
     if shared and (args.group is None or args.start != "earliest"):
         raise ConfigError("--shared needs --group G (the shared group to join) and reads from the earliest "
@@ -180,6 +184,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     stop = _StopRequest()
     signal.signal(signal.SIGTERM, stop.handler)
     consumer = None
+    # a count of printed records on stderr when it is a terminal and the records go elsewhere (a file, a pipe)
+    progress = TerminalBar(f"consume {args.topic}", total=args.max,
+                           enabled=sys.stderr.isatty() and not sys.stdout.isatty())
     try:
         if shared:
             consumer = node.consumer(args.topic, group=args.group, mode="shared")
@@ -201,6 +208,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
                     out.write(b"".join(r.value + b"\n" for r in records))
                 out.flush()
                 printed += len(records)
+                progress.update(printed)
                 if shared:
                     for record in records:  # printed: done
                         consumer.ack(record)
@@ -211,6 +219,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        progress.close(printed)
         try:
             if consumer is not None and shared:
                 consumer.close()  # sends the last acks and waits for them; gives back what was not printed
@@ -224,7 +233,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     node = _client(args)
     try:
         status = _status_with_retry(node, args.timeout, args.node)
@@ -250,25 +259,48 @@ def _status_with_retry(node: Any, timeout_s: float, node_id: str | None) -> dict
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, "WARNING")
-    if args.node_id is None and not args.seed:
-        raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
-                          "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
-    node = _client(args)
+    """``meshq leave``: progress for a person (a bar on a terminal, else lines), or with ``--json`` one
+    object on stdout: ``{"event": "left"|"failed", "node_id", "cluster", "elapsed_s", ...}``."""
+    _setup_logging(args, "WARNING")
+    started_s = time.monotonic()
     target = args.node_id
+
+    def outcome(event: str, **fields: Any) -> None:
+        if args.json:
+            print(json.dumps({"event": event, "node_id": target, "cluster": args.cluster,
+                              "elapsed_s": round(time.monotonic() - started_s, 3), **fields}), flush=True)
+
+    progress: _LeaveProgress | None = None
     try:
-        if target is None:
-            target = _node_at(_status_with_retry(node, min(args.timeout, 10.0), None), args.seed[0])
-        print(f"asking node {target} to leave cluster {args.cluster!r}: it hands its partitions to the other "
-              f"members, leaves the storage membership and stops", flush=True)
-        node.leave(timeout=args.timeout, node_id=target, progress=_LeaveProgress())
-    except KeyboardInterrupt:
-        print(f"meshq leave: interrupted; node {target} may already be handing its partitions over: run the same "
-              f"command again to finish", file=sys.stderr)
-        raise
-    finally:
-        node.stop()
-    print(f"node {target} left the cluster: its partitions are on the other members and it stops", flush=True)
+        if args.node_id is None and not args.seed:
+            raise ConfigError("say which node should leave: --node-id ID, or --seed HOST:PORT of that very node "
+                              "(a seed from MESHQ_SEEDS alone is not taken as the node to remove)")
+        node = _client(args)
+        try:
+            if target is None:
+                target = _node_at(_status_with_retry(node, min(args.timeout, 10.0), None), args.seed[0])
+            if not args.json:
+                print(f"asking node {target} to leave cluster {args.cluster!r}: it hands its partitions to the other "
+                      f"members, leaves the storage membership and stops", flush=True)
+            progress = _LeaveProgress(quiet=args.json)
+            node.leave(timeout=args.timeout, node_id=target, progress=progress)
+        except KeyboardInterrupt:
+            print(f"meshq leave: interrupted; node {target} may already be handing its partitions over: run the same "
+                  f"command again to finish", file=sys.stderr)
+            outcome("interrupted", error="interrupted", message="interrupted; run the same command again to finish")
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            node.stop()
+    except MeshqError as exc:
+        outcome("failed", error=error_code(exc), message=str(exc), retriable=exc.retriable,
+                **({"assigned": progress.reports[-1]["assigned"]} if progress and progress.reports
+                   and "assigned" in progress.reports[-1] else {}))
+        raise  # (main prints the reason on stderr and chooses the exit code)
+    outcome("left", assigned=0)
+    if not args.json:
+        print(f"node {target} left the cluster: its partitions are on the other members and it stops", flush=True)
     return EXIT_OK
 
 
@@ -295,7 +327,7 @@ def _socket_addresses(host_port: str) -> set[tuple[str, int]]:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     node = _client(args)
     try:
         if args.topics_command == "create":
@@ -335,7 +367,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshq.bench import run_bench
 
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     return run_bench(args)
 
 

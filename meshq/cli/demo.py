@@ -401,7 +401,7 @@ class _Interrupted(BaseException):
 def cmd_demo(args: argparse.Namespace) -> int:
     from meshq.cli.commands import _setup_logging
 
-    _setup_logging(args.log_level, "ERROR")
+    _setup_logging(args, "ERROR")
     if args.records < 1:
         print("meshq demo: --records must be at least 1", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from meshq.cli.logs import FORMATS as LOG_FORMATS
 from meshq.config import DEFAULT_PORT, parse_host_port, validate_group_name
 from meshq.errors import ConfigError, UsageError
 
@@ -70,6 +71,14 @@ def _connection_options(parser: argparse.ArgumentParser, client: bool = True) ->
                                 "address of the interface that reaches the cluster)")
     group.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity (stderr)")
+    _log_format_option(group)
+
+
+def _log_format_option(parser: argparse._ActionsContainer) -> None:
+    # (the environment's value is checked when logging is set up: a bad one is a usage error, not a traceback)
+    parser.add_argument("--log-format", default=os.environ.get("MESHQ_LOG_FORMAT", "").strip() or "text",
+                        choices=LOG_FORMATS, help="text lines (default) or one JSON object per line with ts, level, "
+                                                  "logger, message and extra fields (env MESHQ_LOG_FORMAT)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the node that leaves (default: the node listening at the first --seed)")
     leave.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
                        help="give up waiting after S seconds (default 300); the node keeps handing over")
+    leave.add_argument("--json", action="store_true",
+                       help='print one JSON object with the outcome: {"event": "left"|"failed", "node_id", ...}')
     _connection_options(leave)
 
     topics = sub.add_parser("topics", help="create, list and describe topics")
@@ -172,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the story on stderr)")
     demo.add_argument("--log-level", default=os.environ.get("MESHQ_LOG_LEVEL"),
                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity of the demo's client (stderr)")
+    _log_format_option(demo)
 
     from meshq.cli.pubsub import add_parsers as add_pubsub_parsers
 

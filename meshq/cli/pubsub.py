@@ -46,7 +46,7 @@ def cmd_pub(args: argparse.Namespace) -> int:
     from meshq.cli.commands import EXIT_OK, _client, _read_lines, _setup_logging
     from meshq.core.pubsub.subjects import validate_subject
 
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     validate_subject(args.subject)  # before connecting: a typo fails at once
     headers = {}
     for item in args.header or ():
@@ -88,7 +88,7 @@ def cmd_sub(args: argparse.Namespace) -> int:
     from meshq.cli.commands import EXIT_OK, _client, _setup_logging, _StopRequest
     from meshq.core.pubsub.subjects import validate_pattern, validate_queue
 
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     validate_pattern(args.pattern)
     validate_queue(args.queue)
     node = _client(args)

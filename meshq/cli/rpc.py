@@ -61,7 +61,7 @@ def add_bench_options(bench: argparse.ArgumentParser) -> None:
 def cmd_request(args: argparse.Namespace) -> int:
     from meshq.cli.commands import _client, _read_lines, _setup_logging
 
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     node = _client(args)
     answered = 0
     try:
@@ -107,7 +107,7 @@ class _Exec:
 def cmd_serve(args: argparse.Namespace) -> int:
     from meshq.cli.commands import _client, _setup_logging, _StopRequest
 
-    _setup_logging(args.log_level, "WARNING")
+    _setup_logging(args, "WARNING")
     handler = _Exec(args.exec_command, args.exec_timeout) if args.exec_command else (lambda payload: payload)
     stop = _StopRequest()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -32,8 +32,35 @@ def test_producer_then_group_consumer_resumes(node_processes):
 def test_embedded_service_stores_and_reads_its_events(tmp_path):
     port = free_port()
     out = run_example("embedded_service.py", "--cluster", "ex", "--data", str(tmp_path / "svc"), "--port",
-                      str(port), "--events", "5")
+                      str(port), "--events", "5", "--run-for", "0")
     assert "read back 5 of my events" in out
+
+
+def test_embedded_service_second_instance_joins_the_first_and_stores_its_events(tmp_path):
+    """Run as its docstring says: the first instance keeps serving, so the second one's writes find
+    their leaders (it used to exit a second after starting: NotEnoughReplicasError on the second)."""
+    port = free_port()
+    first = start_example("embedded_service.py", "--cluster", "ex2", "--data", str(tmp_path / "svc1"), "--port",
+                          str(port), "--seed", f"127.0.0.1:{port}", "--events", "5")
+    try:
+        lines = []
+        for line in first.stdout:
+            lines.append(line.decode())
+            if line.startswith(b"serving as a storage member"):
+                break
+        assert any("read back 5 of my events" in line for line in lines), lines
+        out = run_example("embedded_service.py", "--cluster", "ex2", "--data", str(tmp_path / "svc2"), "--port",
+                          str(free_port()), "--seed", f"127.0.0.1:{port}", "--events", "5", "--run-for", "0")
+        assert "read back 5 of my events" in out
+        assert first.poll() is None  # still serving
+    finally:
+        first.terminate()
+        try:
+            first.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0
 
 
 def test_work_queue_workers_share_the_jobs_and_poison_lands_in_the_dlq(node_processes):

@@ -6,6 +6,7 @@ The multi-process scenarios (a leave under load, a join, a member timeout) are i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -162,3 +163,30 @@ def test_a_node_that_stops_just_after_the_first_check_is_reported_not_running(pa
     with pytest.raises(meshq.NoRespondersError, match="n2 is not running"):
         first.leave(node_id="n2", timeout=5)
     assert checks == ["n2", "n2"]
+
+
+def test_meshq_leave_json_prints_one_outcome_object(pair):
+    first, second = pair
+    result = run_cli("leave", "--json", "--node-id", "n2", "--cluster", "leave-it", "--no-mdns", "--timeout", "60",
+                     "--seed", first.address.removeprefix("tcp://"), timeout_s=80)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 1, lines  # no progress lines, no prose: one object
+    outcome = json.loads(lines[0])
+    assert outcome["event"] == "left" and outcome["node_id"] == "n2" and outcome["cluster"] == "leave-it"
+    assert outcome["assigned"] == 0 and outcome["elapsed_s"] >= 0
+    deadline = time.monotonic() + 10
+    while not second.has_left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert settled_on_first(first)
+
+
+def test_meshq_leave_json_failure_names_the_error():
+    result = run_cli("leave", "--json", "--node-id", "x", "--timeout", "2", "--cluster", "nobody", "--no-mdns",
+                     "--seed", f"127.0.0.1:{free_port()}", timeout_s=60)
+    assert result.returncode == 1, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["event"] == "failed" and outcome["node_id"] == "x" and outcome["error"] == "no_responders"
+    assert "storage node" in outcome["message"] and b"meshq leave:" in result.stderr
+    usage = run_cli("leave", "--json", "--no-mdns")
+    assert usage.returncode == 2 and json.loads(usage.stdout)["event"] == "failed"

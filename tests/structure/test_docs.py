@@ -41,3 +41,9 @@ def test_cli_doc_does_not_say_client_commands_need_a_seed():
     with open(os.path.join(REPO, "docs", "cli.md"), encoding="utf-8") as f:
         text = f.read()
     assert "need `--seed`" not in text and "meshq demo" in text
+
+
+def test_guarantees_do_not_say_rebalancing_is_missing():
+    with open(os.path.join(REPO, "docs", "guarantees.md"), encoding="utf-8") as f:
+        text = " ".join(f.read().split())
+    assert "Rebalancing is not in this release" not in text and "rebalancing is not implemented" not in text

@@ -21,6 +21,7 @@ from meshq.config import refuse_reserved_topic, validate_topic_name
 from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import SyncLogs
+from meshq.core.latency import LatencyHistogram
 from meshq.core.partition import AckWaiter, ParkedFetch, PartitionState
 from meshq.core.room import Room
 from meshq.errors import (
@@ -44,6 +45,11 @@ class PartitionServer(Room):
 
     SERVES = {"produce": "serve_produce", "fetch": "serve_fetch", "list_offsets": "serve_list_offsets"}
     TIMERS = {"acks": "expire_waiters", "fetch": "expire_parked"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # produce requests answered here, per acks level: from their handling to their acknowledgement
+        self.produce_latency = {acks: LatencyHistogram() for acks in ("leader", "quorum", "all")}
 
     def serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -74,8 +80,16 @@ class PartitionServer(Room):
         timeout_s = min(body["timeout_ms"] / 1000.0, self.config.request_timeout_s) if body["timeout_ms"] else \
             self.config.request_timeout_s
 
-        self.wait_for_acks(state, needed, body["acks"], now_s + timeout_s,
-                           self.out.answer(route, message.request_id, "produce_ok", reply))
+        answer = self.out.answer(route, message.request_id, "produce_ok", reply)
+        histogram = self.produce_latency[body["acks"]]
+        core = self.core
+
+        def answer_and_time(error: MeshqError | None) -> None:
+            if error is None:  # (time from this request's handling to the handling of what completed it)
+                histogram.observe(core.now_s - now_s)
+            answer(error)
+
+        self.wait_for_acks(state, needed, body["acks"], now_s + timeout_s, answer_and_time)
 
     def wait_for_acks(self, state: PartitionState, needed: int, acks: str, deadline_s: float,
                       callback: Callable[[MeshqError | None], None]) -> None:
