@@ -175,7 +175,7 @@ def main() -> None:
                 part = next(t for t in status["topics"] if t["name"] == TOPIC)["partitions"][0]
                 # all in sync, and led by its ring owner (first replica): leadership moves there
                 # once it is caught up, which would otherwise happen in the middle of a round
-                if len(part["in_sync"]) == 3 and part["leader"] == part["replicas"][0]:
+                if len(part["in_sync"] or []) == 3 and part["leader"] == part["replicas"][0]:
                     break
             except Exception:
                 if time.monotonic() > deadline:

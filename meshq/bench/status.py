@@ -54,6 +54,8 @@ def _health_problem(status: dict, topic: str, node_ids: list[str], replication_f
             return f"partition {p['partition']} has no live leader ({p['leader']})"
         if len(p["replicas"]) != replication_factor:
             return f"partition {p['partition']} has {len(p['replicas'])} replicas, not {replication_factor}"
+        if need_in_sync and p["in_sync"] is None:
+            return f"partition {p['partition']}: in-sync set unknown (its leader {p['leader']} did not answer)"
         if need_in_sync and set(p["in_sync"]) != set(p["replicas"]):
             return (f"partition {p['partition']}: in sync {len(p['in_sync'])} of {len(p['replicas'])} replicas "
                     f"({', '.join(p['in_sync'])})")

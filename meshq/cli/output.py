@@ -207,7 +207,8 @@ def _print_partitions(console: Console, status: dict) -> None:
         for p in topic["partitions"]:
             shown += 1
             name = f"{topic['name']}/{p['partition']}"
-            missing = [n for n in p["replicas"] if n not in p["in_sync"]]
+            known = p["in_sync"] is not None  # None: its leader did not answer the status request
+            missing = [n for n in p["replicas"] if n not in p["in_sync"]] if known else []
             style = ""
             if p["leader"] is None:
                 style = "bold red"
@@ -219,7 +220,9 @@ def _print_partitions(console: Console, status: dict) -> None:
             moving = handoff_note(p)
             if moving:
                 replicas = f"{replicas}\n{moving}"
-            in_sync = escape(_ids(p["in_sync"]))
+            in_sync = escape(_ids(p["in_sync"])) if known else "[dim]unknown[/dim]"
+            if not known and p["leader"] is not None:
+                troubled.append(f"{name} (in-sync set unknown: its leader {p['leader']} did not answer)")
             if missing:
                 in_sync = f"{in_sync}\n[red]{len(p['in_sync'])} of {len(p['replicas'])}[/red]"
             table.add_row(escape(name), escape(p["leader"] or "none"), str(p.get("epoch", "-")), replicas, in_sync,
@@ -229,7 +232,7 @@ def _print_partitions(console: Console, status: dict) -> None:
     else:
         console.print("[dim]no topics yet[/dim]")
     if troubled:
-        console.print(f"[yellow]{len(troubled)} under-replicated or leaderless partition(s): "
+        console.print(f"[yellow]{len(troubled)} partition(s) under-replicated, leaderless or unknown: "
                       f"{escape(', '.join(troubled))}[/yellow]")
     if status.get("handoffs"):
         console.print(f"[cyan]{status['handoffs']} handoff(s) in progress: partitions moving to their ring "
@@ -351,6 +354,6 @@ def render_topic(described: dict) -> None:
     for column in ("partition", "leader", "replicas", "in_sync", "high_watermark"):
         table.add_column(column)
     for p in described["partitions_detail"]:
-        table.add_row(str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]), ",".join(p["in_sync"]),
+        table.add_row(str(p["partition"]), str(p["leader"]), ",".join(p["replicas"]), ",".join(p["in_sync"]) if p["in_sync"] is not None else "unknown",
                       str(p["high_watermark"]))
     console.print(table)

@@ -64,8 +64,10 @@ class Status(Room):
 def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     """One cluster status from the local views of several storage nodes.
 
-    Members and metadata come from ``preferred``; each partition's high watermark from the
-    node that leads it; consumer groups from the node that stores them.
+    Members and metadata come from ``preferred``; each partition's high watermark and in-sync
+    set from the node that leads it (``in_sync`` is None, unknown, when no report of its leader
+    is in the merge: a follower's view would wrongly show it empty); consumer groups from the
+    node that stores them.
     """
     merged = dict(reports[preferred])
     # Each partition as its leader sees it (the highest epoch wins if two still claim it).
@@ -101,8 +103,8 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
             view = leader_views.get((topic["name"], p["partition"]))
             newest = configs.get((topic["name"], p["partition"]), p)
             p = {**p, **{k: newest[k] for k in ("replicas", "learners", "target", "config_version") if k in newest}}
-            if view is None:
-                partitions.append({**p, "in_sync": p["in_sync"] if p.get("role") == "leader" else []})
+            if view is None:  # its leader did not answer: the in-sync set is unknown (null), not empty
+                partitions.append({**p, "in_sync": p["in_sync"] if p.get("role") == "leader" else None})
             else:
                 partitions.append({**p, **{k: view[k] for k in ("leader", "in_sync", "high_watermark", "epoch")
                                            if k in view}})

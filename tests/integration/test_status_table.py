@@ -118,7 +118,7 @@ def test_every_column_has_a_header():
 def test_under_replicated_partition_is_highlighted_and_named():
     status = three_node_status()
     text, styled = rendered(status)
-    assert "1 under-replicated or leaderless partition(s): orders/1 (2 of 3 in sync)" in " ".join(text.split())
+    assert "1 partition(s) under-replicated, leaderless or unknown: orders/1 (2 of 3 in sync)" in " ".join(text.split())
     row = next(line for line in styled.splitlines() if "orders/1" in line and "1187" in line)
     assert "\x1b[1;33m" in row  # bold yellow
     healthy = next(line for line in styled.splitlines() if "orders/0" in line and "1200" in line)
@@ -170,3 +170,15 @@ def test_status_command_table_at_80_columns(node_processes, monkeypatch):
     assert members and all(member in text.split() for member in members)
     groups = tables(text)["consumer groups"]
     assert sum(int(line.split()[-1]) for line in groups if "orders/" in line) == 20  # 30 produced, 10 committed
+
+
+def test_a_partition_whose_leader_did_not_answer_shows_unknown_not_an_empty_in_sync_set():
+    status = three_node_status()
+    topic = next(t for t in status["topics"] if not t["name"].startswith("__"))
+    topic["partitions"][0]["in_sync"] = None  # as merge_status gives it
+    name = topic["name"]
+    text, _ = rendered(status)
+    flat = " ".join(text.split())
+    assert f"{name}/0 (in-sync set unknown: its leader" in flat
+    row = next(line for line in text.splitlines() if f"{name}/0" in line)
+    assert "unknown" in row

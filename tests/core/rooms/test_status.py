@@ -62,10 +62,10 @@ def test_the_merge_prefers_the_newest_epoch_when_two_nodes_still_claim_a_partiti
     assert (partition["leader"], partition["epoch"], partition["high_watermark"]) == ("b", 3, 4)
 
 
-def test_a_partition_whose_leader_did_not_answer_shows_no_in_sync_replicas():
+def test_a_partition_whose_leader_did_not_answer_shows_its_in_sync_set_as_unknown_not_empty():
     only = report("a", partition_view("b", role="follower", in_sync=["a"]))
     (partition,) = merge_status({"a": only}, "a")["topics"][0]["partitions"]
-    assert partition["in_sync"] == []
+    assert partition["in_sync"] is None
 
 
 def test_the_merge_takes_replica_sets_from_the_newest_configuration_and_counts_handoffs():
