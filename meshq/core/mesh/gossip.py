@@ -30,8 +30,8 @@ log = logging.getLogger("meshq.core")
 
 # A client that knows no live storage node asks its seeds again after this long, doubling up to
 # the cap (each wait jittered by ±25% with the core's rng, so clients cut off together spread out).
-_SEED_RETRY_MIN_S = 0.5
-_SEED_RETRY_MAX_S = 4.0
+_SEED_RETRY_MIN_S = 0.25
+_SEED_RETRY_MAX_S = 0.5
 
 
 class Mesh(Room):

@@ -126,3 +126,17 @@ def test_discovery_of_ourselves_is_ignored(lone):
     lone.handle(PeerDiscovered(lone.core.mesh.self_info()))
     lone.handle(PeerDiscovered({**member_info("n1", 7000)}))
     assert states(lone) == {}
+
+
+def test_a_client_cut_off_from_every_storage_node_asks_its_seeds_again_at_least_every_0_625_s(monkeypatch):
+    # After a split heals, a client on the minority side that forgot every member is found again
+    # only through its seeds: the wait between asks must stay short (issue #19 item 10: the
+    # first ack within 1 s of a heal; a 4 s cap made it 6.5 s).
+    h = CoreHarness("c1", role="client", seeds=("127.0.0.1:9100",))
+    asks: list[float] = []
+    monkeypatch.setattr(h.core.mesh, "hello_seeds_again", lambda now_s: asks.append(now_s) or True)
+    now = h.clock.now_s
+    for step in range(2000):  # 20 s cut off, checked every 10 ms
+        h.core.mesh.fall_back_to_seeds(now + step * 0.01)
+    gaps = [b - a for a, b in zip(asks, asks[1:])]
+    assert len(asks) > 30 and max(gaps) <= 0.625 + 0.01
