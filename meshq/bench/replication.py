@@ -8,8 +8,9 @@ Theory of operation
 others join through it as a seed), and once the agreed membership (the ring) holds all of them,
 per acks level ``leader`` then ``quorum``: a topic of 8 partitions with
 ``--replication-factor`` (3) replicas, a wait (at most ``--in-sync-timeout``) until every
-replica is in sync, then the pipelined ``produce_batch`` run and the synchronous run, and the
-check that the high watermarks add up to the acknowledged records. A failure (for instance
+replica is in sync, then the pipelined ``produce_batch`` run, the synchronous run (with each
+process's CPU µs per request), ``produce_async`` in a tight loop alternating round by round with
+``produce_batch`` (``_batch_vs_async``: their ratio, issue #18 item 3), and the check that the high watermarks add up to the acknowledged records. A failure (for instance
 ``NotEnoughReplicasError`` at ``acks=quorum``) is recorded and the run goes on. Last, the
 failovers (failover.py) on a fresh topic.
 """
@@ -25,7 +26,7 @@ from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.failover import _run_failover
 from meshq.bench.procs import PARTITIONS, _Cluster
-from meshq.bench.produce import _pipelined_batch, _synchronous, _values
+from meshq.bench.produce import _batch_vs_async, _pipelined_batch, _synchronous, _values
 from meshq.bench.status import CLUSTER_READY_TIMEOUT_S, _start_with_client, _wait_cluster, _wait_high_watermarks
 from meshq.errors import MeshqError
 
@@ -43,7 +44,11 @@ def _cluster_phase(client: Any, topic: str, acks: str, args: Any, values: list[b
             out["produce"] = _synchronous(client, topic, args.sync_records, values, acks, _CpuSampler(processes))
         except (MeshqError, BenchError, TimeoutError) as exc:
             out["produce"] = {"error": _error_text(exc)}
-    parts = [out[k] for k in ("produce_batch", "produce") if k in out]
+    try:
+        out["batch_vs_async"] = _batch_vs_async(client, topic, args.records, values, acks, processes)
+    except (MeshqError, BenchError, TimeoutError) as exc:
+        out["batch_vs_async"] = {"error": _error_text(exc)}
+    parts = [out[k] for k in ("produce_batch", "produce", "batch_vs_async") if k in out]
     if all("error" not in part for part in parts):
         acknowledged = sum(part["acknowledged"] for part in parts)
         stored = _wait_high_watermarks(client, topic, acknowledged, 15.0)
