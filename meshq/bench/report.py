@@ -325,7 +325,7 @@ def _print_batch_vs_async(console: Any, cluster: dict) -> None:
         return
     table = Table(title=f"produce_async (tight loop, one thread, then flush) vs produce_batch, "
                         f"{cluster['nodes']} nodes, replication factor {cluster['replication_factor']} "
-                        "(alternating rounds; median [min-max])")
+                        "(alternating rounds; median (min-max))")
     for name, right in (("acks", False), ("run", False), ("records/s", True), ("wall µs/rec", True),
                         ("CPU µs/rec (all procs)", True), ("async ÷ batch", True)):
         table.add_column(name, justify="right" if right else "left")
@@ -335,10 +335,10 @@ def _print_batch_vs_async(console: Any, cluster: dict) -> None:
             continue
         for name in ("produce_batch", "produce_async"):
             run = result[name]
-            ratio = (f"{result['ratio']:.1%} [{result['ratio_min']:.1%}-{result['ratio_max']:.1%}]"
+            ratio = (f"{result['ratio']:.1%} ({result['ratio_min']:.1%}-{result['ratio_max']:.1%})"
                      if name == "produce_async" else "")
             table.add_row(acks, name,
-                          f"{_fmt_rate(run['records_per_s'])} [{_fmt_rate(run['min_records_per_s'])}-"
-                          f"{_fmt_rate(run['max_records_per_s'])}]",
+                          f"{_fmt_rate(run['records_per_s'])} ({_fmt_rate(run['min_records_per_s'])}-"
+                          f"{_fmt_rate(run['max_records_per_s'])})",
                           f"{run['wall_us_per_record']:.2f}", f"{run['cpu_us_per_record'].get('all', 0):.2f}", ratio)
     console.print(table)
