@@ -63,7 +63,7 @@ class RecordFuture(Future):
     _state = PENDING
     _result = None
     _exception = None
-    _segment = None  # (records, topic, partition, base_offset) of the stored batch, set when settled
+    _segment = None  # (timestamps, topic, partition, base_offset) of the stored batch, set when settled
     _position = 0
 
     def __init__(self, buffer: _OpenBuffer) -> None:  # no super().__init__(): see the class docstring
@@ -101,10 +101,10 @@ class RecordFuture(Future):
         if self._exception is not None:
             raise self._exception
         if self._result is None:
-            records, topic, partition, base_offset = self._segment  # type: ignore[misc]
+            timestamps, topic, partition, base_offset = self._segment  # type: ignore[misc]
             j = self._position
             self._result = RecordMetadata(topic, partition, base_offset + j if base_offset >= 0 else -1,
-                                          records[j][3])
+                                          timestamps[j])
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -140,7 +140,8 @@ class FutureListWaiter:
                         future._exception = error
                         future._state = FINISHED
             else:
-                segment = (records, topic, partition, base_offset)
+                # timestamps, not the records: a kept future must not keep the record values alive
+                segment = ([record[3] for record in records], topic, partition, base_offset)
                 for j, i in enumerate(indexes):
                     future = futures[i]
                     if future._state is PENDING:
@@ -162,6 +163,7 @@ class FutureListWaiter:
             future._invoke_callbacks()
         self.remaining -= len(indexes)
         if self.remaining <= 0:
+            buffer.records = []  # every record settled: the futures (which keep the buffer) need no values
             self.tracker.done()
 
 
