@@ -21,6 +21,7 @@ longer than ``PHASE_TIMEOUT_S`` is aborted. ``bench replication`` and ``bench re
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -145,8 +146,8 @@ def _batch_vs_async(client: Any, topic: str, records: int, values: list[bytes], 
 
 
 def _synchronous(client: Any, topic: str, records: int, values: list[bytes], acks: str,
-                 sampler: _CpuSampler) -> dict[str, Any]:
-    produce = client.produce
+                 sampler: _CpuSampler, partition: int | None = None) -> dict[str, Any]:
+    produce = client.produce if partition is None else functools.partial(client.produce, partition=partition)
     nvalues = len(values)
     warm = min(SYNC_WARMUP, records)
     for i in range(warm):

@@ -303,6 +303,14 @@ def _print_cpu_per_request(console: Any, single: dict, cluster: dict) -> None:
     rows = [("1 node, acks=leader", single.get("produce", {}))]
     rows += [(f"{cluster['nodes']} nodes, acks={acks}", phase.get("produce", {}))
              for acks, phase in cluster.get("acks", {}).items()]
+    for acks, phase in cluster.get("acks", {}).items():
+        one = phase.get("produce_partition0", {})
+        if one.get("cpu_us_per_request") and one.get("leader"):
+            per = one["cpu_us_per_request"]
+            roles = {name: ("leader" if name == one["leader"] else "follower") for name in per if name.startswith("node")}
+            labelled = {f"{name} ({roles[name]})" if name in roles else name: us for name, us in per.items()}
+            rows.append((f"{cluster['nodes']} nodes, acks={acks}, partition 0 only (p50 {one['p50_us']:.0f} µs)",
+                         {"cpu_us_per_request": labelled}))
     rows = [(label, sync["cpu_us_per_request"]) for label, sync in rows if sync.get("cpu_us_per_request")]
     if not rows:
         return
