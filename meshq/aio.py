@@ -286,6 +286,9 @@ class Node:
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError(f"flush did not complete within {timeout} s")
             await asyncio.sleep(0.001)
+        # The runtime thread scheduled every settled record's asyncio completion (call_soon_threadsafe)
+        # before it counted the batch done; one more turn of the loop runs them before flush returns.
+        await asyncio.sleep(0)
 
     @staticmethod
     async def _settled(future: Future, timeout_s: float, what: str) -> Any:

@@ -491,8 +491,16 @@ class Node:
                       deliver_at: float | None = None, priority: int | None = None) -> Future:
         """Queue one record (batched with others for ``linger_s``); the Future gives its RecordMetadata.
         ``delay``/``deliver_at``/``priority`` as in ``produce``."""
-        headers = self._scheduling_headers(headers, delay, deliver_at, priority)
-        return self._append(topic, value, key, headers, acks, timeout, partition, timestamp_ms, flush_now=False)
+        if (headers is None and delay is None and deliver_at is None and priority is None
+                and type(value) is bytes and (key is None or type(key) is bytes) and acks in _ACKS
+                and self._started and not self._stopped and not self.runtime.left.is_set()):  # type: ignore[union-attr]
+            # the common call, already valid: the same record _record() would build, without its calls
+            record = (key, value, None, timestamp_ms if timestamp_ms is not None else self.clock.wall_ms())
+        else:
+            if delay is not None or deliver_at is not None or priority is not None:
+                headers = self._scheduling_headers(headers, delay, deliver_at, priority)
+            record = self._record(value, key, headers, acks, timestamp_ms)
+        return self._accumulator.append(topic, record, partition, acks, timeout)  # type: ignore[union-attr]
 
     def produce_batch(self, topic: str, values: Sequence[bytes], keys: Sequence[bytes | None] | None = None,
                       acks: str = "quorum", timeout: float = 30.0, partition: int | None = None,
@@ -537,12 +545,6 @@ class Node:
                 raise UsageError(f"priority must be an int from 0 (lowest) to 9 (highest), not {priority!r}")
             extra[PRIORITY_HEADER] = str(priority).encode()
         return {**(headers or {}), **extra}
-
-    def _append(self, topic: str, value: bytes, key: bytes | None, headers: dict | None, acks: str, timeout: float,
-                partition: int | None, timestamp_ms: int | None, flush_now: bool) -> Future:
-        record = self._record(value, key, headers, acks, timestamp_ms)
-        assert self._accumulator is not None
-        return self._accumulator.append(topic, record, partition, acks, timeout, flush_now)
 
     def _record(self, value: bytes, key: bytes | None, headers: dict | None, acks: str,
                 timestamp_ms: int | None) -> tuple:

@@ -160,8 +160,23 @@ class _CpuSampler:
         """Per-thread CPU plus the machine's total: ``other_percent`` is CPU used by other processes."""
         ours = sum(seconds for _name, seconds in self.cpu.values())
         out: dict[str, Any] = {"threads": self.report()}
+        per_process: dict[str, float] = {}
+        for (label, _tid), (_name, seconds) in self.cpu.items():
+            per_process[label] = per_process.get(label, 0.0) + seconds
+        out["process_seconds"] = {label: round(seconds, 6) for label, seconds in sorted(per_process.items())}
+        out["ours_seconds"] = round(ours, 6)
         if self.elapsed > 0:
             out["ours_percent"] = round(100 * ours / self.elapsed, 1)
             out["machine_percent"] = round(100 * self.machine_busy / self.elapsed, 1)
             out["other_percent"] = round(max(0.0, 100 * (self.machine_busy - ours) / self.elapsed), 1)
         return out
+
+
+def cpu_us_per_record(cpu: dict[str, Any], records: int) -> dict[str, float]:
+    """CPU µs per record of each sampled process (kernel per-thread accounting, user + system,
+    the figures ``getrusage`` adds up), plus ``all`` for their sum."""
+    if records <= 0 or "process_seconds" not in cpu:
+        return {}
+    out = {label: round(seconds * 1e6 / records, 2) for label, seconds in cpu["process_seconds"].items()}
+    out["all"] = round(cpu["ours_seconds"] * 1e6 / records, 2)
+    return out

@@ -21,13 +21,14 @@ longer than ``PHASE_TIMEOUT_S`` is aborted. ``bench replication`` and ``bench re
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
 from collections import deque
 from typing import Any
 
-from meshq.bench.cpu import _CpuSampler
+from meshq.bench.cpu import _CpuSampler, cpu_us_per_record
 from meshq.bench.errors import BenchError
 from meshq.bench.procs import PARTITIONS, READY_TIMEOUT_S, _Child, _start_node
 from meshq.bench.stats import _percentiles_us, _summarize_runs
@@ -80,7 +81,9 @@ def _pipelined_batch(client: Any, topic: str, records: int, values: list[bytes],
         sampler.stop()
         runs.append({"records": records, "seconds": elapsed, "records_per_s": records / elapsed})
     result = _summarize_runs(runs, len(values[0]))
-    result.update({"window_futures": BATCH_WINDOW, "acknowledged": acknowledged, "cpu": sampler.summary()})
+    cpu = sampler.summary()
+    result.update({"window_futures": BATCH_WINDOW, "acknowledged": acknowledged, "cpu": cpu,
+                   "cpu_us_per_record": cpu_us_per_record(cpu, records * repeats)})
     return result
 
 
@@ -104,14 +107,47 @@ def _pipelined_async(client: Any, topic: str, records: int, values: list[bytes],
     failed = [f for f in futures if f.exception(0) is not None]
     if failed:
         raise BenchError(f"{len(failed)} of {records} produce_async records failed: {failed[0].exception(0)!r}")
+    cpu = sampler.summary()
     return {"records": records, "seconds": elapsed, "records_per_s": records / elapsed,
             "mb_per_s": records * len(values[0]) / elapsed / 1e6, "acknowledged": records + warm,
-            "cpu": sampler.summary()}
+            "cpu": cpu, "cpu_us_per_record": cpu_us_per_record(cpu, records)}
+
+
+def _batch_vs_async(client: Any, topic: str, records: int, values: list[bytes], acks: str,
+                    processes: dict[str, int], rounds: int = REPEATS) -> dict[str, Any]:
+    """Issue #18 item 3: ``produce_batch`` (pipelined) and ``produce_async`` in a tight loop from one
+    thread (then ``flush()``), ``records`` each, alternating round by round in one run. Reports the
+    median round of each with min/max, wall and CPU µs per record, and the median ratio
+    produce_async / produce_batch of records/s (each round's async run against the batch run just
+    before it)."""
+    batch_runs: list[dict[str, Any]] = []
+    async_runs: list[dict[str, Any]] = []
+    acknowledged = 0
+    for _ in range(rounds):
+        batch = _pipelined_batch(client, topic, records, values, acks, _CpuSampler(processes), repeats=1)
+        acknowledged += batch["acknowledged"]
+        batch_runs.append(batch)
+        one = _pipelined_async(client, topic, records, values, acks, _CpuSampler(processes))
+        acknowledged += one["acknowledged"]
+        async_runs.append(one)
+
+    def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        rates = sorted(r["records_per_s"] for r in runs)
+        median = sorted(runs, key=lambda r: r["records_per_s"])[len(runs) // 2]
+        return {"records": records, "records_per_s": median["records_per_s"], "min_records_per_s": rates[0],
+                "max_records_per_s": rates[-1], "runs_records_per_s": [round(r["records_per_s"]) for r in runs],
+                "wall_us_per_record": 1e6 / median["records_per_s"],
+                "cpu_us_per_record": median["cpu_us_per_record"], "cpu": median["cpu"]}
+
+    ratios = sorted(a["records_per_s"] / b["records_per_s"] for a, b in zip(async_runs, batch_runs))
+    return {"acks": acks, "rounds": rounds, "produce_batch": summary(batch_runs), "produce_async": summary(async_runs),
+            "ratio": ratios[len(ratios) // 2], "ratio_min": ratios[0], "ratio_max": ratios[-1],
+            "acknowledged": acknowledged}
 
 
 def _synchronous(client: Any, topic: str, records: int, values: list[bytes], acks: str,
-                 sampler: _CpuSampler) -> dict[str, Any]:
-    produce = client.produce
+                 sampler: _CpuSampler, partition: int | None = None) -> dict[str, Any]:
+    produce = client.produce if partition is None else functools.partial(client.produce, partition=partition)
     nvalues = len(values)
     warm = min(SYNC_WARMUP, records)
     for i in range(warm):
@@ -127,9 +163,11 @@ def _synchronous(client: Any, topic: str, records: int, values: list[bytes], ack
         append(clock() - t0)
     elapsed = time.perf_counter() - start
     sampler.stop()
+    cpu = sampler.summary()
     result: dict[str, Any] = {"records": records, "seconds": elapsed,
                               "records_per_s": records / elapsed if elapsed > 0 else 0.0,
-                              "acknowledged": records + warm, "cpu": sampler.summary()}
+                              "acknowledged": records + warm, "cpu": cpu,
+                              "cpu_us_per_request": cpu_us_per_record(cpu, records)}
     if samples:
         result.update(_percentiles_us(samples))
     return result

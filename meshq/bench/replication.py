@@ -8,8 +8,10 @@ Theory of operation
 others join through it as a seed), and once the agreed membership (the ring) holds all of them,
 per acks level ``leader`` then ``quorum``: a topic of 8 partitions with
 ``--replication-factor`` (3) replicas, a wait (at most ``--in-sync-timeout``) until every
-replica is in sync, then the pipelined ``produce_batch`` run and the synchronous run, and the
-check that the high watermarks add up to the acknowledged records. A failure (for instance
+replica is in sync, then the pipelined ``produce_batch`` run, the synchronous run (with each
+process's CPU µs per request), the synchronous run again on partition 0 only (so its leader's
+and its followers' CPU per request show apart), ``produce_async`` in a tight loop alternating round by round with
+``produce_batch`` (``_batch_vs_async``: their ratio, issue #18 item 3), and the check that the high watermarks add up to the acknowledged records. A failure (for instance
 ``NotEnoughReplicasError`` at ``acks=quorum``) is recorded and the run goes on. Last, the
 failovers (failover.py) on a fresh topic.
 """
@@ -25,13 +27,19 @@ from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError, _error_text
 from meshq.bench.failover import _run_failover
 from meshq.bench.procs import PARTITIONS, _Cluster
-from meshq.bench.produce import _pipelined_batch, _synchronous, _values
-from meshq.bench.status import CLUSTER_READY_TIMEOUT_S, _start_with_client, _wait_cluster, _wait_high_watermarks
+from meshq.bench.produce import _batch_vs_async, _pipelined_batch, _synchronous, _values
+from meshq.bench.status import (
+    CLUSTER_READY_TIMEOUT_S,
+    _start_with_client,
+    _topic_partitions,
+    _wait_cluster,
+    _wait_high_watermarks,
+)
 from meshq.errors import MeshqError
 
 
 def _cluster_phase(client: Any, topic: str, acks: str, args: Any, values: list[bytes],
-                   processes: dict[str, int]) -> dict[str, Any]:
+                   processes: dict[str, int], leader0: str | None = None) -> dict[str, Any]:
     """Pipelined ``produce_batch`` and synchronous ``produce`` at one acks level; a failure is recorded, not raised."""
     out: dict[str, Any] = {"acks": acks, "topic": topic}
     try:
@@ -43,7 +51,19 @@ def _cluster_phase(client: Any, topic: str, acks: str, args: Any, values: list[b
             out["produce"] = _synchronous(client, topic, args.sync_records, values, acks, _CpuSampler(processes))
         except (MeshqError, BenchError, TimeoutError) as exc:
             out["produce"] = {"error": _error_text(exc)}
-    parts = [out[k] for k in ("produce_batch", "produce") if k in out]
+    if args.sync_records > 0 and leader0 is not None:
+        # partition 0 only: its leader's and its followers' CPU per request apart (issue #18 item 1)
+        try:
+            one = _synchronous(client, topic, args.sync_records, values, acks, _CpuSampler(processes), partition=0)
+            one["leader"] = leader0
+            out["produce_partition0"] = one
+        except (MeshqError, BenchError, TimeoutError) as exc:
+            out["produce_partition0"] = {"error": _error_text(exc)}
+    try:
+        out["batch_vs_async"] = _batch_vs_async(client, topic, args.records, values, acks, processes)
+    except (MeshqError, BenchError, TimeoutError) as exc:
+        out["batch_vs_async"] = {"error": _error_text(exc)}
+    parts = [out[k] for k in ("produce_batch", "produce", "produce_partition0", "batch_vs_async") if k in out]
     if all("error" not in part for part in parts):
         acknowledged = sum(part["acknowledged"] for part in parts)
         stored = _wait_high_watermarks(client, topic, acknowledged, 15.0)
@@ -74,7 +94,10 @@ def _run_cluster(args: Any, workdir: str) -> dict[str, Any]:
             _status, in_sync_problem = _wait_cluster(client, topic, cluster, args.in_sync_timeout, need_in_sync=True)
             processes = {"producer": os.getpid(), **cluster.pids()}
             _progress(f"{args.nodes} nodes, replication factor {replication_factor}, acks={acks}")
-            phase = _cluster_phase(client, topic, acks, args, values, processes)
+            leaders = [p["leader"] for p in _topic_partitions(_status or status, topic) if p["partition"] == 0]
+            leader0 = (f"node{cluster.node_ids.index(leaders[0]) + 1}"
+                       if leaders and leaders[0] in cluster.node_ids else None)
+            phase = _cluster_phase(client, topic, acks, args, values, processes, leader0)
             phase["in_sync_before"] = in_sync_problem is None
             if in_sync_problem is not None:
                 phase["in_sync_problem"] = in_sync_problem

@@ -129,6 +129,8 @@ def _render_replication(report: dict[str, Any]) -> None:
         rows += [(f"{cluster['nodes']} nodes {acks} produce_batch", phase.get("produce_batch", {})),
                  (f"{cluster['nodes']} nodes {acks} produce (sync)", phase.get("produce", {}))]
     _print_cpu(console, rows)
+    _print_cpu_per_request(console, single, cluster)
+    _print_batch_vs_async(console, cluster)
     _print_load_warning(console, report)
 
     failover = cluster.get("failover")
@@ -292,3 +294,59 @@ def _render_rebalance(report: dict[str, Any]) -> None:
 def _cluster_label(cluster: dict[str, Any], node_id: str | None) -> str:
     ids = cluster.get("node_ids", [])
     return f"node{ids.index(node_id) + 1}" if node_id in ids else str(node_id)
+
+
+def _print_cpu_per_request(console: Any, single: dict, cluster: dict) -> None:
+    """Issue #18 item 1: CPU µs per synchronous produce, per process (user + system, from the kernel)."""
+    from rich.table import Table
+
+    rows = [("1 node, acks=leader", single.get("produce", {}))]
+    rows += [(f"{cluster['nodes']} nodes, acks={acks}", phase.get("produce", {}))
+             for acks, phase in cluster.get("acks", {}).items()]
+    for acks, phase in cluster.get("acks", {}).items():
+        one = phase.get("produce_partition0", {})
+        if one.get("cpu_us_per_request") and one.get("leader"):
+            per = one["cpu_us_per_request"]
+            roles = {name: ("leader" if name == one["leader"] else "follower") for name in per if name.startswith("node")}
+            labelled = {f"{name} ({roles[name]})" if name in roles else name: us for name, us in per.items()}
+            rows.append((f"{cluster['nodes']} nodes, acks={acks}, partition 0 only (p50 {one['p50_us']:.0f} µs)",
+                         {"cpu_us_per_request": labelled}))
+    rows = [(label, sync["cpu_us_per_request"]) for label, sync in rows if sync.get("cpu_us_per_request")]
+    if not rows:
+        return
+    table = Table(title="Synchronous produce: CPU µs per request by process (each node leads 1/N of the "
+                        "partitions and follows the rest)")
+    table.add_column("run")
+    table.add_column("CPU µs per request")
+    for label, per in rows:
+        table.add_row(label, ", ".join(f"{name} {us:.0f}" for name, us in per.items()))
+    console.print(table)
+
+
+def _print_batch_vs_async(console: Any, cluster: dict) -> None:
+    """Issue #18 item 3: produce_async in a tight loop against produce_batch, alternating rounds."""
+    from rich.table import Table
+
+    phases = [(acks, phase["batch_vs_async"]) for acks, phase in cluster.get("acks", {}).items()
+              if "batch_vs_async" in phase]
+    if not phases:
+        return
+    table = Table(title=f"produce_async (tight loop, one thread, then flush) vs produce_batch, "
+                        f"{cluster['nodes']} nodes, replication factor {cluster['replication_factor']} "
+                        "(alternating rounds; median (min-max))")
+    for name, right in (("acks", False), ("run", False), ("records/s", True), ("wall µs/rec", True),
+                        ("CPU µs/rec (all procs)", True), ("async ÷ batch", True)):
+        table.add_column(name, justify="right" if right else "left")
+    for acks, result in phases:
+        if "error" in result:
+            table.add_row(acks, f"[red]{result['error']}[/red]", "", "", "", "")
+            continue
+        for name in ("produce_batch", "produce_async"):
+            run = result[name]
+            ratio = (f"{result['ratio']:.1%} ({result['ratio_min']:.1%}-{result['ratio_max']:.1%})"
+                     if name == "produce_async" else "")
+            table.add_row(acks, name,
+                          f"{_fmt_rate(run['records_per_s'])} ({_fmt_rate(run['min_records_per_s'])}-"
+                          f"{_fmt_rate(run['max_records_per_s'])})",
+                          f"{run['wall_us_per_record']:.2f}", f"{run['cpu_us_per_record'].get('all', 0):.2f}", ratio)
+    console.print(table)
