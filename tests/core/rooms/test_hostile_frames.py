@@ -1,0 +1,238 @@
+"""Every message handler fed mutated valid frames (SPEC §3.6 "a node never trusts a frame").
+
+A formed 3-node mesh (the room-test ``Net``) holds a replicated topic with acknowledged
+records. Every frame its nodes exchanged while getting there is captured: requests,
+replies and events of every kind they use (fetch replies carrying replication batches,
+raft appends, heartbeats, ...), plus one example of every type in ``wire.SCHEMAS``.
+Hypothesis then picks frames, mutates them (a field replaced by a value of another type or
+an extreme one, payload batches truncated / bit-flipped / replaced, the sender changed, the
+request id changed, replayed unchanged) and delivers them to a node as a request, a reply
+or an event, exactly as the runtime would after ``wire.decode``. For every one:
+
+- no exception escapes ``NodeCore.handle`` (in the runtime, one would be a logged bug);
+- a frame the decoder refuses never reaches the core, and is counted by ``invalid_frames``;
+- a request answered with ``error`` changed no stored state (logs, high watermarks,
+  epochs, metadata, raft term and log);
+- at the end the mesh still serves: a produce with acks=all is acknowledged and every
+  record acknowledged before is still there.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshq.core import batch as batch_format
+from meshq.core import wire
+from meshq.core.events import EventReceived, ReplyReceived, RequestReceived
+from tests.core.rooms.conftest import Net, create_topic
+from tests.core.test_wire import CLUSTER, EXAMPLES, all_paths
+
+pytestmark = pytest.mark.timeout(120)
+
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=3000,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+HOSTILE_VALUES = st.one_of(
+    st.none(), st.booleans(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1),
+    st.sampled_from([0, -1, 1, 2**31, 2**32 - 1, 2**62, (1 << 63) - 1, -(1 << 63)]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=70), st.binary(max_size=70),
+    st.sampled_from(["", "t", "n1", "n2", "__offsets", "x" * 300, "tcp://127.0.0.1:1", "tcp://[::1]:0"]),
+    st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
+
+
+# ---------------------------------------------------------------- the mesh and its captured frames
+class Mesh:
+    def __init__(self) -> None:
+        self.net = Net("n1", "n2", "n3")
+        # (kind, sender, frames) of every message a node sent while the mesh formed and served
+        self.captured: list[tuple[str, str, list[bytes]]] = []
+        self.capturing = True
+        for node_id, h in self.net.nodes.items():
+            self._capture(node_id, h)
+        self.net.form()
+        create_topic(self.net.leader(), "t", partitions=2, replication_factor=3, net=self.net)
+        self.net.run(2.0)
+        self.acked: list[tuple[int, int, bytes]] = []
+        self.produce(40)
+        self.capturing = False  # fixed from here: hypothesis draws indexes into it
+
+    def _capture(self, node_id: str, h: Any) -> None:
+        apply = h.apply
+
+        def capturing(effects: list) -> None:
+            for effect in effects:
+                kind = type(effect).__name__
+                if kind in ("Send", "Reply", "Publish") and self.capturing:
+                    self.captured.append((kind, node_id, list(effect.frames)))
+            apply(effects)
+
+        h.apply = capturing
+
+    def produce(self, count: int) -> None:
+        for i in range(count):
+            value = b"v%d-%d" % (len(self.acked), i)
+            outcome = self.net["n1"].produce("t", [value], acks="all", partition=i % 2)
+            self.net.run_until(lambda o=outcome: o.results or o.errors, within_s=10.0)
+            assert not outcome.errors, outcome.errors
+            (_topic, partition, offset), = outcome.results
+            self.acked.append((partition, offset, value))
+
+    def stored(self, node_id: str) -> Any:
+        """What a node stores: its logs' bytes, high watermarks and epochs, its metadata and raft state."""
+        core = self.net[node_id].core
+        logs = {}
+        for key, state in sorted(core.partitions.items()):
+            log = state.log
+            logs[key] = (log.end_offset, _log_bytes(state), state.high_watermark, state.leader_epoch)
+        raft = core.agreement.raft
+        meta = core.agreement.meta
+        return (logs, meta.applied_index, sorted(meta.topics),
+                (raft.term, raft.voted_for, raft.commit_index, raft.last_index))
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh()
+
+
+# ---------------------------------------------------------------- mutations
+def _set_path(body: Any, path: tuple, value: Any) -> None:
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+
+
+def _mutate_payload(payload: bytes, how: str, rnd: random.Random) -> bytes:
+    if how == "truncate" and payload:
+        return payload[: rnd.randrange(len(payload))]
+    if how == "flip" and payload:
+        i = rnd.randrange(len(payload))
+        return payload[:i] + bytes([payload[i] ^ (1 << rnd.randrange(8))]) + payload[i + 1:]
+    if how == "random":
+        return rnd.randbytes(rnd.randrange(0, 200))
+    if how == "huge_length" and len(payload) >= 12:  # batch_length / record_count far beyond the frame
+        return payload[:8] + b"\x7f\xff\xff\xff" + payload[12:57] + b"\x7f\xff\xff\xff" + payload[61:]
+    return payload
+
+
+@st.composite
+def hostile_messages(draw: Any, mesh: Mesh) -> tuple[str, str, list[bytes]]:
+    """(delivery kind, destination, frames) of a mutated captured or example frame."""
+    if draw(st.booleans()):
+        kind, sender, frames = mesh.captured[draw(st.integers(0, len(mesh.captured) - 1))]
+        message = wire.decode(frames, CLUSTER)
+        type_, body, payloads = message.type, copy.deepcopy(message.body), list(message.payloads)
+        request_id = message.request_id
+    else:
+        type_ = draw(st.sampled_from(sorted(wire.SCHEMAS)))
+        example, payloads = EXAMPLES[type_]
+        body, payloads, kind, sender = copy.deepcopy(example), list(payloads), "Send", "n2"
+        request_id = draw(st.integers(0, 1 << 20))
+    mutation = draw(st.sampled_from(["replay", "field", "field", "payload", "sender", "request_id", "raw"]))
+    rnd = random.Random(draw(st.integers(0, 1 << 30)))
+    if mutation == "field":
+        paths = all_paths(body)
+        if paths:
+            _set_path(body, draw(st.sampled_from(paths)), draw(HOSTILE_VALUES))
+    elif mutation == "payload" and payloads:
+        i = draw(st.integers(0, len(payloads) - 1))
+        payloads[i] = _mutate_payload(payloads[i], draw(st.sampled_from(["truncate", "flip", "random",
+                                                                          "huge_length"])), rnd)
+    elif mutation == "sender":
+        sender = draw(st.sampled_from(["n1", "n2", "n3", "evil", "n4"]))
+    elif mutation == "request_id":
+        request_id = draw(st.integers(0, (1 << 63) - 1))
+    header = msgpack.packb([1, CLUSTER, sender, type_, request_id, body], use_bin_type=True)
+    frames = [header, *payloads]
+    if mutation == "raw":  # the header itself cut short or with a byte changed
+        frames[0] = _mutate_payload(header, draw(st.sampled_from(["truncate", "flip"])), rnd)
+    as_kind = draw(st.sampled_from([kind, kind, "Send", "Reply", "Publish"]))
+    destination = draw(st.sampled_from(["n1", "n2", "n3"]))
+    return as_kind, destination, frames
+
+
+def deliver(mesh: Mesh, kind: str, destination: str, frames: list[bytes]) -> str:
+    """Decode ``frames`` as the runtime does and hand them to ``destination``'s core; returns
+    "invalid" (the decoder refused it), "error" (a request answered with an error) or "ok"."""
+    h = mesh.net[destination]
+    core = h.core
+    try:
+        message = wire.decode(frames, CLUSTER)
+    except wire.ProtocolError as exc:
+        before = core.invalid_frames()["total"]
+        core.note_invalid_frame(exc, "127.0.0.1")
+        assert core.invalid_frames()["total"] == before + 1
+        return "invalid"
+    if kind == "Send":
+        before = len(h.replies)
+        h.handle(RequestReceived(("net", "evil"), message))
+        answers = [wire.decode(r.frames, CLUSTER) for r in h.replies[before:]]
+        del h.replies[before:]  # nobody to deliver them to
+        return "error" if any(a.type == "error" for a in answers) else "ok"
+    if kind == "Reply":
+        h.handle(ReplyReceived(message.sender, message))
+    else:
+        h.handle(EventReceived(message))
+    return "ok"
+
+
+# ---------------------------------------------------------------- the properties
+def test_the_capture_covers_replication_and_metadata(mesh):
+    types = {wire.decode(frames, CLUSTER).type for _kind, _sender, frames in mesh.captured}
+    assert {"repl_append", "repl_append_ok", "produce", "heartbeat", "raft_append", "raft_append_ok"} <= types, types
+
+
+def test_mutated_frames_never_raise_and_refused_requests_change_nothing(mesh):
+    outcomes: dict[str, int] = {}
+
+    @FUZZ
+    @given(st.data())
+    def check(data: Any) -> None:
+        kind, destination, frames = data.draw(hostile_messages(mesh))
+        before = mesh.stored(destination)
+        outcome = deliver(mesh, kind, destination, frames)  # raises if the core does
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome in ("invalid", "error"):
+            assert mesh.stored(destination) == before, (kind, wire.short_repr(frames))
+        # what the hostile frame made the node send goes nowhere (its peers are not the attacker)
+        h = mesh.net[destination]
+        h.sent.clear()
+        h.published.clear()
+
+    check()
+    assert outcomes.get("invalid") and outcomes.get("error") and outcomes.get("ok"), outcomes
+
+
+def test_the_mesh_still_serves_and_keeps_every_acknowledged_record(mesh):
+    mesh.net.run(3.0)  # let the mesh settle whatever the hostile frames stirred
+    mesh.produce(6)
+    mesh.net.run(2.0)
+    for node_id in ("n1", "n2", "n3"):
+        core = mesh.net[node_id].core
+        for partition, offset, value in mesh.acked:
+            state = core.partitions[("t", partition)]
+            assert state.high_watermark > offset
+            records = [r for r in _read(state) if r.offset == offset]
+            assert [r.value for r in records] == [value], (node_id, partition, offset)
+
+
+def _log_bytes(state: Any) -> bytes:
+    log = state.log
+    return bytes(log.read(log.start_offset, 1 << 30)) if log.end_offset > log.start_offset else b""
+
+
+def _read(state: Any) -> list:
+    return batch_format.decode_records(_log_bytes(state), "t", state.partition)
