@@ -48,7 +48,7 @@ HOSTILE_VALUES = st.one_of(
     st.text(max_size=70), st.binary(max_size=70),
     st.sampled_from(["", "t", "n1", "n2", "__offsets", "x" * 300, "tcp://127.0.0.1:1", "tcp://[::1]:0"]),
     st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=4),
-    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(-(1 << 63), (1 << 63) - 1), max_size=3),
 )
 
 
@@ -236,3 +236,63 @@ def _log_bytes(state: Any) -> bytes:
 
 def _read(state: Any) -> list:
     return batch_format.decode_records(_log_bytes(state), "t", state.partition)
+
+
+# ---------------------------------------------------------------- regressions the fuzzing found
+def _formed() -> Net:
+    net = Net("n1", "n2", "n3")
+    net.form()
+    create_topic(net.leader(), "t", partitions=1, replication_factor=3, net=net)
+    net.run(2.0)
+    return net
+
+
+def _request(net: Net, node_id: str, type_: str, body: dict, sender: str = "n2") -> wire.Message | None:
+    h = net[node_id]
+    before = len(h.replies)
+    h.handle(RequestReceived(("net", "evil"), wire.Message(type_, sender, 9, body, ())))
+    answers = [wire.decode(r.frames, CLUSTER) for r in h.replies[before:]]
+    del h.replies[before:]
+    return answers[-1] if answers else None
+
+
+@pytest.mark.parametrize("field", ["term", "last_term"])
+def test_a_raft_term_at_the_wire_ceiling_is_refused_and_elections_still_work(field):
+    """A frame naming term 1 << 62 made the node adopt it; its next vote request (term + 1) then
+    broke the schema at every peer (and, checked, in its own encoder): elections froze."""
+    net = _formed()
+    target = next(h for h in net.nodes.values() if h.core.raft.role != "leader")
+    term = target.core.raft.term
+    body = {"term": term + 1, "candidate": "n2", "last_index": 10**6, "last_term": term + 1, "pre_vote": False}
+    body[field] = 1 << 62
+    invalid = target.core.invalid_frames()["total"]
+    answer = _request(net, target.core.node_id, "raft_vote", body)
+    assert answer is not None and answer.type == "error" and answer.body["code"] == "protocol"
+    assert "beyond the highest" in answer.body["message"]
+    assert target.core.raft.term == term
+    assert target.core.invalid_frames()["total"] == invalid + 1
+    assert target.core.invalid_frames()["by_peer"]["n2"] >= 1
+    # the metadata group still elects a new leader when its leader goes
+    old = net.leader().core.node_id
+    net.cut(old)
+    net.run_until(lambda: any(h.core.raft.role == "leader" for n, h in net.nodes.items() if n != old), 30.0)
+
+
+@pytest.mark.parametrize("field", ["epoch", "last_epoch"])
+def test_a_leader_epoch_at_the_batch_header_ceiling_is_refused(field):
+    """An epoch of 2**31 - 1 left no room for epoch + 1 in the batch header's signed 32-bit field."""
+    net = _formed()
+    h = net["n3"]
+    state = h.core.partitions[("t", 0)]
+    epoch = state.leader_epoch
+    body = {"topic": "t", "partition": 0, "epoch": epoch + 1, "cv": state.replica.config_version
+            if hasattr(state.replica, "config_version") else 0, "candidate": "n2", "last_epoch": epoch,
+            "end_offset": 10**6, "pre_vote": False}
+    body[field] = (1 << 31) - 1
+    answer = _request(net, "n3", "repl_vote", body)
+    assert answer is not None and answer.type == "error" and answer.body["code"] == "protocol"
+    assert state.leader_epoch == epoch and state.replica.epoch == epoch
+    # and one below the ceiling is still an ordinary (if unlikely) epoch the replica may follow
+    body[field] = (1 << 31) - 2
+    answer = _request(net, "n3", "repl_vote", body)
+    assert answer is None or answer.type != "error"
