@@ -296,3 +296,19 @@ def test_a_leader_epoch_at_the_batch_header_ceiling_is_refused(field):
     body[field] = (1 << 31) - 2
     answer = _request(net, "n3", "repl_vote", body)
     assert answer is None or answer.type != "error"
+
+
+def test_a_fetch_never_reads_more_than_one_frame_may_carry():
+    """A fetch asking for up to 1 GiB read that much of the log at once (one request could make a
+    node load its whole log into memory) and answered with a frame every receiver refuses."""
+    net = Net("n1", max_frame_bytes=64 * 1024, batch_max_bytes=8 * 1024)
+    h = net["n1"]
+    create_topic(h, "t")
+    for i in range(40):
+        outcome = h.produce("t", [bytes([i]) * 4000], partition=0)
+        assert outcome.results, outcome.errors
+    answer = h.request("fetch", {"topic": "t", "partition": 0, "offset": 0, "max_bytes": 1 << 30, "max_wait_ms": 0})
+    assert answer is not None and answer.type == "fetch_ok"
+    (data,) = answer.payloads
+    assert 0 < len(data) <= 64 * 1024
+    assert len(batch_format.decode_records(data, "t", 0)) < 40  # (the rest: in the next fetch)
