@@ -14,7 +14,8 @@ replication batches, junk events and pub/sub data frames, junk subscriptions). T
 - each node counted at least the frames it was sent that no node may accept, in
   ``invalid_frames`` (with the hostile client's address among its peers);
 - memory stays bounded: each node's RSS (VmRSS of /proc/PID/status), sampled throughout,
-  grows by less than ``RSS_GROWTH_LIMIT_MB`` over its level before the attack.
+  grows by less than ``RSS_GROWTH_LIMIT_MB`` over its level before the attack;
+- the junk cannot flood a node's log: each stays under 64 KiB.
 
 No timing is asserted; the waits are liveness bounds.
 """
@@ -188,6 +189,9 @@ def test_hostile_frames_lose_nothing_acknowledged_stop_no_node_and_are_counted(m
               f"{({k: round(v, 1) for k, v in growth_mb.items()})} MB; invalid counted "
               f"{({k: s['invalid_frames']['total'] - before[k]['total'] for k, s in after.items()})}")
         assert all(growth < RSS_GROWTH_LIMIT_MB for growth in growth_mb.values()), growth_mb
+        log_bytes = {node_id(n): len(n.log_text()) for n in nodes}
+        print(f"node log sizes after the attack: {log_bytes}")
+        assert all(size < 64 * 1024 for size in log_bytes.values()), log_bytes  # junk cannot flood the log
     finally:
         for writer in writers:
             writer.stop()
