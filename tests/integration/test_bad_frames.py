@@ -763,3 +763,26 @@ def test_junk_published_by_a_member_is_dropped_and_counted(node, acked, client, 
     finally:
         pub.close(0)
     assert_healthy(node, acked)
+
+
+def test_a_core_bug_on_a_bad_request_is_logged_and_counted_not_fatal(node, acked, client, monkeypatch):
+    """The runtime's last line of defence logged ``event.message.type``, which a BadRequest (a
+    request whose envelope decoded but whose body did not) does not have: the AttributeError in
+    the except clause killed the runtime thread, i.e. the node."""
+    from meshq.core.events import BadRequest
+
+    real_handle = node.core.handle
+
+    def handle(event, now_s):
+        if type(event) is BadRequest:
+            raise RuntimeError("a bug in the core")
+        return real_handle(event, now_s)
+
+    monkeypatch.setattr(node.core, "handle", handle)
+    errors = node.core.counters.get("handler_errors", 0)
+    client.send_unchecked("produce", {"topic": TOPIC}, 99)  # readable envelope, body missing fields
+    status = client.status()
+    assert status["counters"]["handler_errors"] == errors + 1
+    assert node.runtime.running  # (a property)
+    monkeypatch.undo()
+    assert_healthy(node, acked)
