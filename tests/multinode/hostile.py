@@ -17,6 +17,9 @@ Kinds (one pool of frames per node, drawn from a seeded ``random.Random``, sent 
   nodes (valid frames, refused by the protocol: not counted as invalid);
 - ``replayed``: a replication append carrying a real, correctly stamped record batch at
   offset 0 with a stale epoch (valid frame, refused);
+- ``spoofed``: replication appends of the current epoch in another node's name: to a
+  follower with a batch failing its CRC, to the leader in another replica's name (valid
+  frames, refused; each logged at most once per thousand);
 - at the end, one ``status`` request per node: its answer shows every frame before it arrived;
 - on the PUB/SUB side: the client announces itself (``hello``) with the address of a PUB it
   binds, and publishes junk events and data frames to every node's SUB; it also connects an
@@ -64,8 +67,9 @@ def pool_for(rng: random.Random, spec: dict, target: str) -> list[tuple[str, boo
     replay = batch_format.stamp(good, 0, 0)
     pool: list[tuple[str, bool, list[bytes]]] = []
     for i in range(spec["pool"]):
-        kind = ("random", "truncated", "wrong_types", "huge_lengths", "wrong_cluster", "stale_epochs",
-                "replayed")[i % 7]
+        kinds = ("random", "truncated", "wrong_types", "huge_lengths", "wrong_cluster", "stale_epochs",
+                 "replayed", "spoofed")
+        kind = kinds[i % len(kinds)]
         request_id = rng.randrange(1, 1 << 40)
         if kind == "random":
             frames = [rng.randbytes(rng.randrange(0, 1500)) for _ in range(rng.randrange(1, 4))]
@@ -107,6 +111,25 @@ def pool_for(rng: random.Random, spec: dict, target: str) -> list[tuple[str, boo
                 body = {"topic": topic, "partition": rng.randrange(2), "epoch": 0, "cv": 0, "leader": leader,
                         "prev_offset": -1, "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}
                 frames = [header(cluster, leader, "repl_append", 0, body)]
+            invalid = False
+        elif kind == "spoofed":
+            # The current epoch and configuration, in the name of the partition's leader (to a
+            # follower) or of another replica (to the leader): refused — a batch failing its CRC,
+            # "two leaders" — and logged by the node at most once per thousand.
+            p = spec["partitions"][rng.randrange(len(spec["partitions"]))]
+            if p["leader"] == target:
+                sender = next(r for r in p["replicas"] if r != target)
+                body = {"topic": topic, "partition": p["partition"], "epoch": p["epoch"], "cv": p["cv"],
+                        "leader": sender, "prev_offset": -1, "prev_epoch": 0, "hw": 0, "epoch_start": 0,
+                        "log_start": 0}
+                frames = [header(cluster, sender, "repl_append", 0, body)]
+            else:
+                broken = bytearray(replay)
+                broken[-1] ^= 0x01  # (inside the CRC'd bytes)
+                body = {"topic": topic, "partition": p["partition"], "epoch": p["epoch"], "cv": p["cv"],
+                        "leader": p["leader"], "prev_offset": -1, "prev_epoch": 0, "hw": 0, "epoch_start": 0,
+                        "log_start": 0}
+                frames = [header(cluster, p["leader"], "repl_append", 0, body), bytes(broken)]
             invalid = False
         else:  # replayed
             leader = rng.choice(nodes)

@@ -6,7 +6,7 @@ and a consumer reading from the earliest offset throughout. A hostile client (it
 process, ``tests/multinode/hostile.py``) throws ``HOSTILE_FRAMES`` frames as fast as pyzmq
 takes them at the nodes' ROUTER ports and PUB/SUB (random bytes, truncated msgpack, wrong
 types, huge declared lengths, another cluster, stale raft terms and leader epochs, replayed
-replication batches, junk events and pub/sub data frames, junk subscriptions). Then:
+replication batches, appends of the current epoch in another node's name, junk events and pub/sub data frames, junk subscriptions). Then:
 
 - no node stops: every process still runs and answers status;
 - nothing acknowledged is lost: the consumer reads every acknowledged record at its
@@ -118,7 +118,16 @@ def test_hostile_frames_lose_nothing_acknowledged_stop_no_node_and_are_counted(m
         rss_before = {node_id(n): rss_kb(n.process.pid) for n in nodes}
         rss_peak = dict(rss_before)
 
+        partitions = []
+        for n in nodes:  # each partition as its leader sees it (epoch, configuration version)
+            for topic in views[node_id(n)]["topics"]:
+                for p in topic["partitions"] if topic["name"] == TOPIC else []:
+                    if p["leader"] == node_id(n) and p.get("role", "leader") == "leader":
+                        partitions.append({"partition": p["partition"], "leader": p["leader"], "epoch": p["epoch"],
+                                           "cv": p.get("config_version", 0), "replicas": p["replicas"]})
+        assert len(partitions) == 2, partitions
         spec = {"cluster": mesh.cluster, "topic": TOPIC, "count": HOSTILE_FRAMES, "seed": 17, "pool": 1400,
+                "partitions": partitions,
                 "nodes": [{"node_id": node_id(n), "address": f"tcp://{n.seed}",
                            "pub_address": pub_addresses[node_id(n)]} for n in nodes]}
         attack_started = time.monotonic()

@@ -383,3 +383,20 @@ def test_a_fetch_never_reads_more_than_one_frame_may_carry():
     (data,) = answer.payloads
     assert 0 < len(data) <= 64 * 1024
     assert len(batch_format.decode_records(data, "t", 0)) < 40  # (the rest: in the next fetch)
+
+
+def test_appends_in_another_nodes_name_cannot_flood_the_log(caplog):
+    """Every repl_append of the current epoch naming another leader logged "two leaders" (an
+    error line per frame): a peer could fill the disk with them. Now the 1st and every 1000th."""
+    net = _formed()
+    leader_id = next(n for n, h in net.nodes.items() if h.core.partitions[("t", 0)].replica.role == "leader")
+    replica = net[leader_id].core.partitions[("t", 0)].replica
+    other = next(r for r in replica.replicas if r != leader_id)
+    body = {"topic": "t", "partition": 0, "epoch": replica.epoch, "cv": replica.config_version, "leader": other,
+            "prev_offset": -1, "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}
+    with caplog.at_level("WARNING", logger="meshq"):
+        for _ in range(2500):
+            _request(net, leader_id, "repl_append", body, sender=other)
+    lines = [r.getMessage() for r in caplog.records if "two leaders" in r.getMessage()]
+    assert len(lines) == 3 and lines[1].endswith("(1000 times so far)"), lines
+    assert replica.role == "leader"
