@@ -94,6 +94,14 @@ def _collector(node: Any) -> Any:
                                       value=counters["duplicates_dropped"])
             yield CounterMetricFamily("meshq_frames_invalid", "frames dropped as invalid",
                                       value=counters["frames_invalid"])
+            invalid = core.invalid_frames()
+            yield CounterMetricFamily("meshq_invalid_frames", "frames dropped as invalid (wire and pub/sub data)",
+                                      value=invalid["total"])
+            by_peer = CounterMetricFamily("meshq_invalid_frames_by_peer", "frames dropped as invalid, by the "
+                                          "sender's address (or the node id a decoded frame names)", labels=["peer"])
+            for peer, count in sorted(invalid["by_peer"].items()):
+                by_peer.add_metric([peer], count)
+            yield by_peer
             disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
             watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
                                           labels=["topic", "partition"])

@@ -91,6 +91,8 @@ from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, UsageError
 
 log = logging.getLogger("meshq.core")
 
+MAX_INVALID_PEERS = 256  # peers whose invalid frames are counted apart (status "invalid_frames")
+
 
 class NodeCore:
     """Pure protocol state of one node: the root that builds and dispatches to its rooms."""
@@ -117,6 +119,8 @@ class NodeCore:
             "records_fetched_bytes": 0,
             "duplicates_dropped": 0,
         }
+        # invalid frames by peer (see note_invalid_frame): bounded, a hostile host cannot grow it
+        self.invalid_by_peer: dict[str, int] = {}
         self.out = Outbox(config.cluster, node_id, self.serve)
         self.mesh = Mesh(self)
         self.adverts = Adverts(self)
@@ -206,7 +210,7 @@ class NodeCore:
         elif kind is EventReceived:
             on_event = self._events.get(event.message.type)
             if on_event is None:
-                self.counters["frames_invalid"] += 1  # a request or reply type published: drop, count
+                self.count_invalid(event.message.sender)  # a request or reply type published: drop, count
             else:
                 on_event(event.message, now_s)
         elif kind is PeerDiscovered:
@@ -214,7 +218,7 @@ class NodeCore:
         elif kind is LogsSynced:
             self.host.on_synced(event.keys)
         elif kind is BadRequest:
-            self.note_invalid_frame(event.error)
+            self.note_invalid_frame(event.error, getattr(event.error, "sender", "") or "unknown")
             self.out.reply_error(event.route, event.request_id, event.error)
         else:
             raise UsageError(f"NodeCore cannot handle {kind.__name__}")
@@ -227,7 +231,7 @@ class NodeCore:
         if handler is None:
             # A reply or event type sent as a request: the peer is confused; count it, and tell
             # it so if it gave a request id (every request with an id gets one answer).
-            self.counters["frames_invalid"] += 1
+            self.count_invalid(message.sender)
             self.out.reply_error(route, message.request_id, ProtocolError(
                 f"{message.type} is not a request this node answers"))
             return
@@ -236,10 +240,30 @@ class NodeCore:
         except MeshqError as exc:
             self.out.reply_error(route, message.request_id, exc)
 
-    def note_invalid_frame(self, error: ProtocolError) -> None:
+    def note_invalid_frame(self, error: ProtocolError, peer: str = "unknown") -> None:
         """Count a frame the runtime could not decode (it was dropped; nothing changed)."""
+        self.count_invalid(peer)
+        log.debug("dropped invalid frame from %s: %s", peer, error)
+
+    def count_invalid(self, peer: str) -> None:
+        """Count one dropped frame, in total and for ``peer``: the sender's address when the frame
+        did not decode, the node id it names (a claim) when it did. At most ``MAX_INVALID_PEERS``
+        peers are kept apart; the rest are counted under ``"other"``."""
         self.counters["frames_invalid"] += 1
-        log.debug("dropped invalid frame: %s", error)
+        self.blame(peer)
+
+    def blame(self, peer: str) -> None:
+        """Count one invalid frame for ``peer`` only (its total is counted elsewhere: pub/sub data)."""
+        by_peer = self.invalid_by_peer
+        if peer not in by_peer and len(by_peer) >= MAX_INVALID_PEERS:
+            peer = "other"
+        by_peer[peer] = by_peer.get(peer, 0) + 1
+
+    def invalid_frames(self) -> dict:
+        """``{"total": N, "by_peer": {peer: n}}``: frames dropped as invalid (wire and pub/sub data)."""
+        by_peer = dict(self.invalid_by_peer)
+        return {"total": self.counters["frames_invalid"] + self.pubsub.counters["frames_invalid"],
+                "by_peer": by_peer}
 
     def next_deadline(self) -> float | None:
         deadline = self.out.next_deadline()

@@ -138,6 +138,7 @@ class Replica:
         self._saved_hw = self.high_watermark
         self._saved_hw_s = float("-inf")
         self.role = FOLLOWER
+        self._logged: dict[str, int] = {}  # how often each peer-triggered log line came (_log_limited)
         self.leader: str | None = None
         self.leader_since_s = 0.0
         self.epoch_start = 0
@@ -414,6 +415,13 @@ class Replica:
         self._advance_high_watermark()
         self._on_change()
 
+    def _log_limited(self, kind: str, level: int, message: str, *args: Any) -> None:
+        """Log a line a peer's message causes the 1st, 1000th, 2000th, ... time: frames sent by a
+        broken or hostile peer cannot flood the log (and it still shows how often they came)."""
+        count = self._logged[kind] = self._logged.get(kind, 0) + 1
+        if count == 1 or count % 1000 == 0:
+            log.log(level, message + ("" if count == 1 else f" ({count} times so far)"), *args)
+
     def handle(self, sender: str, type_: str, body: dict, payloads: tuple, now_s: float) -> None:
         self._seen_cv = max(self._seen_cv, body["cv"])
         if type_ == "repl_append":
@@ -510,8 +518,8 @@ class Replica:
             self._reply_append(sender, False, -1, self.log.end_offset)
             return
         if epoch == self.epoch and self.role == LEADER:
-            log.error("%s/%d: two leaders in epoch %d (%s and %s)", self.topic, self.partition, epoch,
-                      self.node_id, sender)
+            self._log_limited("two_leaders", logging.ERROR, "%s/%d: two leaders in epoch %d (%s and %s)",
+                              self.topic, self.partition, epoch, self.node_id, sender)
             return
         # The sender leads this epoch (or a newer one than ours): follow it.
         if epoch > self.epoch or self.role != FOLLOWER:
@@ -570,7 +578,8 @@ class Replica:
                     history_changed = True
                 matched_end = header.next_offset
         except (CorruptLogError, ProtocolError) as exc:
-            log.warning("%s/%d: dropped a bad append from %s: %s", self.topic, self.partition, sender, exc)
+            self._log_limited("bad_append", logging.WARNING, "%s/%d: dropped a bad append from %s: %s",
+                              self.topic, self.partition, sender, exc)
             return
         if self.last_epoch < epoch and matched_end >= body["epoch_start"]:
             # Our log equals the leader's up to where its epoch begins: anything we hold past that

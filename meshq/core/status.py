@@ -50,6 +50,7 @@ class Status(Room):
             "topics": topics,
             "groups": core.groups.lag_report() + core.shared.report(),
             "counters": dict(core.counters),
+            "invalid_frames": core.invalid_frames(),
             "pubsub": {"nodes": [core.pubsub.report()]},
             "services": core.rpc.report()["services"],
         }
@@ -146,6 +147,9 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     merged["pubsub"] = merge_pubsub(reports.values())
     # services offered by each node that answered (a node's own counts are only known to it)
     merged["services"] = [s for node_id in sorted(reports) for s in reports[node_id].get("services", [])]
+    # frames each node dropped as invalid, with the peers that sent them (a node's own count)
+    merged["invalid_frames"] = {node_id: reports[node_id]["invalid_frames"] for node_id in sorted(reports)
+                                if "invalid_frames" in reports[node_id]}
     merged["answered_by"] = sorted(reports)
     return merged
 

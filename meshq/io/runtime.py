@@ -287,39 +287,47 @@ class Runtime:
         sock, core, cluster = self.sub, self.core, self.core.config.cluster
         data_mark = pubsub_frames.DATA_MARK[0]
         on_data = self.on_data
+        pubsub_counters = core.pubsub.counters
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             try:
-                frames = [sock.recv(_NOBLOCK)]
+                head = sock.recv(_NOBLOCK, copy=False)  # a Frame: it knows the sender's address
             except zmq.Again:
                 return
+            frames = [head.bytes]
             while sock.get(_RCVMORE):
                 frames.append(sock.recv(_NOBLOCK))
             first = frames[0]
             if first and first[0] == data_mark:
                 if len(frames) != 2 or on_data is None:
-                    core.pubsub.counters["frames_invalid"] += 1
+                    pubsub_counters["frames_invalid"] += 1
+                    core.blame(_peer_address(head))
                     continue
+                invalid = pubsub_counters["frames_invalid"]
                 try:
                     on_data(first, frames[1])
                 except Exception:  # a bug on the data path: never fatal for the node
                     core.counters["handler_errors"] = core.counters.get("handler_errors", 0) + 1
                     log.exception("error while delivering a pub/sub message; dropped")
+                if pubsub_counters["frames_invalid"] != invalid:  # the room refused (and counted) it
+                    core.blame(_peer_address(head))
                 continue
             try:
                 message = wire.decode(frames, cluster)
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
-                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]),
+                                        _peer_address(head))
                 continue
             self._handle_peer_input(EventReceived(message))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
-        self._drain(sock, lambda frames, message: ReplyReceived(peer, message))
+        self._drain(sock, lambda frames, message: ReplyReceived(peer, message), peer=peer)
 
-    def _drain(self, sock: zmq.Socket, to_event: Any, header_at: int = 0) -> None:
+    def _drain(self, sock: zmq.Socket, to_event: Any, header_at: int = 0, peer: str = "") -> None:
         """Read up to _MAX_INPUTS_PER_SOCKET messages from ``sock``, decode, and feed the core.
 
         ``header_at`` skips the ROUTER's identity frame; ``to_event(frames, message)`` builds the
-        core's input. A frame that fails to decode is dropped and counted, never fatal.
+        core's input. A frame that fails to decode is dropped and counted, never fatal: for
+        ``peer`` (the node a DEALER talks to), else for the sender's address.
         """
         core = self.core
         cluster = core.config.cluster
@@ -327,9 +335,10 @@ class Runtime:
             if sock.closed:
                 return  # an effect of the previous message disconnected this peer
             try:
-                frames = [sock.recv(_NOBLOCK)]
+                head = sock.recv(_NOBLOCK, copy=False)  # a Frame: it knows the sender's address
             except zmq.Again:
                 return
+            frames = [head.bytes]
             while sock.get(_RCVMORE):  # (a message's frames arrive together: no wait here)
                 frames.append(sock.recv(_NOBLOCK))
             try:
@@ -338,10 +347,11 @@ class Runtime:
                 if header_at and exc.request_id:  # a request (ROUTER) with an id: answer what is wrong
                     self._handle_peer_input(BadRequest(frames[0], exc.request_id, exc))
                 else:
-                    core.note_invalid_frame(exc)
+                    core.note_invalid_frame(exc, peer or _peer_address(head))
                 continue
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
-                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
+                core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]),
+                                        peer or _peer_address(head))
                 continue
             self._handle_peer_input(to_event(frames, message))
 
@@ -355,7 +365,9 @@ class Runtime:
             effects = self.core.handle(event, self.clock.now_s())
         except Exception:
             self.core.counters["handler_errors"] = self.core.counters.get("handler_errors", 0) + 1
-            log.exception("error while handling a %s from a peer; message dropped", event.message.type)
+            message = getattr(event, "message", None)  # (a BadRequest has none)
+            log.exception("error while handling a %s from a peer; message dropped",
+                          message.type if message is not None else type(event).__name__)
             return
         self._execute(effects)
 
@@ -495,6 +507,14 @@ def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int) -> zmq.Soc
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
     return sock
+
+
+def _peer_address(frame: zmq.Frame) -> str:
+    """The IP address a received message came from (libzmq's ``Peer-Address``), "unknown" if none."""
+    try:
+        return frame.get("Peer-Address") or "unknown"
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return "unknown"
 
 
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:

@@ -132,3 +132,42 @@ def test_a_delayed_record_holds_back_its_partition_in_order_and_others_go_on():
     assert state.take(10, now_ms=4999) == []
     assert [r.value for r in state.take(10, now_ms=5000)] == [b"later", b"after"], "in order once due"
     assert state.held == set()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_header", "garbage"])
+def test_a_fetch_answer_damaged_on_the_way_is_dropped_counted_and_fetched_again(damage):
+    """Found by the simulator's ``corrupt`` fault: a fetch answer whose batch failed its CRC raised
+    CorruptLogError out of the consumer (into the application's poll). A node never serves a batch
+    its disk damaged, so such bytes were damaged on the way: drop, count, fetch again."""
+    state = started((0,))
+    (spec,) = state.fetches_due(0.0)
+    data = bytearray(batch(0, b"a", b"b"))
+    if damage == "flip":
+        data[-3] ^= 0x10
+    elif damage == "truncate_header":
+        data[30] ^= 0xFF  # inside last_offset_delta: the header no longer matches its count
+    else:
+        data[:] = b"\x00" * 70
+    assert state.on_fetched(spec, bytes(data)) == []
+    assert state.invalid_fetches == 1
+    assert [(s.partition, s.offset) for s in state.fetches_due(0.0)] == [(0, 0)]  # the same offset again
+    assert state.take(10) == []
+
+
+@pytest.mark.parametrize("damage", ["index", "batch", "count"])
+def test_a_shared_fetch_answer_damaged_on_the_way_is_dropped_and_counted(damage):
+    from meshq.core.client.shared import _INDEX, SharedConsumerState
+
+    state = SharedConsumerState("t", [0])
+    (due,) = state.fetches_due(0.0)
+    index = _INDEX.pack(5, 1) + _INDEX.pack(6, 1)
+    data = bytearray(batch(5, b"a", b"b"))
+    if damage == "index":
+        index = index[:-3]
+    elif damage == "batch":
+        data[-3] ^= 0x10
+    else:
+        index = index[:_INDEX.size]
+    assert state.on_fetched(due[0], index, bytes(data)) == []
+    assert state.stats["invalid_fetches"] == 1 and state.stats["received"] == 0
+    assert state.fetches_due(0.0)  # the partition is free to be fetched again

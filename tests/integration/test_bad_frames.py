@@ -256,6 +256,19 @@ def test_random_bytes_frames_are_dropped_and_counted(node, acked, client):
     assert_healthy(node, acked)
 
 
+def test_invalid_frames_are_counted_by_peer_address_in_status_and_metrics(node, acked, client):
+    status = client.status()
+    before = status["invalid_frames"]
+    rng = random.Random(99)
+    for _ in range(50):
+        client.send([rng.randbytes(rng.randrange(1, 200)) + b"\xc1"])  # 0xc1: never valid msgpack
+    after = client.status()["invalid_frames"]
+    assert after["total"] == before["total"] + 50
+    assert after["by_peer"]["127.0.0.1"] == before["by_peer"].get("127.0.0.1", 0) + 50
+    # the merged cluster view (``meshq status --json``) has it per node
+    assert node.status()["invalid_frames"][node.core.node_id]["total"] >= after["total"]
+
+
 def test_empty_and_near_empty_messages_are_dropped_and_counted(node, acked, client):
     junk = [[b""], [b"", b""], [b""] * 70, [b"\x00"], [b"\x90"], [b"\x96"], [b"\xc0"]]
     before = invalid_count(client.status())
@@ -745,6 +758,31 @@ def test_junk_published_by_a_member_is_dropped_and_counted(node, acked, client, 
             time.sleep(0.05)
         status = client.status()
         assert high_watermarks(status) == [sum(1 for m, _, _ in acked if m.partition == p) for p in (0, 1)]
+        # (random bytes rarely pass the SUB's prefix filter) the two decoded ones: by the node id they name
+        assert status["invalid_frames"]["by_peer"].get("spy", 0) >= 2
     finally:
         pub.close(0)
+    assert_healthy(node, acked)
+
+
+def test_a_core_bug_on_a_bad_request_is_logged_and_counted_not_fatal(node, acked, client, monkeypatch):
+    """The runtime's last line of defence logged ``event.message.type``, which a BadRequest (a
+    request whose envelope decoded but whose body did not) does not have: the AttributeError in
+    the except clause killed the runtime thread, i.e. the node."""
+    from meshq.core.events import BadRequest
+
+    real_handle = node.core.handle
+
+    def handle(event, now_s):
+        if type(event) is BadRequest:
+            raise RuntimeError("a bug in the core")
+        return real_handle(event, now_s)
+
+    monkeypatch.setattr(node.core, "handle", handle)
+    errors = node.core.counters.get("handler_errors", 0)
+    client.send_unchecked("produce", {"topic": TOPIC}, 99)  # readable envelope, body missing fields
+    status = client.status()
+    assert status["counters"]["handler_errors"] == errors + 1
+    assert node.runtime.running  # (a property)
+    monkeypatch.undo()
     assert_healthy(node, acked)

@@ -6,6 +6,7 @@ import datetime as dt
 import time
 
 import pytest
+import zmq
 
 import meshq
 
@@ -149,9 +150,23 @@ def test_prometheus_endpoint_reports_the_node(tmp_path):
     port = free_port()
     with meshq.Node(cluster="it", data_dir=tmp_path / "m", mdns=False, metrics_port=port) as n:
         n.produce_batch("metered", [b"x"] * 10, partition=0, acks="leader").result(10)
+        junk = zmq.Context.instance().socket(zmq.DEALER)  # three frames no node accepts, from 127.0.0.1
+        try:
+            junk.setsockopt(zmq.LINGER, 0)
+            junk.connect(n.address)
+            for _ in range(3):
+                junk.send(b"\xc1 not msgpack")
+            deadline = time.monotonic() + 10
+            while n.status()["invalid_frames"][n.node_id]["total"] < 3:
+                assert time.monotonic() < deadline, "the junk frames were never counted"
+                time.sleep(0.05)
+        finally:
+            junk.close()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             text = response.read().decode()
     assert "meshq_records_produced_total 10.0" in text
+    assert "meshq_invalid_frames_total 3.0" in text
+    assert 'meshq_invalid_frames_by_peer_total{peer="127.0.0.1"} 3.0' in text
     assert 'meshq_high_watermark{partition="0",topic="metered"} 10.0' in text
     assert "meshq_under_replicated_partitions 0.0" in text  # one member: one replica is all there is
     assert "meshq_handoffs_in_progress 0.0" in text

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from meshq.core import batch as batch_format
 from meshq.core.records import Record
 from meshq.core.shared_state import record_deliver_at
-from meshq.errors import MeshqError, OffsetOutOfRangeError, UsageError
+from meshq.errors import CorruptLogError, MeshqError, OffsetOutOfRangeError, UsageError
 
 FETCH_RETRY_S = 0.1  # a partition whose fetch failed (retriably) is asked again after this long
 
@@ -54,6 +54,7 @@ class ConsumerState:
         self.topic = topic
         self.partitions = sorted(partitions)
         self.retry_s = retry_s
+        self.invalid_fetches = 0  # fetch answers whose batches did not decode (dropped, fetched again)
         self.positions: dict[int, int] = {}  # partition -> one past the last record handed out
         self.fetch_positions: dict[int, int] = {}  # partition -> the next offset to fetch
         self.committed: dict[int, int] = {}  # partition -> the offset this member last committed
@@ -133,7 +134,14 @@ class ConsumerState:
         self._busy.discard(spec.partition)
         if not data:
             return []
-        records = batch_format.decode_records(data, self.topic, spec.partition, spec.offset)
+        try:
+            records = batch_format.decode_records(data, self.topic, spec.partition, spec.offset)
+        except CorruptLogError:
+            # A node never serves a batch its own disk damaged (its reads check): bytes that fail
+            # here were damaged on the way or sent by something that is not a meshq node. Drop
+            # them and count them; the partition is fetched again from the same offset.
+            self.invalid_fetches += 1
+            return []
         if records:
             if records[0].offset < spec.offset:
                 raise AssertionError("a fetch returned records before the requested offset")

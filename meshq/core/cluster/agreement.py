@@ -37,6 +37,11 @@ log = logging.getLogger("meshq.core")
 
 OFFSETS_TOPIC = "__consumer_offsets"
 META_TOPIC = "__meta"
+# The highest raft term a peer may name: the wire allows up to 1 << 62, and a node must be able
+# to send term + 1. A message at the ceiling is refused (one such frame would otherwise freeze
+# elections: every vote the node then asked for would break the schema at its peers).
+MAX_TERM = (1 << 62) - 1
+_TERM_FIELDS = ("term", "for_term", "last_term", "prev_term")
 
 
 class Agreement(Room):
@@ -104,7 +109,13 @@ class Agreement(Room):
     def serve_raft(self, route: Any, message: wire.Message, now_s: float) -> None:
         if self.raft is None:
             raise NotLeaderError(f"node {self.node_id} is a client and takes no part in the metadata group")
-        self.raft.handle(message.sender, message.type, message.body, now_s)
+        body = message.body
+        highest = max(body.get(name, 0) for name in _TERM_FIELDS)
+        if highest > MAX_TERM:
+            self.core.count_invalid(message.sender)
+            raise ProtocolError(f"{message.type} names raft term {highest}, beyond the highest a node can "
+                                f"follow ({MAX_TERM}); dropped")
+        self.raft.handle(message.sender, message.type, body, now_s)
         if self.raft.learners and message.type == "raft_append_ok":
             self.admit_next(now_s)
 

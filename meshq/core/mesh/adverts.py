@@ -129,7 +129,7 @@ class Adverts(Room):
     def on_advert(self, message: wire.Message, now_s: float) -> None:
         body = message.body
         if body["node_id"] != message.sender:
-            self.core.counters["frames_invalid"] += 1
+            self.core.count_invalid(message.sender)
             return
         self._absorb(message.sender, body["incarnation"], body["version"], body["adverts"])
 
@@ -150,7 +150,7 @@ class Adverts(Room):
             self._asking.discard(sender)
             body = reply.body
             if reply.type != "advert_ok" or body["node_id"] != sender:
-                self.core.counters["frames_invalid"] += 1
+                self.core.count_invalid(sender)
                 return
             self.counters["pulled"] += 1
             self._absorb(sender, body["incarnation"], body["version"], body["adverts"])

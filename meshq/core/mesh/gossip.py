@@ -139,7 +139,7 @@ class Mesh(Room):
         assert self.members is not None
         body = message.body
         if body["member"]["node_id"] != message.sender:
-            self.core.counters["frames_invalid"] += 1
+            self.core.count_invalid(message.sender)
             return
         self._heard_from(body["member"], body, now_s)
         self._note_leads(message.sender, body["leads"])

@@ -30,10 +30,16 @@ from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PartitionState
 from meshq.core.replica import Replica, persisted_name
 from meshq.core.room import Room
-from meshq.errors import MeshqError, NotLeaderError
+from meshq.errors import MeshqError, NotLeaderError, ProtocolError
 
 log = logging.getLogger("meshq.core")
 
+
+# The highest leader epoch a peer may name: the batch header stores it in a signed 32-bit field
+# and a replica must be able to stand for epoch + 1. A message at the ceiling is refused (one
+# such frame would otherwise leave the partition unable to elect, or fail stamping a batch).
+MAX_EPOCH = (1 << 31) - 2
+_EPOCH_FIELDS = ("epoch", "last_epoch", "for_epoch", "prev_epoch")
 
 class PartitionHost(Room):
     """The local replicas and their lifecycle (see the module docstring)."""
@@ -227,6 +233,11 @@ class PartitionHost(Room):
 
     def serve_replica(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        highest = max(body.get(name, 0) for name in _EPOCH_FIELDS)
+        if highest > MAX_EPOCH:
+            self.core.count_invalid(message.sender)
+            raise ProtocolError(f"{message.type} names leader epoch {highest}, beyond the highest a replica can "
+                                f"follow ({MAX_EPOCH}); dropped")
         state = self.partitions.get((body["topic"], body["partition"]))
         if state is None:
             return  # not (yet) a replica here: the sender retries on its next heartbeat

@@ -160,7 +160,10 @@ class PartitionServer(Room):
         high_watermark = state.high_watermark
         data = b""
         if offset < high_watermark:
-            data = state.log.read(offset, body["max_bytes"])
+            # never more than one frame may carry (max_frame_bytes): a fetch asking for up to 1 GiB
+            # would otherwise load that much of the log at once, and its reply would be refused
+            # (the connection dropped) by any meshq node or client receiving it
+            data = state.log.read(offset, min(body["max_bytes"], self.config.max_frame_bytes))
             if high_watermark < state.log.end_offset:  # only then can the read hold uncommitted batches
                 data = _cut_at_offset(data, high_watermark)
             self.core.counters["records_fetched_bytes"] += len(data)

@@ -7,7 +7,8 @@ finds the target — the node behind the endpoint the sender connected to, the r
 reply, every node subscribed to the sender's publish endpoint, in node order — and queues a
 ``deliver`` event for it after a latency drawn from ``FaultOptions.latency_s``, so messages
 overtake one another. While the run is in its fault phase a message may be dropped
-(``drop``) or delivered twice (``duplicate``). On delivery the frames are decoded with the
+(``drop``), delivered twice (``duplicate``) or damaged (``corrupt``: a header cut short or
+random, a bit flipped in a record batch — what a broken or hostile peer could send). On delivery the frames are decoded with the
 real wire decoder into the event the target's core expects; a frame it rejects is reported
 to that core as invalid, as the real transport does.
 
@@ -32,9 +33,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import EventReceived, ReplyReceived, RequestReceived
-from meshq.errors import ProtocolError
+from meshq.errors import CorruptLogError, ProtocolError
 from meshq.testing.sim.options import CLUSTER
 
 if TYPE_CHECKING:
@@ -118,9 +120,44 @@ class Network:
             return
         copies = 2 if sim.faulting and sim.rng.random() < faults.duplicate else 1
         sim.stats["duplicated"] += copies - 1
+        if faults.corrupt and sim.faulting and sim.rng.random() < faults.corrupt:
+            frames = self._corrupted(frames)
+            sim.stats["corrupted"] = sim.stats.get("corrupted", 0) + 1
         for _ in range(copies):
             latency = sim.rng.uniform(*faults.latency_s)
             sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
+
+    def _corrupted(self, frames: list) -> list:
+        """``frames`` damaged as a hostile or broken peer could send them, in a way a receiver can
+        detect (the ``corrupt`` fault): the header cut short or replaced by random bytes, or one
+        bit flipped in a record batch (its CRC covers it). A change that leaves a frame well-formed
+        (a flipped bit inside a header's values) is not detectable without integrity protection of
+        the transport (CurveZMQ), so it is not simulated."""
+        rng = self.sim.rng
+        frames = [bytes(f) for f in frames]
+        try:
+            type_ = wire.decode(frames, CLUSTER).type
+        except ProtocolError:
+            type_ = ""
+        spans = []  # (frame, start, end) of the bytes each batch's CRC covers
+        if type_ in ("produce", "repl_append", "fetch_ok"):
+            for i in range(1, len(frames)):
+                try:
+                    spans += [(i, pos + 21, pos + header.size)
+                              for pos, header in batch_format.iter_batches(frames[i], verify_crc=False)]
+                except CorruptLogError:
+                    pass
+        if spans and rng.random() < 0.5:
+            # (the base offset, length and leader epoch precede the CRC'd bytes: a flip there is not
+            # detectable by the format; the transport's checksums are what protect them)
+            i, start, end = rng.choice(spans)
+            j = rng.randrange(start, end)
+            frames[i] = frames[i][:j] + bytes([frames[i][j] ^ (1 << rng.randrange(8))]) + frames[i][j + 1:]
+        elif rng.random() < 0.5:
+            frames[0] = frames[0][:rng.randrange(len(frames[0]))]
+        else:
+            frames[0] = rng.randbytes(rng.randrange(64))
+        return frames
 
     # ------------------------------------------------------------------ arrival
     def deliver(self, source: str, target: str, channel: tuple, frames: list) -> None:
