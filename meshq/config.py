@@ -172,6 +172,10 @@ class NodeConfig:
     segment_bytes: int = 64 * 1024 * 1024
     segment_ms: int = 24 * 3600 * 1000
     retention_check_interval_s: float = 60.0
+    # New records are refused (StorageFullError) while the data disk has less free space than
+    # this, so that the small metadata writes (votes, epochs, the metadata log) still fit.
+    min_free_bytes: int = 16 * 1024 * 1024
+    storage_check_interval_s: float = 1.0  # how often free space is measured (a full disk is lifted)
     metrics_port: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -197,7 +201,7 @@ class NodeConfig:
             raise ConfigError(f"fsync must be one of always, interval, never — not {self.fsync!r}")
         for name in ("fsync_interval_s", "failure_timeout_s", "member_timeout_s", "heartbeat_interval_s",
                      "request_timeout_s", "retention_check_interval_s", "election_timeout_s",
-                     "raft_heartbeat_interval_s"):
+                     "raft_heartbeat_interval_s", "storage_check_interval_s"):
             _check_positive(name, getattr(self, name))
         if self.heartbeat_interval_s * 2 > self.failure_timeout_s:
             raise ConfigError("failure_timeout_s must be at least twice heartbeat_interval_s")
@@ -211,6 +215,7 @@ class NodeConfig:
         # fall outside it and be mistaken for gaps.
         _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 5)
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
+        _check_int("min_free_bytes", self.min_free_bytes, 0, 1 << 50)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
 

@@ -53,6 +53,8 @@ class Status(Room):
             "pubsub": {"nodes": [core.pubsub.report()]},
             "services": core.rpc.report()["services"],
         }
+        if core.is_storage:
+            status.update(core.space.report())  # storage_full, storage_full_reason
         raft = core.agreement.raft
         if raft is not None:
             meta = core.agreement.meta
@@ -145,6 +147,11 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     # services offered by each node that answered (a node's own counts are only known to it)
     merged["services"] = [s for node_id in sorted(reports) for s in reports[node_id].get("services", [])]
     merged["answered_by"] = sorted(reports)
+    # Each storage node says whether its storage is full; a member that did not answer: unknown (None).
+    merged["members"] = [
+        {**member, "storage_full": reports[member["node_id"]].get("storage_full")
+         if member["node_id"] in reports else None} if member.get("role") == "storage" else member
+        for member in merged.get("members", [])]
     return merged
 
 

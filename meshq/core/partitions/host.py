@@ -147,7 +147,7 @@ class PartitionHost(Room):
             heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
             replica_lag_s=self.config.failure_timeout_s,
             fsync_always=self.config.fsync == "always",
-            learners=learners, config_version=version,
+            learners=learners, config_version=version, space=self.core.space,
         )
         replica.start(self.core.now_s)
         if replica.next_deadline() <= self.core.now_s:
