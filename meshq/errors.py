@@ -154,9 +154,9 @@ class StorageFullError(StorageError):
     """This node's data disk is full (or below its ``min_free_bytes`` reserve): it refuses new
     writes until space returns, keeps serving reads, and lifts the refusal by itself once a
     periodic check finds room again. Free space on the node (delete files, grow the volume) or
-    retry later; acknowledged records are not affected."""
-
-    retriable = True
+    retry later; acknowledged records are not affected. Not ``retriable`` in the producer's sense:
+    a full disk lasts until someone frees space, so the producer reports it at once instead of
+    retrying it until its timeout; the caller decides when to try again."""
 
 
 class DiskFullError(StorageFullError):

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds between fsyncs with --fsync interval (default 1.0)")
     node.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
                       help="roll to a new log segment at this size (default 64 MiB)")
+    node.add_argument("--min-free-bytes", type=_non_negative_int, default=16 * 1024 * 1024, metavar="N",
+                      help="refuse new records (StorageFullError) while the data disk has less free space than N "
+                           "bytes, keeping room for metadata writes; lifted by itself when space returns "
+                           "(default 16 MiB; 0: only a write that finds the disk full)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")

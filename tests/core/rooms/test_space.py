@@ -161,5 +161,5 @@ def test_a_campaign_whose_vote_cannot_be_stored_is_retried_later_and_never_crash
     assert not h.core.space.full
 
 
-def test_storage_full_error_is_retriable_and_a_storage_error():
-    assert StorageFullError.retriable and issubclass(DiskFullError, StorageFullError)
+def test_storage_full_error_is_reported_at_once_and_is_a_storage_error():
+    assert not StorageFullError.retriable and issubclass(DiskFullError, StorageFullError)
