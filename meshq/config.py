@@ -176,6 +176,9 @@ class NodeConfig:
     # this, so that the small metadata writes (votes, epochs, the metadata log) still fit.
     min_free_bytes: int = 16 * 1024 * 1024
     storage_check_interval_s: float = 1.0  # how often free space is measured (a full disk is lifted)
+    # Bytes a leader sends per second, over all its partitions, to replicas that are catching up
+    # (a rebalance's new copies, followers far behind); in-sync followers are never throttled. 0: unlimited.
+    copy_rate_mb_per_s: float = 30.0
     metrics_port: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -216,6 +219,10 @@ class NodeConfig:
         _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 5)
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
         _check_int("min_free_bytes", self.min_free_bytes, 0, 1 << 50)
+        if (not isinstance(self.copy_rate_mb_per_s, (int, float)) or isinstance(self.copy_rate_mb_per_s, bool)
+                or not 0 <= self.copy_rate_mb_per_s <= 1_000_000):
+            raise ConfigError(f"copy_rate_mb_per_s must be a number of MB/s from 0 (unlimited) to 1000000, "
+                              f"not {self.copy_rate_mb_per_s!r}")
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
 

@@ -39,6 +39,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
@@ -96,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="refuse new records (StorageFullError) while the data disk has less free space than N "
                            "bytes, keeping room for metadata writes; lifted by itself when space returns "
                            "(default 16 MiB; 0: only a write that finds the disk full)")
+    node.add_argument("--copy-rate", type=_non_negative_float, default=30.0, metavar="MB/S",
+                      help="at most this many MB/s (10^6 bytes) sent by this node, over all partitions it leads, to "
+                           "replicas catching up (a rebalance's new copies); in-sync followers are never throttled "
+                           "(default 30; 0: unlimited)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")

@@ -100,7 +100,7 @@ class Replica:
                  on_change: Callable[[], None], on_follower_append: Callable[[], None],
                  wall_clock_ms: Callable[[], int], *, election_timeout_s: float, heartbeat_interval_s: float,
                  replica_lag_s: float, fsync_always: bool, learners: list[str] | None = None,
-                 config_version: int = 0, space: Any = None) -> None:
+                 config_version: int = 0, space: Any = None, copy_throttle: Any = None) -> None:
         self.node_id = node_id
         self.state = state  # PartitionState: log, producer table, parked fetches, waiters
         self.log = state.log
@@ -128,6 +128,7 @@ class Replica:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.fsync_always = fsync_always
         self._space = space  # refuses new batches while the storage is full (``partitions.space``)
+        self._copy_throttle = copy_throttle  # the node's budget for copies to catching-up replicas (``throttle``)
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
         self.history = EpochHistory.reconcile(persisted.get("history", []), self.log.end_offset, state.batch_epochs)
@@ -653,14 +654,24 @@ class Replica:
             start = f.next_offset
             data = b""
             next_offset = start
-            if start < end and not silent:
+            budget = MAX_APPEND_BYTES
+            throttle = self._copy_throttle
+            catching_up = (start < end and not silent and throttle is not None and not throttle.unlimited
+                           and peer not in self.in_sync(now_s))
+            if catching_up:
+                # A replica catching up (a rebalance's new copy, a follower far behind) shares the
+                # node's copy rate; in-sync followers never wait for it, so live writes keep their pace.
+                budget = throttle.grant(now_s, MAX_APPEND_BYTES)
+                if budget == 0 and not heartbeat:
+                    return  # out of tokens: the next heartbeat sends more
+            if start < end and not silent and budget > 0:
                 from_offset = max(start, self.log.start_offset)
-                recent = self.state.read_recent(from_offset, MAX_APPEND_BYTES)
+                recent = self.state.read_recent(from_offset, budget)
                 if recent is not None:
                     data, start, next_offset = recent
                 else:
                     try:
-                        data = self.log.read(from_offset, MAX_APPEND_BYTES)
+                        data = self.log.read(from_offset, budget)
                     except CorruptLogError as exc:
                         log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
                                   start, peer, exc)
@@ -674,6 +685,8 @@ class Replica:
                     next_offset = start
                     for _pos, header in batch_format.iter_batches(data, verify_crc=False):
                         next_offset = header.next_offset
+                if catching_up and data:
+                    throttle.charge(now_s, len(data))
             prev = start - 1
             body = self._key_body(epoch=self.epoch, leader=self.node_id, prev_offset=prev,
                                   prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,

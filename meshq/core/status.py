@@ -55,6 +55,9 @@ class Status(Room):
         }
         if core.is_storage:
             status.update(core.space.report())  # storage_full, storage_full_reason
+            throttle = core.host.copy_throttle
+            status["copy"] = {"rate_mb_per_s": self.config.copy_rate_mb_per_s, "bytes_sent": throttle.bytes_sent,
+                              "waits": throttle.waits}
         raft = core.agreement.raft
         if raft is not None:
             meta = core.agreement.meta
