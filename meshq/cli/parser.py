@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
                            help="give up on a join or leave after S seconds (default 600)")
     rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
+    rebalance.add_argument("--copy-rates", default=None, metavar="MB/S,...",
+                           help="compare copy rates (meshq node --copy-rate; 0 = unlimited): for each of --rounds "
+                                "rounds and each rate, a fresh cluster, a join under --load-rate (default 2000 "
+                                "records/s here); reports the producer's p99 before vs during the join, median "
+                                "[min, max]")
     _connection_options(bench, client=False)
     return parser
 
