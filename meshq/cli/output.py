@@ -88,10 +88,12 @@ def render_status(status: dict) -> None:
     console = Console()
     console.print(f"[bold]cluster[/bold] {status['cluster']}  (answered by {status.get('node_id', '?')})")
     members = Table(title="members")
-    for column in ("node_id", "address", "role", "state"):
+    for column in ("node_id", "address", "role", "state", "disk"):
         members.add_column(column)
+    disk_text = {True: "[red]FULL: refusing writes[/red]", False: "ok", None: ""}
     for member in status["members"]:
-        members.add_row(member["node_id"], member["address"], member["role"], member["state"])
+        members.add_row(member["node_id"], member["address"], member["role"], member["state"],
+                        disk_text.get(member.get("storage_full"), ""))
     console.print(members)
     partitions = Table(title="partitions")
     for column in ("topic", "partition", "leader", "epoch", "replicas", "in_sync", "high_watermark", ""):
