@@ -397,9 +397,13 @@ class MemoryStorage:
             return f"memory storage has {free} bytes free, below the reserve of {self._min_free_bytes} bytes"
         return None
 
-    def set_capacity(self, capacity_bytes: int | None) -> None:
-        """Grow or shrink the simulated disk (None: unbounded); what is stored stays."""
+    def set_capacity(self, capacity_bytes: int | None, min_free_bytes: int | None = None) -> None:
+        """Grow or shrink the simulated disk (None: unbounded), and maybe its reserve; what is
+        stored stays."""
         self._capacity_bytes = capacity_bytes
+        if min_free_bytes is not None:
+            check_min_free_bytes(min_free_bytes)
+            self._min_free_bytes = min_free_bytes
 
     def crash(self) -> None:
         """Power loss: every log keeps only what its last sync covered; open logs die."""
