@@ -172,6 +172,13 @@ class NodeConfig:
     segment_bytes: int = 64 * 1024 * 1024
     segment_ms: int = 24 * 3600 * 1000
     retention_check_interval_s: float = 60.0
+    # New records are refused (StorageFullError) while the data disk has less free space than
+    # this, so that the small metadata writes (votes, epochs, the metadata log) still fit.
+    min_free_bytes: int = 16 * 1024 * 1024
+    storage_check_interval_s: float = 1.0  # how often free space is measured (a full disk is lifted)
+    # Bytes a leader sends per second, over all its partitions, to replicas that are catching up
+    # (a rebalance's new copies, followers far behind); in-sync followers are never throttled. 0: unlimited.
+    copy_rate_mb_per_s: float = 30.0
     metrics_port: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -197,7 +204,7 @@ class NodeConfig:
             raise ConfigError(f"fsync must be one of always, interval, never — not {self.fsync!r}")
         for name in ("fsync_interval_s", "failure_timeout_s", "member_timeout_s", "heartbeat_interval_s",
                      "request_timeout_s", "retention_check_interval_s", "election_timeout_s",
-                     "raft_heartbeat_interval_s"):
+                     "raft_heartbeat_interval_s", "storage_check_interval_s"):
             _check_positive(name, getattr(self, name))
         if self.heartbeat_interval_s * 2 > self.failure_timeout_s:
             raise ConfigError("failure_timeout_s must be at least twice heartbeat_interval_s")
@@ -211,6 +218,11 @@ class NodeConfig:
         # fall outside it and be mistaken for gaps.
         _check_int("max_in_flight_per_partition", self.max_in_flight_per_partition, 1, 5)
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
+        _check_int("min_free_bytes", self.min_free_bytes, 0, 1 << 50)
+        if (not isinstance(self.copy_rate_mb_per_s, (int, float)) or isinstance(self.copy_rate_mb_per_s, bool)
+                or not 0 <= self.copy_rate_mb_per_s <= 1_000_000):
+            raise ConfigError(f"copy_rate_mb_per_s must be a number of MB/s from 0 (unlimited) to 1000000, "
+                              f"not {self.copy_rate_mb_per_s!r}")
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
 

@@ -150,8 +150,17 @@ class DataDirLockedError(StorageError):
     """Another process already uses this data directory."""
 
 
-class DiskFullError(StorageError):
-    """The disk is full; nothing was stored by the failed operation."""
+class StorageFullError(StorageError):
+    """This node's data disk is full (or below its ``min_free_bytes`` reserve): it refuses new
+    writes until space returns, keeps serving reads, and lifts the refusal by itself once a
+    periodic check finds room again. Free space on the node (delete files, grow the volume) or
+    retry later; acknowledged records are not affected. Not ``retriable`` in the producer's sense:
+    a full disk lasts until someone frees space, so the producer reports it at once instead of
+    retrying it until its timeout; the caller decides when to try again."""
+
+
+class DiskFullError(StorageFullError):
+    """A write failed with ``ENOSPC`` or ``EDQUOT``; nothing was stored by the failed operation."""
 
 
 #: Error codes carried on the wire, mapped to the exception raised by the receiver.
@@ -174,6 +183,7 @@ ERROR_CODES: dict[str, type[MeshqError]] = {
     "storage": StorageError,
     "corrupt_log": CorruptLogError,
     "disk_full": DiskFullError,
+    "storage_full": StorageFullError,
     "stopped": NodeStoppedError,
     "unknown_member": UnknownMemberError,
     "stale_generation": StaleGenerationError,

@@ -151,6 +151,11 @@ def _collector(node: Any) -> Any:
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
                                     "replicas than assigned replicas", value=core.host.under_replicated())
             yield from _rpc_metrics(core, CounterMetricFamily, GaugeMetricFamily)
+            yield GaugeMetricFamily("meshq_storage_full", "1 while this node refuses new records because its "
+                                    "storage is full (below --min-free-bytes, or a write found no space)",
+                                    value=1 if core.space.full else 0)
+            yield CounterMetricFamily("meshq_storage_full_refused", "new records refused because the storage was full",
+                                      value=counters.get("storage_full_refused", 0))
             yield GaugeMetricFamily("meshq_handoffs_in_progress", "partitions (cluster-wide, per this node's "
                                     "metadata) not yet at their ring placement", value=core.status.handoffs())
             served = HistogramMetricFamily("meshq_produce_latency_seconds", "produce requests served here as "

@@ -138,7 +138,7 @@ class Node:
             from meshq.log.segmented import FileStorage
 
             self.storage = FileStorage(config.data_dir, segment_bytes=config.segment_bytes,
-                                       segment_ms=config.segment_ms)
+                                       segment_ms=config.segment_ms, min_free_bytes=config.min_free_bytes)
             try:
                 node_id = self._stable_node_id(node_id)
             except BaseException:

@@ -179,6 +179,8 @@ class _Cluster:
                 "--fsync", self.args.fsync, "--partitions", str(PARTITIONS),
                 "--replication-factor", str(self.replication_factor), "--cluster", self.args.cluster,
                 "--log-level", "WARNING"]
+        if getattr(self.args, "copy_rate", None) is not None:
+            argv += ["--copy-rate", f"{self.args.copy_rate:g}"]
         for seed in seeds:
             argv += ["--seed", seed]
         self.launches[index] += 1

@@ -32,6 +32,7 @@ from meshq.bench.rebalance import REBALANCE_PARTITIONS, _run_rebalance_cluster
 from meshq.bench.replication import _run_cluster
 from meshq.bench.report import _render, _render_rebalance, _render_replication
 from meshq.bench.targets import _rebalance_errors, _replication_errors, _replication_targets, _targets
+from meshq.bench.throttle import copy_rate_errors, parse_copy_rates, render_copy_rates, run_copy_rates
 from meshq.errors import MeshqError, UsageError
 
 EXIT_OK = 0
@@ -105,8 +106,20 @@ def _run_rebalance(args: Any) -> int:
         with_load, load_rate = _parse_load_rate(args.load_rate)
     except ValueError:
         problems.append("--load-rate must be 0 (none), max or a number of records/s")
+    rates = None
+    if getattr(args, "copy_rates", None):
+        try:
+            rates = parse_copy_rates(args.copy_rates)
+        except ValueError:
+            problems.append("--copy-rates must be comma-separated numbers of MB/s >= 0 (0: unlimited), e.g. 0,30")
+        if args.rounds < 1:
+            problems.append("--rounds must be at least 1")
+        if not with_load:
+            with_load, load_rate = True, 2000
     if problems:
         return _refuse(problems)
+    if rates is not None:
+        return _run_copy_rates(args, load_rate, rates)
 
     def measure(workdir: str) -> dict[str, Any]:
         report: dict[str, Any] = {
@@ -124,6 +137,26 @@ def _run_rebalance(args: Any) -> int:
         return report
 
     return _measure_and_report(args, measure, _render_rebalance, lambda report: bool(report["errors"]))
+
+
+def _run_copy_rates(args: Any, load_rate: int | None, rates: list[float]) -> int:
+    """``meshq bench rebalance --copy-rates ...``: the producer's p99 during a join, per copy rate."""
+
+    def measure(workdir: str) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "scenario": "rebalance-copy-rates",
+            "machine": _machine(),
+            "config": {"records": args.records, "value_bytes": args.value_bytes, "batch": args.batch,
+                       "fsync": args.fsync, "nodes": args.nodes, "replication_factor": args.replication_factor,
+                       "partitions": REBALANCE_PARTITIONS, "load_rate": load_rate, "copy_rates": rates,
+                       "rounds": args.rounds, "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else ""},
+        }
+        report["machine_load_before_cores"] = _other_load(1.0)
+        report["throttle"] = run_copy_rates(args, workdir, load_rate, rates)
+        report["errors"] = copy_rate_errors(report)
+        return report
+
+    return _measure_and_report(args, measure, render_copy_rates, lambda report: bool(report["errors"]))
 
 
 def _measure_and_report(args: Any, measure: Callable[[str], dict[str, Any]], render: Callable[[dict[str, Any]], None],

@@ -65,7 +65,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     _setup_logging(args, "INFO")
     check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
-                               "member_timeout_s": args.member_timeout}
+                               "member_timeout_s": args.member_timeout, "min_free_bytes": args.min_free_bytes,
+                               "copy_rate_mb_per_s": args.copy_rate}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:

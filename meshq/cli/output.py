@@ -188,8 +188,11 @@ def _print_members(console: Console, storage: list[dict], clients: list[dict]) -
             continue
         state = member["state"]
         style = {"alive": "green", "suspect": "yellow"}.get(state, "red")
+        shown = f"[{style}]{escape(state)}[/{style}]"
+        if member.get("storage_full"):
+            shown += "\n[red]disk full:\nrefusing writes[/red]"
         table.add_row(escape(member["node_id"]), escape(member["address"].removeprefix("tcp://")), member["role"],
-                      f"[{style}]{escape(state)}[/{style}]")
+                      shown)
     console.print(table)
     if gone:
         console.print(f"[dim]{gone} client(s) that ended are not listed[/dim]")

@@ -40,6 +40,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
@@ -101,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds between fsyncs with --fsync interval (default 1.0)")
     node.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
                       help="roll to a new log segment at this size (default 64 MiB)")
+    node.add_argument("--min-free-bytes", type=_non_negative_int, default=16 * 1024 * 1024, metavar="N",
+                      help="refuse new records (StorageFullError) while the data disk has less free space than N "
+                           "bytes, keeping room for metadata writes; lifted by itself when space returns "
+                           "(default 16 MiB; 0: only a write that finds the disk full)")
+    node.add_argument("--copy-rate", type=_non_negative_float, default=30.0, metavar="MB/S",
+                      help="at most this many MB/s (10^6 bytes) sent by this node, over all partitions it leads, to "
+                           "replicas catching up (a rebalance's new copies); in-sync followers are never throttled "
+                           "(default 30; 0: unlimited)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")
@@ -235,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
                            help="give up on a join or leave after S seconds (default 600)")
     rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
+    rebalance.add_argument("--copy-rates", default=None, metavar="MB/S,...",
+                           help="compare copy rates (meshq node --copy-rate; 0 = unlimited): for each of --rounds "
+                                "rounds and each rate, a fresh cluster, a join under --load-rate (default 2000 "
+                                "records/s here); reports the producer's p99 before vs during the join, median "
+                                "[min, max]")
     _connection_options(bench, client=False)
     return parser
 

@@ -19,6 +19,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``agreement``      the metadata Raft group and its applied state (``cluster.agreement``)
 ``leave``          ``meshq leave``: drain, then leave the membership (``cluster.leave``)
 ``catalog``        topic metadata served and created (``cluster.catalog``)
+``space``          storage full: refuse new records until space returns (``partitions.space``)
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
 ``groups``         consumer-group offsets (``partitions.groups``)
@@ -81,13 +82,14 @@ from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.partitions.shared import Shared
+from meshq.core.partitions.space import StorageSpace
 from meshq.core.ports import Storage
 from meshq.core.pubsub.room import PubSub
 from meshq.core.raft import RaftNode
 from meshq.core.room import Room
 from meshq.core.rpc.room import Rpc
 from meshq.core.status import Status
-from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, UsageError
+from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, StorageFullError, UsageError
 
 log = logging.getLogger("meshq.core")
 
@@ -128,6 +130,7 @@ class NodeCore:
         self.agreement = Agreement(self)
         self.leave = Leave(self)
         self.catalog = Catalog(self)
+        self.space = StorageSpace(self)
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
         self.groups = Groups(self)
@@ -147,8 +150,8 @@ class NodeCore:
             "request": lambda request_id, now_s: self.out.expire(request_id),
             "heartbeat": self._heartbeat,
         }
-        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
-                     self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
+        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.space,
+                     self.host, self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
                      self.requests, self.group_client, self.status, self.pubsub, self.rpc):
             self.register(room)
 
@@ -175,6 +178,7 @@ class NodeCore:
         self.mesh.start()
         if self.is_storage:
             self.agreement.start(now_s)
+            self.space.start(now_s)
             self.host.start(now_s)
         self.out.schedule(now_s, "heartbeat", None)
         self.mesh.greet_seeds(now_s)
@@ -274,23 +278,37 @@ class NodeCore:
 
     def on_timer(self, now_s: float) -> list:
         self.now_s = now_s
-        self.agreement.on_timer(now_s)
-        self.host.on_timer(now_s)
+        self._survive_full_disk(self.agreement.on_timer, now_s)
+        self._survive_full_disk(self.host.on_timer, now_s)
         for kind, key in self.out.due(now_s):
-            self._timers[kind](key, now_s)
+            self._survive_full_disk(self._timers[kind], key, now_s)
         self.out.drain_local(now_s)
         return self.out.take()
 
+    def _survive_full_disk(self, step: Callable[..., None], *args: Any) -> None:
+        """Run a timer step; a write it needed that found the disk full (a vote, an epoch, a control
+        batch) is given up for now, as if the timer had not fired: each such write is persisted
+        before anything that depends on it is sent, so nothing was promised. The step runs again
+        at its next deadline."""
+        try:
+            step(*args)
+        except StorageFullError as exc:
+            self.space.note_full(str(exc), self.now_s)
+            log.error("node %s: a timer step (%s) could not write: %s", self.node_id,
+                      getattr(step, "__name__", step), exc)
+
     def _heartbeat(self, key: Any, now_s: float) -> None:
         """Every ``heartbeat_interval_s``: each room's periodic step, in this order."""
-        self.mesh.tick(now_s)  # publish our heartbeat, age the member table, fall back to seeds
-        self.formation.tick(now_s)
-        self.agreement.admit_next(now_s)
-        self.agreement.remove_silent_members(now_s)
-        self.leave.finish_leaves(now_s)
-        self.leave.check_left(now_s)
-        self.host.rebalance_tick(now_s)
-        self.out.schedule(now_s + self.config.heartbeat_interval_s, "heartbeat", None)
+        try:
+            self.mesh.tick(now_s)  # publish our heartbeat, age the member table, fall back to seeds
+            self.formation.tick(now_s)
+            self.agreement.admit_next(now_s)
+            self.agreement.remove_silent_members(now_s)
+            self.leave.finish_leaves(now_s)
+            self.leave.check_left(now_s)
+            self.host.rebalance_tick(now_s)
+        finally:  # a step that found the disk full must not stop the heartbeat
+            self.out.schedule(now_s + self.config.heartbeat_interval_s, "heartbeat", None)
 
     # ------------------------------------------------------------------ read-only views
     @property

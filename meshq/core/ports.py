@@ -142,4 +142,9 @@ class Storage(Protocol):
         """Replace the document ``name`` atomically and durably."""
         ...
 
+    def check_space(self) -> str | None:
+        """None when there is room for new records; else why not (free space below the reserve,
+        or it cannot be measured). Writes that fail for want of space raise ``DiskFullError``."""
+        ...
+
     def close(self) -> None: ...

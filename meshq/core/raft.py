@@ -270,13 +270,15 @@ class RaftNode:
             term = self.term + 1
         else:
             self._become(CANDIDATE)
+            self._reset_election_timer(now_s)  # first: a persist that fails (disk full) retries later
             self.term += 1
             self.voted_for = self.node_id
             self._persist_state()
             term = self.term
         self.leader = None
         self.votes = {self.node_id}
-        self._reset_election_timer(now_s)
+        if pre_vote:
+            self._reset_election_timer(now_s)
         if len(self.votes) >= self.quorum():
             self._won(now_s, pre_vote)
             return

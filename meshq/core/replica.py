@@ -66,7 +66,7 @@ from typing import Any
 from meshq.core import batch as batch_format
 from meshq.core.epoch_history import EpochHistory
 from meshq.core.followers import FollowerProgress, Followers
-from meshq.errors import CorruptLogError, ProtocolError
+from meshq.errors import CorruptLogError, DiskFullError, ProtocolError, StorageFullError
 
 log = logging.getLogger("meshq.replica")
 
@@ -103,7 +103,7 @@ class Replica:
                  on_change: Callable[[], None], on_follower_append: Callable[[], None],
                  wall_clock_ms: Callable[[], int], *, election_timeout_s: float, heartbeat_interval_s: float,
                  replica_lag_s: float, fsync_always: bool, learners: list[str] | None = None,
-                 config_version: int = 0) -> None:
+                 config_version: int = 0, space: Any = None, copy_throttle: Any = None) -> None:
         self.node_id = node_id
         self.state = state  # PartitionState: log, producer table, parked fetches, waiters
         self.log = state.log
@@ -130,6 +130,8 @@ class Replica:
         self.election_timeout_s = election_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.fsync_always = fsync_always
+        self._space = space  # refuses new batches while the storage is full (``partitions.space``)
+        self._copy_throttle = copy_throttle  # the node's budget for copies to catching-up replicas (``throttle``)
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
         self.history = EpochHistory.reconcile(persisted.get("history", []), self.log.end_offset, state.batch_epochs)
@@ -377,13 +379,15 @@ class Replica:
             target = self.epoch + 1
         else:
             self._become(CANDIDATE)
+            self._reset_election_timer(now_s)  # first: a persist that fails (disk full) retries later
             self.epoch += 1
             self.voted_for = self.node_id
             self._persist()
             target = self.epoch
         self.leader = None
         self.votes = {self.node_id}
-        self._reset_election_timer(now_s)
+        if pre_vote:
+            self._reset_election_timer(now_s)
         if len(self.votes) >= self.quorum:
             self._won(now_s, pre_vote)
             return
@@ -572,6 +576,8 @@ class Replica:
                     # leader's log (it has an older epoch's batch here): they conflict with it.
                     history_changed = True
                 batch = bytes(data[pos:pos + header.size])
+                if self._space is not None:
+                    self._space.refuse_writes(self.topic, self.partition)
                 self.state.append_replicated(batch, header, now_ms)
                 appended = True
                 if self.history.begin(header.leader_epoch, header.base_offset):
@@ -580,6 +586,18 @@ class Replica:
         except (CorruptLogError, ProtocolError) as exc:
             self._log_limited("bad_append", logging.WARNING, "%s/%d: dropped a bad append from %s: %s",
                               self.topic, self.partition, sender, exc)
+            return
+        except StorageFullError as exc:
+            # Our disk is full: keep what was stored, tell the leader where our log ends. We stay
+            # in contact but fall behind, so we leave the in-sync replicas; the others carry acks.
+            if isinstance(exc, DiskFullError) and self._space is not None:
+                self._space.note_full(str(exc), now_s)
+            log.debug("%s/%d: cannot take batches from %s: %s", self.topic, self.partition, sender, exc)
+            if history_changed:
+                self._persist()
+            if appended:
+                self._on_follower_append()
+            self._reply_append(sender, False, -1, self.log.end_offset)
             return
         if self.last_epoch < epoch and matched_end >= body["epoch_start"]:
             # Our log equals the leader's up to where its epoch begins: anything we hold past that
@@ -665,14 +683,24 @@ class Replica:
             start = f.next_offset
             data = b""
             next_offset = start
-            if start < end and not silent:
+            budget = MAX_APPEND_BYTES
+            throttle = self._copy_throttle
+            catching_up = (start < end and not silent and throttle is not None and not throttle.unlimited
+                           and peer not in self.in_sync(now_s))
+            if catching_up:
+                # A replica catching up (a rebalance's new copy, a follower far behind) shares the
+                # node's copy rate; in-sync followers never wait for it, so live writes keep their pace.
+                budget = throttle.grant(now_s, MAX_APPEND_BYTES)
+                if budget == 0 and not heartbeat:
+                    return  # out of tokens: the next heartbeat sends more
+            if start < end and not silent and budget > 0:
                 from_offset = max(start, self.log.start_offset)
-                recent = self.state.read_recent(from_offset, MAX_APPEND_BYTES)
+                recent = self.state.read_recent(from_offset, budget)
                 if recent is not None:
                     data, start, next_offset = recent
                 else:
                     try:
-                        data = self.log.read(from_offset, MAX_APPEND_BYTES)
+                        data = self.log.read(from_offset, budget)
                     except CorruptLogError as exc:
                         log.error("%s/%d: cannot replicate from offset %d to %s: %s", self.topic, self.partition,
                                   start, peer, exc)
@@ -686,6 +714,8 @@ class Replica:
                     next_offset = start
                     for _pos, header in batch_format.iter_batches(data, verify_crc=False):
                         next_offset = header.next_offset
+                if catching_up and data:
+                    throttle.charge(now_s, len(data))
             prev = start - 1
             body = self._key_body(epoch=self.epoch, leader=self.node_id, prev_offset=prev,
                                   prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,

@@ -54,6 +54,11 @@ class Status(Room):
             "pubsub": {"nodes": [core.pubsub.report()]},
             "services": core.rpc.report()["services"],
         }
+        if core.is_storage:
+            status.update(core.space.report())  # storage_full, storage_full_reason
+            throttle = core.host.copy_throttle
+            status["copy"] = {"rate_mb_per_s": self.config.copy_rate_mb_per_s, "bytes_sent": throttle.bytes_sent,
+                              "waits": throttle.waits}
         raft = core.agreement.raft
         if raft is not None:
             meta = core.agreement.meta
@@ -151,6 +156,11 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     merged["invalid_frames"] = {node_id: reports[node_id]["invalid_frames"] for node_id in sorted(reports)
                                 if "invalid_frames" in reports[node_id]}
     merged["answered_by"] = sorted(reports)
+    # Each storage node says whether its storage is full; a member that did not answer: unknown (None).
+    merged["members"] = [
+        {**member, "storage_full": reports[member["node_id"]].get("storage_full")
+         if member["node_id"] in reports else None} if member.get("role") == "storage" else member
+        for member in merged.get("members", [])]
     return merged
 
 

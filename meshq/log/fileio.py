@@ -14,6 +14,18 @@ import os
 import shutil
 
 TMP_SUFFIX = ".tmp"
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # the disk, or this user's quota, is full
+
+
+def is_out_of_space(exc: OSError) -> bool:
+    """Whether a failed write failed for want of space (retrying once space returns may succeed)."""
+    return exc.errno in OUT_OF_SPACE
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -27,16 +39,26 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def replace_file(path: str, data: bytes) -> None:
     """Make ``data`` the whole of ``path``, atomically: written beside it as ``.tmp``, fsynced,
-    renamed over it (a crash leaves the old file or the new one). The caller fsyncs the
-    directory when the rename itself must be durable. Raises ``OSError``."""
+    renamed over it (a crash leaves the old file or the new one; a failure, such as ``ENOSPC``,
+    leaves the old file and removes the ``.tmp``). The caller fsyncs the directory when the
+    rename itself must be durable. Raises ``OSError``."""
     tmp_path = path + TMP_SUFFIX
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp_path, path)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp_path, path)
+    except OSError:
+        # The old file is untouched; a half-written ``.tmp`` would only hold on to space that a
+        # full disk needs back (it would be removed at the next start anyway).
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
 
 
 def _fsync_directory(path: str) -> None:

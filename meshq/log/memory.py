@@ -27,6 +27,7 @@ from meshq.log.store import (
     check_append_batch,
     check_log_name,
     check_meta_name,
+    check_min_free_bytes,
     check_options,
     check_read_args,
     decode_meta,
@@ -337,8 +338,11 @@ class MemoryStorage:
         segment_ms: int = DEFAULT_SEGMENT_MS,
         index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES,
         capacity_bytes: int | None = None,
+        min_free_bytes: int = 0,
     ) -> None:
         check_options(segment_bytes, segment_ms, index_interval_bytes)
+        check_min_free_bytes(min_free_bytes)
+        self._min_free_bytes = min_free_bytes
         self._segment_bytes = segment_bytes
         self._segment_ms = segment_ms
         self._capacity_bytes = capacity_bytes
@@ -383,6 +387,23 @@ class MemoryStorage:
         self._check_open()
         check_meta_name(name)
         self._meta[name] = encode_meta(name, value)
+
+    def check_space(self) -> str | None:
+        self._check_open()
+        if self._capacity_bytes is None:
+            return None
+        free = max(0, self._capacity_bytes - self.used_bytes)
+        if free < self._min_free_bytes:
+            return f"memory storage has {free} bytes free, below the reserve of {self._min_free_bytes} bytes"
+        return None
+
+    def set_capacity(self, capacity_bytes: int | None, min_free_bytes: int | None = None) -> None:
+        """Grow or shrink the simulated disk (None: unbounded), and maybe its reserve; what is
+        stored stays."""
+        self._capacity_bytes = capacity_bytes
+        if min_free_bytes is not None:
+            check_min_free_bytes(min_free_bytes)
+            self._min_free_bytes = min_free_bytes
 
     def crash(self) -> None:
         """Power loss: every log keeps only what its last sync covered; open logs die."""

@@ -30,7 +30,6 @@ documents under ``meta/``, each written to a ``.tmp`` file and renamed into plac
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -47,7 +46,15 @@ from meshq.errors import (
     UsageError,
 )
 from meshq.log.compaction import SegmentCompaction, latest_offsets
-from meshq.log.fileio import TMP_SUFFIX, _fsync_directory, _remove, _write_all, replace_file
+from meshq.log.fileio import (
+    TMP_SUFFIX,
+    _fsync_directory,
+    _remove,
+    _write_all,
+    free_bytes,
+    is_out_of_space,
+    replace_file,
+)
 from meshq.log.lock import DataDirLock
 from meshq.log.logstate import (
     LostRange,
@@ -67,6 +74,7 @@ from meshq.log.store import (
     check_append_batch,
     check_log_name,
     check_meta_name,
+    check_min_free_bytes,
     check_options,
     check_read_args,
     decode_meta,
@@ -199,7 +207,7 @@ class SegmentedLog:
             self._undo_append(active, position, rolled)
             if self._failure is not None:
                 raise StorageError(f"{self._failure}; appending failed with: {exc.strerror or exc}") from exc
-            if exc.errno == errno.ENOSPC:
+            if is_out_of_space(exc):
                 raise DiskFullError(f"disk full while appending to {active.path}; nothing was stored") from exc
             raise StorageError(f"cannot append to {active.path}: {exc.strerror or exc}") from exc
         active.size = position + len(batch)
@@ -214,7 +222,7 @@ class SegmentedLog:
         try:
             segment.create()
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if is_out_of_space(exc):
                 raise DiskFullError(f"disk full while creating {segment.path}; nothing was stored") from exc
             raise StorageError(f"cannot create {segment.path}: {exc.strerror or exc}") from exc
         self._segments.append(segment)
@@ -441,8 +449,14 @@ class SegmentedLog:
         work = SegmentCompaction(latest, tombstone_before_ms, producer_last)
         self.sync()  # sealed segments are durable before a compacted one may stand for them
         if any(segment.base_offset not in self._compacted for segment in cleanable):
+            before = set(self._compacted)
             self._compacted.update(segment.base_offset for segment in cleanable)
-            self._store_state()
+            try:
+                self._store_state()
+            except DiskFullError:
+                self._compacted.clear()
+                self._compacted.update(before)  # as stored: nothing was rewritten yet
+                raise
         size_before = self.size_bytes
         rewritten = 0
         for segment in cleanable:
@@ -461,6 +475,11 @@ class SegmentedLog:
                     self._compacted.discard(segment.base_offset)
                 self._directory_dirty = True
             except OSError as exc:
+                if is_out_of_space(exc):
+                    # replace_file kept the old segment whole; what was rewritten before it is complete
+                    self._directory_dirty = True
+                    raise DiskFullError(f"disk full while compacting {segment.path}; the segment is kept as it "
+                                        f"was") from exc
                 self._fail(f"compacting {segment.path} failed: {exc.strerror or exc}")
                 raise StorageError(self._failure) from exc
         if self._lost and self._lost[0][0] < self.start_offset:
@@ -506,6 +525,9 @@ class SegmentedLog:
         try:
             write_log_state(self._directory, self._lost, self._compacted)
         except OSError as exc:
+            if is_out_of_space(exc):
+                raise DiskFullError(f"disk full while writing the log state in {self._directory}; the previous "
+                                    f"version is kept") from exc
             self._fail(f"cannot store the log state in {self._directory}: {exc.strerror or exc}")
             raise StorageError(self._failure) from exc
 
@@ -563,8 +585,11 @@ class FileStorage:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         segment_ms: int = DEFAULT_SEGMENT_MS,
         index_interval_bytes: int = DEFAULT_INDEX_INTERVAL_BYTES,
+        min_free_bytes: int = 0,
     ) -> None:
         check_options(segment_bytes, segment_ms, index_interval_bytes)
+        check_min_free_bytes(min_free_bytes)
+        self._min_free_bytes = min_free_bytes
         self._options = {
             "segment_bytes": segment_bytes,
             "segment_ms": segment_ms,
@@ -681,9 +706,20 @@ class FileStorage:
                 os.unlink(path + TMP_SUFFIX)
             except OSError:
                 pass
-            if exc.errno == errno.ENOSPC:
+            if is_out_of_space(exc):
                 raise DiskFullError(f"disk full while writing {path}; the previous version is kept") from exc
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def check_space(self) -> str | None:
+        self._check_open()
+        try:
+            free = free_bytes(self.data_dir)
+        except OSError as exc:
+            return f"cannot measure the free space of {self.data_dir}: {exc.strerror or exc}"
+        if free < self._min_free_bytes:
+            return (f"{self.data_dir} has {free} bytes free, below the reserve of {self._min_free_bytes} bytes "
+                    f"(--min-free-bytes)")
+        return None
 
     def close(self) -> None:
         if self._closed:

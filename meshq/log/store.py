@@ -47,6 +47,12 @@ def check_options(segment_bytes: int, segment_ms: int, index_interval_bytes: int
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_min_free_bytes(min_free_bytes: int) -> None:
+    """Raise ``ConfigError`` unless the free-space reserve is usable."""
+    if type(min_free_bytes) is not int or min_free_bytes < 0:
+        raise ConfigError(f"min_free_bytes must be a non-negative integer (0: no reserve), got {min_free_bytes!r}")
+
+
 def check_log_name(topic: str, partition: int) -> None:
     """Raise ``InvalidTopicError`` unless the pair is safe to use as a directory name."""
     if type(topic) is not str or not topic or len(topic) > MAX_NAME_LENGTH:

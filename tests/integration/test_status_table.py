@@ -182,3 +182,15 @@ def test_a_partition_whose_leader_did_not_answer_shows_unknown_not_an_empty_in_s
     assert f"{name}/0 (in-sync set unknown: its leader" in flat
     row = next(line for line in text.splitlines() if f"{name}/0" in line)
     assert "unknown" in row
+
+
+def test_a_node_whose_disk_is_full_is_marked_in_the_members_table():
+    status = three_node_status()
+    status["members"][1]["storage_full"] = True
+    status["members"][0]["storage_full"] = False
+    text, styled = rendered(status)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    members = " ".join(" ".join(tables(text)["members"]).split())
+    assert "disk full: refusing writes" in members
+    assert members.count("disk full") == 1
+    assert "\x1b[31mdisk full" in styled

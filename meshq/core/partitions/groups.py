@@ -55,7 +55,7 @@ class Groups(Room):
             return
         self.core.server.check_lease(state, now_s)
         data = batch_format.encode_batch(records)
-        state.append(data, batch_format.parse_header(data), now_ms)
+        self.core.space.append(state, data, batch_format.parse_header(data), now_ms, now_s)
         self.core.server.on_appended(state, now_s)
         for entry in message.body["offsets"]:
             self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]

@@ -28,8 +28,9 @@ from meshq.core import wire
 from meshq.core.events import SyncLogs
 from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PartitionState
-from meshq.core.replica import Replica, persisted_name
+from meshq.core.replica import MAX_APPEND_BYTES, Replica, persisted_name
 from meshq.core.room import Room
+from meshq.core.throttle import CopyThrottle
 from meshq.errors import MeshqError, NotLeaderError, ProtocolError
 
 log = logging.getLogger("meshq.core")
@@ -57,6 +58,9 @@ class PartitionHost(Room):
         self._reassigning: dict[tuple[str, int], float] = {}
         self._dirty_logs: set[tuple[str, int]] = set()  # written since the last group-commit sync
         self._last_compacted: tuple[str, int] | None = None  # the partition the last tick compacted
+        rate = self.config.copy_rate_mb_per_s * 1_000_000
+        # one budget for every partition led here; a burst covers two replica heartbeats of refill
+        self.copy_throttle = CopyThrottle(rate, max(MAX_APPEND_BYTES, int(rate * 2 * self.config.raft_heartbeat_interval_s)))
 
     @property
     def meta(self) -> MetadataState:
@@ -153,7 +157,7 @@ class PartitionHost(Room):
             heartbeat_interval_s=self.config.raft_heartbeat_interval_s,
             replica_lag_s=self.config.failure_timeout_s,
             fsync_always=self.config.fsync == "always",
-            learners=learners, config_version=version,
+            learners=learners, config_version=version, space=self.core.space, copy_throttle=self.copy_throttle,
         )
         replica.start(self.core.now_s)
         if replica.next_deadline() <= self.core.now_s:

@@ -61,7 +61,7 @@ class PartitionServer(Room):
         if header.attributes & batch_format.CONTROL:
             raise ProtocolError("a produced batch may not carry the CONTROL attribute (only a partition's leader "
                                 "writes control batches)")
-        base_offset, duplicate = state.append(data, header, self.core.wall_clock_ms())
+        base_offset, duplicate = self.core.space.append(state, data, header, self.core.wall_clock_ms(), now_s)
         if duplicate:
             self.core.counters["duplicates_dropped"] += header.record_count
         else:

@@ -394,7 +394,7 @@ class Shared(Room):
         now_ms = self.core.wall_clock_ms()
         data = batch_format.encode_batch([(None, v, None, now_ms) for v in values],
                                          attributes=batch_format.CONTROL)
-        state.append(data, batch_format.parse_header(data), now_ms)
+        self.core.space.append(state, data, batch_format.parse_header(data), now_ms, now_s)
         self.core.server.on_appended(state, now_s)
 
     # ------------------------------------------------------------------ timers

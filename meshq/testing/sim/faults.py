@@ -14,6 +14,9 @@ second) in a fixed order, so one seed always injects the same faults at the same
   it). A crashed node restarts from its disk after ``down_s``.
 * **Pauses.** The node is frozen: its messages and timers wait, then arrive late.
 * **Bit flips.** One bit flips inside a batch of a sealed segment of the node's log.
+* **Disk full.** The node's disk keeps only a few KB free, below its ``min_free_bytes``
+  reserve: the node must refuse new records (``partitions.space``), serve reads, and accept
+  writes again once space returns ``down_s`` later (``free_disk``).
 * **Clock jumps.** The node's wall clock (record timestamps, retention) moves by up to an
   hour either way; its monotonic clock never does.
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from meshq.testing.sim.simulation import Simulation
 
 STEP_NEMESIS_CHANCE = 0.05  # per committed reassign step, in runs with node faults
+DISK_FULL_SLACK_BYTES = 8192  # what a full disk still has free (its reserve is twice that)
 
 
 class FaultInjector:
@@ -85,6 +89,30 @@ class FaultInjector:
                 node.wall_offset_ms += rng.choice([-1, 1]) * rng.randrange(1000, 3_600_000)
                 sim.stats["clock_jumps"] += 1
                 sim.log(f"clock {node_id} {node.wall_offset_ms:+d} ms")
+            elif chance(faults.disk_full_rate):
+                self._fill_disk(node)
+
+    def _fill_disk(self, node: SimNode) -> None:
+        """The node's disk fills: a few KB left, below its reserve (so the node must refuse new
+        records though a small one would still fit); space returns after ``down_s``."""
+        sim = self.sim
+        assert node.storage is not None
+        if node.node_id in sim.checker.space.full_disks:
+            return
+        node.storage.set_capacity(node.storage.used_bytes + DISK_FULL_SLACK_BYTES, 2 * DISK_FULL_SLACK_BYTES)
+        sim.checker.space.on_disk_full(node.node_id)
+        sim.stats["disk_full"] = sim.stats.get("disk_full", 0) + 1
+        sim.log(f"disk full {node.node_id}")
+        sim.at(sim.now_s + sim.rng.uniform(*sim.options.faults.down_s), "disk_free", node.node_id)
+
+    def free_disk(self, node_id: str) -> None:
+        """Space returns on the node's disk (the end of a ``_fill_disk``)."""
+        sim = self.sim
+        node = sim.nodes[node_id]
+        assert node.storage is not None
+        node.storage.set_capacity(None, 0)
+        sim.checker.space.on_disk_free(node_id, sim.now_s)
+        sim.log(f"disk free {node_id}")
 
     def _flip_bit(self, node: SimNode) -> None:
         """Flip one bit inside a batch of a *sealed* segment of one of the node's logs."""

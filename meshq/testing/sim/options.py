@@ -38,13 +38,14 @@ class FaultOptions:
     # per message: its frames reach the target damaged (a flipped bit, cut short, or random bytes),
     # as a hostile or broken peer would send them; swarm never draws it (the pinned traces stay)
     corrupt: float = 0.0
+    disk_full_rate: float = 0.0  # a node's disk fills (below its reserve, a few KB left) for down_s
     partial_writeback: float = 0.5  # at a power loss: chance that a prefix of the unsynced tail survives
     down_s: tuple[float, float] = (0.5, 4.0)
 
     @property
     def any(self) -> bool:
         return any((self.drop, self.duplicate, self.partition_rate, self.kill_rate, self.power_rate,
-                    self.pause_rate, self.clock_jump_rate, self.bitflip_rate, self.corrupt))
+                    self.pause_rate, self.clock_jump_rate, self.bitflip_rate, self.corrupt, self.disk_full_rate))
 
 
 @dataclass(frozen=True)

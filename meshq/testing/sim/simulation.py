@@ -472,6 +472,8 @@ class Simulation:
             self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
+        elif kind == "disk_free":
+            self.fault_injector.free_disk(data)
         elif kind == "fault":
             if self.faulting:
                 self.fault_injector.step()
@@ -520,6 +522,8 @@ class Simulation:
                 node.down_until_s = 0.0
                 if node.core is None and not node.departed:
                     self._boot(node)
+            for node_id in sorted(self.checker.space.full_disks):
+                self.fault_injector.free_disk(node_id)
             self.checker.start_liveness(self.now_s)
 
 
