@@ -67,7 +67,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "INFO")
     check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
-                               "member_timeout_s": args.member_timeout}
+                               "member_timeout_s": args.member_timeout, "scrub_rate_mb_s": args.scrub_rate}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:

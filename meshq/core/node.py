@@ -21,6 +21,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``catalog``        topic metadata served and created (``cluster.catalog``)
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
+``repair``         scrub local replicas, repair damaged batches from a peer (``partitions.repair``)
 ``groups``         consumer-group offsets (``partitions.groups``)
 ``coordinator``    consumer-group membership, generations, assignment (``partitions.coordinator``)
 ``shared``         shared (work-queue) subscriptions on partitions led here (``partitions.shared``)
@@ -79,6 +80,7 @@ from meshq.core.partition import PartitionState
 from meshq.core.partitions.coordinator import GroupCoordinator
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
+from meshq.core.partitions.repair import Repair
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.partitions.shared import Shared
 from meshq.core.ports import Storage
@@ -126,6 +128,7 @@ class NodeCore:
         self.catalog = Catalog(self)
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
+        self.repair = Repair(self)
         self.groups = Groups(self)
         self.coordinator = GroupCoordinator(self)
         self.shared = Shared(self)
@@ -144,7 +147,7 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.host,
-                     self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
+                     self.server, self.repair, self.groups, self.coordinator, self.shared, self.client, self.producer,
                      self.requests, self.group_client, self.status, self.pubsub, self.rpc):
             self.register(room)
 
@@ -172,6 +175,7 @@ class NodeCore:
         if self.is_storage:
             self.agreement.start(now_s)
             self.host.start(now_s)
+            self.repair.start(now_s)
         self.out.schedule(now_s, "heartbeat", None)
         self.mesh.greet_seeds(now_s)
         self.formation.tick(now_s)

@@ -16,7 +16,7 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "groups", "coordinator",
+ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "host", "server", "repair", "groups", "coordinator",
          "shared", "client", "producer", "requests", "group_client", "rpc", "status", "pubsub")
 
 
