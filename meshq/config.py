@@ -179,6 +179,7 @@ class NodeConfig:
     # Bytes a leader sends per second, over all its partitions, to replicas that are catching up
     # (a rebalance's new copies, followers far behind); in-sync followers are never throttled. 0: unlimited.
     copy_rate_mb_per_s: float = 30.0
+    scrub_rate_mb_s: float = 4.0  # background CRC scrub of sealed segments (meshq.core.partitions.repair); 0: off
     metrics_port: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -210,6 +211,9 @@ class NodeConfig:
             raise ConfigError("failure_timeout_s must be at least twice heartbeat_interval_s")
         if not isinstance(self.bootstrap_wait_s, (int, float)) or self.bootstrap_wait_s < 0:
             raise ConfigError(f"bootstrap_wait_s must be >= 0, not {self.bootstrap_wait_s!r}")
+        if (not isinstance(self.scrub_rate_mb_s, (int, float)) or isinstance(self.scrub_rate_mb_s, bool)
+                or not 0 <= self.scrub_rate_mb_s <= 100_000):
+            raise ConfigError(f"scrub_rate_mb_s must be between 0 (off) and 100000 MB/s, not {self.scrub_rate_mb_s!r}")
         if not isinstance(self.linger_s, (int, float)) or self.linger_s < 0:
             raise ConfigError(f"linger_s must be >= 0, not {self.linger_s!r}")
         _check_int("batch_max_records", self.batch_max_records, 1, 1_000_000)

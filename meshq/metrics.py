@@ -110,7 +110,13 @@ def _collector(node: Any) -> Any:
             lost_ranges = GaugeMetricFamily("meshq_lost_offset_ranges", "damaged offset ranges (damaged batches "
                                             "as recovery and reads found them) on this node's disk",
                                             labels=["topic", "partition"])
+            detected = CounterMetricFamily("meshq_corrupt_batches_detected", "damaged batches this node's log found "
+                                           "(recovery, reads, scrub) since it started", labels=["topic", "partition"])
+            repaired = CounterMetricFamily("meshq_corrupt_batches_repaired", "damaged batches written back from a "
+                                           "replica's intact copy since the node started", labels=["topic", "partition"])
             for (topic, partition), state in sorted(list(core.partitions.items())):
+                detected.add_metric([topic, str(partition)], state.log.corrupt_batches_detected)
+                repaired.add_metric([topic, str(partition)], state.log.corrupt_batches_repaired)
                 disk.add_metric([topic, str(partition)], state.log.size_bytes)
                 watermark.add_metric([topic, str(partition)], state.high_watermark)
                 ranges = state.log.lost_offsets
@@ -148,6 +154,8 @@ def _collector(node: Any) -> Any:
                                       value=pubsub["no_interest"])
             yield lost
             yield lost_ranges
+            yield detected
+            yield repaired
             yield GaugeMetricFamily("meshq_under_replicated_partitions", "partitions led here with fewer in-sync "
                                     "replicas than assigned replicas", value=core.host.under_replicated())
             yield from _rpc_metrics(core, CounterMetricFamily, GaugeMetricFamily)

@@ -66,7 +66,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     check_data_dir(args.data)
     options: dict[str, Any] = {"fsync_interval_s": args.fsync_interval, "segment_bytes": args.segment_bytes,
                                "member_timeout_s": args.member_timeout, "min_free_bytes": args.min_free_bytes,
-                               "copy_rate_mb_per_s": args.copy_rate}
+                               "copy_rate_mb_per_s": args.copy_rate, "scrub_rate_mb_s": args.scrub_rate}
     if args.advertise:
         options["advertised_host"] = args.advertise
     if args.metrics_port is not None:

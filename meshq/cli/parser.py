@@ -30,6 +30,16 @@ def _group(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _scrub_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB/s") from None
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 (off) and 100000 MB/s")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -119,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most this many MB/s (10^6 bytes) sent by this node, over all partitions it leads, to "
                            "replicas catching up (a rebalance's new copies); in-sync followers are never throttled "
                            "(default 30; 0: unlimited)")
+    node.add_argument("--scrub-rate", type=_scrub_rate, default=4.0, metavar="MB/S",
+                      help="MB/s of sealed log segments CRC-checked in the background; damaged batches are "
+                           "repaired from a replica (default 4; 0 turns the scrub off)")
     node.add_argument("--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port")
     node.add_argument("--member-timeout", type=_positive_float, default=300.0, metavar="S",
                       help="remove a storage member silent for S seconds and re-replicate its partitions (default 300)")

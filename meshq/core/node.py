@@ -22,6 +22,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``space``          storage full: refuse new records until space returns (``partitions.space``)
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
+``repair``         scrub local replicas, repair damaged batches from a peer (``partitions.repair``)
 ``groups``         consumer-group offsets (``partitions.groups``)
 ``coordinator``    consumer-group membership, generations, assignment (``partitions.coordinator``)
 ``shared``         shared (work-queue) subscriptions on partitions led here (``partitions.shared``)
@@ -80,6 +81,7 @@ from meshq.core.partition import PartitionState
 from meshq.core.partitions.coordinator import GroupCoordinator
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.host import PartitionHost
+from meshq.core.partitions.repair import Repair
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.partitions.shared import Shared
 from meshq.core.partitions.space import StorageSpace
@@ -133,6 +135,7 @@ class NodeCore:
         self.space = StorageSpace(self)
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
+        self.repair = Repair(self)
         self.groups = Groups(self)
         self.coordinator = GroupCoordinator(self)
         self.shared = Shared(self)
@@ -151,8 +154,8 @@ class NodeCore:
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.space,
-                     self.host, self.server, self.groups, self.coordinator, self.shared, self.client, self.producer,
-                     self.requests, self.group_client, self.status, self.pubsub, self.rpc):
+                     self.host, self.server, self.repair, self.groups, self.coordinator, self.shared, self.client,
+                     self.producer, self.requests, self.group_client, self.status, self.pubsub, self.rpc):
             self.register(room)
 
     def register(self, room: Room) -> None:
@@ -180,6 +183,7 @@ class NodeCore:
             self.agreement.start(now_s)
             self.space.start(now_s)
             self.host.start(now_s)
+            self.repair.start(now_s)
         self.out.schedule(now_s, "heartbeat", None)
         self.mesh.greet_seeds(now_s)
         self.formation.tick(now_s)

@@ -81,6 +81,27 @@ class LogStore(Protocol):
         """``(first, last)`` offset ranges damaged on disk: never served, never handed out again."""
         ...
 
+    @property
+    def corrupt_batches_detected(self) -> int:
+        """Damaged batches found since the log was opened (recovery, reads, scrub)."""
+        ...
+
+    @property
+    def corrupt_batches_repaired(self) -> int:
+        """Batches written back into lost ranges from a replica's intact copy since the log was opened."""
+        ...
+
+    def scrub(self, offset: int, max_bytes: int) -> int:
+        """CRC-check about ``max_bytes`` of sealed segments from ``offset`` (a damaged batch becomes a
+        lost range, counted as detected); return the offset to go on from (the start offset again
+        once past the last sealed segment)."""
+        ...
+
+    def repair(self, batches: bytes) -> int:
+        """Write the CRC-valid batches of ``batches`` that fill lost offsets back into place (the
+        offsets and bytes a replica holds); others are ignored. Returns how many were written."""
+        ...
+
     def append(self, batch: bytes, now_ms: int | None = None) -> BatchHeader:
         """Append one verified, stamped batch whose base offset equals ``end_offset`` (or lies past
         it, for a batch marked ``COMPACTED_GAP`` copied from a compacted replica)."""

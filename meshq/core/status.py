@@ -97,11 +97,15 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
                     configs[key] = p
     # Offsets damaged on each replica that reported; lost for the cluster only where every one is.
     damaged: dict[tuple[str, int], dict[str, list]] = {}
+    corrupt: dict[tuple[str, int], dict[str, tuple[int, int]]] = {}  # (detected, repaired) per replica
     for node_id in sorted(reports):
         for topic in reports[node_id]["topics"]:
             for p in topic["partitions"]:
                 if "lost_offsets" in p:
                     damaged.setdefault((topic["name"], p["partition"]), {})[node_id] = p["lost_offsets"]
+                if "corrupt_batches_detected" in p:
+                    corrupt.setdefault((topic["name"], p["partition"]), {})[node_id] = (
+                        p["corrupt_batches_detected"], p.get("corrupt_batches_repaired", 0))
     topics = []
     for topic in merged["topics"]:
         partitions = []
@@ -119,6 +123,10 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
             if per_node is not None:
                 p["damaged_offsets"] = {node: ranges for node, ranges in per_node.items() if ranges}
                 p["lost_offsets"] = _common_ranges(list(per_node.values()))
+            counts = corrupt.get((topic["name"], p["partition"]))
+            if counts is not None:  # summed over the replicas that reported
+                p["corrupt_batches_detected"] = sum(detected for detected, _ in counts.values())
+                p["corrupt_batches_repaired"] = sum(repaired for _, repaired in counts.values())
         topics.append({**topic, "partitions": partitions})
     merged["topics"] = topics
     merged["handoffs"] = sum(1 for topic in topics for p in topic["partitions"]

@@ -340,6 +340,11 @@ SCHEMAS: dict[str, Schema] = {
                log_start_offset=Int(0, 1 << 62)),
         0, 1,
     ),
+    # self-healing storage (meshq.core.partitions.repair): a replica asks a member of the replica
+    # set for the intact batches of offsets damaged on its disk; answered with them (CRC-checked
+    # by the asker), or with no payload when the member has no intact copy
+    "repair_fetch": Schema(Struct(topic=NAME, partition=PARTITION, first=Int(0, 1 << 62), last=Int(0, 1 << 62))),
+    "repair_fetch_ok": Schema(Struct(topic=NAME, partition=PARTITION), 0, 1),
     "list_offsets": Schema(Struct(topic=NAME, partition=PARTITION, timestamp_ms=Int(-2, 1 << 62))),
     "list_offsets_ok": Schema(Struct(offset=Int(0, 1 << 62))),
     # ``member``/``generation``: a group member's commit, refused unless that generation is the

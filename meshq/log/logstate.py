@@ -79,6 +79,20 @@ def clip_lost(ranges: list[LostRange], start_offset: int, end_offset: int) -> li
     return out
 
 
+def remove_lost(ranges: list[LostRange], first: int, last: int) -> list[LostRange]:
+    """``ranges`` without the offsets ``first`` to ``last`` (inclusive): they were repaired."""
+    out: list[LostRange] = []
+    for start, end, reason in ranges:
+        if end < first or start > last:
+            out.append((start, end, reason))
+            continue
+        if start < first:
+            out.append((start, first - 1, reason))
+        if end > last:
+            out.append((last + 1, end, reason))
+    return out
+
+
 def lost_range_at(ranges: list[LostRange], offset: int) -> LostRange | None:
     for entry in ranges:
         if entry[0] <= offset <= entry[1]:

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from meshq.core.batch import BatchHeader, crc_ok, parse_header
+from meshq.core.batch import BatchHeader, crc_ok, iter_batches, parse_header
 from meshq.core.ports import CompactionResult, RecoveryReport
 from meshq.errors import CorruptLogError, DiskFullError, OffsetOutOfRangeError, UsageError
 from meshq.log.compaction import SegmentCompaction, latest_offsets
-from meshq.log.logstate import LostRange, clip_lost, lost_message, lost_range_at, merge_lost, next_lost_start
+from meshq.log.logstate import (
+    LostRange,
+    clip_lost,
+    lost_message,
+    lost_range_at,
+    merge_lost,
+    next_lost_start,
+    remove_lost,
+)
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
@@ -88,6 +96,8 @@ class MemoryLog:
         self._segment_ms = segment_ms
         self._closed = False
         self._compacted_through: int | None = None  # where the last compaction with nothing pending ended
+        self._detected = 0  # damaged batches found since open (reads, scrub)
+        self._repaired = 0  # batches written back into lost ranges since open
 
     # -- state -----------------------------------------------------------------------
 
@@ -122,6 +132,14 @@ class MemoryLog:
     @property
     def lost_offsets(self) -> list[tuple[int, int]]:
         return [(first, last) for first, last, _reason in self._disk.lost]
+
+    @property
+    def corrupt_batches_detected(self) -> int:
+        return self._detected
+
+    @property
+    def corrupt_batches_repaired(self) -> int:
+        return self._repaired
 
     @property
     def segment_base_offsets(self) -> list[int]:
@@ -181,7 +199,7 @@ class MemoryLog:
                     # The headers here are kept apart from the bytes, so the offsets are certain.
                     entry = (header.base_offset, header.last_offset,
                              f"batch at offset {header.base_offset} failed its CRC check")
-                    self._disk.lost[:] = merge_lost(lost + [entry])
+                    self._lose(entry)
                     raise CorruptLogError(lost_message(self._topic, self._partition, entry))
                 parts.append(batch)
                 total += len(batch)
@@ -298,9 +316,84 @@ class MemoryLog:
                 if not crc_ok(batch, 0, header):
                     entry = (header.base_offset, header.last_offset,
                              f"batch at offset {header.base_offset} failed its CRC check")
-                    self._disk.lost[:] = merge_lost(self._disk.lost + [entry])
+                    self._lose(entry)
                     continue
                 yield batch
+
+    def _lose(self, entry: LostRange) -> None:
+        if lost_range_at(self._disk.lost, entry[0]) is None:
+            self._detected += 1
+        self._disk.lost[:] = merge_lost(self._disk.lost + [entry])
+
+    # -- scrub and repair (as the file log's) ------------------------------------------
+
+    def scrub(self, offset: int, max_bytes: int) -> int:
+        self._check_open()
+        check_read_args(offset, max_bytes)
+        segments = self._disk.segments
+        sealed_end = segments[-1].base_offset
+        offset = max(offset, self.start_offset)
+        if offset >= sealed_end:
+            return self.start_offset
+        entry = lost_range_at(self._disk.lost, offset)
+        if entry is not None:
+            return entry[1] + 1
+        try:
+            data = self.read(offset, max_bytes)
+        except CorruptLogError:
+            entry = lost_range_at(self._disk.lost, offset)
+            assert entry is not None  # the headers here are kept apart from the bytes: offsets are certain
+            return entry[1] + 1
+        next_offset = offset
+        for _position, header in iter_batches(data, verify_crc=False):
+            next_offset = header.next_offset
+        return max(next_offset, offset + 1)
+
+    def repair(self, batches: bytes) -> int:
+        self._check_open()
+        try:
+            found = list(iter_batches(batches, verify_crc=True))
+        except CorruptLogError:
+            return 0
+        repaired = 0
+        for position, header in found:
+            entry = lost_range_at(self._disk.lost, header.base_offset)
+            if entry is None or header.last_offset > entry[1] or header.base_offset < self.start_offset:
+                continue
+            batch = batches[position : position + header.size]
+            if not self._put_back(header, batch):
+                continue
+            self._disk.lost[:] = remove_lost(self._disk.lost, header.base_offset, header.last_offset)
+            repaired += 1
+        self._repaired += repaired
+        return repaired
+
+    def _put_back(self, header: BatchHeader, batch: bytes) -> bool:
+        """Put ``batch`` where its offsets belong: over the damaged copy, or into the gap."""
+        segments = self._disk.segments
+        for number, segment in enumerate(segments):
+            limit = segments[number + 1].base_offset if number + 1 < len(segments) else self.end_offset
+            if not segment.base_offset <= header.base_offset < limit:
+                continue
+            if header.next_offset > limit:
+                return False
+            index = 0
+            while index < len(segment.headers) and segment.headers[index].next_offset <= header.base_offset:
+                index += 1
+            if index < len(segment.headers) and segment.headers[index].base_offset == header.base_offset:
+                if segment.headers[index].next_offset != header.next_offset:
+                    return False  # a damaged copy that does not match the offsets: leave it lost
+                segment.size += len(batch) - len(segment.batches[index])
+                segment.batches[index] = batch
+                segment.headers[index] = header
+                return True
+            if index < len(segment.headers) and segment.headers[index].base_offset < header.next_offset:
+                return False  # overlaps what is held
+            segment.batches.insert(index, batch)
+            segment.headers.insert(index, header)
+            segment.size += len(batch)
+            return True
+        return False
 
     def close(self) -> None:
         if self._closed:

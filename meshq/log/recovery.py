@@ -82,6 +82,7 @@ class LogRecovery:
         self.segments: list[_Segment] = []  # oldest first, the last one active; open
         self.reports: list[RecoveryReport] = []
         self.lost: list[LostRange] = []  # offsets damaged on disk, never served
+        self.damaged = 0  # pieces of damage found (each reported as lost offsets)
         self.compacted: set[int] = set()  # base offsets of the segments compaction rewrote
         self.directory_dirty = False  # segment or temporary files were created or removed
 
@@ -181,6 +182,8 @@ class LogRecovery:
 
     def _report(self, segment: _Segment, position: int, cut: int, reason: str, first: int, end: int) -> None:
         what = f"offsets {first} to {end - 1} are unreadable" if first < end else "no records are lost"
+        if first < end:
+            self.damaged += 1
         logger.error("%s: segment %s is damaged at byte %d: %s; %s", self._log_name, segment.path, position,
                      reason, what)
         self.reports.append(RecoveryReport(segment.name, position, cut, f"{reason}; {what}"))

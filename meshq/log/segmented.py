@@ -36,7 +36,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable
 
-from meshq.core.batch import BatchHeader, iter_batches
+from meshq.core.batch import BatchHeader, iter_batches, parse_header
 from meshq.core.ports import CompactionResult, RecoveryReport
 from meshq.errors import (
     CorruptLogError,
@@ -63,6 +63,7 @@ from meshq.log.logstate import (
     lost_range_at,
     merge_lost,
     next_lost_start,
+    remove_lost,
     write_log_state,
 )
 from meshq.log.recovery import LogRecovery
@@ -122,6 +123,8 @@ class SegmentedLog:
         self._lost: list[LostRange] = []  # shared with every segment (it explains gaps)
         self._compacted: set[int] = set()  # base offsets of segments compaction rewrote
         self._compacted_through: int | None = None  # where the last compaction with nothing pending ended
+        self._detected = 0  # damaged batches found (recovery, reads, scrub) since open
+        self._repaired = 0  # batches written back into lost ranges from a replica's copy since open
         recovery = LogRecovery(directory, self._name(), index_interval_bytes)
         try:
             os.makedirs(directory, exist_ok=True)
@@ -131,6 +134,7 @@ class SegmentedLog:
                 self._segments = recovery.segments  # closed below if opening fails
             self._recovery = recovery.reports
             self._lost = recovery.lost
+            self._detected = recovery.damaged
             self._compacted = recovery.compacted
             self._directory_dirty = recovery.directory_dirty
             self.sync()
@@ -178,6 +182,14 @@ class SegmentedLog:
     @property
     def lost_offsets(self) -> list[tuple[int, int]]:
         return [(first, last) for first, last, _reason in self._lost]
+
+    @property
+    def corrupt_batches_detected(self) -> int:
+        return self._detected
+
+    @property
+    def corrupt_batches_repaired(self) -> int:
+        return self._repaired
 
     @property
     def segment_base_offsets(self) -> list[int]:
@@ -414,6 +426,8 @@ class SegmentedLog:
         if following != header.next_offset:
             return exc  # the offsets it held are uncertain: report the bytes, remember nothing
         entry = (header.base_offset, last, f"damaged batch in {segment.name}: {exc}")
+        if lost_range_at(self._lost, header.base_offset) is None:
+            self._detected += 1
         logger.error("%s: %s", self._name(), lost_message(self._topic, self._partition, entry))
         self._set_lost(merge_lost(self._lost + [entry]))
         return CorruptLogError(lost_message(self._topic, self._partition, entry))
@@ -429,6 +443,84 @@ class SegmentedLog:
             # Still never served while this process runs; the next open finds what the bytes show.
             logger.error("%s: cannot store the lost offset ranges in %s: %s", self._name(), self._directory,
                          exc.strerror or exc)
+
+    # -- scrub and repair --------------------------------------------------------------
+
+    def scrub(self, offset: int, max_bytes: int) -> int:
+        self._check_usable()
+        check_read_args(offset, max_bytes)
+        sealed_end = self._segments[-1].base_offset  # the active segment is checked as it is read
+        offset = max(offset, self.start_offset)
+        if offset >= sealed_end:
+            return self.start_offset
+        lost = lost_range_at(self._lost, offset)
+        if lost is not None:
+            return lost[1] + 1
+        try:
+            data = self.read(offset, max_bytes)  # every batch read is CRC-checked
+        except CorruptLogError:
+            lost = lost_range_at(self._lost, offset)
+            if lost is not None:
+                return lost[1] + 1  # just found (and remembered) by the read
+            # damage whose offsets are uncertain: reads report it; go on with the next segment
+            index = self._segment_index(offset)
+            return self._segments[index + 1].base_offset
+        next_offset = offset
+        for _position, header in iter_batches(data, verify_crc=False):
+            next_offset = header.next_offset
+        return max(next_offset, offset + 1)
+
+    def repair(self, batches: bytes) -> int:
+        self._check_usable()
+        wanted: dict[int, list[tuple[BatchHeader, bytes]]] = {}
+        try:
+            found = list(iter_batches(batches, verify_crc=True))
+        except CorruptLogError as exc:  # a damaged answer: repair nothing from it
+            logger.warning("%s: a repair answer is damaged (%s); nothing written from it", self._name(), exc)
+            return 0
+        for position, header in found:
+            lost = lost_range_at(self._lost, header.base_offset)
+            if lost is None or header.last_offset > lost[1] or header.base_offset < self.start_offset:
+                continue  # not (or no longer) lost here: the intact copy stays
+            index = self._segment_index(header.base_offset)
+            limit = self._segments[index + 1].base_offset if index + 1 < len(self._segments) else self.end_offset
+            if header.next_offset > limit:
+                continue  # would not fit in the segment that holds the gap
+            wanted.setdefault(index, []).append((header, batches[position : position + header.size]))
+        if not wanted:
+            return 0
+        self.sync()  # an active segment's unsynced bytes are durable before its file is replaced
+        repaired = 0
+        for index, pieces in sorted(wanted.items()):
+            segment = self._segments[index]
+            following = self._segments[index + 1].base_offset if index + 1 < len(self._segments) else self.end_offset
+            kept = [(parse_header(batch), batch) for batch in self._batches(segment.base_offset, following)]
+            merged = sorted(kept + pieces, key=lambda item: item[0].base_offset)
+            expected = segment.base_offset
+            for header, _batch in merged:
+                if header.base_offset < expected:
+                    logger.warning("%s: repair batch at offset %d overlaps what %s holds; not written",
+                                   self._name(), header.base_offset, segment.name)
+                    break
+                expected = header.next_offset
+            else:
+                try:
+                    self._rewrite(segment, [batch for _header, batch in merged])
+                    self._directory_dirty = True
+                    self.sync()
+                except OSError as exc:
+                    self._fail(f"repairing {segment.path} failed: {exc.strerror or exc}")
+                    raise StorageError(self._failure) from exc
+                lost = self._lost
+                for header, _batch in pieces:
+                    lost = remove_lost(lost, header.base_offset, header.last_offset)
+                # after the segment: a crash in between leaves the offsets lost, and repaired again
+                self._set_lost(lost)
+                repaired += len(pieces)
+                logger.warning("%s: repaired %d damaged batches in %s from a replica's intact copy", self._name(),
+                               len(pieces), segment.name)
+        self._repaired += repaired
+        return repaired
 
     # -- compaction ------------------------------------------------------------------
 

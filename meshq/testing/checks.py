@@ -92,6 +92,7 @@ class Checker:
         self.power_lost_values: set[bytes] = set()
         self.disk_lost_values: set[bytes] = set()
         self.damaged_partitions: set[int] = set()  # partitions of the test topic with a flipped bit
+        self.damaged_batches: list[tuple[str, int, int]] = []  # (node, partition, base offset) of each flip
         # (consumer member, partition) -> the offset its next record must have
         self.consumer_next: dict[tuple[int, int], int] = {}
         self.liveness_started_s: float | None = None
@@ -152,9 +153,11 @@ class Checker:
                 raise Violation(f"committed offset of {TOPIC_NAME}/{partition} went back from {offset} "
                                 f"to {committed.get(partition, 0)}")
 
-    def before_disk_damage(self, partition: int, batch: bytes) -> None:
+    def before_disk_damage(self, partition: int, batch: bytes, node_id: str | None = None) -> None:
         """A bit is about to flip in this stored batch: with one copy its records are lost."""
         self.damaged_partitions.add(partition)
+        if node_id is not None:
+            self.damaged_batches.append((node_id, partition, batch_format.parse_header(batch).base_offset))
         for record in batch_format.decode_records(batch, TOPIC_NAME, partition):
             self.disk_lost_values.add(record.value)
 
@@ -386,6 +389,42 @@ class Checker:
                         f"{replica.replicas}, high watermark {replica.high_watermark} of {replica.log.end_offset}")
         if sim.pending_attempts:
             return f"{sim.pending_attempts} produces pending"
+        return self._unrepaired()
+
+    def _unrepaired(self) -> str | None:
+        """Repair: a batch damaged on one replica that another live replica holds intact, below
+        the damaged replica's high watermark, is served again by it byte-identically (a damaged
+        batch is never served: its read raises until then)."""
+        from meshq.errors import CorruptLogError
+
+        nodes = self.sim.nodes
+        for node_id, partition, base in self.damaged_batches:
+            node = nodes[node_id]
+            state = node.core.partitions.get((TOPIC_NAME, partition)) if node.core is not None else None
+            if state is None or state.replica is None or not state.log.start_offset <= base < state.high_watermark:
+                continue  # not held here any more, trimmed, or not yet known committed here
+            intact = None
+            for other_id in sorted(nodes):
+                other = nodes[other_id]
+                held = other.core.partitions.get((TOPIC_NAME, partition)) if other.core is not None else None
+                if other_id == node_id or held is None or not held.log.start_offset <= base < held.log.end_offset:
+                    continue
+                try:
+                    data = held.log.read(base, 0)
+                except CorruptLogError:
+                    continue
+                if data and batch_format.parse_header(data).base_offset == base:
+                    intact = data
+                    break
+            if intact is None:
+                continue  # no intact copy anywhere: the offsets stay lost (reads raise)
+            try:
+                mine = state.log.read(base, 0)
+            except CorruptLogError:
+                return f"{node_id}: the damaged batch of {TOPIC_NAME}/{partition} at {base} is not repaired yet"
+            if mine != intact:
+                return (f"{node_id}: the batch of {TOPIC_NAME}/{partition} at {base} differs from the intact "
+                        f"copy after repair")
         return None
 
     def _most_complete(self, topic: str, partition: int) -> Any:

@@ -83,6 +83,8 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "produce_ok": ({"topic": "orders", "partition": 1, "base_offset": 10, "duplicate": False}, ()),
     "fetch": ({"topic": "orders", "partition": 0, "offset": 5, "max_bytes": 1 << 20, "max_wait_ms": 500}, ()),
     "fetch_ok": ({"topic": "orders", "partition": 0, "high_watermark": 42, "log_start_offset": 0}, (BATCH,)),
+    "repair_fetch": ({"topic": "orders", "partition": 0, "first": 5, "last": 9}, ()),
+    "repair_fetch_ok": ({"topic": "orders", "partition": 0}, (BATCH,)),
     "list_offsets": ({"topic": "orders", "partition": 0, "timestamp_ms": -2}, ()),
     "list_offsets_ok": ({"offset": 7}, ()),
     "offset_commit": ({"group": "billing", "offsets": [OFFSET_ENTRY]}, ()),
@@ -235,7 +237,7 @@ def test_payload_counts_of_the_types_that_carry_batches():
     assert (wire.SCHEMAS["produce"].min_payloads, wire.SCHEMAS["produce"].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["fetch_ok"].min_payloads, wire.SCHEMAS["fetch_ok"].max_payloads) == (0, 1)
     carriers = sorted(t for t, s in wire.SCHEMAS.items() if s.max_payloads)
-    assert carriers == ["fetch_ok", "produce", "repl_append", "rpc_reply", "rpc_request", "share_ack", "share_fetch_ok"]
+    assert carriers == ["fetch_ok", "produce", "repair_fetch_ok", "repl_append", "rpc_reply", "rpc_request", "share_ack", "share_fetch_ok"]
     for type_ in ("rpc_request", "rpc_reply"):  # exactly one: the request or the reply
         assert (wire.SCHEMAS[type_].min_payloads, wire.SCHEMAS[type_].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["repl_append"].min_payloads, wire.SCHEMAS["repl_append"].max_payloads) == (0, 1)

@@ -334,3 +334,14 @@ def test_checkers_catch_a_coordinator_that_does_not_rebuild_committed_offsets(mo
 
     monkeypatch.setattr(Groups, "on_leadership", forgetful)
     assert failing_seeds(list(CI_SEEDS)[:20]), "a coordinator forgetting committed offsets went unnoticed"
+
+
+def test_checkers_catch_a_replica_that_never_repairs_a_damaged_batch(monkeypatch):
+    # Seed 39 flips bits in batches of one replica that the others hold intact: with the write-back
+    # of the repair disabled the run never converges ("... is not repaired yet").
+    from meshq.core.partitions import repair as repair_module
+
+    assert run_seed(39).ok and run_seed(39).stats["bitflips"]
+    monkeypatch.setattr(repair_module.Repair, "_write_back", lambda self, key, peer, data: None)
+    result = run_seed(39)
+    assert not result.ok and "not repaired yet" in str(result.violations[0])

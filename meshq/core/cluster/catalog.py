@@ -126,5 +126,8 @@ class Catalog(Room):
                 entry["end_offset"] = replica.log.end_offset
                 # offsets damaged on this node's disk, never served (merge_status: lost where no copy has them)
                 entry["lost_offsets"] = [list(lost) for lost in replica.log.lost_offsets]
+                # damaged batches this node's log found (recovery, reads, scrub) and wrote back from a peer
+                entry["corrupt_batches_detected"] = replica.log.corrupt_batches_detected
+                entry["corrupt_batches_repaired"] = replica.log.corrupt_batches_repaired
             partitions.append(entry)
         return {"config": config.to_wire(), "partitions": partitions}

@@ -127,7 +127,7 @@ class FaultInjector:
             return
         key, segment, index = sim.rng.choice(candidates)
         batch = bytearray(segment.batches[index])
-        sim.checker.before_disk_damage(key[1], bytes(batch))
+        sim.checker.before_disk_damage(key[1], bytes(batch), node.node_id)
         position = sim.rng.randrange(batch_format.HEADER_SIZE, len(batch))
         batch[position] ^= 1 << sim.rng.randrange(8)
         segment.batches[index] = bytes(batch)

@@ -16,8 +16,8 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "space", "host", "server", "groups", "coordinator",
-         "shared", "client", "producer", "requests", "group_client", "rpc", "status", "pubsub")
+ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "space", "host", "server", "repair", "groups",
+         "coordinator", "shared", "client", "producer", "requests", "group_client", "rpc", "status", "pubsub")
 
 
 def rooms_of(core: NodeCore) -> dict[str, Room]:
