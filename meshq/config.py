@@ -173,6 +173,7 @@ class NodeConfig:
     segment_ms: int = 24 * 3600 * 1000
     retention_check_interval_s: float = 60.0
     metrics_port: int | None = None
+    keys: str | None = None  # a key set directory (meshq keygen): CurveZMQ on every socket (meshq.keys)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

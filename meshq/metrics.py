@@ -25,6 +25,8 @@ def serve_metrics(node: Any, host: str, port: int) -> Any:
                                       value=counters["duplicates_dropped"])
             yield CounterMetricFamily("meshq_frames_invalid", "frames dropped as invalid",
                                       value=counters["frames_invalid"])
+            yield CounterMetricFamily("meshq_auth_refused", "connections refused: untrusted CURVE key, or "
+                                      "CURVE against plain", value=counters.get("auth_refused", 0))
             disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
             watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
                                           labels=["topic", "partition"])

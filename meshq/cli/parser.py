@@ -52,9 +52,14 @@ def _port(text: str) -> int:
     return value
 
 
-def _connection_options(parser: argparse.ArgumentParser, client: bool = True) -> None:
-    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns`` (and ``--advertise`` for a client command)."""
+def _connection_options(parser: argparse.ArgumentParser, client: bool = True, keys: bool = True) -> None:
+    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns``, ``--keys`` (and ``--advertise`` for a client
+    command)."""
     group = parser.add_argument_group("connection")
+    if keys:
+        group.add_argument("--keys", default=None, metavar="DIR",
+                           help="CurveZMQ keys (env MESHQ_KEYS): DIR/clients/NAME made by `meshq keygen` for a client "
+                                "command, DIR/cluster for `meshq node`; default: no encryption")
     group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
                        help="cluster name (env MESHQ_CLUSTER; default 'default')")
     group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
@@ -223,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     rebalance.add_argument("--move-timeout", type=_positive_float, default=600.0, metavar="S",
                            help="give up on a join or leave after S seconds (default 600)")
     rebalance.add_argument("--skip-leave", action="store_true", help="measure the join only")
-    _connection_options(bench, client=False)
+    _connection_options(bench, client=False, keys=False)
+
+    keygen = sub.add_parser("keygen", help="create a cluster key set for CurveZMQ (or add a client to one)")
+    keygen.add_argument("dir", metavar="DIR", help="directory of the key set (DIR/cluster, DIR/clients/NAME)")
+    keygen.add_argument("--client", default=None, metavar="NAME",
+                        help="add the client NAME (DIR/clients/NAME) to the existing key set in DIR")
     return parser
 
 
