@@ -5,19 +5,24 @@ Theory of operation
 With keys (``meshq.keys.KeySet``) every socket a node opens is CURVE. Server sockets (ROUTER,
 PUB) use the node's own pair: a storage node's is the cluster pair, a client's its client
 pair. Client sockets (DEALER, SUB) use the node's own pair as client key and, as server key,
-the key of the node they connect to: the cluster key, unless the peer is known to be a client
-with a key of its own (learnt from the ZAP user id of what it sent us: ``Curve.learn``).
+the key of the node they connect to: the cluster key, or for a client node the key it gossips
+in its member info (``wire.MEMBER_INFO`` ``key``; the runtime looks it up at connect time).
 
 Authentication is ``zmq.auth.thread.ThreadAuthenticator`` (ZAP) on the node's own context,
 with a callback: a client key is accepted when it is trusted now (``KeySet.trusted_keys``
 reads ``cluster/trusted`` at every handshake, so a key added while the node runs is accepted
-without a restart). A refused peer is logged once (with its address) and counted.
+without a restart). A client node (which holds no ``trusted/``) accepts the cluster key and
+the keys of the client members the cluster told it about (``member_keys``). A refused key is
+logged once per (address, key) and counted; a peer whose handshake fails before ZAP (plain
+against CURVE, or another cluster's server key) is counted and logged by the runtime.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -25,6 +30,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from meshq.keys import KeySet
 
 log = logging.getLogger("meshq.auth")
+_MEMBER_WAIT_STEP_S = 0.05
+_MEMBER_WAIT_STEPS = 60  # a client waits up to 3 s for an unknown key to be gossiped before refusing it
 
 
 class _Authenticator(ThreadAuthenticator):
@@ -47,9 +54,9 @@ class Curve:
         self.refused = 0  # keys refused by ZAP (the runtime adds them to the ``auth_refused`` counter)
         self._refused_logged: set[tuple[str, bytes]] = set()
         self._lock = threading.Lock()
-        self._peer_keys: dict[str, bytes] = {}  # node id -> its server key, when not the cluster key
-        self._endpoint_peer: dict[str, str] = {}  # ROUTER and PUB endpoint -> node id
+        self._endpoint_keys: dict[str, bytes] = {}  # ROUTER endpoint -> the key it listens with
         self._auth: _Authenticator | None = None
+        self.member_keys: Any = None  # () -> set of client members' keys (set by the runtime)
 
     def start(self) -> None:
         auth = _Authenticator(self.context, log=logging.getLogger("meshq.auth.zap"))
@@ -63,10 +70,24 @@ class Curve:
             self._auth = None
 
     # called by zmq.auth on its thread, for every CURVE handshake
-    def callback(self, domain: str, key: bytes) -> bool:
+    def callback(self, domain: str, key: bytes) -> Any:
         if key in self.keys.trusted_keys():
             return True
         address = self._auth.address if self._auth is not None else "?"
+        if self.keys.kind == "client" and self.member_keys is not None:
+            # A client may hear from another client before the cluster told it about that one: wait a moment
+            # for the gossip (a refused peer never retries: libzmq gives up after a ZAP refusal).
+            return self._await_member(key, address)
+        return self._refuse(key, address)
+
+    async def _await_member(self, key: bytes, address: str) -> bool:
+        for _ in range(_MEMBER_WAIT_STEPS):
+            if key in self.member_keys():
+                return True
+            await asyncio.sleep(_MEMBER_WAIT_STEP_S)
+        return key in self.member_keys() or self._refuse(key, address)
+
+    def _refuse(self, key: bytes, address: str) -> bool:
         with self._lock:
             self.refused += 1
             first = (address, key) not in self._refused_logged
@@ -89,32 +110,19 @@ class Curve:
         sock.curve_publickey = self.keys.public
         sock.curve_serverkey = server_key or self.keys.cluster_public
 
-    def key_of(self, peer: str) -> bytes:
-        return self._peer_keys.get(peer, self.keys.cluster_public)
-
     def key_at(self, endpoint: str | None) -> bytes:
-        """The server key of whatever listens at ``endpoint`` (the cluster key unless known otherwise)."""
-        peer = self._endpoint_peer.get(endpoint or "")
-        return self.key_of(peer) if peer is not None else self.keys.cluster_public
+        """The server key of whatever listens at ``endpoint``: the cluster key unless the runtime noted another."""
+        return self._endpoint_keys.get(endpoint or "", self.keys.cluster_public)
 
-    def note_endpoint(self, peer: str, endpoint: str) -> None:
-        self._endpoint_peer[endpoint] = peer
+    def note_endpoint(self, peer: str, endpoint: str, key: bytes) -> None:
+        """The ROUTER at ``endpoint`` (of node ``peer``) listens with ``key`` (read from other threads)."""
+        self._endpoint_keys[endpoint] = key
 
     def setup(self, sock: zmq.Socket, kind: int, endpoint: str | None = None) -> None:
         if kind in (zmq.ROUTER, zmq.PUB):
             self.server(sock)
         else:
             self.client(sock, self.key_at(endpoint))
-
-    def learn(self, peer: str, user_id: str) -> bool:
-        """Record the key a peer authenticated with (a client's own); True when it changed."""
-        key = user_id.encode("ascii", "replace")
-        if key == self.keys.cluster_public:
-            return self._peer_keys.pop(peer, None) is not None
-        if self._peer_keys.get(peer) == key:
-            return False
-        self._peer_keys[peer] = key
-        return True
 
 
 __all__ = ["Curve"]

@@ -92,6 +92,7 @@ class Runtime:
 
             self.context = context or zmq.Context()
             self.curve = Curve(keys, self.context)
+            self.curve.member_keys = self._member_keys
         else:
             self.context = context or zmq.Context.instance()
         self.commands: deque = deque()
@@ -103,8 +104,6 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
-        self._peer_endpoint: dict[str, str] = {}  # peer -> the ROUTER endpoint its DEALER connects to
-        self._subscribed: set[str] = set()  # PUB endpoints our SUB is connected to
         self._monitors: dict[zmq.Socket, tuple[str, str]] = {}  # handshake monitors -> (endpoint, socket kind)
         self._refusal_logged_s = float("-inf")
         self._zap_refused = 0
@@ -232,8 +231,9 @@ class Runtime:
                 continue
             self._refusal_logged_s = now
             if self.curve is not None:
-                log.warning("refused a connection to the %s at %s: the peer does not speak CURVE (a node or client "
-                            "started without --keys; %d refused so far): give it --keys of this cluster", what,
+                log.warning("refused a connection to the %s at %s: the peer does not speak CURVE with this cluster's "
+                            "key (started without --keys, or with another cluster's keys; %d refused so far): give it "
+                            "--keys of this cluster", what,
                             endpoint, counters["auth_refused"])
             else:
                 log.warning("refused a connection to the %s at %s: the peer speaks CURVE and this node has no keys "
@@ -253,7 +253,8 @@ class Runtime:
             poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
         try:
-            self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint))
+            self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint,
+                                          self.curve.keys.public.decode("ascii") if self.curve is not None else ""))
         except BaseException as exc:  # report to start() and die
             self.start_error = exc
             self.started.set()
@@ -392,18 +393,11 @@ class Runtime:
         """
         core = self.core
         cluster = core.config.cluster
-        keyed = bool(header_at) and self.curve is not None
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             if sock.closed:
                 return  # an effect of the previous message disconnected this peer
-            user_id = None
             try:
-                if keyed:  # the ZAP user id (the peer's CURVE public key) travels with the frame
-                    first = sock.recv(_NOBLOCK, copy=False)
-                    user_id = first.get("User-Id")
-                    frames = [first.bytes]
-                else:
-                    frames = [sock.recv(_NOBLOCK)]
+                frames = [sock.recv(_NOBLOCK)]
             except zmq.Again:
                 return
             while sock.get(_RCVMORE):  # (a message's frames arrive together: no wait here)
@@ -419,44 +413,38 @@ class Runtime:
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]))
                 continue
-            if user_id is not None:
-                self._note_key(message.sender, user_id)
             self._handle_peer_input(to_event(frames, message))
 
-    def _note_key(self, sender: str, user_id: str) -> None:
-        """A client node listens with its own key pair: learn it from what it sent, and reconnect to it with it.
-
-        Storage nodes all use the cluster key; a message claiming to come from one never changes its key."""
+    def _member_keys(self) -> set[bytes]:
+        """Keys of the client members this node knows (called on the ZAP thread: the table may change meanwhile)."""
         members = self.core.members
-        member = members.get(sender) if members is not None else None
-        if member is not None and member.role != "client":
-            return
-        if not self.curve.learn(sender, user_id):
-            return
-        endpoint = self._peer_endpoint.get(sender)
-        if endpoint is not None and sender in self._dealers:
-            self._connect(sender, endpoint)
-        if member is not None and member.pub_address in self._subscribed:
-            self._subscribe(member.pub_address, again=True)
-
-    def _subscribe(self, endpoint: str, again: bool = False) -> None:
-        if again:
+        for _ in range(3):
             try:
-                self.sub.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass
+                return {m.key.encode("ascii") for m in list(members.members.values()) if m.key}
+            except RuntimeError:  # the table changed size during the copy
+                continue
+        return set()
+
+    def _server_key(self, peer: str | None = None, pub_endpoint: str | None = None) -> bytes:
+        """The CURVE key the peer listens with: the cluster key, or a client's own (gossiped in its member info)."""
+        members = self.core.members
+        member = None
+        if members is not None:
+            if peer is not None:
+                member = members.get(peer)
+            else:
+                member = next((m for m in members.members.values() if m.pub_address == pub_endpoint), None)
+        if member is not None and member.role == "client" and member.key:
+            return member.key.encode("ascii")
+        return self.curve.keys.cluster_public
+
+    def _subscribe(self, endpoint: str) -> None:
         if self.curve is not None:  # options are taken at connect: each PUB has its own server key
-            members = self.core.members
-            for member in (members.members.values() if members is not None else ()):
-                if member.pub_address == endpoint:
-                    self.curve.note_endpoint(member.node_id, endpoint)
-            self.sub.curve_serverkey = self.curve.key_at(endpoint)
+            self.sub.curve_serverkey = self._server_key(pub_endpoint=endpoint)
         try:
             self.sub.connect(endpoint)
         except zmq.ZMQError as exc:
             log.warning("cannot subscribe to %s: %s", endpoint, exc)
-            return
-        self._subscribed.add(endpoint)
 
     def _handle_peer_input(self, event: Any) -> None:
         """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
@@ -537,7 +525,6 @@ class Runtime:
             elif kind is Subscribe:
                 self._subscribe(effect.endpoint)
             elif kind is Unsubscribe:
-                self._subscribed.discard(effect.endpoint)
                 try:
                     self.sub.disconnect(effect.endpoint)
                 except zmq.ZMQError:
@@ -559,9 +546,8 @@ class Runtime:
             self._poller.unregister(old)
             self._socket_peer.pop(old, None)
             old.close(0)
-        self._peer_endpoint[peer] = endpoint
         if self.curve is not None:
-            self.curve.note_endpoint(peer, endpoint)
+            self.curve.note_endpoint(peer, endpoint, self._server_key(peer))
         sock = self._socket(zmq.DEALER, endpoint)
         try:
             sock.connect(endpoint)
