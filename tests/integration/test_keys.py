@@ -94,3 +94,20 @@ def test_node_refuses_a_client_key_dir(tmp_path):
         assert node.runtime.curve is not None
     finally:
         node.stop()
+
+
+def test_mdns_records_of_another_cluster_key_are_ignored():
+    from meshq.io.discovery import PROTOCOL_VERSION, parse_service
+
+    def record(**extra: str) -> dict:
+        base = {"cluster": "shop", "node_id": "n1", "proto": str(PROTOCOL_VERSION), "role": "storage",
+                "port": "7450", "pub_port": "7451", "incarnation": "1", **extra}
+        return {k.encode(): v.encode() for k, v in base.items()}
+
+    ours = "0123456789abcdef"
+    assert parse_service(record(key=ours), ["127.0.0.1"], "shop", ours)["node_id"] == "n1"
+    assert parse_service(record(key="fedcba9876543210"), ["127.0.0.1"], "shop", ours) is None  # another key
+    assert parse_service(record(), ["127.0.0.1"], "shop", ours) is None  # a node without keys
+    assert parse_service(record(key=ours), ["127.0.0.1"], "shop") is None  # we have no keys, it has
+    assert parse_service(record(), ["127.0.0.1"], "shop")["node_id"] == "n1"
+    assert parse_service(record(key=ours), ["127.0.0.1"], "mall", ours) is None  # another cluster
