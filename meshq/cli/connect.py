@@ -49,6 +49,14 @@ def keys_of(args: argparse.Namespace) -> str | None:
     return getattr(args, "keys", None) or os.environ.get("MESHQ_KEYS") or None
 
 
+def _keys_hint(args: argparse.Namespace) -> str:
+    keys = keys_of(args)
+    if keys:
+        return (f"a cluster answers only keys it trusts: check that --keys {keys} was made by that cluster's `meshq "
+                f"keygen` and that its public key is in cluster/trusted/ on the nodes")
+    return "a cluster started with --keys answers only clients with keys it trusts: give --keys DIR/clients/NAME"
+
+
 def check_reachable_somehow(args: argparse.Namespace) -> None:
     """A usage error when the options leave no way to find the cluster (``--no-mdns`` and no seed)."""
     if args.no_mdns and not seeds_of(args):
@@ -131,7 +139,7 @@ def start_client(args: argparse.Namespace, reach_timeout_s: float = REACH_TIMEOU
         raise NoRespondersError(
             f"no storage node of cluster {args.cluster!r} answered within {time.monotonic() - started_s:.1f} s at "
             f"{connection.tried()}: check that `meshq node --cluster {args.cluster}` runs there and that this host "
-            f"can reach it (a node of another cluster does not answer)") from None
+            f"can reach it (a node of another cluster does not answer; {_keys_hint(args)})") from None
     except BaseException:
         node.stop()
         raise

@@ -70,12 +70,13 @@ def test_keyed_cluster_serves_trusted_clients_and_refuses_others(keyed):
         done = _cli(mesh, nodes, "produce", "orders", input_bytes=b"intruder\n")
         assert done.returncode != 0
         assert b"no storage node of cluster" in done.stderr, done.stderr.decode()
+        assert b"answers only clients with keys it trusts: give --keys" in done.stderr, done.stderr.decode()
         # another cluster's keys: refused too
         _keygen(os.path.join(mesh.root, "foreign"))
         done = _cli(mesh, nodes, "produce", "orders", keys_dir=os.path.join(mesh.root, "foreign", "clients", "admin"),
                     input_bytes=b"intruder\n")
         assert done.returncode != 0
-        assert b"no storage node of cluster" in done.stderr, done.stderr.decode()
+        assert b"answers only keys it trusts" in done.stderr, done.stderr.decode()
         wait_until(lambda: _refused(admin, nodes) > refused_before, 30, "the refused attempts to be counted")
         assert any("does not speak CURVE with this cluster's key" in n.log_text() for n in nodes)
         # nothing of theirs was stored
