@@ -214,6 +214,9 @@ class NodeConfig:
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
+        if self.keys is not None and (not isinstance(self.keys, str) or not self.keys):
+            raise ConfigError(f"keys must be the path of a key set directory made by `meshq keygen`, not "
+                              f"{self.keys!r}")
 
     def with_changes(self, **changes: object) -> NodeConfig:
         return replace(self, **changes)

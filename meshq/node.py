@@ -79,6 +79,8 @@ class Node:
         fsync: str = "interval",
         **options: Any,
     ) -> None:
+        if options.get("keys") is not None:
+            options["keys"] = os.fspath(options["keys"])  # a key set directory (meshq keygen)
         self.config = NodeConfig(
             cluster=cluster,
             node_id=node_id,
