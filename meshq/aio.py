@@ -557,7 +557,8 @@ class _LoopProducer(DirectProducer):
     def _async_socket(self, state: Any, endpoint: str) -> zmq.asyncio.Socket:
         sock = state.sockets.get(endpoint)
         if sock is None:
-            sock = new_socket(self._async_context, zmq.DEALER, self.config.max_frame_bytes)
+            sock = new_socket(self._async_context, zmq.DEALER, self.config.max_frame_bytes, self.node.runtime.curve,
+                              endpoint)
             sock.connect(endpoint)
             state.sockets[endpoint] = sock
         return sock

@@ -181,6 +181,7 @@ class NodeConfig:
     copy_rate_mb_per_s: float = 30.0
     scrub_rate_mb_s: float = 4.0  # background CRC scrub of sealed segments (meshq.core.partitions.repair); 0: off
     metrics_port: int | None = None
+    keys: str | None = None  # a key set directory (meshq keygen): CurveZMQ on every socket (meshq.keys)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -229,6 +230,9 @@ class NodeConfig:
                               f"not {self.copy_rate_mb_per_s!r}")
         if self.metrics_port is not None:
             _check_int("metrics_port", self.metrics_port, 0, 65535)
+        if self.keys is not None and (not isinstance(self.keys, str) or not self.keys):
+            raise ConfigError(f"keys must be the path of a key set directory made by `meshq keygen`, not "
+                              f"{self.keys!r}")
 
     def with_changes(self, **changes: object) -> NodeConfig:
         return replace(self, **changes)

@@ -102,6 +102,8 @@ def _collector(node: Any) -> Any:
             for peer, count in sorted(invalid["by_peer"].items()):
                 by_peer.add_metric([peer], count)
             yield by_peer
+            yield CounterMetricFamily("meshq_auth_refused", "connections refused: untrusted CURVE key, or "
+                                      "CURVE against plain", value=counters.get("auth_refused", 0))
             disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
             watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
                                           labels=["topic", "partition"])

@@ -79,6 +79,8 @@ class Node:
         fsync: str = "interval",
         **options: Any,
     ) -> None:
+        if options.get("keys") is not None:
+            options["keys"] = os.fspath(options["keys"])  # a key set directory (meshq keygen)
         self.config = NodeConfig(
             cluster=cluster,
             node_id=node_id,
@@ -147,7 +149,13 @@ class Node:
         elif node_id is None:
             node_id = f"client-{socket.gethostname()[:20]}-{os.getpid()}-{random.getrandbits(24):06x}"
         self.core = NodeCore(config, node_id, self.storage, random.Random(), self.clock.wall_ms)
-        self.runtime = Runtime(self.core, self.clock, self.storage)
+        try:
+            keys = self._load_keys()
+            self.runtime = Runtime(self.core, self.clock, self.storage, keys=keys)
+        except BaseException:
+            if self.storage is not None:
+                self.storage.close()
+            raise
         try:
             self.runtime.start()
         except BaseException:
@@ -166,7 +174,8 @@ class Node:
             from meshq.io.discovery import Discovery
 
             self._discovery = Discovery(self.runtime, config.cluster, node_id, config.role, self.runtime.endpoint,
-                                        self.runtime.pub_endpoint, self.core.incarnation, config.interfaces)
+                                        self.runtime.pub_endpoint, self.core.incarnation, config.interfaces,
+                                        fingerprint=keys.fingerprint if keys is not None else "")
             try:
                 self._discovery.start()
             except BaseException:
@@ -186,8 +195,17 @@ class Node:
                 self.stop_quietly()
                 raise ConfigError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
         self._started = True
-        log.info("node %s (%s) listening on %s", node_id, config.role, self.runtime.endpoint)
+        log.info("node %s (%s) listening on %s%s", node_id, config.role, self.runtime.endpoint,
+                 f" (CURVE, cluster key {keys.fingerprint})" if keys is not None else "")
         return self
+
+    def _load_keys(self) -> Any:
+        """The key set of ``keys=`` (a storage node needs DIR/cluster, a client DIR/clients/NAME), or None."""
+        if self.config.keys is None:
+            return None
+        from meshq.keys import load
+
+        return load(self.config.keys, "cluster" if self.config.role == "storage" else "client")
 
     def _stable_node_id(self, requested: str | None) -> str:
         saved = self.storage.read_meta("node")

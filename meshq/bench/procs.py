@@ -127,6 +127,8 @@ def _start_node(args: Any, workdir: str) -> tuple[_Child, str]:
     argv = [sys.executable, "-m", "meshq", "node", "--data", data, "--host", "127.0.0.1", "--port", "0",
             "--no-mdns", "--fsync", args.fsync, "--partitions", str(PARTITIONS), "--cluster", args.cluster,
             "--log-level", "WARNING"]
+    if getattr(args, "curve_keys", None):  # bench produce --curve: the node runs with the cluster keys
+        argv += ["--keys", os.path.join(args.curve_keys, "cluster")]
     child = _Child(argv, os.path.join(workdir, "node.stderr"))
     try:
         ready = child.wait_event("ready", READY_TIMEOUT_S)

@@ -184,7 +184,9 @@ def _run_meshq(args: Any, workdir: str, seeds: list[str], with_async: bool = Tru
             child, hostport = _start_node(args, workdir)
             seeds = [hostport]
         host, advertised = own_address(args, seeds)  # reachable from an external cluster's nodes too
+        keys = getattr(args, "curve_keys", None)
         client = Node(cluster=args.cluster, host=host, seeds=seeds, mdns=False, role="client",
+                      keys=os.path.join(keys, "clients", "admin") if keys else None,
                       **({"advertised_host": advertised} if advertised else {}))
         client.start()
         client.wait_ready(timeout=READY_TIMEOUT_S)

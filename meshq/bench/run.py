@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -229,6 +230,17 @@ def run_bench(args: Any) -> int:
         problems.append("--batch must be from 1 to 100000")
     if problems:
         return _refuse(problems)
+    if getattr(args, "curve", False):
+        if args.scenario != "produce":
+            return _refuse([f"--curve measures bench produce only, not {args.scenario}"])
+        if args.rounds < 3:
+            return _refuse(["--curve needs --rounds 3 or more (the report gives median, min and max)"])
+        if args.seed or os.environ.get("MESHQ_SEEDS"):
+            return _refuse(["--curve starts its own nodes (with and without keys): drop --seed / MESHQ_SEEDS"])
+        from meshq.bench.curve import measure_curve, render_curve
+
+        return _measure_and_report(args, lambda workdir: measure_curve(args, workdir), render_curve,
+                                   lambda report: not report["verified"])
     if args.scenario == "replication":
         return _run_replication(args)
     if args.scenario == "rebalance":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections import deque
 from typing import Any
 
-from meshq.cli.connect import interfaces_of, seeds_of, start_client
+from meshq.cli.connect import interfaces_of, keys_of, seeds_of, start_client
 from meshq.cli.logs import add_fields, setup_logging
 from meshq.cli.output import TerminalBar, _LeaveProgress, record_to_json, render_status, render_topic
 from meshq.cli.pubsub import cmd_pub, cmd_sub
@@ -74,7 +75,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     node = Node(cluster=args.cluster, data_dir=args.data, host=args.host, port=args.port, seeds=seeds_of(args),
                 mdns=not args.no_mdns, interfaces=interfaces_of(args), role="storage",
                 replication_factor=args.replication_factor, partitions=args.partitions,
-                node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, **options)
+                node_id=args.node_id, pub_port=args.pub_port, fsync=args.fsync, keys=keys_of(args), **options)
     stop = _StopRequest()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop.handler)
@@ -372,7 +373,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from meshq.keys import add_client, keygen
+
+    if args.client is not None:
+        path = add_client(args.dir, args.client)
+        print(f"client {args.client!r}: {path} (give it to that client: --keys {path}); its public key is now in "
+              f"{os.path.join(args.dir, 'cluster', 'trusted')}: copy that file to the same place on every node")
+        return 0
+    root = keygen(args.dir)
+    print(f"cluster key set in {root}:\n  {root / 'cluster'}  every storage node: meshq node --keys "
+          f"{root / 'cluster'}\n  {root / 'clients' / 'admin'}  the admin client: --keys {root / 'clients' / 'admin'}")
+    return 0
+
+
 COMMANDS = {
+    "keygen": cmd_keygen,
     "node": cmd_node,
     "produce": cmd_produce,
     "consume": cmd_consume,

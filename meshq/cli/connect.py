@@ -18,6 +18,7 @@ client leaves the members' tables at once.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -41,6 +42,19 @@ def interfaces_of(args: argparse.Namespace) -> list[str] | None:
     """``--interface`` values, else ``MESHQ_INTERFACES``; None: every interface."""
     values = args.interface if args.interface is not None else _env_list("MESHQ_INTERFACES")
     return list(values) or None
+
+
+def keys_of(args: argparse.Namespace) -> str | None:
+    """``--keys`` (a client key directory), else ``MESHQ_KEYS``; None: no CURVE."""
+    return getattr(args, "keys", None) or os.environ.get("MESHQ_KEYS") or None
+
+
+def _keys_hint(args: argparse.Namespace) -> str:
+    keys = keys_of(args)
+    if keys:
+        return (f"a cluster answers only keys it trusts: check that --keys {keys} was made by that cluster's `meshq "
+                f"keygen` and that its public key is in cluster/trusted/ on the nodes")
+    return "a cluster started with --keys answers only clients with keys it trusts: give --keys DIR/clients/NAME"
 
 
 def check_reachable_somehow(args: argparse.Namespace) -> None:
@@ -75,7 +89,13 @@ def find(args: argparse.Namespace, discovery_timeout_s: float = DISCOVERY_TIMEOU
         return Connection(args.cluster, seeds, False, interfaces, 0.0)
     from meshq.io.discovery import find_cluster
 
-    found = find_cluster(args.cluster, interfaces, timeout_s=discovery_timeout_s)
+    keys = keys_of(args)
+    fingerprint = ""
+    if keys is not None:
+        from meshq.keys import load
+
+        fingerprint = load(keys, "client").fingerprint
+    found = find_cluster(args.cluster, interfaces, timeout_s=discovery_timeout_s, fingerprint=fingerprint)
     if not found.nodes:
         raise NoRespondersError(found.nothing_found_message())
     addresses = [node["address"].removeprefix("tcp://") for node in found.nodes]
@@ -107,7 +127,7 @@ def start_client(args: argparse.Namespace, reach_timeout_s: float = REACH_TIMEOU
     # Nodes found by mDNS are greeted as seeds: no second browse, and no announcement of a short-lived client.
     mdns = not args.no_mdns and not connection.found_by_mdns
     node = Node(cluster=args.cluster, host=bind_host, seeds=connection.seeds, mdns=mdns,
-                interfaces=connection.interfaces, role="client", **options)
+                interfaces=connection.interfaces, role="client", keys=keys_of(args), **options)
     node.start()
     started_s = time.monotonic()
     try:
@@ -119,7 +139,7 @@ def start_client(args: argparse.Namespace, reach_timeout_s: float = REACH_TIMEOU
         raise NoRespondersError(
             f"no storage node of cluster {args.cluster!r} answered within {time.monotonic() - started_s:.1f} s at "
             f"{connection.tried()}: check that `meshq node --cluster {args.cluster}` runs there and that this host "
-            f"can reach it (a node of another cluster does not answer)") from None
+            f"can reach it (a node of another cluster does not answer; {_keys_hint(args)})") from None
     except BaseException:
         node.stop()
         raise

@@ -73,9 +73,14 @@ def _port(text: str) -> int:
     return value
 
 
-def _connection_options(parser: argparse.ArgumentParser, client: bool = True) -> None:
-    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns`` (and ``--advertise`` for a client command)."""
+def _connection_options(parser: argparse.ArgumentParser, client: bool = True, keys: bool = True) -> None:
+    """``--cluster``, ``--seed``, ``--interface``, ``--no-mdns``, ``--keys`` (and ``--advertise`` for a client
+    command)."""
     group = parser.add_argument_group("connection")
+    if keys:
+        group.add_argument("--keys", default=None, metavar="DIR",
+                           help="CurveZMQ keys (env MESHQ_KEYS): DIR/clients/NAME made by `meshq keygen` for a client "
+                                "command, DIR/cluster for `meshq node`; default: no encryption")
     group.add_argument("--cluster", default=os.environ.get("MESHQ_CLUSTER", "default"),
                        help="cluster name (env MESHQ_CLUSTER; default 'default')")
     group.add_argument("--seed", action="append", type=_seed, default=None, metavar="HOST:PORT",
@@ -241,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue and rpc: rounds per system; the report "
                                                               "gives median, min, max (default 3)")
+    bench.add_argument("--curve", action="store_true",
+                       help="bench produce: CURVE off and on side by side (own key set, --rounds alternating rounds)")
     from meshq.cli.rpc import add_bench_options as add_rpc_bench_options
 
     add_rpc_bench_options(bench)
@@ -271,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "rounds and each rate, a fresh cluster, a join under --load-rate (default 2000 "
                                 "records/s here); reports the producer's p99 before vs during the join, median "
                                 "[min, max]")
-    _connection_options(bench, client=False)
+    _connection_options(bench, client=False, keys=False)
+
+    keygen = sub.add_parser("keygen", help="create a cluster key set for CurveZMQ (or add a client to one)")
+    keygen.add_argument("dir", metavar="DIR", help="directory of the key set (DIR/cluster, DIR/clients/NAME)")
+    keygen.add_argument("--client", default=None, metavar="NAME",
+                        help="add the client NAME (DIR/clients/NAME) to the existing key set in DIR")
     return parser
 
 

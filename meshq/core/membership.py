@@ -55,10 +55,14 @@ class Member:
     state: str = JOINING
     last_heard_s: float = float("-inf")
     changed_s: float = 0.0
+    key: str = ""  # a client's CURVE public key (wire.MEMBER_INFO), "" when unknown or not used
 
     def to_wire(self) -> dict:
-        return {"node_id": self.node_id, "address": self.address, "pub_address": self.pub_address,
+        info = {"node_id": self.node_id, "address": self.address, "pub_address": self.pub_address,
                 "role": self.role, "incarnation": self.incarnation}
+        if self.key:
+            info["key"] = self.key
+        return info
 
     def summary(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "role": self.role, "state": self.state}
@@ -96,9 +100,11 @@ class MemberTable:
         member = self.members.get(node_id)
         if member is None:
             member = Member(node_id, info["address"], info["pub_address"], info["role"], info["incarnation"],
-                            changed_s=now_s)
+                            changed_s=now_s, key=info.get("key", ""))
             self.members[node_id] = member
             return member
+        if info["incarnation"] >= member.incarnation and info.get("key") and member.role == "client":
+            member.key = info["key"]  # learnt before its key was (a peer without keys, an older version)
         if info["incarnation"] > member.incarnation:
             member.incarnation = info["incarnation"]
             if member.state == LEFT:

@@ -112,6 +112,7 @@ class NodeCore:
         self.wall_clock_ms = wall_clock_ms
         self.endpoint = ""  # set by start(): the ROUTER endpoint peers connect to
         self.pub_endpoint = ""
+        self.public_key = ""  # set by start()
         self.incarnation = 0
         self.stopped = False
         self.started_s = 0.0
@@ -171,9 +172,11 @@ class NodeCore:
                 table[key] = getattr(room, name)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, endpoint: str, now_s: float, pub_endpoint: str = "") -> list:
-        """Open storage state, connect to seeds. Returns the first effects."""
+    def start(self, endpoint: str, now_s: float, pub_endpoint: str = "", public_key: str = "") -> list:
+        """Open storage state, connect to seeds. Returns the first effects. ``public_key``: the CURVE key a
+        client node listens with (gossiped in its member info), "" without keys."""
         self.endpoint = endpoint
+        self.public_key = public_key
         self.pub_endpoint = pub_endpoint or endpoint
         self.incarnation = self.wall_clock_ms()
         self.started_s = now_s

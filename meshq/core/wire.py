@@ -243,8 +243,11 @@ def Endpoint() -> Check:
     return check
 
 
-MEMBER_INFO = Struct(node_id=NODE, address=Endpoint(), pub_address=Endpoint(), role=OneOf("storage", "client"),
-                     incarnation=Int(0, 1 << 62))
+# ``key``: the CURVE public key (z85, 40 characters) a client node's ROUTER and PUB listen with, when the
+# cluster runs with keys (absent without; storage nodes all use the cluster key, so they leave it out)
+MEMBER_INFO = StructWithOptional(dict(node_id=NODE, address=Endpoint(), pub_address=Endpoint(),
+                                      role=OneOf("storage", "client"), incarnation=Int(0, 1 << 62)),
+                                 dict(key=Str(40, 40)))
 
 
 def _raft_entry(value: Any, path: str) -> list:

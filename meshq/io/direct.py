@@ -198,7 +198,7 @@ class DirectProducer:
     def _socket(self, state: _ThreadState, endpoint: str) -> zmq.Socket:
         sock = state.sockets.get(endpoint)
         if sock is None:
-            sock = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes)
+            sock = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes, self.node.runtime.curve, endpoint)
             sock.connect(endpoint)
             state.sockets[endpoint] = sock
         return sock

@@ -83,12 +83,16 @@ def _txt(properties: dict, key: str) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else None
 
 
-def parse_service(properties: dict, addresses: list[str], cluster: str) -> dict | None:
-    """Member info from a service's TXT records, or None when it is not a peer of ours."""
+def parse_service(properties: dict, addresses: list[str], cluster: str, fingerprint: str = "") -> dict | None:
+    """Member info from a service's TXT records, or None when it is not a peer of ours: another cluster or
+    version, or another cluster key (``fingerprint``: ``meshq.keys.fingerprint`` of the cluster public key, ""
+    without keys; a node without keys announces none)."""
     def text(key: str) -> str | None:
         return _txt(properties, key)
 
     if text("cluster") != cluster or text("proto") != str(PROTOCOL_VERSION):
+        return None
+    if (text("key") or "") != fingerprint:
         return None
     node_id, role = text("node_id"), text("role")
     port, pub_port, incarnation = text("port"), text("pub_port"), text("incarnation")
@@ -105,8 +109,10 @@ class Discovery:
     """Announces this node and feeds discovered peers to the runtime."""
 
     def __init__(self, runtime: Any, cluster: str, node_id: str, role: str, endpoint: str, pub_endpoint: str,
-                 incarnation: int, interfaces: tuple[str, ...] | None, rescan_interval_s: float = 5.0) -> None:
+                 incarnation: int, interfaces: tuple[str, ...] | None, rescan_interval_s: float = 5.0,
+                 fingerprint: str = "") -> None:
         self.runtime = runtime
+        self.fingerprint = fingerprint  # of the cluster key (no secret): peers with another key are ignored
         self.cluster = cluster
         self.node_id = node_id
         self.role = role
@@ -152,6 +158,8 @@ class Discovery:
         properties = {"cluster": self.cluster, "node_id": self.node_id, "proto": str(PROTOCOL_VERSION),
                       "role": self.role, "port": str(self.port), "pub_port": str(self.pub_port),
                       "incarnation": str(self.incarnation)}
+        if self.fingerprint:
+            properties["key"] = self.fingerprint
         info = ServiceInfo(SERVICE_TYPE, f"{self.node_id}.{SERVICE_TYPE}",
                            addresses=[socket.inet_aton(a) for a in self._announce_addresses()],
                            port=self.port, properties=properties, server=f"{self.node_id}.local.")
@@ -182,10 +190,10 @@ class Discovery:
             return
         if info is None:
             return
-        member = parse_service(info.properties or {}, info.parsed_addresses(), self.cluster)
+        member = parse_service(info.properties or {}, info.parsed_addresses(), self.cluster, self.fingerprint)
         if member is None:
             self.ignored += 1
-            log.debug("ignoring mDNS service %s (another cluster or version)", name)
+            log.debug("ignoring mDNS service %s (another cluster, version or cluster key)", name)
             return
         if member["node_id"] != self.node_id:
             self.runtime.submit(PeerDiscovered(member))
@@ -229,6 +237,7 @@ class Found:
     interfaces: tuple[str, ...] | None
     nodes: list[dict] = field(default_factory=list)  # parse_service() dicts, storage nodes only
     other_clusters: dict[str, list[str]] = field(default_factory=dict)  # cluster -> node ids
+    other_keys: list[str] = field(default_factory=list)  # node ids of this cluster name with another key (or none)
     seconds: float = 0.0
 
     def where(self) -> str:
@@ -238,6 +247,9 @@ class Found:
         """One line for a person: what was searched, for how long, and what answered instead."""
         text = (f"no storage node of cluster {self.cluster!r} answered mDNS ({SERVICE_TYPE}) on {self.where()} "
                 f"within {self.seconds:.1f} s")
+        if self.other_keys:
+            text = (f"{text}; nodes of that cluster name with another cluster key (or without keys) answered and were "
+                    f"ignored: {', '.join(sorted(self.other_keys))}: give the --keys of that cluster (or none)")
         if self.other_clusters:
             heard = "; ".join(f"cluster {name!r} ({', '.join(sorted(ids))})"
                               for name, ids in sorted(self.other_clusters.items()))
@@ -247,7 +259,7 @@ class Found:
 
 
 def find_cluster(cluster: str, interfaces: list[str] | tuple[str, ...] | None, timeout_s: float = 3.0,
-                 settle_s: float = 0.1) -> Found:
+                 settle_s: float = 0.1, fingerprint: str = "") -> Found:
     """Browse ``_meshq._tcp.local.`` for the storage nodes of ``cluster``: return ``settle_s`` after the first
     one answered (the mesh's gossip introduces the rest), or after ``timeout_s`` with whatever was heard."""
     from zeroconf import ServiceBrowser, ServiceStateChange
@@ -287,7 +299,9 @@ def find_cluster(cluster: str, interfaces: list[str] | tuple[str, ...] | None, t
                 continue  # not resolved in time; an Updated event may bring it back
             seen.add(name)
             properties = info.properties or {}
-            member = parse_service(properties, info.parsed_addresses(), cluster)
+            member = parse_service(properties, info.parsed_addresses(), cluster, fingerprint)
+            if member is None and _txt(properties, "cluster") == cluster:
+                found.other_keys.append(_txt(properties, "node_id") or name.split(".")[0])
             if member is not None and member["role"] == "storage":
                 if not found.nodes:
                     first_s = time.monotonic()

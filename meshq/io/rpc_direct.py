@@ -71,6 +71,7 @@ class DirectRequester:
         self.config = node.core.config
         self.now_s = node.clock.now_s
         self.context = context
+        self.curve = node.runtime.curve  # CURVE settings when the node has keys (meshq.io.curve)
         self.rng = random.Random()
         self.closed = False
         self._ids = itertools.count(DIRECT_REQUEST_IDS)
@@ -159,7 +160,8 @@ class DirectRequester:
         """One send and its wait: the reply, None to try again, or raises."""
         sock = state.sockets.get(endpoint)
         if sock is None:
-            sock = state.sockets[endpoint] = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes)
+            sock = state.sockets[endpoint] = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes,
+                                                        self.curve, endpoint)
             sock.connect(endpoint)
         request_id = next(self._ids)
         now = self.now_s()

@@ -79,11 +79,22 @@ if os.environ.get("MESHQ_CHECK_OUTGOING", "") == "1":
 class Runtime:
     """Owns the sockets and the core; see the module docstring."""
 
-    def __init__(self, core: NodeCore, clock: Any, storage: Any, context: zmq.Context | None = None) -> None:
+    def __init__(self, core: NodeCore, clock: Any, storage: Any, context: zmq.Context | None = None,
+                 keys: Any = None) -> None:
         self.core = core
         self.clock = clock
         self.storage = storage
-        self.context = context or zmq.Context.instance()
+        # With keys (meshq.keys.KeySet) every socket is CURVE and the node runs a ZAP handler, which is one per
+        # context: such a node gets a context of its own.
+        self.curve: Any = None
+        if keys is not None:
+            from meshq.io.curve import Curve
+
+            self.context = context or zmq.Context()
+            self.curve = Curve(keys, self.context)
+            self.curve.member_keys = self._member_keys
+        else:
+            self.context = context or zmq.Context.instance()
         self.commands: deque = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
@@ -93,6 +104,11 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
+        self._monitors: dict[zmq.Socket, tuple[str, str]] = {}  # handshake monitors -> (endpoint, socket kind)
+        self._refusal_logged_s = float("-inf")
+        self._zap_refused = 0
+        # peers refused: a handshake that failed (CURVE against plain) or a key ZAP refused (status, metrics)
+        core.counters.setdefault("auth_refused", 0)
         self.router: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
@@ -152,6 +168,8 @@ class Runtime:
     # ------------------------------------------------------------------ runtime thread
     def _bind(self) -> None:
         config = self.core.config
+        if self.curve is not None:
+            self.curve.start()
         self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub = self._socket(zmq.PUB)
@@ -182,17 +200,61 @@ class Runtime:
             pub_port = self.pub_endpoint.rsplit(":", 1)[1]
             self.pub_endpoint = f"tcp://{config.advertised_host}:{pub_port}"
 
-    def _socket(self, kind: int) -> zmq.Socket:
-        return new_socket(self.context, kind, self.core.config.max_frame_bytes)
+    def _socket(self, kind: int, endpoint: str | None = None) -> zmq.Socket:
+        return new_socket(self.context, kind, self.core.config.max_frame_bytes, self.curve, endpoint)
+
+    def _watch_handshakes(self) -> None:
+        """Monitor the ROUTER (and a keyed node's PUB) for handshakes that failed: a peer with keys at a node
+        without, or the other way round, never forms a mesh, and the refusing side says so (module docstring)."""
+        mask = int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        sockets = (self.router, self.pub) if self.curve is not None else (self.router,)
+        for sock in sockets:
+            monitor = sock.get_monitor_socket(mask)
+            self._monitors[monitor] = (sock.getsockopt_string(zmq.LAST_ENDPOINT), "PUB" if sock is self.pub else
+                                       "ROUTER")
+
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        endpoint, what = self._monitors[monitor]
+        while True:
+            try:
+                recv_monitor_message(monitor, _NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            counters = self.core.counters
+            counters["auth_refused"] += 1
+            now = self.clock.now_s()
+            if now - self._refusal_logged_s < 60.0:
+                continue
+            self._refusal_logged_s = now
+            if self.curve is not None:
+                log.warning("refused a connection to the %s at %s: the peer does not speak CURVE with this cluster's "
+                            "key (started without --keys, or with another cluster's keys; %d refused so far): give it "
+                            "--keys of this cluster", what,
+                            endpoint, counters["auth_refused"])
+            else:
+                log.warning("refused a connection to the %s at %s: the peer speaks CURVE and this node has no keys "
+                            "(%d refused so far): start this node with --keys DIR/cluster of that cluster, or that "
+                            "peer without --keys", what, endpoint, counters["auth_refused"])
 
     def _run(self) -> None:
         poller = zmq.Poller()
         self._poller = poller
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
+        try:
+            self._watch_handshakes()
+        except zmq.ZMQError as exc:  # monitoring is diagnostics only: never fatal
+            log.warning("cannot monitor handshakes: %s", exc)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
         try:
-            self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint))
+            self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint,
+                                          self.curve.keys.public.decode("ascii") if self.curve is not None else ""))
         except BaseException as exc:  # report to start() and die
             self.start_error = exc
             self.started.set()
@@ -255,10 +317,18 @@ class Runtime:
                 except BlockingIOError:
                     pass
             self._wake_pending = False
+            if self.curve is not None and self.curve.refused != self._zap_refused:  # counted on the ZAP thread
+                refused = self.curve.refused
+                core.counters["auth_refused"] += refused - self._zap_refused
+                self._zap_refused = refused
             if self.router in ready:
                 self._drain_router()
             if self.sub in ready:
                 self._drain_sub()
+            if self._monitors:
+                for monitor in self._monitors:
+                    if monitor in ready:
+                        self._drain_monitor(monitor)
             for sock in ready:
                 peer = socket_peer.get(sock)
                 if peer is not None:
@@ -355,6 +425,37 @@ class Runtime:
                 continue
             self._handle_peer_input(to_event(frames, message))
 
+    def _member_keys(self) -> set[bytes]:
+        """Keys of the client members this node knows (called on the ZAP thread: the table may change meanwhile)."""
+        members = self.core.members
+        for _ in range(3):
+            try:
+                return {m.key.encode("ascii") for m in list(members.members.values()) if m.key}
+            except RuntimeError:  # the table changed size during the copy
+                continue
+        return set()
+
+    def _server_key(self, peer: str | None = None, pub_endpoint: str | None = None) -> bytes:
+        """The CURVE key the peer listens with: the cluster key, or a client's own (gossiped in its member info)."""
+        members = self.core.members
+        member = None
+        if members is not None:
+            if peer is not None:
+                member = members.get(peer)
+            else:
+                member = next((m for m in members.members.values() if m.pub_address == pub_endpoint), None)
+        if member is not None and member.role == "client" and member.key:
+            return member.key.encode("ascii")
+        return self.curve.keys.cluster_public
+
+    def _subscribe(self, endpoint: str) -> None:
+        if self.curve is not None:  # options are taken at connect: each PUB has its own server key
+            self.sub.curve_serverkey = self._server_key(pub_endpoint=endpoint)
+        try:
+            self.sub.connect(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("cannot subscribe to %s: %s", endpoint, exc)
+
     def _handle_peer_input(self, event: Any) -> None:
         """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
 
@@ -434,10 +535,7 @@ class Runtime:
                 with self.pub_lock:
                     _send(self.pub, effect.frames)
             elif kind is Subscribe:
-                try:
-                    self.sub.connect(effect.endpoint)
-                except zmq.ZMQError as exc:
-                    log.warning("cannot subscribe to %s: %s", effect.endpoint, exc)
+                self._subscribe(effect.endpoint)
             elif kind is Unsubscribe:
                 try:
                     self.sub.disconnect(effect.endpoint)
@@ -460,7 +558,9 @@ class Runtime:
             self._poller.unregister(old)
             self._socket_peer.pop(old, None)
             old.close(0)
-        sock = self._socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve.note_endpoint(peer, endpoint, self._server_key(peer))
+        sock = self._socket(zmq.DEALER, endpoint)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -472,6 +572,9 @@ class Runtime:
         self._poller.register(sock, zmq.POLLIN)
 
     def _close_sockets(self) -> None:
+        for monitor in list(self._monitors):
+            monitor.close(0)
+        self._monitors.clear()
         for sock in list(self._dealers.values()):
             sock.close(0)
         self._dealers.clear()
@@ -483,6 +586,8 @@ class Runtime:
         if self.pub is not None:
             with self.pub_lock:
                 self.pub.close(200)  # give the goodbye a moment to leave
+        if self.curve is not None:
+            self.curve.stop()
         with self._wake_lock:
             wake_fd, self._wake_fd = self._wake_fd, -1
         try:
@@ -499,9 +604,13 @@ class _Task:
         self.run = run
 
 
-def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int) -> zmq.Socket:
-    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues."""
+def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any = None,
+               endpoint: str | None = None) -> zmq.Socket:
+    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues, and CURVE when
+    the node has keys (``curve``: a ``meshq.io.curve.Curve``; ``endpoint``: where a client socket connects)."""
     sock = context.socket(kind)
+    if curve is not None:
+        curve.setup(sock, kind, endpoint)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.SNDHWM, 10_000)

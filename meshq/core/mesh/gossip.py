@@ -56,7 +56,8 @@ class Mesh(Room):
     def start(self) -> None:
         """Put ourselves in the member table (``start`` of the root has set our endpoints)."""
         core = self.core
-        me = Member(self.node_id, core.endpoint, core.pub_endpoint, self.config.role, core.incarnation)
+        me = Member(self.node_id, core.endpoint, core.pub_endpoint, self.config.role, core.incarnation,
+                    key=core.public_key if self.config.role == "client" else "")
         self.members = MemberTable(me, self.config.failure_timeout_s, self.config.member_timeout_s)
 
     def greet_seeds(self, now_s: float) -> None:
