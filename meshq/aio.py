@@ -20,11 +20,12 @@ without a thread pool:
   one stream); a produce started while another is waiting, or one the fast path does not
   take (the leader is this node, the topic is new, acks="none"), goes through the runtime's
   batching producer and is awaited like any other command — concurrent produces batch.
-* Starting and stopping the node (binding sockets, opening the data directory, mDNS) are
+* Starting and stopping the node (binding sockets, opening the data directory) are
   blocking and rare: they run in a worker thread (``asyncio.to_thread``), never on the loop.
 
-mDNS discovery is the node's own (python-zeroconf on the runtime side, pinned to the node's
-``interfaces``); ``meshq.aio`` adds no second browser.
+mDNS discovery runs on the event loop itself with zeroconf's ``AsyncZeroconf``
+(``meshq.io.aio_discovery``, pinned to the node's ``interfaces``): the same announcement and
+filter as the threaded ``meshq.Node``'s, without a zeroconf thread.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from meshq.errors import (
     TimeoutError,
     UsageError,
 )
+from meshq.io.aio_discovery import AsyncDiscovery
 from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
 from meshq.io.runtime import new_socket
 from meshq.io.steps import drive_async
@@ -88,13 +90,26 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> Node:
+        self.sync._mdns_on_loop = True  # discovery runs on this loop (AsyncZeroconf), not in zeroconf's thread
         await asyncio.to_thread(self.sync.start)
+        if self.sync.config.mdns:
+            discovery = AsyncDiscovery(*self.sync.discovery_args(), fingerprint=self.sync._key_fingerprint,
+                                       loop=asyncio.get_running_loop())
+            try:
+                await discovery.async_start()
+            except BaseException:
+                await discovery.async_stop()
+                await asyncio.to_thread(self.sync.stop)
+                raise
+            self.sync._discovery = discovery
         self._direct = _LoopProducer(self.sync)
         return self
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self._direct is not None:
             self._direct.close()
+        if isinstance(self.sync._discovery, AsyncDiscovery):
+            await self.sync._discovery.async_stop()
         await asyncio.to_thread(self.sync.stop, timeout)
 
     async def __aenter__(self) -> Node:

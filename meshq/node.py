@@ -108,6 +108,8 @@ class Node:
         self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
         self._latency: Any = None  # meshq.metrics.ClientLatency when the node serves metrics
         self._discovery: Any = None
+        self._mdns_on_loop = False  # meshq.aio.Node runs discovery on its event loop (AsyncZeroconf)
+        self._key_fingerprint = ""  # of the cluster key the node runs with ("" without keys)
         self._started = False
         self._stopped = False
 
@@ -125,6 +127,8 @@ class Node:
         node._workers = None
         node._requester = None
         node._discovery = None
+        node._mdns_on_loop = False
+        node._key_fingerprint = ""
         node._started = False
         node._stopped = False
         return node
@@ -151,6 +155,7 @@ class Node:
         self.core = NodeCore(config, node_id, self.storage, random.Random(), self.clock.wall_ms)
         try:
             keys = self._load_keys()
+            self._key_fingerprint = keys.fingerprint if keys is not None else ""
             self.runtime = Runtime(self.core, self.clock, self.storage, keys=keys)
         except BaseException:
             if self.storage is not None:
@@ -170,12 +175,10 @@ class Node:
         self._direct = DirectProducer(self, self.runtime.context, random.Random())
         self._pubsub = PubSubShell(self)
         self._discovery = None
-        if config.mdns:
+        if config.mdns and not self._mdns_on_loop:
             from meshq.io.discovery import Discovery
 
-            self._discovery = Discovery(self.runtime, config.cluster, node_id, config.role, self.runtime.endpoint,
-                                        self.runtime.pub_endpoint, self.core.incarnation, config.interfaces,
-                                        fingerprint=keys.fingerprint if keys is not None else "")
+            self._discovery = Discovery(*self.discovery_args(), fingerprint=self._key_fingerprint)
             try:
                 self._discovery.start()
             except BaseException:
@@ -198,6 +201,12 @@ class Node:
         log.info("node %s (%s) listening on %s%s", node_id, config.role, self.runtime.endpoint,
                  f" (CURVE, cluster key {keys.fingerprint})" if keys is not None else "")
         return self
+
+    def discovery_args(self) -> tuple:
+        """What a ``Discovery`` of this started node announces and where (its positional arguments)."""
+        assert self.runtime is not None and self.core is not None
+        return (self.runtime, self.config.cluster, self.core.node_id, self.config.role, self.runtime.endpoint,
+                self.runtime.pub_endpoint, self.core.incarnation, self.config.interfaces)
 
     def _load_keys(self) -> Any:
         """The key set of ``keys=`` (a storage node needs DIR/cluster, a client DIR/clients/NAME), or None."""

@@ -61,18 +61,20 @@ def check_interfaces(interfaces: list[str] | tuple[str, ...] | None) -> None:
                               f"{', '.join(present) or 'none'}); give one of them, or --no-mdns with --seed HOST:PORT")
 
 
-def open_zeroconf(interfaces: list[str] | tuple[str, ...] | None, unicast: bool = False) -> Any:
+def open_zeroconf(interfaces: list[str] | tuple[str, ...] | None, unicast: bool = False, kind: Any = None) -> Any:
     """A ``Zeroconf`` on ``interfaces`` (None: every interface), IPv4 only; ``ConfigError`` when the
     interfaces are wrong or multicast cannot be used there. ``unicast``: query from a port of its own
-    instead of 5353, so that responders answer it directly (see ``find_cluster``)."""
+    instead of 5353, so that responders answer it directly (see ``find_cluster``). ``kind``:
+    ``zeroconf.asyncio.AsyncZeroconf`` for one that runs on the calling event loop."""
     from zeroconf import IPVersion, Zeroconf
 
+    kind = kind or Zeroconf
     check_interfaces(interfaces)
     where = ", ".join(interfaces) if interfaces else "every interface"
     try:
         if interfaces is None:
-            return Zeroconf(ip_version=IPVersion.V4Only, unicast=unicast)
-        return Zeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only, unicast=unicast)
+            return kind(ip_version=IPVersion.V4Only, unicast=unicast)
+        return kind(interfaces=list(interfaces), ip_version=IPVersion.V4Only, unicast=unicast)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot start mDNS on {where} ({exc}); give another --interface, or --no-mdns with "
                           f"--seed HOST:PORT") from None
@@ -143,8 +145,34 @@ class Discovery:
                                              daemon=True)
             self._watcher.start()
 
+    def service_info(self) -> Any:
+        """This storage node's ``ServiceInfo``: TXT records with no secret (the key's fingerprint only)."""
+        from zeroconf import ServiceInfo
+
+        properties = {"cluster": self.cluster, "node_id": self.node_id, "proto": str(PROTOCOL_VERSION),
+                      "role": self.role, "port": str(self.port), "pub_port": str(self.pub_port),
+                      "incarnation": str(self.incarnation)}
+        if self.fingerprint:
+            properties["key"] = self.fingerprint
+        return ServiceInfo(SERVICE_TYPE, f"{self.node_id}.{SERVICE_TYPE}",
+                           addresses=[socket.inet_aton(a) for a in self._announce_addresses()],
+                           port=self.port, properties=properties, server=f"{self.node_id}.local.")
+
+    def accept(self, name: str, info: Any) -> None:
+        """A resolved service (``info``: a ``ServiceInfo``, or None when it did not resolve): feed it to the
+        runtime when it is a peer of ours, count it as ignored otherwise."""
+        if info is None:
+            return
+        member = parse_service(info.properties or {}, info.parsed_addresses(), self.cluster, self.fingerprint)
+        if member is None:
+            self.ignored += 1
+            log.debug("ignoring mDNS service %s (another cluster, version or cluster key)", name)
+            return
+        if member["node_id"] != self.node_id:
+            self.runtime.submit(PeerDiscovered(member))
+
     def _open(self) -> None:
-        from zeroconf import ServiceBrowser, ServiceInfo
+        from zeroconf import ServiceBrowser
 
         interfaces = list(self.interfaces) if self.interfaces is not None else None
         self._addresses = local_ipv4_addresses() if interfaces is None else list(interfaces)
@@ -155,14 +183,7 @@ class Discovery:
                 self._zeroconf, self._info = zeroconf, None
             self._browser = ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[self._on_change])
             return
-        properties = {"cluster": self.cluster, "node_id": self.node_id, "proto": str(PROTOCOL_VERSION),
-                      "role": self.role, "port": str(self.port), "pub_port": str(self.pub_port),
-                      "incarnation": str(self.incarnation)}
-        if self.fingerprint:
-            properties["key"] = self.fingerprint
-        info = ServiceInfo(SERVICE_TYPE, f"{self.node_id}.{SERVICE_TYPE}",
-                           addresses=[socket.inet_aton(a) for a in self._announce_addresses()],
-                           port=self.port, properties=properties, server=f"{self.node_id}.local.")
+        info = self.service_info()
         with self._lock:
             self._zeroconf, self._info = zeroconf, info
         # Registration sends announcements for ~0.5 s; do it off the caller's thread.
@@ -188,15 +209,7 @@ class Discovery:
         except Exception as exc:  # resolution can fail while zeroconf shuts down
             log.debug("could not resolve %s: %s", name, exc)
             return
-        if info is None:
-            return
-        member = parse_service(info.properties or {}, info.parsed_addresses(), self.cluster, self.fingerprint)
-        if member is None:
-            self.ignored += 1
-            log.debug("ignoring mDNS service %s (another cluster, version or cluster key)", name)
-            return
-        if member["node_id"] != self.node_id:
-            self.runtime.submit(PeerDiscovered(member))
+        self.accept(name, info)
 
     def _watch_interfaces(self) -> None:
         while not self._stop.wait(self.rescan_interval_s):

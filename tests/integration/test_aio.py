@@ -366,3 +366,39 @@ def test_async_shared_consumers_ack_nack_and_redeliver(storage):
                 assert c.stats["acked"] == 10
 
     asyncio.run(main())
+
+
+def _zeroconf_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if "zeroconf" in t.name.lower()]
+
+
+def test_mdns_discovery_runs_on_the_event_loop_with_async_zeroconf(tmp_path):
+    """An aio storage node announces itself and an aio client finds it by mDNS alone (pinned to
+    127.0.0.1), both with zeroconf on the event loop: no zeroconf thread while they run."""
+    from meshq.io.aio_discovery import AsyncDiscovery
+
+    cluster = f"aio-mdns-{tmp_path.name[-8:]}"
+
+    async def scenario():
+        before = _zeroconf_threads()
+        async with meshq.aio.Node(cluster=cluster, data_dir=tmp_path / "d", interfaces=["127.0.0.1"],
+                                  partitions=1, replication_factor=1) as storage_node:
+            assert isinstance(storage_node.sync._discovery, AsyncDiscovery)
+            async with meshq.aio.Node(cluster=cluster, interfaces=["127.0.0.1"], role="client") as client:
+                assert isinstance(client.sync._discovery, AsyncDiscovery)
+                assert _zeroconf_threads() == before  # AsyncZeroconf uses this loop, no thread of its own
+                await client.wait_ready(timeout=15)
+                metadata = await client.produce("found", b"by mdns", acks="leader")
+                assert metadata.offset == 0
+            # a threaded node of the same cluster finds the aio one too (same records, same filter); in a
+            # worker thread, so that the loop goes on answering mDNS queries for the aio storage node
+            def threaded_client() -> int:
+                with meshq.Node(cluster=cluster, interfaces=["127.0.0.1"], role="client") as sync_client:
+                    sync_client.wait_ready(timeout=15)
+                    return sync_client.produce("found", b"again", acks="leader").offset
+
+            assert await asyncio.to_thread(threaded_client) == 1
+            discovery = storage_node.sync._discovery
+        assert discovery._aiozc is None and discovery._stop.is_set()  # closed with the node
+
+    asyncio.run(scenario())
