@@ -40,6 +40,8 @@ class Catalog(Room):
                    and (name == OFFSETS_TOPIC or (message.body["auto_create"] and self.config.auto_create_topics))]
         if missing:
             name = missing[0]
+            if name != OFFSETS_TOPIC:  # auto-creation creates a topic: the caller needs admin on it
+                self.core.access.check("admin", name)
             config = self.offsets_topic_config() if name == OFFSETS_TOPIC else self._default_topic_config(name)
 
             def created(error: MeshqError | None) -> None:
@@ -58,6 +60,7 @@ class Catalog(Room):
         self.require_storage()
         config = TopicConfig.from_wire(message.body["config"])
         refuse_reserved_topic(config.name)
+        self.core.access.check("admin", config.name)
         existing = self.meta.topics.get(config.name)
         if existing is not None:
             if not message.body["if_not_exists"]:
