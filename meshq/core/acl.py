@@ -132,10 +132,10 @@ def require_admin(caller: str | None, what: str) -> None:
                              f"the command with --keys DIR/clients/admin")
 
 
-def require_node(caller: str | None, message_type: str) -> None:
-    """Raise ``AuthorizationError`` unless ``caller`` holds the cluster key (or the node is unkeyed): for the
-    messages only storage nodes send each other (Raft, replication, repair)."""
+def require_node(caller: str | None, what: str) -> None:
+    """Raise ``AuthorizationError`` unless ``caller`` holds the cluster key (or the node is unkeyed): for what only
+    storage nodes send each other (Raft, replication, repair; a hello claiming the storage role)."""
     if caller is None or caller == CLUSTER:
         return
-    raise AuthorizationError(f"{message_type} is a message between storage nodes; client {caller!r} may not send "
-                             f"it")
+    raise AuthorizationError(f"{what}: only a node holding the cluster key (a storage node) may send this; client "
+                             f"{caller!r} may not")

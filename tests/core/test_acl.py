@@ -71,7 +71,7 @@ def test_who_is_checked_admin_and_storage_nodes_hold_everything_unkeyed_nodes_ch
     with pytest.raises(AuthorizationError, match="only the admin key"):
         require_admin("alice", "grant permissions")
     require_admin(ADMIN, "x"), require_admin(CLUSTER, "x"), require_admin(None, "x")
-    with pytest.raises(AuthorizationError, match="between storage nodes"):
+    with pytest.raises(AuthorizationError, match="only a node holding the cluster key"):
         require_node(ADMIN, "raft_append")
     require_node(CLUSTER, "raft_append"), require_node(None, "raft_append")
 

@@ -54,8 +54,13 @@ class Access(Room):
         acl.require_admin(self.core.caller, what)
 
     def check_node(self, message_type: str) -> None:
+        """Refuse a client key sending a message only storage nodes send each other (``NODE_ONLY``)."""
         if message_type in NODE_ONLY:
             acl.require_node(self.core.caller, message_type)
+
+    def require_node(self, what: str) -> None:
+        """Refuse ``what`` (e.g. a ``hello`` claiming the storage role) unless the caller holds the cluster key."""
+        acl.require_node(self.core.caller, what)
 
     # ------------------------------------------------------------------ serving the admin
     def serve_change(self, route: Any, message: wire.Message, now_s: float) -> None:

@@ -7,9 +7,9 @@ import msgpack
 import pytest
 
 from meshq.core.acl import ADMIN, CLUSTER
-from meshq.core.events import AclChange, AclList
+from meshq.core.events import AclChange, AclList, ServeService
 from tests.core.harness import CoreHarness
-from tests.core.rooms.conftest import Net, batch, create_topic, error_of, produce_body
+from tests.core.rooms.conftest import Net, batch, create_topic, error_of, member_info, produce_body
 
 TOPIC = {"name": "new", "partitions": 1, "replication_factor": 1, "retention_bytes": None, "retention_ms": None,
          "cleanup_policy": "delete"}
@@ -113,7 +113,7 @@ def test_a_client_key_cannot_send_what_only_storage_nodes_send_each_other(lone, 
                                        "pattern": ">"})} if type_ == "raft_propose" else
             {"term": 99, "leader": "x", "prev_index": -1, "prev_term": 0, "commit": -1, "entries": []})
     code, message = error_of(lone.request(type_, body, caller="alice"))
-    assert code == "authorization" and "message between storage nodes" in message
+    assert code == "authorization" and "only a node holding the cluster key" in message
     assert lone.core.raft.entries == before and lone.core.raft.term < 99 and lone.core.meta.acl.listing() == []
 
 
@@ -137,3 +137,24 @@ def test_a_grant_made_through_a_follower_is_agreed_by_every_node_and_a_client_co
     net.run_until(lambda: all(h.core.meta.acl.listing() == [] for n, h in net.nodes.items() if n != "c1"), 5.0)
     token = client.command(AclChange("grant", "alice", "write", "x"))  # refused before anything is sent
     assert "unknown permission 'write'" in str(client.failed[token])
+
+
+def test_a_client_key_cannot_say_hello_as_a_storage_node(lone):
+    code, message = error_of(lone.request("hello", {"member": member_info("n9", 7000)}, caller="alice"))
+    assert code == "authorization" and message.startswith("a hello claiming the storage role: only a node holding")
+    assert "n9" not in lone.core.members
+    assert lone.request("hello", {"member": member_info("c9", 7000, role="client")}, caller="alice").type == "hello_ok"
+    assert lone.request("hello", {"member": member_info("n9", 7000)}, caller=CLUSTER).type == "hello_ok"
+    assert "n9" in lone.core.members
+
+
+def test_a_service_served_by_a_storage_node_needs_request(lone):
+    token = lone.command(ServeService("billing.invoice"))
+    assert lone.resolved.get(token, "missing") is None
+    body = {"service": "billing.invoice", "incarnation": 1, "timeout_ms": 1000}
+    code, message = error_of(lone.request("rpc_request", body, (b"x",), request_id=5, caller="dave"))
+    assert code == "authorization" and "may not request service 'billing.invoice'" in message
+    assert lone.jobs == []
+    change(lone, "grant", "dave", "request", "billing.*")
+    assert lone.request("rpc_request", body, (b"x",), request_id=6, caller="dave") is None  # running: no reply yet
+    assert [job.service for job in lone.jobs] == ["billing.invoice"]
