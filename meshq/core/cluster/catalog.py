@@ -39,9 +39,10 @@ class Catalog(Room):
         missing = [name for name in names if name not in self.meta.topics
                    and (name == OFFSETS_TOPIC or (message.body["auto_create"] and self.config.auto_create_topics))]
         if missing:
+            for name in missing:  # auto-creation creates topics: the caller needs admin on each, checked before any
+                if name != OFFSETS_TOPIC:  # (the next ones are created in a callback, with no caller set)
+                    self.core.access.check("admin", name)
             name = missing[0]
-            if name != OFFSETS_TOPIC:  # auto-creation creates a topic: the caller needs admin on it
-                self.core.access.check("admin", name)
             config = self.offsets_topic_config() if name == OFFSETS_TOPIC else self._default_topic_config(name)
 
             def created(error: MeshqError | None) -> None:

@@ -79,6 +79,10 @@ def test_creating_a_topic_needs_admin_on_it_also_by_auto_creation(lone):
     assert code == "authorization" and "may not admin topic 'new'" in message
     code, _ = error_of(lone.request("metadata", {"topics": ["new"], "auto_create": True}, caller="carol"))
     assert code == "authorization" and lone.core.topics == {}
+    change(lone, "grant", "carol", "admin", "mine")  # one of two: neither is created
+    code, message = error_of(lone.request("metadata", {"topics": ["mine", "new"], "auto_create": True},
+                                          caller="carol"))
+    assert code == "authorization" and "topic 'new'" in message and lone.core.topics == {}
     assert lone.request("metadata", {"topics": ["new"], "auto_create": False}, caller="carol").type == "metadata_ok"
     change(lone, "grant", "carol", "admin", "new")
     assert lone.request("create_topic", {"config": TOPIC, "if_not_exists": True}, caller="carol").body["created"]
