@@ -97,6 +97,13 @@ def test_a_client_key_is_refused_until_granted_revoked_again_and_grants_survive_
                 consumer.poll(timeout=5)
             finally:
                 consumer.close()
+        with pytest.raises(meshq.AuthorizationError, match="may not consume topic 'orders.eu'"):
+            consumer = alice.consumer(TOPIC, group="readers")  # the group's join is refused: said, not retried
+            try:
+                for _ in range(50):
+                    consumer.poll(timeout=0.2)
+            finally:
+                consumer.close()
 
         done = _cli(mesh, nodes, "acl", "revoke", "alice", "produce", "orders.>", keys_dir=admin_dir)
         assert done.returncode == 0, done.stderr.decode()
