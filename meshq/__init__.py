@@ -5,6 +5,7 @@ from meshq.consumer import Consumer
 from meshq.core.records import Record, RecordMetadata
 from meshq.errors import (
     AuthenticationError,
+    AuthorizationError,
     ConfigError,
     CorruptLogError,
     DataDirLockedError,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "AuthorizationError",
     "ConfigError",
     "Consumer",
     "CorruptLogError",

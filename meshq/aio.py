@@ -51,6 +51,8 @@ from meshq.config import TopicConfig
 from meshq.core import wire
 from meshq.core.client.direct import answer_of, leader_silent, silent_leader_error
 from meshq.core.events import (
+    AclChange,
+    AclList,
     Command,
     GetMetadata,
     GetStatus,
@@ -178,6 +180,18 @@ class Node:
         command = self.sync._create_topic_command(name, partitions, replication_factor, retention_bytes,
                                                   retention_ms, cleanup_policy, if_not_exists)
         return await self._call(command, timeout)
+
+    async def acl_grant(self, name: str, permission: str, pattern: str, timeout: float = 10.0) -> bool:
+        """See ``meshq.Node.acl_grant``."""
+        return await self._call(AclChange("grant", name, permission, pattern), timeout)
+
+    async def acl_revoke(self, name: str, permission: str, pattern: str, timeout: float = 10.0) -> bool:
+        """See ``meshq.Node.acl_revoke``."""
+        return await self._call(AclChange("revoke", name, permission, pattern), timeout)
+
+    async def acl_list(self, timeout: float = 10.0) -> list[dict]:
+        """See ``meshq.Node.acl_list``."""
+        return await self._call(AclList(), timeout)
 
     async def topic(self, name: str, timeout: float = 10.0, create: bool = False) -> TopicConfig:
         meta = await self._call(GetMetadata(name, refresh=True, auto_create=create), timeout)

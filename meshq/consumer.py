@@ -143,6 +143,12 @@ class ConsumerFlow:
             except MeshqError as exc:
                 self._watch = None
                 raise UsageError(f"consumer of group {self.group!r} cannot go on: {exc}") from exc
+            if view.state == "refused":  # this key may not consume the topic: nothing is held, say why
+                self._watch = None
+                self._state.revoke(list(self._state.partitions))  # (a commit would be refused too)
+                self._unstarted = []
+                assert view.error is not None
+                raise view.error
             if view.state in ("revoking", "left"):
                 yield from self._let_go_steps(view.generation)
             elif view.state == "assigned" and view.version != self._assigned_version:

@@ -52,6 +52,11 @@ class AuthenticationError(MeshqError):
     """A peer could not be authenticated, or we were refused by one."""
 
 
+class AuthorizationError(MeshqError):
+    """An authenticated client key lacks the permission for what it asked (the message names the
+    client, the permission, the topic, subject or service, and how to grant it); nothing was stored."""
+
+
 class MessageTooLargeError(UsageError):
     """A record or batch exceeds the configured size limit."""
 
@@ -170,6 +175,7 @@ ERROR_CODES: dict[str, type[MeshqError]] = {
     "unknown_topic": UnknownTopicError,
     "protocol": ProtocolError,
     "authentication": AuthenticationError,
+    "authorization": AuthorizationError,
     "too_large": MessageTooLargeError,
     "timeout": TimeoutError,
     "not_enough_replicas": NotEnoughReplicasError,

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshq.core.acl import ADMIN, CLUSTER
+from meshq.core.acl import CLIENT_NAME as _NAME
 from meshq.errors import ConfigError
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ADMIN = "admin"
 
 
 @dataclass(frozen=True)
@@ -49,10 +47,16 @@ class KeySet:
     def trusted_keys(self) -> set[bytes]:
         """Public keys accepted from peers: the cluster's and, for a node, every key in ``trusted/`` (read now,
         so a key added while the node runs is accepted from the next connection on)."""
-        keys = {self.cluster_public}
+        return set(self.trusted_names())
+
+    def trusted_names(self) -> dict[bytes, str]:
+        """``trusted_keys`` with who holds each: ``acl.CLUSTER`` for the cluster key, else the client's name (the
+        file's name in ``trusted/`` without ``.key``, as ``keygen --client NAME`` writes it)."""
+        names: dict[bytes, str] = {}
         if self.kind == "cluster":
-            keys.update(_read_trusted(Path(self.path) / "trusted"))
-        return keys
+            names.update(_read_trusted(Path(self.path) / "trusted"))
+        names[self.cluster_public] = CLUSTER
+        return names
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -137,8 +141,8 @@ def _load_pair(path: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _read_trusted(directory: Path) -> set[bytes]:
-    keys: set[bytes] = set()
+def _read_trusted(directory: Path) -> dict[bytes, str]:
+    keys: dict[bytes, str] = {}
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -146,7 +150,7 @@ def _read_trusted(directory: Path) -> set[bytes]:
     for name in names:
         if name.endswith(".key"):
             try:
-                keys.add(_load_public(directory / name))
+                keys[_load_public(directory / name)] = name[:-len(".key")]
             except ConfigError:
                 continue  # a half-copied file: ignored until complete
     return keys

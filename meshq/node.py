@@ -19,6 +19,8 @@ from typing import Any
 from meshq.config import NodeConfig, TopicConfig, validate_topic_name
 from meshq.core.client.leave import LeaveLoop
 from meshq.core.events import (
+    AclChange,
+    AclList,
     AskLeave,
     Command,
     CreateTopic,
@@ -467,6 +469,20 @@ class Node:
             delete_retention_ms=delete_retention_ms,
         )
         return CreateTopic(config, if_not_exists)
+
+    # ------------------------------------------------------------------ permissions (meshq.core.acl)
+    def acl_grant(self, name: str, permission: str, pattern: str, timeout: float = 10.0) -> bool:
+        """Let client ``name`` do ``permission`` on what ``pattern`` matches (admin key only); False if it
+        already could by this very grant. Agreed by the cluster before it returns."""
+        return self._call(AclChange("grant", name, permission, pattern), timeout)
+
+    def acl_revoke(self, name: str, permission: str, pattern: str, timeout: float = 10.0) -> bool:
+        """Take back exactly the grant ``acl_grant(name, permission, pattern)`` made (admin key only)."""
+        return self._call(AclChange("revoke", name, permission, pattern), timeout)
+
+    def acl_list(self, timeout: float = 10.0) -> list[dict]:
+        """Every grant, ``[{"name", "permission", "pattern"}]`` sorted (admin key only)."""
+        return self._call(AclList(), timeout)
 
     def topic(self, name: str, timeout: float = 10.0, create: bool = False) -> TopicConfig:
         """The configuration of an existing topic (``UnknownTopicError`` if missing)."""

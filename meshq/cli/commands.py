@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import Any
 
+from meshq.cli.acl import cmd_acl
 from meshq.cli.connect import interfaces_of, keys_of, seeds_of, start_client
 from meshq.cli.logs import add_fields, setup_logging
 from meshq.cli.output import TerminalBar, _LeaveProgress, record_to_json, render_status, render_topic
@@ -379,7 +380,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.client is not None:
         path = add_client(args.dir, args.client)
         print(f"client {args.client!r}: {path} (give it to that client: --keys {path}); its public key is now in "
-              f"{os.path.join(args.dir, 'cluster', 'trusted')}: copy that file to the same place on every node")
+              f"{os.path.join(args.dir, 'cluster', 'trusted')}: copy that file to the same place on every node. It "
+              f"holds no permission until granted: meshq acl grant {args.client} PERMISSION PATTERN --keys "
+              f"{os.path.join(args.dir, 'clients', 'admin')}")
         return 0
     root = keygen(args.dir)
     print(f"cluster key set in {root}:\n  {root / 'cluster'}  every storage node: meshq node --keys "
@@ -394,6 +397,7 @@ COMMANDS = {
     "consume": cmd_consume,
     "status": cmd_status,
     "topics": cmd_topics,
+    "acl": cmd_acl,
     "leave": cmd_leave,
     "bench": cmd_bench,
     "demo": cmd_demo,

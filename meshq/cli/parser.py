@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pubsub_parsers(sub, _connection_options, _positive_float, _non_negative_int)
 
+    from meshq.cli.acl import add_parsers as add_acl_parsers
+
+    add_acl_parsers(sub)
     from meshq.cli.rpc import add_parsers as add_rpc_parsers  # (here: meshq.cli.rpc imports this module)
 
     add_rpc_parsers(sub)

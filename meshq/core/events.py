@@ -23,6 +23,9 @@ class RequestReceived:
 
     route: Any
     message: Message
+    # who sent it (meshq.core.acl): the client name the ZAP handler gave as User-Id, ``acl.CLUSTER`` for a
+    # storage node; None without keys (no identity, nothing checked)
+    caller: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,26 @@ class FetchCommitted:
 
 
 @dataclass(slots=True)
+class AclChange:
+    """Grant or revoke (``action``) ``permission`` on ``pattern`` to client ``name`` (meshq.core.acl)."""
+
+    action: str
+    name: str
+    permission: str
+    pattern: str
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
+class AclList:
+    """Every grant the cluster holds, as ``[{"name", "permission", "pattern"}]``."""
+
+    deadline_s: float | None = None
+    waiter: Any = None
+
+
+@dataclass(slots=True)
 class GetStatus:
     """The cluster's status merged from every live storage node (or only ``node_id``'s own view)."""
 
@@ -256,9 +279,11 @@ class ShareAck:
 
 
 Command = GetMetadata | WaitReady | CreateTopic | Fetch | ListOffsets | CommitOffsets | FetchCommitted | GetStatus | AskLeave \
-    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup | ShareFetch | ShareAck | AddSubscription | RemoveSubscription
+    | JoinGroup | WatchGroup | ReleaseGroup | LeaveGroup | ShareFetch | ShareAck | AddSubscription | RemoveSubscription \
+    | AclChange | AclList
 COMMANDS = (GetMetadata, WaitReady, CreateTopic, Fetch, ListOffsets, CommitOffsets, FetchCommitted, GetStatus, AskLeave,
-            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup, ShareFetch, ShareAck, AddSubscription, RemoveSubscription)
+            JoinGroup, WatchGroup, ReleaseGroup, LeaveGroup, ShareFetch, ShareAck, AddSubscription, RemoveSubscription,
+            AclChange, AclList)
 
 
 @dataclass(slots=True)

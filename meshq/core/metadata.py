@@ -18,12 +18,16 @@ assignments. Commands (msgpack maps):
   compare-and-set, so a stale or repeated proposal is a no-op), the voter *set* differs from
   the current one by at most one member, every added node is a member, and learners are
   members outside the voters. Each applied step bumps the version.
+* ``{"op": "acl", "action": "grant"|"revoke", "name", "permission", "pattern"}`` — a client key's
+  permission (``meshq.core.acl``): applied in log order, so every node holds the same grants; a
+  repeated grant, a revoke of nothing and a malformed command change nothing.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
 from __future__ import annotations
 
 from meshq.config import TopicConfig
+from meshq.core.acl import Acl
 from meshq.core.ring import HashRing
 
 INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
@@ -41,6 +45,7 @@ class MetadataState:
         self.learners: dict[str, list[list[str]]] = {}
         self.versions: dict[str, list[int]] = {}
         self.ring = HashRing(())
+        self.acl = Acl()
         self._targets: dict[str, list[list[str]]] = {}
 
     def apply(self, index: int, command: dict) -> str | tuple[str, int] | None:
@@ -67,6 +72,8 @@ class MetadataState:
                 return config.name
         elif op == "reassign":
             return self._reassign(command)
+        elif op == "acl":
+            self.acl.apply(command)
         return None
 
     def _reassign(self, command: dict) -> tuple[str, int] | None:

@@ -19,6 +19,7 @@ The root only builds the rooms and dispatches to them; each room owns one concer
 ``agreement``      the metadata Raft group and its applied state (``cluster.agreement``)
 ``leave``          ``meshq leave``: drain, then leave the membership (``cluster.leave``)
 ``catalog``        topic metadata served and created (``cluster.catalog``)
+``access``         permissions per client key: checks, grants changed and listed (``cluster.access``)
 ``space``          storage full: refuse new records until space returns (``partitions.space``)
 ``host``           the local partition replicas and rebalancing (``partitions.host``)
 ``server``         produce / fetch / list_offsets on partitions led here (``partitions.server``)
@@ -60,6 +61,7 @@ from meshq.core.client.group_client import GroupClient
 from meshq.core.client.metadata import ClientMetadata
 from meshq.core.client.producer import Producer
 from meshq.core.client.requests import Requests
+from meshq.core.cluster.access import Access
 from meshq.core.cluster.agreement import Agreement
 from meshq.core.cluster.catalog import Catalog
 from meshq.core.cluster.formation import Formation
@@ -117,6 +119,8 @@ class NodeCore:
         self.stopped = False
         self.started_s = 0.0
         self.now_s = 0.0  # the time of the call being handled
+        # who sent the request being served (meshq.core.acl): set only while a peer's request is served
+        self.caller: str | None = None
         self.counters: dict[str, int] = {
             "frames_invalid": 0,
             "records_produced": 0,
@@ -133,6 +137,7 @@ class NodeCore:
         self.agreement = Agreement(self)
         self.leave = Leave(self)
         self.catalog = Catalog(self)
+        self.access = Access(self)
         self.space = StorageSpace(self)
         self.host = PartitionHost(self)
         self.server = PartitionServer(self)
@@ -154,7 +159,8 @@ class NodeCore:
             "request": lambda request_id, now_s: self.out.expire(request_id),
             "heartbeat": self._heartbeat,
         }
-        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.space,
+        for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.access,
+                     self.space,
                      self.host, self.server, self.repair, self.groups, self.coordinator, self.shared, self.client,
                      self.producer, self.requests, self.group_client, self.status, self.pubsub, self.rpc):
             self.register(room)
@@ -212,7 +218,11 @@ class NodeCore:
         kind = type(event)
         if kind is RequestReceived:
             self.mesh.hear(event.message.sender, now_s)
-            self.serve(event.route, event.message, now_s)
+            self.caller = event.caller
+            try:
+                self.serve(event.route, event.message, now_s)
+            finally:
+                self.caller = None
         elif kind is ReplyReceived:
             self.mesh.hear(event.message.sender, now_s)
             self.out.on_reply(event.message, now_s)
@@ -247,6 +257,7 @@ class NodeCore:
                 f"{message.type} is not a request this node answers"))
             return
         try:
+            self.access.check_node(message.type)
             handler(route, message, now_s)
         except MeshqError as exc:
             self.out.reply_error(route, message.request_id, exc)

@@ -282,6 +282,10 @@ class Schema:
 REASSIGN = Struct(op=OneOf("reassign"), topic=NAME, partition=PARTITION, version=Int(0, (1 << 31) - 1),
                   replicas=ListOf(NODE, 64), learners=ListOf(NODE, 64))
 
+_GRANT = dict(name=Str(64, 1), permission=OneOf("produce", "consume", "admin", "publish", "subscribe", "request",
+                                                 "serve"), pattern=Str(1024, 1))
+ACL_COMMAND = Struct(op=OneOf("acl"), action=OneOf("grant", "revoke"), **_GRANT)  # in a raft_propose (meshq.core.acl)
+
 SCHEMAS: dict[str, Schema] = {
     "hello": Schema(Struct(member=MEMBER_INFO)),
     "hello_ok": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
@@ -374,6 +378,11 @@ SCHEMAS: dict[str, Schema] = {
     "share_fetch_ok": Schema(Struct(topic=NAME, partition=PARTITION, index=Bytes(12 * 100_000)), 0, 1),
     "share_ack": Schema(Struct(group=NAME, topic=NAME, partition=PARTITION, member=Str(200, 1)), 1, 1),
     "share_ack_ok": Schema(Struct(stale=Bytes(8 * 100_000))),  # ">q" per offset whose answer was stale
+    # permissions (meshq.core.cluster.access): admin key only; ``changed`` false: it was already so
+    "acl_change": Schema(Struct(action=OneOf("grant", "revoke"), **_GRANT)),
+    "acl_change_ok": Schema(Struct(changed=Bool())),
+    "acl_list": Schema(Struct()),
+    "acl_list_ok": Schema(Struct(grants=ListOf(Struct(**_GRANT), 10_000))),
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)

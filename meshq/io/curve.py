@@ -26,7 +26,9 @@ from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
+from meshq.core.acl import KEY_PREFIX
 from meshq.keys import KeySet
 
 log = logging.getLogger("meshq.auth")
@@ -35,9 +37,14 @@ _MEMBER_WAIT_STEPS = 60  # a client waits up to 3 s for an unknown key to be gos
 
 
 class _Authenticator(ThreadAuthenticator):
-    """``ThreadAuthenticator`` that remembers the address of the request being checked (for the log)."""
+    """``ThreadAuthenticator`` that remembers the address of the request being checked (for the log), and
+    names an accepted key's holder as the connection's ZAP ``User-Id`` (``identify``)."""
 
     address = ""
+    identify: Any = None
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.identify(z85.encode(client_public_key))
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) > 3:
@@ -54,12 +61,14 @@ class Curve:
         self.refused = 0  # keys refused by ZAP (the runtime adds them to the ``auth_refused`` counter)
         self._refused_logged: set[tuple[str, bytes]] = set()
         self._lock = threading.Lock()
+        self._names: dict[bytes, str] = {}  # trusted key -> holder, as last read (ZAP thread only)
         self._endpoint_keys: dict[str, bytes] = {}  # ROUTER endpoint -> the key it listens with
         self._auth: _Authenticator | None = None
         self.member_keys: Any = None  # () -> set of client members' keys (set by the runtime)
 
     def start(self) -> None:
         auth = _Authenticator(self.context, log=logging.getLogger("meshq.auth.zap"))
+        auth.identify = self.identify
         auth.start()
         auth.configure_curve_callback(domain="*", credentials_provider=self)
         self._auth = auth
@@ -71,7 +80,9 @@ class Curve:
 
     # called by zmq.auth on its thread, for every CURVE handshake
     def callback(self, domain: str, key: bytes) -> Any:
-        if key in self.keys.trusted_keys():
+        names = self.keys.trusted_names()
+        if key in names:
+            self._names = names  # read by identify, next on this thread for this same handshake
             return True
         address = self._auth.address if self._auth is not None else "?"
         if self.keys.kind == "client" and self.member_keys is not None:
@@ -79,6 +90,12 @@ class Curve:
             # for the gossip (a refused peer never retries: libzmq gives up after a ZAP refusal).
             return self._await_member(key, address)
         return self._refuse(key, address)
+
+    def identify(self, key: bytes) -> str:
+        """The ZAP ``User-Id`` of an accepted z85 ``key`` (on the ZAP thread, right after ``callback``): the client
+        name its file has in ``trusted/``, ``acl.CLUSTER`` for the cluster key, else ``@key:`` and the key (a
+        client member a client node accepted: it holds no grants, client nodes check none)."""
+        return self._names.get(key) or KEY_PREFIX + key.decode("ascii", "replace")
 
     async def _await_member(self, key: bytes, address: str) -> bool:
         for _ in range(_MEMBER_WAIT_STEPS):

@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from meshq.core import wire
+from meshq.core.acl import UNKNOWN as UNKNOWN_CALLER
 from meshq.core.events import (
     COMMANDS,
     RPC_COMMANDS,
@@ -350,7 +351,11 @@ class Runtime:
                 return
 
     def _drain_router(self) -> None:
-        self._drain(self.router, lambda frames, message: RequestReceived(frames[0], message), header_at=1)
+        if self.curve is None:  # no keys: no identity (nothing is checked)
+            self._drain(self.router, lambda head, frames, message: RequestReceived(frames[0], message), header_at=1)
+        else:  # the ZAP handler named the key's owner (meshq.io.curve): the caller the core checks
+            self._drain(self.router, lambda head, frames, message: RequestReceived(frames[0], message,
+                                                                                   _user_id(head)), header_at=1)
 
     def _drain_sub(self) -> None:
         """Events for the core, and pub/sub data frames for ``on_data`` (never decoded by the core)."""
@@ -390,12 +395,12 @@ class Runtime:
             self._handle_peer_input(EventReceived(message))
 
     def _drain_dealer(self, sock: zmq.Socket, peer: str) -> None:
-        self._drain(sock, lambda frames, message: ReplyReceived(peer, message), peer=peer)
+        self._drain(sock, lambda head, frames, message: ReplyReceived(peer, message), peer=peer)
 
     def _drain(self, sock: zmq.Socket, to_event: Any, header_at: int = 0, peer: str = "") -> None:
         """Read up to _MAX_INPUTS_PER_SOCKET messages from ``sock``, decode, and feed the core.
 
-        ``header_at`` skips the ROUTER's identity frame; ``to_event(frames, message)`` builds the
+        ``header_at`` skips the ROUTER's identity frame; ``to_event(head, frames, message)`` builds the
         core's input. A frame that fails to decode is dropped and counted, never fatal: for
         ``peer`` (the node a DEALER talks to), else for the sender's address.
         """
@@ -423,7 +428,7 @@ class Runtime:
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]),
                                         peer or _peer_address(head))
                 continue
-            self._handle_peer_input(to_event(frames, message))
+            self._handle_peer_input(to_event(head, frames, message))
 
     def _member_keys(self) -> set[bytes]:
         """Keys of the client members this node knows (called on the ZAP thread: the table may change meanwhile)."""
@@ -624,6 +629,15 @@ def _peer_address(frame: zmq.Frame) -> str:
         return frame.get("Peer-Address") or "unknown"
     except (zmq.ZMQError, UnicodeDecodeError):
         return "unknown"
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The ZAP ``User-Id`` of a message's sender (``meshq.io.curve``: a client's name, or the cluster's);
+    a message without one (cannot happen on a CURVE socket) gets an identity no grant names."""
+    try:
+        return frame.get("User-Id") or UNKNOWN_CALLER
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return UNKNOWN_CALLER
 
 
 def _bind(sock: zmq.Socket, host: str, port: int) -> str:

@@ -84,6 +84,7 @@ class Checker:
         # one PartitionState; a deleted and recreated copy (or a restart) starts a new one
         self.high_watermarks: dict[str, dict[tuple[str, int], tuple[Any, int]]] = {}
         self.meta = MetadataState()  # the committed metadata entries, applied as every node applies them
+        self.acl_history: list[tuple[int, list[dict]]] = []  # (index, grants after it) of each committed acl entry
         self.new_steps: list[tuple[str, int]] = []  # reassign steps committed since the simulator looked
         self.pubsub = PubSubChecker(sim)
         self.space = SpaceChecker()
@@ -229,6 +230,8 @@ class Checker:
         voters_before = ({t: [list(v) for v in a] for t, a in meta.assignments.items()}
                          if command.get("op") == "reassign" else {})
         changed = meta.apply(index, command)
+        if command.get("op") == "acl":
+            self.acl_history.append((index, meta.acl.listing()))
         if command.get("op") == "config":
             for node_id in sorted(set(before) - set(meta.members)):
                 kind = "leave_removals" if before[node_id].get("leaving") else "timeout_removals"

@@ -142,10 +142,11 @@ class CoreHarness:
         return token
 
     def request(self, type_: str, body: dict, payloads: tuple = (), request_id: int = 77,
-                route: Any = b"peer") -> wire.Message | None:
-        """Deliver a raw request to the server half; return the decoded reply (if any)."""
+                route: Any = b"peer", caller: str | None = None) -> wire.Message | None:
+        """Deliver a raw request to the server half (from ``caller``: see meshq.core.acl); return the decoded
+        reply (if any)."""
         before = len(self.replies)
-        self.handle(RequestReceived(route, wire.Message(type_, "peer", request_id, body, payloads)))
+        self.handle(RequestReceived(route, wire.Message(type_, "peer", request_id, body, payloads), caller))
         if len(self.replies) == before:
             return None
         return wire.decode(self.replies[-1].frames, self.config.cluster)

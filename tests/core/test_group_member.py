@@ -85,3 +85,19 @@ def test_leave_ends_it():
     m = assigned()
     m.leave()
     assert (m.view().state, m.next_request(100.0), m.next_deadline()) == ("left", None, None)
+
+
+def test_a_refused_join_or_heartbeat_ends_the_membership_with_the_authorization_error():
+    from meshq.errors import AuthorizationError
+
+    m = member()
+    assert m.next_request(0.0) == "join"
+    refusal = AuthorizationError("client 'bob' may not consume topic 't'")
+    m.on_failed(refusal, 0.1)
+    view = m.view()
+    assert (view.state, view.partitions, view.error, view.version) == ("refused", (), refusal, 1)
+    assert m.next_request(10.0) is None and m.next_deadline() is None  # sends nothing more
+    held = assigned()
+    assert held.next_request(HEARTBEAT_S) == "heartbeat"
+    held.on_failed(refusal, HEARTBEAT_S)  # a revoke while it held partitions: it lets go of them too
+    assert (held.view().state, held.view().partitions) == ("refused", ())

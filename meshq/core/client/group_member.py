@@ -17,7 +17,10 @@ names and feeds the answers back) and read by the consumer (``view``):
   partition, commit its positions and ``release``; heartbeats go on meanwhile. The consumer
   does this in its next ``poll`` (a consumer that does not poll within the session timeout
   of a rebalance is removed from the group, and its partitions go to the others);
-* ``left``: closed (``leave``).
+* ``left``: closed (``leave``);
+* ``refused``: the coordinator refused the join or a heartbeat with ``AuthorizationError``
+  (this client key may not ``consume`` the topic): it sends nothing more, holds nothing, and
+  the consumer raises the error (``view().error``).
 
 The session rule that makes the coordinator's eviction safe: a member stops holding its
 partitions once ``session_timeout_s - SESSION_SAFETY_S`` passed since it *sent* the last
@@ -36,6 +39,7 @@ Transitions::
     assigned   heartbeat refused unknown_member                revoking
     assigned   session lapsed (no answered heartbeat)          revoking
     revoking   the consumer released its partitions            joining
+    *          join or heartbeat refused: authorization        refused
     *          leave                                           left
 
 ``version`` grows whenever what the consumer must act on changes (it waits on it).
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshq.errors import MeshqError, RebalanceError
+from meshq.errors import AuthorizationError, MeshqError, RebalanceError
 
 JOIN_RETRY_S = 0.2  # a join answered "rebalancing" (or failed) is sent again after this long
 SESSION_SAFETY_S = 0.25  # a member lets go this long before the coordinator could evict it
@@ -60,6 +64,7 @@ class GroupView:
     state: str
     generation: int
     partitions: tuple[int, ...]
+    error: MeshqError | None = None  # with ``refused``: why
 
 
 class GroupMember:
@@ -80,18 +85,19 @@ class GroupMember:
         self.in_flight: str | None = None  # "join" | "heartbeat": one request at a time
         self.next_send_s = now_s
         self.last_ok_sent_s = now_s  # send time of the last answered join/heartbeat of this generation
+        self.error: MeshqError | None = None  # ``refused``: the AuthorizationError
 
     # ------------------------------------------------------------------ what to send, when
     def next_request(self, now_s: float) -> str | None:
         """``join`` or ``heartbeat`` to send now (marked in flight until answered), or None."""
-        if self.in_flight is not None or self.state == "left" or now_s < self.next_send_s:
+        if self.in_flight is not None or self.state in ("left", "refused") or now_s < self.next_send_s:
             return None
         self.in_flight = "join" if self.state == "joining" else "heartbeat"
         return self.in_flight
 
     def next_deadline(self) -> float | None:
         deadlines = []
-        if self.in_flight is None and self.state != "left":
+        if self.in_flight is None and self.state not in ("left", "refused"):
             deadlines.append(self.next_send_s)
         if self.state == "assigned":
             deadlines.append(self.session_end_s())
@@ -131,6 +137,10 @@ class GroupMember:
         """A join or heartbeat failed: asked again soon; ``unknown_member`` ends the generation."""
         self.in_flight = None
         self.next_send_s = now_s + JOIN_RETRY_S
+        if isinstance(error, AuthorizationError) and self.state != "left":
+            self.state, self.partitions, self.error = "refused", (), error
+            self.version += 1
+            return
         if isinstance(error, RebalanceError) and self.state == "assigned":
             self._revoke()
 
@@ -152,7 +162,7 @@ class GroupMember:
         self.version += 1
 
     def view(self) -> GroupView:
-        return GroupView(self.version, self.state, self.generation, self.partitions)
+        return GroupView(self.version, self.state, self.generation, self.partitions, self.error)
 
     def _revoke(self) -> None:
         self.state = "revoking"

@@ -9,7 +9,7 @@ both and:
 
 * proposes commands (``propose``): on the leader directly, elsewhere by asking the leader
   (``raft_propose``) and waiting until the returned index is applied here;
-* serves the leader's side: a peer's ``raft_propose`` (create_topic, reassign, leave),
+* serves the leader's side: a peer's ``raft_propose`` (create_topic, reassign, leave, acl),
   ``raft_join`` (a joiner is queued, becomes a learner at once, then a voter once caught up:
   one configuration change at a time), and removes a voter silent for ``member_timeout_s``;
 * applies each committed command (``apply``): a topic agreed opens its local replicas, a
@@ -234,13 +234,16 @@ class Agreement(Room):
         if op == "reassign":
             self._propose_for_peer(route, message.request_id, wire.REASSIGN(command, "command"), now_s)
             return
+        if op == "acl":
+            self._propose_for_peer(route, message.request_id, wire.ACL_COMMAND(command, "command"), now_s)
+            return
         if op == "leave":
             if wire.NODE(command.get("node_id"), "command.node_id") != message.sender:
                 raise ProtocolError("a node may only ask for itself to leave")
             self.out.reply(route, message.request_id, "leave_ok", self.core.leave.state_of(message.sender, now_s))
             return
         if op != "create_topic":
-            raise ProtocolError("a peer may propose only create_topic, reassign or leave")
+            raise ProtocolError("a peer may propose only create_topic, reassign, leave or acl")
         config = TopicConfig.from_wire(wire.TOPIC_CONFIG(command.get("config"), "command.config"))
         if config.name == OFFSETS_TOPIC:
             config = self.core.catalog.offsets_topic_config()  # internal: its configuration is ours, never a peer's

@@ -39,6 +39,9 @@ class Catalog(Room):
         missing = [name for name in names if name not in self.meta.topics
                    and (name == OFFSETS_TOPIC or (message.body["auto_create"] and self.config.auto_create_topics))]
         if missing:
+            for name in missing:  # auto-creation creates topics: the caller needs admin on each, checked before any
+                if name != OFFSETS_TOPIC:  # (the next ones are created in a callback, with no caller set)
+                    self.core.access.check("admin", name)
             name = missing[0]
             config = self.offsets_topic_config() if name == OFFSETS_TOPIC else self._default_topic_config(name)
 
@@ -58,6 +61,7 @@ class Catalog(Room):
         self.require_storage()
         config = TopicConfig.from_wire(message.body["config"])
         refuse_reserved_topic(config.name)
+        self.core.access.check("admin", config.name)
         existing = self.meta.topics.get(config.name)
         if existing is not None:
             if not message.body["if_not_exists"]:

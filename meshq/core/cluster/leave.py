@@ -67,6 +67,7 @@ class Leave(Room):
         Idempotent: the caller asks again until the answer is ``left``; the node then stops.
         """
         self.core.catalog.require_storage()
+        self.core.access.check_admin("ask a node to leave the cluster")
         if message.body["node_id"] != self.node_id:
             raise UsageError(f"this is node {self.node_id}, not {message.body['node_id']}: "
                              f"send meshq leave to the node that should leave")

@@ -247,6 +247,8 @@ class Mesh(Room):
     def serve_hello(self, route: Any, message: wire.Message, now_s: float) -> None:
         assert self.members is not None
         info = message.body["member"]
+        if info.get("role") == "storage":  # only the cluster key may say it is a storage node
+            self.core.access.require_node("a hello claiming the storage role")
         if info["node_id"] != self.node_id:
             self._heard_from(info, None, now_s)
         self.out.reply(route, message.request_id, "hello_ok", {

@@ -259,6 +259,7 @@ class GroupCoordinator(Room):
     # ------------------------------------------------------------------ requests
     def serve_join(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("consume", body["topic"])
         group = self._group(body["group"], now_s)
         answer = group.join(body["member"], body["topic"], body["partitions"], now_s)
         self._arm(group)

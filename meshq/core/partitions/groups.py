@@ -40,6 +40,8 @@ class Groups(Room):
 
     def serve_offset_commit(self, route: Any, message: wire.Message, now_s: float) -> None:
         group = message.body["group"]
+        for topic in sorted({entry["topic"] for entry in message.body["offsets"]}):
+            self.core.access.check("consume", topic)
         state = self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
         if message.body.get("member") is not None:  # a group member's commit: it must hold these partitions
             self.core.coordinator.check_commit(
@@ -66,6 +68,7 @@ class Groups(Room):
 
     def serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         group, topic = message.body["group"], message.body["topic"]
+        self.core.access.check("consume", topic)
         self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
         offsets = [
             {"topic": t, "partition": p, "offset": o}

@@ -54,6 +54,7 @@ class PartitionServer(Room):
     def serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         refuse_reserved_topic(body["topic"])  # before any state is looked at or changed
+        self.core.access.check("produce", body["topic"])
         state = self.leader_state(body["topic"], body["partition"])
         self.check_lease(state, now_s)
         data = message.payloads[0]
@@ -129,6 +130,7 @@ class PartitionServer(Room):
 
     def serve_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("consume", body["topic"])
         state = self.leader_state(body["topic"], body["partition"])
         if (body["offset"] >= state.high_watermark and body["max_wait_ms"] > 0
                 and len(state.parked_fetches) < MAX_PARKED_FETCHES):
@@ -226,6 +228,7 @@ class PartitionServer(Room):
 
     def serve_list_offsets(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("consume", body["topic"])
         state = self.leader_state(body["topic"], body["partition"])
         timestamp_ms = body["timestamp_ms"]
         if timestamp_ms == EARLIEST:

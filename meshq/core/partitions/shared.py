@@ -165,6 +165,7 @@ class Shared(Room):
     # ------------------------------------------------------------------ requests
     def serve_share_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("consume", body["topic"])
         state = self.core.server.leader_state(body["topic"], body["partition"])
         self.core.server.check_lease(state, now_s)
         group = self._group(state, body["group"])
@@ -183,6 +184,7 @@ class Shared(Room):
 
     def serve_share_ack(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("consume", body["topic"])
         payload = message.payloads[0]
         if len(payload) % _ACK.size:
             raise ProtocolError(f"share_ack payload of {len(payload)} bytes is not a whole number of "

@@ -256,6 +256,7 @@ class Rpc(Room):
 
     def serve_request(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
+        self.core.access.check("request", body["service"])  # where grants are held: storage nodes
         if message.request_id:
             key = (message.sender, body["incarnation"], message.request_id)
             if key in self._seen:

@@ -76,6 +76,7 @@ class SimOptions:
     shared: bool = False  # the shared-subscription workload (meshq.testing.sim.shared) runs too
     pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     rpc: bool = False  # request/reply (meshq.testing.sim.rpc): services on the storage nodes, callers on clients
+    acl: bool = False  # grants and revokes through the metadata group (meshq.testing.sim.acl); never swarm-drawn
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

@@ -59,6 +59,7 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
 from meshq.testing.checks import Checker, Violation
+from meshq.testing.sim.acl import AclWorkload
 from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.group import NODES as GROUP_NODES
 from meshq.testing.sim.group import SimGroup
@@ -130,6 +131,7 @@ class Simulation:
         self.pubsub = SimPubSub(self) if options.pubsub else None
         self._held_data: dict[tuple[str, int], list] = {}  # (node, incarnation) -> pub/sub batches held while paused
         self.rpc = RpcWorkload(self) if options.rpc else None  # request/reply, when the run has it
+        self.acl = AclWorkload(self) if options.acl else None  # grants and revokes, when the run has them
 
     # ------------------------------------------------------------------ what the checkers read
     @property
@@ -331,6 +333,8 @@ class Simulation:
             self.pubsub.start()
         if self.rpc is not None:
             self.at(1.2, "rpc", None)
+        if self.acl is not None:
+            self.at(1.3, "acl", None)
         self.at(fault_end, "liveness", None)
         violations: list[Violation] = []
         while self.queue:
@@ -352,6 +356,8 @@ class Simulation:
                 self.group.checker.after_event()
                 if self.shared is not None:
                     self.shared.checker.on_clock()
+                if self.acl is not None:
+                    self.acl.checker.after_event(self.touched)
                 if self.checker.new_steps:
                     self.fault_injector.step_nemesis()
             except Violation as violation:
@@ -403,6 +409,8 @@ class Simulation:
                 self.checker.at_end(self.now_s >= end)
                 if self.shared is not None:
                     self.shared.at_end()
+                if self.acl is not None:
+                    self.acl.at_end()
             except Violation as violation:
                 violations.append(violation)
         self.stats["sim_s"] = round(self.now_s, 3)
@@ -419,6 +427,8 @@ class Simulation:
             self.stats["shared_jobs"] = len(self.shared.jobs)
         if self.rpc is not None:
             self.stats.update(self.rpc.checker.summary())
+        if self.acl is not None:
+            self.stats.update(self.acl.summary())
         if self.threads:
             threads = self.threads.values()
             self.stats["direct_produces"] = sum(t.producer.produced for t in threads)
@@ -508,6 +518,11 @@ class Simulation:
             assert self.shared is not None
             self.shared.step(fault_end)
             self.at(self.now_s + 0.1, "shared", None)
+        elif kind == "acl":
+            assert self.acl is not None
+            if self.now_s < fault_end:
+                self.acl.step()
+                self.at(self.now_s + self.acl.rng.uniform(0.05, 0.3), "acl", None)
         elif kind == "create_topic":
             if self.now_s < fault_end:
                 self.workload.create_topic_step()

@@ -34,8 +34,8 @@ def test_a_client_refuses_raft_messages_saying_it_takes_no_part(client):
 
 @pytest.mark.parametrize(("command", "raw", "code", "message"), [
     (None, b"\xc1", "protocol", "raft_propose command does not decode"),
-    ([1, 2], None, "protocol", "a peer may propose only create_topic, reassign or leave"),
-    ({"op": "config", "members": {}}, None, "protocol", "a peer may propose only create_topic, reassign or leave"),
+    ([1, 2], None, "protocol", "a peer may propose only create_topic, reassign, leave or acl"),
+    ({"op": "config", "members": {}}, None, "protocol", "a peer may propose only create_topic, reassign, leave or acl"),
     ({"op": "leave", "node_id": "n7"}, None, "protocol", "a node may only ask for itself to leave"),
     ({"op": "create_topic", "config": {**TOPIC_X, "name": "__x"}}, None, "invalid_topic",
      "topic names starting with '__' are reserved for meshq ('__x')"),

@@ -16,7 +16,7 @@ from meshq.core.room import Room
 from meshq.errors import ProtocolError, UsageError
 from tests.core.harness import CoreHarness
 
-ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "space", "host", "server", "repair", "groups",
+ROOMS = ("mesh", "adverts", "formation", "agreement", "leave", "catalog", "access", "space", "host", "server", "repair", "groups",
          "coordinator", "shared", "client", "producer", "requests", "group_client", "rpc", "status", "pubsub")
 
 

@@ -1,0 +1,132 @@
+"""Permissions in a simulated run: grants and revokes agreed through the metadata group under faults.
+
+Theory of operation
+-------------------
+With ``SimOptions.acl`` on, every 50-300 ms of the fault phase a random client asks (``AclChange``,
+through whichever storage node it reaches, which proposes to the metadata leader) to grant or
+revoke one of a few ``(name, permission, pattern)`` grants: a grant when the run's last
+acknowledged state of that grant is "absent", else a revoke; at most one change per grant is in
+flight, so acknowledged changes of one grant are ordered. The outcome is recorded. (The simulated
+network carries no key identity, so the requests reach the nodes as an unkeyed node's: what is
+simulated is the agreement on grants, not the checks, which room tests and the multi-process
+test cover.)
+
+``AclChecker`` checks:
+
+* after every event, each storage node's grants are exactly those of the committed metadata
+  log at the index it has applied (``Checker.acl_history``): every node applies the same
+  commands in the same order to the same grants;
+* at the end, on every live storage node that applied the whole log, each grant whose last
+  change was acknowledged (and no later change of it is unsettled) is held as that change left
+  it: an acknowledged grant or revoke is never lost.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meshq.core.events import AclChange, Resolve
+from meshq.errors import UsageError
+from meshq.testing.checks import Violation
+
+if TYPE_CHECKING:
+    from meshq.testing.sim.simulation import Simulation
+
+GRANTS = (("bob", "produce", "orders.>"), ("bob", "consume", "orders.*"), ("carol", "admin", ">"),
+          ("carol", "subscribe", "events.>"))
+
+
+@dataclass
+class AclCall:
+    action: str
+    grant: tuple[str, str, str]
+    outcome: str = "pending"  # pending | ok | failed
+
+
+class AclChecker:
+    """The grant invariants (see the module docstring)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.checks = 0
+
+    def expected_at(self, applied_index: int) -> list[dict]:
+        """The grants of the committed log up to ``applied_index``."""
+        listing: list[dict] = []
+        for index, grants in self.sim.checker.acl_history:
+            if index > applied_index:
+                break
+            listing = grants
+        return listing
+
+    def after_event(self, touched: set[str]) -> None:
+        for node_id in sorted(touched):
+            core = self.sim.nodes[node_id].core
+            if core is None or core.raft is None:
+                continue
+            self.checks += 1
+            held, applied = core.meta.acl.listing(), core.meta.applied_index
+            if applied < len(self.sim.checker.committed) and held != self.expected_at(applied):
+                raise Violation(f"{node_id}: grants {held} at metadata index {applied}, but the committed log "
+                                f"gives {self.expected_at(applied)}")
+
+    def at_end(self, calls: list[AclCall]) -> None:
+        last: dict[tuple[str, str, str], AclCall] = {}
+        for call in calls:
+            last[call.grant] = call
+        committed = len(self.sim.checker.committed) - 1
+        for node_id, node in sorted(self.sim.nodes.items()):
+            core = node.core
+            if core is None or core.raft is None or core.meta.applied_index < committed:
+                continue
+            for grant, call in sorted(last.items()):
+                if call.outcome != "ok":
+                    continue
+                held = core.meta.acl.has(*grant)
+                if held != (call.action == "grant"):
+                    raise Violation(f"{node_id}: the acknowledged {call.action} of {grant} is lost: the grant is "
+                                    f"{'held' if held else 'absent'} at the end")
+
+
+class AclWorkload:
+    """Grant and revoke during the faults (see the module docstring)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.rng = random.Random(sim.options.seed * 7919 + 17)  # its own: the other workloads draw as before
+        self.calls: list[AclCall] = []
+        self.held: dict[tuple[str, str, str], bool] = {}  # the last acknowledged state of each grant
+        self.pending: set[tuple[str, str, str]] = set()
+        self.checker = AclChecker(sim)
+
+    def step(self) -> None:
+        sim = self.sim
+        clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up and node.runs_workload)
+        free = [grant for grant in GRANTS if grant not in self.pending]
+        if not clients or not free:
+            return
+        client = sim.nodes[self.rng.choice(clients)]
+        grant = self.rng.choice(free)
+        call = AclCall("revoke" if self.held.get(grant) else "grant", grant)
+        self.calls.append(call)
+        self.pending.add(grant)
+
+        def settle(effect: Any) -> None:
+            self.pending.discard(grant)
+            call.outcome = "ok" if isinstance(effect, Resolve) else "failed"
+            if call.outcome == "ok":
+                self.held[grant] = call.action == "grant"
+            elif isinstance(effect.error, UsageError):  # a revoke of a grant a timed-out revoke already took
+                self.held[grant] = False
+            sim.log(f"acl {call.action} {' '.join(grant)} {call.outcome}")
+
+        sim.feed(client, AclChange(call.action, *grant, deadline_s=sim.now_s + 2.0, waiter=settle))
+
+    def at_end(self) -> None:
+        self.checker.at_end(self.calls)
+
+    def summary(self) -> dict:
+        return {"acl_changes": len(self.calls), "acl_acked": sum(c.outcome == "ok" for c in self.calls),
+                "acl_checks": self.checker.checks}

@@ -1,0 +1,69 @@
+"""Grants and revokes in the simulator (meshq.testing.sim.acl): they run under faults on a few seeds, replay
+from their seed, and each checker of theirs fails on a broken variant."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshq.core.acl import Acl
+from meshq.core.cluster.access import Access
+from meshq.testing.sim import run_seed
+
+SEEDS = (1, 2, 3, 4, 5, 6)
+REAL_APPLY = Acl.apply
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grants_are_agreed_and_kept_under_faults(seed):
+    result = run_seed(seed, acl=True)
+    assert result.ok, (f"{result.summary()}\noptions: {result.options}\n{result.violations[0]}\n"
+                       f"replay: run_seed({seed}, acl=True)")
+    assert result.stats["acl_acked"] > 0 and result.stats["acl_checks"] > 0
+
+
+def test_the_same_seed_with_grants_gives_the_same_trace():
+    first, second = run_seed(3, acl=True), run_seed(3, acl=True)
+    assert first.trace_digest == second.trace_digest
+
+
+def _violations(seeds=SEEDS[:4]) -> list[str]:
+    found = []
+    for seed in seeds:
+        result = run_seed(seed, acl=True)
+        if not result.ok:
+            found.append(str(result.violations[0]))
+    return found
+
+
+def test_the_end_check_catches_a_node_that_acknowledges_a_change_it_never_proposed(monkeypatch):
+    # Broken variant: the serving node answers "changed" at once and proposes nothing.
+    def ack_without_proposing(self, route, message, now_s):
+        self.out.reply(route, message.request_id, "acl_change_ok", {"changed": True})
+
+    monkeypatch.setattr(Access, "serve_change", ack_without_proposing)
+    found = _violations()
+    assert found and all("is lost" in text for text in found), found
+
+
+def test_the_end_check_catches_revokes_that_apply_as_nothing(monkeypatch):
+    # Broken variant: a committed revoke changes nothing (everyone, the checker's replay too, agrees).
+    def apply_without_revoke(self, command):
+        return False if command.get("action") == "revoke" else REAL_APPLY(self, command)
+
+    monkeypatch.setattr(Acl, "apply", apply_without_revoke)
+    found = _violations()
+    assert found and all("acknowledged revoke" in text for text in found), found
+
+
+def test_the_per_node_check_catches_a_grant_applied_before_it_is_committed(monkeypatch):
+    # Broken variant: the serving node applies the change to its grants at once, then proposes it.
+    real = Access.serve_change
+
+    def apply_early(self, route, message, now_s):
+        body = message.body
+        self.core.meta.acl.apply({"op": "acl", **{k: body[k] for k in ("action", "name", "permission", "pattern")}})
+        real(self, route, message, now_s)
+
+    monkeypatch.setattr(Access, "serve_change", apply_early)
+    found = _violations()
+    assert found and any("but the committed log gives" in text for text in found), found
