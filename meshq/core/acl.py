@@ -45,6 +45,18 @@ PERMISSIONS: dict[str, str] = {"produce": "topic", "consume": "topic", "admin": 
                                "publish": "subject", "subscribe": "subject",
                                "request": "service", "serve": "service"}
 MAX_GRANTS = 10_000  # per cluster: bounds the metadata a grant can grow
+# Permissions no node checks yet (pub/sub and client-served services carry no verified identity;
+# docs/operations.md): a new grant of one is refused rather than stored to do nothing.
+NOT_ENFORCED = ("publish", "subscribe", "serve")
+
+
+def refuse_unenforced(permission: str) -> None:
+    """``UsageError`` for a grant of a permission that nothing would check (``NOT_ENFORCED``)."""
+    if permission in NOT_ENFORCED:
+        raise UsageError(f"permission {permission!r} is not enforced yet: pub/sub data and services offered by "
+                         f"client nodes travel between client nodes with no verified identity, so every trusted "
+                         f"key may publish, subscribe and serve (docs/operations.md, 'Not enforced'); nothing "
+                         f"was granted")
 
 
 def validate_grant(name: Any, permission: Any, pattern: Any) -> tuple[str, str, str]:

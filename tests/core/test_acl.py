@@ -88,3 +88,13 @@ def test_the_metadata_applies_acl_commands_in_log_order_and_a_replay_gives_the_s
     assert first.acl.listing() == replayed.acl.listing() == [
         {"name": "alice", "permission": "consume", "pattern": "orders.*"},
         {"name": "bob", "permission": "consume", "pattern": ">"}]
+
+
+@pytest.mark.parametrize("permission", ["publish", "subscribe", "serve"])
+def test_a_grant_nothing_would_check_is_refused(permission):
+    from meshq.core.acl import refuse_unenforced
+
+    with pytest.raises(UsageError, match="not enforced yet.*nothing was granted"):
+        refuse_unenforced(permission)
+    for enforced in ("produce", "consume", "admin", "request"):
+        refuse_unenforced(enforced)  # no error

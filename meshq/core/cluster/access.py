@@ -69,6 +69,8 @@ class Access(Room):
         if not self.core.is_storage:
             raise NotLeaderError(f"node {self.node_id} is a client and holds no permissions")
         name, permission, pattern = acl.validate_grant(body["name"], body["permission"], body["pattern"])
+        if body["action"] == "grant":
+            acl.refuse_unenforced(permission)
         granted = self.core.meta.acl.has(name, permission, pattern)
         if body["action"] == "grant" and granted:
             self.out.reply(route, message.request_id, "acl_change_ok", {"changed": False})
@@ -112,6 +114,8 @@ class Access(Room):
             if command.action not in ("grant", "revoke"):
                 raise UsageError(f"acl action {command.action!r}: give 'grant' or 'revoke'")
             name, permission, pattern = acl.validate_grant(command.name, command.permission, command.pattern)
+            if command.action == "grant":
+                acl.refuse_unenforced(permission)
             type_, body = "acl_change", {"action": command.action, "name": name, "permission": permission,
                                          "pattern": pattern}
             convert: Any = lambda message: message.body["changed"]  # noqa: E731

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from meshq.testing.sim.simulation import Simulation
 
 GRANTS = (("bob", "produce", "orders.>"), ("bob", "consume", "orders.*"), ("carol", "admin", ">"),
-          ("carol", "subscribe", "events.>"))
+          ("carol", "request", "billing.>"))
 
 
 @dataclass
