@@ -278,6 +278,17 @@ class Schema:
     max_payloads: int = 0
 
 
+# one answer of an ``rpc_batch_ok`` that is an error: [reason, error_type, message] (as ``rpc_error``)
+def _rpc_item_error(value: Any, path: str) -> list:
+    if type(value) is not list or len(value) != 3:
+        raise _fail(path, "a [reason, error_type, message] array", value)
+    return [OneOf("raised", "busy", "not_serving")(value[0], path + "[0]"), Str(200)(value[1], path + "[1]"),
+            Str(4096)(value[2], path + "[2]")]
+
+
+_RPC_ITEM_ERROR = _rpc_item_error
+
+
 # a reassignment step a partition leader proposes to the metadata leader (metadata.py)
 REASSIGN = Struct(op=OneOf("reassign"), topic=NAME, partition=PARTITION, version=Int(0, (1 << 31) - 1),
                   replicas=ListOf(NODE, 64), learners=ListOf(NODE, 64))
@@ -388,6 +399,18 @@ SCHEMAS: dict[str, Schema] = {
     # run here, the caller tries another instance
     "rpc_error": Schema(Struct(reason=OneOf("raised", "busy", "not_serving"), error_type=Str(200),
                                message=Str(4096))),
+    # several requests to one service in one message (request id 0: the envelope itself is not
+    # answered); item i is request ``ids[i]`` with ``timeouts_ms[i]`` and payload frame i. Each item is
+    # answered on its own id: by ``rpc_reply`` / ``rpc_error``, or inside an ``rpc_batch_ok``.
+    "rpc_batch": Schema(Struct(service=Str(1024, 1), incarnation=Int(0, 1 << 62),
+                               ids=ListOf(Int(1, (1 << 63) - 1), MAX_PAYLOAD_FRAMES),
+                               timeouts_ms=ListOf(Int(0, 1 << 31), MAX_PAYLOAD_FRAMES)), 1, MAX_PAYLOAD_FRAMES),
+    # the answers to several requests from one caller (request id 0): item i answers request
+    # ``ids[i]``; ``errors[i]`` nil: payload frame i is its reply, else [reason, error_type, message]
+    # as in ``rpc_error`` (payload frame i is then empty)
+    "rpc_batch_ok": Schema(Struct(ids=ListOf(Int(1, (1 << 63) - 1), MAX_PAYLOAD_FRAMES),
+                                  errors=ListOf(Optional(_RPC_ITEM_ERROR), MAX_PAYLOAD_FRAMES)),
+                           1, MAX_PAYLOAD_FRAMES),
 }
 
 

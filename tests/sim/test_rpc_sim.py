@@ -94,7 +94,7 @@ def test_checkers_catch_a_server_that_leaks_worker_slots(monkeypatch):
         job = self._jobs.get(done.job_id)
         real(self, done, now_s)
         if job is not None:
-            job.served.running += 1
+            job.served.workers += 1  # (workers with jobs: what bounds handing out more)
 
     monkeypatch.setattr(Rpc, "cmd_done", leak)
     assert failing_seeds(list(RPC_SEEDS)[:5]), "a stalled service went unnoticed by the liveness check"

@@ -5,9 +5,10 @@ Theory of operation
 With ``SimOptions.rpc`` on, every storage node serves two services each time it boots (a
 restarted process serves again, as a real one would): ``idem`` (declared idempotent) and
 ``once`` (not), with a concurrency drawn per run. Their handler is the simulator: a
-``RunHandler`` effect is one *execution* (recorded, by node and payload), finished after a
-simulated handling time by feeding ``HandlerDone`` back to the same incarnation of the node
-(a node killed meanwhile never answers). Payloads ending in ``!`` make the handler raise.
+``RunHandlers`` effect is one worker's jobs, each one *execution* (recorded, by node and
+payload) after the other, each finished after a simulated handling time by feeding
+``HandlerDone`` back to the same incarnation of the node (a node killed meanwhile never
+answers). Payloads ending in ``!`` make the handler raise.
 
 Every 20-80 ms during the faults a random client asks one of the services with a payload no
 one used before (``r1``, ``r2``...) and a deadline of 0.3-3 s; the outcome (the reply, or the
@@ -28,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshq.core.events import HandlerDone, Resolve, RpcRequest, RunHandler, ServeService
+from meshq.core.events import HandlerDone, Resolve, RpcRequest, RunHandlers, ServeService
 from meshq.errors import RemoteError
 from meshq.testing.checks import Violation
 
@@ -104,21 +105,34 @@ class RpcWorkload:
         for name, idempotent in sorted(SERVICES.items()):
             self.sim.feed(node, ServeService(name, idempotent, self.concurrency))
 
-    def run(self, node: SimNode, effect: RunHandler) -> None:
-        """One execution of a handler; it answers after a simulated handling time."""
-        sim = self.sim
-        self.checker.on_execute(effect.service, effect.payload)
-        sim.log(f"rpc run {effect.payload.decode()} on {node.node_id}")
-        sim.at(sim.now_s + sim.rng.uniform(0.0005, 0.05), "rpc_done", (node.node_id, node.incarnation, effect))
+    def run(self, node: SimNode, effect: RunHandlers) -> None:
+        """One worker's jobs: run one after the other, each after a simulated handling time."""
+        self._run_next(node.node_id, node.incarnation, effect.jobs)
 
-    def done(self, node_id: str, incarnation: int, effect: RunHandler) -> None:
+    def _run_next(self, node_id: str, incarnation: int, jobs: tuple) -> None:
+        sim = self.sim
+        node = sim.nodes[node_id]
+        while jobs and jobs[0].deadline_s <= sim.now_s:  # its caller gave up: the worker skips it
+            sim.feed(node, HandlerDone(jobs[0].job_id, None, expired=True))
+            jobs = jobs[1:]
+        if not jobs or node.incarnation != incarnation or node.core is None:
+            return
+        job = jobs[0]
+        self.checker.on_execute(job.service, job.payload)
+        sim.log(f"rpc run {job.payload.decode()} on {node_id}")
+        sim.at(sim.now_s + sim.rng.uniform(0.0005, 0.05), "rpc_done", (node_id, incarnation, jobs))
+
+    def done(self, node_id: str, incarnation: int, jobs: tuple) -> None:
         node = self.sim.nodes[node_id]
         if node.incarnation != incarnation or node.core is None:
             return  # it crashed while handling: nobody answers
-        if effect.payload.endswith(b"!"):
-            self.sim.feed(node, HandlerDone(effect.job_id, None, "ValueError", "asked to raise", 0.01))
+        job = jobs[0]
+        if job.payload.endswith(b"!"):
+            self.sim.feed(node, HandlerDone(job.job_id, None, "ValueError", "asked to raise", 0.01))
         else:
-            self.sim.feed(node, HandlerDone(effect.job_id, b"ok:" + effect.payload, elapsed_s=0.01))
+            self.sim.feed(node, HandlerDone(job.job_id, b"ok:" + job.payload, elapsed_s=0.01))
+        if len(jobs) > 1 and node.incarnation == incarnation and node.core is not None:
+            self._run_next(node_id, incarnation, jobs[1:])
 
     def step(self) -> None:
         """A random client asks one service."""
