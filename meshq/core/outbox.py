@@ -125,22 +125,22 @@ class Outbox:
             self._effects.append(Send(peer, frames))
         return request_id
 
-    def request_batch(self, peer: str, type_: str, item_type: str, body: dict, items: list, now_s: float) -> list[int]:
-        """Several requests in one ``type_`` message to another node: ``items`` are ``(payload,
-        timeout_s, on_reply, on_error)``. Each gets its own request id, pending entry (as an
-        ``item_type`` request) and ``request`` timer, exactly as if sent alone; the message itself
-        (request id 0) is never answered. ``body`` gets ``ids``. Returns the ids."""
+    def request_batch(self, peer: str, type_: str, item_type: str, body: dict, payloads: tuple, items: list,
+                      now_s: float) -> list[int]:
+        """Several requests in one ``type_`` message to another node: ``items`` are ``(timeout_s,
+        on_reply, on_error)``. Each gets its own request id, pending entry (as an ``item_type``
+        request) and ``request`` timer, exactly as if sent alone; the message itself (request id
+        0) is never answered. ``body`` gets ``ids``. Returns the ids."""
         ids = []
         pending = self.pending
-        for _payload, timeout_s, on_reply, on_error in items:
+        for timeout_s, on_reply, on_error in items:
             request_id = self._next_request_id
             self._next_request_id += 1
             pending[request_id] = PendingRequest(request_id, peer, item_type, now_s + timeout_s, on_reply, on_error)
             self.schedule(now_s + timeout_s, "request", request_id)
             ids.append(request_id)
         body["ids"] = ids
-        frames = wire.encode(self.cluster, self.node_id, type_, 0, body, tuple(item[0] for item in items))
-        self._effects.append(Send(peer, frames))
+        self._effects.append(Send(peer, wire.encode(self.cluster, self.node_id, type_, 0, body, payloads)))
         return ids
 
     def fail_pending(self, request_id: int, error: MeshqError) -> None:

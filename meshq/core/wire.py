@@ -33,6 +33,7 @@ from meshq.errors import ProtocolError
 
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_PAYLOAD_FRAMES = 64
+RPC_BATCH_ITEMS = 1024  # requests (answers) one rpc_batch (rpc_batch_ok) may carry
 _MAX_ITEMS = 100_000
 
 Check = Callable[[Any, str], Any]
@@ -400,17 +401,20 @@ SCHEMAS: dict[str, Schema] = {
     "rpc_error": Schema(Struct(reason=OneOf("raised", "busy", "not_serving"), error_type=Str(200),
                                message=Str(4096))),
     # several requests to one service in one message (request id 0: the envelope itself is not
-    # answered); item i is request ``ids[i]`` with ``timeouts_ms[i]`` and payload frame i. Each item is
-    # answered on its own id: by ``rpc_reply`` / ``rpc_error``, or inside an ``rpc_batch_ok``.
+    # answered): item i is request ``ids[i]`` with ``timeouts_ms[i]``; the one payload frame holds
+    # the requests back to back, item i's ``sizes[i]`` bytes after the previous ones (one frame,
+    # not one per request: every frame costs a send and a receive). Each item is answered on its
+    # own id: by ``rpc_reply`` / ``rpc_error``, or inside an ``rpc_batch_ok``.
     "rpc_batch": Schema(Struct(service=Str(1024, 1), incarnation=Int(0, 1 << 62),
-                               ids=ListOf(Int(1, (1 << 63) - 1), MAX_PAYLOAD_FRAMES),
-                               timeouts_ms=ListOf(Int(0, 1 << 31), MAX_PAYLOAD_FRAMES)), 1, MAX_PAYLOAD_FRAMES),
-    # the answers to several requests from one caller (request id 0): item i answers request
-    # ``ids[i]``; ``errors[i]`` nil: payload frame i is its reply, else [reason, error_type, message]
-    # as in ``rpc_error`` (payload frame i is then empty)
-    "rpc_batch_ok": Schema(Struct(ids=ListOf(Int(1, (1 << 63) - 1), MAX_PAYLOAD_FRAMES),
-                                  errors=ListOf(Optional(_RPC_ITEM_ERROR), MAX_PAYLOAD_FRAMES)),
-                           1, MAX_PAYLOAD_FRAMES),
+                               ids=ListOf(Int(1, (1 << 63) - 1), RPC_BATCH_ITEMS),
+                               timeouts_ms=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS),
+                               sizes=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS)), 1, 1),
+    # the answers to several requests of one caller (request id 0): item i answers request
+    # ``ids[i]``; ``errors[i]`` nil: its reply is the next ``sizes[i]`` bytes of the payload frame,
+    # else [reason, error_type, message] as in ``rpc_error`` (and ``sizes[i]`` is 0)
+    "rpc_batch_ok": Schema(Struct(ids=ListOf(Int(1, (1 << 63) - 1), RPC_BATCH_ITEMS),
+                                  errors=ListOf(Optional(_RPC_ITEM_ERROR), RPC_BATCH_ITEMS),
+                                  sizes=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS)), 1, 1),
 }
 
 

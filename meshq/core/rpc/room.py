@@ -81,7 +81,7 @@ BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking ag
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
 DISPATCH_AHEAD = 32  # jobs handed to one worker at once (it runs them one after the other)
-BATCH_MAX = wire.MAX_PAYLOAD_FRAMES  # requests per rpc_batch, answers per rpc_batch_ok
+BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
 
 
 @dataclass(slots=True)
@@ -225,6 +225,7 @@ class Rpc(Room):
         self._next_worker = 1
         self._answers: dict[Any, list] | None = None  # while answering several: route -> answers to send
         self._group: dict[tuple[str, str], list] | None = None  # while asking several: (instance, service) -> calls
+        self._offers: dict[str, dict[str, bool]] = {}  # while asking several: service -> its instances
         self._seen: dict[tuple[str, int, int], None] = {}  # request keys, oldest first (bounded)
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
@@ -280,8 +281,9 @@ class Rpc(Room):
         """Several requests in one message: each admitted as if alone, then handed to workers
         together; the refusals go back together (``rpc_batch_ok``)."""
         body = message.body
-        ids, timeouts, payloads = body["ids"], body["timeouts_ms"], message.payloads
-        if not len(ids) == len(timeouts) == len(payloads):
+        ids, timeouts = body["ids"], body["timeouts_ms"]
+        payloads = unpack(message.payloads[0], body["sizes"])
+        if payloads is None or not len(ids) == len(timeouts) == len(payloads):
             self.core.count_invalid(message.sender)  # a confused peer: nothing to answer each item with
             return
         self._answers = {}
@@ -406,19 +408,20 @@ class Rpc(Room):
     def _send_answers(self) -> None:
         answers, self._answers = self._answers, None
         for route, items in (answers or {}).items():
-            if len(items) == 1:
-                self._answer(route, *items[0])
-                continue
-            for at in range(0, len(items), BATCH_MAX):
-                chunk = items[at:at + BATCH_MAX]
+            for chunk in chunks(items, 1, self.config.max_frame_bytes):
+                if len(chunk) == 1:
+                    self._answer(route, *chunk[0])
+                    continue
+                sizes = [len(item[1]) for item in chunk]
                 self.out.reply_many(route, "rpc_batch_ok", {"ids": [item[0] for item in chunk],
-                                                            "errors": [item[2] for item in chunk]},
-                                    tuple(item[1] for item in chunk))
+                                                            "errors": [item[2] for item in chunk], "sizes": sizes},
+                                    (b"".join([item[1] for item in chunk]),))
 
     def _split_answers(self, message: wire.Message) -> list[wire.Message]:
         """An ``rpc_batch_ok``: the single answers it carries, each matched to its request by the outbox."""
-        body, payloads, sender = message.body, message.payloads, message.sender
-        if not len(body["ids"]) == len(body["errors"]) == len(payloads):
+        body, sender = message.body, message.sender
+        payloads = unpack(message.payloads[0], body["sizes"])
+        if payloads is None or not len(body["ids"]) == len(body["errors"]) == len(payloads):
             self.core.count_invalid(sender)
             return []
         answers = []
@@ -462,17 +465,24 @@ class Rpc(Room):
         """Several requests: each decided as if alone (least outstanding counts each one); those to
         the same instance of the same service go out together, ``BATCH_MAX`` to a message."""
         self._group = groups = {}
+        self._offers = {}
         try:
             for request in command.requests:
                 self.cmd_request(request, now_s)
         finally:
             self._group = None
+            self._offers = {}
         for (instance, service), calls in groups.items():
-            for at in range(0, len(calls), BATCH_MAX):
-                self._send(instance, service, calls[at:at + BATCH_MAX], now_s)
+            for chunk in chunks(calls, "payload", self.config.max_frame_bytes):
+                self._send(instance, service, chunk, now_s)
 
     def _attempt(self, call: Call, now_s: float) -> None:
-        offers = self.instances(call.service)
+        if self._group is None:
+            offers = self.instances(call.service)
+        else:  # (deciding several at once: the instances do not change meanwhile)
+            offers = self._offers.get(call.service)
+            if offers is None:
+                offers = self._offers[call.service] = self.instances(call.service)
         if now_s >= call.deadline_s:
             if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
                 self._fail(call, NoRespondersError(
@@ -517,18 +527,20 @@ class Rpc(Room):
                 self._in_flight.pop(box[0], None)
                 self._failed(call, instance, error)
 
-            items.append((call.payload, call.deadline_s - now_s, answered, failed))
+            items.append((call.deadline_s - now_s, answered, failed))
             boxes.append(box)
         incarnation = self.core.incarnation
         if len(calls) == 1:
             call = calls[0]
             body = {"service": service, "incarnation": incarnation,
                     "timeout_ms": max(1, int((call.deadline_s - now_s) * 1000))}
-            ids = [self.out.request(instance, "rpc_request", body, (call.payload,), now_s, *items[0][1:])]
+            ids = [self.out.request(instance, "rpc_request", body, (call.payload,), now_s, *items[0])]
         else:
             body = {"service": service, "incarnation": incarnation,
-                    "timeouts_ms": [max(1, int((call.deadline_s - now_s) * 1000)) for call in calls]}
-            ids = self.out.request_batch(instance, "rpc_batch", "rpc_request", body, items, now_s)
+                    "timeouts_ms": [max(1, int((call.deadline_s - now_s) * 1000)) for call in calls],
+                    "sizes": [len(call.payload) for call in calls]}
+            ids = self.out.request_batch(instance, "rpc_batch", "rpc_request", body,
+                                         (b"".join([call.payload for call in calls]),), items, now_s)
             self.counters["batches_sent"] += 1
             self.counters["batched_requests"] += len(calls)
         pending = self.out.pending
@@ -635,6 +647,35 @@ class Rpc(Room):
         late = self.out.late_replies.get("rpc_reply", 0) + self.out.late_replies.get("rpc_error", 0)
         return {"services": services, "instances": {name: ids for name, ids in sorted(instances.items())},
                 "calls": {**self.counters, "in_flight": sum(self.outstanding.values()), "late_replies": late}}
+
+
+def chunks(items: list, payload: Any, max_bytes: int) -> list[list]:
+    """``items`` cut into runs of at most ``BATCH_MAX`` whose payloads (attribute ``payload``, or
+    index ``payload``) add up to at most ``max_bytes`` (one alone may be up to ``max_bytes``)."""
+    if len(items) == 1:
+        return [items]
+    runs: list[list] = [[]]
+    total = 0
+    for item in items:
+        size = len(getattr(item, payload) if isinstance(payload, str) else item[payload])
+        if runs[-1] and (len(runs[-1]) >= BATCH_MAX or total + size > max_bytes):
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
+
+
+def unpack(frame: bytes, sizes: list[int]) -> list[bytes] | None:
+    """The payloads packed back to back in ``frame``; None if ``sizes`` do not add up to it."""
+    if sum(sizes) != len(frame):
+        return None
+    payloads = []
+    at = 0
+    for size in sizes:
+        payloads.append(frame[at:at + size])
+        at += size
+    return payloads
 
 
 def _percentile_ms(sorted_times_s: list, fraction: float) -> float | None:

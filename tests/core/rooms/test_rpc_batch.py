@@ -84,9 +84,22 @@ def test_a_batch_larger_than_a_message_is_split():
     serve(net, "n1", concurrency=4)
     since = net.clock.now_s
     tokens = ask_many(net, "n2", [b"%d" % i for i in range(BATCH_MAX + 5)])
-    assert len(net.sent("n2", "rpc_batch", since)) == 2
+    assert len(net.sent("n2", "rpc_batch", since)) == 2  # BATCH_MAX to a message
     finish_all(net, "n1")
     assert all(net["n2"].resolved[t] == b"%d" % i for i, t in enumerate(tokens))
+
+
+def test_a_batch_is_cut_at_max_frame_bytes():
+    net = Net("n1", "n2", max_frame_bytes=4096, batch_max_bytes=4096)
+    net.form()
+    serve(net, "n1")
+    since = net.clock.now_s
+    tokens = ask_many(net, "n2", [bytes([i]) * 1000 for i in range(10)])
+    assert len(net.sent("n2", "rpc_batch", since)) == 3  # 4 + 4 + 2 requests of 1,000 bytes
+    assert [len(w.jobs) for w in net["n1"].workers] == [4]
+    finish_all(net, "n1")  # the answers: 4 (the first worker's), then 4 + 2 (the second's six)
+    assert all(net["n2"].resolved[t] == bytes([i]) * 1000 for i, t in enumerate(tokens))
+    assert len(net.sent("n1", "rpc_batch_ok", since)) == 3
 
 
 def test_concurrency_bounds_the_workers_and_each_takes_its_share():
@@ -140,9 +153,13 @@ def test_a_duplicated_batch_runs_once_and_a_malformed_one_is_counted():
     assert net["n1"].core.rpc.counters["duplicates_dropped"] == 4
     message = wire.decode(send.frames, h2.config.cluster)
     bad = wire.Message("rpc_batch", "n2", 0, {**message.body, "ids": [900, 901]}, message.payloads)
+    short = wire.Message("rpc_batch", "n2", 0, {**message.body, "ids": [902, 903, 904, 905],
+                                                "sizes": [1, 1, 1, 9]}, message.payloads)
     before = net["n1"].core.counters["frames_invalid"]
     net["n1"].handle(RequestReceived(b"route", bad))
-    assert net["n1"].core.counters["frames_invalid"] == before + 1 and len(net["n1"].jobs) == 4
+    net["n1"].handle(RequestReceived(b"route", short))  # its sizes do not add up to its payload
+    assert net["n1"].core.counters["frames_invalid"] == before + 2 and len(net["n1"].jobs) == 4
+    assert net["n1"].replies == [] or all(r.route != b"route" for r in net["n1"].replies)
 
 
 def test_an_idempotent_batch_is_retried_elsewhere_when_its_instance_dies():
