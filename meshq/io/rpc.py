@@ -9,8 +9,10 @@ queued to the service's own pool of ``concurrency`` worker threads, so a slow ha
 holds up the runtime thread or another service. The worker runs the jobs one after the other:
 a job whose deadline has passed (``now_s``: the node's clock) is skipped unrun (its caller has
 given up); otherwise it calls the handler (bytes in; bytes, or str encoded as UTF-8, out) and
-times it. It feeds all outcomes back to the core as one ``HandlersDone`` command (one wake-up
-of the runtime thread for the lot); the core sends the replies, those to one caller together.
+times it. It feeds the outcomes back to the core as one ``HandlersDone`` command (one wake-up
+of the runtime thread for the lot) — or, when handlers are slow, what it has every
+``_HAND_BACK_S``, so no reply waits long for the jobs after it; the core sends the replies,
+those to one caller together.
 A handler that raises, returns anything else, or returns a reply larger than
 ``max_frame_bytes`` gives the caller a ``RemoteError`` naming the error's type and message.
 
@@ -32,6 +34,10 @@ from meshq.core.events import HandlerDone, HandlersDone, RunHandler, RunHandlers
 from meshq.errors import UsageError
 
 log = logging.getLogger("meshq.rpc")
+
+# A worker running several jobs hands back what it has whenever this long passed since it last
+# did, so a reply waits at most about this long (plus one handler) for the jobs after it.
+_HAND_BACK_S = 0.001
 
 
 class _Service:
@@ -95,8 +101,10 @@ class ServiceWorkers:
                                             for job in effect.jobs)))
 
     def _work(self, service: _Service, effect: RunHandlers) -> None:
-        outcomes = []
+        outcomes: list = []
         handler, now_s, perf = service.handler, self.now_s, time.perf_counter
+        handed = 0  # jobs whose outcomes went back already
+        last = perf()
         try:
             for job in effect.jobs:
                 if now_s() >= job.deadline_s:
@@ -108,11 +116,17 @@ class ServiceWorkers:
                 except Exception as exc:
                     result = exc
                 outcomes.append(self._outcome(service, job, result, started))
+                now = perf()
+                if now - last > _HAND_BACK_S:  # slow handlers: never hold a reply back long
+                    handed += len(outcomes)
+                    self._submit(HandlersDone(tuple(outcomes)))
+                    outcomes, last = [], now
         finally:  # (every job gets its outcome, even if this thread is interrupted)
             done = {outcome.job_id for outcome in outcomes}
             outcomes += [HandlerDone(job.job_id, None, "NodeStoppedError", "the worker stopped", 0.0)
-                         for job in effect.jobs if job.job_id not in done]
-            self._submit(HandlersDone(tuple(outcomes)))
+                         for job in effect.jobs[handed:] if job.job_id not in done]
+            if outcomes:
+                self._submit(HandlersDone(tuple(outcomes)))
 
     async def _work_async(self, service: _Service, effect: RunHandlers) -> None:
         outcomes = []

@@ -669,15 +669,13 @@ def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
     if waiter is None:
         return
     if isinstance(waiter, Future):
-        if waiter.done():
-            return
-        try:
+        try:  # (set_* refuse a future already done or cancelled: one lock taken, not two)
             if error is not None:
                 waiter.set_exception(error)
             else:
                 waiter.set_result(result)
         except InvalidStateError:
-            pass  # cancelled by its caller (another thread) since the check above: nobody waits
+            pass  # already settled, or cancelled by its caller (another thread): nobody waits
     else:
         waiter(result, error)
 

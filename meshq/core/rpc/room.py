@@ -80,7 +80,7 @@ MAX_CONCURRENCY = 1024
 BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking again
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
-DISPATCH_AHEAD = 32  # jobs handed to one worker at once (it runs them one after the other)
+DISPATCH_AHEAD = 128  # jobs handed to one worker at once (it runs them one after the other)
 BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
 
 
