@@ -13,6 +13,17 @@ A job whose caller has given up (its deadline passed while it waited) is dropped
 A request that arrives twice (same caller, incarnation and request id: a duplicated
 message) runs once: the second copy is dropped and counted.
 
+**Batches** (pipelined requests, issue #15). A worker is handed its share of the queue at
+once: one ``RunHandlers`` of up to ``DISPATCH_AHEAD`` jobs, which it runs one after the other
+(at most ``concurrency`` workers have jobs, so ``concurrency`` still bounds the handlers
+running at once); its outcomes come back as ``HandlersDone`` and the worker is free when all
+its jobs are done. ``rpc_batch`` carries several requests of one caller (each with its own
+id and deadline; admitted one by one exactly as ``rpc_request``); the answers made in one
+step to one caller leave together as one ``rpc_batch_ok``, which the caller's outbox takes
+apart (``_split_answers``) and matches to the requests one by one. On the asking side
+``RpcRequests`` decides each request alone and sends those to one instance as one
+``rpc_batch`` (``BATCH_MAX``, ``max_frame_bytes``).
+
 **Asking.** ``RpcRequest`` picks one instance among the live nodes offering the service
 (``adverts.of`` leaves out suspect and dead nodes): the one with the fewest requests
 outstanding from this node, ties broken with ``core.rng`` (``choose``). Outcomes:
