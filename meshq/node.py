@@ -170,7 +170,7 @@ class Node:
                 self.storage.close()
             raise
         self.runtime.on_left = self._after_leaving
-        self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes)
+        self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes, self.clock.now_s)
         self.runtime.run_handler = self._workers.run
         self._requester = DirectRequester(self, self.runtime.context)
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)

@@ -423,6 +423,15 @@ class RpcRequest:
 
 
 @dataclass(slots=True)
+class RpcRequests:
+    """Several ``RpcRequest``s at once (the runtime gathers those queued in one iteration): each one
+    is decided as on its own, and those going to the same instance of the same service are sent
+    in one ``rpc_batch`` message."""
+
+    requests: tuple
+
+
+@dataclass(slots=True)
 class RpcReport:
     """Resolves with this node's request/reply report (``Rpc.report``)."""
 
@@ -439,6 +448,14 @@ class HandlerDone:
     error_type: str = ""
     error_message: str = ""
     elapsed_s: float = 0.0
+    expired: bool = False  # not run: its deadline had passed when the worker came to it (no reply)
+
+
+@dataclass(slots=True)
+class HandlersDone:
+    """A worker finished the jobs of one ``RunHandlers``: one ``HandlerDone`` per job, in order."""
+
+    outcomes: tuple
 
 
 RPC_COMMANDS = (ServeService, UnserveService, RpcRequest, RpcReport)
@@ -452,3 +469,14 @@ class RunHandler:
     job_id: int
     service: str
     payload: bytes
+    deadline_s: float = float("inf")  # the caller gives up then: the worker skips it (expired)
+
+
+@dataclass(frozen=True, slots=True)
+class RunHandlers:
+    """Hand one worker of ``service`` these jobs (``RunHandler``s) to run one after the other; it
+    feeds back one ``HandlersDone``. The core never has more of these out per service than its
+    ``concurrency``, so that bounds the handlers running at once."""
+
+    service: str
+    jobs: tuple

@@ -71,6 +71,9 @@ class Outbox:
         self._local_inbox: deque = deque()
         self.peer_endpoints: dict[str, str] = {}  # peer key -> endpoint its DEALER is connected to
         self.late_replies: dict[str, int] = {}  # replies that matched no pending request, by type
+        # reply types that answer several requests at once: type -> function splitting one into the
+        # single replies it carries (each then matched to its pending request as any reply)
+        self.splitters: dict[str, Callable[[wire.Message], list[wire.Message]]] = {}
 
     # ------------------------------------------------------------------ effects
     def emit(self, effect: Any) -> None:
@@ -122,6 +125,24 @@ class Outbox:
             self._effects.append(Send(peer, frames))
         return request_id
 
+    def request_batch(self, peer: str, type_: str, item_type: str, body: dict, payloads: tuple, items: list,
+                      now_s: float) -> list[int]:
+        """Several requests in one ``type_`` message to another node: ``items`` are ``(timeout_s,
+        on_reply, on_error)``. Each gets its own request id, pending entry (as an ``item_type``
+        request) and ``request`` timer, exactly as if sent alone; the message itself (request id
+        0) is never answered. ``body`` gets ``ids``. Returns the ids."""
+        ids = []
+        pending = self.pending
+        for timeout_s, on_reply, on_error in items:
+            request_id = self._next_request_id
+            self._next_request_id += 1
+            pending[request_id] = PendingRequest(request_id, peer, item_type, now_s + timeout_s, on_reply, on_error)
+            self.schedule(now_s + timeout_s, "request", request_id)
+            ids.append(request_id)
+        body["ids"] = ids
+        self._effects.append(Send(peer, wire.encode(self.cluster, self.node_id, type_, 0, body, payloads)))
+        return ids
+
     def fail_pending(self, request_id: int, error: MeshqError) -> None:
         """Fail one pending request now (a later reply to it is dropped as late)."""
         request = self.pending.pop(request_id, None)
@@ -146,6 +167,11 @@ class Outbox:
             request.on_error(TimeoutError(f"no reply from {request.peer} to {request.type} in time"))
 
     def on_reply(self, message: wire.Message, now_s: float) -> None:
+        split = self.splitters.get(message.type)
+        if split is not None:
+            for single in split(message):
+                self.on_reply(single, now_s)
+            return
         request = self.pending.get(message.request_id)
         if request is None:
             # late reply after a timeout: the request was already failed or retried; dropped and counted
@@ -176,6 +202,11 @@ class Outbox:
         else:
             frames = wire.encode(self.cluster, self.node_id, type_, request_id, body, payloads)
             self._effects.append(Reply(route, frames))
+
+    def reply_many(self, route: Any, type_: str, body: dict, payloads: tuple) -> None:
+        """A message answering several requests of one peer (request id 0: each answer inside
+        names its request; ``splitters`` on the other side take it apart)."""
+        self._effects.append(Reply(route, wire.encode(self.cluster, self.node_id, type_, 0, body, payloads)))
 
     def answer(self, route: Any, request_id: int, type_: str, body: dict) -> Callable[[MeshqError | None], None]:
         """A callback that replies ``type_``/``body`` on success, or the error it is given."""

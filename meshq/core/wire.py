@@ -33,6 +33,7 @@ from meshq.errors import ProtocolError
 
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_PAYLOAD_FRAMES = 64
+RPC_BATCH_ITEMS = 1024  # requests (answers) one rpc_batch (rpc_batch_ok) may carry
 _MAX_ITEMS = 100_000
 
 Check = Callable[[Any, str], Any]
@@ -278,6 +279,17 @@ class Schema:
     max_payloads: int = 0
 
 
+# one answer of an ``rpc_batch_ok`` that is an error: [reason, error_type, message] (as ``rpc_error``)
+def _rpc_item_error(value: Any, path: str) -> list:
+    if type(value) is not list or len(value) != 3:
+        raise _fail(path, "a [reason, error_type, message] array", value)
+    return [OneOf("raised", "busy", "not_serving")(value[0], path + "[0]"), Str(200)(value[1], path + "[1]"),
+            Str(4096)(value[2], path + "[2]")]
+
+
+_RPC_ITEM_ERROR = _rpc_item_error
+
+
 # a reassignment step a partition leader proposes to the metadata leader (metadata.py)
 REASSIGN = Struct(op=OneOf("reassign"), topic=NAME, partition=PARTITION, version=Int(0, (1 << 31) - 1),
                   replicas=ListOf(NODE, 64), learners=ListOf(NODE, 64))
@@ -397,6 +409,21 @@ SCHEMAS: dict[str, Schema] = {
     # run here, the caller tries another instance
     "rpc_error": Schema(Struct(reason=OneOf("raised", "busy", "not_serving"), error_type=Str(200),
                                message=Str(4096))),
+    # several requests to one service in one message (request id 0: the envelope itself is not
+    # answered): item i is request ``ids[i]`` with ``timeouts_ms[i]``; the one payload frame holds
+    # the requests back to back, item i's ``sizes[i]`` bytes after the previous ones (one frame,
+    # not one per request: every frame costs a send and a receive). Each item is answered on its
+    # own id: by ``rpc_reply`` / ``rpc_error``, or inside an ``rpc_batch_ok``.
+    "rpc_batch": Schema(Struct(service=Str(1024, 1), incarnation=Int(0, 1 << 62),
+                               ids=ListOf(Int(1, (1 << 63) - 1), RPC_BATCH_ITEMS),
+                               timeouts_ms=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS),
+                               sizes=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS)), 1, 1),
+    # the answers to several requests of one caller (request id 0): item i answers request
+    # ``ids[i]``; ``errors[i]`` nil: its reply is the next ``sizes[i]`` bytes of the payload frame,
+    # else [reason, error_type, message] as in ``rpc_error`` (and ``sizes[i]`` is 0)
+    "rpc_batch_ok": Schema(Struct(ids=ListOf(Int(1, (1 << 63) - 1), RPC_BATCH_ITEMS),
+                                  errors=ListOf(Optional(_RPC_ITEM_ERROR), RPC_BATCH_ITEMS),
+                                  sizes=ListOf(Int(0, 1 << 31), RPC_BATCH_ITEMS)), 1, 1),
 }
 
 

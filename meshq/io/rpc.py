@@ -3,13 +3,18 @@
 Theory of operation
 -------------------
 The core's ``rpc`` room decides which request runs when (``concurrency``, the queue, refusals)
-and asks for a run with a ``RunHandler`` effect. The runtime thread hands it here
-(``run``): it is queued to the service's own pool of ``concurrency`` worker threads, so a slow
-handler never holds up the runtime thread or another service. The worker calls the handler
-(bytes in; bytes, or str encoded as UTF-8, out), times it, and feeds the outcome back to the
-core as a ``HandlerDone`` command; the core sends the reply. A handler that raises, returns
-anything else, or returns a reply larger than ``max_frame_bytes`` gives the caller a
-``RemoteError`` naming the error's type and message.
+and hands a worker its jobs with a ``RunHandlers`` effect (one or more jobs, at most
+``concurrency`` of these out per service). The runtime thread passes it here (``run``): it is
+queued to the service's own pool of ``concurrency`` worker threads, so a slow handler never
+holds up the runtime thread or another service. The worker runs the jobs one after the other:
+a job whose deadline has passed (``now_s``: the node's clock) is skipped unrun (its caller has
+given up); otherwise it calls the handler (bytes in; bytes, or str encoded as UTF-8, out) and
+times it. It feeds the outcomes back to the core as one ``HandlersDone`` command (one wake-up
+of the runtime thread for the lot) — or, when handlers are slow, what it has every
+``_HAND_BACK_S``, so no reply waits long for the jobs after it; the core sends the replies,
+those to one caller together.
+A handler that raises, returns anything else, or returns a reply larger than
+``max_frame_bytes`` gives the caller a ``RemoteError`` naming the error's type and message.
 
 Handlers are registered before the core advertises the service (``add``) and dropped after it
 withdrew it (``remove``); the pool of a withdrawn service lets its running handlers finish.
@@ -25,10 +30,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from meshq.core.events import HandlerDone, RunHandler
+from meshq.core.events import HandlerDone, HandlersDone, RunHandler, RunHandlers
 from meshq.errors import UsageError
 
 log = logging.getLogger("meshq.rpc")
+
+# A worker running several jobs hands back what it has whenever this long passed since it last
+# did, so a reply waits at most about this long (plus one handler) for the jobs after it.
+_HAND_BACK_S = 0.001
 
 
 class _Service:
@@ -47,8 +56,10 @@ class _Service:
 class ServiceWorkers:
     """Handlers and worker pools of the services this node serves (see the module docstring)."""
 
-    def __init__(self, submit: Callable[[Any], None], max_frame_bytes: int) -> None:
+    def __init__(self, submit: Callable[[Any], None], max_frame_bytes: int,
+                 now_s: Callable[[], float] = time.monotonic) -> None:
         self._submit = submit  # hands a command to the runtime thread
+        self.now_s = now_s  # the clock of the core's deadlines
         self.max_frame_bytes = max_frame_bytes
         self._services: dict[str, _Service] = {}
         self._retired: list[_Service] = []
@@ -71,12 +82,13 @@ class ServiceWorkers:
             service.pool.shutdown(wait=False)
             self._retired.append(service)
 
-    def run(self, effect: RunHandler) -> None:
-        """Queue ``effect`` to its service's pool (runtime thread)."""
+    def run(self, effect: RunHandlers) -> None:
+        """Queue ``effect``'s jobs to one worker of its service's pool (runtime thread)."""
         service = self._services.get(effect.service)
         if service is None:  # withdrawn between the core's decision and now: answer, never hang
-            self._submit(HandlerDone(effect.job_id, None, "LookupError",
-                                     f"{effect.service!r} is no longer served here", 0.0))
+            self._submit(HandlersDone(tuple(HandlerDone(job.job_id, None, "LookupError",
+                                                        f"{effect.service!r} is no longer served here", 0.0)
+                                            for job in effect.jobs)))
             return
         try:
             if service.pool is None:  # dispatched straight to the event loop (the core bounds concurrency)
@@ -84,23 +96,56 @@ class ServiceWorkers:
             else:
                 service.pool.submit(self._work, service, effect)
         except RuntimeError:  # the pool is shutting down, or the loop closed (the node stops)
-            self._submit(HandlerDone(effect.job_id, None, "NodeStoppedError", "the serving node is stopping", 0.0))
+            self._submit(HandlersDone(tuple(HandlerDone(job.job_id, None, "NodeStoppedError",
+                                                        "the serving node is stopping", 0.0)
+                                            for job in effect.jobs)))
 
-    def _work(self, service: _Service, effect: RunHandler) -> None:
-        started = time.perf_counter()
+    def _work(self, service: _Service, effect: RunHandlers) -> None:
+        outcomes: list = []
+        handler, now_s, perf = service.handler, self.now_s, time.perf_counter
+        handed = 0  # jobs whose outcomes went back already
+        last = perf()
         try:
-            result = service.handler(effect.payload)
-        except Exception as exc:
-            result = exc
-        self._submit(self._outcome(service, effect, result, started))
+            for job in effect.jobs:
+                if now_s() >= job.deadline_s:
+                    outcomes.append(HandlerDone(job.job_id, None, expired=True))
+                    continue
+                started = perf()
+                try:
+                    result = handler(job.payload)
+                except Exception as exc:
+                    result = exc
+                outcomes.append(self._outcome(service, job, result, started))
+                now = perf()
+                if now - last > _HAND_BACK_S:  # slow handlers: never hold a reply back long
+                    handed += len(outcomes)
+                    self._submit(HandlersDone(tuple(outcomes)))
+                    outcomes, last = [], now
+        finally:  # (every job gets its outcome, even if this thread is interrupted)
+            done = {outcome.job_id for outcome in outcomes}
+            outcomes += [HandlerDone(job.job_id, None, "NodeStoppedError", "the worker stopped", 0.0)
+                         for job in effect.jobs[handed:] if job.job_id not in done]
+            if outcomes:
+                self._submit(HandlersDone(tuple(outcomes)))
 
-    async def _work_async(self, service: _Service, effect: RunHandler) -> None:
-        started = time.perf_counter()
+    async def _work_async(self, service: _Service, effect: RunHandlers) -> None:
+        outcomes = []
         try:
-            result = await service.handler(effect.payload)
-        except Exception as exc:
-            result = exc
-        self._submit(self._outcome(service, effect, result, started))
+            for job in effect.jobs:
+                if self.now_s() >= job.deadline_s:
+                    outcomes.append(HandlerDone(job.job_id, None, expired=True))
+                    continue
+                started = time.perf_counter()
+                try:
+                    result = await service.handler(job.payload)
+                except Exception as exc:
+                    result = exc
+                outcomes.append(self._outcome(service, job, result, started))
+        finally:
+            done = {outcome.job_id for outcome in outcomes}
+            outcomes += [HandlerDone(job.job_id, None, "NodeStoppedError", "the worker stopped", 0.0)
+                         for job in effect.jobs if job.job_id not in done]
+            self._submit(HandlersDone(tuple(outcomes)))
 
     def _outcome(self, service: _Service, effect: RunHandler, result: Any, started: float) -> HandlerDone:
         """The ``HandlerDone`` for what the handler returned (or raised: ``result`` is the exception)."""

@@ -49,7 +49,9 @@ from meshq.core.events import (
     RequestReceived,
     Resolve,
     ResolveProduce,
-    RunHandler,
+    RpcRequest,
+    RpcRequests,
+    RunHandlers,
     Send,
     Subscribe,
     SyncLogs,
@@ -127,7 +129,7 @@ class Runtime:
         self.left = threading.Event()
         self.on_left: Callable[[], None] | None = None  # runs on the runtime thread after ``left`` is set
         # runs a service's handler off this thread (meshq.io.rpc); it feeds back ``HandlerDone``
-        self.run_handler: Callable[[RunHandler], None] | None = None
+        self.run_handler: Callable[[RunHandlers], None] | None = None
 
     # ------------------------------------------------------------------ called from any thread
     def submit(self, item: Any) -> None:
@@ -478,16 +480,30 @@ class Runtime:
         self._execute(effects)
 
     def _drain_commands(self) -> None:
+        """Hand the queued commands to the core, in order; consecutive ``RpcRequest``s (pipelined
+        ``request_async`` calls) go as one ``RpcRequests``, so those to one instance share a message."""
         core, clock, commands = self.core, self.clock, self.commands
+        requests: list = []
         for _ in range(len(commands)):
             item = commands.popleft()
+            kind = type(item)
+            if kind is RpcRequest:
+                requests.append(item)
+                continue
+            if requests:
+                self._execute(core.handle(requests[0] if len(requests) == 1 else RpcRequests(tuple(requests)),
+                                          clock.now_s()))
+                requests = []
             if item is None:
                 continue
-            if type(item) is _Task:
+            if kind is _Task:
                 self._task_seq += 1
                 heapq.heappush(self._tasks, (item.deadline_s, self._task_seq, item.run))
                 continue
             self._execute(core.handle(item, clock.now_s()))
+        if requests:
+            self._execute(core.handle(requests[0] if len(requests) == 1 else RpcRequests(tuple(requests)),
+                                      clock.now_s()))
 
     def _flush_syncs(self) -> bool:
         """Sync the logs asked for since the last call; True when the core was told (its timers may
@@ -533,7 +549,7 @@ class Runtime:
                 _settle(effect.waiter, None, effect.error)
             elif kind is SyncLogs:
                 self._sync_keys.update(effect.keys)
-            elif kind is RunHandler:
+            elif kind is RunHandlers:
                 assert self.run_handler is not None, "a service is served without a handler pool"
                 self.run_handler(effect)
             elif kind is Publish:
@@ -667,15 +683,13 @@ def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
     if waiter is None:
         return
     if isinstance(waiter, Future):
-        if waiter.done():
-            return
-        try:
+        try:  # (set_* refuse a future already done or cancelled: one lock taken, not two)
             if error is not None:
                 waiter.set_exception(error)
             else:
                 waiter.set_result(result)
         except InvalidStateError:
-            pass  # cancelled by its caller (another thread) since the check above: nobody waits
+            pass  # already settled, or cancelled by its caller (another thread): nobody waits
     else:
         waiter(result, error)
 

@@ -22,6 +22,7 @@ from meshq.core.events import (
     Resolve,
     ResolveProduce,
     RunHandler,
+    RunHandlers,
     Send,
     Subscribe,
     SyncLogs,
@@ -73,6 +74,7 @@ class CoreHarness:
         self.connects: list[Connect] = []
         self.published: list[Publish] = []
         self.jobs: list[RunHandler] = []  # handlers the core asked to run (request/reply)
+        self.workers: list[RunHandlers] = []  # how they were handed out (one worker each)
         self.auto_sync = True
         self.apply(self.core.start(f"tcp://127.0.0.1:{9000 + hash(node_id) % 100}", self.clock.now_s))
 
@@ -100,8 +102,9 @@ class CoreHarness:
                 self.published.append(effect)
             elif isinstance(effect, (Subscribe, Unsubscribe)):
                 pass
-            elif isinstance(effect, RunHandler):
-                self.jobs.append(effect)
+            elif isinstance(effect, RunHandlers):
+                self.jobs.extend(effect.jobs)
+                self.workers.append(effect)
             else:
                 raise AssertionError(effect)
 

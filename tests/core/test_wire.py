@@ -115,6 +115,9 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
                "leader": None}, ()),
     "rpc_request": ({"service": "billing.invoice", "incarnation": 1_700_000_000_000, "timeout_ms": 1000}, (b"req",)),
     "rpc_reply": ({}, (b"reply",)),
+    "rpc_batch": ({"service": "billing.invoice", "incarnation": 1_700_000_000_000, "ids": [7, 8],
+                   "timeouts_ms": [1000, 900], "sizes": [1, 1]}, (b"ab",)),
+    "rpc_batch_ok": ({"ids": [7, 8], "errors": [None, ["raised", "ValueError", "bad"]], "sizes": [1, 0]}, (b"a",)),
     "rpc_error": ({"reason": "raised", "error_type": "KeyError", "message": "'x'"}, ()),
 }
 
@@ -241,10 +244,20 @@ def test_payload_counts_of_the_types_that_carry_batches():
     assert (wire.SCHEMAS["produce"].min_payloads, wire.SCHEMAS["produce"].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["fetch_ok"].min_payloads, wire.SCHEMAS["fetch_ok"].max_payloads) == (0, 1)
     carriers = sorted(t for t, s in wire.SCHEMAS.items() if s.max_payloads)
-    assert carriers == ["fetch_ok", "produce", "repair_fetch_ok", "repl_append", "rpc_reply", "rpc_request", "share_ack", "share_fetch_ok"]
+    assert carriers == ["fetch_ok", "produce", "repair_fetch_ok", "repl_append", "rpc_batch", "rpc_batch_ok",
+                        "rpc_reply", "rpc_request", "share_ack", "share_fetch_ok"]
+    for type_ in ("rpc_batch", "rpc_batch_ok"):  # every request (answer) in one frame, back to back
+        assert (wire.SCHEMAS[type_].min_payloads, wire.SCHEMAS[type_].max_payloads) == (1, 1)
     for type_ in ("rpc_request", "rpc_reply"):  # exactly one: the request or the reply
         assert (wire.SCHEMAS[type_].min_payloads, wire.SCHEMAS[type_].max_payloads) == (1, 1)
     assert (wire.SCHEMAS["repl_append"].min_payloads, wire.SCHEMAS["repl_append"].max_payloads) == (0, 1)
+
+
+def test_a_batch_answer_item_error_must_be_reason_type_message():
+    good = EXAMPLES["rpc_batch_ok"][0]
+    for bad in (["raised", "ValueError"], ["exploded", "", ""], "raised", [None, "", ""]):
+        frames = [raw_header(type_="rpc_batch_ok", body={**good, "errors": [None, bad]}), b"a"]
+        assert "errors[1]" in str(rejects(frames))
 
 
 def test_empty_fetch_reply_has_no_payload():

@@ -87,14 +87,34 @@ def test_checkers_catch_a_request_with_two_outcomes(monkeypatch):
 
 
 def test_checkers_catch_a_server_that_leaks_worker_slots(monkeypatch):
-    # Broken variant: a finished handler never gives its slot back, so the service stalls for good.
-    real = Rpc.cmd_done
+    # Broken variant: a finished handler never gives its worker back, so the service stalls for good.
+    real = Rpc._finish
 
-    def leak(self, done, now_s):
-        job = self._jobs.get(done.job_id)
-        real(self, done, now_s)
-        if job is not None:
-            job.served.running += 1
+    def leak(self, outcomes, now_s):
+        jobs = [self._jobs.get(done.job_id) for done in outcomes]
+        real(self, outcomes, now_s)
+        for job in jobs:
+            if job is not None:
+                job.served.workers += 1  # (workers with jobs: what bounds handing out more)
 
-    monkeypatch.setattr(Rpc, "cmd_done", leak)
+    monkeypatch.setattr(Rpc, "_finish", leak)
     assert failing_seeds(list(RPC_SEEDS)[:5]), "a stalled service went unnoticed by the liveness check"
+
+
+def test_checkers_catch_a_batch_whose_answers_are_matched_to_the_wrong_requests(monkeypatch):
+    # Broken variant: the caller takes an rpc_batch_ok apart with its replies shifted by one.
+    real = Rpc._split_answers
+
+    def shifted(self, message):
+        answers = real(self, message)
+        replies = [a for a in answers if a.type == "rpc_reply"]
+        if len(replies) > 1:
+            payloads = [a.payloads for a in replies]
+            payloads = payloads[1:] + payloads[:1]
+            moved = iter(payloads)
+            answers = [type(a)(a.type, a.sender, a.request_id, a.body, next(moved)) if a.type == "rpc_reply" else a
+                       for a in answers]
+        return answers
+
+    monkeypatch.setattr(Rpc, "_split_answers", shifted)
+    assert failing_seeds(list(RPC_SEEDS)[:5]), "a batch answer delivered to the wrong request went unnoticed"

@@ -12,10 +12,22 @@ from meshq.errors import UsageError
 
 MAX_SERVICE_BYTES = 1024
 SERVICES = "services"  # the advert kind (meshq.core.mesh.adverts): {service: [idempotent, concurrency]}
+_VALID_KEPT = 4096  # valid names remembered (every request checks its name: pipelined, that adds up)
+_valid: dict[str, None] = {}
 
 
 def validate_service_name(name: Any) -> str:
     """``name`` if it is a valid service name, else ``UsageError`` (a ``ValueError``) naming the rule."""
+    if type(name) is str and name in _valid:
+        return name
+    _check_service_name(name)
+    if len(_valid) >= _VALID_KEPT:
+        _valid.clear()
+    _valid[name] = None
+    return name
+
+
+def _check_service_name(name: Any) -> None:
     if not isinstance(name, str):
         raise UsageError(f"a service name is a str, not {type(name).__name__}")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_SERVICE_BYTES:
@@ -33,7 +45,6 @@ def validate_service_name(name: Any) -> str:
         if any(ch.isspace() for ch in token):
             raise UsageError(f"service name {name!r} contains whitespace: tokens are made of printable "
                              "characters other than '.', '*' and '>'")
-    return name
 
 
 def offers_of(value: Any) -> dict[str, tuple[bool, int]]:

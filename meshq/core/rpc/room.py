@@ -13,6 +13,17 @@ A job whose caller has given up (its deadline passed while it waited) is dropped
 A request that arrives twice (same caller, incarnation and request id: a duplicated
 message) runs once: the second copy is dropped and counted.
 
+**Batches** (pipelined requests, issue #15). A worker is handed its share of the queue at
+once: one ``RunHandlers`` of up to ``DISPATCH_AHEAD`` jobs, which it runs one after the other
+(at most ``concurrency`` workers have jobs, so ``concurrency`` still bounds the handlers
+running at once); its outcomes come back as ``HandlersDone`` and the worker is free when all
+its jobs are done. ``rpc_batch`` carries several requests of one caller (each with its own
+id and deadline; admitted one by one exactly as ``rpc_request``); the answers made in one
+step to one caller leave together as one ``rpc_batch_ok``, which the caller's outbox takes
+apart (``_split_answers``) and matches to the requests one by one. On the asking side
+``RpcRequests`` decides each request alone and sends those to one instance as one
+``rpc_batch`` (``BATCH_MAX``, ``max_frame_bytes``).
+
 **Asking.** ``RpcRequest`` picks one instance among the live nodes offering the service
 (``adverts.of`` leaves out suspect and dead nodes): the one with the fewest requests
 outstanding from this node, ties broken with ``core.rng`` (``choose``). Outcomes:
@@ -49,16 +60,21 @@ from meshq.core import wire
 from meshq.core.events import (
     Fail,
     HandlerDone,
+    HandlersDone,
     Resolve,
     RpcReport,
     RpcRequest,
+    RpcRequests,
     RunHandler,
+    RunHandlers,
     ServeService,
     UnserveService,
 )
+from meshq.core.outbox import LocalRoute
 from meshq.core.room import Room
 from meshq.core.rpc.names import SERVICES, offers_of, validate_service_name
 from meshq.errors import (
+    AuthorizationError,
     MeshqError,
     MessageTooLargeError,
     NodeStoppedError,
@@ -76,6 +92,8 @@ MAX_CONCURRENCY = 1024
 BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking again
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
+DISPATCH_AHEAD = 128  # jobs handed to one worker at once (it runs them one after the other)
+BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
 
 
 @dataclass(slots=True)
@@ -85,7 +103,8 @@ class Served:
     name: str
     idempotent: bool
     concurrency: int
-    running: int = 0
+    running: int = 0  # jobs handed to workers and not done
+    workers: int = 0  # workers with jobs (one RunHandlers each): at most ``concurrency``
     queue: deque = field(default_factory=deque)
     served: int = 0
     errors: int = 0
@@ -104,6 +123,7 @@ class Job:
     request_id: int
     payload: bytes
     deadline_s: float
+    worker: int = 0  # the RunHandlers it was handed out with
 
 
 @dataclass(slots=True)
@@ -202,9 +222,10 @@ def timed_out(call: Call, instance: str | None) -> TimeoutError:
 class Rpc(Room):
     """Services offered here and requests sent from here (see the module docstring)."""
 
-    SERVES = {"rpc_request": "serve_request"}
+    SERVES = {"rpc_request": "serve_request", "rpc_batch": "serve_batch"}
     COMMANDS = {ServeService: "cmd_serve", UnserveService: "cmd_unserve", RpcRequest: "cmd_request",
-                HandlerDone: "cmd_done", RpcReport: "cmd_report"}
+                RpcRequests: "cmd_requests", HandlerDone: "cmd_done", HandlersDone: "cmd_dones",
+                RpcReport: "cmd_report"}
     TIMERS = {"rpc_wait": "_resume"}
 
     def __init__(self, core: Any) -> None:
@@ -212,6 +233,11 @@ class Rpc(Room):
         self.served: dict[str, Served] = {}
         self._jobs: dict[int, Job] = {}  # running jobs by id
         self._next_job_id = 1
+        self._workers: dict[int, int] = {}  # RunHandlers handed out -> its jobs not done yet
+        self._next_worker = 1
+        self._answers: dict[Any, list] | None = None  # while answering several: route -> answers to send
+        self._group: dict[tuple[str, str], list] | None = None  # while asking several: (instance, service) -> calls
+        self._offers: dict[str, dict[str, bool]] = {}  # while asking several: service -> its instances
         self._seen: dict[tuple[str, int, int], None] = {}  # request keys, oldest first (bounded)
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
@@ -220,8 +246,10 @@ class Rpc(Room):
         # after start, wait at most this long for the peers' adverts before saying "no responders"
         self.grace_s = 2 * self.config.heartbeat_interval_s + 0.1
         self.counters = {"requests": 0, "replies": 0, "remote_errors": 0, "timeouts": 0, "no_responders": 0,
-                         "retries": 0, "outcome_unknown": 0, "duplicates_dropped": 0}
+                         "retries": 0, "outcome_unknown": 0, "duplicates_dropped": 0,
+                         "batches_sent": 0, "batched_requests": 0}  # rpc_batch messages, and requests in them
         core.adverts.watch(SERVICES, self._offers_changed)
+        core.out.splitters["rpc_batch_ok"] = self._split_answers
 
     # ------------------------------------------------------------------ offering
     def cmd_serve(self, command: ServeService, now_s: float) -> None:
@@ -257,60 +285,172 @@ class Rpc(Room):
     def serve_request(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
         self.core.access.check("request", body["service"])  # where grants are held: storage nodes
-        if message.request_id:
-            key = (message.sender, body["incarnation"], message.request_id)
+        served = self._admit(route, message.sender, body["incarnation"], message.request_id, body["service"],
+                             message.payloads[0], body["timeout_ms"], now_s)
+        if served is not None:
+            self._dispatch(served, now_s)
+
+    def serve_batch(self, route: Any, message: wire.Message, now_s: float) -> None:
+        """Several requests in one message: each admitted as if alone, then handed to workers
+        together; the refusals go back together (``rpc_batch_ok``)."""
+        body = message.body
+        ids, timeouts = body["ids"], body["timeouts_ms"]
+        payloads = unpack(message.payloads[0], body["sizes"])
+        if payloads is None or not len(ids) == len(timeouts) == len(payloads):
+            self.core.count_invalid(message.sender)  # a confused peer: nothing to answer each item with
+            return
+        try:
+            self.core.access.check("request", body["service"])  # one service per batch
+        except AuthorizationError as exc:
+            for request_id in ids:  # each request is refused on its own, as if it came alone
+                self.out.reply_error(route, request_id, exc)
+            return
+        self._answers = {}
+        try:
+            touched: dict[str, Served] = {}
+            for request_id, timeout_ms, payload in zip(ids, timeouts, payloads):
+                served = self._admit(route, message.sender, body["incarnation"], request_id, body["service"],
+                                     payload, timeout_ms, now_s)
+                if served is not None:
+                    touched[served.name] = served
+            for served in touched.values():
+                self._dispatch(served, now_s)
+        finally:
+            self._send_answers()
+
+    def _admit(self, route: Any, sender: str, incarnation: int, request_id: int, service: str, payload: bytes,
+               timeout_ms: int, now_s: float) -> Served | None:
+        """Queue one request for its service (None: it is refused, or a duplicate)."""
+        if request_id:
+            key = (sender, incarnation, request_id)
             if key in self._seen:
                 self.counters["duplicates_dropped"] += 1
-                return
+                return None
             self._seen[key] = None
             if len(self._seen) > SEEN_LIMIT:
                 del self._seen[next(iter(self._seen))]
-        served = self.served.get(body["service"])
+        served = self.served.get(service)
         if served is None:
-            self._refuse(route, message.request_id, "not_serving", f"{body['service']!r} is not served by "
-                         f"{self.node_id}")
-            return
-        job = Job(self._next_job_id, served, route, message.request_id, message.payloads[0],
-                  now_s + body["timeout_ms"] / 1000.0)
-        self._next_job_id += 1
-        if served.running < served.concurrency:
-            self._start(job)
-        elif len(served.queue) < QUEUE_LIMIT:
-            served.queue.append(job)
-        else:
+            self._refuse(route, request_id, "not_serving", f"{service!r} is not served by {self.node_id}")
+            return None
+        # what the free workers are about to take does not count against the queue's limit
+        if len(served.queue) >= QUEUE_LIMIT + (served.concurrency - served.workers) * DISPATCH_AHEAD:
             served.busy += 1
-            self._refuse(route, message.request_id, "busy", f"{served.name!r} on {self.node_id} has "
+            self._refuse(route, request_id, "busy", f"{served.name!r} on {self.node_id} has "
                          f"{served.running} requests running and {len(served.queue)} queued")
+            return None
+        served.queue.append(Job(self._next_job_id, served, route, request_id, payload, now_s + timeout_ms / 1000.0))
+        self._next_job_id += 1
+        return served
 
-    def _start(self, job: Job) -> None:
-        job.served.running += 1
-        self._jobs[job.job_id] = job
-        self.out.emit(RunHandler(job.job_id, job.served.name, job.payload))
+    def _dispatch(self, served: Served, now_s: float) -> None:
+        """Hand queued jobs to the free workers of ``served``: each takes its share of the queue,
+        at most ``DISPATCH_AHEAD``, in one ``RunHandlers``. A job whose caller has given up (its
+        deadline passed while it waited) is dropped unrun (the worker checks again before it runs)."""
+        queue = served.queue
+        while queue and served.workers < served.concurrency and self.served.get(served.name) is served:
+            free = served.concurrency - served.workers
+            share = min(DISPATCH_AHEAD, -(-len(queue) // free))
+            jobs = []
+            while queue and len(jobs) < share:
+                job = queue.popleft()
+                if job.deadline_s <= now_s:
+                    served.expired += 1  # running it would only waste a worker
+                    continue
+                jobs.append(job)
+            if not jobs:
+                continue
+            worker = self._next_worker
+            self._next_worker += 1
+            self._workers[worker] = len(jobs)
+            served.workers += 1
+            served.running += len(jobs)
+            runs = []
+            for job in jobs:
+                job.worker = worker
+                self._jobs[job.job_id] = job
+                runs.append(RunHandler(job.job_id, served.name, job.payload, job.deadline_s))
+            self.out.emit(RunHandlers(served.name, tuple(runs)))
 
     def cmd_done(self, done: HandlerDone, now_s: float) -> None:
-        job = self._jobs.pop(done.job_id, None)
-        if job is None:
-            return  # (the node restarted its core: nothing waits for it)
-        served = job.served
-        served.running -= 1
-        served.times_s.append(done.elapsed_s)
-        if done.reply is not None:
-            served.served += 1
-            self.out.reply(job.route, job.request_id, "rpc_reply", {}, (done.reply,))
-        else:
-            served.errors += 1
-            self.out.reply(job.route, job.request_id, "rpc_error",
-                           {"reason": "raised", "error_type": done.error_type[:200],
-                            "message": done.error_message[:4096]})
-        while served.queue and served.running < served.concurrency and self.served.get(served.name) is served:
-            job = served.queue.popleft()
-            if job.deadline_s <= now_s:
-                served.expired += 1  # its caller has given up: running it would only waste a worker
-                continue
-            self._start(job)
+        self._finish((done,), now_s)
+
+    def cmd_dones(self, command: HandlersDone, now_s: float) -> None:
+        self._finish(command.outcomes, now_s)
+
+    def _finish(self, outcomes: Any, now_s: float) -> None:
+        """Jobs done: answer each (those to one caller together), free their workers, hand out more."""
+        self._answers = {}
+        try:
+            touched: dict[str, Served] = {}
+            for done in outcomes:
+                job = self._jobs.pop(done.job_id, None)
+                if job is None:
+                    continue  # (the node restarted its core: nothing waits for it)
+                served = job.served
+                served.running -= 1
+                left = self._workers.pop(job.worker) - 1
+                if left:
+                    self._workers[job.worker] = left
+                else:
+                    served.workers -= 1
+                touched[served.name] = served
+                if done.expired:  # the worker found its caller had given up: not run, no answer
+                    served.expired += 1
+                    continue
+                served.times_s.append(done.elapsed_s)
+                if done.reply is not None:
+                    served.served += 1
+                    self._answer(job.route, job.request_id, done.reply, None)
+                else:
+                    served.errors += 1
+                    self._answer(job.route, job.request_id, b"",
+                                 ["raised", done.error_type[:200], done.error_message[:4096]])
+            for served in touched.values():
+                self._dispatch(served, now_s)
+        finally:
+            self._send_answers()
 
     def _refuse(self, route: Any, request_id: int, reason: str, text: str) -> None:
-        self.out.reply(route, request_id, "rpc_error", {"reason": reason, "error_type": "", "message": text})
+        self._answer(route, request_id, b"", [reason, "", text])
+
+    def _answer(self, route: Any, request_id: int, reply: bytes, error: list | None) -> None:
+        """Answer one request: now, or (while answering several) with the others to the same caller."""
+        if self._answers is not None and request_id and not isinstance(route, LocalRoute):
+            self._answers.setdefault(route, []).append((request_id, reply, error))
+        elif error is None:
+            self.out.reply(route, request_id, "rpc_reply", {}, (reply,))
+        else:
+            self.out.reply(route, request_id, "rpc_error", {"reason": error[0], "error_type": error[1],
+                                                            "message": error[2]})
+
+    def _send_answers(self) -> None:
+        answers, self._answers = self._answers, None
+        for route, items in (answers or {}).items():
+            for chunk in chunks(items, 1, self.config.max_frame_bytes):
+                if len(chunk) == 1:
+                    self._answer(route, *chunk[0])
+                    continue
+                sizes = [len(item[1]) for item in chunk]
+                self.out.reply_many(route, "rpc_batch_ok", {"ids": [item[0] for item in chunk],
+                                                            "errors": [item[2] for item in chunk], "sizes": sizes},
+                                    (b"".join([item[1] for item in chunk]),))
+
+    def _split_answers(self, message: wire.Message) -> list[wire.Message]:
+        """An ``rpc_batch_ok``: the single answers it carries, each matched to its request by the outbox."""
+        body, sender = message.body, message.sender
+        payloads = unpack(message.payloads[0], body["sizes"])
+        if payloads is None or not len(body["ids"]) == len(body["errors"]) == len(payloads):
+            self.core.count_invalid(sender)
+            return []
+        answers = []
+        for request_id, error, payload in zip(body["ids"], body["errors"], payloads):
+            if error is None:
+                answers.append(wire.Message("rpc_reply", sender, request_id, {}, (payload,)))
+            else:
+                answers.append(wire.Message("rpc_error", sender, request_id,
+                                            {"reason": error[0], "error_type": error[1], "message": error[2]}))
+        return answers
 
     # ------------------------------------------------------------------ asking
     def instances(self, service: str) -> dict[str, bool]:
@@ -340,8 +480,28 @@ class Rpc(Room):
         self.counters["requests"] += 1
         self._attempt(call, now_s)
 
+    def cmd_requests(self, command: RpcRequests, now_s: float) -> None:
+        """Several requests: each decided as if alone (least outstanding counts each one); those to
+        the same instance of the same service go out together, ``BATCH_MAX`` to a message."""
+        self._group = groups = {}
+        self._offers = {}
+        try:
+            for request in command.requests:
+                self.cmd_request(request, now_s)
+        finally:
+            self._group = None
+            self._offers = {}
+        for (instance, service), calls in groups.items():
+            for chunk in chunks(calls, "payload", self.config.max_frame_bytes):
+                self._send(instance, service, chunk, now_s)
+
     def _attempt(self, call: Call, now_s: float) -> None:
-        offers = self.instances(call.service)
+        if self._group is None:
+            offers = self.instances(call.service)
+        else:  # (deciding several at once: the instances do not change meanwhile)
+            offers = self._offers.get(call.service)
+            if offers is None:
+                offers = self._offers[call.service] = self.instances(call.service)
         if now_s >= call.deadline_s:
             if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
                 self._fail(call, NoRespondersError(
@@ -365,22 +525,48 @@ class Rpc(Room):
         if call.attempts > 1:
             self.counters["retries"] += 1
         self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
-        body = {"service": call.service, "incarnation": self.core.incarnation,
-                "timeout_ms": max(1, int((call.deadline_s - now_s) * 1000))}
-        request_id = 0
+        if self._group is not None and instance != self.node_id:
+            self._group.setdefault((instance, call.service), []).append(call)  # sent by cmd_requests
+        else:
+            self._send(instance, call.service, [call], now_s)
 
-        def answered(message: wire.Message) -> None:
-            self._in_flight.pop(request_id, None)
-            self._answered(call, instance, message)
+    def _send(self, instance: str, service: str, calls: list, now_s: float) -> None:
+        """Send ``calls`` (already counted as outstanding there) to ``instance``: one ``rpc_request``,
+        or one ``rpc_batch`` carrying them all; each has its own request id, timer and answer."""
+        items = []
+        boxes = []
+        for call in calls:
+            box = [0]  # its request id, once known
 
-        def failed(error: MeshqError) -> None:
-            self._in_flight.pop(request_id, None)
-            self._failed(call, instance, error)
+            def answered(message: wire.Message, call: Call = call, box: list = box) -> None:
+                self._in_flight.pop(box[0], None)
+                self._answered(call, instance, message)
 
-        request_id = self.out.request(instance, "rpc_request", body, (call.payload,), now_s,
-                                      call.deadline_s - now_s, answered, failed)
-        if request_id in self.out.pending:  # (not answered already: a request to this node itself)
-            self._in_flight[request_id] = instance
+            def failed(error: MeshqError, call: Call = call, box: list = box) -> None:
+                self._in_flight.pop(box[0], None)
+                self._failed(call, instance, error)
+
+            items.append((call.deadline_s - now_s, answered, failed))
+            boxes.append(box)
+        incarnation = self.core.incarnation
+        if len(calls) == 1:
+            call = calls[0]
+            body = {"service": service, "incarnation": incarnation,
+                    "timeout_ms": max(1, int((call.deadline_s - now_s) * 1000))}
+            ids = [self.out.request(instance, "rpc_request", body, (call.payload,), now_s, *items[0])]
+        else:
+            body = {"service": service, "incarnation": incarnation,
+                    "timeouts_ms": [max(1, int((call.deadline_s - now_s) * 1000)) for call in calls],
+                    "sizes": [len(call.payload) for call in calls]}
+            ids = self.out.request_batch(instance, "rpc_batch", "rpc_request", body,
+                                         (b"".join([call.payload for call in calls]),), items, now_s)
+            self.counters["batches_sent"] += 1
+            self.counters["batched_requests"] += len(calls)
+        pending = self.out.pending
+        for request_id, box in zip(ids, boxes):
+            box[0] = request_id
+            if request_id in pending:  # (not answered already: a request to this node itself)
+                self._in_flight[request_id] = instance
 
     def _settled(self, now_s: float) -> bool:
         """Whether this node has heard what its peers offer (or waited long enough since it started)."""
@@ -480,6 +666,35 @@ class Rpc(Room):
         late = self.out.late_replies.get("rpc_reply", 0) + self.out.late_replies.get("rpc_error", 0)
         return {"services": services, "instances": {name: ids for name, ids in sorted(instances.items())},
                 "calls": {**self.counters, "in_flight": sum(self.outstanding.values()), "late_replies": late}}
+
+
+def chunks(items: list, payload: Any, max_bytes: int) -> list[list]:
+    """``items`` cut into runs of at most ``BATCH_MAX`` whose payloads (attribute ``payload``, or
+    index ``payload``) add up to at most ``max_bytes`` (one alone may be up to ``max_bytes``)."""
+    if len(items) == 1:
+        return [items]
+    runs: list[list] = [[]]
+    total = 0
+    for item in items:
+        size = len(getattr(item, payload) if isinstance(payload, str) else item[payload])
+        if runs[-1] and (len(runs[-1]) >= BATCH_MAX or total + size > max_bytes):
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
+
+
+def unpack(frame: bytes, sizes: list[int]) -> list[bytes] | None:
+    """The payloads packed back to back in ``frame``; None if ``sizes`` do not add up to it."""
+    if sum(sizes) != len(frame):
+        return None
+    payloads = []
+    at = 0
+    for size in sizes:
+        payloads.append(frame[at:at + size])
+        at += size
+    return payloads
 
 
 def _percentile_ms(sorted_times_s: list, fraction: float) -> float | None:

@@ -5,13 +5,16 @@ Theory of operation
 With ``SimOptions.rpc`` on, every storage node serves two services each time it boots (a
 restarted process serves again, as a real one would): ``idem`` (declared idempotent) and
 ``once`` (not), with a concurrency drawn per run. Their handler is the simulator: a
-``RunHandler`` effect is one *execution* (recorded, by node and payload), finished after a
-simulated handling time by feeding ``HandlerDone`` back to the same incarnation of the node
-(a node killed meanwhile never answers). Payloads ending in ``!`` make the handler raise.
+``RunHandlers`` effect is one worker's jobs, each one *execution* (recorded, by node and
+payload) after the other, each finished after a simulated handling time by feeding
+``HandlerDone`` back to the same incarnation of the node (a node killed meanwhile never
+answers). Payloads ending in ``!`` make the handler raise.
 
 Every 20-80 ms during the faults a random client asks one of the services with a payload no
 one used before (``r1``, ``r2``...) and a deadline of 0.3-3 s; the outcome (the reply, or the
-error) is a ``RpcCall``. Once the cluster has converged, a probe to each service must succeed.
+error) is a ``RpcCall``. One time in four it asks 2-6 at once, with deadlines of their own,
+as one ``RpcRequests`` (what the runtime makes of pipelined ``request_async`` calls): they
+travel as ``rpc_batch`` messages and come back in ``rpc_batch_ok`` ones. Once the cluster has converged, a probe to each service must succeed.
 
 ``RpcChecker`` checks, as outcomes come and at the end:
 
@@ -25,10 +28,11 @@ error) is a ``RpcCall``. Once the cluster has converged, a probe to each service
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshq.core.events import HandlerDone, Resolve, RpcRequest, RunHandler, ServeService
+from meshq.core.events import HandlerDone, HandlersDone, Resolve, RpcRequest, RpcRequests, RunHandlers, ServeService
 from meshq.errors import RemoteError
 from meshq.testing.checks import Violation
 
@@ -94,6 +98,9 @@ class RpcWorkload:
         self.sim = sim
         self.checker = RpcChecker()
         self.concurrency = sim.rng.choice([1, 2, 4])
+        # bursts and hand-backs draw from their own stream, so the run's other draws stay those
+        # it made before batches existed (a schedule is only reshuffled by what batching changes)
+        self.batch_rng = random.Random(f"rpc-batches-{sim.options.seed}")
         self._count = 0
         self.probes: list[RpcCall] | None = None
 
@@ -104,21 +111,41 @@ class RpcWorkload:
         for name, idempotent in sorted(SERVICES.items()):
             self.sim.feed(node, ServeService(name, idempotent, self.concurrency))
 
-    def run(self, node: SimNode, effect: RunHandler) -> None:
-        """One execution of a handler; it answers after a simulated handling time."""
-        sim = self.sim
-        self.checker.on_execute(effect.service, effect.payload)
-        sim.log(f"rpc run {effect.payload.decode()} on {node.node_id}")
-        sim.at(sim.now_s + sim.rng.uniform(0.0005, 0.05), "rpc_done", (node.node_id, node.incarnation, effect))
+    def run(self, node: SimNode, effect: RunHandlers) -> None:
+        """One worker's jobs: run one after the other, each after a simulated handling time; the
+        outcomes go back as ``HandlersDone``, each one alone or held for the next (a real worker
+        hands back what it has every millisecond), all of them after the last job."""
+        self._run_next(node.node_id, node.incarnation, effect.jobs, ())
 
-    def done(self, node_id: str, incarnation: int, effect: RunHandler) -> None:
+    def _run_next(self, node_id: str, incarnation: int, jobs: tuple, held: tuple) -> None:
+        sim = self.sim
+        node = sim.nodes[node_id]
+        while jobs and jobs[0].deadline_s <= sim.now_s:  # its caller gave up: the worker skips it
+            held += (HandlerDone(jobs[0].job_id, None, expired=True),)
+            jobs = jobs[1:]
+        if not jobs:
+            if held:
+                sim.feed(node, HandlersDone(held))
+            return
+        job = jobs[0]
+        self.checker.on_execute(job.service, job.payload)
+        sim.log(f"rpc run {job.payload.decode()} on {node_id}")
+        sim.at(sim.now_s + sim.rng.uniform(0.0005, 0.05), "rpc_done", (node_id, incarnation, jobs, held))
+
+    def done(self, node_id: str, incarnation: int, jobs: tuple, held: tuple) -> None:
         node = self.sim.nodes[node_id]
         if node.incarnation != incarnation or node.core is None:
             return  # it crashed while handling: nobody answers
-        if effect.payload.endswith(b"!"):
-            self.sim.feed(node, HandlerDone(effect.job_id, None, "ValueError", "asked to raise", 0.01))
+        job = jobs[0]
+        if job.payload.endswith(b"!"):
+            held += (HandlerDone(job.job_id, None, "ValueError", "asked to raise", 0.01),)
         else:
-            self.sim.feed(node, HandlerDone(effect.job_id, b"ok:" + effect.payload, elapsed_s=0.01))
+            held += (HandlerDone(job.job_id, b"ok:" + job.payload, elapsed_s=0.01),)
+        if len(jobs) == 1 or self.batch_rng.random() < 0.5:
+            self.sim.feed(node, HandlersDone(held))
+            held = ()
+        if len(jobs) > 1 and node.incarnation == incarnation and node.core is not None:
+            self._run_next(node_id, incarnation, jobs[1:], held)
 
     def step(self) -> None:
         """A random client asks one service."""
@@ -126,10 +153,28 @@ class RpcWorkload:
         clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up)
         if clients:
             raise_it = sim.rng.random() < 0.05
-            self.ask(sim.nodes[sim.rng.choice(clients)], sim.rng.choice(sorted(SERVICES)),
-                     sim.rng.uniform(0.3, 3.0), raise_it)
+            client, service = sim.nodes[sim.rng.choice(clients)], sim.rng.choice(sorted(SERVICES))
+            if self.batch_rng.random() < 0.25:
+                rng = self.batch_rng
+                burst = [(sim.rng.uniform(0.3, 3.0), raise_it)] + [
+                    (rng.uniform(0.3, 3.0), rng.random() < 0.05) for _ in range(rng.randint(1, 5))]
+                self.ask_many(client, service, burst)
+            else:
+                self.ask(client, service, sim.rng.uniform(0.3, 3.0), raise_it)
 
     def ask(self, client: SimNode, service: str, timeout_s: float, raise_it: bool = False) -> RpcCall:
+        request, call = self._request(client, service, timeout_s, raise_it)
+        self.sim.feed(client, request)
+        return call
+
+    def ask_many(self, client: SimNode, service: str, burst: list[tuple[float, bool]]) -> list[RpcCall]:
+        """Several requests at once: ``burst`` is (timeout, raise it?) per request."""
+        made = [self._request(client, service, timeout_s, raise_it) for timeout_s, raise_it in burst]
+        self.sim.log(f"rpc burst of {len(made)} from {client.node_id}")
+        self.sim.feed(client, RpcRequests(tuple(request for request, _call in made)))
+        return [call for _request, call in made]
+
+    def _request(self, client: SimNode, service: str, timeout_s: float, raise_it: bool) -> tuple[RpcRequest, RpcCall]:
         self._count += 1
         payload = f"r{self._count}{'!' if raise_it else ''}".encode()
         call = RpcCall(service, payload, client.node_id)
@@ -140,8 +185,7 @@ class RpcWorkload:
             self.checker.on_outcome(call, effect)
             sim.log(f"rpc {payload.decode()} {call.outcome} {call.error[:60]}")
 
-        sim.feed(client, RpcRequest(service, payload, sim.now_s + timeout_s, settle))
-        return call
+        return RpcRequest(service, payload, sim.now_s + timeout_s, settle), call
 
     def send_probes(self) -> None:
         """Liveness: once converged, a request to each service from c1 must succeed."""

@@ -50,7 +50,7 @@ from meshq.core.events import (
     Reply,
     Resolve,
     ResolveProduce,
-    RunHandler,
+    RunHandlers,
     Send,
     Subscribe,
     SyncLogs,
@@ -240,7 +240,7 @@ class Simulation:
                 callback = effect.waiter
                 if callable(callback):
                     callback(effect)
-            elif kind is RunHandler and self.rpc is not None:
+            elif kind is RunHandlers and self.rpc is not None:
                 self.rpc.run(node, effect)
             else:
                 raise AssertionError(f"unknown effect {effect!r}")

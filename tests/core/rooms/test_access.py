@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from meshq.core import wire
 from meshq.core.acl import ADMIN, CLUSTER
 from meshq.core.events import AclChange, AclList, ServeService
 from tests.core.harness import CoreHarness
@@ -162,3 +163,18 @@ def test_a_service_served_by_a_storage_node_needs_request(lone):
     change(lone, "grant", "dave", "request", "billing.*")
     assert lone.request("rpc_request", body, (b"x",), request_id=6, caller="dave") is None  # running: no reply yet
     assert [job.service for job in lone.jobs] == ["billing.invoice"]
+
+
+def test_a_batch_of_requests_is_refused_request_by_request_without_request(lone):
+    lone.command(ServeService("billing.invoice"))
+    body = {"service": "billing.invoice", "incarnation": 1, "ids": [11, 12], "timeouts_ms": [1000, 1000],
+            "sizes": [1, 1]}
+    before = len(lone.replies)
+    lone.request("rpc_batch", body, (b"xy",), request_id=0, caller="dave")
+    answers = [wire.decode(r.frames, lone.config.cluster) for r in lone.replies[before:]]
+    assert [(a.type, a.request_id, a.body["code"]) for a in answers] == [("error", 11, "authorization"),
+                                                                          ("error", 12, "authorization")]
+    assert lone.jobs == []
+    change(lone, "grant", "dave", "request", "billing.>")
+    lone.request("rpc_batch", dict(body, ids=[13, 14]), (b"xy",), request_id=0, caller="dave")
+    assert [job.service for job in lone.jobs] == ["billing.invoice", "billing.invoice"]
