@@ -20,7 +20,9 @@ a seeded random order:
 - ``slow``    one node's link capped at 256 kbit/s or 1 mbit/s both ways by tbf (queueing delay up to 300 ms,
   drops beyond: the only delay this kernel offers without netem);
 - ``diskfull`` one node's tmpfs filled until its free space is below ``--min-free-bytes`` (it refuses writes
-  with StorageFullError), space returned after the hold.
+  with StorageFullError), space returned after the hold;
+- ``disk-enospc`` one node's tmpfs filled to the last byte (every write, metadata too, fails with ENOSPC), space
+  returned after the hold.
 
 Clock jumps are NOT injected: Linux has no per-namespace CLOCK_REALTIME (time namespaces offset only the
 monotonic and boot clocks, and only before the first process enters them), and changing the machine's clock
@@ -53,7 +55,7 @@ from tests.faults.checker import Verdict, check, percentile
 from tests.multinode.helpers import check_logs_hold_records, check_replicas_identical, partitions_of, wait_until
 from tests.netns.lab import REPO, Host, Lab, NsNode, child_env, ip
 
-KINDS = ("kill9", "sigstop", "isolate", "split", "split-client-minority", "loss", "slow", "diskfull")
+KINDS = ("kill9", "sigstop", "isolate", "split", "split-client-minority", "loss", "slow", "diskfull", "disk-enospc")
 BLOCKED_S = 2.0  # a partition with no ack in the last BLOCKED_S before a heal counts as blocked by the fault
 AFTER_HEAL_S = 10.0  # attempts started this long after a heal form the "after heal" phase
 NOT_INJECTED = {"clock": "no per-namespace CLOCK_REALTIME on Linux (time namespaces offset only monotonic/boottime, "
@@ -339,28 +341,34 @@ class FaultRun:
                 tc(host.netns, "qdisc", "del", "dev", "eth0", "root")
                 tc(self.lab.bridge_netns, "qdisc", "del", "dev", port, "root")
             return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal)
-        if kind == "diskfull":
+        if kind in ("diskfull", "disk-enospc"):
             filler = os.path.join(node.data_dir, "filler")
             stats = os.statvfs(node.data_dir)
-            size = stats.f_bavail * stats.f_frsize - MIN_FREE // 2
+            size = stats.f_bavail * stats.f_frsize - (MIN_FREE // 2 if kind == "diskfull" else 64 * 1024)
+            self.fillers.add(filler)
             fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
             try:
                 if size > 0:
                     os.posix_fallocate(fd, 0, size)
+                if kind == "disk-enospc":  # and the last pages, whatever the node wrote meanwhile
+                    os.lseek(fd, 0, os.SEEK_END)
+                    try:
+                        while True:
+                            os.write(fd, b"\0" * 4096)
+                    except OSError:
+                        pass
             finally:
                 os.close(fd)
-            self.fillers.add(filler)
 
             def heal() -> None:
                 os.unlink(filler)
                 self.fillers.discard(filler)
-            return Fault(kind, host.netns, f"tmpfs filled ({size // (1 << 20)} MiB) to below --min-free-bytes",
-                         now(), heal=heal)
+            what = "to below --min-free-bytes" if kind == "diskfull" else "to the last byte (ENOSPC)"
+            return Fault(kind, host.netns, f"tmpfs filled ({size // (1 << 20)} MiB) {what}", now(), heal=heal)
         raise ValueError(f"unknown fault kind {kind!r}")
 
-    def heal_all(self) -> list[str]:
-        """Undo whatever may be left (after an error mid-fault): idempotent, never raises; returns what failed."""
-        problems = []
+    def heal_all(self) -> None:
+        """Undo whatever may be left (after an error mid-fault): idempotent; "no such qdisc" is not an error."""
         for netns in [h.netns for h in self.lab.hosts]:
             for qdisc in ("clsact", "root"):
                 tc(netns, "qdisc", "del", "dev", "eth0", qdisc, check=False)
@@ -377,7 +385,6 @@ class FaultRun:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
                 node.process.send_signal(signal.SIGCONT)
-        return problems
 
     def nemesis(self) -> None:
         """Faults one at a time until ``minutes`` have passed AND every kind was injected at least once."""
@@ -416,10 +423,18 @@ class FaultRun:
             self.wait(lambda: self.acked_partitions(acks_path, 0.0) == set(range(self.partitions)), 60,
                       "acks in every partition before the first fault")
             nemesis_start = time.monotonic()
+            consumer_errors: dict = {}
             try:
                 self.nemesis()
             finally:
-                problems += self.heal_all()
+                self.heal_all()
+            for node in self.nodes:  # a node that died by itself is a finding; restarted so the check can go on
+                code = node.process.poll() if node.process is not None else None
+                if code is not None:
+                    problems.append(f"node {node.node_id} in {node.host.netns} exited by itself with code {code} "
+                                    f"during the faults; end of its log:\n{node.log_text()[-3000:]}")
+                    self.log(f"node {node.node_id} had exited with code {code}: restarting it")
+                    node.start()
             healed = time.monotonic()
             self.log(f"nemesis done after {healed - nemesis_start:.0f} s and {len(self.faults)} faults; all healed")
             self.wait(lambda: self.acked_partitions(acks_path, healed) == set(range(self.partitions)), 120,
@@ -431,6 +446,8 @@ class FaultRun:
                 process.wait(60)
                 if done.get("stuck"):
                     problems.append(f"{name} threads still blocked after stop: {done}")
+                if name == "consumer":
+                    consumer_errors = done.get("errors", {})
                 if process.returncode != 0:
                     problems.append(f"{name} exited {process.returncode}")
             attempts = [tuple(a) for a in self.read_lines(acks_path)]
@@ -470,6 +487,7 @@ class FaultRun:
             verdict.replicas = replica_problems + check_logs_hold_records(logs, TOPIC, records, high_watermarks)
             problems = verdict.problems() + problems
             table = self.table(attempts, verdict, nemesis_start, healed, high_watermarks)
+            table += f"\nthe live consumer's errors (it retried each): {consumer_errors}"
             if stale:
                 table += ("\nNOTE (availability, not safety): after settling, nodes holding no replica still name an "
                           "older leader: " + "; ".join(stale))

@@ -1,9 +1,10 @@
 """The short fault run (issue #19 items 9-10): 5 `meshq node` processes in network namespaces, a quorum producer
 and a consumer throughout, every fault kind of ``tests.faults.run`` injected at least once (kill -9, SIGSTOP, a
-1 | 4 and two 2 | 3 splits, random loss, a slow link, a full data disk) over ~1.5 min at ~200 records/s, then the
-independent checker: every acknowledged record present exactly once at its offset, in order, nothing a consumer
-read rewritten, every replica byte-identical below the high watermark. Prints the fault table (availability
-figures beside the safety ones). The 30-minute version: ``tox -e faults`` / ``python -m tests.faults``.
+1 | 4 and two 2 | 3 splits, random loss, a slow link, a data disk under --min-free-bytes and one full to the last
+byte) over ~1.5 min at ~200 records/s, then the independent checker: every acknowledged record present exactly
+once at its offset, in order, nothing a consumer read rewritten, every replica byte-identical below the high
+watermark. Prints the fault table (availability figures beside the safety ones). The 30-minute version:
+``tox -e faults`` / ``python -m tests.faults``.
 
 Root only (namespaces, tc, tmpfs mounts); everything is removed afterwards, pass or fail."""
 
