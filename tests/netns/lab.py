@@ -80,8 +80,10 @@ class Host:
 class NsNode:
     """`meshq node` inside one namespace, mDNS pinned to the namespace's own address."""
 
-    def __init__(self, host: Host, cluster: str, data_dir: str, log_path: str, port: int = NODE_PORT) -> None:
+    def __init__(self, host: Host, cluster: str, data_dir: str, log_path: str, port: int = NODE_PORT,
+                 extra: list[str] | None = None) -> None:
         self.host = host
+        self.extra = list(extra or [])  # more `meshq node` options (e.g. --min-free-bytes)
         self.cluster = cluster
         self.data_dir = data_dir
         self.log_path = log_path
@@ -100,7 +102,7 @@ class NsNode:
     def start(self, timeout_s: float = START_DEADLINE_S) -> NsNode:
         command = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "meshq", "node",
                    "--data", self.data_dir, "--host", self.host.address, "--port", str(self.port),
-                   "--interface", self.host.address, "--cluster", self.cluster]
+                   "--interface", self.host.address, "--cluster", self.cluster, *self.extra]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                             cwd=REPO, env=child_env())
@@ -237,8 +239,8 @@ class Lab:
         ip("netns", "add", name)
         self.created.append(name)
 
-    def start_node(self, host: Host) -> NsNode:
-        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log")
+    def start_node(self, host: Host, extra: list[str] | None = None) -> NsNode:
+        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log", extra=extra)
         self.nodes.append(node)
         return node.start()
 
