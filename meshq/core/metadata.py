@@ -18,6 +18,19 @@ assignments. Commands (msgpack maps):
   compare-and-set, so a stale or repeated proposal is a no-op), the voter *set* differs from
   the current one by at most one member, every added node is a member, and learners are
   members outside the voters. Each applied step bumps the version.
+* ``{"op": "rebuild", "topic", "partition", "version", "replicas", "epoch", "start", "lost", "known"}``
+  — a partition none of whose voters is a member any more (every replica was removed for
+  good: no copy is left) is recreated empty on ``replicas`` (its ring placement). Applied only
+  if ``version`` is the current configuration version and still no voter is a member; it
+  replaces voters and learners at once (no one-step rule: there is no old majority to
+  overlap) and bumps the version. ``start`` is the offset the new log starts at: the highest
+  log end offset the metadata leader heard a leader of the partition report (heartbeats),
+  never below an earlier rebuild's start, so no offset is handed out twice; ``epoch`` is
+  above every leader epoch it heard of, so a replica's first election lands above any epoch
+  an old copy may carry. ``lost``: ``[first, last]`` offsets that are gone (from the previous
+  rebuild's start, or 0), or None; ``known`` False when no leader of the partition was ever
+  heard from (then what was lost below ``start`` is unknown). ``docs/guarantees.md`` states
+  the window.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
@@ -41,6 +54,8 @@ class MetadataState:
         self.learners: dict[str, list[list[str]]] = {}
         self.versions: dict[str, list[int]] = {}
         self.ring = HashRing(())
+        # (topic, partition) -> the last rebuild applied: version, epoch, start, lost, known
+        self.rebuilds: dict[tuple[str, int], dict] = {}
         self._targets: dict[str, list[list[str]]] = {}
 
     def apply(self, index: int, command: dict) -> str | tuple[str, int] | None:
@@ -67,7 +82,51 @@ class MetadataState:
                 return config.name
         elif op == "reassign":
             return self._reassign(command)
+        elif op == "rebuild":
+            return self._rebuild(command)
         return None
+
+    def _rebuild(self, command: dict) -> tuple[str, int] | None:
+        topic, partition = command.get("topic"), command.get("partition")
+        if topic not in self.topics or not isinstance(partition, int) or not 0 <= partition < len(
+                self.assignments[topic]):
+            return None
+        key = (topic, partition)
+        if command.get("version") != self.versions[topic][partition] or key not in self.lost_partitions():
+            return None  # stale, repeated, or a copy is left after all: nothing to rebuild
+        voters = list(command.get("replicas") or [])
+        start, epoch = command.get("start"), command.get("epoch")
+        previous = self.rebuilds.get(key, {})
+        if (not voters or len(set(voters)) != len(voters) or not all(node in self.members for node in voters)
+                or not isinstance(start, int) or start < previous.get("start", 0)
+                or not isinstance(epoch, int) or epoch <= previous.get("epoch", 0)):
+            return None
+        self.assignments[topic][partition] = voters
+        self.learners[topic][partition] = []
+        self.versions[topic][partition] += 1
+        lost = command.get("lost")
+        self.rebuilds[key] = {"version": self.versions[topic][partition], "epoch": epoch, "start": start,
+                              "lost": list(lost) if lost else None, "known": bool(command.get("known"))}
+        return key
+
+    def lost_partitions(self) -> list[tuple[str, int]]:
+        """Partitions none of whose voters is a member: every replica was removed for good."""
+        if not self.members:
+            return []
+        return [(topic, p) for topic in sorted(self.assignments) for p, voters in enumerate(self.assignments[topic])
+                if not any(node in self.members for node in voters)]
+
+    def rebuild_command(self, topic: str, partition: int, known: tuple[int, int] | None) -> dict:
+        """The ``rebuild`` command for a lost partition; ``known``: (highest leader epoch, highest
+        log end offset) heard of it, None when nothing was."""
+        previous = self.rebuilds.get((topic, partition), {})
+        first = previous.get("start", 0)
+        epoch, end = known if known is not None else (0, 0)
+        start = max(end, first)
+        return {"op": "rebuild", "topic": topic, "partition": partition, "version": self.versions[topic][partition],
+                "replicas": self.target(topic, partition), "epoch": max(epoch, previous.get("epoch", 0)) + 1,
+                "start": start, "lost": [first, start - 1] if start > first else None,
+                "known": known is not None}
 
     def _reassign(self, command: dict) -> tuple[str, int] | None:
         topic, partition = command.get("topic"), command.get("partition")

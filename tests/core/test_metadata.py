@@ -152,3 +152,59 @@ def test_random_membership_changes_reach_the_ring_placement_in_single_steps(seed
         return  # every replica gone: nothing can move it (documented: the partition is lost)
     seen = drive(list(voters), [], target, members, rounds=40, dead=dead, leader=leader)
     assert seen[-1] == (target, []), seen
+
+
+def rebuild(meta: MetadataState, **changes):
+    command = {**meta.rebuild_command("t", 0, (4, 10)), **changes}
+    return meta.apply(meta.applied_index + 1, command)
+
+
+def test_a_partition_is_lost_only_once_none_of_its_voters_is_a_member():
+    meta = state_with(["a", "b", "c"], [["a"], ["b", "c"]])
+    assert meta.lost_partitions() == []
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c", "d"]}})
+    assert meta.lost_partitions() == [("t", 0)]
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "d"]}})
+    assert meta.lost_partitions() == [("t", 0)]  # b still holds partition 1
+
+
+def test_rebuild_starts_after_the_known_end_above_the_known_epoch_and_names_the_lost_offsets():
+    meta = state_with(["a", "b", "c"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    command = meta.rebuild_command("t", 0, (4, 10))
+    assert (command["start"], command["epoch"], command["lost"], command["known"]) == (10, 5, [0, 9], True)
+    assert command["replicas"] == meta.target("t", 0)
+    assert meta.apply(meta.applied_index + 1, command) == ("t", 0)
+    assert meta.partition_config("t", 0) == (command["replicas"], [], 1)
+    assert meta.rebuilds[("t", 0)] == {"version": 1, "epoch": 5, "start": 10, "lost": [0, 9], "known": True}
+    assert meta.lost_partitions() == []
+    # the same command again (a retried proposal) changes nothing: the version moved on
+    assert meta.apply(meta.applied_index + 1, command) is None
+
+
+def test_a_second_rebuild_never_starts_below_the_first_and_says_when_nothing_was_heard():
+    meta = state_with(["a", "b", "c"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    rebuild(meta, replicas=["b"])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["c"]}})
+    nothing_heard = meta.rebuild_command("t", 0, None)
+    assert (nothing_heard["start"], nothing_heard["lost"], nothing_heard["known"]) == (10, None, False)
+    assert nothing_heard["epoch"] == 6
+    older = meta.rebuild_command("t", 0, (2, 3))  # an end below the first rebuild's start
+    assert older["start"] == 10 and older["lost"] is None
+    # a command that would hand out offsets again, or reuse an epoch, is refused and changes nothing
+    assert meta.apply(meta.applied_index + 1, {**nothing_heard, "start": 9}) is None
+    assert meta.apply(meta.applied_index + 1, {**nothing_heard, "epoch": 5}) is None
+    assert meta.apply(meta.applied_index + 1, {**nothing_heard, "replicas": ["a"]}) is None  # not a member
+    assert meta.partition_config("t", 0) == (["b"], [], 1)
+    assert meta.apply(meta.applied_index + 1, nothing_heard) == ("t", 0)
+    assert meta.rebuilds[("t", 0)]["known"] is False and meta.partition_config("t", 0) == (["c"], [], 2)
+
+
+def test_a_rebuild_is_refused_while_a_voter_is_still_a_member():
+    meta = state_with(["a", "b", "c"], [["a", "b"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    command = {"op": "rebuild", "topic": "t", "partition": 0, "version": 0, "replicas": ["c"], "epoch": 1,
+               "start": 0, "lost": None, "known": False}
+    assert meta.apply(meta.applied_index + 1, command) is None
+    assert meta.partition_config("t", 0) == (["a", "b"], [], 0) and meta.rebuilds == {}

@@ -118,6 +118,12 @@ class Catalog(Room):
                 "target": self.meta.target(config.name, p) if len(self.meta.ring) else list(replicas),
                 "config_version": version,
             }
+            rebuild = self.meta.rebuilds.get((config.name, p))
+            if rebuild is not None:
+                # every replica was removed for good once: recreated empty from ``start_offset``
+                entry["rebuilt"] = {"epoch": rebuild["epoch"], "start_offset": rebuild["start"],
+                                    "lost_offsets": [list(rebuild["lost"])] if rebuild["lost"] else [],
+                                    "lost_unknown_below": None if rebuild["known"] else rebuild["start"]}
             if replica is not None:
                 # Only the leader knows who is in sync; merge_status prefers the leader's view.
                 entry["in_sync"] = replica.in_sync(self.core.now_s)

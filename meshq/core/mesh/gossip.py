@@ -159,8 +159,11 @@ class Mesh(Room):
             self.core.adverts.forget(message.body["node_id"])
 
     def _note_leads(self, sender: str, leads: list) -> None:
-        """Remember which partitions ``sender`` says it leads (routing hints; the leader decides)."""
-        for topic, partition, epoch in leads:
+        """Remember which partitions ``sender`` says it leads (routing hints; the leader decides),
+        and the log end offsets it reports (``agreement.note_lead``: where a rebuild would start)."""
+        for topic, partition, epoch, *end in leads:
+            if end:
+                self.core.agreement.note_lead(topic, partition, epoch, end[0])
             known = self.leader_hints.get((topic, partition))
             if known is None or epoch >= known[0]:
                 self.leader_hints[(topic, partition)] = (epoch, sender)

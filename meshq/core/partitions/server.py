@@ -159,6 +159,9 @@ class PartitionServer(Room):
         offset = body["offset"]
         high_watermark = state.high_watermark
         data = b""
+        rebuild = self.core.agreement.meta.rebuilds.get(state.key)
+        if rebuild is not None and offset < min(rebuild["start"], state.log.start_offset):
+            raise OffsetOutOfRangeError(lost_to_rebuild_message(state.topic, state.partition, offset, rebuild))
         if offset < high_watermark:
             # never more than one frame may carry (max_frame_bytes): a fetch asking for up to 1 GiB
             # would otherwise load that much of the log at once, and its reply would be refused
@@ -261,3 +264,14 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
             break
         end = pos + header.size
     return data[:end] if end != len(data) else data
+
+
+def lost_to_rebuild_message(topic: str, partition: int, offset: int, rebuild: dict) -> str:
+    """The error a consumer reading below a rebuilt partition's start gets (``metadata.py``, rebuild)."""
+    lost = rebuild["lost"]
+    what = (f"offsets {lost[0]}..{lost[1]} were lost" if lost else
+            "no offset is known to have been lost" if rebuild["known"] else
+            f"an unknown range of offsets below {rebuild['start']} was lost")
+    return (f"offset {offset} of {topic}/{partition} is gone: every replica of the partition was removed for "
+            f"good and it was rebuilt empty from offset {rebuild['start']} (epoch {rebuild['epoch']}); {what}. "
+            f"Continue from offset {rebuild['start']} (auto_offset_reset, or seek)")

@@ -1,0 +1,105 @@
+"""Rebuilding a lost partition (``rebuild`` in meshq.core.metadata, ``Agreement.rebuild_lost``):
+every replica removed for good -> recreated empty on its ring placement, writable again, its
+offsets continuing after the last log end offset its leaders reported."""
+
+from __future__ import annotations
+
+from tests.core.harness import CoreHarness
+from tests.core.rooms.conftest import Net, batch, create_topic, error_of, produce_body
+
+
+def fetch_body(offset: int, partition: int) -> dict:
+    return {"topic": "t", "partition": partition, "offset": offset, "max_bytes": 1 << 20, "max_wait_ms": 0}
+
+
+def lose_a_partition(replication_factor: int) -> tuple[Net, CoreHarness, int, list[str]]:
+    """n1..n3 (member_timeout_s 5) with topic ``t`` of six partitions; one partition none of whose
+    replicas is the metadata leader gets three records; then every replica of it is cut off.
+    Returns (net, metadata leader, that partition, its old replicas)."""
+    net = Net("n1", "n2", "n3", member_timeout_s=5.0)
+    leader = net.form()
+    create_topic(leader, "t", 6, replication_factor=replication_factor, net=net)
+    meta = leader.core.meta
+    partition = next(p for p in range(6) if leader.core.node_id not in meta.replicas("t", p))
+    replicas = list(meta.replicas("t", partition))
+    owner = net[replicas[0]]
+    key = ("t", partition)
+    net.run_until(lambda: key in owner.core.partitions and owner.core.partitions[key].replica.is_leader, within_s=5.0)
+    for i in range(3):
+        token = owner.request("produce", produce_body("t", partition, acks="quorum"),
+                              (batch([b"v%d" % i], base_sequence=i),), request_id=100 + i)
+        net.pump()
+        assert token is not None or any(r for r in owner.replies)
+    net.run(1.5)  # heartbeats carry the leader's log end offset to every node
+    assert leader.core.agreement.known_ends[("t", partition)][1] == 3
+    net.cut(*replicas)
+    return net, leader, partition, replicas
+
+
+def test_a_partition_whose_only_replica_was_removed_for_good_is_rebuilt_writable_after_its_last_offset():
+    net, leader, partition, (old,) = lose_a_partition(1)
+    key = ("t", partition)
+    net.run(4.0)
+    assert key not in leader.core.meta.rebuilds  # down, not yet removed for good: nothing is rebuilt
+    net.run_until(lambda: key in leader.core.meta.rebuilds, within_s=10.0)
+    meta = leader.core.meta
+    assert old not in meta.members
+    rebuild = meta.rebuilds[key]
+    assert rebuild["start"] == 3 and rebuild["lost"] == [0, 2] and rebuild["known"]
+    (new,) = meta.replicas(*key)
+    assert new != old and [new] == meta.target(*key)
+    replica = net[new]
+    net.run_until(lambda: key in replica.core.partitions and replica.core.partitions[key].replica.is_leader,
+                  within_s=5.0)
+    state = replica.core.partitions[key]
+    assert (state.log.start_offset, state.log.end_offset) == (3, 3)
+    assert state.replica.epoch > rebuild["epoch"] - 1  # elected above every epoch heard of
+    reply = replica.request("produce", produce_body("t", partition), (batch([b"after"], producer_id=7),))
+    assert reply.body["base_offset"] == 3  # offsets continue; 0..2 are never handed out again
+    code, message = error_of(replica.request("fetch", fetch_body(1, partition)))
+    assert code == "offset_out_of_range"
+    assert "offsets 0..2 were lost" in message and "rebuilt empty from offset 3" in message
+    status = replica.core.status.local_status()
+    entry = next(p for t in status["topics"] if t["name"] == "t" for p in t["partitions"] if p["partition"] == partition)
+    assert entry["rebuilt"] == {"epoch": rebuild["epoch"], "start_offset": 3, "lost_offsets": [[0, 2]],
+                                "lost_unknown_below": None}
+    # every partition that was only on the removed node is rebuilt, no other; every member agrees
+    held = [("t", p) for p in range(6) if meta.rebuilds.get(("t", p)) or old in meta.replicas("t", p)]
+    net.run_until(lambda: len(meta.rebuilds) == len(held), within_s=5.0)
+    assert sorted(meta.rebuilds) == held and not any(old in meta.replicas(*k) for k in held)
+    net.run_until(lambda: all(h.core.meta.rebuilds == meta.rebuilds for node_id, h in net.nodes.items()
+                              if node_id != old), within_s=5.0)
+
+
+def test_a_partition_with_both_replicas_removed_for_good_is_rebuilt_on_the_remaining_placement():
+    net = Net("n1", "n2", "n3", "n4", "n5", member_timeout_s=5.0)
+    leader = net.form()
+    create_topic(leader, "t", 6, replication_factor=2, net=net)
+    meta = leader.core.meta
+    partition = next(p for p in range(6) if leader.core.node_id not in meta.replicas("t", p))
+    key = ("t", partition)
+    replicas = list(meta.replicas(*key))
+    net.run_until(lambda: any(key in net[n].core.partitions and net[n].core.partitions[key].replica.is_leader
+                              for n in replicas), within_s=5.0)
+    first = next(net[n] for n in replicas if net[n].core.partitions[key].replica.is_leader)
+    for i in range(2):
+        first.request("produce", produce_body("t", partition, acks="quorum"), (batch([b"v%d" % i], base_sequence=i),))
+        net.pump()
+    net.run(1.5)
+    net.cut(*replicas)  # three of five stay: the metadata group removes both, one after the other
+    net.run_until(lambda: key in leader.core.meta.rebuilds, within_s=20.0)
+    assert not set(replicas) & set(leader.core.meta.members)
+    rebuild = leader.core.meta.rebuilds[key]
+    assert (rebuild["start"], rebuild["lost"]) == (2, [0, 1])
+    new = leader.core.meta.replicas(*key)
+    assert len(new) == 2 and not set(new) & set(replicas)
+    net.run_until(lambda: any(key in net[n].core.partitions and net[n].core.partitions[key].replica.is_leader
+                              for n in new), within_s=5.0)
+    now_leader = next(net[n] for n in new if net[n].core.partitions[key].replica.is_leader)
+    token = now_leader.request("produce", produce_body("t", partition, acks="quorum"),
+                               (batch([b"after"], producer_id=9),), request_id=501)
+    assert token is None  # answered once the other new replica holds it
+    net.run_until(lambda: any(r for r in now_leader.replies), within_s=5.0)
+    assert now_leader.core.partitions[key].high_watermark == 3
+    follower = net[next(n for n in new if net[n] is not now_leader)]
+    assert (follower.core.partitions[key].log.start_offset, follower.core.partitions[key].log.end_offset) == (2, 3)
