@@ -18,19 +18,20 @@ assignments. Commands (msgpack maps):
   compare-and-set, so a stale or repeated proposal is a no-op), the voter *set* differs from
   the current one by at most one member, every added node is a member, and learners are
   members outside the voters. Each applied step bumps the version.
-* ``{"op": "rebuild", "topic", "partition", "version", "replicas", "epoch", "start", "lost", "known"}``
+* ``{"op": "rebuild", "topic", "partition", "version", "replicas", "epoch", "first", "end", "start"}``
   — a partition none of whose voters is a member any more (every replica was removed for
   good: no copy is left) is recreated empty on ``replicas`` (its ring placement). Applied only
   if ``version`` is the current configuration version and still no voter is a member; it
   replaces voters and learners at once (no one-step rule: there is no old majority to
-  overlap) and bumps the version. ``start`` is the offset the new log starts at: the highest
-  log end offset the metadata leader heard a leader of the partition report (heartbeats),
-  never below an earlier rebuild's start, so no offset is handed out twice; ``epoch`` is
-  above every leader epoch it heard of, so a replica's first election lands above any epoch
-  an old copy may carry. ``lost``: ``[first, last]`` offsets that are gone (from the previous
-  rebuild's start, or 0), or None; ``known`` False when no leader of the partition was ever
-  heard from (then what was lost below ``start`` is unknown). ``docs/guarantees.md`` states
-  the window.
+  overlap) and bumps the version. ``first`` is where the lost log started counting (an
+  earlier rebuild's start, else 0); ``end`` the highest log end offset a leader of the
+  partition reported in its heartbeats (None: none was ever heard from); ``start``, where the
+  new log starts, lies past ``end`` by ``REBUILD_GAP`` or twice the largest growth seen
+  between two reports, whichever is more: offsets the leader may have handed out after its
+  last report reached the metadata leader are never handed out again. Offsets
+  ``first..end-1`` are lost; ``end..start-1`` are lost if they were handed out at all.
+  ``epoch`` is above every leader epoch heard of, so a replica's first election lands above
+  any epoch an old copy may carry. ``docs/guarantees.md`` states the window.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
@@ -40,6 +41,11 @@ from meshq.config import TopicConfig
 from meshq.core.ring import HashRing
 
 INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
+# How far at least a rebuilt log starts past the last log end offset reported (or past the
+# previous start when nothing was): what its leader handed out after its last heartbeat reached
+# the metadata leader is never handed out again; no leader hands out 2**24 offsets within one
+# heartbeat interval. A gap in offsets costs nothing (2**62 of them).
+REBUILD_GAP = 1 << 24
 
 
 class MetadataState:
@@ -104,9 +110,9 @@ class MetadataState:
         self.assignments[topic][partition] = voters
         self.learners[topic][partition] = []
         self.versions[topic][partition] += 1
-        lost = command.get("lost")
+        end = command.get("end")
         self.rebuilds[key] = {"version": self.versions[topic][partition], "epoch": epoch, "start": start,
-                              "lost": list(lost) if lost else None, "known": bool(command.get("known"))}
+                              "first": int(command.get("first") or 0), "end": end if isinstance(end, int) else None}
         return key
 
     def lost_partitions(self) -> list[tuple[str, int]]:
@@ -116,17 +122,18 @@ class MetadataState:
         return [(topic, p) for topic in sorted(self.assignments) for p, voters in enumerate(self.assignments[topic])
                 if not any(node in self.members for node in voters)]
 
-    def rebuild_command(self, topic: str, partition: int, known: tuple[int, int] | None) -> dict:
+    def rebuild_command(self, topic: str, partition: int, known: tuple[int, int, int] | None) -> dict:
         """The ``rebuild`` command for a lost partition; ``known``: (highest leader epoch, highest
-        log end offset) heard of it, None when nothing was."""
+        log end offset, largest growth of the end between two reports) heard of it, None when
+        nothing was."""
         previous = self.rebuilds.get((topic, partition), {})
         first = previous.get("start", 0)
-        epoch, end = known if known is not None else (0, 0)
-        start = max(end, first)
+        epoch, end, growth = known if known is not None else (0, first, 0)
+        end = max(end, first)
         return {"op": "rebuild", "topic": topic, "partition": partition, "version": self.versions[topic][partition],
                 "replicas": self.target(topic, partition), "epoch": max(epoch, previous.get("epoch", 0)) + 1,
-                "start": start, "lost": [first, start - 1] if start > first else None,
-                "known": known is not None}
+                "first": first, "end": end if known is not None else None,
+                "start": end + max(2 * growth, REBUILD_GAP)}
 
     def _reassign(self, command: dict) -> tuple[str, int] | None:
         topic, partition = command.get("topic"), command.get("partition")
@@ -176,6 +183,15 @@ class MetadataState:
         return sum(1 for topic in self.assignments for p in range(len(self.assignments[topic]))
                    if node_id in self.assignments[topic][p] or node_id in self.learners[topic][p])
 
+
+def describe_rebuild(rebuild: dict) -> str:
+    """What a rebuild (``MetadataState.rebuilds``, or a ``rebuild`` command) lost, in words."""
+    first, end, start = rebuild["first"], rebuild["end"], rebuild["start"]
+    if end is None:
+        return (f"no leader of it was ever heard from, so which of offsets {first}..{start - 1} had been handed out "
+                f"(and are lost) is unknown")
+    lost = f"offsets {first}..{end - 1} are lost" if end > first else f"no offset from {first} on is known lost"
+    return f"{lost}; offsets {end}..{start - 1} are lost too if they were handed out after the last report"
 
 def one_step(voters: list[str], new_voters: list[str], new_learners: list[str], members: dict) -> bool:
     """Whether ``(new_voters, new_learners)`` may follow ``voters`` as one reassignment step.

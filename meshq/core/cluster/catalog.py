@@ -121,9 +121,13 @@ class Catalog(Room):
             rebuild = self.meta.rebuilds.get((config.name, p))
             if rebuild is not None:
                 # every replica was removed for good once: recreated empty from ``start_offset``
-                entry["rebuilt"] = {"epoch": rebuild["epoch"], "start_offset": rebuild["start"],
-                                    "lost_offsets": [list(rebuild["lost"])] if rebuild["lost"] else [],
-                                    "lost_unknown_below": None if rebuild["known"] else rebuild["start"]}
+                # (lost_offsets: held by the removed replicas; unknown_offsets: lost if they were handed
+                # out after the last report of the log end reached the metadata leader)
+                first, end, start = rebuild["first"], rebuild["end"], rebuild["start"]
+                known_end = first if end is None else end
+                entry["rebuilt"] = {"epoch": rebuild["epoch"], "start_offset": start, "reported_end": end,
+                                    "lost_offsets": [[first, end - 1]] if end is not None and end > first else [],
+                                    "unknown_offsets": [[known_end, start - 1]]}
             if replica is not None:
                 # Only the leader knows who is in sync; merge_status prefers the leader's view.
                 entry["in_sync"] = replica.in_sync(self.core.now_s)

@@ -148,6 +148,7 @@ class PartitionHost(Room):
         if rebuild is not None and int((persisted or {}).get("cv", -1)) < rebuild["version"]:
             persisted = self._start_rebuilt(key, rebuild, voters, learners)
         state = PartitionState(topic, partition, self.core.storage.open_log(topic, partition))
+        state.rebuilt = rebuild is not None
         self.partitions[key] = state
         replica = Replica(
             self.node_id, state, voters, persisted, self.core.rng,

@@ -22,6 +22,7 @@ from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import SyncLogs
 from meshq.core.latency import LatencyHistogram
+from meshq.core.metadata import describe_rebuild
 from meshq.core.partition import AckWaiter, ParkedFetch, PartitionState
 from meshq.core.room import Room
 from meshq.errors import (
@@ -268,10 +269,7 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
 
 def lost_to_rebuild_message(topic: str, partition: int, offset: int, rebuild: dict) -> str:
     """The error a consumer reading below a rebuilt partition's start gets (``metadata.py``, rebuild)."""
-    lost = rebuild["lost"]
-    what = (f"offsets {lost[0]}..{lost[1]} were lost" if lost else
-            "no offset is known to have been lost" if rebuild["known"] else
-            f"an unknown range of offsets below {rebuild['start']} was lost")
     return (f"offset {offset} of {topic}/{partition} is gone: every replica of the partition was removed for "
-            f"good and it was rebuilt empty from offset {rebuild['start']} (epoch {rebuild['epoch']}); {what}. "
+            f"good and it was rebuilt empty from offset {rebuild['start']} (epoch {rebuild['epoch']}): "
+            f"{describe_rebuild(rebuild)}. "
             f"Continue from offset {rebuild['start']} (auto_offset_reset, or seek)")
