@@ -264,6 +264,20 @@ class Replica:
             self._reset_election_timer(now_s)
         self._on_change()
 
+    def superseded(self, leader: str, config_version: int, now_s: float) -> None:
+        """``leader`` leads this partition in a newer configuration than ours (heard from its
+        heartbeat): ours is out of date — the partition moved or was rebuilt while this node was
+        away, e.g. a sole replica removed for good that came back with its old copy. Stop leading
+        and do not campaign until the metadata brings the newer configuration (``set_config``)."""
+        if config_version <= self.config_version:
+            return
+        self._seen_cv = max(self._seen_cv, config_version)
+        if self.role != FOLLOWER:
+            log.warning("%s/%d: %s leads it in configuration %d, newer than ours (%d); %s stops leading until "
+                        "the metadata catches up", self.topic, self.partition, leader, config_version,
+                        self.config_version, self.node_id)
+            self._step_down(self.epoch, now_s, None)
+
     def reached(self, acks: str, needed: int, now_s: float) -> bool:
         """Whether a record ending at ``needed`` (exclusive) has reached ``acks``."""
         if acks == "leader":

@@ -38,8 +38,11 @@ def test_partitions_of_a_dead_node_are_rebuilt_and_no_offset_is_handed_out_twice
     assert result.stats["lost"] == 0
 
 
-@pytest.mark.parametrize("seed", [6, 7])
+@pytest.mark.parametrize("seed", [6, 7, 11, 12])
 def test_rebuilds_under_message_faults_and_kills_hand_out_no_offset_twice(seed):
+    """Seed 11: n3, back with its old copies in the liveness phase, led its old partitions (a second
+    coordinator of a rebuilt offsets partition: two group members held one partition) until a
+    replica learned to stop leading when a heartbeat names a newer configuration."""
     faults = FaultOptions(drop=0.01, duplicate=0.01, kill_rate=0.05, latency_s=(0.001, 0.02))
     result = Simulation(lost_node_options(seed, faults)).run()
     assert result.ok, f"{result.summary()}\n{result.violations[0]}"

@@ -161,9 +161,12 @@ class Mesh(Room):
     def _note_leads(self, sender: str, leads: list) -> None:
         """Remember which partitions ``sender`` says it leads (routing hints; the leader decides),
         and the log end offsets it reports (``agreement.note_lead``: where a rebuild would start)."""
-        for topic, partition, epoch, *end in leads:
-            if end:
-                self.core.agreement.note_lead(topic, partition, epoch, end[0])
+        for topic, partition, epoch, *more in leads:
+            if more:
+                end, config_version = more
+                self.core.agreement.note_lead(topic, partition, epoch, end)
+                if self.core.is_storage:
+                    self.core.host.on_lead_heard(topic, partition, sender, config_version)
             known = self.leader_hints.get((topic, partition))
             if known is None or epoch >= known[0]:
                 self.leader_hints[(topic, partition)] = (epoch, sender)

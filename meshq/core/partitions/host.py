@@ -276,6 +276,15 @@ class PartitionHost(Room):
             return  # not (yet) a replica here: the sender retries on its next heartbeat
         state.replica.handle(message.sender, message.type, body, message.payloads, now_s)
 
+    def on_lead_heard(self, topic: str, partition: int, sender: str, config_version: int) -> None:
+        """A heartbeat says ``sender`` leads ``topic/partition`` in replica configuration
+        ``config_version``: if that is newer than ours, our configuration is out of date (the
+        partition moved, or was rebuilt while this node was away): our replica stops leading and
+        campaigning until the metadata brings the newer configuration."""
+        state = self.partitions.get((topic, partition))
+        if state is not None and sender != self.node_id and config_version > state.replica.config_version:
+            state.replica.superseded(sender, config_version, self.core.now_s)
+
     def current_leader(self, topic: str, partition: int) -> str | None:
         """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
         state = self.partitions.get((topic, partition))
@@ -326,6 +335,7 @@ class PartitionHost(Room):
                    if state.replica.is_leader and len(state.replica.in_sync(now_s)) < len(state.replica.replicas))
 
     def leads(self) -> list[list]:
-        """``[topic, partition, epoch, log end offset]`` of each partition led here (heartbeats)."""
-        return [[topic, partition, state.replica.epoch, state.log.end_offset]
+        """``[topic, partition, epoch, log end offset, config version]`` of each partition led here
+        (heartbeats)."""
+        return [[topic, partition, state.replica.epoch, state.log.end_offset, state.replica.config_version]
                 for (topic, partition), state in sorted(self.partitions.items()) if state.replica.is_leader]

@@ -125,3 +125,31 @@ def test_a_producer_known_to_the_lost_log_continues_its_sequence_on_the_rebuilt_
     assert reply.body["base_offset"] == 3 + GAP  # a retry of it is the same batch, stored once
     assert error_of(replica.request("produce", produce_body("t", partition), (batch([b"v1"], base_sequence=1),)))[0] \
         == "out_of_order_sequence"  # an older batch arriving late is refused, never stored after a newer one
+
+
+def test_a_removed_replica_that_comes_back_stops_leading_once_it_hears_the_rebuilt_leader():
+    net, leader, partition, (old,) = lose_a_partition(1)
+    key = ("t", partition)
+    net.run_until(lambda: key in leader.core.meta.rebuilds, within_s=15.0)
+    (new,) = leader.core.meta.replicas(*key)
+    net.run_until(lambda: key in net[new].core.partitions and net[new].core.partitions[key].replica.is_leader,
+                  within_s=5.0)
+    zombie = net[old].core.partitions[key].replica
+    assert zombie.is_leader  # cut off, it never learned it was removed: its old copy still leads there
+    net.heal(old)
+    net.run_until(lambda: not zombie.is_leader, within_s=3.0)
+    assert net[new].core.partitions[key].replica.is_leader
+    # it rejoins: applying the rebuild deletes its old copy; where the ring places the partition
+    # now, every copy starts at the rebuild's start — no offset below it is served or handed out
+    start = leader.core.meta.rebuilds[key]["start"]
+
+    def settled() -> bool:
+        holders = [h for h in net.nodes.values() if key in h.core.partitions]
+        return (bool(holders) and sorted(h.core.node_id for h in holders) == sorted(leader.core.meta.replicas(*key))
+                and any(h.core.partitions[key].replica.is_leader for h in holders))
+
+    net.run_until(settled, within_s=30.0)
+    assert not zombie.is_leader
+    for h in net.nodes.values():
+        if key in h.core.partitions:
+            assert h.core.partitions[key].log.start_offset == start, h.core.node_id
