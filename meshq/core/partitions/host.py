@@ -280,7 +280,7 @@ class PartitionHost(Room):
         """A heartbeat says ``sender`` leads ``topic/partition`` in replica configuration
         ``config_version``: if that is newer than ours, our configuration is out of date (the
         partition moved, or was rebuilt while this node was away): our replica stops leading and
-        campaigning until the metadata brings the newer configuration."""
+        campaigning while that leader's heartbeats keep coming (``Replica.superseded``)."""
         state = self.partitions.get((topic, partition))
         if state is not None and sender != self.node_id and config_version > state.replica.config_version:
             state.replica.superseded(sender, config_version, self.core.now_s)
