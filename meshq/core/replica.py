@@ -278,8 +278,8 @@ class Replica:
             return
         self._superseded_until_s = max(self._superseded_until_s, now_s + 2 * self.election_timeout_s)
         if self.role != FOLLOWER:
-            log.warning("%s/%d: %s leads it in configuration %d, newer than ours (%d); %s stops leading until "
-                        "the metadata catches up", self.topic, self.partition, leader, config_version,
+            log.warning("%s/%d: %s leads it in configuration %d, newer than ours (%d); %s stops leading while "
+                        "that leader's heartbeats come", self.topic, self.partition, leader, config_version,
                         self.config_version, self.node_id)
             self._step_down(self.epoch, now_s, None)
 
