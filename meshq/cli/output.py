@@ -237,9 +237,20 @@ def _print_partitions(console: Console, status: dict) -> None:
     if troubled:
         console.print(f"[yellow]{len(troubled)} partition(s) under-replicated, leaderless or unknown: "
                       f"{escape(', '.join(troubled))}[/yellow]")
+    rebuilt = [rebuilt_note(f"{topic['name']}/{p['partition']}", p["rebuilt"])
+               for topic in status["topics"] for p in topic["partitions"] if p.get("rebuilt")]
+    if rebuilt:
+        console.print(f"[bold red]{len(rebuilt)} partition(s) rebuilt empty after every replica was removed for "
+                      f"good: {escape('; '.join(rebuilt))}[/bold red]")
     if status.get("handoffs"):
         console.print(f"[cyan]{status['handoffs']} handoff(s) in progress: partitions moving to their ring "
                       f"placement after a membership change[/cyan]")
+
+
+def rebuilt_note(name: str, rebuilt: dict) -> str:
+    """One rebuilt partition in words (``status`` ``rebuilt``: docs/operations.md)."""
+    lost = ", ".join(f"{a}..{b}" for a, b in rebuilt["lost_offsets"]) or "none known"
+    return f"{name} from offset {rebuilt['start_offset']} (lost: {lost})"
 
 
 def _group_line(group: dict) -> str:

@@ -21,6 +21,20 @@ assignments. Commands (msgpack maps):
 * ``{"op": "acl", "action": "grant"|"revoke", "name", "permission", "pattern"}`` — a client key's
   permission (``meshq.core.acl``): applied in log order, so every node holds the same grants; a
   repeated grant, a revoke of nothing and a malformed command change nothing.
+* ``{"op": "rebuild", "topic", "partition", "version", "replicas", "epoch", "first", "end", "start"}``
+  — a partition none of whose voters is a member any more (every replica was removed for
+  good: no copy is left) is recreated empty on ``replicas`` (its ring placement). Applied only
+  if ``version`` is the current configuration version and still no voter is a member; it
+  replaces voters and learners at once (no one-step rule: there is no old majority to
+  overlap) and bumps the version. ``first`` is where the lost log started counting (an
+  earlier rebuild's start, else 0); ``end`` the highest log end offset a leader of the
+  partition reported in its heartbeats (None: none was ever heard from); ``start``, where the
+  new log starts, lies past ``end`` by ``REBUILD_GAP`` or twice the largest growth seen
+  between two reports, whichever is more: offsets the leader may have handed out after its
+  last report reached the metadata leader are never handed out again. Offsets
+  ``first..end-1`` are lost; ``end..start-1`` are lost if they were handed out at all.
+  ``epoch`` is above every leader epoch heard of, so a replica's first election lands above
+  any epoch an old copy may carry. ``docs/guarantees.md`` states the window.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
@@ -31,6 +45,11 @@ from meshq.core.acl import Acl
 from meshq.core.ring import HashRing
 
 INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
+# How far at least a rebuilt log starts past the last log end offset reported (or past the
+# previous start when nothing was): what its leader handed out after its last heartbeat reached
+# the metadata leader is never handed out again; no leader hands out 2**24 offsets within one
+# heartbeat interval. A gap in offsets costs nothing (2**62 of them).
+REBUILD_GAP = 1 << 24
 
 
 class MetadataState:
@@ -46,6 +65,8 @@ class MetadataState:
         self.versions: dict[str, list[int]] = {}
         self.ring = HashRing(())
         self.acl = Acl()
+        # (topic, partition) -> the last rebuild applied: version, epoch, start, lost, known
+        self.rebuilds: dict[tuple[str, int], dict] = {}
         self._targets: dict[str, list[list[str]]] = {}
 
     def apply(self, index: int, command: dict) -> str | tuple[str, int] | None:
@@ -74,7 +95,52 @@ class MetadataState:
             return self._reassign(command)
         elif op == "acl":
             self.acl.apply(command)
+        elif op == "rebuild":
+            return self._rebuild(command)
         return None
+
+    def _rebuild(self, command: dict) -> tuple[str, int] | None:
+        topic, partition = command.get("topic"), command.get("partition")
+        if topic not in self.topics or not isinstance(partition, int) or not 0 <= partition < len(
+                self.assignments[topic]):
+            return None
+        key = (topic, partition)
+        if command.get("version") != self.versions[topic][partition] or key not in self.lost_partitions():
+            return None  # stale, repeated, or a copy is left after all: nothing to rebuild
+        voters = list(command.get("replicas") or [])
+        start, epoch = command.get("start"), command.get("epoch")
+        previous = self.rebuilds.get(key, {})
+        if (not voters or len(set(voters)) != len(voters) or not all(node in self.members for node in voters)
+                or not isinstance(start, int) or start < previous.get("start", 0)
+                or not isinstance(epoch, int) or epoch <= previous.get("epoch", 0)):
+            return None
+        self.assignments[topic][partition] = voters
+        self.learners[topic][partition] = []
+        self.versions[topic][partition] += 1
+        end = command.get("end")
+        self.rebuilds[key] = {"version": self.versions[topic][partition], "epoch": epoch, "start": start,
+                              "first": int(command.get("first") or 0), "end": end if isinstance(end, int) else None}
+        return key
+
+    def lost_partitions(self) -> list[tuple[str, int]]:
+        """Partitions none of whose voters is a member: every replica was removed for good."""
+        if not self.members:
+            return []
+        return [(topic, p) for topic in sorted(self.assignments) for p, voters in enumerate(self.assignments[topic])
+                if not any(node in self.members for node in voters)]
+
+    def rebuild_command(self, topic: str, partition: int, known: tuple[int, int, int] | None) -> dict:
+        """The ``rebuild`` command for a lost partition; ``known``: (highest leader epoch, highest
+        log end offset, largest growth of the end between two reports) heard of it, None when
+        nothing was."""
+        previous = self.rebuilds.get((topic, partition), {})
+        first = previous.get("start", 0)
+        epoch, end, growth = known if known is not None else (0, first, 0)
+        end = max(end, first)
+        return {"op": "rebuild", "topic": topic, "partition": partition, "version": self.versions[topic][partition],
+                "replicas": self.target(topic, partition), "epoch": max(epoch, previous.get("epoch", 0)) + 1,
+                "first": first, "end": end if known is not None else None,
+                "start": end + max(2 * growth, REBUILD_GAP)}
 
     def _reassign(self, command: dict) -> tuple[str, int] | None:
         topic, partition = command.get("topic"), command.get("partition")
@@ -124,6 +190,15 @@ class MetadataState:
         return sum(1 for topic in self.assignments for p in range(len(self.assignments[topic]))
                    if node_id in self.assignments[topic][p] or node_id in self.learners[topic][p])
 
+
+def describe_rebuild(rebuild: dict) -> str:
+    """What a rebuild (``MetadataState.rebuilds``, or a ``rebuild`` command) lost, in words."""
+    first, end, start = rebuild["first"], rebuild["end"], rebuild["start"]
+    if end is None:
+        return (f"no leader of it was ever heard from, so which of offsets {first}..{start - 1} had been handed out "
+                f"(and are lost) is unknown")
+    lost = f"offsets {first}..{end - 1} are lost" if end > first else f"no offset from {first} on is known lost"
+    return f"{lost}; offsets {end}..{start - 1} are lost too if they were handed out after the last report"
 
 def one_step(voters: list[str], new_voters: list[str], new_learners: list[str], members: dict) -> bool:
     """Whether ``(new_voters, new_learners)`` may follow ``voters`` as one reassignment step.

@@ -322,6 +322,7 @@ class NodeCore:
             self.formation.tick(now_s)
             self.agreement.admit_next(now_s)
             self.agreement.remove_silent_members(now_s)
+            self.agreement.rebuild_lost(now_s)
             self.leave.finish_leaves(now_s)
             self.leave.check_left(now_s)
             self.host.rebalance_tick(now_s)

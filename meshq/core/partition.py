@@ -71,6 +71,9 @@ class PartitionState:
         # The replication state (meshq.core.replica.Replica), attached by its constructor: it owns
         # the leader epoch and the high watermark.
         self.replica: Any = None
+        # the partition was rebuilt (every replica removed for good, metadata.py): a producer it does
+        # not know may continue at any sequence, its earlier batches went with the lost log
+        self.rebuilt = False
         # (epoch, first offset) of each epoch seen in the batch headers, found while rebuilding
         self.batch_epochs: list[tuple[int, int]] = []
         # (base_offset, next_offset, stored bytes) of the newest batches, contiguous, oldest first;
@@ -148,7 +151,7 @@ class PartitionState:
                 return entry.batches[-1][2]
             return None
         if entry is None or header.producer_epoch > entry.epoch or not entry.batches:
-            if header.base_sequence != 0:
+            if header.base_sequence != 0 and not (self.rebuilt and entry is None):
                 # A new producer (or epoch) starts at 0; anything else arrived ahead of its
                 # predecessors, or follows records this log no longer has: refuse, never guess.
                 raise OutOfOrderSequenceError(

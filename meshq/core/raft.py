@@ -354,6 +354,14 @@ class RaftNode:
 
     def _on_append(self, sender: str, body: dict, now_s: float) -> None:
         term = body["term"]
+        # Decoded first: an append carrying garbage is dropped before its term or leader is believed.
+        commands = []
+        for _entry_term, command_bytes in body["entries"]:
+            command = _decode_command(command_bytes)
+            if command is None:
+                log.warning("raft: dropped an append from %s carrying an undecodable command", sender)
+                return
+            commands.append(command)
         if term < self.term:
             self.send(sender, "raft_append_ok", {"term": self.term, "success": False, "match_index": -1,
                                                  "follower": self.node_id, "hint": len(self.entries)})
@@ -373,13 +381,6 @@ class RaftNode:
             self.send(sender, "raft_append_ok", {"term": self.term, "success": False, "match_index": -1,
                                                  "follower": self.node_id, "hint": max(0, hint)})
             return
-        commands = []
-        for _entry_term, command_bytes in body["entries"]:
-            command = _decode_command(command_bytes)
-            if command is None:
-                log.warning("raft: dropped an append from %s carrying an undecodable command", sender)
-                return
-            commands.append(command)
         index = prev_index
         appended = False
         for (entry_term, _bytes), command in zip(body["entries"], commands):

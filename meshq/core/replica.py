@@ -120,6 +120,8 @@ class Replica:
         self.config_version = config_version
         self._config_end = 0  # leader: own log end when this configuration was adopted
         self._seen_cv = config_version  # the newest configuration version any message carried
+        # no campaign before this: a heartbeat named a leader of this partition in a newer configuration
+        self._superseded_until_s = float("-inf")
         self.rng = rng
         self._send = send
         self._save = save
@@ -264,6 +266,23 @@ class Replica:
             self._reset_election_timer(now_s)
         self._on_change()
 
+    def superseded(self, leader: str, config_version: int, now_s: float) -> None:
+        """``leader`` leads this partition in a newer configuration than ours (heard from its
+        heartbeat): ours is out of date — the partition moved or was rebuilt while this node was
+        away, e.g. a sole replica removed for good that came back with its old copy. Stop leading,
+        and do not campaign for two election timeouts: each heartbeat of that leader (every
+        ``heartbeat_interval_s``) renews it, so while it leads we never do, and a forged or stale
+        heartbeat silences us for a bounded time only (a heartbeat is not proof enough to wait
+        for a configuration that may never come)."""
+        if config_version <= self.config_version:
+            return
+        self._superseded_until_s = max(self._superseded_until_s, now_s + 2 * self.election_timeout_s)
+        if self.role != FOLLOWER:
+            log.warning("%s/%d: %s leads it in configuration %d, newer than ours (%d); %s stops leading while "
+                        "that leader's heartbeats come", self.topic, self.partition, leader, config_version,
+                        self.config_version, self.node_id)
+            self._step_down(self.epoch, now_s, None)
+
     def reached(self, acks: str, needed: int, now_s: float) -> bool:
         """Whether a record ending at ``needed`` (exclusive) has reached ``acks``."""
         if acks == "leader":
@@ -338,7 +357,7 @@ class Replica:
             return
         self._maybe_save_hw(now_s)
         if now_s >= self.election_deadline_s:
-            if self._seen_cv > self.config_version:
+            if self._seen_cv > self.config_version or now_s < self._superseded_until_s:
                 # Our configuration is out of date (the metadata will bring the new one): a
                 # campaign could only disturb the replicas that already use it.
                 self._reset_election_timer(now_s)

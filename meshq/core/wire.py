@@ -262,10 +262,15 @@ EPOCH = Int(0, (1 << 31) - 1)  # stored in the batch header's signed 32-bit lead
 
 
 def _lead(value: Any, path: str) -> list:
-    """``[topic, partition, epoch]``: a partition the heartbeat's sender leads."""
-    if type(value) not in (list, tuple) or len(value) != 3:
-        raise _fail(path, "[topic, partition, epoch]", value)
-    return [NAME(value[0], path + "[0]"), PARTITION(value[1], path + "[1]"), EPOCH(value[2], path + "[2]")]
+    """``[topic, partition, epoch, end offset, config version]``: a partition the heartbeat's sender
+    leads, its log end offset (where a rebuild of the partition would start, ``metadata.py``) and
+    the replica configuration version it leads in; a node of an older version sends neither."""
+    if type(value) not in (list, tuple) or len(value) not in (3, 5):
+        raise _fail(path, "[topic, partition, epoch, end offset, config version]", value)
+    lead = [NAME(value[0], path + "[0]"), PARTITION(value[1], path + "[1]"), EPOCH(value[2], path + "[2]")]
+    if len(value) == 5:
+        lead += [Int(0, 1 << 62)(value[3], path + "[3]"), Int(0, (1 << 31) - 1)(value[4], path + "[4]")]
+    return lead
 
 
 # ``cv``: the sender's configuration version of the partition (replica set changes, metadata.py)

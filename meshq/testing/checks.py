@@ -88,7 +88,10 @@ class Checker:
         self.new_steps: list[tuple[str, int]] = []  # reassign steps committed since the simulator looked
         self.pubsub = PubSubChecker(sim)
         self.space = SpaceChecker()
-        self.counts = {"reassign_steps": 0, "timeout_removals": 0, "leave_removals": 0, "member_additions": 0}
+        self.counts = {"reassign_steps": 0, "timeout_removals": 0, "leave_removals": 0, "member_additions": 0,
+                       "rebuilds": 0}
+        # (topic, partition) -> the start offset of its last rebuild (every replica was removed for good)
+        self.rebuilt: dict[tuple[str, int], int] = {}
         self.power_losses: list[float] = []
         self.power_lost_values: set[bytes] = set()
         self.disk_lost_values: set[bytes] = set()
@@ -142,6 +145,16 @@ class Checker:
         for before, after in zip(records, records[1:]):
             if after.offset != before.offset + 1:
                 raise Violation(f"consumer saw {TOPIC_NAME}/{partition} jump from {before.offset} to {after.offset}")
+
+    def rebuilt_start(self, partition: int, offset: int, member: int) -> int | None:
+        """A consumer's fetch at ``offset`` was out of range: where a real consumer's reset to the
+        earliest offset lands if the partition was rebuilt past ``offset`` (None: not that case).
+        The consumer continues there: the offsets below were lost, which the rebuild reported."""
+        start = self.rebuilt.get((TOPIC_NAME, partition))
+        if start is None or offset >= start:
+            return None
+        self.consumer_next[(member, partition)] = start
+        return start
 
     def on_committed_read(self, committed: dict[int, int], acked: dict[int, int]) -> None:
         """A group member read the committed offsets: none may be below ``acked``, the commits
@@ -232,6 +245,10 @@ class Checker:
         changed = meta.apply(index, command)
         if command.get("op") == "acl":
             self.acl_history.append((index, meta.acl.listing()))
+        if command.get("op") == "rebuild":
+            if changed is not None:
+                self._check_rebuild(index, changed, command["start"])
+            return
         if command.get("op") == "config":
             for node_id in sorted(set(before) - set(meta.members)):
                 kind = "leave_removals" if before[node_id].get("leaving") else "timeout_removals"
@@ -245,6 +262,24 @@ class Checker:
                                 f"to {sorted(new)} in one step (a majority of each must overlap)")
             self.counts["reassign_steps"] += 1
             self.new_steps.append((topic, partition))
+
+    def _check_rebuild(self, index: int, key: tuple[str, int], start: int) -> None:
+        """A partition every replica of which was removed for good is rebuilt from ``start``: no
+        offset any copy of it ever held (on any node's disk, dead ones included: a kill loses
+        nothing appended) may be handed out again, nor any below an earlier rebuild's start."""
+        for node_id, node in sorted(self.sim.nodes.items()):
+            disk = node.storage._disks.get(key) if node.storage is not None else None
+            if disk is not None:
+                end = disk.segments[-1].end_offset if disk.segments else 0
+                if end > start:
+                    raise Violation(f"metadata entry {index} rebuilds {key[0]}/{key[1]} from offset {start}, but "
+                                    f"{node_id}'s copy handed out offsets up to {end - 1}: they would "
+                                    f"be handed out twice")
+        if start < self.rebuilt.get(key, 0):
+            raise Violation(f"metadata entry {index} rebuilds {key[0]}/{key[1]} from offset {start}, below the "
+                            f"start {self.rebuilt[key]} of its previous rebuild")
+        self.rebuilt[key] = start
+        self.counts["rebuilds"] += 1
 
     def _check_partition_leader(self, node_id: str, topic: str, partition: int, replica: Any) -> None:
         holder = self.partition_leaders.get((topic, partition, replica.epoch))
@@ -489,8 +524,12 @@ class Checker:
         produced = {a.value: a for a in sim.attempts}
         lost = []
         exempt_leader_acks = 0
+        lost_to_rebuild = 0
         for attempt in sim.attempts:
             if attempt.outcome != "ok" or attempt.acks == "none" or not self._guaranteed(attempt):
+                continue
+            if attempt.offset < self.rebuilt.get((TOPIC_NAME, attempt.partition), 0):
+                lost_to_rebuild += 1  # every copy of it was removed for good: what a rebuild reports lost
                 continue
             if attempt.acks == "leader" and any(t >= attempt.acked_s for t in
                                                 self.elections.get((TOPIC_NAME, attempt.partition), [])):
@@ -512,7 +551,8 @@ class Checker:
         self.history = {"acked": sum(1 for a in sim.attempts if a.outcome == "ok"),
                         "failed": sum(1 for a in sim.attempts if a.outcome == "failed"),
                         "lost": len(lost), "unexpected": len(unexpected), "duplicated_records": len(duplicated),
-                        "leader_acks_taken_back": exempt_leader_acks}
+                        "leader_acks_taken_back": exempt_leader_acks,
+                        **({"lost_to_rebuild": lost_to_rebuild} if lost_to_rebuild else {})}
         if lost:
             first = lost[0]
             raise Violation(f"{len(lost)} acknowledged records lost, e.g. {first.value!r} (acks={first.acks}) "

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from meshq.config import TopicConfig
-from meshq.core.metadata import MetadataState, next_step, one_step
+from meshq.core.metadata import MetadataState, describe_rebuild, next_step, one_step
 from meshq.core.ring import HashRing
 
 MEMBERS = {n: {"address": f"tcp://127.0.0.1:{i}", "pub_address": ""} for i, n in enumerate("abcde")}
@@ -152,3 +152,72 @@ def test_random_membership_changes_reach_the_ring_placement_in_single_steps(seed
         return  # every replica gone: nothing can move it (documented: the partition is lost)
     seen = drive(list(voters), [], target, members, rounds=40, dead=dead, leader=leader)
     assert seen[-1] == (target, []), seen
+
+
+GAP = 1 << 24
+
+
+def rebuild(meta: MetadataState, **changes):
+    command = {**meta.rebuild_command("t", 0, (4, 10, 0)), **changes}
+    return meta.apply(meta.applied_index + 1, command)
+
+
+def test_a_partition_is_lost_only_once_none_of_its_voters_is_a_member():
+    meta = state_with(["a", "b", "c"], [["a"], ["b", "c"]])
+    assert meta.lost_partitions() == []
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c", "d"]}})
+    assert meta.lost_partitions() == [("t", 0)]
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "d"]}})
+    assert meta.lost_partitions() == [("t", 0)]  # b still holds partition 1
+
+
+def test_rebuild_starts_past_the_reported_end_above_the_known_epoch_and_says_what_was_lost():
+    meta = state_with(["a", "b", "c"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    command = meta.rebuild_command("t", 0, (4, 10, 3))
+    assert (command["first"], command["end"], command["start"], command["epoch"]) == (0, 10, 10 + GAP, 5)
+    assert command["replicas"] == meta.target("t", 0)
+    assert meta.apply(meta.applied_index + 1, command) == ("t", 0)
+    assert meta.partition_config("t", 0) == (command["replicas"], [], 1)
+    assert meta.rebuilds[("t", 0)] == {"version": 1, "epoch": 5, "start": 10 + GAP, "first": 0, "end": 10}
+    assert describe_rebuild(meta.rebuilds[("t", 0)]) == (
+        f"offsets 0..9 are lost; offsets 10..{10 + GAP - 1} are lost too if they were handed out after the last report")
+    assert meta.lost_partitions() == []
+    # the same command again (a retried proposal) changes nothing: the version moved on
+    assert meta.apply(meta.applied_index + 1, command) is None
+
+
+def test_rebuild_starts_past_twice_the_largest_growth_between_reports_when_that_is_more_than_the_gap():
+    meta = state_with(["a", "b", "c"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    assert meta.rebuild_command("t", 0, (4, 10, GAP))["start"] == 10 + 2 * GAP
+
+
+def test_a_second_rebuild_never_starts_below_the_first_and_says_when_nothing_was_heard():
+    meta = state_with(["a", "b", "c", "d"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c", "d"]}})
+    rebuild(meta, replicas=["b"])  # from 10 + GAP
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["c", "d"]}})
+    older = meta.rebuild_command("t", 0, (2, 3, 0))  # an end below the first rebuild's start
+    assert (older["first"], older["end"], older["start"], older["epoch"]) == (10 + GAP, 10 + GAP, 10 + 2 * GAP, 6)
+    # a command that would hand out offsets again, or reuse an epoch, is refused and changes nothing
+    assert meta.apply(meta.applied_index + 1, {**older, "start": 9}) is None
+    assert meta.apply(meta.applied_index + 1, {**older, "epoch": 5}) is None
+    assert meta.apply(meta.applied_index + 1, {**older, "replicas": ["a"]}) is None  # not a member
+    assert meta.partition_config("t", 0) == (["b"], [], 1)
+    assert meta.apply(meta.applied_index + 1, {**older, "replicas": ["c"]}) == ("t", 0)
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["d"]}})
+    nothing_heard = meta.rebuild_command("t", 0, None)
+    assert (nothing_heard["end"], nothing_heard["start"]) == (None, 10 + 3 * GAP)
+    assert meta.apply(meta.applied_index + 1, nothing_heard) == ("t", 0)
+    assert meta.partition_config("t", 0) == (["d"], [], 3)
+    assert describe_rebuild(meta.rebuilds[("t", 0)]).startswith("no leader of it was ever heard from")
+
+
+def test_a_rebuild_is_refused_while_a_voter_is_still_a_member():
+    meta = state_with(["a", "b", "c"], [["a", "b"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    command = {"op": "rebuild", "topic": "t", "partition": 0, "version": 0, "replicas": ["c"], "epoch": 1,
+               "first": 0, "end": 0, "start": GAP}
+    assert meta.apply(meta.applied_index + 1, command) is None
+    assert meta.partition_config("t", 0) == (["a", "b"], [], 0) and meta.rebuilds == {}

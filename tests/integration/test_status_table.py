@@ -194,3 +194,15 @@ def test_a_node_whose_disk_is_full_is_marked_in_the_members_table():
     assert "disk full: refusing writes" in members
     assert members.count("disk full") == 1
     assert "\x1b[31mdisk full" in styled
+
+
+def test_a_rebuilt_partition_is_named_with_its_start_and_lost_offsets():
+    status = three_node_status()
+    orders = next(t for t in status["topics"] if t["name"] == "orders")
+    orders["partitions"][0]["rebuilt"] = {"epoch": 3, "start_offset": 16777221, "reported_end": 5,
+                                          "lost_offsets": [[0, 4]], "unknown_offsets": [[5, 16777220]]}
+    text, _ = rendered(status)
+    assert ("1 partition(s) rebuilt empty after every replica was removed for good: orders/0 from offset "
+            "16777221 (lost: 0..4)") in " ".join(text.split())
+    del orders["partitions"][0]["rebuilt"]
+    assert "rebuilt" not in rendered(status)[0]

@@ -12,6 +12,11 @@ both and:
 * serves the leader's side: a peer's ``raft_propose`` (create_topic, reassign, leave, acl),
   ``raft_join`` (a joiner is queued, becomes a learner at once, then a voter once caught up:
   one configuration change at a time), and removes a voter silent for ``member_timeout_s``;
+* rebuilds lost partitions (``rebuild_lost``, leader only): a partition none of whose voters
+  is a member any more (all removed for good) is recreated empty on its ring placement,
+  starting past the highest log end offset its leaders reported in their heartbeats
+  (``metadata.py``: ``REBUILD_GAP`` or twice the largest growth between two reports; ``note_lead``: every storage node keeps
+  them per partition, so a new metadata leader knows them too);
 * applies each committed command (``apply``): a topic agreed opens its local replicas, a
   replica-set step reconfigures one (``core.host``), a new configuration makes us meet
   voters we only know from the log.
@@ -28,7 +33,7 @@ import msgpack
 
 from meshq.config import TopicConfig, refuse_reserved_topic
 from meshq.core import wire
-from meshq.core.metadata import MetadataState
+from meshq.core.metadata import MetadataState, describe_rebuild
 from meshq.core.raft import LEADER, RaftNode
 from meshq.core.room import Room
 from meshq.errors import MeshqError, NotLeaderError, ProtocolError
@@ -58,6 +63,10 @@ class Agreement(Room):
         self._apply_waiters: list[tuple[int, int, Callable[[], None]]] = []  # (index, seq, callback)
         self._waiter_seq = 0
         self._join_queue: dict[str, dict] = {}  # leader only: storage nodes waiting to be added
+        # (topic, partition) -> (highest leader epoch, highest log end offset, largest growth of the
+        # end offset between two reports) its leaders reported in heartbeats
+        self.known_ends: dict[tuple[str, int], tuple[int, int, int]] = {}
+        self._rebuilding: dict[tuple[str, int], float] = {}  # leader: rebuild proposed, until this time
 
     def start(self, now_s: float) -> None:
         """Open the metadata log and start taking part in the group (storage nodes only)."""
@@ -170,12 +179,48 @@ class Agreement(Room):
                             peer, self.config.member_timeout_s)
             return
 
+    def note_lead(self, topic: str, partition: int, epoch: int, end_offset: int) -> None:
+        """A heartbeat says its sender leads ``topic/partition`` in ``epoch`` with its log ending
+        at ``end_offset``: remember the highest of each, and the largest growth of the end between
+        two reports (a rebuilt log starts past what the leader may have handed out since its
+        last report reached us)."""
+        key = (topic, partition)
+        known = self.known_ends.get(key)
+        if known is None:  # (the growth before the first report is unknown: the rebuild gap covers it)
+            self.known_ends[key] = (epoch, end_offset, 0)
+        else:
+            self.known_ends[key] = (max(known[0], epoch), max(known[1], end_offset),
+                                    max(known[2], end_offset - known[1]))
+
+    def rebuild_lost(self, now_s: float) -> None:
+        """Leader: propose a ``rebuild`` of each partition every replica of which was removed for good."""
+        raft = self.raft
+        if raft is None or raft.role != LEADER or not raft.is_member:
+            return
+        for key in self.meta.lost_partitions():
+            if self._rebuilding.get(key, 0.0) > now_s:
+                continue
+            topic, partition = key
+            command = self.meta.rebuild_command(topic, partition, self.known_ends.get(key))
+            deadline = now_s + self.config.request_timeout_s
+            self._rebuilding[key] = deadline
+            log.error("%s/%d: every replica (%s) was removed for good and no copy is left; rebuilding it empty "
+                      "on %s from offset %d, epoch %d: %s", topic, partition,
+                      ", ".join(self.meta.replicas(topic, partition)), ", ".join(command["replicas"]),
+                      command["start"], command["epoch"], describe_rebuild(command))
+            self.propose(command, now_s, deadline, lambda error, key=key: self._rebuilding.pop(key, None))
+
     def apply(self, index: int, command: dict) -> None:
         changed = self.meta.apply(index, command)
         if isinstance(changed, str) and self.core.is_storage:
             self.core.host.open_partitions(self.meta.topics[changed])
             log.info("topic %s (%d partitions) is agreed", changed, self.meta.topics[changed].partitions)
         elif isinstance(changed, tuple) and self.core.is_storage:
+            if command.get("op") == "rebuild":
+                rebuild = self.meta.rebuilds[changed]
+                log.warning("%s/%d was rebuilt empty on %s from offset %d (epoch %d): %s", changed[0], changed[1],
+                            ", ".join(self.meta.replicas(*changed)), rebuild["start"], rebuild["epoch"],
+                            describe_rebuild(rebuild))
             self.core.host.reconfigure_partition(changed)
         if command.get("op") == "config":
             for node_id, info in sorted(self.meta.members.items()):

@@ -122,6 +122,16 @@ class Catalog(Room):
                 "target": self.meta.target(config.name, p) if len(self.meta.ring) else list(replicas),
                 "config_version": version,
             }
+            rebuild = self.meta.rebuilds.get((config.name, p))
+            if rebuild is not None:
+                # every replica was removed for good once: recreated empty from ``start_offset``
+                # (lost_offsets: held by the removed replicas; unknown_offsets: lost if they were handed
+                # out after the last report of the log end reached the metadata leader)
+                first, end, start = rebuild["first"], rebuild["end"], rebuild["start"]
+                known_end = first if end is None else end
+                entry["rebuilt"] = {"epoch": rebuild["epoch"], "start_offset": start, "reported_end": end,
+                                    "lost_offsets": [[first, end - 1]] if end is not None and end > first else [],
+                                    "unknown_offsets": [[known_end, start - 1]]}
             if replica is not None:
                 # Only the leader knows who is in sync; merge_status prefers the leader's view.
                 entry["in_sync"] = replica.in_sync(self.core.now_s)

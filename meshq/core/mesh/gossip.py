@@ -159,8 +159,14 @@ class Mesh(Room):
             self.core.adverts.forget(message.body["node_id"])
 
     def _note_leads(self, sender: str, leads: list) -> None:
-        """Remember which partitions ``sender`` says it leads (routing hints; the leader decides)."""
-        for topic, partition, epoch in leads:
+        """Remember which partitions ``sender`` says it leads (routing hints; the leader decides),
+        and the log end offsets it reports (``agreement.note_lead``: where a rebuild would start)."""
+        for topic, partition, epoch, *more in leads:
+            if more:
+                end, config_version = more
+                self.core.agreement.note_lead(topic, partition, epoch, end)
+                if self.core.is_storage:
+                    self.core.host.on_lead_heard(topic, partition, sender, config_version)
             known = self.leader_hints.get((topic, partition))
             if known is None or epoch >= known[0]:
                 self.leader_hints[(topic, partition)] = (epoch, sender)

@@ -142,11 +142,16 @@ class PartitionHost(Room):
             return
         topic, partition = key
         voters, learners, version = self.meta.partition_config(topic, partition)
-        state = PartitionState(topic, partition, self.core.storage.open_log(topic, partition))
-        self.partitions[key] = state
         name = persisted_name(topic, partition)
+        persisted = self.core.storage.read_meta(name)
+        rebuild = self.meta.rebuilds.get(key)
+        if rebuild is not None and int((persisted or {}).get("cv", -1)) < rebuild["version"]:
+            persisted = self._start_rebuilt(key, rebuild, voters, learners)
+        state = PartitionState(topic, partition, self.core.storage.open_log(topic, partition))
+        state.rebuilt = rebuild is not None
+        self.partitions[key] = state
         replica = Replica(
-            self.node_id, state, voters, self.core.storage.read_meta(name), self.core.rng,
+            self.node_id, state, voters, persisted, self.core.rng,
             send=self.core.mesh.send_to_member,
             save=lambda value, name=name: self.core.storage.write_meta(name, value),
             request_sync=lambda key=key: self.out.emit(SyncLogs(frozenset([key]))),
@@ -163,6 +168,25 @@ class PartitionHost(Room):
         if replica.next_deadline() <= self.core.now_s:
             replica.on_timer(self.core.now_s)  # a sole or preferred replica campaigns at once
 
+    def _start_rebuilt(self, key: tuple[str, int], rebuild: dict, voters: list[str], learners: list[str]) -> dict:
+        """This node is a replica of a rebuilt partition (``metadata.py``, ``rebuild``) it has not
+        started yet: its log starts empty at the rebuild's start offset (whatever an older copy
+        here held is gone: the rebuild declared it lost), and its replica state at the rebuild's
+        epoch, above any epoch an old copy elsewhere may carry. Returns the replica state."""
+        storage, start = self.core.storage, rebuild["start"]
+        store = storage.open_log(*key)
+        if store.start_offset != start or store.end_offset != start:
+            store.close()
+            storage.delete_log(*key)
+            if start > 0:
+                storage.open_log(*key).restart_at(start)
+        persisted = {"epoch": rebuild["epoch"], "voted_for": None, "history": [], "hw": start,
+                     "cv": rebuild["version"], "voters": list(voters), "learners": list(learners)}
+        storage.write_meta(persisted_name(*key), persisted)
+        log.warning("%s/%d: starting the rebuilt partition here, empty from offset %d (epoch %d)", key[0], key[1],
+                    start, rebuild["epoch"])
+        return persisted
+
     def reconfigure_partition(self, key: tuple[str, int]) -> None:
         """A reassignment step of ``key`` was agreed: adopt it, start copying it, or let it go."""
         self._reassigning.pop(key, None)
@@ -170,6 +194,11 @@ class PartitionHost(Room):
         state = self.partitions.get(key)
         if state is not None and version <= state.replica.config_version:
             return  # replaying the metadata log: the replica already knew a newer configuration
+        rebuild = self.meta.rebuilds.get(key)
+        if state is not None and rebuild is not None and rebuild["version"] == version:
+            # an old copy here (a learner's, at most) of a partition that was rebuilt: it starts afresh
+            self._delete_copy(key, state, "the partition was rebuilt")
+            state = None
         if self.node_id in voters or self.node_id in learners:
             if state is None:
                 log.info("%s/%d: now a %s here; copying it from the leader", key[0], key[1],
@@ -247,6 +276,15 @@ class PartitionHost(Room):
             return  # not (yet) a replica here: the sender retries on its next heartbeat
         state.replica.handle(message.sender, message.type, body, message.payloads, now_s)
 
+    def on_lead_heard(self, topic: str, partition: int, sender: str, config_version: int) -> None:
+        """A heartbeat says ``sender`` leads ``topic/partition`` in replica configuration
+        ``config_version``: if that is newer than ours, our configuration is out of date (the
+        partition moved, or was rebuilt while this node was away): our replica stops leading and
+        campaigning while that leader's heartbeats keep coming (``Replica.superseded``)."""
+        state = self.partitions.get((topic, partition))
+        if state is not None and sender != self.node_id and config_version > state.replica.config_version:
+            state.replica.superseded(sender, config_version, self.core.now_s)
+
     def current_leader(self, topic: str, partition: int) -> str | None:
         """Best knowledge of a partition's leader: our own replica's, else the heartbeats'."""
         state = self.partitions.get((topic, partition))
@@ -297,5 +335,7 @@ class PartitionHost(Room):
                    if state.replica.is_leader and len(state.replica.in_sync(now_s)) < len(state.replica.replicas))
 
     def leads(self) -> list[list]:
-        return [[topic, partition, state.replica.epoch] for (topic, partition), state in sorted(self.partitions.items())
-                if state.replica.is_leader]
+        """``[topic, partition, epoch, log end offset, config version]`` of each partition led here
+        (heartbeats)."""
+        return [[topic, partition, state.replica.epoch, state.log.end_offset, state.replica.config_version]
+                for (topic, partition), state in sorted(self.partitions.items()) if state.replica.is_leader]

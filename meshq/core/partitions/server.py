@@ -22,6 +22,7 @@ from meshq.core import batch as batch_format
 from meshq.core import wire
 from meshq.core.events import SyncLogs
 from meshq.core.latency import LatencyHistogram
+from meshq.core.metadata import describe_rebuild
 from meshq.core.partition import AckWaiter, ParkedFetch, PartitionState
 from meshq.core.room import Room
 from meshq.errors import (
@@ -161,6 +162,9 @@ class PartitionServer(Room):
         offset = body["offset"]
         high_watermark = state.high_watermark
         data = b""
+        rebuild = self.core.agreement.meta.rebuilds.get(state.key)
+        if rebuild is not None and offset < min(rebuild["start"], state.log.start_offset):
+            raise OffsetOutOfRangeError(lost_to_rebuild_message(state.topic, state.partition, offset, rebuild))
         if offset < high_watermark:
             # never more than one frame may carry (max_frame_bytes): a fetch asking for up to 1 GiB
             # would otherwise load that much of the log at once, and its reply would be refused
@@ -264,3 +268,11 @@ def _cut_at_offset(data: bytes, high_watermark: int) -> bytes:
             break
         end = pos + header.size
     return data[:end] if end != len(data) else data
+
+
+def lost_to_rebuild_message(topic: str, partition: int, offset: int, rebuild: dict) -> str:
+    """The error a consumer reading below a rebuilt partition's start gets (``metadata.py``, rebuild)."""
+    return (f"offset {offset} of {topic}/{partition} is gone: every replica of the partition was removed for "
+            f"good and it was rebuilt empty from offset {rebuild['start']} (epoch {rebuild['epoch']}): "
+            f"{describe_rebuild(rebuild)}. "
+            f"Continue from offset {rebuild['start']} (auto_offset_reset, or seek)")

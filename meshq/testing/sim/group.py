@@ -198,7 +198,10 @@ class SimMember:
         if not isinstance(effect, Resolve):
             try:
                 if self.state.on_fetch_failed(spec, effect.error, self.sim.now_s):
-                    self.state.reset(spec.partition, 0)
+                    # the earliest offset: a rebuilt partition's start (the lost offsets are reported), else 0
+                    start = self.sim.checker.rebuilt_start(spec.partition, spec.offset,
+                                                           100_000 * self.index + self.episode)
+                    self.state.reset(spec.partition, start or 0)
             except MeshqError as exc:  # not retriable: the real consumer raises it; here it drops the partition
                 self.sim.log(f"group: {self.name}: {type(exc).__name__}: {exc}")
                 self.state.seek(spec.partition, self.state.position(spec.partition))

@@ -69,6 +69,8 @@ class SimOptions:
     # (node, from, until): a kill that outlasts member_timeout_s; until None = the liveness phase
     outage: tuple[str, float, float | None] | None = None
     member_timeout_s: float = 60.0
+    # of every topic; below 3 an outage can remove every replica of a partition (it is rebuilt)
+    replication_factor: int = 3
     calling_threads: int = 0  # per client: threads whose Node.produce is sent from the thread itself
     # the consumer group's members on nodes g1, g2 (meshq.testing.sim.group); False: no such nodes
     # (their gossip lets a client cut off from every storage node relearn them without its seeds)

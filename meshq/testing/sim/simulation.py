@@ -166,7 +166,7 @@ class Simulation:
             seeds = tuple(f"{n}:1" for n in self.options.storage_ids[:self.options.nodes])
         return NodeConfig(cluster=CLUSTER, node_id=node.node_id, role=node.role,  # type: ignore[arg-type]
                           data_dir="/sim" if node.role == "storage" else None, seeds=seeds, mdns=False,
-                          replication_factor=3, partitions=self.options.partitions,
+                          replication_factor=self.options.replication_factor, partitions=self.options.partitions,
                           fsync=self.options.fsync,  # type: ignore[arg-type]
                           request_timeout_s=2.0, member_timeout_s=self.options.member_timeout_s,
                           retention_check_interval_s=5.0)

@@ -247,8 +247,12 @@ class SimConsumer:
                     sim.log(f"consumer: {type(exc).__name__}: {exc}; the member restarts")
                     self.state = None
                     return
-                if reset:  # out of range (no retention here, so a restart finds it again)
-                    self.state = None
+                if reset:  # out of range: rebuilt past it, else (no retention here) a restart finds it again
+                    start = sim.checker.rebuilt_start(spec.partition, spec.offset, self.generation)
+                    if start is not None:
+                        self.state.reset(spec.partition, start)
+                    else:
+                        self.state = None
 
             sim.feed(node, Fetch(TOPIC, spec.partition, spec.offset, max_wait_s=0.2, deadline_s=sim.now_s + 2.0,
                                  waiter=done))

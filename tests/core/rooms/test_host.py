@@ -17,7 +17,7 @@ def syncs(effects: list) -> list[frozenset]:
 def test_a_topic_agreed_opens_a_replica_of_each_partition_assigned_here_and_leads_it(lone):
     create_topic(lone, "t", 3)
     assert sorted(lone.core.partitions) == [("t", 0), ("t", 1), ("t", 2)]
-    assert lone.core.host.leads() == [["t", 0, 1], ["t", 1, 1], ["t", 2, 1]]
+    assert lone.core.host.leads() == [["t", 0, 1, 0, 0], ["t", 1, 1, 0, 0], ["t", 2, 1, 0, 0]]
     assert lone.core.host.current_leader("t", 2) == "n1"
 
 
