@@ -7,7 +7,10 @@ A group's offsets live in one partition of the internal compacted topic
 is the group's coordinator. A commit is a record batch appended to that partition and
 acknowledged like ``acks=quorum`` records, so a failover cannot rewind a group; the leader
 also keeps the latest offset per (group, topic, partition) in memory, rebuilt from the log
-whenever it takes over leadership of an offsets partition and dropped when it loses it.
+whenever it takes over leadership of an offsets partition and dropped when it loses it. Reads
+(``offset_fetch``) are answered only under a valid lease, as writes are: a leader that was paused
+or cut off may already be deposed without knowing it, and its offsets would miss the commits made
+since (a committed offset seen to go back).
 Group membership (who reads which partitions) is the sibling room ``coordinator``
 (``meshq.core.partitions.coordinator``); a commit that names a member is checked there first.
 """
@@ -69,7 +72,11 @@ class Groups(Room):
     def serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         group, topic = message.body["group"], message.body["topic"]
         self.core.access.check("consume", topic)
-        self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        state = self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        # Like a write, a read needs the lease: a leader that was paused or cut off may have been
+        # deposed without knowing it yet, and its offsets miss every commit made since — answering
+        # from them would take acknowledged commits back.
+        self.core.server.check_lease(state, now_s)
         offsets = [
             {"topic": t, "partition": p, "offset": o}
             for (g, t, p), o in sorted(self.group_offsets.items())

@@ -128,3 +128,34 @@ def test_a_stored_record_that_is_not_a_commit_does_not_stop_a_coordinator_from_t
     h.sync(list(h.core.partitions))
     again = CoreHarness("n1", storage=storage, partitions=1)  # takes over the partition: replays it
     assert again.core.groups.group_offsets == {("g", "t", 0): 3}
+
+
+def test_a_deposed_coordinator_that_has_not_learnt_it_yet_refuses_to_read_offsets_rather_than_go_back():
+    # A coordinator paused (or cut off) long enough for another replica to take over still thinks
+    # it leads when it resumes: its in-memory offsets miss the commits made since. Reading them
+    # would take an acknowledged commit back (seen in the simulator under pauses: "committed
+    # offset went back from 82 to 78"); like a write, a read needs the leader's lease.
+    net = Net("n1", "n2", "n3", partitions=1, replication_factor=3)
+    net.form()
+    net["n1"].request("metadata", {"topics": [OFFSETS_TOPIC], "auto_create": False})
+    net.run(1.0)
+    old = net[net["n1"].core.partitions[(OFFSETS_TOPIC, 0)].replica.leader]
+    commit(old, "g", {("t", 0): 78})
+    net.run(0.3)
+    assert answers(old)[77].type == "offset_commit_ok"
+    paused = net.nodes.pop(old.core.node_id)  # a paused process: no timer fires, nothing arrives
+    rest = list(net.nodes.values())
+    net.run_until(lambda: any(h.core.partitions[(OFFSETS_TOPIC, 0)].replica.is_leader for h in rest), 30.0)
+    new = next(h for h in rest if h.core.partitions[(OFFSETS_TOPIC, 0)].replica.is_leader)
+    commit(new, "g", {("t", 0): 82})
+    net.run(0.3)
+    assert answers(new)[77].type == "offset_commit_ok"
+    assert committed(new, "g", "t") == {("t", 0): 82}
+    net.nodes[paused.core.node_id] = paused  # it resumes and is asked before it hears of the new leader
+    assert paused.core.partitions[(OFFSETS_TOPIC, 0)].replica.is_leader
+    reply = paused.request("offset_fetch", {"group": "g", "topic": "t"})
+    assert reply.type != "offset_fetch_ok" or reply.body["offsets"] != [{"topic": "t", "partition": 0, "offset": 78}]
+    assert error_of(reply)[0] == "not_enough_replicas"
+    net.run_until(lambda: not paused.core.partitions[(OFFSETS_TOPIC, 0)].replica.is_leader, 30.0)
+    net.run(0.5)
+    assert committed(new, "g", "t") == {("t", 0): 82}
