@@ -132,6 +132,7 @@ class CommitOffsets:
     waiter: Any = None
     member: str | None = None
     generation: int = -1
+    seq: int = -1  # set once by the core: this node's commits in the order they were asked
 
 
 @dataclass(slots=True)

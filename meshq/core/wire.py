@@ -374,7 +374,8 @@ SCHEMAS: dict[str, Schema] = {
     # ``member``/``generation``: a group member's commit, refused unless that generation is the
     # coordinator's and the member holds the partitions (meshq.core.partitions.coordinator)
     "offset_commit": Schema(StructWithOptional({"group": NAME, "offsets": ListOf(TOPIC_PARTITION_OFFSET, 100_000)},
-                                               {"member": MEMBER_ID, "generation": GENERATION})),
+                                               {"member": MEMBER_ID, "generation": GENERATION,
+                                                "session": Int(0, 1 << 62), "seq": Int(0, 1 << 62)})),
     "offset_commit_ok": Schema(Struct()),
     "offset_fetch": Schema(Struct(group=NAME, topic=NAME)),
     "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),

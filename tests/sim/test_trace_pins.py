@@ -25,9 +25,9 @@ from meshq.testing.sim import run_seed
 PINS = {
     0: "6cb01efb083d5765", 1: "fc1a70e3edc1ada1", 2: "7bac527860dfaad8", 3: "b13320f324192af0",
     4: "25495f36260cba76", 5: "63d67981ffea507c", 6: "6b82e918db0abcdb", 7: "533ad991e773c94c",
-    8: "97e25fc83cd766ac", 12: "93049738fce4009c", 15: "0303a9a25c5983f7", 16: "fff3d0bdbe0cd5ff",
-    20: "2061d8413191967e", 21: "15928681af0d1bba", 22: "236aacba2ca18900", 25: "8bf5f55b74ca0400",
-    29: "0057244284a1c38f", 37: "0cab79ff6f0cff2a", 38: "faf2fb05af4c82ca", 45: "4f1c18c6e217dd49",
+    8: "97e25fc83cd766ac", 12: "37089d6aff5e2b56", 15: "0303a9a25c5983f7", 16: "fff3d0bdbe0cd5ff",
+    20: "2061d8413191967e", 21: "15928681af0d1bba", 22: "236aacba2ca18900", 25: "f29053a1d7787233",
+    29: "d9d50a6f8ae3b403", 37: "0cab79ff6f0cff2a", 38: "faf2fb05af4c82ca", 45: "4f1c18c6e217dd49",
 }
 
 

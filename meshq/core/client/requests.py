@@ -93,6 +93,10 @@ class Requests(Room):
     COMMANDS = dict.fromkeys(KINDS, "run")
     TIMERS = {"command_retry": "_retry_command", "wait_ready": "_retry_wait_ready", "routed_retry": "_routed_resume"}
 
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        self._commit_seq = 0  # commits asked so far: each carries its number (offset_commit ``seq``)
+
     def run(self, command: Command, now_s: float) -> None:
         name = self.KINDS.get(type(command))
         if name is None:
@@ -283,7 +287,11 @@ class Requests(Room):
 
     def _cmd_commit(self, command: Command, now_s: float) -> None:
         offsets = [{"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(command.offsets.items())]
-        body = {"group": command.group, "offsets": offsets}
+        if command.seq < 0:  # once per command: every attempt (and a command run again) carries it
+            self._commit_seq += 1
+            command.seq = self._commit_seq
+        # (this incarnation, its order): an attempt delayed past a later commit is not applied after it
+        body = {"group": command.group, "offsets": offsets, "session": self.core.incarnation, "seq": command.seq}
         if command.member is not None:  # a group member's commit: the coordinator checks it holds them
             body.update(member=command.member, generation=command.generation)
         self._coordinator_command(command, now_s, "offset_commit", body, lambda m: None)

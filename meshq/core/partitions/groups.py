@@ -7,7 +7,10 @@ A group's offsets live in one partition of the internal compacted topic
 is the group's coordinator. A commit is a record batch appended to that partition and
 acknowledged like ``acks=quorum`` records, so a failover cannot rewind a group; the leader
 also keeps the latest offset per (group, topic, partition) in memory, rebuilt from the log
-whenever it takes over leadership of an offsets partition and dropped when it loses it.
+whenever it takes over leadership of an offsets partition and dropped when it loses it. Reads
+(``offset_fetch``) are answered only under a valid lease, as writes are: a leader that was paused
+or cut off may already be deposed without knowing it, and its offsets would miss the commits made
+since (a committed offset seen to go back).
 Group membership (who reads which partitions) is the sibling room ``coordinator``
 (``meshq.core.partitions.coordinator``); a commit that names a member is checked there first.
 """
@@ -28,6 +31,8 @@ from meshq.errors import CorruptLogError
 
 log = logging.getLogger("meshq.core")
 
+MAX_COMMITTERS = 100_000  # (committer, partition) entries whose latest commit order is kept, per node
+
 
 class Groups(Room):
     """Committed offsets of consumer groups (see the module docstring)."""
@@ -37,6 +42,8 @@ class Groups(Room):
     def __init__(self, core: Any) -> None:
         super().__init__(core)
         self.group_offsets: dict[tuple[str, str, int], int] = {}  # (group, topic, partition) -> offset
+        # (group, committer node, its incarnation, topic, partition) -> the committer's latest seq applied
+        self.applied_seq: dict[tuple[str, str, int, str, int], int] = {}
 
     def serve_offset_commit(self, route: Any, message: wire.Message, now_s: float) -> None:
         group = message.body["group"]
@@ -47,20 +54,36 @@ class Groups(Room):
             self.core.coordinator.check_commit(
                 group, message.body["member"], message.body.get("generation", -1),
                 [(entry["topic"], entry["partition"]) for entry in message.body["offsets"]])
-        records = []
-        now_ms = self.core.wall_clock_ms()
-        for entry in message.body["offsets"]:
-            key = msgpack.packb([group, entry["topic"], entry["partition"]])
-            records.append((key, msgpack.packb(entry["offset"]), None, now_ms))
-        if not records:
+        entries = message.body["offsets"]
+        if not entries:
             self.out.reply(route, message.request_id, "offset_commit_ok", {})
             return
         self.core.server.check_lease(state, now_s)
-        data = batch_format.encode_batch(records)
-        self.core.space.append(state, data, batch_format.parse_header(data), now_ms, now_s)
-        self.core.server.on_appended(state, now_s)
-        for entry in message.body["offsets"]:
+        seq = message.body.get("seq")
+        if seq is not None:
+            # An attempt of a commit delayed on the wire past a later commit of the same committer (its
+            # retry was answered, then the next commit was made) must not take the offsets back: each
+            # entry a later commit of this committer already set is superseded, and not stored.
+            committer = (group, message.sender, message.body.get("session", 0))
+            entries = [e for e in entries
+                       if self.applied_seq.get((*committer, e["topic"], e["partition"]), -1) <= seq]
+        records = []
+        now_ms = self.core.wall_clock_ms()
+        for entry in entries:
+            key = msgpack.packb([group, entry["topic"], entry["partition"]])
+            records.append((key, msgpack.packb(entry["offset"]), None, now_ms))
+        if records:
+            data = batch_format.encode_batch(records)
+            self.core.space.append(state, data, batch_format.parse_header(data), now_ms, now_s)
+            self.core.server.on_appended(state, now_s)
+        for entry in entries:
             self.group_offsets[(group, entry["topic"], entry["partition"])] = entry["offset"]
+            if seq is not None:
+                key = (*committer, entry["topic"], entry["partition"])
+                self.applied_seq.pop(key, None)  # re-inserted last: the oldest entries go first
+                self.applied_seq[key] = seq
+        while len(self.applied_seq) > MAX_COMMITTERS:
+            del self.applied_seq[next(iter(self.applied_seq))]
 
         # Committed offsets are as durable as acks=quorum records: a failover cannot rewind a group.
         self.core.server.wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s,
@@ -69,7 +92,11 @@ class Groups(Room):
     def serve_offset_fetch(self, route: Any, message: wire.Message, now_s: float) -> None:
         group, topic = message.body["group"], message.body["topic"]
         self.core.access.check("consume", topic)
-        self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        state = self.core.server.leader_state(OFFSETS_TOPIC, self.offsets_partition(group))
+        # Like a write, a read needs the lease: a leader that was paused or cut off may have been
+        # deposed without knowing it yet, and its offsets miss every commit made since — answering
+        # from them would take acknowledged commits back.
+        self.core.server.check_lease(state, now_s)
         offsets = [
             {"topic": t, "partition": p, "offset": o}
             for (g, t, p), o in sorted(self.group_offsets.items())
@@ -91,6 +118,8 @@ class Groups(Room):
         else:
             for group_key in [k for k in self.group_offsets if self.offsets_partition(k[0]) == key[1]]:
                 del self.group_offsets[group_key]
+            for seq_key in [k for k in self.applied_seq if self.offsets_partition(k[0]) == key[1]]:
+                del self.applied_seq[seq_key]
 
     def lag_report(self) -> list[dict]:
         """Each group's committed offsets with the partition's high watermark as this node sees it,
