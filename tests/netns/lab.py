@@ -80,8 +80,10 @@ class Host:
 class NsNode:
     """`meshq node` inside one namespace, mDNS pinned to the namespace's own address."""
 
-    def __init__(self, host: Host, cluster: str, data_dir: str, log_path: str, port: int = NODE_PORT) -> None:
+    def __init__(self, host: Host, cluster: str, data_dir: str, log_path: str, port: int = NODE_PORT,
+                 keys: str | None = None) -> None:
         self.host = host
+        self.keys = keys  # the cluster's key set directory (DIR/cluster) when the lab runs with keys
         self.cluster = cluster
         self.data_dir = data_dir
         self.log_path = log_path
@@ -101,6 +103,8 @@ class NsNode:
         command = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "meshq", "node",
                    "--data", self.data_dir, "--host", self.host.address, "--port", str(self.port),
                    "--interface", self.host.address, "--cluster", self.cluster]
+        if self.keys is not None:
+            command += ["--keys", self.keys]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                             cwd=REPO, env=child_env())
@@ -129,11 +133,12 @@ class NsWriter:
     and lands in ``self.log`` (a ``tests.multinode.helpers.WriteLog``). Closing its stdin stops it."""
 
     def __init__(self, host: Host, cluster: str, name: str, seeds: list[str], topic: str, partitions: int,
-                 log_path: str) -> None:
+                 log_path: str, keys: str | None = None) -> None:
         from tests.multinode.helpers import WriteLog
 
         self.host, self.cluster, self.name, self.seeds = host, cluster, name, seeds
         self.topic, self.partitions, self.log_path = topic, partitions, log_path
+        self.keys = keys  # a client key set directory (DIR/clients/NAME) when the lab runs with keys
         self.log = WriteLog()
         self.ready = threading.Event()
         self.done: dict[str, Any] | None = None
@@ -146,6 +151,8 @@ class NsWriter:
                    "--name", self.name, "--partitions", str(self.partitions)]
         for seed in self.seeds:
             command += ["--seed", seed]
+        if self.keys is not None:
+            command += ["--keys", self.keys]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                             cwd=REPO, env=child_env())
@@ -197,7 +204,7 @@ class NsWriter:
 class Lab:
     """Namespaces, bridge, veths, and the node processes of one test."""
 
-    def __init__(self, hosts: int = 3) -> None:
+    def __init__(self, hosts: int = 3, keys: bool = False) -> None:
         self.tag = uuid.uuid4().hex[:6]
         self.prefix = f"10.77.{random.randrange(1, 255)}"
         self.bridge_netns = f"mq-br-{self.tag}"
@@ -208,6 +215,23 @@ class Lab:
         self.root = tempfile.mkdtemp(prefix="meshq-netns-")
         self.cluster = f"ns-{self.tag}"
         self.torn_down = False
+        self.keys: str | None = None  # the key set directory (meshq keygen) when built with keys
+        if keys:
+            from meshq.keys import keygen
+
+            self.keys = str(keygen(f"{self.root}/keys"))
+
+    @property
+    def node_keys(self) -> str | None:
+        return f"{self.keys}/cluster" if self.keys else None
+
+    @property
+    def admin_keys(self) -> str | None:
+        return f"{self.keys}/clients/admin" if self.keys else None
+
+    def client_args(self) -> list[str]:
+        """``meshq`` client options that reach this lab's cluster without mDNS (``--seed`` still to add)."""
+        return ["--cluster", self.cluster, "--no-mdns", *(["--keys", self.admin_keys] if self.admin_keys else [])]
 
     @property
     def netns(self) -> list[str]:
@@ -238,21 +262,23 @@ class Lab:
         self.created.append(name)
 
     def start_node(self, host: Host) -> NsNode:
-        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log")
+        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log",
+                      keys=self.node_keys)
         self.nodes.append(node)
         return node.start()
 
     def start_writer(self, host: Host, name: str, topic: str, partitions: int) -> NsWriter:
         """A writer process in ``host`` seeded with every node of the lab (it reaches those its side can)."""
         writer = NsWriter(host, self.cluster, name, [n.seed for n in self.nodes], topic, partitions,
-                          f"{self.root}/writer-{name}.log")
+                          f"{self.root}/writer-{name}.log", keys=self.admin_keys)
         self.writers.append(writer)
         return writer.start()
 
     def probe(self, from_host: Host, nodes: list[NsNode]) -> dict[str, dict | None]:
         """Each node's own status ({seed: status or None}), asked from inside ``from_host``."""
         result = from_host.run(sys.executable, "-m", "tests.multinode.probe", "--cluster", self.cluster,
-                               "--timeout", "1.5", *(f"tcp://{n.seed}" for n in nodes), timeout_s=30)
+                               "--timeout", "1.5", *(["--keys", self.admin_keys] if self.admin_keys else []),
+                               *(f"tcp://{n.seed}" for n in nodes), timeout_s=30)
         out: dict[str, dict | None] = {n.seed: None for n in nodes}
         for line in result.stdout.decode().splitlines():
             answer = json.loads(line)
@@ -312,6 +338,7 @@ def writer_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--keys", help="client key set directory (DIR/clients/NAME) of a cluster with keys")
     args = parser.parse_args(argv)
     out_lock = threading.Lock()
 
@@ -323,7 +350,8 @@ def writer_main(argv: list[str] | None = None) -> int:
     def on_attempt(attempt: Attempt) -> None:
         emit(attempt.to_json())
 
-    client = meshq.Node(cluster=args.cluster, role="client", seeds=args.seed, mdns=False, host=args.host).start()
+    client = meshq.Node(cluster=args.cluster, role="client", seeds=args.seed, mdns=False, host=args.host,
+                        keys=args.keys).start()
     try:
         client.wait_ready(timeout=30)
         log = WriteLog(on_attempt=on_attempt)

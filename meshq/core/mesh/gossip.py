@@ -32,6 +32,8 @@ log = logging.getLogger("meshq.core")
 # the cap (each wait jittered by ±25% with the core's rng, so clients cut off together spread out).
 _SEED_RETRY_MIN_S = 0.25
 _SEED_RETRY_MAX_S = 0.5
+# Refused (node id, address) pairs logged once each, at most this many (a flood of spoofed records cannot grow memory).
+_REFUSED_LOGGED = 256
 
 
 class Mesh(Room):
@@ -50,6 +52,7 @@ class Mesh(Room):
         self._next_seed_hello_s = 0.0
         self._introduced_s: dict[str, float] = {}  # peer -> earliest time to introduce ourselves again
         self._subscribed: set[str] = set()
+        self._refused: set[tuple[str, str]] = set()  # (node id, address) second-hand readdresses refused, logged
         # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
         self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
 
@@ -107,10 +110,26 @@ class Mesh(Room):
         """Know of a node (discovery, gossip, hello): connect to it if it is new."""
         if info["node_id"] == self.node_id or self.members is None:
             return
+        if self.members.conflicts(info):
+            self._refuse(info)
+            return
         member = self.members.learn(info, now_s)
         if member is not None:
             self._link(member)
             self.hello(member.node_id, now_s)
+
+    def _refuse(self, info: dict) -> None:
+        """A second-hand record names another address for a live member: counted, logged once per (id, address)."""
+        assert self.members is not None
+        counters = self.core.counters
+        counters["member_records_refused"] = counters.get("member_records_refused", 0) + 1
+        key = (info["node_id"], info["address"])
+        if key in self._refused or len(self._refused) >= _REFUSED_LOGGED:
+            return
+        self._refused.add(key)
+        log.warning("a record (mDNS or gossip) names member %s at %s, but %s is alive at %s: refused (only a node "
+                    "itself moves a live member; check for a host announcing a node id that is taken)",
+                    info["node_id"], info["address"], info["node_id"], self.members.members[info["node_id"]].address)
 
     def _link(self, member: Member) -> None:
         self.out.connect(member.node_id, member.address)
