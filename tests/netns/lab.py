@@ -7,6 +7,10 @@ Layout (``<tag>`` is random per lab, so concurrent runs never collide)::
     mq-h2-<tag>   eth0 10.77.<n>.2/24 ── veth ── p2 ├─ br0
     mq-h3-<tag>   eth0 10.77.<n>.3/24 ── veth ── p3 ┘
 
+``Lab(split=N)`` hangs hosts 1..N on ``br0`` and the others on a second bridge ``br1`` (same subnet, two
+separate LANs); ``join_bridges()`` plugs a cable (veth ``j0``/``j1``) between them. ``Lab(hosts=N)`` sets
+the number of hosts, ``Lab(keys=True)`` makes a key set (``meshq keygen``) every node, writer and probe uses.
+
 The addresses exist only inside these namespaces; nothing is routed to or from the host's
 own namespace, so no test packet (mDNS multicast included) ever leaves the lab. Each
 namespace has ``lo`` up and a multicast route on ``eth0``.
@@ -204,7 +208,7 @@ class NsWriter:
 class Lab:
     """Namespaces, bridge, veths, and the node processes of one test."""
 
-    def __init__(self, hosts: int = 3, keys: bool = False) -> None:
+    def __init__(self, hosts: int = 3, keys: bool = False, split: int = 0) -> None:
         self.tag = uuid.uuid4().hex[:6]
         self.prefix = f"10.77.{random.randrange(1, 255)}"
         self.bridge_netns = f"mq-br-{self.tag}"
@@ -215,6 +219,8 @@ class Lab:
         self.root = tempfile.mkdtemp(prefix="meshq-netns-")
         self.cluster = f"ns-{self.tag}"
         self.torn_down = False
+        # split > 0: hosts 1..split hang on bridge br0, the others on br1, two separate LANs until join_bridges()
+        self.split = split
         self.keys: str | None = None  # the key set directory (meshq keygen) when built with keys
         if keys:
             from meshq.keys import keygen
@@ -244,11 +250,15 @@ class Lab:
         ip("-n", br, "link", "add", "br0", "type", "bridge")
         ip("-n", br, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
         ip("-n", br, "link", "set", "br0", "up")
+        if self.split:
+            ip("-n", br, "link", "add", "br1", "type", "bridge")
+            ip("-n", br, "link", "set", "br1", "type", "bridge", "mcast_snooping", "0")
+            ip("-n", br, "link", "set", "br1", "up")
         for host in self.hosts:
             self._add_netns(host.netns)
             port = f"p{host.index}"
             ip("-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-            ip("-n", br, "link", "set", port, "master", "br0")
+            ip("-n", br, "link", "set", port, "master", "br1" if self.split and host.index > self.split else "br0")
             ip("-n", br, "link", "set", port, "up")
             ip("-n", host.netns, "link", "set", "lo", "up")
             ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
@@ -256,6 +266,16 @@ class Lab:
             ip("-n", host.netns, "link", "set", "eth0", "up")
             ip("-n", host.netns, "route", "add", "224.0.0.0/4", "dev", "eth0")
         return self
+
+    def join_bridges(self) -> None:
+        """Join the two LANs of a split lab: a cable (veth pair j0/j1) between br0 and br1, brought up."""
+        assert self.split, "join_bridges needs a lab built with split=N"
+        br = self.bridge_netns
+        ip("-n", br, "link", "add", "j0", "type", "veth", "peer", "name", "j1")
+        ip("-n", br, "link", "set", "j0", "master", "br0")
+        ip("-n", br, "link", "set", "j1", "master", "br1")
+        ip("-n", br, "link", "set", "j0", "up")
+        ip("-n", br, "link", "set", "j1", "up")
 
     def _add_netns(self, name: str) -> None:
         ip("netns", "add", name)
@@ -267,9 +287,12 @@ class Lab:
         self.nodes.append(node)
         return node.start()
 
-    def start_writer(self, host: Host, name: str, topic: str, partitions: int) -> NsWriter:
-        """A writer process in ``host`` seeded with every node of the lab (it reaches those its side can)."""
-        writer = NsWriter(host, self.cluster, name, [n.seed for n in self.nodes], topic, partitions,
+    def start_writer(self, host: Host, name: str, topic: str, partitions: int,
+                     seeds: list[str] | None = None) -> NsWriter:
+        """A writer process in ``host`` seeded with ``seeds`` (default: every node of the lab; it reaches those its
+        side can)."""
+        seeds = [n.seed for n in self.nodes] if seeds is None else seeds
+        writer = NsWriter(host, self.cluster, name, seeds, topic, partitions,
                           f"{self.root}/writer-{name}.log", keys=self.admin_keys)
         self.writers.append(writer)
         return writer.start()
