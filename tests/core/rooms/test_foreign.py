@@ -42,7 +42,7 @@ def two_meshes_meet(checked_s: float = 40.0) -> tuple[Net, ClustersApartChecker]
     for group in (A, B):
         outcomes = [net[group[0]].produce("t", [f"{group[0]}-{i}".encode()], acks="quorum", partition=0)
                     for i in range(5)]
-        net.run_until(lambda: all(o.results or o.errors for o in outcomes), 10)
+        net.run_until(lambda outcomes=outcomes: all(o.results or o.errors for o in outcomes), 10)
         assert all(o.results for o in outcomes), [outcome.errors for outcome in outcomes]
     net["a1"].handle(PeerDiscovered(net["b1"].core.mesh.self_info()))  # their networks are joined
     blocked = {("b1", "b2"), ("b1", "b3"), ("b2", "b1"), ("b3", "b1")}
@@ -71,7 +71,7 @@ def test_two_formed_meshes_of_one_name_that_meet_stay_apart_and_keep_serving():
         leader = next(n for n in group if net[n].core.partitions[("t", 0)].replica.is_leader)
         before = {n: net[n].core.partitions[("t", 0)].replica.high_watermark for n in A + B}
         outcome = net[leader].produce("t", [b"after"], acks="quorum", partition=0)
-        net.run_until(lambda: outcome.results or outcome.errors, 10)
+        net.run_until(lambda outcome=outcome: bool(outcome.results or outcome.errors), 10)
         assert outcome.results and not outcome.errors, outcome.errors
         net.run(1.0)  # the followers learn the new high watermark
         for node_id in A + B:
