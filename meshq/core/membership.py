@@ -10,6 +10,16 @@ higher ``incarnation``). A node that announced its departure is *left*. Nodes we
 of (from discovery or gossip) but never heard from are *joining*. Dead, left and joining
 entries are forgotten after ``member_timeout_s``.
 
+Addresses: only the node itself moves a live member. What a node says of itself in its own
+heartbeat or hello (``heard``) is first-hand; an mDNS record or a peer's gossip (``learn``) is
+second-hand, and anyone on the LAN can announce an mDNS record naming any node id. So a
+second-hand record may give a member a new address only while that member is not alive or
+suspect (never heard, dead or left); one naming another address for an alive or suspect
+member, whatever incarnation it claims, is refused and counted (``refused_readdress``). An
+address known only second-hand (``confirmed`` false) gives way to the first one the node
+itself speaks from, even at a lower incarnation, so a record that claimed a node's id while
+the node was away cannot keep it once it is back.
+
 This view drives connections and failure detection. The storage membership that the ring
 and topic assignments are computed from is *not* this view: it is agreed through the
 metadata Raft group (``meshq.core.raft``), and changed only by a majority.
@@ -56,6 +66,7 @@ class Member:
     last_heard_s: float = float("-inf")
     changed_s: float = 0.0
     key: str = ""  # a client's CURVE public key (wire.MEMBER_INFO), "" when unknown or not used
+    confirmed: bool = False  # the node itself spoke to us from ``address`` (see the module docstring)
 
     def to_wire(self) -> dict:
         info = {"node_id": self.node_id, "address": self.address, "pub_address": self.pub_address,
@@ -77,6 +88,7 @@ class MemberTable:
         self.members: dict[str, Member] = {self_member.node_id: self_member}
         self.failure_timeout_s = failure_timeout_s
         self.member_timeout_s = member_timeout_s
+        self.refused_readdress = 0  # second-hand records that named another address for a live member
 
     def __contains__(self, node_id: str) -> bool:
         return node_id in self.members
@@ -92,16 +104,37 @@ class MemberTable:
         member.changed_s = now_s
         return True
 
-    def learn(self, info: dict, now_s: float) -> Member | None:
-        """Know of a node (discovery, gossip). Returns the member if it is new or changed address."""
+    def conflicts(self, info: dict) -> bool:
+        """True when second-hand ``info`` names another address for a member that is alive or suspect: refused
+        (see the module docstring)."""
+        member = self.members.get(info["node_id"])
+        return (member is not None and member.node_id != self.self_id and member.state in (ALIVE, SUSPECT)
+                and (member.address, member.pub_address) != (info["address"], info["pub_address"]))
+
+    def learn(self, info: dict, now_s: float, firsthand: bool = False) -> Member | None:
+        """Know of a node: second-hand (discovery, gossip), or ``firsthand`` (the node itself, see ``heard``).
+        Returns the member if it is new or changed address."""
         node_id = info["node_id"]
         if node_id == self.self_id:
             return None
         member = self.members.get(node_id)
         if member is None:
             member = Member(node_id, info["address"], info["pub_address"], info["role"], info["incarnation"],
-                            changed_s=now_s, key=info.get("key", ""))
+                            changed_s=now_s, key=info.get("key", ""), confirmed=firsthand)
             self.members[node_id] = member
+            return member
+        if not firsthand and self.conflicts(info):
+            self.refused_readdress += 1
+            return None
+        moved = (member.address, member.pub_address) != (info["address"], info["pub_address"])
+        if firsthand and not member.confirmed and moved:
+            # The node itself speaks from another address than a second-hand record gave it: it wins.
+            member.incarnation = info["incarnation"]
+            member.address, member.pub_address, member.confirmed = info["address"], info["pub_address"], True
+            if info.get("key") and member.role == "client":
+                member.key = info["key"]
+            if member.state == LEFT:
+                member.state, member.changed_s = JOINING, now_s
             return member
         if info["incarnation"] >= member.incarnation and info.get("key") and member.role == "client":
             member.key = info["key"]  # learnt before its key was (a peer without keys, an older version)
@@ -110,14 +143,16 @@ class MemberTable:
             if member.state == LEFT:
                 member.state = JOINING
                 member.changed_s = now_s
-            if (member.address, member.pub_address) != (info["address"], info["pub_address"]):
-                member.address, member.pub_address = info["address"], info["pub_address"]
+            if moved:
+                member.address, member.pub_address, member.confirmed = info["address"], info["pub_address"], firsthand
                 return member
+        if firsthand and not moved:
+            member.confirmed = True
         return None
 
     def heard(self, info: dict, now_s: float) -> tuple[Member | None, bool]:
         """We heard from the node itself. Returns (member if new/readdressed, state changed?)."""
-        learned = self.learn(info, now_s)
+        learned = self.learn(info, now_s, firsthand=True)
         member = self.members.get(info["node_id"])
         if member is None or member.node_id == self.self_id:
             return None, False

@@ -180,6 +180,21 @@ class RaftNode:
     def formed(self) -> bool:
         return self.config_index >= 0
 
+    @property
+    def formation(self) -> str:
+        """The identity of the cluster this log belongs to, fixed when it was formed: the ``formation`` of the
+        first entry (the founder's one-member configuration), or the founder's node id in a log written before
+        formations existed. Two clusters of the same name formed apart never share it. "" before any entry."""
+        if not self.entries:
+            return ""
+        first = self.entries[0][1]
+        if first.get("op") != "config":
+            return ""
+        formation = first.get("formation")
+        if isinstance(formation, str) and formation:
+            return formation
+        return ",".join(sorted(first.get("members", {})))
+
     def quorum(self) -> int:
         return len(self.voters) // 2 + 1
 
@@ -208,13 +223,17 @@ class RaftNode:
             # Sole member: no one to ask; the (pre-)votes are won at once.
             self._start_election(now_s, pre_vote=True)
 
-    def bootstrap(self, now_s: float, member_info: dict) -> None:
-        """Form a new one-member cluster (only for a node with an empty log)."""
+    def bootstrap(self, now_s: float, member_info: dict, formation: str = "") -> None:
+        """Form a new one-member cluster (only for a node with an empty log); ``formation``: its identity
+        (see the ``formation`` property; the founder's id when empty)."""
         assert not self.entries and self.term == 0
         self.term = 1
         self.voted_for = self.node_id
         self._persist_state()
-        self._append_local(1, {"op": "config", "members": {self.node_id: member_info}})
+        command: dict = {"op": "config", "members": {self.node_id: member_info}}
+        if formation:
+            command["formation"] = formation
+        self._append_local(1, command)
         self.log.sync()
         self._become(LEADER)
         self._on_elected(now_s)

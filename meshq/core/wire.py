@@ -306,11 +306,12 @@ ACL_COMMAND = Struct(op=OneOf("acl"), action=OneOf("grant", "revoke"), **_GRANT)
 SCHEMAS: dict[str, Schema] = {
     "hello": Schema(Struct(member=MEMBER_INFO)),
     "hello_ok": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
-                              leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool())),
+                              leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool(),
+                              formation=Default(Str(200), ""))),
     "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
                                leader=Optional(NODE), term=Int(0, 1 << 62), size=Int(0, 1 << 16),
                                trivial=Bool(), can_form=Bool(), leads=ListOf(_lead, 100_000),
-                               adverts=Default(Int(0, 1 << 62), 0))),
+                               adverts=Default(Int(0, 1 << 62), 0), formation=Default(Str(200), ""))),
     "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
     # what a node offers the mesh (meshq.core.mesh.adverts): published on change, pulled when a
     # heartbeat names a newer version than the one known

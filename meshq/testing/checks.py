@@ -894,3 +894,39 @@ class SpaceChecker:
                 raise Violation(f"{node_id}: {key[0]}/{key[1]} grew from {known[1]} to {end} while its storage "
                                 f"was full ({core.space.full_reason})")
             seen[key] = (state, end)
+
+
+class ClustersApartChecker:
+    """Two formed clusters of the same name that meet stay apart (``Formation.foreign``): given the cluster each
+    storage node was formed in (``formation_of``: node id -> formation, taken before they meet), after every
+    event no node's metadata voters or learners, and no partition's replicas or learners on any node, name a
+    node of another formation; and every copy of a partition holds only records of its own cluster (its
+    committed prefix is a prefix of what a node of its own formation holds). Mixing two logs of one partition
+    starts with one of these."""
+
+    def __init__(self, formation_of: dict[str, str]) -> None:
+        self.formation_of = dict(formation_of)
+        self.checks = 0
+
+    def check(self, node_id: str, core: Any) -> None:
+        self.checks += 1
+        ours = self.formation_of.get(node_id)
+        raft = core.agreement.raft
+        if ours is None or raft is None:
+            return
+        if raft.formed and raft.formation != ours and raft.is_member:
+            raise Violation(f"{node_id} (formed in {ours}) now follows the metadata log of formation "
+                            f"{raft.formation}")
+        for who in (*raft.voters, *raft.learners):
+            theirs = self.formation_of.get(who)
+            if theirs is not None and theirs != ours:
+                raise Violation(f"{node_id} (formation {ours}) has {who} (formation {theirs}) in its metadata "
+                                f"group: voters {sorted(raft.voters)}, learners {sorted(raft.learners)}")
+        for (topic, partition), state in sorted(core.partitions.items()):
+            replica = state.replica
+            for who in (*replica.replicas, *replica.learners):
+                theirs = self.formation_of.get(who)
+                if theirs is not None and theirs != ours:
+                    raise Violation(f"{node_id} (formation {ours}): {topic}/{partition} names {who} (formation "
+                                    f"{theirs}) as a replica: replicas {replica.replicas}, learners "
+                                    f"{replica.learners}")

@@ -48,9 +48,11 @@ OFFSET_ENTRY = {"topic": "orders", "partition": 1, "offset": 3}
 EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "hello": ({"member": MEMBER_INFO}, ()),
     "hello_ok": ({"member": MEMBER_INFO, "members": [MEMBER_INFO, dict(MEMBER_INFO, node_id="node-c", role="client")],
-                  "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False}, ()),
+                  "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False,
+                  "formation": "node-a.18bcfe56800"}, ()),
     "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3,
-                   "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]], "adverts": 4}, ()),
+                   "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]], "adverts": 4,
+                   "formation": ""}, ()),
     "goodbye": ({"node_id": "node-b", "incarnation": 1_700_000_000_000}, ()),
     "advert": ({"node_id": "node-b", "incarnation": 1_700_000_000_000, "version": 4,
                 "adverts": {"subs": [["sensors.*.temp", None]], "services": {"echo": {"idempotent": True}}}}, ()),
@@ -435,7 +437,7 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 
 # ---------------------------------------------------------------- body rejections
 # fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
-OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("error", "leader")}
+OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
                if (type_, name) not in OPTIONAL_FIELDS]
 

@@ -41,14 +41,21 @@ class ProbeError(Exception):
     """The node did not answer (in time) or answered with an error."""
 
 
-def node_status(endpoint: str, cluster: str, timeout_s: float = 2.0) -> dict[str, Any]:
-    """The local status of the node listening on ``endpoint`` (``tcp://host:port`` or ``host:port``)."""
+def node_status(endpoint: str, cluster: str, timeout_s: float = 2.0, keys: str | None = None) -> dict[str, Any]:
+    """The local status of the node listening on ``endpoint`` (``tcp://host:port`` or ``host:port``); ``keys``:
+    a client key set directory (``DIR/clients/NAME``) when the cluster runs with keys (CURVE)."""
     if not endpoint.startswith("tcp://"):
         endpoint = f"tcp://{endpoint}"
     request_id = next(_ids)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            from meshq.keys import load
+
+            key_set = load(keys, "client")
+            sock.curve_secretkey, sock.curve_publickey = key_set.secret, key_set.public
+            sock.curve_serverkey = key_set.cluster_public
         sock.connect(endpoint)
         sock.send_multipart(wire.encode(cluster, f"probe-{os.getpid()}", "status", request_id, {}))
         if not sock.poll(int(timeout_s * 1000)):
@@ -72,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--keys", help="client key set directory (DIR/clients/NAME) of a cluster with keys")
     parser.add_argument("endpoints", nargs="+")
     args = parser.parse_args(argv)
     for endpoint in args.endpoints:
         try:
-            out: dict[str, Any] = {"endpoint": endpoint, "status": node_status(endpoint, args.cluster, args.timeout)}
+            out: dict[str, Any] = {"endpoint": endpoint, "status": node_status(endpoint, args.cluster, args.timeout, args.keys)}
         except (ProbeError, wire.ProtocolError) as exc:
             out = {"endpoint": endpoint, "error": str(exc)}
         print(json.dumps(out, default=repr), flush=True)

@@ -9,8 +9,9 @@ from tests.netns.lab import Lab
 
 @pytest.fixture
 def lab(request):
-    """A built ``Lab``; torn down after the test even when it fails (teardown problems are errors)."""
-    the_lab = Lab()
+    """A built ``Lab``; torn down after the test even when it fails (teardown problems are errors). Indirect
+    parametrization passes ``Lab`` options: ``@pytest.mark.parametrize("lab", [{"hosts": 4}], indirect=True)``."""
+    the_lab = Lab(**getattr(request, "param", {}))
     try:
         try:
             the_lab.build()

@@ -7,6 +7,10 @@ Layout (``<tag>`` is random per lab, so concurrent runs never collide)::
     mq-h2-<tag>   eth0 10.77.<n>.2/24 ── veth ── p2 ├─ br0
     mq-h3-<tag>   eth0 10.77.<n>.3/24 ── veth ── p3 ┘
 
+``Lab(split=N)`` hangs hosts 1..N on ``br0`` and the others on a second bridge ``br1`` (same subnet, two
+separate LANs); ``join_bridges()`` plugs a cable (veth ``j0``/``j1``) between them. ``Lab(hosts=N)`` sets
+the number of hosts, ``Lab(keys=True)`` makes a key set (``meshq keygen``) every node, writer and probe uses.
+
 The addresses exist only inside these namespaces; nothing is routed to or from the host's
 own namespace, so no test packet (mDNS multicast included) ever leaves the lab. Each
 namespace has ``lo`` up and a multicast route on ``eth0``.
@@ -81,9 +85,10 @@ class NsNode:
     """`meshq node` inside one namespace, mDNS pinned to the namespace's own address."""
 
     def __init__(self, host: Host, cluster: str, data_dir: str, log_path: str, port: int = NODE_PORT,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, keys: str | None = None) -> None:
         self.host = host
         self.extra = list(extra or [])  # more `meshq node` options (e.g. --min-free-bytes)
+        self.keys = keys  # the cluster's key set directory (DIR/cluster) when the lab runs with keys
         self.cluster = cluster
         self.data_dir = data_dir
         self.log_path = log_path
@@ -103,6 +108,8 @@ class NsNode:
         command = ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "meshq", "node",
                    "--data", self.data_dir, "--host", self.host.address, "--port", str(self.port),
                    "--interface", self.host.address, "--cluster", self.cluster, *self.extra]
+        if self.keys is not None:
+            command += ["--keys", self.keys]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                                             cwd=REPO, env=child_env())
@@ -131,11 +138,12 @@ class NsWriter:
     and lands in ``self.log`` (a ``tests.multinode.helpers.WriteLog``). Closing its stdin stops it."""
 
     def __init__(self, host: Host, cluster: str, name: str, seeds: list[str], topic: str, partitions: int,
-                 log_path: str) -> None:
+                 log_path: str, keys: str | None = None) -> None:
         from tests.multinode.helpers import WriteLog
 
         self.host, self.cluster, self.name, self.seeds = host, cluster, name, seeds
         self.topic, self.partitions, self.log_path = topic, partitions, log_path
+        self.keys = keys  # a client key set directory (DIR/clients/NAME) when the lab runs with keys
         self.log = WriteLog()
         self.ready = threading.Event()
         self.done: dict[str, Any] | None = None
@@ -148,6 +156,8 @@ class NsWriter:
                    "--name", self.name, "--partitions", str(self.partitions)]
         for seed in self.seeds:
             command += ["--seed", seed]
+        if self.keys is not None:
+            command += ["--keys", self.keys]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                             cwd=REPO, env=child_env())
@@ -199,7 +209,7 @@ class NsWriter:
 class Lab:
     """Namespaces, bridge, veths, and the node processes of one test."""
 
-    def __init__(self, hosts: int = 3) -> None:
+    def __init__(self, hosts: int = 3, keys: bool = False, split: int = 0) -> None:
         self.tag = uuid.uuid4().hex[:6]
         self.prefix = f"10.77.{random.randrange(1, 255)}"
         self.bridge_netns = f"mq-br-{self.tag}"
@@ -210,6 +220,25 @@ class Lab:
         self.root = tempfile.mkdtemp(prefix="meshq-netns-")
         self.cluster = f"ns-{self.tag}"
         self.torn_down = False
+        # split > 0: hosts 1..split hang on bridge br0, the others on br1, two separate LANs until join_bridges()
+        self.split = split
+        self.keys: str | None = None  # the key set directory (meshq keygen) when built with keys
+        if keys:
+            from meshq.keys import keygen
+
+            self.keys = str(keygen(f"{self.root}/keys"))
+
+    @property
+    def node_keys(self) -> str | None:
+        return f"{self.keys}/cluster" if self.keys else None
+
+    @property
+    def admin_keys(self) -> str | None:
+        return f"{self.keys}/clients/admin" if self.keys else None
+
+    def client_args(self) -> list[str]:
+        """``meshq`` client options that reach this lab's cluster without mDNS (``--seed`` still to add)."""
+        return ["--cluster", self.cluster, "--no-mdns", *(["--keys", self.admin_keys] if self.admin_keys else [])]
 
     @property
     def netns(self) -> list[str]:
@@ -222,11 +251,15 @@ class Lab:
         ip("-n", br, "link", "add", "br0", "type", "bridge")
         ip("-n", br, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
         ip("-n", br, "link", "set", "br0", "up")
+        if self.split:
+            ip("-n", br, "link", "add", "br1", "type", "bridge")
+            ip("-n", br, "link", "set", "br1", "type", "bridge", "mcast_snooping", "0")
+            ip("-n", br, "link", "set", "br1", "up")
         for host in self.hosts:
             self._add_netns(host.netns)
             port = f"p{host.index}"
             ip("-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-            ip("-n", br, "link", "set", port, "master", "br0")
+            ip("-n", br, "link", "set", port, "master", "br1" if self.split and host.index > self.split else "br0")
             ip("-n", br, "link", "set", port, "up")
             ip("-n", host.netns, "link", "set", "lo", "up")
             ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "eth0")
@@ -235,26 +268,41 @@ class Lab:
             ip("-n", host.netns, "route", "add", "224.0.0.0/4", "dev", "eth0")
         return self
 
+    def join_bridges(self) -> None:
+        """Join the two LANs of a split lab: a cable (veth pair j0/j1) between br0 and br1, brought up."""
+        assert self.split, "join_bridges needs a lab built with split=N"
+        br = self.bridge_netns
+        ip("-n", br, "link", "add", "j0", "type", "veth", "peer", "name", "j1")
+        ip("-n", br, "link", "set", "j0", "master", "br0")
+        ip("-n", br, "link", "set", "j1", "master", "br1")
+        ip("-n", br, "link", "set", "j0", "up")
+        ip("-n", br, "link", "set", "j1", "up")
+
     def _add_netns(self, name: str) -> None:
         ip("netns", "add", name)
         self.created.append(name)
 
     def start_node(self, host: Host, extra: list[str] | None = None) -> NsNode:
-        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log", extra=extra)
+        node = NsNode(host, self.cluster, f"{self.root}/{host.netns}", f"{self.root}/{host.netns}.log", extra=extra,
+                      keys=self.node_keys)
         self.nodes.append(node)
         return node.start()
 
-    def start_writer(self, host: Host, name: str, topic: str, partitions: int) -> NsWriter:
-        """A writer process in ``host`` seeded with every node of the lab (it reaches those its side can)."""
-        writer = NsWriter(host, self.cluster, name, [n.seed for n in self.nodes], topic, partitions,
-                          f"{self.root}/writer-{name}.log")
+    def start_writer(self, host: Host, name: str, topic: str, partitions: int,
+                     seeds: list[str] | None = None) -> NsWriter:
+        """A writer process in ``host`` seeded with ``seeds`` (default: every node of the lab; it reaches those its
+        side can)."""
+        seeds = [n.seed for n in self.nodes] if seeds is None else seeds
+        writer = NsWriter(host, self.cluster, name, seeds, topic, partitions,
+                          f"{self.root}/writer-{name}.log", keys=self.admin_keys)
         self.writers.append(writer)
         return writer.start()
 
     def probe(self, from_host: Host, nodes: list[NsNode]) -> dict[str, dict | None]:
         """Each node's own status ({seed: status or None}), asked from inside ``from_host``."""
         result = from_host.run(sys.executable, "-m", "tests.multinode.probe", "--cluster", self.cluster,
-                               "--timeout", "1.5", *(f"tcp://{n.seed}" for n in nodes), timeout_s=30)
+                               "--timeout", "1.5", *(["--keys", self.admin_keys] if self.admin_keys else []),
+                               *(f"tcp://{n.seed}" for n in nodes), timeout_s=30)
         out: dict[str, dict | None] = {n.seed: None for n in nodes}
         for line in result.stdout.decode().splitlines():
             answer = json.loads(line)
@@ -314,6 +362,7 @@ def writer_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--keys", help="client key set directory (DIR/clients/NAME) of a cluster with keys")
     args = parser.parse_args(argv)
     out_lock = threading.Lock()
 
@@ -325,7 +374,8 @@ def writer_main(argv: list[str] | None = None) -> int:
     def on_attempt(attempt: Attempt) -> None:
         emit(attempt.to_json())
 
-    client = meshq.Node(cluster=args.cluster, role="client", seeds=args.seed, mdns=False, host=args.host).start()
+    client = meshq.Node(cluster=args.cluster, role="client", seeds=args.seed, mdns=False, host=args.host,
+                        keys=args.keys).start()
     try:
         client.wait_ready(timeout=30)
         log = WriteLog(on_attempt=on_attempt)

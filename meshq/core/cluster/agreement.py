@@ -135,6 +135,8 @@ class Agreement(Room):
         info = message.body["member"]
         if info["role"] != "storage":
             return
+        if self.core.mesh.is_foreign(info):
+            return  # a voter of another cluster of our name: it must give its cluster up first (never mix logs)
         if raft.role != LEADER:
             if raft.leader and raft.leader != self.node_id and raft.leader != message.sender:
                 self.send(raft.leader, "raft_join", message.body)

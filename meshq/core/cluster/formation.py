@@ -67,7 +67,24 @@ class Formation(Room):
         formed = raft is not None and raft.formed and raft.is_member
         return {"formed": formed, "leader": raft.leader if raft is not None else None,
                 "size": len(raft.voters) if formed else 0, "trivial": formed and self._trivial_cluster(),
-                "can_form": raft is not None and not formed and not self.core.mesh.waiting_for_seeds()}
+                "can_form": raft is not None and not formed and not self.core.mesh.waiting_for_seeds(),
+                "formation": raft.formation if formed and raft is not None else ""}
+
+    def formation(self) -> str:
+        """The identity of our formed cluster ("" when we are not a voter of one, or are a client)."""
+        raft = self.core.agreement.raft
+        return raft.formation if raft is not None and raft.formed and raft.is_member else ""
+
+    def foreign(self, summary: dict) -> bool:
+        """True when a peer's summary (heartbeat, hello answer) says it is a voter of another formed cluster of
+        our name while we are a voter of ours: its formation differs. Such a peer is refused (docs/operations.md,
+        "Two clusters of the same name"), except while our cluster is trivial: then one side gives itself up
+        (``_maybe_merge``) and the two become one."""
+        ours = self.formation()
+        theirs = summary.get("formation", "")
+        if not ours or not summary.get("formed") or not theirs or theirs == ours:
+            return False
+        return not self._trivial_cluster() and not summary.get("trivial", False)
 
     def _trivial_cluster(self) -> bool:
         """A one-member cluster that holds no topic: abandoning it loses nothing."""
@@ -107,7 +124,9 @@ class Formation(Room):
                             and c["can_form"] and p in self.core.mesh.members.alive_ids()]
         if all(self.node_id < other for other in unformed_storage):
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
-            raft.bootstrap(now_s, {"address": self.core.endpoint, "pub_address": self.core.pub_endpoint})
+            # The new cluster's identity (metadata log entry 0): node id and wall clock, never reused.
+            raft.bootstrap(now_s, {"address": self.core.endpoint, "pub_address": self.core.pub_endpoint},
+                           formation=f"{self.node_id}.{self.core.wall_clock_ms():x}")
             self.core.mesh.publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
 
     def _join_candidates(self, formed_peers: list[str]) -> list[str]:

@@ -32,6 +32,8 @@ log = logging.getLogger("meshq.core")
 # the cap (each wait jittered by ±25% with the core's rng, so clients cut off together spread out).
 _SEED_RETRY_MIN_S = 0.25
 _SEED_RETRY_MAX_S = 0.5
+# Refused (node id, address) pairs logged once each, at most this many (a flood of spoofed records cannot grow memory).
+_REFUSED_LOGGED = 256
 
 
 class Mesh(Room):
@@ -50,6 +52,9 @@ class Mesh(Room):
         self._next_seed_hello_s = 0.0
         self._introduced_s: dict[str, float] = {}  # peer -> earliest time to introduce ourselves again
         self._subscribed: set[str] = set()
+        self._refused: set[tuple[str, str]] = set()  # (node id, address) second-hand readdresses refused, logged
+        # node id -> (incarnation, formation) of storage nodes of another formed cluster of our name (refused)
+        self.foreign: dict[str, tuple[int, str]] = {}
         # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
         self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
 
@@ -107,10 +112,28 @@ class Mesh(Room):
         """Know of a node (discovery, gossip, hello): connect to it if it is new."""
         if info["node_id"] == self.node_id or self.members is None:
             return
+        if self.members.conflicts(info):
+            self._refuse(info)
+            return
+        if self.is_foreign(info):
+            return  # of another cluster of our name: only its own heartbeats are listened to
         member = self.members.learn(info, now_s)
         if member is not None:
             self._link(member)
             self.hello(member.node_id, now_s)
+
+    def _refuse(self, info: dict) -> None:
+        """A second-hand record names another address for a live member: counted, logged once per (id, address)."""
+        assert self.members is not None
+        counters = self.core.counters
+        counters["member_records_refused"] = counters.get("member_records_refused", 0) + 1
+        key = (info["node_id"], info["address"])
+        if key in self._refused or len(self._refused) >= _REFUSED_LOGGED:
+            return
+        self._refused.add(key)
+        log.warning("a record (mDNS or gossip) names member %s at %s, but %s is alive at %s: refused (only a node "
+                    "itself moves a live member; check for a host announcing a node id that is taken)",
+                    info["node_id"], info["address"], info["node_id"], self.members.members[info["node_id"]].address)
 
     def _link(self, member: Member) -> None:
         self.out.connect(member.node_id, member.address)
@@ -142,7 +165,8 @@ class Mesh(Room):
         if body["member"]["node_id"] != message.sender:
             self.core.count_invalid(message.sender)
             return
-        self._heard_from(body["member"], body, now_s)
+        if not self._heard_from(body["member"], body, now_s):
+            return  # a node of another cluster of our name: nothing it says is taken
         self._note_leads(message.sender, body["leads"])
         self.core.adverts.note_version(message.sender, body["member"]["incarnation"], body["adverts"], now_s)
         if (not any(info["node_id"] == self.node_id for info in body["members"])
@@ -171,20 +195,58 @@ class Mesh(Room):
             if known is None or epoch >= known[0]:
                 self.leader_hints[(topic, partition)] = (epoch, sender)
 
-    def _heard_from(self, info: dict, summary: dict | None, now_s: float) -> None:
+    def _heard_from(self, info: dict, summary: dict | None, now_s: float) -> bool:
         """A node spoke to us directly: mark it alive, link it if new, and take in what it says
-        about its metadata group (``summary``: a heartbeat or hello_ok body) and its gossip."""
+        about its metadata group (``summary``: a heartbeat or hello_ok body) and its gossip.
+        False when it is refused: a voter of another formed cluster of our name (``_refuse_foreign``)."""
         assert self.members is not None
+        if summary is not None and self.core.formation.foreign(summary):
+            self._refuse_foreign(info, summary["formation"])
+            return False
+        if summary is None and self.is_foreign(info):
+            return False
+        if summary is not None:
+            self.foreign.pop(info["node_id"], None)  # it speaks as one of us now (it gave its cluster up)
         learned, changed = self.members.heard(info, now_s)
         if learned is not None:
             self._link(learned)
         if changed:
             log.info("member %s is alive", info["node_id"])
         if summary is None:
-            return
+            return True
         self.core.formation.note_summary(info["node_id"], info["role"], summary)
         for other in summary["members"]:
             self.learn(other, now_s)
+        return True
+
+    def is_foreign(self, info: dict) -> bool:
+        """``info`` names a node last heard as a voter of another cluster of our name, at no newer incarnation."""
+        known = self.foreign.get(info["node_id"])
+        return known is not None and info["incarnation"] <= known[0] and self.core.formation.formation() != ""
+
+    def _refuse_foreign(self, info: dict, formation: str) -> None:
+        """A voter of another formed cluster of our name spoke to us: it is no member of ours. Drop it from the
+        member table (its DEALER closed, its adverts, summary and leader hints forgotten) but keep listening to
+        its heartbeats, so that it is taken in once it gives its cluster up. Logged once per node, counted."""
+        assert self.members is not None
+        node_id = info["node_id"]
+        counters = self.core.counters
+        counters["foreign_refused"] = counters.get("foreign_refused", 0) + 1
+        if node_id not in self.foreign or self.foreign[node_id][1] != formation:
+            log.warning("node %s at %s is a voter of another cluster named %r (formation %s; ours is %s): refused, "
+                        "the two never exchange members, metadata or partitions. To merge them, see "
+                        "docs/operations.md, 'Two clusters of the same name'", node_id, info["address"],
+                        self.config.cluster, formation, self.core.formation.formation())
+            if len(self.foreign) >= _REFUSED_LOGGED:
+                self.foreign.pop(next(iter(self.foreign)))
+        self.foreign[node_id] = (info["incarnation"], formation)
+        if node_id in self.members and node_id != self.node_id:
+            del self.members.members[node_id]
+            self.out.disconnect(node_id)
+            self.core.adverts.forget(node_id)
+            self.core.formation.forget(node_id)
+            for key in [k for k, (_epoch, leader) in self.leader_hints.items() if leader == node_id]:
+                del self.leader_hints[key]
 
     def hello(self, peer: str, now_s: float, retry: bool = True) -> None:
         """Introduce ourselves to ``peer`` (a member, or ``seed:host:port``). A seed that does not
@@ -199,8 +261,8 @@ class Mesh(Room):
             if info["node_id"] == self.node_id:
                 self.core.formation.tick(self.core.now_s)
                 return
-            self._heard_from(info, message.body, self.core.now_s)
-            self.core.formation.tick(self.core.now_s)
+            if self._heard_from(info, message.body, self.core.now_s):
+                self.core.formation.tick(self.core.now_s)
 
         def on_error(error: MeshqError) -> None:
             if self.core.stopped or not peer.startswith("seed:"):

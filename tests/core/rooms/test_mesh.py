@@ -140,3 +140,48 @@ def test_a_client_cut_off_from_every_storage_node_asks_its_seeds_again_at_least_
         h.core.mesh.fall_back_to_seeds(now + step * 0.01)
     gaps = [b - a for a, b in zip(asks, asks[1:])]
     assert len(asks) > 30 and max(gaps) <= 0.625 + 0.01
+
+
+def addresses(h: CoreHarness) -> dict[str, str]:
+    return {m.node_id: m.address for m in h.core.members.members.values() if m.node_id != h.core.node_id}
+
+
+def test_a_spoofed_record_naming_a_live_member_at_another_address_is_refused_and_counted(lone):
+    victim = member_info("victim", 7000, incarnation=5)
+    lone.handle(heartbeat(victim))  # the victim itself: alive at 7000
+    lone.connects.clear()
+    spoof = {**member_info("victim", 9000, incarnation=1 << 60)}  # an mDNS record with a huge incarnation
+    for _ in range(3):
+        lone.handle(PeerDiscovered(spoof))
+        lone.handle(heartbeat(member_info("gossiper", 7100), members=[spoof]))  # the same, second-hand by gossip
+    assert addresses(lone)["victim"] == "tcp://127.0.0.1:7000"
+    assert lone.core.members.members["victim"].incarnation == 5
+    assert not [c for c in lone.connects if c.peer == "victim"], "no new connection towards the spoofed address"
+    assert lone.core.counters["member_records_refused"] == 6
+    # the victim keeps its place: its own heartbeats still count, at its own address
+    lone.advance(2.0)
+    lone.handle(heartbeat(victim))
+    assert states(lone)["victim"] == "alive" and addresses(lone)["victim"] == "tcp://127.0.0.1:7000"
+
+
+def test_a_member_restarted_at_a_new_address_moves_when_it_speaks_itself(lone):
+    lone.handle(heartbeat(member_info("a", 7000, incarnation=1)))
+    moved = member_info("a", 7200, incarnation=2)
+    lone.handle(PeerDiscovered(moved))  # second-hand while the old incarnation is still alive: refused
+    assert addresses(lone)["a"] == "tcp://127.0.0.1:7000"
+    lone.connects.clear()
+    lone.handle(heartbeat(moved))  # the node itself, from its new incarnation
+    assert addresses(lone)["a"] == "tcp://127.0.0.1:7200"
+    assert [c.endpoint for c in lone.connects if c.peer == "a"] == ["tcp://127.0.0.1:7200"]
+
+
+def test_a_dead_member_may_move_second_hand_but_its_own_voice_wins_over_a_spoof(lone):
+    lone.handle(heartbeat(member_info("a", 7000, incarnation=3)))
+    lone.advance(3.5)  # failure_timeout_s: dead
+    assert states(lone)["a"] == "dead"
+    lone.handle(PeerDiscovered(member_info("a", 9000, incarnation=1 << 60)))  # a spoof while it is away
+    assert addresses(lone)["a"] == "tcp://127.0.0.1:9000"
+    lone.handle(heartbeat(member_info("a", 7000, incarnation=4)))  # back: it speaks itself, at a lower incarnation
+    assert addresses(lone)["a"] == "tcp://127.0.0.1:7000" and states(lone)["a"] == "alive"
+    lone.handle(PeerDiscovered(member_info("a", 9000, incarnation=1 << 60)))
+    assert addresses(lone)["a"] == "tcp://127.0.0.1:7000"
