@@ -18,6 +18,11 @@ still accepted), and joins again. Only when every member has joined since the re
 began (or was evicted: a member that does not rejoin within ``session_timeout_s`` of the
 start is removed) does the generation move on and a new assignment go out — so no partition
 is held by two members at once: each one held under the old generation was let go first.
+A join counts as that proof only if the member was sent it after it let go: joins carry the
+member's count of joins sent (``seq``), and a member that was handed partitions of the current
+generation rejoins only with a join numbered above the one whose answer handed them out. An
+earlier join delayed on the wire (held by a paused coordinator, simulator seed 241) or a
+duplicate is answered ``rebalancing`` but ends nothing (``_let_go``).
 
 A member's own rule completes this (``meshq.core.client.group_member``): it lets go of its
 partitions by itself once ``session_timeout_s`` passed since the send time of the last
