@@ -381,7 +381,10 @@ SCHEMAS: dict[str, Schema] = {
     "offset_fetch": Schema(Struct(group=NAME, topic=NAME)),
     "offset_fetch_ok": Schema(Struct(offsets=ListOf(TOPIC_PARTITION_OFFSET, 100_000))),
     # consumer-group membership, answered by the group's coordinator (meshq.core.partitions.coordinator)
-    "join_group": Schema(Struct(group=NAME, topic=NAME, member=MEMBER_ID, partitions=Int(1, 10_000))),
+    # ``seq``: the member's count of joins sent; during a rebalance only a join sent after the one that
+    # handed the member its partitions counts as its rejoin (a delayed or duplicated one does not)
+    "join_group": Schema(StructWithOptional({"group": NAME, "topic": NAME, "member": MEMBER_ID,
+                                             "partitions": Int(1, 10_000)}, {"seq": Int(0, 1 << 62)})),
     "join_group_ok": Schema(Struct(state=OneOf("rebalancing", "stable"), generation=GENERATION,
                                    partitions=ListOf(PARTITION, 10_000), session_timeout_ms=Int(1, 1 << 31))),
     "group_heartbeat": Schema(Struct(group=NAME, member=MEMBER_ID, generation=GENERATION)),

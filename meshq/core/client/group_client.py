@@ -131,7 +131,7 @@ class GroupClient(Room):
         kind = member.next_request(now_s)
         if kind == "join":
             body = {"group": member.group, "topic": member.topic, "member": member_id,
-                    "partitions": member.partition_count}
+                    "partitions": member.partition_count, "seq": member.join_seq}
             self._send(member, "join_group", body, now_s,
                        lambda m, sent_s=now_s: member.on_join_answer(
                            m.body["state"], m.body["generation"], m.body["partitions"],

@@ -22,6 +22,13 @@ names and feeds the answers back) and read by the consumer (``view``):
   (this client key may not ``consume`` the topic): it sends nothing more, holds nothing, and
   the consumer raises the error (``view().error``).
 
+Each join names its number (``seq``, growing by one per join sent). A member sends one join at a
+time, none while it holds partitions, and drops the answer of a join it gave up on; so a join
+numbered above the one whose answer handed it its partitions was sent after it let go of them.
+The coordinator counts a join as the member's rejoin in a rebalance only then: a join delayed on
+the wire (held by a paused coordinator) or duplicated does not end a rebalance while the member
+still holds and reads its partitions.
+
 The session rule that makes the coordinator's eviction safe: a member stops holding its
 partitions once ``session_timeout_s - SESSION_SAFETY_S`` passed since it *sent* the last
 heartbeat (or join) the coordinator answered for its generation. The coordinator evicts it no
@@ -83,6 +90,7 @@ class GroupMember:
         self.partitions: tuple[int, ...] = ()
         self.version = 0
         self.in_flight: str | None = None  # "join" | "heartbeat": one request at a time
+        self.join_seq = -1  # joins sent so far - 1: each join names its number (``seq`` of join_group)
         self.next_send_s = now_s
         self.last_ok_sent_s = now_s  # send time of the last answered join/heartbeat of this generation
         self.error: MeshqError | None = None  # ``refused``: the AuthorizationError
@@ -93,6 +101,8 @@ class GroupMember:
         if self.in_flight is not None or self.state in ("left", "refused") or now_s < self.next_send_s:
             return None
         self.in_flight = "join" if self.state == "joining" else "heartbeat"
+        if self.in_flight == "join":
+            self.join_seq += 1
         return self.in_flight
 
     def next_deadline(self) -> float | None:

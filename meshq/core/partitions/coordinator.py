@@ -18,6 +18,11 @@ still accepted), and joins again. Only when every member has joined since the re
 began (or was evicted: a member that does not rejoin within ``session_timeout_s`` of the
 start is removed) does the generation move on and a new assignment go out — so no partition
 is held by two members at once: each one held under the old generation was let go first.
+A join counts as that proof only if the member was sent it after it let go: joins carry the
+member's count of joins sent (``seq``), and a member that was handed partitions of the current
+generation rejoins only with a join numbered above the one whose answer handed them out. An
+earlier join delayed on the wire (held by a paused coordinator, simulator seed 241) or a
+duplicate is answered ``rebalancing`` but ends nothing (``_let_go``).
 
 A member's own rule completes this (``meshq.core.client.group_member``): it lets go of its
 partitions by itself once ``session_timeout_s`` passed since the send time of the last
@@ -79,7 +84,10 @@ class Member:
     topic: str
     partition_count: int
     deadline_s: float  # its session ends then unless a join or heartbeat comes first
-    rejoined: bool  # joined since the current rebalance began
+    rejoined: bool  # joined since the current rebalance began (with a join that shows it let go)
+    # the highest ``seq`` of its joins answered with its (non-empty) partitions of the current
+    # generation; None: none handed out to it in this generation (it holds nothing of it)
+    handed_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +115,11 @@ class GroupMembership:
     rebalance_deadline_s: float = 0.0  # members that have not rejoined by then are removed
 
     # ------------------------------------------------------------------ events
-    def join(self, member_id: str, topic: str, partition_count: int, now_s: float) -> JoinAnswer:
+    def join(self, member_id: str, topic: str, partition_count: int, now_s: float,
+             seq: int | None = None) -> JoinAnswer:
+        """A join (``seq``: the member's count of joins sent, growing; None from a member that names no
+        order). During a rebalance it counts as the member's rejoin only if it shows that the member
+        holds nothing of the current generation (``_let_go``)."""
         member = self.members.get(member_id)
         if member is None:
             if len(self.members) >= MAX_MEMBERS:
@@ -121,11 +133,16 @@ class GroupMembership:
                 member.topic, member.partition_count = topic, partition_count
                 if self.state == "stable":
                     self._begin_rebalance(now_s)
-        if self.state == "rebalancing":
-            self.members[member_id].rejoined = True
+        member = self.members[member_id]
+        if self.state == "rebalancing" and _let_go(member, seq):
+            member.rejoined = True
             self._maybe_complete(now_s)
         if self.state == "stable":
-            return JoinAnswer("stable", self.generation, list(self.assignment.get(member_id, [])))
+            partitions = list(self.assignment.get(member_id, []))
+            if partitions:  # from now on the member may hold them (if this answer reaches it in time)
+                member.handed_seq = max(-1 if member.handed_seq is None else member.handed_seq,
+                                        -1 if seq is None else seq)
+            return JoinAnswer("stable", self.generation, partitions)
         return JoinAnswer("rebalancing", self.generation, [])
 
     def heartbeat(self, member_id: str, now_s: float) -> tuple[str, int]:
@@ -221,7 +238,24 @@ class GroupMembership:
             return
         self.generation += 1
         self.assignment = assign_range(self.members)
+        for member in self.members.values():
+            member.handed_seq = None  # nothing of the new generation is handed out yet
         self.state = "stable" if self.members else "empty"
+
+
+def _let_go(member: Member, seq: int | None) -> bool:
+    """Does a join of ``member`` numbered ``seq`` show that it holds nothing of the current generation?
+
+    Yes if none of its partitions of this generation was handed out to it. Otherwise only a join
+    the member sent *after* the one whose answer handed them out: a member sends one join at a
+    time and sends none while it holds partitions, so such a join was sent after it let go of
+    them (or gave up waiting for that answer, which it then drops as late). An earlier join
+    delayed on the wire or duplicated (its ``seq`` is not higher), or one that names no order,
+    shows nothing: the member may still hold its partitions and be fetching.
+    """
+    if member.handed_seq is None:
+        return True
+    return seq is not None and seq > member.handed_seq
 
 
 def assign_range(members: dict[str, Member]) -> dict[str, list[int]]:
@@ -261,7 +295,7 @@ class GroupCoordinator(Room):
         body = message.body
         self.core.access.check("consume", body["topic"])
         group = self._group(body["group"], now_s)
-        answer = group.join(body["member"], body["topic"], body["partitions"], now_s)
+        answer = group.join(body["member"], body["topic"], body["partitions"], now_s, body.get("seq"))
         self._arm(group)
         self.out.reply(route, message.request_id, "join_group_ok", {
             "state": answer.state, "generation": answer.generation, "partitions": answer.partitions,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
-from meshq.core.events import JoinGroup, LeaveGroup, ReleaseGroup, WatchGroup
+from meshq.core.events import JoinGroup, LeaveGroup, ReleaseGroup, RequestReceived, WatchGroup
 from meshq.core.partitions.coordinator import SESSION_MARGIN_S
 from tests.core.rooms.conftest import Net, create_topic, error_of
 
@@ -169,3 +169,60 @@ def test_a_group_that_emptied_and_was_dropped_does_not_hand_out_a_generation_twi
     b = Member(net, "c1")
     run_members(net, [b], 0.5)
     assert b.view().generation > first
+
+
+def hold_joins(net: Net, node_id: str, sender: str) -> list:
+    """From now on, ``node_id`` does not take the join_group requests of ``sender`` while the returned
+    list's first item is True: they are kept (after it) to be handed in later, as a network or a
+    paused coordinator delays them."""
+    h = net[node_id]
+    handle = h.handle
+    held: list = [True]
+
+    def holding_handle(event):
+        if (held[0] and isinstance(event, RequestReceived) and event.message.type == "join_group"
+                and event.route == ("net", sender)):
+            held.append(event)
+            return None
+        return handle(event)
+
+    h.handle = holding_handle
+    return held
+
+
+def test_every_join_of_a_member_names_its_number_one_more_than_the_last():
+    net = mesh("c1")
+    held = hold_joins(net, "n1", "c1")  # the coordinator never answers: the member keeps asking
+    token = net["c1"].command(JoinGroup("g", "t", 6))
+    net.pump()
+    net.run(2 * 1.5 + 1.0)
+    assert net["c1"].resolved[token]
+    assert [event.message.body["seq"] for event in held[1:]] == list(range(len(held) - 1))
+    assert len(held) - 1 >= 2
+
+
+def test_a_join_delayed_past_the_one_that_handed_out_the_partitions_does_not_end_a_rebalance():
+    """Simulator seed 241: a join held by a paused coordinator arrived after its member had been
+    handed every partition and a rebalance had begun; counted as the member's rejoin, it let the
+    partitions go to another member while the first still held them."""
+    net = mesh("c1", "c2")
+    held = hold_joins(net, "n1", "c1")
+    a = Member(net, "c1")
+    net.run(0.5)
+    assert len(held) == 2 and a.held() == ()  # a's join #0 is held on the way
+    held[0] = False
+    net.run_until(lambda: a.held() == (0, 1, 2, 3, 4, 5), 5.0)  # #0 timed out; #1 was answered
+    delayed = held[1]
+    assert delayed.message.body["seq"] == 0
+    coordinator = net["n1"].core.coordinator
+    b = Member(net, "c2")  # a rebalance begins; a hears of it only at its next heartbeat
+    assert coordinator.groups["g"].state == "rebalancing"
+    net["n1"].handle(delayed)  # the delayed join #0 arrives now
+    net.pump()
+    group = coordinator.groups["g"]
+    assert group.state == "rebalancing" and not group.members[a.member_id].rejoined
+    assert net["c1"].core.out.late_replies.get("join_group_ok") == 1  # a dropped its answer
+    members = [a, b]
+    run_members(net, members, 3.0, check=lambda: no_overlap(members))
+    assert sorted(a.held() + b.held()) == [0, 1, 2, 3, 4, 5] and a.held() and b.held()
+    assert a.released  # the rebalance ended only once a had let go and joined again
