@@ -3,7 +3,10 @@
 
 A cluster from `meshq keygen`, two client nodes with their own client keys (alice, bob; neither is the
 admin): bob subscribes and alice publishes, alice serves and bob requests, through the mesh, once the
-admin granted what each needs.
+admin granted what each needs. Then the refusals: a client node ignores the offer of a key that may not
+``serve`` the service, a serving client node refuses (``AuthorizationError``) a caller whose key may not
+``request`` it; a grant takes effect, and a revoke stops it, without restarting anything; and ``acl grant``
+still refuses ``publish``/``subscribe`` grants, which nothing enforces yet.
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ def test_two_keyed_client_nodes_publish_subscribe_request_and_serve_through_the_
     alice = _client(mesh, nodes, os.path.join(keys, "clients", "alice"))
     bob = _client(mesh, nodes, os.path.join(keys, "clients", "bob"))
     try:
-        for name, permission, pattern in (("bob", "request", "svc.>"),):
+        for name, permission, pattern in (("bob", "request", "svc.>"), ("alice", "serve", "svc.echo")):
             assert admin.acl_grant(name, permission, pattern) is True
-        service = alice.serve("svc.echo", lambda payload: b"alice:" + payload)
+        service = wait_until(lambda: _serve(alice, "svc.echo"), 30, "alice's node to learn she may serve")
         reply = wait_until(lambda: isinstance(r := _request(bob, "svc.echo"), bytes) and r, 60,
                            "bob's request to reach alice's service")
         assert reply == b"alice:ping"
@@ -87,3 +90,59 @@ def test_two_keyed_client_nodes_publish_subscribe_request_and_serve_through_the_
         bob.stop()
         alice.stop()
         admin.stop()
+
+
+def test_serve_and_request_between_client_nodes_are_refused_until_granted_and_again_after_revoke(keyed):
+    mesh, keys, nodes = keyed
+    admin_dir = os.path.join(keys, "clients", "admin")
+    admin = _client(mesh, nodes, admin_dir)
+    alice = _client(mesh, nodes, os.path.join(keys, "clients", "alice"))
+    bob = _client(mesh, nodes, os.path.join(keys, "clients", "bob"))
+    try:
+        # alice may not serve svc.echo: her node says so once it learnt the grants (before, it cannot know)
+        refused = wait_until(lambda: _serve_refused(alice, "svc.echo"), 30, "alice's node to refuse to serve")
+        assert "client 'alice' may not serve service 'svc.echo': no grant of serve matches it" in str(refused)
+        done = run_cli("acl", "grant", "alice", "serve", "svc.>", "--cluster", mesh.cluster, "--seed",
+                       nodes[0].seed, "--no-mdns", "--keys", admin_dir, timeout_s=90)
+        assert done.returncode == 0 and b"granted serve svc.> to alice" in done.stdout, done.stderr.decode()
+        service = wait_until(lambda: _serve(alice, "svc.echo"), 30, "alice's node to learn she may serve")
+        # bob may not request it: alice's node refuses him, before the handler runs
+        refused = wait_until(lambda: isinstance(r := _request(bob, "svc.echo"), meshq.AuthorizationError) and r, 30,
+                             "bob's request to be refused by alice's node")
+        assert "client 'bob' may not request service 'svc.echo'" in str(refused)
+        assert "meshq acl grant bob request PATTERN" in str(refused)
+        admin.acl_grant("bob", "request", "svc.*")
+        reply = wait_until(lambda: isinstance(r := _request(bob, "svc.echo"), bytes) and r, 30,
+                           "bob's request to be served once granted")
+        assert reply == b"alice:ping"
+        # revoked: bob's node ignores alice's offer (she still makes it)
+        admin.acl_revoke("alice", "serve", "svc.>")
+        ignored = wait_until(lambda: isinstance(r := _request(bob, "svc.echo"), meshq.NoRespondersError) and r, 30,
+                             "bob's node to ignore alice's offer once revoked")
+        assert "ignored: held by alice, with no grant to serve it" in str(ignored)
+        admin.acl_grant("alice", "serve", "svc.echo")
+        wait_until(lambda: _request(bob, "svc.echo") == b"alice:ping", 30, "alice's offer to be heeded again")
+        # what nothing checks yet is still refused, and says why
+        for permission in ("publish", "subscribe"):
+            with pytest.raises(meshq.UsageError, match=f"permission '{permission}' is not enforced yet"):
+                admin.acl_grant("bob", permission, "events.>")
+        service.close()
+    finally:
+        bob.stop()
+        alice.stop()
+        admin.stop()
+
+
+def _serve(client: meshq.Node, service: str):
+    try:
+        return client.serve(service, lambda payload: b"alice:" + payload)
+    except meshq.AuthorizationError:
+        return None
+
+
+def _serve_refused(client: meshq.Node, service: str) -> BaseException | None:
+    try:
+        client.serve(service, lambda payload: payload).close()  # (its node has not learnt the grants yet)
+    except meshq.AuthorizationError as exc:
+        return exc
+    return None
