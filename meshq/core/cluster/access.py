@@ -221,19 +221,20 @@ class Access(Room):
         if body["action"] == "grant":
             acl.refuse_unenforced(permission)
         granted = self.core.meta.acl.has(name, permission, pattern)
-        if body["action"] == "grant" and granted:
-            self.out.reply(route, message.request_id, "acl_change_ok", {"changed": False})
-            return
+        # A grant this node holds already is proposed all the same (applying it again changes nothing): this
+        # node's state may be behind a revoke committed elsewhere, and "already granted" must not be said of a
+        # grant the cluster does not hold (simulator seed 6 with acl: a node back from a power loss).
         if body["action"] == "revoke" and not granted:
             raise UsageError(f"client {name!r} holds no grant {permission} {pattern!r}, nothing to revoke; "
                              f"`meshq acl list` shows the grants")
         command = {"op": "acl", "action": body["action"], "name": name, "permission": permission, "pattern": pattern}
+        changed = body["action"] == "revoke" or not granted  # (a revoke of a grant not held was refused above)
 
         def done(error: MeshqError | None) -> None:
             if error is not None:
                 self.out.reply_error(route, message.request_id, error)
             else:
-                self.out.reply(route, message.request_id, "acl_change_ok", {"changed": True})
+                self.out.reply(route, message.request_id, "acl_change_ok", {"changed": changed})
 
         self.core.agreement.propose(command, now_s, now_s + self.config.request_timeout_s, done)
 
