@@ -191,3 +191,28 @@ def test_unkeyed_nodes_check_nothing_and_ask_for_no_view():
     net.run_until(lambda: net["c1"].jobs, 2.0)
     finish(net, "c1")
     assert outcome(net, "c2", token) == b"hi"
+
+
+def test_a_fresh_client_node_holds_a_serve_until_its_view_says_whether_its_key_may():
+    net = keyed_net()
+    grant(net, "grant", "alice", "serve", "svc.>")
+    for node_id, key in (("c5", KEYS["c3"]), ("c6", KEYS["c1"])):  # dave's second node, alice's second node
+        net.keys[node_id] = key
+        net.add(node_id, role="client", data_dir=None, public_key=key)
+    refused, served = net["c5"].command(ServeService("svc.echo")), net["c6"].command(ServeService("svc.echo"))
+    assert refused not in net["c5"].failed and served not in net["c6"].resolved  # held: no view yet
+    net.introduce()
+    net.run_until(lambda: refused in net["c5"].failed and served in net["c6"].resolved, 2.0)
+    assert "client 'dave' may not serve service 'svc.echo'" in str(net["c5"].failed[refused])
+    assert "svc.echo" in net["c6"].core.rpc.served and "svc.echo" not in net["c5"].core.rpc.served
+
+
+def test_a_client_node_that_gets_no_view_serves_after_a_short_wait():
+    net = Net("n1", public_key=CLUSTER_KEY)
+    net.form()
+    c1 = net.add("c1", role="client", data_dir=None, public_key=KEYS["c1"])  # never introduced: no view
+    token = c1.command(ServeService("svc.echo"))
+    net.run(1.0)
+    assert token not in c1.resolved
+    net.run(1.2)
+    assert c1.resolved.get(token, "missing") is None and "svc.echo" in c1.core.rpc.served
