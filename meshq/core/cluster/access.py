@@ -51,6 +51,7 @@ NODE_ONLY = frozenset({"raft_vote", "raft_vote_ok", "raft_append", "raft_append_
 RETRY_S = 0.05  # no storage node known yet: ask again this often until the deadline
 VIEW_REFRESH_S = 1.0  # a keyed client node asks a storage node for the peer grants this often
 VIEW_FIRST_S = 0.1  # ... and this often until it has them
+MAX_NAMES = 10_000  # trusted client keys an acl_view names (wire.SCHEMAS bound; beyond: unnamed, so refused)
 
 
 class Access(Room):
@@ -196,8 +197,9 @@ class Access(Room):
 
     def on_trusted(self, command: TrustedNames, now_s: float) -> None:
         """A storage node's runtime read ``cluster/trusted/`` (keys of clients, by name)."""
-        self.names = {key: name for key, name in command.names.items()
-                      if len(key) == 40 and acl.CLIENT_NAME.fullmatch(name)}
+        names = {key: name for key, name in sorted(command.names.items())
+                 if len(key) == 40 and acl.CLIENT_NAME.fullmatch(name)}
+        self.names = dict(list(names.items())[:MAX_NAMES])
 
     def check_admin(self, what: str) -> None:
         acl.require_admin(self.core.caller, what)
