@@ -104,6 +104,9 @@ def _collector(node: Any) -> Any:
             yield by_peer
             yield CounterMetricFamily("meshq_auth_refused", "connections refused: untrusted CURVE key, or "
                                       "CURVE against plain", value=counters.get("auth_refused", 0))
+            yield CounterMetricFamily("meshq_access_refused", "requests this node refused for want of a grant (a "
+                                      "storage node: any; a client node: requests to the services it serves)",
+                                      value=core.access.counters["refused"])
             disk = GaugeMetricFamily("meshq_log_bytes", "bytes on disk per partition", labels=["topic", "partition"])
             watermark = GaugeMetricFamily("meshq_high_watermark", "high watermark per partition",
                                           labels=["topic", "partition"])

@@ -45,18 +45,20 @@ PERMISSIONS: dict[str, str] = {"produce": "topic", "consume": "topic", "admin": 
                                "publish": "subject", "subscribe": "subject",
                                "request": "service", "serve": "service"}
 MAX_GRANTS = 10_000  # per cluster: bounds the metadata a grant can grow
-# Permissions no node checks yet (pub/sub and client-served services carry no verified identity;
+# Permissions no node checks yet (pub/sub data carries no verified identity between client nodes;
 # docs/operations.md): a new grant of one is refused rather than stored to do nothing.
-NOT_ENFORCED = ("publish", "subscribe", "serve")
+NOT_ENFORCED = ("publish", "subscribe")
+# Permissions client nodes check among themselves (``meshq.core.cluster.access``: the storage nodes serve
+# client nodes these grants and the names of the trusted client keys, ``acl_view``).
+PEER_PERMISSIONS = ("request", "serve")
 
 
 def refuse_unenforced(permission: str) -> None:
     """``UsageError`` for a grant of a permission that nothing would check (``NOT_ENFORCED``)."""
     if permission in NOT_ENFORCED:
-        raise UsageError(f"permission {permission!r} is not enforced yet: pub/sub data and services offered by "
-                         f"client nodes travel between client nodes with no verified identity, so every trusted "
-                         f"key may publish, subscribe and serve (docs/operations.md, 'Not enforced'); nothing "
-                         f"was granted")
+        raise UsageError(f"permission {permission!r} is not enforced yet: pub/sub data travels between client "
+                         f"nodes with no verified identity of its sender or receiver, so every trusted key may "
+                         f"publish and subscribe (docs/operations.md, 'Not enforced'); nothing was granted")
 
 
 def validate_grant(name: Any, permission: Any, pattern: Any) -> tuple[str, str, str]:

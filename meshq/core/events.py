@@ -51,6 +51,14 @@ class PeerDiscovered:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustedNames:
+    """A keyed storage node's runtime read ``cluster/trusted/`` (at start, then whenever it changed): the
+    trusted client keys (z85) and their holders' names, which the ``access`` room serves client nodes."""
+
+    names: dict
+
+
+@dataclass(frozen=True, slots=True)
 class BadRequest:
     """A request whose envelope decoded (so it can be answered) but whose body or payloads did
     not: the core counts it and answers ``error`` (code ``protocol``) naming the defect."""

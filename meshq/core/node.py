@@ -188,6 +188,7 @@ class NodeCore:
         self.started_s = now_s
         self.now_s = now_s
         self.mesh.start()
+        self.access.start(now_s)  # a keyed client node starts asking for the peer grants
         if self.is_storage:
             self.agreement.start(now_s)
             self.space.start(now_s)

@@ -53,6 +53,7 @@ class Status(Room):
             "invalid_frames": core.invalid_frames(),
             "pubsub": {"nodes": [core.pubsub.report()]},
             "services": core.rpc.report()["services"],
+            "access": core.access.report(),
         }
         if core.is_storage:
             status.update(core.space.report())  # storage_full, storage_full_reason

@@ -405,6 +405,11 @@ SCHEMAS: dict[str, Schema] = {
     "acl_change_ok": Schema(Struct(changed=Bool())),
     "acl_list": Schema(Struct()),
     "acl_list_ok": Schema(Struct(grants=ListOf(Struct(**_GRANT), 10_000))),
+    # the grants client nodes check among themselves (acl.PEER_PERMISSIONS) and the names of the trusted
+    # client keys (z85 public key -> name): served by storage nodes to any trusted key
+    "acl_view": Schema(Struct()),
+    "acl_view_ok": Schema(Struct(grants=ListOf(Struct(**_GRANT), 10_000), names=MapOf(Str(40, 40), Str(64, 1),
+                                                                                        10_000))),
     "status": Schema(Struct()),
     "status_ok": Schema(Struct(status=Any_())),
     # ``leader``: with ``not_leader``, the node the sender believes leads (absent or nil: unknown)

@@ -110,7 +110,7 @@ class DirectRequester:
                     if action == PARK:
                         time.sleep(max(0.0, value - now))
                         continue
-                    raise value
+                    raise self.core.rpc.explain(service, value)
                 endpoint = self.core.out.peer_endpoints.get(instance)
                 if instance == self.core.node_id or endpoint is None:
                     if sent:

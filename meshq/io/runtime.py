@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from meshq.core import wire
+from meshq.core.acl import CLUSTER
 from meshq.core.acl import UNKNOWN as UNKNOWN_CALLER
 from meshq.core.events import (
     COMMANDS,
@@ -55,6 +56,7 @@ from meshq.core.events import (
     Send,
     Subscribe,
     SyncLogs,
+    TrustedNames,
     Unsubscribe,
 )
 from meshq.core.node import NodeCore
@@ -69,6 +71,7 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
 _PUBSUB_HWM = 1000  # messages (pub/sub batches, heartbeats) queued per peer on the PUB and SUB sockets
+_TRUSTED_READ_S = 1.0  # a keyed storage node reads cluster/trusted/ for the core this often (acl_view)
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
 # Plain ints: pyzmq's flag constants are enums, and combining or converting them costs a Python
 # call on every frame of the hot path.
@@ -110,6 +113,7 @@ class Runtime:
         self._monitors: dict[zmq.Socket, tuple[str, str]] = {}  # handshake monitors -> (endpoint, socket kind)
         self._refusal_logged_s = float("-inf")
         self._zap_refused = 0
+        self._trusted: dict[str, str] | None = None  # the client keys last handed to the core (_read_trusted)
         # peers refused: a handshake that failed (CURVE against plain) or a key ZAP refused (status, metrics)
         core.counters.setdefault("auth_refused", 0)
         self.router: zmq.Socket | None = None
@@ -264,6 +268,8 @@ class Runtime:
             self._close_sockets()
             return
         self.started.set()
+        if self.curve is not None and self.curve.keys.kind == "cluster":
+            self._read_trusted()
         try:
             self._loop(poller)
         except BaseException:
@@ -351,6 +357,18 @@ class Runtime:
                 log.info("node %s left the cluster (meshq leave): its partitions are on the other members and it "
                          "is out of the storage membership; stopping", core.node_id)
                 return
+
+    def _read_trusted(self) -> None:
+        """A keyed storage node: hand the core the trusted client keys and their names (``cluster/trusted/``) when
+        they changed, which it serves client nodes (``acl_view``); then again in ``_TRUSTED_READ_S``."""
+        if self._stop_requested:
+            return
+        names = {key.decode("ascii", "replace"): name for key, name in self.curve.keys.trusted_names().items()
+                 if name != CLUSTER}
+        if names != self._trusted:
+            self._trusted = names
+            self._execute(self.core.handle(TrustedNames(names), self.clock.now_s()))
+        self.call_later(_TRUSTED_READ_S, self._read_trusted)
 
     def _drain_router(self) -> None:
         if self.curve is None:  # no keys: no identity (nothing is checked)

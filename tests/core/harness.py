@@ -59,7 +59,7 @@ class CoreHarness:
     """One NodeCore plus everything needed to drive it by hand."""
 
     def __init__(self, node_id: str = "n1", storage: Any = None, clock: FakeClock | None = None,
-                 **config: Any) -> None:
+                 public_key: str = "", **config: Any) -> None:
         config.setdefault("data_dir", "/nonexistent")
         config.setdefault("mdns", False)
         self.config = NodeConfig(node_id=node_id, **config)
@@ -76,7 +76,9 @@ class CoreHarness:
         self.jobs: list[RunHandler] = []  # handlers the core asked to run (request/reply)
         self.workers: list[RunHandlers] = []  # how they were handed out (one worker each)
         self.auto_sync = True
-        self.apply(self.core.start(f"tcp://127.0.0.1:{9000 + hash(node_id) % 100}", self.clock.now_s))
+        # (``public_key``: the node runs with keys, as a keyed runtime starts it; "" without)
+        self.apply(self.core.start(f"tcp://127.0.0.1:{9000 + hash(node_id) % 100}", self.clock.now_s,
+                                   public_key=public_key))
 
     # -- effects
     def apply(self, effects: list) -> None:

@@ -86,7 +86,8 @@ def test_scrape_shows_latency_histograms_of_what_the_node_did(tmp_path):
     assert rpc["count"] == 2 and rpc["sum"] > 0
     # the gauges and counters the operations page lists
     for name in ("meshq_records_produced", "meshq_fetched_bytes", "meshq_log_bytes",
-                 "meshq_under_replicated_partitions", "meshq_frames_invalid", "meshq_pubsub_dropped"):
+                 "meshq_under_replicated_partitions", "meshq_frames_invalid", "meshq_pubsub_dropped",
+                 "meshq_access_refused"):
         assert name in families, name
 
 

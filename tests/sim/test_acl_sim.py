@@ -67,3 +67,34 @@ def test_the_per_node_check_catches_a_grant_applied_before_it_is_committed(monke
     monkeypatch.setattr(Access, "serve_change", apply_early)
     found = _violations()
     assert found and any("but the committed log gives" in text for text in found), found
+
+
+def test_the_view_check_catches_a_storage_node_serving_client_nodes_every_grant(monkeypatch):
+    # Broken variant: acl_view carries every grant, not only those client nodes check (request, serve).
+    def serve_everything(self, route, message, now_s):
+        self.out.reply(route, message.request_id, "acl_view_ok",
+                       {"grants": self.core.meta.acl.listing(), "names": self.names})
+
+    def take_everything(self, body):
+        grants = Acl()
+        for grant in body["grants"]:
+            grants.apply({"action": "grant", **grant})
+        self.view, self.names = grants, dict(body["names"])
+
+    monkeypatch.setattr(Access, "serve_view", serve_everything)
+    monkeypatch.setattr(Access, "_take_view", take_everything)
+    found = _violations()
+    assert found and all("is no committed state of them" in text for text in found), found
+
+
+def test_the_end_check_catches_client_nodes_that_never_learn_a_grant_change(monkeypatch):
+    # Broken variant: a client node asks for the view until it has one, never again.
+    real = Access._refresh_view
+
+    def once(self, key, now_s):
+        if self.view is None:
+            real(self, key, now_s)
+
+    monkeypatch.setattr(Access, "_refresh_view", once)
+    found = _violations()
+    assert found and all("after the last grant change its view" in text for text in found), found

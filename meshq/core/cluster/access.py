@@ -15,8 +15,23 @@ Serving rooms ask this room, before they change or return anything:
 A refusal raises ``AuthorizationError``, which the root turns into an ``error`` reply (code
 ``authorization``, not retriable) before anything was stored or proposed.
 
-Only storage nodes hold the grants: a client node enforces nothing (its callers' requests are
-checked by the storage node that serves them). The admin's side: ``AclChange`` / ``AclList``
+Storage nodes hold the grants. Client nodes check among themselves what no storage node sees
+(``acl.PEER_PERMISSIONS``: ``request`` and ``serve`` of services a client node offers), with a
+*view*: every ``VIEW_REFRESH_S`` a keyed client node asks a storage node ``acl_view`` and gets
+the grants of those permissions and the names of the trusted client keys (``names``: z85 public
+key -> name, which a storage node's runtime reads from ``cluster/trusted/`` and feeds in as
+``TrustedNames``). Every check rests on a key CURVE verified, never on a node id:
+
+* serving (``check``, on a client node): the caller is the ZAP ``User-Id`` ``@key:`` + the
+  caller's key; its name is ``names[key]``; ``@cluster`` (a storage node) passes;
+* asking (``may_node``, every keyed node): an instance's name is that of the key this node's
+  sockets use as the server key to reach it (the cluster key for a storage member — role
+  ``storage`` cannot be claimed without the cluster key's secret — a client member's gossiped
+  ``key`` otherwise, whose secret the server must hold to answer at all).
+
+A keyed client node without a view yet (it asks from its start, then every second) refuses
+callers it cannot name and trusts no client instance; an unkeyed node checks nothing.
+The admin's side: ``AclChange`` / ``AclList``
 go to any storage node, which checks the admin key and proposes ``{"op": "acl", ...}`` to the
 metadata group (``agreement.propose``), answering once it is applied there.
 """
@@ -26,29 +41,165 @@ from __future__ import annotations
 from typing import Any
 
 from meshq.core import acl, wire
-from meshq.core.events import AclChange, AclList, Fail, Resolve
+from meshq.core.events import AclChange, AclList, Fail, Resolve, TrustedNames
 from meshq.core.room import Room
-from meshq.errors import MeshqError, NodeStoppedError, NotLeaderError, TimeoutError, UsageError
+from meshq.errors import AuthorizationError, MeshqError, NodeStoppedError, NotLeaderError, TimeoutError, UsageError
 
 NODE_ONLY = frozenset({"raft_vote", "raft_vote_ok", "raft_append", "raft_append_ok", "raft_join", "raft_propose",
                        "repl_vote", "repl_vote_ok", "repl_append", "repl_append_ok", "repl_timeout_now",
                        "repair_fetch"})
 RETRY_S = 0.05  # no storage node known yet: ask again this often until the deadline
+VIEW_REFRESH_S = 1.0  # a keyed client node asks a storage node for the peer grants this often
+VIEW_FIRST_S = 0.1  # ... and this often until it has them
+MAX_NAMES = 10_000  # trusted client keys an acl_view names (wire.SCHEMAS bound; beyond: unnamed, so refused)
 
 
 class Access(Room):
     """Permission checks and the grants' administration (see the module docstring)."""
 
-    SERVES = {"acl_change": "serve_change", "acl_list": "serve_list"}
-    COMMANDS = {AclChange: "run", AclList: "run"}
-    TIMERS = {"acl_retry": "_retry"}
+    SERVES = {"acl_change": "serve_change", "acl_list": "serve_list", "acl_view": "serve_view"}
+    COMMANDS = {AclChange: "run", AclList: "run", TrustedNames: "on_trusted"}
+    TIMERS = {"acl_retry": "_retry", "acl_view": "_refresh_view"}
 
-    # ------------------------------------------------------------------ checks (storage nodes)
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        self.names: dict[str, str] = {}  # trusted client key (z85) -> its holder's name
+        self.view: acl.Acl | None = None  # a keyed client node: the peer grants, as a storage node last served them
+        self._asking = False  # an acl_view in flight
+        self.counters = {"views": 0, "refused": 0}  # views taken; requests this node refused (any check)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether this node runs with keys (an unkeyed node has no identities and checks nothing)."""
+        return bool(self.core.public_key)
+
+    def start(self, now_s: float) -> None:
+        if self.keyed and not self.core.is_storage:
+            self.out.schedule(now_s, "acl_view", None)
+
+    # ------------------------------------------------------------------ checks
     def check(self, permission: str, resource: str) -> None:
-        """Refuse (``AuthorizationError``) unless the current caller holds ``permission`` on ``resource``."""
+        """Refuse (``AuthorizationError``) unless the current caller holds ``permission`` on ``resource``: on a
+        storage node any permission, on a client node those it serves (``acl.PEER_PERMISSIONS``)."""
         caller = self.core.caller
-        if caller is not None and self.core.is_storage:
-            acl.authorize(self.core.meta.acl, caller, permission, resource)
+        if caller is None:
+            return
+        try:
+            if self.core.is_storage:
+                acl.authorize(self.core.meta.acl, caller, permission, resource)
+            elif permission in acl.PEER_PERMISSIONS and caller != acl.CLUSTER:
+                self._check_peer(caller, permission, resource)
+        except AuthorizationError:
+            self.counters["refused"] += 1
+            raise
+
+    def _check_peer(self, caller: str, permission: str, resource: str) -> None:
+        name = self.name_of(caller)
+        if self.view is None or name is None:
+            self.out.schedule(self.core.now_s, "acl_view", "now")  # ask now: it may have been added meanwhile
+            raise AuthorizationError(
+                f"client node {self.node_id} cannot tell whose key {caller[len(acl.KEY_PREFIX):]} is "
+                f"({'it has not learnt the grants yet' if self.view is None else 'no trusted client has it'}): "
+                f"client nodes learn the trusted keys and the grants from the storage nodes about every "
+                f"{VIEW_REFRESH_S:g} s; retry shortly, and check that the key was added with "
+                f"`meshq keygen DIR --client NAME` and copied to cluster/trusted/ of the storage nodes")
+        acl.authorize(self.view, name, permission, resource)
+
+    def name_of(self, caller: str) -> str | None:
+        """The client name behind a caller: ``@key:K`` is looked up in ``names``; a name is itself."""
+        if caller.startswith(acl.KEY_PREFIX):
+            return self.names.get(caller[len(acl.KEY_PREFIX):])
+        return caller
+
+    def grants(self) -> acl.Acl | None:
+        """The grants this node checks with: the agreed ones on a storage node, the view on a client node."""
+        return self.core.meta.acl if self.core.is_storage else self.view
+
+    def name_of_node(self, node_id: str) -> str | None:
+        """Who holds the key this node reaches ``node_id`` with (see the module docstring); None: unknown."""
+        if node_id == self.node_id:
+            return acl.CLUSTER if self.core.is_storage else self.names.get(self.core.public_key)
+        members = self.core.mesh.members
+        member = members.get(node_id) if members is not None else None
+        if member is None:
+            return None
+        if member.role == "storage":
+            return acl.CLUSTER
+        return self.names.get(member.key) if member.key else None
+
+    def may_node(self, node_id: str, permission: str, resource: str) -> bool:
+        """Whether ``node_id`` (by its verified key) may ``permission`` ``resource``; always, without keys."""
+        if not self.keyed:
+            return True
+        name = self.name_of_node(node_id)
+        if name == acl.CLUSTER:
+            return True
+        grants = self.grants()
+        return name is not None and grants is not None and grants.allows(name, permission, resource)
+
+    def refuse_own(self, permission: str, resource: str) -> None:
+        """``AuthorizationError`` if this client node knows its own key may not ``permission`` ``resource`` (say
+        so at once, rather than be ignored by every peer); nothing when it cannot know yet."""
+        if not self.keyed or self.core.is_storage or self.view is None:
+            return
+        name = self.names.get(self.core.public_key)
+        if name is not None:
+            acl.authorize(self.view, name, permission, resource)
+
+    def settled(self) -> bool:
+        """Whether this node can check its peers (has its view, or needs none)."""
+        return not self.keyed or self.core.is_storage or self.view is not None
+
+    def report(self) -> dict:
+        """For status: whether this node checks identities, what it knows of the trusted keys and the peer grants,
+        and its counts (``refused``: requests it refused for want of a grant; ``views``: views taken)."""
+        grants = self.grants()
+        return {"keyed": self.keyed, "trusted_clients": len(self.names),
+                "grants": grants.count if grants is not None else None, **self.counters}
+
+    # ------------------------------------------------------------------ the view (client nodes)
+    def _refresh_view(self, key: Any, now_s: float) -> None:
+        if key is None:  # (the periodic one; an immediate ask, key "now", does not start another period)
+            self.out.schedule(now_s + (VIEW_REFRESH_S if self.view is not None else VIEW_FIRST_S), "acl_view", None)
+        if self._asking or self.core.stopped:
+            return
+        peer = self.core.client.any_storage_peer()
+        if peer is None:
+            return
+        self._asking = True
+
+        def answered(message: wire.Message) -> None:
+            self._asking = False
+            self._take_view(message.body)
+
+        def failed(error: MeshqError) -> None:
+            self._asking = False  # the next period asks again
+
+        self.out.request(peer, "acl_view", {}, (), now_s, self.config.request_timeout_s, answered, failed)
+
+    def _take_view(self, body: dict) -> None:
+        grants = acl.Acl()
+        for grant in body["grants"]:
+            if grant["permission"] in acl.PEER_PERMISSIONS:
+                grants.apply({"action": "grant", **grant})
+        names = dict(body["names"])
+        changed = self.view is None or grants.listing() != self.view.listing() or names != self.names
+        self.view, self.names = grants, names
+        self.counters["views"] += 1
+        if changed:
+            self.core.rpc.grants_changed()
+
+    def serve_view(self, route: Any, message: wire.Message, now_s: float) -> None:
+        if not self.core.is_storage:
+            raise NotLeaderError(f"node {self.node_id} is a client and holds no permissions")
+        grants = [grant for grant in self.core.meta.acl.listing() if grant["permission"] in acl.PEER_PERMISSIONS]
+        self.out.reply(route, message.request_id, "acl_view_ok", {"grants": grants, "names": self.names})
+
+    def on_trusted(self, command: TrustedNames, now_s: float) -> None:
+        """A storage node's runtime read ``cluster/trusted/`` (keys of clients, by name)."""
+        names = {key: name for key, name in sorted(command.names.items())
+                 if len(key) == 40 and acl.CLIENT_NAME.fullmatch(name)}
+        self.names = dict(list(names.items())[:MAX_NAMES])
 
     def check_admin(self, what: str) -> None:
         acl.require_admin(self.core.caller, what)
@@ -72,19 +223,20 @@ class Access(Room):
         if body["action"] == "grant":
             acl.refuse_unenforced(permission)
         granted = self.core.meta.acl.has(name, permission, pattern)
-        if body["action"] == "grant" and granted:
-            self.out.reply(route, message.request_id, "acl_change_ok", {"changed": False})
-            return
+        # A grant this node holds already is proposed all the same (applying it again changes nothing): this
+        # node's state may be behind a revoke committed elsewhere, and "already granted" must not be said of a
+        # grant the cluster does not hold (simulator seed 6 with acl: a node back from a power loss).
         if body["action"] == "revoke" and not granted:
             raise UsageError(f"client {name!r} holds no grant {permission} {pattern!r}, nothing to revoke; "
                              f"`meshq acl list` shows the grants")
         command = {"op": "acl", "action": body["action"], "name": name, "permission": permission, "pattern": pattern}
+        changed = body["action"] == "revoke" or not granted  # (a revoke of a grant not held was refused above)
 
         def done(error: MeshqError | None) -> None:
             if error is not None:
                 self.out.reply_error(route, message.request_id, error)
             else:
-                self.out.reply(route, message.request_id, "acl_change_ok", {"changed": True})
+                self.out.reply(route, message.request_id, "acl_change_ok", {"changed": changed})
 
         self.core.agreement.propose(command, now_s, now_s + self.config.request_timeout_s, done)
 

@@ -85,6 +85,7 @@ from meshq.errors import (
     RemoteError,
     TimeoutError,
     UsageError,
+    error_from_code,
 )
 
 QUEUE_LIMIT = 1024  # requests waiting per service beyond those running; more are refused as busy
@@ -93,6 +94,7 @@ BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking ag
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
 DISPATCH_AHEAD = 128  # jobs handed to one worker at once (it runs them one after the other)
+SERVE_WAIT_S = 2.0  # a keyed client node without its grant view yet holds a ServeService this long at most
 BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
 
 
@@ -190,6 +192,9 @@ def when_answered(call: Call, instance: str, message: wire.Message) -> tuple[str
     """What an answer from ``instance`` means: the reply's bytes, an error, or another instance to try."""
     if message.type == "rpc_reply":
         return REPLY, message.payloads[0]
+    if message.type == "error":  # refused before it ran (e.g. ``authorization``): as the outbox reports it
+        body = message.body
+        return FAIL, error_from_code(body["code"], body["message"], body.get("leader"))
     if message.type != "rpc_error":
         return FAIL, ProtocolError(f"unexpected answer {message.type!r} to a request")
     body = message.body
@@ -226,7 +231,7 @@ class Rpc(Room):
     COMMANDS = {ServeService: "cmd_serve", UnserveService: "cmd_unserve", RpcRequest: "cmd_request",
                 RpcRequests: "cmd_requests", HandlerDone: "cmd_done", HandlersDone: "cmd_dones",
                 RpcReport: "cmd_report"}
-    TIMERS = {"rpc_wait": "_resume"}
+    TIMERS = {"rpc_wait": "_resume", "rpc_serve_wait": "_serve_due"}
 
     def __init__(self, core: Any) -> None:
         super().__init__(core)
@@ -242,6 +247,8 @@ class Rpc(Room):
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
+        self._serves: dict[int, ServeService] = {}  # ServeService held until the grant view comes (keyed client)
+        self._next_serve = 1
         self._next_call_id = 1
         # after start, wait at most this long for the peers' adverts before saying "no responders"
         self.grace_s = 2 * self.config.heartbeat_interval_s + 0.1
@@ -253,6 +260,24 @@ class Rpc(Room):
 
     # ------------------------------------------------------------------ offering
     def cmd_serve(self, command: ServeService, now_s: float) -> None:
+        if not self.core.access.settled() and not self.core.stopped:
+            # A keyed client node that has not learnt the grants yet: wait (briefly) for them, so that a service
+            # its key may not serve is refused now rather than offered and ignored by every peer.
+            until_s = now_s + SERVE_WAIT_S
+            if command.deadline_s is not None:
+                until_s = min(until_s, command.deadline_s)
+            self._serves[self._next_serve] = command
+            self.out.schedule(until_s, "rpc_serve_wait", self._next_serve)
+            self._next_serve += 1
+            return
+        self._serve_now(command, now_s)
+
+    def _serve_due(self, serve_id: int, now_s: float) -> None:
+        command = self._serves.pop(serve_id, None)
+        if command is not None:  # no view in time: serve (the requesters decide with theirs)
+            self._serve_now(command, now_s)
+
+    def _serve_now(self, command: ServeService, now_s: float) -> None:
         try:
             name = validate_service_name(command.service)
             if not 1 <= command.concurrency <= MAX_CONCURRENCY:
@@ -260,6 +285,7 @@ class Rpc(Room):
             if name in self.served:
                 raise UsageError(f"service {name!r} is already served by this node; close its handle (or "
                                  "node.unserve) before serving it again")
+            self.core.access.refuse_own("serve", name)  # known refused: said now (peers would ignore the offer)
         except MeshqError as exc:
             self.out.emit(Fail(command.waiter, exc))
             return
@@ -454,13 +480,46 @@ class Rpc(Room):
 
     # ------------------------------------------------------------------ asking
     def instances(self, service: str) -> dict[str, bool]:
-        """Live nodes offering ``service`` (this one too), in id order: node id -> idempotent."""
+        """Live nodes offering ``service`` (this one too) whose key may ``serve`` it (``access.may_node``;
+        the offers of others are ignored), in id order: node id -> idempotent."""
         found = {}
+        may_node = self.core.access.may_node
         for node_id, value in self.core.adverts.of(SERVICES).items():
             offer = offers_of(value).get(service)
-            if offer is not None and (node_id == self.node_id or node_id in self.out.peer_endpoints):
+            if (offer is not None and (node_id == self.node_id or node_id in self.out.peer_endpoints)
+                    and may_node(node_id, "serve", service)):
                 found[node_id] = offer[0]
         return found
+
+    def explain(self, service: str, error: MeshqError) -> MeshqError:
+        """A ``NoRespondersError`` for ``service`` that names the live offers ignored for want of a ``serve``
+        grant, if any (else ``error`` itself)."""
+        if not isinstance(error, NoRespondersError):
+            return error
+        access = self.core.access
+        try:
+            ignored = [node_id for node_id, value in self.core.adverts.of(SERVICES).items()
+                       if service in offers_of(value) and not access.may_node(node_id, "serve", service)]
+        except RuntimeError:  # (from a caller's thread: a table changed under us) said without the detail
+            return error
+        if not ignored:
+            return error
+        names = sorted({access.name_of_node(node_id) or "an unknown key" for node_id in ignored})
+        return NoRespondersError(
+            f"{error} ({len(ignored)} offer(s) of {service!r} ignored: held by {', '.join(names)}, with no grant "
+            f"to serve it; the admin can grant it with `meshq acl grant NAME serve {service}`)")
+
+    def grants_changed(self) -> None:
+        """This node's view of who may serve changed: held ``ServeService`` go ahead, parked calls look again
+        (their timers still run)."""
+        for serve_id in sorted(self._serves):
+            self._serve_now(self._serves.pop(serve_id), self.core.now_s)
+        for call_id in sorted(self._calls):
+            call = self._calls.get(call_id)
+            if call is not None and self.instances(call.service):
+                del self._calls[call_id]
+                call.waiting = False
+                self._attempt(call, self.core.now_s)
 
     def cmd_request(self, command: RpcRequest, now_s: float) -> None:
         if self.core.stopped:
@@ -504,9 +563,9 @@ class Rpc(Room):
                 offers = self._offers[call.service] = self.instances(call.service)
         if now_s >= call.deadline_s:
             if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
-                self._fail(call, NoRespondersError(
+                self._fail(call, self.explain(call.service, NoRespondersError(
                     f"no live instance of {call.service!r} became known within the timeout: start one "
-                    "(node.serve / meshq serve) or check the service name and the cluster name"), "no_responders")
+                    "(node.serve / meshq serve) or check the service name and the cluster name")), "no_responders")
             else:
                 self._fail(call, timed_out(call, None), "timeouts")
             return
@@ -517,7 +576,7 @@ class Rpc(Room):
             if action == PARK:
                 self._park(call, value)
             else:
-                self._fail(call, value, "no_responders")
+                self._fail(call, self.explain(call.service, value), "no_responders")
             return
         call.instance = instance
         call.idempotent = offers[instance]
@@ -569,9 +628,12 @@ class Rpc(Room):
                 self._in_flight[request_id] = instance
 
     def _settled(self, now_s: float) -> bool:
-        """Whether this node has heard what its peers offer (or waited long enough since it started)."""
+        """Whether this node has heard what its peers offer and may serve (or waited long enough since it
+        started)."""
         if now_s >= self.core.started_s + self.grace_s:
             return True
+        if not self.core.access.settled():
+            return False
         members = self.core.mesh.members
         peers = [n for n in members.alive_ids() if n != self.node_id] if members is not None else []
         return bool(peers) and all(self.core.adverts.knows(n) for n in peers)
@@ -643,6 +705,9 @@ class Rpc(Room):
         for call_id in sorted(self._calls):
             self.out.emit(Fail(self._calls[call_id].waiter, error))
         self._calls.clear()
+        for serve_id in sorted(self._serves):
+            self.out.emit(Fail(self._serves[serve_id].waiter, error))
+        self._serves.clear()
 
     # ------------------------------------------------------------------ status
     def cmd_report(self, command: RpcReport, now_s: float) -> None:

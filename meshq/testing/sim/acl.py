@@ -8,8 +8,11 @@ revoke one of a few ``(name, permission, pattern)`` grants: a grant when the run
 acknowledged state of that grant is "absent", else a revoke; at most one change per grant is in
 flight, so acknowledged changes of one grant are ordered. The outcome is recorded. (The simulated
 network carries no key identity, so the requests reach the nodes as an unkeyed node's: what is
-simulated is the agreement on grants, not the checks, which room tests and the multi-process
-test cover.)
+simulated is the agreement on grants and their way to the client nodes, not the checks, which
+room tests and the multi-process test cover.) Every node runs with a public key (``key_of``) and
+each storage node is told the client nodes' keys and names (``TrustedNames``, as its runtime
+reads ``cluster/trusted/``), so client nodes ask for the peer grants (``acl_view``) as keyed
+ones do.
 
 ``AclChecker`` checks:
 
@@ -18,7 +21,12 @@ test cover.)
   commands in the same order to the same grants;
 * at the end, on every live storage node that applied the whole log, each grant whose last
   change was acknowledged (and no later change of it is unsettled) is held as that change left
-  it: an acknowledged grant or revoke is never lost.
+  it: an acknowledged grant or revoke is never lost;
+* after every event, each client node's view of the peer grants (``request``/``serve``) is that
+  of some prefix of the committed log — a view never holds what the cluster did not agree — and
+  it names the trusted keys as the storage nodes were told;
+* at the end, each live client node that has run ``VIEW_SETTLE_S`` since the last committed
+  change and since it booted holds the final peer grants: a grant change reaches client nodes.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshq.core.events import AclChange, Resolve
+from meshq.core.acl import PEER_PERMISSIONS
+from meshq.core.events import AclChange, Resolve, TrustedNames
 from meshq.errors import UsageError
 from meshq.testing.checks import Violation
 
@@ -35,7 +44,14 @@ if TYPE_CHECKING:
     from meshq.testing.sim.simulation import Simulation
 
 GRANTS = (("bob", "produce", "orders.>"), ("bob", "consume", "orders.*"), ("carol", "admin", ">"),
-          ("carol", "request", "billing.>"))
+          ("carol", "request", "billing.>"), ("bob", "serve", "billing.*"))
+CLUSTER_KEY = "C" * 40
+VIEW_SETTLE_S = 3.0  # a client node asks for the view every second: by then it has the latest one
+
+
+def peer_view(listing: list[dict]) -> list[dict]:
+    """What a client node's view holds of a grant listing: the permissions client nodes check."""
+    return [grant for grant in listing if grant["permission"] in PEER_PERMISSIONS]
 
 
 @dataclass
@@ -51,6 +67,19 @@ class AclChecker:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.checks = 0
+        self.view_checks = 0
+        self._seen = 0  # acl_history entries seen so far
+        self._views: set[tuple] = {()}  # the peer views of every committed prefix (the empty one too)
+        self.changed_s = 0.0  # when the last committed change was seen
+        self.booted_s: dict[str, float] = {}
+
+    def _agreed(self) -> set[tuple]:
+        history = self.sim.checker.acl_history
+        while self._seen < len(history):
+            self._views.add(_key(peer_view(history[self._seen][1])))
+            self._seen += 1
+            self.changed_s = self.sim.now_s
+        return self._views
 
     def expected_at(self, applied_index: int) -> list[dict]:
         """The grants of the committed log up to ``applied_index``."""
@@ -61,9 +90,18 @@ class AclChecker:
             listing = grants
         return listing
 
-    def after_event(self, touched: set[str]) -> None:
+    def after_event(self, touched: set[str], names: dict[str, str]) -> None:
+        agreed = self._agreed()
         for node_id in sorted(touched):
             core = self.sim.nodes[node_id].core
+            if core is not None and core.raft is None and core.access.view is not None:
+                self.view_checks += 1
+                view = core.access.view.listing()
+                if _key(view) not in agreed:
+                    raise Violation(f"{node_id}: its view of the peer grants {view} is no committed state of them")
+                if core.access.names != names:
+                    raise Violation(f"{node_id}: its view names the keys {core.access.names}, the storage nodes "
+                                    f"were told {names}")
             if core is None or core.raft is None:
                 continue
             self.checks += 1
@@ -73,6 +111,19 @@ class AclChecker:
                                 f"gives {self.expected_at(applied)}")
 
     def at_end(self, calls: list[AclCall]) -> None:
+        self._agreed()
+        final = peer_view(self.expected_at(len(self.sim.checker.committed)))
+        for node_id, node in sorted(self.sim.nodes.items()):
+            core = node.core
+            if core is None or core.raft is not None or node.role != "client":
+                continue
+            since = max(self.changed_s, self.booted_s.get(node_id, 0.0))
+            if self.sim.now_s - since < VIEW_SETTLE_S:
+                continue
+            view = core.access.view.listing() if core.access.view is not None else None
+            if view != final:
+                raise Violation(f"{node_id}: {self.sim.now_s - since:.1f} s after the last grant change its view "
+                                f"of the peer grants is {view}, not {final}")
         last: dict[tuple[str, str, str], AclCall] = {}
         for call in calls:
             last[call.grant] = call
@@ -124,9 +175,27 @@ class AclWorkload:
 
         sim.feed(client, AclChange(call.action, *grant, deadline_s=sim.now_s + 2.0, waiter=settle))
 
+    def key_of(self, node: Any) -> str:
+        """The public key ``node`` runs with: the cluster's for a storage node, its own for a client node."""
+        return CLUSTER_KEY if node.role != "client" else (node.node_id + "k" * 40)[:40]
+
+    def names(self) -> dict[str, str]:
+        """The trusted client keys and their holders' names (``c1`` is ``client-c1``)."""
+        return {self.key_of(node): f"client-{node.node_id}" for node in self.sim.nodes.values()
+                if node.role == "client"}
+
+    def on_boot(self, node: Any) -> None:
+        self.checker.booted_s[node.node_id] = self.sim.now_s
+        if node.role != "client":
+            self.sim.feed(node, TrustedNames(self.names()))
+
     def at_end(self) -> None:
         self.checker.at_end(self.calls)
 
     def summary(self) -> dict:
         return {"acl_changes": len(self.calls), "acl_acked": sum(c.outcome == "ok" for c in self.calls),
-                "acl_checks": self.checker.checks}
+                "acl_checks": self.checker.checks, "acl_view_checks": self.checker.view_checks}
+
+
+def _key(listing: list[dict]) -> tuple:
+    return tuple((grant["name"], grant["permission"], grant["pattern"]) for grant in listing)

@@ -185,7 +185,12 @@ class Simulation:
             self.log(f"join {node.node_id}")
         node.booted = True
         self.log(f"boot {node.node_id}")
-        self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint))
+        # with grants, every node is keyed (a public key, and the storage nodes' trusted clients): client nodes
+        # then learn the peer grants (acl_view) as keyed ones do; the requests still carry no identity
+        public_key = self.acl.key_of(node) if self.acl is not None else ""
+        self._apply(node, core.start(node.endpoint, self.now_s, node.pub_endpoint, public_key))
+        if self.acl is not None:
+            self.acl.on_boot(node)
         if self.rpc is not None:
             self.rpc.on_boot(node)
 
@@ -357,7 +362,7 @@ class Simulation:
                 if self.shared is not None:
                     self.shared.checker.on_clock()
                 if self.acl is not None:
-                    self.acl.checker.after_event(self.touched)
+                    self.acl.checker.after_event(self.touched, self.acl.names())
                 if self.checker.new_steps:
                     self.fault_injector.step_nemesis()
             except Violation as violation:

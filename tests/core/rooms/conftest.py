@@ -34,6 +34,8 @@ class Net:
         self.down: set[str] = set()
         # (time, source, destination, message type, delivered?) of every request and reply sent
         self.log: list[tuple[float, str, str, str, bool]] = []
+        # keyed nets: (source, destination) -> the ZAP User-Id the destination's runtime would read (None: unkeyed)
+        self.caller: Callable[[str, str], str | None] = lambda src, dst: None
 
     def add(self, node_id: str, **config: Any) -> CoreHarness:
         self.nodes[node_id] = CoreHarness(node_id, clock=self.clock, **config)
@@ -70,7 +72,8 @@ class Net:
                     delivered = self._link_up(src, send.peer)
                     self.log.append((self.clock.now_s, src, send.peer, message.type, delivered))
                     if delivered:
-                        self.nodes[send.peer].handle(RequestReceived(("net", src), message))
+                        self.nodes[send.peer].handle(RequestReceived(("net", src), message,
+                                                                     self.caller(src, send.peer)))
                 replies, h.replies = h.replies, []
                 for reply in replies:
                     if not (isinstance(reply.route, tuple) and reply.route[0] == "net"):
