@@ -171,3 +171,28 @@ def test_a_shared_fetch_answer_damaged_on_the_way_is_dropped_and_counted(damage)
     assert state.on_fetched(due[0], index, bytes(data)) == []
     assert state.stats["invalid_fetches"] == 1 and state.stats["received"] == 0
     assert state.fetches_due(0.0)  # the partition is free to be fetched again
+
+
+@pytest.mark.parametrize("now_ms", [None, 1000])
+def test_take_of_interleaved_partitions_sets_each_position_past_its_last_record(now_ms):
+    state = started()
+    first, second = state.fetches_due(0.0)
+    state.on_fetched(first, batch(0, b"a", b"b"))
+    state.on_fetched(second, batch(0, b"x", b"y", b"z"))
+    state.on_fetched(state.fetches_due(0.0)[0], batch(2, b"c"))  # partition 0 again, after partition 1
+    taken = state.take(4, now_ms=now_ms)  # part of the buffer: a, b, x, y
+    assert [(r.partition, r.value) for r in taken] == [(0, b"a"), (0, b"b"), (1, b"x"), (1, b"y")]
+    assert (state.position(0), state.position(1)) == (2, 2)
+    taken = state.take(10, now_ms=now_ms)  # the whole rest: z, c
+    assert [(r.partition, r.offset) for r in taken] == [(1, 2), (0, 2)]
+    assert (state.position(0), state.position(1)) == (3, 3) and not state.buffer
+
+
+def test_records_without_headers_each_get_their_own_headers_dict():
+    state = started()
+    state.on_fetched(state.fetches_due(0.0)[0], batch(0, b"a", b"b"))
+    first, second = state.take(2)
+    first.headers["mine"] = b"1"
+    assert second.headers == {}
+    with pytest.raises(AttributeError):
+        first.value = b"changed"  # records stay immutable
