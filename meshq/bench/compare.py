@@ -387,14 +387,13 @@ class _JetStream(_Peer):
             await psub.unsubscribe()
 
     def stop(self) -> None:
-        try:
+        try:  # (after a Ctrl-C inside a part the loop may refuse both: the servers are stopped either way)
             if self.nc is not None:
                 self.loop.run_until_complete(self.nc.close())
-        except Exception:  # the servers are stopped below either way
-            pass
-        finally:
             self.loop.close()
-            super().stop()
+        except Exception:
+            pass
+        super().stop()
 
 
 # ------------------------------------------------------------------ Redis streams and RabbitMQ quorum queues
