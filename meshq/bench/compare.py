@@ -550,6 +550,8 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("p50_us", "p99_us"):
             if key in rows[0]:
                 summary[key] = _spread([row[key] for row in rows])
+        others = [row["machine_other_percent"] for row in rows if row.get("machine_other_percent") is not None]
+        summary["machine_other_percent"] = _spread(others) if others else None
         summary["ops"] = rows[0]["ops"]
         out[part] = summary
     return out
@@ -609,7 +611,7 @@ def _cell(spread: dict[str, float] | None, digits: int = 0) -> str:
 def render_compare(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from meshq.bench.console import _print_load_warning, _wide_console
+    from meshq.bench.console import _print_load_warning, _print_targets, _wide_console
 
     console = _wide_console("compare", report["machine"])
     c = report["config"]
@@ -639,7 +641,7 @@ def render_compare(report: dict[str, Any]) -> None:
     console.print(table)
     cpu = Table(title="wall and CPU µs per message (medians; client = this process or the group's workers, "
                       "servers = every server process)")
-    for column in ("system", "part", "wall", "client CPU", "servers CPU"):
+    for column in ("system", "part", "wall", "client CPU", "servers CPU", "other procs, % of a core"):
         cpu.add_column(column, justify="left" if column in ("system", "part") else "right")
     for name in names:
         for part in (*PARTS, "consume_group"):
@@ -647,17 +649,14 @@ def render_compare(report: dict[str, Any]) -> None:
             if row:
                 cpu.add_row(SYSTEM_LABELS[name], part, f"{row['wall_us_per_op']['median']:.1f}",
                             f"{row['cpu_client_us_per_op']['median']:.1f}",
-                            f"{row['cpu_servers_us_per_op']['median']:.1f}")
+                            f"{row['cpu_servers_us_per_op']['median']:.1f}",
+                            "" if row.get("machine_other_percent") is None
+                            else f"{row['machine_other_percent']['median']:.0f}")
     console.print(cpu)
-    targets = Table(title="Targets (issue #18)")
-    targets.add_column("target")
-    targets.add_column("measured", justify="right")
-    targets.add_column("met")
-    for t in body["targets"]:
-        value = "" if t["value"] is None else (f"{t['value']:,.0f}" if t["value"] > 100 else f"{t['value']:.2f}×")
-        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "not measured"}[t["met"]]
-        targets.add_row(t["name"], value, met)
-    console.print(targets)
+    _print_targets(console, "Targets (issue #18)",
+                   [(t["name"], "" if t["value"] is None else
+                     (f"{t['value']:,.0f}" if t["value"] > 100 else f"{t['value']:.2f}×"), t["met"])
+                    for t in body["targets"]])
     for error in report["errors"]:
         console.print(f"[red]{error}[/red]")
     _print_load_warning(console, report)

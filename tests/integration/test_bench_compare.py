@@ -16,17 +16,7 @@ import uuid
 
 import pytest
 
-from tests.procs import MESHQ, TIME_SCALE, run_cli
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # reused by another user's process: not ours
-        return False
-    return True
+from tests.procs import MESHQ, TIME_SCALE, pid_alive, run_cli
 
 
 @pytest.mark.timeout(240)
@@ -68,7 +58,7 @@ def test_bench_compare_measures_meshq_and_reports_a_missing_peer():
 
     pids = body["server_pids"]["meshq"]
     assert len(pids) == 3 + 2  # three nodes, two group members
-    assert not [pid for pid in pids if _alive(pid)], "bench compare left processes running"
+    assert not [pid for pid in pids if pid_alive(pid)], "bench compare left processes running"
 
 
 @pytest.mark.timeout(60)
