@@ -5,7 +5,10 @@ Theory of operation
 This is the I/O shell around ``meshq.core.client.consumer.ConsumerState`` (positions,
 fetches in flight, buffered records; the same state the simulator's consumer runs): it
 sends the fetches the state names as commands to the node's runtime (long polls), waits on
-their futures with the wall clock, and hands buffered records out in ``poll``. That control
+their futures with the wall clock, and hands buffered records out in ``poll`` (sending, as it
+does, the next fetch of each partition whose buffer is down to half of its last fetch, so the
+records after these are on their way while the caller works; a fetch is decoded with the cyclic
+garbage collector paused, ``_without_cyclic_gc``). That control
 flow is ``ConsumerFlow``, written once as generators of I/O steps: ``Consumer`` carries the
 steps out blocking, ``meshq.aio.Consumer`` awaiting them on the event loop. ``commit``
 stores one past each record returned (at-least-once: a crash redelivers what was fetched
@@ -218,6 +221,11 @@ class ConsumerFlow:
                 yield from self._apply_group_steps()
             if self._state.buffer:
                 out = self._state.take(max_records, int(time.time() * 1000))
+                # the next records of partitions running low are fetched while these are handed out
+                for spec in self._state.prefetches_due(time.monotonic()):
+                    future = yield Submit(Fetch(self.topic, spec.partition, spec.offset, self.max_bytes,
+                                                min(max(deadline - time.monotonic(), 0.0), 1.0)))
+                    self._in_flight[future] = spec
                 if out:
                     yield from self._maybe_auto_commit_steps()
                     if self.node._latency is not None:  # (once per poll, not per record)

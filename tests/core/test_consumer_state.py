@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshq.core.batch import encode_batch, stamp
-from meshq.core.client.consumer import ConsumerState
+from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.errors import NotLeaderError, OffsetOutOfRangeError, UnknownTopicError, UsageError
 
 
@@ -196,3 +196,31 @@ def test_records_without_headers_each_get_their_own_headers_dict():
     assert second.headers == {}
     with pytest.raises(AttributeError):
         first.value = b"changed"  # records stay immutable
+
+
+def test_a_partition_is_prefetched_once_half_of_its_last_fetch_is_handed_out():
+    state = started()
+    first, second = state.fetches_due(0.0)
+    state.on_fetched(first, batch(0, b"a", b"b", b"c", b"d"))
+    assert state.prefetches_due(0.0) == []  # partition 0: 4 buffered; partition 1: still in flight
+    state.take(1)
+    assert state.prefetches_due(0.0) == [], "3 of 4 left: more than half"
+    state.take(1)
+    (spec,) = state.prefetches_due(0.0)  # 2 of 4 left: the next 4 are asked for now
+    assert (spec.partition, spec.offset) == (0, 4)
+    assert state.prefetches_due(0.0) == [] and state.fetches_due(0.0) == [], "one fetch in flight per partition"
+    state.on_fetched(spec, batch(4, b"e"))
+    assert [r.value for r in state.take(10)] == [b"c", b"d", b"e"]
+    assert state.position(0) == 5
+    state.on_fetched(second, b"")  # partition 1 has nothing buffered: asked again as well
+    assert [s.partition for s in state.prefetches_due(0.0)] == [0, 1]
+    assert state.fetches_due(0.0) == []
+
+
+def test_a_held_or_backing_off_partition_is_not_prefetched():
+    state = started((0,))
+    state.on_fetched(state.fetches_due(0.0)[0], b"")
+    assert [s.partition for s in state.prefetches_due(0.0)] == [0]
+    state.on_fetch_failed(FetchSpec(0, 0, 0), NotLeaderError("moved"), 0.0)
+    assert state.prefetches_due(0.0) == []  # backing off
+    assert [s.partition for s in state.prefetches_due(1.0)] == [0]

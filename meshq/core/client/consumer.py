@@ -12,7 +12,9 @@ are kept per partition:
   (at-least-once).
 
 ``fetches_due`` names the fetches to send now (each partition not busy and not backing off)
-as ``FetchSpec`` records carrying the partition's *generation*; ``seek`` and ``reset`` bump
+as ``FetchSpec`` records carrying the partition's *generation*; ``prefetches_due`` the same for
+partitions whose buffered records are down to half of their last fetch, asked while the caller
+still hands records out (so a partition holds at most one and a half fetches of data); ``seek`` and ``reset`` bump
 the generation, so a fetch already in flight is ignored when it returns. A retriable fetch
 error backs the partition off for ``retry_s``; an offset out of range asks the caller to
 reset the partition (to the earliest offset, which only the caller can look up).
@@ -67,6 +69,7 @@ class ConsumerState:
         self._retry_at_s: dict[int, float] = {}
         self.buffer: deque[Record] = deque()
         self.held: set[int] = set()  # partitions whose next record is delayed (``take``)
+        self._last_fetched: dict[int, int] = {}  # partition -> offsets its last fetch with records spanned
 
     # ------------------------------------------------------------------ positions
     def start_at(self, partition: int, offset: int, committed: bool = False) -> None:
@@ -107,6 +110,7 @@ class ConsumerState:
             self.positions.pop(partition, None)
             self.fetch_positions.pop(partition, None)
             self.committed.pop(partition, None)
+            self._last_fetched.pop(partition, None)
         self.buffer = deque(r for r in self.buffer if r.partition not in gone)
 
     def position(self, partition: int) -> int:
@@ -125,6 +129,24 @@ class ConsumerState:
                 continue  # not started yet
             self._busy.add(partition)
             due.append(FetchSpec(partition, self.fetch_positions[partition], self._generation[partition]))
+        return due
+
+    def prefetches_due(self, now_s: float) -> list[FetchSpec]:
+        """Like ``fetches_due``, but only for partitions whose buffered records (by offset) are down
+        to half of what their last fetch brought or less: asked while the caller still has records
+        to hand out, so the next ones are on their way meanwhile. A partition then holds at most
+        one and a half fetches (buffered and in flight), as before at most one."""
+        due = []
+        fetch_positions, positions, last = self.fetch_positions, self.positions, self._last_fetched
+        for partition in self.partitions:
+            if partition in self._busy or partition in self.held or partition not in fetch_positions:
+                continue
+            if self._retry_at_s.get(partition, 0.0) > now_s:
+                continue
+            if 2 * (fetch_positions[partition] - positions[partition]) > last.get(partition, 0):
+                continue
+            self._busy.add(partition)
+            due.append(FetchSpec(partition, fetch_positions[partition], self._generation[partition]))
         return due
 
     def current(self, spec: FetchSpec) -> bool:
@@ -151,6 +173,7 @@ class ConsumerState:
                 raise AssertionError("a fetch returned records before the requested offset")
             self.buffer.extend(records)
             self.fetch_positions[spec.partition] = records[-1].offset + 1
+            self._last_fetched[spec.partition] = records[-1].offset + 1 - spec.offset
         elif self.fetch_positions[spec.partition] == spec.offset:
             # Only control batches (shared-subscription state): their offsets are gaps; read on past them.
             after = batch_format.next_offset_after(data)
