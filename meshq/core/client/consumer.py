@@ -118,17 +118,21 @@ class ConsumerState:
         return self.positions[partition]
 
     # ------------------------------------------------------------------ fetching
-    def fetches_due(self, now_s: float) -> list[FetchSpec]:
+    def fetches_due(self, now_s: float, prefetch: bool = False) -> list[FetchSpec]:
         """The fetches to send now, one per partition that is idle and not backing off; each is
-        marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer."""
+        marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer. With
+        ``prefetch`` (``prefetches_due``) only partitions whose buffered records are low."""
         due = []
+        fetch_positions, positions, last = self.fetch_positions, self.positions, self._last_fetched
         for partition in self.partitions:
             if partition in self._busy or self._retry_at_s.get(partition, 0.0) > now_s or partition in self.held:
                 continue
-            if partition not in self.fetch_positions:
+            if partition not in fetch_positions:
                 continue  # not started yet
+            if prefetch and 2 * (fetch_positions[partition] - positions[partition]) > last.get(partition, 0):
+                continue  # more than half of its last fetch still buffered
             self._busy.add(partition)
-            due.append(FetchSpec(partition, self.fetch_positions[partition], self._generation[partition]))
+            due.append(FetchSpec(partition, fetch_positions[partition], self._generation[partition]))
         return due
 
     def prefetches_due(self, now_s: float) -> list[FetchSpec]:
@@ -136,18 +140,7 @@ class ConsumerState:
         to half of what their last fetch brought or less: asked while the caller still has records
         to hand out, so the next ones are on their way meanwhile. A partition then holds at most
         one and a half fetches (buffered and in flight), as before at most one."""
-        due = []
-        fetch_positions, positions, last = self.fetch_positions, self.positions, self._last_fetched
-        for partition in self.partitions:
-            if partition in self._busy or partition in self.held or partition not in fetch_positions:
-                continue
-            if self._retry_at_s.get(partition, 0.0) > now_s:
-                continue
-            if 2 * (fetch_positions[partition] - positions[partition]) > last.get(partition, 0):
-                continue
-            self._busy.add(partition)
-            due.append(FetchSpec(partition, fetch_positions[partition], self._generation[partition]))
-        return due
+        return self.fetches_due(now_s, prefetch=True)
 
     def current(self, spec: FetchSpec) -> bool:
         """Whether the answer to ``spec`` still counts (no seek, reset or revoke since it was sent)."""
