@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="acks of bench produce (bench replication measures leader and quorum)")
     bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
-    bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue and rpc: rounds per system; the report "
+    bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue, rpc and compare: rounds per system; the report "
                                                               "gives median, min, max (default 3)")
     bench.add_argument("--curve", action="store_true",
                        help="bench produce: CURVE off and on side by side (own key set, --rounds alternating rounds)")
