@@ -225,6 +225,17 @@ class NodeProcess:
         return result
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (and is ours: one of another user does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # reused by another user's process: not ours
+        return False
+    return True
+
+
 def run_cli(*args: str, input_bytes: bytes | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
     """Run one `meshq ...` command to completion (killed by PID at the timeout)."""
     return subprocess.run([*MESHQ, *args], input=input_bytes, capture_output=True, timeout=timeout_s * TIME_SCALE)

@@ -89,6 +89,19 @@ def _print_cpu(console: Any, rows: list[tuple[str, dict]]) -> None:
     console.print(cpu)
 
 
+def _print_targets(console: Any, title: str, rows: list[tuple[str, str, bool | None]]) -> None:
+    """A table of targets: (name, measured, met: True / False / None for not measured)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    table.add_column("met")
+    for name, measured, met in rows:
+        table.add_row(name, measured, {True: "[green]yes[/green]", False: "[red]no[/red]", None: "not measured"}[met])
+    console.print(table)
+
+
 def _print_load_warning(console: Any, report: dict[str, Any]) -> None:
     idle = report.get("machine_load_before_cores")
     if idle is not None and idle > 0.2:

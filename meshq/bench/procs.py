@@ -36,11 +36,11 @@ PARTITIONS = 8  # every node's --partitions, and the partitions of the produce a
 class _Child:
     """A child process that prints one JSON line per event on stdout."""
 
-    def __init__(self, argv: list[str], stderr_path: str, env: dict | None = None) -> None:
+    def __init__(self, argv: list[str], stderr_path: str, env: dict | None = None, commands: bool = False) -> None:
         self.stderr_path = stderr_path
         self._stderr = open(stderr_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                     env=env, close_fds=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     stdin=subprocess.PIPE if commands else subprocess.DEVNULL, env=env, close_fds=True)
         self.lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"bench-reader-{self.proc.pid}", daemon=True)
         self._reader.start()
@@ -78,6 +78,15 @@ class _Child:
                 continue
             if isinstance(message, dict) and message.get("event") == event:
                 return message
+
+    def send(self, line: str) -> None:
+        """Write one command line to the child's stdin (a child started with ``commands=True``)."""
+        assert self.proc.stdin is not None, "started without commands=True"
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError) as exc:
+            raise BenchError(f"child {self.pid} no longer reads commands ({exc}){self._tail()}") from None
 
     def _tail(self) -> str:
         try:
@@ -117,6 +126,11 @@ class _Child:
             self._close_streams()
 
     def _close_streams(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:  # (a dead child's pipe)
+                pass
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr.close()

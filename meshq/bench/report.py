@@ -15,7 +15,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from meshq.bench.console import _fmt_rate, _print_cpu, _print_load_warning, _print_machine, _runs_text, _wide_console
+from meshq.bench.console import (
+    _fmt_rate,
+    _print_cpu,
+    _print_load_warning,
+    _print_machine,
+    _print_targets,
+    _runs_text,
+    _wide_console,
+)
 from meshq.bench.load import LOAD_BEFORE_S
 from meshq.bench.procs import PARTITIONS
 from meshq.bench.produce import BATCH_WINDOW
@@ -68,13 +76,7 @@ def _render(report: dict[str, Any]) -> None:
         lat.add_row(f"meshq produce(acks={c['acks']})", f"{s['count']:,}", f"{s['p50_us']:.1f}",
                     f"{s['p90_us']:.1f}", f"{s['p99_us']:.1f}", f"{s['max_us']:.1f}", f"{s['mean_us']:.1f}")
     console.print(lat)
-    targets = Table(title="Targets")
-    targets.add_column("target")
-    targets.add_column("measured", justify="right")
-    targets.add_column("met")
-    for t in report["targets"]:
-        targets.add_row(t["name"], t["measured"], "[green]yes[/green]" if t["met"] else "[red]no[/red]")
-    console.print(targets)
+    _print_targets(console, "Targets", [(t["name"], t["measured"], bool(t["met"])) for t in report["targets"]])
     v = mq["verification"]
     colour = "green" if v["ok"] else "red"
     console.print(f"[{colour}]verification: node high watermarks sum {v['high_watermark_sum']:,}, "

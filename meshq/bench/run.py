@@ -208,8 +208,53 @@ def _run_queue(args: Any) -> int:
     return _measure_and_report(args, measure, render_queue, lambda report: "error" in report["cluster"])
 
 
+def _run_compare(args: Any) -> int:
+    """``meshq bench compare``: meshq RF 3 against NATS JetStream R3, Redis streams, RabbitMQ (compare.py)."""
+    from meshq.bench.compare import PEER_NAMES, compare_errors, render_compare, run_compare
+
+    problems = []
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if peers == ["none"]:
+        peers = []
+    unknown = [p for p in peers if p not in PEER_NAMES]
+    if unknown:
+        problems.append(f"--peers: unknown {', '.join(unknown)}; name some of {', '.join(PEER_NAMES)}, or none")
+    if args.records < 1 or args.sync_records < 0 or args.value_bytes < 1:
+        problems.append("--records must be at least 1, --sync-records 0 or more, --value-bytes at least 1")
+    if not 1 <= args.batch <= 100_000:
+        problems.append("--batch must be from 1 to 100000")
+    if args.rounds < 1:
+        problems.append("--rounds must be at least 1 (3 or more for a median with min and max)")
+    if not 0 <= args.consumers <= PARTITIONS:
+        problems.append(f"--consumers must be from 0 to {PARTITIONS} (the topic's partitions)")
+    if args.seed or args.interface:
+        problems.append("bench compare starts its own nodes; --seed and --interface are for bench produce")
+    if problems:
+        return _refuse(problems)
+    args.peers = list(dict.fromkeys(peers))
+
+    def measure(workdir: str) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "scenario": "compare",
+            "machine": _machine(),
+            "config": {"records": args.records, "sync_records": args.sync_records, "value_bytes": args.value_bytes,
+                       "batch": args.batch, "fsync": args.fsync, "rounds": args.rounds, "peers": args.peers,
+                       "consumers": args.consumers, "nodes": 3, "replication_factor": 3, "acks": "quorum",
+                       "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else ""},
+        }
+        report["machine_load_before_cores"] = _other_load(1.0)
+        report["compare"] = run_compare(args, workdir)
+        report["errors"] = compare_errors(report)
+        return report
+
+    return _measure_and_report(args, measure, render_compare, lambda report: bool(report["errors"]))
+
+
 def run_bench(args: Any) -> int:
-    """``meshq bench produce``, ``replication``, ``rebalance``, ``queue``, ``pubsub`` or ``rpc``; returns the exit code."""
+    """``meshq bench produce``, ``replication``, ``rebalance``, ``queue``, ``pubsub``, ``rpc`` or ``compare``;
+    returns the exit code."""
+    if args.scenario == "compare":
+        return _run_compare(args)
     if args.scenario == "pubsub":
         return _run_pubsub(args)
     if args.scenario == "rpc":

@@ -233,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_rpc_parsers(sub)
 
     bench = sub.add_parser("bench", help="measure throughput and latency (see docs/performance.md)")
-    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue", "pubsub", "rpc"],
+    bench.add_argument("scenario", choices=["produce", "replication", "rebalance", "queue", "pubsub", "rpc", "compare"],
                        help="produce: one node against a raw pyzmq baseline; replication: that, plus --nodes "
                             "replicated nodes at acks=leader and acks=quorum, plus failover after kill -9 of a leader; "
                             "rebalance: --records preloaded on --nodes nodes, then a node joins and one leaves; queue: "
                             "--workers shared consumers acking each of --jobs records on --nodes replicated nodes; "
-                            "pubsub: --records messages pub -> 1 and -> 3 subscribers against raw pyzmq and NATS core")
+                            "pubsub: --records messages pub -> 1 and -> 3 subscribers against raw pyzmq and NATS core; "
+                            "compare: 3 meshq nodes (RF 3, acks=quorum) against NATS JetStream R3, Redis streams "
+                            "and RabbitMQ quorum queues, alternating --rounds rounds")
     bench.add_argument("--records", type=int, default=1_000_000, help="records in the pipelined run")
     bench.add_argument("--sync-records", type=int, default=5_000, help="records in the synchronous run")
     bench.add_argument("--value-bytes", type=int, default=100)
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="acks of bench produce (bench replication measures leader and quorum)")
     bench.add_argument("--fsync", choices=["always", "interval", "never"], default="interval")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
-    bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue and rpc: rounds per system; the report "
+    bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue, rpc and compare: rounds per system; the report "
                                                               "gives median, min, max (default 3)")
     bench.add_argument("--curve", action="store_true",
                        help="bench produce: CURVE off and on side by side (own key set, --rounds alternating rounds)")
@@ -270,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     queue = bench.add_argument_group("bench queue (also --nodes, --replication-factor, --value-bytes, --batch)")
     queue.add_argument("--jobs", type=int, default=20_000, help="records acked per round (default 20000)")
     queue.add_argument("--workers", type=int, default=3, help="shared-consumer worker processes (default 3)")
+    compare = bench.add_argument_group("bench compare (also --records, --sync-records, --rounds, --fsync, --batch)")
+    compare.add_argument("--peers", default="nats,redis,rabbitmq", metavar="LIST",
+                         help="peers to start when installed: some of nats,redis,rabbitmq, or none "
+                              "(default all three)")
+    compare.add_argument("--consumers", type=int, default=3, metavar="N",
+                         help="members of the meshq consumer group read in each round (worker processes; "
+                              "default 3, 0: none)")
     rebalance = bench.add_argument_group("bench rebalance (also --nodes, --replication-factor)")
     rebalance.add_argument("--load-rate", default="0", metavar="N|max",
                            help="a producer writes N records/s (max: as fast as it can) during the moves (default 0)")

@@ -52,7 +52,8 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from itertools import chain, repeat
+from functools import partial
+from itertools import chain, repeat, starmap
 from typing import NamedTuple
 
 import msgpack
@@ -311,13 +312,20 @@ def iter_batches(buf: bytes | bytearray | memoryview, verify_crc: bool = True) -
         pos += header.size
 
 
+_new_record = partial(tuple.__new__, Record)  # Record from a 7-tuple, without a Python-level __new__
+
+
+def _own_headers(headers: dict[str, bytes] | None) -> dict[str, bytes]:
+    return headers or {}
+
+
 def decode_records(
     buf: bytes | bytearray | memoryview, topic: str, partition: int, min_offset: int = 0
 ) -> list[Record]:
     """Decode every record at or after ``min_offset`` in a concatenation of batches (control
     batches are skipped: their offsets are gaps)."""
     out: list[Record] = []
-    append = out.append
+    extend = out.extend
     for pos, header in iter_batches(buf):
         if header.next_offset <= min_offset or header.attributes & CONTROL:
             continue
@@ -337,12 +345,10 @@ def decode_records(
         n = len(values)
         key_col = keys if keys is not None else repeat(None, n)
         ts_col = map(first_ts.__add__, ts_deltas) if ts_deltas is not None else repeat(first_ts, n)
-        if headers is None:
-            for offset, key, value, ts in zip(offsets, key_col, values, ts_col):
-                append(Record(topic, partition, offset, key, value, {}, ts))
-        else:
-            for offset, key, value, hdrs, ts in zip(offsets, key_col, values, headers, ts_col):
-                append(Record(topic, partition, offset, key, value, hdrs or {}, ts))
+        # each record its own headers dict (a caller may change one); built at C speed, no Python call per record
+        hdr_col = starmap(dict, repeat((), n)) if headers is None else map(_own_headers, headers)
+        extend(map(_new_record, zip(repeat(topic, n), repeat(partition, n), offsets, key_col, values, hdr_col,
+                                    ts_col)))
     return out
 
 

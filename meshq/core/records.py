@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
@@ -15,14 +14,28 @@ class RecordMetadata(NamedTuple):
     timestamp_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A record read from a partition."""
-
+class _RecordFields(NamedTuple):
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
-    headers: dict[str, bytes] = field(default_factory=dict)
-    timestamp_ms: int = 0
+    headers: dict[str, bytes]
+    timestamp_ms: int
+
+
+class Record(_RecordFields):
+    """A record read from a partition (immutable; ``headers`` defaults to a new empty dict).
+
+    A named tuple, so that a consumer builds a fetch's records at C speed
+    (``batch.decode_records``: ``tuple.__new__`` mapped over the columns, no Python call per
+    record); read it by attribute: ``rec.topic .partition .offset .key .value .headers
+    .timestamp_ms``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+                headers: dict[str, bytes] | None = None, timestamp_ms: int = 0) -> Record:
+        return tuple.__new__(cls, (topic, partition, offset, key, value, {} if headers is None else headers,
+                                   timestamp_ms))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshq.core.batch import encode_batch, stamp
-from meshq.core.client.consumer import ConsumerState
+from meshq.core.client.consumer import ConsumerState, FetchSpec
 from meshq.errors import NotLeaderError, OffsetOutOfRangeError, UnknownTopicError, UsageError
 
 
@@ -171,3 +171,56 @@ def test_a_shared_fetch_answer_damaged_on_the_way_is_dropped_and_counted(damage)
     assert state.on_fetched(due[0], index, bytes(data)) == []
     assert state.stats["invalid_fetches"] == 1 and state.stats["received"] == 0
     assert state.fetches_due(0.0)  # the partition is free to be fetched again
+
+
+@pytest.mark.parametrize("now_ms", [None, 1000])
+def test_take_of_interleaved_partitions_sets_each_position_past_its_last_record(now_ms):
+    state = started()
+    first, second = state.fetches_due(0.0)
+    state.on_fetched(first, batch(0, b"a", b"b"))
+    state.on_fetched(second, batch(0, b"x", b"y", b"z"))
+    state.on_fetched(state.fetches_due(0.0)[0], batch(2, b"c"))  # partition 0 again, after partition 1
+    taken = state.take(4, now_ms=now_ms)  # part of the buffer: a, b, x, y
+    assert [(r.partition, r.value) for r in taken] == [(0, b"a"), (0, b"b"), (1, b"x"), (1, b"y")]
+    assert (state.position(0), state.position(1)) == (2, 2)
+    taken = state.take(10, now_ms=now_ms)  # the whole rest: z, c
+    assert [(r.partition, r.offset) for r in taken] == [(1, 2), (0, 2)]
+    assert (state.position(0), state.position(1)) == (3, 3) and not state.buffer
+
+
+def test_records_without_headers_each_get_their_own_headers_dict():
+    state = started()
+    state.on_fetched(state.fetches_due(0.0)[0], batch(0, b"a", b"b"))
+    first, second = state.take(2)
+    first.headers["mine"] = b"1"
+    assert second.headers == {}
+    with pytest.raises(AttributeError):
+        first.value = b"changed"  # records stay immutable
+
+
+def test_a_partition_is_prefetched_once_half_of_its_last_fetch_is_handed_out():
+    state = started()
+    first, second = state.fetches_due(0.0)
+    state.on_fetched(first, batch(0, b"a", b"b", b"c", b"d"))
+    assert state.prefetches_due(0.0) == []  # partition 0: 4 buffered; partition 1: still in flight
+    state.take(1)
+    assert state.prefetches_due(0.0) == [], "3 of 4 left: more than half"
+    state.take(1)
+    (spec,) = state.prefetches_due(0.0)  # 2 of 4 left: the next 4 are asked for now
+    assert (spec.partition, spec.offset) == (0, 4)
+    assert state.prefetches_due(0.0) == [] and state.fetches_due(0.0) == [], "one fetch in flight per partition"
+    state.on_fetched(spec, batch(4, b"e"))
+    assert [r.value for r in state.take(10)] == [b"c", b"d", b"e"]
+    assert state.position(0) == 5
+    state.on_fetched(second, b"")  # partition 1 has nothing buffered: asked again as well
+    assert [s.partition for s in state.prefetches_due(0.0)] == [0, 1]
+    assert state.fetches_due(0.0) == []
+
+
+def test_a_held_or_backing_off_partition_is_not_prefetched():
+    state = started((0,))
+    state.on_fetched(state.fetches_due(0.0)[0], b"")
+    assert [s.partition for s in state.prefetches_due(0.0)] == [0]
+    state.on_fetch_failed(FetchSpec(0, 0, 0), NotLeaderError("moved"), 0.0)
+    assert state.prefetches_due(0.0) == []  # backing off
+    assert [s.partition for s in state.prefetches_due(1.0)] == [0]

@@ -14,8 +14,7 @@ import uuid
 import pytest
 
 from meshq.node import Node
-from tests.integration.test_bench_replicated import _alive
-from tests.procs import run_cli
+from tests.procs import pid_alive, run_cli
 
 
 @pytest.mark.timeout(90)
@@ -67,4 +66,4 @@ def test_bench_rebalance_runs_end_to_end_with_tiny_sizes():
     assert verification["acknowledged"] == cluster["preload"]["acknowledged"] + load["acknowledged"]
 
     for pid in cluster["node_pids"]:
-        assert not _alive(pid), f"the benchmark left process {pid} running"
+        assert not pid_alive(pid), f"the benchmark left process {pid} running"

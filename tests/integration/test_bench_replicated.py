@@ -8,24 +8,13 @@ could not, the stored records match the acknowledged ones, and no child process 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import pytest
 
-from tests.procs import run_cli
+from tests.procs import pid_alive, run_cli
 
 PARTS = ("baseline", "single_node", "cluster")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # reused by another user's process: not ours
-        return False
-    return True
 
 
 @pytest.mark.timeout(240)
@@ -81,4 +70,4 @@ def test_bench_replication_runs_end_to_end_with_tiny_counts():
     assert (result.returncode == 0) == (report["errors"] == []), report["errors"]
 
     for pid in [single["node_pid"], *cluster["node_pids"]]:
-        assert not _alive(pid), f"the benchmark left process {pid} running"
+        assert not pid_alive(pid), f"the benchmark left process {pid} running"

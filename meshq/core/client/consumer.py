@@ -12,7 +12,9 @@ are kept per partition:
   (at-least-once).
 
 ``fetches_due`` names the fetches to send now (each partition not busy and not backing off)
-as ``FetchSpec`` records carrying the partition's *generation*; ``seek`` and ``reset`` bump
+as ``FetchSpec`` records carrying the partition's *generation*; ``prefetches_due`` the same for
+partitions whose buffered records are down to half of their last fetch, asked while the caller
+still hands records out (so a partition holds at most one and a half fetches of data); ``seek`` and ``reset`` bump
 the generation, so a fetch already in flight is ignored when it returns. A retriable fetch
 error backs the partition off for ``retry_s``; an offset out of range asks the caller to
 reset the partition (to the earliest offset, which only the caller can look up).
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
+from operator import attrgetter
 
 from meshq.core import batch as batch_format
 from meshq.core.records import Record
@@ -36,6 +40,8 @@ from meshq.core.shared_state import record_deliver_at
 from meshq.errors import CorruptLogError, MeshqError, OffsetOutOfRangeError, UsageError
 
 FETCH_RETRY_S = 0.1  # a partition whose fetch failed (retriably) is asked again after this long
+_HEADERS, _PARTITION, _OFFSET = attrgetter("headers"), attrgetter("partition"), attrgetter("offset")
+_ONE_MORE = (1).__add__
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,7 @@ class ConsumerState:
         self._retry_at_s: dict[int, float] = {}
         self.buffer: deque[Record] = deque()
         self.held: set[int] = set()  # partitions whose next record is delayed (``take``)
+        self._last_fetched: dict[int, int] = {}  # partition -> offsets its last fetch with records spanned
 
     # ------------------------------------------------------------------ positions
     def start_at(self, partition: int, offset: int, committed: bool = False) -> None:
@@ -103,6 +110,7 @@ class ConsumerState:
             self.positions.pop(partition, None)
             self.fetch_positions.pop(partition, None)
             self.committed.pop(partition, None)
+            self._last_fetched.pop(partition, None)
         self.buffer = deque(r for r in self.buffer if r.partition not in gone)
 
     def position(self, partition: int) -> int:
@@ -110,18 +118,29 @@ class ConsumerState:
         return self.positions[partition]
 
     # ------------------------------------------------------------------ fetching
-    def fetches_due(self, now_s: float) -> list[FetchSpec]:
+    def fetches_due(self, now_s: float, prefetch: bool = False) -> list[FetchSpec]:
         """The fetches to send now, one per partition that is idle and not backing off; each is
-        marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer."""
+        marked in flight until ``on_fetched`` or ``on_fetch_failed`` gets its answer. With
+        ``prefetch`` (``prefetches_due``) only partitions whose buffered records are low."""
         due = []
+        fetch_positions, positions, last = self.fetch_positions, self.positions, self._last_fetched
         for partition in self.partitions:
             if partition in self._busy or self._retry_at_s.get(partition, 0.0) > now_s or partition in self.held:
                 continue
-            if partition not in self.fetch_positions:
+            if partition not in fetch_positions:
                 continue  # not started yet
+            if prefetch and 2 * (fetch_positions[partition] - positions[partition]) > last.get(partition, 0):
+                continue  # more than half of its last fetch still buffered
             self._busy.add(partition)
-            due.append(FetchSpec(partition, self.fetch_positions[partition], self._generation[partition]))
+            due.append(FetchSpec(partition, fetch_positions[partition], self._generation[partition]))
         return due
+
+    def prefetches_due(self, now_s: float) -> list[FetchSpec]:
+        """Like ``fetches_due``, but only for partitions whose buffered records (by offset) are down
+        to half of what their last fetch brought or less: asked while the caller still has records
+        to hand out, so the next ones are on their way meanwhile. A partition then holds at most
+        one and a half fetches (buffered and in flight), as before at most one."""
+        return self.fetches_due(now_s, prefetch=True)
 
     def current(self, spec: FetchSpec) -> bool:
         """Whether the answer to ``spec`` still counts (no seek, reset or revoke since it was sent)."""
@@ -147,6 +166,7 @@ class ConsumerState:
                 raise AssertionError("a fetch returned records before the requested offset")
             self.buffer.extend(records)
             self.fetch_positions[spec.partition] = records[-1].offset + 1
+            self._last_fetched[spec.partition] = records[-1].offset + 1 - spec.offset
         elif self.fetch_positions[spec.partition] == spec.offset:
             # Only control batches (shared-subscription state): their offsets are gaps; read on past them.
             after = batch_format.next_offset_after(data)
@@ -180,11 +200,23 @@ class ConsumerState:
         the order per partition is kept); other partitions go on. ``held`` names the partitions
         held back, which ``fetches_due`` does not fetch further meanwhile.
         """
-        out = []
         buffer = self.buffer
         positions = self.positions
         held = self.held
         held.clear()
+        count = min(max_records, len(buffer))
+        if count and (now_ms is None or not any(map(_HEADERS, islice(buffer, count)))):
+            # no record among the next ``count`` can be delayed (no headers): hand them out whole,
+            # each partition's position set once per record at C speed (the later offset wins)
+            if count == len(buffer):
+                out = list(buffer)
+                buffer.clear()
+            else:
+                popleft = buffer.popleft
+                out = [popleft() for _ in range(count)]
+            positions.update(zip(map(_PARTITION, out), map(_ONE_MORE, map(_OFFSET, out))))
+            return out
+        out = []
         kept = []
         while buffer and len(out) < max_records:
             record = buffer.popleft()
