@@ -16,7 +16,8 @@ with the default 1 s), and only while it is in sync (then it holds the whole log
 after the leader pauses writes: the transfer is as cheap as a transfer gets). The leader tracks
 every follower's steadiness (``FollowerProgress.steady_since_s``): a heartbeat that finds it out
 of contact (silent for more than two heartbeats) or slow next to the other followers
-(``peer_slow``) restarts its window. A leadership won by an election starts the preferred
+(``peer_slow``), and a voter's refusal of an append (its storage is full, its log diverged),
+restart its window. A leadership won by an election starts the preferred
 replica's window (it was away or slow, or it would still lead); a leadership received by a
 hand-off, and a member the leader starts tracking (a rebalance's new replica), start steady:
 nothing was interrupted there, so a rebalance that reorders the voters does not wait.
@@ -40,6 +41,12 @@ whole network, not one leader, is slow: every leader then sees the same latency,
 that received leadership by a hand-off (the one a slow leader handed it to, or a move-back)
 keeps it at least ``SLOW_HOLD_DOWN_ELECTIONS`` — one interruption per half a minute at most
 with the default timeouts, instead of one per window.
+
+**A leader whose storage is full hands over** (``Replica._maybe_hand_off``): it refuses every
+new record (``partitions.space``) while a follower could take them, so after leading two
+election timeouts it hands leadership to the most complete voter in contact, as a slow leader
+does. Its own copy stays readable and catches up once space returns; the refusals it answers
+meanwhile keep the move-back from coming back to it before it is steady again.
 """
 
 from __future__ import annotations

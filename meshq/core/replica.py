@@ -406,6 +406,17 @@ class Replica:
                                and leader_slow(self._commits.recent(now_s, window_s), holds))
         if now_s < self._next_transfer_s or self.handing_off(now_s):
             return
+        if (self._space is not None and self._space.full and len(self.replicas) >= 2
+                and now_s - self.leader_since_s >= 2 * self.election_timeout_s):
+            # A leader that cannot store new records blocks its partition while a follower could
+            # take them: hand over (its reads go on; it catches up once space returns).
+            target = self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark,
+                                                        fastest=True)
+            if target is not None:
+                log.warning("%s/%d: leader %s cannot store new records (its storage is full); handing leadership "
+                            "to %s", self.topic, self.partition, self.node_id, target)
+                self._begin_transfer(target, now_s)
+            return
         if self._slow_watch.due(now_s, self.leader_since_s, self.led_by_hand_off, self.election_timeout_s):
             # Only to a voter that holds everything committed: it can win, and loses nothing.
             target = self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark,
@@ -757,6 +768,8 @@ class Replica:
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
             resend = f.refused(body["hint"])
+            if sender in self.replicas:
+                f.steady_since_s = now_s  # (a full disk, a diverged log: not a replica to move leadership to)
         if resend and f.next_offset < self.log.end_offset:
             # (a follower behind our log start gets the log from its start: it restarts its copy there)
             self._replicate_to(sender, f, now_s)

@@ -11,6 +11,7 @@ from meshq.core import batch as batch_format
 from meshq.core import handoff
 from meshq.core.handoff import SLOW_HOLD_DOWN_ELECTIONS, SLOW_MIN_LEAD_ELECTIONS, STABILITY_ELECTIONS
 from meshq.core.replica import FOLLOWER, HW_SAVE_INTERVAL_S, LEADER, PRE_CANDIDATE
+from meshq.errors import StorageFullError
 from tests.core.replica_harness import PARTITION, TOPIC, WALL_MS, Cluster, Msg
 
 ET = 1.0  # election timeout of the harness
@@ -661,6 +662,40 @@ def test_a_leader_handed_leadership_is_held_down_before_handing_it_on_for_slowne
     assert not any(m.type == "repl_timeout_now" and m.src == new for m in cl.sent)
     write_steadily(cl, 2 * ET)
     assert cl.leader() != new and last_sent(cl, new, "repl_timeout_now").sent_s >= since + SLOW_HOLD_DOWN_ELECTIONS * ET
+
+
+class FullSpace:
+    """A node's storage space (``partitions.space``) that can be made full."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def refuse_writes(self, topic: str, partition: int) -> None:
+        if self.full:
+            raise StorageFullError("storage full (test)")
+
+    def note_full(self, reason: str, now_s: float) -> None:
+        self.full = True
+
+
+def test_a_leader_whose_storage_is_full_hands_over_and_gets_leadership_back_once_steady():
+    cl = settled()
+    space = FullSpace()
+    cl["a"]._space = space
+    write_steadily(cl, 3 * ET)
+    space.full = True  # a refuses new records from now on (its writes and its copies)
+    full_s = cl.now
+    cl.run_until(lambda: cl.leader() != "a", timeout_s=4 * ET)
+    new = cl.leader()
+    hand_off = last_sent(cl, "a", "repl_timeout_now")
+    assert hand_off.dst == new and hand_off.sent_s < full_s + HB + 1e-9  # at the next heartbeat
+    write_steadily(cl, 3 * STABILITY_ELECTIONS * ET)  # a refuses every copy: never moved back meanwhile
+    assert cl.leader() == new
+    space.full = False
+    free_s = cl.now
+    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
+    assert cl.leader() == "a" and last_sent(cl, new, "repl_timeout_now").sent_s >= free_s + STABILITY_ELECTIONS * ET - HB
+    cl.check_committed_agree()
 
 
 def test_restarted_preferred_replica_does_not_depose_a_healthy_leader():

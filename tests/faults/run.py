@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import namedtuple
+from collections import Counter, namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +73,8 @@ class Fault:
     start_s: float
     heal_s: float | None = None
     heal: Callable[[], None] | None = field(default=None, repr=False)
+    node_id: str | None = None  # the node a one-node fault hit
+    led: list[int | None] = field(default_factory=list)  # slow: partitions it led once slowed, and at the heal
 
 
 @dataclass
@@ -222,6 +224,20 @@ class FaultRun:
             state[partition] = mine
         return state
 
+    def partitions_led_by(self, node_id: str | None) -> int | None:
+        """How many partitions of the topic ``node_id`` leads, as most answering nodes name their leaders
+        (None: no node answered)."""
+        answers = [v for v in self.lab.probe(self.client_host, self.nodes).values() if v is not None]
+        if not answers or node_id is None:
+            return None
+        led = 0
+        for partition in range(self.partitions):
+            named = Counter(partitions_of(status, TOPIC).get(partition, {}).get("leader") for status in answers)
+            named.pop(None, None)
+            if named and named.most_common(1)[0][0] == node_id:
+                led += 1
+        return led
+
     def stale_views(self, state: dict[int, dict]) -> list[str]:
         """Nodes outside a partition's replicas whose view names another leader than the settled one."""
         views = self.views() or {}
@@ -340,7 +356,8 @@ class FaultRun:
             def heal() -> None:
                 tc(host.netns, "qdisc", "del", "dev", "eth0", "root")
                 tc(self.lab.bridge_netns, "qdisc", "del", "dev", port, "root")
-            return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal)
+            return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal,
+                         node_id=node.node_id)
         if kind in ("diskfull", "disk-enospc"):
             filler = os.path.join(node.data_dir, "filler")
             stats = os.statvfs(node.data_dir)
@@ -399,7 +416,14 @@ class FaultRun:
             self.faults.append(fault)
             hold = self.rng.uniform(*self.hold_s)
             self.log(f"fault #{len(self.faults)} {kind} on {fault.target}: {fault.detail}; hold {hold:.1f} s")
-            time.sleep(hold)
+            if kind == "slow":
+                # Whether a slow leader hands its partitions over (issue #19 item 10): how many it leads
+                # once slowed, and just before the heal.
+                fault.led.append(self.partitions_led_by(fault.node_id))
+                time.sleep(max(0.0, fault.start_s + hold - time.monotonic()))
+                fault.led.append(self.partitions_led_by(fault.node_id))
+            else:
+                time.sleep(hold)
             assert fault.heal is not None
             fault.heal()
             fault.heal_s = time.monotonic()
@@ -540,6 +564,10 @@ class FaultRun:
             per_partition_ends.setdefault(a[0], []).append(a[4])
         for ends in per_partition_ends.values():
             ends.sort()
+        per_partition: dict[int, list] = {}
+        for a in attempts:
+            per_partition.setdefault(a[0], []).append(a)
+        detail: dict[str, list[tuple[float, float, list[str]]]] = {}  # kind -> (first ack, its start, errors)
         for fault in self.faults:
             if fault.heal_s is None:
                 continue
@@ -553,6 +581,12 @@ class FaultRun:
                 if blocked and first is not None:
                     first_ack.setdefault(fault.kind, []).append(first)
                     blocked_count[fault.kind] = blocked_count.get(fault.kind, 0) + 1
+                    # where the wait went: did the acknowledged attempt start before the heal (it sat in flight),
+                    # and which attempts failed between the heal and it
+                    end_s = ends[i]
+                    ok = next(a for a in per_partition[p] if a[5] is None and a[4] == end_s)
+                    errors = [a[5] for a in per_partition[p] if a[5] is not None and fault.heal_s <= a[4] <= end_s]
+                    detail.setdefault(fault.kind, []).append((first, ok[3] - fault.heal_s, errors))
             if all(v is not None for v in after):
                 all_acked.setdefault(fault.kind, []).append(max(after))
 
@@ -607,6 +641,20 @@ class FaultRun:
                   f"{sum(high_watermarks.values())}",
                   f"errors by type: {verdict.errors}",
                   f"longest time without any ack: {longest_gap:.2f} s"]
+        for kind in self.kinds:
+            items = sorted(detail.get(kind, []), reverse=True)
+            if items:
+                in_flight = sum(1 for _first, began, _errors in items if began < 0)
+                lines.append(f"heal->first ack of blocked partitions, {kind}: the acknowledged attempt began before the "
+                             f"heal in {in_flight} of {len(items)}; longest: " + "; ".join(
+                                 f"{first:.2f} s (attempt began {began:+.2f} s from the heal, "
+                                 f"{len(errors)} failed after it: {dict(Counter(errors))})"
+                                 for first, began, errors in items[:3]))
+        slow = [f for f in self.faults if f.kind == "slow" and f.led]
+        if slow:
+            lines.append("slow leaders (partitions the slowed node led once slowed -> just before the heal): " + ", ".join(
+                f"#{self.faults.index(f) + 1} {f.node_id} {'/'.join('?' if n is None else str(n) for n in f.led)}"
+                for f in slow))
         return "\n".join(lines)
 
     # -- clean-up --------------------------------------------------------------------------------------------------
