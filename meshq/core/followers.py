@@ -73,8 +73,8 @@ class FollowerProgress:
         while self.sent and self.sent[0][0] <= match_end:
             newest = self.sent.popleft()[1]
         if newest is not None:
+            self.hold_s = ewma(self.hold_s if self.ack_s is not None else None, hold_s)  # (the first sample: as is)
             self.ack_s = ewma(self.ack_s, now_s - newest)
-            self.hold_s = ewma(self.hold_s, hold_s)
 
     def answered(self, cv: int, now_s: float) -> None:
         """An answer to one of our appends arrived (accepted or not)."""
