@@ -261,6 +261,22 @@ class FaultRun:
                 for p, d in sorted(parts.items())))
         return "\n".join(lines)
 
+    def producer_evidence(self, acks_path: str) -> str:
+        """The producer's last attempts per partition and the end of its log (when it stops acknowledging)."""
+        last: dict[int, list] = {}
+        for a in self.read_lines(acks_path):
+            last.setdefault(a[0], []).append(a)
+        now = time.monotonic()
+        lines = [f"p{p}: " + "; ".join(f"{'ok @' + str(a[1]) if a[5] is None else a[5]} started {a[3] - now:+.1f} s "
+                                       f"took {a[4] - a[3]:.2f} s" for a in items[-3:])
+                 for p, items in sorted(last.items())]
+        try:
+            with open(f"{self.lab.root}/client-produce.log", encoding="utf-8", errors="replace") as f:
+                lines.append("end of the producer's log:\n" + "".join(f.readlines()[-40:]))
+        except OSError as exc:
+            lines.append(f"(no producer log: {exc})")
+        return "\n".join(lines)
+
     def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
         return wait_until(condition, timeout_s, what, 0.5, detail=self.describe)
 
@@ -461,8 +477,9 @@ class FaultRun:
                     node.start()
             healed = time.monotonic()
             self.log(f"nemesis done after {healed - nemesis_start:.0f} s and {len(self.faults)} faults; all healed")
-            self.wait(lambda: self.acked_partitions(acks_path, healed) == set(range(self.partitions)), 120,
-                      "acks in every partition after the final heal")
+            wait_until(lambda: self.acked_partitions(acks_path, healed) == set(range(self.partitions)), 120,
+                       "acks in every partition after the final heal", 0.5,
+                       detail=lambda: self.describe() + "\n" + self.producer_evidence(acks_path))
             time.sleep(3)
             for process, name in ((producer, "producer"), (consumer, "consumer")):
                 process.stdin.close()
