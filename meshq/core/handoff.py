@@ -30,7 +30,8 @@ rule: at every heartbeat, the commits of the last ``SLOW_SAMPLE_ELECTIONS`` elec
 (at least ``SLOW_MIN_COMMITS`` of them) have a median latency above both ``SLOW_FLOOR_S`` (50 ms) and
 ``SLOW_FACTOR`` (4) times the followers' own reported local hold time (the time a follower
 kept an append before acknowledging it: its fsync with ``fsync=always``); when that has held at
-every heartbeat for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
+every heartbeat that had enough commits to judge (one without them changes nothing: a slow
+leader's clients send less) for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
 least ``SLOW_MIN_LEAD_ELECTIONS`` election timeouts (``SLOW_HOLD_DOWN_ELECTIONS`` when it was
 handed leadership rather than elected), it hands leadership to the voter in
 contact that holds the most of the log (ties: the lowest ack latency) — never to one that does
@@ -98,11 +99,12 @@ def median(values: Iterable[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def leader_slow(latencies: list[float], follower_hold_s: list[float]) -> bool:
-    """The slow-leader test for one heartbeat (see the module docstring): enough commits, and
-    their median latency above the floor and ``SLOW_FACTOR`` times the followers' hold time."""
+def leader_slow(latencies: list[float], follower_hold_s: list[float]) -> bool | None:
+    """The slow-leader test for one heartbeat (see the module docstring): the commits' median
+    latency above the floor and ``SLOW_FACTOR`` times the followers' hold time; None when there
+    were too few commits to judge."""
     if len(latencies) < SLOW_MIN_COMMITS:
-        return False
+        return None
     hold = min(follower_hold_s, default=0.0)  # the fastest follower is the one a quorum waits for
     return median(latencies) > max(SLOW_FLOOR_S, SLOW_FACTOR * hold)
 
@@ -126,7 +128,11 @@ class SlowWatch:
     def __init__(self) -> None:
         self.slow_since_s: float | None = None
 
-    def check(self, now_s: float, slow: bool) -> None:
+    def check(self, now_s: float, slow: bool | None) -> None:
+        """One heartbeat's judgement: slow, not slow (the window starts again), or None — too
+        few commits to tell (a slow leader's clients send less): nothing changes."""
+        if slow is None:
+            return
         if not slow:
             self.slow_since_s = None
         elif self.slow_since_s is None:

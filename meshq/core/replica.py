@@ -402,8 +402,8 @@ class Replica:
                 f.steady_since_s = now_s
         window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
         holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
-        self._slow_watch.check(now_s, len(self.replicas) >= 2
-                               and leader_slow(self._commits.recent(now_s, window_s), holds))
+        self._slow_watch.check(now_s, leader_slow(self._commits.recent(now_s, window_s), holds)
+                               if len(self.replicas) >= 2 else False)
         if now_s < self._next_transfer_s or self.handing_off(now_s):
             return
         if (self._space is not None and self._space.full and len(self.replicas) >= 2

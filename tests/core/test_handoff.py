@@ -37,7 +37,7 @@ def test_commit_clock_times_each_append_until_the_high_watermark_covers_it():
 def test_a_leader_is_slow_only_with_enough_commits_above_the_floor_and_the_followers_hold_time():
     slow = [0.2] * SLOW_MIN_COMMITS
     assert leader_slow(slow, [0.0, 0.0])
-    assert not leader_slow(slow[:-1], [0.0])  # too few commits to judge
+    assert leader_slow(slow[:-1], [0.0]) is None  # too few commits to judge
     assert not leader_slow([SLOW_FLOOR_S * 0.9] * 10, [0.0])  # under the floor
     assert not leader_slow(slow, [0.2 / SLOW_FACTOR + 0.001])  # the followers' own fsync explains it
     assert leader_slow(slow, [0.2 / SLOW_FACTOR + 0.001, 0.0])  # the fastest follower is the one a quorum waits for
@@ -66,6 +66,8 @@ def test_slow_watch_needs_the_whole_window_and_a_leadership_old_enough():
     held = end - SLOW_HOLD_DOWN_ELECTIONS * et
     assert not watch.due(end, leader_since_s=held + 0.01, handed_over=True, election_timeout_s=et)
     assert watch.due(end, leader_since_s=held, handed_over=True, election_timeout_s=et)
+    watch.check(end - 0.5, None)  # too few commits: nothing changes
+    assert watch.due(end, leader_since_s=0.0, handed_over=False, election_timeout_s=et)
     watch.check(end, False)  # one heartbeat not slow: the window starts again
     watch.check(end + 0.1, True)
     assert not watch.due(end + 0.2, leader_since_s=0.0, handed_over=False, election_timeout_s=et)

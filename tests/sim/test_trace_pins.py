@@ -25,9 +25,9 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "f4178472235e4ac4", 3: "8f57949794ff9765",
-    4: "e5ace7f1d13bdd60", 5: "acf4e6e988d69ed1", 6: "61126e4eef266aba", 7: "533ad991e773c94c",
-    8: "e663bedd1f552e7e", 12: "e323aa8e457444c1", 15: "325babc6214245d6", 16: "c0d77cf4c5197459",
+    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "eb7f4d388333d8a4", 3: "8f57949794ff9765",
+    4: "74377b899724e8e7", 5: "acf4e6e988d69ed1", 6: "61126e4eef266aba", 7: "533ad991e773c94c",
+    8: "e663bedd1f552e7e", 12: "61c3bd4c91edf1de", 15: "e08250d973aaa312", 16: "c0d77cf4c5197459",
     20: "3799f2b83be1a8a3", 21: "b5368378802fd88c", 22: "3109ab2d6290a641", 25: "826d026b47836ddf",
     29: "7d5838b896b156f6", 37: "09322eb1fb2ad702", 38: "ace200890d935bd8", 45: "ae03d2ed7d166b0c",
 }
