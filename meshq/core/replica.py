@@ -174,6 +174,7 @@ class Replica:
         self.led_by_hand_off = False  # leader: this leadership was handed over, not won after a failure
         self._commits = CommitClock()  # leader: commit latencies (the slow-leader rule)
         self._slow_watch = SlowWatch()  # leader: since when its commits are slow
+        self._slow_median_s = 0.0  # leader: the median commit latency the last slow judgement saw
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
@@ -402,8 +403,11 @@ class Replica:
                 f.steady_since_s = now_s
         window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
         holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
-        self._slow_watch.check(now_s, leader_slow(self._commits.recent(now_s, window_s), holds)
-                               if len(self.replicas) >= 2 else False)
+        latencies = self._commits.recent(now_s, window_s)
+        verdict = leader_slow(latencies, holds) if len(self.replicas) >= 2 else False
+        if verdict is not None and latencies:
+            self._slow_median_s = median(latencies)  # (what the last judgement saw, for the log line)
+        self._slow_watch.check(now_s, verdict)
         if now_s < self._next_transfer_s or self.handing_off(now_s):
             return
         if (self._space is not None and self._space.full and len(self.replicas) >= 2
@@ -424,7 +428,7 @@ class Replica:
             if target is not None:
                 log.warning("%s/%d: leader %s commits slowly (median %.0f ms over %.1f s) while its followers "
                             "store quickly; handing leadership to %s", self.topic, self.partition, self.node_id,
-                            1000 * median(self._commits.recent(now_s, window_s)), window_s, target)
+                            1000 * self._slow_median_s, window_s, target)
                 self._begin_transfer(target, now_s)
             return
         preferred = self.replicas[0] if self.replicas else None
