@@ -32,16 +32,17 @@ rule: at every heartbeat, the commits of the last ``SLOW_SAMPLE_ELECTIONS`` elec
 kept an append before acknowledging it: its fsync with ``fsync=always``); when that has held at
 every heartbeat that had enough commits to judge (one without them changes nothing: a slow
 leader's clients send less) for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
-least ``SLOW_MIN_LEAD_ELECTIONS`` election timeouts (``SLOW_HOLD_DOWN_ELECTIONS`` when it was
-handed leadership rather than elected), it hands leadership to the voter in
+least ``SLOW_MIN_LEAD_ELECTIONS`` election timeouts (``SLOW_HOLD_DOWN_ELECTIONS`` when a slow
+leader handed it leadership: ``repl_timeout_now`` says ``slow``), it hands leadership to the voter in
 contact that holds the most of the log (ties: the lowest ack latency) — never to one that does
 not hold everything committed, and never when there is none. The slow node is then not moved
-back by preference while the new leader sees its acks as slow (``peer_slow``), and only
-``STABILITY_ELECTIONS`` after they are normal again. The hold-down bounds flapping when the
-whole network, not one leader, is slow: every leader then sees the same latency, and a leader
-that received leadership by a hand-off (the one a slow leader handed it to, or a move-back)
-keeps it at least ``SLOW_HOLD_DOWN_ELECTIONS`` — one interruption per half a minute at most
-with the default timeouts, instead of one per window.
+back by preference within the hold-down (the leader a slow leader handed over to keeps it
+``SLOW_HOLD_DOWN_ELECTIONS``: no move-back, no slow hand-off), nor later while the new leader
+sees its acks as slow (``peer_slow``), and only ``STABILITY_ELECTIONS`` after they are normal
+again. The hold-down bounds flapping when the whole network, not one leader, is slow: every
+leader then sees the same latency, and each slow hand-off is followed by at least
+``SLOW_HOLD_DOWN_ELECTIONS`` without one (half a minute with the default timeouts; a move-back
+after it may bring one more), instead of one per window.
 
 **A leader whose storage is full hands over** (``Replica._maybe_hand_off``): it refuses every
 new record (``partitions.space``) while a follower could take them, so after leading two
@@ -138,12 +139,18 @@ class SlowWatch:
         elif self.slow_since_s is None:
             self.slow_since_s = now_s
 
-    def due(self, now_s: float, leader_since_s: float, handed_over: bool, election_timeout_s: float) -> bool:
-        """Slow for the whole window, and leading long enough to hand over for it."""
-        lead = SLOW_HOLD_DOWN_ELECTIONS if handed_over else SLOW_MIN_LEAD_ELECTIONS
+    def due(self, now_s: float, leader_since_s: float, slow_hand_off: bool, election_timeout_s: float) -> bool:
+        """Slow for the whole window, and leading long enough to hand over for it (``slow_hand_off``:
+        a slow leader handed us leadership — the hold-down)."""
+        lead = SLOW_HOLD_DOWN_ELECTIONS if slow_hand_off else SLOW_MIN_LEAD_ELECTIONS
         return (self.slow_since_s is not None
                 and now_s - self.slow_since_s >= SLOW_WINDOW_ELECTIONS * election_timeout_s
                 and now_s - leader_since_s >= lead * election_timeout_s)
+
+
+def held_down_over(leader_since_s: float, now_s: float, election_timeout_s: float) -> bool:
+    """A leadership a slow leader handed over has been held for the hold-down."""
+    return now_s - leader_since_s >= SLOW_HOLD_DOWN_ELECTIONS * election_timeout_s
 
 
 def ewma(old: float | None, sample: float) -> float:

@@ -75,6 +75,7 @@ from meshq.core.handoff import (
     SLOW_SAMPLE_ELECTIONS,
     CommitClock,
     SlowWatch,
+    held_down_over,
     leader_slow,
     median,
     peer_slow,
@@ -171,7 +172,10 @@ class Replica:
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
         self._transfer_target: str | None = None  # leader: gets repl_timeout_now once it holds the whole log
         self._handed_over = False  # campaigning because the leader handed leadership to us
+        self._handed_over_slow = False  # ... because it was slow
         self.led_by_hand_off = False  # leader: this leadership was handed over, not won after a failure
+        self.led_by_slow_hand_off = False  # leader: handed over by a slow leader (hold-down: see handoff)
+        self._transfer_slow = False  # leader: the hand-off under way is for slowness
         self._commits = CommitClock()  # leader: commit latencies (the slow-leader rule)
         self._slow_watch = SlowWatch()  # leader: since when its commits are slow
         self._slow_median_s = 0.0  # leader: the median commit latency the last slow judgement saw
@@ -271,7 +275,7 @@ class Replica:
                 if successor is not None:
                     log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic,
                              self.partition, self.node_id, successor)
-                    body = self._key_body(epoch=self.epoch, cv=self.config_version)
+                    body = self._key_body(epoch=self.epoch, cv=self.config_version, slow=False)
                     self._send(successor, "repl_timeout_now", body, ())
                 self._step_down(self.epoch, now_s, None)
                 return
@@ -421,7 +425,7 @@ class Replica:
                             "to %s", self.topic, self.partition, self.node_id, target)
                 self._begin_transfer(target, now_s)
             return
-        if self._slow_watch.due(now_s, self.leader_since_s, self.led_by_hand_off, self.election_timeout_s):
+        if self._slow_watch.due(now_s, self.leader_since_s, self.led_by_slow_hand_off, self.election_timeout_s):
             # Only to a voter that holds everything committed: it can win, and loses nothing.
             target = self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark,
                                                         fastest=True)
@@ -429,18 +433,20 @@ class Replica:
                 log.warning("%s/%d: leader %s commits slowly (median %.0f ms over %.1f s) while its followers "
                             "store quickly; handing leadership to %s", self.topic, self.partition, self.node_id,
                             1000 * self._slow_median_s, window_s, target)
-                self._begin_transfer(target, now_s)
+                self._begin_transfer(target, now_s, slow=True)
             return
         preferred = self.replicas[0] if self.replicas else None
         f = self.followers.get(preferred) if preferred is not None else None
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
+        if self.led_by_slow_hand_off and not held_down_over(self.leader_since_s, now_s, self.election_timeout_s):
+            return  # a slow leader handed it to us: not back to the preferred replica (maybe that one) yet
         if steady_enough(f.steady_since_s, now_s, self.election_timeout_s) and preferred in self.in_sync(now_s):
             # (in sync: it holds the whole log one round trip after writes pause)
             log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
             self._begin_transfer(preferred, now_s)
 
-    def _begin_transfer(self, target: str, now_s: float) -> None:
+    def _begin_transfer(self, target: str, now_s: float, slow: bool = False) -> None:
         """Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader that
         ``target`` is about to depose; send ``repl_timeout_now`` once it holds the whole log. Writes
         resume after an election timeout if no successor appeared (the target never caught up,
@@ -449,6 +455,7 @@ class Replica:
         self._next_transfer_s = now_s + 4 * self.election_timeout_s
         self._transfer_until_s = now_s + self.election_timeout_s
         self._transfer_target = target
+        self._transfer_slow = slow
         self._send_timeout_now(now_s)
 
     def _send_timeout_now(self, now_s: float) -> None:
@@ -457,7 +464,8 @@ class Replica:
         if f is None or not self.handing_off(now_s) or f.match_end < self.log.end_offset:
             return
         self._transfer_target = None
-        self._send(target, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
+        self._send(target, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version,
+                                                              slow=self._transfer_slow), ())
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -476,7 +484,7 @@ class Replica:
             target = self.epoch
         self.leader = None
         self.votes = {self.node_id}
-        self._handed_over = False
+        self._handed_over = self._handed_over_slow = False
         if pre_vote:
             self._reset_election_timer(now_s)
         if len(self.votes) >= self.quorum:
@@ -500,7 +508,8 @@ class Replica:
         self.history.begin(self.epoch, self.epoch_start)
         self._persist()
         self.followers.start_epoch(self.members, self.epoch_start, now_s)
-        self.led_by_hand_off, self._handed_over = self._handed_over, False
+        self.led_by_hand_off, self.led_by_slow_hand_off = self._handed_over, self._handed_over_slow
+        self._handed_over = self._handed_over_slow = False
         self._commits.clear()
         self._slow_watch = SlowWatch()
         preferred = self.followers.get(self.replicas[0]) if self.replicas else None
@@ -538,7 +547,7 @@ class Replica:
             if (body["epoch"] == self.epoch and self.role == FOLLOWER and self.leader == sender
                     and self.node_id in self.replicas and body["cv"] == self.config_version):
                 self._campaign(now_s, pre_vote=False)
-                self._handed_over = True
+                self._handed_over, self._handed_over_slow = True, bool(body.get("slow", False))
 
     def _on_vote(self, sender: str, body: dict, now_s: float) -> None:
         epoch, candidate, pre_vote = body["epoch"], body["candidate"], body["pre_vote"]

@@ -903,7 +903,7 @@ class SlowLeaderChecker:
     test topic past a bound — the slow rule's window, the commits it judges and two election
     timeouts of slack for the hand-off, counted from when the fault began or, for a leadership
     too young to hand over, from when it became old enough (``SLOW_MIN_LEAD_ELECTIONS``, or
-    ``SLOW_HOLD_DOWN_ELECTIONS`` when it was handed over)."""
+    ``SLOW_HOLD_DOWN_ELECTIONS`` when a slow leader handed it over)."""
 
     def __init__(self, sim: Any) -> None:
         self.sim = sim
@@ -933,7 +933,8 @@ class SlowLeaderChecker:
             self.led_when_slow.add(key)
             self.handed_off.discard(key)
             et = replica.election_timeout_s
-            lead = handoff.SLOW_HOLD_DOWN_ELECTIONS if replica.led_by_hand_off else handoff.SLOW_MIN_LEAD_ELECTIONS
+            lead = (handoff.SLOW_HOLD_DOWN_ELECTIONS if replica.led_by_slow_hand_off
+                    else handoff.SLOW_MIN_LEAD_ELECTIONS)
             start = max(self.slow_since_s, replica.leader_since_s + lead * et)
             bound = start + (handoff.SLOW_WINDOW_ELECTIONS + handoff.SLOW_SAMPLE_ELECTIONS + 2) * et
             if sim.now_s > bound:

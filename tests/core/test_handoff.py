@@ -58,19 +58,19 @@ def test_slow_watch_needs_the_whole_window_and_a_leadership_old_enough():
     watch.check(100.0, True)
     watch.check(101.0, True)
     end = 100.0 + SLOW_WINDOW_ELECTIONS * et
-    assert not watch.due(end - 0.01, leader_since_s=0.0, handed_over=False, election_timeout_s=et)
-    assert watch.due(end, leader_since_s=0.0, handed_over=False, election_timeout_s=et)
+    assert not watch.due(end - 0.01, leader_since_s=0.0, slow_hand_off=False, election_timeout_s=et)
+    assert watch.due(end, leader_since_s=0.0, slow_hand_off=False, election_timeout_s=et)
     led = end - SLOW_MIN_LEAD_ELECTIONS * et
-    assert watch.due(end, leader_since_s=led, handed_over=False, election_timeout_s=et)
-    assert not watch.due(end, leader_since_s=led + 0.01, handed_over=False, election_timeout_s=et)
+    assert watch.due(end, leader_since_s=led, slow_hand_off=False, election_timeout_s=et)
+    assert not watch.due(end, leader_since_s=led + 0.01, slow_hand_off=False, election_timeout_s=et)
     held = end - SLOW_HOLD_DOWN_ELECTIONS * et
-    assert not watch.due(end, leader_since_s=held + 0.01, handed_over=True, election_timeout_s=et)
-    assert watch.due(end, leader_since_s=held, handed_over=True, election_timeout_s=et)
+    assert not watch.due(end, leader_since_s=held + 0.01, slow_hand_off=True, election_timeout_s=et)
+    assert watch.due(end, leader_since_s=held, slow_hand_off=True, election_timeout_s=et)
     watch.check(end - 0.5, None)  # too few commits: nothing changes
-    assert watch.due(end, leader_since_s=0.0, handed_over=False, election_timeout_s=et)
+    assert watch.due(end, leader_since_s=0.0, slow_hand_off=False, election_timeout_s=et)
     watch.check(end, False)  # one heartbeat not slow: the window starts again
     watch.check(end + 0.1, True)
-    assert not watch.due(end + 0.2, leader_since_s=0.0, handed_over=False, election_timeout_s=et)
+    assert not watch.due(end + 0.2, leader_since_s=0.0, slow_hand_off=False, election_timeout_s=et)
 
 
 def test_the_move_back_waits_for_the_stability_window():

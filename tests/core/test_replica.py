@@ -607,12 +607,16 @@ def test_a_slow_leader_hands_leadership_to_the_most_complete_follower_and_is_not
     cl.check_committed_agree()
     write_steadily(cl, 2 * STABILITY_ELECTIONS * ET)  # still slow: the preferred replica stays a follower
     assert cl.leader() == new and cl["a"].role == FOLLOWER
+    assert hand_off.body["slow"] and cl[new].led_by_slow_hand_off
     cl.slow.clear()
     fast_s = cl.now
-    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)  # normal again: back after the window
+    since = cl[new].leader_since_s
+    # normal again: back once the window has passed and the hold-down is over
+    write_steadily(cl, max(fast_s + STABILITY_ELECTIONS * ET, since + SLOW_HOLD_DOWN_ELECTIONS * ET) - cl.now + 2 * ET)
     assert cl.leader() == "a"
     back = last_sent(cl, new, "repl_timeout_now")
-    assert back.dst == "a" and back.sent_s >= fast_s + STABILITY_ELECTIONS * ET
+    assert back.dst == "a" and not back.body["slow"]
+    assert back.sent_s >= max(fast_s + STABILITY_ELECTIONS * ET, since + SLOW_HOLD_DOWN_ELECTIONS * ET)
     cl.check_committed_agree()
 
 
@@ -654,7 +658,7 @@ def test_a_leader_handed_leadership_is_held_down_before_handing_it_on_for_slowne
     cl.slow["a"] = 0.06
     write_steadily(cl, 8 * ET)
     new = cl.leader()
-    assert new != "a" and cl[new].led_by_hand_off
+    assert new != "a" and cl[new].led_by_slow_hand_off
     since = cl[new].leader_since_s
     cl.slow = {new: 0.06}  # now the new leader's link is slow
     write_steadily(cl, since + SLOW_HOLD_DOWN_ELECTIONS * ET - cl.now - 0.5)
@@ -696,6 +700,24 @@ def test_a_leader_whose_storage_is_full_hands_over_and_gets_leadership_back_once
     write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
     assert cl.leader() == "a" and last_sent(cl, new, "repl_timeout_now").sent_s >= free_s + STABILITY_ELECTIONS * ET - HB
     cl.check_committed_agree()
+
+
+def test_a_leader_handed_leadership_by_preference_is_not_held_down():
+    # Only a slow hand-off holds the successor down: the preferred replica that took its
+    # leadership back hands it over for slowness after the ordinary minimum.
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.inject("a", "b", "repl_timeout_now", {"topic": TOPIC, "partition": PARTITION, "epoch": cl["a"].epoch, "cv": 0})
+    cl.pump()
+    assert cl.leader() == "b" and cl["b"].led_by_hand_off and not cl["b"].led_by_slow_hand_off
+    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)  # back to a by preference
+    assert cl.leader() == "a" and cl["a"].led_by_hand_off and not cl["a"].led_by_slow_hand_off
+    since = cl["a"].leader_since_s
+    cl.slow["a"] = 0.06
+    write_steadily(cl, 8 * ET)
+    assert cl.leader() != "a"
+    hand_off = last_sent(cl, "a", "repl_timeout_now")
+    assert hand_off.body["slow"] and hand_off.sent_s < since + SLOW_HOLD_DOWN_ELECTIONS * ET
 
 
 def test_restarted_preferred_replica_does_not_depose_a_healthy_leader():

@@ -25,11 +25,11 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "eb7f4d388333d8a4", 3: "8f57949794ff9765",
-    4: "74377b899724e8e7", 5: "acf4e6e988d69ed1", 6: "61126e4eef266aba", 7: "533ad991e773c94c",
-    8: "e663bedd1f552e7e", 12: "61c3bd4c91edf1de", 15: "e08250d973aaa312", 16: "c0d77cf4c5197459",
+    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "91d8c2379de57509", 3: "8f57949794ff9765",
+    4: "260c860080a9122f", 5: "acf4e6e988d69ed1", 6: "d71b0b5af21e24f2", 7: "533ad991e773c94c",
+    8: "e663bedd1f552e7e", 12: "10fe6d95e3e887e2", 15: "7aaf422f79c014bf", 16: "c0d77cf4c5197459",
     20: "3799f2b83be1a8a3", 21: "b5368378802fd88c", 22: "3109ab2d6290a641", 25: "826d026b47836ddf",
-    29: "7d5838b896b156f6", 37: "09322eb1fb2ad702", 38: "ace200890d935bd8", 45: "ae03d2ed7d166b0c",
+    29: "7d5838b896b156f6", 37: "09322eb1fb2ad702", 38: "e3d4f4dacb82a913", 45: "ae03d2ed7d166b0c",
 }
 
 
