@@ -36,13 +36,17 @@ least ``SLOW_MIN_LEAD_ELECTIONS`` election timeouts (``SLOW_HOLD_DOWN_ELECTIONS`
 leader handed it leadership: ``repl_timeout_now`` says ``slow``), it hands leadership to the voter in
 contact that holds the most of the log (ties: the lowest ack latency) — never to one that does
 not hold everything committed, and never when there is none. The slow node is then not moved
-back by preference within the hold-down (the leader a slow leader handed over to keeps it
-``SLOW_HOLD_DOWN_ELECTIONS``: no move-back, no slow hand-off), nor later while the new leader
-sees its acks as slow (``peer_slow``), and only ``STABILITY_ELECTIONS`` after they are normal
-again. The hold-down bounds flapping when the whole network, not one leader, is slow: every
-leader then sees the same latency, and each slow hand-off is followed by at least
-``SLOW_HOLD_DOWN_ELECTIONS`` without one (half a minute with the default timeouts; a move-back
-after it may bring one more), instead of one per window.
+back by preference while the new leader sees its acks as slow (``peer_slow``), and only
+``STABILITY_ELECTIONS`` after it took over and after they are normal again (its window starts
+at the hand-off, as a failover starts the preferred replica's). The hold-down bounds flapping
+when the whole network, not one leader, is slow: every leader then sees the same latency; the
+successor of a slow leader does not hand over for slowness for ``SLOW_HOLD_DOWN_ELECTIONS``,
+and a move-back comes at most one stability window after a slow hand-off — so a slow hand-off
+and a move-back (two short interruptions) at most every ``STABILITY_ELECTIONS`` +
+``SLOW_WINDOW_ELECTIONS`` election timeouts (13 s with the defaults) per partition, instead of
+one per window. Choosing whom to hand over to follows the assignment's order (the
+first voter in contact, holding everything committed and not slow next to the others), so a
+rebalance's target members take leadership before a replica on its way out.
 
 **A leader whose storage is full hands over** (``Replica._maybe_hand_off``): it refuses every
 new record (``partitions.space``) while a follower could take them, so after leading two
@@ -146,11 +150,6 @@ class SlowWatch:
         return (self.slow_since_s is not None
                 and now_s - self.slow_since_s >= SLOW_WINDOW_ELECTIONS * election_timeout_s
                 and now_s - leader_since_s >= lead * election_timeout_s)
-
-
-def held_down_over(leader_since_s: float, now_s: float, election_timeout_s: float) -> bool:
-    """A leadership a slow leader handed over has been held for the hold-down."""
-    return now_s - leader_since_s >= SLOW_HOLD_DOWN_ELECTIONS * election_timeout_s
 
 
 def ewma(old: float | None, sample: float) -> float:

@@ -75,7 +75,6 @@ from meshq.core.handoff import (
     SLOW_SAMPLE_ELECTIONS,
     CommitClock,
     SlowWatch,
-    held_down_over,
     leader_slow,
     median,
     peer_slow,
@@ -176,6 +175,8 @@ class Replica:
         self.led_by_hand_off = False  # leader: this leadership was handed over, not won after a failure
         self.led_by_slow_hand_off = False  # leader: handed over by a slow leader (hold-down: see handoff)
         self._transfer_slow = False  # leader: the hand-off under way is for slowness
+        self._handed_over_by: str | None = None  # who handed leadership to us (campaign after repl_timeout_now)
+        self._slow_predecessor: str | None = None  # leader: the slow leader that handed this leadership over
         self._commits = CommitClock()  # leader: commit latencies (the slow-leader rule)
         self._slow_watch = SlowWatch()  # leader: since when its commits are slow
         self._slow_median_s = 0.0  # leader: the median commit latency the last slow judgement saw
@@ -418,8 +419,7 @@ class Replica:
                 and now_s - self.leader_since_s >= 2 * self.election_timeout_s):
             # A leader that cannot store new records blocks its partition while a follower could
             # take them: hand over (its reads go on; it catches up once space returns).
-            target = self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark,
-                                                        fastest=True)
+            target = self._successor(now_s)
             if target is not None:
                 log.warning("%s/%d: leader %s cannot store new records (its storage is full); handing leadership "
                             "to %s", self.topic, self.partition, self.node_id, target)
@@ -427,8 +427,7 @@ class Replica:
             return
         if self._slow_watch.due(now_s, self.leader_since_s, self.led_by_slow_hand_off, self.election_timeout_s):
             # Only to a voter that holds everything committed: it can win, and loses nothing.
-            target = self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark,
-                                                        fastest=True)
+            target = self._successor(now_s)
             if target is not None:
                 log.warning("%s/%d: leader %s commits slowly (median %.0f ms over %.1f s) while its followers "
                             "store quickly; handing leadership to %s", self.topic, self.partition, self.node_id,
@@ -439,12 +438,25 @@ class Replica:
         f = self.followers.get(preferred) if preferred is not None else None
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
-        if self.led_by_slow_hand_off and not held_down_over(self.leader_since_s, now_s, self.election_timeout_s):
-            return  # a slow leader handed it to us: not back to the preferred replica (maybe that one) yet
         if steady_enough(f.steady_since_s, now_s, self.election_timeout_s) and preferred in self.in_sync(now_s):
             # (in sync: it holds the whole log one round trip after writes pause)
             log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
             self._begin_transfer(preferred, now_s)
+
+    def _successor(self, now_s: float) -> str | None:
+        """Whom a slow or full leader hands over to: the first voter in the assignment's order (the
+        ring's preference: a rebalance's target members come first) that is in contact, holds
+        everything committed and is not slow next to the others; else the most complete voter in
+        contact holding everything committed; None if there is none."""
+        ack_s = {peer: f.ack_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None}
+        for peer in self.replicas:
+            f = self.followers.get(peer)
+            if (f is None or now_s - f.last_contact_s > self.followers.replica_lag_s
+                    or f.match_end < self.high_watermark):
+                continue
+            if not peer_slow(f.ack_s, [a for other, a in ack_s.items() if other != peer]):
+                return peer
+        return self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark, fastest=True)
 
     def _begin_transfer(self, target: str, now_s: float, slow: bool = False) -> None:
         """Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader that
@@ -509,12 +521,16 @@ class Replica:
         self._persist()
         self.followers.start_epoch(self.members, self.epoch_start, now_s)
         self.led_by_hand_off, self.led_by_slow_hand_off = self._handed_over, self._handed_over_slow
+        self._slow_predecessor = self._handed_over_by if self._handed_over_slow else None
         self._handed_over = self._handed_over_slow = False
         self._commits.clear()
         self._slow_watch = SlowWatch()
         preferred = self.followers.get(self.replicas[0]) if self.replicas else None
         if preferred is not None and not self.led_by_hand_off:
             preferred.steady_since_s = now_s  # it was away or slow, or it would still lead
+        predecessor = self.followers.get(self._slow_predecessor) if self._slow_predecessor else None
+        if predecessor is not None:
+            predecessor.steady_since_s = now_s  # it handed over because it was slow: a window before it leads again
         self._transfer_target = None
         log.info("%s/%d: %s leads epoch %d from offset %d (high watermark %d)", self.topic, self.partition,
                  self.node_id, self.epoch, self.epoch_start, self.high_watermark)
@@ -548,6 +564,7 @@ class Replica:
                     and self.node_id in self.replicas and body["cv"] == self.config_version):
                 self._campaign(now_s, pre_vote=False)
                 self._handed_over, self._handed_over_slow = True, bool(body.get("slow", False))
+                self._handed_over_by = sender
 
     def _on_vote(self, sender: str, body: dict, now_s: float) -> None:
         epoch, candidate, pre_vote = body["epoch"], body["candidate"], body["pre_vote"]

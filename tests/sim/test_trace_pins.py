@@ -25,11 +25,11 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "91d8c2379de57509", 3: "8f57949794ff9765",
-    4: "260c860080a9122f", 5: "acf4e6e988d69ed1", 6: "d71b0b5af21e24f2", 7: "533ad991e773c94c",
-    8: "e663bedd1f552e7e", 12: "10fe6d95e3e887e2", 15: "7aaf422f79c014bf", 16: "c0d77cf4c5197459",
+    0: "f4fece70e5472e2f", 1: "3ecda5ccc9b00433", 2: "bd956ecf01e39b77", 3: "8f57949794ff9765",
+    4: "dfa5238b7a1d576e", 5: "acf4e6e988d69ed1", 6: "091f6355c4ed84c5", 7: "533ad991e773c94c",
+    8: "e663bedd1f552e7e", 12: "776a4038bbb200c8", 15: "401b70767b2c1852", 16: "c0d77cf4c5197459",
     20: "3799f2b83be1a8a3", 21: "b5368378802fd88c", 22: "3109ab2d6290a641", 25: "826d026b47836ddf",
-    29: "7d5838b896b156f6", 37: "09322eb1fb2ad702", 38: "e3d4f4dacb82a913", 45: "ae03d2ed7d166b0c",
+    29: "7d5838b896b156f6", 37: "09322eb1fb2ad702", 38: "8897f2424f499c4c", 45: "ae03d2ed7d166b0c",
 }
 
 
