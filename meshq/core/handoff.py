@@ -33,9 +33,10 @@ kept an append before acknowledging it: its fsync with ``fsync=always``); when t
 every heartbeat that had enough commits to judge (one without them changes nothing: a slow
 leader's clients send less) for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
 least ``SLOW_MIN_LEAD_ELECTIONS`` election timeouts (``SLOW_HOLD_DOWN_ELECTIONS`` when a slow
-leader handed it leadership: ``repl_timeout_now`` says ``slow``), it hands leadership to the voter in
-contact that holds the most of the log (ties: the lowest ack latency) — never to one that does
-not hold everything committed, and never when there is none. The slow node is then not moved
+leader handed it leadership: ``repl_timeout_now`` says ``slow``), it hands leadership over
+(``Replica._successor``: the first voter in the assignment's order in contact, holding
+everything committed and not slow next to the others, else the most complete voter in
+contact) — never to one that does not hold everything committed, and never when there is none. The slow node is then not moved
 back by preference while the new leader sees its acks as slow (``peer_slow``), and only
 ``STABILITY_ELECTIONS`` after it took over and after they are normal again (its window starts
 at the hand-off, as a failover starts the preferred replica's). The hold-down bounds flapping
@@ -50,8 +51,7 @@ rebalance's target members take leadership before a replica on its way out.
 
 **A leader whose storage is full hands over** (``Replica._maybe_hand_off``): it refuses every
 new record (``partitions.space``) while a follower could take them, so after leading two
-election timeouts it hands leadership to the most complete voter in contact, as a slow leader
-does. Its own copy stays readable and catches up once space returns; the refusals it answers
+election timeouts it hands leadership over as a slow leader does. Its own copy stays readable and catches up once space returns; the refusals it answers
 meanwhile keep the move-back from coming back to it before it is steady again.
 """
 
