@@ -167,10 +167,11 @@ class AclChange:
 
 @dataclass(slots=True)
 class AclList:
-    """Every grant the cluster holds, as ``[{"name", "permission", "pattern"}]``."""
+    """Every grant the cluster holds, as ``[{"name", "permission", "pattern"}]``, as the metadata leader knows them."""
 
     deadline_s: float | None = None
     waiter: Any = None
+    peer: str | None = None  # the next attempt's node (the metadata leader a refusal named), else any storage node
 
 
 @dataclass(slots=True)

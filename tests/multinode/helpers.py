@@ -848,3 +848,25 @@ def append_torn_tail(data_dir: str, topic: str, partition: int, rng: random.Rand
     with open(newest, "ab") as f:
         f.write(tail)
     return newest, len(tail)
+
+
+def keygen(*args: str) -> None:
+    """``meshq keygen ARGS`` (a key set, or ``DIR --client NAME``); fails the test with its stderr."""
+    from tests.procs import run_cli
+
+    done = run_cli("keygen", *args, timeout_s=60)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def keyed_client(mesh: Any, nodes: Iterable[Any], keys_dir: str) -> Any:
+    """A started and ready client node with the client keys in ``keys_dir``, seeded with ``nodes``."""
+    import meshq
+
+    node = meshq.Node(cluster=mesh.cluster, role="client", mdns=False, seeds=[n.seed for n in nodes], keys=keys_dir)
+    node.start()
+    try:
+        node.wait_ready(timeout=30)
+    except BaseException:
+        node.stop()
+        raise
+    return node

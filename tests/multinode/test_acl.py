@@ -14,7 +14,7 @@ import os
 import pytest
 
 import meshq
-from tests.multinode.helpers import start_all, wait_until
+from tests.multinode.helpers import keyed_client, start_all, wait_until
 from tests.procs import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,17 +24,6 @@ TOPIC = "orders.eu"
 def _cli(mesh, nodes, *args: str, keys_dir: str, input_bytes: bytes | None = None):
     return run_cli(*args, "--cluster", mesh.cluster, "--seed", nodes[0].seed, "--no-mdns", "--keys", keys_dir,
                    input_bytes=input_bytes, timeout_s=90)
-
-
-def _client(mesh, nodes, keys_dir: str) -> meshq.Node:
-    node = meshq.Node(cluster=mesh.cluster, role="client", mdns=False, seeds=[n.seed for n in nodes], keys=keys_dir)
-    node.start()
-    try:
-        node.wait_ready(timeout=30)
-    except BaseException:
-        node.stop()
-        raise
-    return node
 
 
 def _produce(client: meshq.Node, value: bytes) -> BaseException | None:
@@ -69,8 +58,8 @@ def test_a_client_key_is_refused_until_granted_revoked_again_and_grants_survive_
     assert done.returncode == 0 and b"holds no permission until granted" in done.stdout, done.stderr.decode()
     alice_dir = os.path.join(keys, "clients", "alice")
 
-    admin = _client(mesh, nodes, admin_dir)
-    alice = _client(mesh, nodes, alice_dir)
+    admin = keyed_client(mesh, nodes, admin_dir)
+    alice = keyed_client(mesh, nodes, alice_dir)
     try:
         admin.create_topic(TOPIC, partitions=2, replication_factor=3)
         admin.produce(TOPIC, b"by-admin", timeout=10)
@@ -123,7 +112,7 @@ def test_a_client_key_is_refused_until_granted_revoked_again_and_grants_survive_
     done = _cli(mesh, nodes, "acl", "list", keys_dir=admin_dir)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.split() == [b"alice", b"consume", b"orders.*"]
-    alice = _client(mesh, nodes, alice_dir)
+    alice = keyed_client(mesh, nodes, alice_dir)
     try:
         assert isinstance(_produce(alice, b"after-restart"), meshq.AuthorizationError)
         done = _cli(mesh, nodes, "consume", TOPIC, "--max", "1", "--timeout", "30", keys_dir=alice_dir)

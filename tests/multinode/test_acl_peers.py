@@ -16,39 +16,23 @@ import os
 import pytest
 
 import meshq
-from tests.multinode.helpers import wait_until
+from tests.multinode.helpers import keyed_client, keygen, wait_until
 from tests.procs import run_cli
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _keygen(*args: str) -> None:
-    done = run_cli("keygen", *args, timeout_s=60)
-    assert done.returncode == 0, done.stderr.decode()
 
 
 @pytest.fixture
 def keyed(mesh):
     """(mesh, key set dir, the 3 keyed storage nodes); clients alice and bob added while the nodes run."""
     keys = os.path.join(mesh.root, "keys")
-    _keygen(keys)
+    keygen(keys)
     extra = ["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3", "--partitions", "2"]
     first = mesh.start(1, extra=extra)
     nodes = first + mesh.start(2, seeds=first, extra=extra)
-    _keygen(keys, "--client", "alice")
-    _keygen(keys, "--client", "bob")
+    keygen(keys, "--client", "alice")
+    keygen(keys, "--client", "bob")
     return mesh, keys, nodes
-
-
-def _client(mesh, nodes, keys_dir: str) -> meshq.Node:
-    node = meshq.Node(cluster=mesh.cluster, role="client", mdns=False, seeds=[n.seed for n in nodes], keys=keys_dir)
-    node.start()
-    try:
-        node.wait_ready(timeout=30)
-    except BaseException:
-        node.stop()
-        raise
-    return node
 
 
 def _request(client: meshq.Node, service: str, payload: bytes = b"ping") -> bytes | BaseException:
@@ -71,9 +55,9 @@ def _delivered(publisher: meshq.Node, subscription, subject: str, data: bytes) -
 
 def test_two_keyed_client_nodes_publish_subscribe_request_and_serve_through_the_mesh(keyed):
     mesh, keys, nodes = keyed
-    admin = _client(mesh, nodes, os.path.join(keys, "clients", "admin"))
-    alice = _client(mesh, nodes, os.path.join(keys, "clients", "alice"))
-    bob = _client(mesh, nodes, os.path.join(keys, "clients", "bob"))
+    admin = keyed_client(mesh, nodes, os.path.join(keys, "clients", "admin"))
+    alice = keyed_client(mesh, nodes, os.path.join(keys, "clients", "alice"))
+    bob = keyed_client(mesh, nodes, os.path.join(keys, "clients", "bob"))
     try:
         for name, permission, pattern in (("bob", "request", "svc.>"), ("alice", "serve", "svc.echo")):
             assert admin.acl_grant(name, permission, pattern) is True
@@ -95,9 +79,9 @@ def test_two_keyed_client_nodes_publish_subscribe_request_and_serve_through_the_
 def test_serve_and_request_between_client_nodes_are_refused_until_granted_and_again_after_revoke(keyed):
     mesh, keys, nodes = keyed
     admin_dir = os.path.join(keys, "clients", "admin")
-    admin = _client(mesh, nodes, admin_dir)
-    alice = _client(mesh, nodes, os.path.join(keys, "clients", "alice"))
-    bob = _client(mesh, nodes, os.path.join(keys, "clients", "bob"))
+    admin = keyed_client(mesh, nodes, admin_dir)
+    alice = keyed_client(mesh, nodes, os.path.join(keys, "clients", "alice"))
+    bob = keyed_client(mesh, nodes, os.path.join(keys, "clients", "bob"))
     try:
         # alice may not serve svc.echo: her node says so once it learnt the grants (before, it cannot know)
         refused = wait_until(lambda: _serve_refused(alice, "svc.echo"), 30, "alice's node to refuse to serve")

@@ -15,22 +15,17 @@ import time
 import pytest
 
 import meshq
-from tests.multinode.helpers import node_id, wait_until
+from tests.multinode.helpers import keygen, node_id, wait_until
 from tests.procs import run_cli
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _keygen(*args: str) -> None:
-    done = run_cli("keygen", *args, timeout_s=60)
-    assert done.returncode == 0, done.stderr.decode()
 
 
 @pytest.fixture
 def keyed(mesh):
     """(mesh, key set dir, the 3 keyed nodes)."""
     keys = os.path.join(mesh.root, "keys")
-    _keygen(keys)
+    keygen(keys)
     first = mesh.start(1, extra=["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3",
                                  "--partitions", "2"])
     others = mesh.start(2, seeds=first, extra=["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3",
@@ -73,7 +68,7 @@ def test_keyed_cluster_serves_trusted_clients_and_refuses_others(keyed):
         assert b"no storage node of cluster" in done.stderr, done.stderr.decode()
         assert b"answers only clients with keys it trusts: give --keys" in done.stderr, done.stderr.decode()
         # another cluster's keys: refused too
-        _keygen(os.path.join(mesh.root, "foreign"))
+        keygen(os.path.join(mesh.root, "foreign"))
         done = _cli(mesh, nodes, "produce", "orders", keys_dir=os.path.join(mesh.root, "foreign", "clients", "admin"),
                     input_bytes=b"intruder\n")
         assert done.returncode != 0
@@ -93,7 +88,7 @@ def test_keyed_cluster_serves_trusted_clients_and_refuses_others(keyed):
 
         # a client added while the nodes run: accepted from its first connection, no restart; it holds no
         # permission until the admin grants one (issue #17 item 3; more in test_acl.py)
-        _keygen(keys, "--client", "late")
+        keygen(keys, "--client", "late")
         done = _cli(mesh, nodes, "produce", "orders", keys_dir=os.path.join(keys, "clients", "late"),
                     input_bytes=b"four\n")
         assert done.returncode != 0 and b"client 'late' may not produce topic 'orders'" in done.stderr, done.stderr
@@ -106,7 +101,7 @@ def test_keyed_cluster_serves_trusted_clients_and_refuses_others(keyed):
 
 def test_pubsub_and_request_reply_between_keyed_clients(keyed):
     mesh, keys, nodes = keyed
-    _keygen(keys, "--client", "worker")
+    keygen(keys, "--client", "worker")
     admin = _client(mesh, nodes, os.path.join(keys, "clients", "admin"))
     worker = _client(mesh, nodes, os.path.join(keys, "clients", "worker"))
     try:

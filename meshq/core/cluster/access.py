@@ -244,6 +244,14 @@ class Access(Room):
         self.check_admin("list permissions")
         if not self.core.is_storage:
             raise NotLeaderError(f"node {self.node_id} is a client and holds no permissions")
+        # Only the metadata leader that has committed an entry of its term knows every committed grant: another
+        # node's state may lag (a node back from a restart applies what it learns from the leader), and a list
+        # must never leave out a grant the cluster holds. The asker retries at the leader named here.
+        raft = self.core.agreement.raft
+        if raft is None or not raft.can_change_config():
+            leader = raft.leader if raft is not None and raft.leader != self.node_id else None
+            raise NotLeaderError(f"node {self.node_id} is not the metadata leader; ask "
+                                 f"{leader or 'the leader once one is elected'}", leader=leader)
         self.out.reply(route, message.request_id, "acl_list_ok", {"grants": self.core.meta.acl.listing()})
 
     # ------------------------------------------------------------------ the admin's side (local API)
@@ -274,7 +282,10 @@ class Access(Room):
         else:
             type_, body = "acl_list", {}
             convert = lambda message: message.body["grants"]  # noqa: E731
-        peer = self.core.client.any_storage_peer()
+        peer = command.peer if isinstance(command, AclList) else None
+        peer = peer or self.core.client.any_storage_peer()
+        if isinstance(command, AclList):
+            command.peer = None
         deadline_s = command.deadline_s
         assert deadline_s is not None
         if peer is None:
@@ -284,4 +295,14 @@ class Access(Room):
             raise TimeoutError("no storage node is reachable: check --seed / mDNS, and that a `meshq node` is running")
         self.out.request(peer, type_, body, (), now_s, max(0.001, deadline_s - now_s),
                          lambda m: self.out.emit(Resolve(command.waiter, convert(m))),
-                         lambda e: self.out.emit(Fail(command.waiter, e)))
+                         lambda e: self._failed(command, e))
+
+    def _failed(self, command: AclChange | AclList, error: MeshqError) -> None:
+        """A list answered by a node that is not the metadata leader is asked again, at the leader it named."""
+        now_s = self.core.now_s
+        assert command.deadline_s is not None
+        if isinstance(command, AclList) and isinstance(error, NotLeaderError) and now_s + RETRY_S < command.deadline_s:
+            command.peer = error.leader
+            self.out.schedule(now_s + RETRY_S, "acl_retry", command)
+            return
+        self.out.emit(Fail(command.waiter, error))

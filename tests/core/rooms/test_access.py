@@ -147,6 +147,29 @@ def test_a_grant_made_through_a_follower_is_agreed_by_every_node_and_a_client_co
     assert "unknown permission 'write'" in str(client.failed[token])
 
 
+def test_grants_are_listed_only_by_the_metadata_leader_and_a_client_is_sent_on_to_it():
+    # A follower's grants may lag the cluster's (a node back from a restart applies what the leader tells it):
+    # it names the leader instead of listing, and a client's list goes on to that leader.
+    net = Net("n1", "n2", "n3")
+    net.form()
+    leader = next(h for h in net.nodes.values() if h.core.raft.role == "leader")
+    follower = next(h for h in net.nodes.values() if h.core.raft.role != "leader")
+    change(leader, "grant", "alice", "produce", "orders.>")
+    net.run_until(lambda: all(h.core.meta.acl.listing() for h in net.nodes.values()), 5.0)
+    follower.core.meta.acl.apply({"action": "revoke", "name": "alice", "permission": "produce",
+                                  "pattern": "orders.>"})  # as if it had not applied the grant yet
+    code, text = error_of(follower.request("acl_list", {}, caller=ADMIN))
+    assert code == "not_leader" and "not the metadata leader" in text, text
+    client = net.add("c1", role="client", data_dir=None)
+    net.introduce()
+    net.run(1.0)
+    client.core.client.any_storage_peer = lambda: follower.core.node_id  # always asks the lagging follower first
+    token = client.command(AclList())
+    net.run_until(lambda: token in client.resolved or token in client.failed, 5.0)
+    assert client.resolved.get(token) == [{"name": "alice", "permission": "produce", "pattern": "orders.>"}], \
+        client.failed.get(token)
+
+
 def test_a_client_key_cannot_say_hello_as_a_storage_node(lone):
     code, message = error_of(lone.request("hello", {"member": member_info("n9", 7000)}, caller="alice"))
     assert code == "authorization" and message.startswith("a hello claiming the storage role: only a node holding")
