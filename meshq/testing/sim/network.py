@@ -22,10 +22,6 @@ thread's DEALER socket has in the real node: ``open`` names one by a key and the
 reads it; ``send_on`` sends a request from the client node on it, and the leader's reply,
 routed back by that key, goes to the thread instead of the client's core.
 
-A slow link (``slow``, until ``unslow``) adds a fixed delay to every message to or from one
-node, on both channels (the order of pub/sub data on a link is kept); no extra random draw,
-so a run without one draws as before.
-
 Partitions cut links in both directions, between one side and every other node (clients
 included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
 non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
@@ -57,7 +53,6 @@ class Network:
         self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
         self._readers: dict[str, Callable[[str, wire.Message], None]] = {}  # own connection key -> its reader
         self._data_due: dict[tuple[str, str], float] = {}  # (source, target) -> when its last data arrives
-        self._slow: dict[str, float] = {}  # node -> extra delay of every message to or from it
 
     def attach(self, node: SimNode) -> None:
         """Make the node reachable at its request and publish endpoints."""
@@ -105,8 +100,7 @@ class Network:
             sim.stats["dropped"] += 1
             return
         link = (node.node_id, target)
-        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s) + self._extra(node.node_id, target),
-                   self._data_due.get(link, 0.0))
+        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s), self._data_due.get(link, 0.0))
         self._data_due[link] = when
         sim.at(when, "deliver", (node.node_id, target, ("data", None), list(frames)))
 
@@ -130,7 +124,7 @@ class Network:
             frames = self._corrupted(frames)
             sim.stats["corrupted"] = sim.stats.get("corrupted", 0) + 1
         for _ in range(copies):
-            latency = sim.rng.uniform(*faults.latency_s) + self._extra(source, target)
+            latency = sim.rng.uniform(*faults.latency_s)
             sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
 
     def _corrupted(self, frames: list) -> list:
@@ -199,19 +193,6 @@ class Network:
             sim.feed(node, ReplyReceived(channel[1], message))
         else:
             sim.feed(node, EventReceived(message))
-
-    # ------------------------------------------------------------------ slow links
-    def _extra(self, source: str, target: str) -> float:
-        if not self._slow:
-            return 0.0
-        return self._slow.get(source, 0.0) + self._slow.get(target, 0.0)
-
-    def slow(self, node_id: str, delay_s: float) -> None:
-        """Every message to or from ``node_id`` takes ``delay_s`` longer (until ``unslow``)."""
-        self._slow[node_id] = delay_s
-
-    def unslow(self, node_id: str) -> None:
-        self._slow.pop(node_id, None)
 
     # ------------------------------------------------------------------ partitions
     @property

@@ -79,9 +79,6 @@ class SimOptions:
     pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     rpc: bool = False  # request/reply (meshq.testing.sim.rpc): services on the storage nodes, callers on clients
     acl: bool = False  # grants and revokes through the metadata group (meshq.testing.sim.acl); never swarm-drawn
-    # (node, from, until, delay): every message to or from the node takes ``delay`` seconds longer
-    # meanwhile (a slow link); the node must stop leading (``SlowLeaderChecker``); never swarm-drawn
-    slow_link: tuple[str, float, float, float] | None = None
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
