@@ -101,6 +101,7 @@ class Demo:
             os.path.abspath(args.data), self.cluster)
         self.result: dict[str, Any] = {"cluster": self.cluster, "ok": False, "data_dir": self.root,
                                        "data_kept": not self.temporary}
+        self.interrupted = False  # Ctrl-C or SIGTERM came (see check_interrupted)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:
@@ -196,6 +197,7 @@ class Demo:
                 attempt = 0
                 while True:
                     attempt += 1
+                    self.check_interrupted()
                     values = [f"order-{i:06d}-try{attempt}".encode() for i in range(start, start + size)]
                     try:
                         results = self.client.produce_batch(TOPIC, values, acks="quorum", timeout=5.0).result(10.0)
@@ -225,10 +227,14 @@ class Demo:
         try:
             with Progress(*columns, console=self.console, transient=False) as progress:
                 task = progress.add_task(label, total=len(wanted))
-                while not wanted <= set(self.ledger.read) and time.monotonic() < deadline:
+                remaining = set(wanted)  # (not a set of everything read per poll: that made reading quadratic)
+                while remaining and time.monotonic() < deadline:
+                    self.check_interrupted()
                     for record in consumer.poll(timeout=0.5, max_records=1000):
-                        self.ledger.read[(record.partition, record.offset)] = record.value
-                    progress.update(task, completed=len(wanted & set(self.ledger.read)))
+                        position = (record.partition, record.offset)
+                        self.ledger.read[position] = record.value
+                        remaining.discard(position)
+                    progress.update(task, completed=len(wanted) - len(remaining))
         finally:
             consumer.close()
 
@@ -292,7 +298,14 @@ class Demo:
 
     # ------------------------------------------------------------------ helpers
     def say(self, text: str) -> None:
+        self.check_interrupted()
         self.console.print(text)
+
+    def check_interrupted(self) -> None:
+        """Stop here if Ctrl-C or SIGTERM came: their exception may have been swallowed by a library call
+        that was running when the signal arrived, so every step checks the flag as well."""
+        if self.interrupted:
+            raise _Interrupted()
 
     def _status(self) -> dict | None:
         try:
@@ -395,7 +408,7 @@ def _leaders_text(leaders: dict[int, str]) -> str:
 
 
 class _Interrupted(BaseException):
-    """SIGTERM asked the demo to stop (handled like Ctrl-C)."""
+    """Ctrl-C or SIGTERM asked the demo to stop."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -406,11 +419,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("meshq demo: --records must be at least 1", file=sys.stderr)
         return 2
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    demo = Demo(args)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        demo.interrupted = True
         raise _Interrupted()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    demo = Demo(args)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     code = 1
     try:
         code = demo.run()
@@ -423,7 +438,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"meshq demo: {exc}", file=sys.stderr)
         code = 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         problems = demo.stop_everything()
         for problem in problems:
             print(f"meshq demo: {problem}", file=sys.stderr)
