@@ -643,10 +643,26 @@ class _Task:
         self.run = run
 
 
+# A heal must be noticed in well under a second (issue #19 item 10). A network cut leaves each TCP
+# connection across it "established" while its retransmissions back off exponentially (0.2, 0.4, 0.8,
+# ... s, up to 2 min): 10 s into a cut the next one is about 3 s away, and everything queued on the
+# connection waits for it (measured: heal -> first reply 3.3 s after a 10 s cut). So every socket sends
+# ZMTP heartbeats and drops a connection that heard nothing (no message, no PONG) for
+# HEARTBEAT_TIMEOUT_MS; a connecting socket keeps its queued messages and connects afresh every
+# RECONNECT_IVL (libzmq's default, 100 ms, never backed off here), each attempt given up after
+# CONNECT_TIMEOUT_MS (a SYN lost in the cut would otherwise be retried only after 1, 3, 7, ... s). The
+# first attempt after the heal gets through: within about CONNECT_TIMEOUT_MS + RECONNECT_IVL (0.2 s in
+# the same measurement). A peer that is merely slow still answers PINGs from libzmq's I/O thread.
+HEARTBEAT_IVL_MS = 250
+HEARTBEAT_TIMEOUT_MS = 1000
+CONNECT_TIMEOUT_MS = 500
+
+
 def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any = None,
                endpoint: str | None = None) -> zmq.Socket:
-    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues, and CURVE when
-    the node has keys (``curve``: a ``meshq.io.curve.Curve``; ``endpoint``: where a client socket connects)."""
+    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues, heartbeats
+    and bounded connect attempts (see ``HEARTBEAT_TIMEOUT_MS``), and CURVE when the node has keys
+    (``curve``: a ``meshq.io.curve.Curve``; ``endpoint``: where a client socket connects)."""
     sock = context.socket(kind)
     if curve is not None:
         curve.setup(sock, kind, endpoint)
@@ -654,6 +670,9 @@ def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     return sock
 
 

@@ -63,6 +63,7 @@ from typing import Any
 
 from meshq.core import batch as batch_format
 from meshq.core.metadata import MetadataState
+from meshq.core.partitions.space import FULL_RECHECK_S
 from meshq.core.pubsub.subjects import matches
 from meshq.core.raft import LEADER
 from meshq.errors import CorruptLogError
@@ -857,8 +858,9 @@ class PubSubChecker:
 
 class SpaceChecker:
     """Disk-full invariants (``partitions.space``): while a node says its storage is full, none of
-    its partition logs grows; once space returned, it says so within a storage check (plus one
-    heartbeat of slack) whenever it runs. Nothing acknowledged is lost: ``Checker`` at the end."""
+    its partition logs grows; once space returned, it says so within a full node's storage check
+    (``space.FULL_RECHECK_S``, plus one heartbeat of slack) whenever it runs. Nothing acknowledged is
+    lost: ``Checker`` at the end."""
 
     LIFT_SLACK_S = 0.5
 
@@ -883,7 +885,8 @@ class SpaceChecker:
             return
         self.full_seen += 1
         freed_s = self.freed_at_s.get(node_id)
-        if freed_s is not None and now_s > freed_s + core.config.storage_check_interval_s + self.LIFT_SLACK_S:
+        recheck_s = min(core.config.storage_check_interval_s, FULL_RECHECK_S)
+        if freed_s is not None and now_s > freed_s + recheck_s + self.LIFT_SLACK_S:
             raise Violation(f"{node_id}: still refusing writes {now_s - freed_s:.2f} s after space returned "
                             f"({core.space.full_reason})")
         seen = self.ends.setdefault(node_id, {})

@@ -10,9 +10,12 @@ a seeded random order:
 - ``kill9``   SIGKILL a node, restart it on the same data directory after the hold (heal = ready again);
 - ``sigstop`` SIGSTOP a node, SIGCONT after the hold;
 - ``isolate`` one node's cable pulled (its bridge port down): 1 | N-1;
-- ``split``   2 | N-2 between node hosts (the client on the majority side): tc u32 filters on each host's
-  egress redirect packets for the other side to a device that is down (this kernel has no iptables/nft binary
-  and no gact "drop" action);
+- ``split``   2 | N-2 between node hosts (the client on the majority side): tc u32 filters in the bridge, on
+  the egress of each host's port, redirect packets from the other side to a device that is down (this kernel has
+  no iptables/nft binary and no gact "drop" action). The packets die in the network, as in a real cut: the
+  senders' TCP sees no error and backs its retransmissions off exponentially (a drop on the sender's own egress
+  would fail the send locally, and Linux then retries every 500 ms without backing off, which hides the cost
+  of a heal);
 - ``split-client-minority`` the same with the client on the 2-node side: no quorum write can succeed until the
   heal, so "heal -> first ack" measures how fast the client gets back (issue #19 item 10);
 - ``loss``    random loss of 5-20% both ways on one node's link (a classic-BPF ``ld rand`` tc filter; this
@@ -105,12 +108,13 @@ def _loss_filter(netns: str, device: str, percent: float) -> None:
        "action", "mirred", "egress", "redirect", "dev", "bh0")
 
 
-def _drop_to(netns: str, addresses: list[str]) -> None:
-    """Packets leaving ``eth0`` of ``netns`` for any of ``addresses`` redirected to the down device ``bh0``."""
-    tc(netns, "qdisc", "replace", "dev", "eth0", "clsact")
+def _drop_from(bridge_netns: str, port: str, addresses: list[str]) -> None:
+    """Packets the bridge would hand to ``port`` (towards its host) from any of ``addresses`` redirected to the
+    down device ``bh0``: lost in the network, so the sender's TCP backs off as after a real cut."""
+    tc(bridge_netns, "qdisc", "replace", "dev", port, "clsact")
     for address in addresses:
-        tc(netns, "filter", "add", "dev", "eth0", "egress", "protocol", "ip", "prio", "1", "u32", "match", "ip",
-           "dst", f"{address}/32", "action", "mirred", "egress", "redirect", "dev", "bh0")
+        tc(bridge_netns, "filter", "add", "dev", port, "egress", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+           "src", f"{address}/32", "action", "mirred", "egress", "redirect", "dev", "bh0")
 
 
 class FaultRun:
@@ -313,13 +317,13 @@ class FaultRun:
             client_side = "majority" if kind == "split" else "minority"
             (majority_hosts if kind == "split" else minority_hosts).append(self.client_host)
             for h in minority_hosts:
-                _drop_to(h.netns, [m.address for m in majority_hosts])
+                _drop_from(self.lab.bridge_netns, f"p{h.index}", [m.address for m in majority_hosts])
             for h in majority_hosts:
-                _drop_to(h.netns, [m.address for m in minority_hosts])
+                _drop_from(self.lab.bridge_netns, f"p{h.index}", [m.address for m in minority_hosts])
 
             def heal() -> None:
                 for h in minority_hosts + majority_hosts:
-                    tc(h.netns, "qdisc", "del", "dev", "eth0", "clsact")
+                    tc(self.lab.bridge_netns, "qdisc", "del", "dev", f"p{h.index}", "clsact")
             return Fault(kind, "+".join(n.host.netns for n in minority),
                          f"{len(minority)} | {len(majority)} nodes (client with the {client_side})", now(), heal=heal)
         if kind == "loss":
@@ -597,6 +601,8 @@ class FaultRun:
         for kind, why in NOT_INJECTED.items():
             lines.append(f"| {kind} | not injected: {why} | | | | | | | | |")
         longest_gap = max((b - a for a, b in zip(ack_ends, ack_ends[1:])), default=0.0)
+        lines += ["", "heal -> first ack of each blocked partition, s (every heal): " + "; ".join(
+            f"{kind} {' '.join(f'{v:.2f}' for v in sorted(values))}" for kind, values in sorted(first_ack.items()))]
         lines += ["",
                   f"attempts {verdict.attempts}, acknowledged {verdict.acked}, LOST {len(verdict.lost)}, "
                   f"duplicated {len(verdict.duplicates)}, order violations {len(verdict.order)}, "

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from meshq.core.partitions import space
 from meshq.core.partitions.space import StorageSpace
 from meshq.testing.sim.options import FaultOptions, SimOptions
 from meshq.testing.sim.simulation import Simulation
@@ -51,5 +52,13 @@ def test_the_checker_catches_a_node_that_never_lifts_the_refusal(monkeypatch):
         if was_full and not self.full:
             self.full_reason = reason  # broken: never lifts
     monkeypatch.setattr(StorageSpace, "check", sticky)
+    failures = [result.violations for seed in SEEDS for _sim, result in [run(seed)] if not result.ok]
+    assert any("after space returned" in str(v) for v in failures), failures
+
+
+def test_the_checker_catches_a_full_node_that_rechecks_only_every_interval(monkeypatch):
+    # broken: a full node measures free space at the ordinary pace (storage_check_interval_s, 1 s),
+    # so it may lift the refusal up to a whole interval after space returned
+    monkeypatch.setattr(space, "FULL_RECHECK_S", 1.0)
     failures = [result.violations for seed in SEEDS for _sim, result in [run(seed)] if not result.ok]
     assert any("after space returned" in str(v) for v in failures), failures

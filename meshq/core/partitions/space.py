@@ -13,7 +13,10 @@ the other replicas carry ``acks=quorum``). Reads go on. Metadata writes (votes, 
 metadata log) are never refused here: the reserve exists so that they still fit.
 
 The state is lifted by the first check that finds room again (free space at or above the
-reserve). After a failed write that may be early for a large batch: the next write then fails
+reserve). While full, the checks come every ``FULL_RECHECK_S`` (at most every
+``storage_check_interval_s``) instead, from the moment the state was entered: a disk that got
+room back is writable again within a tenth of a second, not up to a whole interval later
+(issue #19 item 10: the first acknowledgement after a heal within 1 s). After a failed write that may be early for a large batch: the next write then fails
 again, is undone again, and the state comes back; a retry costs nothing stored.
 
 =========  ==============================================  =========
@@ -35,6 +38,8 @@ from meshq.errors import StorageFullError
 
 log = logging.getLogger("meshq.core")
 
+FULL_RECHECK_S = 0.1  # while full, free space is measured this often (one statvfs each)
+
 
 class StorageSpace(Room):
     """Whether this node accepts new records, from failed writes and free-space checks."""
@@ -45,25 +50,35 @@ class StorageSpace(Room):
         super().__init__(core)
         self.full_reason: str | None = None  # None: new records are accepted
         self.full_since_s: float | None = None
+        self._checks = 0  # the ``storage_check`` timer whose turn it is (an earlier one is superseded)
 
     @property
     def full(self) -> bool:
         return self.full_reason is not None
 
     def start(self, now_s: float) -> None:
-        self.out.schedule(now_s + self.config.storage_check_interval_s, "storage_check", None)
+        self._schedule_check(now_s)
 
     def check(self, key: Any, now_s: float) -> None:
         """The ``storage_check`` timer: measure free space; enter or lift the full state."""
+        if key != self._checks:
+            return  # superseded: entering the full state scheduled a sooner check
         reason = self.core.storage.check_space()
         if reason is not None:
-            self._become_full(reason, now_s)
+            self._become_full(reason, now_s, reschedule=False)
         elif self.full_reason is not None:
             log.warning("node %s: storage has room again after %.1f s; accepting new records", self.node_id,
                         now_s - (self.full_since_s or now_s))
             self.full_reason = None
             self.full_since_s = None
-        self.out.schedule(now_s + self.config.storage_check_interval_s, "storage_check", None)
+        self._schedule_check(now_s)
+
+    def _schedule_check(self, now_s: float) -> None:
+        """The next ``storage_check``: every interval, or every ``FULL_RECHECK_S`` while full."""
+        self._checks += 1
+        interval = self.config.storage_check_interval_s
+        self.out.schedule(now_s + (min(interval, FULL_RECHECK_S) if self.full else interval), "storage_check",
+                          self._checks)
 
     def refuse_writes(self, topic: str, partition: int) -> None:
         """Raise ``StorageFullError`` (nothing written) while the storage is full."""
@@ -94,15 +109,18 @@ class StorageSpace(Room):
         """This node's part of ``status``."""
         return {"storage_full": self.full, "storage_full_reason": self.full_reason}
 
-    def _become_full(self, reason: str, now_s: float) -> None:
-        if self.full_reason is None:
+    def _become_full(self, reason: str, now_s: float, reschedule: bool = True) -> None:
+        entered = self.full_reason is None
+        if entered:
             self.full_since_s = now_s
             self.core.counters["storage_full_events"] = self.core.counters.get("storage_full_events", 0) + 1
             log.error("node %s: storage full (%s); refusing new records until space returns", self.node_id, reason)
         self.full_reason = reason
+        if entered and reschedule:
+            self._schedule_check(now_s)  # from now on at the full state's pace
 
     def _message(self, topic: str, partition: int) -> str:
         return (f"node {self.node_id} refuses new records for {topic}/{partition}: its storage is full "
                 f"({self.full_reason}). Nothing was stored; records already acknowledged are safe and still "
                 f"readable. Free space on that node (delete files, grow the volume) and it accepts writes again "
-                f"by itself within {self.config.storage_check_interval_s:g} s; then retry")
+                f"by itself within {min(self.config.storage_check_interval_s, FULL_RECHECK_S):g} s; then retry")

@@ -3,6 +3,7 @@ keeps serving reads, and lifts the refusal by itself once space returns."""
 
 from __future__ import annotations
 
+from meshq.core.partitions.space import FULL_RECHECK_S
 from meshq.core.status import merge_status
 from meshq.errors import DiskFullError, StorageFullError
 from meshq.log.memory import MemoryStorage
@@ -163,3 +164,19 @@ def test_a_campaign_whose_vote_cannot_be_stored_is_retried_later_and_never_crash
 
 def test_storage_full_error_is_reported_at_once_and_is_a_storage_error():
     assert not StorageFullError.retriable and issubclass(DiskFullError, StorageFullError)
+
+
+def test_a_full_node_measures_again_at_the_full_pace_and_lifts_within_a_tenth_of_a_second():
+    storage = MemoryStorage(capacity_bytes=20_000)
+    h = lone_with(storage)
+    stored = fill(h, b"x" * 1000)
+    assert h.core.space.full
+    storage.set_capacity(None)  # space returns right after the failed write
+    h.advance(FULL_RECHECK_S)  # not a whole storage_check_interval_s (1 s)
+    assert not h.core.space.full
+    assert produce(h, b"after", stored).type == "produce_ok"
+    # once lifted, back to the ordinary pace: one check per interval
+    checks = h.core.space._checks
+    for _ in range(3):
+        h.advance(h.config.storage_check_interval_s / 2)
+    assert h.core.space._checks == checks + 1  # (the harness's clock jumps: timers fire at the end of each step)
