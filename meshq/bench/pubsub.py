@@ -423,6 +423,9 @@ def render(report: dict) -> str:
                      f"{result['cpu_subscribers_s_median']:>12.2f}{result['wall_s_median']:>8.2f}")
     for name, ratio in report["ratios"].items():
         lines.append(f"ratio {name}: {ratio:.2f}x")
+    for subscribers, cost in report.get("keyed_cost", {}).items():
+        lines.append(f"keyed/unkeyed ({subscribers} sub): median {cost['median']:.2f}x "
+                     f"[min {cost['min']:.2f}x - max {cost['max']:.2f}x of the keyed rounds vs the unkeyed median]")
     wildcard = report["wildcard"]
     small, large = (wildcard[k] for k in list(wildcard)[:2])
     lines.append(f"wildcard match: {small['us_per_match']:.2f} us with {small['patterns']} patterns, "
