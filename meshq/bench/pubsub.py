@@ -17,6 +17,10 @@ Systems: ``meshq`` (publisher: a storage node; subscribers: client nodes seeded 
 ``pyzmq`` (a bare PUB socket sending one frame per message to bare SUB sockets: the floor of
 any ZeroMQ design in Python) and ``nats`` (core NATS: ``nats-server`` on a free loopback
 port, nats-py clients), skipped with the reason when ``nats-server`` or nats-py is missing.
+With ``--curve`` also ``meshq-keyed``: the same with a key set from ``meshq.keys`` (the publisher
+holds the cluster key, the subscribers the client key ``bench``, granted ``subscribe bench.>`` by
+the publisher's node), so every socket is CURVE and pub/sub grants are checked on both sides;
+``ratios`` then gives ``meshq-keyed/meshq``, both measured in the same run.
 The wildcard part times ``Sublist.match`` on subjects it has not seen (no cache) with 10 and
 with 10,000 patterns stored.
 """
@@ -63,11 +67,14 @@ def _report_subscriber(received: int, first: float | None, last: float | None, *
     _say(role="sub", received=received, first=first, last=last, cpu_s=_cpu_s(), **extra)
 
 
-def worker_meshq_pub(workdir: str, messages: int, size: int, subscribers: int) -> None:
+def worker_meshq_pub(workdir: str, messages: int, size: int, subscribers: int, keys: str = "") -> None:
     import meshq
 
     with meshq.Node(cluster="bench-pubsub", data_dir=os.path.join(workdir, "pub"), mdns=False,
-                    replication_factor=1, role="storage") as node:
+                    replication_factor=1, role="storage",
+                    keys=os.path.join(keys, "cluster") if keys else None) as node:
+        if keys:
+            node.acl_grant("bench", "subscribe", "bench.>")
         _say(role="pub", seed=node.address.removeprefix("tcp://"))
         deadline = time.monotonic() + 60
         while len(node.core.pubsub.route(SUBJECT).remote) < subscribers:
@@ -87,12 +94,21 @@ def worker_meshq_pub(workdir: str, messages: int, size: int, subscribers: int) -
         time.sleep(IDLE_S + 1)  # stay up while the subscribers drain
 
 
-def worker_meshq_sub(seed: str, messages: int) -> None:
+def worker_meshq_sub(seed: str, messages: int, keys: str = "") -> None:
     import meshq
 
-    with meshq.Node(cluster="bench-pubsub", role="client", mdns=False, seeds=[seed]) as node:
+    with meshq.Node(cluster="bench-pubsub", role="client", mdns=False, seeds=[seed],
+                    keys=os.path.join(keys, "clients", "bench") if keys else None) as node:
         node.wait_ready(30)
-        sub = node.subscribe(SUBJECT, max_pending=1 << 20)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sub = node.subscribe(SUBJECT, max_pending=1 << 20)
+                break
+            except meshq.AuthorizationError:  # (keyed: its node has not learnt the grant yet)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         _say(role="sub", ready=True)
         received, first, last = 0, None, None
         while received < messages:
@@ -234,11 +250,16 @@ def _line(process: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
-def _round(system: str, subscribers: int, messages: int, size: int, workdir: str, seed: str = "") -> dict:
+def _round(system: str, subscribers: int, messages: int, size: int, workdir: str, seed: str = "",
+           keys: str = "") -> dict:
     processes: list[subprocess.Popen] = []
+    keyed = system == "meshq-keyed"
+    extra = [keys] if keyed else []
+    if keyed:
+        system = "meshq"
     try:
         if system == "meshq":
-            pub = _spawn("meshq-pub", workdir, str(messages), str(size), str(subscribers))
+            pub = _spawn("meshq-pub", workdir, str(messages), str(size), str(subscribers), *extra)
         elif system == "pyzmq":
             pub = _spawn("zmq-pub", str(messages), str(size), str(subscribers))
         else:
@@ -246,7 +267,7 @@ def _round(system: str, subscribers: int, messages: int, size: int, workdir: str
         if pub is not None:
             processes.append(pub)
             seed = _line(pub)["seed"]
-        subs = [_spawn(f"{'zmq' if system == 'pyzmq' else system}-sub", seed, str(messages))
+        subs = [_spawn(f"{'zmq' if system == 'pyzmq' else system}-sub", seed, str(messages), *extra)
                 for _ in range(subscribers)]
         processes.extend(subs)
         for sub in subs:
@@ -327,7 +348,8 @@ def _wildcard_cost(patterns_small: int = 10, patterns_large: int = 10_000, looku
     return out
 
 
-def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: tuple[int, ...] = (1, 3)) -> dict:
+def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: tuple[int, ...] = (1, 3),
+                     curve: bool = False) -> dict:
     """Measure every system; returns the report (see the module docstring)."""
     report: dict[str, Any] = {"scenario": "pubsub", "messages": messages, "value_bytes": size, "rounds": rounds,
                               "command": "meshq " + " ".join(sys.argv[1:]) if sys.argv else "", "results": {}}
@@ -342,9 +364,16 @@ def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: t
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             nats_seed = f"127.0.0.1:{port}"
             time.sleep(0.5)
+        keys = ""
+        if curve:
+            from meshq.keys import add_client, keygen
+
+            keys = os.path.join(workdir, "keys")
+            keygen(keys)
+            add_client(keys, "bench")
         try:
             for subscribers in subscriber_counts:
-                for system in ("pyzmq", "meshq", "nats"):
+                for system in ("pyzmq", "meshq", "nats") + (("meshq-keyed",) if curve else ()):
                     if system == "nats" and nats_process is None:
                         continue
                     print(f"  {system}: pub -> {subscribers} subscriber(s), {rounds} rounds", file=sys.stderr,
@@ -355,7 +384,7 @@ def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: t
                     with _RoundsBar(f"{system} -> {subscribers}", rounds) as bar:
                         for r in range(rounds):
                             done.append(_round(system, subscribers, messages, size,
-                                               os.path.join(workdir, f"{system}{r}"), nats_seed))
+                                               os.path.join(workdir, f"{system}{r}"), nats_seed, keys))
                             bar.advance()
                     report["results"][f"{system}_{subscribers}"] = _summarise(done)
         finally:
@@ -370,6 +399,14 @@ def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: t
             theirs = report["results"].get(f"{other}_{subscribers}")
             if theirs:
                 ratios[f"meshq/{other} ({subscribers} sub)"] = mine / max(1e-9, theirs["per_subscriber_msgs_s"]["median"])
+        keyed = report["results"].get(f"meshq-keyed_{subscribers}")
+        if keyed:
+            rate = keyed["per_subscriber_msgs_s"]
+            ratios[f"meshq-keyed/meshq ({subscribers} sub)"] = rate["median"] / max(1e-9, mine)
+            report.setdefault("keyed_cost", {})[str(subscribers)] = {
+                "median": rate["median"] / max(1e-9, mine),
+                "min": rate["min"] / max(1e-9, mine), "max": rate["max"] / max(1e-9, mine),
+                "note": "keyed rate (median/min/max over rounds) / unkeyed median rate"}
     report["ratios"] = ratios
     return report
 
@@ -386,6 +423,9 @@ def render(report: dict) -> str:
                      f"{result['cpu_subscribers_s_median']:>12.2f}{result['wall_s_median']:>8.2f}")
     for name, ratio in report["ratios"].items():
         lines.append(f"ratio {name}: {ratio:.2f}x")
+    for subscribers, cost in report.get("keyed_cost", {}).items():
+        lines.append(f"keyed/unkeyed ({subscribers} sub): median {cost['median']:.2f}x "
+                     f"[min {cost['min']:.2f}x - max {cost['max']:.2f}x of the keyed rounds vs the unkeyed median]")
     wildcard = report["wildcard"]
     small, large = (wildcard[k] for k in list(wildcard)[:2])
     lines.append(f"wildcard match: {small['us_per_match']:.2f} us with {small['patterns']} patterns, "
@@ -395,8 +435,8 @@ def render(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
     role, *rest = argv
-    workers = {"meshq-pub": lambda: worker_meshq_pub(rest[0], int(rest[1]), int(rest[2]), int(rest[3])),
-               "meshq-sub": lambda: worker_meshq_sub(rest[0], int(rest[1])),
+    workers = {"meshq-pub": lambda: worker_meshq_pub(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), *rest[4:]),
+               "meshq-sub": lambda: worker_meshq_sub(rest[0], int(rest[1]), *rest[2:]),
                "zmq-pub": lambda: worker_zmq_pub(int(rest[0]), int(rest[1]), int(rest[2])),
                "zmq-sub": lambda: worker_zmq_sub(rest[0], int(rest[1])),
                "nats-pub": lambda: worker_nats_pub(rest[0], int(rest[1]), int(rest[2]), int(rest[3])),

@@ -276,12 +276,14 @@ def run_bench(args: Any) -> int:
     if problems:
         return _refuse(problems)
     if getattr(args, "curve", False):
-        if args.scenario != "produce":
-            return _refuse([f"--curve measures bench produce only, not {args.scenario}"])
+        if args.scenario not in ("produce", "pubsub"):
+            return _refuse([f"--curve measures bench produce and pubsub only, not {args.scenario}"])
         if args.rounds < 3:
             return _refuse(["--curve needs --rounds 3 or more (the report gives median, min and max)"])
         if args.seed or os.environ.get("MESHQ_SEEDS"):
             return _refuse(["--curve starts its own nodes (with and without keys): drop --seed / MESHQ_SEEDS"])
+        if args.scenario == "pubsub":
+            return _run_pubsub(args)
         from meshq.bench.curve import measure_curve, render_curve
 
         return _measure_and_report(args, lambda workdir: measure_curve(args, workdir), render_curve,
@@ -350,7 +352,7 @@ def _run_pubsub(args: Any) -> int:
     if problems:
         return _refuse(problems)
     try:
-        report = run_pubsub_bench(args.records, args.value_bytes, args.rounds)
+        report = run_pubsub_bench(args.records, args.value_bytes, args.rounds, curve=getattr(args, "curve", False))
     except (RuntimeError, OSError, AssertionError) as exc:
         print(f"meshq bench pubsub: a worker failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="bench pubsub, queue, rpc and compare: rounds per system; the report "
                                                               "gives median, min, max (default 3)")
     bench.add_argument("--curve", action="store_true",
-                       help="bench produce: CURVE off and on side by side (own key set, --rounds alternating rounds)")
+                       help="bench produce: CURVE off and on side by side (own key set, --rounds alternating rounds); "
+                            "bench pubsub: adds meshq-keyed (CURVE and pub/sub grants) to the same run")
     from meshq.cli.rpc import add_bench_options as add_rpc_bench_options
 
     add_rpc_bench_options(bench)

@@ -14,7 +14,8 @@ permission                     on                         needed for
 ``consume``                    topic                      fetch, list_offsets, offsets, groups,
                                                           shared subscriptions
 ``admin``                      topic                      create a topic (also auto-creation)
-``publish`` / ``subscribe``    subject                    pub/sub (see docs/protocol.md: where)
+``publish`` / ``subscribe``    subject                    pub/sub (checked by the nodes that send
+                                                          and receive the data: docs/protocol.md)
 ``request`` / ``serve``        service                    request/reply (see docs/protocol.md)
 =============================  =========================  ======================================
 
@@ -45,20 +46,24 @@ PERMISSIONS: dict[str, str] = {"produce": "topic", "consume": "topic", "admin": 
                                "publish": "subject", "subscribe": "subject",
                                "request": "service", "serve": "service"}
 MAX_GRANTS = 10_000  # per cluster: bounds the metadata a grant can grow
-# Permissions no node checks yet (pub/sub data carries no verified identity between client nodes;
-# docs/operations.md): a new grant of one is refused rather than stored to do nothing.
-NOT_ENFORCED = ("publish", "subscribe")
 # Permissions client nodes check among themselves (``meshq.core.cluster.access``: the storage nodes serve
-# client nodes these grants and the names of the trusted client keys, ``acl_view``).
-PEER_PERMISSIONS = ("request", "serve")
+# client nodes these grants and the names of the trusted client keys, ``acl_view``): request/reply between
+# client nodes, and pub/sub data, which flows between any two nodes without a storage node on its path.
+PEER_PERMISSIONS = ("request", "serve", "publish", "subscribe")
 
 
-def refuse_unenforced(permission: str) -> None:
-    """``UsageError`` for a grant of a permission that nothing would check (``NOT_ENFORCED``)."""
-    if permission in NOT_ENFORCED:
-        raise UsageError(f"permission {permission!r} is not enforced yet: pub/sub data travels between client "
-                         f"nodes with no verified identity of its sender or receiver, so every trusted key may "
-                         f"publish and subscribe (docs/operations.md, 'Not enforced'); nothing was granted")
+def overlaps(a: str, b: str) -> bool:
+    """Whether two valid patterns match at least one common subject (``*``: one token, ``>``: one or more)."""
+    ta, tb = a.split("."), b.split(".")
+    i = 0
+    while i < len(ta) and i < len(tb):
+        x, y = ta[i], tb[i]
+        if x == ">" or y == ">":
+            return True  # (each side has at least one token left here, which '>' takes with the rest)
+        if x != y and x != "*" and y != "*":
+            return False
+        i += 1
+    return len(ta) == len(tb)
 
 
 def validate_grant(name: Any, permission: Any, pattern: Any) -> tuple[str, str, str]:
@@ -84,6 +89,8 @@ class Acl:
     def __init__(self) -> None:
         self._grants: dict[str, dict[str, set[str]]] = {}
         self.count = 0
+        self.version = 0  # changes applied (caches of decisions taken with these grants compare it)
+        self.version = 0  # changes applied (caches of decisions compare it)
 
     def apply(self, command: dict) -> bool:
         """Apply one committed ``acl`` command; returns whether anything changed. A malformed one (only a
@@ -100,10 +107,14 @@ class Acl:
                 return False
             self._grants.setdefault(name, {}).setdefault(permission, set()).add(pattern)
             self.count += 1
+            self.version += 1
+            self.version += 1
             return True
         if action == "revoke" and pattern in patterns:
             patterns.discard(pattern)
             self.count -= 1
+            self.version += 1
+            self.version += 1
             if not patterns:
                 del self._grants[name][permission]
                 if not self._grants[name]:
@@ -120,11 +131,51 @@ class Acl:
             return True
         return any(matches(pattern, resource) for pattern in self._grants.get(name, {}).get(permission, ()))
 
+    def allows_some(self, name: str, permission: str, pattern: str) -> bool:
+        """Whether a grant of ``permission`` to ``name`` matches some subject ``pattern`` matches (a subscription
+        to ``pattern`` can receive anything)."""
+        if name == ADMIN:
+            return True
+        return any(overlaps(grant, pattern) for grant in self._grants.get(name, {}).get(permission, ()))
+
+    def covers(self, name: str, permission: str, pattern: str) -> bool:
+        """Whether one grant of ``permission`` to ``name`` matches every subject ``pattern`` matches (a
+        subscription needs this: ``subscribe`` on 'a.>' covers 'a.*', 'a.*' does not cover 'a.>')."""
+        if name == ADMIN:
+            return True
+        return any(pattern_covers(grant, pattern) for grant in self._grants.get(name, {}).get(permission, ()))
+
     def listing(self) -> list[dict]:
         """Every grant, sorted by name, permission, pattern."""
         return [{"name": name, "permission": permission, "pattern": pattern}
                 for name in sorted(self._grants) for permission in sorted(self._grants[name])
                 for pattern in sorted(self._grants[name][permission])]
+
+
+def pattern_covers(grant: str, pattern: str) -> bool:
+    """Whether every subject ``pattern`` matches is matched by ``grant`` (both valid patterns)."""
+    grant_tokens = grant.split(".")
+    tokens = pattern.split(".")
+    for index, token in enumerate(grant_tokens):
+        if token == ">":
+            return len(tokens) > index  # the rest: one or more tokens of any kind
+        if index >= len(tokens):
+            return False
+        if tokens[index] == ">":
+            return False  # any number of tokens, which one grant token cannot cover
+        if token != "*" and token != tokens[index]:
+            return False  # (a literal covers only itself; '*' covers a literal or '*')
+    return len(tokens) == len(grant_tokens)
+
+
+def authorize_pattern(acl: Acl, caller: str | None, permission: str, pattern: str) -> None:
+    """As ``authorize``, for a pattern (a subscription): one grant must cover all of it."""
+    if caller is None or caller == CLUSTER or acl.covers(caller, permission, pattern):
+        return
+    raise AuthorizationError(
+        f"client {caller!r} may not {permission} {pattern!r}: no grant of {permission} covers every subject it "
+        f"matches; the admin can grant it with `meshq acl grant {caller} {permission} PATTERN --keys "
+        f"DIR/clients/admin` (or subscribe to a narrower pattern)")
 
 
 def authorize(acl: Acl, caller: str | None, permission: str, resource: str) -> None:

@@ -187,14 +187,16 @@ class PubSubShell:
             sub._node_stopped()
 
     # ------------------------------------------------------------------ the runtime thread
-    def on_data(self, frame: bytes, payloads: bytes) -> None:
+    def on_data(self, frame: bytes, payloads: bytes, via: str | None = None) -> None:
         room = self.room
         try:
-            source, entries = room.received(frame, payloads)
+            source, entries = room.received(frame, payloads, via)
         except ProtocolError:
             return  # counted by the room
         subscriptions = self.subscriptions
         deliveries = room.deliveries
+        if not entries:
+            return  # (every message refused: its source may not publish them)
         if len(entries) == 1:
             subject, queues, headers, data = entries[0]
             message = None

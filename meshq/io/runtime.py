@@ -110,6 +110,10 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
+        # A keyed node subscribes to each peer's PUB with a SUB socket of its own (pub/sub data's source is then
+        # the key that socket's handshake verified, not the frame's claim): PUB endpoint -> (socket, node id).
+        self._subs: dict[str, tuple[zmq.Socket, str]] = {}
+        self._sub_peer: dict[zmq.Socket, str] = {}
         self._monitors: dict[zmq.Socket, tuple[str, str]] = {}  # handshake monitors -> (endpoint, socket kind)
         self._refusal_logged_s = float("-inf")
         self._zap_refused = 0
@@ -122,7 +126,7 @@ class Runtime:
         # Pub/sub (meshq.io.pubsub) publishes on ``pub`` from callers' threads: every use of ``pub``
         # holds this lock. ``on_data(frame, payload)`` takes the data frames ``sub`` receives.
         self.pub_lock = threading.Lock()
-        self.on_data: Callable[[bytes, bytes], None] | None = None
+        self.on_data: Callable[[bytes, bytes, str | None], None] | None = None
         self.endpoint = ""
         self.pub_endpoint = ""
         self.started = threading.Event()
@@ -333,7 +337,11 @@ class Runtime:
             if self.router in ready:
                 self._drain_router()
             if self.sub in ready:
-                self._drain_sub()
+                self._drain_sub(self.sub, None)
+            if self._sub_peer:
+                for sock, via in list(self._sub_peer.items()):
+                    if sock in ready:
+                        self._drain_sub(sock, via)
             if self._monitors:
                 for monitor in self._monitors:
                     if monitor in ready:
@@ -377,9 +385,10 @@ class Runtime:
             self._drain(self.router, lambda head, frames, message: RequestReceived(frames[0], message,
                                                                                    _user_id(head)), header_at=1)
 
-    def _drain_sub(self) -> None:
-        """Events for the core, and pub/sub data frames for ``on_data`` (never decoded by the core)."""
-        sock, core, cluster = self.sub, self.core, self.core.config.cluster
+    def _drain_sub(self, sock: zmq.Socket, via: str | None) -> None:
+        """Events for the core, and pub/sub data frames for ``on_data`` (never decoded by the core); ``via``: the
+        node whose PUB a keyed node's per-peer SUB socket reaches (None: the shared SUB of an unkeyed node)."""
+        core, cluster = self.core, self.core.config.cluster
         data_mark = pubsub_frames.DATA_MARK[0]
         on_data = self.on_data
         pubsub_counters = core.pubsub.counters
@@ -399,7 +408,7 @@ class Runtime:
                     continue
                 invalid = pubsub_counters["frames_invalid"]
                 try:
-                    on_data(first, frames[1])
+                    on_data(first, frames[1], via)
                 except Exception:  # a bug on the data path: never fatal for the node
                     core.counters["handler_errors"] = core.counters.get("handler_errors", 0) + 1
                     log.exception("error while delivering a pub/sub message; dropped")
@@ -474,12 +483,45 @@ class Runtime:
         return self.curve.keys.cluster_public
 
     def _subscribe(self, endpoint: str) -> None:
-        if self.curve is not None:  # options are taken at connect: each PUB has its own server key
-            self.sub.curve_serverkey = self._server_key(pub_endpoint=endpoint)
+        if self.curve is not None:
+            self._subscribe_keyed(endpoint)
+            return
         try:
             self.sub.connect(endpoint)
         except zmq.ZMQError as exc:
             log.warning("cannot subscribe to %s: %s", endpoint, exc)
+
+    def _subscribe_keyed(self, endpoint: str) -> None:
+        """One SUB socket per peer PUB, made with that peer's server key (only its secret's holder completes the
+        handshake), so the runtime knows which node every data frame it reads comes from (``on_data``'s ``via``)."""
+        self._unsubscribe_keyed(endpoint)
+        members = self.core.members
+        member = None if members is None else next(
+            (m for m in members.members.values() if m.pub_address == endpoint), None)
+        if member is None:
+            log.warning("cannot subscribe to %s: no member announces that PUB endpoint", endpoint)
+            return
+        sock = self._socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
+        sock.setsockopt(zmq.SUBSCRIBE, pubsub_frames.data_prefix(self.core.node_id))
+        sock.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
+        sock.curve_serverkey = self._server_key(pub_endpoint=endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            log.warning("cannot subscribe to %s: %s", endpoint, exc)
+            return
+        self._subs[endpoint] = (sock, member.node_id)
+        self._sub_peer[sock] = member.node_id
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _unsubscribe_keyed(self, endpoint: str) -> None:
+        old = self._subs.pop(endpoint, None)
+        if old is not None:
+            self._sub_peer.pop(old[0], None)
+            self._poller.unregister(old[0])
+            old[0].close(0)
 
     def _handle_peer_input(self, event: Any) -> None:
         """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
@@ -576,10 +618,13 @@ class Runtime:
             elif kind is Subscribe:
                 self._subscribe(effect.endpoint)
             elif kind is Unsubscribe:
-                try:
-                    self.sub.disconnect(effect.endpoint)
-                except zmq.ZMQError:
-                    pass
+                if self.curve is not None:
+                    self._unsubscribe_keyed(effect.endpoint)
+                else:
+                    try:
+                        self.sub.disconnect(effect.endpoint)
+                    except zmq.ZMQError:
+                        pass
             elif kind is Connect:
                 self._connect(effect.peer, effect.endpoint)
             elif kind is Disconnect:
@@ -618,6 +663,10 @@ class Runtime:
             sock.close(0)
         self._dealers.clear()
         self._socket_peer.clear()
+        for sock, _ in list(self._subs.values()):
+            sock.close(0)
+        self._subs.clear()
+        self._sub_peer.clear()
         if self.router is not None:
             self.router.close(_LEFT_LINGER_MS if self.core.has_left else 0)  # the ``left`` answer must get out
         if self.sub is not None:

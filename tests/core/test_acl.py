@@ -90,11 +90,22 @@ def test_the_metadata_applies_acl_commands_in_log_order_and_a_replay_gives_the_s
         {"name": "bob", "permission": "consume", "pattern": ">"}]
 
 
-@pytest.mark.parametrize("permission", ["publish", "subscribe"])
-def test_a_grant_nothing_would_check_is_refused(permission):
-    from meshq.core.acl import refuse_unenforced
+@pytest.mark.parametrize("a, b, common", [
+    ("orders.>", "orders.eu", True), ("orders.>", "orders", False), ("orders.*", "orders.eu.x", False),
+    ("*.eu", "orders.*", True), (">", "a.b.c", True), ("a.b", "a.c", False), ("a.*.c", "a.b.>", True),
+    ("a.b.>", "a.*", False), ("a", "a", True), ("a.*", "*.b", True)])
+def test_pattern_overlap(a, b, common):
+    from meshq.core.acl import overlaps
 
-    with pytest.raises(UsageError, match="not enforced yet.*nothing was granted"):
-        refuse_unenforced(permission)
-    for enforced in ("produce", "consume", "admin", "request", "serve"):
-        refuse_unenforced(enforced)  # no error
+    assert overlaps(a, b) is common and overlaps(b, a) is common
+
+
+def test_subscribe_grants_cover_a_pattern_if_they_share_a_subject():
+    from meshq.core.acl import Acl
+
+    grants = Acl()
+    grants.apply({"action": "grant", "name": "bob", "permission": "subscribe", "pattern": "orders.eu.>"})
+    assert grants.allows_some("bob", "subscribe", "orders.>")  # can receive orders.eu.x
+    assert not grants.allows_some("bob", "subscribe", "orders.us.*")
+    assert not grants.allows_some("bob", "publish", "orders.eu.x")
+    assert grants.allows_some("admin", "subscribe", "anything")

@@ -98,3 +98,32 @@ def test_the_end_check_catches_client_nodes_that_never_learn_a_grant_change(monk
     monkeypatch.setattr(Access, "_refresh_view", once)
     found = _violations()
     assert found and all("after the last grant change its view" in text for text in found), found
+
+
+PUBSUB_SEEDS = (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("seed", PUBSUB_SEEDS)
+def test_publish_and_subscribe_grants_reach_the_client_nodes_views_under_faults(seed):
+    result = run_seed(seed, acl=True, acl_pubsub=True)
+    assert result.ok, (f"{result.summary()}\noptions: {result.options}\n{result.violations[0]}\n"
+                       f"replay: run_seed({seed}, acl=True, acl_pubsub=True)")
+    assert result.stats["acl_acked"] > 0 and result.stats["acl_view_checks"] > 0
+
+
+def test_the_view_checks_catch_client_nodes_that_drop_the_pubsub_grants(monkeypatch):
+    # Broken variant: a client node keeps only the request/serve grants of its view (as before pub/sub was
+    # checked): its publishers and receivers would judge with no publish/subscribe grant at all.
+    real = Access._take_view
+
+    def without_pubsub(self, body):
+        real(self, {**body, "grants": [g for g in body["grants"] if g["permission"] in ("request", "serve")]})
+
+    monkeypatch.setattr(Access, "_take_view", without_pubsub)
+    found = []
+    for seed in PUBSUB_SEEDS:
+        result = run_seed(seed, acl=True, acl_pubsub=True)
+        if not result.ok:
+            found.append(str(result.violations[0]))
+    assert found and all("is no committed state of them" in text or "after the last grant change its view" in text
+                         for text in found), found

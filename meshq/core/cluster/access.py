@@ -146,6 +146,24 @@ class Access(Room):
         if name is not None:
             acl.authorize(self.view, name, permission, resource)
 
+    def refuse_own_some(self, permission: str, pattern: str) -> None:
+        """``AuthorizationError`` if this client node knows its own key holds no ``permission`` on any subject
+        ``pattern`` matches (a subscription that could never receive anything); nothing when it cannot know."""
+        if not self.keyed or self.core.is_storage or self.view is None:
+            return
+        name = self.names.get(self.core.public_key)
+        if name is not None and not self.view.allows_some(name, permission, pattern):
+            raise AuthorizationError(
+                f"client {name!r} may not {permission} {pattern!r}: no grant of {permission} matches any subject "
+                f"of it; the admin can grant it with `meshq acl grant {name} {permission} PATTERN --keys "
+                f"DIR/clients/admin`")
+
+    def stamp(self) -> tuple:
+        """Changes whenever a decision of ``may_node`` / ``refuse_own`` may change (the grants or the key names
+        were replaced or changed): callers caching decisions compare it."""
+        grants = self.grants()
+        return id(grants), grants.version if grants is not None else -1, id(self.names)
+
     def settled(self) -> bool:
         """Whether this node can check its peers (has its view, or needs none)."""
         return not self.keyed or self.core.is_storage or self.view is not None
@@ -184,9 +202,9 @@ class Access(Room):
                 grants.apply({"action": "grant", **grant})
         names = dict(body["names"])
         changed = self.view is None or grants.listing() != self.view.listing() or names != self.names
-        self.view, self.names = grants, names
         self.counters["views"] += 1
-        if changed:
+        if changed:  # (kept otherwise: ``stamp`` tells the caches of decisions taken with them when to go)
+            self.view, self.names = grants, names
             self.core.rpc.grants_changed()
 
     def serve_view(self, route: Any, message: wire.Message, now_s: float) -> None:
@@ -220,8 +238,6 @@ class Access(Room):
         if not self.core.is_storage:
             raise NotLeaderError(f"node {self.node_id} is a client and holds no permissions")
         name, permission, pattern = acl.validate_grant(body["name"], body["permission"], body["pattern"])
-        if body["action"] == "grant":
-            acl.refuse_unenforced(permission)
         granted = self.core.meta.acl.has(name, permission, pattern)
         # A grant this node holds already is proposed all the same (applying it again changes nothing): this
         # node's state may be behind a revoke committed elsewhere, and "already granted" must not be said of a
@@ -274,8 +290,6 @@ class Access(Room):
             if command.action not in ("grant", "revoke"):
                 raise UsageError(f"acl action {command.action!r}: give 'grant' or 'revoke'")
             name, permission, pattern = acl.validate_grant(command.name, command.permission, command.pattern)
-            if command.action == "grant":
-                acl.refuse_unenforced(permission)
             type_, body = "acl_change", {"action": command.action, "name": name, "permission": permission,
                                          "pattern": pattern}
             convert: Any = lambda message: message.body["changed"]  # noqa: E731

@@ -40,7 +40,14 @@ from meshq.core.events import AddSubscription, Fail, RemoveSubscription, Resolve
 from meshq.core.pubsub import frames
 from meshq.core.pubsub.subjects import Sublist, validate_pattern, validate_queue
 from meshq.core.room import Room
-from meshq.errors import InvalidSubjectError, MeshqError, NodeStoppedError, UsageError
+from meshq.errors import (
+    AuthorizationError,
+    InvalidSubjectError,
+    MeshqError,
+    NodeStoppedError,
+    ProtocolError,
+    UsageError,
+)
 
 ADVERT_KIND = "subs"
 ADVERTISE_GAP_S = 0.01  # interest changes within this long of the last advert go out together
@@ -104,6 +111,7 @@ class Route:
     remote: tuple[str, ...]  # nodes with a matching subscription without a queue group
     groups: tuple[Group, ...]
     node_id: str
+    refused: str | None = None  # keyed: why this node may not publish to ``subject`` (AuthorizationError)
 
     @property
     def empty(self) -> bool:
@@ -152,7 +160,11 @@ class PubSub(Room):
         self.peers: dict[str, PeerStats] = {}
         self.prefix = frames.data_prefix(self.node_id)
         self.counters = {"published": 0, "no_interest": 0, "undeliverable": 0, "frames_invalid": 0,
-                         "interest_invalid": 0}
+                         "interest_invalid": 0, "publish_refused": 0, "source_forged": 0}
+        # Keyed: the grants' stamp (``Access.stamp``) the cached routes and publish decisions were taken with, and
+        # whether a (source node, subject) may publish, as received data is checked.
+        self._acl_stamp: tuple | None = None
+        self._may_publish: dict[tuple[str, str], bool] = {}
         self._last_advertise_s = float("-inf")
         self._advertise_scheduled = False
         self._liveness_scheduled = False
@@ -168,6 +180,7 @@ class PubSub(Room):
             queue = validate_queue(command.queue)
             if command.sub_id in self.local:
                 raise UsageError(f"subscription {command.sub_id} already exists")
+            self.core.access.refuse_own_some("subscribe", pattern)
         except MeshqError as exc:
             self.out.emit(Fail(command.waiter, exc))
             return
@@ -292,21 +305,44 @@ class PubSub(Room):
         if local:
             self._deliveries = {}
 
+    def _acl_fresh(self) -> None:
+        """A keyed node: drop the routes and publish decisions taken with grants or key names since replaced."""
+        stamp = self.core.access.stamp()
+        if stamp != self._acl_stamp:
+            self._acl_stamp = stamp
+            self._routes = {}
+            self._may_publish = {}
+
     def route(self, subject: str) -> Route:
-        """Where messages to ``subject`` (a valid subject) go; cached until interest changes."""
+        """Where messages to ``subject`` (a valid subject) go; cached until interest (or, keyed, a grant) changes.
+        Keyed, only to nodes whose key may ``subscribe`` to ``subject``, and ``refused`` says why this node may
+        not publish it when it knows (``Access.refuse_own``)."""
+        keyed = bool(self.core.public_key)
+        if keyed:
+            self._acl_fresh()
         routes = self._routes
         found = routes.get(subject)
         if found is not None:
             return found
+        access = self.core.access
+        refused = None
+        if keyed:
+            try:
+                access.refuse_own("publish", subject)
+            except AuthorizationError as exc:
+                refused = str(exc)
         local: list[int] = []
         members: dict[str, list[tuple[str, int]]] = {}
-        for sub_id, queue in self._local.match(subject):
+        own = not keyed or access.may_node(self.node_id, "subscribe", subject)
+        for sub_id, queue in self._local.match(subject) if own else ():
             if queue is None:
                 local.append(sub_id)
             else:
                 members.setdefault(queue, []).append((self.node_id, sub_id))
         remote: set[str] = set()
         for node_id, queue, count in self._remote.match(subject):
+            if keyed and not access.may_node(node_id, "subscribe", subject):
+                continue  # its key may not subscribe to the subject: it gets nothing (docs/protocol.md)
             if queue is None:
                 remote.add(node_id)
             else:
@@ -315,7 +351,7 @@ class PubSub(Room):
         for queue in sorted(members):
             chosen = tuple((node, None if sub_id < 0 else sub_id) for node, sub_id in sorted(members[queue]))
             groups.append(Group(queue, chosen, self.core.rng.randrange(len(chosen))))
-        found = Route(subject, tuple(sorted(local)), tuple(sorted(remote)), tuple(groups), self.node_id)
+        found = Route(subject, tuple(sorted(local)), tuple(sorted(remote)), tuple(groups), self.node_id, refused)
         if len(routes) >= _ROUTE_CACHE:
             routes.clear()
         routes[subject] = found
@@ -326,6 +362,8 @@ class PubSub(Room):
         the nodes to send it to — with, per node, the queue groups it was picked for when the route
         has queue groups (a dict), else a tuple of node ids. Counts it."""
         route = self.route(subject)
+        if route.refused is not None:
+            raise AuthorizationError(f"{route.refused}; nothing was published")
         self.counters["published"] += 1
         if not route.groups:
             if not (route.local or route.remote):
@@ -379,19 +417,41 @@ class PubSub(Room):
                 out.append(group.pick()[1])  # type: ignore[arg-type]
         return out
 
-    def received(self, frame: bytes, payloads: bytes) -> tuple[str, list]:
+    def received(self, frame: bytes, payloads: bytes, via: str | None = None) -> tuple[str, list]:
         """Decode a batch addressed to this node and count it for its sender (gaps: dropped on the
         way); ``(source, entries)``, each entry ``(subject, queues, headers, data)``. Raises
-        ``ProtocolError`` (counted)."""
+        ``ProtocolError`` (counted). ``via`` (keyed): the node whose connection the batch came on, verified
+        by its key; a batch claiming another source is refused (``source_forged``), and the messages to
+        subjects the source's key may not ``publish`` are dropped (``publish_refused``)."""
         try:
             first_seq, source, entries = frames.decode_batch(frame, len(self.prefix), payloads)
         except MeshqError:
             self.counters["frames_invalid"] += 1
             raise
+        if via is not None:
+            if source != via:
+                self.counters["source_forged"] += 1
+                raise ProtocolError(f"a pub/sub batch from node {via} claims to come from {source}; dropped")
+            self._acl_fresh()
+            may = self._may_publish
+            kept = []
+            for entry in entries:
+                allowed = may.get((source, entry[0]))
+                if allowed is None:
+                    if len(may) >= _ROUTE_CACHE:
+                        may.clear()
+                    allowed = may[(source, entry[0])] = self.core.access.may_node(source, "publish", entry[0])
+                if allowed:
+                    kept.append(entry)
+            if len(kept) != len(entries):
+                self.counters["publish_refused"] += len(entries) - len(kept)
+            entries_all, entries = entries, kept
+        else:
+            entries_all = entries
         peer = self.peer(source)
         if peer.last_seq and first_seq > peer.last_seq + 1:  # (the first batch heard sets the baseline)
             peer.dropped += first_seq - peer.last_seq - 1
-        peer.last_seq = first_seq + len(entries) - 1  # (smaller than before: the publisher restarted)
+        peer.last_seq = first_seq + len(entries_all) - 1  # (smaller than before: the publisher restarted)
         peer.received += len(entries)
         return source, entries
 

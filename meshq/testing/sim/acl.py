@@ -22,7 +22,8 @@ ones do.
 * at the end, on every live storage node that applied the whole log, each grant whose last
   change was acknowledged (and no later change of it is unsettled) is held as that change left
   it: an acknowledged grant or revoke is never lost;
-* after every event, each client node's view of the peer grants (``request``/``serve``) is that
+* after every event, each client node's view of the peer grants (``request``/``serve``, and with
+  ``SimOptions.acl_pubsub`` ``publish``/``subscribe``, which pub/sub checks with) is that
   of some prefix of the committed log — a view never holds what the cluster did not agree — and
   it names the trusted keys as the storage nodes were told;
 * at the end, each live client node that has run ``VIEW_SETTLE_S`` since the last committed
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 GRANTS = (("bob", "produce", "orders.>"), ("bob", "consume", "orders.*"), ("carol", "admin", ">"),
           ("carol", "request", "billing.>"), ("bob", "serve", "billing.*"))
+PUBSUB_GRANTS = (("bob", "publish", "events.>"), ("carol", "subscribe", "events.*"))  # with SimOptions.acl_pubsub
 CLUSTER_KEY = "C" * 40
 VIEW_SETTLE_S = 3.0  # a client node asks for the view every second: by then it has the latest one
 
@@ -155,7 +157,8 @@ class AclWorkload:
     def step(self) -> None:
         sim = self.sim
         clients = sorted(n for n, node in sim.nodes.items() if node.role == "client" and node.up and node.runs_workload)
-        free = [grant for grant in GRANTS if grant not in self.pending]
+        grants = GRANTS + PUBSUB_GRANTS if sim.options.acl_pubsub else GRANTS
+        free = [grant for grant in grants if grant not in self.pending]
         if not clients or not free:
             return
         client = sim.nodes[self.rng.choice(clients)]

@@ -79,6 +79,9 @@ class SimOptions:
     pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     rpc: bool = False  # request/reply (meshq.testing.sim.rpc): services on the storage nodes, callers on clients
     acl: bool = False  # grants and revokes through the metadata group (meshq.testing.sim.acl); never swarm-drawn
+    # with acl: publish/subscribe grants too (their way to client nodes' views: acl_view carries them);
+    # off, the grants drawn are the request/serve/topic ones only, as before this option existed
+    acl_pubsub: bool = False
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
