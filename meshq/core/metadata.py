@@ -33,8 +33,10 @@ assignments. Commands (msgpack maps):
   between two reports, whichever is more: offsets the leader may have handed out after its
   last report reached the metadata leader are never handed out again. Offsets
   ``first..end-1`` are lost; ``end..start-1`` are lost if they were handed out at all.
-  ``epoch`` is above every leader epoch heard of, so a replica's first election lands above
-  any epoch an old copy may carry. ``docs/guarantees.md`` states the window.
+  ``epoch`` lies ``REBUILD_EPOCH_GAP`` above every leader epoch heard of (and above the previous
+  rebuild's), so the rebuilt replica's elections land above any epoch an old copy may reach —
+  including one its removed node goes on electing itself in after its last report, when it
+  comes back. ``docs/guarantees.md`` states the window.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
 """
 
@@ -50,7 +52,22 @@ INTERNAL_TOPICS = frozenset({"__consumer_offsets"})
 # the metadata leader is never handed out again; no leader hands out 2**24 offsets within one
 # heartbeat interval. A gap in offsets costs nothing (2**62 of them).
 REBUILD_GAP = 1 << 24
-
+# How far a rebuilt partition's leader epoch starts past the highest epoch heard of (or past the
+# previous rebuild's epoch). The highest epoch heard is a floor, not a bound: a report may never
+# have arrived (the metadata leader restarted and lost what it had heard, or the copy died before
+# its first heartbeat), and the lost copy's leader is elected again by itself — each restart of
+# its node, and each time it stops hearing the new leader's heartbeats — when a removed member
+# comes back with its old copies and leads them on its stale configuration until it hears the
+# rebuilt partition's leader. Had the rebuild started one epoch past what was heard, the old copy
+# and the rebuilt one reached the same epoch with two leaders; followers, heartbeat routing
+# (``leader_hints``) and clients fence by epoch alone, so the leader of the stale copy was taken
+# for the current one (simulator seeds 35, 36, 37 and 39 of tests/sim/test_rebuild_sim.py). No
+# copy goes through 2**16 elections unheard; epochs are 31-bit, so a partition can be rebuilt
+# 2**15 times before the gap has to shrink to what still fits below ``REBUILD_EPOCH_CEILING``.
+REBUILD_EPOCH_GAP = 1 << 16
+# The highest epoch a rebuild hands out: its replica must be able to stand for epoch + 1, and peers
+# refuse a message naming an epoch above ``partitions.host.MAX_EPOCH`` ((1 << 31) - 2).
+REBUILD_EPOCH_CEILING = (1 << 31) - 3
 
 class MetadataState:
     """Applied metadata; see the module docstring."""
@@ -137,8 +154,11 @@ class MetadataState:
         first = previous.get("start", 0)
         epoch, end, growth = known if known is not None else (0, first, 0)
         end = max(end, first)
+        base = max(epoch, previous.get("epoch", 0))
+        # past the base by the gap, or by as much as fits below the ceiling (at least by one)
+        new_epoch = min(base + REBUILD_EPOCH_GAP, max(base + 1, REBUILD_EPOCH_CEILING))
         return {"op": "rebuild", "topic": topic, "partition": partition, "version": self.versions[topic][partition],
-                "replicas": self.target(topic, partition), "epoch": max(epoch, previous.get("epoch", 0)) + 1,
+                "replicas": self.target(topic, partition), "epoch": new_epoch,
                 "first": first, "end": end if known is not None else None,
                 "start": end + max(2 * growth, REBUILD_GAP)}
 

@@ -7,7 +7,15 @@ import random
 import pytest
 
 from meshq.config import TopicConfig
-from meshq.core.metadata import MetadataState, describe_rebuild, next_step, one_step
+from meshq.core.metadata import (
+    REBUILD_EPOCH_CEILING,
+    REBUILD_EPOCH_GAP,
+    MetadataState,
+    describe_rebuild,
+    next_step,
+    one_step,
+)
+from meshq.core.partitions.host import MAX_EPOCH
 from meshq.core.ring import HashRing
 
 MEMBERS = {n: {"address": f"tcp://127.0.0.1:{i}", "pub_address": ""} for i, n in enumerate("abcde")}
@@ -175,11 +183,13 @@ def test_rebuild_starts_past_the_reported_end_above_the_known_epoch_and_says_wha
     meta = state_with(["a", "b", "c"], [["a"]])
     meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
     command = meta.rebuild_command("t", 0, (4, 10, 3))
-    assert (command["first"], command["end"], command["start"], command["epoch"]) == (0, 10, 10 + GAP, 5)
+    assert (command["first"], command["end"], command["start"], command["epoch"]) == (0, 10, 10 + GAP,
+                                                                                      4 + REBUILD_EPOCH_GAP)
     assert command["replicas"] == meta.target("t", 0)
     assert meta.apply(meta.applied_index + 1, command) == ("t", 0)
     assert meta.partition_config("t", 0) == (command["replicas"], [], 1)
-    assert meta.rebuilds[("t", 0)] == {"version": 1, "epoch": 5, "start": 10 + GAP, "first": 0, "end": 10}
+    assert meta.rebuilds[("t", 0)] == {"version": 1, "epoch": 4 + REBUILD_EPOCH_GAP, "start": 10 + GAP, "first": 0,
+                                       "end": 10}
     assert describe_rebuild(meta.rebuilds[("t", 0)]) == (
         f"offsets 0..9 are lost; offsets 10..{10 + GAP - 1} are lost too if they were handed out after the last report")
     assert meta.lost_partitions() == []
@@ -199,10 +209,12 @@ def test_a_second_rebuild_never_starts_below_the_first_and_says_when_nothing_was
     rebuild(meta, replicas=["b"])  # from 10 + GAP
     meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["c", "d"]}})
     older = meta.rebuild_command("t", 0, (2, 3, 0))  # an end below the first rebuild's start
-    assert (older["first"], older["end"], older["start"], older["epoch"]) == (10 + GAP, 10 + GAP, 10 + 2 * GAP, 6)
+    # past the first rebuild's epoch (above the epoch heard of, 2) by the gap
+    assert (older["first"], older["end"], older["start"], older["epoch"]) == (10 + GAP, 10 + GAP, 10 + 2 * GAP,
+                                                                              4 + 2 * REBUILD_EPOCH_GAP)
     # a command that would hand out offsets again, or reuse an epoch, is refused and changes nothing
     assert meta.apply(meta.applied_index + 1, {**older, "start": 9}) is None
-    assert meta.apply(meta.applied_index + 1, {**older, "epoch": 5}) is None
+    assert meta.apply(meta.applied_index + 1, {**older, "epoch": 4 + REBUILD_EPOCH_GAP}) is None
     assert meta.apply(meta.applied_index + 1, {**older, "replicas": ["a"]}) is None  # not a member
     assert meta.partition_config("t", 0) == (["b"], [], 1)
     assert meta.apply(meta.applied_index + 1, {**older, "replicas": ["c"]}) == ("t", 0)
@@ -212,6 +224,23 @@ def test_a_second_rebuild_never_starts_below_the_first_and_says_when_nothing_was
     assert meta.apply(meta.applied_index + 1, nothing_heard) == ("t", 0)
     assert meta.partition_config("t", 0) == (["d"], [], 3)
     assert describe_rebuild(meta.rebuilds[("t", 0)]).startswith("no leader of it was ever heard from")
+
+
+def test_a_rebuilt_epoch_leaves_room_for_the_elections_an_old_copy_holds_unheard():
+    """The epoch heard of is a floor: the lost copy's node, removed for good, may have been elected
+    again after its last report reached us (or never reported), and goes on electing itself on its
+    old configuration when it comes back. Had the rebuild started one epoch above, its leader and
+    the old copy's met in one epoch (simulator seeds 35, 36, 37, 39 of test_rebuild_sim.py)."""
+    meta = state_with(["a", "b", "c"], [["a"]])
+    meta.apply(meta.applied_index + 1, {"op": "config", "members": {m: MEMBERS[m] for m in ["b", "c"]}})
+    assert meta.rebuild_command("t", 0, None)["epoch"] == REBUILD_EPOCH_GAP  # nothing heard: the copy is at >= 1
+    assert meta.rebuild_command("t", 0, (7, 10, 0))["epoch"] == 7 + REBUILD_EPOCH_GAP
+    # near the top of the 31-bit epoch space the gap shrinks to what fits: the rebuilt replica must
+    # still be able to stand for its epoch + 1, which peers accept up to MAX_EPOCH
+    assert REBUILD_EPOCH_CEILING + 1 == MAX_EPOCH
+    high = REBUILD_EPOCH_CEILING - 10
+    assert meta.rebuild_command("t", 0, (high, 10, 0))["epoch"] == REBUILD_EPOCH_CEILING
+    assert meta.rebuild_command("t", 0, (REBUILD_EPOCH_CEILING, 10, 0))["epoch"] == REBUILD_EPOCH_CEILING + 1
 
 
 def test_a_rebuild_is_refused_while_a_voter_is_still_a_member():
