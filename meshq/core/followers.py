@@ -24,7 +24,10 @@ The queries:
   included) that hold everything committed and the yardstick, or that merely answered.
 * ``established`` — a majority of the current voters know the configuration's version and
   hold the log up to where the leader adopted it (the gate for the next step).
-* ``most_complete_voter`` — whom a leader leaving the voters hands leadership to.
+* ``most_complete_voter`` — whom a leader leaving the voters (or a slow one) hands leadership to.
+
+Each progress also times the answers (``sending``/``timed``): a moving average of the ack
+latency and of the hold time the follower reports, for the hand-off rules (``meshq.core.handoff``).
 
 The table knows nothing of the configuration or the log: the voter set, the quorum, the epoch
 start and the log end are handed in by the ``Replica`` at each call, so a configuration change
@@ -36,7 +39,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from meshq.core.handoff import ewma
 
 END_SAMPLES = 64  # heartbeats' worth of own end offsets kept for the in-sync yardstick
 
@@ -51,6 +56,25 @@ class FollowerProgress:
     last_send_s: float = float("-inf")
     last_contact_s: float = float("-inf")
     cv: int = -1  # the highest configuration version the follower said it knows
+    # (end offset, sent at) of the appends in flight, oldest first: an answer covering one times it
+    sent: deque = field(default_factory=lambda: deque(maxlen=64))
+    ack_s: float | None = None  # moving average of the time from an append to its answer
+    hold_s: float = 0.0  # moving average of what the follower said it held appends before answering
+    steady_since_s: float = float("-inf")  # since when in contact and not slow (the move-back's window)
+    last_hint: int | None = None  # the hint of the last refusal since the last accepted append
+
+    def sending(self, end: int, now_s: float) -> None:
+        """An append (or heartbeat) covering the log up to ``end`` goes out now."""
+        self.sent.append((end, now_s))
+
+    def timed(self, match_end: int, hold_s: float, now_s: float) -> None:
+        """An accepted answer up to ``match_end``: the newest send it covers gives the ack latency."""
+        newest = None
+        while self.sent and self.sent[0][0] <= match_end:
+            newest = self.sent.popleft()[1]
+        if newest is not None:
+            self.hold_s = ewma(self.hold_s if self.ack_s is not None else None, hold_s)  # (the first sample: as is)
+            self.ack_s = ewma(self.ack_s, now_s - newest)
 
     def answered(self, cv: int, now_s: float) -> None:
         """An answer to one of our appends arrived (accepted or not)."""
@@ -60,6 +84,7 @@ class FollowerProgress:
 
     def matched(self, match_end: int, log_end: int) -> None:
         """The follower holds our log up to ``match_end`` (exclusive)."""
+        self.last_hint = None
         if match_end > self.match_end:
             self.match_end = min(match_end, log_end)
         if self.next_offset < self.match_end:
@@ -69,13 +94,18 @@ class FollowerProgress:
         """The follower refused an append; whether its position moved back (progress).
 
         The hint is where the follower's log ends or where its diverging epoch run starts: it
-        only decreases while the logs disagree, so this converges on the match point.
+        only decreases while the logs disagree, so this converges on the match point. The same
+        hint twice in a row is no progress: the follower cannot take what we send from there (its
+        storage is full), and resending at once would only ping-pong with it.
         """
         before = self.next_offset
+        repeated = hint == self.last_hint
+        self.last_hint = hint
         self.next_offset = min(self.next_offset, hint)
         self.match_end = min(self.match_end, self.next_offset)
         self.in_flight = 0
-        return self.next_offset < before
+        self.sent.clear()
+        return self.next_offset < before and not repeated
 
 
 class Followers(dict[str, FollowerProgress]):
@@ -148,11 +178,15 @@ class Followers(dict[str, FollowerProgress]):
                 count += 1
         return count >= quorum
 
-    def most_complete_voter(self, now_s: float, voters: Collection[str]) -> str | None:
-        """The voter in contact that holds the most of the log (ties: the greatest name), or None."""
-        best = max(((f.match_end, peer) for peer, f in self.items()
-                    if peer in voters and now_s - f.last_contact_s <= self.replica_lag_s), default=None)
-        return None if best is None else best[1]
+    def most_complete_voter(self, now_s: float, voters: Collection[str], at_least: int = -1,
+                            fastest: bool = False) -> str | None:
+        """The voter in contact that holds the most of the log, at least ``at_least`` (ties: the
+        lowest ack latency if ``fastest``, then the greatest name), or None."""
+        best = max(((f.match_end, -(f.ack_s if f.ack_s is not None else float("inf")) if fastest else 0.0, peer)
+                    for peer, f in self.items()
+                    if peer in voters and now_s - f.last_contact_s <= self.replica_lag_s
+                    and f.match_end >= at_least), default=None)
+        return None if best is None else best[2]
 
     def _lagged_end(self, now_s: float, epoch_start: int, end: int) -> int:
         """Own end offset as it was ``replica_lag_s`` ago (what an in-sync follower must have)."""

@@ -36,9 +36,14 @@ the partition's record log and whose index is the record offset; the Raft term i
   mismatch or as silence; either resets the follower's position to what it acknowledged. What
   the leader knows of each follower, and who is in sync, caught up or in contact, is kept in
   ``followers`` (``meshq.core.followers``).
-* **Preferred leader.** The first replica of the assignment (the ring owner) leads when it is
-  up and caught up: a leader hands leadership to it (``repl_timeout_now``) once it has matched
-  the whole log.
+* **Hand-offs** (``meshq.core.handoff`` states the rules). The first replica of the assignment
+  (the ring owner) is the preferred leader: a leader hands leadership to it
+  (``repl_timeout_now``, Raft's leadership transfer) once it has been steady — in contact, not
+  slow, caught up — for a stability window, not right after it came back. A leader whose
+  commits stay slow although its followers store quickly hands leadership to the most complete
+  voter in contact. During a hand-off the leader takes no writes; it sends
+  ``repl_timeout_now`` once the target holds its whole log, and resumes if no successor
+  appeared within an election timeout.
 * **Configuration changes.** The replica set (voters, learners, and a configuration version)
   comes from the agreed metadata and changes one step at a time (``metadata.next_step``): the
   voter set differs from the previous one by at most one member, so a majority of the old set
@@ -66,6 +71,15 @@ from typing import Any
 from meshq.core import batch as batch_format
 from meshq.core.epoch_history import EpochHistory
 from meshq.core.followers import FollowerProgress, Followers
+from meshq.core.handoff import (
+    SLOW_SAMPLE_ELECTIONS,
+    CommitClock,
+    SlowWatch,
+    leader_slow,
+    median,
+    peer_slow,
+    steady_enough,
+)
 from meshq.errors import CorruptLogError, DiskFullError, ProtocolError, StorageFullError
 
 log = logging.getLogger("meshq.replica")
@@ -151,10 +165,21 @@ class Replica:
         self.election_deadline_s = float("inf")
         self.heartbeat_deadline_s = float("inf")
         self.last_leader_contact_s = float("-inf")
-        # (leader, epoch, verified end) of an acknowledgement waiting for a local sync
-        self._pending_ack: tuple[str, int, int] | None = None
+        # (leader, epoch, verified end, received at) of an acknowledgement waiting for a local sync
+        self._pending_ack: tuple[str, int, int, float] | None = None
         self._next_transfer_s = float("-inf")  # leader: no new hand-off attempt before this
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
+        self._transfer_target: str | None = None  # leader: gets repl_timeout_now once it holds the whole log
+        self._handed_over = False  # campaigning because the leader handed leadership to us
+        self._handed_over_slow = False  # ... because it was slow
+        self.led_by_hand_off = False  # leader: this leadership was handed over, not won after a failure
+        self.led_by_slow_hand_off = False  # leader: handed over by a slow leader (hold-down: see handoff)
+        self._transfer_slow = False  # leader: the hand-off under way is for slowness
+        self._handed_over_by: str | None = None  # who handed leadership to us (campaign after repl_timeout_now)
+        self._slow_predecessor: str | None = None  # leader: the slow leader that handed this leadership over
+        self._commits = CommitClock()  # leader: commit latencies (the slow-leader rule)
+        self._slow_watch = SlowWatch()  # leader: since when its commits are slow
+        self._slow_median_s = 0.0  # leader: the median commit latency the last slow judgement saw
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
@@ -251,13 +276,13 @@ class Replica:
                 if successor is not None:
                     log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic,
                              self.partition, self.node_id, successor)
-                    body = self._key_body(epoch=self.epoch, cv=self.config_version)
+                    body = self._key_body(epoch=self.epoch, cv=self.config_version, slow=False)
                     self._send(successor, "repl_timeout_now", body, ())
                 self._step_down(self.epoch, now_s, None)
                 return
             for peer in self.followers.track(self.members, self.log.end_offset, now_s):
                 self._replicate_to(peer, self.followers[peer], now_s, heartbeat=True)
-            self._advance_high_watermark()
+            self._advance_high_watermark(now_s)
         elif self.role != FOLLOWER and self.node_id not in self.replicas:
             self._step_down(self.epoch, now_s, None)
         if self.node_id not in self.replicas:
@@ -352,7 +377,7 @@ class Replica:
                     f.in_flight = 0
                 if now_s - f.last_send_s >= self.heartbeat_interval_s * 0.9:
                     self._replicate_to(peer, f, now_s, heartbeat=True)
-            self._maybe_transfer(now_s)
+            self._maybe_hand_off(now_s)
             self._maybe_save_hw(now_s)
             return
         self._maybe_save_hw(now_s)
@@ -371,22 +396,88 @@ class Replica:
             self._saved_hw_s = now_s
             self._persist()
 
-    def _maybe_transfer(self, now_s: float) -> None:
-        preferred = self.replicas[0] if self.replicas else None
-        if preferred is None or preferred == self.node_id or now_s < self._next_transfer_s:
+    def _maybe_hand_off(self, now_s: float) -> None:
+        """At every heartbeat: hand leadership away from a slow leader, or back to the preferred
+        replica once it has been steady (the rules: ``meshq.core.handoff``)."""
+        if self._transfer_target is not None and now_s >= self._transfer_until_s:
+            self._transfer_target = None  # the target never caught up: writes resume
+        ack_s = {peer: f.ack_s for peer, f in self.followers.items() if peer in self.replicas}
+        for peer, f in self.followers.items():
+            others = [a for other, a in ack_s.items() if other != peer and a is not None]
+            if now_s - f.last_contact_s > self.heartbeat_interval_s * 2 or peer_slow(f.ack_s, others):
+                f.steady_since_s = now_s
+        window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
+        holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
+        latencies = self._commits.recent(now_s, window_s)
+        verdict = leader_slow(latencies, holds) if len(self.replicas) >= 2 else False
+        if verdict is not None and latencies:
+            self._slow_median_s = median(latencies)  # (what the last judgement saw, for the log line)
+        self._slow_watch.check(now_s, verdict)
+        if now_s < self._next_transfer_s or self.handing_off(now_s):
             return
-        f = self.followers.get(preferred)
+        if (self._space is not None and self._space.full and len(self.replicas) >= 2
+                and now_s - self.leader_since_s >= 2 * self.election_timeout_s):
+            # A leader that cannot store new records blocks its partition while a follower could
+            # take them: hand over (its reads go on; it catches up once space returns).
+            target = self._successor(now_s)
+            if target is not None:
+                log.warning("%s/%d: leader %s cannot store new records (its storage is full); handing leadership "
+                            "to %s", self.topic, self.partition, self.node_id, target)
+                self._begin_transfer(target, now_s)
+            return
+        if self._slow_watch.due(now_s, self.leader_since_s, self.led_by_slow_hand_off, self.election_timeout_s):
+            # Only to a voter that holds everything committed: it can win, and loses nothing.
+            target = self._successor(now_s)
+            if target is not None:
+                log.warning("%s/%d: leader %s commits slowly (median %.0f ms over %.1f s) while its followers "
+                            "store quickly; handing leadership to %s", self.topic, self.partition, self.node_id,
+                            1000 * self._slow_median_s, window_s, target)
+                self._begin_transfer(target, now_s, slow=True)
+            return
+        preferred = self.replicas[0] if self.replicas else None
+        f = self.followers.get(preferred) if preferred is not None else None
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
-        if f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2:
-            # A hand-off can fail (the preferred replica has not applied the configuration that
-            # made it preferred yet, or the message was lost): try again a while later.
-            self._next_transfer_s = now_s + 4 * self.election_timeout_s
-            # Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader
-            # that the preferred replica is about to depose. Resume if the hand-off fails.
-            self._transfer_until_s = now_s + self.election_timeout_s
+        if steady_enough(f.steady_since_s, now_s, self.election_timeout_s) and preferred in self.in_sync(now_s):
+            # (in sync: it holds the whole log one round trip after writes pause)
             log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
-            self._send(preferred, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
+            self._begin_transfer(preferred, now_s)
+
+    def _successor(self, now_s: float) -> str | None:
+        """Whom a slow or full leader hands over to: the first voter in the assignment's order (the
+        ring's preference: a rebalance's target members come first) that is in contact, holds
+        everything committed and is not slow next to the others; else the most complete voter in
+        contact holding everything committed; None if there is none."""
+        ack_s = {peer: f.ack_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None}
+        for peer in self.replicas:
+            f = self.followers.get(peer)
+            if (f is None or now_s - f.last_contact_s > self.followers.replica_lag_s
+                    or f.match_end < self.high_watermark):
+                continue
+            if not peer_slow(f.ack_s, [a for other, a in ack_s.items() if other != peer]):
+                return peer
+        return self.followers.most_complete_voter(now_s, self.replicas, at_least=self.high_watermark, fastest=True)
+
+    def _begin_transfer(self, target: str, now_s: float, slow: bool = False) -> None:
+        """Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader that
+        ``target`` is about to depose; send ``repl_timeout_now`` once it holds the whole log. Writes
+        resume after an election timeout if no successor appeared (the target never caught up,
+        had not applied the configuration that names it yet, or the message was lost); the next
+        attempt comes a while later."""
+        self._next_transfer_s = now_s + 4 * self.election_timeout_s
+        self._transfer_until_s = now_s + self.election_timeout_s
+        self._transfer_target = target
+        self._transfer_slow = slow
+        self._send_timeout_now(now_s)
+
+    def _send_timeout_now(self, now_s: float) -> None:
+        target = self._transfer_target
+        f = self.followers.get(target) if target is not None else None
+        if f is None or not self.handing_off(now_s) or f.match_end < self.log.end_offset:
+            return
+        self._transfer_target = None
+        self._send(target, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version,
+                                                              slow=self._transfer_slow), ())
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -405,6 +496,7 @@ class Replica:
             target = self.epoch
         self.leader = None
         self.votes = {self.node_id}
+        self._handed_over = self._handed_over_slow = False
         if pre_vote:
             self._reset_election_timer(now_s)
         if len(self.votes) >= self.quorum:
@@ -428,6 +520,18 @@ class Replica:
         self.history.begin(self.epoch, self.epoch_start)
         self._persist()
         self.followers.start_epoch(self.members, self.epoch_start, now_s)
+        self.led_by_hand_off, self.led_by_slow_hand_off = self._handed_over, self._handed_over_slow
+        self._slow_predecessor = self._handed_over_by if self._handed_over_slow else None
+        self._handed_over = self._handed_over_slow = False
+        self._commits.clear()
+        self._slow_watch = SlowWatch()
+        preferred = self.followers.get(self.replicas[0]) if self.replicas else None
+        if preferred is not None and not self.led_by_hand_off:
+            preferred.steady_since_s = now_s  # it was away or slow, or it would still lead
+        predecessor = self.followers.get(self._slow_predecessor) if self._slow_predecessor else None
+        if predecessor is not None:
+            predecessor.steady_since_s = now_s  # it handed over because it was slow: a window before it leads again
+        self._transfer_target = None
         log.info("%s/%d: %s leads epoch %d from offset %d (high watermark %d)", self.topic, self.partition,
                  self.node_id, self.epoch, self.epoch_start, self.high_watermark)
         if self.fsync_always and self.log.synced_offset < self.log.end_offset:
@@ -435,7 +539,7 @@ class Replica:
         for peer, f in sorted(self.followers.items()):
             self._replicate_to(peer, f, now_s, heartbeat=True)
         self.heartbeat_deadline_s = now_s + self.heartbeat_interval_s
-        self._advance_high_watermark()
+        self._advance_high_watermark(now_s)
         self._on_change()
 
     def _log_limited(self, kind: str, level: int, message: str, *args: Any) -> None:
@@ -459,6 +563,8 @@ class Replica:
             if (body["epoch"] == self.epoch and self.role == FOLLOWER and self.leader == sender
                     and self.node_id in self.replicas and body["cv"] == self.config_version):
                 self._campaign(now_s, pre_vote=False)
+                self._handed_over, self._handed_over_slow = True, bool(body.get("slow", False))
+                self._handed_over_by = sender
 
     def _on_vote(self, sender: str, body: dict, now_s: float) -> None:
         epoch, candidate, pre_vote = body["epoch"], body["candidate"], body["pre_vote"]
@@ -637,35 +743,39 @@ class Replica:
         if self.fsync_always and self.log.synced_offset < matched_end:
             # Confirm later only what was checked against this leader (and is then synced).
             pending = self._pending_ack
-            verified = matched_end
+            verified, received_s = matched_end, now_s
             if pending is not None and pending[:2] == (sender, epoch):
-                verified = max(verified, pending[2])
-            self._pending_ack = (sender, epoch, verified)
+                verified, received_s = max(verified, pending[2]), pending[3]
+            self._pending_ack = (sender, epoch, verified, received_s)
             self._request_sync()
             matched_end = min(matched_end, self.log.synced_offset)
         self._reply_append(sender, True, matched_end, self.log.end_offset)
 
-    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int) -> None:
+    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int, held_s: float = 0.0) -> None:
         self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
                                                             match_end=match_end, hint=max(0, hint),
-                                                            cv=self.config_version), ())
+                                                            cv=self.config_version,
+                                                            held_ms=min(1 << 31, max(0, round(held_s * 1000)))), ())
 
     def on_synced(self, now_s: float) -> None:
         """The log was synced: a leader may commit more, a follower may confirm more."""
         if self.role == LEADER:
-            self._advance_high_watermark()
+            self._advance_high_watermark(now_s)
         elif self._pending_ack is not None:
-            leader, epoch, verified = self._pending_ack
+            leader, epoch, verified, received_s = self._pending_ack
             self._pending_ack = None
             if epoch == self.epoch and leader == self.leader:
-                self._reply_append(leader, True, min(verified, self.log.synced_offset), self.log.end_offset)
+                self._reply_append(leader, True, min(verified, self.log.synced_offset), self.log.end_offset,
+                                   now_s - received_s)
 
     # ------------------------------------------------------------------ leader
     def on_local_append(self, now_s: float) -> None:
         """The leader stored a new batch: send it on."""
+        if self.role == LEADER:
+            self._commits.appended(self.log.end_offset, now_s)
         for peer, f in sorted(self.followers.items()):
             self._replicate_to(peer, f, now_s)
-        self._advance_high_watermark()
+        self._advance_high_watermark(now_s)
 
     def _on_append_ok(self, sender: str, body: dict, now_s: float) -> None:
         if body["epoch"] > self.epoch:
@@ -680,11 +790,16 @@ class Replica:
         resend = True
         if body["ok"]:
             f.matched(body["match_end"], self.log.end_offset)
-            self._advance_high_watermark()
+            f.timed(body["match_end"], body["held_ms"] / 1000.0, now_s)
+            self._advance_high_watermark(now_s)
+            if sender == self._transfer_target:
+                self._send_timeout_now(now_s)
         else:
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
             resend = f.refused(body["hint"])
+            if sender in self.replicas:
+                f.steady_since_s = now_s  # (a full disk, a diverged log: not a replica to move leadership to)
         if resend and f.next_offset < self.log.end_offset:
             # (a follower behind our log start gets the log from its start: it restarts its copy there)
             self._replicate_to(sender, f, now_s)
@@ -741,6 +856,7 @@ class Replica:
                                   epoch_start=self.epoch_start, cv=self.config_version,
                                   log_start=self.log.start_offset)
             self._send(peer, "repl_append", body, (data,) if data else ())
+            f.sending(next_offset, now_s)
             f.next_offset = next_offset
             f.in_flight += 1
             f.last_send_s = now_s
@@ -748,7 +864,7 @@ class Replica:
             if not data:
                 break
 
-    def _advance_high_watermark(self) -> None:
+    def _advance_high_watermark(self, now_s: float) -> None:
         if self.role != LEADER:
             return
         matches = sorted([self._own_match()] + [max(0, f.match_end) for peer, f in self.followers.items()
@@ -758,4 +874,5 @@ class Replica:
         candidate = matches[self.quorum - 1]
         if candidate >= self.epoch_start and candidate > self.high_watermark:
             self.high_watermark = candidate
+            self._commits.committed(candidate, now_s)
             self._on_change()

@@ -62,6 +62,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from meshq.core import batch as batch_format
+from meshq.core import handoff
 from meshq.core.metadata import MetadataState
 from meshq.core.pubsub.subjects import matches
 from meshq.core.raft import LEADER
@@ -894,6 +895,55 @@ class SpaceChecker:
                 raise Violation(f"{node_id}: {key[0]}/{key[1]} grew from {known[1]} to {end} while its storage "
                                 f"was full ({core.space.full_reason})")
             seen[key] = (state, end)
+
+
+class SlowLeaderChecker:
+    """A leader that is alive but slow hands its partitions over (``meshq.core.handoff``): while
+    the run's slow link (``SimOptions.slow_link``) is on, the slow node leads no partition of the
+    test topic past a bound — the slow rule's window, the commits it judges and two election
+    timeouts of slack for the hand-off, counted from when the fault began or, for a leadership
+    too young to hand over, from when it became old enough (``SLOW_MIN_LEAD_ELECTIONS``, or
+    ``SLOW_HOLD_DOWN_ELECTIONS`` when a slow leader handed it over)."""
+
+    def __init__(self, sim: Any) -> None:
+        self.sim = sim
+        self.slow_since_s: float | None = None
+        self.led_when_slow: set[tuple[str, int]] = set()  # partitions the slow node led at some point while slow
+        self.handed_off: set[tuple[str, int]] = set()  # ... and stopped leading while still slow
+
+    def on_slow(self, on: bool, now_s: float) -> None:
+        self.slow_since_s = now_s if on else None
+
+    def after_event(self) -> None:
+        sim = self.sim
+        if self.slow_since_s is None:
+            return
+        node_id = sim.options.slow_link.node
+        core = sim.nodes[node_id].core
+        if core is None:
+            return
+        for key, state in sorted(core.partitions.items()):
+            replica = state.replica
+            if key[0] != TOPIC_NAME or replica is None:
+                continue
+            if not replica.is_leader:
+                if key in self.led_when_slow:
+                    self.handed_off.add(key)
+                continue
+            self.led_when_slow.add(key)
+            self.handed_off.discard(key)
+            et = replica.election_timeout_s
+            lead = (handoff.SLOW_HOLD_DOWN_ELECTIONS if replica.led_by_slow_hand_off
+                    else handoff.SLOW_MIN_LEAD_ELECTIONS)
+            start = max(self.slow_since_s, replica.leader_since_s + lead * et)
+            bound = start + (handoff.SLOW_WINDOW_ELECTIONS + handoff.SLOW_SAMPLE_ELECTIONS + 2) * et
+            if sim.now_s > bound:
+                raise Violation(f"liveness: {node_id} still leads {key[0]}/{key[1]} (epoch {replica.epoch}) "
+                                f"{sim.now_s - self.slow_since_s:.2f} s into its slow link (bound "
+                                f"{bound - self.slow_since_s:.2f} s)")
+
+    def summary(self) -> dict:
+        return {"slow_led": len(self.led_when_slow), "slow_handed_off": len(self.handed_off)}
 
 
 class ClustersApartChecker:

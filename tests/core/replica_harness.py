@@ -162,6 +162,7 @@ class Cluster:
         self.down: set[str] = set()  # killed: no timers, every message to/from dropped
         self.paused: set[str] = set()  # frozen: no timers, no deliveries to it (messages wait)
         self.cut: set[tuple[str, str]] = set()  # directed links that drop everything
+        self.slow: dict[str, float] = {}  # node -> delay of every message it sends or receives (a slow link)
         self.hold_rules: list[Callable[[Msg], bool]] = []
         self.send_hooks: list[Callable[[Msg], None]] = []
         self.duplicate = 0.0  # probability of delivering a message twice
@@ -272,9 +273,14 @@ class Cluster:
         return (msg.dst not in self.nodes or msg.src in self.down or msg.dst in self.down
                 or (msg.src, msg.dst) in self.cut)
 
+    def due(self, msg: Msg) -> float:
+        """When a message arrives: at once, or later on a slow node's link."""
+        return msg.sent_s + self.slow.get(msg.src, 0.0) + self.slow.get(msg.dst, 0.0)
+
     def deliver_one(self) -> bool:
         """Deliver (or drop, or hold) one queued message; False when nothing could move."""
-        candidates = [i for i, m in enumerate(self.queue) if m.dst not in self.paused or self._dropped(m)]
+        candidates = [i for i, m in enumerate(self.queue)
+                      if (m.dst not in self.paused or self._dropped(m)) and self.due(m) <= self.now]
         if not candidates:
             return False
         index = self.rng.choice(candidates) if self.reorder else candidates[0]
@@ -322,6 +328,7 @@ class Cluster:
                 self.pump()
                 continue
             deadlines = [self.nodes[n].replica.next_deadline() for n in self.live()]
+            deadlines += [self.due(m) for m in self.queue if self.due(m) > self.now]
             nxt = min(deadlines, default=float("inf"))
             if nxt > until:
                 self.now = until

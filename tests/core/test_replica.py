@@ -8,7 +8,10 @@ import logging
 import pytest
 
 from meshq.core import batch as batch_format
+from meshq.core import handoff
+from meshq.core.handoff import SLOW_HOLD_DOWN_ELECTIONS, SLOW_MIN_LEAD_ELECTIONS, STABILITY_ELECTIONS
 from meshq.core.replica import FOLLOWER, HW_SAVE_INTERVAL_S, LEADER, PRE_CANDIDATE
+from meshq.errors import StorageFullError
 from tests.core.replica_harness import PARTITION, TOPIC, WALL_MS, Cluster, Msg
 
 ET = 1.0  # election timeout of the harness
@@ -496,12 +499,15 @@ def test_leadership_hand_off_to_caught_up_preferred_replica():
     end = cl.write(old, [b"r1"])
     cl.revive("a")
     cl.start("a")
+    back_s = cl.now
     handoff = cl.hold(lambda m: m.type == "repl_timeout_now")
-    cl.run_until(lambda: bool(cl.held), timeout_s=10)
+    cl.run_until(lambda: bool(cl.held), timeout_s=20)
     sent = cl.held[0]
     assert sent.src == old and sent.dst == "a" and sent.body["epoch"] == leader.epoch
     assert sent.sent_s >= leader.leader_since_s + 2 * ET
-    assert sent.sent_s < leader.leader_since_s + 2 * ET + HB + 1e-9  # at the first heartbeat after that
+    # not right after it came back: once it has been steady for the stability window (counted from
+    # the election, or from the last heartbeat that found it away), at the first heartbeats after that
+    assert leader.leader_since_s + STABILITY_ELECTIONS * ET <= sent.sent_s < back_s + STABILITY_ELECTIONS * ET + 3 * HB
     assert leader.followers["a"].match_end == cl.nodes[old].log.end_offset == end
     assert leader.handing_off(cl.now) and not leader.lease_valid(cl.now)
     assert leader.is_leader
@@ -532,6 +538,187 @@ def test_no_hand_off_before_two_election_timeouts_of_leadership():
     assert cl["a"].role == FOLLOWER
     assert not any(m.type == "repl_timeout_now" for m in cl.sent)
     assert leader.lease_valid(cl.now) and not leader.handing_off(cl.now)
+
+
+def test_no_move_back_while_the_preferred_replica_keeps_dropping_out():
+    # A heal is when the preferred replica comes back: every lapse (out of contact for longer
+    # than two heartbeats) restarts its stability window, so no hand-off follows a heal at once.
+    cl = Cluster(start=False)
+    cl.kill("a")
+    cl.start("b")
+    cl.start("c")
+    cl.run_until(lambda: bool(cl.leaders()), timeout_s=10)
+    old = cl.leader()
+    cl.revive("a")
+    cl.start("a")
+    for _ in range(3):
+        cl.advance(0.6 * STABILITY_ELECTIONS * ET)
+        cl.isolate("a")
+        cl.advance(0.5)
+        cl.heal()
+    healed_s = cl.now
+    cl.advance(STABILITY_ELECTIONS * ET - 0.5)
+    assert not any(m.type == "repl_timeout_now" for m in cl.sent)
+    assert cl.leader() == old
+    cl.run_until(lambda: cl.leaders() == ["a"], timeout_s=5)  # steady for the window: it moves back
+    hand_off = last_sent(cl, old, "repl_timeout_now")
+    assert hand_off.sent_s >= healed_s + STABILITY_ELECTIONS * ET
+
+
+def test_a_leader_handed_leadership_moves_it_to_the_preferred_replica_without_the_window():
+    # Nothing was interrupted when leadership was handed over (a leader dropped from the replica
+    # set, a rebalance): the move-back to the preferred replica does not wait for the window.
+    cl = settled()
+    cl.advance(3 * ET)
+    cl["a"].set_config(["a", "b", "c"], [], 0, cl.now)  # (not newer: ignored)
+    cl.inject("a", "b", "repl_timeout_now", {"topic": TOPIC, "partition": PARTITION, "epoch": cl["a"].epoch,
+                                             "cv": 0})
+    cl.pump()
+    assert cl.leader() == "b" and cl["b"].led_by_hand_off
+    taken_s = cl.now
+    cl.run_until(lambda: cl.leaders() == ["a"], timeout_s=5)
+    assert cl.now < taken_s + 2 * ET + 3 * HB + 1e-9
+    assert not cl["a"].led_by_hand_off or cl["a"].leader_since_s >= taken_s
+
+
+def write_steadily(cl: Cluster, seconds: float, every_s: float = 0.05) -> None:
+    """Write one record at the leader every ``every_s`` (when there is one that takes writes)."""
+    until = cl.now + seconds
+    while cl.now < until:
+        leaders = cl.leaders()
+        if leaders:
+            leader = cl.leader()
+            if cl[leader].lease_valid(cl.now):
+                cl.write(leader, [b"w"])
+        cl.advance(every_s)
+
+
+def test_a_slow_leader_hands_leadership_to_the_most_complete_follower_and_is_not_moved_back_while_slow():
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    assert cl.leader() == "a"
+    cl.slow["a"] = 0.06  # a's link: 120 ms round trips; b and c talk to each other at once
+    slow_s = cl.now
+    write_steadily(cl, 8 * ET)
+    hand_off = last_sent(cl, "a", "repl_timeout_now")
+    assert hand_off.dst in ("b", "c") and hand_off.sent_s > slow_s + handoff.SLOW_WINDOW_ELECTIONS * ET
+    assert cl.leader() in ("b", "c")
+    new = cl.leader()
+    cl.check_committed_agree()
+    write_steadily(cl, 2 * STABILITY_ELECTIONS * ET)  # still slow: the preferred replica stays a follower
+    assert cl.leader() == new and cl["a"].role == FOLLOWER
+    assert hand_off.body["slow"] and cl[new].led_by_slow_hand_off
+    cl.slow.clear()
+    fast_s = cl.now
+    since = cl[new].leader_since_s
+    # normal again: back once it has been steady for the window (counted from the hand-off at the
+    # earliest, and restarted at every heartbeat that found it slow)
+    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
+    assert cl.leader() == "a"
+    back = last_sent(cl, new, "repl_timeout_now")
+    assert back.dst == "a" and not back.body["slow"]
+    assert back.sent_s >= max(fast_s, since) + STABILITY_ELECTIONS * ET - 2 * HB
+    cl.check_committed_agree()
+
+
+def test_without_the_slow_leader_rule_a_slow_leader_keeps_leading(monkeypatch):
+    # The mutation: the test above fails without the rule.
+    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda latencies, holds: False)
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.slow["a"] = 0.06
+    write_steadily(cl, 8 * ET)
+    assert cl.leader() == "a" and not any(m.type == "repl_timeout_now" for m in cl.sent)
+
+
+def test_a_leader_slow_only_to_one_follower_keeps_leading():
+    # One slow follower does not slow a quorum commit (the other follower answers at once).
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.slow["c"] = 0.2
+    write_steadily(cl, 10 * ET)
+    assert cl.leader() == "a" and not any(m.type == "repl_timeout_now" for m in cl.sent)
+
+
+def test_an_idle_slow_leader_keeps_leading_and_no_hand_off_without_a_caught_up_follower():
+    cl = settled()
+    cl.advance(SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.slow["a"] = 0.06
+    cl.advance(10 * ET)  # no commits: nothing to judge
+    assert cl.leader() == "a" and not any(m.type == "repl_timeout_now" for m in cl.sent)
+    assert cl["a"].followers.most_complete_voter(cl.now, ["a", "b", "c"], at_least=cl["a"].log.end_offset + 1,
+                                                  fastest=True) is None
+
+
+def test_a_leader_handed_leadership_is_held_down_before_handing_it_on_for_slowness(monkeypatch):
+    # When the whole network is slow every leader sees it: one that was handed leadership keeps
+    # it for the hold-down before handing it on. (The move-back is out of the picture here.)
+    monkeypatch.setattr("meshq.core.replica.steady_enough", lambda since_s, now_s, election_timeout_s: False)
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.slow["a"] = 0.06
+    write_steadily(cl, 8 * ET)
+    new = cl.leader()
+    assert new != "a" and cl[new].led_by_slow_hand_off
+    since = cl[new].leader_since_s
+    cl.slow = {new: 0.06}  # now the new leader's link is slow
+    write_steadily(cl, since + SLOW_HOLD_DOWN_ELECTIONS * ET - cl.now - 0.5)
+    assert cl.leader() == new and cl[new]._slow_watch.slow_since_s is not None  # slow, but held down
+    assert not any(m.type == "repl_timeout_now" and m.src == new for m in cl.sent)
+    write_steadily(cl, 2 * ET)
+    assert cl.leader() != new and last_sent(cl, new, "repl_timeout_now").sent_s >= since + SLOW_HOLD_DOWN_ELECTIONS * ET
+
+
+class FullSpace:
+    """A node's storage space (``partitions.space``) that can be made full."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def refuse_writes(self, topic: str, partition: int) -> None:
+        if self.full:
+            raise StorageFullError("storage full (test)")
+
+    def note_full(self, reason: str, now_s: float) -> None:
+        self.full = True
+
+
+def test_a_leader_whose_storage_is_full_hands_over_and_gets_leadership_back_once_steady():
+    cl = settled()
+    space = FullSpace()
+    cl["a"]._space = space
+    write_steadily(cl, 3 * ET)
+    space.full = True  # a refuses new records from now on (its writes and its copies)
+    full_s = cl.now
+    cl.run_until(lambda: cl.leader() != "a", timeout_s=4 * ET)
+    new = cl.leader()
+    hand_off = last_sent(cl, "a", "repl_timeout_now")
+    assert hand_off.dst == new and hand_off.sent_s < full_s + HB + 1e-9  # at the next heartbeat
+    write_steadily(cl, 3 * STABILITY_ELECTIONS * ET)  # a refuses every copy: never moved back meanwhile
+    assert cl.leader() == new
+    space.full = False
+    free_s = cl.now
+    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
+    assert cl.leader() == "a" and last_sent(cl, new, "repl_timeout_now").sent_s >= free_s + STABILITY_ELECTIONS * ET - HB
+    cl.check_committed_agree()
+
+
+def test_a_leader_handed_leadership_by_preference_is_not_held_down():
+    # Only a slow hand-off holds the successor down: the preferred replica that took its
+    # leadership back hands it over for slowness after the ordinary minimum.
+    cl = settled()
+    write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
+    cl.inject("a", "b", "repl_timeout_now", {"topic": TOPIC, "partition": PARTITION, "epoch": cl["a"].epoch, "cv": 0})
+    cl.pump()
+    assert cl.leader() == "b" and cl["b"].led_by_hand_off and not cl["b"].led_by_slow_hand_off
+    write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)  # back to a by preference
+    assert cl.leader() == "a" and cl["a"].led_by_hand_off and not cl["a"].led_by_slow_hand_off
+    since = cl["a"].leader_since_s
+    cl.slow["a"] = 0.06
+    write_steadily(cl, 8 * ET)
+    assert cl.leader() != "a"
+    hand_off = last_sent(cl, "a", "repl_timeout_now")
+    assert hand_off.body["slow"] and hand_off.sent_s < since + SLOW_HOLD_DOWN_ELECTIONS * ET
 
 
 def test_restarted_preferred_replica_does_not_depose_a_healthy_leader():

@@ -70,8 +70,8 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "leader": "node-a", "prev_offset": -1,
                      "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}, (BATCH,)),
     "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": False,
-                        "match_end": -1, "hint": 12}, ()),
-    "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2}, ()),
+                        "match_end": -1, "hint": 12, "held_ms": 7}, ()),
+    "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "slow": True}, ()),
     "raft_join": ({"member": MEMBER_INFO}, ()),
     "raft_propose": ({"command": msgpack.packb({"op": "create_topic"})}, ()),
     "raft_propose_ok": ({"index": 12}, ()),
@@ -440,7 +440,8 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 
 # ---------------------------------------------------------------- body rejections
 # fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
-OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader")}
+OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader"),
+                   ("repl_append_ok", "held_ms"), ("repl_timeout_now", "slow")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
                if (type_, name) not in OPTIONAL_FIELDS]
 
@@ -756,3 +757,13 @@ def test_a_heartbeat_from_a_sender_that_predates_adverts_reads_as_version_0():
     del body["adverts"]
     frames = wire.encode("c", "node-b", "heartbeat", 0, body)
     assert wire.decode(frames, "c").body["adverts"] == 0
+
+
+def test_an_append_answer_without_held_ms_reads_as_held_for_no_time():
+    # (a follower of an older release does not send it: the slow-leader rule then sees no hold time)
+    body = {"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": True,
+            "match_end": 5, "hint": 5}
+    message = wire.decode(wire.encode(CLUSTER, "node-b", "repl_append_ok", 1, body), CLUSTER)
+    assert message.body["held_ms"] == 0
+    with pytest.raises(ProtocolError):
+        wire.decode(wire.encode(CLUSTER, "node-b", "repl_append_ok", 1, {**body, "held_ms": -1}), CLUSTER)

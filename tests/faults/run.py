@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import namedtuple
+from collections import Counter, namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +73,8 @@ class Fault:
     start_s: float
     heal_s: float | None = None
     heal: Callable[[], None] | None = field(default=None, repr=False)
+    node_id: str | None = None  # the node a one-node fault hit
+    led: list[int | None] = field(default_factory=list)  # slow: partitions it led once slowed, and at the heal
 
 
 @dataclass
@@ -222,6 +224,20 @@ class FaultRun:
             state[partition] = mine
         return state
 
+    def partitions_led_by(self, node_id: str | None) -> int | None:
+        """How many partitions of the topic ``node_id`` leads, as most answering nodes name their leaders
+        (None: no node answered)."""
+        answers = [v for v in self.lab.probe(self.client_host, self.nodes).values() if v is not None]
+        if not answers or node_id is None:
+            return None
+        led = 0
+        for partition in range(self.partitions):
+            named = Counter(partitions_of(status, TOPIC).get(partition, {}).get("leader") for status in answers)
+            named.pop(None, None)
+            if named and named.most_common(1)[0][0] == node_id:
+                led += 1
+        return led
+
     def stale_views(self, state: dict[int, dict]) -> list[str]:
         """Nodes outside a partition's replicas whose view names another leader than the settled one."""
         views = self.views() or {}
@@ -243,6 +259,22 @@ class FaultRun:
             lines.append(f"{status['node_id']} @ {seed}: " + ", ".join(
                 f"p{p}: leader={d['leader']} in_sync={d['in_sync']} hw={d['high_watermark']}"
                 for p, d in sorted(parts.items())))
+        return "\n".join(lines)
+
+    def producer_evidence(self, acks_path: str) -> str:
+        """The producer's last attempts per partition and the end of its log (when it stops acknowledging)."""
+        last: dict[int, list] = {}
+        for a in self.read_lines(acks_path):
+            last.setdefault(a[0], []).append(a)
+        now = time.monotonic()
+        lines = [f"p{p}: " + "; ".join(f"{'ok @' + str(a[1]) if a[5] is None else a[5]} started {a[3] - now:+.1f} s "
+                                       f"took {a[4] - a[3]:.2f} s" for a in items[-3:])
+                 for p, items in sorted(last.items())]
+        try:
+            with open(f"{self.lab.root}/client-produce.log", encoding="utf-8", errors="replace") as f:
+                lines.append("end of the producer's log:\n" + "".join(f.readlines()[-40:]))
+        except OSError as exc:
+            lines.append(f"(no producer log: {exc})")
         return "\n".join(lines)
 
     def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -340,7 +372,8 @@ class FaultRun:
             def heal() -> None:
                 tc(host.netns, "qdisc", "del", "dev", "eth0", "root")
                 tc(self.lab.bridge_netns, "qdisc", "del", "dev", port, "root")
-            return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal)
+            return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal,
+                         node_id=node.node_id)
         if kind in ("diskfull", "disk-enospc"):
             filler = os.path.join(node.data_dir, "filler")
             stats = os.statvfs(node.data_dir)
@@ -399,7 +432,14 @@ class FaultRun:
             self.faults.append(fault)
             hold = self.rng.uniform(*self.hold_s)
             self.log(f"fault #{len(self.faults)} {kind} on {fault.target}: {fault.detail}; hold {hold:.1f} s")
-            time.sleep(hold)
+            if kind == "slow":
+                # Whether a slow leader hands its partitions over (issue #19 item 10): how many it leads
+                # once slowed, and just before the heal.
+                fault.led.append(self.partitions_led_by(fault.node_id))
+                time.sleep(max(0.0, fault.start_s + hold - time.monotonic()))
+                fault.led.append(self.partitions_led_by(fault.node_id))
+            else:
+                time.sleep(hold)
             assert fault.heal is not None
             fault.heal()
             fault.heal_s = time.monotonic()
@@ -437,8 +477,9 @@ class FaultRun:
                     node.start()
             healed = time.monotonic()
             self.log(f"nemesis done after {healed - nemesis_start:.0f} s and {len(self.faults)} faults; all healed")
-            self.wait(lambda: self.acked_partitions(acks_path, healed) == set(range(self.partitions)), 120,
-                      "acks in every partition after the final heal")
+            wait_until(lambda: self.acked_partitions(acks_path, healed) == set(range(self.partitions)), 120,
+                       "acks in every partition after the final heal", 0.5,
+                       detail=lambda: self.describe() + "\n" + self.producer_evidence(acks_path))
             time.sleep(3)
             for process, name in ((producer, "producer"), (consumer, "consumer")):
                 process.stdin.close()
@@ -540,6 +581,10 @@ class FaultRun:
             per_partition_ends.setdefault(a[0], []).append(a[4])
         for ends in per_partition_ends.values():
             ends.sort()
+        per_partition: dict[int, list] = {}
+        for a in attempts:
+            per_partition.setdefault(a[0], []).append(a)
+        detail: dict[str, list[tuple[float, float, list[str]]]] = {}  # kind -> (first ack, its start, errors)
         for fault in self.faults:
             if fault.heal_s is None:
                 continue
@@ -553,6 +598,12 @@ class FaultRun:
                 if blocked and first is not None:
                     first_ack.setdefault(fault.kind, []).append(first)
                     blocked_count[fault.kind] = blocked_count.get(fault.kind, 0) + 1
+                    # where the wait went: did the acknowledged attempt start before the heal (it sat in flight),
+                    # and which attempts failed between the heal and it
+                    end_s = ends[i]
+                    ok = next(a for a in per_partition[p] if a[5] is None and a[4] == end_s)
+                    errors = [a[5] for a in per_partition[p] if a[5] is not None and fault.heal_s <= a[4] <= end_s]
+                    detail.setdefault(fault.kind, []).append((first, ok[3] - fault.heal_s, errors))
             if all(v is not None for v in after):
                 all_acked.setdefault(fault.kind, []).append(max(after))
 
@@ -607,6 +658,20 @@ class FaultRun:
                   f"{sum(high_watermarks.values())}",
                   f"errors by type: {verdict.errors}",
                   f"longest time without any ack: {longest_gap:.2f} s"]
+        for kind in self.kinds:
+            items = sorted(detail.get(kind, []), reverse=True)
+            if items:
+                in_flight = sum(1 for _first, began, _errors in items if began < 0)
+                lines.append(f"heal->first ack of blocked partitions, {kind}: the acknowledged attempt began before the "
+                             f"heal in {in_flight} of {len(items)}; longest: " + "; ".join(
+                                 f"{first:.2f} s (attempt began {began:+.2f} s from the heal, "
+                                 f"{len(errors)} failed after it: {dict(Counter(errors))})"
+                                 for first, began, errors in items[:3]))
+        slow = [f for f in self.faults if f.kind == "slow" and f.led]
+        if slow:
+            lines.append("slow leaders (partitions the slowed node led once slowed -> just before the heal): " + ", ".join(
+                f"#{self.faults.index(f) + 1} {f.node_id} {'/'.join('?' if n is None else str(n) for n in f.led)}"
+                for f in slow))
         return "\n".join(lines)
 
     # -- clean-up --------------------------------------------------------------------------------------------------

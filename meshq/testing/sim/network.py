@@ -22,6 +22,11 @@ thread's DEALER socket has in the real node: ``open`` names one by a key and the
 reads it; ``send_on`` sends a request from the client node on it, and the leader's reply,
 routed back by that key, goes to the thread instead of the client's core.
 
+A slow link (``slow``, until ``unslow``) adds a delay (fixed, plus a per-message jitter) to
+every message to or from one node, on both channels (the order of pub/sub data on a link is
+kept), and loses a share of them. Only messages on a slow node's links draw for it, so a run
+without one draws as before.
+
 Partitions cut links in both directions, between one side and every other node (clients
 included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
 non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
@@ -53,6 +58,7 @@ class Network:
         self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
         self._readers: dict[str, Callable[[str, wire.Message], None]] = {}  # own connection key -> its reader
         self._data_due: dict[tuple[str, str], float] = {}  # (source, target) -> when its last data arrives
+        self._slow: dict[str, tuple[float, float, float]] = {}  # node -> (delay, jitter, loss) of its messages
 
     def attach(self, node: SimNode) -> None:
         """Make the node reachable at its request and publish endpoints."""
@@ -99,8 +105,11 @@ class Network:
         if frozenset((node.node_id, target)) in self._cut or (sim.faulting and sim.rng.random() < sim.options.faults.drop):
             sim.stats["dropped"] += 1
             return
+        if self._slow_lost(node.node_id, target):
+            return
         link = (node.node_id, target)
-        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s), self._data_due.get(link, 0.0))
+        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s) + self._extra(node.node_id, target),
+                   self._data_due.get(link, 0.0))
         self._data_due[link] = when
         sim.at(when, "deliver", (node.node_id, target, ("data", None), list(frames)))
 
@@ -118,13 +127,15 @@ class Network:
         if sim.faulting and sim.rng.random() < faults.drop:
             sim.stats["dropped"] += 1
             return
+        if self._slow_lost(source, target):
+            return
         copies = 2 if sim.faulting and sim.rng.random() < faults.duplicate else 1
         sim.stats["duplicated"] += copies - 1
         if faults.corrupt and sim.faulting and sim.rng.random() < faults.corrupt:
             frames = self._corrupted(frames)
             sim.stats["corrupted"] = sim.stats.get("corrupted", 0) + 1
         for _ in range(copies):
-            latency = sim.rng.uniform(*faults.latency_s)
+            latency = sim.rng.uniform(*faults.latency_s) + self._extra(source, target)
             sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
 
     def _corrupted(self, frames: list) -> list:
@@ -193,6 +204,37 @@ class Network:
             sim.feed(node, ReplyReceived(channel[1], message))
         else:
             sim.feed(node, EventReceived(message))
+
+    # ------------------------------------------------------------------ slow links
+    def _extra(self, source: str, target: str) -> float:
+        if not self._slow:
+            return 0.0
+        extra = 0.0
+        for end in (source, target):
+            slow = self._slow.get(end)
+            if slow is not None:
+                delay_s, jitter_s, _loss = slow
+                extra += delay_s + (self.sim.rng.uniform(0.0, jitter_s) if jitter_s else 0.0)
+        return extra
+
+    def _slow_lost(self, source: str, target: str) -> bool:
+        """A message on a slow node's link is lost (counted as dropped)."""
+        if not self._slow:
+            return False
+        for end in (source, target):
+            slow = self._slow.get(end)
+            if slow is not None and slow[2] and self.sim.rng.random() < slow[2]:
+                self.sim.stats["dropped"] += 1
+                return True
+        return False
+
+    def slow(self, node_id: str, delay_s: float, jitter_s: float = 0.0, loss: float = 0.0) -> None:
+        """Every message to or from ``node_id`` takes ``delay_s`` (plus up to ``jitter_s``) longer
+        and is lost with probability ``loss`` (until ``unslow``)."""
+        self._slow[node_id] = (delay_s, jitter_s, loss)
+
+    def unslow(self, node_id: str) -> None:
+        self._slow.pop(node_id, None)
 
     # ------------------------------------------------------------------ partitions
     @property

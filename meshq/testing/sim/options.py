@@ -23,6 +23,21 @@ TOPIC = "events"
 
 
 @dataclass(frozen=True)
+class SlowLink:
+    """A slow link on one node: from ``from_s`` until ``until_s`` every message to or from
+    ``node`` takes ``delay_s`` (plus up to ``jitter_s`` more, drawn per message) longer, and is
+    lost with probability ``loss``. Only messages on its links draw from the run's random stream
+    for it, so a run without one draws as before."""
+
+    node: str
+    from_s: float
+    until_s: float
+    delay_s: float
+    jitter_s: float = 0.0
+    loss: float = 0.0
+
+
+@dataclass(frozen=True)
 class FaultOptions:
     """Fault rates; probabilities per message, rates per simulated second."""
 
@@ -79,6 +94,9 @@ class SimOptions:
     pubsub: bool = False  # publishers and subscribers on every node (meshq.testing.sim.pubsub)
     rpc: bool = False  # request/reply (meshq.testing.sim.rpc): services on the storage nodes, callers on clients
     acl: bool = False  # grants and revokes through the metadata group (meshq.testing.sim.acl); never swarm-drawn
+    # one node's slow link (``SlowLink``) for a while; the node must stop leading
+    # (``SlowLeaderChecker``); never swarm-drawn
+    slow_link: SlowLink | None = None
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

@@ -58,7 +58,7 @@ from meshq.core.events import (
 )
 from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
-from meshq.testing.checks import Checker, Violation
+from meshq.testing.checks import Checker, SlowLeaderChecker, Violation
 from meshq.testing.sim.acl import AclWorkload
 from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.group import NODES as GROUP_NODES
@@ -132,6 +132,7 @@ class Simulation:
         self._held_data: dict[tuple[str, int], list] = {}  # (node, incarnation) -> pub/sub batches held while paused
         self.rpc = RpcWorkload(self) if options.rpc else None  # request/reply, when the run has it
         self.acl = AclWorkload(self) if options.acl else None  # grants and revokes, when the run has them
+        self.slow_leader = SlowLeaderChecker(self) if options.slow_link is not None else None
 
     # ------------------------------------------------------------------ what the checkers read
     @property
@@ -324,6 +325,9 @@ class Simulation:
             self.at(options.leave[1], "leave", None)
         if options.outage is not None:
             self.at(options.outage[1], "outage", None)
+        if options.slow_link is not None:
+            self.at(options.slow_link.from_s, "slow", True)
+            self.at(options.slow_link.until_s, "slow", False)
         self.checker.after_event()
         self.at(0.1, "fault", None)
         self.at(1.0, "produce", None)
@@ -363,6 +367,8 @@ class Simulation:
                     self.shared.checker.on_clock()
                 if self.acl is not None:
                     self.acl.checker.after_event(self.touched, self.acl.names())
+                if self.slow_leader is not None:
+                    self.slow_leader.after_event()
                 if self.checker.new_steps:
                     self.fault_injector.step_nemesis()
             except Violation as violation:
@@ -487,6 +493,16 @@ class Simulation:
             self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
+        elif kind == "slow":
+            assert self.options.slow_link is not None and self.slow_leader is not None
+            link = self.options.slow_link
+            if data:
+                self.network.slow(link.node, link.delay_s, link.jitter_s, link.loss)
+            else:
+                self.network.unslow(link.node)
+            self.slow_leader.on_slow(bool(data), self.now_s)
+            self.log(f"slow link {link.node} +{link.delay_s:.3f} s (jitter {link.jitter_s:.3f} s, loss {link.loss:.0%})"
+                     if data else f"slow link {link.node} healed")
         elif kind == "disk_free":
             self.fault_injector.free_disk(data)
         elif kind == "fault":
