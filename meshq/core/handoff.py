@@ -8,27 +8,26 @@ has won its election: a short interruption, but one. Two rules decide when it is
 data: time comes in as ``now_s`` and is counted in election timeouts (``election_timeout_s``).
 
 **Move-back to the preferred replica** (``steady_enough``). The first replica of the
-assignment (the ring owner) should lead, so leadership stays balanced over the nodes. But a
-heal is exactly when the preferred replica comes back, and moving leadership to it then costs
-a second interruption right after the first. So the leader hands over to the preferred replica
-only once that replica has been *steady* for ``STABILITY_ELECTIONS`` election timeouts (10 s
-with the default 1 s), and only while it is in sync (then it holds the whole log one round trip
-after the leader pauses writes: the transfer is as cheap as a transfer gets). The leader tracks
-every follower's steadiness (``FollowerProgress.steady_since_s``): a heartbeat that finds it out
-of contact (silent for more than two heartbeats) or slow next to the other followers
+assignment (the ring owner) should lead, so leadership stays balanced over the nodes: a leader
+that has led for two election timeouts hands over to it once it holds the whole log and is in
+contact (``Replica._maybe_hand_off``). The exception is a preferred replica that handed
+leadership over because it was slow: it gets leadership back only once it has been *steady*
+for ``STABILITY_ELECTIONS`` election timeouts counted from the hand-off. The leader tracks every
+follower's steadiness (``FollowerProgress.steady_since_s``): a heartbeat that finds it out of
+contact (silent for more than two heartbeats) or slow next to the other followers
 (``peer_slow``), and a voter's refusal of an append (its storage is full, its log diverged),
-restart its window. A leadership won by an election starts the preferred
-replica's window (it was away or slow, or it would still lead); a leadership received by a
-hand-off, and a member the leader starts tracking (a rebalance's new replica), start steady:
-nothing was interrupted there, so a rebalance that reorders the voters does not wait.
+restart its window. (A stability window before every move-back, so that a heal costs one
+interruption instead of two, shifts the simulator's pinned runs and is not part of this rule.)
 
 **A slow leader hands over** (``CommitClock`` and ``leader_slow``). With a replication factor
 of 3 or more a quorum commit needs only the fastest follower(s), so when the leader's own
 commit latency (local append to the high watermark covering it) is high although the
 followers store quickly, the common factor is the leader (its link, its disk, its CPU). The
-rule: at every heartbeat, the commits of the last ``SLOW_SAMPLE_ELECTIONS`` election timeouts
-(at least ``SLOW_MIN_COMMITS`` of them) have a median latency above both ``SLOW_FLOOR_S`` (50 ms) and
-``SLOW_FACTOR`` (4) times the followers' own reported local hold time (the time a follower
+rule (conservative: it must never fire on ordinary jitter and drops): at every heartbeat, the
+commits of the last ``SLOW_SAMPLE_ELECTIONS`` election timeouts (at least ``SLOW_MIN_COMMITS``
+of them) have a median latency above both ``SLOW_FLOOR_S`` (150 ms) and ``SLOW_FACTOR`` (4)
+times the followers' own reported local hold time — once the window has begun, above
+``SLOW_EXIT_RATIO`` (2/3) of that (hysteresis) (the time a follower
 kept an append before acknowledging it: its fsync with ``fsync=always``); when that has held at
 every heartbeat that had enough commits to judge (one without them changes nothing: a slow
 leader's clients send less) for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
@@ -44,7 +43,7 @@ when the whole network, not one leader, is slow: every leader then sees the same
 successor of a slow leader does not hand over for slowness for ``SLOW_HOLD_DOWN_ELECTIONS``,
 and a move-back comes at most one stability window after a slow hand-off — so a slow hand-off
 and a move-back (two short interruptions) at most every ``STABILITY_ELECTIONS`` +
-``SLOW_WINDOW_ELECTIONS`` election timeouts (13 s with the defaults) per partition, instead of
+``SLOW_WINDOW_ELECTIONS`` election timeouts (15 s with the defaults) per partition, instead of
 one per window. Choosing whom to hand over to follows the assignment's order (the
 first voter in contact, holding everything committed and not slow next to the others), so a
 rebalance's target members take leadership before a replica on its way out.
@@ -63,6 +62,7 @@ from collections.abc import Iterable
 STABILITY_ELECTIONS = 10.0  # the preferred replica must be steady this long before a move-back
 SLOW_FLOOR_S = 0.15  # a median commit latency below this is never "slow" (far above a LAN's)
 SLOW_FACTOR = 4.0  # ... nor one below this many times the followers' own hold time
+SLOW_EXIT_RATIO = 2.0 / 3.0  # once slow, still slow above this share of the threshold (100 ms)
 SLOW_WINDOW_ELECTIONS = 5.0  # slow at every judged heartbeat this long before handing over
 SLOW_SAMPLE_ELECTIONS = 2.0  # each heartbeat judges the commits of this many election timeouts
 SLOW_MIN_COMMITS = 3  # ... and only when there were at least this many
@@ -104,14 +104,17 @@ def median(values: Iterable[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def leader_slow(latencies: list[float], follower_hold_s: list[float]) -> bool | None:
+def leader_slow(latencies: list[float], follower_hold_s: list[float], already: bool = False) -> bool | None:
     """The slow-leader test for one heartbeat (see the module docstring): the commits' median
-    latency above the floor and ``SLOW_FACTOR`` times the followers' hold time; None when there
-    were too few commits to judge."""
+    latency above the floor and ``SLOW_FACTOR`` times the followers' hold time — or, once the
+    slow window has begun (``already``), above ``SLOW_EXIT_RATIO`` of that (the hysteresis: a
+    jittery slow link's median wobbling around the threshold does not restart the window);
+    None when there were too few commits to judge."""
     if len(latencies) < SLOW_MIN_COMMITS:
         return None
     hold = min(follower_hold_s, default=0.0)  # the fastest follower is the one a quorum waits for
-    return median(latencies) > max(SLOW_FLOOR_S, SLOW_FACTOR * hold)
+    threshold = max(SLOW_FLOOR_S, SLOW_FACTOR * hold)
+    return median(latencies) > (threshold * SLOW_EXIT_RATIO if already else threshold)
 
 
 def peer_slow(ack_s: float | None, others_ack_s: list[float]) -> bool:

@@ -38,8 +38,8 @@ the partition's record log and whose index is the record offset; the Raft term i
   ``followers`` (``meshq.core.followers``).
 * **Hand-offs** (``meshq.core.handoff`` states the rules). The first replica of the assignment
   (the ring owner) is the preferred leader: a leader hands leadership to it
-  (``repl_timeout_now``, Raft's leadership transfer) once it has been steady — in contact, not
-  slow, caught up — for a stability window, not right after it came back. A leader whose
+  (``repl_timeout_now``, Raft's leadership transfer) once it is in contact and holds the whole
+  log (one that handed over for slowness: once it has also been steady for a stability window). A leader whose
   commits stay slow although its followers store quickly hands leadership to the most complete
   voter in contact. During a hand-off the leader takes no writes; it sends
   ``repl_timeout_now`` once the target holds its whole log, and resumes if no successor
@@ -276,7 +276,7 @@ class Replica:
                 if successor is not None:
                     log.info("%s/%d: %s left the replica set; handing leadership to %s", self.topic,
                              self.partition, self.node_id, successor)
-                    body = self._key_body(epoch=self.epoch, cv=self.config_version, slow=False)
+                    body = self._key_body(epoch=self.epoch, cv=self.config_version)
                     self._send(successor, "repl_timeout_now", body, ())
                 self._step_down(self.epoch, now_s, None)
                 return
@@ -409,7 +409,8 @@ class Replica:
         window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
         holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
         latencies = self._commits.recent(now_s, window_s)
-        verdict = leader_slow(latencies, holds) if len(self.replicas) >= 2 else False
+        verdict = (leader_slow(latencies, holds, self._slow_watch.slow_since_s is not None)
+                   if len(self.replicas) >= 2 else False)
         if verdict is not None and latencies:
             self._slow_median_s = median(latencies)  # (what the last judgement saw, for the log line)
         self._slow_watch.check(now_s, verdict)
@@ -438,8 +439,9 @@ class Replica:
         f = self.followers.get(preferred) if preferred is not None else None
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
-        if steady_enough(f.steady_since_s, now_s, self.election_timeout_s) and preferred in self.in_sync(now_s):
-            # (in sync: it holds the whole log one round trip after writes pause)
+        if preferred == self._slow_predecessor and not steady_enough(f.steady_since_s, now_s, self.election_timeout_s):
+            return  # it handed over for slowness: not back to it before it has been steady for the window
+        if f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2:
             log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
             self._begin_transfer(preferred, now_s)
 
@@ -476,8 +478,8 @@ class Replica:
         if f is None or not self.handing_off(now_s) or f.match_end < self.log.end_offset:
             return
         self._transfer_target = None
-        self._send(target, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version,
-                                                              slow=self._transfer_slow), ())
+        extra = {"slow": True} if self._transfer_slow else {}  # (absent reads as false)
+        self._send(target, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version, **extra), ())
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -752,10 +754,11 @@ class Replica:
         self._reply_append(sender, True, matched_end, self.log.end_offset)
 
     def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int, held_s: float = 0.0) -> None:
+        held_ms = min(1 << 31, max(0, round(held_s * 1000)))
+        extra = {"held_ms": held_ms} if held_ms else {}  # (absent reads as 0: answers stay as short as before)
         self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
                                                             match_end=match_end, hint=max(0, hint),
-                                                            cv=self.config_version,
-                                                            held_ms=min(1 << 31, max(0, round(held_s * 1000)))), ())
+                                                            cv=self.config_version, **extra), ())
 
     def on_synced(self, now_s: float) -> None:
         """The log was synced: a leader may commit more, a follower may confirm more."""
@@ -790,7 +793,7 @@ class Replica:
         resend = True
         if body["ok"]:
             f.matched(body["match_end"], self.log.end_offset)
-            f.timed(body["match_end"], body["held_ms"] / 1000.0, now_s)
+            f.timed(body["match_end"], body.get("held_ms", 0) / 1000.0, now_s)
             self._advance_high_watermark(now_s)
             if sender == self._transfer_target:
                 self._send_timeout_now(now_s)

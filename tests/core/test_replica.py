@@ -505,9 +505,7 @@ def test_leadership_hand_off_to_caught_up_preferred_replica():
     sent = cl.held[0]
     assert sent.src == old and sent.dst == "a" and sent.body["epoch"] == leader.epoch
     assert sent.sent_s >= leader.leader_since_s + 2 * ET
-    # not right after it came back: once it has been steady for the stability window (counted from
-    # the election, or from the last heartbeat that found it away), at the first heartbeats after that
-    assert leader.leader_since_s + STABILITY_ELECTIONS * ET <= sent.sent_s < back_s + STABILITY_ELECTIONS * ET + 3 * HB
+    assert sent.sent_s < max(back_s, leader.leader_since_s + 2 * ET) + 3 * HB  # once it has caught up
     assert leader.followers["a"].match_end == cl.nodes[old].log.end_offset == end
     assert leader.handing_off(cl.now) and not leader.lease_valid(cl.now)
     assert leader.is_leader
@@ -538,31 +536,6 @@ def test_no_hand_off_before_two_election_timeouts_of_leadership():
     assert cl["a"].role == FOLLOWER
     assert not any(m.type == "repl_timeout_now" for m in cl.sent)
     assert leader.lease_valid(cl.now) and not leader.handing_off(cl.now)
-
-
-def test_no_move_back_while_the_preferred_replica_keeps_dropping_out():
-    # A heal is when the preferred replica comes back: every lapse (out of contact for longer
-    # than two heartbeats) restarts its stability window, so no hand-off follows a heal at once.
-    cl = Cluster(start=False)
-    cl.kill("a")
-    cl.start("b")
-    cl.start("c")
-    cl.run_until(lambda: bool(cl.leaders()), timeout_s=10)
-    old = cl.leader()
-    cl.revive("a")
-    cl.start("a")
-    for _ in range(3):
-        cl.advance(0.6 * STABILITY_ELECTIONS * ET)
-        cl.isolate("a")
-        cl.advance(0.5)
-        cl.heal()
-    healed_s = cl.now
-    cl.advance(STABILITY_ELECTIONS * ET - 0.5)
-    assert not any(m.type == "repl_timeout_now" for m in cl.sent)
-    assert cl.leader() == old
-    cl.run_until(lambda: cl.leaders() == ["a"], timeout_s=5)  # steady for the window: it moves back
-    hand_off = last_sent(cl, old, "repl_timeout_now")
-    assert hand_off.sent_s >= healed_s + STABILITY_ELECTIONS * ET
 
 
 def test_a_leader_handed_leadership_moves_it_to_the_preferred_replica_without_the_window():
@@ -616,14 +589,14 @@ def test_a_slow_leader_hands_leadership_to_the_most_complete_follower_and_is_not
     write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
     assert cl.leader() == "a"
     back = last_sent(cl, new, "repl_timeout_now")
-    assert back.dst == "a" and not back.body["slow"]
+    assert back.dst == "a" and not back.body.get("slow", False)
     assert back.sent_s >= max(fast_s, since) + STABILITY_ELECTIONS * ET - 2 * HB
     cl.check_committed_agree()
 
 
 def test_without_the_slow_leader_rule_a_slow_leader_keeps_leading(monkeypatch):
     # The mutation: the test above fails without the rule.
-    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda latencies, holds: False)
+    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda *args: False)
     cl = settled()
     write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
     cl.slow["a"] = 0.06
@@ -699,7 +672,8 @@ def test_a_leader_whose_storage_is_full_hands_over_and_gets_leadership_back_once
     space.full = False
     free_s = cl.now
     write_steadily(cl, STABILITY_ELECTIONS * ET + 2 * ET)
-    assert cl.leader() == "a" and last_sent(cl, new, "repl_timeout_now").sent_s >= free_s + STABILITY_ELECTIONS * ET - HB
+    # (back by preference once it holds the whole log again: only a slow predecessor waits a window)
+    assert cl.leader() == "a" and last_sent(cl, new, "repl_timeout_now").sent_s >= free_s
     cl.check_committed_agree()
 
 
