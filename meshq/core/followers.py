@@ -61,7 +61,6 @@ class FollowerProgress:
     ack_s: float | None = None  # moving average of the time from an append to its answer
     hold_s: float = 0.0  # moving average of what the follower said it held appends before answering
     steady_since_s: float = float("-inf")  # since when in contact and not slow (the move-back's window)
-    last_hint: int | None = None  # the hint of the last refusal since the last accepted append
 
     def sending(self, end: int, now_s: float) -> None:
         """An append (or heartbeat) covering the log up to ``end`` goes out now."""
@@ -84,7 +83,6 @@ class FollowerProgress:
 
     def matched(self, match_end: int, log_end: int) -> None:
         """The follower holds our log up to ``match_end`` (exclusive)."""
-        self.last_hint = None
         if match_end > self.match_end:
             self.match_end = min(match_end, log_end)
         if self.next_offset < self.match_end:
@@ -94,18 +92,14 @@ class FollowerProgress:
         """The follower refused an append; whether its position moved back (progress).
 
         The hint is where the follower's log ends or where its diverging epoch run starts: it
-        only decreases while the logs disagree, so this converges on the match point. The same
-        hint twice in a row is no progress: the follower cannot take what we send from there (its
-        storage is full), and resending at once would only ping-pong with it.
+        only decreases while the logs disagree, so this converges on the match point.
         """
         before = self.next_offset
-        repeated = hint == self.last_hint
-        self.last_hint = hint
         self.next_offset = min(self.next_offset, hint)
         self.match_end = min(self.match_end, self.next_offset)
         self.in_flight = 0
         self.sent.clear()
-        return self.next_offset < before and not repeated
+        return self.next_offset < before
 
 
 class Followers(dict[str, FollowerProgress]):

@@ -27,7 +27,8 @@ rule (conservative: it must never fire on ordinary jitter and drops): at every h
 commits of the last ``SLOW_SAMPLE_ELECTIONS`` election timeouts (at least ``SLOW_MIN_COMMITS``
 of them) have a median latency above both ``SLOW_FLOOR_S`` (150 ms) and ``SLOW_FACTOR`` (4)
 times the followers' own reported local hold time — once the window has begun, above
-``SLOW_EXIT_RATIO`` (2/3) of that (hysteresis) (the time a follower
+``SLOW_EXIT_RATIO`` (2/3) of that (hysteresis) — and at most an election timeout (a longer
+median is a replication stall, not a slow link) (the time a follower
 kept an append before acknowledging it: its fsync with ``fsync=always``); when that has held at
 every heartbeat that had enough commits to judge (one without them changes nothing: a slow
 leader's clients send less) for ``SLOW_WINDOW_ELECTIONS`` election timeouts, and this leader has led for at
@@ -104,17 +105,21 @@ def median(values: Iterable[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def leader_slow(latencies: list[float], follower_hold_s: list[float], already: bool = False) -> bool | None:
+def leader_slow(latencies: list[float], follower_hold_s: list[float], already: bool = False,
+                ceiling_s: float = float("inf")) -> bool | None:
     """The slow-leader test for one heartbeat (see the module docstring): the commits' median
     latency above the floor and ``SLOW_FACTOR`` times the followers' hold time — or, once the
     slow window has begun (``already``), above ``SLOW_EXIT_RATIO`` of that (the hysteresis: a
     jittery slow link's median wobbling around the threshold does not restart the window);
-    None when there were too few commits to judge."""
+    None when there were too few commits to judge. A median above ``ceiling_s`` (an election
+    timeout) is no slow leader but a stall — followers paused or cut off, which elections
+    handle — and counts as not slow."""
     if len(latencies) < SLOW_MIN_COMMITS:
         return None
     hold = min(follower_hold_s, default=0.0)  # the fastest follower is the one a quorum waits for
     threshold = max(SLOW_FLOOR_S, SLOW_FACTOR * hold)
-    return median(latencies) > (threshold * SLOW_EXIT_RATIO if already else threshold)
+    middle = median(latencies)
+    return ceiling_s >= middle > (threshold * SLOW_EXIT_RATIO if already else threshold)
 
 
 def peer_slow(ack_s: float | None, others_ack_s: list[float]) -> bool:

@@ -409,7 +409,7 @@ class Replica:
         window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
         holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
         latencies = self._commits.recent(now_s, window_s)
-        verdict = (leader_slow(latencies, holds, self._slow_watch.slow_since_s is not None)
+        verdict = (leader_slow(latencies, holds, self._slow_watch.slow_since_s is not None, self.election_timeout_s)
                    if len(self.replicas) >= 2 else False)
         if verdict is not None and latencies:
             self._slow_median_s = median(latencies)  # (what the last judgement saw, for the log line)
@@ -724,7 +724,7 @@ class Replica:
                 self._persist()
             if appended:
                 self._on_follower_append()
-            self._reply_append(sender, False, -1, self.log.end_offset)
+            self._reply_append(sender, False, -1, self.log.end_offset, full=True)
             return
         if self.last_epoch < epoch and matched_end >= body["epoch_start"]:
             # Our log equals the leader's up to where its epoch begins: anything we hold past that
@@ -753,9 +753,12 @@ class Replica:
             matched_end = min(matched_end, self.log.synced_offset)
         self._reply_append(sender, True, matched_end, self.log.end_offset)
 
-    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int, held_s: float = 0.0) -> None:
+    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int, held_s: float = 0.0,
+                      full: bool = False) -> None:
         held_ms = min(1 << 31, max(0, round(held_s * 1000)))
-        extra = {"held_ms": held_ms} if held_ms else {}  # (absent reads as 0: answers stay as short as before)
+        extra: dict[str, Any] = {"held_ms": held_ms} if held_ms else {}  # (absent reads as 0: answers stay as short as before)
+        if full:
+            extra["full"] = True  # (absent reads as false)
         self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
                                                             match_end=match_end, hint=max(0, hint),
                                                             cv=self.config_version, **extra), ())
@@ -800,7 +803,7 @@ class Replica:
         else:
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
-            resend = f.refused(body["hint"])
+            resend = f.refused(body["hint"]) and not body.get("full", False)
             if sender in self.replicas:
                 f.steady_since_s = now_s  # (a full disk, a diverged log: not a replica to move leadership to)
         if resend and f.next_offset < self.log.end_offset:

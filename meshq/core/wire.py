@@ -335,9 +335,11 @@ SCHEMAS: dict[str, Schema] = {
     "repl_vote_ok": Schema(Struct(**_REPL, voter=NODE, granted=Bool(), pre_vote=Bool(), for_epoch=EPOCH)),
     "repl_append": Schema(Struct(**_REPL, leader=NODE, prev_offset=Int(-1, 1 << 62), prev_epoch=EPOCH,
                                  hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62), log_start=Int(0, 1 << 62)), 0, 1),
-    # held_ms: how long the follower kept the append before this answer (its fsync; the slow-leader rule)
+    # held_ms: how long the follower kept the append before this answer (its fsync; the slow-leader rule);
+    # full: refused because its storage is full (the leader resends at the next heartbeat, not at once)
     "repl_append_ok": Schema(Struct(**_REPL, follower=NODE, ok=Bool(), match_end=Int(-1, 1 << 62),
-                                    hint=Int(0, 1 << 62), held_ms=Default(Int(0, 1 << 31), 0))),
+                                    hint=Int(0, 1 << 62), held_ms=Default(Int(0, 1 << 31), 0),
+                                    full=Default(Bool(), False))),
     # slow: the leader hands over because it is slow (its successor then holds leadership down)
     "repl_timeout_now": Schema(Struct(**_REPL, slow=Default(Bool(), False))),
     "raft_join": Schema(Struct(member=MEMBER_INFO)),

@@ -70,7 +70,7 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "leader": "node-a", "prev_offset": -1,
                      "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}, (BATCH,)),
     "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": False,
-                        "match_end": -1, "hint": 12, "held_ms": 7}, ()),
+                        "match_end": -1, "hint": 12, "held_ms": 7, "full": True}, ()),
     "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "slow": True}, ()),
     "raft_join": ({"member": MEMBER_INFO}, ()),
     "raft_propose": ({"command": msgpack.packb({"op": "create_topic"})}, ()),
@@ -441,7 +441,7 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 # ---------------------------------------------------------------- body rejections
 # fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
 OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader"),
-                   ("repl_append_ok", "held_ms"), ("repl_timeout_now", "slow")}
+                   ("repl_append_ok", "held_ms"), ("repl_append_ok", "full"), ("repl_timeout_now", "slow")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
                if (type_, name) not in OPTIONAL_FIELDS]
 
