@@ -26,8 +26,7 @@ followers store quickly, the common factor is the leader (its link, its disk, it
 rule (conservative: it must never fire on ordinary jitter and drops): at every heartbeat, the
 commits of the last ``SLOW_SAMPLE_ELECTIONS`` election timeouts (at least ``SLOW_MIN_COMMITS``
 of them) have a median latency above both ``SLOW_FLOOR_S`` (150 ms) and ``SLOW_FACTOR`` (4)
-times the followers' own reported local hold time — once the window has begun, above
-``SLOW_EXIT_RATIO`` (2/3) of that (hysteresis) — and at most an election timeout (a longer
+times the followers' own reported local hold time — and at most an election timeout (a longer
 median is a replication stall, not a slow link) (the time a follower
 kept an append before acknowledging it: its fsync with ``fsync=always``); when that has held at
 every heartbeat that had enough commits to judge (one without them changes nothing: a slow
@@ -63,7 +62,6 @@ from collections.abc import Iterable
 STABILITY_ELECTIONS = 10.0  # the preferred replica must be steady this long before a move-back
 SLOW_FLOOR_S = 0.15  # a median commit latency below this is never "slow" (far above a LAN's)
 SLOW_FACTOR = 4.0  # ... nor one below this many times the followers' own hold time
-SLOW_EXIT_RATIO = 2.0 / 3.0  # once slow, still slow above this share of the threshold (100 ms)
 SLOW_WINDOW_ELECTIONS = 5.0  # slow at every judged heartbeat this long before handing over
 SLOW_SAMPLE_ELECTIONS = 2.0  # each heartbeat judges the commits of this many election timeouts
 SLOW_MIN_COMMITS = 3  # ... and only when there were at least this many
@@ -105,12 +103,10 @@ def median(values: Iterable[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def leader_slow(latencies: list[float], follower_hold_s: list[float], already: bool = False,
+def leader_slow(latencies: list[float], follower_hold_s: list[float],
                 ceiling_s: float = float("inf")) -> bool | None:
     """The slow-leader test for one heartbeat (see the module docstring): the commits' median
-    latency above the floor and ``SLOW_FACTOR`` times the followers' hold time — or, once the
-    slow window has begun (``already``), above ``SLOW_EXIT_RATIO`` of that (the hysteresis: a
-    jittery slow link's median wobbling around the threshold does not restart the window);
+    latency above the floor and ``SLOW_FACTOR`` times the followers' hold time;
     None when there were too few commits to judge. A median above ``ceiling_s`` (an election
     timeout) is no slow leader but a stall — followers paused or cut off, which elections
     handle — and counts as not slow."""
@@ -119,7 +115,7 @@ def leader_slow(latencies: list[float], follower_hold_s: list[float], already: b
     hold = min(follower_hold_s, default=0.0)  # the fastest follower is the one a quorum waits for
     threshold = max(SLOW_FLOOR_S, SLOW_FACTOR * hold)
     middle = median(latencies)
-    return ceiling_s >= middle > (threshold * SLOW_EXIT_RATIO if already else threshold)
+    return ceiling_s >= middle > threshold
 
 
 def peer_slow(ack_s: float | None, others_ack_s: list[float]) -> bool:

@@ -409,7 +409,7 @@ class Replica:
         window_s = SLOW_SAMPLE_ELECTIONS * self.election_timeout_s
         holds = [f.hold_s for peer, f in self.followers.items() if peer in self.replicas and f.ack_s is not None]
         latencies = self._commits.recent(now_s, window_s)
-        verdict = (leader_slow(latencies, holds, self._slow_watch.slow_since_s is not None, self.election_timeout_s)
+        verdict = (leader_slow(latencies, holds, ceiling_s=self.election_timeout_s)
                    if len(self.replicas) >= 2 else False)
         if verdict is not None and latencies:
             self._slow_median_s = median(latencies)  # (what the last judgement saw, for the log line)
