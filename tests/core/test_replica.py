@@ -596,7 +596,7 @@ def test_a_slow_leader_hands_leadership_to_the_most_complete_follower_and_is_not
 
 def test_without_the_slow_leader_rule_a_slow_leader_keeps_leading(monkeypatch):
     # The mutation: the test above fails without the rule.
-    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda *args: False)
+    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda *args, **kwargs: False)
     cl = settled()
     write_steadily(cl, SLOW_MIN_LEAD_ELECTIONS * ET)
     cl.slow["a"] = 0.06

@@ -50,7 +50,7 @@ def test_the_issue_fault_100_ms_jitter_and_loss_on_the_leader_link_with_drops_an
 
 
 def test_the_checker_catches_a_slow_leader_that_keeps_leading(monkeypatch):
-    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda *args: False)
+    monkeypatch.setattr("meshq.core.replica.leader_slow", lambda *args, **kwargs: False)
     for seed in SEEDS:
         _simulation, result = run(seed)
         assert not result.ok and "still leads" in str(result.violations[0]), (seed, result.violations)
