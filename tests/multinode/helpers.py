@@ -858,6 +858,21 @@ def keygen(*args: str) -> None:
     assert done.returncode == 0, done.stderr.decode()
 
 
+def keyed_mesh(mesh: Any, *clients: str) -> tuple[Any, str, list]:
+    """(mesh, key set dir, 3 keyed storage nodes, RF 3, 2 partitions); ``clients`` are added with
+    ``keygen --client`` while the nodes run (a key granted later is accepted without restarts)."""
+    import os
+
+    keys = os.path.join(mesh.root, "keys")
+    keygen(keys)
+    extra = ["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3", "--partitions", "2"]
+    first = mesh.start(1, extra=extra)
+    nodes = first + mesh.start(2, seeds=first, extra=extra)
+    for name in clients:
+        keygen(keys, "--client", name)
+    return mesh, keys, nodes
+
+
 def keyed_client(mesh: Any, nodes: Iterable[Any], keys_dir: str) -> Any:
     """A started and ready client node with the client keys in ``keys_dir``, seeded with ``nodes``."""
     import meshq

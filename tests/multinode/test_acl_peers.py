@@ -16,7 +16,7 @@ import os
 import pytest
 
 import meshq
-from tests.multinode.helpers import keyed_client, keygen, wait_until
+from tests.multinode.helpers import keyed_client, keyed_mesh, wait_until
 from tests.procs import run_cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -25,14 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def keyed(mesh):
     """(mesh, key set dir, the 3 keyed storage nodes); clients alice and bob added while the nodes run."""
-    keys = os.path.join(mesh.root, "keys")
-    keygen(keys)
-    extra = ["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3", "--partitions", "2"]
-    first = mesh.start(1, extra=extra)
-    nodes = first + mesh.start(2, seeds=first, extra=extra)
-    keygen(keys, "--client", "alice")
-    keygen(keys, "--client", "bob")
-    return mesh, keys, nodes
+    return keyed_mesh(mesh, "alice", "bob")
 
 
 def _request(client: meshq.Node, service: str, payload: bytes = b"ping") -> bytes | BaseException:

@@ -18,7 +18,7 @@ import pytest
 
 import meshq
 from meshq.core.pubsub import frames
-from tests.multinode.helpers import keyed_client, keygen, wait_until
+from tests.multinode.helpers import keyed_client, keyed_mesh, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 REVOKE_BOUND_S = 10.0  # views refresh every second; the bound leaves room for a loaded machine
@@ -26,14 +26,7 @@ REVOKE_BOUND_S = 10.0  # views refresh every second; the bound leaves room for a
 
 @pytest.fixture
 def keyed(mesh):
-    keys = os.path.join(mesh.root, "keys")
-    keygen(keys)
-    extra = ["--keys", os.path.join(keys, "cluster"), "--replication-factor", "3", "--partitions", "2"]
-    first = mesh.start(1, extra=extra)
-    nodes = first + mesh.start(2, seeds=first, extra=extra)
-    for name in ("alice", "bob", "carol"):
-        keygen(keys, "--client", name)
-    return mesh, keys, nodes
+    return keyed_mesh(mesh, "alice", "bob", "carol")
 
 
 def _subscribe(client: meshq.Node, pattern: str):
