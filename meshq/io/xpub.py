@@ -11,7 +11,8 @@ CURVE key there (``meshq.io.curve.KEY_PROPERTY``); ``frames.may_subscribe`` deci
 accepted (un)subscription is applied with ``setsockopt`` — libzmq applies it to the connection
 of the message last received. A refused one is dropped and counted (``subscription_refused``
 in the ``pubsub`` status section): a trusted key asking for another key's data runs modified
-code.
+code. A message without the key is one libzmq made itself: the cancellations of a connection
+that closed (libzmq already dropped its subscriptions); it is skipped.
 
 One caveat of ``ZMQ_XPUB_MANUAL`` (libzmq 4.3): the "connection of the message last received"
 is a queue of connections kept for (un)subscriptions only, but every message received pops
@@ -84,6 +85,8 @@ class SubscriptionGate:
                 continue
             topic = body[1:]
             key = _key_of(frame)
+            if key is None:  # libzmq's own cancellation for a closed connection (no connection, nothing to apply)
+                continue
             if not self.rule(topic, key):
                 self._refuse(frame, "subscription_refused", "asked for data addressed to another key")
                 continue

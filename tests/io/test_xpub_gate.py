@@ -173,3 +173,19 @@ def test_the_zap_handler_hands_back_the_verified_key(rig):
     assert frame.get("X-Curve-Key") == bob_keys[0].decode()
     assert frame.get("User-Id") == "bob"
     assert z85.decode(frame.get("X-Curve-Key").encode()) == z85.decode(bob_keys[0])
+
+
+def test_a_closed_connections_cancellations_are_no_refusals(rig):
+    """libzmq hands the XPUB a cancellation (without metadata) for each subscription of a connection that closed."""
+    pub, connect, bob_keys, _ = rig
+    counters: dict = {}
+    gate = xpub.SubscriptionGate(pub, counters)
+    bob = connect(zmq.SUB, bob_keys)
+    bob.setsockopt(zmq.SUBSCRIBE, frames.keyed_data_prefix("bob-1", bob_keys[0]))
+    _settle(pub)
+    gate.drain()
+    bob.close(0)
+    _settle(pub, 0.5)
+    assert pub.poll(2000)  # the cancellation is there
+    gate.drain()
+    assert counters == {"subscription_refused": 0, "subscription_unsure": 0}
