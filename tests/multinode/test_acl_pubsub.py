@@ -90,7 +90,8 @@ def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(key
         assert not _received(to_bob, b"carol", 1.0)
 
         # a batch carol forges in alice's name, addressed to bob: the key of its connection is carol's
-        forged = frames.encode_batch(frames.data_prefix(bob.node_id), 1_000_000, alice.node_id,
+        forged = frames.encode_batch(frames.keyed_data_prefix(bob.node_id, bob.runtime.curve.keys.public), 1_000_000,
+                                     alice.node_id,
                                      [("events.one", None, None, b"forged")])
         before = bob_counters["source_forged"]
 
