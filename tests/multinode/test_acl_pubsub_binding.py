@@ -19,7 +19,7 @@ import zmq
 
 import meshq
 from meshq.core.pubsub import frames
-from tests.multinode.helpers import keyed_client, keyed_mesh, wait_until
+from tests.multinode.helpers import keyed_client, keyed_mesh, received, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 QUIET_S = 2.0  # after bob got the last message, how long the raw socket must stay empty
@@ -28,15 +28,6 @@ QUIET_S = 2.0  # after bob got the last message, how long the raw socket must st
 @pytest.fixture
 def keyed(mesh):
     return keyed_mesh(mesh, "alice", "bob", "mallory")
-
-
-def _received(subscription, data: bytes, wait_s: float = 0.3) -> bool:
-    try:
-        while True:
-            if subscription.recv(timeout=wait_s).data == data:
-                return True
-    except meshq.MeshqError:
-        return False
 
 
 def _data_frames(sock: zmq.Socket, wait_s: float) -> list[bytes]:
@@ -69,7 +60,7 @@ def _spy_on_bob(keyed, binding: bool) -> tuple[list[bytes], int, bytes]:
         for name, permission, pattern in (("alice", "publish", "events.>"), ("bob", "subscribe", "events.>")):
             assert admin.acl_grant(name, permission, pattern) is True
         to_bob = wait_until(lambda: _subscribe(bob, "events.>"), 30, "bob's node to learn he may subscribe")
-        wait_until(lambda: alice.publish("events.one", b"first") or _received(to_bob, b"first"), 60,
+        wait_until(lambda: alice.publish("events.one", b"first") or received(to_bob, b"first"), 60,
                    "alice's message to reach bob")
 
         # mallory's trusted key, in a raw SUB socket, at alice's PUB (alice's node knows mallory's key: a member)
@@ -92,7 +83,7 @@ def _spy_on_bob(keyed, binding: bool) -> tuple[list[bytes], int, bytes]:
         while time.monotonic() < deadline:
             for i in range(20):
                 alice.publish("events.one", b"secret-%d" % i)
-            assert _received(to_bob, b"secret-19", 5.0), "bob did not get alice's messages"
+            assert received(to_bob, b"secret-19", 5.0), "bob did not get alice's messages"
             seen += _data_frames(spy, QUIET_S)
             if binding or seen:
                 break
