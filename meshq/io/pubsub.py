@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from meshq.core.events import AddSubscription, RemoveSubscription
-from meshq.core.pubsub.frames import DATA_MARK, check_headers
+from meshq.core.pubsub.frames import add_key, check_headers
 from meshq.core.pubsub.room import MAX_PAYLOAD_BYTES
 from meshq.core.pubsub.subjects import validate_pattern, validate_queue, validate_subject
 from meshq.errors import MessageTooLargeError, NodeStoppedError, ProtocolError, UsageError
@@ -125,7 +125,7 @@ class PubSubShell:
             return
         first = frames[0]
         if self.keyed:  # the prefix names the key the node listens with (meshq.core.pubsub.frames)
-            first = DATA_MARK + self.runtime.data_key(node) + first[1:]
+            first = add_key(first, self.runtime.data_key(node))
         try:
             pub.send(first, _NOBLOCK_MORE)
             pub.send(frames[1], _NOBLOCK)

@@ -426,8 +426,8 @@ class Runtime:
         node whose PUB a keyed node's per-peer SUB socket reaches (None: the shared SUB of an unkeyed node)."""
         core, cluster = self.core, self.core.config.cluster
         data_mark = pubsub_frames.DATA_MARK[0]
-        # keyed: the frames name this node's key after the mark, which the room (unkeyed prefix) does not expect
-        key_end = 1 + pubsub_frames.KEY_BYTES if via is not None else 0
+        keyed = via is not None  # the frames name this node's key after the mark; the room reads the unkeyed prefix
+        strip_key = pubsub_frames.strip_key
         on_data = self.on_data
         pubsub_counters = core.pubsub.counters
         for _ in range(_MAX_INPUTS_PER_SOCKET):
@@ -445,8 +445,8 @@ class Runtime:
                     core.blame(_peer_address(head))
                     continue
                 invalid = pubsub_counters["frames_invalid"]
-                if key_end:
-                    first = pubsub_frames.DATA_MARK + first[key_end:]
+                if keyed:
+                    first = strip_key(first)
                 try:
                     on_data(first, frames[1], via)
                 except Exception:  # a bug on the data path: never fatal for the node

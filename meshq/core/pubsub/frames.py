@@ -64,7 +64,17 @@ def keyed_data_prefix(node_id: str, key: bytes) -> bytes:
     ``node_id`` listens with) comes first, so a subscription can be judged by it alone (``may_subscribe``)."""
     if len(key) != KEY_BYTES:
         raise UsageError(f"a CURVE public key in z85 is {KEY_BYTES} bytes, not {len(key)}")
-    return DATA_MARK + key + node_id.encode() + b"\x00"
+    return add_key(data_prefix(node_id), key)
+
+
+def add_key(first: bytes, key: bytes) -> bytes:
+    """A batch's first frame (it starts with ``data_prefix``) as sent in a keyed cluster: ``key`` after the mark."""
+    return DATA_MARK + key + first[1:]
+
+
+def strip_key(first: bytes) -> bytes:
+    """The inverse of ``add_key``: the first frame as the room reads it (the unkeyed prefix)."""
+    return DATA_MARK + first[1 + KEY_BYTES:]
 
 
 def may_subscribe(topic: bytes, key: bytes | None) -> bool:
