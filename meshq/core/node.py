@@ -93,7 +93,7 @@ from meshq.core.raft import RaftNode
 from meshq.core.room import Room
 from meshq.core.rpc.room import Rpc
 from meshq.core.status import Status
-from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, StorageFullError, UsageError
+from meshq.errors import MeshqError, NodeStoppedError, ProtocolError, UsageError
 
 log = logging.getLogger("meshq.core")
 
@@ -297,24 +297,12 @@ class NodeCore:
 
     def on_timer(self, now_s: float) -> list:
         self.now_s = now_s
-        self._survive_full_disk(self.agreement.on_timer, now_s)
-        self._survive_full_disk(self.host.on_timer, now_s)
+        self.space.survive(self.agreement.on_timer, now_s)
+        self.host.on_timer(now_s)  # each replica's step survives a full disk on its own
         for kind, key in self.out.due(now_s):
-            self._survive_full_disk(self._timers[kind], key, now_s)
+            self.space.survive(self._timers[kind], key, now_s)
         self.out.drain_local(now_s)
         return self.out.take()
-
-    def _survive_full_disk(self, step: Callable[..., None], *args: Any) -> None:
-        """Run a timer step; a write it needed that found the disk full (a vote, an epoch, a control
-        batch) is given up for now, as if the timer had not fired: each such write is persisted
-        before anything that depends on it is sent, so nothing was promised. The step runs again
-        at its next deadline."""
-        try:
-            step(*args)
-        except StorageFullError as exc:
-            self.space.note_full(str(exc), self.now_s)
-            log.error("node %s: a timer step (%s) could not write: %s", self.node_id,
-                      getattr(step, "__name__", step), exc)
 
     def _heartbeat(self, key: Any, now_s: float) -> None:
         """Every ``heartbeat_interval_s``: each room's periodic step, in this order."""

@@ -102,7 +102,10 @@ class PartitionHost(Room):
     def on_timer(self, now_s: float) -> None:
         for _key, state in sorted(self.partitions.items()):
             if state.replica.next_deadline() <= now_s:
-                state.replica.on_timer(now_s)
+                # one replica that cannot save its state (disk full) must not end the step for the
+                # ones after it: they would wait for the next wake-up, or for good if its deadline
+                # did not move
+                self.core.space.survive(state.replica.on_timer, now_s)
 
     def on_synced(self, keys: frozenset) -> None:
         for key in sorted(keys):

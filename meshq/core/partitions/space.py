@@ -105,6 +105,19 @@ class StorageSpace(Room):
         """A write other than a new record (a vote, an epoch) ran out of space."""
         self._become_full(reason, now_s)
 
+    def survive(self, step: Any, *args: Any) -> None:
+        """Run a timer step; a write it needed that found the disk full (a vote, an epoch, a saved
+        high watermark) is given up for now, as if the timer had not fired: each such write is
+        persisted before anything that depends on it is sent, so nothing was promised. The step
+        runs again at its next deadline. The host runs each replica's step on its own, so one
+        partition that cannot save its state does not hold up the others'."""
+        try:
+            step(*args)
+        except StorageFullError as exc:
+            self.note_full(str(exc), self.core.now_s)
+            log.error("node %s: a timer step (%s) could not write: %s", self.node_id,
+                      getattr(step, "__name__", step), exc)
+
     def report(self) -> dict:
         """This node's part of ``status``."""
         return {"storage_full": self.full, "storage_full_reason": self.full_reason}

@@ -120,3 +120,26 @@ def test_the_retention_check_compacts_one_partition_of_a_compact_topic_per_tick_
         for record in batch_format.decode_records(log.read(log.start_offset, 1 << 30), "state", p):
             latest[record.key] = record.value[:3]
         assert latest == {b"key-0": b"v57", b"key-1": b"v58", b"key-2": b"v59"}
+
+
+def test_a_replica_that_cannot_save_its_state_does_not_stop_the_next_ones_timers(lone):
+    """Disk full: t/0's timer step fails to write; t/1's still runs in the same timer step (before,
+    the failure ended the step, and a replica whose deadline did not move kept the ones after it
+    waiting) and the node enters the full state."""
+    from meshq.errors import DiskFullError
+
+    create_topic(lone, "t", 2)
+    first, second = lone.core.partitions[("t", 0)].replica, lone.core.partitions[("t", 1)].replica
+
+    def cannot_write(now_s: float) -> None:  # as a leader's step does: its deadline moves first
+        first.heartbeat_deadline_s = now_s + first.heartbeat_interval_s
+        raise DiskFullError("disk full while writing replica.t.0.msgpack")
+
+    ran: list[float] = []
+    step = second.on_timer
+    first.on_timer = cannot_write
+    second.on_timer = lambda now_s: (ran.append(now_s), step(now_s))
+    now_s = max(first.next_deadline(), second.next_deadline())
+    lone.core.on_timer(now_s)
+    assert ran == [now_s], "t/1's timer did not run in the step where t/0's failed"
+    assert lone.core.space.full and "replica.t.0" in lone.core.space.full_reason
