@@ -18,6 +18,7 @@ from typing import Any
 
 from meshq.config import NodeConfig, TopicConfig, validate_topic_name
 from meshq.core.client.leave import LeaveLoop
+from meshq.core.cluster.access import VIEW_WAIT_S
 from meshq.core.events import (
     AclChange,
     AclList,
@@ -202,7 +203,23 @@ class Node:
         self._started = True
         log.info("node %s (%s) listening on %s%s", node_id, config.role, self.runtime.endpoint,
                  f" (CURVE, cluster key {keys.fingerprint})" if keys is not None else "")
+        self._await_grant_view()
         return self
+
+    def _await_grant_view(self) -> None:
+        """A keyed client node learns its grants from a storage node (``acl_view``, usually within a tenth of a
+        second): wait for them, ``VIEW_WAIT_S`` at most, so that from the first call on its own checks say at
+        once what its key may not do (a publish refused with ``AuthorizationError`` rather than sent nowhere).
+        Without them in time it goes on: the peers check all the same."""
+        assert self.core is not None
+        access = self.core.access
+        deadline = time.monotonic() + VIEW_WAIT_S
+        while not access.knows_own() and time.monotonic() < deadline and not self.core.stopped:
+            time.sleep(0.005)
+        if not access.knows_own():
+            log.warning("client node %s has not learnt its grants from a storage node within %g s; its own "
+                        "checks let calls through until it does (the peers still check)", self.core.node_id,
+                        VIEW_WAIT_S)
 
     def discovery_args(self) -> tuple:
         """What a ``Discovery`` of this started node announces and where (its positional arguments)."""

@@ -109,3 +109,35 @@ def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(key
     finally:
         for client in clients.values():
             client.stop()
+
+
+def test_a_keyed_client_node_knows_its_grants_from_the_first_call_after_start(keyed):
+    """``Node.start`` of a keyed client node returns once the node has its grant view (usually within a tenth
+    of a second), so its own checks refuse at once: before, a publish in that first moment went nowhere
+    without an error, and a subscription its key may not hold was taken."""
+    mesh, keys, nodes = keyed
+    admin = keyed_client(mesh, nodes, os.path.join(keys, "clients", "admin"))
+    try:
+        assert admin.acl_grant("carol", "subscribe", "other.>") is True
+    finally:
+        admin.stop()
+    first = keyed_client(mesh, nodes, os.path.join(keys, "clients", "carol"))
+    try:  # her key was added while the storage nodes ran: they name it from their next read of cluster/trusted/
+        wait_until(lambda: first.core.access.knows_own(), 30, "the storage nodes to name carol's key")
+    finally:
+        first.stop()
+    for _attempt in range(3):  # a fresh node each time: the first call is the one that matters
+        carol = meshq.Node(cluster=mesh.cluster, role="client", mdns=False, seeds=[n.seed for n in nodes],
+                           keys=os.path.join(keys, "clients", "carol"))
+        started = time.monotonic()
+        carol.start()
+        try:
+            took = time.monotonic() - started
+            assert carol.core.access.knows_own(), f"start returned after {took:.2f} s without the grant view"
+            with pytest.raises(meshq.AuthorizationError, match="client 'carol' may not publish subject 'events.one'"):
+                carol.publish("events.one", b"carol")
+            with pytest.raises(meshq.AuthorizationError, match="client 'carol' may not subscribe 'events.>'"):
+                carol.subscribe("events.>")
+            carol.subscribe("other.x").close()
+        finally:
+            carol.stop()

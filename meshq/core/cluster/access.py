@@ -30,7 +30,10 @@ key -> name, which a storage node's runtime reads from ``cluster/trusted/`` and 
   ``key`` otherwise, whose secret the server must hold to answer at all).
 
 A keyed client node without a view yet (it asks from its start, then every second) refuses
-callers it cannot name and trusts no client instance; an unkeyed node checks nothing.
+callers it cannot name and trusts no client instance; an unkeyed node checks nothing. What
+its own grants decide waits for the view, ``VIEW_WAIT_S`` at most (then it goes ahead and the
+peers' checks decide): a ``serve`` (``rpc``), a subscription (``pubsub``), and the node's
+first ``publish`` (``meshq.io.pubsub``). Rooms holding such work ``watch`` the view.
 The admin's side: ``AclChange`` / ``AclList``
 go to any storage node, which checks the admin key and proposes ``{"op": "acl", ...}`` to the
 metadata group (``agreement.propose``), answering once it is applied there.
@@ -51,6 +54,9 @@ NODE_ONLY = frozenset({"raft_vote", "raft_vote_ok", "raft_append", "raft_append_
 RETRY_S = 0.05  # no storage node known yet: ask again this often until the deadline
 VIEW_REFRESH_S = 1.0  # a keyed client node asks a storage node for the peer grants this often
 VIEW_FIRST_S = 0.1  # ... and this often until it has them
+# a keyed client node without its view yet holds what its own grants decide (serving a service, a
+# subscription, the first publish) this long at most, then goes ahead (the peers still check)
+VIEW_WAIT_S = 2.0
 MAX_NAMES = 10_000  # trusted client keys an acl_view names (wire.SCHEMAS bound; beyond: unnamed, so refused)
 
 
@@ -66,6 +72,7 @@ class Access(Room):
         self.names: dict[str, str] = {}  # trusted client key (z85) -> its holder's name
         self.view: acl.Acl | None = None  # a keyed client node: the peer grants, as a storage node last served them
         self._asking = False  # an acl_view in flight
+        self._watchers: list[Any] = []  # called (no arguments) when the view changes: rooms holding work for it
         self.counters = {"views": 0, "refused": 0}  # views taken; requests this node refused (any check)
 
     @property
@@ -158,6 +165,10 @@ class Access(Room):
                 f"of it; the admin can grant it with `meshq acl grant {name} {permission} PATTERN --keys "
                 f"DIR/clients/admin`")
 
+    def watch(self, callback: Any) -> None:
+        """Call ``callback()`` whenever this client node's view changes (the first one included)."""
+        self._watchers.append(callback)
+
     def stamp(self) -> tuple:
         """Changes whenever a decision of ``may_node`` / ``refuse_own`` may change (the grants or the key names
         were replaced or changed): callers caching decisions compare it."""
@@ -167,6 +178,11 @@ class Access(Room):
     def settled(self) -> bool:
         """Whether this node can check its peers (has its view, or needs none)."""
         return not self.keyed or self.core.is_storage or self.view is not None
+
+    def knows_own(self) -> bool:
+        """Whether this node can check its own calls (``refuse_own``): it needs no view, or has one that names
+        its key (a key just added to cluster/trusted/ is named from the storage nodes' next read of it)."""
+        return not self.keyed or self.core.is_storage or (self.view is not None and self.core.public_key in self.names)
 
     def report(self) -> dict:
         """For status: whether this node checks identities, what it knows of the trusted keys and the peer grants,
@@ -205,7 +221,8 @@ class Access(Room):
         self.counters["views"] += 1
         if changed:  # (kept otherwise: ``stamp`` tells the caches of decisions taken with them when to go)
             self.view, self.names = grants, names
-            self.core.rpc.grants_changed()
+            for callback in self._watchers:
+                callback()
 
     def serve_view(self, route: Any, message: wire.Message, now_s: float) -> None:
         if not self.core.is_storage:

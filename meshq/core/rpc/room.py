@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.core import wire
+from meshq.core.cluster.access import VIEW_WAIT_S
 from meshq.core.events import (
     Fail,
     HandlerDone,
@@ -94,7 +95,6 @@ BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking ag
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
 DISPATCH_AHEAD = 128  # jobs handed to one worker at once (it runs them one after the other)
-SERVE_WAIT_S = 2.0  # a keyed client node without its grant view yet holds a ServeService this long at most
 BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
 
 
@@ -256,14 +256,15 @@ class Rpc(Room):
                          "retries": 0, "outcome_unknown": 0, "duplicates_dropped": 0,
                          "batches_sent": 0, "batched_requests": 0}  # rpc_batch messages, and requests in them
         core.adverts.watch(SERVICES, self._offers_changed)
+        core.access.watch(self.grants_changed)
         core.out.splitters["rpc_batch_ok"] = self._split_answers
 
     # ------------------------------------------------------------------ offering
     def cmd_serve(self, command: ServeService, now_s: float) -> None:
-        if not self.core.access.settled() and not self.core.stopped:
+        if not self.core.access.knows_own() and not self.core.stopped:
             # A keyed client node that has not learnt the grants yet: wait (briefly) for them, so that a service
             # its key may not serve is refused now rather than offered and ignored by every peer.
-            until_s = now_s + SERVE_WAIT_S
+            until_s = now_s + VIEW_WAIT_S
             if command.deadline_s is not None:
                 until_s = min(until_s, command.deadline_s)
             self._serves[self._next_serve] = command

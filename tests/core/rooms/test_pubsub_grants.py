@@ -97,3 +97,38 @@ def test_unkeyed_nodes_route_and_receive_without_checks():
     assert list(room.plan("events.one")[1]) == ["c1"]
     source, entries = net["c1"].core.pubsub.received(*batch(room, "c1", "events.one", source="n9"))
     assert source == "n9" and len(entries) == 1  # no keys: no identity, the claim is all there is
+
+
+def test_a_fresh_client_node_holds_a_subscription_until_its_view_says_whether_its_key_may(net):
+    from tests.core.rooms.test_peer_grants import KEYS
+
+    for node_id, key in (("c5", KEYS["c3"]), ("c6", KEYS["c2"])):  # dave's second node, bob's second node
+        net.keys[node_id] = key
+        net.add(node_id, role="client", data_dir=None, public_key=key)
+    refused = net["c5"].command(AddSubscription(1, "events.>", None))
+    taken = net["c6"].command(AddSubscription(1, "events.>", None))
+    assert refused not in net["c5"].failed and taken not in net["c6"].resolved  # held: no view yet
+    assert not net["c5"].core.pubsub.local and not net["c6"].core.pubsub.local
+    net.introduce()
+    net.run_until(lambda: refused in net["c5"].failed and taken in net["c6"].resolved, 2.0)
+    assert "client 'dave' may not subscribe 'events.>'" in str(net["c5"].failed[refused])
+    assert not net["c5"].core.pubsub.local and list(net["c6"].core.pubsub.local) == [1]
+
+
+def test_a_client_node_that_gets_no_view_subscribes_after_a_short_wait_and_a_held_one_can_be_closed():
+    from meshq.core.events import RemoveSubscription
+    from meshq.errors import NodeStoppedError
+    from tests.core.rooms.conftest import Net
+    from tests.core.rooms.test_peer_grants import CLUSTER_KEY, KEYS
+
+    net = Net("n1", public_key=CLUSTER_KEY)
+    net.form()
+    c1 = net.add("c1", role="client", data_dir=None, public_key=KEYS["c1"])  # never introduced: no view
+    token = c1.command(AddSubscription(1, "events.>", None))
+    closed = c1.command(AddSubscription(2, "other.>", None))
+    net.run(1.0)
+    assert token not in c1.resolved and not c1.core.pubsub.local
+    c1.command(RemoveSubscription(2))
+    assert isinstance(c1.failed.get(closed), NodeStoppedError)
+    net.run(1.2)
+    assert c1.resolved.get(token, "missing") is None and list(c1.core.pubsub.local) == [1]
