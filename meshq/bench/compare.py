@@ -32,8 +32,11 @@ meshq only (issue #18 item 4): per round a topic preloaded with ``produce_batch`
 consumer group of ``--consumers`` worker processes (this module's ``main``: a client node each).
 They join the group while the topic is still empty, hold (stop polling) once their assignments
 cover every partition without overlap, the topic is preloaded, and on ``go`` each reads its
-partitions' records (their high watermarks, from status) and reports the wall clock of its last
-record: the group's rate is the records over the time from ``go`` to the last one.
+partitions' records (up to their high watermarks, from status) and reports the wall clock of its last
+record: the group's rate is the records over the time from ``go`` to the last one. Members leave the
+group only once all are done (one leaving earlier is a rebalance: the others would read its partitions
+again, timed). Delivery is at-least-once: if a rebalance still happens during the read (a member's
+session ran out), records may be read twice (``read_again``); a record read by no member is an error.
 
 The report gives each figure's median over the rounds with min and max, and the ratios
 meshq / peer of the medians (throughput: higher is better for meshq; latency: lower).
@@ -225,17 +228,25 @@ class _Meshq:
         sampler = _CpuSampler({**self.cluster.pids(), **{f"worker{i + 1}": w.pid for i, w in enumerate(self.workers)}})
         sampler.start()
         go_wall = time.time()
-        for worker, share in zip(self.workers, shares):
-            worker.send(f"go {share}")
+        for worker, partitions in zip(self.workers, assignments):
+            worker.send("go " + json.dumps({p: watermarks[p] for p in partitions}, separators=(",", ":")))
         done = [worker.wait_event("done", PART_TIMEOUT_S) for worker in self.workers]
         sampler.stop()
-        short = [(i + 1, d["count"], share) for i, (d, share) in enumerate(zip(done, shares)) if d["count"] != share]
-        if short:
-            raise BenchError("group members read fewer records than their partitions hold: "
-                             + ", ".join(f"worker{i} {got} of {want}" for i, got, want in short))
+        for worker in self.workers:  # (only now: a member leaving while another still reads is a rebalance)
+            worker.send("leave")
+        # At-least-once: a rebalance during the read (a member's session ran out on a loaded machine) hands
+        # partitions to a member that reads them again from the group's committed offsets, so a member may
+        # read more than its share; what may not happen is that some record of a partition is read by none.
+        reached = {p: max((d["reached"].get(str(p), 0) for d in done), default=0) for p in watermarks}
+        unread = {p: (reached[p], hw) for p, hw in watermarks.items() if reached[p] < hw}
+        if unread:
+            raise BenchError("the group did not read every stored record: "
+                             + ", ".join(f"partition {p} read to offset {got} of {hw}"
+                                         for p, (got, hw) in sorted(unread.items())))
         seconds = max(d["last"] for d in done if d["last"] is not None) - go_wall
+        read = sum(d["count"] for d in done)
         return {"consume_group": _part(stored, seconds, sampler.summary(), members=len(self.workers),
-                                       per_member=shares)}
+                                       per_member=shares, read_again=read - stored)}
 
     def _hold_when_assigned(self) -> list[list[int]]:
         """Wait until the members' assignments cover every partition without overlap, holding them
@@ -668,8 +679,11 @@ def _say(**fields: Any) -> None:
 
 
 def _worker(seeds: list[str], cluster: str) -> None:
-    """A consumer-group member: ``join TOPIC GROUP``, ``hold`` / ``resume``, ``go COUNT`` (read COUNT
-    records, then report the wall clock of the last one), ``exit``; one JSON line answers each."""
+    """A consumer-group member: ``join TOPIC GROUP``, ``hold`` / ``resume``, ``go {PARTITION: HIGH_WATERMARK}``
+    (read until each of those partitions is read to its high watermark, then report the wall clock of the
+    last record, the records read and how far each partition was read), ``leave`` (the group: only once every
+    member is done, or the others rebalance and read again while still timed), ``exit``; one JSON line
+    answers each of join, hold and go."""
     from meshq.node import Node
 
     commands: queue.Queue = queue.Queue()
@@ -705,15 +719,21 @@ def _worker(seeds: list[str], cluster: str) -> None:
             elif command[0] == "resume":
                 polling = True
             elif command[0] == "go":
-                want, got, last = int(command[1]), 0, None
+                want = {int(p): hw for p, hw in json.loads(command[1]).items()}
+                reached: dict[int, int] = {}  # partition -> one past the highest offset read
+                got, last = 0, None
                 deadline = time.monotonic() + PART_TIMEOUT_S
                 poll = consumer.poll
-                while got < want and time.monotonic() < deadline:
+                while any(reached.get(p, 0) < hw for p, hw in want.items()) and time.monotonic() < deadline:
                     records = poll(timeout=1.0, max_records=FETCH)
                     if records:
                         got += len(records)
                         last = time.time()
-                _say(event="done", count=got, last=last)
+                        for partition, offset in {r.partition: r.offset for r in records}.items():  # (in order)
+                            if offset >= reached.get(partition, 0):
+                                reached[partition] = offset + 1
+                _say(event="done", count=got, last=last, reached=reached)
+            elif command[0] == "leave" and consumer is not None:
                 consumer.close()
                 consumer = None
         if consumer is not None:

@@ -189,6 +189,8 @@ class Runtime:
             self.curve.start()
         self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # (see ROUTER_HEARTBEAT_TIMEOUT_MS: a peer sending faster than this node reads must be held back, not dropped)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, ROUTER_HEARTBEAT_TIMEOUT_MS)
         if self.curve is None:
             self.pub = self._socket(zmq.PUB)
         else:  # an XPUB that takes a data subscription only from the key it names (meshq.io.xpub)
@@ -741,10 +743,19 @@ class _Task:
 # RECONNECT_IVL (libzmq's default, 100 ms, never backed off here), each attempt given up after
 # CONNECT_TIMEOUT_MS (a SYN lost in the cut would otherwise be retried only after 1, 3, 7, ... s). The
 # first attempt after the heal gets through: within about CONNECT_TIMEOUT_MS + RECONNECT_IVL (0.2 s in
-# the same measurement). A peer that is merely slow still answers PINGs from libzmq's I/O thread.
+# the same measurement). A peer that is merely slow still answers PINGs from libzmq's I/O thread, as long as
+# its queue of our messages is not full (see ROUTER_HEARTBEAT_TIMEOUT_MS).
 HEARTBEAT_IVL_MS = 250
 HEARTBEAT_TIMEOUT_MS = 1000
 CONNECT_TIMEOUT_MS = 500
+# The node's ROUTER waits longer: it is the one socket any peer can send to without waiting for answers. libzmq stops
+# reading a connection while its queue to the application is full (that is how it holds a fast sender back)
+# and then cannot see the peer's traffic either, so the timeout fires though the peer is alive: with 1 s, a
+# node that read fewer than ~1,000 of one peer's messages in a second (a burst on a loaded machine) dropped
+# that connection and every message queued on it, up to ~10,000 requests lost without a trace
+# (tests/io/test_router_backpressure.py). The ROUTER's side of a connection across a cut is never used
+# again after the heal (the peer's DEALER connects afresh, see above), so it only has to be freed in time.
+ROUTER_HEARTBEAT_TIMEOUT_MS = 60_000
 
 
 def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any = None,
