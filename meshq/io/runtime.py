@@ -392,7 +392,8 @@ class Runtime:
                 peer = socket_peer.get(sock)
                 if peer is not None:
                     self._drain_dealer(sock, peer)
-            self._drain_commands()
+            if self.commands:
+                self._drain_commands()
             now = clock.now_s()
             while self._tasks and self._tasks[0][0] <= now:
                 heapq.heappop(self._tasks)[2]()
@@ -401,7 +402,7 @@ class Runtime:
             if deadline is not None and deadline <= now:
                 self._execute(core.on_timer(now))
                 deadline_known = False
-            if self._flush_syncs():
+            if self._sync_keys and self._flush_syncs():
                 deadline_known = False
             if core.has_left:
                 log.info("node %s left the cluster (meshq leave): its partitions are on the other members and it "
