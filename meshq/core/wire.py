@@ -514,7 +514,12 @@ def decode(frames: Sequence[bytes], cluster: str) -> Message:
     if type(type_) is not str or type_ not in SCHEMAS:
         raise InvalidRequest(f"unknown message type {short_repr(type_)}", request_id, sender)
     schema = SCHEMAS[type_]
-    payloads = tuple(bytes(f) for f in frames[1:])
+    if len(frames) == 1:
+        payloads: tuple[bytes, ...] = ()
+    elif len(frames) == 2 and type(frames[1]) is bytes:  # (the hot path: one batch, already bytes)
+        payloads = (frames[1],)
+    else:
+        payloads = tuple(bytes(f) for f in frames[1:])
     if not schema.min_payloads <= len(payloads) <= schema.max_payloads:
         raise InvalidRequest(
             f"{type_} carries {len(payloads)} payload frames; expected {schema.min_payloads}-{schema.max_payloads}",
