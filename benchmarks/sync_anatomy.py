@@ -244,8 +244,31 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(5)
+    if args.cprofile:
+        _profile_calls(args.cprofile, len(children))
     if args.wake:
         _wake_cost(args.count)
+
+
+def _profile_calls(directory: str, nodes: int) -> None:
+    """Python function calls per message handled, from each node's cProfile stats (warm-up and timers included):
+    per produce served on the leader, per ``repl_append`` taken on a follower."""
+    import pstats
+
+    for index in range(1, nodes + 1):
+        path = f"{directory}/node{index}.prof"
+        if not os.path.exists(path):
+            continue
+        stats = pstats.Stats(path).stats  # (file, line, function) -> (primitive calls, calls, tottime, cumtime, callers)
+        total = sum(entry[1] for entry in stats.values())
+        produces = sum(entry[1] for (file, _line, name), entry in stats.items()
+                       if name == "serve_produce" and file.endswith("partitions/server.py"))
+        appends = sum(entry[1] for (file, _line, name), entry in stats.items()
+                      if name == "_on_append" and file.endswith("core/replica.py"))
+        handled, what = (produces, "produce served") if produces >= appends else (appends, "repl_append taken")
+        if handled:
+            print(f"node{index}: {total / handled:.0f} Python function calls per {what} ({total} calls, {handled} "
+                  f"{what.split()[0]}s)")
 
 
 def _node_cprofile(path: str, argv: list[str]) -> int:
