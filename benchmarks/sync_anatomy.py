@@ -17,7 +17,16 @@ With ``--wake`` it also measures what one ``send`` costs the sender when the Zer
 is asleep (every message of a synchronous chain) against when it is busy (pipelined), with bare
 pyzmq: the price of one thread wake-up on this machine.
 
-    python benchmarks/sync_anatomy.py [--count 3000] [--rounds 3] [--both-paths] [--wake]
+With ``--pyspy DIR`` (``pip install py-spy``) each node process is sampled by ``py-spy record``
+(non-blocking, idle samples left out) during the timed rounds only; the raw profiles go to
+``DIR/<node>.txt`` and ``benchmarks/pyspy_summary.py`` summarises one.
+
+With ``--cprofile DIR`` each node's runtime thread runs under ``cProfile`` from start to stop
+(warm-up included; timed by the thread's CPU clock, one system call per event, which slows small functions: read it for call counts
+and shares, not absolute times); stats go to ``DIR/nodeN.prof`` (``python -m pstats``).
+
+    python benchmarks/sync_anatomy.py [--count 3000] [--rounds 3] [--both-paths] [--wake] [--pyspy DIR]
+                                      [--cprofile DIR]
 """
 
 from __future__ import annotations
@@ -44,8 +53,9 @@ TOPIC = "anatomy"
 VALUE = b"v" * 100
 
 
-def _thread_stats(pids: dict[str, int]) -> dict[tuple[str, str], tuple[float, int]]:
-    """(process label, thread label) -> (cpu seconds, context switches), summed over same-named threads."""
+def _thread_stats(pids: dict[str, int]) -> dict[tuple[str, str], tuple[float, int, float]]:
+    """(process label, thread label) -> (cpu seconds, context switches, system cpu seconds), summed over
+    same-named threads."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[tuple[str, str], tuple[float, int]] = {}
     for label, pid in pids.items():
@@ -60,9 +70,10 @@ def _thread_stats(pids: dict[str, int]) -> dict[tuple[str, str], tuple[float, in
             name = "zmq-io" if "IO" in name else ("python threads" if name.startswith("python") else name)
             fields = stat.rsplit(")", 1)[1].split()
             cpu = (int(fields[11]) + int(fields[12])) / ticks
+            system = int(fields[12]) / ticks
             switches = sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
-            old_cpu, old_switches = out.get((label, name), (0.0, 0))
-            out[(label, name)] = (old_cpu + cpu, old_switches + switches)
+            old_cpu, old_switches, old_system = out.get((label, name), (0.0, 0, 0.0))
+            out[(label, name)] = (old_cpu + cpu, old_switches + switches, old_system + system)
     return out
 
 
@@ -90,11 +101,12 @@ def _round(client: Node, count: int, pids: dict[str, int], label: str, direct: A
     total_cpu = total_switches = 0.0
     for label in pids:
         parts = []
-        cpu_sum = 0.0
-        for (process, thread), (cpu, switches) in sorted(after.items()):
+        cpu_sum = system_sum = 0.0
+        for (process, thread), (cpu, switches, system) in sorted(after.items()):
             if process != label:
                 continue
-            cpu0, switches0 = before.get((process, thread), (0.0, 0))
+            cpu0, switches0, system0 = before.get((process, thread), (0.0, 0, 0.0))
+            system_sum += (system - system0) / count * 1e6
             cpu_us = (cpu - cpu0) / count * 1e6
             per = (switches - switches0) / count
             cpu_sum += cpu_us
@@ -102,7 +114,7 @@ def _round(client: Node, count: int, pids: dict[str, int], label: str, direct: A
             if cpu_us >= 5 or per >= 0.05:
                 parts.append(f"{thread} {cpu_us:.0f} µs / {per:.1f} sw")
         total_cpu += cpu_sum
-        print(f"  {label:18} {cpu_sum:5.0f} µs CPU per produce   ({', '.join(parts)})")
+        print(f"  {label:18} {cpu_sum:5.0f} µs CPU per produce, {system_sum:.0f} of it system   ({', '.join(parts)})")
     print(f"  {'all':18} {total_cpu:5.0f} µs CPU per produce, {total_switches:.1f} thread switches per produce")
 
 
@@ -145,15 +157,24 @@ def main() -> None:
     parser.add_argument("--both-paths", action="store_true",
                         help="alternate rounds: produce from the caller's thread / through the runtime thread")
     parser.add_argument("--wake", action="store_true", help="also time one send to an idle vs busy I/O thread")
+    parser.add_argument("--cprofile", metavar="DIR", help="run each node's runtime thread under cProfile, stats to "
+                                                          "DIR/nodeN.prof")
+    parser.add_argument("--pyspy", metavar="DIR", help="sample each node with py-spy during the rounds, raw profiles "
+                                                      "to DIR/<node>.txt")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="meshq-anatomy-")
     children: list[subprocess.Popen] = []
     node_ids: list[str] = []
     client = None
+    spies: list[subprocess.Popen] = []
     try:
         with socket_ports(3) as ports:
             for index, port in enumerate(ports):
-                argv = [sys.executable, "-m", "meshq", "node", "--data", f"{workdir}/node{index + 1}",
+                start = [sys.executable, "-m", "meshq"]
+                if args.cprofile:
+                    os.makedirs(args.cprofile, exist_ok=True)
+                    start = [sys.executable, __file__, "--node-cprofile", f"{args.cprofile}/node{index + 1}.prof"]
+                argv = start + ["node", "--data", f"{workdir}/node{index + 1}",
                         "--host", "127.0.0.1", "--port", str(port), "--no-mdns", "--fsync", "interval",
                         "--partitions", "4", "--replication-factor", "3", "--log-level", "WARNING"]
                 if index:
@@ -189,12 +210,30 @@ def main() -> None:
         for _ in range(300):
             client.produce(TOPIC, VALUE, acks="quorum", partition=0)
         direct = client._direct
+        if args.pyspy:
+            os.makedirs(args.pyspy, exist_ok=True)
+            for label, pid in pids.items():
+                if label != "client":
+                    name = label.replace(" ", "").replace("(", "-").replace(")", "")
+                    spies.append(subprocess.Popen(
+                        ["py-spy", "record", "--pid", str(pid), *os.environ.get("PYSPY_FLAGS", "--nonblocking").split(), "--threads", "-r", "1000",
+                         "--format", "raw", "-o", f"{args.pyspy}/{name}.txt"],
+                        stdout=subprocess.DEVNULL, stderr=open(f"{args.pyspy}/{name}.err", "w")))
+            time.sleep(1.0)  # py-spy attaches
         for _ in range(args.rounds):
             for path in ("caller's thread", "runtime thread") if args.both_paths else ("produce",):
                 client._direct = None if path == "runtime thread" else direct
                 _round(client, args.count, pids, path, direct)
         client._direct = direct
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        for spy in spies:
+            spy.wait(30)
     finally:
+        for spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(5)
         if client is not None:
             client.stop()
         for child in children:
@@ -205,9 +244,56 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(5)
+    if args.cprofile:
+        _profile_calls(args.cprofile, len(children))
     if args.wake:
         _wake_cost(args.count)
 
 
+def _profile_calls(directory: str, nodes: int) -> None:
+    """Python function calls per message handled, from each node's cProfile stats (warm-up and timers included):
+    per produce served on the leader, per ``repl_append`` taken on a follower."""
+    import pstats
+
+    for index in range(1, nodes + 1):
+        path = f"{directory}/node{index}.prof"
+        if not os.path.exists(path):
+            continue
+        stats = pstats.Stats(path).stats  # (file, line, function) -> (primitive calls, calls, tottime, cumtime, callers)
+        total = sum(entry[1] for entry in stats.values())
+        produces = sum(entry[1] for (file, _line, name), entry in stats.items()
+                       if name == "serve_produce" and file.endswith("partitions/server.py"))
+        appends = sum(entry[1] for (file, _line, name), entry in stats.items()
+                      if name == "_on_append" and file.endswith("core/replica.py"))
+        handled, what = (produces, "produce served") if produces >= appends else (appends, "repl_append taken")
+        if handled:
+            print(f"node{index}: {total / handled:.0f} Python function calls per {what} ({total} calls, {handled} "
+                  f"{what.split()[0]}s)")
+
+
+def _node_cprofile(path: str, argv: list[str]) -> int:
+    """``meshq node`` with its runtime thread's loop under cProfile; the stats are written when it stops."""
+    import cProfile
+
+    from meshq.cli.main import main as cli_main
+    from meshq.io import runtime
+
+    loop = runtime.Runtime._loop
+
+    def profiled(self: Any, poller: Any) -> None:
+        profiler = cProfile.Profile(time.thread_time)  # CPU time of this thread, not wall time
+        profiler.enable()
+        try:
+            loop(self, poller)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(path)
+
+    runtime.Runtime._loop = profiled  # type: ignore[method-assign]
+    return cli_main(argv)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--node-cprofile":
+        sys.exit(_node_cprofile(sys.argv[2], sys.argv[3:]))
     main()

@@ -86,6 +86,10 @@ class Followers(dict[str, FollowerProgress]):
         self.leader_id = leader_id
         self.replica_lag_s = replica_lag_s
         self._end_samples: deque[tuple[float, int]] = deque(maxlen=END_SAMPLES)  # (time, own end)
+        # ``_lagged_end``'s scan so far: (samples at or before the last cutoff, the greatest end among them),
+        # valid while the samples are unchanged and the cutoff does not go back; None: scan from the start
+        self._lag_scan: tuple[int, int | None] | None = None
+        self._lag_cutoff = float("-inf")
 
     # ------------------------------------------------------------------ changes
     def start_epoch(self, members: Iterable[str], epoch_start: int, now_s: float) -> None:
@@ -94,6 +98,7 @@ class Followers(dict[str, FollowerProgress]):
         self.track(members, epoch_start, now_s)
         self._end_samples.clear()
         self._end_samples.append((now_s, epoch_start))
+        self._lag_scan = None
 
     def track(self, members: Iterable[str], next_offset: int, now_s: float) -> list[str]:
         """Follow exactly ``members`` (but the leader): drop the others, start the new ones at
@@ -112,6 +117,7 @@ class Followers(dict[str, FollowerProgress]):
     def sample_end(self, now_s: float, end: int) -> None:
         """Remember the leader's own end offset now (taken at every heartbeat)."""
         self._end_samples.append((now_s, end))
+        self._lag_scan = None  # (a full deque drops its oldest sample: the positions moved)
 
     # ------------------------------------------------------------------ queries
     def heard_from_majority(self, now_s: float, window_s: float, voters: Collection[str], quorum: int) -> bool:
@@ -128,6 +134,12 @@ class Followers(dict[str, FollowerProgress]):
                     and f.match_end >= yardstick):
                 members.append(peer)
         return sorted(members)
+
+    def is_in_sync(self, peer: str, now_s: float, voters: Collection[str], epoch_start: int, end: int) -> bool:
+        """``peer`` (not the leader) is among ``in_sync``: the same rule for one follower, without the list."""
+        f = self.get(peer)
+        return (f is not None and peer in voters and now_s - f.last_contact_s <= self.replica_lag_s
+                and f.match_end >= self._lagged_end(now_s, epoch_start, end))
 
     def caught_up(self, now_s: float, high_watermark: int, epoch_start: int, end: int) -> set[str]:
         """The leader and the members in contact that hold everything committed and the yardstick."""
@@ -155,11 +167,28 @@ class Followers(dict[str, FollowerProgress]):
         return None if best is None else best[1]
 
     def _lagged_end(self, now_s: float, epoch_start: int, end: int) -> int:
-        """Own end offset as it was ``replica_lag_s`` ago (what an in-sync follower must have)."""
+        """Own end offset as it was ``replica_lag_s`` ago (what an in-sync follower must have): the greatest
+        end among the samples up to the first one newer than the cutoff, never below ``epoch_start``.
+
+        Asked on every append and answer; the samples change only at heartbeats and the cutoff only moves
+        forward, so the scan resumes where the last call stopped (``_lag_scan``) instead of walking all
+        ``END_SAMPLES`` each time."""
         cutoff = now_s - self.replica_lag_s
-        yardstick = epoch_start
-        for sample_s, sample_end in self._end_samples:
+        samples = self._end_samples
+        scan = self._lag_scan
+        if scan is None or cutoff < self._lag_cutoff:
+            count, top = 0, None
+        else:
+            count, top = scan
+        size = len(samples)
+        while count < size:
+            sample_s, sample_end = samples[count]
             if sample_s > cutoff:
                 break
-            yardstick = max(yardstick, sample_end)
-        return min(yardstick, end)
+            if top is None or sample_end > top:
+                top = sample_end
+            count += 1
+        self._lag_scan = (count, top)
+        self._lag_cutoff = cutoff
+        yardstick = epoch_start if top is None or top < epoch_start else top
+        return yardstick if yardstick < end else end

@@ -215,6 +215,11 @@ class Replica:
             return []
         return self.followers.in_sync(now_s, self.replicas, self.epoch_start, self.log.end_offset)
 
+    def _peer_in_sync(self, peer: str, now_s: float) -> bool:
+        """``peer in self.in_sync(now_s)`` for one follower (not the leader itself), without building the list."""
+        return self.role == LEADER and self.followers.is_in_sync(peer, now_s, self.replicas, self.epoch_start,
+                                                                 self.log.end_offset)
+
     def config_established(self) -> bool:
         """Leader only: a majority of the current voters said they know this configuration's
         version and hold the log up to where the leader adopted it (the gate for the next step)."""
@@ -705,7 +710,7 @@ class Replica:
             budget = MAX_APPEND_BYTES
             throttle = self._copy_throttle
             catching_up = (start < end and not silent and throttle is not None and not throttle.unlimited
-                           and peer not in self.in_sync(now_s))
+                           and not self._peer_in_sync(peer, now_s))
             if catching_up:
                 # A replica catching up (a rebalance's new copy, a follower far behind) shares the
                 # node's copy rate; in-sync followers never wait for it, so live writes keep their pace.

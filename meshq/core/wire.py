@@ -156,17 +156,21 @@ class Default:
 def Struct(**fields: Check) -> Check:
     """A map with required fields (extra fields are ignored; a ``Default`` field may be absent)."""
 
+    top_level = tuple((name, field_check, name) for name, field_check in fields.items())  # (the body's paths)
+
     def check(value: Any, path: str) -> dict:
         if type(value) is not dict:
             raise _fail(path or "body", "map", value)
         out = {}
-        for name, field_check in fields.items():
+        # A message body (path "") is checked on every message: its fields' paths are spelled once, above.
+        for name, field_check, field_path in (top_level if not path else
+                                             ((n, c, f"{path}.{n}") for n, c in fields.items())):
             if name not in value:
                 if type(field_check) is Default:
                     out[name] = field_check.default
                     continue
-                raise ProtocolError(f"field {path + '.' if path else ''}{name}: missing")
-            out[name] = field_check(value[name], f"{path + '.' if path else ''}{name}")
+                raise ProtocolError(f"field {field_path}: missing")
+            out[name] = field_check(value[name], field_path)
         return out
 
     return check
@@ -486,6 +490,10 @@ def _unpack_header(frame: bytes) -> Any:
         raise ProtocolError(f"header does not decode as msgpack: {type(exc).__name__}: {exc}") from None
 
 
+_SENDER = Str(64, 1)
+_REQUEST_ID = Int(0, (1 << 63) - 1)
+
+
 def decode(frames: Sequence[bytes], cluster: str) -> Message:
     """Decode and validate frames; raises ProtocolError on any defect."""
     if not frames:
@@ -501,12 +509,17 @@ def decode(frames: Sequence[bytes], cluster: str) -> Message:
             f"protocol version {short_repr(version)} not supported (this node speaks {PROTOCOL_VERSION})")
     if their_cluster != cluster:
         raise ProtocolError(f"frame for cluster {short_repr(their_cluster)}, this node is in {cluster!r}")
-    Str(64, 1)(sender, "sender")
-    Int(0, (1 << 63) - 1)(request_id, "request_id")
+    _SENDER(sender, "sender")
+    _REQUEST_ID(request_id, "request_id")
     if type(type_) is not str or type_ not in SCHEMAS:
         raise InvalidRequest(f"unknown message type {short_repr(type_)}", request_id, sender)
     schema = SCHEMAS[type_]
-    payloads = tuple(bytes(f) for f in frames[1:])
+    if len(frames) == 1:
+        payloads: tuple[bytes, ...] = ()
+    elif len(frames) == 2 and type(frames[1]) is bytes:  # (the hot path: one batch, already bytes)
+        payloads = (frames[1],)
+    else:
+        payloads = tuple(bytes(f) for f in frames[1:])
     if not schema.min_payloads <= len(payloads) <= schema.max_payloads:
         raise InvalidRequest(
             f"{type_} carries {len(payloads)} payload frames; expected {schema.min_payloads}-{schema.max_payloads}",
