@@ -962,6 +962,12 @@ class LeaderHintChecker:
         self.next_check_s = 0.0
         self.hints_checked = 0  # hints that had settled (so had to name a leader) when checked
         self.stale: tuple[str, tuple[str, int], str] | None = None  # (node, partition, named) of a violation
+        # A node's heartbeats, seen by their count (``Mesh.heartbeats_sent``) changing: a restarted node
+        # publishes its first one only once it is up (more than a heartbeat interval after its restart),
+        # so a hint is timed from the first heartbeat its node sent after the lead changed.
+        self.heartbeats: dict[str, tuple[int, int]] = {}  # node -> (id of its core, heartbeats sent)
+        self.unheard: dict[str, set[tuple[str, int]]] = {}  # node -> lead changes no heartbeat followed yet
+        self.first_heartbeat_s: dict[tuple[str, tuple[str, int]], float] = {}  # (node, partition) -> when
 
     def settle_s(self, heartbeat_interval_s: float) -> float:
         return 2 * heartbeat_interval_s + 2 * self.sim.options.faults.latency_s[1]
@@ -978,7 +984,15 @@ class LeaderHintChecker:
             if led != before:
                 for key in led ^ before:
                     self.lead_changed_s[(node_id, key)] = now_s
+                    self.first_heartbeat_s.pop((node_id, key), None)
+                self.unheard.setdefault(node_id, set()).update(led ^ before)
                 self.led[node_id] = led
+            if core is not None:
+                sent = (id(core), core.mesh.heartbeats_sent)
+                if self.heartbeats.get(node_id) != sent:
+                    self.heartbeats[node_id] = sent
+                    for key in self.unheard.pop(node_id, ()):
+                        self.first_heartbeat_s[(node_id, key)] = now_s
             since = self.subscribed.setdefault(node_id, {})
             if len(since) != len(node.subscriptions) or not since.keys() <= node.subscriptions:
                 self.subscribed[node_id] = {endpoint: since.get(endpoint, now_s)
@@ -1013,7 +1027,11 @@ class LeaderHintChecker:
             subscribed_s = self.subscribed.get(node.node_id, {}).get(other.pub_endpoint)
             if subscribed_s is None:
                 continue  # its heartbeats do not reach this node
-            since_s = max(self.last_drop_s, self.lead_changed_s.get((named, key), float("-inf")), subscribed_s,
+            changed_s = self.lead_changed_s.get((named, key))
+            heartbeat_s = None if changed_s is None else self.first_heartbeat_s.get((named, key))
+            if changed_s is not None and heartbeat_s is None:
+                continue  # no heartbeat of it since it stopped leading: nothing told this node yet
+            since_s = max(self.last_drop_s, heartbeat_s or float("-inf"), subscribed_s,
                           self.pause_end_s.get(node.node_id, 0.0), self.pause_end_s.get(named, 0.0))
             if now_s < since_s + settle_s:
                 continue

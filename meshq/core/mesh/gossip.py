@@ -59,6 +59,7 @@ class Mesh(Room):
         # the node last named stopped listing it, and its epoch stays as a floor (see _note_leads)
         self.leader_hints: dict[tuple[str, int], tuple[int, str | None]] = {}
         self._hinted: dict[str, set[tuple[str, int]]] = {}  # node -> the keys whose hint names it (an index)
+        self.heartbeats_sent = 0  # (the simulator's LeaderHintChecker times hints from our heartbeats)
 
     def start(self) -> None:
         """Put ourselves in the member table (``start`` of the root has set our endpoints)."""
@@ -159,6 +160,7 @@ class Mesh(Room):
         body = {"member": self.self_info(), "members": self.members.gossip(), **self.core.formation.summary(),
                 "term": self.core.agreement.term(), "leads": self.core.host.leads(),
                 "adverts": self.core.adverts.version}
+        self.heartbeats_sent += 1
         self.out.emit(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
 
     def on_heartbeat(self, message: wire.Message, now_s: float) -> None:
