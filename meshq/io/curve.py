@@ -15,12 +15,17 @@ without a restart). A client node (which holds no ``trusted/``) accepts the clus
 the keys of the client members the cluster told it about (``member_keys``). A refused key is
 logged once per (address, key) and counted; a peer whose handshake fails before ZAP (plain
 against CURVE, or another cluster's server key) is counted and logged by the runtime.
+
+The ZAP reply also carries the accepted key itself, as the connection's metadata property
+``KEY_PROPERTY`` (z85): every message from that connection carries it, and the keyed PUB
+(``meshq.io.xpub``) judges a subscription by it (the ``User-Id`` is the key's holder's name).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import threading
 from typing import Any
 
@@ -32,16 +37,20 @@ from meshq.core.acl import KEY_PREFIX
 from meshq.keys import KeySet
 
 log = logging.getLogger("meshq.auth")
+KEY_PROPERTY = "X-Curve-Key"  # metadata of an accepted connection: its CURVE public key, z85 (module docstring)
+_ZAP_VERSION = b"1.0"
 _MEMBER_WAIT_STEP_S = 0.05
 _MEMBER_WAIT_STEPS = 60  # a client waits up to 3 s for an unknown key to be gossiped before refusing it
 
 
 class _Authenticator(ThreadAuthenticator):
-    """``ThreadAuthenticator`` that remembers the address of the request being checked (for the log), and
-    names an accepted key's holder as the connection's ZAP ``User-Id`` (``identify``)."""
+    """``ThreadAuthenticator`` that remembers the address of the request being checked (for the log), names an
+    accepted key's holder as the connection's ZAP ``User-Id`` (``identify``), and hands the key itself back as
+    the connection's ``KEY_PROPERTY``. (Requests are handled one at a time, on the ZAP thread.)"""
 
     address = ""
     identify: Any = None
+    _key = b""  # the CURVE key of the request being checked (raw, 32 bytes), b"" for another mechanism
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.identify(z85.encode(client_public_key))
@@ -49,7 +58,25 @@ class _Authenticator(ThreadAuthenticator):
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) > 3:
             self.address = msg[3].decode("utf-8", "replace")
-        await super().handle_zap_message(msg)
+        self._key = msg[6] if len(msg) == 7 and msg[5] == b"CURVE" and len(msg[6]) == 32 else b""
+        try:
+            await super().handle_zap_message(msg)
+        finally:
+            self._key = b""
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        """The ZAP reply (RFC 27), with ``KEY_PROPERTY`` in its metadata when a CURVE key was accepted."""
+        accepted = status_code == b"200"
+        metadata = zap_key_metadata(self._key) if accepted and self._key else b""
+        self.zap_socket.send_multipart([_ZAP_VERSION, request_id, status_code, status_text,
+                                        user_id.encode("utf-8", "replace") if accepted else b"", metadata])
+
+
+def zap_key_metadata(key: bytes) -> bytes:
+    """ZAP reply metadata (ZMTP properties: name length, name, 4-byte value length, value) naming ``key``."""
+    name, value = KEY_PROPERTY.encode("ascii"), z85.encode(key)
+    return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
 
 
 class Curve:
@@ -136,10 +163,10 @@ class Curve:
         self._endpoint_keys[endpoint] = key
 
     def setup(self, sock: zmq.Socket, kind: int, endpoint: str | None = None) -> None:
-        if kind in (zmq.ROUTER, zmq.PUB):
+        if kind in (zmq.ROUTER, zmq.PUB, zmq.XPUB):
             self.server(sock)
         else:
             self.client(sock, self.key_at(endpoint))
 
 
-__all__ = ["Curve"]
+__all__ = ["KEY_PROPERTY", "Curve", "zap_key_metadata"]

@@ -14,6 +14,9 @@ command queue, so a publish costs no thread hand-off:
   runtime thread runs the flush that the first message of the buffer asked for
   (``Runtime.call_later(0, ...)``). So a lone message leaves within a thread wake-up, and a
   burst leaves in batches whose size grows with the load, with no timer to tune.
+* Keyed, a batch's first frame names the receiving node's key after ``DATA_MARK``
+  (``frames.keyed_data_prefix``): the runtime's XPUB hands a node's data only to the connection
+  of that key (``meshq.io.xpub``).
 * The runtime's PUB socket is shared with the runtime thread (heartbeats, adverts): every
   use holds ``Runtime.pub_lock`` (a ZeroMQ socket may move between threads behind a lock).
   Sends are ``NOBLOCK``: a node whose queue at our PUB socket is full (its high-water mark:
@@ -36,7 +39,7 @@ from typing import Any
 import zmq
 
 from meshq.core.events import AddSubscription, RemoveSubscription
-from meshq.core.pubsub.frames import check_headers
+from meshq.core.pubsub.frames import add_key, check_headers
 from meshq.core.pubsub.room import MAX_PAYLOAD_BYTES
 from meshq.core.pubsub.subjects import validate_pattern, validate_queue, validate_subject
 from meshq.errors import MessageTooLargeError, NodeStoppedError, ProtocolError, UsageError
@@ -66,6 +69,7 @@ class PubSubShell:
         self._flush_asked = False
         self.max_payload_bytes = min(MAX_PAYLOAD_BYTES, node.core.config.max_frame_bytes - 64 * 1024)
         self.closed = False
+        self.keyed = node.runtime.curve is not None
         node.runtime.on_data = self.on_data
 
     # ------------------------------------------------------------------ caller threads
@@ -119,8 +123,11 @@ class PubSubShell:
         frames = self.room.batch(node, entries)
         if pub is None or pub.closed:
             return
+        first = frames[0]
+        if self.keyed:  # the prefix names the key the node listens with (meshq.core.pubsub.frames)
+            first = add_key(first, self.runtime.data_key(node))
         try:
-            pub.send(frames[0], _NOBLOCK_MORE)
+            pub.send(first, _NOBLOCK_MORE)
             pub.send(frames[1], _NOBLOCK)
         except zmq.ZMQError:  # (PUB drops at its high-water mark rather than raising; kept for safety)
             pass

@@ -70,6 +70,9 @@ _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot
 # buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
 # costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
 _ZERO_COPY_BYTES = 1024 * 1024
+# Keyed: the XPUB's ZMQ_FD signals only new commands, and a publishing thread's send may consume that signal while
+# a subscription waits in the socket: the runtime judges subscriptions when the FD is readable and at least this often.
+_SUBSCRIPTIONS_DRAIN_S = 0.05
 _PUBSUB_HWM = 1000  # messages (pub/sub batches, heartbeats) queued per peer on the PUB and SUB sockets
 _TRUSTED_READ_S = 1.0  # a keyed storage node reads cluster/trusted/ for the core this often (acl_view)
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
@@ -123,6 +126,9 @@ class Runtime:
         self.router: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
+        self.subscription_gate: Any = None  # keyed: judges the subscriptions on ``pub`` (meshq.io.xpub)
+        self._pub_fd = -1  # keyed: the XPUB's ZMQ_FD, readable when it may hold subscriptions to judge
+        self._subscriptions_drained_s = float("-inf")
         # Pub/sub (meshq.io.pubsub) publishes on ``pub`` from callers' threads: every use of ``pub``
         # holds this lock. ``on_data(frame, payload)`` takes the data frames ``sub`` receives.
         self.pub_lock = threading.Lock()
@@ -183,12 +189,18 @@ class Runtime:
             self.curve.start()
         self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.pub = self._socket(zmq.PUB)
+        if self.curve is None:
+            self.pub = self._socket(zmq.PUB)
+        else:  # an XPUB that takes a data subscription only from the key it names (meshq.io.xpub)
+            from meshq.io.xpub import SubscriptionGate, new_keyed_pub
+
+            self.pub = new_keyed_pub(self._socket(zmq.XPUB))
+            self.subscription_gate = SubscriptionGate(self.pub, self.core.pubsub.counters)
         self.sub = self._socket(zmq.SUB)
         # Control messages (wire headers) and the pub/sub data frames addressed to this node only:
         # a PUB filters for its subscribers, so data for other nodes never reaches us.
         self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
-        self.sub.setsockopt(zmq.SUBSCRIBE, pubsub_frames.data_prefix(self.core.node_id))
+        self.sub.setsockopt(zmq.SUBSCRIBE, self._own_data_prefix())
         # Pub/sub batches hold up to 64 KiB: these bound what a paused or slow peer can hold up
         # (per peer, at each end) to about 64 MiB; beyond, its messages are dropped (and counted).
         self.pub.setsockopt(zmq.SNDHWM, _PUBSUB_HWM)
@@ -210,6 +222,24 @@ class Runtime:
             self.endpoint = f"tcp://{config.advertised_host}:{port}"
             pub_port = self.pub_endpoint.rsplit(":", 1)[1]
             self.pub_endpoint = f"tcp://{config.advertised_host}:{pub_port}"
+
+    def _own_data_prefix(self) -> bytes:
+        """The prefix of the data frames addressed to this node; keyed, it names the key this node listens with."""
+        if self.curve is None:
+            return pubsub_frames.data_prefix(self.core.node_id)
+        return pubsub_frames.keyed_data_prefix(self.core.node_id, self.curve.keys.public)
+
+    def data_key(self, node_id: str) -> bytes:
+        """Keyed: the key the data frames to ``node_id`` are addressed with (``frames.keyed_data_prefix``), the one
+        ``node_id`` listens with (from any thread: a lookup in the member table)."""
+        return self._server_key(node_id)
+
+    def _drain_subscriptions(self) -> None:
+        """Keyed: apply or refuse the subscriptions the XPUB holds (meshq.io.xpub)."""
+        self._subscriptions_drained_s = self.clock.now_s()
+        with self.pub_lock:
+            if self.pub is not None and not self.pub.closed:
+                self.subscription_gate.drain()
 
     def _socket(self, kind: int, endpoint: str | None = None) -> zmq.Socket:
         return new_socket(self.context, kind, self.core.config.max_frame_bytes, self.curve, endpoint)
@@ -263,6 +293,9 @@ class Runtime:
         for monitor in self._monitors:
             poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_fd, zmq.POLLIN)
+        if self.subscription_gate is not None:
+            self._pub_fd = self.pub.getsockopt(zmq.FD)
+            poller.register(self._pub_fd, zmq.POLLIN)
         try:
             self._execute(self.core.start(self.endpoint, self.clock.now_s(), self.pub_endpoint,
                                           self.curve.keys.public.decode("ascii") if self.curve is not None else ""))
@@ -334,6 +367,9 @@ class Runtime:
                 refused = self.curve.refused
                 core.counters["auth_refused"] += refused - self._zap_refused
                 self._zap_refused = refused
+            if self.subscription_gate is not None and (
+                    self._pub_fd in ready or now - self._subscriptions_drained_s >= _SUBSCRIPTIONS_DRAIN_S):
+                self._drain_subscriptions()
             if self.router in ready:
                 self._drain_router()
             if self.sub in ready:
@@ -390,6 +426,8 @@ class Runtime:
         node whose PUB a keyed node's per-peer SUB socket reaches (None: the shared SUB of an unkeyed node)."""
         core, cluster = self.core, self.core.config.cluster
         data_mark = pubsub_frames.DATA_MARK[0]
+        keyed = via is not None  # the frames name this node's key after the mark; the room reads the unkeyed prefix
+        strip_key = pubsub_frames.strip_key
         on_data = self.on_data
         pubsub_counters = core.pubsub.counters
         for _ in range(_MAX_INPUTS_PER_SOCKET):
@@ -407,6 +445,8 @@ class Runtime:
                     core.blame(_peer_address(head))
                     continue
                 invalid = pubsub_counters["frames_invalid"]
+                if keyed:
+                    first = strip_key(first)
                 try:
                     on_data(first, frames[1], via)
                 except Exception:  # a bug on the data path: never fatal for the node
@@ -503,7 +543,7 @@ class Runtime:
             return
         sock = self._socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
-        sock.setsockopt(zmq.SUBSCRIBE, pubsub_frames.data_prefix(self.core.node_id))
+        sock.setsockopt(zmq.SUBSCRIBE, self._own_data_prefix())
         sock.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
         sock.curve_serverkey = self._server_key(pub_endpoint=endpoint)
         try:

@@ -885,3 +885,14 @@ def keyed_client(mesh: Any, nodes: Iterable[Any], keys_dir: str) -> Any:
         node.stop()
         raise
     return node
+
+
+def received(subscription: Any, data: bytes, wait_s: float = 0.3) -> bool:
+    """True once ``subscription`` delivers a message carrying ``data``; False when nothing more arrives
+    within ``wait_s`` (a pub/sub subscription of an embedded node)."""
+    try:
+        while True:
+            if subscription.recv(timeout=wait_s).data == data:
+                return True
+    except MeshqError:
+        return False

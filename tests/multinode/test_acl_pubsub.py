@@ -18,7 +18,7 @@ import pytest
 
 import meshq
 from meshq.core.pubsub import frames
-from tests.multinode.helpers import keyed_client, keyed_mesh, wait_until
+from tests.multinode.helpers import keyed_client, keyed_mesh, received, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 REVOKE_BOUND_S = 10.0  # views refresh every second; the bound leaves room for a loaded machine
@@ -44,15 +44,6 @@ def _refused(call) -> BaseException | None:
     return None
 
 
-def _received(subscription, data: bytes, wait_s: float = 0.3) -> bool:
-    try:
-        while True:
-            if subscription.recv(timeout=wait_s).data == data:
-                return True
-    except meshq.MeshqError:
-        return False
-
-
 def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(keyed):
     mesh, keys, nodes = keyed
     clients = {name: keyed_client(mesh, nodes, os.path.join(keys, "clients", name))
@@ -68,12 +59,12 @@ def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(key
         assert "client 'carol' may not subscribe 'events.>'" in str(refused)
         # ">" overlaps her grant: taken, but only other.> may reach it (her node may not have the grant in its view yet)
         to_carol = wait_until(lambda: _subscribe(carol, ">"), 30, "carol's subscription to > to be taken")
-        wait_until(lambda: alice.publish("events.one", b"first") or _received(to_bob, b"first"), 60,
+        wait_until(lambda: alice.publish("events.one", b"first") or received(to_bob, b"first"), 60,
                    "alice's message to reach bob")
         for _ in range(20):
             alice.publish("events.two", b"second")
-        assert _received(to_bob, b"second", 2.0)
-        assert not _received(to_carol, b"second", 1.0)  # routed to bob's key only
+        assert received(to_bob, b"second", 2.0)
+        assert not received(to_carol, b"second", 1.0)  # routed to bob's key only
 
         refused = wait_until(lambda: _refused(lambda: carol.publish("events.one", b"carol")), 30,
                              "carol's publish to be refused")
@@ -87,10 +78,11 @@ def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(key
         before = bob_counters["publish_refused"]
         wait_until(lambda: carol.publish("events.one", b"carol") or bob_counters["publish_refused"] > before, 30,
                    "bob's node to refuse carol's messages")
-        assert not _received(to_bob, b"carol", 1.0)
+        assert not received(to_bob, b"carol", 1.0)
 
         # a batch carol forges in alice's name, addressed to bob: the key of its connection is carol's
-        forged = frames.encode_batch(frames.data_prefix(bob.node_id), 1_000_000, alice.node_id,
+        forged = frames.encode_batch(frames.keyed_data_prefix(bob.node_id, bob.runtime.curve.keys.public), 1_000_000,
+                                     alice.node_id,
                                      [("events.one", None, None, b"forged")])
         before = bob_counters["source_forged"]
 
@@ -100,17 +92,17 @@ def test_publish_and_subscribe_grants_rule_pubsub_between_keyed_client_nodes(key
             return bob_counters["source_forged"] > before
 
         wait_until(forge, 30, "bob's node to refuse a batch forged in alice's name")
-        assert not _received(to_bob, b"forged", 1.0)
+        assert not received(to_bob, b"forged", 1.0)
 
         # revoked: alice's node stops routing to bob within the bound
         admin.acl_revoke("bob", "subscribe", "events.>")
         revoked_at = time.monotonic()
-        wait_until(lambda: alice.publish("events.one", b"late") or not _received(to_bob, b"late"), REVOKE_BOUND_S,
+        wait_until(lambda: alice.publish("events.one", b"late") or not received(to_bob, b"late"), REVOKE_BOUND_S,
                    "bob to stop getting events once his grant is revoked")
         took = time.monotonic() - revoked_at
         for _ in range(5):
             alice.publish("events.one", b"after")
-        assert not _received(to_bob, b"after", 1.0)
+        assert not received(to_bob, b"after", 1.0)
         print(f"revoke took effect within {took:.2f} s")
         assert wait_until(lambda: _refused(lambda: bob.subscribe("events.x").close()), 30,
                           "bob's new subscription to be refused once revoked")

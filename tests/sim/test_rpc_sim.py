@@ -19,7 +19,11 @@ def faulty(seed: int) -> bool:
 
 
 def failing_seeds(seeds) -> list[int]:
-    return [s for s in seeds if not run_seed(s, rpc=True).ok]
+    """The first seed whose run the checkers fail (a one-element list), else [] (one is enough)."""
+    for seed in seeds:
+        if not run_seed(seed, rpc=True).ok:
+            return [seed]
+    return []
 
 
 @pytest.mark.parametrize("seed", RPC_SEEDS)

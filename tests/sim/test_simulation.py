@@ -82,7 +82,12 @@ def test_a_node_restarted_after_its_partitions_moved_does_not_lead_with_an_old_c
 
 
 def failing_seeds(seeds, **overrides) -> list[int]:
-    return [seed for seed in seeds if not run_seed(seed, **overrides).ok]
+    """The first seed whose run the checkers fail (a one-element list), else []. A mutation test
+    needs one failing run; running the remaining seeds cost CI minutes and proved nothing more."""
+    for seed in seeds:
+        if not run_seed(seed, **overrides).ok:
+            return [seed]
+    return []
 
 
 def power_loss_seeds() -> list[int]:

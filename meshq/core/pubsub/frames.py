@@ -21,6 +21,14 @@ of the batch: a publisher numbers the messages it sends to each node from 1, so 
 sees a gap as messages dropped on the way (high-water marks), counted per peer; a smaller
 number means the publisher restarted.
 
+With keys, a frame's prefix also names the key of the node it is addressed to:
+``b"M" + key + node_id + b"\\x00"`` (``keyed_data_prefix``; ``key`` is the z85 CURVE public key the
+node listens with, ``KEY_BYTES`` long: the cluster key for a storage node, a client node's own).
+A keyed node's PUB is an XPUB that takes a data subscription only from a connection whose
+CURVE key is the one its prefix names (``may_subscribe``; ``meshq.io.xpub`` applies it), so a
+trusted key cannot subscribe to the data addressed to another key. The runtime adds and strips
+the key; the room sees the unkeyed prefix either way.
+
 Nothing received is trusted: ``decode`` checks every field (and the subject's rules) and
 raises ``ProtocolError``; the caller drops and counts the frame.
 """
@@ -46,6 +54,36 @@ _MAX_HEADERS = 64
 def data_prefix(node_id: str) -> bytes:
     """The first bytes of every data frame addressed to ``node_id`` (its SUB subscribes to them)."""
     return DATA_MARK + node_id.encode() + b"\x00"
+
+
+KEY_BYTES = 40  # a z85 CURVE public key
+
+
+def keyed_data_prefix(node_id: str, key: bytes) -> bytes:
+    """The first bytes of every data frame addressed to ``node_id`` in a keyed cluster: ``key`` (z85, the key
+    ``node_id`` listens with) comes first, so a subscription can be judged by it alone (``may_subscribe``)."""
+    if len(key) != KEY_BYTES:
+        raise UsageError(f"a CURVE public key in z85 is {KEY_BYTES} bytes, not {len(key)}")
+    return add_key(data_prefix(node_id), key)
+
+
+def add_key(first: bytes, key: bytes) -> bytes:
+    """A batch's first frame (it starts with ``data_prefix``) as sent in a keyed cluster: ``key`` after the mark."""
+    return DATA_MARK + key + first[1:]
+
+
+def strip_key(first: bytes) -> bytes:
+    """The inverse of ``add_key``: the first frame as the room reads it (the unkeyed prefix)."""
+    return DATA_MARK + first[1 + KEY_BYTES:]
+
+
+def may_subscribe(topic: bytes, key: bytes | None) -> bool:
+    """Whether a keyed PUB takes a subscription to ``topic`` from a connection CURVE verified with ``key`` (z85;
+    None: unknown): the control messages are for every member; data only when ``topic`` starts with the prefix
+    of ``key`` itself (the key has a fixed length, so such a topic matches no frame addressed to another key)."""
+    if topic[:1] == CONTROL_PREFIX:
+        return True
+    return key is not None and len(key) == KEY_BYTES and topic.startswith(DATA_MARK + key)
 
 
 Entry = tuple  # (subject, queues or None, headers or None, data)
