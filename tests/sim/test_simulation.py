@@ -120,9 +120,19 @@ def test_checkers_catch_a_leader_that_serves_unsynced_records(monkeypatch):
     assert failing_seeds(power_loss_seeds()[:25]), "serving unsynced records went unnoticed"
 
 
-def unsynced_power_loss_seeds() -> list[int]:
-    """CI seeds with power losses and fsync=interval or never (the unsynced tail is lost)."""
-    return [s for s in CI_SEEDS if SimOptions.swarm(s).fsync != "always" and SimOptions.swarm(s).faults.power_rate]
+def unsynced_power_loss_seeds(seeds=CI_SEEDS) -> list[int]:
+    """Seeds (CI seeds unless told) with power losses and fsync=interval or never (the unsynced tail
+    is lost)."""
+    return [s for s in seeds if SimOptions.swarm(s).fsync != "always" and SimOptions.swarm(s).faults.power_rate]
+
+
+# Swarm seeds past the CI set for the mutation tests of a follower's truncation: their unsynced
+# power-loss runs (211, 215, ...) are tried in order up to the first that shows the violation (228
+# for a follower refusing a lost history, 230 for one serving two histories). These tests used the
+# first 25 unsynced power-loss CI seeds, where only 25 and 107 showed either; once leader hints
+# were withdrawn (issue #19: clients route elsewhere, so the runs shift) none of the 48 showed two
+# histories and only 134 showed a refused history.
+TRUNCATION_MUTATION_SEEDS = range(200, 300)
 
 
 def test_swarm_covers_power_losses_under_every_fsync_mode():
@@ -170,7 +180,8 @@ def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypa
 
     monkeypatch.setattr(replica_module.Replica, "_truncate", refuse_below_high_watermark)
     assert not majority_power_loss_run(0).ok and not majority_power_loss_run(1).ok
-    assert failing_seeds(unsynced_power_loss_seeds()[:25]), "a replica stuck on a lost history went unnoticed"
+    assert failing_seeds(unsynced_power_loss_seeds(TRUNCATION_MUTATION_SEEDS)), \
+        "a replica stuck on a lost history went unnoticed"
 
 
 def test_checkers_catch_a_follower_serving_two_histories(monkeypatch):
@@ -183,8 +194,8 @@ def test_checkers_catch_a_follower_serving_two_histories(monkeypatch):
         return True if offset < self.high_watermark else real(self, offset, epoch)
 
     monkeypatch.setattr(replica_module.Replica, "_truncate", keep_below_high_watermark)
-    results = [run_seed(s) for s in unsynced_power_loss_seeds()[:25]]
-    assert any("two histories" in str(v) for r in results for v in r.violations), \
+    seeds = unsynced_power_loss_seeds(TRUNCATION_MUTATION_SEEDS)
+    assert any(any("two histories" in str(v) for v in run_seed(s).violations) for s in seeds), \
         "a replica serving a committed batch the leader does not hold went unnoticed"
 
 

@@ -55,8 +55,11 @@ class Mesh(Room):
         self._refused: set[tuple[str, str]] = set()  # (node id, address) second-hand readdresses refused, logged
         # node id -> (incarnation, formation) of storage nodes of another formed cluster of our name (refused)
         self.foreign: dict[str, tuple[int, str]] = {}
-        # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing
-        self.leader_hints: dict[tuple[str, int], tuple[int, str]] = {}
+        # (topic, partition) -> (epoch, node): leaders announced in heartbeats, for routing; node None:
+        # the node last named stopped listing it, and its epoch stays as a floor (see _note_leads)
+        self.leader_hints: dict[tuple[str, int], tuple[int, str | None]] = {}
+        self._hinted: dict[str, set[tuple[str, int]]] = {}  # node -> the keys whose hint names it (an index)
+        self.heartbeats_sent = 0  # (the simulator's LeaderHintChecker times hints from our heartbeats)
 
     def start(self) -> None:
         """Put ourselves in the member table (``start`` of the root has set our endpoints)."""
@@ -94,9 +97,9 @@ class Mesh(Room):
                                               {"node_id": self.node_id, "incarnation": self.core.incarnation})))
 
     def hinted_leader(self, topic: str, partition: int) -> str | None:
-        """The leader heartbeats named for ``topic``/``partition``, if it is alive."""
+        """The leader heartbeats named for ``topic``/``partition``, if it is alive and still lists it."""
         hint = self.leader_hints.get((topic, partition))
-        if hint is not None and self.liveness(hint[1]) == "alive":
+        if hint is not None and hint[1] is not None and self.liveness(hint[1]) == "alive":
             return hint[1]
         return None
 
@@ -157,6 +160,7 @@ class Mesh(Room):
         body = {"member": self.self_info(), "members": self.members.gossip(), **self.core.formation.summary(),
                 "term": self.core.agreement.term(), "leads": self.core.host.leads(),
                 "adverts": self.core.adverts.version}
+        self.heartbeats_sent += 1
         self.out.emit(Publish(wire.encode(self.config.cluster, self.node_id, "heartbeat", 0, body)))
 
     def on_heartbeat(self, message: wire.Message, now_s: float) -> None:
@@ -184,16 +188,41 @@ class Mesh(Room):
 
     def _note_leads(self, sender: str, leads: list) -> None:
         """Remember which partitions ``sender`` says it leads (routing hints; the leader decides),
-        and the log end offsets it reports (``agreement.note_lead``: where a rebuild would start)."""
+        and the log end offsets it reports (``agreement.note_lead``: where a rebuild would start).
+
+        ``leads`` is the complete list of what ``sender`` leads now, so a hint naming ``sender`` for
+        a partition it no longer lists is withdrawn: it stepped down (its lease ran out in a
+        minority), handed leadership over, or the partition moved. Without this a node holding no
+        replica of the partition kept routing it to the old leader until a newer leader's heartbeat
+        reached it. The hint's epoch stays as a floor, ``(epoch, None)``, and only a higher epoch
+        replaces it: a leader never leads again in an epoch it left, so a late or duplicated
+        heartbeat from before the step-down, or a stale leader of an older epoch, cannot bring the
+        old name back."""
+        listed: set[tuple[str, int]] = set()
         for topic, partition, epoch, *more in leads:
+            key = (topic, partition)
+            listed.add(key)
             if more:
                 end, config_version = more
                 self.core.agreement.note_lead(topic, partition, epoch, end)
                 if self.core.is_storage:
                     self.core.host.on_lead_heard(topic, partition, sender, config_version)
-            known = self.leader_hints.get((topic, partition))
-            if known is None or epoch >= known[0]:
-                self.leader_hints[(topic, partition)] = (epoch, sender)
+            known = self.leader_hints.get(key)
+            if known is None or epoch > known[0] or (epoch == known[0] and known[1] is not None):
+                if known is not None and known[1] is not None and known[1] != sender:
+                    self._hinted[known[1]].discard(key)
+                self.leader_hints[key] = (epoch, sender)
+                self._hinted.setdefault(sender, set()).add(key)
+        self._withdraw_hints(sender, listed)
+
+    def _withdraw_hints(self, sender: str, listed: set[tuple[str, int]]) -> None:
+        """``sender`` leads exactly ``listed`` now: every hint naming it for another partition keeps
+        only its epoch, as a floor (``hinted_leader`` then names nobody for that partition)."""
+        named = self._hinted.get(sender)
+        if named:
+            for key in named - listed:
+                self.leader_hints[key] = (self.leader_hints[key][0], None)
+            named &= listed
 
     def _heard_from(self, info: dict, summary: dict | None, now_s: float) -> bool:
         """A node spoke to us directly: mark it alive, link it if new, and take in what it says
@@ -245,7 +274,7 @@ class Mesh(Room):
             self.out.disconnect(node_id)
             self.core.adverts.forget(node_id)
             self.core.formation.forget(node_id)
-            for key in [k for k, (_epoch, leader) in self.leader_hints.items() if leader == node_id]:
+            for key in sorted(self._hinted.pop(node_id, ())):
                 del self.leader_hints[key]
 
     def hello(self, peer: str, now_s: float, retry: bool = True) -> None:

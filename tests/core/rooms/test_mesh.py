@@ -6,7 +6,7 @@ from meshq.core import wire
 from meshq.core.events import Disconnect, EventReceived, PeerDiscovered, Unsubscribe
 from meshq.errors import NotLeaderError
 from tests.core.harness import CoreHarness
-from tests.core.rooms.conftest import Net, advance, heartbeat, member_info, sent_of
+from tests.core.rooms.conftest import Net, advance, create_topic, heartbeat, member_info, sent_of
 
 
 def states(h: CoreHarness) -> dict[str, str]:
@@ -99,6 +99,62 @@ def test_leader_hints_keep_the_newest_epoch_and_name_only_a_live_leader():
     h.advance(1.0)
     h.handle(heartbeat(member_info("b", 7010)))
     assert h.core.mesh.hinted_leader("t", 0) is None  # a is dead
+
+
+def test_a_heartbeat_that_no_longer_lists_a_partition_withdraws_the_hint_naming_its_sender():
+    h = CoreHarness("n1")
+    a, b = member_info("a", 7000), member_info("b", 7010)
+    h.handle(heartbeat(a, leads=[["t", 0, 3], ["t", 1, 3]]))
+    h.handle(heartbeat(b, leads=[["t", 2, 5]]))
+    h.handle(heartbeat(a, leads=[["t", 1, 3]]))  # a stepped down from t/0 (or handed it over)
+    assert h.core.mesh.hinted_leader("t", 0) is None
+    assert h.core.mesh.hinted_leader("t", 1) == "a"  # still listed
+    assert h.core.mesh.hinted_leader("t", 2) == "b"  # named another node: a's heartbeat says nothing of it
+    assert h.core.host.current_leader("t", 0) is None
+    h.handle(heartbeat(a, leads=[]))
+    assert h.core.mesh.hinted_leader("t", 1) is None and h.core.mesh.hinted_leader("t", 2) == "b"
+
+
+def test_a_withdrawn_hint_keeps_its_epoch_as_a_floor_that_only_a_newer_epoch_passes():
+    h = CoreHarness("n1")
+    a, b, c = member_info("a", 7000), member_info("b", 7010), member_info("c", 7020)
+    h.handle(heartbeat(a, leads=[["t", 0, 3]]))
+    h.handle(heartbeat(a, leads=[]))
+    h.handle(heartbeat(a, leads=[["t", 0, 3]]))  # a late or duplicated heartbeat from before the step-down
+    assert h.core.mesh.hinted_leader("t", 0) is None
+    h.handle(heartbeat(b, leads=[["t", 0, 2]]))  # a stale minority leader of an older epoch
+    assert h.core.mesh.hinted_leader("t", 0) is None
+    h.handle(heartbeat(c, leads=[["t", 0, 4]]))  # the new leader
+    assert h.core.mesh.hinted_leader("t", 0) == "c"
+    h.handle(heartbeat(a, leads=[]))  # a no longer leads it, but the hint names c: untouched
+    assert h.core.mesh.hinted_leader("t", 0) == "c"
+    h.handle(heartbeat(a, leads=[["t", 0, 5]]))  # a elected again
+    assert h.core.mesh.hinted_leader("t", 0) == "a"
+    h.handle(heartbeat(c, leads=[]))  # c's step-down from epoch 4 says nothing of a's epoch 5
+    assert h.core.mesh.hinted_leader("t", 0) == "a"
+
+
+def test_a_non_replica_storage_node_stops_naming_a_leader_that_stepped_down_in_a_minority():
+    net = Net("n1", "n2", "n3", "n4")
+    net.form()
+    create_topic(net.leader(), "t", 1, 3, net=net)
+    replicas = net.leader().core.meta.assignments["t"][0]
+    outsider = net[next(n for n in sorted(net.nodes) if n not in replicas)]
+
+    def leader_of_t0() -> str | None:
+        leaders = [n for n in replicas if ("t", 0) in net[n].core.partitions
+                   and net[n].core.partitions[("t", 0)].replica.is_leader]
+        return leaders[0] if leaders else None
+
+    net.run_until(lambda: leader_of_t0() is not None and outsider.core.host.current_leader("t", 0) == leader_of_t0(),
+                  within_s=10.0)
+    old_leader = leader_of_t0()
+    net.cut(*[n for n in replicas if n != old_leader])  # the leader keeps only the outsider
+    net.run_until(lambda: leader_of_t0() is None, within_s=10.0)  # its lease ran out: it stepped down
+    net.run(1.0)  # two heartbeats of the old leader, which no longer list t/0
+    assert outsider.core.mesh.liveness(old_leader) == "alive"
+    assert outsider.core.host.current_leader("t", 0) is None
+    assert outsider.core.mesh.leader_hints[("t", 0)][1] is None
 
 
 def test_a_seed_that_does_not_answer_is_greeted_again_half_a_second_after_each_timeout():
