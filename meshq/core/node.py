@@ -208,7 +208,7 @@ class NodeCore:
         self.client.stop(error)
         self.group_client.stop(error)
         self.rpc.stop(error)
-        self.pubsub.stop(error)
+        self.access.stop(error)
         self.mesh.say_goodbye()
         self.host.stop()
         return self.out.take()

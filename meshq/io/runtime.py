@@ -62,6 +62,7 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.core.pubsub import frames as pubsub_frames
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
+from meshq.io.keyed_sub import KeyedSubs
 
 log = logging.getLogger("meshq.runtime")
 
@@ -120,9 +121,8 @@ class Runtime:
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
         # A keyed node subscribes to each peer's PUB with a SUB socket of its own (pub/sub data's source is then
-        # the key that socket's handshake verified, not the frame's claim): PUB endpoint -> (socket, node id).
-        self._subs: dict[str, tuple[zmq.Socket, str]] = {}
-        self._sub_peer: dict[zmq.Socket, str] = {}
+        # the key that socket's handshake verified, not the frame's claim): meshq.io.keyed_sub, made in _run.
+        self._keyed_subs: KeyedSubs | None = None
         self._monitors: dict[zmq.Socket, tuple[str, str]] = {}  # handshake monitors -> (endpoint, socket kind)
         self._refusal_logged_s = float("-inf")
         self._zap_refused = 0
@@ -292,6 +292,10 @@ class Runtime:
     def _run(self) -> None:
         poller = zmq.Poller()
         self._poller = poller
+        if self.curve is not None:
+            self._keyed_subs = KeyedSubs(lambda: self.core.members, lambda: self._socket(zmq.SUB),
+                                         self._own_data_prefix(),
+                                         lambda endpoint: self._server_key(pub_endpoint=endpoint), poller, _PUBSUB_HWM)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
         try:
@@ -382,8 +386,8 @@ class Runtime:
                 self._drain_router()
             if self.sub in ready:
                 self._drain_sub(self.sub, None)
-            if self._sub_peer:
-                for sock, via in list(self._sub_peer.items()):
+            if self._keyed_subs is not None and self._keyed_subs.node_of:
+                for sock, via in list(self._keyed_subs.node_of.items()):
                     if sock in ready:
                         self._drain_sub(sock, via)
             if self._monitors:
@@ -540,45 +544,13 @@ class Runtime:
         return self.curve.keys.cluster_public
 
     def _subscribe(self, endpoint: str) -> None:
-        if self.curve is not None:
-            self._subscribe_keyed(endpoint)
+        if self._keyed_subs is not None:
+            self._keyed_subs.subscribe(endpoint)
             return
         try:
             self.sub.connect(endpoint)
         except zmq.ZMQError as exc:
             log.warning("cannot subscribe to %s: %s", endpoint, exc)
-
-    def _subscribe_keyed(self, endpoint: str) -> None:
-        """One SUB socket per peer PUB, made with that peer's server key (only its secret's holder completes the
-        handshake), so the runtime knows which node every data frame it reads comes from (``on_data``'s ``via``)."""
-        self._unsubscribe_keyed(endpoint)
-        members = self.core.members
-        member = None if members is None else next(
-            (m for m in members.members.values() if m.pub_address == endpoint), None)
-        if member is None:
-            log.warning("cannot subscribe to %s: no member announces that PUB endpoint", endpoint)
-            return
-        sock = self._socket(zmq.SUB)
-        sock.setsockopt(zmq.SUBSCRIBE, pubsub_frames.CONTROL_PREFIX)
-        sock.setsockopt(zmq.SUBSCRIBE, self._own_data_prefix())
-        sock.setsockopt(zmq.RCVHWM, _PUBSUB_HWM)
-        sock.curve_serverkey = self._server_key(pub_endpoint=endpoint)
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            log.warning("cannot subscribe to %s: %s", endpoint, exc)
-            return
-        self._subs[endpoint] = (sock, member.node_id)
-        self._sub_peer[sock] = member.node_id
-        self._poller.register(sock, zmq.POLLIN)
-
-    def _unsubscribe_keyed(self, endpoint: str) -> None:
-        old = self._subs.pop(endpoint, None)
-        if old is not None:
-            self._sub_peer.pop(old[0], None)
-            self._poller.unregister(old[0])
-            old[0].close(0)
 
     def _handle_peer_input(self, event: Any) -> None:
         """Feed a peer's message to the core; a bug it triggers is logged and counted, never fatal.
@@ -675,8 +647,8 @@ class Runtime:
             elif kind is Subscribe:
                 self._subscribe(effect.endpoint)
             elif kind is Unsubscribe:
-                if self.curve is not None:
-                    self._unsubscribe_keyed(effect.endpoint)
+                if self._keyed_subs is not None:
+                    self._keyed_subs.unsubscribe(effect.endpoint)
                 else:
                     try:
                         self.sub.disconnect(effect.endpoint)
@@ -720,10 +692,8 @@ class Runtime:
             sock.close(0)
         self._dealers.clear()
         self._socket_peer.clear()
-        for sock, _ in list(self._subs.values()):
-            sock.close(0)
-        self._subs.clear()
-        self._sub_peer.clear()
+        if self._keyed_subs is not None:
+            self._keyed_subs.close()
         if self.router is not None:
             self.router.close(_LEFT_LINGER_MS if self.core.has_left else 0)  # the ``left`` answer must get out
         if self.sub is not None:

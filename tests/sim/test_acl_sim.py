@@ -7,7 +7,7 @@ import pytest
 
 from meshq.core.acl import Acl
 from meshq.core.cluster.access import Access
-from meshq.testing.sim import run_seed
+from meshq.testing.sim import failing_runs, run_seed
 
 SEEDS = (1, 2, 3, 4, 5, 6)
 REAL_APPLY = Acl.apply
@@ -27,12 +27,8 @@ def test_the_same_seed_with_grants_gives_the_same_trace():
 
 
 def _violations(seeds=SEEDS[:4]) -> list[str]:
-    found = []
-    for seed in seeds:
-        result = run_seed(seed, acl=True)
-        if not result.ok:
-            found.append(str(result.violations[0]))
-    return found
+    """The first violation of every failing run of ``seeds`` (grants on)."""
+    return [violation for _seed, violation in failing_runs(seeds, stop_at=None, acl=True)]
 
 
 def test_the_end_check_catches_a_node_that_acknowledges_a_change_it_never_proposed(monkeypatch):

@@ -10,19 +10,7 @@ from meshq.core.client.consumer import ConsumerState
 from meshq.core.client.requests import Requests
 from meshq.core.partitions.coordinator import GroupMembership
 from meshq.errors import RebalanceError
-from meshq.testing.sim import run_seed
-
-
-def failures(seeds, text: str, stop_at: int = 1) -> list[tuple[int, str]]:
-    """(seed, violation) of the seeds whose run fails with a violation containing ``text``."""
-    found = []
-    for seed in seeds:
-        result = run_seed(seed)
-        if not result.ok and text in str(result.violations[0]):
-            found.append((seed, str(result.violations[0])))
-            if len(found) >= stop_at:
-                break
-    return found
+from meshq.testing.sim import failing_runs, run_seed
 
 
 def test_the_members_of_a_run_join_rebalance_and_hand_out_records():
@@ -36,14 +24,14 @@ def test_checker_catches_a_coordinator_that_assigns_before_every_member_rejoined
     # Broken variant: a rebalance completes as soon as anyone joins, while the other members
     # still hold their partitions of the previous generation.
     monkeypatch.setattr(GroupMembership, "_all_rejoined", lambda self: True)
-    assert failures(range(10), "group members overlap"), "an overlapping assignment went unnoticed"
+    assert failing_runs(range(10), "group members overlap"), "an overlapping assignment went unnoticed"
 
 
 def test_checker_catches_a_member_that_keeps_fetching_revoked_partitions(monkeypatch):
     # Broken variant: letting go drops nothing, so the member goes on fetching and handing out
     # the partitions it gave back.
     monkeypatch.setattr(ConsumerState, "revoke", lambda self, partitions: None)
-    assert failures(range(10), "without holding it"), "a member reading revoked partitions went unnoticed"
+    assert failing_runs(range(10), "without holding it"), "a member reading revoked partitions went unnoticed"
 
 
 def test_checker_catches_a_consumer_that_never_follows_a_moved_leader(monkeypatch):
@@ -60,7 +48,7 @@ def test_checker_catches_a_consumer_that_never_follows_a_moved_leader(monkeypatc
         self.out.schedule(self.core.now_s + 0.2, "routed_retry", call)
 
     monkeypatch.setattr(Requests, "_routed_retry_or_fail", keep_metadata)
-    assert failures(range(40), "made no progress"), "a consumer stuck on an old leader went unnoticed"
+    assert failing_runs(range(40), "made no progress"), "a consumer stuck on an old leader went unnoticed"
 
 
 def test_a_members_node_killed_during_the_faults_is_replaced_and_the_group_still_converges():

@@ -8,7 +8,7 @@ from meshq.core.events import Fail
 from meshq.core.rpc import room as rpc_room
 from meshq.core.rpc.room import Rpc
 from meshq.errors import NotLeaderError
-from meshq.testing.sim import SimOptions, run_seed
+from meshq.testing.sim import SimOptions, failing_runs, run_seed
 
 RPC_SEEDS = range(40)
 
@@ -16,14 +16,6 @@ RPC_SEEDS = range(40)
 def faulty(seed: int) -> bool:
     faults = SimOptions.swarm(seed).faults
     return bool(faults.kill_rate or faults.pause_rate or faults.partition_rate or faults.power_rate)
-
-
-def failing_seeds(seeds) -> list[int]:
-    """The first seed whose run the checkers fail (a one-element list), else [] (one is enough)."""
-    for seed in seeds:
-        if not run_seed(seed, rpc=True).ok:
-            return [seed]
-    return []
 
 
 @pytest.mark.parametrize("seed", RPC_SEEDS)
@@ -49,17 +41,17 @@ def test_checkers_catch_a_non_idempotent_request_sent_again(monkeypatch):
         real(self, call, instance, error)
 
     monkeypatch.setattr(Rpc, "_failed", retry_everything)
-    assert failing_seeds([s for s in RPC_SEEDS if faulty(s)][:20]), "running a request twice went unnoticed"
+    assert failing_runs([s for s in RPC_SEEDS if faulty(s)][:20], rpc=True), "running a request twice went unnoticed"
 
 
 def test_checkers_catch_a_server_that_runs_a_duplicated_request_twice(monkeypatch):
     # Broken variant: the server forgets the requests it has seen, so a duplicated message runs twice.
     monkeypatch.setattr(rpc_room, "SEEN_LIMIT", 0)
     seeds = [s for s in RPC_SEEDS if SimOptions.swarm(s).faults.duplicate][:20]
-    assert failing_seeds(seeds), "a duplicated request that ran twice went unnoticed"
+    assert failing_runs(seeds, rpc=True), "a duplicated request that ran twice went unnoticed"
 
 
-def test_checkers_catch_a_reply_given_to_another_request(monkeypatch):
+def test_checkers_catch_a_reply_given_to_another_request(monkeypatch, rpc=True):
     # Broken variant: replies are handed out in arrival order, not to the request they answer.
     real = Rpc._answered
     replies: list = []
@@ -74,7 +66,7 @@ def test_checkers_catch_a_reply_given_to_another_request(monkeypatch):
         real(self, call, instance, message)
 
     monkeypatch.setattr(Rpc, "_answered", crossed)
-    assert failing_seeds(list(RPC_SEEDS)[:5]), "a reply delivered to the wrong request went unnoticed"
+    assert failing_runs(list(RPC_SEEDS)[:5], rpc=True), "a reply delivered to the wrong request went unnoticed"
 
 
 def test_checkers_catch_a_request_with_two_outcomes(monkeypatch):
@@ -87,7 +79,7 @@ def test_checkers_catch_a_request_with_two_outcomes(monkeypatch):
         real(self, call, instance, error)
 
     monkeypatch.setattr(Rpc, "_failed", fail_and_retry)
-    assert failing_seeds([s for s in RPC_SEEDS if faulty(s)][:20]), "a second outcome went unnoticed"
+    assert failing_runs([s for s in RPC_SEEDS if faulty(s)][:20], rpc=True), "a second outcome went unnoticed"
 
 
 def test_checkers_catch_a_server_that_leaks_worker_slots(monkeypatch):
@@ -102,7 +94,7 @@ def test_checkers_catch_a_server_that_leaks_worker_slots(monkeypatch):
                 job.served.workers += 1  # (workers with jobs: what bounds handing out more)
 
     monkeypatch.setattr(Rpc, "_finish", leak)
-    assert failing_seeds(list(RPC_SEEDS)[:5]), "a stalled service went unnoticed by the liveness check"
+    assert failing_runs(list(RPC_SEEDS)[:5], rpc=True), "a stalled service went unnoticed by the liveness check"
 
 
 def test_checkers_catch_a_batch_whose_answers_are_matched_to_the_wrong_requests(monkeypatch):
@@ -121,4 +113,4 @@ def test_checkers_catch_a_batch_whose_answers_are_matched_to_the_wrong_requests(
         return answers
 
     monkeypatch.setattr(Rpc, "_split_answers", shifted)
-    assert failing_seeds(list(RPC_SEEDS)[:5]), "a batch answer delivered to the wrong request went unnoticed"
+    assert failing_runs(list(RPC_SEEDS)[:5], rpc=True), "a batch answer delivered to the wrong request went unnoticed"

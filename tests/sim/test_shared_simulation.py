@@ -11,22 +11,9 @@ import pytest
 
 from meshq.core import shared_state
 from meshq.core.partitions import shared as shared_module
-from meshq.testing.sim import SimOptions, run_seed
+from meshq.testing.sim import SimOptions, failing_runs, run_seed
 
 SHARED_SEEDS = range(40)
-
-
-def failing(seeds, until: str, **overrides) -> list[tuple[int, str]]:
-    """(seed, first violation) of the failing runs, up to the first whose violation contains ``until``
-    (a mutation test needs that one; the remaining seeds would only cost CI time)."""
-    out = []
-    for seed in seeds:
-        result = run_seed(seed, shared=True, **overrides)
-        if not result.ok:
-            out.append((seed, str(result.violations[0])))
-            if until in out[-1][1]:
-                break
-    return out
 
 
 @pytest.mark.parametrize("seed", SHARED_SEEDS)
@@ -50,8 +37,8 @@ def test_checkers_catch_deliveries_beyond_max_deliveries(monkeypatch):
     monkeypatch.setattr(shared_state.SharedState, "deliver",
                         lambda self, offsets, member, now_s, timeout_ms, max_deliveries: deliver(
                             self, offsets, member, now_s, timeout_ms, 1 << 30))
-    found = failing(range(6), "max_deliveries is 3")
-    assert any("max_deliveries is 3" in v for _s, v in found), found
+    found = failing_runs(range(6), "max_deliveries is 3", shared=True)
+    assert found, "a record delivered beyond max_deliveries went unnoticed"
 
 
 def test_checkers_catch_a_record_handed_out_again_after_its_ack_was_confirmed(monkeypatch):
@@ -65,16 +52,16 @@ def test_checkers_catch_a_record_handed_out_again_after_its_ack_was_confirmed(mo
         return True
 
     monkeypatch.setattr(shared_state.SharedState, "ack", ack)
-    found = failing(range(6), "after an ack of delivery")
-    assert any("after an ack of delivery" in v for _s, v in found), found
+    found = failing_runs(range(6), "after an ack of delivery", shared=True)
+    assert found, "a record handed out again after its ack went unnoticed"
 
 
 def test_checkers_catch_a_delayed_record_handed_out_early(monkeypatch):
     # Broken variant: the leader ignores meshq-deliver-at.
     monkeypatch.setattr(shared_module, "record_deliver_at", lambda headers: 0)
     seeds = [s for s in range(40) if not SimOptions.swarm(s).faults.clock_jump_rate][:6]
-    found = failing(seeds, "before its deliver-at")
-    assert any("before its deliver-at" in v for _s, v in found), found
+    found = failing_runs(seeds, "before its deliver-at", shared=True)
+    assert found, "a delayed record handed out early went unnoticed"
 
 
 def test_checkers_catch_dead_letters_that_never_reach_the_dlq(monkeypatch):
@@ -84,5 +71,5 @@ def test_checkers_catch_dead_letters_that_never_reach_the_dlq(monkeypatch):
             group.dead_lettered(offset)
 
     monkeypatch.setattr(shared_module.Shared, "_send_dead_letters", drop)
-    found = failing(range(6), "never acked by a member nor dead-lettered")
-    assert any("never acked by a member nor dead-lettered" in v for _s, v in found), found
+    found = failing_runs(range(6), "never acked by a member nor dead-lettered", shared=True)
+    assert found, "dead letters that never reach the DLQ went unnoticed"

@@ -16,7 +16,7 @@ from meshq.core.partitions import host as host_module
 from meshq.core.partitions.groups import Groups
 from meshq.core.partitions.server import PartitionServer
 from meshq.core.raft import RaftNode
-from meshq.testing.sim import SimOptions, Simulation, run_seed
+from meshq.testing.sim import SimOptions, Simulation, failing_runs, run_seed
 from meshq.testing.sim.options import FaultOptions
 
 CI_SEEDS = range(200)
@@ -81,15 +81,6 @@ def test_a_node_restarted_after_its_partitions_moved_does_not_lead_with_an_old_c
     assert result.ok, result.violations
 
 
-def failing_seeds(seeds, **overrides) -> list[int]:
-    """The first seed whose run the checkers fail (a one-element list), else []. A mutation test
-    needs one failing run; running the remaining seeds cost CI minutes and proved nothing more."""
-    for seed in seeds:
-        if not run_seed(seed, **overrides).ok:
-            return [seed]
-    return []
-
-
 def power_loss_seeds() -> list[int]:
     return [s for s in CI_SEEDS if SimOptions.swarm(s).fsync == "always" and SimOptions.swarm(s).faults.power_rate]
 
@@ -109,7 +100,7 @@ def test_checkers_catch_a_leader_that_acknowledges_before_fsync(monkeypatch):
                                                               "base_offset": base_offset, "duplicate": duplicate})
 
     monkeypatch.setattr(PartitionServer, "serve_produce", ack_now)
-    assert failing_seeds(power_loss_seeds()[:25]), "acking before fsync went unnoticed"
+    assert failing_runs(power_loss_seeds()[:25]), "acking before fsync went unnoticed"
 
 
 def test_checkers_catch_a_leader_that_serves_unsynced_records(monkeypatch):
@@ -117,7 +108,7 @@ def test_checkers_catch_a_leader_that_serves_unsynced_records(monkeypatch):
     # watermark is the log's end); a power loss then takes back records a consumer has seen.
     monkeypatch.setattr(partition_module.PartitionState, "high_watermark",
                         property(lambda self: self.log.end_offset))
-    assert failing_seeds(power_loss_seeds()[:25]), "serving unsynced records went unnoticed"
+    assert failing_runs(power_loss_seeds()[:25]), "serving unsynced records went unnoticed"
 
 
 def unsynced_power_loss_seeds(seeds=CI_SEEDS) -> list[int]:
@@ -180,7 +171,7 @@ def test_checkers_catch_a_follower_that_refuses_a_history_lost_to_power(monkeypa
 
     monkeypatch.setattr(replica_module.Replica, "_truncate", refuse_below_high_watermark)
     assert not majority_power_loss_run(0).ok and not majority_power_loss_run(1).ok
-    assert failing_seeds(unsynced_power_loss_seeds(TRUNCATION_MUTATION_SEEDS)), \
+    assert failing_runs(unsynced_power_loss_seeds(TRUNCATION_MUTATION_SEEDS)), \
         "a replica stuck on a lost history went unnoticed"
 
 
@@ -203,7 +194,7 @@ def test_checkers_catch_a_leader_without_producer_dedupe(monkeypatch):
     # Broken variant: the leader forgets idempotent producers, so retries are stored twice.
     monkeypatch.setattr(partition_module.PartitionState, "check_duplicate", lambda self, header: None)
     seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).faults.duplicate or SimOptions.swarm(s).faults.drop]
-    assert failing_seeds(seeds[:30]), "duplicates from retries went unnoticed"
+    assert failing_runs(seeds[:30]), "duplicates from retries went unnoticed"
 
 
 def test_checkers_catch_a_metadata_leader_that_commits_without_a_majority(monkeypatch):
@@ -211,7 +202,7 @@ def test_checkers_catch_a_metadata_leader_that_commits_without_a_majority(monkey
     # others "commits" entries the majority never saw. The committed-prefix checker must notice.
     monkeypatch.setattr(RaftNode, "quorum", lambda self: 1)
     seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3]
-    assert failing_seeds(seeds[:20]), "commits without a majority went unnoticed"
+    assert failing_runs(seeds[:20]), "commits without a majority went unnoticed"
 
 
 def test_a_simulation_is_importable_and_configurable_by_users():
@@ -226,7 +217,7 @@ def test_checkers_catch_a_partition_leader_that_commits_without_a_majority(monke
     monkeypatch.setattr(replica_module.Replica, "quorum", property(lambda self: 1))
     seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3 and "quorum" in SimOptions.swarm(s).acks
              and SimOptions.swarm(s).faults.kill_rate]
-    assert failing_seeds(seeds[:25]), "partition commits without a majority went unnoticed"
+    assert failing_runs(seeds[:25]), "partition commits without a majority went unnoticed"
 
 
 def test_checkers_catch_votes_for_a_candidate_with_a_shorter_log(monkeypatch):
@@ -239,7 +230,7 @@ def test_checkers_catch_votes_for_a_candidate_with_a_shorter_log(monkeypatch):
 
     monkeypatch.setattr(replica_module.Replica, "_on_vote", careless_vote)
     seeds = [s for s in CI_SEEDS if SimOptions.swarm(s).nodes >= 3 and SimOptions.swarm(s).faults.kill_rate]
-    assert failing_seeds(seeds[:30]), "elections that lose committed records went unnoticed"
+    assert failing_runs(seeds[:30]), "elections that lose committed records went unnoticed"
 
 
 def swap_in_one_step(voters, learners, target, members, caught_up, in_contact, self_id):
@@ -259,7 +250,7 @@ def test_checkers_catch_a_reassignment_that_replaces_a_voter_in_one_step(monkeyp
     # checkers replay the agreed metadata and must notice the first such step.
     monkeypatch.setattr(host_module, "next_step", swap_in_one_step)
     monkeypatch.setattr(metadata_module, "one_step", lambda voters, new_voters, new_learners, members: True)
-    assert failing_seeds(moving_seeds(10)), "voter sets replaced in one step went unnoticed"
+    assert failing_runs(moving_seeds(10)), "voter sets replaced in one step went unnoticed"
 
 
 def test_checkers_catch_partitions_that_never_reach_their_ring_placement(monkeypatch):
@@ -267,7 +258,7 @@ def test_checkers_catch_partitions_that_never_reach_their_ring_placement(monkeyp
     # refuses it, so the partitions never move. Convergence requires every partition at its
     # ring placement and every leave completed: the liveness phase must fail.
     monkeypatch.setattr(host_module, "next_step", swap_in_one_step)
-    assert failing_seeds(moving_seeds(10)), "partitions stuck away from their ring placement went unnoticed"
+    assert failing_runs(moving_seeds(10)), "partitions stuck away from their ring placement went unnoticed"
 
 
 def test_checkers_catch_a_leader_that_counts_learners_towards_the_high_watermark(monkeypatch):
@@ -285,7 +276,7 @@ def test_checkers_catch_a_leader_that_counts_learners_towards_the_high_watermark
             self._on_change()
 
     monkeypatch.setattr(replica_module.Replica, "_advance_high_watermark", advance_with_learners)
-    assert failing_seeds(moving_seeds(20)), "commits counted on learners went unnoticed"
+    assert failing_runs(moving_seeds(20)), "commits counted on learners went unnoticed"
 
 
 def test_checkers_catch_a_consumer_that_skips_records(monkeypatch):
@@ -300,7 +291,7 @@ def test_checkers_catch_a_consumer_that_skips_records(monkeypatch):
         return records
 
     monkeypatch.setattr(ConsumerState, "on_fetched", skipping)
-    assert failing_seeds(list(CI_SEEDS)[:10]), "a consumer skipping records went unnoticed"
+    assert failing_runs(list(CI_SEEDS)[:10]), "a consumer skipping records went unnoticed"
 
 
 def calling_thread_seeds(limit: int) -> list[int]:
@@ -326,7 +317,7 @@ def test_checkers_catch_a_calling_thread_that_renumbers_its_retries(monkeypatch)
         return original(self, now_s)
 
     monkeypatch.setattr(DirectCall, "attempt", renumbered)
-    assert failing_seeds(calling_thread_seeds(30)), "retries stored twice went unnoticed"
+    assert failing_runs(calling_thread_seeds(30)), "retries stored twice went unnoticed"
 
 
 def test_checkers_catch_a_calling_thread_that_keeps_its_epoch_after_an_unknown_fate(monkeypatch):
@@ -335,7 +326,7 @@ def test_checkers_catch_a_calling_thread_that_keeps_its_epoch_after_an_unknown_f
     # batch was stored, the leader takes the new record for a retry of it and acknowledges it
     # at the old record's offset, where it is not.
     monkeypatch.setattr(ThreadProducer, "new_epoch", lambda self: None)
-    assert failing_seeds(calling_thread_seeds(30)), "records acknowledged at another record's offset went unnoticed"
+    assert failing_runs(calling_thread_seeds(30)), "records acknowledged at another record's offset went unnoticed"
 
 
 def test_checkers_catch_a_coordinator_that_does_not_rebuild_committed_offsets(monkeypatch):
@@ -349,7 +340,7 @@ def test_checkers_catch_a_coordinator_that_does_not_rebuild_committed_offsets(mo
             original(self, key, gained)
 
     monkeypatch.setattr(Groups, "on_leadership", forgetful)
-    assert failing_seeds(list(CI_SEEDS)[:20]), "a coordinator forgetting committed offsets went unnoticed"
+    assert failing_runs(list(CI_SEEDS)[:20]), "a coordinator forgetting committed offsets went unnoticed"
 
 
 def test_checkers_catch_a_replica_that_never_repairs_a_damaged_batch(monkeypatch):

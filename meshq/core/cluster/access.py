@@ -33,7 +33,10 @@ A keyed client node without a view yet (it asks from its start, then every secon
 callers it cannot name and trusts no client instance; an unkeyed node checks nothing. What
 its own grants decide waits for the view, ``VIEW_WAIT_S`` at most (then it goes ahead and the
 peers' checks decide): a ``serve`` (``rpc``), a subscription (``pubsub``), and the node's
-first ``publish`` (``meshq.io.pubsub``). Rooms holding such work ``watch`` the view.
+first ``publish`` (``meshq.io.pubsub``). Rooms hand such work to ``when_own_known``, which runs
+it at once when this node can check its own calls, else at the first view (or change of it), or
+at the hold's deadline, whichever comes first, and fails it if the node stops before; ``release``
+takes back one still held. Rooms with other work for the view (rpc's parked calls) ``watch`` it.
 The admin's side: ``AclChange`` / ``AclList``
 go to any storage node, which checks the admin key and proposes ``{"op": "acl", ...}`` to the
 metadata group (``agreement.propose``), answering once it is applied there.
@@ -41,6 +44,7 @@ metadata group (``agreement.propose``), answering once it is applied there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from meshq.core import acl, wire
@@ -65,7 +69,7 @@ class Access(Room):
 
     SERVES = {"acl_change": "serve_change", "acl_list": "serve_list", "acl_view": "serve_view"}
     COMMANDS = {AclChange: "run", AclList: "run", TrustedNames: "on_trusted"}
-    TIMERS = {"acl_retry": "_retry", "acl_view": "_refresh_view"}
+    TIMERS = {"acl_retry": "_retry", "acl_view": "_refresh_view", "acl_hold": "_hold_due"}
 
     def __init__(self, core: Any) -> None:
         super().__init__(core)
@@ -73,6 +77,9 @@ class Access(Room):
         self.view: acl.Acl | None = None  # a keyed client node: the peer grants, as a storage node last served them
         self._asking = False  # an acl_view in flight
         self._watchers: list[Any] = []  # called (no arguments) when the view changes: rooms holding work for it
+        # work waiting for the view (``when_own_known``): the caller's key -> (serial, go, fail), oldest first
+        self._holds: dict[Any, tuple[int, Callable[[float], None], Callable[[MeshqError], None]]] = {}
+        self._next_hold = 1
         self.counters = {"views": 0, "refused": 0}  # views taken; requests this node refused (any check)
 
     @property
@@ -169,6 +176,46 @@ class Access(Room):
         """Call ``callback()`` whenever this client node's view changes (the first one included)."""
         self._watchers.append(callback)
 
+    def when_own_known(self, key: Any, go: Callable[[float], None], fail: Callable[[MeshqError], None],
+                       until_s: float, now_s: float) -> None:
+        """Run ``go(now_s)`` now if this node can check its own calls (``knows_own``) or is stopped; otherwise hold
+        it under ``key`` (unique among the holds) until the first view or a change of it, or ``until_s`` at the
+        latest (then it goes ahead and the peers' checks decide). ``fail(error)`` instead if the node stops first."""
+        if self.knows_own() or self.core.stopped:
+            go(now_s)
+            return
+        if key in self._holds:
+            raise ValueError(f"{key!r} is already held")
+        serial = self._next_hold
+        self._next_hold += 1
+        self._holds[key] = (serial, go, fail)
+        self.out.schedule(until_s, "acl_hold", (key, serial))
+
+    def release(self, key: Any, error: MeshqError) -> bool:
+        """Take back the work held under ``key``: it will not run, and fails with ``error``. Whether it was held."""
+        held = self._holds.pop(key, None)
+        if held is not None:
+            held[2](error)
+        return held is not None
+
+    def _hold_due(self, timer: tuple, now_s: float) -> None:
+        key, serial = timer
+        held = self._holds.get(key)
+        if held is not None and held[0] == serial:  # (not run, released or replaced since)
+            del self._holds[key]
+            held[1](now_s)
+
+    def _run_holds(self) -> None:
+        holds, self._holds = self._holds, {}
+        for _serial, go, _fail in holds.values():
+            go(self.core.now_s)
+
+    def stop(self, error: MeshqError) -> None:
+        """The node stops: held work fails."""
+        holds, self._holds = self._holds, {}
+        for _serial, _go, fail in holds.values():
+            fail(error)
+
     def stamp(self) -> tuple:
         """Changes whenever a decision of ``may_node`` / ``refuse_own`` may change (the grants or the key names
         were replaced or changed): callers caching decisions compare it."""
@@ -221,6 +268,7 @@ class Access(Room):
         self.counters["views"] += 1
         if changed:  # (kept otherwise: ``stamp`` tells the caches of decisions taken with them when to go)
             self.view, self.names = grants, names
+            self._run_holds()
             for callback in self._watchers:
                 callback()
 

@@ -146,8 +146,7 @@ class PubSub(Room):
     """Local subscriptions, remote interest and routing (see the module docstring)."""
 
     COMMANDS = {AddSubscription: "add", RemoveSubscription: "remove"}
-    TIMERS = {"pubsub_advertise": "_advertise_due", "pubsub_liveness": "_check_liveness",
-              "pubsub_view_wait": "_held_due"}
+    TIMERS = {"pubsub_advertise": "_advertise_due", "pubsub_liveness": "_check_liveness"}
 
     def __init__(self, core: Any) -> None:
         super().__init__(core)
@@ -170,23 +169,20 @@ class PubSub(Room):
         self._last_advertise_s = float("-inf")
         self._advertise_scheduled = False
         self._liveness_scheduled = False
-        # a keyed client node without its grant view: AddSubscription held until it comes (or VIEW_WAIT_S)
-        self._held: dict[int, AddSubscription] = {}
         core.adverts.watch(ADVERT_KIND, self._on_interest)
-        core.access.watch(self._view_came)
 
     # ------------------------------------------------------------------ local subscriptions
     def add(self, command: AddSubscription, now_s: float) -> None:
         if self.core.stopped:
             self.out.emit(Fail(command.waiter, NodeStoppedError("the node is stopped")))
             return
-        if not self.core.access.knows_own() and command.sub_id not in self._held:
-            # A keyed client node that has not learnt its grants yet: hold the subscription (briefly) so that
-            # a pattern its key may not subscribe to is refused now, not accepted and never fed.
-            self._held[command.sub_id] = command
-            self.out.schedule(now_s + VIEW_WAIT_S, "pubsub_view_wait", command.sub_id)
-            return
-        self._held.pop(command.sub_id, None)
+        # A keyed client node that has not learnt its grants yet holds the subscription (briefly) so that a pattern
+        # its key may not subscribe to is refused now, not accepted and never fed.
+        self.core.access.when_own_known(("pubsub_add", command.sub_id), lambda now: self._add_now(command, now),
+                                        lambda error: self.out.emit(Fail(command.waiter, error)),
+                                        now_s + VIEW_WAIT_S, now_s)
+
+    def _add_now(self, command: AddSubscription, now_s: float) -> None:
         try:
             pattern = validate_pattern(command.pattern)
             queue = validate_queue(command.queue)
@@ -205,28 +201,9 @@ class PubSub(Room):
         self._advertise(now_s)
         self.out.emit(Resolve(command.waiter, None))
 
-    def stop(self, error: MeshqError) -> None:
-        """The node stops: held subscriptions fail."""
-        for sub_id in sorted(self._held):
-            self.out.emit(Fail(self._held[sub_id].waiter, error))
-        self._held.clear()
-
-    def _held_due(self, sub_id: int, now_s: float) -> None:
-        """No view within ``VIEW_WAIT_S``: subscribe anyway (the publishers check with their grants)."""
-        command = self._held.get(sub_id)
-        if command is not None:
-            self.add(command, now_s)
-
-    def _view_came(self) -> None:
-        for sub_id in sorted(self._held):
-            command = self._held.get(sub_id)
-            if command is not None:
-                self.add(command, self.core.now_s)
-
     def remove(self, command: RemoveSubscription, now_s: float) -> None:
-        held = self._held.pop(command.sub_id, None)
-        if held is not None:
-            self.out.emit(Fail(held.waiter, NodeStoppedError("the subscription was closed before it started")))
+        self.core.access.release(("pubsub_add", command.sub_id),
+                                 NodeStoppedError("the subscription was closed before it started"))
         sub = self.local.pop(command.sub_id, None)
         if sub is not None:
             self._local.remove(sub.pattern, (sub.sub_id, sub.queue))

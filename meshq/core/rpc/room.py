@@ -231,7 +231,7 @@ class Rpc(Room):
     COMMANDS = {ServeService: "cmd_serve", UnserveService: "cmd_unserve", RpcRequest: "cmd_request",
                 RpcRequests: "cmd_requests", HandlerDone: "cmd_done", HandlersDone: "cmd_dones",
                 RpcReport: "cmd_report"}
-    TIMERS = {"rpc_wait": "_resume", "rpc_serve_wait": "_serve_due"}
+    TIMERS = {"rpc_wait": "_resume"}
 
     def __init__(self, core: Any) -> None:
         super().__init__(core)
@@ -247,8 +247,7 @@ class Rpc(Room):
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
-        self._serves: dict[int, ServeService] = {}  # ServeService held until the grant view comes (keyed client)
-        self._next_serve = 1
+        self._next_serve = 0  # ServeService handed to access.when_own_known, numbered
         self._next_call_id = 1
         # after start, wait at most this long for the peers' adverts before saying "no responders"
         self.grace_s = 2 * self.config.heartbeat_interval_s + 0.1
@@ -261,22 +260,14 @@ class Rpc(Room):
 
     # ------------------------------------------------------------------ offering
     def cmd_serve(self, command: ServeService, now_s: float) -> None:
-        if not self.core.access.knows_own() and not self.core.stopped:
-            # A keyed client node that has not learnt the grants yet: wait (briefly) for them, so that a service
-            # its key may not serve is refused now rather than offered and ignored by every peer.
-            until_s = now_s + VIEW_WAIT_S
-            if command.deadline_s is not None:
-                until_s = min(until_s, command.deadline_s)
-            self._serves[self._next_serve] = command
-            self.out.schedule(until_s, "rpc_serve_wait", self._next_serve)
-            self._next_serve += 1
-            return
-        self._serve_now(command, now_s)
-
-    def _serve_due(self, serve_id: int, now_s: float) -> None:
-        command = self._serves.pop(serve_id, None)
-        if command is not None:  # no view in time: serve (the requesters decide with theirs)
-            self._serve_now(command, now_s)
+        # A keyed client node that has not learnt the grants yet waits (briefly) for them, so that a service its
+        # key may not serve is refused now rather than offered and ignored by every peer.
+        until_s = now_s + VIEW_WAIT_S
+        if command.deadline_s is not None:
+            until_s = min(until_s, command.deadline_s)
+        self._next_serve += 1
+        self.core.access.when_own_known(("rpc_serve", self._next_serve), lambda now: self._serve_now(command, now),
+                                        lambda error: self.out.emit(Fail(command.waiter, error)), until_s, now_s)
 
     def _serve_now(self, command: ServeService, now_s: float) -> None:
         try:
@@ -511,10 +502,7 @@ class Rpc(Room):
             f"to serve it; the admin can grant it with `meshq acl grant NAME serve {service}`)")
 
     def grants_changed(self) -> None:
-        """This node's view of who may serve changed: held ``ServeService`` go ahead, parked calls look again
-        (their timers still run)."""
-        for serve_id in sorted(self._serves):
-            self._serve_now(self._serves.pop(serve_id), self.core.now_s)
+        """This node's view of who may serve changed: parked calls look again (their timers still run)."""
         for call_id in sorted(self._calls):
             call = self._calls.get(call_id)
             if call is not None and self.instances(call.service):
@@ -706,9 +694,6 @@ class Rpc(Room):
         for call_id in sorted(self._calls):
             self.out.emit(Fail(self._calls[call_id].waiter, error))
         self._calls.clear()
-        for serve_id in sorted(self._serves):
-            self.out.emit(Fail(self._serves[serve_id].waiter, error))
-        self._serves.clear()
 
     # ------------------------------------------------------------------ status
     def cmd_report(self, command: RpcReport, now_s: float) -> None:

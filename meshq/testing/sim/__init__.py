@@ -36,7 +36,7 @@ Where things are, each module with its own theory of operation:
 * ``threads.py`` — ``CallingThread``: a client thread whose ``Node.produce`` goes straight to
   the leader, running the real ``meshq.core.client.direct`` (retries, epochs, refreshes);
 * ``simulation.py`` — ``Simulation``, the root that builds the others and runs the event loop;
-  ``SimResult``; ``run_seed``;
+  ``SimResult``; ``run_seed``; ``failing_runs`` (for mutation tests);
 * ``cli.py`` — ``main``, the command line (``__main__.py`` calls it).
 """
 
@@ -44,6 +44,6 @@ from __future__ import annotations
 
 from meshq.testing.sim.cli import main
 from meshq.testing.sim.options import FaultOptions, SimOptions
-from meshq.testing.sim.simulation import SimResult, Simulation, run_seed
+from meshq.testing.sim.simulation import SimResult, Simulation, failing_runs, run_seed
 
-__all__ = ["FaultOptions", "SimOptions", "SimResult", "Simulation", "main", "run_seed"]
+__all__ = ["FaultOptions", "SimOptions", "SimResult", "Simulation", "failing_runs", "main", "run_seed"]

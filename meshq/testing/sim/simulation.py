@@ -37,6 +37,7 @@ import heapq
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -554,3 +555,18 @@ def run_seed(seed: int, swarm: bool = True, **overrides: Any) -> SimResult:
     if overrides:
         options = replace(options, **overrides)
     return Simulation(options).run()
+
+
+def failing_runs(seeds: Iterable[int], contains: str = "", stop_at: int | None = 1,
+                 **overrides: Any) -> list[tuple[int, str]]:
+    """For mutation tests: ``(seed, first violation)`` of the runs of ``seeds`` (``run_seed(seed, **overrides)``,
+    in order) that fail with a first violation containing ``contains``, stopping after ``stop_at`` of them
+    (``None``: every seed runs). A mutation test needs one such run; the other seeds would only cost CI time."""
+    found: list[tuple[int, str]] = []
+    for seed in seeds:
+        result = run_seed(seed, **overrides)
+        if not result.ok and contains in str(result.violations[0]):
+            found.append((seed, str(result.violations[0])))
+            if stop_at is not None and len(found) >= stop_at:
+                break
+    return found

@@ -7,9 +7,9 @@ without restarts; unkeyed nodes check nothing."""
 from __future__ import annotations
 
 from meshq.core.acl import ADMIN, CLUSTER, KEY_PREFIX
-from meshq.core.events import RpcRequest, ServeService, TrustedNames
+from meshq.core.events import AddSubscription, RpcRequest, ServeService, TrustedNames
 from meshq.core.wire import SCHEMAS
-from meshq.errors import AuthorizationError, NoRespondersError
+from meshq.errors import AuthorizationError, NodeStoppedError, NoRespondersError
 from tests.core.rooms.conftest import Net, error_of
 from tests.core.rooms.test_rpc import finish
 
@@ -216,3 +216,17 @@ def test_a_client_node_that_gets_no_view_serves_after_a_short_wait():
     assert token not in c1.resolved
     net.run(1.2)
     assert c1.resolved.get(token, "missing") is None and "svc.echo" in c1.core.rpc.served
+
+
+def test_work_held_for_the_view_fails_when_the_node_stops_and_never_runs_after():
+    net = Net("n1", public_key=CLUSTER_KEY)
+    net.form()
+    c1 = net.add("c1", role="client", data_dir=None, public_key=KEYS["c1"])  # never introduced: no view
+    serve, sub = c1.command(ServeService("svc.echo")), c1.command(AddSubscription(1, "events.>", None))
+    net.run(0.5)
+    assert serve not in c1.resolved and sub not in c1.resolved  # both held: no view yet
+    c1.apply(c1.core.stop(c1.clock.now_s))
+    assert isinstance(c1.failed.get(serve), NodeStoppedError) and isinstance(c1.failed.get(sub), NodeStoppedError)
+    net.run(2.0)  # their VIEW_WAIT_S deadlines pass: nothing held is left to run
+    assert serve not in c1.resolved and sub not in c1.resolved
+    assert not c1.core.rpc.served and not c1.core.pubsub.local
