@@ -47,7 +47,6 @@ that ended or are idle, and makes a thread still waiting give up within ``_SLICE
 
 from __future__ import annotations
 
-import itertools
 import random
 import threading
 import time
@@ -81,24 +80,21 @@ EXCHANGE = "exchange"
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
-_monitor_ids = itertools.count(1)
 # What a wait answers when the connection its attempt went out on dropped (module docstring).
 DROPPED = "dropped"
 
 
 class DropWatch:
-    """Whether a DEALER's connection dropped since the last look: a monitor of its
-    ``EVENT_DISCONNECTED`` on an inproc PAIR of the same libzmq context (a plain socket even when
-    the DEALER is an asyncio one: it is only read without blocking). Used by one thread only."""
+    """Whether a DEALER's connection dropped since the last look: the DEALER's monitor socket
+    (pyzmq's ``get_monitor_socket``, libzmq's ``EVENT_DISCONNECTED`` only), read without blocking
+    through a plain socket even when the DEALER is an asyncio one. Used by one thread only."""
 
-    __slots__ = ("monitor",)
+    __slots__ = ("_owner", "monitor")
 
     def __init__(self, sock: zmq.Socket) -> None:
-        address = f"inproc://meshq-direct-drops-{next(_monitor_ids)}"
-        sock.monitor(address, _DISCONNECTED)
-        self.monitor = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
-        self.monitor.setsockopt(zmq.LINGER, 0)
-        self.monitor.connect(address)
+        self._owner = sock.get_monitor_socket(_DISCONNECTED)  # of the DEALER's own class and context
+        self._owner.setsockopt(zmq.LINGER, 0)
+        self.monitor = zmq.Socket.shadow(self._owner.underlying)
 
     def dropped(self) -> bool:
         """True when a drop was reported since the last call (every pending event is read)."""
@@ -112,7 +108,7 @@ class DropWatch:
                             and int.from_bytes(frames[0][:2], "little") == _DISCONNECTED)
 
     def close(self) -> None:
-        self.monitor.close(0)
+        self._owner.close(0)
 
 
 class _ThreadState(ThreadProducer):

@@ -107,16 +107,18 @@ def test_a_produce_whose_connection_drops_is_sent_again_at_once():
         context.term()
 
 
-def test_a_drop_watch_reports_a_drop_once_and_nothing_before_it():
-    context = zmq.Context()
+def _drops_seen_once(context: zmq.Context, dealer_context: zmq.Context) -> None:
     router, port = _bind(context, None)
-    dealer = new_socket(context, zmq.DEALER, 1 << 20)
+    dealer = new_socket(dealer_context, zmq.DEALER, 1 << 20)
     watch = DropWatch(dealer)
     try:
         dealer.connect(f"tcp://127.0.0.1:{port}")
-        dealer.send(b"x")
-        assert _receive(router, 5.0) is not None
         assert not watch.dropped()
+        deadline = time.monotonic() + 5
+        while not router.poll(10):  # the connection is up once the peer hears a message
+            dealer.send(b"x", zmq.NOBLOCK)
+            assert time.monotonic() < deadline, "no connection within 5 s"
+        assert not watch.dropped(), "a connection that is up has not dropped"
         router.close(0)
         deadline = time.monotonic() + 5
         while not watch.dropped():
@@ -127,4 +129,23 @@ def test_a_drop_watch_reports_a_drop_once_and_nothing_before_it():
         dealer.close(0)
         watch.close()
         router.close(0)
+
+
+def test_a_drop_watch_reports_a_drop_once_and_nothing_before_it():
+    context = zmq.Context()
+    try:
+        _drops_seen_once(context, context)
+    finally:
+        context.term()
+
+
+def test_a_drop_watch_reads_an_asyncio_dealer_without_a_loop():
+    import zmq.asyncio
+
+    context = zmq.Context()
+    async_context = zmq.asyncio.Context()
+    try:
+        _drops_seen_once(context, async_context)
+    finally:
+        async_context.term()
         context.term()
