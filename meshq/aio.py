@@ -70,7 +70,7 @@ from meshq.errors import (
     UsageError,
 )
 from meshq.io.aio_discovery import AsyncDiscovery
-from meshq.io.direct import _SLICE_S, EXCHANGE, REFRESH, SLEEP, DirectProducer, _ThreadState
+from meshq.io.direct import _SLICE_S, DROPPED, EXCHANGE, REFRESH, SLEEP, DirectProducer, DropWatch, _ThreadState
 from meshq.io.runtime import new_socket
 from meshq.io.steps import drive_async
 
@@ -566,12 +566,14 @@ class _LoopProducer(DirectProducer):
                     else:
                         assert kind == EXCHANGE
                         sock = self._async_socket(state, step[1])
+                        watch = state.watch(sock)
+                        watch.dropped()  # a drop before this send concerns earlier traffic
                         try:
                             await sock.send_multipart(step[2], zmq.NOBLOCK)
                         except zmq.ZMQError as exc:
                             result = exc
                         else:
-                            result = await self._wait_async(sock, step[3])
+                            result = await self._wait_async(sock, watch, step[3])
                 except BaseException as exc:
                     step = steps.throw(exc)
                     continue
@@ -592,7 +594,7 @@ class _LoopProducer(DirectProducer):
             state.sockets[endpoint] = sock
         return sock
 
-    async def _wait_async(self, sock: zmq.asyncio.Socket, call: Any) -> Any:
+    async def _wait_async(self, sock: zmq.asyncio.Socket, watch: DropWatch, call: Any) -> Any:
         cluster = self.config.cluster
         while True:
             remaining = call.wait_until_s - self.now_s()
@@ -602,6 +604,8 @@ class _LoopProducer(DirectProducer):
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the produce was acknowledged; "
                                            "it may or may not be stored")
+                if watch.dropped():
+                    return DROPPED
                 leader = self.core.client.leader_of(call.topic, call.partition)
                 if leader_silent(leader, self.core.node_id, self.core.members):
                     return silent_leader_error(call.topic, call.partition)

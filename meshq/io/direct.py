@@ -27,6 +27,19 @@ not connected; the batch would be large; or records of this node are still buffe
 flight in the runtime's producer (a synchronous produce must not overtake them: one thread's
 records keep their order in the log).
 
+**A dropped connection sends again.** Each DEALER has a monitor (``DropWatch``: libzmq's
+``EVENT_DISCONNECTED``). libzmq drops a connection that heard nothing for
+``HEARTBEAT_TIMEOUT_MS`` (a lossy link whose TCP retransmissions back off, a short cut) or that
+the peer reset, and connects afresh — but a request it had already written, or the answer the
+leader sends back on the old connection, is gone with it, and nothing would send it again: the
+call used to wait for its whole deadline (seconds after the link healed; the leader is still
+alive in the member table, so the liveness check does not end the wait). So a wait that sees its
+connection drop ends at once as ``unsent`` (``meshq.core.client.direct``): after
+``RETRY_PAUSE_S`` the same bytes go again, to whichever node the metadata names, queued in the
+DEALER until its new connection is up. No metadata refresh: the leader is not known to be gone,
+and the refresh's own request could be lost the same way. Resending is safe: same producer id,
+epoch and sequence, so the leader stores the batch once, and an answer to any attempt counts.
+
 Sockets belong to their thread. ``close`` (from ``Node.stop``) closes the sockets of threads
 that ended or are idle, and makes a thread still waiting give up within ``_SLICE_S`` with
 ``NodeStoppedError`` and close its own.
@@ -57,7 +70,7 @@ from meshq.core.client.direct import (
 from meshq.core.events import GetMetadata
 from meshq.core.records import RecordMetadata
 from meshq.errors import MeshqError, NodeStoppedError, NotLeaderError, ProtocolError
-from meshq.io.runtime import new_socket
+from meshq.io.runtime import HEARTBEAT_TIMEOUT_MS, new_socket
 
 _SLICE_S = LIVENESS_CHECK_S  # how often a waiting call looks at the leader's liveness and at close()
 # the I/O steps of a produce (``DirectProducer.produce_steps``)
@@ -66,24 +79,70 @@ REFRESH = "refresh"
 EXCHANGE = "exchange"
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+# What a wait answers when the connection its attempt went out on dropped (module docstring).
+DROPPED = "dropped"
+
+
+class DropWatch:
+    """Whether a DEALER's connection dropped since the last look: the DEALER's monitor socket
+    (pyzmq's ``get_monitor_socket``, libzmq's ``EVENT_DISCONNECTED`` only), read without blocking
+    through a plain socket even when the DEALER is an asyncio one. Used by one thread only."""
+
+    __slots__ = ("_owner", "monitor")
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._owner = sock.get_monitor_socket(_DISCONNECTED)  # of the DEALER's own class and context
+        self._owner.setsockopt(zmq.LINGER, 0)
+        self.monitor = zmq.Socket.shadow(self._owner.underlying)
+
+    def dropped(self) -> bool:
+        """True when a drop was reported since the last call (every pending event is read)."""
+        seen = False
+        monitor = self.monitor
+        try:
+            # (asked through ZMQ_EVENTS first: this runs before every send, and a recv that finds
+            # nothing costs a raised zmq.Again)
+            while monitor.getsockopt(_EVENTS) & _POLLIN:
+                frames = monitor.recv_multipart(_NOBLOCK)
+                seen = seen or (len(frames) == 2 and len(frames[0]) >= 2
+                                and int.from_bytes(frames[0][:2], "little") == _DISCONNECTED)
+        except zmq.ZMQError:  # closed (the node stops): nothing more to tell
+            pass
+        return seen
+
+    def close(self) -> None:
+        self._owner.close(0)
 
 
 class _ThreadState(ThreadProducer):
     """One calling thread's producer and its sockets (used only by that thread, and by
     ``close`` once it holds ``lock``)."""
 
-    __slots__ = ("thread", "lock", "sockets")
+    __slots__ = ("thread", "lock", "sockets", "watches")
 
     def __init__(self, thread: threading.Thread, rng: random.Random) -> None:
         super().__init__(rng)
         self.thread = weakref.ref(thread)
         self.lock = threading.Lock()
         self.sockets: dict[str, zmq.Socket] = {}
+        self.watches: dict[zmq.Socket, DropWatch] = {}  # each DEALER's drop monitor
 
     def close_sockets(self) -> None:
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets.clear()
+        for watch in self.watches.values():
+            watch.close()
+        self.watches.clear()
+
+    def watch(self, sock: zmq.Socket) -> DropWatch:
+        """The drop monitor of ``sock``, one of this state's DEALERs (made on first use)."""
+        watch = self.watches.get(sock)
+        if watch is None:
+            watch = self.watches[sock] = DropWatch(sock)
+        return watch
 
 
 class DirectProducer:
@@ -242,6 +301,12 @@ class DirectProducer:
                                            f"{endpoint}: {answer}"), now)
                 endpoint = None
                 continue
+            if answer is DROPPED:  # the request or its answer went with the connection: send again
+                call.unsent(NotLeaderError(
+                    f"the connection to the leader of {call.topic}/{call.partition} at {endpoint} dropped while "
+                    f"waiting for its answer (silent for {HEARTBEAT_TIMEOUT_MS} ms, or reset)"), self.now_s())
+                endpoint = None
+                continue
             base_offset = call.answered(answer, self.now_s())
             if base_offset is not None:
                 return base_offset
@@ -265,12 +330,14 @@ class DirectProducer:
                         result = None
                     else:
                         sock = self._socket(state, step[1])
+                        watch = state.watch(sock)
+                        watch.dropped()  # a drop before this send concerns earlier traffic
                         try:
                             sock.send_multipart(step[2], _NOBLOCK)
                         except zmq.ZMQError as exc:
                             result = exc
                         else:
-                            result = self._wait(sock, step[3])
+                            result = self._wait(sock, watch, step[3])
                 except BaseException as exc:
                     step = steps.throw(exc)
                     continue
@@ -282,9 +349,10 @@ class DirectProducer:
                 state.close_sockets()
             raise
 
-    def _wait(self, sock: zmq.Socket, call: DirectCall) -> int | MeshqError | None:
-        """The base offset an answer gives, the error it reports, or None: no answer by the
-        attempt's ``wait_until_s`` (or the leader went silent: an error, retry elsewhere)."""
+    def _wait(self, sock: zmq.Socket, watch: DropWatch, call: DirectCall) -> int | MeshqError | str | None:
+        """The base offset an answer gives, the error it reports, ``DROPPED`` (the connection
+        dropped: send again), or None: no answer by the attempt's ``wait_until_s`` (or the leader
+        went silent: an error, retry elsewhere)."""
         cluster = self.config.cluster
         while True:
             remaining = call.wait_until_s - self.now_s()
@@ -294,6 +362,8 @@ class DirectProducer:
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the produce was acknowledged; "
                                            "it may or may not be stored")
+                if watch.dropped():
+                    return DROPPED
                 leader = self.core.client.leader_of(call.topic, call.partition)
                 if leader_silent(leader, self.core.node_id, self.core.members):
                     return silent_leader_error(call.topic, call.partition)

@@ -29,6 +29,8 @@ state, so both run the same decisions:
   waiting     ``answered(None)``: nothing by               refreshing
               ``wait_until_s``
   waiting     ``unsent(error)``: the transport refused it  pausing     then ready (no refresh)
+              or lost it (the connection dropped while
+              the call waited: ``meshq.io.direct``)
   pausing     ``resume`` (at ``pause_until_s``)            refreshing  or ready
   refreshing  ``refreshed`` (the metadata refresh ended,   ready       (its outcome does not
               whatever its outcome)                                    matter: the next attempt
@@ -168,7 +170,8 @@ class DirectCall:
         self._pause(NotLeaderError(f"no known leader for {self.topic}/{self.partition}"), now_s, refresh=True)
 
     def unsent(self, error: MeshqError, now_s: float) -> None:
-        """The transport refused the attempt (not connected yet, closing): pause, try again."""
+        """The transport refused the attempt (not connected yet, closing) or lost it (its connection
+        dropped while the call waited): pause, try again (no refresh: the leader is not known to be gone)."""
         self._expect(WAITING)
         self._pause(error, now_s, refresh=False)
 
