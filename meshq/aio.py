@@ -567,7 +567,6 @@ class _LoopProducer(DirectProducer):
                         assert kind == EXCHANGE
                         sock = self._async_socket(state, step[1])
                         watch = state.watch(sock)
-                        watch.dropped()  # a drop before this send concerns earlier traffic
                         try:
                             await sock.send_multipart(step[2], zmq.NOBLOCK)
                         except zmq.ZMQError as exc:
