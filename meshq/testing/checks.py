@@ -46,12 +46,9 @@ History (at the end, Jepsen "total queue" style):
 * metadata: every acknowledged topic creation is in the agreed metadata;
 * reads: everything a consumer saw is still in the log (outside the power-loss window).
 
-Pub/sub (``PubSubChecker``, as messages are delivered, in runs with ``SimOptions.pubsub``): a
-subscription gets each publisher's messages in the order published and never twice, only
-messages whose subject matches its pattern, never after it was closed; a queue group never
-gets a message twice (across all its members on every node). Liveness: once the cluster has
-converged and interest has propagated, a probe published by every node to every subject
-reaches every matching subscription, and exactly one member of every matching queue group.
+Pub/sub (``meshq.testing.pubsub_checks.PubSubChecker``, as messages are delivered, in runs with
+``SimOptions.pubsub``) and shared subscriptions (``meshq.testing.shared_checks.SharedChecker``)
+have their own modules.
 
 Liveness (after the faults stop): every joiner joined, a node asked to leave gone, every other
 node up, one metadata leader, every node agreeing on the voters and seeing every storage node alive,
@@ -68,7 +65,6 @@ from typing import Any
 from meshq.core import batch as batch_format
 from meshq.core.metadata import MetadataState
 from meshq.core.partitions.space import FULL_RECHECK_S
-from meshq.core.pubsub.subjects import matches
 from meshq.core.raft import LEADER
 from meshq.errors import CorruptLogError
 
@@ -91,9 +87,11 @@ class Checker:
         self.meta = MetadataState()  # the committed metadata entries, applied as every node applies them
         self.acl_history: list[tuple[int, list[dict]]] = []  # (index, grants after it) of each committed acl entry
         self.new_steps: list[tuple[str, int]] = []  # reassign steps committed since the simulator looked
+        from meshq.testing.hint_checks import LeaderHintChecker  # (these import Violation from here)
+        from meshq.testing.pubsub_checks import PubSubChecker
+
         self.pubsub = PubSubChecker(sim)
         self.space = SpaceChecker()
-        from meshq.testing.hint_checks import LeaderHintChecker  # (it imports Violation from here)
 
         self.hints = LeaderHintChecker(sim)
         self.counts = {"reassign_steps": 0, "timeout_removals": 0, "leave_removals": 0, "member_additions": 0,
@@ -681,187 +679,6 @@ class Checker:
         if self.converged_s is not None:
             out["converged_s"] = round(self.converged_s, 3)
         return out
-
-
-class SharedChecker:
-    """Invariants of shared subscriptions (``meshq.testing.sim.shared``), checked as members see
-    records and at the end of the run:
-
-    * **max deliveries**: no record is handed out more than ``max_deliveries`` times (the
-      delivery count each answer carries, persisted before the answer, never exceeds it);
-    * **acked stays acked**: no record is handed out again after an ack of it was confirmed to
-      a member (a delivery after the confirmed one would carry a higher delivery count);
-    * **never early**: a record whose ``meshq-deliver-at`` lies ahead of every storage node's
-      wall clock (the simulated clock plus the largest jump any node's clock ever made) is not
-      handed out;
-    * **nothing lost** (end of the liveness phase): every job whose produce was acknowledged was
-      acked by a member (confirmed, or sent without an answer: a lost answer may hide a committed
-      ack) or is in ``<topic>.dlq``; a job is in the DLQ as ``rejected`` only if a member rejected it.
-
-    The first two and the last hold outside the power-loss window of fsync=interval (a power
-    loss there may take back acknowledged writes, acks and deliveries included).
-    """
-
-    def __init__(self, sim: Any, max_deliveries: int) -> None:
-        self.sim = sim
-        self.max_deliveries = max_deliveries
-        self.confirmed: dict[tuple[int, int], int] = {}  # (partition, offset) -> delivery count acked
-        self.max_clock_ahead_ms = 0
-        self.deliveries = 0
-
-    def _clock_bound_ms(self, wall_ms: int) -> int:
-        ahead = max((n.wall_offset_ms for n in self.sim.nodes.values()), default=0)
-        self.max_clock_ahead_ms = max(self.max_clock_ahead_ms, ahead)
-        return wall_ms + self.max_clock_ahead_ms
-
-    def on_clock(self) -> None:
-        """Sample the nodes' clock offsets (after every event: a jump is seen before it is undone)."""
-        self._clock_bound_ms(0)
-
-    def on_delivery(self, partition: int, offset: int, count: int, deliver_at_ms: int, wall_ms: int) -> None:
-        self.deliveries += 1
-        where = f"jobs/{partition}@{offset}"
-        if count > self.max_deliveries:
-            raise Violation(f"{where} handed out for the {count}th time; max_deliveries is {self.max_deliveries}")
-        acked = self.confirmed.get((partition, offset))
-        if acked is not None and count > acked and not self.sim.checker._power_window():
-            raise Violation(f"{where} handed out again (delivery {count}) after an ack of delivery {acked} "
-                            f"was confirmed")
-        if deliver_at_ms > self._clock_bound_ms(wall_ms):
-            raise Violation(f"{where} handed out at wall time {wall_ms} ms, before its deliver-at "
-                            f"{deliver_at_ms} ms (no storage clock was ahead by more than "
-                            f"{self.max_clock_ahead_ms} ms)")
-
-    def on_confirmed(self, partition: int, offset: int, count: int) -> None:
-        known = self.confirmed.get((partition, offset))
-        self.confirmed[(partition, offset)] = count if known is None else min(known, count)
-
-    def at_end(self, jobs: dict[str, tuple[int, int]], answered: set[tuple[int, int]],
-               rejected_on_purpose: set[str]) -> None:
-        """``jobs``: acknowledged produces, name -> (partition, offset); ``answered``: what members acked."""
-        sim = self.sim
-        if sim.checker._power_window():
-            return
-        dead: dict[bytes, str] = {}
-        for node in sim.nodes.values():
-            if node.core is None:
-                continue
-            for (topic, partition), state in sorted(node.core.partitions.items()):
-                if topic != "jobs.dlq" or not state.replica.is_leader:
-                    continue
-                data = state.log.read(state.log.start_offset, 1 << 30) if state.log.end_offset else b""
-                for record in batch_format.decode_records(data, topic, partition):
-                    if record.offset < state.high_watermark:
-                        dead[record.value] = record.headers.get("meshq-dlq-reason", b"").decode()
-        for name, position in sorted(jobs.items()):
-            reason = dead.get(name.encode())
-            if position not in answered and reason is None:
-                raise Violation(f"job {name} at jobs/{position[0]}@{position[1]} was acknowledged to its producer "
-                                f"but never acked by a member nor dead-lettered")
-            if reason == "rejected" and name not in rejected_on_purpose:
-                raise Violation(f"job {name} is in the DLQ as rejected, but no member rejected it")
-
-    def summary(self) -> dict:
-        return {"shared_deliveries": self.deliveries, "shared_confirmed": len(self.confirmed)}
-
-
-class PubSubChecker:
-    """Pub/sub's invariants (see the module docstring); ``meshq.testing.sim.pubsub`` reports to it.
-
-    Subscriptions are keyed ``(node, incarnation, sub id)``, publishers ``(node, incarnation)``;
-    a message is named by its id and numbered per publisher from 1."""
-
-    def __init__(self, sim: Any) -> None:
-        self.sim = sim
-        self.subs: dict[tuple, tuple[str, str | None]] = {}
-        self.closed: set[tuple] = set()
-        self.messages: dict[str, tuple[tuple, int, str]] = {}  # id -> (publisher, number, subject)
-        self.last_from: dict[tuple, int] = {}  # (subscription, publisher) -> number of the last one it got
-        self.got: set[tuple[tuple, str]] = set()
-        self.queue_got: dict[tuple[str, str], tuple] = {}  # (message, queue group) -> the member that got it
-        self.probes: dict[str, tuple[frozenset, frozenset]] = {}  # probe id -> (subscriptions, queue groups)
-        self.counts = {"pubsub_published": 0, "pubsub_delivered": 0, "pubsub_subscriptions": 0}
-
-    def on_subscribed(self, key: tuple, pattern: str, queue: str | None, now_s: float) -> None:
-        self.subs[key] = (pattern, queue)
-        self.counts["pubsub_subscriptions"] += 1
-
-    def on_closed(self, key: tuple) -> None:
-        self.closed.add(key)
-
-    def expect_probes(self) -> None:
-        """The probes are about to be published: from now on each one is expected everywhere it matches."""
-
-    def _active(self) -> list[tuple]:
-        nodes = self.sim.nodes
-        return [key for key in sorted(self.subs) if key not in self.closed
-                and nodes[key[0]].core is not None and nodes[key[0]].incarnation == key[1]]
-
-    def on_published(self, message_id: str, publisher: tuple, number: int, subject: str, probe: bool) -> None:
-        self.messages[message_id] = (publisher, number, subject)
-        self.counts["pubsub_published"] += 1
-        if probe:
-            plain, groups = set(), set()
-            for key in self._active():
-                pattern, queue = self.subs[key]
-                if matches(pattern, subject):
-                    if queue is None:
-                        plain.add(key)
-                    else:
-                        groups.add(queue)
-            self.probes[message_id] = (frozenset(plain), frozenset(groups))
-
-    def on_delivered(self, key: tuple, message_id: str) -> None:
-        self.counts["pubsub_delivered"] += 1
-        where = f"{message_id} delivered to subscription {key}"
-        if key not in self.subs:
-            raise Violation(f"pub/sub: {where}, which was never subscribed")
-        if key in self.closed:
-            raise Violation(f"pub/sub: {where} after it was closed")
-        if message_id not in self.messages:
-            raise Violation(f"pub/sub: {where}, but nobody published it")
-        publisher, number, subject = self.messages[message_id]
-        pattern, queue = self.subs[key]
-        if not matches(pattern, subject):
-            raise Violation(f"pub/sub: {where}: its subject {subject!r} does not match {pattern!r}")
-        if (key, message_id) in self.got:
-            raise Violation(f"pub/sub: {where} twice")
-        self.got.add((key, message_id))
-        last = self.last_from.get((key, publisher))
-        if last is not None and number <= last:
-            raise Violation(f"pub/sub: {where} after message {last} of the same publisher: out of order")
-        self.last_from[(key, publisher)] = number
-        if queue is not None:
-            other = self.queue_got.setdefault((message_id, queue), key)
-            if other != key:
-                raise Violation(f"pub/sub: {where}, but queue group {queue!r} already got it at {other}")
-
-    def _missing(self) -> list[str]:
-        missing = []
-        for message_id in sorted(self.probes):
-            plain, groups = self.probes[message_id]
-            for key in sorted(plain):
-                if (key, message_id) not in self.got:
-                    missing.append(f"{message_id} -> {key}")
-            for queue in sorted(groups):
-                if (message_id, queue) not in self.queue_got:
-                    missing.append(f"{message_id} -> queue group {queue}")
-        return missing
-
-    def probes_complete(self) -> bool:
-        return bool(self.probes) and not self._missing()
-
-    def waiting_for(self) -> str:
-        if not self.probes:
-            return "were never sent: interest did not converge (or the cluster did not)"
-        missing = self._missing()
-        return f"not delivered: {len(missing)} (first: {missing[:3]})"
-
-    def fail_probes(self) -> None:
-        raise Violation(f"liveness: pub/sub probes {self.waiting_for()}")
-
-    def summary(self) -> dict:
-        return dict(self.counts)
 
 
 class SpaceChecker:

@@ -1,7 +1,7 @@
 """Shared subscriptions in the deterministic simulator: per-CI seeds, and checkers that can fail.
 
 Each seed runs its swarm-drawn cluster and faults with the shared workload on
-(``meshq.testing.sim.shared``); the checkers (``meshq.testing.checks.SharedChecker``) are
+(``meshq.testing.sim.shared``); the checkers (``meshq.testing.shared_checks.SharedChecker``) are
 then shown to catch a broken leader, one mutation each.
 """
 

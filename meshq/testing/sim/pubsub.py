@@ -14,7 +14,7 @@ TCP does — messages on one link arrive in order and never twice, but may be lo
 cuts, a SUB not connected yet) — and the target's ``PubSub.received`` / ``deliveries`` pick
 its subscriptions. A paused node takes its data when it resumes, in order.
 
-Every delivery is reported to ``PubSubChecker`` (``meshq.testing.checks``), which checks as
+Every delivery is reported to ``PubSubChecker`` (``meshq.testing.pubsub_checks``), which checks as
 it goes that each subscription gets each publisher's messages in order, never twice, only
 when its pattern matches, and that a queue group never gets a message twice. In the liveness
 phase, once the cluster converged and every node knows every other node's interest, each

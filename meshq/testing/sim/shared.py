@@ -14,7 +14,7 @@ letter), ``n % 10 == 7`` never answered (it times out until it is dead-lettered)
 per fetch answer. Members keep working through the liveness phase; the run ends once every
 partition of ``jobs`` has no lag and nothing in flight at its leader. A member whose node
 restarted starts afresh under a new member id (what it held comes back after its timeout).
-``meshq.testing.checks.SharedChecker`` checks what the members see.
+``meshq.testing.shared_checks.SharedChecker`` checks what the members see.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from meshq.config import TopicConfig
 from meshq.core import batch as batch_format
 from meshq.core.events import CreateTopic, ProduceCommand, Resolve, ShareAck, ShareFetch
 from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER, record_deliver_at
-from meshq.testing.checks import SharedChecker
+from meshq.testing.shared_checks import SharedChecker
 from meshq.testing.sim.options import WALL_BASE_MS
 
 if TYPE_CHECKING:
