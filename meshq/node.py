@@ -144,7 +144,7 @@ class Node:
         config = self.config
         node_id = config.node_id
         if config.role == "storage":
-            from meshq.log.segmented import FileStorage
+            from meshq.log.datadir import FileStorage
 
             self.storage = FileStorage(config.data_dir, segment_bytes=config.segment_bytes,
                                        segment_ms=config.segment_ms, min_free_bytes=config.min_free_bytes)

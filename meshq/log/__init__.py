@@ -1,9 +1,10 @@
 """Partition logs: the ``LogStore``/``Storage`` protocols, the in-memory twin, the file log."""
 
 from meshq.core.ports import LogStore, RecoveryReport, Storage
+from meshq.log.datadir import FileStorage
 from meshq.log.lock import DataDirLock
 from meshq.log.memory import MemoryLog, MemoryStorage
-from meshq.log.segmented import FileStorage, SegmentedLog, segment_file_name
+from meshq.log.segmented import SegmentedLog, segment_file_name
 from meshq.log.store import (
     DEFAULT_INDEX_INTERVAL_BYTES,
     DEFAULT_SEGMENT_BYTES,
