@@ -48,6 +48,25 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def tc(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "tc", *args], check=True, capture_output=True, timeout=20)
+
+
+def drop_in_bridge(bridge_netns: str, port: str, *match: str) -> None:
+    """Cut as a real link cut does: packets leaving the bridge through ``port`` (towards its host) that match the
+    u32 selectors ``match`` (e.g. ``"match", "ip", "src", "10.0.0.2/32"``) die in the bridge, redirected to
+    ``bh0``, a veth that stays down (made on the first call). ``heal_in_bridge`` lifts it."""
+    if ip("-n", bridge_netns, "link", "show", "bh0", check=False).returncode != 0:
+        ip("-n", bridge_netns, "link", "add", "bh0", "type", "veth", "peer", "name", "bh1")
+    tc(bridge_netns, "qdisc", "add", "dev", port, "clsact")
+    tc(bridge_netns, "filter", "add", "dev", port, "egress", "protocol", "ip", "prio", "1", "u32", *match,
+       "action", "mirred", "egress", "redirect", "dev", "bh0")
+
+
+def heal_in_bridge(bridge_netns: str, port: str) -> None:
+    tc(bridge_netns, "qdisc", "del", "dev", port, "clsact")
+
+
 def netns_names() -> set[str]:
     """Names listed by ``ip netns list`` (each line is ``name`` or ``name (id: N)``)."""
     out = ip("netns", "list").stdout

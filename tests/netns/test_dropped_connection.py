@@ -22,7 +22,7 @@ import time
 import pytest
 
 from meshq.io.runtime import CONNECT_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS
-from tests.netns.lab import NODE_PORT, REPO, child_env, ip
+from tests.netns.lab import NODE_PORT, REPO, child_env, drop_in_bridge, heal_in_bridge
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,16 +58,11 @@ while True:
 """
 
 
-def _tc(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, "tc", *args], check=True, capture_output=True, timeout=20)
-
-
 @pytest.mark.parametrize("lab", [{"hosts": 2}], indirect=True)
 def test_first_ack_soon_after_a_request_connection_drops(lab):
     assert HEARTBEAT_TIMEOUT_MS < CUT_S * 1000  # the cut outlasts the heartbeat timeout: connections are dropped
     client_host, node_host = lab.hosts
     node = lab.start_node(node_host)
-    ip("-n", lab.bridge_netns, "link", "add", "bh0", "type", "veth", "peer", "name", "bh1")  # stays down
     lines: list[list[str]] = []
     log_path = f"{lab.root}/client.log"
     log = open(log_path, "wb")
@@ -86,14 +81,12 @@ def test_first_ack_soon_after_a_request_connection_drops(lab):
         # Packets to the node's request port die in the bridge on their way to the node, and its answers on
         # their way back; nothing else is touched.
         for port, match in ((f"p{node_host.index}", "dport"), (f"p{client_host.index}", "sport")):
-            _tc(lab.bridge_netns, "qdisc", "add", "dev", port, "clsact")
-            _tc(lab.bridge_netns, "filter", "add", "dev", port, "egress", "protocol", "ip", "prio", "1", "u32",
-                "match", "ip", "protocol", "6", "0xff", "match", "ip", match, str(NODE_PORT), "0xffff",
-                "action", "mirred", "egress", "redirect", "dev", "bh0")
+            drop_in_bridge(lab.bridge_netns, port, "match", "ip", "protocol", "6", "0xff", "match", "ip", match,
+                           str(NODE_PORT), "0xffff")
         cut = time.monotonic()
         time.sleep(CUT_S)
         for port in (f"p{node_host.index}", f"p{client_host.index}"):
-            _tc(lab.bridge_netns, "qdisc", "del", "dev", port, "clsact")
+            heal_in_bridge(lab.bridge_netns, port)
         healed = time.monotonic()
         deadline = healed + CALL_TIMEOUT_S + 10
         while not any(line[0] == "ok" and float(line[2]) >= healed for line in lines):
