@@ -106,8 +106,7 @@ class DropWatch:
         seen = False
         monitor = self.monitor
         try:
-            # (asked through ZMQ_EVENTS first: this runs before every send, and a recv that finds
-            # nothing costs a raised zmq.Again)
+            # (asked through ZMQ_EVENTS first: a recv that finds nothing costs a raised zmq.Again)
             while monitor.getsockopt(_EVENTS) & _POLLIN:
                 frames = monitor.recv_multipart(_NOBLOCK)
                 seen = seen or (len(frames) == 2 and len(frames[0]) >= 2

@@ -191,12 +191,11 @@ class Access(Room):
         self._holds[key] = (serial, go, fail)
         self.out.schedule(until_s, "acl_hold", (key, serial))
 
-    def release(self, key: Any, error: MeshqError) -> bool:
-        """Take back the work held under ``key``: it will not run, and fails with ``error``. Whether it was held."""
+    def release(self, key: Any, error: MeshqError) -> None:
+        """Take back the work held under ``key``, if any: it will not run, and fails with ``error``."""
         held = self._holds.pop(key, None)
         if held is not None:
             held[2](error)
-        return held is not None
 
     def _hold_due(self, timer: tuple, now_s: float) -> None:
         key, serial = timer
