@@ -140,8 +140,14 @@ def test_a_drop_watch_reports_a_drop_once_and_nothing_before_it():
 
 
 def test_a_drop_watch_reads_an_asyncio_dealer_without_a_loop():
+    import asyncio
+
     import zmq.asyncio
 
+    # An asyncio socket's send needs an event loop object (not a running one). Earlier tests that ran
+    # asyncio.run() leave the main thread without one, so this test sets its own and removes it after.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     context = zmq.Context()
     async_context = zmq.asyncio.Context()
     try:
@@ -149,3 +155,5 @@ def test_a_drop_watch_reads_an_asyncio_dealer_without_a_loop():
     finally:
         async_context.term()
         context.term()
+        asyncio.set_event_loop(None)
+        loop.close()
