@@ -7,20 +7,16 @@ import os
 import resource
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from meshq.testing.ports import free_port
+
 MESHQ = [sys.executable, "-m", "meshq"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_log(path: str) -> str:

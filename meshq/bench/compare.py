@@ -60,7 +60,7 @@ from typing import Any
 from meshq.bench.console import _progress
 from meshq.bench.cpu import _CpuSampler, cpu_us_per_record
 from meshq.bench.errors import BenchError, _error_text
-from meshq.bench.procs import PARTITIONS, READY_TIMEOUT_S, _Child, _Cluster, _free_port
+from meshq.bench.procs import PARTITIONS, READY_TIMEOUT_S, _Child, _Cluster
 from meshq.bench.produce import _pipelined_async, _pipelined_batch, _synchronous, _values
 from meshq.bench.queue_peers import _missing, _Peer, _RabbitMQ, _Redis, _wait_port
 from meshq.bench.stats import _percentiles_us
@@ -72,6 +72,7 @@ from meshq.bench.status import (
     _wait_high_watermarks,
 )
 from meshq.errors import MeshqError
+from meshq.testing.ports import free_port
 
 PEER_NAMES = ("nats", "redis", "rabbitmq")
 SYSTEM_LABELS = {"meshq": "meshq RF3 acks=quorum", "nats": "NATS JetStream R3", "redis": "Redis streams",
@@ -294,8 +295,8 @@ class _JetStream(_Peer):
         self.loop = asyncio.new_event_loop()
         self.nc: Any = None
         try:
-            client_ports = [self.port, _free_port(), _free_port()]
-            route_ports = [_free_port() for _ in range(3)]
+            client_ports = [self.port, free_port(), free_port()]
+            route_ports = [free_port() for _ in range(3)]
             procs = []
             for i in range(3):
                 name = f"n{i + 1}"

@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import time
 from typing import Any
 
 from meshq.bench.errors import BenchError
+from meshq.testing.ports import free_port
 
 READY_TIMEOUT_S = 20.0  # a child process (or the client) not ready by then has failed to start
 PARTITIONS = 8  # every node's --partitions, and the partitions of the produce and replication topics
@@ -153,11 +153,6 @@ def _start_node(args: Any, workdir: str) -> tuple[_Child, str]:
     return child, address.split("://", 1)[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class _Cluster:
     """``count`` ``meshq node`` children on 127.0.0.1, mDNS off, with fixed ports so a killed node restarts in place.
@@ -171,7 +166,7 @@ class _Cluster:
         self.workdir = workdir
         self.args = args
         self.replication_factor = replication_factor
-        self.ports = [(_free_port(), _free_port()) for _ in range(count)]
+        self.ports = [(free_port(), free_port()) for _ in range(count)]
         self.children: list[_Child | None] = [None] * count
         self.node_ids: list[str] = [""] * count
         self.launches = [0] * count
@@ -228,7 +223,7 @@ class _Cluster:
         """Launch one more node (a join), seeded with every running node; returns its index. Call
         ``_wait_ready(index)`` next: until then its node id is unknown."""
         seeds = [self.seed(i) for i, child in enumerate(self.children) if child is not None and child.proc.poll() is None]
-        self.ports.append((_free_port(), _free_port()))
+        self.ports.append((free_port(), free_port()))
         self.children.append(None)
         self.node_ids.append("")
         self.launches.append(0)

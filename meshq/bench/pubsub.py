@@ -31,13 +31,14 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from meshq.testing.ports import free_port
 
 SUBJECT = "bench.pubsub.data"
 IDLE_S = 3.0
@@ -47,11 +48,6 @@ def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ workers (one process each)
@@ -359,7 +355,7 @@ def run_pubsub_bench(messages: int, size: int, rounds: int, subscriber_counts: t
         nats_process = None
         nats_seed = ""
         if nats_missing is None:
-            port = _free_port()
+            port = free_port()
             nats_process = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(port)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             nats_seed = f"127.0.0.1:{port}"

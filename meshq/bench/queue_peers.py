@@ -38,7 +38,7 @@ from typing import Any
 
 from meshq.bench.cpu import _CpuSampler
 from meshq.bench.errors import BenchError
-from meshq.bench.procs import _free_port
+from meshq.testing.ports import free_port
 
 PEERS = (("rabbitmq_quorum_queue", "rabbitmq-server", "pika"), ("redis_streams", "redis-server", "redis"))
 CONFIRM_WINDOW = 1000
@@ -120,7 +120,7 @@ class _Peer:
         self.dir = os.path.join(workdir, self.name)
         os.makedirs(self.dir, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
-        self.port = _free_port()
+        self.port = free_port()
 
     def _spawn(self, argv: list[str], label: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(os.path.join(self.dir, f"{label}.out"), "wb") as out:
@@ -199,7 +199,7 @@ class _RabbitMQ(_Peer):
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
         try:
-            epmd_port, dist_port = _free_port(), _free_port()
+            epmd_port, dist_port = free_port(), free_port()
             epmd = self._spawn([shutil.which("epmd") or "epmd", "-address", "127.0.0.1", "-port", str(epmd_port)],
                                "epmd", env={**os.environ, "ERL_EPMD_ADDRESS": "127.0.0.1"})
             _wait_port(epmd_port, epmd, "epmd")

@@ -42,8 +42,9 @@ import zmq
 from meshq.bench.console import _RoundsBar
 from meshq.bench.cpu import _machine, _thread_cpu
 from meshq.bench.errors import BenchError
-from meshq.bench.procs import READY_TIMEOUT_S, _Child, _free_port
+from meshq.bench.procs import READY_TIMEOUT_S, _Child
 from meshq.bench.stats import _percentiles_us
+from meshq.testing.ports import free_port
 
 SERVICE = "bench.echo"
 WARMUP = 200
@@ -191,7 +192,7 @@ class _Nats:
     def __init__(self, workdir: str) -> None:
         import nats
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = _Child([shutil.which("nats-server") or "nats-server", "-a", "127.0.0.1", "-p", str(self.port)],
                              os.path.join(workdir, "nats-server.stderr"))
         self.url = f"nats://127.0.0.1:{self.port}"
