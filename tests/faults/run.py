@@ -172,7 +172,11 @@ class FaultRun:
         if errors:
             raise errors[0]
         self.nodes.sort(key=lambda n: n.host.index)
-        self.wait(self.agreed, 120, f"one agreed membership of {self.node_count}")
+        try:
+            self.wait(self.agreed, 120, f"one agreed membership of {self.node_count}")
+        except AssertionError as exc:
+            logs = "\n".join(f"--- log of {n.host.netns} (tail) ---\n{n.log_text()[-2000:]}" for n in self.nodes)
+            raise AssertionError(f"{exc}\n{logs}") from None
         created = self.client_host.meshq("topics", "create", TOPIC, "--partitions", str(self.partitions),
                                          "--replication-factor", "3", "--seed", first.seed, "--cluster",
                                          self.lab.cluster, "--no-mdns", timeout_s=120)
@@ -244,9 +248,12 @@ class FaultRun:
                 lines.append(f"{seed}: no answer")
                 continue
             parts = partitions_of(status, TOPIC)
-            lines.append(f"{status['node_id']} @ {seed}: " + ", ".join(
-                f"p{p}: leader={d['leader']} in_sync={d['in_sync']} hw={d['high_watermark']}"
-                for p, d in sorted(parts.items())))
+            members = " ".join(f"{m['node_id']}={m['state']}" for m in status.get("members", []))
+            meta = status.get("metadata", {})
+            lines.append(f"{status['node_id']} @ {seed}: members [{members}] metadata leader={meta.get('leader')} "
+                         f"term={meta.get('term')} voters={len(meta.get('voters') or [])}; " + ", ".join(
+                             f"p{p}: leader={d['leader']} in_sync={d['in_sync']} hw={d['high_watermark']}"
+                             for p, d in sorted(parts.items())))
         return "\n".join(lines)
 
     def wait(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:

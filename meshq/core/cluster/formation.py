@@ -18,7 +18,9 @@ at every heartbeat and on news, decides (``tick``):
   ``2 × election_timeout_s`` pass unanswered it moves one candidate on, and after a full
   round asks its seeds again;
 * otherwise, after ``bootstrap_wait_s`` (mDNS) or once every seed answered, the lowest
-  node id among the unformed storage nodes it knows forms a one-member group.
+  node id among the unformed storage nodes it knows forms a one-member group; it first waits
+  (a bounded time) for any live lower-id storage node whose state it does not know yet, which
+  may be forming at that moment (``_defer_to_lower``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Formation(Room):
         self._join_skipped = 0
         self._join_asked_since_s: float | None = None
         self._leaderless_since_s: float | None = None
+        # a node about to form: since when each lower-id storage node of unknown or not-yet-formable state has
+        # been waited for (see _defer_to_lower)
+        self._deferred_since: dict[str, float] = {}
 
     def note_summary(self, node_id: str, role: str, summary: dict) -> None:
         """``node_id`` told us about its metadata group (a heartbeat or hello answer)."""
@@ -122,12 +127,37 @@ class Formation(Room):
             return
         unformed_storage = [p for p, c in self.peer_clusters.items() if c["role"] == "storage" and not c["formed"]
                             and c["can_form"] and p in self.core.mesh.members.alive_ids()]
-        if all(self.node_id < other for other in unformed_storage):
+        if all(self.node_id < other for other in unformed_storage) and not self._defer_to_lower(now_s):
             log.info("no formed cluster found; %s forms cluster %r", self.node_id, self.config.cluster)
             # The new cluster's identity (metadata log entry 0): node id and wall clock, never reused.
             raft.bootstrap(now_s, {"address": self.core.endpoint, "pub_address": self.core.pub_endpoint},
                            formation=f"{self.node_id}.{self.core.wall_clock_ms():x}")
             self.core.mesh.publish_heartbeat()  # tell waiting peers at once, not at the next heartbeat
+
+    def _defer_to_lower(self, now_s: float) -> bool:
+        """Whether to wait before forming: a live storage node with a lower id whose metadata state we do not
+        know yet (it said hello, and a hello carries no summary) or that cannot form yet (its own seeds are
+        silent) may be forming right now: it heard us unformed and is the lowest. Forming too would make two
+        clusters, and once each is joined neither is trivial and they stay apart for good. Each such node is
+        waited for at most ``_defer_patience_s`` (its heartbeat tells its state within one interval), so a
+        lower node stuck on a silent seed holds nobody up for long; it joins us once its seeds answer."""
+        members = self.core.mesh.members
+        assert members is not None
+        pending = {peer for peer in members.alive_ids("storage") if peer < self.node_id
+                   and (peer not in self.peer_clusters
+                        or not (self.peer_clusters[peer]["formed"] or self.peer_clusters[peer]["can_form"]))}
+        for peer in list(self._deferred_since):
+            if peer not in pending:
+                del self._deferred_since[peer]
+        patience_s = self._defer_patience_s()
+        waiting = False
+        for peer in pending:
+            since = self._deferred_since.setdefault(peer, now_s)
+            waiting = waiting or now_s - since < patience_s
+        return waiting
+
+    def _defer_patience_s(self) -> float:
+        return 2.0 * max(self.config.bootstrap_wait_s, self.config.heartbeat_interval_s)
 
     def _join_candidates(self, formed_peers: list[str]) -> list[str]:
         """Whom a joiner may ask to admit it, best first: the leader it last followed, the leader

@@ -77,3 +77,32 @@ def test_the_summary_of_a_forgotten_member_is_dropped():
     steps(h, 3.5)  # dead after 1 s, forgotten 2 s later
     assert "a" not in h.core.members
     assert h.core.formation.named_leaders() == [] and h.core.formation.peer_clusters == {}
+
+
+def test_a_node_defers_to_a_lower_id_that_said_hello_before_its_state_is_known():
+    """The race behind a CI failure (two clusters formed at once, each joined before they met, so neither is
+    trivial any more and they stay apart for good): ``n2`` starts alone with mDNS; ``n1`` starts with ``n2`` as
+    its seed and says hello. ``n2`` now knows ``n1`` as a live member but not its metadata state (a hello
+    carries none); ``n1`` hears ``n2`` unformed and, the lowest id, forms at once. ``n2`` must not form in that
+    window: it waits for ``n1``'s state, and joins ``n1``'s cluster when its heartbeat says it formed."""
+    h = CoreHarness("n2", mdns=True, bootstrap_wait_s=1.0)
+    lower = member_info("n1", 7000)
+    steps(h, 0.8)
+    assert h.request("hello", {"member": lower}) is not None
+    steps(h, 0.6)  # past bootstrap_wait_s: before the fix n2 formed here
+    assert not h.core.raft.formed, "n2 formed while a lower id that said hello may be forming"
+    h.sent.clear()
+    h.handle(heartbeat(lower, formed=True, leader="n1", size=1, trivial=True))
+    assert not h.core.raft.formed
+    assert [peer for peer, _message in sent_of(h, "raft_join")] == ["n1"]
+
+
+def test_a_lower_id_that_stays_unable_to_form_is_waited_for_a_bounded_time():
+    """A lower id whose own seeds stay silent never forms (``can_form`` false): after the patience the higher
+    id forms anyway, and the lower one joins it once its seeds answer."""
+    h = CoreHarness("n2", mdns=True, bootstrap_wait_s=1.0)
+    lower = member_info("n1", 7000)
+    steps(h, 1.2, lambda: h.handle(heartbeat(lower, can_form=False)))
+    assert not h.core.raft.formed
+    steps(h, 2.5, lambda: h.handle(heartbeat(lower, can_form=False)))
+    assert h.core.raft.formed
