@@ -102,12 +102,12 @@ class _ThreadState(ThreadProducer):
         self.watches: dict[zmq.Socket, DropWatch] = {}  # each DEALER's drop monitor
 
     def close_sockets(self) -> None:
+        for watch in self.watches.values():  # each watch before its DEALER (meshq.io.dropwatch)
+            watch.close()
+        self.watches.clear()
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets.clear()
-        for watch in self.watches.values():
-            watch.close()
-        self.watches.clear()
 
     def watch(self, sock: zmq.Socket) -> DropWatch:
         """The drop monitor of ``sock``, one of this state's DEALERs (made on first use)."""

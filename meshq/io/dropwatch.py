@@ -6,9 +6,25 @@ request already written on the old connection, or the answer coming back on it, 
 places that wait for answers watch their DEALERs: a calling thread's direct produce
 (``meshq.io.direct``: it sends the same bytes again) and the runtime (``meshq.io.runtime``: it
 tells the core ``PeerDisconnected``, which fails the requests pending on that peer as retriable).
+
+Two rules keep a monitor from wedging the whole context. libzmq writes each event to the
+monitor's PAIR socket from its I/O thread with a *blocking* send, and that I/O thread serves
+every socket of the context (every node of the process on ``zmq.Context.instance()``):
+
+* the reading PAIR is connected with ``RCVHWM`` 0 (no limit), so events that nobody read for a
+  while (a thread producer that stays idle while its peer flaps) never fill the pipe;
+* ``close`` first stops the monitor (``zmq_socket_monitor(sock, NULL, 0)``, which takes the same
+  lock as an event being written, so no event is written after it returns) and only then closes
+  the reading PAIR: an event written to a PAIR whose peer is gone blocks forever. Callers close the
+  watch before the DEALER it watches.
+
+Each monitor gets an inproc endpoint name of its own (pyzmq's default names one after the
+socket's file descriptor, which a new socket may reuse before the old endpoint is gone).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import zmq
 
@@ -16,19 +32,30 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_NAMES = itertools.count()
 
 
 class DropWatch:
-    """Whether a DEALER's connection dropped since the last look: the DEALER's monitor socket
-    (pyzmq's ``get_monitor_socket``, libzmq's ``EVENT_DISCONNECTED`` only), read without blocking
-    through a plain socket even when the DEALER is an asyncio one. Used by one thread only."""
+    """Whether a DEALER's connection dropped since the last look: a PAIR socket reading the
+    DEALER's ``EVENT_DISCONNECTED`` events, read without blocking through a plain socket even
+    when the DEALER is an asyncio one. Used by the DEALER's thread only."""
 
-    __slots__ = ("_owner", "monitor")
+    __slots__ = ("_sock", "monitor")
 
     def __init__(self, sock: zmq.Socket) -> None:
-        self._owner = sock.get_monitor_socket(_DISCONNECTED)  # of the DEALER's own class and context
-        self._owner.setsockopt(zmq.LINGER, 0)
-        self.monitor = zmq.Socket.shadow(self._owner.underlying)
+        endpoint = f"inproc://meshq.dropwatch.{next(_NAMES)}"
+        sock.monitor(endpoint, _DISCONNECTED)
+        monitor = zmq.Socket(sock.context, zmq.PAIR)  # a plain socket, whatever the DEALER's class
+        try:
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.setsockopt(zmq.RCVHWM, 0)
+            monitor.connect(endpoint)
+        except zmq.ZMQError:
+            monitor.close(0)
+            sock.monitor(None, 0)
+            raise
+        self._sock = sock
+        self.monitor = monitor
 
     def dropped(self) -> bool:
         """True when a drop was reported since the last call (every pending event is read)."""
@@ -45,4 +72,11 @@ class DropWatch:
         return seen
 
     def close(self) -> None:
-        self._owner.close(0)
+        """Stop the monitor, then close the reading end (in that order: see the module docstring).
+        Call it before closing the watched DEALER."""
+        try:
+            if not self._sock.closed:
+                self._sock.monitor(None, 0)
+        except zmq.ZMQError:  # the DEALER is gone already: its monitor went with it
+            pass
+        self.monitor.close(0)

@@ -711,6 +711,13 @@ class Runtime:
             self._poller.register(watch.monitor, zmq.POLLIN)
 
     def _close_sockets(self) -> None:
+        if self._monitors:  # stop the handshake monitors before closing their PAIRs (see meshq.io.dropwatch)
+            for sock in (self.router, self.pub):
+                if sock is not None and not sock.closed:
+                    try:
+                        sock.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
         for monitor in list(self._monitors):
             monitor.close(0)
         self._monitors.clear()
