@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import traceback
 
 # Every message a meshq node sends in the tests is checked against its schema (meshq.core.wire),
 # here and in the node processes the tests start (they inherit the environment).
@@ -46,8 +48,11 @@ def no_thread_leak():
     deadline = time.monotonic() + grace_s
     for thread in leaked:
         thread.join(max(0.0, deadline - time.monotonic()))
-    still = [t.name for t in leaked if t.is_alive()]
-    assert not still, f"runtime threads still running {grace_s:.0f} s after the test: {still}"
+    still = [t for t in leaked if t.is_alive()]
+    frames = sys._current_frames()
+    stacks = "\n".join(f"--- {t.name} ---\n{''.join(traceback.format_stack(frames[t.ident]))}"
+                       for t in still if t.ident in frames)
+    assert not still, f"runtime threads still running {grace_s:.0f} s after the test: {[t.name for t in still]}\n{stacks}"
 
 
 @pytest.fixture

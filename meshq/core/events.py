@@ -51,6 +51,15 @@ class PeerDiscovered:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    """The connection of our DEALER to ``peer`` dropped (libzmq's ``EVENT_DISCONNECTED``: silent past the
+    heartbeat timeout, or reset). A request written on it, or its answer, may be gone with it; libzmq
+    connects again by itself."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
 class TrustedNames:
     """A keyed storage node's runtime read ``cluster/trusted/`` (at start, then whenever it changed): the
     trusted client keys (z85) and their holders' names, which the ``access`` room serves client nodes."""

@@ -70,6 +70,7 @@ from meshq.core.events import (
     BadRequest,
     EventReceived,
     LogsSynced,
+    PeerDisconnected,
     PeerDiscovered,
     ReplyReceived,
     RequestReceived,
@@ -238,6 +239,8 @@ class NodeCore:
                 on_event(event.message, now_s)
         elif kind is PeerDiscovered:
             self.mesh.learn(event.info, now_s)
+        elif kind is PeerDisconnected:
+            self.out.fail_requests_to(event.peer, "disconnected")
         elif kind is LogsSynced:
             self.host.on_synced(event.keys)
         elif kind is BadRequest:

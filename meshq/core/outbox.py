@@ -231,11 +231,17 @@ class Outbox:
             self.on_reply(self._local_inbox.popleft(), now_s)
 
     def fail_requests_to(self, peer: str, state: str) -> None:
-        """A peer went silent: fail what waits on it with a retriable error, so callers go elsewhere
-        (a produce retries with the same sequence numbers, so nothing is stored twice)."""
+        """A peer went silent (``state``: suspect, dead) or our connection to it dropped (``disconnected``): fail
+        what waits on it with a retriable error, so callers try again, elsewhere if the peer is gone, rather
+        than wait for a timeout (a produce retries with the same sequence numbers, so nothing is stored twice;
+        an rpc request is sent again only to an idempotent service)."""
+        if state == "disconnected":
+            why, then = "dropped the connection (a request or its answer may be lost with it)", "is retried"
+        else:
+            why, then = f"is {state} (silent)", "is retried elsewhere"
         for request_id in sorted(rid for rid, request in self.pending.items() if request.peer == peer):
             request = self.pending.pop(request_id)
-            request.on_error(NotLeaderError(f"{peer} is {state} (silent); {request.type} is retried elsewhere"))
+            request.on_error(NotLeaderError(f"{peer} {why}; {request.type} {then}"))
 
     def fail_all(self, error: MeshqError) -> None:
         """The node stops: every pending request fails with ``error``."""

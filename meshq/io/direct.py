@@ -74,6 +74,7 @@ from meshq.core.client.direct import (
 from meshq.core.events import GetMetadata
 from meshq.core.records import RecordMetadata
 from meshq.errors import MeshqError, NodeStoppedError, NotLeaderError, ProtocolError
+from meshq.io.dropwatch import DropWatch
 from meshq.io.runtime import HEARTBEAT_TIMEOUT_MS, new_socket
 
 _SLICE_S = LIVENESS_CHECK_S  # how often a waiting call looks at the leader's liveness and at close()
@@ -83,40 +84,8 @@ REFRESH = "refresh"
 EXCHANGE = "exchange"
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
-_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 # What a wait answers when the connection its attempt went out on dropped (module docstring).
 DROPPED = "dropped"
-
-
-class DropWatch:
-    """Whether a DEALER's connection dropped since the last look: the DEALER's monitor socket
-    (pyzmq's ``get_monitor_socket``, libzmq's ``EVENT_DISCONNECTED`` only), read without blocking
-    through a plain socket even when the DEALER is an asyncio one. Used by one thread only."""
-
-    __slots__ = ("_owner", "monitor")
-
-    def __init__(self, sock: zmq.Socket) -> None:
-        self._owner = sock.get_monitor_socket(_DISCONNECTED)  # of the DEALER's own class and context
-        self._owner.setsockopt(zmq.LINGER, 0)
-        self.monitor = zmq.Socket.shadow(self._owner.underlying)
-
-    def dropped(self) -> bool:
-        """True when a drop was reported since the last call (every pending event is read)."""
-        seen = False
-        monitor = self.monitor
-        try:
-            # (asked through ZMQ_EVENTS first: a recv that finds nothing costs a raised zmq.Again)
-            while monitor.getsockopt(_EVENTS) & _POLLIN:
-                frames = monitor.recv_multipart(_NOBLOCK)
-                seen = seen or (len(frames) == 2 and len(frames[0]) >= 2
-                                and int.from_bytes(frames[0][:2], "little") == _DISCONNECTED)
-        except zmq.ZMQError:  # closed (the node stops): nothing more to tell
-            pass
-        return seen
-
-    def close(self) -> None:
-        self._owner.close(0)
 
 
 class _ThreadState(ThreadProducer):
@@ -133,12 +102,12 @@ class _ThreadState(ThreadProducer):
         self.watches: dict[zmq.Socket, DropWatch] = {}  # each DEALER's drop monitor
 
     def close_sockets(self) -> None:
+        for watch in self.watches.values():  # each watch before its DEALER (meshq.io.dropwatch)
+            watch.close()
+        self.watches.clear()
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets.clear()
-        for watch in self.watches.values():
-            watch.close()
-        self.watches.clear()
 
     def watch(self, sock: zmq.Socket) -> DropWatch:
         """The drop monitor of ``sock``, one of this state's DEALERs (made on first use)."""
@@ -379,4 +348,4 @@ class DirectProducer:
             # else: a late answer to an earlier call
 
 
-__all__ = ["DirectProducer"]
+__all__ = ["DirectProducer", "DropWatch"]

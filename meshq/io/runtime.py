@@ -43,6 +43,7 @@ from meshq.core.events import (
     EventReceived,
     Fail,
     LogsSynced,
+    PeerDisconnected,
     ProduceCommand,
     Publish,
     Reply,
@@ -62,6 +63,7 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.core.pubsub import frames as pubsub_frames
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
+from meshq.io.dropwatch import DropWatch
 from meshq.io.keyed_sub import KeyedSubs
 
 log = logging.getLogger("meshq.runtime")
@@ -120,6 +122,9 @@ class Runtime:
         self._thread: threading.Thread | None = None
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
+        # each peer DEALER's drop monitor (meshq.io.dropwatch): polled; a drop is fed to the core as PeerDisconnected
+        self._watches: dict[str, DropWatch] = {}
+        self._watch_peer: dict[zmq.Socket, str] = {}
         # A keyed node subscribes to each peer's PUB with a SUB socket of its own (pub/sub data's source is then
         # the key that socket's handshake verified, not the frame's claim): meshq.io.keyed_sub, made in _run.
         self._keyed_subs: KeyedSubs | None = None
@@ -398,6 +403,8 @@ class Runtime:
                 peer = socket_peer.get(sock)
                 if peer is not None:
                     self._drain_dealer(sock, peer)
+                elif sock in self._watch_peer:
+                    self._on_drop_watch(self._watch_peer[sock])
             if self.commands:
                 self._drain_commands()
             now = clock.now_s()
@@ -657,20 +664,31 @@ class Runtime:
             elif kind is Connect:
                 self._connect(effect.peer, effect.endpoint)
             elif kind is Disconnect:
-                sock = self._dealers.pop(effect.peer, None)
-                if sock is not None:
-                    self._poller.unregister(sock)
-                    self._socket_peer.pop(sock, None)
-                    sock.close(0)
+                self._close_dealer(effect.peer)
             else:
                 raise AssertionError(f"unknown effect {effect!r}")
 
+    def _close_dealer(self, peer: str) -> None:
+        sock = self._dealers.pop(peer, None)
+        if sock is not None:
+            self._poller.unregister(sock)
+            self._socket_peer.pop(sock, None)
+            watch = self._watches.pop(peer, None)
+            if watch is not None:
+                self._poller.unregister(watch.monitor)
+                self._watch_peer.pop(watch.monitor, None)
+                watch.close()
+            sock.close(0)
+
+    def _on_drop_watch(self, peer: str) -> None:
+        """The drop monitor of ``peer``'s DEALER is readable: a drop fails the requests pending on it (core)."""
+        watch = self._watches.get(peer)
+        if watch is not None and watch.dropped():
+            log.info("connection to %s dropped; the requests waiting on it are retried", peer)
+            self._handle_peer_input(PeerDisconnected(peer))
+
     def _connect(self, peer: str, endpoint: str) -> None:
-        old = self._dealers.pop(peer, None)
-        if old is not None:
-            self._poller.unregister(old)
-            self._socket_peer.pop(old, None)
-            old.close(0)
+        self._close_dealer(peer)
         if self.curve is not None:
             self.curve.note_endpoint(peer, endpoint, self._server_key(peer))
         sock = self._socket(zmq.DEALER, endpoint)
@@ -683,11 +701,30 @@ class Runtime:
         self._dealers[peer] = sock
         self._socket_peer[sock] = peer
         self._poller.register(sock, zmq.POLLIN)
+        try:
+            watch = DropWatch(sock)
+        except zmq.ZMQError as exc:  # (diagnostic help only: requests still end at their timeout)
+            log.warning("cannot watch the connection to %s for drops: %s", peer, exc)
+        else:
+            self._watches[peer] = watch
+            self._watch_peer[watch.monitor] = peer
+            self._poller.register(watch.monitor, zmq.POLLIN)
 
     def _close_sockets(self) -> None:
+        if self._monitors:  # stop the handshake monitors before closing their PAIRs (see meshq.io.dropwatch)
+            for sock in (self.router, self.pub):
+                if sock is not None and not sock.closed:
+                    try:
+                        sock.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
         for monitor in list(self._monitors):
             monitor.close(0)
         self._monitors.clear()
+        for watch in self._watches.values():
+            watch.close()
+        self._watches.clear()
+        self._watch_peer.clear()
         for sock in list(self._dealers.values()):
             sock.close(0)
         self._dealers.clear()

@@ -50,6 +50,9 @@ Pub/sub (``meshq.testing.pubsub_checks.PubSubChecker``, as messages are delivere
 ``SimOptions.pubsub``) and shared subscriptions (``meshq.testing.shared_checks.SharedChecker``)
 have their own modules.
 
+Dropped connections (runs with ``FaultOptions.disconnect_s``): a node told its connection to a
+peer dropped keeps no request it had pending there (``after_disconnect``).
+
 Liveness (after the faults stop): every joiner joined, a node asked to leave gone, every other
 node up, one metadata leader, every node agreeing on the voters and seeing every storage node alive,
 every partition of every topic where the ring over the final membership places it (voters ==
@@ -185,6 +188,16 @@ class Checker:
         self.liveness_started_s = now_s
 
     # ------------------------------------------------------------------ safety, after every event
+    def after_disconnect(self, node: Any, peer: str, waiting: list[int]) -> None:
+        """``node`` was told its connection to ``peer`` dropped while requests ``waiting`` were pending there: none
+        of them may still wait (a request or its answer lost with a connection would wait out its timeout)."""
+        pending = node.core.out.pending
+        still = [request_id for request_id in waiting if request_id in pending]
+        if still:
+            kinds = sorted({pending[request_id].type for request_id in still})
+            raise Violation(f"{node.node_id}: {len(still)} request(s) to {peer} ({', '.join(kinds)}) still wait after "
+                            "its connection dropped; they would wait out their timeout")
+
     def after_event(self, touched: Iterable[str] | None = None) -> None:
         """Check the nodes an event may have changed (``touched``: their ids; None: every node)."""
         sim = self.sim

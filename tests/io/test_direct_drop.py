@@ -126,8 +126,8 @@ def _drops_seen_once(context: zmq.Context, dealer_context: zmq.Context) -> None:
             time.sleep(0.01)
         assert not watch.dropped(), "a drop is reported once"
     finally:
+        watch.close()  # before its DEALER (meshq.io.dropwatch)
         dealer.close(0)
-        watch.close()
         router.close(0)
 
 

@@ -1,5 +1,7 @@
 """A produce whose connection dropped is answered soon after the link heals, not at its deadline (issue #19 item
-10; ``meshq.io.direct``: "A dropped connection sends again").
+10), on both paths: a calling thread's own DEALER (``meshq.io.direct``: "A dropped connection sends again") and
+the node's runtime (``produce_async``: the runtime's drop monitor tells the core ``PeerDisconnected``, which fails
+the requests pending on that peer as retriable, and the producer room sends the batch again).
 
 Two hosts: a one-node cluster in one, a client producing synchronously (``Node.produce``, acks=quorum, 5 s
 timeout, one call after another) in the other. The cut drops, in the bridge, only the packets to and from the
@@ -49,7 +51,10 @@ while True:
 while True:
     started = time.monotonic()
     try:
-        client.produce("t", b"x", partition=0, acks="quorum", timeout=float(sys.argv[4]))
+        if sys.argv[5] == "direct":  # the calling thread's own DEALER (meshq.io.direct)
+            client.produce("t", b"x", partition=0, acks="quorum", timeout=float(sys.argv[4]))
+        else:  # through the node's runtime (its producer room and DEALER)
+            client.produce_async("t", b"x", partition=0, acks="quorum", timeout=float(sys.argv[4])).result()
         print("ok", started, time.monotonic(), flush=True)
     except Exception as exc:
         print("error", started, time.monotonic(), type(exc).__name__, flush=True)
@@ -58,8 +63,9 @@ while True:
 """
 
 
+@pytest.mark.parametrize("path", ["direct", "runtime"])
 @pytest.mark.parametrize("lab", [{"hosts": 2}], indirect=True)
-def test_first_ack_soon_after_a_request_connection_drops(lab):
+def test_first_ack_soon_after_a_request_connection_drops(lab, path):
     assert HEARTBEAT_TIMEOUT_MS < CUT_S * 1000  # the cut outlasts the heartbeat timeout: connections are dropped
     client_host, node_host = lab.hosts
     node = lab.start_node(node_host)
@@ -67,7 +73,7 @@ def test_first_ack_soon_after_a_request_connection_drops(lab):
     log_path = f"{lab.root}/client.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(["ip", "netns", "exec", client_host.netns, sys.executable, "-c", CLIENT, lab.cluster,
-                             node.seed, client_host.address, str(CALL_TIMEOUT_S)],
+                             node.seed, client_host.address, str(CALL_TIMEOUT_S), path],
                             stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
                             env=child_env())
     try:

@@ -25,7 +25,8 @@ routed back by that key, goes to the thread instead of the client's core.
 Partitions cut links in both directions, between one side and every other node (clients
 included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
 non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
-was already in flight when it was cut.
+was already in flight when it was cut. With ``FaultOptions.disconnect_s`` a link cut that long
+also drops its connections: both ends get ``PeerDisconnected`` (``disconnect``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshq.core import batch as batch_format
 from meshq.core import wire
-from meshq.core.events import EventReceived, ReplyReceived, RequestReceived
+from meshq.core.events import EventReceived, PeerDisconnected, ReplyReceived, RequestReceived
 from meshq.errors import CorruptLogError, ProtocolError
 from meshq.testing.sim.options import CLUSTER
 
@@ -51,6 +52,8 @@ class Network:
         self.sim = sim
         self._by_endpoint: dict[str, str] = {}  # endpoint -> node id
         self._cut: set[frozenset[str]] = set()  # links that carry nothing, both ways
+        self._cuts = 0  # partitions made so far: a cut link remembers which one cut it (``disconnect``)
+        self._cut_by: dict[frozenset[str], int] = {}
         self._readers: dict[str, Callable[[str, wire.Message], None]] = {}  # own connection key -> its reader
         self._data_due: dict[tuple[str, str], float] = {}  # (source, target) -> when its last data arrives
 
@@ -203,15 +206,36 @@ class Network:
     def partition(self, side: set[str]) -> None:
         """Cut every link between a node in ``side`` and a node outside it."""
         everyone = sorted(self.sim.nodes)
+        self._cuts += 1
+        after_s = self.sim.options.faults.disconnect_s
         for a in everyone:
             for b in everyone:
                 if a < b and ((a in side) != (b in side)):
-                    self._cut.add(frozenset((a, b)))
+                    link = frozenset((a, b))
+                    if link not in self._cut and after_s:
+                        self._cut_by[link] = self._cuts
+                        self.sim.at(self.sim.now_s + after_s, "disconnect", (a, b, self._cuts))
+                    self._cut.add(link)
+
+    def disconnect(self, a: str, b: str, cut: int) -> None:
+        """The ``disconnect`` event: the link between ``a`` and ``b`` has been cut (by partition ``cut``, without a
+        heal since) for ``FaultOptions.disconnect_s``: their connections to each other drop, and each end is told
+        ``PeerDisconnected``, as the runtime's drop monitor tells its core."""
+        link = frozenset((a, b))
+        if link not in self._cut or self._cut_by.get(link) != cut:
+            return
+        for node_id, peer in ((a, b), (b, a)):
+            self.sim.stats["disconnects"] = self.sim.stats.get("disconnects", 0) + 1
+            if self.sim.record_trace:
+                self.sim.log(f"{node_id}: connection to {peer} dropped")
+            self.sim.feed(self.sim.nodes[node_id], PeerDisconnected(peer))
 
     def bridge(self, a: str, b: str) -> None:
         """Let the cut link between ``a`` and ``b`` carry messages again."""
         self._cut.discard(frozenset((a, b)))
+        self._cut_by.pop(frozenset((a, b)), None)
 
     def heal(self) -> None:
         """Every link carries messages again."""
         self._cut.clear()
+        self._cut_by.clear()

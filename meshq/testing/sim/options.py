@@ -39,6 +39,9 @@ class FaultOptions:
     # as a hostile or broken peer would send them; swarm never draws it (the pinned traces stay)
     corrupt: float = 0.0
     disk_full_rate: float = 0.0  # a node's disk fills (below its reserve, a few KB left) for down_s
+    # a link cut this long drops its connections: each end is told ``PeerDisconnected`` (as the runtime's monitor
+    # tells it after the heartbeat timeout); 0: never (swarm never draws it: the pinned traces stay)
+    disconnect_s: float = 0.0
     partial_writeback: float = 0.5  # at a power loss: chance that a prefix of the unsynced tail survives
     down_s: tuple[float, float] = (0.5, 4.0)
 

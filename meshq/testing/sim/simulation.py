@@ -47,6 +47,7 @@ from meshq.core.events import (
     Disconnect,
     Fail,
     LogsSynced,
+    PeerDisconnected,
     Publish,
     Reply,
     Resolve,
@@ -260,7 +261,12 @@ class Simulation:
             self.at(node.paused_until_s, "input", (node.node_id, node.incarnation, event))
             return
         self.touched.add(node.node_id)
-        effects = node.core.handle(event, self.now_s)
+        if type(event) is PeerDisconnected:
+            waiting = [rid for rid, request in node.core.out.pending.items() if request.peer == event.peer]
+            effects = node.core.handle(event, self.now_s)
+            self.checker.after_disconnect(node, event.peer, waiting)
+        else:
+            effects = node.core.handle(event, self.now_s)
         self._apply(node, effects)
         self._after_core(node)
 
@@ -488,6 +494,8 @@ class Simulation:
             self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
+        elif kind == "disconnect":
+            self.network.disconnect(*data)
         elif kind == "disk_free":
             self.fault_injector.free_disk(data)
         elif kind == "fault":
@@ -548,10 +556,13 @@ class Simulation:
             self.checker.start_liveness(self.now_s)
 
 
-def run_seed(seed: int, swarm: bool = True, **overrides: Any) -> SimResult:
-    """Run one seed (swarm-drawn options unless ``swarm=False``). Core logging is silenced."""
+def run_seed(seed: int, swarm: bool = True, faults: dict | None = None, **overrides: Any) -> SimResult:
+    """Run one seed (swarm-drawn options unless ``swarm=False``), with ``overrides`` of its ``SimOptions`` and
+    ``faults`` of its ``FaultOptions`` (e.g. ``{"disconnect_s": 1.0}``). Core logging is silenced."""
     logging.getLogger("meshq").setLevel(logging.CRITICAL)
     options = SimOptions.swarm(seed) if swarm else SimOptions(seed=seed)
+    if faults:
+        options = replace(options, faults=replace(options.faults, **faults))
     if overrides:
         options = replace(options, **overrides)
     return Simulation(options).run()

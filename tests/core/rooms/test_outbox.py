@@ -171,6 +171,15 @@ def test_a_silent_peer_fails_only_the_requests_waiting_on_it_with_a_retriable_er
     assert to_q.errors == [] and list(out.pending) == [2]
 
 
+def test_a_dropped_connection_fails_only_the_requests_waiting_on_that_peer(out):
+    to_p, to_q = ask(out, peer="p"), ask(out, peer="q")
+    out.fail_requests_to("p", "disconnected")
+    (error,) = to_p.errors
+    assert isinstance(error, NotLeaderError) and error.retriable
+    assert str(error) == "p dropped the connection (a request or its answer may be lost with it); status is retried"
+    assert to_q.errors == [] and list(out.pending) == [2]
+
+
 def test_fail_all_fails_every_pending_request_with_the_given_error(out):
     recorders = [ask(out, peer=p) for p in ("p", "q", "me")]
     stopped = TimeoutError("stopping")

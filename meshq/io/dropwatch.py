@@ -1,0 +1,82 @@
+"""Whether a DEALER's connection dropped: ``DropWatch``, a monitor of libzmq's ``EVENT_DISCONNECTED``.
+
+libzmq drops a connection that heard nothing for ``HEARTBEAT_TIMEOUT_MS`` (a lossy link whose TCP
+retransmissions back off, a short cut) or that the peer reset, and connects again by itself; a
+request already written on the old connection, or the answer coming back on it, is gone. Both
+places that wait for answers watch their DEALERs: a calling thread's direct produce
+(``meshq.io.direct``: it sends the same bytes again) and the runtime (``meshq.io.runtime``: it
+tells the core ``PeerDisconnected``, which fails the requests pending on that peer as retriable).
+
+Two rules keep a monitor from wedging the whole context. libzmq writes each event to the
+monitor's PAIR socket from its I/O thread with a *blocking* send, and that I/O thread serves
+every socket of the context (every node of the process on ``zmq.Context.instance()``):
+
+* the reading PAIR is connected with ``RCVHWM`` 0 (no limit), so events that nobody read for a
+  while (a thread producer that stays idle while its peer flaps) never fill the pipe;
+* ``close`` first stops the monitor (``zmq_socket_monitor(sock, NULL, 0)``, which takes the same
+  lock as an event being written, so no event is written after it returns) and only then closes
+  the reading PAIR: an event written to a PAIR whose peer is gone blocks forever. Callers close the
+  watch before the DEALER it watches.
+
+Each monitor gets an inproc endpoint name of its own (pyzmq's default names one after the
+socket's file descriptor, which a new socket may reuse before the old endpoint is gone).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import zmq
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_NAMES = itertools.count()
+
+
+class DropWatch:
+    """Whether a DEALER's connection dropped since the last look: a PAIR socket reading the
+    DEALER's ``EVENT_DISCONNECTED`` events, read without blocking through a plain socket even
+    when the DEALER is an asyncio one. Used by the DEALER's thread only."""
+
+    __slots__ = ("_sock", "monitor")
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        endpoint = f"inproc://meshq.dropwatch.{next(_NAMES)}"
+        sock.monitor(endpoint, _DISCONNECTED)
+        monitor = zmq.Socket(sock.context, zmq.PAIR)  # a plain socket, whatever the DEALER's class
+        try:
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.setsockopt(zmq.RCVHWM, 0)
+            monitor.connect(endpoint)
+        except zmq.ZMQError:
+            monitor.close(0)
+            sock.monitor(None, 0)
+            raise
+        self._sock = sock
+        self.monitor = monitor
+
+    def dropped(self) -> bool:
+        """True when a drop was reported since the last call (every pending event is read)."""
+        seen = False
+        monitor = self.monitor
+        try:
+            # (asked through ZMQ_EVENTS first: a recv that finds nothing costs a raised zmq.Again)
+            while monitor.getsockopt(_EVENTS) & _POLLIN:
+                frames = monitor.recv_multipart(_NOBLOCK)
+                seen = seen or (len(frames) == 2 and len(frames[0]) >= 2
+                                and int.from_bytes(frames[0][:2], "little") == _DISCONNECTED)
+        except zmq.ZMQError:  # closed (the node stops): nothing more to tell
+            pass
+        return seen
+
+    def close(self) -> None:
+        """Stop the monitor, then close the reading end (in that order: see the module docstring).
+        Call it before closing the watched DEALER."""
+        try:
+            if not self._sock.closed:
+                self._sock.monitor(None, 0)
+        except zmq.ZMQError:  # the DEALER is gone already: its monitor went with it
+            pass
+        self.monitor.close(0)
