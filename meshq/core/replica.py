@@ -383,9 +383,13 @@ class Replica:
         f = self.followers.get(preferred)
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
-        if f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2:
-            # A hand-off can fail (the preferred replica has not applied the configuration that
-            # made it preferred yet, or the message was lost): try again a while later.
+        # Only once the preferred replica said it knows this configuration (``cv``): before it has applied the
+        # change that made it preferred it ignores the hand-off, and the writes refused meanwhile (below) would
+        # wait the whole election timeout for nothing — the longest stalls a join cost producers.
+        if (f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2
+                and f.cv >= self.config_version):
+            # A hand-off can still fail (the message was lost, the preferred replica lost its
+            # campaign): try again a while later.
             self._next_transfer_s = now_s + 4 * self.election_timeout_s
             # Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader
             # that the preferred replica is about to depose. Resume if the hand-off fails.

@@ -126,6 +126,13 @@ class ClientMetadata(Room):
                 "leaders": [p["leader"] for p in meta["partitions"]],
             }
 
+    def note_leader(self, topic: str, partition: int, leader: str) -> None:
+        """A node told us who leads ``topic``/``partition`` (a ``not_leader`` hint): use it until the next
+        refresh. Nothing changes when the topic's metadata is not held (the next use asks afresh anyway)."""
+        meta = self.metadata.get(topic)
+        if meta is not None and 0 <= partition < len(meta["leaders"]):
+            meta["leaders"][partition] = leader
+
     def leader_of(self, topic: str, partition: int) -> str | None:
         meta = self.metadata.get(topic)
         if meta is None or partition >= len(meta["leaders"]):

@@ -10,7 +10,10 @@ sequence number, so a leader stores a retried batch once. At most
 ``max_in_flight_per_partition`` batches are in flight per partition, and never more than
 the leader's dedupe window (``PRODUCER_WINDOW``) past the oldest unsettled one, so a retry
 always falls inside it. A retriable failure (leader moved, silent, no majority) re-sends the
-same bytes after a metadata refresh until the batch's deadline; a batch that fails for good
+same bytes after a metadata refresh until the batch's deadline, except that a ``not_leader``
+answer naming the leader (a hand-off, a node that knows who leads) is followed at once: the
+batch goes to the named node ``HINT_RETRY_S`` later, without the refresh, at most
+``MAX_HINT_FOLLOWS`` times in a row; a batch that fails for good
 starts a new producer epoch and renumbers what was never sent (batches already sent under
 the old numbering have an unknown fate and fail too, as in Kafka's KIP-360). ``acks=none``
 batches use a separate, gap-tolerant producer id and are never retried.
@@ -43,6 +46,14 @@ from meshq.errors import (
     error_code,
 )
 
+# A not_leader answer that names the leader is followed without a metadata refresh (a partition's
+# leadership moved: a preferred-leader hand-off, a failover the answering node already knows of).
+# The wait is short but not zero: a hand-off names its target before the target leads, and it
+# answers not_leader too until it does. After MAX_HINT_FOLLOWS in a row the refresh path takes over
+# (two nodes naming each other, a hint that went stale).
+HINT_RETRY_S = 0.02
+MAX_HINT_FOLLOWS = 5
+
 
 @dataclass(slots=True)
 class OutBatch:
@@ -59,6 +70,7 @@ class OutBatch:
     data: bytes = b""
     attempts: int = 0
     settled: bool = False
+    hint_follows: int = 0  # not_leader hints followed in a row (see _follow_hint)
 
 
 @dataclass(slots=True)
@@ -275,6 +287,8 @@ class Producer(Room):
             if self.core.stopped:
                 self._fail_batch(out, error)
                 return
+            if self._follow_hint(out, pp, leader, error, self.core.now_s):
+                return
             if error.retriable:
                 # The leader may have moved (not_leader, silence, no majority): whatever happens
                 # to this batch, the next send to this topic asks for fresh metadata first.
@@ -291,6 +305,33 @@ class Producer(Room):
         timeout_s = max(0.001, min(self.config.request_timeout_s, out.deadline_s - now_s))
         self.out.request(leader, "produce", body, (out.data,), now_s, timeout_s, on_reply, on_error)
 
+    def _follow_hint(self, out: OutBatch, pp: ProducerPartition, sent_to: str, error: MeshqError,
+                     now_s: float) -> bool:
+        """A ``not_leader`` answer that names another node we can reach: note it as the partition's leader and
+        send the batch there ``HINT_RETRY_S`` later, without a metadata refresh (module docstring). False when
+        the answer names nobody usable, the batch has followed ``MAX_HINT_FOLLOWS`` hints in a row, its
+        deadline is too close or its epoch is stale: the caller takes the refresh path."""
+        hint = error.leader if isinstance(error, NotLeaderError) else None
+        if (hint is None or hint == sent_to or out.hint_follows >= MAX_HINT_FOLLOWS
+                or now_s + HINT_RETRY_S >= out.deadline_s
+                or (hint != self.node_id and hint not in self.out.peer_endpoints)
+                or batch_format.parse_header(out.data).producer_epoch != self.producer_epoch):
+            out.hint_follows = 0
+            return False
+        out.hint_follows += 1
+        self.core.client.note_leader(out.topic, out.partition, hint)
+        self._requeue(out, pp)
+        self.out.schedule(now_s + HINT_RETRY_S, "produce_retry", out)
+        return True
+
+    @staticmethod
+    def _requeue(out: OutBatch, pp: ProducerPartition) -> None:
+        """Put a batch that will be sent again back in its queue, ordered by sequence (the leader sees no gap)."""
+        position = 0
+        while position < len(pp.queue) and pp.queue[position].base_sequence < out.base_sequence:
+            position += 1
+        pp.queue.insert(position, out)
+
     def _retry_later(self, out: OutBatch, pp: ProducerPartition, error: MeshqError, now_s: float,
                      requeue: bool) -> None:
         """Retry a batch (same sequence numbers) after a metadata refresh, or fail it at its deadline."""
@@ -303,11 +344,7 @@ class Producer(Room):
             self._pump((out.topic, out.partition), now_s)
             return
         if requeue:
-            # keep the queue ordered by sequence so the leader sees no gap
-            position = 0
-            while position < len(pp.queue) and pp.queue[position].base_sequence < out.base_sequence:
-                position += 1
-            pp.queue.insert(position, out)
+            self._requeue(out, pp)
         self.core.client.forget(out.topic)
         self.out.schedule(now_s + METADATA_RETRY_S, "produce_retry", out)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from meshq.core import batch as batch_format
+from meshq.core import wire
 from meshq.core.client.metadata import METADATA_RETRY_S
+from meshq.core.client.producer import HINT_RETRY_S, MAX_HINT_FOLLOWS
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
+from meshq.core.events import ReplyReceived
 from meshq.errors import InvalidTopicError, MessageTooLargeError, NodeStoppedError, TimeoutError, UsageError
 from tests.core.harness import CoreHarness, pump
 from tests.core.rooms.conftest import sent_of
@@ -73,6 +76,55 @@ def test_a_batch_whose_answer_never_came_is_sent_again_with_the_same_bytes_after
     assert again[1].payloads == first[1].payloads
     pump(h, server)
     assert outcome.results == [("t", 1, 0)] and outcome.errors == []
+
+
+def _not_leader(h: CoreHarness, sent: tuple[str, wire.Message], hint: str | None) -> None:
+    """Answer one produce request ``h`` sent with ``not_leader``, naming ``hint`` as the leader."""
+    peer, message = sent
+    body = {"code": "not_leader", "message": "moved", "retriable": True, "leader": hint}
+    h.handle(ReplyReceived(peer, wire.Message("error", peer, message.request_id, body)))
+
+
+def test_a_not_leader_answer_naming_the_leader_is_followed_without_a_metadata_refresh(server):
+    h = remote_producer(server)
+    h.core.out.peer_endpoints["server2"] = "tcp://127.0.0.1:9002"  # a member the client reaches
+    outcome = h.produce("t", [b"x"], partition=1, timeout_s=10.0)
+    pump(h, server, rounds=1)  # metadata: server leads
+    (first,) = sent_of(h, "produce", clear=True)
+    assert first[0] == "server"
+    _not_leader(h, first, "server2")  # a hand-off: server names its successor
+    h.advance(HINT_RETRY_S)
+    (again,) = sent_of(h, "produce", clear=True)
+    assert again[0] == "server2" and again[1].payloads == first[1].payloads, "same bytes, to the named node"
+    assert sent_of(h, "metadata") == [], "no metadata refresh on the way"
+    assert outcome.results == [] and outcome.errors == []
+
+
+def test_a_hint_nobody_can_use_or_one_followed_too_often_takes_the_refresh_path(server):
+    h = remote_producer(server)
+    h.core.out.peer_endpoints["server2"] = "tcp://127.0.0.1:9002"
+    h.produce("t", [b"x"], partition=1, timeout_s=30.0)
+    pump(h, server, rounds=1)
+    sent = sent_of(h, "produce", clear=True)[0]
+    _not_leader(h, sent, "stranger")  # not a member we reach
+    h.advance(HINT_RETRY_S)
+    assert sent_of(h, "produce") == []
+    h.advance(METADATA_RETRY_S)
+    assert len(sent_of(h, "metadata")) == 1
+    pump(h, server, rounds=1)  # the refresh names server again; the batch goes there
+    followed = 0
+    targets = ["server2", "server"]
+    while True:  # two nodes that name each other
+        produced = sent_of(h, "produce", clear=True)
+        if not produced:
+            break
+        _not_leader(h, produced[0], targets[followed % 2])
+        followed += 1
+        h.advance(HINT_RETRY_S)
+        assert followed <= MAX_HINT_FOLLOWS + 1, "hints followed without end"
+    assert followed == MAX_HINT_FOLLOWS + 1
+    h.advance(METADATA_RETRY_S)
+    assert len(sent_of(h, "metadata")) == 1, "after MAX_HINT_FOLLOWS the refresh path takes over"
 
 
 def test_a_batch_that_fails_for_good_starts_a_new_epoch_and_renumbers_what_was_never_sent(server):
