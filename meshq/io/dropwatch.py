@@ -40,22 +40,25 @@ class DropWatch:
     DEALER's ``EVENT_DISCONNECTED`` events, read without blocking through a plain socket even
     when the DEALER is an asyncio one. Used by the DEALER's thread only."""
 
-    __slots__ = ("_sock", "monitor")
+    __slots__ = ("_sock", "_owner", "monitor")
 
     def __init__(self, sock: zmq.Socket) -> None:
         endpoint = f"inproc://meshq.dropwatch.{next(_NAMES)}"
         sock.monitor(endpoint, _DISCONNECTED)
-        monitor = zmq.Socket(sock.context, zmq.PAIR)  # a plain socket, whatever the DEALER's class
+        # of the DEALER's own context class (an asyncio one for an asyncio DEALER); read through a plain shadow.
+        # An inproc PAIR that only ever carries libzmq's own event messages, never a peer's frame.
+        owner = sock.context.socket(zmq.PAIR)
         try:
-            monitor.setsockopt(zmq.LINGER, 0)
-            monitor.setsockopt(zmq.RCVHWM, 0)
-            monitor.connect(endpoint)
+            owner.setsockopt(zmq.LINGER, 0)
+            owner.setsockopt(zmq.RCVHWM, 0)
+            owner.connect(endpoint)
         except zmq.ZMQError:
-            monitor.close(0)
+            owner.close(0)
             sock.monitor(None, 0)
             raise
         self._sock = sock
-        self.monitor = monitor
+        self._owner = owner
+        self.monitor = zmq.Socket.shadow(owner.underlying)
 
     def dropped(self) -> bool:
         """True when a drop was reported since the last call (every pending event is read)."""
@@ -79,4 +82,4 @@ class DropWatch:
                 self._sock.monitor(None, 0)
         except zmq.ZMQError:  # the DEALER is gone already: its monitor went with it
             pass
-        self.monitor.close(0)
+        self._owner.close(0)
