@@ -323,7 +323,12 @@ class Node:
     async def _settled(future: Future, timeout_s: float, what: str) -> Any:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            # Since Python 3.11 asyncio.TimeoutError is the builtin one, which meshq.TimeoutError also is: an error
+            # the operation itself raised (e.g. an rpc's "no reply ... may or may not have run") passes through
+            # with its own message; only the wait running out is reported as this wait's.
+            if isinstance(exc, MeshqError):
+                raise
             raise TimeoutError(f"{what} did not complete within {timeout_s:.1f} s") from None
 
 

@@ -402,3 +402,20 @@ def test_mdns_discovery_runs_on_the_event_loop_with_async_zeroconf(tmp_path):
         assert discovery._aiozc is None and discovery._stop.is_set()  # closed with the node
 
     asyncio.run(scenario())
+
+
+def test_an_operations_own_timeout_keeps_its_message_and_only_the_wait_running_out_says_so():
+    """meshq.TimeoutError is a builtin TimeoutError, which asyncio.TimeoutError is since Python 3.11: the
+    error an operation raised (an rpc's "no reply ... may or may not have run") must not be replaced by the
+    wait's own "did not complete within" message."""
+    from concurrent.futures import Future
+
+    async def main():
+        failed: Future = Future()
+        failed.set_exception(meshq.TimeoutError("no reply from service 'echo' in time; it may or may not have run"))
+        with pytest.raises(meshq.TimeoutError, match="may or may not have run"):
+            await meshq.aio.Node._settled(failed, 1.0, "request to 'echo'")
+        with pytest.raises(meshq.TimeoutError, match="did not complete within 0.1 s"):
+            await meshq.aio.Node._settled(Future(), 0.1, "request to 'echo'")
+
+    asyncio.run(main())
