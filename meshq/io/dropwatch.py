@@ -25,8 +25,11 @@ socket's file descriptor, which a new socket may reuse before the old endpoint i
 from __future__ import annotations
 
 import itertools
+import logging
 
 import zmq
+
+log = logging.getLogger("meshq.runtime")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
@@ -83,3 +86,42 @@ class DropWatch:
         except zmq.ZMQError:  # the DEALER is gone already: its monitor went with it
             pass
         self._owner.close(0)
+
+
+class DropWatches:
+    """The runtime's drop monitors: one ``DropWatch`` per peer DEALER, its reading end registered with the
+    runtime's poller. ``peer_of`` maps each reading end to its peer (the runtime looks ready sockets up there)."""
+
+    def __init__(self, poller: zmq.Poller) -> None:
+        self._poller = poller
+        self._by_peer: dict[str, DropWatch] = {}
+        self.peer_of: dict[zmq.Socket, str] = {}  # read only outside this class
+
+    def add(self, peer: str, sock: zmq.Socket) -> None:
+        """Watch ``peer``'s new DEALER ``sock``. A monitor that cannot be made is logged and left out: requests
+        on that connection still end at their timeout."""
+        try:
+            watch = DropWatch(sock)
+        except zmq.ZMQError as exc:
+            log.warning("cannot watch the connection to %s for drops: %s", peer, exc)
+            return
+        self._by_peer[peer] = watch
+        self.peer_of[watch.monitor] = peer
+        self._poller.register(watch.monitor, zmq.POLLIN)
+
+    def dropped(self, peer: str) -> bool:
+        """Whether ``peer``'s connection dropped since the last look (its monitor was readable)."""
+        watch = self._by_peer.get(peer)
+        return watch is not None and watch.dropped()
+
+    def close(self, peer: str) -> None:
+        """Stop watching ``peer``'s DEALER: call it before closing that DEALER."""
+        watch = self._by_peer.pop(peer, None)
+        if watch is not None:
+            self._poller.unregister(watch.monitor)
+            del self.peer_of[watch.monitor]
+            watch.close()
+
+    def close_all(self) -> None:
+        for peer in list(self._by_peer):
+            self.close(peer)

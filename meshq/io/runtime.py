@@ -63,7 +63,7 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.core.pubsub import frames as pubsub_frames
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
-from meshq.io.dropwatch import DropWatch
+from meshq.io.dropwatch import DropWatches
 from meshq.io.keyed_sub import KeyedSubs
 
 log = logging.getLogger("meshq.runtime")
@@ -123,8 +123,7 @@ class Runtime:
         self._dealers: dict[str, zmq.Socket] = {}
         self._socket_peer: dict[zmq.Socket, str] = {}
         # each peer DEALER's drop monitor (meshq.io.dropwatch): polled; a drop is fed to the core as PeerDisconnected
-        self._watches: dict[str, DropWatch] = {}
-        self._watch_peer: dict[zmq.Socket, str] = {}
+        self._drops: DropWatches | None = None  # made in _run, with the poller
         # A keyed node subscribes to each peer's PUB with a SUB socket of its own (pub/sub data's source is then
         # the key that socket's handshake verified, not the frame's claim): meshq.io.keyed_sub, made in _run.
         self._keyed_subs: KeyedSubs | None = None
@@ -297,6 +296,7 @@ class Runtime:
     def _run(self) -> None:
         poller = zmq.Poller()
         self._poller = poller
+        self._drops = DropWatches(poller)
         if self.curve is not None:
             self._keyed_subs = KeyedSubs(lambda: self.core.members, lambda: self._socket(zmq.SUB),
                                          self._own_data_prefix(),
@@ -358,6 +358,8 @@ class Runtime:
         core = self.core
         clock = self.clock
         socket_peer = self._socket_peer
+        assert self._drops is not None
+        watched = self._drops.peer_of  # a drop monitor's reading end -> its peer
         self._sync_keys: set = set()
         deadline: float | None = None
         deadline_known = False  # the core's next deadline, when nothing changed since it was asked
@@ -403,8 +405,8 @@ class Runtime:
                 peer = socket_peer.get(sock)
                 if peer is not None:
                     self._drain_dealer(sock, peer)
-                elif sock in self._watch_peer:
-                    self._on_drop_watch(self._watch_peer[sock])
+                elif sock in watched:
+                    self._on_drop_watch(watched[sock])
             if self.commands:
                 self._drain_commands()
             now = clock.now_s()
@@ -673,17 +675,14 @@ class Runtime:
         if sock is not None:
             self._poller.unregister(sock)
             self._socket_peer.pop(sock, None)
-            watch = self._watches.pop(peer, None)
-            if watch is not None:
-                self._poller.unregister(watch.monitor)
-                self._watch_peer.pop(watch.monitor, None)
-                watch.close()
+            assert self._drops is not None
+            self._drops.close(peer)  # before its DEALER (meshq.io.dropwatch)
             sock.close(0)
 
     def _on_drop_watch(self, peer: str) -> None:
         """The drop monitor of ``peer``'s DEALER is readable: a drop fails the requests pending on it (core)."""
-        watch = self._watches.get(peer)
-        if watch is not None and watch.dropped():
+        assert self._drops is not None
+        if self._drops.dropped(peer):
             log.info("connection to %s dropped; the requests waiting on it are retried", peer)
             self._handle_peer_input(PeerDisconnected(peer))
 
@@ -701,14 +700,8 @@ class Runtime:
         self._dealers[peer] = sock
         self._socket_peer[sock] = peer
         self._poller.register(sock, zmq.POLLIN)
-        try:
-            watch = DropWatch(sock)
-        except zmq.ZMQError as exc:  # (diagnostic help only: requests still end at their timeout)
-            log.warning("cannot watch the connection to %s for drops: %s", peer, exc)
-        else:
-            self._watches[peer] = watch
-            self._watch_peer[watch.monitor] = peer
-            self._poller.register(watch.monitor, zmq.POLLIN)
+        assert self._drops is not None
+        self._drops.add(peer, sock)
 
     def _close_sockets(self) -> None:
         if self._monitors:  # stop the handshake monitors before closing their PAIRs (see meshq.io.dropwatch)
@@ -721,10 +714,8 @@ class Runtime:
         for monitor in list(self._monitors):
             monitor.close(0)
         self._monitors.clear()
-        for watch in self._watches.values():
-            watch.close()
-        self._watches.clear()
-        self._watch_peer.clear()
+        if self._drops is not None:
+            self._drops.close_all()  # before the DEALERs
         for sock in list(self._dealers.values()):
             sock.close(0)
         self._dealers.clear()

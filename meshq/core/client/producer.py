@@ -287,13 +287,14 @@ class Producer(Room):
             if self.core.stopped:
                 self._fail_batch(out, error)
                 return
-            if self._follow_hint(out, pp, leader, error, self.core.now_s):
+            superseded = batch_format.parse_header(out.data).producer_epoch != self.producer_epoch
+            if not superseded and self._follow_hint(out, pp, leader, error, self.core.now_s):
                 return
             if error.retriable:
                 # The leader may have moved (not_leader, silence, no majority): whatever happens
                 # to this batch, the next send to this topic asks for fresh metadata first.
                 self.core.client.forget(out.topic)
-            if batch_format.parse_header(out.data).producer_epoch != self.producer_epoch:
+            if superseded:
                 # Superseded by a newer epoch: a retry would only be fenced. Its fate is unknown.
                 self._fail_batch(out, TimeoutError(
                     "the producer started a new epoch while this batch was unanswered; its fate is unknown "
@@ -309,13 +310,12 @@ class Producer(Room):
                      now_s: float) -> bool:
         """A ``not_leader`` answer that names another node we can reach: note it as the partition's leader and
         send the batch there ``HINT_RETRY_S`` later, without a metadata refresh (module docstring). False when
-        the answer names nobody usable, the batch has followed ``MAX_HINT_FOLLOWS`` hints in a row, its
-        deadline is too close or its epoch is stale: the caller takes the refresh path."""
+        the answer names nobody usable, the batch has followed ``MAX_HINT_FOLLOWS`` hints in a row or its
+        deadline is too close: the caller takes the refresh path (the caller checks the batch's epoch first)."""
         hint = error.leader if isinstance(error, NotLeaderError) else None
         if (hint is None or hint == sent_to or out.hint_follows >= MAX_HINT_FOLLOWS
                 or now_s + HINT_RETRY_S >= out.deadline_s
-                or (hint != self.node_id and hint not in self.out.peer_endpoints)
-                or batch_format.parse_header(out.data).producer_epoch != self.producer_epoch):
+                or (hint != self.node_id and hint not in self.out.peer_endpoints)):
             out.hint_follows = 0
             return False
         out.hint_follows += 1

@@ -139,7 +139,7 @@ class Formation(Room):
         know yet (it said hello, and a hello carries no summary) or that cannot form yet (its own seeds are
         silent) may be forming right now: it heard us unformed and is the lowest. Forming too would make two
         clusters, and once each is joined neither is trivial and they stay apart for good. Each such node is
-        waited for at most ``_defer_patience_s`` (its heartbeat tells its state within one interval), so a
+        waited for at most ``2 × max(bootstrap_wait_s, heartbeat_interval_s)`` (its heartbeat tells its state within one interval), so a
         lower node stuck on a silent seed holds nobody up for long; it joins us once its seeds answer."""
         members = self.core.mesh.members
         assert members is not None
@@ -149,15 +149,12 @@ class Formation(Room):
         for peer in list(self._deferred_since):
             if peer not in pending:
                 del self._deferred_since[peer]
-        patience_s = self._defer_patience_s()
+        patience_s = 2.0 * max(self.config.bootstrap_wait_s, self.config.heartbeat_interval_s)
         waiting = False
         for peer in pending:
             since = self._deferred_since.setdefault(peer, now_s)
             waiting = waiting or now_s - since < patience_s
         return waiting
-
-    def _defer_patience_s(self) -> float:
-        return 2.0 * max(self.config.bootstrap_wait_s, self.config.heartbeat_interval_s)
 
     def _join_candidates(self, formed_peers: list[str]) -> list[str]:
         """Whom a joiner may ask to admit it, best first: the leader it last followed, the leader

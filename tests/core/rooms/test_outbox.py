@@ -162,21 +162,16 @@ def test_connect_opens_a_dealer_only_for_a_new_endpoint_and_disconnect_only_an_o
     assert out.take() == [Disconnect("p")] and out.peer_endpoints == {}
 
 
-def test_a_silent_peer_fails_only_the_requests_waiting_on_it_with_a_retriable_error(out):
+@pytest.mark.parametrize(("state", "message"), [
+    ("dead", "p is dead (silent); status is retried elsewhere"),
+    ("disconnected", "p dropped the connection (a request or its answer may be lost with it); status is retried"),
+])
+def test_a_silent_or_dropped_peer_fails_only_the_requests_waiting_on_it_with_a_retriable_error(out, state, message):
     to_p, to_q = ask(out, peer="p"), ask(out, peer="q")
-    out.fail_requests_to("p", "dead")
+    out.fail_requests_to("p", state)
     (error,) = to_p.errors
     assert isinstance(error, NotLeaderError) and error.retriable
-    assert str(error) == "p is dead (silent); status is retried elsewhere"
-    assert to_q.errors == [] and list(out.pending) == [2]
-
-
-def test_a_dropped_connection_fails_only_the_requests_waiting_on_that_peer(out):
-    to_p, to_q = ask(out, peer="p"), ask(out, peer="q")
-    out.fail_requests_to("p", "disconnected")
-    (error,) = to_p.errors
-    assert isinstance(error, NotLeaderError) and error.retriable
-    assert str(error) == "p dropped the connection (a request or its answer may be lost with it); status is retried"
+    assert str(error) == message
     assert to_q.errors == [] and list(out.pending) == [2]
 
 
