@@ -92,6 +92,8 @@ def _collector(node: Any) -> Any:
                                       value=counters["records_fetched_bytes"])
             yield CounterMetricFamily("meshq_duplicate_records_dropped", "idempotent retries recognised",
                                       value=counters["duplicates_dropped"])
+            yield CounterMetricFamily("meshq_produces_parked", "produce requests held while their partition's "
+                                      "leadership moved", value=counters["produces_parked"])
             yield CounterMetricFamily("meshq_frames_invalid", "frames dropped as invalid",
                                       value=counters["frames_invalid"])
             invalid = core.invalid_frames()

@@ -128,6 +128,7 @@ class NodeCore:
             "batches_produced": 0,
             "records_fetched_bytes": 0,
             "duplicates_dropped": 0,
+            "produces_parked": 0,  # produces held while their partition's leadership moved (PartitionServer)
         }
         # invalid frames by peer (see note_invalid_frame): bounded, a hostile host cannot grow it
         self.invalid_by_peer: dict[str, int] = {}

@@ -51,6 +51,15 @@ class AckWaiter:
 
 
 @dataclass(slots=True)
+class ParkedProduce:
+    """A produce held while leadership of its partition moves (``meshq.core.partitions.server``)."""
+
+    route: Any
+    message: Any  # the wire.Message, served again once the move resolves
+    deadline_s: float
+
+
+@dataclass(slots=True)
 class ParkedFetch:
     route: Any
     request_id: int
@@ -67,6 +76,7 @@ class PartitionState:
         self.log = log
         self.producers: dict[int, ProducerEntry] = {}
         self.parked_fetches: list[ParkedFetch] = []
+        self.parked_produces: list[ParkedProduce] = []
         self.waiters: list[AckWaiter] = []
         # The replication state (meshq.core.replica.Replica), attached by its constructor: it owns
         # the leader epoch and the high watermark.

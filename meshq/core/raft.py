@@ -545,10 +545,15 @@ class RaftNode:
         stale = sorted(peer for peer, since in self.learner_since_s.items()
                        if now_s - since > after_s and peer not in self.caught_up_learners())
         for peer in stale:
-            self.learners.pop(peer, None)
-            self.learner_since_s.pop(peer, None)
-            self.progress.pop(peer, None)
+            self.drop_learner(peer)
         return stale
+
+    def drop_learner(self, node_id: str) -> None:
+        """Stop replicating to learner ``node_id`` (it is never made a voter); nothing if it is none."""
+        if node_id in self.learners:
+            del self.learners[node_id]
+            self.learner_since_s.pop(node_id, None)
+            self.progress.pop(node_id, None)
 
 
 _HANDLERS: dict[str, Callable[[RaftNode, str, dict, float], None]] = {

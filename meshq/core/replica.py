@@ -183,6 +183,11 @@ class Replica:
         return self.role == LEADER and now_s < self._transfer_until_s
 
     @property
+    def transfer_until_s(self) -> float:
+        """Leader: the end of the current hand-off's write pause (in the past when none is under way)."""
+        return self._transfer_until_s
+
+    @property
     def last_epoch(self) -> int:
         return self.history.last_epoch
 

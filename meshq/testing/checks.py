@@ -229,7 +229,7 @@ class Checker:
             for key, state in core.partitions.items():
                 high_watermark = state.high_watermark
                 seen_state, seen = marks.get(key, (state, 0))
-                if seen_state is state and high_watermark < seen and not self._power_window():
+                if seen_state is state and high_watermark < seen and not self.power_window():
                     # (within the power-loss window of fsync != always a replica that kept records a
                     # majority lost with power gives them up and follows the newer leader's history)
                     raise Violation(f"{node_id}: high watermark of {key[0]}/{key[1]} went back from "
@@ -312,7 +312,7 @@ class Checker:
             # epoch than theirs may still win late, with votes granted long ago: it is stale, and
             # learns so from the first answer).
             needed = max((end for epoch, end in by_epoch.items() if epoch < replica.epoch), default=0)
-            if (replica.log.end_offset < needed and not self._power_window()
+            if (replica.log.end_offset < needed and not self.power_window()
                     and not (topic == TOPIC_NAME and partition in self.damaged_partitions)):
                 raise Violation(f"{node_id} leads {topic}/{partition} in epoch {replica.epoch} with a log ending at "
                                 f"{replica.log.end_offset}, but earlier epochs committed offsets up to {needed} "
@@ -342,7 +342,7 @@ class Checker:
                     break
                 entry = (header.next_offset, header.leader_epoch, header.crc)
                 before = known.get(header.base_offset)
-                if before is not None and before != entry and not self._power_window():
+                if before is not None and before != entry and not self.power_window():
                     raise Violation(f"{node_id}: committed batch of {topic}/{partition} at {header.base_offset} "
                                     f"changed from (end, epoch, crc) {before} to {entry}")
                 known[header.base_offset] = entry
@@ -353,7 +353,7 @@ class Checker:
         """No majority of the leader's voters, nor of the newest agreed voters, can elect a leader
         without the leader's high watermark: the voters whose copy falls short of it (a voter
         without a copy cannot vote) are fewer than a majority."""
-        if self._power_window() or (topic == TOPIC_NAME and partition in self.damaged_partitions):
+        if self.power_window() or (topic == TOPIC_NAME and partition in self.damaged_partitions):
             return  # unsynced or damaged copies may legitimately fall short
         high_watermark = replica.high_watermark
         configurations = [list(replica.replicas)]
@@ -379,7 +379,7 @@ class Checker:
         disk = node.storage._disks.get(key)  # the simulated disk: what survives until the restart
         return disk.segments[-1].end_offset if disk is not None and disk.segments else None
 
-    def _power_window(self) -> bool:
+    def power_window(self) -> bool:
         """True when a power loss may have taken back acknowledged data (fsync != always)."""
         return bool(self.power_losses) and self.sim.options.fsync != "always"
 

@@ -51,7 +51,7 @@ class SharedChecker:
         if count > self.max_deliveries:
             raise Violation(f"{where} handed out for the {count}th time; max_deliveries is {self.max_deliveries}")
         acked = self.confirmed.get((partition, offset))
-        if acked is not None and count > acked and not self.sim.checker._power_window():
+        if acked is not None and count > acked and not self.sim.checker.power_window():
             raise Violation(f"{where} handed out again (delivery {count}) after an ack of delivery {acked} "
                             f"was confirmed")
         if deliver_at_ms > self._clock_bound_ms(wall_ms):
@@ -67,7 +67,7 @@ class SharedChecker:
                rejected_on_purpose: set[str]) -> None:
         """``jobs``: acknowledged produces, name -> (partition, offset); ``answered``: what members acked."""
         sim = self.sim
-        if sim.checker._power_window():
+        if sim.checker.power_window():
             return
         dead: dict[bytes, str] = {}
         for node in sim.nodes.values():

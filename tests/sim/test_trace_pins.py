@@ -14,7 +14,9 @@ a power loss took from the majority, and when a heartbeat that no longer lists a
 began to withdraw the leader hint naming its sender, which changes what non-replica nodes
 answer to metadata requests and so where clients route, and when producers began to follow
 ``not_leader`` hints without a metadata refresh and leaders began to hand over to their
-preferred replica only once it knows the configuration that made it preferred):
+preferred replica only once it knows the configuration that made it preferred, and when a
+produce reaching a partition's replica while its leadership moves began to wait there for the
+outcome and producers to follow the first hint at once):
 
     python -c "from meshq.testing.sim import run_seed; print(run_seed(SEED).trace_digest)"
 """
@@ -27,11 +29,11 @@ from meshq.testing.sim import run_seed
 
 # seed -> trace digest. Seeds 0-7 and the first CI seeds with a join, a `meshq leave` and an outage.
 PINS = {
-    0: "b8d2eb3c921103d4", 1: "31b7d77b2c4b98b0", 2: "c7fe4c72a47d6517", 3: "4d08240339c33071",
-    4: "2e9478adc3fd92ba", 5: "3d9d522a88caca20", 6: "8e6961bcf7d05ebc", 7: "9d79991b36818d2f",
-    8: "c62cda6b826b2d5a", 12: "1eface0218044897", 15: "1d8647d5bab6fa56", 16: "418169fcb4c22ef7",
-    20: "2061d8413191967e", 21: "5959ee77ad5e2456", 22: "af58b9753172a336", 25: "8e65dc58d24d871f",
-    29: "e6cf7c9039c8e420", 37: "b647bd494750c687", 38: "a5f54db59eae249e", 45: "e792a3087a18521e",
+    0: "68d9553ce84fb3ec", 1: "82c2f158759c3d96", 2: "4270da8dd362818f", 3: "d9f96fde70a5fad8",
+    4: "a2a0c568e08f7fa8", 5: "11b4d3a526cb3ce0", 6: "7beaf9962b2e73a1", 7: "9d79991b36818d2f",
+    8: "0ea0545d282781ae", 12: "7666d366b7a92693", 15: "bd3e1fecb1a0c75f", 16: "de0347fc040c9537",
+    20: "2061d8413191967e", 21: "7bda88fc61847151", 22: "af58b9753172a336", 25: "7649af2761230896",
+    29: "e6cf7c9039c8e420", 37: "e8a5ed37025a6bdd", 38: "a5f54db59eae249e", 45: "19d5d99f29557033",
 }
 
 

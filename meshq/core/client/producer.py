@@ -12,8 +12,8 @@ the leader's dedupe window (``PRODUCER_WINDOW``) past the oldest unsettled one, 
 always falls inside it. A retriable failure (leader moved, silent, no majority) re-sends the
 same bytes after a metadata refresh until the batch's deadline, except that a ``not_leader``
 answer naming the leader (a hand-off, a node that knows who leads) is followed at once: the
-batch goes to the named node ``HINT_RETRY_S`` later, without the refresh, at most
-``MAX_HINT_FOLLOWS`` times in a row; a batch that fails for good
+batch goes to the named node without the refresh (the first time at once, then
+``HINT_RETRY_S`` later), at most ``MAX_HINT_FOLLOWS`` times in a row; a batch that fails for good
 starts a new producer epoch and renumbers what was never sent (batches already sent under
 the old numbering have an unknown fate and fail too, as in Kafka's KIP-360). ``acks=none``
 batches use a separate, gap-tolerant producer id and are never retried.
@@ -48,9 +48,10 @@ from meshq.errors import (
 
 # A not_leader answer that names the leader is followed without a metadata refresh (a partition's
 # leadership moved: a preferred-leader hand-off, a failover the answering node already knows of).
-# The wait is short but not zero: a hand-off names its target before the target leads, and it
-# answers not_leader too until it does. After MAX_HINT_FOLLOWS in a row the refresh path takes over
-# (two nodes naming each other, a hint that went stale).
+# The first follow goes at once: a node answers so only once it knows who leads (a produce that
+# reaches a partition's replica while its leadership moves waits there for the outcome). Later
+# ones wait HINT_RETRY_S: two nodes naming each other (views not yet agreed) settle meanwhile.
+# After MAX_HINT_FOLLOWS in a row the refresh path takes over (a hint that went stale).
 HINT_RETRY_S = 0.02
 MAX_HINT_FOLLOWS = 5
 
@@ -309,9 +310,10 @@ class Producer(Room):
     def _follow_hint(self, out: OutBatch, pp: ProducerPartition, sent_to: str, error: MeshqError,
                      now_s: float) -> bool:
         """A ``not_leader`` answer that names another node we can reach: note it as the partition's leader and
-        send the batch there ``HINT_RETRY_S`` later, without a metadata refresh (module docstring). False when
-        the answer names nobody usable, the batch has followed ``MAX_HINT_FOLLOWS`` hints in a row or its
-        deadline is too close: the caller takes the refresh path (the caller checks the batch's epoch first)."""
+        send the batch there (at once the first time, then ``HINT_RETRY_S`` later), without a metadata refresh
+        (module docstring). False when the answer names nobody usable, the batch has followed
+        ``MAX_HINT_FOLLOWS`` hints in a row or its deadline is too close: the caller takes the refresh path
+        (the caller checks the batch's epoch first)."""
         hint = error.leader if isinstance(error, NotLeaderError) else None
         if (hint is None or hint == sent_to or out.hint_follows >= MAX_HINT_FOLLOWS
                 or now_s + HINT_RETRY_S >= out.deadline_s
@@ -321,7 +323,7 @@ class Producer(Room):
         out.hint_follows += 1
         self.core.client.note_leader(out.topic, out.partition, hint)
         self._requeue(out, pp)
-        self.out.schedule(now_s + HINT_RETRY_S, "produce_retry", out)
+        self.out.schedule(now_s + (0.0 if out.hint_follows == 1 else HINT_RETRY_S), "produce_retry", out)
         return True
 
     @staticmethod

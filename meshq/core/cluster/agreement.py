@@ -145,6 +145,10 @@ class Agreement(Room):
             self._join_queue[info["node_id"]] = info
         self.admit_next(now_s)
 
+    def forget_joiner(self, node_id: str) -> None:
+        """Leader: ``node_id`` (not a voter) has left: drop the join it asked for, if it waits to be admitted."""
+        self._join_queue.pop(node_id, None)
+
     def admit_next(self, now_s: float) -> None:
         """Leader: joiners become learners at once; a caught-up learner becomes a voter.
 

@@ -56,6 +56,10 @@ class Leave(Room):
         raft = self.core.agreement.raft
         assert raft is not None and raft.role == LEADER
         if node_id not in raft.voters:
+            # Gone, or back after its removal (a restart asks to join as a new start) and then told to leave
+            # again: it is not admitted, else it would become a voter of a membership it has left.
+            raft.drop_learner(node_id)
+            self.core.agreement.forget_joiner(node_id)
             return {"state": "left", "assigned": 0}
         if not self.mark_leaving(node_id, now_s):
             raise NotLeaderError("the metadata group is busy with a membership change; retry")

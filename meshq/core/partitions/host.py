@@ -235,6 +235,10 @@ class PartitionHost(Room):
             self.out.reply_error(fetch.route, fetch.request_id, NotLeaderError(
                 f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata"))
         state.parked_fetches = []
+        for held in state.parked_produces:
+            self.out.reply_error(held.route, held.message.request_id, NotLeaderError(
+                f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata", leader=state.replica.leader))
+        state.parked_produces = []
         state.log.close()
         self.core.storage.delete_log(*key)
         self.core.storage.write_meta(persisted_name(*key), {})

@@ -10,6 +10,15 @@ id and sequence, appended, and answered once its records reach the requested ``a
 at their deadline). A ``fetch`` returns only records below the high watermark; one at the
 end waits (``ParkedFetch``, at most ``MAX_PARKED_FETCHES`` per partition) until data arrives
 or ``max_wait_ms`` passes.
+
+While leadership of a partition moves, a produce waits where it arrived rather than bouncing
+(``ParkedProduce``, at most ``MAX_PARKED_PRODUCES`` per partition, in arrival order): at a
+leader handing leadership over (its writes are paused, ``Replica.handing_off``) until the
+pause ends, and at a voter that knows no leader (an election is under way, or it just stepped
+down) for at most one election timeout. Once the move resolves each is served again as it
+came, or, if another node now leads, answered ``not_leader`` naming it, which a producer
+follows at once. Without this the answer named a node that did not lead yet, and a producer
+paused and asked again: a join's preferred-leader hand-offs cost producers 20–35 ms each.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from meshq.core import wire
 from meshq.core.events import SyncLogs
 from meshq.core.latency import LatencyHistogram
 from meshq.core.metadata import describe_rebuild
-from meshq.core.partition import AckWaiter, ParkedFetch, PartitionState
+from meshq.core.partition import AckWaiter, ParkedFetch, ParkedProduce, PartitionState
 from meshq.core.room import Room
 from meshq.errors import (
     MeshqError,
@@ -36,6 +45,7 @@ from meshq.errors import (
 )
 
 MAX_PARKED_FETCHES = 1024  # per partition; more long polls are answered at once (empty)
+MAX_PARKED_PRODUCES = 1024  # per partition; more produces during a leadership move are refused (not_leader)
 MAX_FETCH_WAIT_MS = 30_000
 EARLIEST = -2
 LATEST = -1
@@ -45,7 +55,7 @@ class PartitionServer(Room):
     """Requests served by a partition's leader (see the module docstring)."""
 
     SERVES = {"produce": "serve_produce", "fetch": "serve_fetch", "list_offsets": "serve_list_offsets"}
-    TIMERS = {"acks": "expire_waiters", "fetch": "expire_parked"}
+    TIMERS = {"acks": "expire_waiters", "fetch": "expire_parked", "produce": "release_produces"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,9 +63,14 @@ class PartitionServer(Room):
         self.produce_latency = {acks: LatencyHistogram() for acks in ("leader", "quorum", "all")}
 
     def serve_produce(self, route: Any, message: wire.Message, now_s: float) -> None:
+        self._produce(route, message, now_s, may_park=True)
+
+    def _produce(self, route: Any, message: wire.Message, now_s: float, may_park: bool) -> None:
         body = message.body
         refuse_reserved_topic(body["topic"])  # before any state is looked at or changed
         self.core.access.check("produce", body["topic"])
+        if may_park and self._park(route, message, now_s):
+            return
         state = self.leader_state(body["topic"], body["partition"])
         self.check_lease(state, now_s)
         data = message.payloads[0]
@@ -113,7 +128,8 @@ class PartitionServer(Room):
             if not replica.is_leader:
                 waiter.callback(NotLeaderError(
                     f"{self.node_id} stopped leading {state.topic}/{state.partition} before the records reached "
-                    f"acks={waiter.acks}; retry (the idempotent producer does not store them twice)"))
+                    f"acks={waiter.acks}; retry (the idempotent producer does not store them twice)",
+                    leader=replica.leader))
             elif replica.reached(waiter.acks, waiter.needed, now_s):
                 waiter.callback(None)
             elif waiter.deadline_s <= now_s:
@@ -140,6 +156,63 @@ class PartitionServer(Room):
             self.out.schedule(deadline, "fetch", state.key)
             return
         self._answer_fetch(state, route, message.request_id, body)
+
+    # ------------------------------------------------------------------ produces held during a leadership move
+    def _park_until(self, state: PartitionState, now_s: float) -> float | None:
+        """Until when a produce arriving now waits at this replica of ``state`` (module docstring); None: no wait."""
+        replica = state.replica
+        if replica.is_leader:
+            return replica.transfer_until_s if replica.handing_off(now_s) else None
+        if replica.leader is None and self.node_id in replica.replicas:
+            return now_s + replica.election_timeout_s
+        return None
+
+    def _park(self, route: Any, message: wire.Message, now_s: float) -> bool:
+        """Hold a produce while its partition's leadership moves (module docstring): True if it is held."""
+        state = self.core.host.get((message.body["topic"], message.body["partition"]))
+        if state is None:
+            return False
+        if state.parked_produces:
+            self._release_produces(state, now_s)  # those whose wait is over first: arrival order is kept
+        until = self._park_until(state, now_s)
+        if (until is None and not state.parked_produces) or len(state.parked_produces) >= MAX_PARKED_PRODUCES:
+            return False
+        if until is None:  # (still behind earlier ones that wait: a later batch must not overtake them)
+            until = state.parked_produces[-1].deadline_s
+        state.parked_produces.append(ParkedProduce(route, message, until))
+        self.core.counters["produces_parked"] += 1
+        self.out.schedule(until, "produce", state.key)
+        return True
+
+    def _release_produces(self, state: PartitionState, now_s: float) -> None:
+        """Serve or redirect the held produces whose wait is over, oldest first; the rest wait on."""
+        replica = state.replica
+        parked = state.parked_produces
+        state.parked_produces = []
+        for index, held in enumerate(parked):
+            if replica.is_leader and not replica.handing_off(now_s):
+                self._serve_held(held, now_s)
+            elif not replica.is_leader and replica.leader is not None:
+                self.out.reply_error(held.route, held.message.request_id, NotLeaderError(
+                    f"leadership of {state.topic}/{state.partition} moved from {self.node_id} to {replica.leader}; "
+                    f"retry there", leader=replica.leader))
+            elif held.deadline_s <= now_s:
+                self._serve_held(held, now_s)  # (answers not_leader, or not_enough_replicas, as fits)
+            else:
+                state.parked_produces = parked[index:]
+                return
+
+    def _serve_held(self, held: ParkedProduce, now_s: float) -> None:
+        try:
+            self._produce(held.route, held.message, now_s, may_park=False)
+        except MeshqError as exc:
+            self.out.reply_error(held.route, held.message.request_id, exc)
+
+    def release_produces(self, key: tuple[str, int], now_s: float) -> None:
+        """The ``produce`` timer of partition ``key``: a held produce's wait is over."""
+        state = self.core.host.get(key)
+        if state is not None and state.parked_produces:
+            self._release_produces(state, now_s)
 
     def check_lease(self, state: PartitionState, now_s: float) -> None:
         """Refuse (before any state change) a write this leader cannot vouch for.
@@ -206,6 +279,8 @@ class PartitionServer(Room):
     def on_replica_change(self, state: PartitionState) -> None:
         """Leadership or the high watermark of ``state`` changed: answer who waits on it."""
         self.check_waiters(state, self.core.now_s)
+        if state.parked_produces:
+            self._release_produces(state, self.core.now_s)
         if state.parked_fetches:
             replica = state.replica
             high_watermark = state.high_watermark

@@ -88,3 +88,16 @@ def test_a_node_let_go_before_it_applied_its_last_drop_steps_deletes_its_leftove
     net.run_until(lambda: leaving.core.leave.has_left, within_s=10.0)
     assert leaving.core.partitions == {}
     assert not set(kept) & set(leaving.storage.logs())
+
+
+def test_a_node_that_asks_to_join_again_and_is_then_told_to_leave_is_not_made_a_voter():
+    # (a left node restarted: a restart asks to join as a new start; its leave is then asked again)
+    net, leaving = draining_cluster()
+    leader = net["n1"]
+    net.run_until(lambda: leaving.core.leave.has_left, within_s=10.0)
+    leader.request("raft_join", {"member": leaving.core.mesh.self_info()}, request_id=0)
+    assert "n3" in leader.core.raft.learners
+    assert leader.core.leave.state_of("n3", net.clock.now_s) == {"state": "left", "assigned": 0}
+    assert "n3" not in leader.core.raft.learners
+    net.run(3.0)
+    assert sorted(leader.core.raft.voters) == ["n1", "n2"]

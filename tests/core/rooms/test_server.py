@@ -8,7 +8,16 @@ from meshq.core import batch as batch_format
 from meshq.core.cluster.agreement import OFFSETS_TOPIC
 from meshq.core.partitions.server import MAX_PARKED_FETCHES
 from tests.core.harness import CoreHarness
-from tests.core.rooms.conftest import Net, answers, batch, create_topic, error_of, produce_body, records_of
+from tests.core.rooms.conftest import (
+    Net,
+    answers,
+    batch,
+    create_topic,
+    error_of,
+    fire_due_timers,
+    produce_body,
+    records_of,
+)
 
 
 def fetch_body(offset: int, max_wait_ms: int = 0, topic: str = "t", partition: int = 0) -> dict:
@@ -203,3 +212,64 @@ def test_a_produce_to_the_internal_offsets_topic_is_refused_and_stores_nothing()
     reply = h.request("produce", produce_body(OFFSETS_TOPIC, 0), (batch([b"junk"]),))
     assert reply.type == "error", reply
     assert h.core.partitions[(OFFSETS_TOPIC, 0)].log.end_offset == 0
+
+
+def _hand_over(net: Net, leader: CoreHarness, follower: CoreHarness):
+    """Make ``follower`` the preferred replica of t/0 on both nodes and run until the leader starts handing
+    leadership over: its ``repl_timeout_now`` then waits undelivered in ``leader.sent``."""
+    a, b = leader.core.node_id, follower.core.node_id
+    for h in (leader, follower):
+        replica = h.core.partitions[("t", 0)].replica
+        replica.set_config([b, a], [], replica.config_version + 1, net.clock.now_s)
+    replica = leader.core.partitions[("t", 0)].replica
+    start = net.clock.now_s
+    while True:
+        assert net.clock.now_s - start < 10.0 and replica.is_leader, "no hand-off"
+        net.clock.now_s += 0.05
+        fire_due_timers(leader)
+        if replica.handing_off(net.clock.now_s):
+            return replica
+        fire_due_timers(follower)
+        net.pump()
+
+
+def test_a_produce_reaching_a_leader_that_hands_over_waits_and_is_sent_on_to_the_new_leader():
+    net, leader, follower = replicated_pair()
+    _hand_over(net, leader, follower)
+    end = leader.core.partitions[("t", 0)].log.end_offset
+    assert leader.request("produce", produce_body(acks="quorum"), (batch([b"a"]),)) is None, "held, not refused"
+    assert leader.core.counters["produces_parked"] == 1
+    net.pump()  # the hand-off: the follower campaigns, wins, and its first append deposes the old leader
+    assert follower.core.partitions[("t", 0)].replica.is_leader
+    reply = answers(leader)[77]
+    assert error_of(reply) == ("not_leader", f"leadership of t/0 moved from {leader.core.node_id} to "
+                                             f"{follower.core.node_id}; retry there")
+    assert reply.body["leader"] == follower.core.node_id
+    assert leader.core.partitions[("t", 0)].log.end_offset == end, "nothing stored by the deposed leader"
+
+
+def test_a_produce_held_while_a_hand_off_fails_is_served_once_the_write_pause_ends():
+    net, leader, follower = replicated_pair()
+    replica = _hand_over(net, leader, follower)
+    leader.sent.clear()  # the repl_timeout_now is lost: the hand-off fails
+    assert leader.request("produce", produce_body(acks="leader"), (batch([b"a"]),)) is None
+    assert leader.request("produce", produce_body(acks="leader"), (batch([b"b"], base_sequence=1),),
+                          request_id=78) is None
+    net.run(replica.transfer_until_s - net.clock.now_s + 0.05)
+    got = answers(leader)
+    assert [got[77].body["base_offset"], got[78].body["base_offset"]] == [0, 1], "served in arrival order"
+    assert records_of(leader, "t", 0) == [b"a", b"b"]
+
+
+def test_a_voter_that_knows_no_leader_holds_a_produce_for_at_most_an_election_timeout():
+    net, leader, follower = replicated_pair()
+    net.cut(leader.core.node_id)
+    replica = follower.core.partitions[("t", 0)].replica
+    net.run_until(lambda: replica.leader is None, within_s=5.0)  # it campaigns (and cannot win alone)
+    assert follower.request("produce", produce_body(), (batch([b"a"]),)) is None
+    net.run(replica.election_timeout_s - 0.1)
+    assert answers(follower) == {}
+    net.run(0.15)
+    code, message = error_of(answers(follower)[77])
+    assert code == "not_leader" and message.startswith(f"{follower.core.node_id} does not lead t/0"), message
+    assert follower.core.partitions[("t", 0)].log.end_offset == 0
