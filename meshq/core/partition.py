@@ -57,6 +57,7 @@ class ParkedProduce:
     route: Any
     message: Any  # the wire.Message, served again once the move resolves
     deadline_s: float
+    caller: str | None  # who sent it (meshq.core.acl): its permissions are checked again when it is served
 
 
 @dataclass(slots=True)

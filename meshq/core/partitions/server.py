@@ -179,7 +179,7 @@ class PartitionServer(Room):
             return False
         if until is None:  # (still behind earlier ones that wait: a later batch must not overtake them)
             until = state.parked_produces[-1].deadline_s
-        state.parked_produces.append(ParkedProduce(route, message, until))
+        state.parked_produces.append(ParkedProduce(route, message, until, self.core.caller))
         self.core.counters["produces_parked"] += 1
         self.out.schedule(until, "produce", state.key)
         return True
@@ -203,10 +203,14 @@ class PartitionServer(Room):
                 return
 
     def _serve_held(self, held: ParkedProduce, now_s: float) -> None:
+        core = self.core
+        caller, core.caller = core.caller, held.caller  # (a timer, or another peer's message, led here)
         try:
             self._produce(held.route, held.message, now_s, may_park=False)
         except MeshqError as exc:
             self.out.reply_error(held.route, held.message.request_id, exc)
+        finally:
+            core.caller = caller
 
     def release_produces(self, key: tuple[str, int], now_s: float) -> None:
         """The ``produce`` timer of partition ``key``: a held produce's wait is over."""
