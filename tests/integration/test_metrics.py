@@ -87,7 +87,7 @@ def test_scrape_shows_latency_histograms_of_what_the_node_did(tmp_path):
     # the gauges and counters the operations page lists
     for name in ("meshq_records_produced", "meshq_fetched_bytes", "meshq_log_bytes",
                  "meshq_under_replicated_partitions", "meshq_frames_invalid", "meshq_pubsub_dropped",
-                 "meshq_access_refused"):
+                 "meshq_access_refused", "meshq_produces_parked"):
         assert name in families, name
 
 
