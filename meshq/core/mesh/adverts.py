@@ -167,6 +167,16 @@ class Adverts(Room):
         """``node_id`` is dead, forgotten or gone: drop what it offered."""
         self._forget(node_id)
 
+    def liveness_changed(self, node_id: str) -> None:
+        """``node_id`` became alive or suspect: ``of`` shows its values only while it is alive, so whoever
+        watches a kind it offers looks again (a call parked for an offer that arrived while its node was
+        still joining would otherwise wait out its deadline)."""
+        known = self.remote.get(node_id)
+        if known is not None:
+            for kind in sorted(known.adverts):
+                for callback in self._watchers.get(kind, ()):
+                    callback(node_id)
+
     def _absorb(self, sender: str, incarnation: int, version: int, adverts: dict[str, Any]) -> None:
         known = self.remote.get(sender)
         if known is not None and (known.incarnation, known.version) >= (incarnation, version):

@@ -89,6 +89,8 @@ class Mesh(Room):
                 log.info("member %s is %s", node_id, state)
                 if state in ("suspect", "dead"):
                     self.out.fail_requests_to(node_id, state)
+                if state == "suspect":
+                    self.core.adverts.liveness_changed(node_id)
         self.fall_back_to_seeds(now_s)
 
     def say_goodbye(self) -> None:
@@ -110,6 +112,7 @@ class Mesh(Room):
     def hear(self, sender: str, now_s: float) -> None:
         if self.members is not None and self.members.heard_id(sender, now_s):
             log.info("member %s is alive", sender)
+            self.core.adverts.liveness_changed(sender)
 
     def learn(self, info: dict, now_s: float) -> None:
         """Know of a node (discovery, gossip, hello): connect to it if it is new."""
@@ -241,6 +244,7 @@ class Mesh(Room):
             self._link(learned)
         if changed:
             log.info("member %s is alive", info["node_id"])
+            self.core.adverts.liveness_changed(info["node_id"])
         if summary is None:
             return True
         self.core.formation.note_summary(info["node_id"], info["role"], summary)

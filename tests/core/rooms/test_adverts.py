@@ -61,8 +61,12 @@ def test_a_silent_node_is_left_out_while_suspect_and_its_map_dropped_once_dead()
     net.run(failure_timeout_s / 2 + 0.3)
     assert net["n1"].core.adverts.of("services") == {}
     assert net["n1"].core.adverts.of("services", include_suspect=True) == {"n3": {"rpc": {}}}
+    assert watched == ["n3"], "its watchers are told when what `of` shows changes: at suspect..."
     net.run(failure_timeout_s / 2 + 0.3)
-    assert "n3" not in net["n1"].core.adverts.remote and watched == ["n3"]
+    assert "n3" not in net["n1"].core.adverts.remote and watched == ["n3", "n3"], "... and when it is dropped"
+    net.heal("n3")
+    net.run_until(lambda: "n3" in net["n1"].core.adverts.of("services"), within_s=5.0)
+    assert watched[2:] and set(watched) == {"n3"}, "and when it is back"
 
 
 def test_a_restarted_node_with_nothing_to_offer_replaces_what_its_last_life_offered():

@@ -16,7 +16,7 @@ from meshq.errors import (
     TimeoutError,
     UsageError,
 )
-from tests.core.rooms.conftest import Net
+from tests.core.rooms.conftest import Net, flush
 
 
 def serve(net: Net, node_id: str, service: str = "echo", **options) -> None:
@@ -266,3 +266,22 @@ def test_a_fresh_node_whose_timeout_ends_in_the_grace_says_no_responders_not_tim
     assert token not in net["n2"].failed  # waiting for the peers' adverts
     net.run(0.3)
     assert isinstance(net["n2"].failed[token], NoRespondersError)
+
+
+def test_a_call_parked_while_its_instance_was_still_joining_is_sent_once_that_node_is_alive():
+    # The offer arrived while the caller knew its node only second-hand ("joining"): an offer counts only from a
+    # live node, so the call parked; it must go out when the node turns alive, not wait for its deadline.
+    net = Net("n1", "n2")
+    net["n1"].command(ServeService("echo"))
+    net.introduce()
+    net.pump()  # hellos, then n1's adverts reach n2
+    assert net["n2"].core.adverts.knows("n1")
+    net["n2"].core.mesh.members.members["n1"].state = "joining"  # as when only gossip had named n1 so far
+    token = ask(net, "n2", timeout_s=1.0)
+    assert token not in net["n2"].failed and not net["n1"].jobs, "parked: no live instance yet"
+    net["n2"].core.mesh.hear("n1", net.clock.now_s)  # n1 speaks to n2 itself
+    flush(net["n2"])
+    net.pump()
+    assert net["n1"].jobs, "sent as soon as its instance is alive"
+    finish(net, "n1")
+    assert net["n2"].resolved[token] == b"hi"
