@@ -551,7 +551,7 @@ class Rpc(Room):
             if offers is None:
                 offers = self._offers[call.service] = self.instances(call.service)
         if now_s >= call.deadline_s:
-            if call.attempts == 0 and not offers:  # never sent: waited for adverts that never named it
+            if call.attempts == 0:  # never sent: waited for adverts (docs/guarantees.md: nothing was sent)
                 self._fail(call, self.explain(call.service, NoRespondersError(
                     f"no live instance of {call.service!r} became known within the timeout: start one "
                     "(node.serve / meshq serve) or check the service name and the cluster name")), "no_responders")

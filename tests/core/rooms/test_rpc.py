@@ -16,7 +16,7 @@ from meshq.errors import (
     TimeoutError,
     UsageError,
 )
-from tests.core.rooms.conftest import Net, flush
+from tests.core.rooms.conftest import Net, fire_due_timers, flush
 
 
 def serve(net: Net, node_id: str, service: str = "echo", **options) -> None:
@@ -285,3 +285,19 @@ def test_a_call_parked_while_its_instance_was_still_joining_is_sent_once_that_no
     assert net["n1"].jobs, "sent as soon as its instance is alive"
     finish(net, "n1")
     assert net["n2"].resolved[token] == b"hi"
+
+
+def test_a_call_never_sent_before_its_deadline_says_no_responders_even_if_an_offer_is_visible_by_then():
+    net = Net("n1", "n2")
+    net["n1"].command(ServeService("echo"))
+    net.introduce()
+    net.pump()
+    member = net["n2"].core.mesh.members.members["n1"]
+    member.state = "joining"
+    token = ask(net, "n2", timeout_s=0.5)
+    member.state = "alive"  # (without telling anyone: only its deadline wakes the call)
+    net["n2"].clock.now_s += 0.5
+    fire_due_timers(net["n2"])
+    error = net["n2"].failed[token]
+    assert isinstance(error, NoRespondersError) and "within the timeout" in str(error), error
+    assert not net["n1"].jobs
