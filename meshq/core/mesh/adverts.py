@@ -173,9 +173,7 @@ class Adverts(Room):
         still joining would otherwise wait out its deadline)."""
         known = self.remote.get(node_id)
         if known is not None:
-            for kind in sorted(known.adverts):
-                for callback in self._watchers.get(kind, ()):
-                    callback(node_id)
+            self._notify(node_id, {}, known.adverts)
 
     def _absorb(self, sender: str, incarnation: int, version: int, adverts: dict[str, Any]) -> None:
         known = self.remote.get(sender)

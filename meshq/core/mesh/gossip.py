@@ -111,8 +111,12 @@ class Mesh(Room):
 
     def hear(self, sender: str, now_s: float) -> None:
         if self.members is not None and self.members.heard_id(sender, now_s):
-            log.info("member %s is alive", sender)
-            self.core.adverts.liveness_changed(sender)
+            self._now_alive(sender)
+
+    def _now_alive(self, node_id: str) -> None:
+        """``node_id`` turned alive: what it offers counts again (``Adverts.of`` shows live nodes only)."""
+        log.info("member %s is alive", node_id)
+        self.core.adverts.liveness_changed(node_id)
 
     def learn(self, info: dict, now_s: float) -> None:
         """Know of a node (discovery, gossip, hello): connect to it if it is new."""
@@ -243,8 +247,7 @@ class Mesh(Room):
         if learned is not None:
             self._link(learned)
         if changed:
-            log.info("member %s is alive", info["node_id"])
-            self.core.adverts.liveness_changed(info["node_id"])
+            self._now_alive(info["node_id"])
         if summary is None:
             return True
         self.core.formation.note_summary(info["node_id"], info["role"], summary)

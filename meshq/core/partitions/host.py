@@ -31,7 +31,7 @@ from meshq.core.partition import PartitionState
 from meshq.core.replica import MAX_APPEND_BYTES, Replica, persisted_name
 from meshq.core.room import Room
 from meshq.core.throttle import CopyThrottle
-from meshq.errors import MeshqError, NotLeaderError, ProtocolError
+from meshq.errors import MeshqError, ProtocolError
 
 log = logging.getLogger("meshq.core")
 
@@ -231,14 +231,7 @@ class PartitionHost(Room):
             self.core.shared.on_leadership(key, False)
         self._leading.discard(key)
         self._dirty_logs.discard(key)
-        for fetch in state.parked_fetches:
-            self.out.reply_error(fetch.route, fetch.request_id, NotLeaderError(
-                f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata"))
-        state.parked_fetches = []
-        for held in state.parked_produces:
-            self.out.reply_error(held.route, held.message.request_id, NotLeaderError(
-                f"{key[0]}/{key[1]} moved away from {self.node_id}; refresh metadata", leader=state.replica.leader))
-        state.parked_produces = []
+        self.core.server.abandon_parked(state)
         state.log.close()
         self.core.storage.delete_log(*key)
         self.core.storage.write_meta(persisted_name(*key), {})

@@ -69,9 +69,11 @@ class PartitionServer(Room):
         body = message.body
         refuse_reserved_topic(body["topic"])  # before any state is looked at or changed
         self.core.access.check("produce", body["topic"])
-        if may_park and self._park(route, message, now_s):
+        state = self.core.host.get((body["topic"], body["partition"]))
+        if may_park and state is not None and self._park(state, route, message, now_s):
             return
-        state = self.leader_state(body["topic"], body["partition"])
+        if state is None or not state.replica.is_leader:
+            state = self.leader_state(body["topic"], body["partition"])  # (raises: not the leader here)
         self.check_lease(state, now_s)
         data = message.payloads[0]
         header = batch_format.verify_batch(data, self.config.batch_max_bytes * 2)
@@ -167,11 +169,8 @@ class PartitionServer(Room):
             return now_s + replica.election_timeout_s
         return None
 
-    def _park(self, route: Any, message: wire.Message, now_s: float) -> bool:
-        """Hold a produce while its partition's leadership moves (module docstring): True if it is held."""
-        state = self.core.host.get((message.body["topic"], message.body["partition"]))
-        if state is None:
-            return False
+    def _park(self, state: PartitionState, route: Any, message: wire.Message, now_s: float) -> bool:
+        """Hold a produce for the replica ``state`` while its leadership moves (module docstring): True if held."""
         if state.parked_produces:
             self._release_produces(state, now_s)  # those whose wait is over first: arrival order is kept
         until = self._park_until(state, now_s)
@@ -211,6 +210,16 @@ class PartitionServer(Room):
             self.out.reply_error(held.route, held.message.request_id, exc)
         finally:
             core.caller = caller
+
+    def abandon_parked(self, state: PartitionState) -> None:
+        """The copy of ``state`` here is deleted (it moved away): answer everything parked on it."""
+        where = f"{state.topic}/{state.partition} moved away from {self.node_id}; refresh metadata"
+        for fetch in state.parked_fetches:
+            self.out.reply_error(fetch.route, fetch.request_id, NotLeaderError(where))
+        state.parked_fetches = []
+        for held in state.parked_produces:
+            self.out.reply_error(held.route, held.message.request_id, NotLeaderError(where, leader=state.replica.leader))
+        state.parked_produces = []
 
     def release_produces(self, key: tuple[str, int], now_s: float) -> None:
         """The ``produce`` timer of partition ``key``: a held produce's wait is over."""
