@@ -51,6 +51,9 @@ class FollowerProgress:
     last_send_s: float = float("-inf")
     last_contact_s: float = float("-inf")
     cv: int = -1  # the highest configuration version the follower said it knows
+    probe_s: float = float("-inf")  # when an append to it last carried our clock (a round-trip probe)
+    peer_ts: float = -1.0  # the follower's clock from its last answer, to echo in our next append; -1: none
+    peer_ts_at: float = 0.0  # ... and when that answer came (the echo says how long we held it)
 
     def answered(self, cv: int, now_s: float) -> None:
         """An answer to one of our appends arrived (accepted or not)."""

@@ -103,7 +103,8 @@ class Replica:
                  on_change: Callable[[], None], on_follower_append: Callable[[], None],
                  wall_clock_ms: Callable[[], int], *, election_timeout_s: float, heartbeat_interval_s: float,
                  replica_lag_s: float, fsync_always: bool, learners: list[str] | None = None,
-                 config_version: int = 0, space: Any = None, copy_throttle: Any = None) -> None:
+                 config_version: int = 0, space: Any = None, copy_throttle: Any = None,
+                 latency: Any = None) -> None:
         self.node_id = node_id
         self.state = state  # PartitionState: log, producer table, parked fetches, waiters
         self.log = state.log
@@ -134,6 +135,7 @@ class Replica:
         self.fsync_always = fsync_always
         self._space = space  # refuses new batches while the storage is full (``partitions.space``)
         self._copy_throttle = copy_throttle  # the node's budget for copies to catching-up replicas (``throttle``)
+        self._latency = latency  # the node's round trips to its peers (``partitions.latency``); None: not measured
         self.epoch: int = int(persisted.get("epoch", 0))
         self.voted_for: str | None = persisted.get("voted_for")
         self.history = EpochHistory.reconcile(persisted.get("history", []), self.log.end_offset, state.batch_epochs)
@@ -155,6 +157,8 @@ class Replica:
         self._pending_ack: tuple[str, int, int] | None = None
         self._next_transfer_s = float("-inf")  # leader: no new hand-off attempt before this
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
+        self._transfer_to: str | None = None  # leader: hand over to it once it holds the whole log (writes paused)
+        self._next_step_aside_s = float("-inf")  # follower: no new request that a slow leader step aside before this
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
@@ -388,19 +392,50 @@ class Replica:
         f = self.followers.get(preferred)
         if f is None or now_s - self.leader_since_s < 2 * self.election_timeout_s:
             return
+        if self._preferred_is_slow(preferred, now_s):
+            return  # it would be a slow leader (``partitions.latency``): not until its link is fast again
         # Only once the preferred replica said it knows this configuration (``cv``): before it has applied the
         # change that made it preferred it ignores the hand-off, and the writes refused meanwhile (below) would
         # wait the whole election timeout for nothing — the longest stalls a join cost producers.
         if (f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2
                 and f.cv >= self.config_version):
-            # A hand-off can still fail (the message was lost, the preferred replica lost its
-            # campaign): try again a while later.
-            self._next_transfer_s = now_s + 4 * self.election_timeout_s
-            # Raft's leadership transfer: stop taking writes, so none is acknowledged by a leader
-            # that the preferred replica is about to depose. Resume if the hand-off fails.
-            self._transfer_until_s = now_s + self.election_timeout_s
-            log.info("%s/%d: handing leadership to the preferred replica %s", self.topic, self.partition, preferred)
-            self._send(preferred, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
+            self._hand_over(preferred, now_s, "the preferred replica")
+
+    def _preferred_is_slow(self, preferred: str, now_s: float) -> bool:
+        return self._latency is not None and self._latency.slow(preferred, now_s)
+
+    def _hand_over(self, successor: str, now_s: float, why: str) -> None:
+        """Raft's leadership transfer to ``successor``, a voter in sync: at once if it holds the whole log,
+        else as soon as it does (writes are paused meanwhile, so it catches up within a round trip)."""
+        # A hand-off can still fail (the message was lost, the successor lost its campaign): try
+        # again a while later.
+        self._next_transfer_s = now_s + 4 * self.election_timeout_s
+        # Stop taking writes, so none is acknowledged by a leader that the successor is about to
+        # depose. Resume if the hand-off fails (or the successor does not catch up in time).
+        self._transfer_until_s = now_s + self.election_timeout_s
+        log.info("%s/%d: handing leadership to %s %s", self.topic, self.partition, why, successor)
+        self._transfer_to = successor
+        self._maybe_send_timeout_now(successor, now_s)
+
+    def _maybe_send_timeout_now(self, peer: str, now_s: float) -> None:
+        f = self.followers.get(peer)
+        if (self._transfer_to == peer and now_s < self._transfer_until_s and f is not None
+                and f.match_end == self.log.end_offset):
+            self._transfer_to = None
+            self._send(peer, "repl_timeout_now", self._key_body(epoch=self.epoch, cv=self.config_version), ())
+
+    def _on_step_aside(self, sender: str, body: dict, now_s: float) -> None:
+        """A follower finds us slow (``partitions.latency``): hand leadership to it if it is in sync, knows our
+        configuration, and our own round trips to it agree that the link is slow."""
+        if (self.role != LEADER or body["epoch"] != self.epoch or sender not in self.replicas
+                or sender == self.node_id or now_s < self._transfer_until_s or self._latency is None):
+            return
+        f = self.followers.get(sender)
+        if (f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version
+                or not self._latency.link_slow(sender, now_s)):
+            return
+        rtt = self._latency.rtt(sender, now_s)
+        self._hand_over(sender, now_s, f"(our round trip to it is {rtt * 1000:.0f} ms: it finds this leader slow)")
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -469,6 +504,8 @@ class Replica:
             self._on_vote(sender, body, now_s)
         elif type_ == "repl_vote_ok":
             self._on_vote_ok(sender, body, now_s)
+        elif type_ == "repl_step_aside":
+            self._on_step_aside(sender, body, now_s)
         elif type_ == "repl_timeout_now":
             if (body["epoch"] == self.epoch and self.role == FOLLOWER and self.leader == sender
                     and self.node_id in self.replicas and body["cv"] == self.config_version):
@@ -548,11 +585,16 @@ class Replica:
 
     def _on_append(self, sender: str, body: dict, data: bytes, now_s: float) -> None:
         epoch, leader = body["epoch"], body["leader"]
+        probe = body.get("ts", -1.0)  # the leader's clock, echoed in our answer (a round-trip probe); -1: none
+        latency = self._latency
+        echo = body.get("echo", -1.0)
+        if echo >= 0 and latency is not None:  # our clock from an earlier answer: a round trip
+            latency.note(sender, now_s - echo - body.get("held", 0.0), now_s)
         if (epoch < self.epoch or leader != sender or sender not in self.replicas
                 or body["cv"] < self.config_version):
             # Not our leader: a stale epoch, or a leader still using an older configuration (it
             # learns the newer version from this answer and cannot count it).
-            self._reply_append(sender, False, -1, self.log.end_offset)
+            self._reply_append(sender, False, -1, self.log.end_offset, probe, now_s)
             return
         if epoch == self.epoch and self.role == LEADER:
             self._log_limited("two_leaders", logging.ERROR, "%s/%d: two leaders in epoch %d (%s and %s)",
@@ -566,6 +608,14 @@ class Replica:
             self._on_change()
         self.last_leader_contact_s = now_s
         self._reset_election_timer(now_s)
+        if (echo >= 0 and latency is not None and now_s >= self._next_step_aside_s
+                and self.node_id in self.replicas and latency.slow(leader, now_s)):
+            # Our leader is far slower than our other peers: ask it to hand leadership to us.
+            self._next_step_aside_s = now_s + 4 * self.election_timeout_s
+            self._log_limited("step_aside", logging.WARNING, "%s/%d: the leader %s is slow (round trip %.0f ms, far "
+                              "above our other peers'); asking it to step aside", self.topic, self.partition,
+                              leader, (latency.rtt(leader, now_s) or 0.0) * 1000)
+            self._send(leader, "repl_step_aside", self._key_body(epoch=self.epoch, cv=self.config_version), ())
         prev = body["prev_offset"]
         end = self.log.end_offset
         if prev >= end and prev + 1 == body["log_start"] > end:
@@ -579,13 +629,13 @@ class Replica:
             self._persist()
             end = self.log.end_offset
         if prev >= end:
-            self._reply_append(sender, False, -1, end)
+            self._reply_append(sender, False, -1, end, probe, now_s)
             return
         if prev >= self.log.start_offset and self.epoch_at(prev) != body["prev_epoch"]:
             # (with fsync != always our high watermark may stand past the divergence point: see _truncate)
             floor = self.high_watermark if self.fsync_always else self.log.start_offset
             hint = max(self.history.run_start(prev), floor, self.log.start_offset)
-            self._reply_append(sender, False, -1, min(hint, prev))
+            self._reply_append(sender, False, -1, min(hint, prev), probe, now_s)
             return
         matched_end = prev + 1
         history_changed = False
@@ -630,7 +680,7 @@ class Replica:
                 self._persist()
             if appended:
                 self._on_follower_append()
-            self._reply_append(sender, False, -1, self.log.end_offset)
+            self._reply_append(sender, False, -1, self.log.end_offset, probe, now_s)
             return
         if self.last_epoch < epoch and matched_end >= body["epoch_start"]:
             # Our log equals the leader's up to where its epoch begins: anything we hold past that
@@ -657,12 +707,17 @@ class Replica:
             self._pending_ack = (sender, epoch, verified)
             self._request_sync()
             matched_end = min(matched_end, self.log.synced_offset)
-        self._reply_append(sender, True, matched_end, self.log.end_offset)
+        self._reply_append(sender, True, matched_end, self.log.end_offset, probe, now_s)
 
-    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int) -> None:
-        self._send(leader, "repl_append_ok", self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok,
-                                                            match_end=match_end, hint=max(0, hint),
-                                                            cv=self.config_version), ())
+    def _reply_append(self, leader: str, ok: bool, match_end: int, hint: int, probe: float = -1.0,
+                      now_s: float = 0.0) -> None:
+        body = self._key_body(epoch=self.epoch, follower=self.node_id, ok=ok, match_end=match_end, hint=max(0, hint),
+                              cv=self.config_version)
+        if probe >= 0:
+            # echo the leader's clock (its round trip), and give ours (echoed back: our round trip)
+            body["echo"] = probe
+            body["ts"] = now_s
+        self._send(leader, "repl_append_ok", body, ())
 
     def on_synced(self, now_s: float) -> None:
         """The log was synced: a leader may commit more, a follower may confirm more."""
@@ -691,10 +746,18 @@ class Replica:
         if f is None or body["cv"] > self.config_version:
             return  # a follower that knows a newer configuration does not count for this one
         f.answered(body["cv"], now_s)
+        if self._latency is not None:
+            echo, ts = body.get("echo", -1.0), body.get("ts", -1.0)
+            if echo >= 0:  # our clock from a probe: a round trip
+                self._latency.note(sender, now_s - echo, now_s)
+            if ts >= 0:  # the follower's clock, to echo in our next append to it
+                f.peer_ts, f.peer_ts_at = ts, now_s
         resend = True
         if body["ok"]:
             f.matched(body["match_end"], self.log.end_offset)
             self._advance_high_watermark()
+            if self._transfer_to == sender:
+                self._maybe_send_timeout_now(sender, now_s)
         else:
             # Resend at once only on progress; otherwise the next heartbeat retries (no ping-pong
             # with a follower that cannot take what we send).
@@ -754,6 +817,15 @@ class Replica:
                                   prev_epoch=self.epoch_at(prev) if prev >= 0 else 0, hw=self.high_watermark,
                                   epoch_start=self.epoch_start, cv=self.config_version,
                                   log_start=self.log.start_offset)
+            if self._latency is not None:
+                if now_s - f.probe_s >= self.heartbeat_interval_s:  # at most one probe per heartbeat interval
+                    f.probe_s = now_s
+                    body["ts"] = now_s
+                if f.peer_ts >= 0:
+                    held = now_s - f.peer_ts_at
+                    if held <= self.election_timeout_s:  # (one held longer may be from before the follower restarted)
+                        body["echo"], body["held"] = f.peer_ts, held
+                    f.peer_ts = -1.0
             self._send(peer, "repl_append", body, (data,) if data else ())
             f.next_offset = next_offset
             f.in_flight += 1

@@ -60,6 +60,8 @@ class Status(Room):
             throttle = core.host.copy_throttle
             status["copy"] = {"rate_mb_per_s": self.config.copy_rate_mb_per_s, "bytes_sent": throttle.bytes_sent,
                               "waits": throttle.waits}
+            # round trips to the peers its replicas talk to, and which of them counts as slow (partitions.latency)
+            status["peer_rtt"] = core.host.latency.status(core.now_s)
         raft = core.agreement.raft
         if raft is not None:
             meta = core.agreement.meta
@@ -164,6 +166,9 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     # frames each node dropped as invalid, with the peers that sent them (a node's own count)
     merged["invalid_frames"] = {node_id: reports[node_id]["invalid_frames"] for node_id in sorted(reports)
                                 if "invalid_frames" in reports[node_id]}
+    # each node's round trips to its peers (``partitions.latency``): a slow node stands out in every other row
+    merged["peer_rtt"] = {node_id: reports[node_id]["peer_rtt"] for node_id in sorted(reports)
+                          if "peer_rtt" in reports[node_id]}
     merged["answered_by"] = sorted(reports)
     # Each storage node says whether its storage is full; a member that did not answer: unknown (None).
     merged["members"] = [

@@ -279,6 +279,7 @@ def _lead(value: Any, path: str) -> list:
 
 # ``cv``: the sender's configuration version of the partition (replica set changes, metadata.py)
 _REPL = {"topic": NAME, "partition": PARTITION, "epoch": EPOCH, "cv": Int(0, (1 << 31) - 1)}
+_CLOCK = Default(Float(-1.0, 1e18), -1.0)  # a sender's own monotonic clock, s
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,11 +338,14 @@ SCHEMAS: dict[str, Schema] = {
     "repl_vote": Schema(Struct(**_REPL, candidate=NODE, last_epoch=EPOCH, end_offset=Int(0, 1 << 62),
                                pre_vote=Bool())),
     "repl_vote_ok": Schema(Struct(**_REPL, voter=NODE, granted=Bool(), pre_vote=Bool(), for_epoch=EPOCH)),
+    # ts / echo / held: round-trip probes (meshq.core.partitions.latency); -1 (absent): none in this message
     "repl_append": Schema(Struct(**_REPL, leader=NODE, prev_offset=Int(-1, 1 << 62), prev_epoch=EPOCH,
-                                 hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62), log_start=Int(0, 1 << 62)), 0, 1),
+                                 hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62), log_start=Int(0, 1 << 62),
+                                 ts=_CLOCK, echo=_CLOCK, held=Default(Float(0.0, 1e9), 0.0)), 0, 1),
     "repl_append_ok": Schema(Struct(**_REPL, follower=NODE, ok=Bool(), match_end=Int(-1, 1 << 62),
-                                    hint=Int(0, 1 << 62))),
+                                    hint=Int(0, 1 << 62), ts=_CLOCK, echo=_CLOCK)),
     "repl_timeout_now": Schema(Struct(**_REPL)),
+    "repl_step_aside": Schema(Struct(**_REPL)),
     "raft_join": Schema(Struct(member=MEMBER_INFO)),
     "raft_propose": Schema(Struct(command=Bytes(1 << 20))),
     "raft_propose_ok": Schema(Struct(index=Int(0, 1 << 62))),

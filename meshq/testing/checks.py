@@ -485,6 +485,27 @@ class Checker:
                         f"copy after repair")
         return None
 
+    def led_by(self, node_id: str) -> int:
+        """How many replicated partitions (more than one voter) ``node_id`` leads now."""
+        core = self.sim.nodes[node_id].core
+        if core is None:
+            return 0
+        return sum(1 for state in core.partitions.values()
+                   if state.replica is not None and state.replica.is_leader and len(state.replica.replicas) > 1)
+
+    def after_slow(self, node_id: str, slow: tuple) -> None:
+        """The end of ``SimOptions.slow``: a node far slower than its replicas for that long leads nothing
+        (``meshq.core.partitions.latency``: its followers ask it to step aside, and it is never handed back)."""
+        _node, start, end, extra = slow
+        options = self.sim.options
+        if options.faults.any or options.joins_s or options.leave or options.outage:
+            return  # other faults may leave it the only leader possible: the safety checkers still run
+        led = self.led_by(node_id)
+        if led:
+            raise Violation(f"slow leader: {node_id} still leads {led} replicated partition(s) after {end - start:.0f} s "
+                            f"with {extra * 1000:.0f} ms more per message than its peers; a leader far slower than "
+                            "its replicas must hand leadership over")
+
     def _most_complete(self, topic: str, partition: int) -> Any:
         """The replica whose log would win an election now (a leadership hand-off may be under way)."""
         best = None

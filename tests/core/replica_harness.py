@@ -37,6 +37,7 @@ class Msg:
     payloads: tuple
     seq: int
     sent_s: float
+    due_s: float = float("-inf")  # not delivered before this (``Cluster.link_delay``)
 
     def first_base_offset(self) -> int | None:
         """Base offset of the first batch a repl_append carries (None for a heartbeat)."""
@@ -55,6 +56,7 @@ class Node:
     fsync_always: bool
     timing: dict
     cluster: Cluster
+    latency: Any = None  # the node's round-trip table (meshq.core.partitions.latency), shared by its replicas
     storage: MemoryStorage = field(default_factory=MemoryStorage)
     saved: dict | None = None
     save_count: int = 0
@@ -93,7 +95,7 @@ class Node:
             self.node_id, state, self.replicas, copy.deepcopy(self.saved), self.rng,
             send=send, save=self._save, request_sync=self._request_sync,
             on_change=self._on_change, on_follower_append=self._on_follower_append,
-            wall_clock_ms=lambda: WALL_MS, fsync_always=self.fsync_always, **self.timing,
+            wall_clock_ms=lambda: WALL_MS, fsync_always=self.fsync_always, latency=self.latency, **self.timing,
         )
         self.replica = replica
 
@@ -150,7 +152,8 @@ class Cluster:
     """N replicas of partition (TOPIC, PARTITION) and the network between them."""
 
     def __init__(self, ids: Iterable[str] = ("a", "b", "c"), *, replicas: list[str] | None = None, seed: int = 1,
-                 fsync_always: bool = False, start: bool = True, **timing: Any) -> None:
+                 fsync_always: bool = False, start: bool = True, latency: Callable[[], Any] | None = None,
+                 **timing: Any) -> None:
         self.ids = list(ids)
         self.replica_ids = list(replicas) if replicas is not None else list(self.ids)
         self.timing = {**TIMING, **timing}
@@ -166,10 +169,12 @@ class Cluster:
         self.send_hooks: list[Callable[[Msg], None]] = []
         self.duplicate = 0.0  # probability of delivering a message twice
         self.reorder = False  # deliver queued messages in random order
+        self.link_delay: dict[tuple[str, str], float] = {}  # directed link -> its one-way delay, s (0 unless set)
         self._seq = 0
         self.nodes: dict[str, Node] = {}
         for i, node_id in enumerate(self.ids):
-            self.nodes[node_id] = Node(node_id, self.replica_ids, seed * 1000 + i, fsync_always, self.timing, self)
+            self.nodes[node_id] = Node(node_id, self.replica_ids, seed * 1000 + i, fsync_always, self.timing, self,
+                                       latency=latency() if latency is not None else None)
         if start:
             for node_id in self.ids:
                 self.start(node_id)
@@ -225,7 +230,8 @@ class Cluster:
     # -- network
     def on_send(self, src: str, dst: str, type_: str, body: dict, payloads: tuple) -> None:
         self._seq += 1
-        msg = Msg(src, dst, type_, copy.deepcopy(body), tuple(bytes(p) for p in payloads), self._seq, self.now)
+        msg = Msg(src, dst, type_, copy.deepcopy(body), tuple(bytes(p) for p in payloads), self._seq, self.now,
+                  self.now + self.link_delay.get((src, dst), 0.0))
         self.sent.append(msg)
         self._check_persisted_before_reply(msg)
         for hook in self.send_hooks:
@@ -233,7 +239,7 @@ class Cluster:
         self.queue.append(msg)
         if self.duplicate and self.rng.random() < self.duplicate:
             self._seq += 1
-            self.queue.append(Msg(src, dst, type_, copy.deepcopy(body), msg.payloads, self._seq, self.now))
+            self.queue.append(Msg(src, dst, type_, copy.deepcopy(body), msg.payloads, self._seq, self.now, msg.due_s))
 
     def _check_persisted_before_reply(self, msg: Msg) -> None:
         """Epoch, vote and history are saved before any answer that depends on them."""
@@ -274,7 +280,8 @@ class Cluster:
 
     def deliver_one(self) -> bool:
         """Deliver (or drop, or hold) one queued message; False when nothing could move."""
-        candidates = [i for i, m in enumerate(self.queue) if m.dst not in self.paused or self._dropped(m)]
+        candidates = [i for i, m in enumerate(self.queue)
+                      if m.due_s <= self.now and (m.dst not in self.paused or self._dropped(m))]
         if not candidates:
             return False
         index = self.rng.choice(candidates) if self.reorder else candidates[0]
@@ -322,12 +329,14 @@ class Cluster:
                 self.pump()
                 continue
             deadlines = [self.nodes[n].replica.next_deadline() for n in self.live()]
+            deadlines += [m.due_s for m in self.queue if m.due_s > self.now]  # delayed messages (link_delay)
             nxt = min(deadlines, default=float("inf"))
             if nxt > until:
                 self.now = until
                 self.pump()
                 return
             self.now = max(self.now, nxt)
+            self.pump()  # delayed messages now due
         raise AssertionError("timers did not settle")
 
     def run_until(self, predicate: Callable[[], bool], timeout_s: float = 30.0, step_s: float = 0.01) -> None:

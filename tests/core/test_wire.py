@@ -68,10 +68,12 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
     "repl_vote_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "voter": "node-a", "granted": True,
                       "pre_vote": False, "for_epoch": 3}, ()),
     "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "leader": "node-a", "prev_offset": -1,
-                     "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0}, (BATCH,)),
+                     "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0, "ts": 12.5, "echo": 12.25,
+                     "held": 0.01}, (BATCH,)),
     "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": False,
-                        "match_end": -1, "hint": 12}, ()),
+                        "match_end": -1, "hint": 12, "ts": 40.0, "echo": 12.5}, ()),
     "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2}, ()),
+    "repl_step_aside": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2}, ()),
     "raft_join": ({"member": MEMBER_INFO}, ()),
     "raft_propose": ({"command": msgpack.packb({"op": "create_topic"})}, ()),
     "raft_propose_ok": ({"index": 12}, ()),
@@ -440,7 +442,9 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 
 # ---------------------------------------------------------------- body rejections
 # fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
-OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader")}
+OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader"),
+                   ("repl_append", "ts"), ("repl_append", "echo"), ("repl_append", "held"),
+                   ("repl_append_ok", "ts"), ("repl_append_ok", "echo")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
                if (type_, name) not in OPTIONAL_FIELDS]
 
@@ -498,6 +502,8 @@ RANGE_CASES = [
     ("repl_vote_ok", ("granted",), None), ("repl_append", ("prev_offset",), -2),
     ("repl_append", ("epoch",), 1 << 31), ("repl_append_ok", ("match_end",), -2),
     ("repl_append_ok", ("hint",), -1), ("repl_timeout_now", ("partition",), -1),
+    ("repl_append", ("ts",), -2.0), ("repl_append", ("held",), -0.5), ("repl_append_ok", ("echo",), "soon"),
+    ("repl_step_aside", ("epoch",), -1),
     ("goodbye", ("incarnation",), -1), ("goodbye", ("node_id",), ""),
     ("raft_vote", ("term",), -1), ("raft_vote", ("last_index",), -2), ("raft_vote", ("candidate",), ""),
     ("raft_vote", ("pre_vote",), 0),

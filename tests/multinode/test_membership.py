@@ -154,3 +154,28 @@ def test_nodes_of_another_cluster_on_the_same_host_are_ignored(mesh):
         time.sleep(0.5)
     assert sorted(view(theirs[0])["metadata"]["voters"]) == sorted(their_ids)
     assert sorted(view(ours[0])["metadata"]["voters"]) == sorted(our_ids)
+
+
+@pytest.mark.timeout(120)
+def test_each_node_reports_round_trips_to_the_peers_it_replicates_with(mesh):
+    first = mesh.start(1)[0]
+    nodes = [first, *mesh.start(2, seeds=[first])]
+    wait_agreement(nodes, timeout_s=30)
+    produced = run_cli("produce", "rtt", "--acks", "quorum", "--cluster", mesh.cluster, "--seed", nodes[0].seed,
+                       "--no-mdns", input_bytes=b"".join(b"%d\n" % i for i in range(20)), timeout_s=60)
+    assert produced.returncode == 0, produced.stderr.decode()
+    ids = {node_id(n) for n in nodes}
+
+    def measured() -> bool:
+        for node in nodes:
+            status = view(node, timeout_s=2.0)
+            rtts = (status or {}).get("peer_rtt", {})
+            if set(rtts) != ids - {node_id(node)}:
+                return False
+        return True
+
+    wait_until(measured, timeout_s=30, what="every node measuring both of its peers (status peer_rtt)")
+    for node in nodes:
+        for peer, entry in view(node, timeout_s=2.0)["peer_rtt"].items():
+            # loopback: far under the floor of a slow peer, so nothing counts as slow
+            assert 0 <= entry["rtt_ms"] < 50 and entry["slow"] is False, (node_id(node), peer, entry)

@@ -53,7 +53,7 @@ from meshq.core.room import Room
 from meshq.errors import AuthorizationError, MeshqError, NodeStoppedError, NotLeaderError, TimeoutError, UsageError
 
 NODE_ONLY = frozenset({"raft_vote", "raft_vote_ok", "raft_append", "raft_append_ok", "raft_join", "raft_propose",
-                       "repl_vote", "repl_vote_ok", "repl_append", "repl_append_ok", "repl_timeout_now",
+                       "repl_vote", "repl_vote_ok", "repl_append", "repl_append_ok", "repl_timeout_now", "repl_step_aside",
                        "repair_fetch"})
 RETRY_S = 0.05  # no storage node known yet: ask again this often until the deadline
 VIEW_REFRESH_S = 1.0  # a keyed client node asks a storage node for the peer grants this often

@@ -28,6 +28,7 @@ from meshq.core import wire
 from meshq.core.events import SyncLogs
 from meshq.core.metadata import MetadataState, next_step
 from meshq.core.partition import PartitionState
+from meshq.core.partitions.latency import PeerLatency
 from meshq.core.replica import MAX_APPEND_BYTES, Replica, persisted_name
 from meshq.core.room import Room
 from meshq.core.throttle import CopyThrottle
@@ -46,7 +47,8 @@ class PartitionHost(Room):
     """The local replicas and their lifecycle (see the module docstring)."""
 
     SERVES = {"repl_vote": "serve_replica", "repl_vote_ok": "serve_replica", "repl_append": "serve_replica",
-              "repl_append_ok": "serve_replica", "repl_timeout_now": "serve_replica"}
+              "repl_append_ok": "serve_replica", "repl_timeout_now": "serve_replica",
+              "repl_step_aside": "serve_replica"}
     TIMERS = {"fsync": "sync_dirty", "retention": "apply_retention"}
 
     def __init__(self, core: Any) -> None:
@@ -61,6 +63,8 @@ class PartitionHost(Room):
         rate = self.config.copy_rate_mb_per_s * 1_000_000
         # one budget for every partition led here; a burst covers two replica heartbeats of refill
         self.copy_throttle = CopyThrottle(rate, max(MAX_APPEND_BYTES, int(rate * 2 * self.config.raft_heartbeat_interval_s)))
+        # round trips to the other storage nodes, measured by every replica here: which peer is slow
+        self.latency = PeerLatency()
 
     @property
     def meta(self) -> MetadataState:
@@ -166,6 +170,7 @@ class PartitionHost(Room):
             replica_lag_s=self.config.failure_timeout_s,
             fsync_always=self.config.fsync == "always",
             learners=learners, config_version=version, space=self.core.space, copy_throttle=self.copy_throttle,
+            latency=self.latency,
         )
         replica.start(self.core.now_s)
         if replica.next_deadline() <= self.core.now_s:

@@ -103,7 +103,8 @@ class Network:
             sim.stats["dropped"] += 1
             return
         link = (node.node_id, target)
-        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s), self._data_due.get(link, 0.0))
+        when = max(sim.now_s + sim.rng.uniform(*sim.options.faults.latency_s) + self._slowness(node.node_id, target),
+                   self._data_due.get(link, 0.0))
         self._data_due[link] = when
         sim.at(when, "deliver", (node.node_id, target, ("data", None), list(frames)))
 
@@ -127,8 +128,15 @@ class Network:
             frames = self._corrupted(frames)
             sim.stats["corrupted"] = sim.stats.get("corrupted", 0) + 1
         for _ in range(copies):
-            latency = sim.rng.uniform(*faults.latency_s)
+            latency = sim.rng.uniform(*faults.latency_s) + self._slowness(source, target)
             sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
+
+    def _slowness(self, source: str, target: str) -> float:
+        """The extra delay of a message between ``source`` and ``target`` (``SimOptions.slow``)."""
+        slow = self.sim.options.slow
+        if slow is None or (source != slow[0] and target != slow[0]) or not slow[1] <= self.sim.now_s < slow[2]:
+            return 0.0
+        return slow[3]
 
     def _corrupted(self, frames: list) -> list:
         """``frames`` damaged as a hostile or broken peer could send them, in a way a receiver can

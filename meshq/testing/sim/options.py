@@ -85,6 +85,9 @@ class SimOptions:
     # with acl: publish/subscribe grants too (their way to client nodes' views: acl_view carries them);
     # off, the grants drawn are the request/serve/topic ones only, as before this option existed
     acl_pubsub: bool = False
+    # (node, from, until, extra one-way delay s): every message to or from that node takes that much longer in
+    # the window, a link slow but alive (never swarm-drawn); the checker requires that it leads nothing at ``until``
+    slow: tuple[str, float, float, float] | None = None
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property

@@ -331,6 +331,9 @@ class Simulation:
             self.at(options.leave[1], "leave", None)
         if options.outage is not None:
             self.at(options.outage[1], "outage", None)
+        if options.slow is not None:
+            self.at(options.slow[1], "slow", "start")
+            self.at(options.slow[2], "slow", "end")
         self.checker.after_event()
         self.at(0.1, "fault", None)
         self.at(1.0, "produce", None)
@@ -494,6 +497,15 @@ class Simulation:
             self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
+        elif kind == "slow":
+            assert self.options.slow is not None
+            node_id = self.options.slow[0]
+            if data == "start":
+                self.stats["slow_led_at_start"] = self.checker.led_by(node_id)
+                self.log(f"slow {node_id}: +{self.options.slow[3] * 1000:.0f} ms per message to or from it")
+            else:
+                self.log(f"slow {node_id}: over")
+                self.checker.after_slow(node_id, self.options.slow)
         elif kind == "disconnect":
             self.network.disconnect(*data)
         elif kind == "disk_free":

@@ -1,0 +1,102 @@
+"""Round trips to the other storage nodes, measured by partition replication, and which peer is slow.
+
+Theory of operation
+-------------------
+A leader whose link is slow but alive (a saturated uplink, heavy loss that TCP hides behind
+retransmissions, a starved CPU) keeps its lease, so no election moves its partitions, and every
+write to them waits for it. To hand such partitions over, a node needs to know that one peer is far
+slower than the others *from where it stands*. Replication measures it for free:
+
+* Every partition leader stamps, at most once per heartbeat interval per follower, its own clock in
+  an append (``ts``); the follower echoes it in its answer (``echo``), so the leader has one round
+  trip. The answer also carries the follower's own clock (``ts``), which the leader echoes in its
+  next append to that follower with how long it held it (``held``): the follower gets one round trip
+  too. Each side subtracts only its own clock values, so clocks need not agree.
+* All the node's replicas feed one ``PeerLatency``: per peer the last ``SAMPLES`` round trips,
+  at most one per ``SPACING_S`` (the others are dropped). A peer's estimate is the median of those
+  taken within ``WINDOW_S`` (at least ``MIN_SAMPLES`` of them), so one late answer moves nothing and
+  a peer that stopped answering has no estimate. The spacing matters: a node that was paused (or
+  whose peer was) finds a backlog of probes on waking, one per partition, all as old as the pause;
+  counted alone they would fill the table at once and call a healthy link slow. Spaced, the backlog
+  is one sample, and slowness must last for about half the table (~0.5 s or more) to count.
+
+**The rule.** A peer is *slow* when its estimate is at least ``SLOW_FLOOR_S`` and at least
+``SLOW_FACTOR`` times the median estimate of the node's other peers (there must be one). A node
+whose own link is slow sees every peer slow alike, so it calls none of them slow; only nodes with a
+fast link of their own single out the slow one. ``meshq.core.replica`` acts on it: a follower that
+finds its leader slow asks it to step aside (``repl_step_aside``); the leader does so — handing
+leadership to that follower — only if it holds the whole log and the leader's own measure of their
+link agrees (``link_slow``: its round trip is at least ``SLOW_FLOOR_S``); and no leader hands leadership to a preferred replica it
+finds slow, so the partition does not bounce back until the link is fast again.
+
+Pure data: time comes in as ``now_s``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+SAMPLES = 8  # round trips kept per peer
+SPACING_S = 0.1  # at most one round trip per peer this often: a burst (a pause's backlog) counts once
+MIN_SAMPLES = 3  # fewer recent ones than this: no estimate
+WINDOW_S = 10.0  # only round trips taken this recently count
+SLOW_FLOOR_S = 0.05  # a peer is never slow below this round trip (loopback and LAN: well under 5 ms)
+SLOW_FACTOR = 8.0  # ... and only when this many times slower than the median of the other peers
+
+
+class PeerLatency:
+    """The node's round trips to its peers. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[tuple[float, float]]] = {}  # peer -> (when, round trip s)
+
+    def note(self, peer: str, rtt_s: float, now_s: float) -> None:
+        """One round trip to ``peer`` measured now (dropped if negative, from a clock jump, or within
+        ``SPACING_S`` of the last one kept)."""
+        if rtt_s < 0:
+            return
+        samples = self._samples.get(peer)
+        if samples is None:
+            samples = self._samples[peer] = deque(maxlen=SAMPLES)
+        elif now_s - samples[-1][0] < SPACING_S:
+            return
+        samples.append((now_s, rtt_s))
+
+    def rtt(self, peer: str, now_s: float) -> float | None:
+        """The median of ``peer``'s recent round trips, or None with fewer than ``MIN_SAMPLES`` of them."""
+        samples = self._samples.get(peer)
+        if not samples:
+            return None
+        recent = sorted(rtt for when, rtt in samples if now_s - when <= WINDOW_S)
+        if len(recent) < MIN_SAMPLES:
+            return None
+        return recent[len(recent) // 2]
+
+    def slow(self, peer: str, now_s: float) -> bool:
+        """``peer`` is far slower than this node's other peers (the rule of the module docstring)."""
+        own = self.rtt(peer, now_s)
+        if own is None or own < SLOW_FLOOR_S:
+            return False
+        others = sorted(rtt for other in self._samples if other != peer
+                        for rtt in (self.rtt(other, now_s),) if rtt is not None)
+        if not others:
+            return False
+        return own >= SLOW_FACTOR * others[len(others) // 2]
+
+    def link_slow(self, peer: str, now_s: float) -> bool:
+        """The round trip to ``peer`` is at least ``SLOW_FLOOR_S``, whatever the other peers' (a slow
+        leader's own view of the link to a follower that asks it to step aside: it sees every link slow)."""
+        rtt = self.rtt(peer, now_s)
+        return rtt is not None and rtt >= SLOW_FLOOR_S
+
+    def forget(self, peer: str) -> None:
+        self._samples.pop(peer, None)
+
+    def status(self, now_s: float) -> dict[str, dict]:
+        """Per peer with an estimate: its round trip in ms and whether it counts as slow."""
+        out = {}
+        for peer in sorted(self._samples):
+            rtt = self.rtt(peer, now_s)
+            if rtt is not None:
+                out[peer] = {"rtt_ms": round(rtt * 1000, 3), "slow": self.slow(peer, now_s)}
+        return out
