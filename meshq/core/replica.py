@@ -39,6 +39,12 @@ the partition's record log and whose index is the record offset; the Raft term i
 * **Preferred leader.** The first replica of the assignment (the ring owner) leads when it is
   up and caught up: a leader hands leadership to it (``repl_timeout_now``) once it has matched
   the whole log.
+* **A slow leader steps aside.** Appends and their answers carry round-trip probes that feed the
+  node's ``PeerLatency`` (``meshq.core.partitions.latency``). A follower that finds its leader far
+  slower than its other peers asks it to step aside (``repl_step_aside``); the leader hands over
+  to that follower (writes paused, ``repl_timeout_now`` once it holds the whole log) if it is in
+  sync and the leader's own round trips to it agree. No leader hands over to a slow preferred
+  replica.
 * **Configuration changes.** The replica set (voters, learners, and a configuration version)
   comes from the agreed metadata and changes one step at a time (``metadata.next_step``): the
   voter set differs from the previous one by at most one member, so a majority of the old set
@@ -159,6 +165,7 @@ class Replica:
         self._transfer_until_s = float("-inf")  # leader: no writes while handing leadership over
         self._transfer_to: str | None = None  # leader: hand over to it once it holds the whole log (writes paused)
         self._next_step_aside_s = float("-inf")  # follower: no new request that a slow leader step aside before this
+        self._step_aside_asks: dict[str, float] = {}  # leader: follower -> when it last asked us to step aside
         state.replica = self
 
     # ------------------------------------------------------------------ persistence
@@ -352,6 +359,8 @@ class Replica:
         if self.role == LEADER:
             if now_s < self.heartbeat_deadline_s:
                 return
+            if self._latency is not None:
+                self._latency.note_lag(now_s - self.heartbeat_deadline_s, now_s)  # (a starved CPU runs it late)
             self.heartbeat_deadline_s = now_s + self.heartbeat_interval_s
             self.followers.sample_end(now_s, self.log.end_offset)
             if not self.followers.heard_from_majority(now_s, 2 * self.election_timeout_s, self.replicas, self.quorum):
@@ -399,7 +408,7 @@ class Replica:
         # wait the whole election timeout for nothing — the longest stalls a join cost producers.
         if (f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2
                 and f.cv >= self.config_version):
-            self._hand_over(preferred, now_s, "the preferred replica")
+            self._hand_over(preferred, now_s, "(the preferred replica)")
 
     def _preferred_is_slow(self, preferred: str, now_s: float) -> bool:
         return self._latency is not None and self._latency.slow(preferred, now_s)
@@ -413,7 +422,9 @@ class Replica:
         # Stop taking writes, so none is acknowledged by a leader that the successor is about to
         # depose. Resume if the hand-off fails (or the successor does not catch up in time).
         self._transfer_until_s = now_s + self.election_timeout_s
-        log.info("%s/%d: handing leadership to %s %s", self.topic, self.partition, why, successor)
+        # (a slow leader's hand-off is an operator's concern: WARNING; the preferred replica's is routine: INFO)
+        log.log(logging.INFO if successor == self.replicas[0] else logging.WARNING, "%s/%d: handing leadership to %s %s",
+                self.topic, self.partition, successor, why)
         self._transfer_to = successor
         self._maybe_send_timeout_now(successor, now_s)
 
@@ -426,16 +437,30 @@ class Replica:
 
     def _on_step_aside(self, sender: str, body: dict, now_s: float) -> None:
         """A follower finds us slow (``partitions.latency``): hand leadership to it if it is in sync, knows our
-        configuration, and our own round trips to it agree that the link is slow."""
+        configuration, and we have evidence of our own: our round trips to it are slow too, or our own timers
+        run late (a starved CPU: we run only in bursts, and what we send in one is answered within it, so our
+        round trips look fast), or a majority of the other voters asked within ``4 × election_timeout_s``."""
         if (self.role != LEADER or body["epoch"] != self.epoch or sender not in self.replicas
                 or sender == self.node_id or now_s < self._transfer_until_s or self._latency is None):
             return
+        self._step_aside_asks[sender] = now_s
         f = self.followers.get(sender)
-        if (f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version
-                or not self._latency.link_slow(sender, now_s)):
+        if f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version:
             return
-        rtt = self._latency.rtt(sender, now_s)
-        self._hand_over(sender, now_s, f"(our round trip to it is {rtt * 1000:.0f} ms: it finds this leader slow)")
+        others = [peer for peer in self.replicas if peer != self.node_id]
+        asked = sum(1 for peer in others if now_s - self._step_aside_asks.get(peer, float("-inf"))
+                    <= 4 * self.election_timeout_s)
+        if self._latency.link_slow(sender, now_s):
+            rtt = self._latency.rtt(sender, now_s) or 0.0
+            why = f"(our round trip to it is {rtt * 1000:.0f} ms: it finds this leader slow)"
+        elif self._latency.starved(now_s):
+            why = "(our own timers run late, and it finds this leader slow)"
+        elif asked >= len(others) // 2 + 1:
+            why = f"({asked} of our {len(others)} followers find this leader slow)"
+        else:
+            return
+        self._step_aside_asks.clear()
+        self._hand_over(sender, now_s, why)
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -472,6 +497,7 @@ class Replica:
         self._become(LEADER)
         self.leader = self.node_id
         self.leader_since_s = now_s
+        self._step_aside_asks.clear()
         self.epoch_start = self.log.end_offset
         self._config_end = max(self._config_end, self.epoch_start)
         self.history.begin(self.epoch, self.epoch_start)

@@ -71,3 +71,18 @@ def test_link_slow_is_the_floor_alone_and_status_shows_both():
                                                      "c": {"rtt_ms": 1.0, "slow": False}}
     table.forget("b")
     assert table.rtt("b", 100.0) is None
+
+
+def test_starved_is_the_median_lag_of_a_leaders_own_timers():
+    table = PeerLatency()
+    for i in range(MIN_SAMPLES):
+        table.note_lag(0.08, 100.0 + i * STEP_S)
+    assert table.starved(100.5)
+    assert not table.starved(100.0 + WINDOW_S + 1.0)  # old lags say nothing
+    calm = PeerLatency()
+    for i in range(SAMPLES):
+        calm.note_lag(0.001 if i % 3 else 0.2, 100.0 + i * STEP_S)  # a late timer now and then is no starvation
+    assert not calm.starved(101.0)
+    for _ in range(SAMPLES):
+        calm.note_lag(0.5, 101.05)  # a burst counts once
+    assert not calm.starved(101.1)

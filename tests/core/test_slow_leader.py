@@ -5,7 +5,7 @@ to a slow preferred replica. Harness links carry a one-way delay (``Cluster.link
 from __future__ import annotations
 
 from meshq.core import batch as batch_format
-from meshq.core.partitions.latency import MIN_SAMPLES, SPACING_S, WINDOW_S, PeerLatency
+from meshq.core.partitions.latency import MIN_SAMPLES, SAMPLES, SPACING_S, WINDOW_S, PeerLatency
 from meshq.core.replica import LEADER
 from tests.core.replica_harness import Cluster
 
@@ -106,3 +106,43 @@ def test_a_leader_steps_aside_only_when_its_own_round_trips_agree_and_once_the_f
     assert [m.dst for m in handed()] == ["b"]
     cl.run_until(lambda: cl.leaders() == ["b"], timeout_s=2)
     assert cl["b"].log.end_offset == end
+
+
+def test_a_leader_whose_own_round_trips_look_fast_steps_aside_when_a_majority_of_its_followers_ask():
+    """A leader starved of CPU runs in bursts: what it sends in one is answered within it, so only its
+    followers see it slow. One follower's request is not enough; both (a majority of the two) are."""
+    cl = started()
+    body = {"topic": "t", "partition": 0, "epoch": cl["a"].epoch, "cv": cl["a"].config_version}
+    handed = lambda: [m for m in cl.sent if m.type == "repl_timeout_now"]  # noqa: E731
+    cl.inject("b", "a", "repl_step_aside", body)
+    cl.pump()
+    assert not handed() and cl["a"].lease_valid(cl.now) and not cl.nodes["a"].latency.link_slow("c", cl.now)
+    cl.advance(1.0)
+    cl.inject("c", "a", "repl_step_aside", body)
+    cl.pump()
+    assert [m.dst for m in handed()] == ["c"]
+    cl.run_until(lambda: cl.leaders() == ["c"], timeout_s=2)
+
+
+def test_requests_older_than_four_election_timeouts_do_not_add_up():
+    cl = started()
+    body = {"topic": "t", "partition": 0, "epoch": cl["a"].epoch, "cv": cl["a"].config_version}
+    cl.inject("b", "a", "repl_step_aside", body)
+    cl.advance(4.5)
+    cl.inject("c", "a", "repl_step_aside", body)
+    cl.pump()
+    assert cl.leader() == "a" and not [m for m in cl.sent if m.type == "repl_timeout_now"]
+
+
+def test_a_leader_whose_own_timers_run_late_steps_aside_at_one_followers_request():
+    cl = started()
+    body = {"topic": "t", "partition": 0, "epoch": cl["a"].epoch, "cv": cl["a"].config_version}
+    table = cl.nodes["a"].latency
+    # a's heartbeat timers ran 80 ms late, as on a starved CPU (the harness runs them on time: the samples are
+    # dated just after its last one, so they count)
+    for i in range(SAMPLES):
+        table.note_lag(0.08, cl.now + (i + 1) * SPACING_S * 1.01)
+    assert table.starved(cl.now) and not table.link_slow("b", cl.now)
+    cl.inject("b", "a", "repl_step_aside", body)
+    cl.pump()
+    assert [m.dst for m in cl.sent if m.type == "repl_timeout_now"] == ["b"]

@@ -20,8 +20,11 @@ a seeded random order:
   heal, so "heal -> first ack" measures how fast the client gets back (issue #19 item 10);
 - ``loss``    random loss of 5-20% both ways on one node's link (a classic-BPF ``ld rand`` tc filter; this
   kernel has no netem);
-- ``slow``    one node's link capped at 256 kbit/s or 1 mbit/s both ways by tbf (queueing delay up to 300 ms,
-  drops beyond: the only delay this kernel offers without netem);
+- ``slow``    one node's link capped at 256 kbit/s or 1 mbit/s both ways by tbf and saturated by a UDP flood
+  to and from the client host at twice that rate (``tests.faults.flood``): the node's packets queue behind
+  it for up to 300 ms, drops beyond (tbf queueing is the only delay this kernel offers without netem);
+- ``starve``  one node stopped for 150 ms and run for 50 ms, over and over (SIGSTOP/SIGCONT): alive, answering every
+  heartbeat within its timeouts, but slow — a node starved of CPU (a noisy neighbour, a throttled cgroup);
 - ``diskfull`` one node's tmpfs filled until its free space is below ``--min-free-bytes`` (it refuses writes
   with StorageFullError), space returned after the hold;
 - ``disk-enospc`` one node's tmpfs filled to the last byte (every write, metadata too, fails with ENOSPC), space
@@ -58,9 +61,12 @@ from tests.faults.checker import Verdict, check, percentile
 from tests.multinode.helpers import check_logs_hold_records, check_replicas_identical, partitions_of, wait_until
 from tests.netns.lab import REPO, Host, Lab, NsNode, child_env, ip
 
-KINDS = ("kill9", "sigstop", "isolate", "split", "split-client-minority", "loss", "slow", "diskfull", "disk-enospc")
+KINDS = ("kill9", "sigstop", "isolate", "split", "split-client-minority", "loss", "slow", "starve", "diskfull",
+         "disk-enospc")
+STARVE_S = (0.15, 0.05)  # the ``starve`` fault: stopped this long, then running this long, over and over
 BLOCKED_S = 2.0  # a partition with no ack in the last BLOCKED_S before a heal counts as blocked by the fault
 AFTER_HEAL_S = 10.0  # attempts started this long after a heal form the "after heal" phase
+SETTLED_S = 3.0  # "settled" figures: attempts started this long or more into their fault (what the cluster did about it)
 NOT_INJECTED = {"clock": "no per-namespace CLOCK_REALTIME on Linux (time namespaces offset only monotonic/boottime, "
                          "and only before a process enters them); the machine's clock is shared"}
 TOPIC = "faults"
@@ -134,6 +140,7 @@ class FaultRun:
         self.mounts: list[str] = []
         self.fillers: set[str] = set()
         self.procs: list[subprocess.Popen] = []
+        self.starvers: list[threading.Event] = []  # each stops a ``starve`` fault's thread
         self.faults: list[Fault] = []
 
     # -- set-up ----------------------------------------------------------------------------------------------------
@@ -347,11 +354,47 @@ class FaultRun:
             for netns, device in ((host.netns, "eth0"), (self.lab.bridge_netns, port)):
                 tc(netns, "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate, "burst", "8kb", "latency",
                    "300ms")
+            # Other traffic saturating the link both ways (at twice its rate), as on a busy uplink: the node's own
+            # packets queue behind it (up to the 300 ms tbf allows), so its round trips are slow, not only its bulk.
+            flood_rate = str(2 * {"256kbit": 256_000, "1mbit": 1_000_000}[rate] // 8)
+            floods = [subprocess.Popen(["ip", "netns", "exec", src.netns, sys.executable, "-m", "tests.faults.flood",
+                                        dst.address, flood_rate], cwd=REPO, env=child_env(),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for src, dst in ((host, self.client_host), (self.client_host, host))]
+            self.procs.extend(floods)
 
             def heal() -> None:
+                for flood in floods:
+                    flood.kill()
+                    flood.wait(30)
+                    self.procs.remove(flood)
                 tc(host.netns, "qdisc", "del", "dev", "eth0", "root")
                 tc(self.lab.bridge_netns, "qdisc", "del", "dev", port, "root")
-            return Fault(kind, host.netns, f"tbf {rate} both ways, queue <= 300 ms", now(), heal=heal)
+            return Fault(kind, host.netns, f"tbf {rate} both ways, saturated by other traffic (queue <= 300 ms)",
+                         now(), heal=heal)
+        if kind == "starve":
+            stop = threading.Event()
+            process = node.process
+
+            def starve() -> None:
+                while not stop.is_set() and process.poll() is None:
+                    process.send_signal(signal.SIGSTOP)
+                    stop.wait(STARVE_S[0])
+                    process.send_signal(signal.SIGCONT)
+                    stop.wait(STARVE_S[1])
+
+            starver = threading.Thread(target=starve, name="starve", daemon=True)
+            starver.start()
+            self.starvers.append(stop)
+
+            def heal() -> None:
+                stop.set()
+                starver.join(10)
+                self.starvers.remove(stop)
+                if process.poll() is None:
+                    process.send_signal(signal.SIGCONT)
+            return Fault(kind, host.netns, f"SIGSTOP {STARVE_S[0] * 1000:.0f} ms / SIGCONT {STARVE_S[1] * 1000:.0f} ms "
+                         "over and over (a node alive but starved of CPU)", now(), heal=heal)
         if kind in ("diskfull", "disk-enospc"):
             filler = os.path.join(node.data_dir, "filler")
             stats = os.statvfs(node.data_dir)
@@ -380,6 +423,9 @@ class FaultRun:
 
     def heal_all(self) -> None:
         """Undo whatever may be left (after an error mid-fault): idempotent; "no such qdisc" is not an error."""
+        for stop in list(self.starvers):
+            stop.set()
+        time.sleep(max(STARVE_S) * 2 if self.starvers else 0)  # (their last SIGSTOP is undone below)
         for netns in [h.netns for h in self.lab.hosts]:
             for qdisc in ("clsact", "root"):
                 tc(netns, "qdisc", "del", "dev", "eth0", qdisc, check=False)
@@ -499,6 +545,11 @@ class FaultRun:
             problems = verdict.problems() + problems
             table = self.table(attempts, verdict, nemesis_start, healed, high_watermarks)
             table += f"\nthe live consumer's errors (it retried each): {consumer_errors}"
+            texts = [n.log_text() for n in self.nodes]  # (WARNING and above: a preferred hand-off, INFO, is not there)
+            counts = {what: sum(text.count(needle) for text in texts) for what, needle in (
+                ("step-aside requests", "asking it to step aside"),
+                ("hand-offs of a slow leader", "find this leader slow"), ("of which the leader's own timers ran late", "own timers run late"))}
+            table += "\nleadership moves in the nodes' logs: " + ", ".join(f"{k} {v}" for k, v in counts.items())
             if stale:
                 table += ("\nNOTE (availability, not safety): after settling, nodes holding no replica still name an "
                           "older leader: " + "; ".join(stale))
@@ -608,6 +659,15 @@ class FaultRun:
         for kind, why in NOT_INJECTED.items():
             lines.append(f"| {kind} | not injected: {why} | | | | | | | | |")
         longest_gap = max((b - a for a, b in zip(ack_ends, ack_ends[1:])), default=0.0)
+        settled: dict[str, list[float]] = {}
+        for fault in self.faults:
+            end = fault.heal_s or healed
+            settled.setdefault(fault.kind, []).extend(
+                a[4] - a[3] for a in acked if fault.start_s + SETTLED_S <= a[3] < end)
+        lines += ["", f"ack p50/p99 ms of the attempts started {SETTLED_S:.0f} s or more into their fault (once the "
+                  "cluster could act on it): " + "; ".join(
+                      f"{kind} {ms(percentile(values, 0.5))}/{ms(percentile(values, 0.99))} ({len(values)} acked)"
+                      for kind, values in sorted(settled.items()))]
         lines += ["", "heal -> first ack of each blocked partition, s (every heal): " + "; ".join(
             f"{kind} {' '.join(f'{v:.2f}' for v in sorted(values))}" for kind, values in sorted(first_ack.items()))]
         lines += ["",

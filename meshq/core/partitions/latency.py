@@ -25,9 +25,12 @@ slower than the others *from where it stands*. Replication measures it for free:
 whose own link is slow sees every peer slow alike, so it calls none of them slow; only nodes with a
 fast link of their own single out the slow one. ``meshq.core.replica`` acts on it: a follower that
 finds its leader slow asks it to step aside (``repl_step_aside``); the leader does so — handing
-leadership to that follower — only if it holds the whole log and the leader's own measure of their
-link agrees (``link_slow``: its round trip is at least ``SLOW_FLOOR_S``); and no leader hands leadership to a preferred replica it
-finds slow, so the partition does not bounce back until the link is fast again.
+leadership to that follower — only if it is in sync and the leader has evidence of its own: its
+round trip to that follower is at least ``SLOW_FLOOR_S`` too (``link_slow``), or its own timers run
+that late (``starved``: a leader starved of CPU runs in bursts, and what it sends in one is answered
+within it, so its round trips look fast), or a majority of its other voters asked. No leader hands
+leadership to a preferred replica it finds slow, so the partition does not bounce back until the
+link is fast again.
 
 Pure data: time comes in as ``now_s``.
 """
@@ -40,7 +43,7 @@ SAMPLES = 8  # round trips kept per peer
 SPACING_S = 0.1  # at most one round trip per peer this often: a burst (a pause's backlog) counts once
 MIN_SAMPLES = 3  # fewer recent ones than this: no estimate
 WINDOW_S = 10.0  # only round trips taken this recently count
-SLOW_FLOOR_S = 0.05  # a peer is never slow below this round trip (loopback and LAN: well under 5 ms)
+SLOW_FLOOR_S = 0.03  # a peer is never slow below this round trip (loopback and LAN: well under 5 ms)
 SLOW_FACTOR = 8.0  # ... and only when this many times slower than the median of the other peers
 
 
@@ -49,6 +52,7 @@ class PeerLatency:
 
     def __init__(self) -> None:
         self._samples: dict[str, deque[tuple[float, float]]] = {}  # peer -> (when, round trip s)
+        self._lags: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (when, how late a leader's timer ran)
 
     def note(self, peer: str, rtt_s: float, now_s: float) -> None:
         """One round trip to ``peer`` measured now (dropped if negative, from a clock jump, or within
@@ -88,6 +92,18 @@ class PeerLatency:
         leader's own view of the link to a follower that asks it to step aside: it sees every link slow)."""
         rtt = self.rtt(peer, now_s)
         return rtt is not None and rtt >= SLOW_FLOOR_S
+
+    def note_lag(self, lag_s: float, now_s: float) -> None:
+        """A partition leader's heartbeat timer ran ``lag_s`` after it was due (kept as round trips are)."""
+        if lag_s < 0 or (self._lags and now_s - self._lags[-1][0] < SPACING_S):
+            return
+        self._lags.append((now_s, lag_s))
+
+    def starved(self, now_s: float) -> bool:
+        """This node's own timers run late: the median lag of recent ones is at least ``SLOW_FLOOR_S`` (a CPU it
+        gets only in bursts; its round trips to peers, measured within one burst, look fast)."""
+        recent = sorted(lag for when, lag in self._lags if now_s - when <= WINDOW_S)
+        return len(recent) >= MIN_SAMPLES and recent[len(recent) // 2] >= SLOW_FLOOR_S
 
     def forget(self, peer: str) -> None:
         self._samples.pop(peer, None)
