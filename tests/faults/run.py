@@ -547,8 +547,10 @@ class FaultRun:
             table += f"\nthe live consumer's errors (it retried each): {consumer_errors}"
             texts = [n.log_text() for n in self.nodes]  # (WARNING and above: a preferred hand-off, INFO, is not there)
             counts = {what: sum(text.count(needle) for text in texts) for what, needle in (
-                ("step-aside requests", "asking it to step aside"),
-                ("hand-offs of a slow leader", "find this leader slow"), ("of which the leader's own timers ran late", "own timers run late"))}
+                ("replicas that asked a slow leader to step aside (each logs its first request)",
+                 "asking it to step aside"),
+                ("hand-offs of a slow leader", "this leader slow)"),
+                ("of which on the leader's own late timers", "own timers run late"))}
             table += "\nleadership moves in the nodes' logs: " + ", ".join(f"{k} {v}" for k, v in counts.items())
             if stale:
                 table += ("\nNOTE (availability, not safety): after settling, nodes holding no replica still name an "
