@@ -36,12 +36,18 @@ def test_a_leader_starved_of_cpu_hands_its_partitions_over_and_gets_them_back_on
     produced = run_cli("produce", TOPIC, "--acks", "quorum", "--cluster", mesh.cluster, "--seed", first.seed,
                        "--no-mdns", input_bytes=b"".join(b"%d\n" % i for i in range(40)), timeout_s=60)
     assert produced.returncode == 0, produced.stderr.decode()
-    wait_until(lambda: all(led_by(nodes, node_id(n), nodes) for n in nodes), 30,
-               "every node leading some partition (the preferred leaders)",
+    def preferred_of(who: str) -> set[int]:
+        """Partitions whose preferred replica (the first of its replicas) is ``who``."""
+        status = view(first, timeout_s=2.0) or {}
+        return {p for p, d in partitions_of(status, TOPIC).items() if d["replicas"] and d["replicas"][0] == who}
+
+    # settled: every node leads exactly the partitions it is the preferred replica of
+    wait_until(lambda: all(preferred_of(node_id(n)) and led_by(nodes, node_id(n), nodes) == preferred_of(node_id(n))
+                           for n in nodes), 60, "every partition led by its preferred replica",
                detail=lambda: describe_partitions(nodes, TOPIC))
-    victim = max(nodes, key=lambda n: len(led_by(nodes, node_id(n), nodes)))
+    victim = max(nodes, key=lambda n: len(preferred_of(node_id(n))))
     victim_id, others = node_id(victim), [n for n in nodes if n is not victim]
-    preferred = led_by(nodes, victim_id, nodes)
+    preferred = preferred_of(victim_id)
     stop = threading.Event()
 
     def starve() -> None:
