@@ -61,6 +61,19 @@ class FollowerProgress:
         self.last_contact_s = now_s
         self.in_flight = max(0, self.in_flight - 1)
 
+    def add_probe(self, body: dict, now_s: float, interval_s: float, max_held_s: float) -> None:
+        """Round-trip probe fields for an append to this follower (``meshq.core.partitions.latency``): our clock
+        at most once per ``interval_s``, and the echo of its last clock with how long we held it (dropped when
+        held longer than ``max_held_s``: it may be from before the follower restarted)."""
+        if now_s - self.probe_s >= interval_s:
+            self.probe_s = now_s
+            body["ts"] = now_s
+        if self.peer_ts >= 0:
+            held = now_s - self.peer_ts_at
+            if held <= max_held_s:
+                body["echo"], body["held"] = self.peer_ts, held
+            self.peer_ts = -1.0
+
     def matched(self, match_end: int, log_end: int) -> None:
         """The follower holds our log up to ``match_end`` (exclusive)."""
         if match_end > self.match_end:

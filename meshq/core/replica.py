@@ -408,12 +408,12 @@ class Replica:
         # wait the whole election timeout for nothing — the longest stalls a join cost producers.
         if (f.match_end == self.log.end_offset and now_s - f.last_contact_s <= self.heartbeat_interval_s * 2
                 and f.cv >= self.config_version):
-            self._hand_over(preferred, now_s, "(the preferred replica)")
+            self._hand_over(preferred, now_s, "(the preferred replica)", logging.INFO)
 
     def _preferred_is_slow(self, preferred: str, now_s: float) -> bool:
         return self._latency is not None and self._latency.slow(preferred, now_s)
 
-    def _hand_over(self, successor: str, now_s: float, why: str) -> None:
+    def _hand_over(self, successor: str, now_s: float, why: str, level: int) -> None:
         """Raft's leadership transfer to ``successor``, a voter in sync: at once if it holds the whole log,
         else as soon as it does (writes are paused meanwhile, so it catches up within a round trip)."""
         # A hand-off can still fail (the message was lost, the successor lost its campaign): try
@@ -422,9 +422,7 @@ class Replica:
         # Stop taking writes, so none is acknowledged by a leader that the successor is about to
         # depose. Resume if the hand-off fails (or the successor does not catch up in time).
         self._transfer_until_s = now_s + self.election_timeout_s
-        # (a slow leader's hand-off is an operator's concern: WARNING; the preferred replica's is routine: INFO)
-        log.log(logging.INFO if successor == self.replicas[0] else logging.WARNING, "%s/%d: handing leadership to %s %s",
-                self.topic, self.partition, successor, why)
+        log.log(level, "%s/%d: handing leadership to %s %s", self.topic, self.partition, successor, why)
         self._transfer_to = successor
         self._maybe_send_timeout_now(successor, now_s)
 
@@ -451,8 +449,7 @@ class Replica:
         asked = sum(1 for peer in others if now_s - self._step_aside_asks.get(peer, float("-inf"))
                     <= 4 * self.election_timeout_s)
         if self._latency.link_slow(sender, now_s):
-            rtt = self._latency.rtt(sender, now_s) or 0.0
-            why = f"(our round trip to it is {rtt * 1000:.0f} ms: it finds this leader slow)"
+            why = f"(our round trip to it is {self._latency.rtt(sender, now_s) * 1000:.0f} ms: it finds this leader slow)"
         elif self._latency.starved(now_s):
             why = "(our own timers run late, and it finds this leader slow)"
         elif asked >= len(others) // 2 + 1:
@@ -460,7 +457,8 @@ class Replica:
         else:
             return
         self._step_aside_asks.clear()
-        self._hand_over(sender, now_s, why)
+        # (an operator's concern, unlike the routine hand-off to a preferred replica: WARNING)
+        self._hand_over(sender, now_s, why, logging.WARNING)
 
     # ------------------------------------------------------------------ elections
     def _key_body(self, **fields: Any) -> dict:
@@ -844,14 +842,7 @@ class Replica:
                                   epoch_start=self.epoch_start, cv=self.config_version,
                                   log_start=self.log.start_offset)
             if self._latency is not None:
-                if now_s - f.probe_s >= self.heartbeat_interval_s:  # at most one probe per heartbeat interval
-                    f.probe_s = now_s
-                    body["ts"] = now_s
-                if f.peer_ts >= 0:
-                    held = now_s - f.peer_ts_at
-                    if held <= self.election_timeout_s:  # (one held longer may be from before the follower restarted)
-                        body["echo"], body["held"] = f.peer_ts, held
-                    f.peer_ts = -1.0
+                f.add_probe(body, now_s, self.heartbeat_interval_s, self.election_timeout_s)
             self._send(peer, "repl_append", body, (data,) if data else ())
             f.next_offset = next_offset
             f.in_flight += 1

@@ -47,6 +47,18 @@ SLOW_FLOOR_S = 0.03  # a peer is never slow below this round trip (loopback and 
 SLOW_FACTOR = 8.0  # ... and only when this many times slower than the median of the other peers
 
 
+def _keep(samples: deque[tuple[float, float]], value: float, now_s: float) -> None:
+    """Append ``(now_s, value)`` unless it is negative (a clock jump) or within ``SPACING_S`` of the last one kept."""
+    if value >= 0 and (not samples or now_s - samples[-1][0] >= SPACING_S):
+        samples.append((now_s, value))
+
+
+def _recent_median(samples: deque[tuple[float, float]], now_s: float) -> float | None:
+    """The median of the values taken within ``WINDOW_S``; None with fewer than ``MIN_SAMPLES`` of them."""
+    recent = sorted(value for when, value in samples if now_s - when <= WINDOW_S)
+    return recent[len(recent) // 2] if len(recent) >= MIN_SAMPLES else None
+
+
 class PeerLatency:
     """The node's round trips to its peers. See the module docstring."""
 
@@ -57,24 +69,15 @@ class PeerLatency:
     def note(self, peer: str, rtt_s: float, now_s: float) -> None:
         """One round trip to ``peer`` measured now (dropped if negative, from a clock jump, or within
         ``SPACING_S`` of the last one kept)."""
-        if rtt_s < 0:
-            return
         samples = self._samples.get(peer)
         if samples is None:
             samples = self._samples[peer] = deque(maxlen=SAMPLES)
-        elif now_s - samples[-1][0] < SPACING_S:
-            return
-        samples.append((now_s, rtt_s))
+        _keep(samples, rtt_s, now_s)
 
     def rtt(self, peer: str, now_s: float) -> float | None:
         """The median of ``peer``'s recent round trips, or None with fewer than ``MIN_SAMPLES`` of them."""
         samples = self._samples.get(peer)
-        if not samples:
-            return None
-        recent = sorted(rtt for when, rtt in samples if now_s - when <= WINDOW_S)
-        if len(recent) < MIN_SAMPLES:
-            return None
-        return recent[len(recent) // 2]
+        return _recent_median(samples, now_s) if samples else None
 
     def slow(self, peer: str, now_s: float) -> bool:
         """``peer`` is far slower than this node's other peers (the rule of the module docstring)."""
@@ -95,18 +98,13 @@ class PeerLatency:
 
     def note_lag(self, lag_s: float, now_s: float) -> None:
         """A partition leader's heartbeat timer ran ``lag_s`` after it was due (kept as round trips are)."""
-        if lag_s < 0 or (self._lags and now_s - self._lags[-1][0] < SPACING_S):
-            return
-        self._lags.append((now_s, lag_s))
+        _keep(self._lags, lag_s, now_s)
 
     def starved(self, now_s: float) -> bool:
         """This node's own timers run late: the median lag of recent ones is at least ``SLOW_FLOOR_S`` (a CPU it
         gets only in bursts; its round trips to peers, measured within one burst, look fast)."""
-        recent = sorted(lag for when, lag in self._lags if now_s - when <= WINDOW_S)
-        return len(recent) >= MIN_SAMPLES and recent[len(recent) // 2] >= SLOW_FLOOR_S
-
-    def forget(self, peer: str) -> None:
-        self._samples.pop(peer, None)
+        lag = _recent_median(self._lags, now_s)
+        return lag is not None and lag >= SLOW_FLOOR_S
 
     def status(self, now_s: float) -> dict[str, dict]:
         """Per peer with an estimate: its round trip in ms and whether it counts as slow."""
