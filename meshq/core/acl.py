@@ -90,7 +90,6 @@ class Acl:
         self._grants: dict[str, dict[str, set[str]]] = {}
         self.count = 0
         self.version = 0  # changes applied (caches of decisions taken with these grants compare it)
-        self.version = 0  # changes applied (caches of decisions compare it)
 
     def apply(self, command: dict) -> bool:
         """Apply one committed ``acl`` command; returns whether anything changed. A malformed one (only a
@@ -108,12 +107,10 @@ class Acl:
             self._grants.setdefault(name, {}).setdefault(permission, set()).add(pattern)
             self.count += 1
             self.version += 1
-            self.version += 1
             return True
         if action == "revoke" and pattern in patterns:
             patterns.discard(pattern)
             self.count -= 1
-            self.version += 1
             self.version += 1
             if not patterns:
                 del self._grants[name][permission]
