@@ -193,12 +193,13 @@ class MemberTable:
                 changes.append((node_id, "forgotten"))
         return changes
 
-    def gossip(self, limit: int = 256) -> list[dict]:
-        """Members worth telling others about (not left, not forgotten), self first."""
+    def gossip(self, limit: int = 256, hidden: frozenset[str] = frozenset()) -> list[dict]:
+        """Members worth telling others about (not left, not forgotten, not ``hidden``), self first."""
         out = [self.members[self.self_id].to_wire()]
         for node_id in sorted(self.members):
             member = self.members[node_id]
-            if node_id != self.self_id and member.state in (ALIVE, SUSPECT, JOINING) and len(out) < limit:
+            if (node_id != self.self_id and member.state in (ALIVE, SUSPECT, JOINING) and len(out) < limit
+                    and node_id not in hidden):
                 out.append(member.to_wire())
         return out
 

@@ -38,6 +38,12 @@ assignments. Commands (msgpack maps):
   including one its removed node goes on electing itself in after its last report, when it
   comes back. ``docs/guarantees.md`` states the window.
 * ``{"op": "noop"}`` — appended by each new Raft leader.
+* ``{"op": "dissolve", "into": formation}`` — this cluster holds nothing (no topic, no grant, no
+  rebuild) and gives itself up to join the cluster of the same name ``into``
+  (``meshq.core.cluster.formation``, docs/operations.md "Two clusters of the same name"). Applied
+  only while the state still holds nothing: it sets ``dissolved``, and every later command is
+  ignored (no leader proposes one once a dissolve is in its log); each node then forgets this
+  metadata group and asks to join ``into``.
 """
 
 from __future__ import annotations
@@ -85,13 +91,24 @@ class MetadataState:
         # (topic, partition) -> the last rebuild applied: version, epoch, start, lost, known
         self.rebuilds: dict[tuple[str, int], dict] = {}
         self._targets: dict[str, list[list[str]]] = {}
+        self.dissolved: str | None = None  # the formation a committed ``dissolve`` gave this cluster up to
+
+    def holds_nothing(self) -> bool:
+        """No topic, no grant, no rebuild applied: giving this cluster up loses nothing."""
+        return not self.topics and self.acl.count == 0 and not self.rebuilds
 
     def apply(self, index: int, command: dict) -> str | tuple[str, int] | None:
         """Apply one committed command. Returns the name of a created topic, or the
         ``(topic, partition)`` whose replica configuration changed, or None."""
         assert index == self.applied_index + 1, f"metadata applied out of order: {index} after {self.applied_index}"
         self.applied_index = index
+        if self.dissolved is not None:
+            return None  # given up: the node forgets this state at its next formation tick
         op = command.get("op")
+        if op == "dissolve":
+            if self.holds_nothing():
+                self.dissolved = str(command.get("into", ""))
+            return None
         if op == "config":
             self.members = {node: dict(info) for node, info in command["members"].items()}
             placed = [node for node, info in self.members.items() if not info.get("leaving")]

@@ -100,6 +100,9 @@ class RaftNode:
         self.leader: str | None = None
         self.last_applied = -1
         self.entries: list[tuple[int, dict]] = []  # (term, command), position == index
+        # the index of the first ``dissolve`` in the log: from it on no leader proposes anything
+        # (the group is giving itself up, meshq.core.metadata)
+        self.sealed_index: int | None = None
         self._load_entries()
         # A commit index once learned stays true forever (committed entries are never lost),
         # so persisting it lets a restarted node apply its metadata without waiting for a leader.
@@ -129,6 +132,7 @@ class RaftNode:
             for pos, header in batch_format.iter_batches(data):
                 (record,) = batch_format.decode_records(data[pos:pos + header.size], "__meta", 0)
                 self.entries.append((header.leader_epoch, msgpack.unpackb(record.value, raw=False)))
+                self._note_seal(len(self.entries) - 1)
                 offset = header.next_offset
         assert len(self.entries) == self.log.end_offset
 
@@ -142,13 +146,20 @@ class RaftNode:
         self.entries.append((term, command))
         if command.get("op") == "config":
             self._recompute_config()
+        self._note_seal(index)
         return index
+
+    def _note_seal(self, index: int) -> None:
+        if self.sealed_index is None and self.entries[index][1].get("op") == "dissolve":
+            self.sealed_index = index
 
     def _truncate_local(self, index: int) -> None:
         assert index > self.commit_index, f"truncating committed entry {index} (commit {self.commit_index})"
         self.log.truncate_to(index)
         del self.entries[index:]
         self._recompute_config()
+        if self.sealed_index is not None and self.sealed_index >= index:
+            self.sealed_index = None
 
     def _recompute_config(self) -> None:
         for index in range(len(self.entries) - 1, -1, -1):
@@ -205,7 +216,7 @@ class RaftNode:
 
     def status(self) -> dict:
         return {"term": self.term, "role": self.role, "leader": self.leader, "commit_index": self.commit_index,
-                "last_index": self.last_index, "voters": sorted(self.voters)}
+                "last_index": self.last_index, "voters": sorted(self.voters), "formation": self.formation}
 
     # ------------------------------------------------------------------ role changes
     def _become(self, role: str) -> None:
@@ -493,8 +504,9 @@ class RaftNode:
         self._persist_state()
 
     def propose(self, command: dict, now_s: float, on_done: Callable[[bool], None]) -> bool:
-        """Append ``command`` as leader; ``on_done(committed)`` is called later. False if not leader."""
-        if self.role != LEADER:
+        """Append ``command`` as leader; ``on_done(committed)`` is called later. False if not leader,
+        or if the log is sealed (a ``dissolve`` is in it: nothing may follow)."""
+        if self.role != LEADER or self.sealed_index is not None:
             return False
         if command.get("op") == "config":
             if not self.can_change_config():

@@ -308,15 +308,22 @@ _GRANT = dict(name=Str(64, 1), permission=OneOf("produce", "consume", "admin", "
                                                  "serve"), pattern=Str(1024, 1))
 ACL_COMMAND = Struct(op=OneOf("acl"), action=OneOf("grant", "revoke"), **_GRANT)  # in a raft_propose (meshq.core.acl)
 
+_FORMATION = Default(Str(200), "")  # a metadata group's identity (raft.RaftNode.formation)
+
 SCHEMAS: dict[str, Schema] = {
-    "hello": Schema(Struct(member=MEMBER_INFO)),
+    # a voter of a formed group also says which (its summary as in hello_ok; absent from others and older senders):
+    # a node of another group of our name learns it at once (meshq.core.cluster.formation)
+    "hello": Schema(Struct(member=MEMBER_INFO, formed=Default(Bool(), False), leader=Default(Optional(NODE), None),
+                           size=Default(Int(0, 1 << 16), 0), trivial=Default(Bool(), False),
+                           can_form=Default(Bool(), False), formation=_FORMATION, empty=Default(Bool(), False))),
     "hello_ok": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
                               leader=Optional(NODE), size=Int(0, 1 << 16), trivial=Bool(), can_form=Bool(),
-                              formation=Default(Str(200), ""))),
+                              formation=Default(Str(200), ""), empty=Default(Bool(), False))),
     "heartbeat": Schema(Struct(member=MEMBER_INFO, members=ListOf(MEMBER_INFO, 1000), formed=Bool(),
                                leader=Optional(NODE), term=Int(0, 1 << 62), size=Int(0, 1 << 16),
                                trivial=Bool(), can_form=Bool(), leads=ListOf(_lead, 100_000),
-                               adverts=Default(Int(0, 1 << 62), 0), formation=Default(Str(200), ""))),
+                               adverts=Default(Int(0, 1 << 62), 0), formation=Default(Str(200), ""),
+                               empty=Default(Bool(), False))),
     "goodbye": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62))),
     # what a node offers the mesh (meshq.core.mesh.adverts): published on change, pulled when a
     # heartbeat names a newer version than the one known
@@ -325,15 +332,17 @@ SCHEMAS: dict[str, Schema] = {
     "advert_get": Schema(Struct()),
     "advert_ok": Schema(Struct(node_id=NODE, incarnation=Int(0, 1 << 62), version=Int(0, 1 << 62),
                                adverts=MapOf(Str(64, 1), Any_(), 64))),
+    # the metadata group's messages carry the sender's formation (its log's entry 0; "" before it has one, and from
+    # a sender older than this field): a node drops those of another formation (meshq.core.cluster.formation)
     "raft_vote": Schema(Struct(term=Int(0, 1 << 62), candidate=NODE, last_index=Int(-1, 1 << 62),
-                               last_term=Int(0, 1 << 62), pre_vote=Bool())),
+                               last_term=Int(0, 1 << 62), pre_vote=Bool(), formation=_FORMATION)),
     "raft_vote_ok": Schema(Struct(term=Int(0, 1 << 62), granted=Bool(), pre_vote=Bool(), voter=NODE,
-                                  for_term=Int(0, 1 << 62))),
+                                  for_term=Int(0, 1 << 62), formation=_FORMATION)),
     "raft_append": Schema(Struct(term=Int(0, 1 << 62), leader=NODE, prev_index=Int(-1, 1 << 62),
                                  prev_term=Int(0, 1 << 62), commit=Int(-1, 1 << 62),
-                                 entries=ListOf(_raft_entry, 256))),
+                                 entries=ListOf(_raft_entry, 256), formation=_FORMATION)),
     "raft_append_ok": Schema(Struct(term=Int(0, 1 << 62), success=Bool(), match_index=Int(-1, 1 << 62),
-                                    follower=NODE, hint=Int(0, 1 << 62))),
+                                    follower=NODE, hint=Int(0, 1 << 62), formation=_FORMATION)),
     # partition replication (meshq.core.replica); all one-way
     "repl_vote": Schema(Struct(**_REPL, candidate=NODE, last_epoch=EPOCH, end_offset=Int(0, 1 << 62),
                                pre_vote=Bool())),

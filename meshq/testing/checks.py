@@ -95,6 +95,10 @@ class Checker:
 
         self.pubsub = PubSubChecker(sim)
         self.space = SpaceChecker()
+        self.merges = MergeLosesNothingChecker()
+        # SimOptions.apart: the formation of n1's cluster, and each other one's (leaders, committed, checked commit)
+        self.primary_formation: str | None = None
+        self.other_groups: dict[str, tuple[dict, list, dict]] = {}
 
         self.hints = LeaderHintChecker(sim)
         self.counts = {"reassign_steps": 0, "timeout_removals": 0, "leave_removals": 0, "member_additions": 0,
@@ -207,23 +211,12 @@ class Checker:
             if core is None or core.raft is None:
                 continue
             raft = core.raft
-            if raft.role == LEADER:
-                holder = self.leaders_by_term.setdefault(raft.term, node_id)
-                if holder != node_id:
-                    raise Violation(f"two metadata leaders in term {raft.term}: {holder} and {node_id}")
-            previous = self.checked_commit.get(node_id, -1)
-            if raft.commit_index < previous:
-                raise Violation(f"{node_id}: commit index went back from {previous} to {raft.commit_index}")
-            for index in range(previous + 1, raft.commit_index + 1):
-                entry = raft.entries[index]
-                if index < len(self.committed):
-                    if self.committed[index] != entry:
-                        raise Violation(f"{node_id}: committed entry {index} is {entry}, "
-                                        f"another node committed {self.committed[index]}")
-                else:
-                    self.committed.append(entry)
-                    self._check_committed_command(index, entry[1])
-            self.checked_commit[node_id] = raft.commit_index
+            self.merges.check(node_id, core)
+            if sim.options.apart is not None and self._other_group(node_id, raft):
+                pass  # a second cluster of the name (SimOptions.apart), checked on its own
+            else:
+                self._check_metadata(node_id, raft, self.leaders_by_term, self.committed, self.checked_commit,
+                                     self._check_committed_command)
             self.space.check(node_id, core, sim.now_s)
             marks = self.high_watermarks.setdefault(node_id, {})
             for key, state in core.partitions.items():
@@ -253,6 +246,43 @@ class Checker:
             if self._is_converged():
                 self.converged = True
                 self.converged_s = sim.now_s - self.liveness_started_s
+
+    @staticmethod
+    def _check_metadata(node_id: str, raft: Any, leaders_by_term: dict, committed: list, checked_commit: dict,
+                        on_committed: Any) -> None:
+        """One metadata group's safety on ``node_id``: one leader per term, a commit index that never goes back,
+        and every committed entry the same on every node (each new one handed to ``on_committed``)."""
+        if raft.role == LEADER:
+            holder = leaders_by_term.setdefault(raft.term, node_id)
+            if holder != node_id:
+                raise Violation(f"two metadata leaders in term {raft.term}: {holder} and {node_id}")
+        previous = checked_commit.get(node_id, -1)
+        if raft.commit_index < previous:
+            raise Violation(f"{node_id}: commit index went back from {previous} to {raft.commit_index}")
+        for index in range(previous + 1, raft.commit_index + 1):
+            entry = raft.entries[index]
+            if index < len(committed):
+                if committed[index] != entry:
+                    raise Violation(f"{node_id}: committed entry {index} is {entry}, "
+                                    f"another node committed {committed[index]}")
+            else:
+                committed.append(entry)
+                if on_committed is not None:
+                    on_committed(index, entry[1])
+        checked_commit[node_id] = raft.commit_index
+
+    def _other_group(self, node_id: str, raft: Any) -> bool:
+        """With ``SimOptions.apart``: whether ``node_id`` is not (yet) in n1's cluster. Each other formation is
+        checked by ``_check_metadata`` on state of its own; a node that gives one up starts afresh in the next."""
+        formation = raft.formation
+        if node_id == "n1" and formation and self.primary_formation is None:
+            self.primary_formation = formation
+        if formation == self.primary_formation:
+            return False
+        if formation:
+            leaders, committed, checked = self.other_groups.setdefault(formation, ({}, [], {}))
+            self._check_metadata(node_id, raft, leaders, committed, checked, None)
+        return True
 
     def _check_committed_command(self, index: int, command: dict) -> None:
         """A metadata entry was committed (each seen once, in log order): apply it to a replay of
@@ -710,6 +740,10 @@ class Checker:
     def summary(self) -> dict:
         out = dict(self.history)
         out.update({name: count for name, count in self.counts.items() if count})
+        if self.merges.given_up:
+            out["clusters_given_up"] = len(self.merges.given_up)
+        if self.other_groups:
+            out["other_formations"] = len(self.other_groups)
         if self.converged_s is not None:
             out["converged_s"] = round(self.converged_s, 3)
         return out
@@ -793,3 +827,37 @@ class ClustersApartChecker:
                                     f"{theirs}) as a replica: replicas {replica.replicas}, learners "
                                     f"{replica.learners}")
 
+
+
+class MergeLosesNothingChecker:
+    """A cluster gives itself up to another of the same name only while it holds nothing
+    (``Formation._maybe_merge``, metadata ``dissolve``): after every event, no storage node that held a topic,
+    grant or rebuild in its metadata (applied, or anything but membership changes in its uncommitted log) at its previous
+    check has left that formation since (its log reset or now of another formation). Each node is checked
+    against what it held just before, so a node that gave up a group holding something is caught at the step
+    it did."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, tuple[str, bool]] = {}  # node id -> (formation, held something)
+        self.checks = 0
+        self.given_up: list[tuple[str, str]] = []  # (node, formation) each time a node was seen to leave one
+
+    def check(self, node_id: str, core: Any) -> None:
+        self.checks += 1
+        raft = core.agreement.raft
+        if raft is None:
+            return
+        formation = raft.formation
+        # applied metadata (read here, not through the rule's own holds_nothing), and the uncommitted tail
+        meta = core.agreement.meta
+        held = (bool(meta.topics or meta.rebuilds or meta.acl.count)
+                or any(command.get("op") not in ("config", "noop", "dissolve")
+                       for _term, command in raft.entries[raft.commit_index + 1:]))
+        previous = self.before.get(node_id)
+        self.before[node_id] = (formation, held)
+        if previous is None or not previous[0] or previous[0] == formation:
+            return
+        self.given_up.append((node_id, previous[0]))
+        if previous[1]:
+            raise Violation(f"{node_id} gave up formation {previous[0]} (now {formation or 'none'}) while its "
+                            f"metadata held something: topics, grants or rebuilds are lost")

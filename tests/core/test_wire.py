@@ -46,23 +46,27 @@ OFFSET_ENTRY = {"topic": "orders", "partition": 1, "offset": 3}
 
 #: One valid (body, payloads) per message type. Must name every type in wire.SCHEMAS.
 EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
-    "hello": ({"member": MEMBER_INFO}, ()),
+    "hello": ({"member": MEMBER_INFO, "formed": True, "leader": "node-a", "size": 3, "trivial": False,
+               "can_form": False, "formation": "node-a.18bcfe56800", "empty": True}, ()),
     "hello_ok": ({"member": MEMBER_INFO, "members": [MEMBER_INFO, dict(MEMBER_INFO, node_id="node-c", role="client")],
                   "formed": True, "leader": "node-a", "size": 3, "trivial": False, "can_form": False,
-                  "formation": "node-a.18bcfe56800"}, ()),
+                  "formation": "node-a.18bcfe56800", "empty": False}, ()),
     "heartbeat": ({"member": MEMBER_INFO, "members": [MEMBER_INFO], "formed": False, "leader": None, "term": 3,
                    "size": 0, "trivial": False, "can_form": False, "leads": [["orders", 2, 7]], "adverts": 4,
-                   "formation": ""}, ()),
+                   "formation": "", "empty": False}, ()),
     "goodbye": ({"node_id": "node-b", "incarnation": 1_700_000_000_000}, ()),
     "advert": ({"node_id": "node-b", "incarnation": 1_700_000_000_000, "version": 4,
                 "adverts": {"subs": [["sensors.*.temp", None]], "services": {"echo": {"idempotent": True}}}}, ()),
     "advert_get": ({}, ()),
     "advert_ok": ({"node_id": "node-b", "incarnation": 1_700_000_000_000, "version": 0, "adverts": {}}, ()),
-    "raft_vote": ({"term": 4, "candidate": "node-b", "last_index": -1, "last_term": 0, "pre_vote": True}, ()),
-    "raft_vote_ok": ({"term": 4, "granted": False, "pre_vote": True, "voter": "node-a", "for_term": 5}, ()),
+    "raft_vote": ({"term": 4, "candidate": "node-b", "last_index": -1, "last_term": 0, "pre_vote": True,
+                  "formation": "node-a.18bcfe56800"}, ()),
+    "raft_vote_ok": ({"term": 4, "granted": False, "pre_vote": True, "voter": "node-a", "for_term": 5,
+                     "formation": "node-a.18bcfe56800"}, ()),
     "raft_append": ({"term": 4, "leader": "node-a", "prev_index": 9, "prev_term": 3, "commit": 9,
-                     "entries": [[4, b"\x81\xa2op\xa4noop"], [4, b""]]}, ()),
-    "raft_append_ok": ({"term": 4, "success": True, "match_index": 11, "follower": "node-b", "hint": 0}, ()),
+                     "entries": [[4, b"\x81\xa2op\xa4noop"], [4, b""]], "formation": "node-a.18bcfe56800"}, ()),
+    "raft_append_ok": ({"term": 4, "success": True, "match_index": 11, "follower": "node-b", "hint": 0,
+                       "formation": ""}, ()),
     "repl_vote": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "candidate": "node-b", "last_epoch": 2,
                    "end_offset": 40, "pre_vote": True}, ()),
     "repl_vote_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "voter": "node-a", "granted": True,
@@ -443,6 +447,9 @@ def test_bytes_keys_do_not_stand_in_for_field_names():
 # ---------------------------------------------------------------- body rejections
 # fields a sender may leave out (wire.Default): an addition to a message type that older senders lack
 OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello_ok", "formation"), ("error", "leader"),
+                   ("heartbeat", "empty"), ("hello_ok", "empty"), ("raft_vote", "formation"),
+                   ("raft_vote_ok", "formation"), ("raft_append", "formation"), ("raft_append_ok", "formation"),
+                   *(("hello", name) for name in ("formed", "leader", "size", "trivial", "can_form", "formation", "empty")),
                    ("repl_append", "ts"), ("repl_append", "echo"), ("repl_append", "held"),
                    ("repl_append_ok", "ts"), ("repl_append_ok", "echo")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])

@@ -36,8 +36,10 @@ def test_swarm_never_draws_the_corrupt_fault():
 
 
 def test_the_simulator_catches_a_consumer_that_lets_a_damaged_fetch_escape(monkeypatch):
-    """Seed 3 damages a fetch answer: a consumer that decodes it without dropping the damage
-    (what it did before) raises out of the core, which the simulator reports."""
+    """Seed 0 damages a fetch answer: a consumer that decodes it without dropping the damage
+    (what it did before) raises out of the core, which the simulator reports. (It was seed 3 until the
+    metadata group's messages began to carry their formation: frames of other sizes move which one the
+    fault damages.)"""
 
     def unguarded(self, spec, data):
         self._busy.discard(spec.partition)
@@ -48,6 +50,6 @@ def test_the_simulator_catches_a_consumer_that_lets_a_damaged_fetch_escape(monke
         return records
 
     monkeypatch.setattr(ConsumerState, "on_fetched", unguarded)
-    result = run(3)
+    result = run(0)
     assert not result.ok
     assert any("CorruptLogError" in str(v) for v in result.violations), result.violations

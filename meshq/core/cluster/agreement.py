@@ -19,7 +19,12 @@ both and:
   them per partition, so a new metadata leader knows them too);
 * applies each committed command (``apply``): a topic agreed opens its local replicas, a
   replica-set step reconfigures one (``core.host``), a new configuration makes us meet
-  voters we only know from the log.
+  voters we only know from the log;
+* gives the group up when it holds nothing and meets another of its name that outranks it
+  (``meshq.core.cluster.formation`` decides): the leader proposes ``dissolve``; from the moment
+  the group knows it yields, every change but membership is refused (``_merging``), and ``reset``
+  forgets the log. Every raft message it sends names its formation (``send``), and one naming
+  another is dropped (``serve_raft``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ META_TOPIC = "__meta"
 # elections: every vote the node then asked for would break the schema at its peers).
 MAX_TERM = (1 << 62) - 1
 _TERM_FIELDS = ("term", "for_term", "last_term", "prev_term")
+_TAGGED = frozenset({"raft_vote", "raft_vote_ok", "raft_append", "raft_append_ok"})
+_MERGING = ("this cluster held nothing and is giving itself up to join another cluster of the same name "
+            "(docs/operations.md, 'Two clusters of the same name'); retry in a moment: the merged cluster takes it")
 
 
 class Agreement(Room):
@@ -72,8 +80,14 @@ class Agreement(Room):
         """Open the metadata log and start taking part in the group (storage nodes only)."""
         self._new_raft(self.core.storage.read_meta("raft"), now_s)
 
+    def dissolve(self, into: str, now_s: float) -> bool:
+        """Leader of a group that holds nothing: propose giving it up to join formation ``into``."""
+        raft = self.raft
+        return (raft is not None and raft.sealed_index is None
+                and raft.propose({"op": "dissolve", "into": into}, now_s, lambda ok: None))
+
     def reset(self, now_s: float) -> None:
-        """Forget this node's metadata group (a trivial cluster giving itself up) and start afresh."""
+        """Forget this node's metadata group (a cluster that held nothing giving itself up) and start afresh."""
         assert self.raft is not None
         storage = self.core.storage
         storage.delete_log(META_TOPIC, 0)
@@ -113,11 +127,15 @@ class Agreement(Room):
         return info
 
     def send(self, peer: str, type_: str, body: dict) -> None:
+        if type_ in _TAGGED and self.raft is not None:
+            body = {**body, "formation": self.raft.formation}  # the receiver drops another group's (serve_raft)
         self.core.mesh.send_to_member(peer, type_, body)
 
     def serve_raft(self, route: Any, message: wire.Message, now_s: float) -> None:
         if self.raft is None:
             raise NotLeaderError(f"node {self.node_id} is a client and takes no part in the metadata group")
+        if self.core.formation.refuses_raft(message.sender, message.body.get("formation", "")):
+            return  # another metadata group's (or one this node gave up): never take its log, term or votes
         body = message.body
         highest = max(body.get(name, 0) for name in _TERM_FIELDS)
         if highest > MAX_TERM:
@@ -246,6 +264,9 @@ class Agreement(Room):
         if raft is None:
             done(NotLeaderError(f"node {self.node_id} is a client"))
             return
+        if self._merging(command):  # (on any member: its leader may not have heard of the other group yet)
+            done(NotLeaderError(_MERGING))
+            return
         if raft.role == LEADER:
             if command.get("op") == "create_topic" and command.get("assignment") is None:
                 config = TopicConfig.from_wire(command["config"])
@@ -319,5 +340,15 @@ class Agreement(Room):
             else:
                 self.out.reply_error(route, request_id, NotLeaderError("metadata leader changed; retry"))
 
+        if self._merging(command):
+            raise NotLeaderError(_MERGING)
         if not raft.propose(command, now_s, on_done):
             raise NotLeaderError("the metadata group cannot take a change right now; retry")
+
+    def _merging(self, command: dict) -> bool:
+        """Whether ``command`` (anything but membership) is refused because this group is giving itself up: its
+        ``dissolve`` is in the log, or it holds nothing and knows of a group it gives itself up to (so it never
+        takes state it would have to give up with it)."""
+        raft = self.raft
+        return (command.get("op") not in ("config", "noop", "dissolve") and raft is not None
+                and (raft.sealed_index is not None or self.core.formation.giving_up()))

@@ -2,25 +2,40 @@
 
 Theory of operation
 -------------------
-Every heartbeat and hello answer carries a summary of the sender's metadata group
-(``summary``: formed or not, its leader, its size, whether it is trivial, whether the
-sender could form one); this room keeps the latest of each peer (``peer_clusters``) and,
-at every heartbeat and on news, decides (``tick``):
+Every heartbeat and hello answer (and a formed node's hello) carries a summary of the sender's
+metadata group (``summary``: formed or not, its leader, its size, its formation, whether it
+holds nothing, whether it is trivial, whether the sender could form one); this room keeps the
+latest of each peer (``peer_clusters``) and, at every heartbeat and on news, decides (``tick``):
 
-* a node that is a voter of a formed group stays, but gives up a *trivial* group (one
-  member, no topic) when it meets another formed group of the same name (the higher leader
-  id yields when both are trivial, so exactly one side moves), and asks to be admitted
-  again when it hears no leader while peers name one (its log may hold a configuration the
-  cluster dropped);
+* a node that is a voter of a formed group stays, but a group that *holds nothing* (no topic,
+  no grant: its log has only membership changes) gives itself up when it meets another formed
+  group of the same name that outranks it: one that holds something, or, when both hold
+  nothing, one whose formation sorts first (a fixed order both sides see alike, so exactly one
+  side moves; ``_maybe_merge``). A one-member group resets at once; a larger one through its
+  log: its leader proposes ``dissolve`` (after which no leader proposes anything), every member
+  applying it waits (the leader one election timeout, so its followers learn the commit) and
+  resets (``_maybe_dissolved``), and from then on drops the raft messages of the group it left
+  (each carries its sender's formation: ``refuses_raft``). A voter that hears no leader for
+  ``3 × election_timeout_s`` gives the group up alone when that loses nothing: a majority of its
+  voters left (it missed the commit) and its committed log holds nothing, or its whole log holds
+  nothing and it knows a group it yields to (``_abandon_dead_group``). Until it is gone, a group
+  that yields takes no state (``giving_up``: ``Agreement`` refuses every change but membership)
+  and learns no clients from gossip, and the group it yields to leaves its nodes out of gossip
+  (``unannounced``), so clients stay with the group that stays. A voter also asks to be
+  admitted again when it hears no leader while peers of its own formation name one (its log may
+  hold a configuration the cluster dropped);
 * a node that knows of a formed group (a peer says so, or its own log has a term) asks to
   join it (``raft_join``) through the best candidate: the leader it follows, the leaders
-  peers name, those peers, the voters its log names, any live storage node; each time
-  ``2 × election_timeout_s`` pass unanswered it moves one candidate on, and after a full
-  round asks its seeds again;
+  peers name, those peers, the voters its log names, any live storage node (never a voter of
+  a group it gave up); each time ``2 × election_timeout_s`` pass unanswered it moves one
+  candidate on, and after a full round asks its seeds again. A non-voter whose log belongs to a
+  group nobody it hears is in any more starts afresh (``_learner_of_gone_group``);
 * otherwise, after ``bootstrap_wait_s`` (mDNS) or once every seed answered, the lowest
   node id among the unformed storage nodes it knows forms a one-member group; it first waits
   (a bounded time) for any live lower-id storage node whose state it does not know yet, which
-  may be forming at that moment (``_defer_to_lower``).
+  may be forming at that moment (``_defer_to_lower``). A node that just gave a group up forms
+  none for ``max(10 × election_timeout_s, bootstrap_wait_s)``: it waits to hear the group it
+  yielded to.
 """
 
 from __future__ import annotations
@@ -33,6 +48,9 @@ from meshq.core.raft import LEADER
 from meshq.core.room import Room
 
 log = logging.getLogger("meshq.core")
+
+# the commands of a metadata log that holds nothing: membership, leaders' no-ops, the dissolve itself
+_MEMBERSHIP_OPS = frozenset({"config", "noop", "dissolve"})
 
 
 class Formation(Room):
@@ -50,21 +68,49 @@ class Formation(Room):
         # a node about to form: since when each lower-id storage node of unknown or not-yet-formable state has
         # been waited for (see _defer_to_lower)
         self._deferred_since: dict[str, float] = {}
+        # after giving a group up: each of its voters not yet heard to have left it, and that group's formation
+        # (never asked to admit us), the formations it gave up (refuses_raft); and until when this node forms no
+        # group of its own (it gave one up to join another)
+        self._left_peers: dict[str, str] = {}
+        self._left_formations: set[str] = set()
+        self._no_forming_until_s = 0.0
+        self._dissolved_seen_s: float | None = None  # when this node first saw its group's dissolve applied
 
     def note_summary(self, node_id: str, role: str, summary: dict) -> None:
         """``node_id`` told us about its metadata group (a heartbeat or hello answer)."""
         self.peer_clusters[node_id] = {
             "role": role,
             **{field: summary[field] for field in ("formed", "leader", "size", "trivial", "can_form")},
+            "formation": summary.get("formation", ""), "empty": summary.get("empty", False),
         }
+        if node_id in self._left_peers and self.peer_clusters[node_id]["formation"] != self._left_peers[node_id]:
+            del self._left_peers[node_id]  # it gave the group up too
+
+    def refuses_raft(self, sender: str, formation: str) -> bool:
+        """Whether a metadata-group message ``sender`` sent tagged with ``formation`` is dropped: our log belongs to
+        another formation, or we have none yet and gave that one up. So no log ever takes entries, terms or votes
+        of another group (two groups' first entries share term 1: Raft's log matching alone would splice them),
+        not even a message of the group we left that arrives late. A message without a formation (an older
+        sender) is judged by what its sender last said about its group."""
+        raft = self.core.agreement.raft
+        ours = raft.formation if raft is not None else ""
+        if not formation:
+            cluster = self.peer_clusters.get(sender)
+            if sender in self._left_peers:
+                return True
+            formation = cluster["formation"] if cluster is not None and cluster["formed"] else ""
+        if not formation:
+            return False
+        return formation != ours if ours else formation in self._left_formations
 
     def forget(self, node_id: str) -> None:
         self.peer_clusters.pop(node_id, None)
 
-    def named_leaders(self) -> list[str]:
-        """The metadata leaders formed peers name (other than us), sorted."""
+    def named_leaders(self, formation: str | None = None) -> list[str]:
+        """The metadata leaders formed peers name (other than us), sorted; only those of ``formation`` if given."""
         return sorted({c["leader"] for c in self.peer_clusters.values()
-                       if c["formed"] and c["leader"] and c["leader"] != self.node_id})
+                       if c["formed"] and c["leader"] and c["leader"] != self.node_id
+                       and (formation is None or c["formation"] in (formation, ""))})
 
     def summary(self) -> dict:
         """What this node tells others about its metadata group (formation and merging use it)."""
@@ -73,7 +119,8 @@ class Formation(Room):
         return {"formed": formed, "leader": raft.leader if raft is not None else None,
                 "size": len(raft.voters) if formed else 0, "trivial": formed and self._trivial_cluster(),
                 "can_form": raft is not None and not formed and not self.core.mesh.waiting_for_seeds(),
-                "formation": raft.formation if formed and raft is not None else ""}
+                "formation": raft.formation if formed and raft is not None else "",
+                "empty": formed and self._holds_nothing()}
 
     def formation(self) -> str:
         """The identity of our formed cluster ("" when we are not a voter of one, or are a client)."""
@@ -83,19 +130,52 @@ class Formation(Room):
     def foreign(self, summary: dict) -> bool:
         """True when a peer's summary (heartbeat, hello answer) says it is a voter of another formed cluster of
         our name while we are a voter of ours: its formation differs. Such a peer is refused (docs/operations.md,
-        "Two clusters of the same name"), except while our cluster is trivial: then one side gives itself up
-        (``_maybe_merge``) and the two become one."""
+        "Two clusters of the same name"), except while either cluster holds nothing: then one side gives itself
+        up (``_maybe_merge``) and the two become one."""
         ours = self.formation()
         theirs = summary.get("formation", "")
         if not ours or not summary.get("formed") or not theirs or theirs == ours:
             return False
-        return not self._trivial_cluster() and not summary.get("trivial", False)
+        # Either side holds nothing: they meet, and one gives itself up (``_maybe_merge``); until then the one that
+        # does refuses to take any state (``Agreement._merging``), so nothing it held is lost with it.
+        return not self._holds_nothing() and not summary.get("empty", False) and not summary.get("trivial", False)
+
+    def unannounced(self) -> frozenset[str]:
+        """Storage nodes our gossip leaves out while we know of another formed group of our name: its voters that
+        give themselves up to ours, and every storage node whose group we have not heard yet (it may be one of
+        theirs). So our clients learn of such a node only once it is known to be one of us, and never write to a
+        group about to go. (With one group in sight, nothing is left out.)"""
+        ours = self.formation()
+        members = self.core.mesh.members
+        if not ours or members is None:
+            return frozenset()
+        others = {peer: cluster for peer, cluster in self.peer_clusters.items()
+                  if cluster["formed"] and cluster["formation"] and cluster["formation"] != ours}
+        if not others:
+            return frozenset()
+        unknown = {peer for peer, member in members.members.items()
+                   if member.role == "storage" and peer != self.node_id and peer not in self.peer_clusters}
+        empty = self._holds_nothing()
+        return frozenset(unknown | {peer for peer, cluster in others.items()
+                                    if not (empty and self._outranked_by(cluster, ours))})
+
+    def giving_up(self) -> bool:
+        """Our formed group holds nothing and we know of another formed group of our name it gives itself up to."""
+        return self._outranking_peer() is not None
+
+    def _holds_nothing(self, committed_only: bool = False) -> bool:
+        """Our metadata group holds nothing: no topic, grant or rebuild applied, and its log (or only its
+        committed part) has nothing but membership changes. Giving it up loses nothing."""
+        raft = self.core.agreement.raft
+        if raft is None or not self.core.agreement.meta.holds_nothing():
+            return False
+        entries = raft.entries[:raft.commit_index + 1] if committed_only else raft.entries
+        return all(command.get("op") in _MEMBERSHIP_OPS for _term, command in entries)
 
     def _trivial_cluster(self) -> bool:
-        """A one-member cluster that holds no topic: abandoning it loses nothing."""
+        """A one-member cluster that holds nothing."""
         raft = self.core.agreement.raft
-        return (raft is not None and list(raft.voters) == [self.node_id] and not self.core.agreement.meta.topics
-                and not any(command.get("op") == "create_topic" for _term, command in raft.entries))
+        return raft is not None and list(raft.voters) == [self.node_id] and self._holds_nothing()
 
     def tick(self, now_s: float) -> None:
         """Join a formed cluster, form one, or give up a trivial one (see the module docstring)."""
@@ -105,10 +185,13 @@ class Formation(Room):
         assert self.core.mesh.members is not None
         if raft.is_member:
             self._join_skipped, self._join_asked_since_s = 0, None
-            self._maybe_merge(now_s)
+            if self._maybe_dissolved(now_s) or self._maybe_merge(now_s) or self._abandon_dead_group(now_s):
+                return
             self._ask_readmission(now_s)
             return
-        formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"])
+        formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"] and p not in self._left_peers)
+        if self._learner_of_gone_group(formed_peers, now_s):
+            return
         # A term means a formed cluster reached us (a node outside any configuration never
         # campaigns): keep asking to join it, even once every peer of it has been forgotten,
         # and never form a second cluster (nor bootstrap over that term).
@@ -120,6 +203,8 @@ class Formation(Room):
             if target is not None:
                 self.core.agreement.send(target, "raft_join", {"member": self.core.mesh.self_info()})
             return
+        if now_s < self._no_forming_until_s:
+            return  # it gave a group up to join another one: wait to hear of that one
         if self.config.seeds:
             if self.core.mesh.waiting_for_seeds():
                 return  # never form a cluster while a seed is silent: it may be the cluster
@@ -168,7 +253,7 @@ class Formation(Room):
                    *sorted(raft.voters), *self.core.mesh.members.alive_ids("storage")]
         candidates: list[str] = []
         for peer in ordered:
-            if peer and peer != self.node_id and peer not in candidates:
+            if peer and peer != self.node_id and peer not in candidates and peer not in self._left_peers:
                 candidates.append(peer)
         members = self.core.mesh.members
         reachable = [peer for peer in candidates
@@ -220,32 +305,129 @@ class Formation(Room):
             return
         if now_s - self._leaderless_since_s < 3 * self.config.election_timeout_s or now_s < self._next_join_s:
             return
-        leaders = self.named_leaders()
+        leaders = self.named_leaders(raft.formation)  # never another group's: it would splice its log into ours
         if leaders:
             self._next_join_s = now_s + 1.0
             self.core.agreement.send(leaders[0], "raft_join", {"member": self.core.mesh.self_info()})
 
-    def _maybe_merge(self, now_s: float) -> None:
-        """A trivial cluster that meets another formed cluster of the same name gives itself up.
-
-        Only a one-member cluster without topics yields (it has nothing to lose); when both
-        are trivial, the one whose leader id is higher yields, so exactly one side moves.
-        """
+    def _maybe_merge(self, now_s: float) -> bool:
+        """A group that holds nothing and meets another formed group of the same name that outranks it gives
+        itself up (see the module docstring). True when this node just reset."""
         raft = self.core.agreement.raft
-        if raft is None or not self._trivial_cluster():
-            return
+        if raft is None or raft.sealed_index is not None or not self._holds_nothing():
+            return False
+        found = self._outranking_peer()
+        if found is not None:
+            _peer, cluster = found
+            ours, theirs, other_leader = raft.formation, cluster["formation"], cluster["leader"]
+            if list(raft.voters) == [self.node_id]:
+                log.warning("%s formed a separate cluster %r alone; giving it up to join formation %s (led by %s)",
+                            self.node_id, self.config.cluster, theirs, other_leader or "nobody yet")
+                self._reset_metadata(now_s)
+                return True
+            if raft.role == LEADER and self.core.agreement.dissolve(theirs, now_s):
+                log.warning("cluster %r (formation %s, %d members) holds nothing and met another cluster of that "
+                            "name (formation %s, led by %s): giving it up to join that one", self.config.cluster,
+                            ours, len(raft.voters), theirs, other_leader or "nobody yet")
+        return False
+
+    def _outranking_peer(self) -> tuple[str, dict] | None:
+        """(peer, its summary) of the first peer that is a voter of another formed group of our name that our group
+        (holding nothing) gives itself up to; None when there is none, or our group holds something."""
+        raft = self.core.agreement.raft
+        if raft is None or not raft.is_member or not raft.formed or not self._holds_nothing():
+            return None
+        ours = raft.formation
         for peer, cluster in sorted(self.peer_clusters.items()):
-            other_leader = cluster["leader"]
-            if not cluster["formed"] or other_leader in (None, self.node_id) or peer in raft.voters:
+            theirs = cluster["formation"]
+            if not cluster["formed"] or not theirs or theirs == ours or peer in raft.voters or peer in self._left_peers:
                 continue
-            if cluster["trivial"] and other_leader > self.node_id:
-                continue
-            log.warning("%s formed a separate cluster %r alone; giving it up to join %s's",
-                        self.node_id, self.config.cluster, other_leader)
-            self._reset_metadata(now_s)
-            return
+            if self._outranked_by(cluster, ours):
+                return peer, cluster
+        return None
+
+    def _outranked_by(self, cluster: dict, ours: str) -> bool:
+        """Whether our group (holding nothing) gives itself up to a peer's formed group: that group holds something,
+        or holds nothing either and its formation sorts before ours (its leader id, from a peer too old to send a
+        formation)."""
+        if not (cluster["empty"] or cluster["trivial"]):
+            return True
+        return (cluster["formation"] or cluster["leader"] or "") < (ours or self.node_id)
+
+    def _maybe_dissolved(self, now_s: float) -> bool:
+        """Our group's ``dissolve`` is applied here: reset and join the other group. The leader waits one election
+        timeout first, so its heartbeats tell every follower the dissolve is committed. True once reset."""
+        raft = self.core.agreement.raft
+        assert raft is not None
+        if self.core.agreement.meta.dissolved is None:
+            self._dissolved_seen_s = None
+            return False
+        if self._dissolved_seen_s is None:
+            self._dissolved_seen_s = now_s
+        if raft.role == LEADER and now_s - self._dissolved_seen_s < self.config.election_timeout_s:
+            return False
+        log.warning("%s: cluster %r (formation %s) is given up; joining formation %s", self.node_id,
+                    self.config.cluster, raft.formation, self.core.agreement.meta.dissolved or "?")
+        self._reset_metadata(now_s)
+        return True
+
+    def _learner_of_gone_group(self, formed_peers: list[str], now_s: float) -> bool:
+        """A node that is no voter (a learner, or a joiner that got part of a log) and whose log belongs to a group
+        nobody it hears is a voter of any more (it gave itself up while we caught up), while other formed groups
+        are heard, and no leader of it for ``3 × election_timeout_s``: it starts afresh (a non-voter holds nothing
+        of its own) and joins one of those. Its log would refuse their messages otherwise. True once reset."""
+        raft = self.core.agreement.raft
+        assert raft is not None
+        mine = raft.formation
+        if (not mine or raft.is_member or not formed_peers
+                or now_s - raft.last_leader_contact_s < 3 * self.config.election_timeout_s
+                or any(cluster["formation"] == mine for cluster in self.peer_clusters.values() if cluster["formed"])):
+            return False
+        log.warning("%s: the cluster %r it was catching up with as a learner (formation %s) is gone; starting afresh "
+                    "to join formation %s", self.node_id, self.config.cluster, mine,
+                    self.peer_clusters[formed_peers[0]]["formation"] or "?")
+        self._reset_metadata(now_s)
+        return True
+
+    def _abandon_dead_group(self, now_s: float) -> bool:
+        """A voter that hears no leader of its group for ``3 × election_timeout_s`` gives the group up on its own
+        when either: a majority of its voters say they are in another formation or none (it missed the group's
+        dissolve: the group can never commit again) and its committed log holds nothing; or its whole log holds
+        nothing and it knows of a group it gives itself up to (its group may never elect again: its other voters
+        left or died before it could dissolve). Either way it loses nothing. True once reset."""
+        raft = self.core.agreement.raft
+        assert raft is not None
+        if (raft.role == LEADER or raft.leader is not None or self._leaderless_since_s is None
+                or now_s - self._leaderless_since_s < 3 * self.config.election_timeout_s):
+            return False
+        ours = raft.formation
+        gone = [peer for peer in raft.voters if peer != self.node_id and peer in self.peer_clusters
+                and self.peer_clusters[peer]["formation"] != ours]
+        if len(raft.voters) - len(gone) < raft.quorum() and self._holds_nothing(committed_only=True):
+            log.warning("%s: %d of the %d voters of cluster %r (formation %s) left it and no leader is heard; it "
+                        "held nothing: giving it up too", self.node_id, len(gone), len(raft.voters),
+                        self.config.cluster, ours)
+        elif self.giving_up():
+            log.warning("%s: cluster %r (formation %s) holds nothing, met another cluster of that name and has had "
+                        "no leader for %.1f s: giving it up to join that one", self.node_id, self.config.cluster,
+                        ours, now_s - self._leaderless_since_s)
+        else:
+            return False
+        self._reset_metadata(now_s)
+        return True
 
     def _reset_metadata(self, now_s: float) -> None:
+        raft = self.core.agreement.raft
+        assert raft is not None
+        left = raft.formation
+        self._left_formations.add(left)
+        for peer in raft.voters:
+            if peer != self.node_id and self.peer_clusters.get(peer, {}).get("formation", left) == left:
+                self._left_peers[peer] = left
+        # It gave this group up to join another: it waits for that one (a follower may not have heard of it
+        # yet) rather than form a third, for a bounded time (should that one be gone for good).
+        self._no_forming_until_s = now_s + max(10 * self.config.election_timeout_s, self.config.bootstrap_wait_s)
+        self._dissolved_seen_s = self._leaderless_since_s = None
         self.core.agreement.reset(now_s)
         self._next_join_s = 0.0
         self.core.mesh.publish_heartbeat()

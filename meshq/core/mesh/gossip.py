@@ -127,6 +127,8 @@ class Mesh(Room):
             return
         if self.is_foreign(info):
             return  # of another cluster of our name: only its own heartbeats are listened to
+        if info.get("role") == "client" and self.core.formation.giving_up():
+            return  # our group gives itself up to another: its clients are that group's, never drawn to ours
         member = self.members.learn(info, now_s)
         if member is not None:
             self._link(member)
@@ -164,7 +166,7 @@ class Mesh(Room):
 
     def publish_heartbeat(self) -> None:
         assert self.members is not None
-        body = {"member": self.self_info(), "members": self.members.gossip(), **self.core.formation.summary(),
+        body = {"member": self.self_info(), "members": self.members.gossip(hidden=self.core.formation.unannounced()), **self.core.formation.summary(),
                 "term": self.core.agreement.term(), "leads": self.core.host.leads(),
                 "adverts": self.core.adverts.version}
         self.heartbeats_sent += 1
@@ -310,7 +312,11 @@ class Mesh(Room):
             log.info("seed %s did not answer hello (%s); retrying", peer[5:], error)
             self.out.schedule(self.core.now_s + 0.5, "hello_retry", peer)
 
-        self.out.request(peer, "hello", {"member": self.self_info()}, (), now_s, 2.0, on_reply, on_error)
+        body: dict = {"member": self.self_info()}
+        summary = self.core.formation.summary()
+        if summary["formed"]:
+            body.update(summary)  # (see serve_hello)
+        self.out.request(peer, "hello", body, (), now_s, 2.0, on_reply, on_error)
 
     def _hello_again(self, peer: str, now_s: float) -> None:
         """The ``hello_retry`` timer: a seed did not answer our hello; ask it again."""
@@ -354,9 +360,16 @@ class Mesh(Room):
         if info.get("role") == "storage":  # only the cluster key may say it is a storage node
             self.core.access.require_node("a hello claiming the storage role")
         if info["node_id"] != self.node_id:
-            self._heard_from(info, None, now_s)
+            # A voter of another formed group of our name: take its summary now, not at its first heartbeat (either
+            # side may have to give itself up, and one that would must not take state meanwhile). A hello of our
+            # own group is taken as before: its heartbeat brings the summary.
+            body = message.body
+            ours = self.core.formation.formation()
+            theirs = body.get("formation", "")
+            other = info.get("role") == "storage" and body.get("formed", False) and ours and theirs and theirs != ours
+            self._heard_from(info, {**body, "members": []} if other else None, now_s)
         self.out.reply(route, message.request_id, "hello_ok", {
-            "member": self.self_info(), "members": self.members.gossip(), **self.core.formation.summary(),
+            "member": self.self_info(), "members": self.members.gossip(hidden=self.core.formation.unannounced()), **self.core.formation.summary(),
         })
 
     def send_to_member(self, peer: str, type_: str, body: dict, payloads: tuple = ()) -> None:

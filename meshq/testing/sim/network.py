@@ -22,6 +22,8 @@ thread's DEALER socket has in the real node: ``open`` names one by a key and the
 reads it; ``send_on`` sends a request from the client node on it, and the leader's reply,
 routed back by that key, goes to the thread instead of the client's core.
 
+With ``SimOptions.apart`` no message crosses between its two groups until they meet (``apart``).
+
 Partitions cut links in both directions, between one side and every other node (clients
 included): ``partition``, then perhaps ``bridge`` to let one cut link through (a
 non-transitive partition), until ``heal``. A cut link drops what is sent over it and what
@@ -99,7 +101,8 @@ class Network:
         other = sim.nodes.get(target)
         if other is None or node.pub_endpoint not in other.subscriptions:
             return
-        if frozenset((node.node_id, target)) in self._cut or (sim.faulting and sim.rng.random() < sim.options.faults.drop):
+        if (frozenset((node.node_id, target)) in self._cut or self.apart(node.node_id, target)
+                or (sim.faulting and sim.rng.random() < sim.options.faults.drop)):
             sim.stats["dropped"] += 1
             return
         link = (node.node_id, target)
@@ -116,7 +119,7 @@ class Network:
         if target not in sim.nodes:
             return
         faults = sim.options.faults
-        if frozenset((source, target)) in self._cut:
+        if frozenset((source, target)) in self._cut or self.apart(source, target):
             sim.stats["dropped"] += 1
             return
         if sim.faulting and sim.rng.random() < faults.drop:
@@ -130,6 +133,14 @@ class Network:
         for _ in range(copies):
             latency = sim.rng.uniform(*faults.latency_s) + self._slowness(source, target)
             sim.at(sim.now_s + latency, "deliver", (source, target, channel, list(frames)))
+
+    def apart(self, source: str, target: str) -> bool:
+        """The two groups of ``SimOptions.apart`` cannot reach each other yet and these are one of each."""
+        apart = self.sim.options.apart
+        if apart is None or self.sim.now_s >= apart[1]:
+            return False
+        group = self.sim.options.apart_ids
+        return (source in group) != (target in group)
 
     def _slowness(self, source: str, target: str) -> float:
         """The extra delay of a message between ``source`` and ``target`` (``SimOptions.slow``)."""
@@ -177,7 +188,7 @@ class Network:
         node = sim.nodes[target]
         if node.core is None:
             return
-        if frozenset((source, target)) in self._cut:
+        if frozenset((source, target)) in self._cut or self.apart(source, target):
             sim.stats["dropped"] += 1
             return
         if channel[0] == "data":

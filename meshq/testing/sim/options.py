@@ -88,12 +88,22 @@ class SimOptions:
     # (node, from, until, extra one-way delay s): every message to or from that node takes that much longer in
     # the window, a link slow but alive (never swarm-drawn); the checker requires that it leads nothing at ``until``
     slow: tuple[str, float, float, float] | None = None
+    # (k, until): the last k first storage nodes start as a mesh of their own (each seeded with the others),
+    # no message crossing between the two groups until ``until``, when that first one discovers n1 (two LANs
+    # joined, or one seed list split): two clusters of one name that then meet. The group of n1 gets the topics
+    # the clients create, so the other one holds nothing and gives itself up (never swarm-drawn)
+    apart: tuple[int, float] | None = None
     max_events: int = 300_000  # a bound on the run: more means a message storm (a run takes ~10k-60k)
 
     @property
     def storage_ids(self) -> list[str]:
         """Every storage node of the run, joiners included."""
         return [f"n{i + 1}" for i in range(self.nodes + len(self.joins_s))]
+
+    @property
+    def apart_ids(self) -> list[str]:
+        """The storage nodes that start as a group of their own (``apart``), first the one the others seed with."""
+        return self.storage_ids[self.nodes - self.apart[0]:self.nodes] if self.apart is not None else []
 
     @classmethod
     def swarm(cls, seed: int) -> SimOptions:

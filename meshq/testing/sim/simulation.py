@@ -14,6 +14,7 @@ order they were queued. Each event is one of
   ``consume`` — the clients; the periodic ones queue their next turn; ``direct`` — a client's
   calling thread (``CallingThread``: a synchronous produce sent from the thread itself);
 * ``group`` — the consumer group's members (``SimGroup``) take their next step;
+* ``meet`` — the two groups of ``SimOptions.apart`` can reach each other: one discovers the other;
 * ``liveness`` — the fault phase ends: heal, resume and restart everything.
 
 Booting a node builds a fresh ``NodeCore`` with a random stream drawn from the run's and a
@@ -48,6 +49,7 @@ from meshq.core.events import (
     Fail,
     LogsSynced,
     PeerDisconnected,
+    PeerDiscovered,
     Publish,
     Reply,
     Resolve,
@@ -166,6 +168,13 @@ class Simulation:
             # nodes: with only n1, a joiner would wait for it forever if it left, and with a
             # node that has not joined yet as its only seed, it could form a cluster of its own.
             seeds = tuple(f"{n}:1" for n in self.options.storage_ids[:self.options.nodes])
+        apart = self.options.apart_ids
+        if node.node_id in apart:  # a group of its own (SimOptions.apart): each given the others as seeds
+            seeds = tuple(f"{n}:1" for n in apart if n != node.node_id)
+        elif apart and node.role == "client":
+            # The clients are n1's group's, given its whole seed list: cut off from it while the other group is
+            # the only one they could reach, they would otherwise have no way back once n1 left.
+            seeds = tuple(f"{n}:1" for n in self.options.storage_ids[:self.options.nodes] if n not in apart)
         return NodeConfig(cluster=CLUSTER, node_id=node.node_id, role=node.role,  # type: ignore[arg-type]
                           data_dir="/sim" if node.role == "storage" else None, seeds=seeds, mdns=False,
                           replication_factor=self.options.replication_factor, partitions=self.options.partitions,
@@ -331,6 +340,8 @@ class Simulation:
             self.at(options.leave[1], "leave", None)
         if options.outage is not None:
             self.at(options.outage[1], "outage", None)
+        if options.apart is not None:
+            self.at(options.apart[1], "meet", None)
         if options.slow is not None:
             self.at(options.slow[1], "slow", "start")
             self.at(options.slow[2], "slow", "end")
@@ -497,6 +508,20 @@ class Simulation:
             self.workload.leave_step()
         elif kind == "outage":
             self.fault_injector.start_outage()
+        elif kind == "meet":
+            # The two groups of SimOptions.apart can reach each other: as mDNS on one LAN, a node of each group sees
+            # one of the other every 2 s (a single sighting is lost with a node that restarts or a link cut then).
+            apart = self.options.apart_ids
+            ours = [node for node_id, node in sorted(self.nodes.items()) if node_id in apart and node.core is not None]
+            theirs = [node for node_id, node in sorted(self.nodes.items()) if node.role == "storage"
+                      and node_id not in apart and node.core is not None]
+            if ours and theirs:
+                a, b = self.rng.choice(ours), self.rng.choice(theirs)
+                self.log(f"meet: {a.node_id} and {b.node_id} discover each other")
+                self.feed(a, PeerDiscovered(b.core.mesh.self_info()))
+                if b.core is not None and a.core is not None:
+                    self.feed(b, PeerDiscovered(a.core.mesh.self_info()))
+            self.at(self.now_s + 2.0, "meet", None)
         elif kind == "slow":
             assert self.options.slow is not None
             node_id = self.options.slow[0]

@@ -80,7 +80,12 @@ def test_two_formed_meshes_of_one_name_that_meet_stay_apart_and_keep_serving():
 
 
 def test_the_checker_fails_without_the_rule(monkeypatch):
+    # every layer off: peers of another formation taken in as members, their raft messages taken, and their
+    # leaders asked to admit a leaderless voter again
     monkeypatch.setattr(Formation, "foreign", lambda self, summary: False)
+    monkeypatch.setattr(Formation, "refuses_raft", lambda self, sender, formation: False)
+    any_leader = Formation.named_leaders
+    monkeypatch.setattr(Formation, "named_leaders", lambda self, formation=None: any_leader(self))
     with pytest.raises(Violation):
         two_meshes_meet()
 

@@ -15,10 +15,11 @@ def test_a_node_without_seeds_or_mdns_forms_a_trivial_one_member_group_at_start(
     raft = lone.core.raft
     assert raft.formed and list(raft.voters) == ["n1"] and raft.role == "leader"
     assert lone.core.formation.summary() == {"formed": True, "leader": "n1", "size": 1, "trivial": True,
-                                             "can_form": False, "formation": raft.formation}
+                                             "can_form": False, "formation": raft.formation, "empty": True}
     assert raft.formation.startswith("n1.")  # the founder's id and the wall clock when it formed
     create_topic(lone, "t")
     assert lone.core.formation.summary()["trivial"] is False  # it now holds something
+    assert lone.core.formation.summary()["empty"] is False
 
 
 def test_a_node_never_forms_a_group_while_a_seed_is_silent():
@@ -26,7 +27,7 @@ def test_a_node_never_forms_a_group_while_a_seed_is_silent():
     h.advance(10.0)
     assert not h.core.raft.formed
     assert h.core.formation.summary() == {"formed": False, "leader": None, "size": 0, "trivial": False,
-                                          "can_form": False, "formation": ""}
+                                          "can_form": False, "formation": "", "empty": False}
 
 
 def test_with_mdns_a_node_waits_bootstrap_wait_s_before_forming():
