@@ -55,6 +55,10 @@ TRANSITIONS = {
 }
 
 
+# the commands of a log that holds nothing but its membership: configurations, leaders' no-ops, a dissolve
+MEMBERSHIP_OPS = frozenset({"config", "noop", "dissolve"})
+
+
 @dataclass(slots=True)
 class Progress:
     """What the leader knows of one follower."""
@@ -103,6 +107,9 @@ class RaftNode:
         # the index of the first ``dissolve`` in the log: from it on no leader proposes anything
         # (the group is giving itself up, meshq.core.metadata)
         self.sealed_index: int | None = None
+        # the index of the first command that is not membership (config, noop, dissolve): None while the log holds
+        # nothing else (meshq.core.cluster.formation gives such a group up when it meets another of its name)
+        self.first_content_index: int | None = None
         self._load_entries()
         # A commit index once learned stays true forever (committed entries are never lost),
         # so persisting it lets a restarted node apply its metadata without waiting for a leader.
@@ -150,8 +157,11 @@ class RaftNode:
         return index
 
     def _note_seal(self, index: int) -> None:
-        if self.sealed_index is None and self.entries[index][1].get("op") == "dissolve":
+        op = self.entries[index][1].get("op")
+        if self.sealed_index is None and op == "dissolve":
             self.sealed_index = index
+        if self.first_content_index is None and op not in MEMBERSHIP_OPS:
+            self.first_content_index = index
 
     def _truncate_local(self, index: int) -> None:
         assert index > self.commit_index, f"truncating committed entry {index} (commit {self.commit_index})"
@@ -160,6 +170,8 @@ class RaftNode:
         self._recompute_config()
         if self.sealed_index is not None and self.sealed_index >= index:
             self.sealed_index = None
+        if self.first_content_index is not None and self.first_content_index >= index:
+            self.first_content_index = None
 
     def _recompute_config(self) -> None:
         for index in range(len(self.entries) - 1, -1, -1):

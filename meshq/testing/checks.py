@@ -832,7 +832,7 @@ class ClustersApartChecker:
 class MergeLosesNothingChecker:
     """A cluster gives itself up to another of the same name only while it holds nothing
     (``Formation._maybe_merge``, metadata ``dissolve``): after every event, no storage node that held a topic,
-    grant or rebuild in its metadata (applied, or anything but membership changes in its uncommitted log) at its previous
+    grant or rebuild in its metadata (applied, or any committed entry but membership changes) at its previous
     check has left that formation since (its log reset or now of another formation). Each node is checked
     against what it held just before, so a node that gave up a group holding something is caught at the step
     it did."""
@@ -848,11 +848,11 @@ class MergeLosesNothingChecker:
         if raft is None:
             return
         formation = raft.formation
-        # applied metadata (read here, not through the rule's own holds_nothing), and the uncommitted tail
+        # applied metadata (read here, not through the rule's own holds_nothing), and any committed entry that is
+        # not membership (one committed after a dissolve, which the applied state ignores, included)
         meta = core.agreement.meta
-        held = (bool(meta.topics or meta.rebuilds or meta.acl.count)
-                or any(command.get("op") not in ("config", "noop", "dissolve")
-                       for _term, command in raft.entries[raft.commit_index + 1:]))
+        first = raft.first_content_index
+        held = bool(meta.topics or meta.rebuilds or meta.acl.count) or (first is not None and first <= raft.commit_index)
         previous = self.before.get(node_id)
         self.before[node_id] = (formation, held)
         if previous is None or not previous[0] or previous[0] == formation:

@@ -60,5 +60,6 @@ def test_the_checker_catches_a_cluster_holding_topics_that_gives_itself_up(monke
 def test_the_checker_catches_a_node_that_takes_raft_messages_of_another_formation(monkeypatch):
     # Broken variant: metadata-group messages are taken whatever formation they carry (a late append of the group a
     # node gave up reaches it after it joined the other one, and splices the two logs).
+    # (Seed 0: the spliced log gives n4's group a topic it then gives up; seed 2 ends in a core error on it.)
     monkeypatch.setattr(Formation, "refuses_raft", lambda self, sender, formation: False)
-    assert failing_runs(range(10), "", nodes=5, apart=(2, 1.0)), "logs of two formations mixed unnoticed"
+    assert failing_runs(range(10), "held something", nodes=5, apart=(2, 1.0)), "logs of two formations mixed unnoticed"

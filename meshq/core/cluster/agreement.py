@@ -155,6 +155,8 @@ class Agreement(Room):
             return
         if self.core.mesh.is_foreign(info):
             return  # a voter of another cluster of our name: it must give its cluster up first (never mix logs)
+        if raft.sealed_index is not None:
+            return  # this group is giving itself up: the joiner is asked in by the group it joins
         if raft.role != LEADER:
             if raft.leader and raft.leader != self.node_id and raft.leader != message.sender:
                 self.send(raft.leader, "raft_join", message.body)

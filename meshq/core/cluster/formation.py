@@ -49,8 +49,8 @@ from meshq.core.room import Room
 
 log = logging.getLogger("meshq.core")
 
-# the commands of a metadata log that holds nothing: membership, leaders' no-ops, the dissolve itself
-_MEMBERSHIP_OPS = frozenset({"config", "noop", "dissolve"})
+_LEFT_META = "formations_left"  # the storage meta record of the formations this node gave up
+
 
 
 class Formation(Room):
@@ -72,7 +72,10 @@ class Formation(Room):
         # (never asked to admit us), the formations it gave up (refuses_raft); and until when this node forms no
         # group of its own (it gave one up to join another)
         self._left_peers: dict[str, str] = {}
-        self._left_formations: set[str] = set()
+        # formation -> wall clock (ms) when this node gave it up; kept on disk (a restart must not take a late message
+        # of it into an empty log) until the node is a voter of another group, or long enough that the group it left,
+        # if alive, removed it as a silent voter (then it would only be asked back as a new node)
+        self._left_formations: dict[str, int] | None = None
         self._no_forming_until_s = 0.0
         self._dissolved_seen_s: float | None = None  # when this node first saw its group's dissolve applied
 
@@ -101,7 +104,22 @@ class Formation(Room):
             formation = cluster["formation"] if cluster is not None and cluster["formed"] else ""
         if not formation:
             return False
-        return formation != ours if ours else formation in self._left_formations
+        if ours:
+            return formation != ours
+        left_ms = self._left().get(formation)
+        return left_ms is not None and self.core.wall_clock_ms() - left_ms < 2_000 * self.config.member_timeout_s
+
+    def _left(self) -> dict[str, int]:
+        """The formations this node gave up (see ``_left_formations``), read from disk once."""
+        if self._left_formations is None:
+            stored = self.core.storage.read_meta(_LEFT_META) if self.core.storage is not None else None
+            left = (stored or {}).get("left", {})
+            self._left_formations = {str(f): int(ms) for f, ms in left.items()} if isinstance(left, dict) else {}
+        return self._left_formations
+
+    def _keep_left(self, left: dict[str, int]) -> None:
+        self._left_formations = left
+        self.core.storage.write_meta(_LEFT_META, {"left": left})
 
     def forget(self, node_id: str) -> None:
         self.peer_clusters.pop(node_id, None)
@@ -169,8 +187,8 @@ class Formation(Room):
         raft = self.core.agreement.raft
         if raft is None or not self.core.agreement.meta.holds_nothing():
             return False
-        entries = raft.entries[:raft.commit_index + 1] if committed_only else raft.entries
-        return all(command.get("op") in _MEMBERSHIP_OPS for _term, command in entries)
+        first = raft.first_content_index
+        return first is None or (committed_only and first > raft.commit_index)
 
     def _trivial_cluster(self) -> bool:
         """A one-member cluster that holds nothing."""
@@ -185,10 +203,15 @@ class Formation(Room):
         assert self.core.mesh.members is not None
         if raft.is_member:
             self._join_skipped, self._join_asked_since_s = 0, None
+            if self._left_peers or self._left():  # a voter of a group again: its log's formation judges messages now
+                self._left_peers = {}
+                self._keep_left({})
             if self._maybe_dissolved(now_s) or self._maybe_merge(now_s) or self._abandon_dead_group(now_s):
                 return
             self._ask_readmission(now_s)
             return
+        if self._left_peers and now_s >= self._no_forming_until_s:
+            self._left_peers = {}  # (they may be asked again: the group they are in now answers, or no longer names us)
         formed_peers = sorted(p for p, c in self.peer_clusters.items() if c["formed"] and p not in self._left_peers)
         if self._learner_of_gone_group(formed_peers, now_s):
             return
@@ -335,14 +358,19 @@ class Formation(Room):
         """(peer, its summary) of the first peer that is a voter of another formed group of our name that our group
         (holding nothing) gives itself up to; None when there is none, or our group holds something."""
         raft = self.core.agreement.raft
-        if raft is None or not raft.is_member or not raft.formed or not self._holds_nothing():
+        if raft is None or not raft.is_member or not raft.formed:
             return None
         ours = raft.formation
-        for peer, cluster in sorted(self.peer_clusters.items()):
-            theirs = cluster["formation"]
-            if not cluster["formed"] or not theirs or theirs == ours or peer in raft.voters or peer in self._left_peers:
-                continue
-            if self._outranked_by(cluster, ours):
+        others = [(peer, cluster) for peer, cluster in sorted(self.peer_clusters.items())
+                  if cluster["formed"] and cluster["formation"] and cluster["formation"] != ours
+                  and peer not in raft.voters]
+        if not others or not self._holds_nothing():
+            return None
+        # A group holds nothing when any of its nodes says so (a node too old to send `empty` says nothing either way;
+        # one that says so a moment late only makes the two stay apart, never both dissolve).
+        said_empty = {cluster["formation"] for _peer, cluster in others if cluster["empty"] or cluster["trivial"]}
+        for peer, cluster in others:
+            if self._outranked_by({**cluster, "empty": cluster["formation"] in said_empty}, ours):
                 return peer, cluster
         return None
 
@@ -401,13 +429,19 @@ class Formation(Room):
                 or now_s - self._leaderless_since_s < 3 * self.config.election_timeout_s):
             return False
         ours = raft.formation
+        # gone: voters that say they are voters of another formed group (not merely unformed: a node leaving,
+        # restarting or rejoining says that too)
         gone = [peer for peer in raft.voters if peer != self.node_id and peer in self.peer_clusters
-                and self.peer_clusters[peer]["formation"] != ours]
-        if len(raft.voters) - len(gone) < raft.quorum() and self._holds_nothing(committed_only=True):
+                and self.peer_clusters[peer]["formed"] and self.peer_clusters[peer]["formation"] not in ("", ours)]
+        # and what our group's other voters say of it: one that says it holds something outweighs our own log
+        held_elsewhere = any(not self.peer_clusters[peer]["empty"] for peer in raft.voters
+                             if peer in self.peer_clusters and self.peer_clusters[peer]["formation"] == ours
+                             and self.peer_clusters[peer]["formed"])
+        if gone and len(raft.voters) - len(gone) < raft.quorum() and self._holds_nothing(committed_only=True):
             log.warning("%s: %d of the %d voters of cluster %r (formation %s) left it and no leader is heard; it "
                         "held nothing: giving it up too", self.node_id, len(gone), len(raft.voters),
                         self.config.cluster, ours)
-        elif self.giving_up():
+        elif not held_elsewhere and self.giving_up():
             log.warning("%s: cluster %r (formation %s) holds nothing, met another cluster of that name and has had "
                         "no leader for %.1f s: giving it up to join that one", self.node_id, self.config.cluster,
                         ours, now_s - self._leaderless_since_s)
@@ -420,7 +454,7 @@ class Formation(Room):
         raft = self.core.agreement.raft
         assert raft is not None
         left = raft.formation
-        self._left_formations.add(left)
+        self._keep_left({**self._left(), left: self.core.wall_clock_ms()})
         for peer in raft.voters:
             if peer != self.node_id and self.peer_clusters.get(peer, {}).get("formation", left) == left:
                 self._left_peers[peer] = left

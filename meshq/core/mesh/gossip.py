@@ -127,7 +127,7 @@ class Mesh(Room):
             return
         if self.is_foreign(info):
             return  # of another cluster of our name: only its own heartbeats are listened to
-        if info.get("role") == "client" and self.core.formation.giving_up():
+        if info.get("role") == "client" and info["node_id"] not in self.members and self.core.formation.giving_up():
             return  # our group gives itself up to another: its clients are that group's, never drawn to ours
         member = self.members.learn(info, now_s)
         if member is not None:

@@ -19,6 +19,7 @@ from meshq.core.cluster.formation import Formation
 from meshq.core.events import CreateTopic, PeerDiscovered
 from meshq.core.metadata import MetadataState
 from meshq.testing.checks import MergeLosesNothingChecker, Violation
+from tests.core.harness import CoreHarness
 from tests.core.rooms.conftest import Net, create_topic
 
 A, B = ("a1", "a2"), ("b1", "b2", "b3")
@@ -121,3 +122,16 @@ def test_the_checker_fails_when_a_cluster_holding_a_topic_gives_itself_up(monkey
     monkeypatch.setattr(Formation, "foreign", lambda self, summary: False)
     with pytest.raises(Violation):
         meet(net, MergeLosesNothingChecker())
+
+
+def test_a_node_that_gave_its_cluster_up_refuses_its_messages_after_a_restart_until_it_would_be_removed():
+    lone = CoreHarness("n1", member_timeout_s=5.0)
+    left = lone.core.raft.formation
+    lone.core.formation._reset_metadata(lone.clock.now_s)  # as when it gives its cluster up
+    assert lone.core.formation.refuses_raft("n2", left) and not lone.core.formation.refuses_raft("n2", "other.1")
+    lone.storage.crash()  # and restarts (a seed that never answers keeps it from forming a cluster of its own)
+    again = CoreHarness("n1", storage=lone.storage, clock=lone.clock, seeds=("127.0.0.1:9100",), member_timeout_s=5.0)
+    assert again.core.raft.formation == "" and again.core.formation.refuses_raft("n2", left), \
+        "a late append of the cluster it left must not fill its empty log after a restart"
+    again.clock.now_s += 10.1  # two member timeouts: that cluster, if alive, removed it as a silent voter
+    assert not again.core.formation.refuses_raft("n2", left)
