@@ -18,6 +18,7 @@ Group membership (who reads which partitions) is the sibling room ``coordinator`
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -43,7 +44,8 @@ class Groups(Room):
         super().__init__(core)
         self.group_offsets: dict[tuple[str, str, int], int] = {}  # (group, topic, partition) -> offset
         # (group, committer node, its incarnation, topic, partition) -> the committer's latest seq applied
-        self.applied_seq: dict[tuple[str, str, int, str, int], int] = {}
+        # oldest first; an OrderedDict so evicting the oldest is O(1) (see Rpc._seen)
+        self.applied_seq: OrderedDict[tuple[str, str, int, str, int], int] = OrderedDict()
 
     def serve_offset_commit(self, route: Any, message: wire.Message, now_s: float) -> None:
         group = message.body["group"]
@@ -83,7 +85,7 @@ class Groups(Room):
                 self.applied_seq.pop(key, None)  # re-inserted last: the oldest entries go first
                 self.applied_seq[key] = seq
         while len(self.applied_seq) > MAX_COMMITTERS:
-            del self.applied_seq[next(iter(self.applied_seq))]
+            self.applied_seq.popitem(last=False)
 
         # Committed offsets are as durable as acks=quorum records: a failover cannot rewind a group.
         self.core.server.wait_for_acks(state, state.log.end_offset, "quorum", now_s + self.config.request_timeout_s,

@@ -52,7 +52,7 @@ counts it (``late_replies``), and it can never complete a later request.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +243,10 @@ class Rpc(Room):
         self._answers: dict[Any, list] | None = None  # while answering several: route -> answers to send
         self._group: dict[tuple[str, str], list] | None = None  # while asking several: (instance, service) -> calls
         self._offers: dict[str, dict[str, bool]] = {}  # while asking several: service -> its instances
-        self._seen: dict[tuple[str, int, int], None] = {}  # request keys, oldest first (bounded)
+        # request keys, oldest first (bounded). An OrderedDict: evicting a plain dict's first key again
+        # and again (``del d[next(iter(d))]``) rescans the deleted slots each time; at the limit that
+        # cost 25 µs per request and halved a serving node's throughput after 65,536 requests.
+        self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
@@ -346,7 +349,7 @@ class Rpc(Room):
                 return None
             self._seen[key] = None
             if len(self._seen) > SEEN_LIMIT:
-                del self._seen[next(iter(self._seen))]
+                self._seen.popitem(last=False)
         served = self.served.get(service)
         if served is None:
             self._refuse(route, request_id, "not_serving", f"{service!r} is not served by {self.node_id}")

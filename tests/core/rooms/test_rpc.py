@@ -230,6 +230,26 @@ def test_a_duplicated_request_runs_once():
     assert net["n1"].core.rpc.counters["duplicates_dropped"] == 1
 
 
+def test_the_duplicate_check_forgets_the_oldest_request_keys_first(monkeypatch):
+    monkeypatch.setattr("meshq.core.rpc.room.SEEN_LIMIT", 4)
+    net = formed("n1", "n2")
+    serve(net, "n1", concurrency=8)
+    h2 = net["n2"]
+    sends = []
+    for index in range(6):
+        h2.command(RpcRequest("echo", b"%d" % index, h2.clock.now_s + 5))
+        sends.append(h2.sent[-1])
+        net.pump()
+    assert len(net["n1"].jobs) == 6
+    h2.sent.extend(sends[2:])  # the last four are remembered: dropped
+    net.pump()
+    assert len(net["n1"].jobs) == 6
+    assert net["n1"].core.rpc.counters["duplicates_dropped"] == 4
+    h2.sent.append(sends[0])  # the oldest was forgotten: it runs again
+    net.pump()
+    assert len(net["n1"].jobs) == 7
+
+
 def test_serving_twice_is_a_usage_error_and_unserve_withdraws_the_advert():
     net = formed("n1", "n2")
     serve(net, "n1")
