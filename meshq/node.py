@@ -48,6 +48,7 @@ from meshq.errors import (
 )
 from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
+from meshq.io.futures import FutureFactory
 from meshq.io.pubsub import PubSubShell
 from meshq.io.rpc import ServiceWorkers
 from meshq.io.rpc_direct import DirectRequester
@@ -109,6 +110,7 @@ class Node:
         self._pubsub: PubSubShell | None = None
         self._workers: ServiceWorkers | None = None  # handlers of the services this node serves
         self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
+        self._new_future = FutureFactory()  # request_async's futures (one shared condition: meshq.io.futures)
         self._latency: Any = None  # meshq.metrics.ClientLatency when the node serves metrics
         self._discovery: Any = None
         self._mdns_on_loop = False  # meshq.aio.Node runs discovery on its event loop (AsyncZeroconf)
@@ -735,7 +737,7 @@ class Node:
         """Like ``request``; returns a ``concurrent.futures.Future`` of the reply."""
         payload = self._check_request(service, payload, timeout)
         assert self.runtime is not None
-        future: Future = Future()
+        future = self._new_future()
         if self._latency is not None:
             future.add_done_callback(self._latency.rpc_done_callback())
         self.runtime.submit(RpcRequest(service, payload, self.clock.now_s() + timeout, future))

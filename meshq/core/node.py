@@ -159,6 +159,7 @@ class NodeCore:
         self._events: dict[str, Callable[[wire.Message, float], None]] = {}
         self._timers: dict[str, Callable[[Any, float], None]] = {
             "request": lambda request_id, now_s: self.out.expire(request_id),
+            "requests": self.out.expire_batch,
             "heartbeat": self._heartbeat,
         }
         for room in (self.mesh, self.adverts, self.formation, self.agreement, self.leave, self.catalog, self.access,

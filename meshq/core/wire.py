@@ -126,7 +126,12 @@ def ListOf(inner: Check, max_len: int = 10_000) -> Check:
     def check(value: Any, path: str) -> list:
         if type(value) not in (list, tuple) or len(value) > max_len:
             raise _fail(path, f"list of at most {max_len}", value)
-        return [inner(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        try:  # (an item's own path is spelled only for the error: an f-string per item cost ~0.15 µs)
+            return [inner(item, path) for item in value]
+        except ProtocolError:
+            for i, item in enumerate(value):
+                inner(item, f"{path}[{i}]")  # raises again, naming the item
+            raise
 
     return check
 

@@ -146,6 +146,27 @@ class Call:
     waiting: bool = False  # parked: for adverts (startup), or pausing (every instance busy)
 
 
+class _Sent:
+    """One attempt of a call, in flight at ``instance`` under ``request_id``: the outbox's callbacks
+    for its answer and its failure (one small object rather than two closures per request)."""
+
+    __slots__ = ("rpc", "call", "instance", "request_id")
+
+    def __init__(self, rpc: Rpc, call: Call, instance: str) -> None:
+        self.rpc = rpc
+        self.call = call
+        self.instance = instance
+        self.request_id = 0  # once the outbox gave it one
+
+    def answered(self, message: wire.Message) -> None:
+        self.rpc._in_flight.pop(self.request_id, None)
+        self.rpc._answered(self.call, self.instance, message)
+
+    def failed(self, error: MeshqError) -> None:
+        self.rpc._in_flight.pop(self.request_id, None)
+        self.rpc._failed(self.call, self.instance, error)
+
+
 def choose(offers: dict[str, Any], outstanding: dict[str, int], avoid: set, rng: Any) -> str | None:
     """The instance to send to: the fewest outstanding requests, ties broken by ``rng``; None if
     every instance is to be avoided. ``offers`` is keyed by node id, in id order."""
@@ -248,7 +269,7 @@ class Rpc(Room):
         # cost 25 µs per request and halved a serving node's throughput after 65,536 requests.
         self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
-        self._in_flight: dict[int, str] = {}  # request id -> the instance it was sent to
+        self._in_flight: dict[int, _Sent] = {}  # request id -> the attempt it carries (call, instance)
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
         self._next_serve = 0  # ServeService handed to access.when_own_known, numbered
         self._next_call_id = 1
@@ -458,19 +479,37 @@ class Rpc(Room):
                                     (b"".join([item[1] for item in chunk]),))
 
     def _split_answers(self, message: wire.Message) -> list[wire.Message]:
-        """An ``rpc_batch_ok``: the single answers it carries, each matched to its request by the outbox."""
+        """An ``rpc_batch_ok``: replies are matched to their requests here (``Outbox.claim``: as
+        ``on_reply`` matches one) and resolved at once; the errors it carries are returned, each to
+        be matched by the outbox and judged (``when_answered``) as if it came alone."""
         body, sender = message.body, message.sender
         payloads = unpack(message.payloads[0], body["sizes"])
         if payloads is None or not len(body["ids"]) == len(body["errors"]) == len(payloads):
             self.core.count_invalid(sender)
             return []
         answers = []
+        claim, in_flight, emit, outstanding = self.out.claim, self._in_flight, self.out.emit, self.outstanding
+        replies = 0
         for request_id, error, payload in zip(body["ids"], body["errors"], payloads):
             if error is None:
-                answers.append(wire.Message("rpc_reply", sender, request_id, {}, (payload,)))
+                request = claim(request_id, sender, "rpc_reply")
+                if request is None:
+                    continue  # late (counted) or not ours
+                sent = in_flight.pop(request_id, None)
+                if sent is None:  # (every request of this room is in flight until answered)
+                    request.on_reply(wire.Message("rpc_reply", sender, request_id, {}, (payload,)))
+                    continue
+                count = outstanding.get(sent.instance, 0) - 1  # _release, inline: this is the hot path
+                if count > 0:
+                    outstanding[sent.instance] = count
+                else:
+                    outstanding.pop(sent.instance, None)
+                replies += 1
+                emit(Resolve(sent.call.waiter, payload))
             else:
                 answers.append(wire.Message("rpc_error", sender, request_id,
                                             {"reason": error[0], "error_type": error[1], "message": error[2]}))
+        self.counters["replies"] += replies
         return answers
 
     # ------------------------------------------------------------------ asking
@@ -585,20 +624,11 @@ class Rpc(Room):
         """Send ``calls`` (already counted as outstanding there) to ``instance``: one ``rpc_request``,
         or one ``rpc_batch`` carrying them all; each has its own request id, timer and answer."""
         items = []
-        boxes = []
+        attempts = []
         for call in calls:
-            box = [0]  # its request id, once known
-
-            def answered(message: wire.Message, call: Call = call, box: list = box) -> None:
-                self._in_flight.pop(box[0], None)
-                self._answered(call, instance, message)
-
-            def failed(error: MeshqError, call: Call = call, box: list = box) -> None:
-                self._in_flight.pop(box[0], None)
-                self._failed(call, instance, error)
-
-            items.append((call.deadline_s - now_s, answered, failed))
-            boxes.append(box)
+            sent = _Sent(self, call, instance)
+            items.append((call.deadline_s - now_s, sent.answered, sent.failed))
+            attempts.append(sent)
         incarnation = self.core.incarnation
         if len(calls) == 1:
             call = calls[0]
@@ -614,10 +644,10 @@ class Rpc(Room):
             self.counters["batches_sent"] += 1
             self.counters["batched_requests"] += len(calls)
         pending = self.out.pending
-        for request_id, box in zip(ids, boxes):
-            box[0] = request_id
+        for request_id, sent in zip(ids, attempts):
+            sent.request_id = request_id
             if request_id in pending:  # (not answered already: a request to this node itself)
-                self._in_flight[request_id] = instance
+                self._in_flight[request_id] = sent
 
     def _settled(self, now_s: float) -> bool:
         """Whether this node has heard what its peers offer and may serve (or waited long enough since it
@@ -647,7 +677,7 @@ class Rpc(Room):
         members = self.core.mesh.members
         member = members.get(node_id) if members is not None else None
         if node_id != self.node_id and (member is None or member.state not in ("alive", "suspect")):
-            for request_id in sorted(r for r, instance in self._in_flight.items() if instance == node_id):
+            for request_id in sorted(r for r, sent in self._in_flight.items() if sent.instance == node_id):
                 self.out.fail_pending(request_id, NotLeaderError(f"{node_id} left or died"))
         for call_id in sorted(self._calls):
             call = self._calls[call_id]

@@ -191,3 +191,36 @@ def test_a_reply_of_another_type_under_a_pending_id_is_not_taken_for_its_answer(
     assert recorder.replies == [] and request_id in out.pending
     out.on_reply(wire.Message("status_ok", "p", request_id, {"status": {}}), 10.2)
     assert [m.type for m in recorder.replies] == ["status_ok"] and request_id not in out.pending
+
+
+def test_a_batch_of_requests_has_one_timer_and_each_request_still_times_out_at_its_own_deadline(out):
+    recorders = [Recorder() for _ in range(3)]
+    body = {"service": "s", "incarnation": 1, "timeouts_ms": [1000, 3000, 2000], "sizes": [0, 0, 0]}
+    ids = out.request_batch("p", "rpc_batch", "rpc_request", body, (b"",),
+                            [(1.0, recorders[0].on_reply, recorders[0].on_error),
+                             (3.0, recorders[1].on_reply, recorders[1].on_error),
+                             (2.0, recorders[2].on_reply, recorders[2].on_error)], 10.0)
+    assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3))
+    assert list(out.due(100.0)) == [("requests", (ids[0], 3))]  # one heap entry for the lot, at the earliest
+    out.schedule(11.0, "requests", (ids[0], 3))
+    out.on_reply(wire.Message("rpc_reply", "p", ids[2], {}, (b"two",)), 10.5)  # answered before its deadline
+    for _kind, key in out.due(11.0):
+        out.expire_batch(key, 11.0)
+    assert [type(e) for e in recorders[0].errors] == [TimeoutError] and recorders[1].errors == []
+    assert [m.payloads for m in recorders[2].replies] == [(b"two",)] and recorders[2].errors == []
+    assert out.next_deadline() == 13.0  # the one still waiting: looked at again at its own deadline
+    for _kind, key in out.due(13.0):
+        out.expire_batch(key, 13.0)
+    assert [type(e) for e in recorders[1].errors] == [TimeoutError]
+    assert out.pending == {} and out.next_deadline() is None
+
+
+def test_claim_takes_only_the_reply_its_request_expects(out):
+    asked = ask(out, type_="status")
+    request_id = max(out.pending)
+    assert out.claim(request_id, "p", "produce_ok") is None  # not an answer to a status request
+    assert out.claim(request_id, "q", "status_ok") is None  # from another peer than it went to
+    assert out.late_replies == {"produce_ok": 1, "status_ok": 1}
+    assert out.claim(request_id, "p", "status_ok").request_id == request_id
+    assert out.pending == {} and out.claim(request_id, "p", "status_ok") is None
+    assert asked.replies == [] and asked.errors == []
