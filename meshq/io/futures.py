@@ -24,7 +24,6 @@ have not changed since Python 3.2; ``FutureFactory`` checks them once and hands 
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
@@ -42,6 +41,10 @@ def _compatible() -> bool:
 class SharedFuture(Future):
     """A ``Future`` whose condition is shared (see the module docstring). Made by ``FutureFactory``."""
 
+    # Slots, not the instance dict: a dict per future is materialised on the first attribute set
+    # (meshq.producer.RecordFuture measured it 3.5x slower to settle).
+    __slots__ = ("_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks")
+
     def __init__(self, condition: threading.Condition) -> None:  # (Future.__init__ would build a condition)
         self._condition = condition
         self._state = PENDING
@@ -50,18 +53,13 @@ class SharedFuture(Future):
         self._waiters: list = []
         self._done_callbacks: list = []
 
+    def _done(self) -> bool:
+        return self._state in _DONE
+
     def _wait_done(self, timeout: float | None) -> None:
         """With the condition held: return once this future is done; ``TimeoutError`` after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        condition = self._condition
-        while self._state not in _DONE:
-            if deadline is None:
-                condition.wait()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise FutureTimeoutError()
-            condition.wait(remaining)
+        if self._state not in _DONE and not self._condition.wait_for(self._done, timeout):
+            raise FutureTimeoutError()
 
     def result(self, timeout: float | None = None) -> Any:
         try:
