@@ -125,26 +125,27 @@ class Outbox:
             self._effects.append(Send(peer, frames))
         return request_id
 
-    def request_batch(self, peer: str, type_: str, item_type: str, body: dict, payloads: tuple, items: list,
-                      now_s: float) -> list[int]:
-        """Several requests in one ``type_`` message to another node: ``items`` are ``(timeout_s,
-        on_reply, on_error)``. Each gets its own request id, pending entry (as an ``item_type``
-        request) and ``request`` timer, exactly as if sent alone; the message itself (request id
-        0) is never answered. ``body`` gets ``ids``. Returns the ids."""
+    def request_batch(self, peer: str, type_: str, body: dict, payloads: tuple, entries: list) -> list[int]:
+        """Several requests in one ``type_`` message to ``peer`` (another node). ``entries`` are their
+        pending entries, each shaped as a ``PendingRequest`` (``peer``, ``type``: the single request
+        each stands for, ``deadline_s``, ``on_reply``, ``on_error``; a room may pass its own objects
+        so as not to build one more per request), given its ``request_id`` here. Each is answered,
+        matched and failed exactly as if sent alone; the message itself (request id 0) is never
+        answered. ``body`` gets ``ids``. Returns the ids."""
         first = request_id = self._next_request_id
-        self._next_request_id += len(items)
+        self._next_request_id += len(entries)
         pending = self.pending
         earliest = None
-        for timeout_s, on_reply, on_error in items:
-            deadline_s = now_s + timeout_s
-            pending[request_id] = PendingRequest(request_id, peer, item_type, deadline_s, on_reply, on_error)
-            if earliest is None or deadline_s < earliest:
-                earliest = deadline_s
+        for entry in entries:
+            entry.request_id = request_id
+            pending[request_id] = entry
+            if earliest is None or entry.deadline_s < earliest:
+                earliest = entry.deadline_s
             request_id += 1
         # One timer for the lot (a timer per request kept one heap entry per answered request until
         # its deadline: with 30 s timeouts, over a million at 45,000 requests/s)
         if earliest is not None:
-            self.schedule(earliest, "requests", (first, len(items)))
+            self.schedule(earliest, "requests", (first, len(entries)))
         body["ids"] = ids = list(range(first, request_id))
         self._effects.append(Send(peer, wire.encode(self.cluster, self.node_id, type_, 0, body, payloads)))
         return ids

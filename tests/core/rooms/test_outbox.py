@@ -6,7 +6,7 @@ import pytest
 
 from meshq.core import wire
 from meshq.core.events import Connect, Disconnect, Reply, Send
-from meshq.core.outbox import LocalRoute, Outbox
+from meshq.core.outbox import LocalRoute, Outbox, PendingRequest
 from meshq.errors import NotEnoughReplicasError, NotLeaderError, ProtocolError, TimeoutError
 
 
@@ -196,10 +196,10 @@ def test_a_reply_of_another_type_under_a_pending_id_is_not_taken_for_its_answer(
 def test_a_batch_of_requests_has_one_timer_and_each_request_still_times_out_at_its_own_deadline(out):
     recorders = [Recorder() for _ in range(3)]
     body = {"service": "s", "incarnation": 1, "timeouts_ms": [1000, 3000, 2000], "sizes": [0, 0, 0]}
-    ids = out.request_batch("p", "rpc_batch", "rpc_request", body, (b"",),
-                            [(1.0, recorders[0].on_reply, recorders[0].on_error),
-                             (3.0, recorders[1].on_reply, recorders[1].on_error),
-                             (2.0, recorders[2].on_reply, recorders[2].on_error)], 10.0)
+    entries = [PendingRequest(0, "p", "rpc_request", 10.0 + timeout_s, recorder.on_reply, recorder.on_error)
+               for timeout_s, recorder in zip((1.0, 3.0, 2.0), recorders)]
+    ids = out.request_batch("p", "rpc_batch", body, (b"",), entries)
+    assert [entry.request_id for entry in entries] == ids
     assert len(ids) == 3 and ids == list(range(ids[0], ids[0] + 3))
     assert list(out.due(100.0)) == [("requests", (ids[0], 3))]  # one heap entry for the lot, at the earliest
     out.schedule(11.0, "requests", (ids[0], 3))
