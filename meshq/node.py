@@ -110,7 +110,7 @@ class Node:
         self._pubsub: PubSubShell | None = None
         self._workers: ServiceWorkers | None = None  # handlers of the services this node serves
         self._requester: DirectRequester | None = None  # synchronous requests from the caller's thread
-        self._new_future = FutureFactory()  # request_async's futures (one shared condition: meshq.io.futures)
+        self._new_future = FutureFactory()  # request_async's futures (a condition only when needed: meshq.io.futures)
         self._latency: Any = None  # meshq.metrics.ClientLatency when the node serves metrics
         self._discovery: Any = None
         self._mdns_on_loop = False  # meshq.aio.Node runs discovery on its event loop (AsyncZeroconf)

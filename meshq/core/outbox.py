@@ -12,7 +12,8 @@ one object, so the runtime and the simulator each have a single thing to drain:
   the room registered for its kind. ``seq`` keeps equal deadlines in the order they were
   set, so a run is reproducible;
 * **pending requests**: each request this node sent, by request id, with what to do with
-  its reply or error; a ``request`` timer fails it with ``TimeoutError`` when no reply
+  its reply or error; a ``request`` timer (for a batch: one ``requests`` timer, at its earliest
+  deadline) fails it with ``TimeoutError`` when no reply
   came. A request addressed to this node itself is not encoded: it goes straight to the
   root's dispatch, and its reply comes back through a local inbox drained at the end of
   the call (no recursion, no sockets);
@@ -156,16 +157,23 @@ class Outbox:
         first, count = key
         pending = self.pending
         later = None
-        for request_id in range(first, first + count):
-            request = pending.get(request_id)
-            if request is None:
-                continue
-            if request.deadline_s <= now_s:
-                self.expire(request_id)
-            elif later is None or request.deadline_s < later:
-                later = request.deadline_s
-        if later is not None:
-            self.schedule(later, "requests", key)
+        looked = False
+        try:
+            for request_id in range(first, first + count):
+                request = pending.get(request_id)
+                if request is None:
+                    continue
+                if request.deadline_s <= now_s:
+                    self.expire(request_id)
+                elif later is None or request.deadline_s < later:
+                    later = request.deadline_s
+            looked = True
+        finally:
+            if not looked:  # a callback raised: the rest of the batch must not lose its timer
+                deadlines = [r.deadline_s for r in map(pending.get, range(first, first + count)) if r is not None]
+                later = min(deadlines) if deadlines else None
+            if later is not None:
+                self.schedule(later, "requests", key)
 
     def fail_pending(self, request_id: int, error: MeshqError) -> None:
         """Fail one pending request now (a later reply to it is dropped as late)."""

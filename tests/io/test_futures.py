@@ -1,4 +1,4 @@
-"""``meshq.io.futures``: request futures that share one condition behave as plain Futures."""
+"""``meshq.io.futures``: request futures that make their condition only when needed behave as plain Futures."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from meshq.io.futures import FutureFactory, SharedFuture
+from meshq.io.futures import FutureFactory, LazyFuture
 
 
 @pytest.fixture
 def make() -> FutureFactory:
     factory = FutureFactory()
-    assert factory.shared, "this Python's Future is not shaped as SharedFuture expects (plain futures in use)"
+    assert factory.lazy, "this Python's Future is not shaped as LazyFuture expects (plain futures in use)"
     return factory
 
 
@@ -25,51 +25,61 @@ def later(delay_s: float, action) -> threading.Thread:
     return thread
 
 
-def test_a_shared_future_is_a_future_and_settles_like_one(make):
+def test_a_future_settled_before_anyone_waits_never_builds_a_condition(make):
     ok, bad = make(), make()
-    assert isinstance(ok, concurrent.futures.Future) and isinstance(ok, SharedFuture)
-    assert ok._condition is bad._condition
+    assert isinstance(ok, concurrent.futures.Future) and isinstance(ok, LazyFuture)
     ok.set_result(b"reply")
     bad.set_exception(ValueError("boom"))
     assert ok.done() and ok.result(0) == b"reply" and ok.exception(0) is None
     with pytest.raises(ValueError, match="boom"):
         bad.result(0)
     assert isinstance(bad.exception(0), ValueError)
+    assert ok._cond is None and bad._cond is None
     with pytest.raises(concurrent.futures.InvalidStateError):
         ok.set_result(b"again")
     with pytest.raises(concurrent.futures.InvalidStateError):
         bad.set_exception(ValueError("again"))
 
 
-def test_waiting_on_one_is_not_ended_by_another_settling(make):
-    # With a shared condition, settling ``other`` wakes a thread waiting on ``mine``: it must wait on.
+def test_a_waiter_gets_the_result_set_later_from_another_thread_and_times_out_on_its_own(make):
     mine, other = make(), make()
     later(0.05, lambda: other.set_result(1))
-    later(0.30, lambda: mine.set_result(2))
+    later(0.20, lambda: mine.set_result(2))
     started = time.monotonic()
     assert mine.result(timeout=5.0) == 2
-    assert time.monotonic() - started >= 0.25
-    third, fourth = make(), make()
-    later(0.05, lambda: fourth.set_result(1))
+    assert time.monotonic() - started < 2.0  # woken when it was settled, not at its timeout
+    assert mine._cond is not None  # the waiter made it, and the settling thread used it
+    failing = make()
+    later(0.05, lambda: failing.set_exception(KeyError("k")))
+    assert isinstance(failing.exception(timeout=5.0), KeyError)
+    never = make()
     started = time.monotonic()
     with pytest.raises(concurrent.futures.TimeoutError):
-        third.result(timeout=0.3)  # the wake-up for ``fourth`` is not reported as a timeout early, nor as a result
-    assert time.monotonic() - started >= 0.25
-    with pytest.raises(concurrent.futures.TimeoutError):
-        third.exception(timeout=0.05)
+        never.result(timeout=0.2)
+    assert time.monotonic() - started >= 0.15
 
 
-def test_cancel_callbacks_wait_and_as_completed_work(make):
-    futures = [make() for _ in range(4)]
+def test_done_callbacks_run_once_whether_added_before_or_after_settling(make):
     seen = []
-    futures[0].add_done_callback(lambda f: seen.append(f.result()))
+    before, after = make(), make()
+    before.add_done_callback(lambda f: seen.append(("before", f.result())))
+    assert before._cond is None  # no condition made to hold a callback
+    before.set_result(1)
+    after.set_result(2)
+    after.add_done_callback(lambda f: seen.append(("after", f.result())))
+    assert seen == [("before", 1), ("after", 2)]
+
+
+def test_cancel_wait_and_as_completed_work(make):
+    futures = [make() for _ in range(4)]
     assert futures[3].cancel() and futures[3].cancelled()
     with pytest.raises(concurrent.futures.CancelledError):
         futures[3].result(0)
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        futures[3].set_result(3)
     later(0.02, lambda: [f.set_result(i) for i, f in enumerate(futures[:3])])
     done, not_done = concurrent.futures.wait(futures[:3], timeout=5.0)
     assert len(done) == 3 and not not_done
-    assert seen == [0]
     assert sorted(f.result() for f in concurrent.futures.as_completed(futures[:3], timeout=5.0)) == [0, 1, 2]
 
 
@@ -81,6 +91,37 @@ def test_asyncio_can_await_one(make):
         return await asyncio.wrap_future(future)
 
     assert asyncio.run(main()) == b"x"
+
+
+def test_two_threads_waiting_on_overlapping_sets_never_deadlock(make):
+    # A condition shared by several futures sits at several places of the id order that
+    # concurrent.futures.wait locks futures in, and two waits can then deadlock (a review found
+    # it in the first version of this module). Each future here locks its own condition.
+    # Three futures s1 < p < s2 in id order (the order wait() locks them in), s1 and s2 ours, p a
+    # plain Future: thread A waits on all three, thread B on p and s2. (p's class has as many slots
+    # as ours so that both come from the same allocator pool and their ids interleave.)
+    class Plain(concurrent.futures.Future):
+        __slots__ = ("_a", "_b", "_c", "_d", "_e", "_f", "_g")
+
+    ours, plain = [], []
+    for _ in range(50):
+        ours.append(make())
+        plain.append(Plain())
+    triple = next((s1, p, s2) for p in plain for s1 in ours for s2 in ours if id(s1) < id(p) < id(s2))
+    first, middle, last = triple
+    stop = time.monotonic() + 1.0
+
+    def waits(futures) -> None:
+        while time.monotonic() < stop:
+            concurrent.futures.wait(futures, timeout=0)
+
+    threads = [threading.Thread(target=waits, args=([first, middle, last],), daemon=True),
+               threading.Thread(target=waits, args=([middle, last],), daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10.0)
+    assert not any(thread.is_alive() for thread in threads), "concurrent.futures.wait deadlocked"
 
 
 def test_many_threads_each_get_their_own_result(make):

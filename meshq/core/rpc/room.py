@@ -495,13 +495,13 @@ class Rpc(Room):
         replies = 0
         for request_id, error, payload in zip(body["ids"], body["errors"], payloads):
             if error is None:
-                request = claim(request_id, sender, "rpc_reply")
-                if request is None:
-                    continue  # late (counted) or not ours
-                sent = in_flight.pop(request_id, None)
-                if sent is None:  # (every request of this room is in flight until answered)
-                    request.on_reply(wire.Message("rpc_reply", sender, request_id, {}, (payload,)))
+                sent = in_flight.get(request_id)
+                if sent is None:  # not a request of ours in flight: the outbox matches it (late, counted)
+                    answers.append(wire.Message("rpc_reply", sender, request_id, {}, (payload,)))
                     continue
+                if claim(request_id, sender, "rpc_reply") is None:
+                    continue  # not the answer to it (counted as late); ours may still come
+                del in_flight[request_id]
                 count = outstanding.get(sent.instance, 0) - 1  # _release, inline: this is the hot path
                 if count > 0:
                     outstanding[sent.instance] = count
