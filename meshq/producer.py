@@ -51,53 +51,92 @@ class RecordFuture(Future):
     """The ``Future`` of one ``produce_async`` record: a real ``concurrent.futures.Future``, built cheaply.
 
     A plain ``Future()`` costs a ``threading.Condition`` (and its ``RLock``) per record, which was
-    most of ``produce_async``'s time. Here every record of one open buffer shares the buffer's
-    ``Condition`` (``_condition``); the state, result and exception start as class-level defaults
-    and the lists of waiters and done-callbacks are made only when someone asks for them (which
-    registers the future with its buffer so the settling thread tells them). The
-    ``RecordMetadata`` is built on first ``result()`` from the stored batch's base offset. With a
-    shared condition a waiter can wake for a neighbour's completion, so ``result()`` and
-    ``exception()`` wait in a loop on their own state. Everything ``concurrent.futures.wait``,
-    ``as_completed``, ``add_done_callback`` and ``cancel`` rely on keeps working.
+    most of ``produce_async``'s time. Here the records of one open buffer are settled together
+    under the buffer's ``Condition`` (``_buffer.condition``: state changes, and the wake-up of
+    ``result()`` / ``exception()``, which wait on it in a loop on their own state); the state,
+    result and exception start as plain slots, and the ``RecordMetadata`` is built on first
+    ``result()`` from the stored batch's base offset.
+
+    What ``Future``'s own machinery locks — ``_condition``, taken by ``concurrent.futures.wait``,
+    ``as_completed``, ``add_done_callback``, ``cancel`` — is a condition of the record's own, made
+    on first use, which registers the record with its buffer (under the buffer's condition) so
+    the settling thread tells its waiters and callbacks, under that own condition, after it let
+    go of the buffer's. Never one lock for many futures there: ``concurrent.futures.wait`` locks
+    futures in id order, and a lock shared by several futures sits at several places in that
+    order, so two threads waiting on overlapping sets could deadlock (and with them the runtime
+    thread settling the buffer). The buffer's condition is never held while another lock is
+    taken, so it cannot close a cycle either.
     """
 
     # Slots, not the instance dict: settling writes three attributes per record, and on a
     # dict-backed instance that materialises a dict per record (3.5 x slower, and GC churn).
     # _segment: (timestamps, topic, partition, base_offset) of the stored batch, set when settled.
-    __slots__ = ("_condition", "_buffer", "_state", "_result", "_exception", "_segment", "_position")
+    __slots__ = ("_own", "_buffer", "_state", "_result", "_exception", "_segment", "_position", "_told")
 
     def __init__(self, buffer: _OpenBuffer) -> None:  # no super().__init__(): see the class docstring
-        self._condition = buffer.condition
+        self._own: threading.Condition | None = None
         self._buffer = buffer
         self._state = PENDING
         self._result = None
         self._exception = None
+        self._told = False
 
-    def _lazy_list(self, name: str) -> list:
-        values = self.__dict__.get(name)
-        if values is None:
-            values = self.__dict__[name] = []
-            self._buffer.watch(self)
-        return values
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        own = self._own
+        if own is None:
+            buffer = self._buffer
+            with buffer.condition:
+                own = self._own
+                if own is None:
+                    own = self._own = threading.Condition()
+                    self.__dict__["_waiter_list"] = []
+                    self.__dict__["_callback_list"] = []
+                    buffer.watch(self)  # settled from now on: told under ``own``
+        return own
 
     @property
     def _waiters(self) -> list:  # type: ignore[override]
-        return self._lazy_list("_waiter_list")
+        self._condition  # noqa: B018 (made with its lists, and watched)
+        return self.__dict__["_waiter_list"]
 
     @property
     def _done_callbacks(self) -> list:  # type: ignore[override]
-        return self._lazy_list("_callback_list")
+        self._condition  # noqa: B018
+        return self.__dict__["_callback_list"]
 
     def _settled(self) -> bool:
         return self._state in _SETTLED
 
     def _wait_settled(self, timeout: float | None) -> None:
         if self._state not in _SETTLED:
-            with self._condition:
-                if not self._condition.wait_for(self._settled, timeout):
+            condition = self._buffer.condition
+            with condition:
+                if not condition.wait_for(self._settled, timeout):
                     raise FutureTimeoutError()
         if self._state in _CANCELLED:
             raise CancelledError()
+
+    def done(self) -> bool:
+        return self._state in _SETTLED
+
+    def cancel(self) -> bool:
+        condition = self._buffer.condition
+        with condition:  # (the state changes under the buffer's condition, as settling's do)
+            if self._state not in (PENDING, CANCELLED, CANCELLED_AND_NOTIFIED):
+                return False
+            if self._state is PENDING:
+                self._state = CANCELLED
+                condition.notify_all()
+                tell = self._own is not None and not self._told
+                self._told = True
+            else:
+                tell = False
+        if tell:  # (after letting go of the buffer's condition: never two locks at once)
+            with self._own:  # type: ignore[union-attr]
+                self._own.notify_all()  # type: ignore[union-attr]
+            self._invoke_callbacks()
+        return True
 
     def result(self, timeout: float | None = None) -> Any:
         self._wait_settled(timeout)
@@ -156,15 +195,17 @@ class FutureListWaiter:
             buffer.condition.notify_all()
             if buffer.watched:  # someone waits through concurrent.futures.wait / as_completed or a callback
                 for future in buffer.watched:
-                    if future._state is FINISHED and not future.__dict__.get("_told"):
+                    if future._state is FINISHED and not future._told:
                         future._told = True
                         settled.append(future)
-                        for waiter in future._waiters:
-                            if future._exception is not None:
-                                waiter.add_exception(future)
-                            else:
-                                waiter.add_result(future)
-        for future in settled:
+        for future in settled:  # under each one's own condition, the buffer's let go (RecordFuture)
+            with future._own:  # type: ignore[union-attr]
+                for waiter in future._waiters:
+                    if future._exception is not None:
+                        waiter.add_exception(future)
+                    else:
+                        waiter.add_result(future)
+                future._own.notify_all()  # type: ignore[union-attr]
             future._invoke_callbacks()
         self.remaining -= len(indexes)
         if self.remaining <= 0:
