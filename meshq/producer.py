@@ -59,19 +59,21 @@ class RecordFuture(Future):
 
     What ``Future``'s own machinery locks — ``_condition``, taken by ``concurrent.futures.wait``,
     ``as_completed``, ``add_done_callback``, ``cancel`` — is a condition of the record's own, made
-    on first use, which registers the record with its buffer (under the buffer's condition) so
-    the settling thread tells its waiters and callbacks, under that own condition, after it let
-    go of the buffer's. Never one lock for many futures there: ``concurrent.futures.wait`` locks
-    futures in id order, and a lock shared by several futures sits at several places in that
-    order, so two threads waiting on overlapping sets could deadlock (and with them the runtime
-    thread settling the buffer). The buffer's condition is never held while another lock is
-    taken, so it cannot close a cycle either.
+    on first use (under the buffer's condition). Never one lock for many futures there:
+    ``concurrent.futures.wait`` locks futures in id order, and a lock shared by several futures
+    sits at several places in that order, so two threads waiting on overlapping sets could
+    deadlock (and with them the runtime thread settling the buffer). A record that has its own
+    condition changes state only under it (then under the buffer's, for ``result()``), and its
+    waiters are told in the same critical section: ``wait`` reads the state and installs its
+    waiter under that condition, so it can never both see the record done and be told again.
+    Lock order: a record's own condition, then the buffer's; nothing is taken while the buffer's
+    is held.
     """
 
     # Slots, not the instance dict: settling writes three attributes per record, and on a
     # dict-backed instance that materialises a dict per record (3.5 x slower, and GC churn).
     # _segment: (timestamps, topic, partition, base_offset) of the stored batch, set when settled.
-    __slots__ = ("_own", "_buffer", "_state", "_result", "_exception", "_segment", "_position", "_told")
+    __slots__ = ("_own", "_buffer", "_state", "_result", "_exception", "_segment", "_position")
 
     def __init__(self, buffer: _OpenBuffer) -> None:  # no super().__init__(): see the class docstring
         self._own: threading.Condition | None = None
@@ -79,25 +81,23 @@ class RecordFuture(Future):
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._told = False
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         own = self._own
         if own is None:
             buffer = self._buffer
-            with buffer.condition:
+            with buffer.condition:  # (settling decides under it whether a record has one)
                 own = self._own
                 if own is None:
-                    own = self._own = threading.Condition()
                     self.__dict__["_waiter_list"] = []
                     self.__dict__["_callback_list"] = []
-                    buffer.watch(self)  # settled from now on: told under ``own``
+                    own = self._own = threading.Condition()  # settled from now on under ``own`` too
         return own
 
     @property
     def _waiters(self) -> list:  # type: ignore[override]
-        self._condition  # noqa: B018 (made with its lists, and watched)
+        self._condition  # noqa: B018 (made with its lists)
         return self.__dict__["_waiter_list"]
 
     @property
@@ -121,21 +121,17 @@ class RecordFuture(Future):
         return self._state in _SETTLED
 
     def cancel(self) -> bool:
-        condition = self._buffer.condition
-        with condition:  # (the state changes under the buffer's condition, as settling's do)
-            if self._state not in (PENDING, CANCELLED, CANCELLED_AND_NOTIFIED):
-                return False
-            if self._state is PENDING:
+        own = self._condition  # (state changes of a record with its own condition happen under it)
+        with own:
+            with self._buffer.condition:
+                if self._state not in (PENDING, CANCELLED, CANCELLED_AND_NOTIFIED):
+                    return False
+                if self._state is not PENDING:
+                    return True
                 self._state = CANCELLED
-                condition.notify_all()
-                tell = self._own is not None and not self._told
-                self._told = True
-            else:
-                tell = False
-        if tell:  # (after letting go of the buffer's condition: never two locks at once)
-            with self._own:  # type: ignore[union-attr]
-                self._own.notify_all()  # type: ignore[union-attr]
-            self._invoke_callbacks()
+                self._buffer.condition.notify_all()
+            own.notify_all()
+        self._invoke_callbacks()
         return True
 
     def result(self, timeout: float | None = None) -> Any:
@@ -175,37 +171,42 @@ class FutureListWaiter:
                error: MeshqError | None) -> None:
         buffer = self.buffer
         futures = buffer.futures
-        settled = []
-        with buffer.condition:
-            if error is not None:
-                for i in indexes:
-                    future = futures[i]
-                    if future._state is PENDING:
+        condition = buffer.condition
+        watched = []  # records with a condition of their own: settled under it, below
+        segment = None if error is not None else ([record[3] for record in records], topic, partition, base_offset)
+        # (timestamps, not the records: a kept future must not keep the record values alive)
+        with condition:
+            for j, i in enumerate(indexes):
+                future = futures[i]
+                if future._own is not None:
+                    watched.append((future, j))
+                elif future._state is PENDING:
+                    if segment is None:
                         future._exception = error
-                        future._state = FINISHED
-            else:
-                # timestamps, not the records: a kept future must not keep the record values alive
-                segment = ([record[3] for record in records], topic, partition, base_offset)
-                for j, i in enumerate(indexes):
-                    future = futures[i]
-                    if future._state is PENDING:
+                    else:
                         future._segment = segment
                         future._position = j
-                        future._state = FINISHED
-            buffer.condition.notify_all()
-            if buffer.watched:  # someone waits through concurrent.futures.wait / as_completed or a callback
-                for future in buffer.watched:
-                    if future._state is FINISHED and not future._told:
-                        future._told = True
-                        settled.append(future)
-        for future in settled:  # under each one's own condition, the buffer's let go (RecordFuture)
-            with future._own:  # type: ignore[union-attr]
+                    future._state = FINISHED
+            condition.notify_all()
+        for future, j in watched:  # someone waits through concurrent.futures.wait / as_completed, or a callback
+            own = future._own
+            with own:
+                with condition:
+                    if future._state is not PENDING:  # (cancelled meanwhile)
+                        continue
+                    if segment is None:
+                        future._exception = error
+                    else:
+                        future._segment = segment
+                        future._position = j
+                    future._state = FINISHED
+                    condition.notify_all()
                 for waiter in future._waiters:
-                    if future._exception is not None:
+                    if segment is None:
                         waiter.add_exception(future)
                     else:
                         waiter.add_result(future)
-                future._own.notify_all()  # type: ignore[union-attr]
+                own.notify_all()
             future._invoke_callbacks()
         self.remaining -= len(indexes)
         if self.remaining <= 0:
@@ -280,17 +281,14 @@ class BatchWaiter:
 class _OpenBuffer:
     """Records appended by ``produce_async`` for one (topic, partition, acks) until handed to the runtime."""
 
-    __slots__ = ("records", "futures", "deadline_s", "condition", "watched")
+    __slots__ = ("records", "futures", "deadline_s", "condition")
 
     def __init__(self, deadline_s: float) -> None:
         self.records: list = []
         self.futures: list[RecordFuture] = []
         self.deadline_s = deadline_s
         self.condition = threading.Condition()  # shared by the futures of this buffer
-        self.watched: list[RecordFuture] = []  # futures with waiters or callbacks to tell when settled
 
-    def watch(self, future: RecordFuture) -> None:
-        self.watched.append(future)
 
 
 class Accumulator:

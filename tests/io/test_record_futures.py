@@ -47,16 +47,78 @@ def test_waiters_callbacks_and_result_all_hear_of_a_settled_batch():
     assert late == [futures[2]]
 
 
+def test_a_record_settled_by_an_earlier_batch_is_not_told_again_by_a_later_one():
+    buffer, (first, second), records = buffered(2)
+    settle(buffer, [0], records, 10)  # nobody watching yet
+    other = concurrent.futures.Future()  # never done
+    results: dict = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        results["waited"] = concurrent.futures.wait([first, second, other], timeout=0.5)
+        results["elapsed"] = time.monotonic() - started
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.1)
+    settle(buffer, [1], records, 11)
+    waiting.join(5.0)
+    done, not_done = results["waited"]
+    assert not_done == {other} and done == {first, second}
+    assert results["elapsed"] >= 0.45  # a second telling of ``first`` would have ended the wait early
+
+
+def test_a_waiter_that_finds_a_record_pending_is_told_once_when_settling_lets_go_of_the_buffer_in_between():
+    # Settling lets go of the buffer's condition before it settles a record that has a condition
+    # of its own; a wait() in that gap must see it pending and be told exactly once.
+    buffer, (record,), records = buffered(1)
+    record._condition  # noqa: B018 (it has its own condition: e.g. an earlier wait timed out)
+    released, go = threading.Event(), threading.Event()
+
+    class Pausing(threading.Condition):
+        def __exit__(self, *exc):
+            result = super().__exit__(*exc)
+            if threading.current_thread().name == "settler" and not released.is_set():
+                released.set()
+                go.wait(5.0)
+            return result
+
+    buffer.condition = Pausing()
+    settler = threading.Thread(target=settle, args=(buffer, [0], records, 10), name="settler")
+    settler.start()
+    assert released.wait(5.0)
+    other = concurrent.futures.Future()
+    results: dict = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        results["waited"] = concurrent.futures.wait([record, other], timeout=0.5)
+        results["elapsed"] = time.monotonic() - started
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.1)
+    go.set()
+    settler.join(5.0)
+    waiting.join(5.0)
+    done, not_done = results["waited"]
+    assert done == {record} and not_done == {other} and results["elapsed"] >= 0.45
+    assert record.result(0).offset == 10
+
+
 def test_two_threads_waiting_on_overlapping_sets_never_deadlock():
     # Records of one buffer are settled under one condition; wait() must not lock that one
     # condition for each of them (it would sit at several places of wait()'s id order, and
     # two waits over overlapping sets deadlocked: found in review, 2026-12-07).
-    buffer, ours, _records = buffered(100)
+    buffer = _OpenBuffer(1e9)
 
-    class Plain(concurrent.futures.Future):
-        __slots__ = ("_a", "_b", "_c", "_d", "_e", "_f", "_g", "_h")
+    class Plain(concurrent.futures.Future):  # as many slots as RecordFuture: same allocator pool, ids interleave
+        __slots__ = ("_a", "_b", "_c", "_d", "_e", "_f", "_g")
 
-    plain = [Plain() for _ in range(100)]
+    ours, plain = [], []
+    for _ in range(100):
+        ours.append(RecordFuture(buffer))
+        plain.append(Plain())
     first, middle, last = next((s1, p, s2) for p in plain for s1 in ours for s2 in ours if id(s1) < id(p) < id(s2))
     stop = time.monotonic() + 1.0
 
