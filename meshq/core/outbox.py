@@ -225,7 +225,7 @@ class Outbox:
             self.late_replies[type_] = self.late_replies.get(type_, 0) + 1
             return None
         if (type_ != "error" and type_ != request.type + "_ok" and type_ not in OTHER_REPLIES.get(request.type, ())) or (
-                sender != request.peer and request.peer != self.node_id and not request.peer.startswith("seed:")):
+                sender != request.peer and not request.peer.startswith("seed:")):
             # A reply to a request an earlier incarnation of this node sent under the same id
             # (request ids start again at every start), arriving late: not ours; ours may still come.
             self.late_replies[type_] = self.late_replies.get(type_, 0) + 1

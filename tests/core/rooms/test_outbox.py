@@ -93,6 +93,19 @@ def test_a_late_reply_from_another_node_to_a_reused_request_id_is_not_taken_for_
     assert len(recorder.replies) == 1 and out.pending == {}
 
 
+def test_a_late_reply_from_another_node_never_answers_a_request_this_node_sent_itself(out, served):
+    # Same reuse of ids: the new incarnation's request to itself must not take a peer's late answer
+    # to the old one (it did while requests to self were exempt from the sender check).
+    recorder = ask(out, peer="me", type_="status")
+    (route, message, _now), = served
+    out.on_reply(wire.Message("status_ok", "p", message.request_id, {"status": {}}), 11.0)
+    assert recorder.replies == [] and message.request_id in out.pending
+    assert out.late_replies == {"status_ok": 1}
+    out.reply(route, message.request_id, "status_ok", {"status": {"ours": True}})
+    out.drain_local(11.0)
+    assert [m.body for m in recorder.replies] == [{"status": {"ours": True}}] and out.pending == {}
+
+
 def test_a_pending_request_fails_with_timeout_when_its_timer_fires(out):
     recorder = ask(out, peer="p", type_="status", now_s=10.0, timeout_s=2.0)
     assert list(out.due(11.9)) == []
