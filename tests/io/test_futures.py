@@ -10,6 +10,7 @@ import time
 import pytest
 
 from meshq.io.futures import FutureFactory, LazyFuture
+from tests.io.waits import assert_overlapping_waits_never_deadlock
 
 
 @pytest.fixture
@@ -97,31 +98,7 @@ def test_two_threads_waiting_on_overlapping_sets_never_deadlock(make):
     # A condition shared by several futures sits at several places of the id order that
     # concurrent.futures.wait locks futures in, and two waits can then deadlock (a review found
     # it in the first version of this module). Each future here locks its own condition.
-    # Three futures s1 < p < s2 in id order (the order wait() locks them in), s1 and s2 ours, p a
-    # plain Future: thread A waits on all three, thread B on p and s2. (p's class has as many slots
-    # as ours so that both come from the same allocator pool and their ids interleave.)
-    class Plain(concurrent.futures.Future):
-        __slots__ = ("_a", "_b", "_c", "_d", "_e", "_f", "_g")
-
-    ours, plain = [], []
-    for _ in range(50):
-        ours.append(make())
-        plain.append(Plain())
-    triple = next((s1, p, s2) for p in plain for s1 in ours for s2 in ours if id(s1) < id(p) < id(s2))
-    first, middle, last = triple
-    stop = time.monotonic() + 1.0
-
-    def waits(futures) -> None:
-        while time.monotonic() < stop:
-            concurrent.futures.wait(futures, timeout=0)
-
-    threads = [threading.Thread(target=waits, args=([first, middle, last],), daemon=True),
-               threading.Thread(target=waits, args=([middle, last],), daemon=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10.0)
-    assert not any(thread.is_alive() for thread in threads), "concurrent.futures.wait deadlocked"
+    assert_overlapping_waits_never_deadlock(make, len(LazyFuture.__slots__))
 
 
 def test_many_threads_each_get_their_own_result(make):

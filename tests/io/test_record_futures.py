@@ -8,6 +8,7 @@ import time
 
 from meshq.errors import TimeoutError as MeshqTimeoutError
 from meshq.producer import FutureListWaiter, RecordFuture, _OpenBuffer, _Tracker
+from tests.io.waits import assert_overlapping_waits_never_deadlock
 
 
 def buffered(count: int) -> tuple[_OpenBuffer, list[RecordFuture], list[tuple]]:
@@ -111,25 +112,4 @@ def test_two_threads_waiting_on_overlapping_sets_never_deadlock():
     # condition for each of them (it would sit at several places of wait()'s id order, and
     # two waits over overlapping sets deadlocked: found in review, 2026-12-07).
     buffer = _OpenBuffer(1e9)
-
-    class Plain(concurrent.futures.Future):  # as many slots as RecordFuture: same allocator pool, ids interleave
-        __slots__ = ("_a", "_b", "_c", "_d", "_e", "_f", "_g")
-
-    ours, plain = [], []
-    for _ in range(100):
-        ours.append(RecordFuture(buffer))
-        plain.append(Plain())
-    first, middle, last = next((s1, p, s2) for p in plain for s1 in ours for s2 in ours if id(s1) < id(p) < id(s2))
-    stop = time.monotonic() + 1.0
-
-    def waits(futures) -> None:
-        while time.monotonic() < stop:
-            concurrent.futures.wait(futures, timeout=0)
-
-    threads = [threading.Thread(target=waits, args=([first, middle, last],), daemon=True),
-               threading.Thread(target=waits, args=([middle, last],), daemon=True)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10.0)
-    assert not any(thread.is_alive() for thread in threads), "concurrent.futures.wait deadlocked"
+    assert_overlapping_waits_never_deadlock(lambda: RecordFuture(buffer), len(RecordFuture.__slots__))

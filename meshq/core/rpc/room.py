@@ -491,7 +491,7 @@ class Rpc(Room):
             self.core.count_invalid(sender)
             return []
         answers = []
-        claim, in_flight, emit, outstanding = self.out.claim, self._in_flight, self.out.emit, self.outstanding
+        claim, in_flight, emit = self.out.claim, self._in_flight, self.out.emit
         replies = 0
         for request_id, error, payload in zip(body["ids"], body["errors"], payloads):
             if error is None:
@@ -502,11 +502,7 @@ class Rpc(Room):
                 if claim(request_id, sender, "rpc_reply") is None:
                     continue  # not the answer to it (counted as late); ours may still come
                 del in_flight[request_id]
-                count = outstanding.get(sent.instance, 0) - 1  # _release, inline: this is the hot path
-                if count > 0:
-                    outstanding[sent.instance] = count
-                else:
-                    outstanding.pop(sent.instance, None)
+                self._release(sent.instance)
                 replies += 1
                 emit(Resolve(sent.call.waiter, payload))
             else:
