@@ -253,9 +253,9 @@ class Node:
         workers = self.sync._workers
         assert workers is not None
         loop = asyncio.get_running_loop() if inspect.iscoroutinefunction(handler) else None
-        workers.add(service, handler, concurrency, loop)
+        desk = workers.add(service, handler, concurrency, loop)
         try:
-            await self._call(ServeService(service, bool(idempotent), concurrency), 10.0)
+            await self._call(ServeService(service, bool(idempotent), concurrency, desk=desk), 10.0)
         except BaseException:
             workers.remove(service)
             raise

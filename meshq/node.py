@@ -50,7 +50,7 @@ from meshq.io.clock import RealClock
 from meshq.io.direct import DirectProducer
 from meshq.io.futures import FutureFactory
 from meshq.io.pubsub import PubSubShell
-from meshq.io.rpc import ServiceWorkers
+from meshq.io.rpc import DeskSetup, ServiceWorkers
 from meshq.io.rpc_direct import DirectRequester
 from meshq.io.runtime import Runtime
 from meshq.producer import Accumulator
@@ -173,7 +173,10 @@ class Node:
                 self.storage.close()
             raise
         self.runtime.on_left = self._after_leaving
-        self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes, self.clock.now_s)
+        desks = None if self.runtime.curve is not None else DeskSetup(  # (keyed: requests go through the ROUTER)
+            self.runtime.context, config.host, self.runtime.endpoint.rsplit(":", 1)[0][len("tcp://"):],
+            config.cluster, self.core.node_id, linger_s=2 * config.heartbeat_interval_s)
+        self._workers = ServiceWorkers(self.runtime.submit, config.max_frame_bytes, self.clock.now_s, desks)
         self.runtime.run_handler = self._workers.run
         self._requester = DirectRequester(self, self.runtime.context)
         self._accumulator = Accumulator(self.runtime, self.clock, config.linger_s, config.batch_max_records)
@@ -684,9 +687,9 @@ class Node:
         Returns a handle; ``handle.close()`` (or ``unserve``) withdraws the service."""
         self._check_serve(service, handler, concurrency)
         assert self._workers is not None
-        self._workers.add(service, handler, concurrency)
+        desk = self._workers.add(service, handler, concurrency)
         try:
-            self._call(ServeService(service, bool(idempotent), concurrency), 10.0)
+            self._call(ServeService(service, bool(idempotent), concurrency, desk=desk), 10.0)
         except BaseException:
             self._workers.remove(service)
             raise

@@ -420,6 +420,7 @@ class ServeService:
     concurrency: int = 1
     deadline_s: float | None = None
     waiter: Any = None
+    desk: str | None = None  # the endpoint of the service's own socket, advertised (meshq.core.rpc.desk)
 
 
 @dataclass(slots=True)
@@ -475,6 +476,20 @@ class HandlersDone:
     """A worker finished the jobs of one ``RunHandlers``: one ``HandlerDone`` per job, in order."""
 
     outcomes: tuple
+
+
+@dataclass(slots=True)
+class DeskServed:
+    """What the desk of ``service`` (meshq.core.rpc.desk) did since it last told: counts and handler times."""
+
+    service: str
+    served: int
+    errors: int
+    expired: int
+    duplicates: int
+    refused: int
+    invalid: int
+    times_s: tuple
 
 
 RPC_COMMANDS = (ServeService, UnserveService, RpcRequest, RpcReport)

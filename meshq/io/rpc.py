@@ -18,20 +18,40 @@ A handler that raises, returns anything else, or returns a reply larger than
 
 Handlers are registered before the core advertises the service (``add``) and dropped after it
 withdrew it (``remove``); the pool of a withdrawn service lets its running handlers finish.
+
+**Desks** (``meshq.core.rpc.desk``). A service served with ``concurrency=1`` by a plain function,
+on a node without CURVE keys, gets one worker thread of its own (``_DeskThread``) instead of a
+pool: that thread binds a ROUTER (the desk; ``add`` returns its endpoint, which the core
+advertises), takes ``rpc_request``s from callers sending from their own threads and answers them
+on the same socket, and runs the jobs the core hands it between them (``run`` queues them and
+wakes it through a pipe it polls). What it decides (which requests run, what the answers say,
+the counts it tells the core every ``REPORT_S``) is the pure ``Desk``'s. Withdrawn, it finishes
+its queued jobs and keeps its socket open for ``DeskSetup.linger_s`` more (two heartbeat
+intervals: by then every caller has learnt the withdrawal from the adverts), answering
+``not_serving`` to whatever reaches it — so a caller tries another instance at once rather than
+wait out its timeout — then ends. When the node stops, it ends at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from meshq.core.events import HandlerDone, HandlersDone, RunHandler, RunHandlers
-from meshq.errors import UsageError
+import zmq
+
+from meshq.core import wire
+from meshq.core.events import HandlerDone, HandlersDone, RunHandlers
+from meshq.core.rpc.desk import DROP, REFUSE, REPORT_S, Desk
+from meshq.errors import ProtocolError, UsageError
+from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _send, new_socket
 
 log = logging.getLogger("meshq.rpc")
 
@@ -40,45 +60,78 @@ log = logging.getLogger("meshq.rpc")
 _HAND_BACK_S = 0.001
 
 
+_DESK_BURST = 64  # requests a desk takes from its socket before it looks at its queued jobs again
+
+
+@dataclass(frozen=True)
+class DeskSetup:
+    """What a desk's socket needs: the node's zmq context, where to bind (``host``) and the host
+    callers reach this node at (``advertised_host``), and the node's cluster and id for the frames."""
+
+    context: zmq.Context
+    host: str
+    advertised_host: str
+    cluster: str
+    node_id: str
+    linger_s: float = 1.0  # a withdrawn desk answers ``not_serving`` this long before it closes
+
+
 class _Service:
-    __slots__ = ("name", "handler", "pool", "loop")
+    __slots__ = ("name", "handler", "pool", "loop", "desk")
 
     def __init__(self, name: str, handler: Callable[[bytes], Any], concurrency: int,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, pooled: bool = True) -> None:
         self.name = name
         self.handler = handler
         self.loop = loop  # a coroutine handler runs on this event loop, no worker threads
-        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:40]
-        self.pool = None if loop is not None else ThreadPoolExecutor(max_workers=concurrency,
-                                                                     thread_name_prefix=f"meshq-serve-{safe}")
+        self.desk: _DeskThread | None = None  # its one worker, with a socket of its own (module docstring)
+        self.pool = None if loop is not None or not pooled else ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix=f"meshq-serve-{_safe(name)}")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:40]
 
 
 class ServiceWorkers:
     """Handlers and worker pools of the services this node serves (see the module docstring)."""
 
     def __init__(self, submit: Callable[[Any], None], max_frame_bytes: int,
-                 now_s: Callable[[], float] = time.monotonic) -> None:
+                 now_s: Callable[[], float] = time.monotonic, desks: DeskSetup | None = None) -> None:
         self._submit = submit  # hands a command to the runtime thread
         self.now_s = now_s  # the clock of the core's deadlines
         self.max_frame_bytes = max_frame_bytes
+        self.desks = desks  # None: no service gets a desk (a node with CURVE keys)
         self._services: dict[str, _Service] = {}
         self._retired: list[_Service] = []
         self._lock = threading.Lock()
 
     def add(self, name: str, handler: Callable[[bytes], Any], concurrency: int,
-            loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Register ``handler``; with ``loop`` it is a coroutine function run on that loop (meshq.aio)."""
+            loop: asyncio.AbstractEventLoop | None = None) -> str | None:
+        """Register ``handler``; with ``loop`` it is a coroutine function run on that loop (meshq.aio).
+        Returns the endpoint of the service's desk, or None when it has none (module docstring)."""
         with self._lock:
             if name in self._services:
                 raise UsageError(f"service {name!r} is already served by this node; close its handle (or "
                                  "node.unserve) before serving it again")
-            self._services[name] = _Service(name, handler, concurrency, loop)
+            if self.desks is not None and loop is None and concurrency == 1:
+                service = _Service(name, handler, 1, None, pooled=False)
+                service.desk = _DeskThread(self, service, self.desks)
+            else:
+                service = _Service(name, handler, concurrency, loop)
+            self._services[name] = service
+        return service.desk.endpoint if service.desk is not None else None
 
     def remove(self, name: str) -> None:
         """Drop ``name``'s handler; its running calls finish, then its threads end."""
         with self._lock:
             service = self._services.pop(name, None)
-        if service is not None and service.pool is not None:
+        if service is None:
+            return
+        if service.desk is not None:
+            service.desk.stop(cancel=False)
+            self._retired.append(service)
+        elif service.pool is not None:
             service.pool.shutdown(wait=False)
             self._retired.append(service)
 
@@ -91,7 +144,9 @@ class ServiceWorkers:
                                             for job in effect.jobs)))
             return
         try:
-            if service.pool is None:  # dispatched straight to the event loop (the core bounds concurrency)
+            if service.desk is not None:
+                service.desk.queue(effect)
+            elif service.pool is None:  # dispatched straight to the event loop (the core bounds concurrency)
                 asyncio.run_coroutine_threadsafe(self._work_async(service, effect), service.loop)  # type: ignore[arg-type]
             else:
                 service.pool.submit(self._work, service, effect)
@@ -115,7 +170,7 @@ class ServiceWorkers:
                     result = handler(job.payload)
                 except Exception as exc:
                     result = exc
-                outcomes.append(self._outcome(service, job, result, started))
+                outcomes.append(self._outcome(service, job.job_id, result, started))
                 now = perf()
                 if now - last > _HAND_BACK_S:  # slow handlers: never hold a reply back long
                     handed += len(outcomes)
@@ -140,14 +195,14 @@ class ServiceWorkers:
                     result = await service.handler(job.payload)
                 except Exception as exc:
                     result = exc
-                outcomes.append(self._outcome(service, job, result, started))
+                outcomes.append(self._outcome(service, job.job_id, result, started))
         finally:
             done = {outcome.job_id for outcome in outcomes}
             outcomes += [HandlerDone(job.job_id, None, "NodeStoppedError", "the worker stopped", 0.0)
                          for job in effect.jobs if job.job_id not in done]
             self._submit(HandlersDone(tuple(outcomes)))
 
-    def _outcome(self, service: _Service, effect: RunHandler, result: Any, started: float) -> HandlerDone:
+    def _outcome(self, service: _Service, job_id: int, result: Any, started: float) -> HandlerDone:
         """The ``HandlerDone`` for what the handler returned (or raised: ``result`` is the exception)."""
         try:
             if isinstance(result, Exception):
@@ -155,13 +210,13 @@ class ServiceWorkers:
             if type(result) is not bytes:
                 result = self._as_reply(service.name, result)
             if len(result) > self.max_frame_bytes:
-                done = HandlerDone(effect.job_id, None, "MessageTooLargeError",
+                done = HandlerDone(job_id, None, "MessageTooLargeError",
                                    f"the reply of {len(result)} bytes exceeds max_frame_bytes ({self.max_frame_bytes})",
                                    time.perf_counter() - started)
             else:
-                done = HandlerDone(effect.job_id, result, elapsed_s=time.perf_counter() - started)
+                done = HandlerDone(job_id, result, elapsed_s=time.perf_counter() - started)
         except Exception as exc:
-            done = HandlerDone(effect.job_id, None, type(exc).__name__, str(exc), time.perf_counter() - started)
+            done = HandlerDone(job_id, None, type(exc).__name__, str(exc), time.perf_counter() - started)
         return done
 
     @staticmethod
@@ -178,15 +233,161 @@ class ServiceWorkers:
             services, self._services = list(self._services.values()), {}
         services += self._retired
         self._retired = []
-        services = [service for service in services if service.pool is not None]
+        services = [service for service in services if service.pool is not None or service.desk is not None]
         for service in services:
-            service.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
+            if service.desk is not None:
+                service.desk.stop(cancel=True)
+            else:
+                service.pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout_s
         for service in services:
-            for thread in list(getattr(service.pool, "_threads", ())):
+            threads = [service.desk.thread] if service.desk is not None else list(getattr(service.pool, "_threads", ()))
+            for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.warning("a handler of %r is still running after the node stopped", service.name)
 
 
-__all__ = ["ServiceWorkers"]
+class _DeskThread:
+    """The one worker of a service with a desk (module docstring): its socket, its queue of jobs, its thread."""
+
+    def __init__(self, workers: ServiceWorkers, service: _Service, setup: DeskSetup) -> None:
+        self.workers = workers
+        self.service = service
+        self.desk = Desk(service.name, setup.node_id, setup.cluster)
+        self.linger_s = setup.linger_s
+        self.sock = new_socket(setup.context, zmq.ROUTER, workers.max_frame_bytes)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        try:
+            self.sock.bind(f"tcp://{setup.host}:*")
+            port = self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise UsageError(f"cannot bind a socket for {service.name!r} on {setup.host} ({exc})") from None
+        self.endpoint = f"tcp://{setup.advertised_host}:{port}"
+        self.jobs: deque = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.stopping = False  # withdrawn: run the queued jobs, refuse what waits at the desk, end
+        self.cancelled = False  # the node stops: drop the queued jobs too
+        self.thread = threading.Thread(target=self._run, name=f"meshq-desk-{_safe(service.name)}", daemon=True)
+        self.thread.start()
+
+    def queue(self, effect: RunHandlers) -> None:
+        """Jobs from the core (runtime thread): run between the desk's own requests."""
+        if self.stopping:
+            raise RuntimeError("the service was withdrawn")
+        self.jobs.append(effect)
+        self._wake()
+
+    def stop(self, cancel: bool) -> None:
+        self.cancelled = self.cancelled or cancel
+        self.stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (it wakes anyway) or closed (it ended)
+
+    def _run(self) -> None:
+        sock, desk, jobs, workers, service, wake_r = self.sock, self.desk, self.jobs, self.workers, self.service, \
+            self._wake_r
+        now_s = workers.now_s
+        poller = zmq.Poller()
+        poller.register(sock, _POLLIN)
+        poller.register(wake_r, _POLLIN)
+        recv = sock.recv_multipart
+        events_of = sock.getsockopt
+        closing_s = None  # withdrawn: when the socket closes (it answers not_serving until then)
+        try:
+            while True:
+                timeout_ms = REPORT_S * 1000 if desk.pending_report() else None
+                if closing_s is not None:
+                    timeout_ms = max(0.0, min(timeout_ms or REPORT_S * 1000, (closing_s - now_s()) * 1000))
+                for what, _ in poller.poll(timeout_ms):
+                    if what == wake_r:
+                        os.read(wake_r, 4096)
+                while jobs and not self.cancelled:
+                    workers._work(service, jobs.popleft())
+                # (what is waiting is read while the socket says so: no exception raised per wake-up)
+                taken = 0
+                while taken < _DESK_BURST and events_of(_EVENTS) & _POLLIN:
+                    self._take(recv(_NOBLOCK), now_s)
+                    taken += 1
+                command = desk.report(now_s())
+                if command is not None:
+                    workers._submit(command)
+                if self.stopping and (not jobs or self.cancelled):
+                    if self.cancelled or closing_s is None:
+                        closing_s = now_s() + (0.0 if self.cancelled else self.linger_s)
+                    if now_s() >= closing_s:
+                        break
+        except Exception:  # (a bug: say so; callers then time out rather than hang for good)
+            log.exception("the desk of %r stopped", service.name)
+        finally:
+            self._close(now_s)
+
+    def _take(self, frames: list, now_s: Callable[[], float]) -> None:
+        """One message from the desk's socket: admitted, run and answered (or refused, or dropped)."""
+        desk = self.desk
+        if len(frames) < 2:
+            desk.invalid += 1
+            return
+        try:
+            message = wire.decode(frames[1:], desk.cluster)
+        except ProtocolError:
+            desk.invalid += 1
+            return
+        verdict, value = desk.admit(message, now_s())
+        if verdict is DROP:
+            return
+        if verdict is REFUSE or self.stopping:
+            answer = value if verdict is REFUSE else desk.refusal(
+                message.request_id, "not_serving", f"{desk.service!r} is no longer served on {desk.node_id}")
+        else:
+            if now_s() >= value:
+                done = HandlerDone(0, None, expired=True)
+            else:
+                started = time.perf_counter()
+                try:
+                    result = self.service.handler(message.payloads[0])
+                except Exception as exc:
+                    result = exc
+                done = self.workers._outcome(self.service, 0, result, started)
+            answer = desk.answer(message.request_id, done)
+            if answer is None:
+                return
+        _send(self.sock, [frames[0], *answer])  # (dropped if the caller is gone or not reading: it times out)
+
+    def _close(self, now_s: Callable[[], float]) -> None:
+        """Withdrawn or stopping: answer ``not_serving`` to what waits at the desk, tell the counts, close."""
+        self.stopping = True
+        try:
+            while True:
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._take(frames, now_s)
+            self.sock.close(linger=200)  # (the refusals just sent still leave)
+        except zmq.ZMQError:
+            pass
+        command = self.desk.report(now_s(), force=True)
+        if command is not None:
+            self.workers._submit(command)
+        leftovers = list(self.jobs)
+        self.jobs.clear()
+        if leftovers and not self.cancelled:  # (a job queued after the loop's last look)
+            for effect in leftovers:
+                self.workers._work(self.service, effect)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+__all__ = ["DeskSetup", "ServiceWorkers"]

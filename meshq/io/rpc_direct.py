@@ -6,7 +6,12 @@ Through the runtime thread a request costs the caller two thread hand-offs (call
 runtime to send, runtime -> caller to complete), which on a small machine are most of a
 loopback round trip. When the chosen instance is another node, this module sends the
 request from the calling thread instead, on that thread's own DEALER socket to the instance's
-ROUTER, and waits for the answer there (as ``meshq.io.direct`` does for produce).
+ROUTER, and waits for the answer there (as ``meshq.io.direct`` does for produce). When the
+instance advertises a *desk* for the service (``meshq.core.rpc.desk``: the socket of the
+service's one worker thread), the request goes there instead, and the worker answers it
+itself — one thread woken on each side. A desk withdrawn while requests wait there answers
+them ``not_serving`` (after the one running, if any), and keeps answering so for a while after
+its service is withdrawn (``meshq.io.rpc``), until every caller has learnt it is gone.
 
 Every decision is the pure core's (``meshq.core.rpc.room``): which instances are live and
 offer the service (``Rpc.instances``: a read of the runtime's tables), which one to ask
@@ -24,7 +29,8 @@ awaited is a late reply to an earlier request of this thread: dropped and counte
 
 ``try_request`` returns None — the request then goes through the runtime — when nothing was
 sent and the fast path does not apply: no instance is known yet (the runtime path waits for
-adverts after a start, and says "no responders"), or the chosen instance is this node itself.
+adverts after a start, and says "no responders"), or the chosen instance is this node itself
+and the service has no desk here.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ import zmq
 from meshq.core import wire
 from meshq.core.rpc.room import FAIL, PARK, REPLY, RETRY, Call, choose, timed_out, when_answered, when_none, when_silent
 from meshq.errors import NodeStoppedError, ProtocolError
-from meshq.io.runtime import new_socket
+from meshq.io.runtime import _NOBLOCK_MORE, _ZERO_COPY_BYTES, _raw_send, new_socket
 
 _SLICE_S = 0.05  # how often a waiting call looks at its instance's liveness and at close()
+_SLICE_MS = int(_SLICE_S * 1000) + 1
+_RCVTIMEO = int(zmq.RCVTIMEO)
 DIRECT_REQUEST_IDS = 1 << 48
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -111,8 +119,9 @@ class DirectRequester:
                         time.sleep(max(0.0, value - now))
                         continue
                     raise self.core.rpc.explain(service, value)
-                endpoint = self.core.out.peer_endpoints.get(instance)
-                if instance == self.core.node_id or endpoint is None:
+                desk = self.core.rpc.desk(instance, service)  # its own socket, when it has one (core.rpc.desk)
+                endpoint = desk or self.core.out.peer_endpoints.get(instance)
+                if (instance == self.core.node_id and desk is None) or endpoint is None:
                     if sent:
                         call.avoid.add(instance)
                         continue
@@ -173,8 +182,10 @@ class DirectRequester:
             self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
         try:
             try:
-                sock.send_multipart(wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
-                                                (call.payload,)), _NOBLOCK)
+                header, payload = wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
+                                              (call.payload,))
+                _raw_send(sock, header, _NOBLOCK_MORE, True)
+                _raw_send(sock, payload, _NOBLOCK, len(payload) < _ZERO_COPY_BYTES)
             except zmq.ZMQError:  # not connected yet (HWM with no peer): treat as refused, try another
                 call.avoid.add(instance)
                 return None
@@ -193,18 +204,26 @@ class DirectRequester:
             remaining = call.deadline_s - self.now_s()
             if remaining <= 0:
                 raise timed_out(call, instance)
-            if not sock.poll(int(min(remaining, _SLICE_S) * 1000) + 1, _POLLIN):
+            # a blocking receive bounded by RCVTIMEO (one slice, or what is left): no poller built per wait
+            want = _SLICE_MS if remaining >= _SLICE_S else int(remaining * 1000) + 1
+            if sock.getsockopt(_RCVTIMEO) != want:
+                sock.setsockopt(_RCVTIMEO, want)
+            try:
+                frames = sock.recv_multipart()
+            except zmq.Again:
+                frames = None
+            if frames is None:
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the reply came; the request may or may "
                                            "not have run")
-                if self._silent(instance):
+                if instance != self.core.node_id and self._silent(instance):
                     action, value = when_silent(call, instance)
                     if action == FAIL:
                         raise value
                     return None
                 continue
             try:
-                message = wire.decode(sock.recv_multipart(_NOBLOCK), cluster)
+                message = wire.decode(frames, cluster)
             except ProtocolError:
                 continue  # dropped, as the runtime drops it
             if message.request_id != request_id:

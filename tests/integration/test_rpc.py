@@ -168,18 +168,30 @@ def test_prometheus_endpoint_reports_services_and_requests(tmp_path):
     from tests.procs import free_port
 
     port = free_port()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
     with meshq.Node(cluster="it", data_dir=tmp_path / "m", mdns=False, metrics_port=port) as node:
         node.serve("metered.echo", lambda p: p)
         node.serve("metered.boom", lambda p: 1 / 0)
         for _ in range(3):
-            assert node.request("metered.echo", b"x", timeout=10) == b"x"  # the node itself: through its runtime
+            assert node.request("metered.echo", b"x", timeout=10) == b"x"  # from this thread, to the service's desk
         with pytest.raises(meshq.RemoteError, match="ZeroDivisionError"):
             node.request("metered.boom", b"x", timeout=10)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    assert 'meshq_rpc_served_total{service="metered.echo"} 3.0' in text
-    assert 'meshq_rpc_handler_errors_total{service="metered.boom"} 1.0' in text
-    assert 'meshq_rpc_requests_total{outcome="replies"} 3.0' in text
+        for _ in range(2):  # through the runtime (counted in meshq_rpc_requests), served by the same worker
+            assert node.request_async("metered.echo", b"y", timeout=10).result(10) == b"y"
+        with pytest.raises(meshq.RemoteError, match="ZeroDivisionError"):
+            node.request_async("metered.boom", b"y", timeout=10).result(10)
+        deadline = time.monotonic() + 5  # a desk tells its counts within REPORT_S (0.1 s)
+        text = scrape()
+        while 'meshq_rpc_served_total{service="metered.echo"} 5.0' not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = scrape()
+    assert 'meshq_rpc_served_total{service="metered.echo"} 5.0' in text
+    assert 'meshq_rpc_handler_errors_total{service="metered.boom"} 2.0' in text
+    assert 'meshq_rpc_requests_total{outcome="replies"} 2.0' in text
     assert 'meshq_rpc_requests_total{outcome="remote_errors"} 1.0' in text
     assert 'meshq_rpc_handler_p99_seconds{service="metered.echo"}' in text
 

@@ -118,6 +118,14 @@ class Adverts(Room):
             found[self.node_id] = self.local[kind]
         return found
 
+    def one(self, kind: str, node_id: str) -> Any:
+        """``node_id``'s value of ``kind`` (None if it offers none), whatever its liveness: for a caller
+        that has already chosen a live node (``of`` builds the whole table)."""
+        if node_id == self.node_id:
+            return self.local.get(kind)
+        known = self.remote.get(node_id)
+        return known.adverts.get(kind) if known is not None else None
+
     def knows(self, node_id: str) -> bool:
         """Whether this node has heard ``node_id``'s map (any version)."""
         return node_id in self.remote

@@ -52,13 +52,14 @@ counts it (``late_replies``), and it can never complete a later request.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshq.core import wire
 from meshq.core.cluster.access import VIEW_WAIT_S
 from meshq.core.events import (
+    DeskServed,
     Fail,
     HandlerDone,
     HandlersDone,
@@ -73,6 +74,7 @@ from meshq.core.events import (
 )
 from meshq.core.outbox import LocalRoute
 from meshq.core.room import Room
+from meshq.core.rpc.desk import DESKS, SEEN_LIMIT, SeenKeys, desks_of
 from meshq.core.rpc.names import SERVICES, offers_of, validate_service_name
 from meshq.errors import (
     AuthorizationError,
@@ -92,7 +94,6 @@ from meshq.errors import (
 QUEUE_LIMIT = 1024  # requests waiting per service beyond those running; more are refused as busy
 MAX_CONCURRENCY = 1024
 BUSY_PAUSE_S = 0.005  # every instance was busy: wait this long before asking again
-SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
 TIMES_KEPT = 1024  # handler times kept per service for p50/p99
 DISPATCH_AHEAD = 128  # jobs handed to one worker at once (it runs them one after the other)
 BATCH_MAX = 256  # requests per rpc_batch, answers per rpc_batch_ok sent (and at most max_frame_bytes of them)
@@ -113,6 +114,8 @@ class Served:
     busy: int = 0
     expired: int = 0
     times_s: deque = field(default_factory=lambda: deque(maxlen=TIMES_KEPT))
+    desk: str | None = None  # the endpoint of its desk (meshq.core.rpc.desk), if it has one
+    duplicates: int = 0  # requests its desk dropped as duplicates (the room's own are in ``counters``)
 
 
 @dataclass(slots=True)
@@ -254,7 +257,7 @@ class Rpc(Room):
     SERVES = {"rpc_request": "serve_request", "rpc_batch": "serve_batch"}
     COMMANDS = {ServeService: "cmd_serve", UnserveService: "cmd_unserve", RpcRequest: "cmd_request",
                 RpcRequests: "cmd_requests", HandlerDone: "cmd_done", HandlersDone: "cmd_dones",
-                RpcReport: "cmd_report"}
+                RpcReport: "cmd_report", DeskServed: "cmd_desk_served"}
     TIMERS = {"rpc_wait": "_resume"}
 
     def __init__(self, core: Any) -> None:
@@ -267,10 +270,9 @@ class Rpc(Room):
         self._answers: dict[Any, list] | None = None  # while answering several: route -> answers to send
         self._group: dict[tuple[str, str], list] | None = None  # while asking several: (instance, service) -> calls
         self._offers: dict[str, dict[str, bool]] = {}  # while asking several: service -> its instances
-        # request keys, oldest first (bounded). An OrderedDict: evicting a plain dict's first key again
-        # and again (``del d[next(iter(d))]``) rescans the deleted slots each time; at the limit that
-        # cost 25 µs per request and halved a serving node's throughput after 65,536 requests.
-        self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        # request keys, oldest first (bounded; see SeenKeys: a plain dict's eviction cost 25 µs per
+        # request at the limit and halved a serving node's throughput after 65,536 requests)
+        self._seen = SeenKeys(SEEN_LIMIT)
         self.outstanding: dict[str, int] = {}  # node id -> requests of this node in flight there
         self._in_flight: dict[int, _Sent] = {}  # request id -> the attempt it carries (call, instance)
         self._calls: dict[int, Call] = {}  # calls parked or pausing, by id
@@ -308,7 +310,7 @@ class Rpc(Room):
         except MeshqError as exc:
             self.out.emit(Fail(command.waiter, exc))
             return
-        self.served[name] = Served(name, bool(command.idempotent), command.concurrency)
+        self.served[name] = Served(name, bool(command.idempotent), command.concurrency, desk=command.desk)
         self._advertise(now_s)
         self.out.emit(Resolve(command.waiter, None))
 
@@ -326,6 +328,9 @@ class Rpc(Room):
     def _advertise(self, now_s: float) -> None:
         table = {name: [s.idempotent, s.concurrency] for name, s in sorted(self.served.items())}
         self.core.adverts.set(SERVICES, table or None, now_s)
+        desks = {name: s.desk for name, s in sorted(self.served.items()) if s.desk is not None}
+        if desks or self.core.adverts.one(DESKS, self.node_id) is not None:
+            self.core.adverts.set(DESKS, desks or None, now_s)
 
     def serve_request(self, route: Any, message: wire.Message, now_s: float) -> None:
         body = message.body
@@ -366,14 +371,9 @@ class Rpc(Room):
     def _admit(self, route: Any, sender: str, incarnation: int, request_id: int, service: str, payload: bytes,
                timeout_ms: int, now_s: float) -> Served | None:
         """Queue one request for its service (None: it is refused, or a duplicate)."""
-        if request_id:
-            key = (sender, incarnation, request_id)
-            if key in self._seen:
-                self.counters["duplicates_dropped"] += 1
-                return None
-            self._seen[key] = None
-            if len(self._seen) > SEEN_LIMIT:
-                self._seen.popitem(last=False)
+        if request_id and not self._seen.first_time((sender, incarnation, request_id)):
+            self.counters["duplicates_dropped"] += 1
+            return None
         served = self.served.get(service)
         if served is None:
             self._refuse(route, request_id, "not_serving", f"{service!r} is not served by {self.node_id}")
@@ -456,6 +456,19 @@ class Rpc(Room):
         finally:
             self._send_answers()
 
+    def cmd_desk_served(self, command: DeskServed, now_s: float) -> None:
+        """A desk's counts since it last told (meshq.core.rpc.desk): added to its service's."""
+        served = self.served.get(command.service)
+        if served is None:
+            return  # withdrawn meanwhile: its counts went with it
+        served.served += command.served
+        served.errors += command.errors
+        served.expired += command.expired
+        served.duplicates += command.duplicates
+        served.times_s.extend(command.times_s)
+        for _ in range(command.invalid):  # (frames its socket got that were not requests)
+            self.core.count_invalid("desk")
+
     def _refuse(self, route: Any, request_id: int, reason: str, text: str) -> None:
         self._answer(route, request_id, b"", [reason, "", text])
 
@@ -523,6 +536,10 @@ class Rpc(Room):
                     and may_node(node_id, "serve", service)):
                 found[node_id] = offer[0]
         return found
+
+    def desk(self, node_id: str, service: str) -> str | None:
+        """The endpoint of ``service``'s desk on ``node_id`` (meshq.core.rpc.desk), if it advertises one."""
+        return desks_of(self.core.adverts.one(DESKS, node_id)).get(service)
 
     def explain(self, service: str, error: MeshqError) -> MeshqError:
         """A ``NoRespondersError`` for ``service`` that names the live offers ignored for want of a ``serve``
@@ -737,6 +754,7 @@ class Rpc(Room):
                 "concurrency": served.concurrency, "in_flight": served.running + len(served.queue),
                 "running": served.running, "queued": len(served.queue), "served": served.served,
                 "errors": served.errors, "busy": served.busy, "expired": served.expired,
+                "duplicates": served.duplicates, "desk": served.desk,
                 "p50_ms": _percentile_ms(times, 0.50), "p99_ms": _percentile_ms(times, 0.99)})
         instances: dict[str, list[str]] = {}
         for node_id, value in self.core.adverts.of(SERVICES).items():

@@ -72,7 +72,7 @@ def test_every_entry_a_room_declares_names_a_real_method_and_is_dispatched_to_it
     assert all(type_ in wire.SCHEMAS for type_ in room.SERVES), "a served type has no wire schema"
     assert all(type_ in wire.SCHEMAS for type_ in room.EVENTS), "an event type has no wire schema"
     assert all(kind in (*events.COMMANDS, events.ProduceCommand, *events.RPC_COMMANDS, events.HandlerDone,
-                           events.HandlersDone, events.RpcRequests, events.TrustedNames)
+                           events.HandlersDone, events.DeskServed, events.RpcRequests, events.TrustedNames)
                for kind in room.COMMANDS)
 
 

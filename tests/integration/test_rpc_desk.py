@@ -1,0 +1,164 @@
+"""A service's desk (meshq.core.rpc.desk, meshq.io.rpc): requests answered by the serving thread on a
+socket of its own, between real Nodes in one process (ZeroMQ on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+import meshq
+from meshq.core import wire
+from meshq.core.rpc.desk import REPORT_S
+from tests.integration import test_rpc
+from tests.integration.test_rpc import instances_seen, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+mesh = test_rpc.mesh  # (the fixture: three storage nodes on loopback)
+
+
+def own_service(node, name: str) -> dict:
+    return next(s for s in node.status()["services"] if s["service"] == name and s["node_id"] == node.node_id)
+
+
+def test_requests_go_to_the_desk_and_are_counted_in_status(mesh):
+    n1, n2, _n3 = mesh
+    n1.serve("desk.echo", lambda payload: payload.upper())
+    n1.serve("pool.echo", lambda payload: payload, concurrency=2)
+    wait_for(lambda: instances_seen(n2, "pool.echo") == ["n1"], what="n2 sees n1's services")
+    desk = own_service(n1, "desk.echo")["desk"]
+    assert desk is not None and desk.startswith("tcp://127.0.0.1:") and desk != n1.address
+    assert own_service(n1, "pool.echo")["desk"] is None  # concurrency 2: a pool of threads, no desk
+    wait_for(lambda: n2.core.rpc.desk("n1", "desk.echo") == desk, what="n2 learns the desk")
+    for index in range(20):
+        assert n2.request("desk.echo", b"abc%d" % index, timeout=10) == b"ABC%d" % index
+    assert n1.request("desk.echo", b"self", timeout=10) == b"SELF"  # the node's own desk, from this thread
+    assert n2.status()["requests"]["direct_replies"] >= 20
+    wait_for(lambda: own_service(n1, "desk.echo")["served"] == 21, within_s=5 + 10 * REPORT_S,
+             what="the desk's counts reach status")
+    assert own_service(n1, "desk.echo")["p50_ms"] is not None
+
+
+def test_one_handler_at_a_time_whichever_way_requests_come(mesh):
+    """Requests at the desk (sync, two threads) and through the runtime (pipelined) share the one worker."""
+    n1, n2, _n3 = mesh
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def handler(payload: bytes) -> bytes:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+        return payload
+
+    n1.serve("one.at.a.time", handler)
+    wait_for(lambda: n2.core.rpc.desk("n1", "one.at.a.time") is not None, what="n2 learns the desk")
+    errors: list = []
+
+    def sync_caller() -> None:
+        try:
+            for index in range(30):
+                assert n2.request("one.at.a.time", b"s%d" % index, timeout=20) == b"s%d" % index
+        except BaseException as exc:  # (reported by the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync_caller) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    futures = [n2.request_async("one.at.a.time", b"a%d" % index, timeout=20) for index in range(60)]
+    assert [future.result(30) for future in futures] == [b"a%d" % index for index in range(60)]
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert most[0] == 1
+
+
+def test_withdrawing_a_service_answers_what_waits_at_its_desk(mesh):
+    """A request queued at a desk when its service is withdrawn is told ``not_serving`` (the caller then tries
+    elsewhere: here nobody is left) instead of waiting out its timeout; the running one finishes."""
+    n1, n2, _n3 = mesh
+    started = threading.Event()
+
+    def slow(payload: bytes) -> bytes:
+        started.set()
+        time.sleep(0.5)
+        return payload
+
+    handle = n1.serve("slow.desk", slow)
+    wait_for(lambda: n2.core.rpc.desk("n1", "slow.desk") is not None, what="n2 learns the desk")
+    outcomes: dict = {}
+
+    def call(name: str) -> None:
+        began = time.monotonic()
+        try:
+            outcomes[name] = (n2.request("slow.desk", name.encode(), timeout=20), time.monotonic() - began)
+        except meshq.MeshqError as exc:
+            outcomes[name] = (exc, time.monotonic() - began)
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    time.sleep(0.1)  # the second waits at the desk behind the running first
+    handle.close()
+    first.join(30)
+    second.join(30)
+    assert outcomes["first"][0] == b"first"
+    error, took = outcomes["second"]
+    assert isinstance(error, meshq.NoRespondersError), outcomes
+    assert took < 5, f"the waiting request took {took:.1f} s to be told"
+
+
+def test_duplicates_and_garbage_at_the_desk_change_nothing(mesh):
+    """The same request sent twice runs once; frames that do not decode are dropped and counted; the desk
+    keeps answering."""
+    n1, _n2, _n3 = mesh
+    ran: list[bytes] = []
+    n1.serve("dedup", lambda payload: ran.append(payload) or payload)
+    desk = own_service(n1, "dedup")["desk"]
+    context = zmq.Context.instance()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    try:
+        dealer.connect(desk)
+        frames = wire.encode("rpc", "outsider", "rpc_request", 41,
+                             {"service": "dedup", "incarnation": 1, "timeout_ms": 5000}, (b"once",))
+        dealer.send_multipart([b"\xc1garbage"])  # not msgpack: dropped, counted
+        dealer.send_multipart(frames)
+        dealer.send_multipart(frames)  # a duplicate: dropped, counted, not run
+        reply = wire.decode(dealer.recv_multipart(), "rpc")
+        assert (reply.type, reply.request_id, reply.payloads[0]) == ("rpc_reply", 41, b"once")
+        other = wire.encode("rpc", "outsider", "rpc_request", 42,
+                            {"service": "elsewhere", "incarnation": 1, "timeout_ms": 5000}, (b"x",))
+        dealer.send_multipart(other)
+        refusal = wire.decode(dealer.recv_multipart(), "rpc")
+        assert (refusal.type, refusal.body["reason"]) == ("rpc_error", "not_serving")
+        dealer.setsockopt(zmq.RCVTIMEO, 300)
+        with pytest.raises(zmq.Again):  # no second answer to the duplicate
+            dealer.recv_multipart()
+    finally:
+        dealer.close(0)
+    assert ran == [b"once"]
+    wait_for(lambda: own_service(n1, "dedup")["duplicates"] == 1, within_s=5, what="the duplicate is counted")
+    wait_for(lambda: n1.core.invalid_frames()["by_peer"].get("desk") == 1, within_s=5,
+             what="the garbage frame is counted")
+    assert n1.request("dedup", b"after", timeout=10) == b"after"
+
+
+def test_a_node_with_keys_has_no_desk(tmp_path):
+    """With CURVE keys every request goes through the node's ROUTER, where its caller's key is checked."""
+    from meshq.keys import keygen
+
+    root = keygen(tmp_path / "keys")
+    with meshq.Node(cluster="k", data_dir=tmp_path / "data", mdns=False, keys=root / "cluster",
+                    replication_factor=1) as node:
+        node.serve("keyed.echo", lambda payload: payload)
+        assert own_service(node, "keyed.echo")["desk"] is None
+        assert node.request("keyed.echo", b"through the router", timeout=10) == b"through the router"
