@@ -24,7 +24,7 @@ on a node without CURVE keys, gets one worker thread of its own (``_DeskThread``
 pool: that thread binds a ROUTER (the desk; ``add`` returns its endpoint, which the core
 advertises), takes ``rpc_request``s from callers sending from their own threads and answers them
 on the same socket, and runs the jobs the core hands it between them (``run`` queues them and
-wakes it through a pipe it polls). What it decides (which requests run, what the answers say,
+wakes it with an empty message on the same socket, through ``inproc``). What it decides (which requests run, what the answers say,
 the counts it tells the core every ``REPORT_S``) is the pure ``Desk``'s. Withdrawn, it finishes
 its queued jobs and keeps its socket open for ``DeskSetup.linger_s`` more (two heartbeat
 intervals: by then every caller has learnt the withdrawal from the adverts), answering
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -51,7 +50,7 @@ from meshq.core import wire
 from meshq.core.events import HandlerDone, HandlersDone, RunHandlers
 from meshq.core.rpc.desk import DROP, REFUSE, REPORT_S, Desk
 from meshq.errors import ProtocolError, UsageError
-from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _send, new_socket
+from meshq.io.runtime import _NOBLOCK, _send, new_socket
 
 log = logging.getLogger("meshq.rpc")
 
@@ -60,7 +59,7 @@ log = logging.getLogger("meshq.rpc")
 _HAND_BACK_S = 0.001
 
 
-_DESK_BURST = 64  # requests a desk takes from its socket before it looks at its queued jobs again
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 @dataclass(frozen=True)
@@ -249,7 +248,15 @@ class ServiceWorkers:
 
 
 class _DeskThread:
-    """The one worker of a service with a desk (module docstring): its socket, its queue of jobs, its thread."""
+    """The one worker of a service with a desk (module docstring): its socket, its queue of jobs, its thread.
+
+    The thread waits on one socket only, in a blocking receive (no poller): its ROUTER is bound to
+    TCP for callers and to ``inproc`` for ``_waker``, a DEALER through which other threads (the
+    runtime's, with jobs; an API thread, withdrawing) wake it with an empty message. The waker is
+    used under ``_wake_lock`` (a socket may change threads behind a lock) and closed by the desk's
+    thread when it ends."""
+
+    _ids = iter(range(1, 1 << 62))
 
     def __init__(self, workers: ServiceWorkers, service: _Service, setup: DeskSetup) -> None:
         self.workers = workers
@@ -258,17 +265,21 @@ class _DeskThread:
         self.linger_s = setup.linger_s
         self.sock = new_socket(setup.context, zmq.ROUTER, workers.max_frame_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        inproc = f"inproc://meshq-desk-{id(self)}-{next(self._ids)}"
         try:
             self.sock.bind(f"tcp://{setup.host}:*")
             port = self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+            self.sock.bind(inproc)
         except zmq.ZMQError as exc:
             self.sock.close(0)
             raise UsageError(f"cannot bind a socket for {service.name!r} on {setup.host} ({exc})") from None
         self.endpoint = f"tcp://{setup.advertised_host}:{port}"
+        self._waker: zmq.Socket | None = setup.context.socket(zmq.DEALER)
+        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker.setsockopt(zmq.SNDHWM, 16)  # (a wake-up pending is enough: more are dropped)
+        self._waker.connect(inproc)
+        self._wake_lock = threading.Lock()
         self.jobs: deque = deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self.stopping = False  # withdrawn: run the queued jobs, refuse what waits at the desk, end
         self.cancelled = False  # the node stops: drop the queued jobs too
         self.thread = threading.Thread(target=self._run, name=f"meshq-desk-{_safe(service.name)}", daemon=True)
@@ -287,36 +298,36 @@ class _DeskThread:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"w")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (it wakes anyway) or closed (it ended)
+        with self._wake_lock:
+            if self._waker is not None:
+                try:
+                    self._waker.send(b"", _NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # wake-ups are pending already (it reads them all) or the context is closing
 
     def _run(self) -> None:
-        sock, desk, jobs, workers, service, wake_r = self.sock, self.desk, self.jobs, self.workers, self.service, \
-            self._wake_r
+        sock, desk, jobs, workers, service = self.sock, self.desk, self.jobs, self.workers, self.service
         now_s = workers.now_s
-        poller = zmq.Poller()
-        poller.register(sock, _POLLIN)
-        poller.register(wake_r, _POLLIN)
         recv = sock.recv_multipart
-        events_of = sock.getsockopt
+        timeout_ms = -1  # the socket's RCVTIMEO: -1 (wait for good) unless counts wait to be told or it closes
         closing_s = None  # withdrawn: when the socket closes (it answers not_serving until then)
         try:
             while True:
-                timeout_ms = REPORT_S * 1000 if desk.pending_report() else None
+                want = -1 if not desk.pending_report() else int(REPORT_S * 1000)
                 if closing_s is not None:
-                    timeout_ms = max(0.0, min(timeout_ms or REPORT_S * 1000, (closing_s - now_s()) * 1000))
-                for what, _ in poller.poll(timeout_ms):
-                    if what == wake_r:
-                        os.read(wake_r, 4096)
+                    left_ms = max(1, int((closing_s - now_s()) * 1000) + 1)
+                    want = left_ms if want < 0 else min(want, left_ms)
+                if want != timeout_ms:
+                    sock.setsockopt(_RCVTIMEO, want)
+                    timeout_ms = want
+                try:
+                    frames = recv()
+                except zmq.Again:
+                    frames = None
+                if frames is not None and (len(frames) != 2 or frames[1]):  # (an empty frame: a wake-up)
+                    self._take(frames, now_s)
                 while jobs and not self.cancelled:
                     workers._work(service, jobs.popleft())
-                # (what is waiting is read while the socket says so: no exception raised per wake-up)
-                taken = 0
-                while taken < _DESK_BURST and events_of(_EVENTS) & _POLLIN:
-                    self._take(recv(_NOBLOCK), now_s)
-                    taken += 1
                 command = desk.report(now_s())
                 if command is not None:
                     workers._submit(command)
@@ -341,14 +352,15 @@ class _DeskThread:
         except ProtocolError:
             desk.invalid += 1
             return
-        verdict, value = desk.admit(message, now_s())
+        now = now_s()
+        verdict, value = desk.admit(message, now)
         if verdict is DROP:
             return
         if verdict is REFUSE or self.stopping:
             answer = value if verdict is REFUSE else desk.refusal(
                 message.request_id, "not_serving", f"{desk.service!r} is no longer served on {desk.node_id}")
         else:
-            if now_s() >= value:
+            if now >= value:
                 done = HandlerDone(0, None, expired=True)
             else:
                 started = time.perf_counter()
@@ -365,13 +377,18 @@ class _DeskThread:
     def _close(self, now_s: Callable[[], float]) -> None:
         """Withdrawn or stopping: answer ``not_serving`` to what waits at the desk, tell the counts, close."""
         self.stopping = True
+        with self._wake_lock:
+            waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close(0)
         try:
             while True:
                 try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    frames = self.sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
-                self._take(frames, now_s)
+                if len(frames) != 2 or frames[1]:
+                    self._take(frames, now_s)
             self.sock.close(linger=200)  # (the refusals just sent still leave)
         except zmq.ZMQError:
             pass
@@ -383,11 +400,6 @@ class _DeskThread:
         if leftovers and not self.cancelled:  # (a job queued after the loop's last look)
             for effect in leftovers:
                 self.workers._work(self.service, effect)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 __all__ = ["DeskSetup", "ServiceWorkers"]
