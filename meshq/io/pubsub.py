@@ -51,6 +51,7 @@ BATCH_BYTES = 64 * 1024  # ...or this many bytes of data (counted once messages 
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _VALID_SUBJECTS = 4096  # subjects known valid (the set is dropped wholesale when full)
+_FLUSH_RETRY_S = 0.0005  # the runtime thread found a publisher mid-burst: it looks again this much later
 
 
 class PubSubShell:
@@ -141,7 +142,19 @@ class PubSubShell:
                 self._send(node, buffers[node])
 
     def _flush_from_runtime(self) -> None:
-        self.flush()
+        # A publisher holding the lock is mid-burst: it sends its full batches itself, so the runtime
+        # thread does not queue behind it (and take turns with it for the lock and the GIL); it looks
+        # again shortly, for the tail of the burst.
+        if not self.lock.acquire(blocking=False):
+            self.runtime.call_later(_FLUSH_RETRY_S, self._flush_from_runtime)
+            return
+        try:
+            self._flush_asked = False
+            buffers, self._buffers = self._buffers, {}
+            for node in sorted(buffers):
+                self._send(node, buffers[node])
+        finally:
+            self.lock.release()
 
     def subscribe(self, pattern: str, queue: str | None, max_pending: int, timeout_s: float) -> Subscription:
         sub, command = self.prepare_subscription(Subscription, pattern, queue, max_pending)
