@@ -34,6 +34,7 @@ order, the room's per-peer sequence numbers exact, and the ``*_local`` counters 
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import zmq
@@ -51,7 +52,9 @@ BATCH_BYTES = 64 * 1024  # ...or this many bytes of data (counted once messages 
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _VALID_SUBJECTS = 4096  # subjects known valid (the set is dropped wholesale when full)
-_FLUSH_RETRY_S = 0.0005  # the runtime thread found a publisher mid-burst: it looks again this much later
+_FLUSH_RETRY_S = 0.001  # the runtime thread found a publisher mid-burst: it looks again this much later
+_STALE_S = 0.001  # mid-burst, a publisher sends every buffer once the runtime's flush has waited this long
+_monotonic = time.monotonic
 
 
 class PubSubShell:
@@ -68,6 +71,7 @@ class PubSubShell:
         self._valid: set[str] = set()
         self._buffers: dict[str, list] = {}  # node -> messages not sent yet: (subject, queues, headers, data)
         self._flush_asked = False
+        self._asked_s = 0.0  # when the runtime thread was last asked to flush (or a publisher sent what waited)
         self.max_payload_bytes = min(MAX_PAYLOAD_BYTES, node.core.config.max_frame_bytes - 64 * 1024)
         self.closed = False
         self.keyed = node.runtime.curve is not None
@@ -103,11 +107,16 @@ class PubSubShell:
                         buffers[node] = [entry]
                         if not self._flush_asked:
                             self._flush_asked = True
+                            self._asked_s = _monotonic()
                             self.runtime.call_later(0.0, self._flush_from_runtime)
+                        elif _monotonic() - self._asked_s > _STALE_S:
+                            self._send_stale()
                     else:
                         buffer.append(entry)
                         if len(buffer) >= BATCH_MESSAGES:
                             self._send(node, buffers.pop(node))
+                            if _monotonic() - self._asked_s > _STALE_S:
+                                self._send_stale()
                         elif len(data) > 256 and sum(len(e[3]) for e in buffer) >= BATCH_BYTES:
                             self._send(node, buffers.pop(node))
             if local:
@@ -117,6 +126,15 @@ class PubSubShell:
                     sub = subscriptions.get(sub_id)
                     if sub is not None:
                         sub._offer_local(message)
+
+    def _send_stale(self) -> None:
+        """Mid-burst (the lock is held), the runtime thread's flush has waited over ``_STALE_S``: send every
+        buffer now, so a message the burst does not push out (another node, another subject) is not held."""
+        buffers = self._buffers  # (emptied in place: ``publish`` holds it in a local while it runs)
+        for node in sorted(buffers):
+            self._send(node, buffers[node])
+        buffers.clear()
+        self._asked_s = _monotonic()
 
     def _send(self, node: str, entries: list) -> None:
         """Send one batch (the lock is held)."""
@@ -142,9 +160,10 @@ class PubSubShell:
                 self._send(node, buffers[node])
 
     def _flush_from_runtime(self) -> None:
-        # A publisher holding the lock is mid-burst: it sends its full batches itself, so the runtime
-        # thread does not queue behind it (and take turns with it for the lock and the GIL); it looks
-        # again shortly, for the tail of the burst.
+        # A publisher holding the lock is mid-burst: it sends its full batches itself, and with them
+        # whatever has waited over _STALE_S (``_send_stale``), so the runtime thread does not queue
+        # behind it (and take turns with it for the lock and the GIL); it looks again shortly, for the
+        # tail of the burst.
         if not self.lock.acquire(blocking=False):
             self.runtime.call_later(_FLUSH_RETRY_S, self._flush_from_runtime)
             return

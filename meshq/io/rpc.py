@@ -35,6 +35,7 @@ wait out its timeout — then ends. When the node stops, it ends at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -49,8 +50,9 @@ import zmq
 from meshq.core import wire
 from meshq.core.events import HandlerDone, HandlersDone, RunHandlers
 from meshq.core.rpc.desk import DROP, REFUSE, REPORT_S, Desk
+from meshq.core.rpc.room import QUEUE_LIMIT
 from meshq.errors import ProtocolError, UsageError
-from meshq.io.runtime import _NOBLOCK, _send, new_socket
+from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _send, new_socket
 
 log = logging.getLogger("meshq.rpc")
 
@@ -86,6 +88,13 @@ class _Service:
         self.desk: _DeskThread | None = None  # its one worker, with a socket of its own (module docstring)
         self.pool = None if loop is not None or not pooled else ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix=f"meshq-serve-{_safe(name)}")
+
+
+def _working(service: _Service) -> bool:
+    """A withdrawn service still has a thread running (its handlers finish)."""
+    if service.desk is not None:
+        return service.desk.thread.is_alive()
+    return any(thread.is_alive() for thread in getattr(service.pool, "_threads", ()))
 
 
 def _safe(name: str) -> str:
@@ -127,12 +136,18 @@ class ServiceWorkers:
             service = self._services.pop(name, None)
         if service is None:
             return
+        self._retired = [old for old in self._retired if _working(old)]  # (ended ones are forgotten)
         if service.desk is not None:
             service.desk.stop(cancel=False)
             self._retired.append(service)
         elif service.pool is not None:
             service.pool.shutdown(wait=False)
             self._retired.append(service)
+
+    def inproc(self, name: str) -> str | None:
+        """The ``inproc`` endpoint of ``name``'s desk, for callers on this node (None: no desk here)."""
+        service = self._services.get(name)
+        return service.desk.inproc if service is not None and service.desk is not None else None
 
     def run(self, effect: RunHandlers) -> None:
         """Queue ``effect``'s jobs to one worker of its service's pool (runtime thread)."""
@@ -167,7 +182,7 @@ class ServiceWorkers:
                 started = perf()
                 try:
                     result = handler(job.payload)
-                except Exception as exc:
+                except BaseException as exc:  # (SystemExit too: the caller is told, the worker goes on)
                     result = exc
                 outcomes.append(self._outcome(service, job.job_id, result, started))
                 now = perf()
@@ -204,7 +219,7 @@ class ServiceWorkers:
     def _outcome(self, service: _Service, job_id: int, result: Any, started: float) -> HandlerDone:
         """The ``HandlerDone`` for what the handler returned (or raised: ``result`` is the exception)."""
         try:
-            if isinstance(result, Exception):
+            if isinstance(result, BaseException):
                 raise result
             if type(result) is not bytes:
                 result = self._as_reply(service.name, result)
@@ -214,7 +229,7 @@ class ServiceWorkers:
                                    time.perf_counter() - started)
             else:
                 done = HandlerDone(job_id, result, elapsed_s=time.perf_counter() - started)
-        except Exception as exc:
+        except BaseException as exc:
             done = HandlerDone(job_id, None, type(exc).__name__, str(exc), time.perf_counter() - started)
         return done
 
@@ -251,12 +266,18 @@ class _DeskThread:
     """The one worker of a service with a desk (module docstring): its socket, its queue of jobs, its thread.
 
     The thread waits on one socket only, in a blocking receive (no poller): its ROUTER is bound to
-    TCP for callers and to ``inproc`` for ``_waker``, a DEALER through which other threads (the
-    runtime's, with jobs; an API thread, withdrawing) wake it with an empty message. The waker is
-    used under ``_wake_lock`` (a socket may change threads behind a lock) and closed by the desk's
-    thread when it ends."""
+    TCP for callers and to ``inproc`` (``inproc``) for ``_waker``, a DEALER through which other threads
+    (the runtime's, with jobs; an API thread, withdrawing) wake it with an empty message, and for
+    callers on this node. The waker is used under ``_lock`` (a socket may change threads behind a
+    lock) and closed by the desk's thread when it ends; the same lock makes queueing a job and the
+    desk's end one or the other, so no job is left without an outcome.
 
-    _ids = iter(range(1, 1 << 62))
+    Requests are stamped when the thread first sees them: before it runs one, it drains what its
+    socket holds into ``pending`` (at most ``QUEUE_LIMIT``; more are refused as ``busy``), so a
+    request's deadline counts the time it waited behind others, and one whose caller gave up is
+    not run."""
+
+    _ids = itertools.count(1)
 
     def __init__(self, workers: ServiceWorkers, service: _Service, setup: DeskSetup) -> None:
         self.workers = workers
@@ -265,31 +286,33 @@ class _DeskThread:
         self.linger_s = setup.linger_s
         self.sock = new_socket(setup.context, zmq.ROUTER, workers.max_frame_bytes)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        inproc = f"inproc://meshq-desk-{id(self)}-{next(self._ids)}"
+        self.inproc = f"inproc://meshq-desk-{id(self)}-{next(self._ids)}"
         try:
             self.sock.bind(f"tcp://{setup.host}:*")
             port = self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
-            self.sock.bind(inproc)
+            self.sock.bind(self.inproc)
         except zmq.ZMQError as exc:
             self.sock.close(0)
             raise UsageError(f"cannot bind a socket for {service.name!r} on {setup.host} ({exc})") from None
         self.endpoint = f"tcp://{setup.advertised_host}:{port}"
-        self._waker: zmq.Socket | None = setup.context.socket(zmq.DEALER)
-        self._waker.setsockopt(zmq.LINGER, 0)
+        self._waker: zmq.Socket | None = new_socket(setup.context, zmq.DEALER, workers.max_frame_bytes)
         self._waker.setsockopt(zmq.SNDHWM, 16)  # (a wake-up pending is enough: more are dropped)
-        self._waker.connect(inproc)
-        self._wake_lock = threading.Lock()
+        self._waker.connect(self.inproc)
+        self._lock = threading.Lock()
         self.jobs: deque = deque()
+        self.pending: deque = deque()  # (frames, first seen at) read from the socket, not yet taken
+        self.closed = False  # the thread has ended (or is ending): no job is queued any more
         self.stopping = False  # withdrawn: run the queued jobs, refuse what waits at the desk, end
-        self.cancelled = False  # the node stops: drop the queued jobs too
+        self.cancelled = False  # the node stops: the queued jobs are answered unrun
         self.thread = threading.Thread(target=self._run, name=f"meshq-desk-{_safe(service.name)}", daemon=True)
         self.thread.start()
 
     def queue(self, effect: RunHandlers) -> None:
         """Jobs from the core (runtime thread): run between the desk's own requests."""
-        if self.stopping:
-            raise RuntimeError("the service was withdrawn")
-        self.jobs.append(effect)
+        with self._lock:
+            if self.closed or self.stopping:
+                raise RuntimeError("the service was withdrawn")
+            self.jobs.append(effect)
         self._wake()
 
     def stop(self, cancel: bool) -> None:
@@ -298,75 +321,108 @@ class _DeskThread:
         self._wake()
 
     def _wake(self) -> None:
-        with self._wake_lock:
+        with self._lock:
             if self._waker is not None:
                 try:
                     self._waker.send(b"", _NOBLOCK)
                 except zmq.ZMQError:
                     pass  # wake-ups are pending already (it reads them all) or the context is closing
 
+    def _next_job(self) -> RunHandlers | None:
+        with self._lock:
+            return self.jobs.popleft() if self.jobs and not self.cancelled else None
+
     def _run(self) -> None:
-        sock, desk, jobs, workers, service = self.sock, self.desk, self.jobs, self.workers, self.service
+        sock, desk, workers, service, pending = self.sock, self.desk, self.workers, self.service, self.pending
         now_s = workers.now_s
-        recv = sock.recv_multipart
         timeout_ms = -1  # the socket's RCVTIMEO: -1 (wait for good) unless counts wait to be told or it closes
         closing_s = None  # withdrawn: when the socket closes (it answers not_serving until then)
         try:
             while True:
-                want = -1 if not desk.pending_report() else int(REPORT_S * 1000)
-                if closing_s is not None:
-                    left_ms = max(1, int((closing_s - now_s()) * 1000) + 1)
-                    want = left_ms if want < 0 else min(want, left_ms)
-                if want != timeout_ms:
-                    sock.setsockopt(_RCVTIMEO, want)
-                    timeout_ms = want
                 try:
-                    frames = recv()
-                except zmq.Again:
-                    frames = None
-                if frames is not None and (len(frames) != 2 or frames[1]):  # (an empty frame: a wake-up)
-                    self._take(frames, now_s)
-                while jobs and not self.cancelled:
-                    workers._work(service, jobs.popleft())
-                command = desk.report(now_s())
-                if command is not None:
-                    workers._submit(command)
-                if self.stopping and (not jobs or self.cancelled):
-                    if self.cancelled or closing_s is None:
-                        closing_s = now_s() + (0.0 if self.cancelled else self.linger_s)
-                    if now_s() >= closing_s:
-                        break
-        except Exception:  # (a bug: say so; callers then time out rather than hang for good)
-            log.exception("the desk of %r stopped", service.name)
+                    if not pending and not self.jobs:
+                        want = -1 if not desk.pending_report() else int(REPORT_S * 1000)
+                        if closing_s is not None:
+                            left_ms = max(1, int((closing_s - now_s()) * 1000) + 1)
+                            want = left_ms if want < 0 else min(want, left_ms)
+                        if want != timeout_ms:
+                            sock.setsockopt(_RCVTIMEO, want)
+                            timeout_ms = want
+                        try:
+                            self._keep(sock.recv_multipart(), now_s())
+                        except zmq.Again:
+                            pass
+                    self._drain(now_s)
+                    job = self._next_job()
+                    if job is not None:
+                        workers._work(service, job)
+                        self._drain(now_s)
+                    if pending:
+                        self._take(*pending.popleft(), now_s)
+                    command = desk.report(now_s())
+                    if command is not None:
+                        workers._submit(command)
+                    if self.stopping and not pending and (not self.jobs or self.cancelled):
+                        if self.cancelled or closing_s is None:
+                            closing_s = now_s() + (0.0 if self.cancelled else self.linger_s)
+                        if now_s() >= closing_s:
+                            break
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # (a bug: say so, and go on serving)
+                    log.exception("the desk of %r failed on a message; it goes on", service.name)
+                    time.sleep(0.01)
         finally:
             self._close(now_s)
 
-    def _take(self, frames: list, now_s: Callable[[], float]) -> None:
-        """One message from the desk's socket: admitted, run and answered (or refused, or dropped)."""
+    def _keep(self, frames: list, seen_s: float) -> None:
+        """A message read from the socket: a wake-up (an empty frame) is dropped; a request waits in
+        ``pending``, stamped, unless ``QUEUE_LIMIT`` wait already: then it is refused as busy."""
+        if len(frames) == 2 and not frames[1]:
+            return
+        if len(self.pending) < QUEUE_LIMIT:
+            self.pending.append((frames, seen_s))
+        else:
+            self._take(frames, seen_s, busy=True)
+
+    def _drain(self, now_s: Callable[[], float]) -> None:
+        sock = self.sock
+        while sock.get(_EVENTS) & _POLLIN:
+            self._keep(sock.recv_multipart(_NOBLOCK), now_s())
+
+    def _take(self, frames: list, seen_s: float, now_s: Callable[[], float] | None = None,
+              busy: bool = False) -> None:
+        """One request from the desk's socket: admitted, run and answered (or refused, or dropped)."""
         desk = self.desk
         if len(frames) < 2:
             desk.invalid += 1
             return
         try:
             message = wire.decode(frames[1:], desk.cluster)
+        except wire.InvalidRequest as exc:  # readable enough to answer what is wrong, as the ROUTER does
+            desk.invalid += 1
+            if exc.request_id:
+                _send(self.sock, [frames[0], *desk.bad_request(exc.request_id, exc)])
+            return
         except ProtocolError:
             desk.invalid += 1
             return
-        now = now_s()
-        verdict, value = desk.admit(message, now)
+        verdict, value = desk.admit(message, seen_s)
         if verdict is DROP:
             return
-        if verdict is REFUSE or self.stopping:
+        if verdict is REFUSE or self.stopping or busy:
             answer = value if verdict is REFUSE else desk.refusal(
-                message.request_id, "not_serving", f"{desk.service!r} is no longer served on {desk.node_id}")
+                message.request_id, "busy" if busy and not self.stopping else "not_serving",
+                f"{desk.service!r} on {desk.node_id} has {len(self.pending)} requests waiting" if busy
+                and not self.stopping else f"{desk.service!r} is no longer served on {desk.node_id}")
         else:
-            if now >= value:
-                done = HandlerDone(0, None, expired=True)
+            if (now_s or self.workers.now_s)() >= value:
+                done = HandlerDone(0, None, expired=True)  # its caller gave up while it waited: not run
             else:
                 started = time.perf_counter()
                 try:
                     result = self.service.handler(message.payloads[0])
-                except Exception as exc:
+                except BaseException as exc:  # (SystemExit too: the caller is told, the desk goes on)
                     result = exc
                 done = self.workers._outcome(self.service, 0, result, started)
             answer = desk.answer(message.request_id, done)
@@ -375,30 +431,32 @@ class _DeskThread:
         _send(self.sock, [frames[0], *answer])  # (dropped if the caller is gone or not reading: it times out)
 
     def _close(self, now_s: Callable[[], float]) -> None:
-        """Withdrawn or stopping: answer ``not_serving`` to what waits at the desk, tell the counts, close."""
+        """Withdrawn or stopping: answer ``not_serving`` to what waits at the desk, tell the counts, close.
+        Every job queued gets its outcome: run (withdrawn) or answered unrun (the node stops)."""
         self.stopping = True
-        with self._wake_lock:
+        with self._lock:
+            self.closed = True
             waker, self._waker = self._waker, None
+            leftovers = list(self.jobs)
+            self.jobs.clear()
         if waker is not None:
             waker.close(0)
         try:
-            while True:
-                try:
-                    frames = self.sock.recv_multipart(_NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(frames) != 2 or frames[1]:
-                    self._take(frames, now_s)
+            self._drain(now_s)
+            while self.pending:
+                self._take(*self.pending.popleft(), now_s)
             self.sock.close(linger=200)  # (the refusals just sent still leave)
         except zmq.ZMQError:
             pass
         command = self.desk.report(now_s(), force=True)
         if command is not None:
             self.workers._submit(command)
-        leftovers = list(self.jobs)
-        self.jobs.clear()
-        if leftovers and not self.cancelled:  # (a job queued after the loop's last look)
-            for effect in leftovers:
+        for effect in leftovers:
+            if self.cancelled:
+                self.workers._submit(HandlersDone(tuple(
+                    HandlerDone(job.job_id, None, "NodeStoppedError", "the serving node is stopping", 0.0)
+                    for job in effect.jobs)))
+            else:
                 self.workers._work(self.service, effect)
 
 

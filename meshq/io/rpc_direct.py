@@ -11,7 +11,11 @@ instance advertises a *desk* for the service (``meshq.core.rpc.desk``: the socke
 service's one worker thread), the request goes there instead, and the worker answers it
 itself — one thread woken on each side. A desk withdrawn while requests wait there answers
 them ``not_serving`` (after the one running, if any), and keeps answering so for a while after
-its service is withdrawn (``meshq.io.rpc``), until every caller has learnt it is gone.
+its service is withdrawn (``meshq.io.rpc``), until every caller has learnt it is gone. A socket
+to a desk sends only while connected (``IMMEDIATE``): when it is not — the first request after
+a connect, or a desk port a firewall or NAT does not let through — the request goes to the
+node's ROUTER instead. The node's own desk is reached through ``inproc``. Sockets to desks no
+longer advertised are closed when a new desk is first asked.
 
 Every decision is the pure core's (``meshq.core.rpc.room``): which instances are live and
 offer the service (``Rpc.instances``: a read of the runtime's tables), which one to ask
@@ -45,12 +49,14 @@ from typing import Any
 import zmq
 
 from meshq.core import wire
+from meshq.core.rpc.desk import DESKS, desks_of
 from meshq.core.rpc.room import FAIL, PARK, REPLY, RETRY, Call, choose, timed_out, when_answered, when_none, when_silent
 from meshq.errors import NodeStoppedError, ProtocolError
 from meshq.io.runtime import _NOBLOCK_MORE, _ZERO_COPY_BYTES, _raw_send, new_socket
 
 _SLICE_S = 0.05  # how often a waiting call looks at its instance's liveness and at close()
 _SLICE_MS = int(_SLICE_S * 1000) + 1
+_MAX_TIMEOUT_MS = (1 << 31) - 1  # the wire's limit of ``timeout_ms`` (a longer timeout is still waited out here)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 DIRECT_REQUEST_IDS = 1 << 48
 _POLLIN = int(zmq.POLLIN)
@@ -76,6 +82,7 @@ class DirectRequester:
 
     def __init__(self, node: Any, context: zmq.Context) -> None:
         self.core = node.core
+        self.workers = getattr(node, "_workers", None)  # (meshq.io.rpc: this node's desks, for its own callers)
         self.config = node.core.config
         self.now_s = node.clock.now_s
         self.context = context
@@ -119,16 +126,22 @@ class DirectRequester:
                         time.sleep(max(0.0, value - now))
                         continue
                     raise self.core.rpc.explain(service, value)
-                desk = self.core.rpc.desk(instance, service)  # its own socket, when it has one (core.rpc.desk)
-                endpoint = desk or self.core.out.peer_endpoints.get(instance)
-                if (instance == self.core.node_id and desk is None) or endpoint is None:
+                fallback = None  # where to send when the desk cannot be reached (module docstring)
+                if instance == self.core.node_id:  # this node's own desk, through inproc (else the runtime)
+                    endpoint = self.workers.inproc(service) if self.workers is not None else None
+                else:
+                    endpoint = self.core.out.peer_endpoints.get(instance)
+                    desk = self.core.rpc.desk(instance, service)  # its own socket, when it has one (core.rpc.desk)
+                    if desk is not None and endpoint is not None:
+                        endpoint, fallback = desk, endpoint
+                if endpoint is None:
                     if sent:
                         call.avoid.add(instance)
                         continue
                     return None
                 call.instance, call.idempotent = instance, offers[instance]
                 sent = True
-                outcome = self._attempt(state, call, instance, endpoint)
+                outcome = self._attempt(state, call, instance, endpoint, fallback)
                 if outcome is not None:
                     return outcome
 
@@ -165,28 +178,63 @@ class DirectRequester:
             ours[node_id] = ours.get(node_id, 0) + count
         return ours
 
-    def _attempt(self, state: _ThreadSockets, call: Call, instance: str, endpoint: str) -> bytes | None:
-        """One send and its wait: the reply, None to try again, or raises."""
+    def _socket(self, state: _ThreadSockets, endpoint: str, desk: bool) -> zmq.Socket:
         sock = state.sockets.get(endpoint)
         if sock is None:
+            if desk:
+                self._forget_desks(state)
             sock = state.sockets[endpoint] = new_socket(self.context, zmq.DEALER, self.config.max_frame_bytes,
                                                         self.curve, endpoint)
+            if desk:  # a send fails at once, rather than wait in a queue, while its desk is not connected
+                sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(endpoint)
+        return sock
+
+    def _forget_desks(self, state: _ThreadSockets) -> None:
+        """Close this thread's sockets to desks nobody advertises any more (a withdrawn service, a restarted
+        node: each desk has a port of its own, and a socket to a closed one retries it for good)."""
+        try:
+            known = {endpoint for value in self.core.adverts.of(DESKS, include_suspect=True).values()
+                     for endpoint in desks_of(value).values()}
+        except RuntimeError:  # (a table changed under us: another time)
+            return
+        for endpoint in [endpoint for endpoint in state.sockets if endpoint not in known
+                         and endpoint not in self.core.out.peer_endpoints.values() and not endpoint.startswith("inproc")]:
+            state.sockets.pop(endpoint).close(0)
+
+    def _attempt(self, state: _ThreadSockets, call: Call, instance: str, endpoint: str,
+                 fallback: str | None) -> bytes | None:
+        """One send and its wait: the reply, None to try again, or raises. ``fallback``: the node's
+        ROUTER, when ``endpoint`` is a desk (a send to a desk not connected goes there instead)."""
+        sock = self._socket(state, endpoint, fallback is not None)
         request_id = next(self._ids)
         now = self.now_s()
         body = {"service": call.service, "incarnation": self.core.incarnation,
-                "timeout_ms": max(1, int((call.deadline_s - now) * 1000))}
+                "timeout_ms": min(_MAX_TIMEOUT_MS, max(1, int((call.deadline_s - now) * 1000)))}
         call.attempts += 1
         self.counters["direct_requests" if call.attempts == 1 else "direct_retries"] += 1
         with self._lock:
             self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
         try:
+            header, payload = wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
+                                          (call.payload,))
             try:
-                header, payload = wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
-                                              (call.payload,))
                 _raw_send(sock, header, _NOBLOCK_MORE, True)
+            except zmq.ZMQError:
+                if fallback is None:  # not connected yet (HWM with no peer): treat as refused, try another
+                    call.avoid.add(instance)
+                    return None
+                # the desk is not connected (yet: the first request after a connect; or its port is not
+                # reachable from here, e.g. a firewall that opens only the node's ports): the node's ROUTER
+                sock = self._socket(state, fallback, False)
+                try:
+                    _raw_send(sock, header, _NOBLOCK_MORE, True)
+                except zmq.ZMQError:
+                    call.avoid.add(instance)
+                    return None
+            try:
                 _raw_send(sock, payload, _NOBLOCK, len(payload) < _ZERO_COPY_BYTES)
-            except zmq.ZMQError:  # not connected yet (HWM with no peer): treat as refused, try another
+            except zmq.ZMQError:  # (cannot happen once the first frame went: libzmq sends a message whole)
                 call.avoid.add(instance)
                 return None
             return self._wait(sock, call, instance, request_id)

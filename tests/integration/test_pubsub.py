@@ -94,6 +94,24 @@ def test_the_runtime_flush_never_waits_behind_a_publisher(mesh):
     assert (message.subject, message.data) == ("burst.tail", b"tail")
 
 
+def test_mid_burst_a_publisher_sends_what_the_runtime_flush_could_not(mesh):
+    """The runtime thread's flush gives way to a publisher mid-burst: so the publisher sends every buffer
+    once that flush has waited over 1 ms, and a message its burst does not push out (another node) is not
+    held for as long as the burst lasts."""
+    a, b, c = mesh
+    on_b, on_c = b.subscribe("burst.hot"), c.subscribe("burst.cold")
+    interested(a, "burst.hot", 1)
+    interested(a, "burst.cold", 1)
+    shell = a._pubsub
+    with shell.lock:  # a flush asked for long ago and still waiting (it gives way while a publisher holds the lock)
+        shell._buffers[c.node_id] = [("burst.cold", None, None, b"waiting")]
+        shell._flush_asked = True
+        shell._asked_s = time.monotonic() - 1.0
+    a.publish("burst.hot", b"new")  # the burst's next message: to another node
+    assert on_c.recv(timeout=5).data == b"waiting"
+    assert on_b.recv(timeout=5).data == b"new"
+
+
 def test_a_queue_group_splits_messages_each_to_exactly_one_member(mesh):
     a, b, c = mesh
     members = [b.subscribe("jobs.*", queue="workers"), c.subscribe("jobs.*", queue="workers"),

@@ -14,6 +14,7 @@ from meshq.core import wire
 from meshq.core.rpc.desk import REPORT_S
 from tests.integration import test_rpc
 from tests.integration.test_rpc import instances_seen, wait_for
+from tests.procs import free_port
 
 pytestmark = pytest.mark.timeout(90)
 mesh = test_rpc.mesh  # (the fixture: three storage nodes on loopback)
@@ -85,15 +86,24 @@ def test_withdrawing_a_service_answers_what_waits_at_its_desk(mesh):
     started = threading.Event()
 
     def slow(payload: bytes) -> bytes:
-        started.set()
-        time.sleep(0.5)
+        if payload == b"first":
+            started.set()
+            time.sleep(0.5)
         return payload
 
     handle = n1.serve("slow.desk", slow)
     wait_for(lambda: n2.core.rpc.desk("n1", "slow.desk") is not None, what="n2 learns the desk")
     outcomes: dict = {}
+    warmed = threading.Barrier(3)
+    second_go = threading.Event()
 
     def call(name: str) -> None:
+        # (each thread's socket to the desk connects on its first request, which may go through the
+        # node's ROUTER meanwhile: warmed up first, the measured request surely goes to the desk)
+        n2.request("slow.desk", b"warm", timeout=10)
+        warmed.wait(10)
+        if name == "second":
+            second_go.wait(10)
         began = time.monotonic()
         try:
             outcomes[name] = (n2.request("slow.desk", name.encode(), timeout=20), time.monotonic() - began)
@@ -101,10 +111,12 @@ def test_withdrawing_a_service_answers_what_waits_at_its_desk(mesh):
             outcomes[name] = (exc, time.monotonic() - began)
 
     first = threading.Thread(target=call, args=("first",))
-    first.start()
-    assert started.wait(10)
     second = threading.Thread(target=call, args=("second",))
+    first.start()
     second.start()
+    warmed.wait(10)
+    assert started.wait(10)
+    second_go.set()
     time.sleep(0.1)  # the second waits at the desk behind the running first
     handle.close()
     first.join(30)
@@ -150,6 +162,85 @@ def test_duplicates_and_garbage_at_the_desk_change_nothing(mesh):
     wait_for(lambda: n1.core.invalid_frames()["by_peer"].get("desk") == 1, within_s=5,
              what="the garbage frame is counted")
     assert n1.request("dedup", b"after", timeout=10) == b"after"
+
+
+def test_requests_whose_callers_gave_up_while_they_waited_are_not_run(mesh):
+    """Requests are stamped when the desk first reads them, not when it comes to them: those that waited
+    behind others past their caller's timeout are skipped (before, every one of them ran)."""
+    n1, n2, _n3 = mesh
+    ran: list[bytes] = []
+
+    def slow(payload: bytes) -> bytes:
+        ran.append(payload)
+        time.sleep(0.2)
+        return payload
+
+    n1.serve("slow.stamped", slow)
+    wait_for(lambda: n2.core.rpc.desk("n1", "slow.stamped") is not None, what="n2 learns the desk")
+    go = threading.Barrier(6)
+    outcomes: list = []
+
+    def caller(index: int) -> None:
+        n2.request("slow.stamped", b"warm%d" % index, timeout=10)  # (its thread's socket to the desk connects)
+        go.wait(10)
+        if index:
+            time.sleep(0.05)  # behind the first, which runs 0.2 s
+        try:
+            outcomes.append(n2.request("slow.stamped", b"%s%d" % (b"stale" if index else b"first", index),
+                                       timeout=5 if not index else 0.1))
+        except meshq.TimeoutError:
+            outcomes.append("timeout")
+
+    threads = [threading.Thread(target=caller, args=(index,)) for index in range(5)]
+    for thread in threads:
+        thread.start()
+    go.wait(10)
+    for thread in threads:
+        thread.join(30)
+    assert outcomes.count("timeout") == 4 and b"first0" in outcomes
+    stale_runs = [payload for payload in ran if payload.startswith(b"stale")]
+    assert len(stale_runs) <= 2, f"{len(stale_runs)} of 4 requests ran after their callers gave up: {stale_runs}"
+    started = time.monotonic()
+    assert n2.request("slow.stamped", b"fresh", timeout=5) == b"fresh"  # not held up by the given-up ones
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_handler_that_raises_systemexit_does_not_end_the_desk(mesh):
+    n1, n2, _n3 = mesh
+
+    def handler(payload: bytes) -> bytes:
+        if payload == b"exit":
+            raise SystemExit(3)
+        return payload
+
+    n1.serve("exits", handler)
+    wait_for(lambda: n2.core.rpc.desk("n1", "exits") is not None, what="n2 learns the desk")
+    assert n2.request("exits", b"a", timeout=10) == b"a"
+    for _ in range(2):  # (the first may go through the node's ROUTER, while the desk's socket connects)
+        with pytest.raises(meshq.RemoteError, match="SystemExit"):
+            n2.request("exits", b"exit", timeout=10)
+    assert n2.request("exits", b"b", timeout=10) == b"b"
+    assert n2.request_async("exits", b"c", timeout=10).result(10) == b"c"
+
+
+def test_a_desk_that_cannot_be_reached_is_gone_around(mesh):
+    """A desk port a firewall or NAT does not let through: requests go to the node's ROUTER instead of
+    waiting out their timeouts (simulated by advertising a port nothing listens on)."""
+    n1, n2, _n3 = mesh
+    n1.serve("walled", lambda payload: payload)
+    wait_for(lambda: n2.core.rpc.desk("n1", "walled") is not None, what="n2 learns the desk")
+    closed = f"tcp://127.0.0.1:{free_port()}"
+
+    def redirect() -> None:  # (on n1's runtime thread, which owns its core)
+        n1.core.rpc.served["walled"].desk = closed
+        n1.core.rpc._advertise(n1.clock.now_s())
+
+    n1.runtime.call_later(0, redirect)
+    wait_for(lambda: n2.core.rpc.desk("n1", "walled") == closed, what="n2 learns the unreachable desk")
+    for index in range(3):
+        started = time.monotonic()
+        assert n2.request("walled", b"x%d" % index, timeout=5) == b"x%d" % index
+        assert time.monotonic() - started < 1.0
 
 
 def test_a_node_with_keys_has_no_desk(tmp_path):

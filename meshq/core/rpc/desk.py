@@ -32,6 +32,7 @@ from typing import Any
 
 from meshq.core import wire
 from meshq.core.events import DeskServed, HandlerDone
+from meshq.errors import MeshqError, error_code
 
 DESKS = "desks"  # the advert kind (meshq.core.mesh.adverts): {service: endpoint of its desk}
 SEEN_LIMIT = 65_536  # request keys remembered to run a duplicated request once
@@ -123,6 +124,11 @@ class Desk:
         return wire.encode(self.cluster, self.node_id, "rpc_error", request_id,
                            {"reason": "raised", "error_type": done.error_type[:200],
                             "message": done.error_message[:4096]})
+
+    def bad_request(self, request_id: int, error: MeshqError) -> list[bytes]:
+        """The frames of the ``error`` answering a request that does not decode (as the node's ROUTER answers it)."""
+        return wire.encode(self.cluster, self.node_id, "error", request_id,
+                           {"code": error_code(error), "message": str(error)[:4096], "retriable": False})
 
     def refusal(self, request_id: int, reason: str, text: str) -> list[bytes]:
         """The frames of an ``rpc_error`` saying the request did not run here (``busy``/``not_serving``)."""
