@@ -98,9 +98,12 @@ def test_withdrawing_a_service_answers_what_waits_at_its_desk(mesh):
     second_go = threading.Event()
 
     def call(name: str) -> None:
-        # (each thread's socket to the desk connects on its first request, which may go through the
-        # node's ROUTER meanwhile: warmed up first, the measured request surely goes to the desk)
+        # (each thread's socket to the desk connects on its first request, which goes through the node's
+        # ROUTER meanwhile; a request through the ROUTER handed to the worker before the withdrawal would
+        # run, as jobs handed out do: so the measured request waits for this thread's desk connection)
         n2.request("slow.desk", b"warm", timeout=10)
+        desk_socket = n2._requester._local.state.sockets[n2.core.rpc.desk("n1", "slow.desk")]
+        wait_for(lambda: desk_socket.poll(0, zmq.POLLOUT), what="the thread's desk connection")  # (IMMEDIATE)
         warmed.wait(10)
         if name == "second":
             second_go.wait(10)
