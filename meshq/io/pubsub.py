@@ -130,11 +130,15 @@ class PubSubShell:
     def _send_stale(self) -> None:
         """Mid-burst (the lock is held), the runtime thread's flush has waited over ``_STALE_S``: send every
         buffer now, so a message the burst does not push out (another node, another subject) is not held."""
-        buffers = self._buffers  # (emptied in place: ``publish`` holds it in a local while it runs)
+        self._send_all()
+        self._asked_s = _monotonic()
+
+    def _send_all(self) -> None:
+        """Send every buffer (the lock is held); emptied in place: ``publish`` holds it in a local."""
+        buffers = self._buffers
         for node in sorted(buffers):
             self._send(node, buffers[node])
         buffers.clear()
-        self._asked_s = _monotonic()
 
     def _send(self, node: str, entries: list) -> None:
         """Send one batch (the lock is held)."""
@@ -155,9 +159,7 @@ class PubSubShell:
         """Send every buffered message now."""
         with self.lock:
             self._flush_asked = False
-            buffers, self._buffers = self._buffers, {}
-            for node in sorted(buffers):
-                self._send(node, buffers[node])
+            self._send_all()
 
     def _flush_from_runtime(self) -> None:
         # A publisher holding the lock is mid-burst: it sends its full batches itself, and with them
@@ -169,9 +171,7 @@ class PubSubShell:
             return
         try:
             self._flush_asked = False
-            buffers, self._buffers = self._buffers, {}
-            for node in sorted(buffers):
-                self._send(node, buffers[node])
+            self._send_all()
         finally:
             self.lock.release()
 

@@ -52,16 +52,13 @@ from meshq.core.events import HandlerDone, HandlersDone, RunHandlers
 from meshq.core.rpc.desk import DROP, REFUSE, REPORT_S, Desk
 from meshq.core.rpc.room import QUEUE_LIMIT
 from meshq.errors import ProtocolError, UsageError
-from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _send, new_socket
+from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _RCVTIMEO, _send, new_socket
 
 log = logging.getLogger("meshq.rpc")
 
 # A worker running several jobs hands back what it has whenever this long passed since it last
 # did, so a reply waits at most about this long (plus one handler) for the jobs after it.
 _HAND_BACK_S = 0.001
-
-
-_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 @dataclass(frozen=True)
@@ -358,7 +355,7 @@ class _DeskThread:
                         workers._work(service, job)
                         self._drain(now_s)
                     if pending:
-                        self._take(*pending.popleft(), now_s)
+                        self._take(*pending.popleft())
                     command = desk.report(now_s())
                     if command is not None:
                         workers._submit(command)
@@ -390,8 +387,7 @@ class _DeskThread:
         while sock.get(_EVENTS) & _POLLIN:
             self._keep(sock.recv_multipart(_NOBLOCK), now_s())
 
-    def _take(self, frames: list, seen_s: float, now_s: Callable[[], float] | None = None,
-              busy: bool = False) -> None:
+    def _take(self, frames: list, seen_s: float, busy: bool = False) -> None:
         """One request from the desk's socket: admitted, run and answered (or refused, or dropped)."""
         desk = self.desk
         if len(frames) < 2:
@@ -410,13 +406,16 @@ class _DeskThread:
         verdict, value = desk.admit(message, seen_s)
         if verdict is DROP:
             return
-        if verdict is REFUSE or self.stopping or busy:
-            answer = value if verdict is REFUSE else desk.refusal(
-                message.request_id, "busy" if busy and not self.stopping else "not_serving",
-                f"{desk.service!r} on {desk.node_id} has {len(self.pending)} requests waiting" if busy
-                and not self.stopping else f"{desk.service!r} is no longer served on {desk.node_id}")
+        if verdict is REFUSE:
+            answer = value
+        elif self.stopping:
+            answer = desk.refusal(message.request_id, "not_serving",
+                                  f"{desk.service!r} is no longer served on {desk.node_id}")
+        elif busy:
+            answer = desk.refusal(message.request_id, "busy",
+                                  f"{desk.service!r} on {desk.node_id} has {len(self.pending)} requests waiting")
         else:
-            if (now_s or self.workers.now_s)() >= value:
+            if self.workers.now_s() >= value:
                 done = HandlerDone(0, None, expired=True)  # its caller gave up while it waited: not run
             else:
                 started = time.perf_counter()
@@ -444,7 +443,7 @@ class _DeskThread:
         try:
             self._drain(now_s)
             while self.pending:
-                self._take(*self.pending.popleft(), now_s)
+                self._take(*self.pending.popleft())
             self.sock.close(linger=200)  # (the refusals just sent still leave)
         except zmq.ZMQError:
             pass

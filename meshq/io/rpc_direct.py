@@ -52,15 +52,12 @@ from meshq.core import wire
 from meshq.core.rpc.desk import DESKS, desks_of
 from meshq.core.rpc.room import FAIL, PARK, REPLY, RETRY, Call, choose, timed_out, when_answered, when_none, when_silent
 from meshq.errors import NodeStoppedError, ProtocolError
-from meshq.io.runtime import _NOBLOCK_MORE, _ZERO_COPY_BYTES, _raw_send, new_socket
+from meshq.io.runtime import _NOBLOCK, _NOBLOCK_MORE, _RCVTIMEO, _ZERO_COPY_BYTES, _raw_send, new_socket
 
 _SLICE_S = 0.05  # how often a waiting call looks at its instance's liveness and at close()
 _SLICE_MS = int(_SLICE_S * 1000) + 1
 _MAX_TIMEOUT_MS = (1 << 31) - 1  # the wire's limit of ``timeout_ms`` (a longer timeout is still waited out here)
-_RCVTIMEO = int(zmq.RCVTIMEO)
 DIRECT_REQUEST_IDS = 1 << 48
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class _ThreadSockets:
@@ -216,27 +213,15 @@ class DirectRequester:
         with self._lock:
             self.outstanding[instance] = self.outstanding.get(instance, 0) + 1
         try:
-            header, payload = wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
-                                          (call.payload,))
-            try:
-                _raw_send(sock, header, _NOBLOCK_MORE, True)
-            except zmq.ZMQError:
-                if fallback is None:  # not connected yet (HWM with no peer): treat as refused, try another
+            frames = wire.encode(self.config.cluster, self.core.node_id, "rpc_request", request_id, body,
+                                 (call.payload,))
+            if not _sent(sock, frames):
+                # not connected: a desk not yet (the first request after a connect) or not at all (a port a
+                # firewall does not let through) goes to the node's ROUTER; a ROUTER (HWM with no peer) is
+                # treated as refused, and another instance is tried
+                if fallback is None or not _sent(sock := self._socket(state, fallback, False), frames):
                     call.avoid.add(instance)
                     return None
-                # the desk is not connected (yet: the first request after a connect; or its port is not
-                # reachable from here, e.g. a firewall that opens only the node's ports): the node's ROUTER
-                sock = self._socket(state, fallback, False)
-                try:
-                    _raw_send(sock, header, _NOBLOCK_MORE, True)
-                except zmq.ZMQError:
-                    call.avoid.add(instance)
-                    return None
-            try:
-                _raw_send(sock, payload, _NOBLOCK, len(payload) < _ZERO_COPY_BYTES)
-            except zmq.ZMQError:  # (cannot happen once the first frame went: libzmq sends a message whole)
-                call.avoid.add(instance)
-                return None
             return self._wait(sock, call, instance, request_id)
         finally:
             with self._lock:
@@ -289,6 +274,18 @@ class DirectRequester:
         members = self.core.mesh.members
         member = members.get(instance) if members is not None else None
         return member is None or member.state != "alive"
+
+
+def _sent(sock: zmq.Socket, frames: list) -> bool:
+    """Send an ``rpc_request``'s two frames with plain-int flags, below pyzmq's ``send_multipart``
+    (which builds enum flags per frame); False when the socket takes nothing (not connected)."""
+    header, payload = frames
+    try:
+        _raw_send(sock, header, _NOBLOCK_MORE, True)
+        _raw_send(sock, payload, _NOBLOCK, len(payload) < _ZERO_COPY_BYTES)  # (never refused once the first went)
+    except zmq.ZMQError:
+        return False
+    return True
 
 
 __all__ = ["DirectRequester", "DIRECT_REQUEST_IDS"]

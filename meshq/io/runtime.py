@@ -85,6 +85,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 _POLLIN = int(zmq.POLLIN)
 # The socket's own send, below pyzmq's ``Socket.send`` wrapper (which only adds the draft routing_id/group
 # arguments meshq never uses): one Python frame less per frame sent. Falls back to the wrapper on a

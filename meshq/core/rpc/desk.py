@@ -17,8 +17,8 @@ pipelined ``rpc_batch``, requests from callers without a desk in view), one afte
 the desk's requests, so ``concurrency=1`` still means one handler at a time.
 
 This module holds what the desk decides, pure and without I/O, so that it can be tested alone:
-which requests run (``Desk.admit``: the message type and service, the duplicate check shared
-with the ``rpc`` room, the caller's deadline), what each answer says (``Desk.answer``,
+which requests run (``Desk.admit``: the message type and service, a duplicate check of its own
+with the ``rpc`` room's ``SeenKeys``, the caller's deadline), what each answer says (``Desk.answer``,
 ``Desk.refusal``; the same ``rpc_reply`` / ``rpc_error`` the room sends), and the counts the
 desk hands to the room now and then (``Desk.report``: a ``DeskServed`` command), so that
 ``status`` counts a service's requests whichever way they came. The socket and the thread are
@@ -81,11 +81,11 @@ class Desk:
     __slots__ = ("service", "node_id", "cluster", "seen", "served", "errors", "expired", "duplicates", "refused",
                  "invalid", "times_s", "_reported_s")
 
-    def __init__(self, service: str, node_id: str, cluster: str, seen: SeenKeys | None = None) -> None:
+    def __init__(self, service: str, node_id: str, cluster: str) -> None:
         self.service = service
         self.node_id = node_id
         self.cluster = cluster
-        self.seen = seen if seen is not None else SeenKeys()
+        self.seen = SeenKeys()
         self._reported_s = float("-inf")
         self._reset()
 
@@ -138,9 +138,7 @@ class Desk:
     def report(self, now_s: float, force: bool = False) -> DeskServed | None:
         """The counts since the last report, as a command for the room; None when there is nothing
         to tell, or the last report was less than ``REPORT_S`` ago (unless ``force``)."""
-        if not (self.served or self.errors or self.expired or self.duplicates or self.refused or self.invalid):
-            return None
-        if not force and now_s - self._reported_s < REPORT_S:
+        if not self.pending_report() or (not force and now_s - self._reported_s < REPORT_S):
             return None
         command = DeskServed(self.service, self.served, self.errors, self.expired, self.duplicates, self.refused,
                              self.invalid, tuple(self.times_s))
