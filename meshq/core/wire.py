@@ -474,9 +474,11 @@ class InvalidRequest(ProtocolError):
         self.sender = sender
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """A decoded, validated message."""
+    """A decoded, validated message. Treated as read-only, but not ``frozen``: a frozen dataclass
+    sets each field through ``object.__setattr__`` (1.0 µs per message here, against 0.2 µs), and
+    every message a node receives is one."""
 
     type: str
     sender: str

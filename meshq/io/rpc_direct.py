@@ -115,7 +115,8 @@ class DirectRequester:
                     offers = {}
                 if offers is None or (not sent and not offers):
                     return None
-                outstanding = self._outstanding()
+                # (one instance: chosen whatever its count, so the counts are not gathered)
+                outstanding = self._outstanding() if len(offers) > 1 else {}
                 instance = choose(offers, outstanding, call.avoid, self.rng)
                 if instance is None:
                     action, value = when_none(call, bool(offers), True, now, now)
@@ -184,6 +185,7 @@ class DirectRequester:
                                                         self.curve, endpoint)
             if desk:  # a send fails at once, rather than wait in a queue, while its desk is not connected
                 sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(_RCVTIMEO, _SLICE_MS)  # (_wait changes it only for a last, shorter slice)
             sock.connect(endpoint)
         return sock
 
@@ -237,14 +239,18 @@ class DirectRequester:
             remaining = call.deadline_s - self.now_s()
             if remaining <= 0:
                 raise timed_out(call, instance)
-            # a blocking receive bounded by RCVTIMEO (one slice, or what is left): no poller built per wait
-            want = _SLICE_MS if remaining >= _SLICE_S else int(remaining * 1000) + 1
-            if sock.getsockopt(_RCVTIMEO) != want:
-                sock.setsockopt(_RCVTIMEO, want)
+            # a blocking receive bounded by RCVTIMEO (one slice, set when the socket is made, or what is
+            # left): no poller built per wait
+            last = remaining < _SLICE_S
+            if last:
+                sock.setsockopt(_RCVTIMEO, int(remaining * 1000) + 1)
             try:
                 frames = sock.recv_multipart()
             except zmq.Again:
                 frames = None
+            finally:
+                if last:
+                    sock.setsockopt(_RCVTIMEO, _SLICE_MS)
             if frames is None:
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the reply came; the request may or may "
