@@ -36,6 +36,7 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
 from meshq.core.rpc.names import validate_service_name
+from meshq.core.status import merge_instances
 from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER
 from meshq.errors import (
     ConfigError,
@@ -763,12 +764,13 @@ class Node:
         """The cluster, shaped like ``meshq status --json``: every storage node's view merged,
         or with ``node_id`` that one node's own view. ``services`` lists the services of every
         node that answered and of this one; ``service_instances`` the live nodes offering each
-        service, as this node sees them."""
+        service, as this node or any node that answered sees them (a process started a moment ago
+        has not heard every advert yet; the nodes have)."""
         status = self._call(GetStatus(node_id or None), timeout)
         report = self._call(RpcReport(), timeout)
         own = [s for s in status.get("services", []) if s["node_id"] != self.node_id]
         status["services"] = sorted(own + report["services"], key=lambda s: (s["service"], s["node_id"]))
-        status["service_instances"] = report["instances"]
+        status["service_instances"] = merge_instances([status.get("service_instances", {}), report["instances"]])
         calls = dict(report["calls"])
         if self._requester is not None:  # requests sent from the callers' threads
             direct = self._requester.stats()

@@ -52,7 +52,7 @@ class Status(Room):
             "counters": dict(core.counters),
             "invalid_frames": core.invalid_frames(),
             "pubsub": {"nodes": [core.pubsub.report()]},
-            "services": core.rpc.report()["services"],
+            **_rpc_view(core.rpc.report()),
             "access": core.access.report(),
         }
         if core.is_storage:
@@ -163,6 +163,9 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
     merged["pubsub"] = merge_pubsub(reports.values())
     # services offered by each node that answered (a node's own counts are only known to it)
     merged["services"] = [s for node_id in sorted(reports) for s in reports[node_id].get("services", [])]
+    # the live instances of each service, as any node that answered sees them (adverts: a client process
+    # that serves is known to the nodes before a freshly started asker has heard of it)
+    merged["service_instances"] = merge_instances(report.get("service_instances", {}) for report in reports.values())
     # frames each node dropped as invalid, with the peers that sent them (a node's own count)
     merged["invalid_frames"] = {node_id: reports[node_id]["invalid_frames"] for node_id in sorted(reports)
                                 if "invalid_frames" in reports[node_id]}
@@ -176,6 +179,19 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
          if member["node_id"] in reports else None} if member.get("role") == "storage" else member
         for member in merged.get("members", [])]
     return merged
+
+
+def _rpc_view(report: dict) -> dict:
+    return {"services": report["services"], "service_instances": report["instances"]}
+
+
+def merge_instances(views: Any) -> dict[str, list[str]]:
+    """Several ``{service: [node ids]}`` views as one: each service's node ids in any of them, sorted."""
+    merged: dict[str, set[str]] = {}
+    for view in views:
+        for name, ids in view.items():
+            merged.setdefault(name, set()).update(ids)
+    return {name: sorted(ids) for name, ids in sorted(merged.items())}
 
 
 def merge_pubsub(reports: Any) -> dict:

@@ -112,3 +112,21 @@ def test_the_merge_takes_a_groups_members_from_its_coordinator_the_higher_genera
     assert merged["groups"] == [{"group": "g", "mode": "stream", "generation": 2_000_001, "state": "stable",
                                  "members": members, "partitions": [
                                      {"topic": "t", "partition": 0, "committed": 2, "high_watermark": 5, "lag": 3}]}]
+
+
+def test_a_nodes_view_names_the_live_instances_of_each_service_it_has_heard_of():
+    from tests.core.rooms.test_rpc import formed, serve
+
+    net = formed("n1", "n2")
+    serve(net, "n2", "echo")
+    status = net["n1"].request("status", {}).body["status"]
+    assert status["service_instances"] == {"echo": ["n2"]}
+
+
+def test_the_merge_unions_the_instances_every_answering_node_sees():
+    # a client process that serves is known to the nodes before a freshly started asker has heard its advert
+    a = {**report("a"), "service_instances": {"echo": ["c9"], "resize": ["a"]}}
+    b = {**report("b"), "service_instances": {"echo": ["b", "c9"]}}
+    merged = merge_status({"a": a, "b": b}, preferred="a")
+    assert merged["service_instances"] == {"echo": ["b", "c9"], "resize": ["a"]}
+    assert merge_status({"a": report("a")}, preferred="a")["service_instances"] == {}
