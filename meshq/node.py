@@ -36,8 +36,8 @@ from meshq.core.events import (
 from meshq.core.node import NodeCore
 from meshq.core.records import RecordMetadata
 from meshq.core.rpc.names import validate_service_name
-from meshq.core.status import merge_instances
 from meshq.core.shared_state import DELIVER_AT_HEADER, PRIORITY_HEADER
+from meshq.core.status import merge_instances
 from meshq.errors import (
     ConfigError,
     MeshqError,

@@ -59,7 +59,8 @@ class Status(Room):
             status.update(core.space.report())  # storage_full, storage_full_reason
             throttle = core.host.copy_throttle
             status["copy"] = {"rate_mb_per_s": self.config.copy_rate_mb_per_s, "bytes_sent": throttle.bytes_sent,
-                              "waits": throttle.waits}
+                              "waits": throttle.waits, "yielding_to_writes": throttle.yielding(core.now_s),
+                              "rate_now_mb_per_s": round(throttle.rate_now(core.now_s) / 1_000_000, 3)}
             # round trips to the peers its replicas talk to, and which of them counts as slow (partitions.latency)
             status["peer_rtt"] = core.host.latency.status(core.now_s)
         raft = core.agreement.raft

@@ -51,3 +51,58 @@ def test_zero_is_unlimited():
 def test_bad_settings_are_refused(rate, burst):
     with pytest.raises(ConfigError):
         CopyThrottle(rate, burst)
+
+
+def test_copies_yield_to_live_writes_and_take_the_whole_rate_again_once_writes_stop():
+    from meshq.core.throttle import LIVE_SHARE, LIVE_WINDOW_S
+
+    bucket = CopyThrottle(6000.0, 6000)
+    bucket.charge(0.0, 6000)  # empty
+    assert not bucket.yielding(0.0) and bucket.rate_now(0.0) == 6000.0
+    bucket.live(0.0, 100)  # a write taken as a leader
+    assert bucket.yielding(0.5) and bucket.rate_now(0.5) == pytest.approx(6000.0 * LIVE_SHARE)
+    assert bucket.grant(0.5, 10_000) == pytest.approx(0.5 * 6000 * LIVE_SHARE, abs=1)
+    bucket.charge(0.5, bucket.grant(0.5, 10_000))
+    quiet = LIVE_WINDOW_S + 0.5  # no write for longer than the window: the whole rate
+    assert not bucket.yielding(quiet) and bucket.rate_now(quiet) == 6000.0
+    bucket.live(quiet, 100)  # the time before the write counts at the whole rate
+    assert bucket.tokens(quiet) == pytest.approx((quiet - 0.5) * 6000.0, abs=1)
+
+
+def test_a_steady_stream_of_writes_holds_the_copy_to_its_share_and_never_to_zero():
+    from meshq.core.throttle import LIVE_SHARE
+
+    bucket = CopyThrottle(10_000.0, 2_000)
+    sent, now = 0, 0.0
+    while now < 20.0:
+        bucket.live(now, 1)  # a write of 1 byte every 10 ms (100 B/s)
+        granted = bucket.grant(now, 3_000)
+        if granted:
+            bucket.charge(now, granted)
+            sent += granted
+        now += 0.01
+    assert 0.9 * 10_000 * LIVE_SHARE * 20 <= sent <= 2_000 + (10_000 * LIVE_SHARE + 100) * 20 + 3_000
+
+
+def test_an_unlimited_rate_does_not_yield():
+    bucket = CopyThrottle(0, 1)
+    bucket.live(0.0, 1 << 20)
+    assert bucket.grant(0.1, 1 << 20) == 1 << 20 and bucket.rate_now(0.1) == 0
+
+
+def test_while_yielding_a_copy_still_gains_on_writes_faster_than_its_share():
+    from meshq.core.throttle import LIVE_SHARE
+
+    bucket = CopyThrottle(6_000.0, 1_000)
+    now, sent = 0.0, 0
+    while now < 10.0:
+        bucket.live(now, 50)  # 5,000 B/s of writes: several times the share
+        granted = bucket.grant(now, 10_000)
+        if granted:
+            bucket.charge(now, granted)
+            if now >= 2.0:  # (the write rate is known after a whole window)
+                sent += granted
+        now += 0.01
+    share_plus_writes = (6_000.0 * LIVE_SHARE + 5_000) * 8.0
+    assert 0.9 * share_plus_writes <= sent <= share_plus_writes + 1_000 + 10_000
+    assert bucket.rate_now(now) == pytest.approx(6_000.0 * LIVE_SHARE + 5_000, rel=0.05)

@@ -55,3 +55,24 @@ def test_zero_copies_as_fast_as_the_follower_takes_it():
     net.heal()
     net.run_until(lambda: lagging.core.partitions[("t", 0)].log.end_offset == 60, 1.0)
     assert leader.core.host.copy_throttle.waits == 0
+
+
+def test_a_copy_yields_to_live_writes_on_its_leader():
+    from meshq.core.throttle import LIVE_SHARE
+
+    rate_mb = 0.5
+    net, leader, lagging, _other = lagging_follower(copy_rate_mb_per_s=rate_mb)
+    throttle = leader.core.host.copy_throttle
+    assert not throttle.yielding(net.clock.now_s)  # the writes that made the lag are over a window old
+    net.heal()
+    start_s = net.clock.now_s
+    log = lagging.core.partitions[("t", 0)].log
+    for sequence in range(60, 80):  # a small live write every 0.1 s
+        leader.request("produce", produce_body(acks="quorum"), (batch([b"live"], base_sequence=sequence),))
+        net.run(0.1)
+    elapsed = net.clock.now_s - start_s
+    limit = throttle.burst_bytes + (LIVE_SHARE * rate_mb * 1e6 + 1000) * elapsed + len(VALUE) + 4096
+    assert 0 < log.size_bytes <= limit, (log.size_bytes, limit)
+    status = leader.request("status", {}).body["status"]["copy"]
+    assert status["yielding_to_writes"] and LIVE_SHARE * rate_mb <= status["rate_now_mb_per_s"] < LIVE_SHARE * rate_mb + 0.01
+    net.run_until(lambda: log.end_offset == 80, 60.0)  # and, the writes over, it finishes at the whole rate
