@@ -770,7 +770,8 @@ class Node:
         report = self._call(RpcReport(), timeout)
         own = [s for s in status.get("services", []) if s["node_id"] != self.node_id]
         status["services"] = sorted(own + report["services"], key=lambda s: (s["service"], s["node_id"]))
-        status["service_instances"] = merge_instances([status.get("service_instances", {}), report["instances"]])
+        if node_id is None:  # (asked of one node: that node's own view, as it was given)
+            status["service_instances"] = merge_instances([status.get("service_instances", {}), report["instances"]])
         calls = dict(report["calls"])
         if self._requester is not None:  # requests sent from the callers' threads
             direct = self._requester.stats()

@@ -810,7 +810,7 @@ class Replica:
             if catching_up:
                 # A replica catching up (a rebalance's new copy, a follower far behind) shares the
                 # node's copy rate; in-sync followers never wait for it, so live writes keep their pace.
-                budget = throttle.grant(now_s, MAX_APPEND_BYTES)
+                budget = throttle.grant(now_s, MAX_APPEND_BYTES, (peer, self.topic, self.partition))
                 if budget == 0 and not heartbeat:
                     return  # out of tokens: the next heartbeat sends more
             if start < end and not silent and budget > 0:

@@ -15,19 +15,26 @@ leave the bucket in debt, which later sends wait out. Over any window of ``T`` s
 ``burst_bytes + rate_bytes_per_s × T`` plus one batch leaves. Time comes in as ``now_s`` (the core
 has no clock of its own). A rate of 0 means unlimited.
 
-Copies yield to live writes. While the node takes produce requests as a leader (``live``: one
-within the last ``LIVE_WINDOW_S``), the bucket refills at ``LIVE_SHARE`` of the rate *plus* the
-rate at which those writes arrive (bytes appended in the last whole window), so a replica that
-catches up always gains on its leader, however fast the partitions grow; once writes stop for
-``LIVE_WINDOW_S``, at the whole rate again. The copy is background work: on a busy node its CPU,
-disk and link go first to the writes whose latency users see (``meshq bench rebalance`` on two
-shared cores: a producer's p99 during a join was 3.8× its idle p99 at 30 MB/s per node, 2.0× at
-10 and 1.8× at 5; with a tenth while busy, 0.2-1.9×), while a quiet node still copies at the
-full rate. An unlimited rate stays
-unlimited.
+Copies yield to live writes. While the node appends batches as a leader (``live``: one within
+the last ``LIVE_WINDOW_S``: records, offset commits, shared-subscription state), the bucket
+refills at ``LIVE_SHARE`` of the rate plus, for each replica catching up (one that asked for a
+grant within the window), the rate those writes arrive at — never above the whole rate. A
+replica catching up thus gains on its leader at the share or more while the writes leave room
+under the rate, as it would without yielding; and it never gets more than ``--copy-rate``. Once
+writes stop for ``LIVE_WINDOW_S``, the bucket refills at the whole rate again. The copy is
+background work: on a busy node its CPU, disk and link go first to the writes whose latency
+users see (``meshq bench rebalance`` on two shared cores: a producer's p99 during a join was
+3.8× its idle p99 at 30 MB/s per node, 2.0× at 10 and 1.8× at 5; yielding a tenth while busy,
+0.2-1.9×), while a quiet node still copies at the full rate. An unlimited rate stays unlimited.
+
+The write rate is a decaying sum of the bytes appended (time constant ``LIVE_WINDOW_S``): a
+steady stream of ``r`` bytes/s keeps it at ``r``; it fades once writes stop or slow down.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 from meshq.errors import ConfigError
 
@@ -48,10 +55,10 @@ class CopyThrottle:
         self.burst_bytes = burst_bytes
         self._tokens = float(burst_bytes)
         self._last_s: float | None = None
-        self._live_s = float("-inf")  # when the node last took a write as a leader
-        self._window_s = float("-inf")  # the start of the window whose written bytes are being counted
-        self._window_bytes = 0
-        self._write_rate = 0.0  # bytes/s written in the last whole window (0 after a window without writes)
+        self._live_s = float("-inf")  # when the node last appended a batch as a leader
+        self._written = 0.0  # decaying sum of the bytes appended as a leader, as of ``_written_s``
+        self._written_s = 0.0
+        self._asking: dict[Any, float] = {}  # catching-up replica -> when it last asked for a grant
         self.bytes_sent = 0  # catch-up bytes charged so far
         self.waits = 0  # sends deferred for want of tokens
 
@@ -60,42 +67,64 @@ class CopyThrottle:
         return self.rate_bytes_per_s == 0
 
     def live(self, now_s: float, written: int) -> None:
-        """The node took a write of ``written`` bytes as a leader: copies yield for ``LIVE_WINDOW_S``."""
+        """The node appended ``written`` bytes as a leader: copies yield for ``LIVE_WINDOW_S``."""
         if self.unlimited:
             return
-        if not self.yielding(now_s):
-            self._refill(now_s)  # (the time before counts at the whole rate)
-        if now_s - self._window_s >= LIVE_WINDOW_S:  # a window is over: its bytes give the write rate
-            whole = now_s - self._window_s < 2 * LIVE_WINDOW_S
-            self._write_rate = self._window_bytes / LIVE_WINDOW_S if whole else 0.0
-            self._window_s, self._window_bytes = now_s, 0
-        self._window_bytes += written
-        self._live_s = max(self._live_s, now_s)
+        self._refill(now_s)  # (the time before is credited at the rate that applied then)
+        self._written = self._decayed(now_s) + written
+        self._written_s = now_s
+        if now_s > self._live_s:
+            self._live_s = now_s
+
+    def _decayed(self, now_s: float) -> float:
+        if now_s <= self._written_s:
+            return self._written
+        return self._written * math.exp((self._written_s - now_s) / LIVE_WINDOW_S)
+
+    def write_rate(self, now_s: float) -> float:
+        """The rate, bytes/s, at which the node appends as a leader (a decaying estimate)."""
+        return self._decayed(now_s) / LIVE_WINDOW_S
 
     def yielding(self, now_s: float) -> bool:
-        """Whether copies yield to live writes now (a write within ``LIVE_WINDOW_S``)."""
+        """Whether copies yield to live writes now (a leader append within ``LIVE_WINDOW_S``)."""
         return now_s - self._live_s < LIVE_WINDOW_S
+
+    def catching_up(self, now_s: float) -> int:
+        """Replicas that asked for a grant within ``LIVE_WINDOW_S`` (older ones are forgotten)."""
+        asking = self._asking
+        for who in [who for who, at in asking.items() if now_s - at >= LIVE_WINDOW_S]:
+            del asking[who]
+        return len(asking)
 
     def rate_now(self, now_s: float) -> float:
         """The refill rate in bytes/s that applies now (0: unlimited): the whole rate, or while
-        yielding ``LIVE_SHARE`` of it plus the rate the writes arrive at."""
-        if self.yielding(now_s):
-            return self.rate_bytes_per_s * LIVE_SHARE + self._write_rate
-        return self.rate_bytes_per_s
+        yielding ``LIVE_SHARE`` of it plus the write rate for each replica catching up, at most the
+        whole rate."""
+        rate = self.rate_bytes_per_s
+        if not self.yielding(now_s):
+            return rate
+        return min(rate, rate * LIVE_SHARE + self.write_rate(now_s) * self.catching_up(now_s))
 
     def _refill(self, now_s: float) -> None:
-        if self._last_s is not None and now_s > self._last_s:
-            # the time since the last refill at the rate of now: busy at the share (writes came within the
-            # window), else the whole rate; a change between refills, which come at every grant, counts late
-            self._tokens = min(float(self.burst_bytes), self._tokens + (now_s - self._last_s) * self.rate_now(now_s))
-        if self._last_s is None or now_s > self._last_s:
+        last = self._last_s
+        if last is not None and now_s > last:
+            ends = self._live_s + LIVE_WINDOW_S  # when yielding stops, if no write comes before
+            if last < ends < now_s:  # it stopped in between: the two parts at their own rates
+                gained = (ends - last) * self.rate_now(last) + (now_s - ends) * self.rate_bytes_per_s
+            else:
+                gained = (now_s - last) * self.rate_now(last)
+            self._tokens = min(float(self.burst_bytes), self._tokens + gained)
+        if last is None or now_s > last:
             self._last_s = now_s
 
-    def grant(self, now_s: float, wanted: int) -> int:
-        """How many of ``wanted`` bytes may be read for a catch-up send now (0: wait)."""
+    def grant(self, now_s: float, wanted: int, who: Any = None) -> int:
+        """How many of ``wanted`` bytes may be read for a catch-up send now (0: wait). ``who`` names
+        the replica asking (its peer and partition): while yielding, each adds the write rate."""
         if self.unlimited:
             return wanted
         self._refill(now_s)
+        if who is not None:
+            self._asking[who] = now_s
         granted = int(min(wanted, self._tokens))
         if granted < MIN_GRANT_BYTES:
             self.waits += 1

@@ -59,50 +59,73 @@ def test_copies_yield_to_live_writes_and_take_the_whole_rate_again_once_writes_s
     bucket = CopyThrottle(6000.0, 6000)
     bucket.charge(0.0, 6000)  # empty
     assert not bucket.yielding(0.0) and bucket.rate_now(0.0) == 6000.0
-    bucket.live(0.0, 100)  # a write taken as a leader
+    bucket.live(0.0, 100)  # a batch appended as a leader
     assert bucket.yielding(0.5) and bucket.rate_now(0.5) == pytest.approx(6000.0 * LIVE_SHARE)
-    assert bucket.grant(0.5, 10_000) == pytest.approx(0.5 * 6000 * LIVE_SHARE, abs=1)
-    bucket.charge(0.5, bucket.grant(0.5, 10_000))
+    granted = bucket.grant(0.5, 10_000)
+    assert granted == pytest.approx(0.5 * 6000 * LIVE_SHARE, abs=1)
+    bucket.charge(0.5, granted)
     quiet = LIVE_WINDOW_S + 0.5  # no write for longer than the window: the whole rate
     assert not bucket.yielding(quiet) and bucket.rate_now(quiet) == 6000.0
-    bucket.live(quiet, 100)  # the time before the write counts at the whole rate
-    assert bucket.tokens(quiet) == pytest.approx((quiet - 0.5) * 6000.0, abs=1)
+    # the time from 0.5 s to the window's end at the share, the rest at the whole rate
+    assert bucket.tokens(quiet) == pytest.approx((LIVE_WINDOW_S - 0.5) * 6000 * LIVE_SHARE + 0.5 * 6000, abs=1)
 
 
-def test_a_steady_stream_of_writes_holds_the_copy_to_its_share_and_never_to_zero():
+def test_a_steady_stream_of_writes_holds_the_copy_to_its_share_plus_the_write_rate():
     from meshq.core.throttle import LIVE_SHARE
 
     bucket = CopyThrottle(10_000.0, 2_000)
     sent, now = 0, 0.0
     while now < 20.0:
         bucket.live(now, 1)  # a write of 1 byte every 10 ms (100 B/s)
-        granted = bucket.grant(now, 3_000)
+        granted = bucket.grant(now, 3_000, "r1")
         if granted:
             bucket.charge(now, granted)
             sent += granted
         now += 0.01
     assert 0.9 * 10_000 * LIVE_SHARE * 20 <= sent <= 2_000 + (10_000 * LIVE_SHARE + 100) * 20 + 3_000
+    assert bucket.write_rate(now) == pytest.approx(100, rel=0.05)
+
+
+def gains(rate: float, write_rate: float, replicas: int, seconds: float = 12.0) -> tuple[float, CopyThrottle]:
+    """Bytes granted per second from 4 s on (the write rate estimate settled), ``replicas`` asking in turn."""
+    bucket = CopyThrottle(rate, 1_000)
+    now, sent, step = 0.0, 0, 0
+    while now < seconds:
+        bucket.live(now, int(write_rate / 100))  # a write every 10 ms
+        granted = bucket.grant(now, 1 << 30, f"r{step % replicas}")
+        if granted:
+            bucket.charge(now, granted)
+            if now >= 4.0:
+                sent += granted
+        now += 0.01
+        step += 1
+    return sent / (seconds - 4.0), bucket
+
+
+def test_while_yielding_each_catching_up_replica_gets_the_write_rate_on_top_of_the_share():
+    from meshq.core.throttle import LIVE_SHARE
+
+    per_s, bucket = gains(60_000.0, 5_000.0, 1)  # writes at 5,000 B/s: almost the share (6,000)
+    assert per_s == pytest.approx(60_000 * LIVE_SHARE + 5_000, rel=0.05)
+    per_s, _ = gains(60_000.0, 5_000.0, 2)  # two replicas catching up: each needs the writes
+    assert per_s == pytest.approx(60_000 * LIVE_SHARE + 2 * 5_000, rel=0.05)
+    assert bucket.catching_up(100.0) == 0  # replicas that stopped asking are forgotten
+
+
+def test_yielding_never_takes_the_copy_above_the_rate():
+    per_s, bucket = gains(6_000.0, 50_000.0, 3)  # writes far faster than --copy-rate
+    assert bucket.rate_now(11.99) == 6_000.0 and per_s <= 6_000 * 1.01
+
+
+def test_the_write_rate_fades_once_writes_stop():
+    bucket = CopyThrottle(1_000.0, 1_000)
+    for step in range(100):
+        bucket.live(step / 100, 1_000)  # 100,000 B/s for a second
+    assert bucket.write_rate(1.0) > 50_000
+    assert bucket.write_rate(6.0) < 0.01 * 100_000
 
 
 def test_an_unlimited_rate_does_not_yield():
     bucket = CopyThrottle(0, 1)
     bucket.live(0.0, 1 << 20)
     assert bucket.grant(0.1, 1 << 20) == 1 << 20 and bucket.rate_now(0.1) == 0
-
-
-def test_while_yielding_a_copy_still_gains_on_writes_faster_than_its_share():
-    from meshq.core.throttle import LIVE_SHARE
-
-    bucket = CopyThrottle(6_000.0, 1_000)
-    now, sent = 0.0, 0
-    while now < 10.0:
-        bucket.live(now, 50)  # 5,000 B/s of writes: several times the share
-        granted = bucket.grant(now, 10_000)
-        if granted:
-            bucket.charge(now, granted)
-            if now >= 2.0:  # (the write rate is known after a whole window)
-                sent += granted
-        now += 0.01
-    share_plus_writes = (6_000.0 * LIVE_SHARE + 5_000) * 8.0
-    assert 0.9 * share_plus_writes <= sent <= share_plus_writes + 1_000 + 10_000
-    assert bucket.rate_now(now) == pytest.approx(6_000.0 * LIVE_SHARE + 5_000, rel=0.05)

@@ -86,7 +86,6 @@ class PartitionServer(Room):
         else:
             self.core.counters["records_produced"] += header.record_count
             self.core.counters["batches_produced"] += 1
-            self.core.host.copy_throttle.live(now_s, len(data))  # copies yield to live writes (core.throttle)
             self.on_appended(state, now_s)
         reply = {"topic": state.topic, "partition": state.partition, "base_offset": base_offset, "duplicate": duplicate}
         if body["acks"] == "none":

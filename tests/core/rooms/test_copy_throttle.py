@@ -71,7 +71,8 @@ def test_a_copy_yields_to_live_writes_on_its_leader():
         leader.request("produce", produce_body(acks="quorum"), (batch([b"live"], base_sequence=sequence),))
         net.run(0.1)
     elapsed = net.clock.now_s - start_s
-    limit = throttle.burst_bytes + (LIVE_SHARE * rate_mb * 1e6 + 1000) * elapsed + len(VALUE) + 4096
+    # the share plus the write rate (a few hundred bytes a second here) for the one replica catching up
+    limit = throttle.burst_bytes + (LIVE_SHARE * rate_mb * 1e6 + 5000) * elapsed + len(VALUE) + 4096
     assert 0 < log.size_bytes <= limit, (log.size_bytes, limit)
     status = leader.request("status", {}).body["status"]["copy"]
     assert status["yielding_to_writes"] and LIVE_SHARE * rate_mb <= status["rate_now_mb_per_s"] < LIVE_SHARE * rate_mb + 0.01
