@@ -43,6 +43,7 @@ class Status(Room):
         for name, config in sorted(core.agreement.meta.topics.items()):
             meta = catalog.topic_meta(config)
             topics.append({"name": name, "config": meta["config"], "partitions": meta["partitions"]})
+        rpc = core.rpc.report()
         status = {
             "cluster": self.config.cluster,
             "node_id": self.node_id,
@@ -52,7 +53,8 @@ class Status(Room):
             "counters": dict(core.counters),
             "invalid_frames": core.invalid_frames(),
             "pubsub": {"nodes": [core.pubsub.report()]},
-            **_rpc_view(core.rpc.report()),
+            "services": rpc["services"],
+            "service_instances": rpc["instances"],
             "access": core.access.report(),
         }
         if core.is_storage:
@@ -180,10 +182,6 @@ def merge_status(reports: dict[str, dict], preferred: str) -> dict:
          if member["node_id"] in reports else None} if member.get("role") == "storage" else member
         for member in merged.get("members", [])]
     return merged
-
-
-def _rpc_view(report: dict) -> dict:
-    return {"services": report["services"], "service_instances": report["instances"]}
 
 
 def merge_instances(views: Any) -> dict[str, list[str]]:

@@ -70,7 +70,11 @@ class CopyThrottle:
         """The node appended ``written`` bytes as a leader: copies yield for ``LIVE_WINDOW_S``."""
         if self.unlimited:
             return
-        self._refill(now_s)  # (the time before is credited at the rate that applied then)
+        if self._asking or not self.yielding(now_s):
+            # the time before is credited at the rate that applied then; yielding with no replica
+            # catching up that rate is the share whatever the writes, so the refill can wait (one
+            # call per batch a leader appends: the common case costs no refill)
+            self._refill(now_s)
         self._written = self._decayed(now_s) + written
         self._written_s = now_s
         if now_s > self._live_s:

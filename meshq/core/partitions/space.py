@@ -97,12 +97,12 @@ class StorageSpace(Room):
         ``StorageFullError``, and nothing was stored."""
         self.refuse_writes(state.topic, state.partition)
         try:
-            appended = state.append(data, header, now_ms)
+            base_offset, duplicate = state.append(data, header, now_ms)
         except StorageFullError as exc:
             raise self.write_failed(exc, state.topic, state.partition, now_s) from None
-        if not appended[1]:  # (not a duplicate) catch-up copies yield to live writes (core.throttle)
+        if not duplicate:  # catch-up copies yield to live writes (core.throttle)
             self.core.host.copy_throttle.live(now_s, len(data))
-        return appended
+        return base_offset, duplicate
 
     def note_full(self, reason: str, now_s: float) -> None:
         """A write other than a new record (a vote, an epoch) ran out of space."""
