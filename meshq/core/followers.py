@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 END_SAMPLES = 64  # heartbeats' worth of own end offsets kept for the in-sync yardstick
 
@@ -61,13 +62,17 @@ class FollowerProgress:
         self.last_contact_s = now_s
         self.in_flight = max(0, self.in_flight - 1)
 
-    def add_probe(self, body: dict, now_s: float, interval_s: float, max_held_s: float) -> None:
+    def add_probe(self, body: dict, now_s: float, interval_s: float, max_held_s: float, latency: Any) -> None:
         """Round-trip probe fields for an append to this follower (``meshq.core.partitions.latency``): our clock
-        at most once per ``interval_s``, and the echo of its last clock with how long we held it (dropped when
-        held longer than ``max_held_s``: it may be from before the follower restarted)."""
+        and how late our timers run (``latency.lag``, when known) at most once per ``interval_s``, and the echo of
+        its last clock with how long we held it (dropped when held longer than ``max_held_s``: it may be from
+        before the follower restarted)."""
         if now_s - self.probe_s >= interval_s:
             self.probe_s = now_s
             body["ts"] = now_s
+            lag = latency.lag(now_s)
+            if lag is not None:
+                body["lag"] = lag
         if self.peer_ts >= 0:
             held = now_s - self.peer_ts_at
             if held <= max_held_s:

@@ -445,12 +445,18 @@ class Replica:
         f = self.followers.get(sender)
         if f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version:
             return
+        starved = self._latency.starved(now_s)
+        if not starved and self._latency.slow(sender, now_s):
+            # We find the asker itself far slower than our other peers: it is the slow one (a starved node hears
+            # us only between its pauses, and finds us slow): never hand leadership to it. (A starved leader's own
+            # round trips are late at random, so they do not count against an asker.)
+            return
         others = [peer for peer in self.replicas if peer != self.node_id]
         asked = sum(1 for peer in others if now_s - self._step_aside_asks.get(peer, float("-inf"))
                     <= 4 * self.election_timeout_s)
         if self._latency.link_slow(sender, now_s):
             why = f"(our round trip to it is {self._latency.rtt(sender, now_s) * 1000:.0f} ms: it finds this leader slow)"
-        elif self._latency.starved(now_s):
+        elif starved:
             why = "(our own timers run late, and it finds this leader slow)"
         elif asked >= len(others) // 2 + 1:
             why = f"({asked} of our {len(others)} followers find this leader slow)"
@@ -614,6 +620,9 @@ class Replica:
         echo = body.get("echo", -1.0)
         if echo >= 0 and latency is not None:  # our clock from an earlier answer: a round trip
             latency.note(sender, now_s - echo - body.get("held", 0.0), now_s)
+        lag = body.get("lag", -1.0)
+        if lag >= 0 and latency is not None:  # how late the leader's timers run
+            latency.note_peer_lag(sender, lag, now_s)
         if (epoch < self.epoch or leader != sender or sender not in self.replicas
                 or body["cv"] < self.config_version):
             # Not our leader: a stale epoch, or a leader still using an older configuration (it
@@ -632,13 +641,15 @@ class Replica:
             self._on_change()
         self.last_leader_contact_s = now_s
         self._reset_election_timer(now_s)
-        if (echo >= 0 and latency is not None and now_s >= self._next_step_aside_s
-                and self.node_id in self.replicas and latency.slow(leader, now_s)):
-            # Our leader is far slower than our other peers: ask it to hand leadership to us.
+        if (latency is not None and now_s >= self._next_step_aside_s and self.node_id in self.replicas
+                and ((echo >= 0 and latency.slow(leader, now_s)) or (lag >= 0 and latency.lags_behind(leader, now_s)))):
+            # Our leader is far slower than our other peers (asked on fresh evidence of either kind: a round
+            # trip, or the lag of its timers): ask it to hand leadership to us.
             self._next_step_aside_s = now_s + 4 * self.election_timeout_s
-            self._log_limited("step_aside", logging.WARNING, "%s/%d: the leader %s is slow (round trip %.0f ms, far "
-                              "above our other peers'); asking it to step aside", self.topic, self.partition,
-                              leader, (latency.rtt(leader, now_s) or 0.0) * 1000)
+            self._log_limited("step_aside", logging.WARNING, "%s/%d: the leader %s is slow (round trip %.0f ms, its "
+                              "timers %.0f ms late: far above our other peers'); asking it to step aside", self.topic,
+                              self.partition, leader, (latency.rtt(leader, now_s) or 0.0) * 1000,
+                              (latency.peer_lag(leader, now_s) or 0.0) * 1000)
             self._send(leader, "repl_step_aside", self._key_body(epoch=self.epoch, cv=self.config_version), ())
         prev = body["prev_offset"]
         end = self.log.end_offset
@@ -842,7 +853,7 @@ class Replica:
                                   epoch_start=self.epoch_start, cv=self.config_version,
                                   log_start=self.log.start_offset)
             if self._latency is not None:
-                f.add_probe(body, now_s, self.heartbeat_interval_s, self.election_timeout_s)
+                f.add_probe(body, now_s, self.heartbeat_interval_s, self.election_timeout_s, self._latency)
             self._send(peer, "repl_append", body, (data,) if data else ())
             f.next_offset = next_offset
             f.in_flight += 1

@@ -352,10 +352,12 @@ SCHEMAS: dict[str, Schema] = {
     "repl_vote": Schema(Struct(**_REPL, candidate=NODE, last_epoch=EPOCH, end_offset=Int(0, 1 << 62),
                                pre_vote=Bool())),
     "repl_vote_ok": Schema(Struct(**_REPL, voter=NODE, granted=Bool(), pre_vote=Bool(), for_epoch=EPOCH)),
-    # ts / echo / held: round-trip probes (meshq.core.partitions.latency); -1 (absent): none in this message
+    # ts / echo / held: round-trip probes (meshq.core.partitions.latency); -1 (absent): none in this message.
+    # lag: with a probe, how late the leader's timers run (the median, s); -1 (absent): not known
     "repl_append": Schema(Struct(**_REPL, leader=NODE, prev_offset=Int(-1, 1 << 62), prev_epoch=EPOCH,
                                  hw=Int(0, 1 << 62), epoch_start=Int(0, 1 << 62), log_start=Int(0, 1 << 62),
-                                 ts=_CLOCK, echo=_CLOCK, held=Default(Float(0.0, 1e9), 0.0)), 0, 1),
+                                 ts=_CLOCK, echo=_CLOCK, held=Default(Float(0.0, 1e9), 0.0),
+                                 lag=Default(Float(-1.0, 1e9), -1.0)), 0, 1),
     "repl_append_ok": Schema(Struct(**_REPL, follower=NODE, ok=Bool(), match_end=Int(-1, 1 << 62),
                                     hint=Int(0, 1 << 62), ts=_CLOCK, echo=_CLOCK)),
     "repl_timeout_now": Schema(Struct(**_REPL)),

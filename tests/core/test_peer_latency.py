@@ -84,3 +84,41 @@ def test_starved_is_the_median_lag_of_a_leaders_own_timers():
     for _ in range(SAMPLES):
         calm.note_lag(0.5, 101.05)  # a burst counts once
     assert not calm.starved(101.1)
+
+
+def lags(table: PeerLatency, now_s: float = 100.0, own: float | None = None, **peers: float) -> PeerLatency:
+    """``table`` with ``MIN_SAMPLES`` recent lags: its own timers' (``own``) and those ``peers`` reported."""
+    for i in range(MIN_SAMPLES):
+        when = now_s - (MIN_SAMPLES - 1 - i) * STEP_S
+        if own is not None:
+            table.note_lag(own, when)
+        for peer, lag in peers.items():
+            table.note_peer_lag(peer, lag, when)
+    return table
+
+
+def test_a_peer_whose_timers_run_far_later_than_the_others_is_slow_though_its_round_trips_are_fast():
+    table = lags(filled(b=0.001, c=0.001), own=0.001, b=0.1, c=0.001)
+    assert table.peer_lag("b", 100.0) == 0.1 and table.lag(100.0) == 0.001
+    assert table.lags_behind("b", 100.0) and table.slow("b", 100.0)
+    assert not table.slow("c", 100.0)
+    assert table.status(100.0)["b"] == {"rtt_ms": 1.0, "slow": True, "lag_ms": 100.0}
+
+
+def test_lag_compares_with_this_nodes_own_timers_when_no_other_peer_reports_one():
+    assert lags(PeerLatency(), own=0.002, b=0.1).lags_behind("b", 100.0)
+    assert not lags(PeerLatency(), b=0.1).lags_behind("b", 100.0)  # nothing to compare with: not singled out
+
+
+def test_a_machine_loaded_as_a_whole_singles_out_nobody_by_lag():
+    table = lags(PeerLatency(), own=0.06, b=0.1, c=0.05)  # every node's timers late alike
+    assert not table.lags_behind("b", 100.0)
+    # under the floor, however far above the others
+    assert not lags(PeerLatency(), own=0.0001, b=SLOW_FLOOR_S * 0.9).lags_behind("b", 100.0)
+    assert lags(PeerLatency(), own=SLOW_FLOOR_S / SLOW_FACTOR, b=SLOW_FLOOR_S).lags_behind("b", 100.0)
+
+
+def test_reported_lags_fade_like_round_trips():
+    table = lags(PeerLatency(), own=0.001, b=0.1)
+    assert table.peer_lag("b", 100.0 + WINDOW_S + 1.0) is None
+    assert not table.lags_behind("b", 100.0 + WINDOW_S + 1.0)

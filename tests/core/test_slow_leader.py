@@ -89,7 +89,7 @@ def test_a_leader_steps_aside_only_when_its_own_round_trips_agree_and_once_the_f
     cl.inject("b", "a", "repl_step_aside", body)  # a's own measure of the link to b: fast
     cl.pump()
     assert cl.leader() == "a" and not handed() and cl["a"].lease_valid(cl.now)
-    cl.link_delay[("a", "b")] = cl.link_delay[("b", "a")] = SLOW_S  # (b knows no other peer: it asks nothing)
+    slow_links(cl, "a")  # a's links to both: it is the slow one (b knows no other peer: it asks nothing)
     cl.advance(2.0)
     assert cl.nodes["a"].latency.link_slow("b", cl.now) and not [m for m in cl.sent if m.type == "repl_step_aside"]
     cl.inject("b", "a", "repl_step_aside", {**body, "epoch": body["epoch"] - 1})  # a stale request
@@ -146,3 +146,41 @@ def test_a_leader_whose_own_timers_run_late_steps_aside_at_one_followers_request
     cl.inject("b", "a", "repl_step_aside", body)
     cl.pump()
     assert [m.dst for m in cl.sent if m.type == "repl_timeout_now"] == ["b"]
+
+
+def test_a_leader_never_hands_over_to_an_asker_it_finds_slow_unless_its_own_timers_run_late():
+    """A starved follower hears its leader only between its pauses and finds it slow; the leader's round trips to
+    that follower are slow too (the follower answers late), but those to its other follower are fast: the asker is
+    the slow one, and the leader keeps its fast quorum. Only a leader whose own timers run late discounts that."""
+    cl = started()
+    body = {"topic": "t", "partition": 0, "epoch": cl["a"].epoch, "cv": cl["a"].config_version}
+    cl.link_delay[("a", "b")] = cl.link_delay[("b", "a")] = SLOW_S  # from a: b slow, c fast
+    cl.advance(2.0)
+    table = cl.nodes["a"].latency
+    assert table.slow("b", cl.now) and table.link_slow("b", cl.now)
+    cl.inject("b", "a", "repl_step_aside", body)
+    cl.pump()
+    assert cl.leader() == "a" and not [m for m in cl.sent if m.type == "repl_timeout_now"]
+    for i in range(SAMPLES):  # now a's own heartbeat timers run 80 ms late (see the test above)
+        table.note_lag(0.08, cl.now + (i + 1) * SPACING_S * 1.01)
+    cl.inject("b", "a", "repl_step_aside", body)
+    cl.pump()
+    cl.run_until(lambda: bool([m for m in cl.sent if m.type == "repl_timeout_now"]), timeout_s=1.0)
+    assert [m.dst for m in cl.sent if m.type == "repl_timeout_now"] == ["b"]
+
+
+def test_followers_ask_a_leader_whose_timers_run_late_though_its_round_trips_look_fast():
+    """The leader reports the lag of its timers in its probes; a follower whose own timers (or its other peers')
+    run on time finds it slow by that alone, asks, and the starved leader hands over."""
+    cl = started()
+    for node in ("b", "c"):  # b and c lead other partitions, on time (their own lag: 1 ms)
+        for i in range(SAMPLES):
+            cl.nodes[node].latency.note_lag(0.001, cl.now - (SAMPLES - i) * SPACING_S * 1.01)
+    for i in range(SAMPLES):  # a's heartbeat timers run 80 ms late from now on
+        cl.nodes["a"].latency.note_lag(0.08, cl.now + (i + 1) * SPACING_S * 1.01)
+    cl.run_until(lambda: cl.leaders() and cl.leader() != "a", timeout_s=5)
+    for node in ("b", "c"):
+        table = cl.nodes[node].latency
+        assert table.peer_lag("a", cl.now) == 0.08 and table.rtt("a", cl.now) < 0.005, node
+    assert [m.src for m in cl.sent if m.type == "repl_step_aside"], "no follower asked"
+    assert cl.nodes[cl.leader()].latency.status(cl.now)["a"]["lag_ms"] == 80.0

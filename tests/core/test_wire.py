@@ -73,7 +73,7 @@ EXAMPLES: dict[str, tuple[dict, tuple[bytes, ...]]] = {
                       "pre_vote": False, "for_epoch": 3}, ()),
     "repl_append": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "leader": "node-a", "prev_offset": -1,
                      "prev_epoch": 0, "hw": 0, "epoch_start": 0, "log_start": 0, "ts": 12.5, "echo": 12.25,
-                     "held": 0.01}, (BATCH,)),
+                     "held": 0.01, "lag": 0.08}, (BATCH,)),
     "repl_append_ok": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2, "follower": "node-b", "ok": False,
                         "match_end": -1, "hint": 12, "ts": 40.0, "echo": 12.5}, ()),
     "repl_timeout_now": ({"topic": "orders", "partition": 1, "epoch": 3, "cv": 2}, ()),
@@ -450,7 +450,7 @@ OPTIONAL_FIELDS = {("heartbeat", "adverts"), ("heartbeat", "formation"), ("hello
                    ("heartbeat", "empty"), ("hello_ok", "empty"), ("raft_vote", "formation"),
                    ("raft_vote_ok", "formation"), ("raft_append", "formation"), ("raft_append_ok", "formation"),
                    *(("hello", name) for name in ("formed", "leader", "size", "trivial", "can_form", "formation", "empty")),
-                   ("repl_append", "ts"), ("repl_append", "echo"), ("repl_append", "held"),
+                   ("repl_append", "ts"), ("repl_append", "echo"), ("repl_append", "held"), ("repl_append", "lag"),
                    ("repl_append_ok", "ts"), ("repl_append_ok", "echo")}
 FIELD_CASES = [(type_, name) for type_ in TYPES for name in sorted(EXAMPLES[type_][0])
                if (type_, name) not in OPTIONAL_FIELDS]
@@ -509,7 +509,7 @@ RANGE_CASES = [
     ("repl_vote_ok", ("granted",), None), ("repl_append", ("prev_offset",), -2),
     ("repl_append", ("epoch",), 1 << 31), ("repl_append_ok", ("match_end",), -2),
     ("repl_append_ok", ("hint",), -1), ("repl_timeout_now", ("partition",), -1),
-    ("repl_append", ("ts",), -2.0), ("repl_append", ("held",), -0.5), ("repl_append_ok", ("echo",), "soon"),
+    ("repl_append", ("ts",), -2.0), ("repl_append", ("held",), -0.5), ("repl_append", ("lag",), -2.0), ("repl_append_ok", ("echo",), "soon"),
     ("repl_step_aside", ("epoch",), -1),
     ("goodbye", ("incarnation",), -1), ("goodbye", ("node_id",), ""),
     ("raft_vote", ("term",), -1), ("raft_vote", ("last_index",), -2), ("raft_vote", ("candidate",), ""),

@@ -64,6 +64,7 @@ from tests.netns.lab import REPO, Host, Lab, NsNode, child_env, ip
 KINDS = ("kill9", "sigstop", "isolate", "split", "split-client-minority", "loss", "slow", "starve", "diskfull",
          "disk-enospc")
 STARVE_S = (0.15, 0.05)  # the ``starve`` fault: stopped this long, then running this long, over and over
+HEAL_TARGET_S = 1.0  # issue #19 item 10: a blocked partition's first ack within this after any heal
 BLOCKED_S = 2.0  # a partition with no ack in the last BLOCKED_S before a heal counts as blocked by the fault
 AFTER_HEAL_S = 10.0  # attempts started this long after a heal form the "after heal" phase
 SETTLED_S = 3.0  # "settled" figures: attempts started this long or more into their fault (what the cluster did about it)
@@ -607,6 +608,7 @@ class FaultRun:
             per_partition_ends.setdefault(a[0], []).append(a[4])
         for ends in per_partition_ends.values():
             ends.sort()
+        slow_heals: list[str] = []  # blocked partitions whose first ack came over HEAL_TARGET_S after the heal: why
         for fault in self.faults:
             if fault.heal_s is None:
                 continue
@@ -620,6 +622,8 @@ class FaultRun:
                 if blocked and first is not None:
                     first_ack.setdefault(fault.kind, []).append(first)
                     blocked_count[fault.kind] = blocked_count.get(fault.kind, 0) + 1
+                    if first > HEAL_TARGET_S:
+                        slow_heals.append(self._slow_heal(fault, p, ends[i], attempts))
             if all(v is not None for v in after):
                 all_acked.setdefault(fault.kind, []).append(max(after))
 
@@ -675,6 +679,9 @@ class FaultRun:
                       for kind, values in sorted(settled.items()))]
         lines += ["", "heal -> first ack of each blocked partition, s (every heal): " + "; ".join(
             f"{kind} {' '.join(f'{v:.2f}' for v in sorted(values))}" for kind, values in sorted(first_ack.items()))]
+        if slow_heals:
+            lines += ["", f"blocked partitions acked over {HEAL_TARGET_S:.0f} s after a heal (times from the heal):",
+                      *slow_heals]
         lines += ["",
                   f"attempts {verdict.attempts}, acknowledged {verdict.acked}, LOST {len(verdict.lost)}, "
                   f"duplicated {len(verdict.duplicates)}, order violations {len(verdict.order)}, "
@@ -686,6 +693,16 @@ class FaultRun:
                   f"errors by type: {verdict.errors}",
                   f"longest time without any ack: {longest_gap:.2f} s"]
         return "\n".join(lines)
+
+    @staticmethod
+    def _slow_heal(fault: Any, partition: int, acked_at: float, attempts: list) -> str:
+        """One line on a partition acked over ``HEAL_TARGET_S`` after ``fault``'s heal: the attempts that ended
+        between the heal and that ack and the acked one, each as start..end (and its error), from the heal."""
+        heal = fault.heal_s
+        around = sorted((a for a in attempts if a[0] == partition and heal - 10.0 <= a[4] <= acked_at), key=lambda a: a[3])
+        steps = [f"{a[3] - heal:+.2f}..{a[4] - heal:+.2f} {a[5] or 'ack'}" for a in around if a[4] >= heal or a[5]]
+        return (f"  {fault.kind} of {heal - fault.start_s:.1f} s, partition {partition}: {acked_at - heal:.2f} s; "
+                + ", ".join(steps[-6:]))
 
     # -- clean-up --------------------------------------------------------------------------------------------------
 

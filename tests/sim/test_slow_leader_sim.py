@@ -1,5 +1,6 @@
-"""A node whose link is slow but alive (``SimOptions.slow``: every message to or from it takes 80 ms longer)
-leads nothing at the end of the slow window: its followers measure it far slower than their other peers and ask
+"""A node whose link is slow but alive (``SimOptions.slow``: every message to or from it takes 80 ms longer), or
+whose CPU comes only in bursts (``SimOptions.starve``: paused 250 ms, running 50 ms), leads nothing at the end of
+the window: its followers measure it far slower than their other peers and ask
 it to step aside, and no leader hands a partition back to it while it stays slow (meshq.core.partitions.latency).
 Every other checker runs too, and runs with the usual faults and a slow node keep every safety property."""
 
@@ -38,3 +39,20 @@ def test_checker_catches_a_leader_that_hands_back_to_a_slow_preferred_replica(mo
     # Broken variant: the preferred-leader hand-off ignores slowness (the followers' requests still use it).
     monkeypatch.setattr(Replica, "_preferred_is_slow", lambda self, preferred, now_s: False)
     assert failing_runs(SEEDS, "slow leader", swarm=False, **SLOW), "a hand-back to a slow node went unnoticed"
+
+
+STARVE = {"nodes": 3, "partitions": 4, "fault_s": 26.0, "starve": ("n1", 4.0, 24.0, 0.25, 0.05)}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_leader_starved_of_cpu_hands_its_partitions_over(seed):
+    """Paused 250 ms, running 50 ms: what it sends on waking is answered while it runs, so its followers' round
+    trips to it look fast; the lag of its timers, which its probes carry, gives it away."""
+    result = run_seed(seed, swarm=False, **STARVE)
+    assert result.ok, f"{result.summary()}\n{result.violations[0]}\nreplay: run_seed({seed}, swarm=False, **{STARVE})"
+    assert result.stats["slow_led_at_start"] > 0, "n1 led nothing when it was starved: the run tests nothing"
+
+
+def test_checker_catches_a_starved_leader_that_ignores_requests_to_step_aside(monkeypatch):
+    monkeypatch.setattr(Replica, "_on_step_aside", lambda self, sender, body, now_s: None)
+    assert failing_runs(SEEDS, "slow leader", swarm=False, **STARVE), "a starved leader that kept its partitions went unnoticed"

@@ -20,10 +20,19 @@ slower than the others *from where it stands*. Replication measures it for free:
   counted alone they would fill the table at once and call a healthy link slow. Spaced, the backlog
   is one sample, and slowness must last for about half the table (~0.5 s or more) to count.
 
+* A leader starved of CPU (stopped, or given a core only now and then) runs in bursts: what it sends
+  in one burst is answered within it, so most of the round trips above look fast. Its timers say it
+  better: every leader notes how late its heartbeat timers run (``note_lag``), and each probe it
+  sends carries the median of those (``lag``), which its followers keep per peer (``note_peer_lag``)
+  as they keep round trips.
+
 **The rule.** A peer is *slow* when its estimate is at least ``SLOW_FLOOR_S`` and at least
-``SLOW_FACTOR`` times the median estimate of the node's other peers (there must be one). A node
-whose own link is slow sees every peer slow alike, so it calls none of them slow; only nodes with a
-fast link of their own single out the slow one. ``meshq.core.replica`` acts on it: a follower that
+``SLOW_FACTOR`` times the median estimate of the node's other peers (there must be one), or when the
+lag it reports is at least ``SLOW_FLOOR_S`` and at least ``SLOW_FACTOR`` times the median of the
+lags known for the other nodes (this node's own and what its other peers report; there must be
+one). A node whose own link is slow sees every peer slow alike, so it calls none of them slow; only
+nodes with a fast link of their own single out the slow one. Likewise a machine loaded as a whole
+runs every node's timers late alike, and none is singled out. ``meshq.core.replica`` acts on it: a follower that
 finds its leader slow asks it to step aside (``repl_step_aside``); the leader does so — handing
 leadership to that follower — only if it is in sync and the leader has evidence of its own: its
 round trip to that follower is at least ``SLOW_FLOOR_S`` too (``link_slow``), or its own timers run
@@ -53,10 +62,14 @@ def _keep(samples: deque[tuple[float, float]], value: float, now_s: float) -> No
         samples.append((now_s, value))
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def _recent_median(samples: deque[tuple[float, float]], now_s: float) -> float | None:
     """The median of the values taken within ``WINDOW_S``; None with fewer than ``MIN_SAMPLES`` of them."""
-    recent = sorted(value for when, value in samples if now_s - when <= WINDOW_S)
-    return recent[len(recent) // 2] if len(recent) >= MIN_SAMPLES else None
+    recent = [value for when, value in samples if now_s - when <= WINDOW_S]
+    return _median(recent) if len(recent) >= MIN_SAMPLES else None
 
 
 class PeerLatency:
@@ -65,6 +78,7 @@ class PeerLatency:
     def __init__(self) -> None:
         self._samples: dict[str, deque[tuple[float, float]]] = {}  # peer -> (when, round trip s)
         self._lags: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (when, how late a leader's timer ran)
+        self._peer_lags: dict[str, deque[tuple[float, float]]] = {}  # peer -> (when, the lag it reported)
 
     def note(self, peer: str, rtt_s: float, now_s: float) -> None:
         """One round trip to ``peer`` measured now (dropped if negative, from a clock jump, or within
@@ -74,21 +88,46 @@ class PeerLatency:
             samples = self._samples[peer] = deque(maxlen=SAMPLES)
         _keep(samples, rtt_s, now_s)
 
+    def note_peer_lag(self, peer: str, lag_s: float, now_s: float) -> None:
+        """``peer``, leading a partition we follow, reported how late its timers run (kept as round trips are)."""
+        samples = self._peer_lags.get(peer)
+        if samples is None:
+            samples = self._peer_lags[peer] = deque(maxlen=SAMPLES)
+        _keep(samples, lag_s, now_s)
+
+    def peer_lag(self, peer: str, now_s: float) -> float | None:
+        """The median of the lags ``peer`` reported recently, or None with fewer than ``MIN_SAMPLES`` of them."""
+        samples = self._peer_lags.get(peer)
+        return _recent_median(samples, now_s) if samples else None
+
     def rtt(self, peer: str, now_s: float) -> float | None:
         """The median of ``peer``'s recent round trips, or None with fewer than ``MIN_SAMPLES`` of them."""
         samples = self._samples.get(peer)
         return _recent_median(samples, now_s) if samples else None
 
     def slow(self, peer: str, now_s: float) -> bool:
-        """``peer`` is far slower than this node's other peers (the rule of the module docstring)."""
+        """``peer`` is far slower than this node's other peers (the rule of the module docstring): by its round
+        trip, or by the lag of its timers."""
         own = self.rtt(peer, now_s)
-        if own is None or own < SLOW_FLOOR_S:
+        if own is not None and own >= SLOW_FLOOR_S:
+            others = [rtt for other in self._samples if other != peer
+                      for rtt in (self.rtt(other, now_s),) if rtt is not None]
+            if others and own >= SLOW_FACTOR * _median(others):
+                return True
+        return self.lags_behind(peer, now_s)
+
+    def lags_behind(self, peer: str, now_s: float) -> bool:
+        """The lag ``peer`` reports is at least ``SLOW_FLOOR_S`` and ``SLOW_FACTOR`` times the median of the
+        other lags known: this node's own, and those its other peers report."""
+        lag = self.peer_lag(peer, now_s)
+        if lag is None or lag < SLOW_FLOOR_S:
             return False
-        others = sorted(rtt for other in self._samples if other != peer
-                        for rtt in (self.rtt(other, now_s),) if rtt is not None)
-        if not others:
-            return False
-        return own >= SLOW_FACTOR * others[len(others) // 2]
+        others = [other_lag for other in self._peer_lags if other != peer
+                  for other_lag in (self.peer_lag(other, now_s),) if other_lag is not None]
+        own = self.lag(now_s)
+        if own is not None:
+            others.append(own)
+        return bool(others) and lag >= SLOW_FACTOR * _median(others)
 
     def link_slow(self, peer: str, now_s: float) -> bool:
         """The round trip to ``peer`` is at least ``SLOW_FLOOR_S``, whatever the other peers' (a slow
@@ -100,17 +139,26 @@ class PeerLatency:
         """A partition leader's heartbeat timer ran ``lag_s`` after it was due (kept as round trips are)."""
         _keep(self._lags, lag_s, now_s)
 
+    def lag(self, now_s: float) -> float | None:
+        """The median lag of this node's recent leader heartbeat timers (reported to followers in probes), or
+        None with fewer than ``MIN_SAMPLES`` of them (a node that leads nothing)."""
+        return _recent_median(self._lags, now_s)
+
     def starved(self, now_s: float) -> bool:
         """This node's own timers run late: the median lag of recent ones is at least ``SLOW_FLOOR_S`` (a CPU it
         gets only in bursts; its round trips to peers, measured within one burst, look fast)."""
-        lag = _recent_median(self._lags, now_s)
+        lag = self.lag(now_s)
         return lag is not None and lag >= SLOW_FLOOR_S
 
     def status(self, now_s: float) -> dict[str, dict]:
-        """Per peer with an estimate: its round trip in ms and whether it counts as slow."""
+        """Per peer with an estimate: its round trip in ms, the lag it reports in ms (when it reports one) and
+        whether it counts as slow."""
         out = {}
         for peer in sorted(self._samples):
             rtt = self.rtt(peer, now_s)
             if rtt is not None:
                 out[peer] = {"rtt_ms": round(rtt * 1000, 3), "slow": self.slow(peer, now_s)}
+                lag = self.peer_lag(peer, now_s)
+                if lag is not None:
+                    out[peer]["lag_ms"] = round(lag * 1000, 3)
         return out

@@ -88,6 +88,10 @@ class SimOptions:
     # (node, from, until, extra one-way delay s): every message to or from that node takes that much longer in
     # the window, a link slow but alive (never swarm-drawn); the checker requires that it leads nothing at ``until``
     slow: tuple[str, float, float, float] | None = None
+    # (node, from, until, stopped s, running s): in the window that node is paused for ``stopped`` then runs for
+    # ``running``, over and over (a CPU it gets only in bursts: a starved or throttled process, a SIGSTOP loop);
+    # never swarm-drawn; the checker requires that it leads nothing at ``until``
+    starve: tuple[str, float, float, float, float] | None = None
     # (k, until): the last k first storage nodes start as a mesh of their own (each seeded with the others),
     # no message crossing between the two groups until ``until``, when that first one discovers n1 (two LANs
     # joined, or one seed list split): two clusters of one name that then meet. The group of n1 gets the topics
