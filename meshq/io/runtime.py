@@ -757,11 +757,13 @@ class _Task:
 # RECONNECT_IVL (libzmq's default, 100 ms, never backed off here), each attempt given up after
 # CONNECT_TIMEOUT_MS (a SYN lost in the cut would otherwise be retried only after 1, 3, 7, ... s). The
 # first attempt after the heal gets through: within about CONNECT_TIMEOUT_MS + RECONNECT_IVL (0.2 s in
-# the same measurement). A peer that is merely slow still answers PINGs from libzmq's I/O thread, as long as
+# the same measurement). CONNECT_TIMEOUT_MS bounds the TCP handshake alone, which the kernel answers even for
+# a stopped process and a LAN completes in well under 1 ms: 250 ms (it was 500: heal -> first ack of blocked
+# partitions in a 4-minute fault run of splits, seed 31, max 0.86 s with 500 ms; docs/testing.md). A peer that is merely slow still answers PINGs from libzmq's I/O thread, as long as
 # its queue of our messages is not full (see ROUTER_HEARTBEAT_TIMEOUT_MS).
 HEARTBEAT_IVL_MS = 250
 HEARTBEAT_TIMEOUT_MS = 1000
-CONNECT_TIMEOUT_MS = 500
+CONNECT_TIMEOUT_MS = 250
 # The node's ROUTER waits longer: it is the one socket any peer can send to without waiting for answers. libzmq stops
 # reading a connection while its queue to the application is full (that is how it holds a fast sender back)
 # and then cannot see the peer's traffic either, so the timeout fires though the peer is alive: with 1 s, a
