@@ -67,7 +67,6 @@ from typing import Any
 
 from meshq.core import batch as batch_format
 from meshq.core.metadata import MetadataState
-from meshq.core.partitions.space import FULL_RECHECK_S
 from meshq.core.raft import LEADER
 from meshq.errors import CorruptLogError
 
@@ -93,8 +92,10 @@ class Checker:
         self.meta = MetadataState()  # the committed metadata entries, applied as every node applies them
         self.acl_history: list[tuple[int, list[dict]]] = []  # (index, grants after it) of each committed acl entry
         self.new_steps: list[tuple[str, int]] = []  # reassign steps committed since the simulator looked
-        from meshq.testing.hint_checks import LeaderHintChecker  # (these import Violation from here)
+        from meshq.testing.cluster_checks import MergeLosesNothingChecker  # (these import Violation from here)
+        from meshq.testing.hint_checks import LeaderHintChecker
         from meshq.testing.pubsub_checks import PubSubChecker
+        from meshq.testing.space_checks import SpaceChecker
 
         self.pubsub = PubSubChecker(sim)
         self.space = SpaceChecker()
@@ -756,117 +757,3 @@ class Checker:
         if self.converged_s is not None:
             out["converged_s"] = round(self.converged_s, 3)
         return out
-
-
-class SpaceChecker:
-    """Disk-full invariants (``partitions.space``): while a node says its storage is full, none of
-    its partition logs grows; once space returned, it says so within a full node's storage check
-    (``space.FULL_RECHECK_S``, plus one heartbeat of slack) whenever it runs. Nothing acknowledged is
-    lost: ``Checker`` at the end."""
-
-    LIFT_SLACK_S = 0.5
-
-    def __init__(self) -> None:
-        self.full_disks: set[str] = set()  # nodes whose simulated disk is full now
-        self.freed_at_s: dict[str, float] = {}  # node -> when space last returned
-        # node -> (the PartitionState, its end offset) when the node was last seen full
-        self.ends: dict[str, dict[tuple[str, int], tuple[Any, int]]] = {}
-        self.full_seen = 0  # events at which a node was seen refusing writes
-
-    def on_disk_full(self, node_id: str) -> None:
-        self.full_disks.add(node_id)
-        self.freed_at_s.pop(node_id, None)
-
-    def on_disk_free(self, node_id: str, now_s: float) -> None:
-        self.full_disks.discard(node_id)
-        self.freed_at_s[node_id] = now_s
-
-    def check(self, node_id: str, core: Any, now_s: float) -> None:
-        if not core.space.full:
-            self.ends.pop(node_id, None)
-            return
-        self.full_seen += 1
-        freed_s = self.freed_at_s.get(node_id)
-        recheck_s = min(core.config.storage_check_interval_s, FULL_RECHECK_S)
-        if freed_s is not None and now_s > freed_s + recheck_s + self.LIFT_SLACK_S:
-            raise Violation(f"{node_id}: still refusing writes {now_s - freed_s:.2f} s after space returned "
-                            f"({core.space.full_reason})")
-        seen = self.ends.setdefault(node_id, {})
-        for key, state in core.partitions.items():
-            end = state.log.end_offset
-            known = seen.get(key)
-            if known is not None and known[0] is state and end > known[1]:
-                raise Violation(f"{node_id}: {key[0]}/{key[1]} grew from {known[1]} to {end} while its storage "
-                                f"was full ({core.space.full_reason})")
-            seen[key] = (state, end)
-
-
-class ClustersApartChecker:
-    """Two formed clusters of the same name that meet stay apart (``Formation.foreign``): given the cluster each
-    storage node was formed in (``formation_of``: node id -> formation, taken before they meet), after every
-    event no node's metadata voters or learners, and no partition's replicas or learners on any node, name a
-    node of another formation; and every copy of a partition holds only records of its own cluster (its
-    committed prefix is a prefix of what a node of its own formation holds). Mixing two logs of one partition
-    starts with one of these."""
-
-    def __init__(self, formation_of: dict[str, str]) -> None:
-        self.formation_of = dict(formation_of)
-        self.checks = 0
-
-    def check(self, node_id: str, core: Any) -> None:
-        self.checks += 1
-        ours = self.formation_of.get(node_id)
-        raft = core.agreement.raft
-        if ours is None or raft is None:
-            return
-        if raft.formed and raft.formation != ours and raft.is_member:
-            raise Violation(f"{node_id} (formed in {ours}) now follows the metadata log of formation "
-                            f"{raft.formation}")
-        for who in (*raft.voters, *raft.learners):
-            theirs = self.formation_of.get(who)
-            if theirs is not None and theirs != ours:
-                raise Violation(f"{node_id} (formation {ours}) has {who} (formation {theirs}) in its metadata "
-                                f"group: voters {sorted(raft.voters)}, learners {sorted(raft.learners)}")
-        for (topic, partition), state in sorted(core.partitions.items()):
-            replica = state.replica
-            for who in (*replica.replicas, *replica.learners):
-                theirs = self.formation_of.get(who)
-                if theirs is not None and theirs != ours:
-                    raise Violation(f"{node_id} (formation {ours}): {topic}/{partition} names {who} (formation "
-                                    f"{theirs}) as a replica: replicas {replica.replicas}, learners "
-                                    f"{replica.learners}")
-
-
-
-class MergeLosesNothingChecker:
-    """A cluster gives itself up to another of the same name only while it holds nothing
-    (``Formation._maybe_merge``, metadata ``dissolve``): after every event, no storage node that held a topic,
-    grant or rebuild in its metadata (applied, or any committed entry but membership changes) at its previous
-    check has left that formation since (its log reset or now of another formation). Each node is checked
-    against what it held just before, so a node that gave up a group holding something is caught at the step
-    it did."""
-
-    def __init__(self) -> None:
-        self.before: dict[str, tuple[str, bool]] = {}  # node id -> (formation, held something)
-        self.checks = 0
-        self.given_up: list[tuple[str, str]] = []  # (node, formation) each time a node was seen to leave one
-
-    def check(self, node_id: str, core: Any) -> None:
-        self.checks += 1
-        raft = core.agreement.raft
-        if raft is None:
-            return
-        formation = raft.formation
-        # applied metadata (read here, not through the rule's own holds_nothing), and any committed entry that is
-        # not membership (one committed after a dissolve, which the applied state ignores, included)
-        meta = core.agreement.meta
-        first = raft.first_content_index
-        held = bool(meta.topics or meta.rebuilds or meta.acl.count) or (first is not None and first <= raft.commit_index)
-        previous = self.before.get(node_id)
-        self.before[node_id] = (formation, held)
-        if previous is None or not previous[0] or previous[0] == formation:
-            return
-        self.given_up.append((node_id, previous[0]))
-        if previous[1]:
-            raise Violation(f"{node_id} gave up formation {previous[0]} (now {formation or 'none'}) while its "
-                            f"metadata held something: topics, grants or rebuilds are lost")

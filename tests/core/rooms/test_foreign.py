@@ -14,7 +14,8 @@ import pytest
 
 from meshq.core.cluster.formation import Formation
 from meshq.core.events import PeerDiscovered
-from meshq.testing.checks import ClustersApartChecker, Violation
+from meshq.testing.checks import Violation
+from meshq.testing.cluster_checks import ClustersApartChecker
 from tests.core.rooms.conftest import Net, create_topic
 
 A, B = ("a1", "a2", "a3"), ("b1", "b2", "b3")

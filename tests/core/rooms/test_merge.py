@@ -20,7 +20,8 @@ from meshq.config import TopicConfig
 from meshq.core.cluster.formation import Formation
 from meshq.core.events import CreateTopic, PeerDiscovered
 from meshq.core.metadata import MetadataState
-from meshq.testing.checks import MergeLosesNothingChecker, Violation
+from meshq.testing.checks import Violation
+from meshq.testing.cluster_checks import MergeLosesNothingChecker
 from tests.core.harness import CoreHarness
 from tests.core.rooms.conftest import Net, create_topic
 
