@@ -71,7 +71,7 @@ from meshq.errors import (
 )
 from meshq.io.aio_discovery import AsyncDiscovery
 from meshq.io.direct import _SLICE_S, DROPPED, EXCHANGE, REFRESH, SLEEP, DirectProducer, DropWatch, _ThreadState
-from meshq.io.runtime import new_socket
+from meshq.io.sockets import new_socket
 from meshq.io.steps import drive_async
 
 __all__ = ["Consumer", "Node", "Service", "SharedConsumer", "Subscription"]

@@ -75,15 +75,13 @@ from meshq.core.events import GetMetadata
 from meshq.core.records import RecordMetadata
 from meshq.errors import MeshqError, NodeStoppedError, NotLeaderError, ProtocolError
 from meshq.io.dropwatch import DropWatch
-from meshq.io.runtime import HEARTBEAT_TIMEOUT_MS, new_socket
+from meshq.io.sockets import HEARTBEAT_TIMEOUT_MS, NOBLOCK, POLLIN, new_socket
 
 _SLICE_S = LIVENESS_CHECK_S  # how often a waiting call looks at the leader's liveness and at close()
 # the I/O steps of a produce (``DirectProducer.produce_steps``)
 SLEEP = "sleep"
 REFRESH = "refresh"
 EXCHANGE = "exchange"
-_NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
 # What a wait answers when the connection its attempt went out on dropped (module docstring).
 DROPPED = "dropped"
 
@@ -304,7 +302,7 @@ class DirectProducer:
                         sock = self._socket(state, step[1])
                         watch = state.watch(sock)
                         try:
-                            sock.send_multipart(step[2], _NOBLOCK)
+                            sock.send_multipart(step[2], NOBLOCK)
                         except zmq.ZMQError as exc:
                             result = exc
                         else:
@@ -329,7 +327,7 @@ class DirectProducer:
             remaining = call.wait_until_s - self.now_s()
             if remaining <= 0:
                 return None
-            if not sock.poll(int(min(remaining, _SLICE_S) * 1000) + 1, _POLLIN):
+            if not sock.poll(int(min(remaining, _SLICE_S) * 1000) + 1, POLLIN):
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the produce was acknowledged; "
                                            "it may or may not be stored")
@@ -340,7 +338,7 @@ class DirectProducer:
                     return silent_leader_error(call.topic, call.partition)
                 continue
             try:
-                message = wire.decode(sock.recv_multipart(_NOBLOCK), cluster)
+                message = wire.decode(sock.recv_multipart(NOBLOCK), cluster)
             except ProtocolError:
                 continue  # dropped, as the runtime drops it
             if call.expects(message.request_id):

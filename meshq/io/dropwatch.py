@@ -29,11 +29,10 @@ import logging
 
 import zmq
 
+from meshq.io.sockets import EVENTS, NOBLOCK, POLLIN
+
 log = logging.getLogger("meshq.runtime")
 
-_NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 _DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
 _NAMES = itertools.count()
 
@@ -69,8 +68,8 @@ class DropWatch:
         monitor = self.monitor
         try:
             # (asked through ZMQ_EVENTS first: a recv that finds nothing costs a raised zmq.Again)
-            while monitor.getsockopt(_EVENTS) & _POLLIN:
-                frames = monitor.recv_multipart(_NOBLOCK)
+            while monitor.getsockopt(EVENTS) & POLLIN:
+                frames = monitor.recv_multipart(NOBLOCK)
                 seen = seen or (len(frames) == 2 and len(frames[0]) >= 2
                                 and int.from_bytes(frames[0][:2], "little") == _DISCONNECTED)
         except zmq.ZMQError:  # closed (the node stops): nothing more to tell

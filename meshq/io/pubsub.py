@@ -44,13 +44,12 @@ from meshq.core.pubsub.frames import add_key, check_headers
 from meshq.core.pubsub.room import MAX_PAYLOAD_BYTES
 from meshq.core.pubsub.subjects import validate_pattern, validate_queue, validate_subject
 from meshq.errors import MessageTooLargeError, NodeStoppedError, ProtocolError, UsageError
+from meshq.io.sockets import NOBLOCK, NOBLOCK_MORE
 from meshq.pubsub import Message, Subscription
 
 BATCH_MESSAGES = 512  # a buffer is sent by the publishing thread once it holds this many messages...
 BATCH_BYTES = 64 * 1024  # ...or this many bytes of data (counted once messages are over 256 bytes:
 # below that, BATCH_MESSAGES bounds a batch to 128 KiB anyway)
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _VALID_SUBJECTS = 4096  # subjects known valid (the set is dropped wholesale when full)
 _FLUSH_RETRY_S = 0.001  # the runtime thread found a publisher mid-burst: it looks again this much later
 _STALE_S = 0.001  # mid-burst, a publisher sends every buffer once the runtime's flush has waited this long
@@ -150,8 +149,8 @@ class PubSubShell:
         if self.keyed:  # the prefix names the key the node listens with (meshq.core.pubsub.frames)
             first = add_key(first, self.runtime.data_key(node))
         try:
-            pub.send(first, _NOBLOCK_MORE)
-            pub.send(frames[1], _NOBLOCK)
+            pub.send(first, NOBLOCK_MORE)
+            pub.send(frames[1], NOBLOCK)
         except zmq.ZMQError:  # (PUB drops at its high-water mark rather than raising; kept for safety)
             pass
 

@@ -52,7 +52,7 @@ from meshq.core.events import HandlerDone, HandlersDone, RunHandlers
 from meshq.core.rpc.desk import DROP, REFUSE, REPORT_S, Desk
 from meshq.core.rpc.room import QUEUE_LIMIT
 from meshq.errors import ProtocolError, UsageError
-from meshq.io.runtime import _EVENTS, _NOBLOCK, _POLLIN, _RCVTIMEO, _send, new_socket
+from meshq.io.sockets import EVENTS, NOBLOCK, POLLIN, RCVTIMEO, new_socket, send_frames
 
 log = logging.getLogger("meshq.rpc")
 
@@ -321,7 +321,7 @@ class _DeskThread:
         with self._lock:
             if self._waker is not None:
                 try:
-                    self._waker.send(b"", _NOBLOCK)
+                    self._waker.send(b"", NOBLOCK)
                 except zmq.ZMQError:
                     pass  # wake-ups are pending already (it reads them all) or the context is closing
 
@@ -343,7 +343,7 @@ class _DeskThread:
                             left_ms = max(1, int((closing_s - now_s()) * 1000) + 1)
                             want = left_ms if want < 0 else min(want, left_ms)
                         if want != timeout_ms:
-                            sock.setsockopt(_RCVTIMEO, want)
+                            sock.setsockopt(RCVTIMEO, want)
                             timeout_ms = want
                         try:
                             self._keep(sock.recv_multipart(), now_s())
@@ -384,8 +384,8 @@ class _DeskThread:
 
     def _drain(self, now_s: Callable[[], float]) -> None:
         sock = self.sock
-        while sock.get(_EVENTS) & _POLLIN:
-            self._keep(sock.recv_multipart(_NOBLOCK), now_s())
+        while sock.get(EVENTS) & POLLIN:
+            self._keep(sock.recv_multipart(NOBLOCK), now_s())
 
     def _take(self, frames: list, seen_s: float, busy: bool = False) -> None:
         """One request from the desk's socket: admitted, run and answered (or refused, or dropped)."""
@@ -398,7 +398,7 @@ class _DeskThread:
         except wire.InvalidRequest as exc:  # readable enough to answer what is wrong, as the ROUTER does
             desk.invalid += 1
             if exc.request_id:
-                _send(self.sock, [frames[0], *desk.bad_request(exc.request_id, exc)])
+                send_frames(self.sock, [frames[0], *desk.bad_request(exc.request_id, exc)])
             return
         except ProtocolError:
             desk.invalid += 1
@@ -427,7 +427,7 @@ class _DeskThread:
             answer = desk.answer(message.request_id, done)
             if answer is None:
                 return
-        _send(self.sock, [frames[0], *answer])  # (dropped if the caller is gone or not reading: it times out)
+        send_frames(self.sock, [frames[0], *answer])  # (dropped if the caller is gone or not reading: it times out)
 
     def _close(self, now_s: Callable[[], float]) -> None:
         """Withdrawn or stopping: answer ``not_serving`` to what waits at the desk, tell the counts, close.

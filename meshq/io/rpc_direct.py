@@ -52,7 +52,7 @@ from meshq.core import wire
 from meshq.core.rpc.desk import DESKS, desks_of
 from meshq.core.rpc.room import FAIL, PARK, REPLY, RETRY, Call, choose, timed_out, when_answered, when_none, when_silent
 from meshq.errors import NodeStoppedError, ProtocolError
-from meshq.io.runtime import _NOBLOCK, _NOBLOCK_MORE, _RCVTIMEO, _ZERO_COPY_BYTES, _raw_send, new_socket
+from meshq.io.sockets import NOBLOCK, NOBLOCK_MORE, RCVTIMEO, ZERO_COPY_BYTES, new_socket, raw_send
 
 _SLICE_S = 0.05  # how often a waiting call looks at its instance's liveness and at close()
 _SLICE_MS = int(_SLICE_S * 1000) + 1
@@ -185,7 +185,7 @@ class DirectRequester:
                                                         self.curve, endpoint)
             if desk:  # a send fails at once, rather than wait in a queue, while its desk is not connected
                 sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(_RCVTIMEO, _SLICE_MS)  # (_wait changes it only for a last, shorter slice)
+            sock.setsockopt(RCVTIMEO, _SLICE_MS)  # (_wait changes it only for a last, shorter slice)
             sock.connect(endpoint)
         return sock
 
@@ -243,14 +243,14 @@ class DirectRequester:
             # left): no poller built per wait
             last = remaining < _SLICE_S
             if last:
-                sock.setsockopt(_RCVTIMEO, int(remaining * 1000) + 1)
+                sock.setsockopt(RCVTIMEO, int(remaining * 1000) + 1)
             try:
                 frames = sock.recv_multipart()
             except zmq.Again:
                 frames = None
             finally:
                 if last:
-                    sock.setsockopt(_RCVTIMEO, _SLICE_MS)
+                    sock.setsockopt(RCVTIMEO, _SLICE_MS)
             if frames is None:
                 if self.closed:
                     raise NodeStoppedError("the node was stopped before the reply came; the request may or may "
@@ -287,8 +287,8 @@ def _sent(sock: zmq.Socket, frames: list) -> bool:
     (which builds enum flags per frame); False when the socket takes nothing (not connected)."""
     header, payload = frames
     try:
-        _raw_send(sock, header, _NOBLOCK_MORE, True)
-        _raw_send(sock, payload, _NOBLOCK, len(payload) < _ZERO_COPY_BYTES)  # (never refused once the first went)
+        raw_send(sock, header, NOBLOCK_MORE, True)
+        raw_send(sock, payload, NOBLOCK, len(payload) < ZERO_COPY_BYTES)  # (never refused once the first went)
     except zmq.ZMQError:
         return False
     return True

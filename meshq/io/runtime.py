@@ -33,7 +33,6 @@ import zmq
 
 from meshq.core import wire
 from meshq.core.acl import CLUSTER
-from meshq.core.acl import UNKNOWN as UNKNOWN_CALLER
 from meshq.core.events import (
     COMMANDS,
     RPC_COMMANDS,
@@ -65,32 +64,28 @@ from meshq.core.pubsub import frames as pubsub_frames
 from meshq.errors import NodeStoppedError, ProtocolError, StorageError
 from meshq.io.dropwatch import DropWatches
 from meshq.io.keyed_sub import KeyedSubs
+from meshq.io.sockets import (
+    EVENTS,
+    NOBLOCK,
+    POLLIN,
+    RCVMORE,
+    ROUTER_HEARTBEAT_TIMEOUT_MS,
+    bind_tcp,
+    frame_peer_address,
+    frame_user_id,
+    new_socket,
+    send_frames,
+)
 
 log = logging.getLogger("meshq.runtime")
 
 _MAX_INPUTS_PER_SOCKET = 256  # bound per loop iteration so one busy peer cannot starve the rest
-# Frames below this are copied into libzmq; larger ones go zero-copy. Zero-copy hands the
-# buffer's release to pyzmq's garbage-collector thread (one more GIL hand-off per frame), which
-# costs more than a memcpy of a ~100 KB batch (docs/performance.md: +15 % produce_batch at 1 MiB).
-_ZERO_COPY_BYTES = 1024 * 1024
 # Keyed: the XPUB's ZMQ_FD signals only new commands, and a publishing thread's send may consume that signal while
 # a subscription waits in the socket: the runtime judges subscriptions when the FD is readable and at least this often.
 _SUBSCRIPTIONS_DRAIN_S = 0.05
 _PUBSUB_HWM = 1000  # messages (pub/sub batches, heartbeats) queued per peer on the PUB and SUB sockets
 _TRUSTED_READ_S = 1.0  # a keyed storage node reads cluster/trusted/ for the core this often (acl_view)
 _LEFT_LINGER_MS = 1000  # how long the ROUTER of a node that left may take to deliver its last replies
-# Plain ints: pyzmq's flag constants are enums, and combining or converting them costs a Python
-# call on every frame of the hot path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_EVENTS = int(zmq.EVENTS)
-_RCVTIMEO = int(zmq.RCVTIMEO)
-_POLLIN = int(zmq.POLLIN)
-# The socket's own send, below pyzmq's ``Socket.send`` wrapper (which only adds the draft routing_id/group
-# arguments meshq never uses): one Python frame less per frame sent. Falls back to the wrapper on a
-# pyzmq whose class layout differs.
-_raw_send = getattr(zmq.Socket.__mro__[1], "send", zmq.Socket.send)
 if os.environ.get("MESHQ_CHECK_OUTGOING", "") == "1":
     wire.CHECK_OUTGOING = True  # (see meshq.core.wire): the switch lives with the I/O, not in the core
 
@@ -221,7 +216,7 @@ class Runtime:
         for sock, port, flag, what in ((self.router, config.port, "--port", "ROUTER (requests)"),
                                        (self.pub, config.pub_port, "--pub-port", "PUB (events)")):
             try:
-                endpoint = _bind(sock, config.host, port)
+                endpoint = bind_tcp(sock, config.host, port)
             except zmq.ZMQError as exc:
                 self._close_sockets()
                 raise StorageError(f"cannot bind the {what} socket to {config.host}:{port or '*'} ({exc}); choose "
@@ -273,7 +268,7 @@ class Runtime:
         endpoint, what = self._monitors[monitor]
         while True:
             try:
-                recv_monitor_message(monitor, _NOBLOCK)
+                recv_monitor_message(monitor, NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:
@@ -442,7 +437,7 @@ class Runtime:
             self._drain(self.router, lambda head, frames, message: RequestReceived(frames[0], message), header_at=1)
         else:  # the ZAP handler named the key's owner (meshq.io.curve): the caller the core checks
             self._drain(self.router, lambda head, frames, message: RequestReceived(frames[0], message,
-                                                                                   _user_id(head)), header_at=1)
+                                                                                   frame_user_id(head)), header_at=1)
 
     def _drain_sub(self, sock: zmq.Socket, via: str | None) -> None:
         """Events for the core, and pub/sub data frames for ``on_data`` (never decoded by the core); ``via``: the
@@ -455,17 +450,17 @@ class Runtime:
         pubsub_counters = core.pubsub.counters
         for _ in range(_MAX_INPUTS_PER_SOCKET):
             try:
-                head = sock.recv(_NOBLOCK, copy=False)  # a Frame: it knows the sender's address
+                head = sock.recv(NOBLOCK, copy=False)  # a Frame: it knows the sender's address
             except zmq.Again:
                 return
             frames = [head.bytes]
-            while sock.get(_RCVMORE):
-                frames.append(sock.recv(_NOBLOCK))
+            while sock.get(RCVMORE):
+                frames.append(sock.recv(NOBLOCK))
             first = frames[0]
             if first and first[0] == data_mark:
                 if len(frames) != 2 or on_data is None:
                     pubsub_counters["frames_invalid"] += 1
-                    core.blame(_peer_address(head))
+                    core.blame(frame_peer_address(head))
                     continue
                 invalid = pubsub_counters["frames_invalid"]
                 if keyed:
@@ -476,13 +471,13 @@ class Runtime:
                     core.counters["handler_errors"] = core.counters.get("handler_errors", 0) + 1
                     log.exception("error while delivering a pub/sub message; dropped")
                 if pubsub_counters["frames_invalid"] != invalid:  # the room refused (and counted) it
-                    core.blame(_peer_address(head))
+                    core.blame(frame_peer_address(head))
                 continue
             try:
                 message = wire.decode(frames, cluster)
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]),
-                                        _peer_address(head))
+                                        frame_peer_address(head))
                 continue
             self._handle_peer_input(EventReceived(message))
 
@@ -503,7 +498,7 @@ class Runtime:
             if not more or sock.closed:
                 return  # drained, or an effect of the previous message disconnected this peer
             try:
-                head = sock.recv(_NOBLOCK, copy=False)  # a Frame: it knows the sender's address
+                head = sock.recv(NOBLOCK, copy=False)  # a Frame: it knows the sender's address
             except zmq.Again:
                 return
             frames = [head.bytes]
@@ -511,22 +506,22 @@ class Runtime:
             # asking the socket for RCVMORE, which pyzmq turns into an enum lookup in Python on every call.
             frame = head
             while frame.more:
-                frame = sock.recv(_NOBLOCK, copy=False)
+                frame = sock.recv(NOBLOCK, copy=False)
                 frames.append(frame.bytes)
             # Another message waiting? Asked here, not by a recv that fails: a failed recv raises zmq.Again,
             # whose construction costs several times this query, once per drain (one message, most often).
-            more = sock.get(_EVENTS) & _POLLIN
+            more = sock.get(EVENTS) & POLLIN
             try:
                 message = wire.decode(frames[header_at:], cluster)
             except wire.InvalidRequest as exc:
                 if header_at and exc.request_id:  # a request (ROUTER) with an id: answer what is wrong
                     self._handle_peer_input(BadRequest(frames[0], exc.request_id, exc))
                 else:
-                    core.note_invalid_frame(exc, peer or _peer_address(head))
+                    core.note_invalid_frame(exc, peer or frame_peer_address(head))
                 continue
             except Exception as exc:  # ProtocolError, or a decoder bug: never fatal
                 core.note_invalid_frame(exc if isinstance(exc, ProtocolError) else ProtocolError(repr(exc)[:200]),
-                                        peer or _peer_address(head))
+                                        peer or frame_peer_address(head))
                 continue
             self._handle_peer_input(to_event(head, frames, message))
 
@@ -636,9 +631,9 @@ class Runtime:
             if kind is Send:
                 sock = self._dealers.get(effect.peer)
                 if sock is not None:
-                    _send(sock, effect.frames)
+                    send_frames(sock, effect.frames)
             elif kind is Reply:
-                _send(self.router, [effect.route, *effect.frames])
+                send_frames(self.router, [effect.route, *effect.frames])
             elif kind is ResolveProduce:
                 effect.waiter.settle(effect.indexes, effect.records, effect.topic, effect.partition,
                                      effect.base_offset, effect.error)
@@ -653,7 +648,7 @@ class Runtime:
                 self.run_handler(effect)
             elif kind is Publish:
                 with self.pub_lock:
-                    _send(self.pub, effect.frames)
+                    send_frames(self.pub, effect.frames)
             elif kind is Subscribe:
                 self._subscribe(effect.endpoint)
             elif kind is Unsubscribe:
@@ -748,90 +743,6 @@ class _Task:
         self.run = run
 
 
-# A heal must be noticed in well under a second (issue #19 item 10). A network cut leaves each TCP
-# connection across it "established" while its retransmissions back off exponentially (0.2, 0.4, 0.8,
-# ... s, up to 2 min): 10 s into a cut the next one is about 3 s away, and everything queued on the
-# connection waits for it (measured: heal -> first reply 3.3 s after a 10 s cut). So every socket sends
-# ZMTP heartbeats and drops a connection that heard nothing (no message, no PONG) for
-# HEARTBEAT_TIMEOUT_MS; a connecting socket keeps its queued messages and connects afresh every
-# RECONNECT_IVL (libzmq's default, 100 ms, never backed off here), each attempt given up after
-# CONNECT_TIMEOUT_MS (a SYN lost in the cut would otherwise be retried only after 1, 3, 7, ... s). The
-# first attempt after the heal gets through: within about CONNECT_TIMEOUT_MS + RECONNECT_IVL (0.2 s in
-# the same measurement). CONNECT_TIMEOUT_MS bounds the TCP handshake alone, which the kernel answers even for
-# a stopped process and a LAN completes in well under 1 ms: 250 ms (it was 500: heal -> first ack of blocked
-# partitions in a 4-minute fault run of splits, seed 31, max 0.86 s with 500 ms; docs/testing.md). A peer that is merely slow still answers PINGs from libzmq's I/O thread, as long as
-# its queue of our messages is not full (see ROUTER_HEARTBEAT_TIMEOUT_MS).
-HEARTBEAT_IVL_MS = 250
-HEARTBEAT_TIMEOUT_MS = 1000
-CONNECT_TIMEOUT_MS = 250
-# The node's ROUTER waits longer: it is the one socket any peer can send to without waiting for answers. libzmq stops
-# reading a connection while its queue to the application is full (that is how it holds a fast sender back)
-# and then cannot see the peer's traffic either, so the timeout fires though the peer is alive: with 1 s, a
-# node that read fewer than ~1,000 of one peer's messages in a second (a burst on a loaded machine) dropped
-# that connection and every message queued on it, up to ~10,000 requests lost without a trace
-# (tests/io/test_router_backpressure.py). The ROUTER's side of a connection across a cut is never used
-# again after the heal (the peer's DEALER connects afresh, see above), so it only has to be freed in time.
-ROUTER_HEARTBEAT_TIMEOUT_MS = 60_000
-
-
-def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any = None,
-               endpoint: str | None = None) -> zmq.Socket:
-    """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues, heartbeats
-    and bounded connect attempts (see ``HEARTBEAT_TIMEOUT_MS``), and CURVE when the node has keys
-    (``curve``: a ``meshq.io.curve.Curve``; ``endpoint``: where a client socket connects)."""
-    sock = context.socket(kind)
-    if curve is not None:
-        curve.setup(sock, kind, endpoint)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-    sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
-    return sock
-
-
-def _peer_address(frame: zmq.Frame) -> str:
-    """The IP address a received message came from (libzmq's ``Peer-Address``), "unknown" if none."""
-    try:
-        return frame.get("Peer-Address") or "unknown"
-    except (zmq.ZMQError, UnicodeDecodeError):
-        return "unknown"
-
-
-def _user_id(frame: zmq.Frame) -> str:
-    """The ZAP ``User-Id`` of a message's sender (``meshq.io.curve``: a client's name, or the cluster's);
-    a message without one (cannot happen on a CURVE socket) gets an identity no grant names."""
-    try:
-        return frame.get("User-Id") or UNKNOWN_CALLER
-    except (zmq.ZMQError, UnicodeDecodeError):
-        return UNKNOWN_CALLER
-
-
-def _bind(sock: zmq.Socket, host: str, port: int) -> str:
-    if port:
-        sock.bind(f"tcp://{host}:{port}")
-        return f"tcp://{host}:{port}"
-    sock.bind(f"tcp://{host}:*")
-    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _send(sock: zmq.Socket, frames: list) -> None:
-    try:
-        for index in range(len(frames) - 1):
-            frame = frames[index]
-            _raw_send(sock, frame, _NOBLOCK_MORE, len(frame) < _ZERO_COPY_BYTES)
-        frame = frames[-1]
-        _raw_send(sock, frame, _NOBLOCK, len(frame) < _ZERO_COPY_BYTES)
-    except zmq.Again:
-        # High-water mark reached: the peer is not reading. Dropping is safe: every request
-        # has a deadline, and the sender's retry (idempotent for produce) recovers.
-        log.debug("dropped a message to a peer at its high-water mark")
-    except zmq.ZMQError as exc:
-        log.debug("send failed: %s", exc)
-
-
 def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
     if waiter is None:
         return
@@ -847,4 +758,4 @@ def _settle(waiter: Any, result: Any, error: BaseException | None) -> None:
         waiter(result, error)
 
 
-__all__ = ["Runtime", "new_socket"]
+__all__ = ["Runtime"]

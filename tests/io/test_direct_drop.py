@@ -22,7 +22,7 @@ import zmq
 from meshq.core import wire
 from meshq.core.batch import parse_header
 from meshq.io.direct import DirectProducer, DropWatch
-from meshq.io.runtime import new_socket
+from meshq.io.sockets import new_socket
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from meshq.io.runtime import HEARTBEAT_TIMEOUT_MS, ROUTER_HEARTBEAT_TIMEOUT_MS, new_socket
+from meshq.io.sockets import HEARTBEAT_TIMEOUT_MS, ROUTER_HEARTBEAT_TIMEOUT_MS, new_socket
 
 pytestmark = pytest.mark.timeout(120)
 

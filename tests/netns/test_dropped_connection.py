@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from meshq.io.runtime import CONNECT_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS
+from meshq.io.sockets import CONNECT_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS
 from tests.netns.lab import NODE_PORT, REPO, child_env, drop_in_bridge, heal_in_bridge
 
 pytestmark = pytest.mark.timeout(180)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from meshq.io.runtime import CONNECT_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS
+from meshq.io.sockets import CONNECT_TIMEOUT_MS, HEARTBEAT_TIMEOUT_MS
 from tests.netns.lab import REPO, child_env, drop_in_bridge, heal_in_bridge
 
 pytestmark = pytest.mark.timeout(120)
@@ -28,7 +28,7 @@ FIRST_ECHO_WITHIN_S = CONNECT_TIMEOUT_MS / 1000 + 0.1 + 1.4
 
 ECHO = """
 import sys, zmq
-from meshq.io.runtime import new_socket
+from meshq.io.sockets import new_socket
 sock = new_socket(zmq.Context(), zmq.ROUTER, 1 << 20)
 sock.bind(sys.argv[1])
 while True:
@@ -37,7 +37,7 @@ while True:
 
 SEND = """
 import sys, time, zmq
-from meshq.io.runtime import new_socket
+from meshq.io.sockets import new_socket
 sock = new_socket(zmq.Context(), zmq.DEALER, 1 << 20, None, sys.argv[1])
 sock.connect(sys.argv[1])
 while True:

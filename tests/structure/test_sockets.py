@@ -1,4 +1,4 @@
-"""Every ZeroMQ socket meshq opens is made by ``meshq.io.runtime.new_socket`` (SPEC §3.6): that is
+"""Every ZeroMQ socket meshq opens is made by ``meshq.io.sockets.new_socket`` (SPEC §3.6): that is
 where ``ZMQ_MAXMSGSIZE`` (and every other per-socket safeguard) is set, so a socket made anywhere
 else would take frames of any size from any peer. The benchmarks (``meshq/bench``, baselines
 that measure raw ZeroMQ) are exempt."""
@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PACKAGE = os.path.join(REPO, "meshq")
 # new_socket, and the PAIR that reads a DEALER's monitor events (meshq.io.dropwatch): an inproc socket that
 # only libzmq itself writes to, never a peer (pyzmq's get_monitor_socket makes the same PAIR)
-ALLOWED = {("meshq/io/runtime.py", "new_socket"), ("meshq/io/dropwatch.py", "__init__")}
+ALLOWED = {("meshq/io/sockets.py", "new_socket"), ("meshq/io/dropwatch.py", "__init__")}
 
 
 def socket_calls(path: str) -> list[tuple[str, int]]:
@@ -45,7 +45,7 @@ def test_every_zmq_socket_is_made_by_new_socket():
                 for function, line in socket_calls(os.path.join(REPO, rel)):
                     if (rel, function) not in ALLOWED:
                         offenders.append(f"{rel}:{line} (in {function})")
-    assert not offenders, ("ZeroMQ sockets made outside meshq.io.runtime.new_socket (no MAXMSGSIZE): "
+    assert not offenders, ("ZeroMQ sockets made outside meshq.io.sockets.new_socket (no MAXMSGSIZE): "
                            f"{offenders}; make them with new_socket")
 
 
