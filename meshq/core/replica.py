@@ -441,15 +441,16 @@ class Replica:
         if (self.role != LEADER or body["epoch"] != self.epoch or sender not in self.replicas
                 or sender == self.node_id or now_s < self._transfer_until_s or self._latency is None):
             return
-        self._step_aside_asks[sender] = now_s
-        f = self.followers.get(sender)
-        if f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version:
-            return
         starved = self._latency.starved(now_s)
         if not starved and self._latency.slow(sender, now_s):
             # We find the asker itself far slower than our other peers: it is the slow one (a starved node hears
-            # us only between its pauses, and finds us slow): never hand leadership to it. (A starved leader's own
-            # round trips are late at random, so they do not count against an asker.)
+            # us only between its pauses, and finds us slow): never hand leadership to it, and its request does
+            # not count towards a majority. (A starved leader's own round trips are late at random, so they do
+            # not count against an asker.)
+            return
+        self._step_aside_asks[sender] = now_s
+        f = self.followers.get(sender)
+        if f is None or not self._peer_in_sync(sender, now_s) or f.cv < self.config_version:
             return
         others = [peer for peer in self.replicas if peer != self.node_id]
         asked = sum(1 for peer in others if now_s - self._step_aside_asks.get(peer, float("-inf"))
@@ -641,10 +642,11 @@ class Replica:
             self._on_change()
         self.last_leader_contact_s = now_s
         self._reset_election_timer(now_s)
-        if (latency is not None and now_s >= self._next_step_aside_s and self.node_id in self.replicas
-                and ((echo >= 0 and latency.slow(leader, now_s)) or (lag >= 0 and latency.lags_behind(leader, now_s)))):
-            # Our leader is far slower than our other peers (asked on fresh evidence of either kind: a round
-            # trip, or the lag of its timers): ask it to hand leadership to us.
+        if (echo >= 0 and latency is not None and now_s >= self._next_step_aside_s
+                and self.node_id in self.replicas and latency.slow(leader, now_s)):
+            # Our leader is far slower than our other peers (its round trips, or the lag of its timers): ask it to
+            # hand leadership to us. Only on an append carrying an echo: the leader has then had an answer of ours
+            # this epoch, so it may count us in sync (a request it must refuse would start our wait for nothing).
             self._next_step_aside_s = now_s + 4 * self.election_timeout_s
             self._log_limited("step_aside", logging.WARNING, "%s/%d: the leader %s is slow (round trip %.0f ms, its "
                               "timers %.0f ms late: far above our other peers'); asking it to step aside", self.topic,

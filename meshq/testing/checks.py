@@ -71,9 +71,10 @@ from meshq.core.raft import LEADER
 from meshq.errors import CorruptLogError
 
 TOPIC_NAME = "events"
-# A slow or starved node (SimOptions.slow / starve) must lead none of the partitions it held this long before the
-# window's end: two chances for its followers' requests (at most one per 4 election timeouts of 1 s)
-SLOW_SETTLE_S = 8.0
+# A slow or starved node (SimOptions.slow / starve) must lead, at the window's end, no partition it has led this long:
+# its followers learn the lag of its timers or their round trips to it from every partition they share, and ask
+# on the first append that echoes one of their answers; the hand-off takes about an election timeout (1 s) more
+SLOW_SETTLE_S = 3.0
 
 
 class Violation(AssertionError):
@@ -123,6 +124,8 @@ class Checker:
         self._next_convergence_check_s = 0.0
         self.partition_leaders: dict[tuple[str, int, int], str] = {}  # (topic, partition, epoch) -> node
         self.elections: dict[tuple[str, int], list[float]] = {}  # when each new partition leader appeared
+        # (topic, partition) -> (leader, since) of each new epoch's leader, in order (SimOptions.slow / starve: hand-backs)
+        self.leaderships: dict[tuple[str, int], list[tuple[str, float]]] = {}
         # (topic, partition) -> {base_offset: (next_offset, epoch, crc)} of every committed batch seen
         self.committed_batches: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {}
         self.committed_upto: dict[tuple[str, int], int] = {}
@@ -342,6 +345,7 @@ class Checker:
         if holder is None:
             self.partition_leaders[(topic, partition, replica.epoch)] = node_id
             self.elections.setdefault((topic, partition), []).append(self.sim.now_s)
+            self.leaderships.setdefault(key, []).append((node_id, self.sim.now_s))
             # Leader completeness: what leaders of earlier epochs committed (a leader of an older
             # epoch than theirs may still win late, with votes granted long ago: it is stale, and
             # learns so from the first answer).
@@ -519,32 +523,38 @@ class Checker:
                         f"copy after repair")
         return None
 
-    def led_by(self, node_id: str, among: frozenset | None = None) -> int:
-        """How many replicated partitions (more than one voter) ``node_id`` leads now (of ``among`` if given)."""
+    def led_by(self, node_id: str, since_s: float | None = None) -> int:
+        """How many replicated partitions (more than one voter) ``node_id`` leads now (only those it has led since
+        ``since_s`` or earlier, if given)."""
         core = self.sim.nodes[node_id].core
         if core is None:
             return 0
-        return sum(1 for key, state in core.partitions.items()
+        return sum(1 for state in core.partitions.values()
                    if state.replica is not None and state.replica.is_leader and len(state.replica.replicas) > 1
-                   and (among is None or key in among))
+                   and (since_s is None or state.replica.leader_since_s <= since_s))
 
-    def partitions_on(self, node_id: str) -> frozenset:
-        """The partitions ``node_id`` holds a copy of now."""
-        core = self.sim.nodes[node_id].core
-        return frozenset(core.partitions) if core is not None else frozenset()
-
-    def after_slow(self, node_id: str, lasted_s: float, how: str, settled: frozenset) -> None:
-        """The end of ``SimOptions.slow`` or ``starve``: a node far slower than its replicas for that long leads
-        none of the partitions it held ``SLOW_SETTLE_S`` before the end (``meshq.core.partitions.latency``: its
-        followers ask it to step aside, and it is never handed back). A partition the workload created later
-        may not have had its followers' requests yet (at most one per 4 election timeouts)."""
+    def after_slow(self, node_id: str, start_s: float, how: str) -> None:
+        """The end of ``SimOptions.slow`` or ``starve`` (slow since ``start_s``): the node leads nothing it has led
+        for ``SLOW_SETTLE_S`` or longer (``meshq.core.partitions.latency``: its followers ask it to step aside),
+        and took over no partition from another leader once slow for ``SLOW_SETTLE_S`` (nobody hands leadership
+        to a node it finds slow). A leadership it won as first leader just before the end (a partition the
+        workload created then) may not have had its followers' requests yet."""
         options = self.sim.options
         if options.faults.any or options.joins_s or options.leave or options.outage:
             return  # other faults may leave it the only leader possible: the safety checkers still run
-        led = self.led_by(node_id, settled)
+        now = self.sim.now_s
+        led = self.led_by(node_id, now - SLOW_SETTLE_S)
         if led:
-            raise Violation(f"slow leader: {node_id} still leads {led} replicated partition(s) after {lasted_s:.0f} s "
-                            f"with {how}; a leader far slower than its replicas must hand leadership over")
+            raise Violation(f"slow leader: {node_id} still leads {led} replicated partition(s) after {now - start_s:.0f} "
+                            f"s with {how}, each for {SLOW_SETTLE_S:.0f} s or more; a leader far slower than its "
+                            "replicas must hand leadership over")
+        taken = sorted(f"{topic}/{partition}" for (topic, partition), history in self.leaderships.items()
+                       for i, (leader, since) in enumerate(history)
+                       if i > 0 and leader == node_id and start_s + SLOW_SETTLE_S <= since <= now)
+        if taken:
+            raise Violation(f"slow leader: {node_id}, with {how}, took over {len(taken)} partition(s) from other "
+                            f"leaders while slow ({', '.join(taken[:5])}); no leader may hand leadership to a "
+                            "replica it finds slow")
 
     def _most_complete(self, topic: str, partition: int) -> Any:
         """The replica whose log would win an election now (a leadership hand-off may be under way)."""

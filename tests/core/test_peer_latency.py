@@ -122,3 +122,8 @@ def test_reported_lags_fade_like_round_trips():
     table = lags(PeerLatency(), own=0.001, b=0.1)
     assert table.peer_lag("b", 100.0 + WINDOW_S + 1.0) is None
     assert not table.lags_behind("b", 100.0 + WINDOW_S + 1.0)
+
+
+def test_a_node_whose_own_timers_run_late_accuses_nobody_by_lag():
+    assert not lags(PeerLatency(), own=SLOW_FLOOR_S, b=0.5, c=0.001).lags_behind("b", 100.0)
+    assert lags(PeerLatency(), own=SLOW_FLOOR_S * 0.9, b=0.5, c=0.001).lags_behind("b", 100.0)

@@ -32,7 +32,13 @@ lag it reports is at least ``SLOW_FLOOR_S`` and at least ``SLOW_FACTOR`` times t
 lags known for the other nodes (this node's own and what its other peers report; there must be
 one). A node whose own link is slow sees every peer slow alike, so it calls none of them slow; only
 nodes with a fast link of their own single out the slow one. Likewise a machine loaded as a whole
-runs every node's timers late alike, and none is singled out. ``meshq.core.replica`` acts on it: a follower that
+runs every node's timers late alike, and a node whose own timers run ``SLOW_FLOOR_S`` late or more
+accuses nobody by lag. A node's own lag is measured only while it leads (and kept ``WINDOW_S``), so a
+node that leads nothing reports none and is judged by its round trips alone.
+
+A leader whose own timers run on time never hands leadership to an asker it finds slow itself (a
+starved follower hears its leader only between its pauses and finds it slow, while the leader's round
+trips to it are slow because it answers late); such a request does not count towards a majority. ``meshq.core.replica`` acts on it: a follower that
 finds its leader slow asks it to step aside (``repl_step_aside``); the leader does so — handing
 leadership to that follower — only if it is in sync and the leader has evidence of its own: its
 round trip to that follower is at least ``SLOW_FLOOR_S`` too (``link_slow``), or its own timers run
@@ -118,13 +124,17 @@ class PeerLatency:
 
     def lags_behind(self, peer: str, now_s: float) -> bool:
         """The lag ``peer`` reports is at least ``SLOW_FLOOR_S`` and ``SLOW_FACTOR`` times the median of the
-        other lags known: this node's own, and those its other peers report."""
+        other lags known: this node's own, and those its other peers report. Never while this node's own timers
+        run ``SLOW_FLOOR_S`` late or more: on a machine loaded as a whole every node's lag swings, and a node
+        late itself accuses nobody."""
         lag = self.peer_lag(peer, now_s)
         if lag is None or lag < SLOW_FLOOR_S:
             return False
+        own = self.lag(now_s)
+        if own is not None and own >= SLOW_FLOOR_S:
+            return False
         others = [other_lag for other in self._peer_lags if other != peer
                   for other_lag in (self.peer_lag(other, now_s),) if other_lag is not None]
-        own = self.lag(now_s)
         if own is not None:
             others.append(own)
         return bool(others) and lag >= SLOW_FACTOR * _median(others)

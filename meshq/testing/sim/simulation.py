@@ -62,7 +62,7 @@ from meshq.core.events import (
 )
 from meshq.core.node import NodeCore
 from meshq.log.memory import MemoryStorage
-from meshq.testing.checks import SLOW_SETTLE_S, Checker, Violation
+from meshq.testing.checks import Checker, Violation
 from meshq.testing.sim.acl import AclWorkload
 from meshq.testing.sim.faults import FaultInjector
 from meshq.testing.sim.group import NODES as GROUP_NODES
@@ -133,7 +133,6 @@ class Simulation:
         self.checker = Checker(self)
         self.shared = SharedWorkload(self) if options.shared else None
         self.pubsub = SimPubSub(self) if options.pubsub else None
-        self._slow_settled: frozenset = frozenset()  # the slow or starved node's partitions SLOW_SETTLE_S before its end
         self._held_data: dict[tuple[str, int], list] = {}  # (node, incarnation) -> pub/sub batches held while paused
         self.rpc = RpcWorkload(self) if options.rpc else None  # request/reply, when the run has it
         self.acl = AclWorkload(self) if options.acl else None  # grants and revokes, when the run has them
@@ -345,11 +344,9 @@ class Simulation:
             self.at(options.apart[1], "meet", None)
         if options.slow is not None:
             self.at(options.slow[1], "slow", "start")
-            self.at(max(options.slow[1], options.slow[2] - SLOW_SETTLE_S), "slow", "settled")
             self.at(options.slow[2], "slow", "end")
         if options.starve is not None:
             self.at(options.starve[1], "starve", "start")
-            self.at(max(options.starve[1], options.starve[2] - SLOW_SETTLE_S), "starve", "settled")
             self.at(options.starve[2], "starve", "end")
         self.checker.after_event()
         self.at(0.1, "fault", None)
@@ -528,9 +525,6 @@ class Simulation:
                 if b.core is not None and a.core is not None:
                     self.feed(b, PeerDiscovered(a.core.mesh.self_info()))
             self.at(self.now_s + 2.0, "meet", None)
-        elif kind in ("slow", "starve") and data == "settled":
-            node_id = (self.options.slow if kind == "slow" else self.options.starve)[0]
-            self._slow_settled = self.checker.partitions_on(node_id)
         elif kind == "slow":
             assert self.options.slow is not None
             node_id = self.options.slow[0]
@@ -540,17 +534,15 @@ class Simulation:
             else:
                 self.log(f"slow {node_id}: over")
                 _node, start, end, extra = self.options.slow
-                self.checker.after_slow(node_id, end - start, f"{extra * 1000:.0f} ms more per message than its peers",
-                                        self._slow_settled)
+                self.checker.after_slow(node_id, start, f"{extra * 1000:.0f} ms more per message than its peers")
         elif kind == "starve":
             assert self.options.starve is not None
             node_id, start, end, stopped, running = self.options.starve
             node = self.nodes[node_id]
             if data == "end":
                 self.log(f"starve {node_id}: over")
-                self.checker.after_slow(node_id, end - start,
-                                        f"its CPU for {running * 1000:.0f} ms of every {(stopped + running) * 1000:.0f}",
-                                        self._slow_settled)
+                self.checker.after_slow(node_id, start,
+                                        f"its CPU for {running * 1000:.0f} ms of every {(stopped + running) * 1000:.0f}")
             else:
                 if data == "start":
                     self.stats["slow_led_at_start"] = self.checker.led_by(node_id)
