@@ -69,7 +69,6 @@ from meshq.io.sockets import (
     NOBLOCK,
     POLLIN,
     RCVMORE,
-    ROUTER_HEARTBEAT_TIMEOUT_MS,
     bind_tcp,
     frame_peer_address,
     frame_user_id,
@@ -195,8 +194,6 @@ class Runtime:
             self.curve.start()
         self.router = self._socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        # (see ROUTER_HEARTBEAT_TIMEOUT_MS: a peer sending faster than this node reads must be held back, not dropped)
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, ROUTER_HEARTBEAT_TIMEOUT_MS)
         if self.curve is None:
             self.pub = self._socket(zmq.PUB)
         else:  # an XPUB that takes a data subscription only from the key it names (meshq.io.xpub)

@@ -47,24 +47,47 @@ ZERO_COPY_BYTES = 1024 * 1024
 # a stopped process and a LAN completes in well under 1 ms: 250 ms (it was 500: heal -> first ack of blocked
 # partitions in a 4-minute fault run of splits, seed 31, max 0.86 s with 500 ms; docs/testing.md). A peer
 # that is merely slow still answers PINGs from libzmq's I/O thread, as long as its queue of our messages is
-# not full (see ROUTER_HEARTBEAT_TIMEOUT_MS).
+# not full. A DEALER's receive queue is unbounded (RCVHWM 0): it holds only answers to its own requests, so
+# it is bounded by what it sent, and it never stops reading (the abort below needs a queue that is full).
 HEARTBEAT_IVL_MS = 250
 HEARTBEAT_TIMEOUT_MS = 1000
 CONNECT_TIMEOUT_MS = 250
-# The node's ROUTER waits longer: it is the one socket any peer can send to without waiting for answers. libzmq stops
-# reading a connection while its queue to the application is full (that is how it holds a fast sender back)
-# and then cannot see the peer's traffic either, so the timeout fires though the peer is alive: with 1 s, a
-# node that read fewer than ~1,000 of one peer's messages in a second (a burst on a loaded machine) dropped
-# that connection and every message queued on it, up to ~10,000 requests lost without a trace
-# (tests/io/test_router_backpressure.py). The ROUTER's side of a connection across a cut is never used
-# again after the heal (the peer's DEALER connects afresh, see above), so it only has to be freed in time.
-ROUTER_HEARTBEAT_TIMEOUT_MS = 60_000
+# ROUTER sockets (the node's, and desks') send no ZMTP heartbeats at all. libzmq 4.3.5 aborts the whole process
+# (`Assertion failed: !_io_error (stream_engine_base.cpp:310)`) when a socket with ZMTP heartbeats has stopped
+# reading a connection because its queue to the application is full and the peer then closes it: the hang-up
+# marks the connection failed, and the next heartbeat tick writes to it (tests/io/test_full_queues.py
+# reproduces it). A ROUTER is where that happens: a node that was stopped, or starved, wakes to a backlog, and
+# its peers' DEALERs, whose pings it does not answer meanwhile, drop their connections (a node died so in a
+# 30-minute fault run, 2026-12-07). A ROUTER needs no heartbeats of its own: the connecting DEALERs ping it
+# (libzmq answers a ping whatever the socket's own options), and it only has to free its end of a connection
+# across a cut in time, which TCP does: retransmissions given up after ROUTER_MAXRT_MS, idle connections probed
+# after ROUTER_KEEPALIVE_IDLE_S. (With heartbeats it had to wait 60 s anyway: with the 1 s of the other sockets,
+# a ROUTER whose application did not read for a second dropped the connection and every message queued on it.)
+ROUTER_MAXRT_MS = 60_000
+ROUTER_KEEPALIVE_IDLE_S, ROUTER_KEEPALIVE_INTVL_S, ROUTER_KEEPALIVE_CNT = 30, 10, 3
+# SUB sockets neither: their queue to the application is bounded (the pub/sub high-water mark: a subscriber that
+# falls behind makes its publishers drop), so it can be full when a publisher goes away (a peer killed, or one
+# whose heartbeats dropped us while we read nothing), and a SUB with heartbeats then aborted the process the same
+# way. A SUB only receives: TCP keepalive finds a dead link instead. Its peer's heartbeats arrive twice a second,
+# so a live link is never idle and never probed; across a cut, probes start after SUB_KEEPALIVE_IDLE_S and the
+# link is given up after SUB_KEEPALIVE_CNT unanswered ones, one per SUB_KEEPALIVE_INTVL_S (~3 s), and the SUB
+# connects afresh as a DEALER does; a probe after the heal finds the publisher's end gone (it has heartbeats and
+# dropped it) and is reset at once.
+SUB_KEEPALIVE_IDLE_S, SUB_KEEPALIVE_INTVL_S, SUB_KEEPALIVE_CNT = 1, 1, 2
+
+
+def _keepalive(sock: zmq.Socket, idle_s: int, interval_s: int, count: int) -> None:
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle_s)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, interval_s)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, count)
 
 
 def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any = None,
                endpoint: str | None = None) -> zmq.Socket:
     """A socket set up as every meshq socket is: no linger, the frame size limit, deep queues, heartbeats
-    and bounded connect attempts (see ``HEARTBEAT_TIMEOUT_MS``), and CURVE when the node has keys
+    (TCP's own bounds for a ROUTER or a SUB: see ``ROUTER_MAXRT_MS``) and bounded connect attempts (see
+    ``HEARTBEAT_TIMEOUT_MS``), and CURVE when the node has keys
     (``curve``: a ``meshq.io.curve.Curve``; ``endpoint``: where a client socket connects)."""
     sock = context.socket(kind)
     if curve is not None:
@@ -72,9 +95,15 @@ def new_socket(context: zmq.Context, kind: int, max_frame_bytes: int, curve: Any
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     sock.setsockopt(zmq.SNDHWM, 10_000)
-    sock.setsockopt(zmq.RCVHWM, 10_000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.RCVHWM, 0 if kind == zmq.DEALER else 10_000)
+    if kind == zmq.ROUTER:  # no ZMTP heartbeats: see ROUTER_MAXRT_MS
+        sock.setsockopt(zmq.TCP_MAXRT, ROUTER_MAXRT_MS)
+        _keepalive(sock, ROUTER_KEEPALIVE_IDLE_S, ROUTER_KEEPALIVE_INTVL_S, ROUTER_KEEPALIVE_CNT)
+    elif kind == zmq.SUB:  # neither (see SUB_KEEPALIVE_IDLE_S)
+        _keepalive(sock, SUB_KEEPALIVE_IDLE_S, SUB_KEEPALIVE_INTVL_S, SUB_KEEPALIVE_CNT)
+    else:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
     return sock
 
@@ -121,5 +150,5 @@ def send_frames(sock: zmq.Socket, frames: list) -> None:
 
 
 __all__ = ["CONNECT_TIMEOUT_MS", "EVENTS", "HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "NOBLOCK", "NOBLOCK_MORE",
-           "POLLIN", "RCVMORE", "RCVTIMEO", "ROUTER_HEARTBEAT_TIMEOUT_MS", "ZERO_COPY_BYTES", "bind_tcp",
+           "POLLIN", "RCVMORE", "RCVTIMEO", "ROUTER_MAXRT_MS", "ZERO_COPY_BYTES", "bind_tcp",
            "frame_peer_address", "frame_user_id", "new_socket", "raw_send", "send_frames"]
