@@ -59,7 +59,9 @@ CONNECT_TIMEOUT_MS = 250
 # reproduces it). A ROUTER is where that happens: a node that was stopped, or starved, wakes to a backlog, and
 # its peers' DEALERs, whose pings it does not answer meanwhile, drop their connections (a node died so in a
 # 30-minute fault run, 2026-12-07). A ROUTER needs no heartbeats of its own: the connecting DEALERs ping it
-# (libzmq answers a ping whatever the socket's own options), and it only has to free its end of a connection
+# (libzmq answers a ping whatever the socket's own options, while it reads: a ROUTER that reads nothing for over
+# a second makes its peer's DEALER drop the connection, which the DEALER sees and recovers from by sending again,
+# meshq.io.dropwatch; its own pings used to keep that DEALER waiting), and it only has to free its end of a connection
 # across a cut in time, which TCP does: retransmissions given up after ROUTER_MAXRT_MS, idle connections probed
 # after ROUTER_KEEPALIVE_IDLE_S. (With heartbeats it had to wait 60 s anyway: with the 1 s of the other sockets,
 # a ROUTER whose application did not read for a second dropped the connection and every message queued on it.)
