@@ -38,7 +38,9 @@ node that leads nothing reports none and is judged by its round trips alone.
 
 A leader whose own timers run on time never hands leadership to an asker it finds slow itself (a
 starved follower hears its leader only between its pauses and finds it slow, while the leader's round
-trips to it are slow because it answers late); such a request does not count towards a majority. ``meshq.core.replica`` acts on it: a follower that
+trips to it are slow because it answers late); such a request does not count towards a majority.
+
+``meshq.core.replica`` acts on it: a follower that
 finds its leader slow asks it to step aside (``repl_step_aside``); the leader does so — handing
 leadership to that follower — only if it is in sync and the leader has evidence of its own: its
 round trip to that follower is at least ``SLOW_FLOOR_S`` too (``link_slow``), or its own timers run
@@ -72,6 +74,26 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
+def _note(table: dict[str, deque[tuple[float, float]]], peer: str, value: float, now_s: float) -> None:
+    """Keep ``value`` in ``peer``'s samples of ``table`` (see ``_keep``)."""
+    samples = table.get(peer)
+    if samples is None:
+        samples = table[peer] = deque(maxlen=SAMPLES)
+    _keep(samples, value, now_s)
+
+
+def _estimate(table: dict[str, deque[tuple[float, float]]], peer: str, now_s: float) -> float | None:
+    """The median of ``peer``'s recent samples in ``table`` (see ``_recent_median``)."""
+    samples = table.get(peer)
+    return _recent_median(samples, now_s) if samples else None
+
+
+def _others(table: dict[str, deque[tuple[float, float]]], peer: str, now_s: float) -> list[float]:
+    """The estimates of every peer of ``table`` but ``peer`` that has one."""
+    return [value for other in table if other != peer for value in (_estimate(table, other, now_s),)
+            if value is not None]
+
+
 def _recent_median(samples: deque[tuple[float, float]], now_s: float) -> float | None:
     """The median of the values taken within ``WINDOW_S``; None with fewer than ``MIN_SAMPLES`` of them."""
     recent = [value for when, value in samples if now_s - when <= WINDOW_S]
@@ -89,35 +111,26 @@ class PeerLatency:
     def note(self, peer: str, rtt_s: float, now_s: float) -> None:
         """One round trip to ``peer`` measured now (dropped if negative, from a clock jump, or within
         ``SPACING_S`` of the last one kept)."""
-        samples = self._samples.get(peer)
-        if samples is None:
-            samples = self._samples[peer] = deque(maxlen=SAMPLES)
-        _keep(samples, rtt_s, now_s)
+        _note(self._samples, peer, rtt_s, now_s)
 
     def note_peer_lag(self, peer: str, lag_s: float, now_s: float) -> None:
         """``peer``, leading a partition we follow, reported how late its timers run (kept as round trips are)."""
-        samples = self._peer_lags.get(peer)
-        if samples is None:
-            samples = self._peer_lags[peer] = deque(maxlen=SAMPLES)
-        _keep(samples, lag_s, now_s)
+        _note(self._peer_lags, peer, lag_s, now_s)
 
     def peer_lag(self, peer: str, now_s: float) -> float | None:
         """The median of the lags ``peer`` reported recently, or None with fewer than ``MIN_SAMPLES`` of them."""
-        samples = self._peer_lags.get(peer)
-        return _recent_median(samples, now_s) if samples else None
+        return _estimate(self._peer_lags, peer, now_s)
 
     def rtt(self, peer: str, now_s: float) -> float | None:
         """The median of ``peer``'s recent round trips, or None with fewer than ``MIN_SAMPLES`` of them."""
-        samples = self._samples.get(peer)
-        return _recent_median(samples, now_s) if samples else None
+        return _estimate(self._samples, peer, now_s)
 
     def slow(self, peer: str, now_s: float) -> bool:
         """``peer`` is far slower than this node's other peers (the rule of the module docstring): by its round
         trip, or by the lag of its timers."""
         own = self.rtt(peer, now_s)
         if own is not None and own >= SLOW_FLOOR_S:
-            others = [rtt for other in self._samples if other != peer
-                      for rtt in (self.rtt(other, now_s),) if rtt is not None]
+            others = _others(self._samples, peer, now_s)
             if others and own >= SLOW_FACTOR * _median(others):
                 return True
         return self.lags_behind(peer, now_s)
@@ -133,8 +146,7 @@ class PeerLatency:
         own = self.lag(now_s)
         if own is not None and own >= SLOW_FLOOR_S:
             return False
-        others = [other_lag for other in self._peer_lags if other != peer
-                  for other_lag in (self.peer_lag(other, now_s),) if other_lag is not None]
+        others = _others(self._peer_lags, peer, now_s)
         if own is not None:
             others.append(own)
         return bool(others) and lag >= SLOW_FACTOR * _median(others)
